@@ -1,0 +1,1 @@
+"""Probes behind the paper's figures and the shared plotting style."""

@@ -1,0 +1,12 @@
+"""Siren: anti-causally aligned collaborative residual transformers for text-to-audio.
+
+Core package: codec (RVQ tokenizer), text encoder, data, model, stage-1 training,
+sampling and stage-2 alignment. Imports none of eval/, ablations/, analysis/.
+"""
+import os
+
+# Compute nodes run offline: without this, transformers/huggingface_hub retry the network
+# for minutes when laion_clap builds its tokenizers at import. `python -m siren.assets
+# prefetch` (run on a login node with internet) turns it off for itself.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

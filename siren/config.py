@@ -1,0 +1,103 @@
+"""Config as dataclasses, overridden from the command line.
+
+    python eval/audiocaps.py ckpt=runs/x sample.top_k=250 scale=demo
+
+``key=value`` sets one field (dotted for nested dataclasses); ``group=name`` selects a
+named preset, which is itself a set of key=value pairs applied before the explicit ones.
+A key that is neither a field nor a group is an error listing the valid keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Mapping, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+T = TypeVar("T")
+
+Presets = Mapping[str, Mapping[str, Mapping[str, Any]]]  # group -> preset name -> {dotted key: value}
+
+
+class ConfigError(ValueError):
+    """A config key or value the schema does not accept; the message says the fix."""
+
+
+def _sub_schema(schema: type, name: str) -> type | None:
+    """The dataclass type of field ``name`` of ``schema``, or None for a leaf."""
+    t = typing.get_type_hints(schema).get(name)
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def field_paths(schema: type) -> list[str]:
+    """Every settable dotted key of a (nested) dataclass schema."""
+    out = []
+    for f in dataclasses.fields(schema):
+        sub = _sub_schema(schema, f.name)
+        out += [f"{f.name}.{p}" for p in field_paths(sub)] if sub else [f.name]
+    return out
+
+
+def _unknown(key: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}")
+
+
+def split_args(args: Sequence[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for a in args:
+        if "=" not in a:
+            raise ConfigError(f"expected key=value, got '{a}'")
+        k, v = a.split("=", 1)
+        pairs.append((k.strip(), v))
+    return pairs
+
+
+def expand(pairs: Sequence[tuple[str, str]], presets: Presets) -> list[tuple[str, Any]]:
+    """Replace each group=name by the preset's key=value pairs (in order)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in pairs:
+        if k in presets:
+            if v not in presets[k]:
+                raise ConfigError(f"unknown {k} '{v}'. Valid {k} presets: {', '.join(sorted(presets[k]))}")
+            out += list(presets[k][v].items())
+        else:
+            out.append((k, v))
+    return out
+
+
+def load_config(schema: type[T], args: Sequence[str] = (), presets: Presets | None = None,
+                defaults: Sequence[str] = ()) -> T:
+    """Build ``schema`` from ``defaults`` then ``args`` (both key=value / group=name strings)."""
+    presets = presets or {}
+    valid = field_paths(schema)
+    cfg = OmegaConf.structured(schema)
+    for key, value in expand(split_args([*defaults, *args]), presets):
+        if key not in valid:
+            raise _unknown(key, [*valid, *presets])
+        try:
+            OmegaConf.update(cfg, key, OmegaConf.create({"v": value})["v"] if isinstance(value, str) else value,
+                             merge=False)
+        except (ValidationError, ConfigKeyError) as e:
+            raise ConfigError(f"bad value for '{key}': {value!r} ({str(e).splitlines()[0]})") from None
+    return OmegaConf.to_object(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(schema: type[T], data: Mapping[str, Any], where: str = "config") -> T:
+    """Rebuild a dataclass from a dict (e.g. a checkpoint's JSON); unknown keys are errors."""
+    valid = {f.name for f in dataclasses.fields(schema)}
+    extra = set(data) - valid
+    if extra:
+        raise ConfigError(f"{where}: unknown keys {sorted(extra)} for {schema.__name__}; valid: {sorted(valid)}")
+    kwargs = {}
+    for name, v in data.items():
+        sub = _sub_schema(schema, name)
+        kwargs[name] = from_dict(sub, v, f"{where}.{name}") if sub and isinstance(v, Mapping) else v
+    return schema(**kwargs)

@@ -1,0 +1,84 @@
+"""Make PyPI's CUDA builds of torchvision/torchaudio importable beside a CPU-only torch.
+
+PyPI ships torchvision and torchaudio only as CUDA builds. Next to a CPU build of torch
+their compiled extensions cannot load (libc10_cuda.so is missing), and:
+  - ``import torchaudio`` raises, and with it ``import dac`` (audiotools imports it);
+  - ``import torchvision`` raises ("operator torchvision::nms does not exist"), and with it
+    ``import laion_clap`` and transformers' model imports.
+Both libraries run their pure-Python parts without the extension (torchaudio's resample and
+MelSpectrogram; torchvision's transforms and FrozenBatchNorm2d, all this project uses), so on
+a CPU-only torch we set the unloadable extension files aside and guard torchvision's two
+unconditional fake-kernel registrations. On a CUDA build of torch nothing is touched.
+
+Run by ``.ci/setup`` as ``python -m siren.cpu_fixup``; idempotent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+DISABLED_SUFFIX = ".cpu-disabled"
+
+
+def _imports(module: str) -> tuple[bool, str]:
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode == 0, lines[-1] if lines else ""
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"cpu_fixup: {name} is not installed; run .ci/setup again")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _set_aside(files: list[Path]) -> None:
+    for f in files:
+        f.rename(f.with_name(f.name + DISABLED_SUFFIX))
+        print(f"cpu_fixup: set aside {f} (CUDA-only extension)")
+
+
+def fix_torchaudio() -> None:
+    if _imports("torchaudio")[0]:
+        return
+    _set_aside(sorted((_package_dir("torchaudio") / "lib").glob("*.so")))
+
+
+_FAKE = re.compile(r'^@torch\.library\.register_fake\("(torchvision::\w+)"\)$', re.M)
+
+
+def fix_torchvision() -> None:
+    if _imports("torchvision")[0]:
+        return
+    pkg = _package_dir("torchvision")
+    _set_aside([p for p in [pkg / "_C.so"] if p.exists()])
+    meta = pkg / "_meta_registrations.py"
+    text = meta.read_text()
+    patched = _FAKE.sub(
+        r'@(torch.library.register_fake("\1") if torchvision.extension._has_ops() else (lambda f: f))', text
+    )
+    if patched != text:
+        meta.write_text(patched)
+        print(f"cpu_fixup: guarded fake-kernel registrations in {meta}")
+
+
+def main() -> int:
+    import torch
+
+    if torch.version.cuda is not None:
+        print(f"cpu_fixup: torch {torch.__version__} is a CUDA build; nothing to do")
+        return 0
+    fix_torchaudio()
+    fix_torchvision()
+    failed = [(m, err) for m in ("torchaudio", "torchvision") for ok, err in [_imports(m)] if not ok]
+    for m, err in failed:
+        print(f"cpu_fixup: {m} still does not import: {err}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
