@@ -1,0 +1,14 @@
+"""Test-wide settings: an isolated weights/embedding cache, so tests never read or write ~/.cache."""
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("SIREN_CACHE", tempfile.mkdtemp(prefix="siren-test-cache-"))
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """A SIREN_CACHE with no pretrained files in it."""
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

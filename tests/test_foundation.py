@@ -1,0 +1,111 @@
+"""Config overrides, the assets registry, the CPU install fix-up and the DAC codec wrapper."""
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from siren import assets
+from siren.codec import CODEBOOK_DIM, DAC_KWARGS, HOP, N_LAYERS, Codec, CodecConfig
+from siren.config import ConfigError, from_dict, load_config, to_dict
+
+
+@dataclass
+class _Inner:
+    dim: int = 8
+    name: str = "x"
+
+
+@dataclass
+class _Outer:
+    model: _Inner = field(default_factory=_Inner)
+    seed: int = 0
+    flag: bool = False
+
+
+PRESETS = {"scale": {"tiny": {"model.dim": 4, "model.name": "tiny"}}}
+
+
+def test_overrides_presets_then_explicit_keys():
+    cfg = load_config(_Outer, ["model.dim=16", "scale=tiny", "flag=true"], PRESETS)
+    # the preset is applied where it stands, so a later explicit key wins and an earlier one loses
+    assert (cfg.model.dim, cfg.model.name, cfg.flag) == (4, "tiny", True)
+    assert load_config(_Outer, ["scale=tiny", "model.dim=16"], PRESETS).model.dim == 16
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model.dimm=3"], ["model.dimm", "model.dim", "seed"]),
+    (["scale=huge"], ["huge", "tiny"]),
+    (["model.dim=abc"], ["model.dim", "abc"]),
+    (["seed"], ["key=value"]),
+])
+def test_bad_keys_and_values_are_named(args, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(_Outer, args, PRESETS)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_dict_round_trip_rejects_unknown_keys():
+    cfg = load_config(_Outer, ["model.dim=3"])
+    assert from_dict(_Outer, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="zz"):
+        from_dict(_Outer, {"model": {"dim": 1, "zz": 2}})
+
+
+def test_missing_weights_name_file_place_and_prefetch(empty_cache):
+    with pytest.raises(assets.MissingWeightsError) as e:
+        assets.require("dac_16khz")
+    msg = str(e.value)
+    assert "weights_16khz.pth" in msg and str(empty_cache) in msg and "python -m siren.assets prefetch dac_16khz" in msg
+    with pytest.raises(assets.MissingWeightsError):
+        Codec(CodecConfig(weights="pretrained"))
+
+
+def test_assets_list_command_runs_offline(empty_cache):
+    out = subprocess.run([sys.executable, "-m", "siren.assets", "list"], capture_output=True, text=True, check=True)
+    for name in assets.ASSETS:
+        assert name in out.stdout
+    assert "MISSING" in out.stdout
+
+
+def test_cpu_fixup_is_idempotent_and_packages_import():
+    subprocess.run([sys.executable, "-m", "siren.cpu_fixup"], check=True)
+    code = "import siren, torchaudio, torchvision, dac, laion_clap"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return Codec(CodecConfig(weights="random", seed=0))
+
+
+def test_codec_shapes_and_frame_rate(codec):
+    wav = 0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    codes = codec.encode(wav)
+    assert codes.shape == (2, N_LAYERS, 16000 // HOP) and codes.min() >= 0 and codes.max() < 1024
+    assert codec.decode(codes).shape == (2, 16000)
+    assert codec.weights_label == "random" and "random" in codec.id
+
+
+def test_layer_features_sum_to_dac_quantizer_output(codec):
+    codes = torch.randint(0, 1024, (1, N_LAYERS, 7), generator=torch.Generator().manual_seed(1))
+    vec, feat = codec.layer_features(codes)
+    assert vec.shape == (1, N_LAYERS, 7, CODEBOOK_DIM)
+    z, _, _ = codec.dac.quantizer.from_codes(codes)  # DAC's own sum of out-projected codebook vectors
+    torch.testing.assert_close(feat.sum(1).transpose(1, 2), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vec[0, 3, 2], codec.dac.quantizer.quantizers[3].codebook.weight[codes[0, 3, 2]])
+
+
+def test_pretrained_file_path_round_trip_and_wrong_model(codec, tmp_path):
+    good = tmp_path / "dac.pth"
+    torch.save({"state_dict": codec.dac.state_dict(), "metadata": {"kwargs": DAC_KWARGS}}, good)
+    loaded = Codec(CodecConfig(weights=str(good)))
+    assert loaded.weights_label == "pretrained" and loaded.id != codec.id
+    wav = 0.1 * torch.randn(1, 8000, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.encode(wav), codec.encode(wav))
+    bad = tmp_path / "dac44k.pth"
+    torch.save({"state_dict": {}, "metadata": {"kwargs": {**DAC_KWARGS, "sample_rate": 44100}}}, bad)
+    with pytest.raises(ValueError, match="dac44k.pth"):
+        Codec(CodecConfig(weights=str(bad)))
