@@ -1,0 +1,55 @@
+"""Grids: one per paper table or figure. A grid is rows; a row is a cell (a config delta) plus the
+paper's own numbers for it. A cell's identity is the hash of its resolved config, so a cell that
+several tables need (the 1.6B single model is in Tables 3, 5 and 6) runs once.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from siren.config import ConfigError
+
+# Lower is better for these columns; higher for the rest (used for bold/underline).
+LOWER_IS_BETTER = {"FAD", "FD", "KL", "Loss Mean", "Loss Ratio"}
+# Columns that describe a row rather than score it: never ranked.
+DESCRIPTIVE = {"#Parameter", "#Single Para.", "#Train Parameter"}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    cell: Mapping[str, Any] | None  # dotted config delta; None: a row we cannot build (see `needs`)
+    paper: Mapping[str, Any] | str  # the paper's numbers, or "itg" (inability to generate)
+    needs: str = ""  # why a row has no cell (said plainly in the table instead of a faked row)
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    title: str  # the paper's caption
+    columns: tuple[str, ...]
+    rows: tuple[Row, ...]
+    figure: str = ""  # analysis probe that draws this grid's figure, if any
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def grid_names() -> list[str]:
+    import ablations.grids as pkg
+
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__))
+
+
+def load_grid(name: str) -> Grid:
+    if name not in grid_names():
+        raise ConfigError(f"unknown grid '{name}'. Valid grids: {', '.join(grid_names())}")
+    return importlib.import_module(f"ablations.grids.{name}").GRID
+
+
+def cell_id(resolved: Mapping[str, Any]) -> str:
+    """Identity of a cell: a hash of its fully resolved config (not of the table it came from)."""
+    blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,105 @@
+"""Result tables: our rows beside the paper's, as Markdown, LaTeX (booktabs; best bold, second
+underlined, as the paper does) and CSV. Every table says its scale and weights in its caption and
+on every one of our rows, so a demo table is never mistaken for a paper-scale one."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from ablations.grid import DESCRIPTIVE, LOWER_IS_BETTER, Grid
+from siren import io
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one of our rows produced: metric values, or why there are none."""
+    values: Mapping[str, Any]
+    status: str = "ok"  # ok | itg (ran, could not generate audio) | pending | failed | not built
+    reason: str = ""
+
+
+def build_frame(grid: Grid, outcomes: Mapping[str, Outcome], source: str) -> pd.DataFrame:
+    """One row per paper row and per our row; `source` names ours, e.g. 'ours (demo, RANDOM weights)'."""
+    records = []
+    for row in grid.rows:
+        paper = {"itg": True} if row.paper == "itg" else dict(row.paper)
+        records.append({"Setting": row.label, "Source": "paper", "Status": "itg" if paper.pop("itg", False) else "ok",
+                        "Note": "", **{c: paper.get(c) for c in grid.columns}})
+        out = outcomes.get(row.label, Outcome({}, "not built", row.needs) if row.cell is None else Outcome({}, "pending"))
+        records.append({"Setting": row.label, "Source": source, "Status": out.status, "Note": out.reason,
+                        **{c: out.values.get(c) for c in grid.columns}})
+    return pd.DataFrame.from_records(records, columns=["Setting", "Source", "Status", "Note", *grid.columns])
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _ranks(df: pd.DataFrame, col: str) -> dict[int, int]:
+    """Rank (0 best, 1 second) of each row index within its source block, for scored columns."""
+    if col in DESCRIPTIVE:
+        return {}
+    out = {}
+    for _, block in df.groupby("Source", sort=False):
+        vals = pd.to_numeric(block[col], errors="coerce").dropna()
+        order = vals.sort_values(ascending=col in LOWER_IS_BETTER).index.tolist()
+        out.update({i: r for r, i in enumerate(order[:2])})
+    return out
+
+
+def _cells(df: pd.DataFrame, grid: Grid, mark) -> list[tuple[str, str, str | None, list[str]]]:
+    """(setting, source, status text for a row without numbers or None, formatted values)."""
+    ranks = {c: _ranks(df, c) for c in grid.columns}
+    out = []
+    for i, r in df.iterrows():
+        status = None if r["Status"] == "ok" else r["Status"] + (f" ({r['Note']})" if r["Note"] else "")
+        out.append((r["Setting"], r["Source"], status, [mark(_fmt(r[c]), ranks[c].get(i)) for c in grid.columns]))
+    return out
+
+
+def to_markdown(df: pd.DataFrame, grid: Grid, caption: str) -> str:
+    mark = lambda s, rank: f"**{s}**" if rank == 0 else (f"<u>{s}</u>" if rank == 1 else s)
+    head = ["Setting", "Source", *grid.columns]
+    lines = [f"**{grid.name}**: {grid.title}", "", f"_{caption}_", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, source, status, vals in _cells(df, grid, mark):
+        vals = [status] + [""] * (len(vals) - 1) if status else vals
+        lines.append("| " + " | ".join([label, source, *vals]) + " |")
+    lines += ["", *[f"- {n}" for n in grid.notes]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _tex(s: str) -> str:
+    return s.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_") \
+        .replace("#", r"\#")
+
+
+def to_latex(df: pd.DataFrame, grid: Grid, caption: str) -> str:
+    mark = lambda s, rank: rf"\textbf{{{s}}}" if rank == 0 else (rf"\underline{{{s}}}" if rank == 1 else s)
+    rows = _cells(df, grid, mark)
+    n = len(grid.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{ll" + "c" * n + "}", r"\toprule",
+             " & ".join(["Setting", "Source", *map(_tex, grid.columns)]) + r" \\", r"\midrule"]
+    for label, source, status, vals in rows:
+        # a row without numbers (itg, pending, failed) is one spanning cell, as the paper prints itg
+        body = rf"\multicolumn{{{n}}}{{c}}{{{_tex(status)}}}" if status else " & ".join(vals)
+        lines.append(f"{_tex(label)} & {_tex(source)} & {body} " + r"\\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(grid.title)} {_tex(caption)}}}",
+              rf"\label{{tab:{grid.name}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(df: pd.DataFrame, grid: Grid, caption: str, out_dir: Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    paths = {ext: out_dir / f"{grid.name}.{ext}" for ext in ("md", "tex", "csv")}
+    io.write_text(paths["md"], to_markdown(df, grid, caption))
+    io.write_text(paths["tex"], to_latex(df, grid, caption))
+    with io.atomic_path(paths["csv"]) as tmp:
+        df.assign(Caption=caption).to_csv(tmp, index=False)
+    return paths
