@@ -1,0 +1,179 @@
+"""Jobs of a grid and their idempotent submission.
+
+A grid expands to a graph of jobs: prepare (shared by every cell with the same data) -> train
+(one job per expert, a job array) -> optional stage-2 alignment -> eval. A job is done when its
+`done` marker exists (written atomically by the job itself, last), so a re-run submits nothing
+that is done; a job whose recorded submission is still pending/running is left alone; a failed
+one is reported with its log and resubmitted only with retry=true.
+
+On SLURM every job is submitted at once with `--dependency=afterok:...`, so the pipeline advances
+with no process waiting on the login node. `local` and `debug` run the graph in waves.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+
+from siren import io
+
+FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
+LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "QUEUED"}
+
+
+@dataclass
+class Job:
+    key: str  # unique and stable, e.g. "cell-3f2a9c1d0b7e/train/expert_2"
+    fn: Callable[..., Any]  # module-level function (picklable by reference)
+    kwargs: dict
+    done: Path  # marker the job writes last, on success
+    deps: list[str] = field(default_factory=list)
+    gpus: int = 0
+    cpus: int = 1
+    mem_gb: float = 4
+    timeout_min: int = 60
+    resumable: bool = False  # requeue on preemption/timeout (training); the job resumes from its checkpoint
+
+
+@dataclass
+class JobState:
+    key: str
+    state: str  # DONE | PENDING | RUNNING | FAILED ... | MISSING (never submitted)
+    job_id: str = ""
+    log: str = ""
+
+
+def _failed_marker(done: str | Path) -> Path:
+    return Path(f"{done}.failed")
+
+
+def run_marked(fn: Callable[..., Any], done: str, kwargs: dict) -> Any:
+    """What every submitted job runs: the step, then its done marker (only on success). A step
+    that raises leaves a failure marker instead, so a re-run can tell failed from interrupted."""
+    failed = _failed_marker(done)
+    try:
+        result = fn(**kwargs)
+    except Exception as e:
+        io.write_json(failed, {"error": f"{type(e).__name__}: {e}", "time": time.time()})
+        raise
+    failed.unlink(missing_ok=True)
+    io.write_json(done, {"finished": time.time(), "result": result if isinstance(result, (dict, str, int, float)) else None})
+    return result
+
+
+class Ledger:
+    """Where submissions are recorded: <root>/jobs/<key>.json holds executor, job id and folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / "jobs" / f"{key.replace('/', '__')}.json"
+
+    def record(self, key: str, executor: str, job: submitit.Job, folder: Path) -> None:
+        io.write_json(self._path(key), {"executor": executor, "job_id": str(job.job_id), "folder": str(folder),
+                                        "submitted": time.time()})
+
+    def get(self, key: str) -> dict | None:
+        p = self._path(key)
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def state(self, job: Job) -> JobState:
+        if job.done.is_file():
+            rec = self.get(job.key) or {}
+            return JobState(job.key, "DONE", rec.get("job_id", ""), "")
+        rec = self.get(job.key)
+        if rec is None:
+            return JobState(job.key, "MISSING")
+        folder, jid = Path(rec["folder"]), rec["job_id"]
+        if rec["executor"] == "slurm":
+            sj = submitit.SlurmJob(folder=folder, job_id=jid)
+            return JobState(job.key, (sj.state or "UNKNOWN").split()[0], jid, str(sj.paths.stderr))
+        # local/debug jobs do not outlive their launcher: a job with no outcome was interrupted
+        failed = _failed_marker(job.done)
+        if failed.is_file():
+            return JobState(job.key, "FAILED", jid, json.loads(failed.read_text())["error"])
+        return JobState(job.key, "MISSING", jid, "interrupted; will run again")
+
+
+def _levels(jobs: list[Job]) -> list[list[Job]]:
+    """Jobs in dependency waves (each wave depends only on earlier ones)."""
+    by_key, placed, waves = {j.key: j for j in jobs}, set(), []
+    unknown = {d for j in jobs for d in j.deps if d not in by_key}
+    if unknown:
+        raise ValueError(f"jobs depend on unknown jobs {sorted(unknown)}")
+    while len(placed) < len(jobs):
+        wave = [j for j in jobs if j.key not in placed and all(d in placed for d in j.deps)]
+        if not wave:
+            raise ValueError("dependency cycle among " + ", ".join(j.key for j in jobs if j.key not in placed))
+        waves.append(wave)
+        placed |= {j.key for j in wave}
+    return waves
+
+
+def _callable(job: Job) -> tuple[Callable[..., Any], dict]:
+    from ablations.executors import ResumableJob
+
+    kwargs = dict(fn=job.fn, done=str(job.done), kwargs=job.kwargs)
+    return (ResumableJob(run_marked, **kwargs), {}) if job.resumable else (run_marked, kwargs)
+
+
+def _executor(kind: str, root: Path, profile, job: Job, max_parallel: int):
+    from ablations.executors import make_executor
+
+    return make_executor(kind, root / "logs", profile, name=job.key, timeout_min=job.timeout_min, gpus=job.gpus,
+                         cpus=job.cpus, mem_gb=job.mem_gb, array_parallelism=max_parallel)
+
+
+def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str, JobState]:
+    """Submit every missing job at once, chained with afterok dependencies; returns each job's state."""
+    ledger, states = Ledger(root), {}
+    for wave in _levels(jobs):
+        for job in wave:
+            st = ledger.state(job)
+            resubmit = st.state == "MISSING" or (retry and st.state not in LIVE | {"DONE"})
+            waiting = [d for d in job.deps if states[d].state not in LIVE | {"DONE"}]
+            if not resubmit or waiting:
+                states[job.key] = st if not (resubmit and waiting) else JobState(
+                    job.key, "BLOCKED", log=f"needs {', '.join(waiting)}")
+                continue
+            ex = _executor("slurm", root, profile, job, max_parallel=None)
+            live = [states[d].job_id for d in job.deps if states[d].state in LIVE]
+            if live:
+                ex.update_parameters(dependency="afterok:" + ":".join(live))
+            fn, kwargs = _callable(job)
+            sj = ex.submit(fn, **kwargs)
+            ledger.record(job.key, "slurm", sj, root / "logs")
+            states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr))
+    return states
+
+
+def run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
+    """local/debug: run the graph wave by wave, waiting here (a workstation has no scheduler)."""
+    ledger, states = Ledger(root), {}
+    for wave in _levels(jobs):
+        running = []
+        for job in wave:
+            st = ledger.state(job)
+            bad_deps = [d for d in job.deps if states[d].state != "DONE"]
+            if st.state == "DONE" or bad_deps or (st.state != "MISSING" and not retry):
+                states[job.key] = JobState(job.key, "BLOCKED", log=f"needs {', '.join(bad_deps)}") \
+                    if bad_deps and st.state != "DONE" else st
+                continue
+            ex = _executor(kind, root, None, job, max_parallel)
+            fn, kwargs = _callable(job)
+            sj = ex.submit(fn, **kwargs)
+            ledger.record(job.key, kind, sj, root / "logs")
+            running.append((job, sj))
+        for job, sj in running:
+            try:
+                sj.result()
+                states[job.key] = JobState(job.key, "DONE", str(sj.job_id))
+            except Exception as e:  # the job's own error; its log has the traceback
+                states[job.key] = JobState(job.key, "FAILED", str(sj.job_id),
+                                           f"{sj.paths.stderr} ({type(e).__name__}: {str(e).splitlines()[-1][:200]})")
+    return states
