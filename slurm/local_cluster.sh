@@ -33,7 +33,7 @@ MUNGE_SOCKET="$RUN/munge.socket"
 DB_SOCKET="$RUN/mysqld.sock"
 export SLURM_CONF="$ETC/slurm.conf"
 
-# Start order; stop goes in reverse.
+# Start order (cmd_stop stops them in waves, the other way round).
 DAEMONS=(mariadb munged slurmdbd slurmctld slurmd)
 PACKAGES=(slurm-wlm munge slurmdbd mariadb-server)
 BINARIES=(slurmctld slurmd slurmdbd munged mariadbd mariadb-install-db sacctmgr sacct sinfo)
@@ -68,15 +68,13 @@ install_packages() {
         chmod +x "$policy"
         made_policy=1
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" \
-            >"$LOG/apt.log" 2>&1 ||
-        {
-            ((made_policy)) && rm -f "$policy"
-            die "apt-get install failed, see $LOG/apt.log"
-        }
-    ((made_policy)) && rm -f "$policy"
-    return 0
+    local ok=1
+    {
+        apt-get update -qq &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"
+    } >"$LOG/apt.log" 2>&1 || ok=0
+    if ((made_policy)); then rm -f "$policy"; fi
+    ((ok)) || die "apt-get install failed, see $LOG/apt.log"
 }
 
 write_configs() {
@@ -201,7 +199,8 @@ start_slurmdbd() {
 # sacct answers only for a cluster known to slurmdbd; the account lets profiles name one.
 register_cluster() {
     local -a q=(sacctmgr -i -n -P)
-    [[ -n "$("${q[@]}" show cluster "$CLUSTER" format=cluster)" ]] || "${q[@]}" add cluster "$CLUSTER" >/dev/null
+    [[ -n "$("${q[@]}" show cluster "$CLUSTER" format=cluster)" ]] ||
+        "${q[@]}" add cluster "$CLUSTER" >/dev/null
     [[ -n "$("${q[@]}" show account "$ACCOUNT" format=account)" ]] ||
         "${q[@]}" add account "$ACCOUNT" cluster="$CLUSTER" description=siren organization=siren >/dev/null
     [[ -n "$("${q[@]}" show user root format=user)" ]] ||
@@ -220,11 +219,11 @@ start_slurmd() {
 node_idle() { [[ "$(sinfo -h -n "$NODE" -o %T 2>/dev/null)" == idle* ]]; }
 
 cmd_start() {
-    local d started=0
+    local d missing=0
     [[ $EUID -eq 0 ]] || die "must run as root (SlurmUser=root, and it installs packages)"
     mkdir -p "$ETC" "$LOG" "$RUN" "$DB_DIR" "$STATE_DIR/ctld" "$STATE_DIR/spool"
-    for d in "${DAEMONS[@]}"; do is_up "$d" || started=1; done
-    if ((!started)); then
+    for d in "${DAEMONS[@]}"; do is_up "$d" || missing=1; done
+    if ((!missing)); then
         say "already running (state in $STATE_DIR)"
         return 0
     fi
@@ -232,35 +231,55 @@ cmd_start() {
     write_configs
     local t0=$SECONDS
     for d in "${DAEMONS[@]}"; do
-        if ! is_up "$d"; then
-            "start_$d"
-            [[ "$d" == slurmdbd ]] && register_cluster
-        fi
+        is_up "$d" || "start_$d"
+        if [[ "$d" == slurmdbd ]]; then register_cluster; fi # before slurmctld connects
     done
     wait_for "node $NODE to be idle (sinfo)" "$LOG/slurmctld.log and $LOG/slurmd.log" node_idle
     wait_for "sacct" "$LOG/slurmdbd.log" sacct -n -X
     say "up in $((SECONDS - t0))s: partition $PARTITION, $(nproc) CPUs; export SLURM_CONF=$SLURM_CONF"
 }
 
+# Sends SIGTERM to the given daemons together and waits for all of them (each takes ~2 s).
+stop_together() {
+    local d pid pids=()
+    for d in "$@"; do
+        is_up "$d" || continue
+        pid="$(cat "$(pidfile "$d")")"
+        kill "$pid"
+        pids+=("$d:$pid")
+    done
+    for _ in $(seq 50); do
+        local alive=0
+        for d in "${pids[@]}"; do kill -0 "${d#*:}" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.2
+    done
+    for d in "${pids[@]}"; do
+        if kill -0 "${d#*:}" 2>/dev/null; then
+            say "${d%%:*} (${d#*:}) ignored SIGTERM for 10 s; killing it"
+            kill -9 "${d#*:}"
+        fi
+        rm -f "$(pidfile "${d%%:*}")"
+        say "stopped ${d%%:*}"
+    done
+}
+
 cmd_stop() {
-    local d pid
+    local d any=0
+    for d in "${DAEMONS[@]}"; do is_up "$d" && any=1; done
+    if ((!any)); then
+        say "nothing running (state in $STATE_DIR)"
+        return 0
+    fi
     if is_up slurmctld; then
         # Jobs would outlive slurmd as orphaned slurmstepd processes.
         scancel --full --partition="$PARTITION" 2>/dev/null || true
     fi
-    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-        d="${DAEMONS[i]}"
-        is_up "$d" || continue
-        pid="$(cat "$(pidfile "$d")")"
-        kill "$pid"
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        if kill -0 "$pid" 2>/dev/null; then
-            say "$d ($pid) ignored SIGTERM for 10 s; killing it"
-            kill -9 "$pid"
-        fi
-        rm -f "$(pidfile "$d")"
-        say "stopped $d"
-    done
+    # In waves, so slurmctld can still hand its last records to slurmdbd, and slurmdbd its
+    # writes to MariaDB; munged serves them all until the end.
+    stop_together slurmd slurmctld
+    stop_together slurmdbd
+    stop_together munged mariadb
 }
 
 cmd_status() {
