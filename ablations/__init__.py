@@ -1,0 +1,1 @@
+"""Ablation grids, their launcher, and the result tables."""
