@@ -47,6 +47,13 @@ _KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "setup": list,
     "additional_parameters": dict,
 }
+_TYPE_WORDS = {
+    str: "a string",
+    int: "an integer",
+    (int, float): "a number",
+    list: "a list of shell lines (strings)",
+    dict: "a mapping of sbatch option -> value",
+}
 
 
 @dataclass(frozen=True)
@@ -106,15 +113,6 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
     if not ok:
         raise ValueError(f"{path}: key {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
     return value
-
-
-_TYPE_WORDS = {
-    str: "a string",
-    int: "an integer",
-    (int, float): "a number",
-    list: "a list of shell lines (strings)",
-    dict: "a mapping of sbatch option -> value",
-}
 
 
 def make_executor(
@@ -245,13 +243,15 @@ class ResumableJob(Checkpointable):
     `scontrol requeue <job id>` and exits. The job keeps its id and waits pending (SLURM holds
     a requeued job back for AuthInfo cred_expire, 120 s by default) before running again.
     - Timeout vs preemption is told apart only by elapsed time (>= 80% of the limit, or
-      limit - 10 min if smaller, is a timeout). Timeouts count down submitit's
-      max_num_timeout (then the job fails with UncompletedJobError); preemptions do not.
+      limit - 10 min if smaller, is a timeout: with a limit of 10 min or less, every signal
+      is). Timeouts count down submitit's max_num_timeout (then the job fails with
+      UncompletedJobError); preemptions do not.
     - SIGTERM is only logged ("Bypassing signal SIGTERM"). A cluster that preempts with
       SIGTERM then SIGKILL kills the job without this requeue; with PreemptMode=REQUEUE SLURM
       reruns the same pickled call itself, and `fn` again resumes from its checkpoint.
-    - A handler `fn` installs for SIGUSR2 replaces submitit's and so stops the requeue: it
-      must call the handler it replaced (signal.getsignal) after saving.
+    - Handlers `fn` installs replace submitit's. For SIGUSR2 it must call the handler it
+      replaced (signal.getsignal) after saving, or nothing is requeued; for SIGTERM it must
+      return, not exit (job._interrupt(), like some clusters, sends SIGTERM just before).
     The local executor does the same with exit code 144, restarting the job in place.
     """
 

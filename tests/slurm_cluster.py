@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -96,19 +97,36 @@ def logged_square(x: int, log_dir: str, sleep_s: float) -> int:
     return x * x
 
 
-def count_steps(ckpt_dir: str, total: int, sleep_s: float) -> int:
-    """A toy training loop: resumes from ckpt_dir/step.txt, saves after every step.
+def count_steps(ckpt_dir: str, total: int, sleep_s: float, save_every_step: bool = True) -> int:
+    """A toy training loop that resumes from ckpt_dir/step.txt.
 
-    Appends the step it starts from to ckpt_dir/starts.txt, so a test can see the resume.
+    It saves after every step, or (save_every_step=False) only on SIGUSR2, from a handler
+    that then calls submitit's, as real training code must. Progress goes to progress.txt,
+    and the step each run starts from is appended to starts.txt, so a test sees the resume.
     """
-    ckpt = Path(ckpt_dir) / "step.txt"
+    ckpt_dir = Path(ckpt_dir)
+    ckpt = ckpt_dir / "step.txt"
     step = int(ckpt.read_text()) if ckpt.exists() else 0
-    with open(Path(ckpt_dir) / "starts.txt", "a") as f:
+    with open(ckpt_dir / "starts.txt", "a") as f:
         f.write(f"{step}\n")
+    if not save_every_step:
+        requeue = signal.getsignal(signal.SIGUSR2)
+
+        def save_then_requeue(signum, frame):
+            _write_atomic(ckpt, str(step))
+            requeue(signum, frame)
+
+        signal.signal(signal.SIGUSR2, save_then_requeue)
     while step < total:
         time.sleep(sleep_s)
         step += 1
-        tmp = ckpt.with_suffix(".tmp")
-        tmp.write_text(str(step))
-        os.replace(tmp, ckpt)  # atomic: an interrupt never leaves a half-written checkpoint
+        _write_atomic(ckpt_dir / "progress.txt", str(step))
+        if save_every_step:
+            _write_atomic(ckpt, str(step))
     return step
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # an interrupt never leaves a half-written file

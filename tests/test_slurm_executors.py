@@ -136,16 +136,18 @@ def test_profile_maps_to_sbatch_flags(slurm_cluster, tmp_path):
     assert ex.max_num_timeout == 2 + 3  # ... so the 3000-minute job runs in 3 pieces: 2 more timeouts
 
 
-def test_interrupted_resumable_job_is_requeued_and_resumes(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("save_every_step", [True, False], ids=["saves-every-step", "saves-on-SIGUSR2"])
+def test_interrupted_resumable_job_is_requeued_and_resumes(slurm_cluster, tmp_path, save_every_step):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     total = 20
     # timeout_min=30: submitit calls a signal before 20 min a preemption (under 10 min, any
     # signal counts as a timeout and uses up one of max_num_timeout).
     ex = _slurm(tmp_path, slurm_cluster, timeout_min=30)
-    job = ex.submit(ResumableJob(count_steps, ckpt_dir=str(ckpt), total=total, sleep_s=0.2))
-    step_file = ckpt / "step.txt"
-    _wait_for(lambda: step_file.exists() and int(step_file.read_text()) >= 3, "the job to save step 3")
+    fn = functools.partial(count_steps, save_every_step=save_every_step)
+    job = ex.submit(ResumableJob(fn, ckpt_dir=str(ckpt), total=total, sleep_s=0.2))
+    progress = ckpt / "progress.txt"
+    _wait_for(lambda: progress.exists() and int(progress.read_text()) >= 3, "the job to reach step 3")
     job._interrupt()  # what SLURM does on preemption: SIGTERM, then the USR2 submitit acts on
     assert job.result() == total
     starts = [int(line) for line in (ckpt / "starts.txt").read_text().split()]
