@@ -219,11 +219,11 @@ start_slurmd() {
 node_idle() { [[ "$(sinfo -h -n "$NODE" -o %T 2>/dev/null)" == idle* ]]; }
 
 cmd_start() {
-    local d missing=0
+    local d down=0
     [[ $EUID -eq 0 ]] || die "must run as root (SlurmUser=root, and it installs packages)"
     mkdir -p "$ETC" "$LOG" "$RUN" "$DB_DIR" "$STATE_DIR/ctld" "$STATE_DIR/spool"
-    for d in "${DAEMONS[@]}"; do is_up "$d" || missing=1; done
-    if ((!missing)); then
+    for d in "${DAEMONS[@]}"; do is_up "$d" || down=1; done
+    if ((!down)); then
         say "already running (state in $STATE_DIR)"
         return 0
     fi
