@@ -1,0 +1,132 @@
+"""Session fixture `slurm_cluster`: a real single-node SLURM, started by slurm/local_cluster.sh.
+
+    from tests.slurm_cluster import slurm_cluster  # noqa: F401
+
+Starts the cluster once per session (a no-op if it is already up) and stops it at the end if
+it started it. Skips where this machine cannot run it (not root; no SLURM and no apt-get),
+except when env CI is true: CI must run the SLURM tests, so there it fails instead.
+
+The job functions below live here, not in a test file, because a SLURM job unpickles its
+function by module path in a fresh interpreter: `tests.slurm_cluster` is importable there
+(the fixture puts the repository root on the jobs' PYTHONPATH); a test module may not be.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm" / "local_cluster.sh"
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    state_dir: Path
+    slurm_conf: Path
+    partition: str
+    profile: str  # the slurm/profiles entry that targets this cluster
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _cannot_run_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "the local SLURM cluster needs root (slurm/local_cluster.sh)"
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        return "SLURM is not installed and there is no apt-get to install it"
+    return None
+
+
+def _script(command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), command], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    reason = _cannot_run_reason()
+    if reason:
+        if _ci():
+            pytest.fail(f"{reason}; CI is set, so the SLURM tests must run, not skip")
+        pytest.skip(reason)
+
+    state_dir = Path(os.environ.get("SIREN_SLURM_DIR", "/tmp/siren-slurm"))
+    was_up = _script("status").returncode == 0
+    if not was_up:
+        started = _script("start")
+        if started.returncode != 0:
+            pytest.fail(f"{SCRIPT} start failed:\n{started.stdout}{started.stderr}")
+
+    saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "PYTHONPATH")}
+    os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
+    # sbatch exports this environment to the jobs, which must import tests.slurm_cluster.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
+    try:
+        yield SlurmCluster(state_dir, state_dir / "etc" / "slurm.conf", partition="debug", profile="local")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if not was_up:
+            _script("stop")
+
+
+# ---- job functions (run inside SLURM/local jobs) ----
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def logged_square(x: int, log_dir: str, sleep_s: float) -> int:
+    """square(x), recording its start and end time in log_dir/<x>.txt (to check concurrency)."""
+    start = time.time()
+    time.sleep(sleep_s)
+    Path(log_dir, f"{x}.txt").write_text(f"{start} {time.time()}")
+    return x * x
+
+
+def count_steps(ckpt_dir: str, total: int, sleep_s: float, save_every_step: bool = True) -> int:
+    """A toy training loop that resumes from ckpt_dir/step.txt.
+
+    It saves after every step, or (save_every_step=False) only on SIGUSR2, from a handler
+    that then calls submitit's, as real training code must. Progress goes to progress.txt,
+    and the step each run starts from is appended to starts.txt, so a test sees the resume.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt = ckpt_dir / "step.txt"
+    step = int(ckpt.read_text()) if ckpt.exists() else 0
+    with open(ckpt_dir / "starts.txt", "a") as f:
+        f.write(f"{step}\n")
+    if not save_every_step:
+        requeue = signal.getsignal(signal.SIGUSR2)
+
+        def save_then_requeue(signum, frame):
+            _write_atomic(ckpt, str(step))
+            requeue(signum, frame)
+
+        signal.signal(signal.SIGUSR2, save_then_requeue)
+    while step < total:
+        time.sleep(sleep_s)
+        step += 1
+        _write_atomic(ckpt_dir / "progress.txt", str(step))
+        if save_every_step:
+            _write_atomic(ckpt, str(step))
+    return step
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # an interrupt never leaves a half-written file

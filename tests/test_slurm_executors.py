@@ -1,0 +1,157 @@
+"""ablations/executors.py against real executors: profiles, a local SLURM, requeue, local/debug."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ablations.executors import KINDS, ResumableJob, load_profile, make_executor
+from tests.slurm_cluster import count_steps, logged_square, slurm_cluster, square  # noqa: F401
+
+# ---- profiles and arguments (no cluster needed) ----
+
+
+def test_load_profile_by_name_and_path():
+    local = load_profile("local")
+    assert (local.name, local.partition, local.gpus_per_node) == ("local", "debug", 0)
+    gpu = load_profile(local.path.parent / "example_gpu.yaml")
+    assert gpu.setup == ("module load cuda/12.4", 'source "$HOME/siren/.venv/bin/activate"')
+    assert gpu.additional_parameters == {"constraint": "a100_80g", "mail-type": "FAIL"}
+
+
+def test_unknown_profile_key_names_file_key_and_valid_keys(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("partiton: gpu\n")
+    with pytest.raises(ValueError) as err:
+        load_profile(path)
+    message = str(err.value)
+    assert str(path) in message and "'partiton'" in message and "did you mean 'partition'" in message
+    for key in ("partition", "account", "qos", "gpus_per_node", "setup", "additional_parameters"):
+        assert key in message
+
+
+def test_profile_value_of_wrong_type_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("setup: module load cuda\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: key 'setup' must be a list of shell lines"):
+        load_profile(path)
+
+
+def test_missing_profile_lists_available_ones():
+    with pytest.raises(FileNotFoundError) as err:
+        load_profile("no_such_cluster")
+    assert "'no_such_cluster'" in str(err.value) and "example_gpu, local" in str(err.value)
+
+
+def test_unknown_executor_kind_lists_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="unknown executor kind 'slrum'; valid kinds: slurm, local, debug"):
+        make_executor("slrum", tmp_path, None, name="x", timeout_min=1)
+    assert KINDS == ("slurm", "local", "debug")
+
+
+def test_more_gpus_than_the_profile_has_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"asks for 1 GPUs but .*local.yaml has gpus_per_node=0"):
+        make_executor("slurm", tmp_path, load_profile("local"), name="x", timeout_min=1, gpus=1)
+
+
+# ---- debug and local executors ----
+
+
+def test_debug_executor_runs_the_function(tmp_path):
+    ex = make_executor("debug", tmp_path, None, name="sq", timeout_min=1)
+    assert ex.submit(square, 7).result() == 49
+
+
+def test_local_executor_runs_an_array_with_bounded_concurrency(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    ex = make_executor("local", tmp_path / "jobs", None, name="sq", timeout_min=2, array_parallelism=1)
+    jobs = ex.map_array(functools.partial(logged_square, log_dir=str(logs), sleep_s=0.3), [1, 2, 3])
+    assert [job.result() for job in jobs] == [1, 4, 9]
+    spans = sorted(tuple(map(float, (logs / f"{x}.txt").read_text().split())) for x in (1, 2, 3))
+    # With a cap of 1, each job starts after the previous one ended.
+    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:]))
+
+
+# ---- a real SLURM ----
+
+
+def _sacct_states(job_id: str) -> list[str]:
+    out = subprocess.run(
+        ["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()
+
+
+def _wait_for(condition, what: str, deadline_s: float = 60):
+    """Polls until condition() holds; the deadline only stops a hung test, it measures nothing."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+def _slurm(tmp_path: Path, cluster, **kwargs):
+    kwargs = {"name": "test", "timeout_min": 10, "mem_gb": 1, **kwargs}
+    return make_executor("slurm", tmp_path / "jobs", load_profile(cluster.profile), **kwargs)
+
+
+def test_slurm_job_returns_its_result_and_sacct_sees_it(slurm_cluster, tmp_path):
+    job = _slurm(tmp_path, slurm_cluster).submit(square, 12)
+    assert job.result() == 144
+    _wait_for(lambda: _sacct_states(job.job_id) == ["COMPLETED"], f"sacct to show job {job.job_id} COMPLETED")
+
+
+def test_slurm_job_array(slurm_cluster, tmp_path):
+    jobs = _slurm(tmp_path, slurm_cluster, array_parallelism=2).map_array(square, [1, 2, 3])
+    assert len({job.job_id.split("_")[0] for job in jobs}) == 1  # one sbatch --array
+    assert [job.result() for job in jobs] == [1, 4, 9]
+    array_id = jobs[0].job_id.split("_")[0]
+    _wait_for(lambda: _sacct_states(array_id) == ["COMPLETED"] * 3, f"sacct to show array {array_id} done")
+
+
+def test_profile_maps_to_sbatch_flags(slurm_cluster, tmp_path):
+    gpu = load_profile("example_gpu")
+    ex = make_executor("slurm", tmp_path, gpu, name="train", timeout_min=3000, gpus=1, cpus=2, mem_gb=8)
+    script = ex._make_submission_file_text("python -m job", "uid")
+    for line in [
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=my_lab",
+        "#SBATCH --qos=normal",
+        "#SBATCH --gres=gpu:a100:1",
+        "#SBATCH --cpus-per-task=10",  # raised to the profile's minimum
+        "#SBATCH --mem=65536M",
+        "#SBATCH --time=1440",  # capped at the partition limit ...
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --constraint=a100_80g",
+        "#SBATCH --mail-type=FAIL",
+        "module load cuda/12.4",
+    ]:
+        assert line in script.splitlines(), line
+    assert ex.max_num_timeout == 2 + 3  # ... so the 3000-minute job runs in 3 pieces: 2 more timeouts
+
+
+@pytest.mark.parametrize("save_every_step", [True, False], ids=["saves-every-step", "saves-on-SIGUSR2"])
+def test_interrupted_resumable_job_is_requeued_and_resumes(slurm_cluster, tmp_path, save_every_step):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    total = 20
+    # timeout_min=30: submitit calls a signal before 20 min a preemption (under 10 min, any
+    # signal counts as a timeout and uses up one of max_num_timeout).
+    ex = _slurm(tmp_path, slurm_cluster, timeout_min=30)
+    fn = functools.partial(count_steps, save_every_step=save_every_step)
+    job = ex.submit(ResumableJob(fn, ckpt_dir=str(ckpt), total=total, sleep_s=0.2))
+    progress = ckpt / "progress.txt"
+    _wait_for(lambda: progress.exists() and int(progress.read_text()) >= 3, "the job to reach step 3")
+    job._interrupt()  # what SLURM does on preemption: SIGTERM, then the USR2 submitit acts on
+    assert job.result() == total
+    starts = [int(line) for line in (ckpt / "starts.txt").read_text().split()]
+    assert len(starts) == 2 and starts[0] == 0, starts
+    assert 3 <= starts[1] < total, starts  # resumed from its checkpoint, not from 0
+    assert "this job is preempted" in job.paths.stderr.read_text()
+    _wait_for(lambda: _sacct_states(job.job_id) == ["COMPLETED"], f"sacct to show job {job.job_id} COMPLETED")
