@@ -1,0 +1,63 @@
+"""What `scale=demo` and `scale=paper` mean for a cell: the dotted keys every stage gets, and how
+a row's symbolic model size (the paper's names) maps to a model preset.
+
+demo: tiny models on the embedded demo set with RANDOM codec/text/metric weights: minutes on a
+laptop CPU, for checking the pipeline end to end; its numbers say nothing about the paper's.
+paper: the paper's sizes and schedules on AudioCaps-style manifests with pretrained weights.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from siren.config import ConfigError
+
+SCALES: dict[str, dict[str, Any]] = {
+    "demo": {
+        "weights": "random",
+        "data.source": "demo",
+        "train.steps": 40, "train.batch_size": 8, "train.crop_s": 2.0, "train.warmup_steps": 5,
+        "train.log_every": 5, "train.val_every": 0, "train.ckpt_every": 20, "train.num_workers": 0,
+        "rl.steps": 6, "rl.group": 4, "rl.batch": 2, "rl.seconds": 1.0,
+        "eval.seconds": 2.0, "eval.batch_size": 16,
+    },
+    "paper": {
+        "weights": "pretrained",
+        "data.source": "manifest",
+        "train.crop_s": 6.0,  # appendix B: 6 s crops of 10 s clips
+        "rl.steps": 2000,  # section 5.1: the first transformer is fine-tuned 2K more steps
+        "eval.seconds": 10.0, "eval.batch_size": 16,
+    },
+}
+
+# Paper model sizes by name; "total-1.6b" (Table 6) depends on the distribution.
+_TOTAL_16B = {"1-12": "single-1.6b", "2-6": "isolated-1.6b-2-6", "3-4": "isolated-1.6b-3-4",
+              "4-3": "isolated-1.6b-4-3", "6-2": "isolated-1.6b", "12-1": "isolated-1.6b-12-1"}
+_PAPER_SIZES = ("single-530m", "single-1.6b", "single-3.3b", "isolated-1.6b", "isolated-3.1b")
+
+# Demo: tiny experts that keep each table's ordering of sizes (bigger = more backbone layers),
+# and Table 6's "one expert gets ~1/K of the total" by backbone depth 12/K.
+_DEMO_SIZES = {"single-530m": 2, "single-1.6b": 4, "single-3.3b": 6, "isolated-1.6b": 2, "isolated-3.1b": 3}
+
+
+def model_keys(scale: str, size: str, distribution: str) -> dict[str, Any]:
+    """Dotted model keys for a row's symbolic size at a scale."""
+    if size == "total-1.6b":
+        if scale == "paper":
+            return {"model.scale": _TOTAL_16B[distribution]}
+        return {"model.scale": "tiny", "model.main_layers": 12 // int(distribution.split("-")[0])}
+    if size not in _PAPER_SIZES:
+        raise ConfigError(f"unknown model.size '{size}'; known: total-1.6b, {', '.join(_PAPER_SIZES)}")
+    if scale == "paper":
+        return {"model.scale": size}
+    return {"model.scale": "tiny", "model.main_layers": _DEMO_SIZES[size]}
+
+
+def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:
+    """A cell's full dotted config at a scale: scale defaults, then the size's model keys, then the
+    cell's own keys, then the user's overrides. Its hash is the cell's identity."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale '{scale}'; valid: {', '.join(SCALES)}")
+    cell = dict(cell)
+    size = cell.pop("model.size")
+    out = {**SCALES[scale], **model_keys(scale, size, cell["model.distribution"]), **cell, **dict(overrides)}
+    return dict(sorted(out.items()))
