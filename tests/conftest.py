@@ -3,6 +3,7 @@ import os
 import tempfile
 
 import pytest
+import torch
 
 os.environ.setdefault("SIREN_CACHE", tempfile.mkdtemp(prefix="siren-test-cache-"))
 
@@ -12,3 +13,9 @@ def empty_cache(tmp_path, monkeypatch):
     """A SIREN_CACHE with no pretrained files in it."""
     monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and keeps 2-core CI machines from oversubscribing."""
+    torch.set_num_threads(1)
