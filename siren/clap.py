@@ -153,7 +153,7 @@ class ClipBpe(BpeTokenizer):
     """
 
     def __init__(self, bpe_path: Path | None = None):
-        tok_mod = sys.modules.get("clap_module.tokenizer") or _clap_module().tokenizer
+        tok_mod = _clap_module().tokenizer
         path = Path(bpe_path or tok_mod.default_bpe())
         if not path.is_file():
             raise assets.MissingWeightsError(f"laion_clap's bundled CLIP BPE file {path} is missing; "
@@ -296,12 +296,18 @@ class Clap(nn.Module):
                 sd = laion_state_dict(load_checkpoint(path))
             except Exception as e:
                 raise ValueError(f"{path} is not a readable laion-clap checkpoint: {e}") from e
+            arch = f"{path} does not fit laion-clap HTSAT-tiny non-fusion + RoBERTa (630k-audioset-best.pt does)"
+            words = sd.get("text_branch.embeddings.word_embeddings.weight")
+            if words is None or "audio_branch.patch_embed.proj.weight" not in sd:
+                raise ValueError(f"{arch}: it has no RoBERTa text branch / HTSAT audio branch")
+            if tuple(words.shape) != (self.tokenizer.vocab_size, TEXT_DIM):
+                raise ValueError(f"{arch}: text vocabulary {tuple(words.shape)}, the RoBERTa tokenizer "
+                                 f"needs ({self.tokenizer.vocab_size}, {TEXT_DIM})")
             self.model = build_model(self.tokenizer)
             try:
                 self.model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
-                raise ValueError(f"{path} does not fit laion-clap HTSAT-tiny non-fusion + RoBERTa "
-                                 f"(630k-audioset-best.pt is that architecture): {e}") from None
+                raise ValueError(f"{arch}: {e}") from None
             self.weights_label, self.weights_sha256 = "pretrained", assets.sha256(path)
         self.model.eval().requires_grad_(False)
 
@@ -313,6 +319,15 @@ class Clap(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def card(self) -> dict:
+        """What a CLAP number depends on, for the results' protocol card."""
+        return {"model": "laion-clap HTSAT-tiny non-fusion + RoBERTa", "weights": self.weights_label,
+                "checkpoint": "random" if self.weights_label == "random" else Path(
+                    assets.path("clap") if self.cfg.weights == "pretrained" else self.cfg.weights).name,
+                "weights_sha256": self.weights_sha256, "tokenizer": self.tokenizer.id,
+                "text_max_length": MAX_TEXT_LENGTH, "sample_rate": CLAP_SAMPLE_RATE, "resampler": RESAMPLER,
+                "audio": AUDIO_PROTOCOL, "id": self.id}
 
     @torch.no_grad()
     def text_forward(self, captions: Sequence[str], max_length: int = MAX_TEXT_LENGTH
@@ -370,3 +385,47 @@ class Clap(nn.Module):
         if len(wav) != len(captions):
             raise ValueError(f"{len(wav)} clips but {len(captions)} captions")
         return (self.embed_audio(wav, sample_rate) * self.embed_text(captions).to(self.device)).sum(-1)
+
+
+def _bench(argv: list[str] | None = None) -> int:
+    """``python -m siren.clap [--weights random] [--clips 4]``: time build, text and audio embedding."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m siren.clap", description="time LAION-CLAP on this machine")
+    ap.add_argument("--weights", default="random", help="pretrained | random | path (default: random)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--captions", type=int, default=16)
+    ap.add_argument("--clips", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    t = time.perf_counter()
+    clap = Clap(ClapConfig(weights=args.weights, seed=args.seed))
+    build = time.perf_counter() - t
+    g = torch.Generator().manual_seed(0)
+    captions = [f"a dog barks {i} times while rain falls on a tin roof" for i in range(args.captions)]
+    wav = 0.1 * torch.randn(args.clips, 10 * 16_000, generator=g)
+    rows = [("build (incl. laion_clap import)", build, ""),
+            (f"text: embed {args.captions} captions", best(lambda: clap.embed_text(captions)), ""),
+            ("audio: one 10 s clip (batch 1)", best(lambda: clap.embed_audio(wav[:1])), "per clip"),
+            (f"audio: {args.clips} x 10 s clips (batch {args.clips})",
+             best(lambda: clap.embed_audio(wav)) / args.clips, "per clip")]
+    print(f"LAION-CLAP {clap.id} on {clap.device}, torch threads {torch.get_num_threads()}, "
+          f"best of {args.repeats}")
+    print(f"| {'what':44s} | seconds | {'':8s} |\n|{'-' * 46}|---------|{'-' * 10}|")
+    for what, sec, note in rows:
+        print(f"| {what:44s} | {sec:7.3f} | {note:8s} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_bench())
