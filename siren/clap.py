@@ -88,6 +88,8 @@ class BpeTokenizer:
         """
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError(f"captions must be a list of str, got {type(captions).__name__}")
+        if len(captions) == 0:
+            raise ValueError("no captions to tokenize")
         seqs = []
         for text in captions:
             ids = self.encode(text)
@@ -134,6 +136,9 @@ class RobertaBpe(BpeTokenizer):
                 raise assets.MissingWeightsError(f"RoBERTa tokenizer file {p} not found. {fix}")
         # transformers 5: the arguments are `vocab`/`merges`; `vocab_file=` is silently ignored.
         self._tok = RobertaTokenizer(vocab=str(vocab), merges=str(merges))
+        if len(self._tok) > self.VOCAB_SIZE:
+            raise ValueError(f"{vocab} holds {len(self._tok)} tokens: not roberta-base's vocabulary "
+                             f"({self.VOCAB_SIZE}). {fix}")
         self.vocab_size = self.VOCAB_SIZE
         self.pad_id = self._tok.pad_token_id
         self.unk_id = self._tok.unk_token_id
@@ -269,7 +274,7 @@ def build_model(tokenizer: BpeTokenizer) -> nn.Module:
         model, model_cfg = cm.create_model("HTSAT-tiny", "roberta", precision="fp32", device=torch.device("cpu"),
                                            enable_fusion=False)
     assert model_cfg["audio_cfg"]["sample_rate"] == CLAP_SAMPLE_RATE
-    assert model_cfg["audio_cfg"]["clip_samples"] == CLIP_SAMPLES
+    assert model_cfg["audio_cfg"]["clip_samples"] == CLIP_SAMPLES and model.joint_embed_shape == EMBED_DIM
     return model
 
 
@@ -352,6 +357,8 @@ class Clap(nn.Module):
         import torchaudio.functional as AF
 
         clips = list(wav) if isinstance(wav, (list, tuple)) or wav.dim() > 1 else [wav]
+        if len(clips) == 0:
+            raise ValueError("no audio clips to embed")
         out = []
         for x in clips:
             x = torch.as_tensor(x, dtype=torch.float32).reshape(-1)

@@ -60,8 +60,6 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, captions: Sequence[str], batch_size: int = 64) -> TextStates:
         """captions -> TextStates, L = the longest caption's token count (<= max_length)."""
-        if len(captions) == 0:
-            raise ValueError("no captions to encode")
         parts = [self.clap.text_forward(captions[i:i + batch_size], self.cfg.max_length)
                  for i in range(0, len(captions), batch_size)]
         n = max(s.shape[1] for s, _, _ in parts)

@@ -159,19 +159,23 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
-def test_load_checkpoint_plain_weights_any_protocol(tmp_path, protocol):
+FORMATS = [(2, True), (4, True), (2, False), (4, False)]  # (pickle protocol, zip container)
+
+
+@pytest.mark.parametrize("protocol,zipped", FORMATS)
+def test_load_checkpoint_plain_weights_any_format(tmp_path, protocol, zipped):
     ckpt = {"epoch": np.int64(45), "lr": np.float64(1e-4), "name": "x",
             "state_dict": {"module.a": torch.arange(3.0), "module.b": torch.ones(2, 2, dtype=torch.int64)}}
-    torch.save(ckpt, tmp_path / "c.pt", pickle_protocol=protocol)
+    torch.save(ckpt, tmp_path / "c.pt", pickle_protocol=protocol, _use_new_zipfile_serialization=zipped)
     got = load_checkpoint(tmp_path / "c.pt")
     assert got["epoch"] == 45 and got["name"] == "x" and torch.equal(got["state_dict"]["module.a"], torch.arange(3.0))
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
-def test_load_checkpoint_refuses_code(tmp_path, protocol):
+@pytest.mark.parametrize("protocol,zipped", FORMATS)
+def test_load_checkpoint_refuses_code(tmp_path, protocol, zipped):
     buf = io.BytesIO()
-    torch.save({"state_dict": {"a": torch.ones(1)}, "x": _Evil()}, buf, pickle_protocol=protocol)
+    torch.save({"state_dict": {"a": torch.ones(1)}, "x": _Evil()}, buf, pickle_protocol=protocol,
+               _use_new_zipfile_serialization=zipped)
     (tmp_path / "evil.pt").write_bytes(buf.getvalue())
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(tmp_path / "evil.pt")
