@@ -348,6 +348,8 @@ class Clap(nn.Module):
 
     def embed_text(self, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """captions -> [B, 512], L2-normalised."""
+        if len(captions) == 0:
+            raise ValueError("no captions to embed")
         return torch.cat([self.text_forward(captions[i:i + batch_size])[2]
                           for i in range(0, len(captions), batch_size)])
 

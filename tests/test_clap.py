@@ -109,8 +109,10 @@ def test_long_captions_are_truncated_keeping_end_token(clap):
 def test_bad_caption_input(text):
     with pytest.raises(TypeError):
         text.encode("a dog barks")
-    with pytest.raises(ValueError):
+    with pytest.raises(TypeError, match="non-empty list"):
         text.encode([])
+    with pytest.raises(ValueError, match="no captions"):
+        text.clap.embed_text([])
 
 
 # --- tokenizer guard, missing files ---------------------------------------------------------------
