@@ -16,6 +16,7 @@ resumes from ``run_dir/expert_<k>/latest`` and reproduces the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from siren import checkpoint as ckpt
 from siren.codec import CodecConfig, CodeTables
 from siren.config import ConfigError, load_config, to_dict
-from siren.model import Expert
+from siren.model import Expert, ExpertLoss
 from siren.model.config import ModelConfig, presets
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later" -> the launcher requeues
@@ -72,8 +73,8 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -88,20 +89,25 @@ class Stage1Config:
 
 def parse(args: list[str]) -> Stage1Config:
     cfg = load_config(Stage1Config, args, presets=presets("model."))
-    cfg.model.expert_layers(cfg.expert)  # IndexError naming the distribution when k is out of range
+    if not 0 <= cfg.expert < cfg.model.n_experts:
+        raise ConfigError(f"expert={cfg.expert} does not exist in model.distribution={cfg.model.distribution} "
+                          f"(experts 0..{cfg.model.n_experts - 1})")
     return cfg
 
 
 # ---------------------------------------------------------------------------- optimisation
 
+NO_DECAY = ("bias", "sos", "pos")  # biases (the code embeddings' [12, d] too), sos vectors, learned positions
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only; none on norms, biases, the sos vector."""
+    """AdamW groups: weight decay on weight matrices only; none on norms, biases, sos, positions."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        (decay if p.ndim >= 2 and leaf not in ("bias", "sos") else no_decay).append(p)
+        (decay if p.ndim >= 2 and leaf not in NO_DECAY else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -326,20 +332,21 @@ class Stats:
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, out, frames: torch.Tensor, weight: torch.Tensor) -> None:
+    def add(self, out: ExpertLoss, weight: float) -> None:
         vals = {"loss": out.loss.detach()}
-        for j, ce in out.ce.items():
-            vals[f"ce/L{j + 1}"] = ce.detach()  # paper numbering: layers 1..12
-            vals[f"acc/L{j + 1}"] = out.acc[j].detach()
+        for i, j in enumerate(out.layers):
+            vals[f"ce/L{j + 1}"] = out.ce[i]  # paper numbering: RVQ layers 1..12
+            vals[f"acc/L{j + 1}"] = out.acc[i]
         for k, v in vals.items():
             self.sums[k] = self.sums.get(k, 0) + v.float() * weight
-        self.sums["_w"] = self.sums.get("_w", 0) + weight.float()
-        self.sums["_frames"] = self.sums.get("_frames", 0) + frames.float()
+        self.sums["_w"] = self.sums.get("_w", 0) + weight
+        self.sums["_frames"] = self.sums.get("_frames", 0) + out.frames
 
     def reduce(self, ranks: Dist) -> dict[str, float]:
         """Weighted means across batches and processes; '_frames' stays a total."""
         keys = sorted(self.sums)
-        vec = torch.stack([torch.as_tensor(self.sums[k]).float() for k in keys])
+        device = next((v.device for v in self.sums.values() if torch.is_tensor(v)), torch.device("cpu"))
+        vec = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in keys])
         if ranks.world > 1:
             dist.all_reduce(vec)
         tot = dict(zip(keys, vec.tolist()))
@@ -348,8 +355,19 @@ class Stats:
         return {**{k: v / w for k, v in tot.items()}, "_frames": frames}
 
 
+class LossOf(torch.nn.Module):
+    """``forward(batch) = expert.loss(batch)``: DDP synchronises gradients only through forward."""
+
+    def __init__(self, expert: Expert):
+        super().__init__()
+        self.expert = expert
+
+    def forward(self, batch: dict) -> ExpertLoss:
+        return self.expert.loss(batch)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: TrainConfig, device: torch.device,
+def evaluate(model: Expert, loader: DataLoader, cfg: TrainConfig, device: torch.device,
              ranks: Dist) -> dict[str, float]:
     """Loss and per-layer CE/accuracy on the test split, weighted by real frames (so batch size does not matter)."""
     n = len(loader.dataset)
@@ -361,14 +379,12 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: TrainConfig, devic
     for i, batch in enumerate(_loader(loader, sampler, cfg.num_workers)):
         if cfg.val_batches and i >= cfg.val_batches:
             break
-        batch = _to_device(batch, device)
         with autocast(cfg, device):
-            out = model(batch)
-        frames = batch["frame_mask"].sum()
-        stats.add(out, frames, frames)
+            out = model.loss(_to_device(batch, device))
+        stats.add(out, out.frames)
     model.train(was_training)
     if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
-        stats.sums = {"_w": torch.zeros(()), "_frames": torch.zeros(())}
+        stats.sums = {"_w": 0.0, "_frames": 0.0}
     return stats.reduce(ranks)
 
 
@@ -442,7 +458,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     data = data or Stage1Data.from_prepared(cfg)
     if cfg.model.codec and cfg.model.codec != data.codec_id:
         raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec {data.codec_id}")
-    cfg.model.codec = data.codec_id
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=data.codec_id))
     run_dir, k = Path(cfg.run_dir), cfg.expert
     edir = ckpt.expert_dir(run_dir, k)
     if ranks.main:
@@ -471,13 +487,16 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         if ranks.main:
             print(f"[siren.train] resuming expert {k} from {last.path} (step {last.step})", file=sys.stderr)
     start = state["step"]
+    if tc.warmup_steps >= tc.steps and ranks.main:
+        print(f"[siren.train] warning: train.warmup_steps={tc.warmup_steps} >= train.steps={tc.steps}: the learning "
+              f"rate only ramps up (peak {lr_at(tc.steps - 1, tc):.2e})", file=sys.stderr)
     if start >= tc.steps:
         return TrainResult("finished", start, last.path if last else None)
 
-    net = model
+    net = LossOf(model)
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None)
     log = RunLog(edir, start, ranks.main)
     stop = StopRequest()
     if handle_signals:
@@ -514,7 +533,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
 
     bar = tqdm(total=tc.steps, initial=start, desc=f"expert {k}", disable=not ranks.main, dynamic_ncols=True)
     stream = batches()
-    stats, t0, last_ckpt, result = Stats(), time.perf_counter(), None, None
+    stats, last_ckpt, result = Stats(), None, None
+    t0, paused = time.perf_counter(), 0.0  # tokens/s counts training time only (not validation, checkpoints)
     try:
         model.train()
         for step in range(start, tc.steps):
@@ -527,8 +547,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast(tc, device):
                     out = net(batch)
                 (out.loss / tc.grad_accum).backward()
-                stats.add(out, batch["frame_mask"].sum(), torch.ones((), device=device))
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+                stats.add(out, 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = done = step + 1
@@ -536,20 +556,21 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
 
             if done % tc.log_every == 0 or done == tc.steps:
                 means = stats.reduce(ranks)
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0 - paused
                 entry = {"step": done, "lr": lr, **{k_: v for k_, v in means.items() if k_ != "_frames"},
                          "grad_norm": float(grad_norm), "tokens/s": means["_frames"] / dt}
                 log.write(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}")
-                stats, t0 = Stats(), time.perf_counter()
+                stats, t0, paused = Stats(), time.perf_counter(), 0.0
+            t1 = time.perf_counter()
             if data.val is not None and ((tc.val_every and done % tc.val_every == 0) or done == tc.steps):
-                means = evaluate(net, data.val, tc, device, ranks)
+                means = evaluate(model, data.val, tc, device, ranks)
                 log.write({"step": done, "val": True, **{k_: v for k_, v in means.items() if k_ != "_frames"},
                            "frames": means["_frames"]})
-                t0 = time.perf_counter()
             stopping = _any_rank(stop.signum is not None, ranks, device)
             if stopping or done % tc.ckpt_every == 0 or done == tc.steps:
                 last_ckpt = save(done) or last_ckpt
+            paused += time.perf_counter() - t1
             if stopping:
                 result = TrainResult("preempted", done, last_ckpt)
                 break
@@ -587,9 +608,10 @@ def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], wher
     model.load_state_dict(tensors)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, data: Stage1Data | None = None) -> int:
+    """CLI entry: 0 when the expert is trained, EXIT_PREEMPTED when a signal stopped it (checkpoint written)."""
     cfg = parse(sys.argv[1:] if argv is None else argv)
-    result = train(cfg)
+    result = train(cfg, data)
     if dist.is_initialized():
         dist.destroy_process_group()
     if result.status == "preempted":
