@@ -448,6 +448,30 @@ def run_config(cfg: Stage1Config, data: Stage1Data) -> dict:
     return {"model": to_dict(cfg.model), "codec_id": data.codec_id, "text_id": data.text_id}
 
 
+def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config) -> None:
+    """The checkpoint must be of this expert of this model, trained with this train config
+    (bookkeeping keys aside); the error names every differing key."""
+    where = f"checkpoint {last.path}"
+    ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
+                      {"model": to_dict(cfg.model), "expert": cfg.expert}, where,
+                      fix="Use another run_dir, or set these keys back.")
+    ckpt.check_config({"train": last.state["train"]}, {"train": to_dict(cfg.train)}, where,
+                      ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
+                      fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
+
+
+def resume(last: ckpt.Checkpoint, model: Expert, opt: torch.optim.Optimizer, ranks: Dist, device: torch.device,
+           seed: int) -> dict:
+    """Weights, optimizer, RNG from ``last``; returns the step / data position to continue from."""
+    ckpt.load_weights(model, last.model_state(), last.path / "model.safetensors")
+    trainer = last.trainer_state()
+    _load_optimizer(opt, trainer, last.state["optimizer"]["param_groups"], last.path)
+    _restore_rng(trainer, ranks, device, seed, last.step)
+    if ranks.main:
+        print(f"[siren.train] resuming expert {last.state['expert']} from {last.path}", file=sys.stderr)
+    return {key: int(last.state[key]) for key in ("step", "epoch", "examples_in_epoch")}
+
+
 def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: bool = True) -> TrainResult:
     """Train expert ``cfg.expert`` until ``cfg.train.steps`` or a stop signal; resume from its latest checkpoint."""
     tc = cfg.train
@@ -461,8 +485,6 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=data.codec_id))
     run_dir, k = Path(cfg.run_dir), cfg.expert
     edir = ckpt.expert_dir(run_dir, k)
-    if ranks.main:
-        ckpt.write_run_config(run_dir, run_config(cfg, data))
 
     torch.manual_seed(tc.seed * 1_000_003 + ranks.rank * 7919)  # same init on every rank: broadcast by DDP anyway
     model = Expert(cfg.model, k, data.tables).to(device)
@@ -471,27 +493,17 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     state = {"step": 0, "epoch": 0, "examples_in_epoch": 0}
     last = ckpt.load_latest(edir)
     if last is not None:
-        saved = last.state
-        where = f"checkpoint {last.path}"
-        ckpt.check_config({"model": saved["model"], "expert": saved["expert"]},
-                          {"model": to_dict(cfg.model), "expert": k}, where,
-                          fix="Use another run_dir, or set these keys back.")
-        ckpt.check_config({"train": saved["train"]}, {"train": to_dict(tc)}, where,
-                          ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
-                          fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
-        _load_weights(model, last.model_state(), last.path)
-        trainer = last.trainer_state()
-        _load_optimizer(opt, trainer, saved["optimizer"]["param_groups"], last.path)
-        _restore_rng(trainer, ranks, device, tc.seed, last.step)
-        state = {key: int(saved[key]) for key in state}
-        if ranks.main:
-            print(f"[siren.train] resuming expert {k} from {last.path} (step {last.step})", file=sys.stderr)
+        check_resumable(last, cfg)
+    if ranks.main:  # after the expert's own checkpoint check: its error is the more specific one
+        ckpt.write_run_config(run_dir, run_config(cfg, data))
+    if last is not None and last.step >= tc.steps:
+        return TrainResult("finished", last.step, last.path)  # a re-submitted finished job: nothing to do
+    if last is not None:
+        state = resume(last, model, opt, ranks, device, tc.seed)
     start = state["step"]
     if tc.warmup_steps >= tc.steps and ranks.main:
         print(f"[siren.train] warning: train.warmup_steps={tc.warmup_steps} >= train.steps={tc.steps}: the learning "
               f"rate only ramps up (peak {lr_at(tc.steps - 1, tc):.2e})", file=sys.stderr)
-    if start >= tc.steps:
-        return TrainResult("finished", start, last.path if last else None)
 
     net = LossOf(model)
     if ranks.world > 1:
@@ -593,19 +605,6 @@ def _any_rank(flag: bool, ranks: Dist, device: torch.device) -> bool:
     t = torch.tensor(float(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    bad = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or extra or bad:
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
-                 "shape differs for " + ", ".join(f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
-                                                  for k in bad[:5]) if bad else ""]
-        raise ckpt.CheckpointError(f"{where}/model.safetensors does not fit this model: "
-                                   + "; ".join(p for p in parts if p))
-    model.load_state_dict(tensors)
 
 
 def main(argv: list[str] | None = None, data: Stage1Data | None = None) -> int:
