@@ -1,15 +1,15 @@
 """Stage-1 checkpoints: one directory per expert, safetensors + JSON, written atomically.
 
     run_dir/
-      config.json                  what every expert of the run shares: model config, codec id,
-                                   text encoder id (written by the first expert to start)
+      config.json                  what every expert of the run shares: model config, codec and
+                                   text encoder ({id, weights}) (written by the first expert to start)
       expert_<k>/
         latest                     name of the newest complete checkpoint, e.g. "step_00001000"
         step_00001000/
           model.safetensors        the expert's weights (state_dict)
           trainer.safetensors      optimizer state tensors, RNG states (uint8)
           state.json               step, data position, optimizer scalars, model/train config,
-                                   codec id, text encoder id, expert index, finished flag
+                                   codec, text encoder, expert index, finished flag
         log.jsonl, tb/             training log (siren.train)
 
 A checkpoint directory is built under a temporary name and renamed into place, then
@@ -32,6 +32,7 @@ import torch
 from siren import io
 
 FORMAT_VERSION = 1
+RUN_KEYS = ("model", "codec", "text")  # what every expert of a run shares (run_dir/config.json)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -247,8 +248,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
         if c is None:
             problems.append(f"expert {k}: missing (no checkpoint in {edir})")
             continue
-        diff = config_diff({"model": shared["model"], "codec_id": shared["codec_id"], "text_id": shared["text_id"]},
-                           {"model": c.state["model"], "codec_id": c.state["codec_id"], "text_id": c.state["text_id"]})
+        diff = config_diff({key: shared[key] for key in RUN_KEYS}, {key: c.state[key] for key in RUN_KEYS})
         if diff:
             problems.append(f"expert {k}: {c.path} was trained for another model: "
                             + ", ".join(f"{key}={b!r} (run config.json: {a!r})" for key, a, b in diff))

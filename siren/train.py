@@ -121,16 +121,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ---------------------------------------------------------------------------- data order
 
-class EpochBatches(Sampler[list[int]]):
-    """Batches of one epoch: a permutation seeded by (seed, epoch), cut into global batches of
-    ``batch_size * world`` (rank r takes its slice of each), the first ``skip`` examples left out.
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of one epoch as dataset keys (epoch, index): a permutation seeded by (seed, epoch),
+    cut into global batches of ``batch_size * world`` (rank r takes its slice of each), the first
+    ``skip`` examples left out. The dataset draws an item's random crop from (seed, epoch, index).
 
     A resumed job rebuilds the epoch from (seed, epoch) and skips what was consumed, so it
-    sees exactly the batches the uninterrupted job would have seen."""
+    sees exactly the batches (and crops) the uninterrupted job would have seen. Unlike
+    siren.data's loader order, this one is split across DDP processes."""
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
                  rank: int = 0, world: int = 1, skip: int = 0, drop_last: bool = True):
         self.n, self.batch_size, self.rank, self.world, self.skip = n, batch_size, rank, world, skip
+        self.epoch = epoch
         self.drop_last = drop_last
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -138,14 +141,14 @@ class EpochBatches(Sampler[list[int]]):
         else:
             self.order = list(range(n))
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.batch_size * self.world
         for start in range(self.skip, self.n, step):
             if self.drop_last and start + step > self.n:
                 return
             part = self.order[start: start + step][self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
             if part:
-                yield part
+                yield [(self.epoch, i) for i in part]
 
     def __len__(self) -> int:
         step = self.batch_size * self.world
@@ -162,38 +165,39 @@ def _loader(source: DataLoader, sampler: EpochBatches, num_workers: int) -> Data
                       persistent_workers=False)
 
 
-def _set_epoch(dataset: Any, epoch: int) -> None:
-    """Datasets with random crops draw them from (seed, epoch, index): tell them the epoch."""
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-
-
 @dataclass
 class Stage1Data:
-    """What a stage-1 job reads: train/test loaders (map-style datasets), the codec's frozen
-    code tables for the embeddings, and the ids of the codec and text encoder the data was made with."""
+    """What a stage-1 job reads: train/test loaders (map-style datasets indexed by (epoch, index)),
+    the codec's frozen code tables for the embeddings, and the provenance of the codec and text
+    encoder the data was made with ({"id": ..., "weights": "pretrained" | "random"})."""
     train: DataLoader
     val: DataLoader | None
     tables: CodeTables
-    codec_id: str
-    text_id: str
+    codec: dict
+    text: dict
 
     @classmethod
     def from_prepared(cls, cfg: Stage1Config) -> "Stage1Data":
         from siren.codec import Codec
-        from siren.data import make_loader
+        from siren.data import DataError, make_loader
 
         crop = cfg.train.crop_s or None
         train = make_loader(cfg.data_dir, split="train", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=True,
-                            seed=cfg.train.seed, num_workers=0)
-        val = make_loader(cfg.data_dir, split="test", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=False,
-                          seed=cfg.train.seed, num_workers=0)
+                            seed=cfg.train.seed)
+        try:
+            val = make_loader(cfg.data_dir, split="test", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=False,
+                              seed=cfg.train.seed)
+        except DataError as e:
+            print(f"[siren.train] warning: no validation: {e}", file=sys.stderr)
+            val = None
+        info = train.dataset.info
         codec = Codec(cfg.codec)
-        ids = getattr(train.dataset, "ids", {})  # provenance of the prepared shards, when the dataset tells it
-        if ids.get("codec") and ids["codec"] != codec.id:
-            raise ConfigError(f"{cfg.data_dir} was prepared with codec {ids['codec']}, this config builds {codec.id} "
-                              f"(codec.weights={cfg.codec.weights}); prepare again or set codec.weights to match")
-        return cls(train, val, codec.code_tables(), codec.id, ids.get("text", "unknown"))
+        if info["codec"]["id"] != codec.id:
+            raise ConfigError(f"{cfg.data_dir} was prepared with codec {info['codec']['id']}, this config builds "
+                              f"{codec.id} (codec.weights={cfg.codec.weights}); set codec.weights to the prepared "
+                              f"one or prepare again")
+        return cls(train, val, codec.code_tables(), {"id": codec.id, "weights": codec.weights_label},
+                   {"id": info["text"]["id"], "weights": info["text"]["weights"]})
 
 
 # ---------------------------------------------------------------------------- processes, devices, signals
@@ -445,7 +449,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 def run_config(cfg: Stage1Config, data: Stage1Data) -> dict:
     """What every expert of a run shares: run_dir/config.json."""
-    return {"model": to_dict(cfg.model), "codec_id": data.codec_id, "text_id": data.text_id}
+    return {"model": to_dict(cfg.model), "codec": data.codec, "text": data.text}
 
 
 def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config) -> None:
@@ -480,9 +484,10 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     if device.type == "cuda":
         torch.cuda.set_device(device)
     data = data or Stage1Data.from_prepared(cfg)
-    if cfg.model.codec and cfg.model.codec != data.codec_id:
-        raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec {data.codec_id}")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=data.codec_id))
+    if cfg.model.codec and cfg.model.codec != data.codec["id"]:
+        raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec "
+                          f"{data.codec['id']}")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=data.codec["id"]))
     run_dir, k = Path(cfg.run_dir), cfg.expert
     edir = ckpt.expert_dir(run_dir, k)
 
@@ -523,7 +528,6 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     def batches() -> Iterator[dict]:
         while True:
             epoch, skip = state["epoch"], state["examples_in_epoch"]
-            _set_epoch(data.train.dataset, epoch)
             sampler = EpochBatches(n_train, tc.batch_size, tc.seed, epoch, rank=ranks.rank, world=ranks.world,
                                    skip=skip)
             for batch in _loader(data.train, sampler, tc.num_workers):
@@ -536,8 +540,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         tensors.update(_rng_tensors(ranks, device))
         if not ranks.main:
             return None
-        meta = {**state, "expert": k, "model": to_dict(cfg.model), "train": to_dict(tc), "codec_id": data.codec_id,
-                "text_id": data.text_id, "optimizer": groups, "world_size": ranks.world,
+        meta = {**state, "expert": k, **run_config(cfg, data), "train": to_dict(tc), "optimizer": groups,
+                "world_size": ranks.world,
                 "finished": step >= tc.steps, "torch": torch.__version__}
         return ckpt.save(edir, step, model.state_dict(), tensors, meta, tc.keep_last)
 

@@ -32,7 +32,8 @@ class SyntheticClips(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, i = key  # (epoch, index) keys as siren.data's datasets take; no random crop here
         return self.items[i]
 
 
@@ -62,7 +63,8 @@ def synthetic_data(n_train: int = 6, n_val: int = 3, frames: int = 12, seed: int
                    val: bool = True) -> Stage1Data:
     train = DataLoader(SyntheticClips(n_train, frames, seed=seed, ragged=ragged), collate_fn=collate)
     test = DataLoader(SyntheticClips(n_val, frames, seed=seed + 1, ragged=ragged), collate_fn=collate) if val else None
-    return Stage1Data(train, test, random_tables(seed), codec_id="test-random-tables", text_id="test-random-text")
+    return Stage1Data(train, test, random_tables(seed), codec={"id": "test-tables", "weights": "random"},
+                      text={"id": "test-text", "weights": "random"})
 
 
 def tiny_args(run_dir, *extra: str) -> list[str]:

@@ -39,10 +39,12 @@ def test_layout_and_round_trip_bit_identical(trained, tmp_path):
     assert (edir / "latest").read_text().strip() == "step_00000008"
     c = ckpt.load_latest(edir)
     assert c.step == 8 and c.state["finished"] is True and c.state["expert"] == 0
-    assert c.state["codec_id"] == "test-random-tables" and c.state["text_id"] == "test-random-text"
+    assert c.state["codec"] == {"id": "test-tables", "weights": "random"}
+    assert c.state["text"] == {"id": "test-text", "weights": "random"}
     assert c.state["model"]["dim"] == 32 and c.state["train"]["steps"] == 8
     run_cfg = json.loads((trained / "config.json").read_text())
-    assert run_cfg["model"] == c.state["model"]
+    assert run_cfg == {key: c.state[key] for key in ("model", "codec", "text")}
+    assert run_cfg["model"]["codec"] == "test-tables"
 
     # weights: save -> load into a fresh expert -> save again: every tensor bit-identical
     cfg = tiny_config(tmp_path, "model.distribution=6-2").model
@@ -178,7 +180,7 @@ def test_load_assembles_all_experts_and_reports_missing(tmp_path):
     assert not torch.equal(partial.experts[1].heads[0].weight, model.experts[1].heads[0].weight)
 
     # the assembled model computes what the trained experts compute: 12 layers of logits
-    b = next(iter(data.train))
+    b = data.train.collate_fn([data.train.dataset[(0, i)] for i in range(2)])
     logits = model(b["codes"], b["text"], b["text_mask"])
     assert logits.shape == (*b["codes"].shape, 1024)
 
