@@ -132,3 +132,200 @@ def test_dpo_loss_matches_closed_form():
     assert pc.grad.tolist() == pytest.approx([-beta * s / 2 for s in sig], rel=1e-5)
     assert pr.grad.tolist() == pytest.approx([beta * s / 2 for s in sig], rel=1e-5)
     assert stats["dpo_accuracy"].item() == 0.5
+
+
+def test_kl_penalty_enters_the_loss_like_eq10(fixed_batch):
+    rewards, logp, logp_old, mask = fixed_batch
+    adv = obj.group_advantages(rewards)[0].flatten()
+    keep = obj.keep_mask(adv, 0.3)
+    ref = logp_old - 0.2 * torch.rand(logp.shape, generator=torch.Generator().manual_seed(1))
+    plain, _ = obj.grpo_loss(logp, logp_old, adv, mask, keep, 0.2, 0.28)
+    with_kl, _ = obj.grpo_loss(logp, logp_old, adv, mask, keep, 0.2, 0.28, logp_ref=ref, kl_coef=0.5)
+    kl = 0.0
+    for i in keep.nonzero().flatten().tolist():  # k3 per token, averaged like Eq. 10
+        frames = [t for t in range(mask.shape[1]) if mask[i, t]]
+        s = sum(math.exp(ref[i, j, t] - logp[i, j, t]) - (ref[i, j, t] - logp[i, j, t]).item() - 1
+                for t in frames for j in range(logp.shape[1]))
+        kl += s / len(frames) / logp.shape[1]
+    kl /= int(keep.sum())
+    assert with_kl.item() == pytest.approx(plain.item() + 0.5 * kl, rel=1e-5)
+
+
+# ---------------------------------------------------------------- the trainer on tiny models
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from siren import checkpoint as ckpt  # noqa: E402
+from siren.config import ConfigError  # noqa: E402
+from siren.rl import alignment  # noqa: E402
+from siren.rl.reward import CodeMatchReward  # noqa: E402
+from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
+from siren.sample import SampleConfig, generate  # noqa: E402
+from tests.fixtures_rl import PROMPTS, HashedText, make_stage1_run  # noqa: E402
+
+TIME_KEYS = ("time_rollout_s", "time_update_s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are latency-bound: several threads on a shared 2-core box only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    return make_stage1_run(tmp_path_factory.mktemp("stage1") / "run")
+
+
+def run_align(stage1_dir, out, *args, reward=None, prompts=PROMPTS):
+    cfg = alignment.parse([f"run_dir={stage1_dir}", f"out={out}", "batch=2", "group=4", "seconds=0.08",
+                           "device=cpu", "ckpt_every=2", *args])
+    model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
+    reward = reward or CodeMatchReward(0, 0, 256)
+    alignment.prepare_out(cfg, s1, run_cfg, trainable_experts(model.cfg.n_experts, cfg.align, cfg.n),
+                          {"reward_id": reward.id})
+    result = alignment.align(cfg, model, s1, prompts, HashedText(), reward)
+    return result, model
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "rl" / "log.jsonl").read_text().splitlines()]
+
+
+def test_trainable_experts_follow_table7():
+    assert trainable_experts(6, "anti_causal", 1) == [0]
+    assert trainable_experts(6, "anti_causal", 2) == [0, 1]
+    assert trainable_experts(6, "causal", 1) == [5]
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="n="):
+            trainable_experts(6, "anti_causal", bad)
+
+
+def test_teacher_forced_logprobs_see_the_samplers_context(stage1):
+    """Eq. 11's 'same context': greedy rollouts are the argmax of the teacher-forced logits of
+    every expert on those very codes (a context mismatch would change some argmax)."""
+    model, _, _ = alignment.load_stage1(stage1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large weights: logits that depend strongly on the context (no collapse)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    text = HashedText()(PROMPTS[:3])
+    codes = generate(model, text, 5, SampleConfig(temperature=0), seed=0, progress=False)
+    distinct = torch.tensor([[len(codes[b, j].unique()) for j in range(12)] for b in range(3)])
+    assert (distinct > 1).float().mean() > 0.8
+    for e in model.experts:
+        with torch.no_grad():
+            logits = e(codes, text.states, text.mask)
+        assert torch.equal(logits.argmax(-1), codes[:, e.layers.start: e.layers.stop])
+    lp = action_logprobs([model.experts[0]], codes, text.states, text.mask, temperature=0.7)
+    want = torch.log_softmax(model.experts[0](codes, text.states, text.mask).float() / 0.7, -1)
+    torch.testing.assert_close(lp, want.gather(-1, codes[:, :2, :, None]).squeeze(-1))
+
+
+@pytest.mark.parametrize("align,n,layer", [("anti_causal", 1, 0), ("anti_causal", 2, 2), ("causal", 1, 10)])
+def test_only_the_aligned_experts_change(stage1, tmp_path, align, n, layer):
+    before, _, _ = alignment.load_stage1(stage1)
+    out = tmp_path / "out"
+    result, model = run_align(stage1, out, f"align={align}", f"n={n}", "steps=2", "lr=1e-2", "gamma=0",
+                              reward=CodeMatchReward(layer, 0, 256))
+    assert result.status == "finished"
+    trainable = trainable_experts(6, align, n)
+    for k in range(6):
+        old, new = before.experts[k].state_dict(), model.experts[k].state_dict()
+        same = all(torch.equal(old[key], new[key]) for key in old)
+        assert same == (k not in trainable), f"expert {k}"
+        edir = ckpt.expert_dir(out, k)
+        saved = ckpt.load_latest(edir)
+        if k in trainable:  # out/ holds the aligned weights
+            assert saved.step == 2 and saved.state["stage"] == 2
+            assert all(torch.equal(v, new[key]) for key, v in saved.model_state().items())
+        else:  # the stage-1 checkpoint itself, linked
+            src = ckpt.load_latest(ckpt.expert_dir(stage1, k))
+            assert os.path.samefile(saved.path / "model.safetensors", src.path / "model.safetensors")
+
+
+def test_grpo_raises_a_synthetic_code_reward(stage1, tmp_path):
+    """30 steps of Eq. 10 on 'layer-0 code in [0, 256)' (1/4 by chance) lift the mean reward."""
+    out = tmp_path / "out"
+    run_align(stage1, out, "steps=30", "group=8", "seconds=0.12", "lr=1e-2", "gamma=0", "log_kl=true",
+              "ckpt_every=100")
+    log = read_log(out)
+    first = sum(e["reward_mean"] for e in log[:5]) / 5
+    last = sum(e["reward_mean"] for e in log[-5:]) / 5
+    assert first < 0.3 and last > first + 0.12, [round(e["reward_mean"], 3) for e in log]
+    assert log[-1]["kl"] > log[0]["kl"] >= 0  # moving away from the stage-1 policy, and measured
+
+
+def test_every_rollout_filtered_skips_the_update_and_logs_it(stage1, tmp_path):
+    before, _, _ = alignment.load_stage1(stage1)
+    for method in ("grpo", "dpo"):
+        out = tmp_path / method
+        result, model = run_align(stage1, out, f"method={method}", "steps=2", "lr=1e-2",
+                                  reward=CodeMatchReward(0, 0, 1024))  # always 1.0: every group degenerate
+        assert result.status == "finished"
+        log = read_log(out)
+        assert [e["skipped"] for e in log] == [1, 1] and all(e["filtered_frac"] == 1.0 for e in log)
+        assert all(e["degenerate_groups"] == 2 and e["reward_std"] == 0.0 for e in log)
+        assert all(math.isfinite(v) for e in log for v in e.values())
+        assert all(torch.equal(v, before.experts[0].state_dict()[k]) for k, v in model.experts[0].state_dict().items())
+
+
+class SignalAt:
+    """A reward that, at one call, sends this process SIGUSR2 (what SLURM sends before preemption)."""
+
+    def __init__(self, reward, call: int):
+        self.reward, self.call, self.n = reward, call, 0
+        self.needs_audio, self.id, self.weights_label = reward.needs_audio, reward.id, reward.weights_label
+
+    def __call__(self, x, captions):
+        self.n += 1
+        if self.n == self.call:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return self.reward(x, captions)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_preempted_run_resumes_to_the_same_numbers(stage1, tmp_path, method):
+    args = (f"method={method}", "steps=4", "lr=1e-2", "gamma=0", "mu=2", "ckpt_every=10")
+    _, straight = run_align(stage1, tmp_path / "a", *args)
+    result, _ = run_align(stage1, tmp_path / "b", *args, reward=SignalAt(CodeMatchReward(0, 0, 256), call=2))
+    assert result.status == "preempted" and result.step == 2
+    assert json.loads((tmp_path / "b" / "rl" / "state.json").read_text())["step"] == 2
+    result, resumed = run_align(stage1, tmp_path / "b", *args)
+    assert result.status == "finished" and result.step == 4
+    for key, v in straight.experts[0].state_dict().items():
+        assert torch.equal(v, resumed.experts[0].state_dict()[key]), key
+    strip = lambda log: [{k: v for k, v in e.items() if k not in TIME_KEYS} for e in log]  # noqa: E731
+    assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
+
+
+def test_resume_refuses_a_changed_objective(stage1, tmp_path):
+    run_align(stage1, tmp_path / "o", "steps=1")
+    with pytest.raises(ckpt.CheckpointError, match="gamma"):
+        run_align(stage1, tmp_path / "o", "steps=2", "gamma=0.5")
+    result, _ = run_align(stage1, tmp_path / "o", "steps=2")  # steps may grow
+    assert result.step == 2
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="Valid keys:.*eps_u"):
+        alignment.parse(["run_dir=a", "out=b", "eps_up=0.3"])
+    with pytest.raises(ConfigError, match="method"):
+        alignment.parse(["run_dir=a", "out=b", "method=ppo"])
+
+
+def test_imagebind_without_its_package_says_what_to_install():
+    from siren.rl.reward import ImageBindReward
+
+    try:
+        import imagebind  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install"):
+            ImageBindReward()
+    else:
+        pytest.skip("imagebind is installed here")

@@ -31,7 +31,8 @@ class RewardConfig:
     weights: str = "pretrained"  # clap: pretrained | random; imagebind: pretrained | /path/imagebind_huge.pth
     seed: int = 0  # random-init seed for weights=random
     code_layer: int = 0  # code_match: which RVQ layer (0-based) ...
-    code_value: int = 0  # ... must equal which code
+    code_value: int = 0  # ... must lie in [code_value, code_value + code_width)
+    code_width: int = 1
 
 
 class ClapReward:
@@ -103,16 +104,18 @@ class ImageBindReward:
 
 
 class CodeMatchReward:
-    """Tests only: the fraction of frames whose layer-``layer`` code equals ``value``."""
+    """Tests only: the fraction of frames whose layer-``layer`` code lies in [value, value + width)
+    (width 1: equals ``value``; a wider target gives an untrained policy some reward to start from)."""
     needs_audio = False
     weights_label = "synthetic"
 
-    def __init__(self, layer: int = 0, value: int = 0):
-        self.layer, self.value = layer, value
-        self.id = f"code-match-l{layer}-v{value}"
+    def __init__(self, layer: int = 0, value: int = 0, width: int = 1):
+        self.layer, self.value, self.width = layer, value, width
+        self.id = f"code-match-l{layer}-v{value}-w{width}"
 
     def __call__(self, codes: Tensor, captions: list[str]) -> Tensor:
-        return (codes[:, self.layer] == self.value).float().mean(dim=-1)
+        c = codes[:, self.layer]
+        return ((c >= self.value) & (c < self.value + self.width)).float().mean(dim=-1)
 
 
 def build_reward(cfg: RewardConfig, device: str | torch.device = "cpu", clap=None):
@@ -124,5 +127,5 @@ def build_reward(cfg: RewardConfig, device: str | torch.device = "cpu", clap=Non
     if cfg.name == "imagebind":
         return ImageBindReward(cfg.weights, device)
     if cfg.name == "code_match":
-        return CodeMatchReward(cfg.code_layer, cfg.code_value)
+        return CodeMatchReward(cfg.code_layer, cfg.code_value, cfg.code_width)
     raise ValueError(f"unknown reward.name '{cfg.name}'; valid: clap, imagebind, code_match")
