@@ -134,8 +134,12 @@ class AlignConfig:
         return max(1, round(self.seconds * FRAME_RATE))
 
 
+# ``reward=NAME`` selects a reward model (reward.name=NAME plus its own keys, e.g. reward.weights).
+PRESETS = {"reward": {name: {"reward.name": name} for name in ("clap", "imagebind", "code_match")}}
+
+
 def parse(args: Sequence[str]) -> AlignConfig:
-    cfg = load_config(AlignConfig, args)
+    cfg = load_config(AlignConfig, args, presets=PRESETS)
     for key in ("run_dir", "out"):
         if not getattr(cfg, key):
             raise ConfigError(f"{key}= is required (python -m siren.rl run_dir=RUN out=NEW_RUN prompts=FILE ...)")
