@@ -92,16 +92,16 @@ SCALES: dict[str, dict[str, Any]] = {
     "single-3.3b": dict(distribution="1-12", dim=2048, main_layers=46, decoder_layers=8, attn_heads=16),
 }
 
-# Parameter totals the paper states for a preset, and where (printed next to ours).
-PAPER_TOTALS: dict[str, tuple[float, str]] = {
-    "isolated-1.6b": (1632e6, "Table 2"),
-    "isolated-3.1b": (3084e6, "Table 2"),
-    "isolated-1.6b-2-6": (1.6e9, "Table 6 (2 x 800M)"),
-    "isolated-1.6b-4-3": (1.6e9, "Table 6 (4 x 400M)"),
-    "isolated-1.6b-12-1": (1.68e9, "Table 6 (12 x 140M)"),
-    "single-530m": (530e6, "Table 3"),
-    "single-1.6b": (1.6e9, "Table 3 / Table 6 1-12"),
-    "single-3.3b": (3.3e9, "Table 3"),
+# Sizes the paper states for a preset: (parameters, "total" or "per expert", where).
+PAPER_SIZES: dict[str, tuple[float, str, str]] = {
+    "isolated-1.6b": (1632e6, "total", "Table 2"),
+    "isolated-3.1b": (3084e6, "total", "Table 2"),
+    "isolated-1.6b-2-6": (800e6, "per expert", "Table 6"),
+    "isolated-1.6b-4-3": (400e6, "per expert", "Table 6"),
+    "isolated-1.6b-12-1": (140e6, "per expert", "Table 6"),
+    "single-530m": (530e6, "total", "Table 3"),
+    "single-1.6b": (1.6e9, "total", "Table 3, Table 6 1-12"),
+    "single-3.3b": (3.3e9, "total", "Table 3"),
 }
 
 
