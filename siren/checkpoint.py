@@ -1,15 +1,15 @@
 """Stage-1 checkpoints: one directory per expert, safetensors + JSON, written atomically.
 
     run_dir/
-      config.json                  what every expert of the run shares: model config, codec id,
-                                   text encoder id (written by the first expert to start)
+      config.json                  what every expert of the run shares: model config, codec and
+                                   text encoder ({id, weights}) (written by the first expert to start)
       expert_<k>/
         latest                     name of the newest complete checkpoint, e.g. "step_00001000"
         step_00001000/
           model.safetensors        the expert's weights (state_dict)
           trainer.safetensors      optimizer state tensors, RNG states (uint8)
           state.json               step, data position, optimizer scalars, model/train config,
-                                   codec id, text encoder id, expert index, finished flag
+                                   codec, text encoder, expert index, finished flag
         log.jsonl, tb/             training log (siren.train)
 
 A checkpoint directory is built under a temporary name and renamed into place, then
@@ -32,6 +32,7 @@ import torch
 from siren import io
 
 FORMAT_VERSION = 1
+RUN_KEYS = ("model", "codec", "text")  # what every expert of a run shares (run_dir/config.json)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -62,7 +63,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
-    """Keys (dotted) whose values differ, as 'key=saved' / 'key=current' pairs, ignoring prefixes in ``ignore``."""
+    """(dotted key, saved value, current value) for every key that differs, except under ``ignore``."""
     a, b = flatten(saved), flatten(current)
     out = []
     for key in sorted(set(a) | set(b)):
@@ -144,6 +145,19 @@ class Checkpoint:
         return read_tensors(self.path / "trainer.safetensors")
 
 
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """load_state_dict, with an error naming the file and the first mismatching tensors."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    bad = sorted(n for n in set(own) & set(tensors) if own[n].shape != tensors[n].shape)
+    if missing or extra or bad:
+        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {extra[:5]}"] if extra else []) + \
+                ([f"{n} is {tuple(tensors[n].shape)} in the file, {tuple(own[n].shape)} in the model"
+                  for n in bad[:5]])
+        raise CheckpointError(f"{where} does not fit this model: " + "; ".join(parts))
+    module.load_state_dict(tensors)
+
+
 def load_latest(edir: Path) -> Checkpoint | None:
     path = latest(edir)
     return Checkpoint(path) if path else None
@@ -206,3 +220,45 @@ def write_run_config(run_dir: Path, run_config: Mapping[str, Any]) -> None:
             os.unlink(tmp)
     check_config(read_json(path), json.loads(json.dumps(run_config)), f"run directory {run_dir} (config.json)",
                  fix="Experts of one run must share the model, codec and text encoder: use another run_dir.")
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory: {path} is missing "
+                              f"(python -m siren.train run_dir={run_dir} expert=K ... writes it)")
+    return read_json(path)
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", allow_unfinished: bool = False):
+    """The K trained experts of ``run_dir`` assembled into a ``CollaborativeModel`` (eval mode).
+
+    Raises one error listing every expert that is missing, unfinished (its latest checkpoint is
+    before train.steps; ``allow_unfinished=True`` takes it anyway) or built for another model."""
+    from siren.config import from_dict
+    from siren.model import CollaborativeModel, ModelConfig
+
+    run_dir = Path(run_dir)
+    shared = read_run_config(run_dir)
+    cfg = from_dict(ModelConfig, shared["model"], f"{run_dir / 'config.json'}: model")
+    found, problems = {}, []
+    for k in range(cfg.n_experts):
+        edir = expert_dir(run_dir, k)
+        c = load_latest(edir) if edir.is_dir() else None
+        if c is None:
+            problems.append(f"expert {k}: missing (no checkpoint in {edir})")
+            continue
+        diff = config_diff({key: shared[key] for key in RUN_KEYS}, {key: c.state[key] for key in RUN_KEYS})
+        if diff:
+            problems.append(f"expert {k}: {c.path} was trained for another model: "
+                            + ", ".join(f"{key}={b!r} (run config.json: {a!r})" for key, a, b in diff))
+        elif not c.state["finished"] and not allow_unfinished:
+            problems.append(f"expert {k}: unfinished, latest checkpoint {c.path.name} is step {c.step} of "
+                            f"{c.state['train']['steps']} (resume its training, or pass allow_unfinished=True)")
+        found[k] = c
+    if problems:
+        raise CheckpointError(f"cannot assemble {cfg.distribution} model from {run_dir}:\n  " + "\n  ".join(problems))
+    model = CollaborativeModel(cfg)  # zero code tables: every expert's checkpoint holds them
+    for k, c in found.items():
+        load_weights(model.experts[k], c.model_state(), c.path / "model.safetensors")
+    return model.to(device).eval()

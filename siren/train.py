@@ -16,6 +16,7 @@ resumes from ``run_dir/expert_<k>/latest`` and reproduces the uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from siren import checkpoint as ckpt
 from siren.codec import CodecConfig, CodeTables
 from siren.config import ConfigError, load_config, to_dict
-from siren.model import Expert
+from siren.model import Expert, ExpertLoss
 from siren.model.config import ModelConfig, presets
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later" -> the launcher requeues
@@ -72,8 +73,8 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"train.warmup_steps must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass
@@ -88,20 +89,25 @@ class Stage1Config:
 
 def parse(args: list[str]) -> Stage1Config:
     cfg = load_config(Stage1Config, args, presets=presets("model."))
-    cfg.model.expert_layers(cfg.expert)  # IndexError naming the distribution when k is out of range
+    if not 0 <= cfg.expert < cfg.model.n_experts:
+        raise ConfigError(f"expert={cfg.expert} does not exist in model.distribution={cfg.model.distribution} "
+                          f"(experts 0..{cfg.model.n_experts - 1})")
     return cfg
 
 
 # ---------------------------------------------------------------------------- optimisation
 
+NO_DECAY = ("bias", "sos", "pos")  # biases (the code embeddings' [12, d] too), sos vectors, learned positions
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only; none on norms, biases, the sos vector."""
+    """AdamW groups: weight decay on weight matrices only; none on norms, biases, sos, positions."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        (decay if p.ndim >= 2 and leaf not in ("bias", "sos") else no_decay).append(p)
+        (decay if p.ndim >= 2 and leaf not in NO_DECAY else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -115,16 +121,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ---------------------------------------------------------------------------- data order
 
-class EpochBatches(Sampler[list[int]]):
-    """Batches of one epoch: a permutation seeded by (seed, epoch), cut into global batches of
-    ``batch_size * world`` (rank r takes its slice of each), the first ``skip`` examples left out.
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of one epoch as dataset keys (epoch, index): a permutation seeded by (seed, epoch),
+    cut into global batches of ``batch_size * world`` (rank r takes its slice of each), the first
+    ``skip`` examples left out. The dataset draws an item's random crop from (seed, epoch, index).
 
     A resumed job rebuilds the epoch from (seed, epoch) and skips what was consumed, so it
-    sees exactly the batches the uninterrupted job would have seen."""
+    sees exactly the batches (and crops) the uninterrupted job would have seen. Unlike
+    siren.data's loader order, this one is split across DDP processes."""
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
                  rank: int = 0, world: int = 1, skip: int = 0, drop_last: bool = True):
         self.n, self.batch_size, self.rank, self.world, self.skip = n, batch_size, rank, world, skip
+        self.epoch = epoch
         self.drop_last = drop_last
         if shuffle:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -132,14 +141,14 @@ class EpochBatches(Sampler[list[int]]):
         else:
             self.order = list(range(n))
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.batch_size * self.world
         for start in range(self.skip, self.n, step):
             if self.drop_last and start + step > self.n:
                 return
             part = self.order[start: start + step][self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
             if part:
-                yield part
+                yield [(self.epoch, i) for i in part]
 
     def __len__(self) -> int:
         step = self.batch_size * self.world
@@ -156,38 +165,39 @@ def _loader(source: DataLoader, sampler: EpochBatches, num_workers: int) -> Data
                       persistent_workers=False)
 
 
-def _set_epoch(dataset: Any, epoch: int) -> None:
-    """Datasets with random crops draw them from (seed, epoch, index): tell them the epoch."""
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-
-
 @dataclass
 class Stage1Data:
-    """What a stage-1 job reads: train/test loaders (map-style datasets), the codec's frozen
-    code tables for the embeddings, and the ids of the codec and text encoder the data was made with."""
+    """What a stage-1 job reads: train/test loaders (map-style datasets indexed by (epoch, index)),
+    the codec's frozen code tables for the embeddings, and the provenance of the codec and text
+    encoder the data was made with ({"id": ..., "weights": "pretrained" | "random"})."""
     train: DataLoader
     val: DataLoader | None
     tables: CodeTables
-    codec_id: str
-    text_id: str
+    codec: dict
+    text: dict
 
     @classmethod
     def from_prepared(cls, cfg: Stage1Config) -> "Stage1Data":
         from siren.codec import Codec
-        from siren.data import make_loader
+        from siren.data import DataError, make_loader
 
         crop = cfg.train.crop_s or None
         train = make_loader(cfg.data_dir, split="train", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=True,
-                            seed=cfg.train.seed, num_workers=0)
-        val = make_loader(cfg.data_dir, split="test", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=False,
-                          seed=cfg.train.seed, num_workers=0)
+                            seed=cfg.train.seed)
+        try:
+            val = make_loader(cfg.data_dir, split="test", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=False,
+                              seed=cfg.train.seed)
+        except DataError as e:
+            print(f"[siren.train] warning: no validation: {e}", file=sys.stderr)
+            val = None
+        info = train.dataset.info
         codec = Codec(cfg.codec)
-        ids = getattr(train.dataset, "ids", {})  # provenance of the prepared shards, when the dataset tells it
-        if ids.get("codec") and ids["codec"] != codec.id:
-            raise ConfigError(f"{cfg.data_dir} was prepared with codec {ids['codec']}, this config builds {codec.id} "
-                              f"(codec.weights={cfg.codec.weights}); prepare again or set codec.weights to match")
-        return cls(train, val, codec.code_tables(), codec.id, ids.get("text", "unknown"))
+        if info["codec"]["id"] != codec.id:
+            raise ConfigError(f"{cfg.data_dir} was prepared with codec {info['codec']['id']}, this config builds "
+                              f"{codec.id} (codec.weights={cfg.codec.weights}); set codec.weights to the prepared "
+                              f"one or prepare again")
+        return cls(train, val, codec.code_tables(), {"id": codec.id, "weights": codec.weights_label},
+                   {"id": info["text"]["id"], "weights": info["text"]["weights"]})
 
 
 # ---------------------------------------------------------------------------- processes, devices, signals
@@ -326,20 +336,21 @@ class Stats:
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, out, frames: torch.Tensor, weight: torch.Tensor) -> None:
+    def add(self, out: ExpertLoss, weight: float) -> None:
         vals = {"loss": out.loss.detach()}
-        for j, ce in out.ce.items():
-            vals[f"ce/L{j + 1}"] = ce.detach()  # paper numbering: layers 1..12
-            vals[f"acc/L{j + 1}"] = out.acc[j].detach()
+        for i, j in enumerate(out.layers):
+            vals[f"ce/L{j + 1}"] = out.ce[i]  # paper numbering: RVQ layers 1..12
+            vals[f"acc/L{j + 1}"] = out.acc[i]
         for k, v in vals.items():
             self.sums[k] = self.sums.get(k, 0) + v.float() * weight
-        self.sums["_w"] = self.sums.get("_w", 0) + weight.float()
-        self.sums["_frames"] = self.sums.get("_frames", 0) + frames.float()
+        self.sums["_w"] = self.sums.get("_w", 0) + weight
+        self.sums["_frames"] = self.sums.get("_frames", 0) + out.frames
 
     def reduce(self, ranks: Dist) -> dict[str, float]:
         """Weighted means across batches and processes; '_frames' stays a total."""
         keys = sorted(self.sums)
-        vec = torch.stack([torch.as_tensor(self.sums[k]).float() for k in keys])
+        device = next((v.device for v in self.sums.values() if torch.is_tensor(v)), torch.device("cpu"))
+        vec = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in keys])
         if ranks.world > 1:
             dist.all_reduce(vec)
         tot = dict(zip(keys, vec.tolist()))
@@ -348,8 +359,19 @@ class Stats:
         return {**{k: v / w for k, v in tot.items()}, "_frames": frames}
 
 
+class LossOf(torch.nn.Module):
+    """``forward(batch) = expert.loss(batch)``: DDP synchronises gradients only through forward."""
+
+    def __init__(self, expert: Expert):
+        super().__init__()
+        self.expert = expert
+
+    def forward(self, batch: dict) -> ExpertLoss:
+        return self.expert.loss(batch)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: TrainConfig, device: torch.device,
+def evaluate(model: Expert, loader: DataLoader, cfg: TrainConfig, device: torch.device,
              ranks: Dist) -> dict[str, float]:
     """Loss and per-layer CE/accuracy on the test split, weighted by real frames (so batch size does not matter)."""
     n = len(loader.dataset)
@@ -361,14 +383,12 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: TrainConfig, devic
     for i, batch in enumerate(_loader(loader, sampler, cfg.num_workers)):
         if cfg.val_batches and i >= cfg.val_batches:
             break
-        batch = _to_device(batch, device)
         with autocast(cfg, device):
-            out = model(batch)
-        frames = batch["frame_mask"].sum()
-        stats.add(out, frames, frames)
+            out = model.loss(_to_device(batch, device))
+        stats.add(out, out.frames)
     model.train(was_training)
     if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
-        stats.sums = {"_w": torch.zeros(()), "_frames": torch.zeros(())}
+        stats.sums = {"_w": 0.0, "_frames": 0.0}
     return stats.reduce(ranks)
 
 
@@ -429,7 +449,31 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 def run_config(cfg: Stage1Config, data: Stage1Data) -> dict:
     """What every expert of a run shares: run_dir/config.json."""
-    return {"model": to_dict(cfg.model), "codec_id": data.codec_id, "text_id": data.text_id}
+    return {"model": to_dict(cfg.model), "codec": data.codec, "text": data.text}
+
+
+def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config) -> None:
+    """The checkpoint must be of this expert of this model, trained with this train config
+    (bookkeeping keys aside); the error names every differing key."""
+    where = f"checkpoint {last.path}"
+    ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
+                      {"model": to_dict(cfg.model), "expert": cfg.expert}, where,
+                      fix="Use another run_dir, or set these keys back.")
+    ckpt.check_config({"train": last.state["train"]}, {"train": to_dict(cfg.train)}, where,
+                      ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
+                      fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
+
+
+def resume(last: ckpt.Checkpoint, model: Expert, opt: torch.optim.Optimizer, ranks: Dist, device: torch.device,
+           seed: int) -> dict:
+    """Weights, optimizer, RNG from ``last``; returns the step / data position to continue from."""
+    ckpt.load_weights(model, last.model_state(), last.path / "model.safetensors")
+    trainer = last.trainer_state()
+    _load_optimizer(opt, trainer, last.state["optimizer"]["param_groups"], last.path)
+    _restore_rng(trainer, ranks, device, seed, last.step)
+    if ranks.main:
+        print(f"[siren.train] resuming expert {last.state['expert']} from {last.path}", file=sys.stderr)
+    return {key: int(last.state[key]) for key in ("step", "epoch", "examples_in_epoch")}
 
 
 def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: bool = True) -> TrainResult:
@@ -440,13 +484,12 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     if device.type == "cuda":
         torch.cuda.set_device(device)
     data = data or Stage1Data.from_prepared(cfg)
-    if cfg.model.codec and cfg.model.codec != data.codec_id:
-        raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec {data.codec_id}")
-    cfg.model.codec = data.codec_id
+    if cfg.model.codec and cfg.model.codec != data.codec["id"]:
+        raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec "
+                          f"{data.codec['id']}")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=data.codec["id"]))
     run_dir, k = Path(cfg.run_dir), cfg.expert
     edir = ckpt.expert_dir(run_dir, k)
-    if ranks.main:
-        ckpt.write_run_config(run_dir, run_config(cfg, data))
 
     torch.manual_seed(tc.seed * 1_000_003 + ranks.rank * 7919)  # same init on every rank: broadcast by DDP anyway
     model = Expert(cfg.model, k, data.tables).to(device)
@@ -455,29 +498,22 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     state = {"step": 0, "epoch": 0, "examples_in_epoch": 0}
     last = ckpt.load_latest(edir)
     if last is not None:
-        saved = last.state
-        where = f"checkpoint {last.path}"
-        ckpt.check_config({"model": saved["model"], "expert": saved["expert"]},
-                          {"model": to_dict(cfg.model), "expert": k}, where,
-                          fix="Use another run_dir, or set these keys back.")
-        ckpt.check_config({"train": saved["train"]}, {"train": to_dict(tc)}, where,
-                          ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
-                          fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
-        _load_weights(model, last.model_state(), last.path)
-        trainer = last.trainer_state()
-        _load_optimizer(opt, trainer, saved["optimizer"]["param_groups"], last.path)
-        _restore_rng(trainer, ranks, device, tc.seed, last.step)
-        state = {key: int(saved[key]) for key in state}
-        if ranks.main:
-            print(f"[siren.train] resuming expert {k} from {last.path} (step {last.step})", file=sys.stderr)
+        check_resumable(last, cfg)
+    if ranks.main:  # after the expert's own checkpoint check: its error is the more specific one
+        ckpt.write_run_config(run_dir, run_config(cfg, data))
+    if last is not None and last.step >= tc.steps:
+        return TrainResult("finished", last.step, last.path)  # a re-submitted finished job: nothing to do
+    if last is not None:
+        state = resume(last, model, opt, ranks, device, tc.seed)
     start = state["step"]
-    if start >= tc.steps:
-        return TrainResult("finished", start, last.path if last else None)
+    if tc.warmup_steps >= tc.steps and ranks.main:
+        print(f"[siren.train] warning: train.warmup_steps={tc.warmup_steps} >= train.steps={tc.steps}: the learning "
+              f"rate only ramps up (peak {lr_at(tc.steps - 1, tc):.2e})", file=sys.stderr)
 
-    net = model
+    net = LossOf(model)
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None)
     log = RunLog(edir, start, ranks.main)
     stop = StopRequest()
     if handle_signals:
@@ -492,7 +528,6 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     def batches() -> Iterator[dict]:
         while True:
             epoch, skip = state["epoch"], state["examples_in_epoch"]
-            _set_epoch(data.train.dataset, epoch)
             sampler = EpochBatches(n_train, tc.batch_size, tc.seed, epoch, rank=ranks.rank, world=ranks.world,
                                    skip=skip)
             for batch in _loader(data.train, sampler, tc.num_workers):
@@ -505,8 +540,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         tensors.update(_rng_tensors(ranks, device))
         if not ranks.main:
             return None
-        meta = {**state, "expert": k, "model": to_dict(cfg.model), "train": to_dict(tc), "codec_id": data.codec_id,
-                "text_id": data.text_id, "optimizer": groups, "world_size": ranks.world,
+        meta = {**state, "expert": k, **run_config(cfg, data), "train": to_dict(tc), "optimizer": groups,
+                "world_size": ranks.world,
                 "finished": step >= tc.steps, "torch": torch.__version__}
         return ckpt.save(edir, step, model.state_dict(), tensors, meta, tc.keep_last)
 
@@ -514,7 +549,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
 
     bar = tqdm(total=tc.steps, initial=start, desc=f"expert {k}", disable=not ranks.main, dynamic_ncols=True)
     stream = batches()
-    stats, t0, last_ckpt, result = Stats(), time.perf_counter(), None, None
+    stats, last_ckpt, result = Stats(), None, None
+    t0, paused = time.perf_counter(), 0.0  # tokens/s counts training time only (not validation, checkpoints)
     try:
         model.train()
         for step in range(start, tc.steps):
@@ -527,8 +563,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
                 with (contextlib.nullcontext() if sync else net.no_sync()), autocast(tc, device):
                     out = net(batch)
                 (out.loss / tc.grad_accum).backward()
-                stats.add(out, batch["frame_mask"].sum(), torch.ones((), device=device))
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else 1e30)
+                stats.add(out, 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = done = step + 1
@@ -536,20 +572,21 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
 
             if done % tc.log_every == 0 or done == tc.steps:
                 means = stats.reduce(ranks)
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0 - paused
                 entry = {"step": done, "lr": lr, **{k_: v for k_, v in means.items() if k_ != "_frames"},
                          "grad_norm": float(grad_norm), "tokens/s": means["_frames"] / dt}
                 log.write(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.3f}")
-                stats, t0 = Stats(), time.perf_counter()
+                stats, t0, paused = Stats(), time.perf_counter(), 0.0
+            t1 = time.perf_counter()
             if data.val is not None and ((tc.val_every and done % tc.val_every == 0) or done == tc.steps):
-                means = evaluate(net, data.val, tc, device, ranks)
+                means = evaluate(model, data.val, tc, device, ranks)
                 log.write({"step": done, "val": True, **{k_: v for k_, v in means.items() if k_ != "_frames"},
                            "frames": means["_frames"]})
-                t0 = time.perf_counter()
             stopping = _any_rank(stop.signum is not None, ranks, device)
             if stopping or done % tc.ckpt_every == 0 or done == tc.steps:
                 last_ckpt = save(done) or last_ckpt
+            paused += time.perf_counter() - t1
             if stopping:
                 result = TrainResult("preempted", done, last_ckpt)
                 break
@@ -574,22 +611,10 @@ def _any_rank(flag: bool, ranks: Dist, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
-    own = model.state_dict()
-    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    bad = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or extra or bad:
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
-                 "shape differs for " + ", ".join(f"{k} {tuple(tensors[k].shape)} vs {tuple(own[k].shape)}"
-                                                  for k in bad[:5]) if bad else ""]
-        raise ckpt.CheckpointError(f"{where}/model.safetensors does not fit this model: "
-                                   + "; ".join(p for p in parts if p))
-    model.load_state_dict(tensors)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, data: Stage1Data | None = None) -> int:
+    """CLI entry: 0 when the expert is trained, EXIT_PREEMPTED when a signal stopped it (checkpoint written)."""
     cfg = parse(sys.argv[1:] if argv is None else argv)
-    result = train(cfg)
+    result = train(cfg, data)
     if dist.is_initialized():
         dist.destroy_process_group()
     if result.status == "preempted":
