@@ -29,15 +29,16 @@ def random_tables(seed: int = 0) -> CodeTables:
 def make_stage1_run(run_dir: Path, distribution: str = "6-2", seed: int = 0, tables: CodeTables | None = None,
                     codec_id: str = "test-random-tables", text_id: str = "test-hashed-text",
                     step: int = 10) -> Path:
-    """A stage-1 run of randomly initialised experts (the format siren.train writes)."""
+    """A finished stage-1 run of randomly initialised experts, in the format siren.train writes."""
     cfg = tiny_model_config(distribution, codec_id)
     torch.manual_seed(seed)
     model = CollaborativeModel(cfg, tables if tables is not None else random_tables(seed))
-    ckpt.write_run_config(run_dir, {"model": to_dict(cfg), "codec_id": codec_id, "text_id": text_id})
+    shared = {"model": to_dict(cfg), "codec": {"id": codec_id, "weights": "random"},
+              "text": {"id": text_id, "weights": "random"}}
+    ckpt.write_run_config(run_dir, shared)
     for k, e in enumerate(model.experts):
         ckpt.save(ckpt.expert_dir(run_dir, k), step, e.state_dict(), {},
-                  {"expert": k, "model": to_dict(cfg), "codec_id": codec_id, "text_id": text_id,
-                   "finished": True}, keep_last=1)
+                  {**shared, "expert": k, "train": {"steps": step}, "finished": True}, keep_last=1)
     return run_dir
 
 

@@ -329,3 +329,54 @@ def test_imagebind_without_its_package_says_what_to_install():
             ImageBindReward()
     else:
         pytest.skip("imagebind is installed here")
+
+
+def test_aligned_run_directory_loads_like_a_stage1_run(stage1, tmp_path):
+    import siren
+
+    out = tmp_path / "out"
+    _, model = run_align(stage1, out, "steps=2", "lr=1e-2", "gamma=0")
+    loaded = siren.load(out)
+    for k in range(6):
+        for key, v in loaded.experts[k].state_dict().items():
+            assert torch.equal(v, model.experts[k].state_dict()[key]), (k, key)
+    meta = json.loads((out / "alignment.json").read_text())
+    assert meta["trainable_experts"] == [0] and meta["source_run"] == str(stage1.resolve())
+
+
+def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
+    """python -m siren.rl at demo scale: random DAC decodes the rollouts, random CLAP scores them."""
+    import subprocess
+    import sys
+
+    import siren
+    from siren.codec import Codec, CodecConfig
+    from siren.text import TextConfig, TextEncoder
+
+    codec = Codec(CodecConfig(weights="random"))
+    text = TextEncoder(TextConfig(weights="random"))  # ~20 s on a busy CPU: built once, passed to main
+    text_id = text.id
+    run = make_stage1_run(tmp_path / "s1", tables=codec.code_tables(), codec_id=codec.id, text_id=text_id)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,audio,caption\na,a.wav,a dog barks\nb,b.wav,rain on a tin roof\nc,c.wav,a bell rings\n")
+    out = tmp_path / "aligned"
+    args = [f"run_dir={run}", f"out={out}", f"prompts={prompts}", "align=anti_causal", "n=1", "method=grpo",
+            "steps=2", "batch=2", "group=2", "seconds=0.1", "lr=1e-3", "device=cpu", "ckpt_every=1",
+            "reward=clap", "reward.weights=random", "codec.weights=random", "text.weights=random"]
+    assert alignment.main(args, clap=text.clap) == 0
+    log = read_log(out)
+    assert [e["step"] for e in log] == [1, 2]
+    assert all(-1 <= e["reward_min"] <= e["reward_max"] <= 1 for e in log)
+    meta = json.loads((out / "alignment.json").read_text())
+    assert meta["weights_labels"] == {"reward": "random", "text": "random", "codec": "random"}
+    assert meta["codec_id"] == codec.id and meta["text_id"] == text_id
+    aligned, base = siren.load(out), siren.load(run)
+    assert not torch.equal(aligned.experts[0].heads[0].weight, base.experts[0].heads[0].weight)
+    assert all(torch.equal(a, b) for k in range(1, 6) for a, b in
+               zip(aligned.experts[k].state_dict().values(), base.experts[k].state_dict().values()))
+    # a stage-1 run made with another codec is refused, naming the key to fix
+    with pytest.raises(ConfigError, match="codec.weights"):
+        alignment.main([a.replace(str(out), str(tmp_path / "x")) for a in args] + ["codec.seed=1"], clap=text.clap)
+    bad = subprocess.run([sys.executable, "-m", "siren.rl", f"run_dir={run}", f"out={out}", "gamme=0"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert bad.returncode == 2 and "Did you mean gamma" in bad.stderr and "Valid keys" in bad.stderr

@@ -47,11 +47,12 @@ from siren import checkpoint as ckpt
 from siren import io
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import ConfigError, load_config, to_dict
-from siren.model import CollaborativeModel, Expert, ModelConfig
+from siren.model import CollaborativeModel, Expert
 from siren.rl import objective as obj
 from siren.rl.reward import RewardConfig
 from siren.rl.rollout import Rollouts, action_logprobs, collect, trainable_experts
 from siren.sample import SampleConfig
+from siren.text import TextConfig
 from siren.train import EXIT_PREEMPTED, RunLog, StopRequest, param_groups
 
 METHODS = ("grpo", "dpo")
@@ -59,13 +60,6 @@ METHODS = ("grpo", "dpo")
 # taken (steps extends or shortens the run; the rest is bookkeeping or memory).
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_last", "device", "micro_batch", "decode_batch",
                      "link")
-
-
-@dataclass
-class TextSource:
-    """The frozen text encoder the stage-1 run was trained with (siren.text.TextConfig)."""
-    weights: str = "pretrained"  # pretrained | random | /path/to/laion-clap.pt
-    seed: int = 0
 
 
 @dataclass
@@ -105,7 +99,7 @@ class AlignConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
-    text: TextSource = field(default_factory=TextSource)
+    text: TextConfig = field(default_factory=TextConfig)  # the stage-1 run's frozen text encoder
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -190,21 +184,14 @@ def prompt_batch(prompts: Sequence[str], step: int, batch: int, seed: int) -> li
 
 # ---------------------------------------------------------------------------- stage-1 run
 
-def load_stage1(run_dir: str | os.PathLike) -> tuple[CollaborativeModel, list[ckpt.Checkpoint], dict]:
-    """The stage-1 model, each expert's latest checkpoint and run_dir/config.json."""
-    run_dir = Path(run_dir)
-    run_cfg = ckpt.read_json(run_dir / "config.json")
-    mcfg = ModelConfig(**run_cfg["model"])
-    model = CollaborativeModel(mcfg)
-    found = []
-    for k in range(mcfg.n_experts):
-        last = ckpt.load_latest(ckpt.expert_dir(run_dir, k))
-        if last is None:
-            raise ckpt.CheckpointError(f"{ckpt.expert_dir(run_dir, k)} has no checkpoint: stage 1 of expert {k} "
-                                       f"has not run (python -m siren.train run_dir={run_dir} expert={k} ...)")
-        model.experts[k].load_state_dict(last.model_state())
-        found.append(last)
-    return model, found, run_cfg
+def load_stage1(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
+                ) -> tuple[CollaborativeModel, list[ckpt.Checkpoint], dict]:
+    """The finished stage-1 model (``siren.load``), each expert's checkpoint and run_dir/config.json."""
+    from siren import load
+
+    model = load(run_dir, device)
+    stage1 = [ckpt.load_latest(ckpt.expert_dir(run_dir, k)) for k in range(model.cfg.n_experts)]
+    return model, stage1, ckpt.read_run_config(run_dir)
 
 
 def _link_tree(src: Path, dest: Path, how: str) -> None:
@@ -485,36 +472,43 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: 0 when finished, EXIT_PREEMPTED (75) when a signal stopped it after a checkpoint."""
+def _check_same(run_cfg: dict, what: str, built: str, how: str, cfg: AlignConfig) -> None:
+    """The rollouts must use the codec / text encoder the stage-1 experts were trained with."""
+    want = (run_cfg.get(what) or {}).get("id")
+    if want != built:
+        raise ConfigError(f"{cfg.run_dir} was trained with {what} {want}; {how} builds {built}. "
+                          f"Set {what}.* to the stage-1 run's ({(run_cfg.get(what) or {}).get('weights')} weights).")
+
+
+def main(argv: Sequence[str] | None = None, clap=None) -> int:
+    """CLI entry: 0 when finished, EXIT_PREEMPTED (75) when a signal stopped it after a checkpoint.
+
+    ``clap``: an already built ``siren.clap.Clap`` with the text encoder's weights, to reuse
+    (a driver running several alignments in one process builds it once)."""
     cfg = parse(sys.argv[1:] if argv is None else argv)
     if not cfg.prompts:
         raise ConfigError("prompts= is required: a .txt/.csv/.jsonl of captions (the paper: the top 1k pairs by "
                           "CLAP score)")
     prompts = read_prompts(cfg.prompts)
     device = _device(cfg.device)
-    model, stage1, run_cfg = load_stage1(cfg.run_dir)
-    model.to(device)
+    model, stage1, run_cfg = load_stage1(cfg.run_dir, device)
 
     from siren.clap import Clap, ClapConfig
-    from siren.text import TextConfig, TextEncoder
+    from siren.codec import Codec
+    from siren.text import TextEncoder
 
     from siren.rl.reward import build_reward
 
-    text_encoder = TextEncoder(TextConfig(weights=cfg.text.weights, seed=cfg.text.seed),
-                               clap=Clap(ClapConfig(weights=cfg.text.weights, seed=cfg.text.seed)).to(device))
-    if run_cfg.get("text_id") and text_encoder.id != run_cfg["text_id"]:
-        raise ConfigError(f"{cfg.run_dir} was trained with text encoder {run_cfg['text_id']}; text.weights="
-                          f"{cfg.text.weights} text.seed={cfg.text.seed} builds {text_encoder.id}. Set text.* to match.")
-    reward = build_reward(cfg.reward, device, clap=text_encoder.clap)
     codec = None
-    if reward.needs_audio:
-        from siren.codec import Codec
-
+    if cfg.reward.name != "code_match":  # rewards on audio: decode with the stage-1 run's codec
         codec = Codec(cfg.codec).to(device)
-        if run_cfg.get("codec_id") and codec.id != run_cfg["codec_id"]:
-            raise ConfigError(f"{cfg.run_dir} was trained with codec {run_cfg['codec_id']}; codec.weights="
-                              f"{cfg.codec.weights} builds {codec.id}. Set codec.weights (and codec.seed) to match.")
+        _check_same(run_cfg, "codec", codec.id, f"codec.weights={cfg.codec.weights} codec.seed={cfg.codec.seed}", cfg)
+    clap = clap if clap is not None else Clap(ClapConfig(weights=cfg.text.weights, seed=cfg.text.seed))
+    text_encoder = TextEncoder(cfg.text, clap=clap.to(device))
+    _check_same(run_cfg, "text", text_encoder.id, f"text.weights={cfg.text.weights} text.seed={cfg.text.seed}", cfg)
+    reward = build_reward(cfg.reward, device, clap=text_encoder.clap)
+    if reward.needs_audio != (codec is not None):
+        raise AssertionError(f"reward {reward.id}: needs_audio={reward.needs_audio} but codec is {codec}")
     labels = {"reward": reward.weights_label, "text": text_encoder.weights_label,
               "codec": codec.weights_label if codec is not None else "unused"}
     ids = {"reward_id": reward.id, "codec_id": codec.id if codec is not None else None,
