@@ -380,3 +380,18 @@ def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "siren.rl", f"run_dir={run}", f"out={out}", "gamme=0"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert bad.returncode == 2 and "Did you mean gamma" in bad.stderr and "Valid keys" in bad.stderr
+
+
+def test_prompts_files_and_their_errors(tmp_path):
+    (tmp_path / "p.txt").write_text("a dog barks\n\n  rain  \n")
+    assert alignment.read_prompts(tmp_path / "p.txt") == ["a dog barks", "rain"]
+    (tmp_path / "p.jsonl").write_text('{"caption": "a bell"}\n{"id": 3}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2"):
+        alignment.read_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "p.csv").write_text("id,text\n1,a bell\n")
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        alignment.read_prompts(tmp_path / "p.csv")
+    # every prompt once per epoch, in a seeded order that does not depend on where a run resumed
+    seen = [c for s in range(3) for c in alignment.prompt_batch(PROMPTS, s, 2, seed=0)]
+    assert sorted(seen) == sorted(PROMPTS) and seen != PROMPTS
+    assert alignment.prompt_batch(PROMPTS, 4, 2, seed=0) == alignment.prompt_batch(PROMPTS, 4, 2, seed=0)

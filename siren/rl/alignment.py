@@ -402,7 +402,9 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
 
 
 def _step(params: list[torch.Tensor], opts: list[torch.optim.Optimizer], grad_clip: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    """Clip the global grad norm and step; a NaN/inf gradient raises before any weight changes
+    (the last checkpoint stays the newest good state)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), error_if_nonfinite=True)
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
