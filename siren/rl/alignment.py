@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import dataclasses
 import json
 import os
 import shutil
