@@ -1,0 +1,397 @@
+"""Stage 2 (anti-causal alignment): the objective against an independent transcription of
+Eq. 9-11, DPO against its closed form, then the trainer on tiny models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from siren.rl import objective as obj
+
+
+# ---------------------------------------------------------------- Eq. 9-11 on fixed tensors
+
+def eq10_by_hand(logp, logp_old, rewards, mask, gamma, eps_d, eps_u):
+    """J(theta) of Eq. 10 written out with loops and floats, independently of siren.rl."""
+    B, G = len(rewards), len(rewards[0])
+    A = []
+    for b in range(B):  # Eq. 9
+        mean = sum(rewards[b]) / G
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards[b]) / G)
+        A += [(r - mean) / std if std > 0 else 0.0 for r in rewards[b]]
+    kept = [i for i in range(B * G) if abs(A[i]) >= gamma and A[i] != 0.0]
+    L, T = len(logp[0]), len(logp[0][0])
+    total = 0.0
+    for i in kept:
+        frames = [t for t in range(T) if mask[i][t]]
+        s = 0.0
+        for t in frames:
+            for j in range(L):
+                r = math.exp(logp[i][j][t] - logp_old[i][j][t])  # Eq. 11
+                v = min(max(r, 1 - eps_d), 1 + eps_u)
+                s += min(r * A[i], v * A[i])
+        total += s / len(frames) / L
+    return total / len(kept), A, kept
+
+
+@pytest.fixture
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    B, G, L, T = 3, 4, 2, 5
+    rewards = torch.tensor([[0.1, 0.9, 0.5, 0.45],  # one advantage near 0 -> gamma filter
+                            [0.3, 0.3, 0.3, 0.3],  # all equal -> degenerate group
+                            [-0.2, 0.4, 0.0, 0.7]])
+    logp_old = -torch.rand(B * G, L, T, generator=g) * 3 - 0.1
+    # ratios spread over [0.5, 1.6]: the clip binds on both sides for eps 0.2 / 0.28
+    logp = logp_old + torch.log(0.5 + 1.1 * torch.rand(B * G, L, T, generator=g))
+    mask = torch.ones(B * G, T, dtype=torch.bool)
+    mask[1, 3:] = False  # padded frames must not count
+    mask[9, 1:] = False
+    return rewards, logp, logp_old, mask
+
+
+def test_grpo_loss_matches_eq10_by_hand(fixed_batch):
+    rewards, logp, logp_old, mask = fixed_batch
+    gamma, eps_d, eps_u = 0.3, 0.2, 0.28
+    want, A_hand, kept_hand = eq10_by_hand(logp.tolist(), logp_old.tolist(), rewards.tolist(), mask.tolist(),
+                                           gamma, eps_d, eps_u)
+    adv, degenerate = obj.group_advantages(rewards)
+    assert degenerate.tolist() == [False, True, False]
+    assert adv.flatten().tolist() == pytest.approx(A_hand, abs=1e-6)
+    keep = obj.keep_mask(adv.flatten(), gamma)
+    assert keep.nonzero().flatten().tolist() == kept_hand
+    assert 0 < len(kept_hand) < 8  # the filter dropped something besides the degenerate group
+    loss, stats = obj.grpo_loss(logp, logp_old, adv.flatten(), mask, keep, eps_d, eps_u)
+    assert loss.item() == pytest.approx(-want, rel=1e-5)
+    assert stats["clip_frac_low"] > 0 and stats["clip_frac_high"] > 0
+
+
+def test_grpo_micro_batches_add_up_to_full_batch(fixed_batch):
+    rewards, logp, logp_old, mask = fixed_batch
+    adv = obj.group_advantages(rewards)[0].flatten()
+    keep = obj.keep_mask(adv, 0.3)
+    full, _ = obj.grpo_loss(logp, logp_old, adv, mask, keep, 0.2, 0.28)
+    n = int(keep.sum())
+    parts = sum(obj.grpo_loss(logp[s], logp_old[s], adv[s], mask[s], keep[s], 0.2, 0.28, n_kept=n)[0]
+                for s in (slice(0, 5), slice(5, 12)))
+    assert parts.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+def test_clip_zeroes_gradient_exactly_where_it_binds(fixed_batch):
+    rewards, logp, logp_old, mask = fixed_batch
+    eps_d, eps_u = 0.2, 0.28
+    adv = obj.group_advantages(rewards)[0].flatten()
+    keep = obj.keep_mask(adv, 0.3)
+    logp = logp.clone().requires_grad_(True)
+    loss, _ = obj.grpo_loss(logp, logp_old, adv, mask, keep, eps_d, eps_u)
+    loss.backward()
+    ratio = torch.exp(logp.detach() - logp_old)
+    a = adv[:, None, None].expand_as(ratio)
+    binds = ((a > 0) & (ratio > 1 + eps_u)) | ((a < 0) & (ratio < 1 - eps_d))
+    live = keep[:, None, None] & mask[:, None, :] & ~binds
+    assert (logp.grad[~live] == 0).all()
+    # d(-J)/d logp = -r A / (n_kept l_i L) on live tokens
+    frames = mask.sum(1).float()[:, None, None].expand_as(ratio)
+    want = -ratio * a / (keep.sum() * frames * ratio.shape[1])
+    torch.testing.assert_close(logp.grad[live], want[live].float())
+
+
+def test_every_rollout_filtered_raises_for_the_caller_to_skip():
+    rewards = torch.full((2, 4), 0.5)
+    adv, degenerate = obj.group_advantages(rewards)
+    assert degenerate.all() and (adv == 0).all() and not torch.isnan(adv).any()
+    keep = obj.keep_mask(adv.flatten(), 0.0)
+    assert not keep.any()
+    z = torch.zeros(8, 2, 3)
+    with pytest.raises(ValueError, match="filtered"):
+        obj.grpo_loss(z, z, adv.flatten(), torch.ones(8, 3, dtype=torch.bool), keep, 0.2, 0.2)
+
+
+def test_kl_estimator_is_zero_at_reference_and_positive_elsewhere():
+    lp = -torch.rand(3, 2, 4)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    assert obj.kl_to_reference(lp, lp, mask).abs().max() < 1e-7
+    assert (obj.kl_to_reference(lp, lp - 0.3, mask) > 0).all()
+
+
+def test_dpo_loss_matches_closed_form():
+    rewards = torch.tensor([[0.1, 0.8, -0.3], [0.2, 0.2, 0.2], [0.5, 0.4, 0.6]])
+    chosen, rejected, valid = obj.dpo_pairs(rewards)
+    assert chosen[[0, 2]].tolist() == [1, 8]
+    assert rejected[[0, 2]].tolist() == [2, 7] and valid.tolist() == [True, False, True]
+    beta = 0.1
+    pc, pr = torch.tensor([-10.0, -12.0], requires_grad=True), torch.tensor([-11.0, -9.5], requires_grad=True)
+    rc, rr = torch.tensor([-10.5, -11.0]), torch.tensor([-10.0, -10.0])
+    loss, stats = obj.dpo_loss(pc, pr, rc, rr, beta)
+    margins = [beta * ((-10.0 + 10.5) - (-11.0 + 10.0)), beta * ((-12.0 + 11.0) - (-9.5 + 10.0))]
+    want = sum(math.log(1 + math.exp(-m)) for m in margins) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    sig = [1 / (1 + math.exp(m)) for m in margins]  # d/dm of -log sigmoid(m) = -sigmoid(-m)
+    assert pc.grad.tolist() == pytest.approx([-beta * s / 2 for s in sig], rel=1e-5)
+    assert pr.grad.tolist() == pytest.approx([beta * s / 2 for s in sig], rel=1e-5)
+    assert stats["dpo_accuracy"].item() == 0.5
+
+
+def test_kl_penalty_enters_the_loss_like_eq10(fixed_batch):
+    rewards, logp, logp_old, mask = fixed_batch
+    adv = obj.group_advantages(rewards)[0].flatten()
+    keep = obj.keep_mask(adv, 0.3)
+    ref = logp_old - 0.2 * torch.rand(logp.shape, generator=torch.Generator().manual_seed(1))
+    plain, _ = obj.grpo_loss(logp, logp_old, adv, mask, keep, 0.2, 0.28)
+    with_kl, _ = obj.grpo_loss(logp, logp_old, adv, mask, keep, 0.2, 0.28, logp_ref=ref, kl_coef=0.5)
+    kl = 0.0
+    for i in keep.nonzero().flatten().tolist():  # k3 per token, averaged like Eq. 10
+        frames = [t for t in range(mask.shape[1]) if mask[i, t]]
+        s = sum(math.exp(ref[i, j, t] - logp[i, j, t]) - (ref[i, j, t] - logp[i, j, t]).item() - 1
+                for t in frames for j in range(logp.shape[1]))
+        kl += s / len(frames) / logp.shape[1]
+    kl /= int(keep.sum())
+    assert with_kl.item() == pytest.approx(plain.item() + 0.5 * kl, rel=1e-5)
+
+
+# ---------------------------------------------------------------- the trainer on tiny models
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+
+from siren import checkpoint as ckpt  # noqa: E402
+from siren.config import ConfigError  # noqa: E402
+from siren.rl import alignment  # noqa: E402
+from siren.rl.reward import CodeMatchReward  # noqa: E402
+from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
+from siren.sample import SampleConfig, generate  # noqa: E402
+from tests.fixtures_rl import PROMPTS, HashedText, make_stage1_run  # noqa: E402
+
+TIME_KEYS = ("time_rollout_s", "time_update_s")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models are latency-bound: several threads on a shared 2-core box only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    return make_stage1_run(tmp_path_factory.mktemp("stage1") / "run")
+
+
+def run_align(stage1_dir, out, *args, reward=None, prompts=PROMPTS):
+    cfg = alignment.parse([f"run_dir={stage1_dir}", f"out={out}", "batch=2", "group=4", "seconds=0.08",
+                           "device=cpu", "ckpt_every=2", *args])
+    model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
+    reward = reward or CodeMatchReward(0, 0, 256)
+    alignment.prepare_out(cfg, s1, run_cfg, trainable_experts(model.cfg.n_experts, cfg.align, cfg.n),
+                          {"reward_id": reward.id})
+    result = alignment.align(cfg, model, s1, prompts, HashedText(), reward)
+    return result, model
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "rl" / "log.jsonl").read_text().splitlines()]
+
+
+def test_trainable_experts_follow_table7():
+    assert trainable_experts(6, "anti_causal", 1) == [0]
+    assert trainable_experts(6, "anti_causal", 2) == [0, 1]
+    assert trainable_experts(6, "causal", 1) == [5]
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="n="):
+            trainable_experts(6, "anti_causal", bad)
+
+
+def test_teacher_forced_logprobs_see_the_samplers_context(stage1):
+    """Eq. 11's 'same context': greedy rollouts are the argmax of the teacher-forced logits of
+    every expert on those very codes (a context mismatch would change some argmax)."""
+    model, _, _ = alignment.load_stage1(stage1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # large weights: logits that depend strongly on the context (no collapse)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    text = HashedText()(PROMPTS[:3])
+    codes = generate(model, text, 5, SampleConfig(temperature=0), seed=0, progress=False)
+    distinct = torch.tensor([[len(codes[b, j].unique()) for j in range(12)] for b in range(3)])
+    assert (distinct > 1).float().mean() > 0.8
+    for e in model.experts:
+        with torch.no_grad():
+            logits = e(codes, text.states, text.mask)
+        assert torch.equal(logits.argmax(-1), codes[:, e.layers.start: e.layers.stop])
+    lp = action_logprobs([model.experts[0]], codes, text.states, text.mask, temperature=0.7)
+    want = torch.log_softmax(model.experts[0](codes, text.states, text.mask).float() / 0.7, -1)
+    torch.testing.assert_close(lp, want.gather(-1, codes[:, :2, :, None]).squeeze(-1))
+
+
+@pytest.mark.parametrize("align,n,layer", [("anti_causal", 1, 0), ("anti_causal", 2, 2), ("causal", 1, 10)])
+def test_only_the_aligned_experts_change(stage1, tmp_path, align, n, layer):
+    before, _, _ = alignment.load_stage1(stage1)
+    out = tmp_path / "out"
+    result, model = run_align(stage1, out, f"align={align}", f"n={n}", "steps=2", "lr=1e-2", "gamma=0",
+                              reward=CodeMatchReward(layer, 0, 256))
+    assert result.status == "finished"
+    trainable = trainable_experts(6, align, n)
+    for k in range(6):
+        old, new = before.experts[k].state_dict(), model.experts[k].state_dict()
+        same = all(torch.equal(old[key], new[key]) for key in old)
+        assert same == (k not in trainable), f"expert {k}"
+        edir = ckpt.expert_dir(out, k)
+        saved = ckpt.load_latest(edir)
+        if k in trainable:  # out/ holds the aligned weights
+            assert saved.step == 2 and saved.state["stage"] == 2
+            assert all(torch.equal(v, new[key]) for key, v in saved.model_state().items())
+        else:  # the stage-1 checkpoint itself, linked
+            src = ckpt.load_latest(ckpt.expert_dir(stage1, k))
+            assert os.path.samefile(saved.path / "model.safetensors", src.path / "model.safetensors")
+
+
+def test_grpo_raises_a_synthetic_code_reward(stage1, tmp_path):
+    """30 steps of Eq. 10 on 'layer-0 code in [0, 256)' (1/4 by chance) lift the mean reward."""
+    out = tmp_path / "out"
+    run_align(stage1, out, "steps=30", "group=8", "seconds=0.12", "lr=1e-2", "gamma=0", "log_kl=true",
+              "ckpt_every=100")
+    log = read_log(out)
+    first = sum(e["reward_mean"] for e in log[:5]) / 5
+    last = sum(e["reward_mean"] for e in log[-5:]) / 5
+    assert first < 0.3 and last > first + 0.12, [round(e["reward_mean"], 3) for e in log]
+    assert log[-1]["kl"] > log[0]["kl"] >= 0  # moving away from the stage-1 policy, and measured
+
+
+def test_every_rollout_filtered_skips_the_update_and_logs_it(stage1, tmp_path):
+    before, _, _ = alignment.load_stage1(stage1)
+    for method in ("grpo", "dpo"):
+        out = tmp_path / method
+        result, model = run_align(stage1, out, f"method={method}", "steps=2", "lr=1e-2",
+                                  reward=CodeMatchReward(0, 0, 1024))  # always 1.0: every group degenerate
+        assert result.status == "finished"
+        log = read_log(out)
+        assert [e["skipped"] for e in log] == [1, 1] and all(e["filtered_frac"] == 1.0 for e in log)
+        assert all(e["degenerate_groups"] == 2 and e["reward_std"] == 0.0 for e in log)
+        assert all(math.isfinite(v) for e in log for v in e.values())
+        assert all(torch.equal(v, before.experts[0].state_dict()[k]) for k, v in model.experts[0].state_dict().items())
+
+
+class SignalAt:
+    """A reward that, at one call, sends this process SIGUSR2 (what SLURM sends before preemption)."""
+
+    def __init__(self, reward, call: int):
+        self.reward, self.call, self.n = reward, call, 0
+        self.needs_audio, self.id, self.weights_label = reward.needs_audio, reward.id, reward.weights_label
+
+    def __call__(self, x, captions):
+        self.n += 1
+        if self.n == self.call:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return self.reward(x, captions)
+
+
+@pytest.mark.parametrize("method", ["grpo", "dpo"])
+def test_preempted_run_resumes_to_the_same_numbers(stage1, tmp_path, method):
+    args = (f"method={method}", "steps=4", "lr=1e-2", "gamma=0", "mu=2", "ckpt_every=10")
+    _, straight = run_align(stage1, tmp_path / "a", *args)
+    result, _ = run_align(stage1, tmp_path / "b", *args, reward=SignalAt(CodeMatchReward(0, 0, 256), call=2))
+    assert result.status == "preempted" and result.step == 2
+    assert json.loads((tmp_path / "b" / "rl" / "state.json").read_text())["step"] == 2
+    result, resumed = run_align(stage1, tmp_path / "b", *args)
+    assert result.status == "finished" and result.step == 4
+    for key, v in straight.experts[0].state_dict().items():
+        assert torch.equal(v, resumed.experts[0].state_dict()[key]), key
+    strip = lambda log: [{k: v for k, v in e.items() if k not in TIME_KEYS} for e in log]  # noqa: E731
+    assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
+
+
+def test_resume_refuses_a_changed_objective(stage1, tmp_path):
+    run_align(stage1, tmp_path / "o", "steps=1")
+    with pytest.raises(ckpt.CheckpointError, match="gamma"):
+        run_align(stage1, tmp_path / "o", "steps=2", "gamma=0.5")
+    result, _ = run_align(stage1, tmp_path / "o", "steps=2")  # steps may grow
+    assert result.step == 2
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="Valid keys:.*eps_u"):
+        alignment.parse(["run_dir=a", "out=b", "eps_up=0.3"])
+    with pytest.raises(ConfigError, match="method"):
+        alignment.parse(["run_dir=a", "out=b", "method=ppo"])
+
+
+def test_imagebind_without_its_package_says_what_to_install():
+    from siren.rl.reward import ImageBindReward
+
+    try:
+        import imagebind  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install"):
+            ImageBindReward()
+    else:
+        pytest.skip("imagebind is installed here")
+
+
+def test_aligned_run_directory_loads_like_a_stage1_run(stage1, tmp_path):
+    import siren
+
+    out = tmp_path / "out"
+    _, model = run_align(stage1, out, "steps=2", "lr=1e-2", "gamma=0")
+    loaded = siren.load(out)
+    for k in range(6):
+        for key, v in loaded.experts[k].state_dict().items():
+            assert torch.equal(v, model.experts[k].state_dict()[key]), (k, key)
+    meta = json.loads((out / "alignment.json").read_text())
+    assert meta["trainable_experts"] == [0] and meta["source_run"] == str(stage1.resolve())
+
+
+def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
+    """python -m siren.rl at demo scale: random DAC decodes the rollouts, random CLAP scores them."""
+    import subprocess
+    import sys
+
+    import siren
+    from siren.codec import Codec, CodecConfig
+    from siren.text import TextConfig, TextEncoder
+
+    codec = Codec(CodecConfig(weights="random"))
+    text = TextEncoder(TextConfig(weights="random"))  # ~20 s on a busy CPU: built once, passed to main
+    text_id = text.id
+    run = make_stage1_run(tmp_path / "s1", tables=codec.code_tables(), codec_id=codec.id, text_id=text_id)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("id,audio,caption\na,a.wav,a dog barks\nb,b.wav,rain on a tin roof\nc,c.wav,a bell rings\n")
+    out = tmp_path / "aligned"
+    args = [f"run_dir={run}", f"out={out}", f"prompts={prompts}", "align=anti_causal", "n=1", "method=grpo",
+            "steps=2", "batch=2", "group=2", "seconds=0.1", "lr=1e-3", "device=cpu", "ckpt_every=1",
+            "reward=clap", "reward.weights=random", "codec.weights=random", "text.weights=random"]
+    assert alignment.main(args, clap=text.clap) == 0
+    log = read_log(out)
+    assert [e["step"] for e in log] == [1, 2]
+    assert all(-1 <= e["reward_min"] <= e["reward_max"] <= 1 for e in log)
+    meta = json.loads((out / "alignment.json").read_text())
+    assert meta["weights_labels"] == {"reward": "random", "text": "random", "codec": "random"}
+    assert meta["codec_id"] == codec.id and meta["text_id"] == text_id
+    aligned, base = siren.load(out), siren.load(run)
+    assert not torch.equal(aligned.experts[0].heads[0].weight, base.experts[0].heads[0].weight)
+    assert all(torch.equal(a, b) for k in range(1, 6) for a, b in
+               zip(aligned.experts[k].state_dict().values(), base.experts[k].state_dict().values()))
+    # a stage-1 run made with another codec is refused, naming the key to fix
+    with pytest.raises(ConfigError, match="codec.weights"):
+        alignment.main([a.replace(str(out), str(tmp_path / "x")) for a in args] + ["codec.seed=1"], clap=text.clap)
+    bad = subprocess.run([sys.executable, "-m", "siren.rl", f"run_dir={run}", f"out={out}", "gamme=0"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert bad.returncode == 2 and "Did you mean gamma" in bad.stderr and "Valid keys" in bad.stderr
+
+
+def test_prompts_files_and_their_errors(tmp_path):
+    (tmp_path / "p.txt").write_text("a dog barks\n\n  rain  \n")
+    assert alignment.read_prompts(tmp_path / "p.txt") == ["a dog barks", "rain"]
+    (tmp_path / "p.jsonl").write_text('{"caption": "a bell"}\n{"id": 3}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2"):
+        alignment.read_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "p.csv").write_text("id,text\n1,a bell\n")
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        alignment.read_prompts(tmp_path / "p.csv")
+    # every prompt once per epoch, in a seeded order that does not depend on where a run resumed
+    seen = [c for s in range(3) for c in alignment.prompt_batch(PROMPTS, s, 2, seed=0)]
+    assert sorted(seen) == sorted(PROMPTS) and seen != PROMPTS
+    assert alignment.prompt_batch(PROMPTS, 4, 2, seed=0) == alignment.prompt_batch(PROMPTS, 4, 2, seed=0)
