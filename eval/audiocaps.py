@@ -121,8 +121,9 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
         if {"fd", "kl", "isc"} & set(which):
             r, g = run(PannsCnn14(cfg.weights, cfg.seed, device), "fd_kl_is")
             if "fd" in which:
-                values["fd"] = M.frechet_distance_from_embeddings(np.stack([e["embedding"] for e in g]),
-                                                                  np.stack([e["embedding"] for e in r]))
+                values["fd"] = M.frechet_distance_from_embeddings(
+                    np.stack([e["embedding"] for e in g]), np.stack([e["embedding"] for e in r]),
+                    names=("FD, generated", "FD, reference"))
             ref_logits, gen_logits = np.stack([e["logits"] for e in r]), np.stack([e["logits"] for e in g])
             if "kl" in which:
                 kl = M.kl_divergence(ref_logits, gen_logits, cfg.kl_eps)
@@ -133,8 +134,9 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
                 values["isc"], values["isc_std"] = M.inception_score(gen_logits, cfg.is_splits, cfg.is_seed)
         if "fad" in which:
             r, g = run(VGGish(cfg.weights, cfg.seed, device), "fad")
-            values["fad"] = M.frechet_distance_from_embeddings(np.concatenate([e["frames"] for e in g]),
-                                                               np.concatenate([e["frames"] for e in r]))
+            values["fad"] = M.frechet_distance_from_embeddings(
+                np.concatenate([e["frames"] for e in g]), np.concatenate([e["frames"] for e in r]),
+                names=("FAD, generated", "FAD, reference"))
         if "clap" in which:
             clap = ClapAudio(cfg.weights, cfg.seed, device)
             bb_cards["clap"] = clap.card()

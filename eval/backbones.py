@@ -79,19 +79,18 @@ class Backbone(ABC):
 
     @cached_property
     def net(self) -> nn.Module:
-        if self.weights_path is None:
-            net = _seeded(self.seed, self.build)
-        else:
-            net = self.build()
-            self.load_weights(net, _load_state(self.weights_path))
-        return net.eval().requires_grad_(False).to(self.device)
+        return self.build().eval().requires_grad_(False).to(self.device)
 
     @abstractmethod
     def build(self) -> nn.Module:
-        """The network with freshly initialised weights."""
+        """The network with its weights: seeded random init, or the pretrained file loaded."""
 
-    def load_weights(self, net: nn.Module, state: dict) -> None:
-        net.load_state_dict(state)
+    def _init_or_load(self, make, state_of=lambda ckpt: ckpt) -> nn.Module:
+        if self.weights_path is None:
+            return _seeded(self.seed, make)
+        net = make()
+        net.load_state_dict(state_of(_load_state(self.weights_path)))
+        return net
 
     @property
     def id(self) -> str:
@@ -158,14 +157,14 @@ class PannsCnn14(Backbone):
         self._logits: list[torch.Tensor] = []  # filled by the fc_audioset hook during one forward
 
     def build(self) -> nn.Module:
-        net = panns_models().Cnn14(**PANNS_16K)
+        def state_of(ckpt):
+            if not isinstance(ckpt, dict) or "model" not in ckpt:
+                raise ValueError(f"{self.weights_path} is not a PANNs checkpoint (no 'model' key)")
+            return ckpt["model"]
+
+        net = self._init_or_load(lambda: panns_models().Cnn14(**PANNS_16K), state_of)
         net.fc_audioset.register_forward_hook(lambda mod, inp, out: self._logits.append(out))
         return net
-
-    def load_weights(self, net: nn.Module, state: dict) -> None:
-        if not isinstance(state, dict) or "model" not in state:
-            raise ValueError(f"{self.weights_path} is not a PANNs checkpoint (no 'model' key)")
-        net.load_state_dict(state["model"])
 
     def protocol(self) -> dict:
         return {"model": "panns_inference.models.Cnn14 (panns-inference 0.1.1)", **PANNS_16K,
@@ -209,9 +208,8 @@ class VGGish(Backbone):
     def build(self) -> nn.Module:
         from torchvggish import torchvggish as tv
 
-        net = tv.VGG(tv.make_layers(), postprocess=False)
-        # use_activation=False: drop the ReLU after the 128-d layer, as frechet_audio_distance does
-        # (the parameter names embeddings.0/2/4 of the pretrained file are unchanged).
+        net = self._init_or_load(lambda: tv.VGG(tv.make_layers(), postprocess=False))
+        # use_activation=False: drop the ReLU after the 128-d layer, as frechet_audio_distance does.
         net.embeddings = nn.Sequential(*list(net.embeddings.children())[:-1])
         return net
 
@@ -248,43 +246,45 @@ class VGGish(Backbone):
 
 
 class ClapAudio(Backbone):
-    """LAION-CLAP (``siren.clap.Clap``) audio and text embeddings, both L2-normalised, for the CLAP score.
+    """LAION-CLAP audio and text embeddings (``siren.clap.Clap``), both L2-normalised, for the CLAP score.
 
-    Clips are resampled to 16 kHz (the interface of ``Clap.embed_audio``), which does its own
-    resampling to the model's rate; clips are cropped at load (``max_seconds``) so laion-clap's
-    random crop of clips over 10 s never applies.
+    Clips are resampled once, from their own rate to CLAP's 48 kHz, with the same torchaudio
+    resampler as the other backbones; ``Clap.embed_audio`` then does what laion-clap does
+    (16-bit quantisation, repeat-padding) except that it keeps the FIRST 10 s instead of a random
+    10 s window (clips are cropped at load anyway, ``max_seconds``).
     """
     name = "clap"
-    sample_rate = 16000
+    sample_rate = 48000
     outputs = ("audio",)
+    asset = "clap"
 
-    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu"):
+    def build(self) -> nn.Module:
         from siren.clap import Clap, ClapConfig
 
-        self.clap = Clap(ClapConfig(weights=weights, seed=seed))
-        self.device = torch.device(device)
-        if hasattr(self.clap, "to"):
-            self.clap.to(self.device)
-        self.weights_label, self.weights_sha256 = self.clap.weights_label, self.clap.weights_sha256
-
-    @property
-    def id(self) -> str:
-        return f"{self.name}-{self.clap.id}"
+        clap = Clap(ClapConfig(weights=self.weights_label, seed=self.seed))
+        if clap.weights_sha256 != self.weights_sha256:
+            raise RuntimeError(f"CLAP loaded weights {clap.weights_sha256}, expected {self.weights_sha256}")
+        return clap
 
     def protocol(self) -> dict:
-        return {"model": f"siren.clap.Clap ({self.clap.id})", "input_sample_rate": 16000,
-                "embedding_dim": 512, "normalised": True, "dtype": "float32",
-                "preprocess": "resample to 16 kHz; siren.clap.Clap.embed_audio does the rest"}
+        from siren import clap as C
+
+        tokenizer = ("laion_clap's bundled CLIP BPE (random-weights mode)" if self.weights_path is None else
+                     "RoBERTa BPE vocab.json sha256 " + assets.sha256(assets.require("roberta_vocab"))[:16]
+                     + ", merges.txt sha256 " + assets.sha256(assets.require("roberta_merges"))[:16])
+        return {"model": "laion_clap CLAP, HTSAT-tiny audio + RoBERTa text, non-fusion (siren.clap.Clap)",
+                "clap_sample_rate": C.CLAP_SAMPLE_RATE, "audio": C.AUDIO_PROTOCOL, "text_tokenizer": tokenizer,
+                "max_text_tokens": C.MAX_TEXT_LENGTH, "embedding_dim": C.EMBED_DIM, "normalised": True,
+                "preprocess": "resample to 48 kHz, then siren.clap.Clap.embed_audio", "dtype": "float32"}
 
     def prepare(self, clip: Clip) -> torch.Tensor:
         return resample(torch.from_numpy(clip.wav), clip.sr, self.sample_rate)
 
-    @torch.inference_mode()
     def embed_batch(self, xs: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
-        out = self.clap.embed_audio(torch.stack(xs).to(self.device)).float().cpu().numpy()
-        return [{"audio": o} for o in out]
+        with torch.inference_mode():
+            out = self.net.embed_audio(torch.stack(xs).to(self.device), sample_rate=self.sample_rate)
+        return [{"audio": o} for o in out.float().cpu().numpy()]
 
-    @torch.inference_mode()
     def embed_text(self, captions: list[str]) -> np.ndarray:
-        return self.clap.embed_text(list(captions)).float().cpu().numpy()
-
+        with torch.inference_mode():
+            return self.net.embed_text(list(captions)).float().cpu().numpy()

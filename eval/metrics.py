@@ -93,7 +93,8 @@ def _nonnegative(fd: float, scale: float, tol: float) -> float:
     return max(fd, 0.0)
 
 
-def frechet_distance_from_embeddings(a: np.ndarray, b: np.ndarray, rtol: float = 1e-6) -> float:
+def frechet_distance_from_embeddings(a: np.ndarray, b: np.ndarray, rtol: float = 1e-6,
+                                     names: tuple[str, str] = ("set a", "set b")) -> float:
     """FD between the Gaussians fitted (mean, unbiased covariance) to embedding sets a [N_a, D] and b [N_b, D].
 
     With more samples than dimensions this is ``frechet_distance`` on the two covariances. With
@@ -102,7 +103,7 @@ def frechet_distance_from_embeddings(a: np.ndarray, b: np.ndarray, rtol: float =
     nonzero eigenvalues of S1 S2 are the squared singular values of X Y', so
     Tr((S1 S2)^(1/2)) = ||X Y'||_* (nuclear norm): an SVD of an N_a x N_b matrix, no matrix square root.
     """
-    a, b = _check_embeddings(a, "set a"), _check_embeddings(b, "set b")
+    a, b = _check_embeddings(a, names[0]), _check_embeddings(b, names[1])
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"embedding dimensions differ: {a.shape[1]} vs {b.shape[1]}")
     if min(a.shape[0], b.shape[0]) > a.shape[1]:
