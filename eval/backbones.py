@@ -280,9 +280,12 @@ class ClapAudio(Backbone):
     def prepare(self, clip: Clip) -> torch.Tensor:
         return resample(torch.from_numpy(clip.wav), clip.sr, self.sample_rate)
 
+    def batch_key(self, x: torch.Tensor) -> Hashable:
+        return "clips"  # embed_audio brings every clip to the same 10 s input itself
+
     def embed_batch(self, xs: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         with torch.inference_mode():
-            out = self.net.embed_audio(torch.stack(xs).to(self.device), sample_rate=self.sample_rate)
+            out = self.net.embed_audio([x.to(self.device) for x in xs], sample_rate=self.sample_rate)
         return [{"audio": o} for o in out.float().cpu().numpy()]
 
     def embed_text(self, captions: list[str]) -> np.ndarray:

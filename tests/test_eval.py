@@ -162,16 +162,20 @@ def test_cache_second_run_computes_nothing_and_a_changed_file_exactly_one(cli_ru
     gen2 = root / "gen_changed"
     write_set(gen2, ids, seed=2, seconds=3.0, sr=22050)  # same content as gen ...
     sf.write(gen2 / f"{ids[1]}.wav", synth(999, 3.0, 22050), 22050)  # ... but one clip
-    assert main(_args(root, manifest, "gen_changed", "out3")) == 0
+    assert main(_args(root, manifest, "gen_changed", "out3", "metrics=kl")) == 0  # PANNs only: quicker
     changed = json.loads((root / "out3" / "results.json").read_text())
-    assert changed["cache"]["fd_kl_is"]["computed"] == 1 and changed["cache"]["fad"]["computed"] == 1
-    if CLAP:
-        assert changed["cache"]["clap"]["computed"] == 1  # the clip; captions are cached
+    assert changed["cache"]["fd_kl_is"] == {"hits": 7, "computed": 1}
 
-    assert main(_args(root, manifest, "gen", "out4", "seed=1")) == 0
+    assert main(_args(root, manifest, "gen", "out4", "seed=1", "metrics=fad")) == 0
     other_seed = json.loads((root / "out4" / "results.json").read_text())
-    assert other_seed["cache"]["fd_kl_is"] == {"hits": 0, "computed": 8}
-    assert other_seed["card"]["backbones"]["fd_kl_is"]["weights_sha256"] == "random-seed1"
+    assert other_seed["cache"]["fad"] == {"hits": 0, "computed": 8}
+    assert other_seed["card"]["backbones"]["fad"]["weights_sha256"] == "random-seed1"
+
+    entry = next((root / "cache" / "vggish-random-seed1").rglob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:40])  # a torn / corrupt entry is recomputed, never trusted
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert main(_args(root, manifest, "gen", "out5", "seed=1", "metrics=fad")) == 0
+    assert json.loads((root / "out5" / "results.json").read_text())["cache"]["fad"] == {"hits": 7, "computed": 1}
     assert cards.RANDOM_BANNER in capsys.readouterr().out
 
 
@@ -233,3 +237,51 @@ def test_caption_index_selects_the_kth_caption(sets):
     assert [it.id for it in items] == ids and items[0].caption.startswith("caption 1 of")
     with pytest.raises(ManifestError, match="fewer captions"):
         select(read_manifest(manifest), manifest, caption_index=2)
+
+
+def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, monkeypatch):
+    from siren import assets
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "assets"))
+    with pytest.raises(assets.MissingWeightsError, match="prefetch panns_cnn14_16k"):
+        PannsCnn14("pretrained")
+    # A checkpoint in the published file's layout ({'model': state_dict}) at the expected place.
+    dest = assets.path("panns_cnn14_16k")
+    dest.parent.mkdir(parents=True)
+    torch.save({"model": panns.net.state_dict(), "iteration": 0}, dest)
+    loaded = PannsCnn14("pretrained")
+    assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == assets.sha256(dest)
+    x = torch.from_numpy(synth(3, 2.0))[None]
+    torch.testing.assert_close(loaded.forward(x)["logits"], panns.forward(x)["logits"])
+
+    root, manifest, _ = sets
+    results = evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), weights="pretrained",
+                                  out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), metrics="fd,kl"))
+    card = results["card"]
+    assert card["weights"] == "pretrained" and "WARNING" not in card
+    assert card["backbones"]["fd_kl_is"]["weights_sha256"] == assets.sha256(dest)
+    assert cards.RANDOM_BANNER not in cards.table([("x", results["metrics"])], card)
+
+
+def test_metrics_are_wired_to_the_right_sets(cli_run, sets):
+    """KL is KL(ref || gen) per id, IS is over the generated clips, FD is generated vs reference."""
+    from eval import metrics as M
+    from eval.audio import load_clips
+    from eval.cache import EmbeddingCache, embed_clips
+    from eval.reference import read_manifest, select
+
+    root, manifest, ids = sets
+    results = cli_run[1]
+    items = select(read_manifest(manifest), manifest)
+    ref = load_clips({it.id: it.audio for it in items})
+    gen = load_clips({i: root / "gen" / f"{i}.wav" for i in ids})
+    panns, cache = PannsCnn14("random", seed=0), EmbeddingCache(root / "cache")
+    (r, sr), (g, sg) = embed_clips(panns, ref, cache), embed_clips(panns, gen, cache)
+    assert sr.computed == sg.computed == 0  # read back what the CLI stored
+    rl, gl = np.stack([e["logits"] for e in r]), np.stack([e["logits"] for e in g])
+    kl, kl_rev = M.kl_divergence(rl, gl), M.kl_divergence(gl, rl)
+    assert np.abs(kl - kl_rev).max() > 1e-8  # the two directions differ on these clips
+    np.testing.assert_allclose(results["per_clip"]["kl"], kl, rtol=1e-12)
+    np.testing.assert_allclose(results["per_clip"]["kl_gen_ref"], kl_rev, rtol=1e-12)
+    assert results["metrics"]["isc"] == pytest.approx(M.inception_score(gl, 2, 2020)[0], rel=1e-12)
+    assert results["metrics"]["isc"] != pytest.approx(M.inception_score(rl, 2, 2020)[0], rel=1e-12)
