@@ -26,7 +26,7 @@ import torch
 from eval import card as cards
 from eval import metrics as M
 from eval.audio import CROP, MONO, BadAudioError, Clip, load_clips
-from eval.backbones import RESAMPLER, ClapAudio, PannsCnn14, VGGish
+from eval.backbones import RESAMPLER, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
 from eval.reference import ManifestError, file_sha256, match_generated, read_manifest, select, set_hash
 from siren.assets import MissingWeightsError
@@ -86,8 +86,30 @@ def load_reference(cfg: EvalConfig):
     return items, ref_card
 
 
+def backbones(cfg: EvalConfig) -> dict[str, Backbone]:
+    """The backbones ``cfg.metrics`` needs, by role (identity only: networks are built on first use).
+
+    With weights=pretrained this checks the weight files first, so a missing one fails at once.
+    """
+    if cfg.weights not in ("pretrained", "random"):
+        raise ConfigError(f"weights must be pretrained or random, got {cfg.weights!r}")
+    which, device = _metric_list(cfg), _device(cfg.device)
+    roles = {"fd_kl_is": ({"fd", "kl", "isc"}, PannsCnn14), "fad": ({"fad"}, VGGish), "clap": ({"clap"}, ClapAudio)}
+    out, missing = {}, []
+    for role, (needs, cls) in roles.items():
+        if needs & set(which):
+            try:
+                out[role] = cls(cfg.weights, cfg.seed, device)
+            except MissingWeightsError as e:
+                missing.append(str(e))
+    if missing:
+        raise MissingWeightsError("\n".join(missing))
+    return out
+
+
 def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: EvalConfig,
-                  ref_card: dict | None = None, gen_card: dict | None = None) -> dict:
+                  ref_card: dict | None = None, gen_card: dict | None = None,
+                  models: dict[str, Backbone] | None = None) -> dict:
     """Metrics, per-clip scores and protocol card for generated clips paired (by position) with reference clips.
 
     ``gen[i]`` and ``ref[i]`` must have the same id; ``captions[i]`` is the prompt of clip i.
@@ -102,9 +124,7 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
     if "isc" in which and n < cfg.is_splits:
         raise EvalError(f"IS with is_splits={cfg.is_splits} needs at least that many clips, got {n}; "
                         f"pass is_splits=K (K <= {n}) or leave isc out of metrics=")
-    if cfg.weights not in ("pretrained", "random"):
-        raise ConfigError(f"weights must be pretrained or random, got {cfg.weights!r}")
-    device = _device(cfg.device)
+    models = models if models is not None else backbones(cfg)
     cache = EmbeddingCache(cfg.cache_dir or None) if cfg.cache else None
     bb_cards, cache_stats, per_clip = {}, {}, {"id": [c.id for c in gen]}
     values: dict[str, float | None] = {m: None for m in METRICS}
@@ -119,7 +139,7 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         if {"fd", "kl", "isc"} & set(which):
-            r, g = run(PannsCnn14(cfg.weights, cfg.seed, device), "fd_kl_is")
+            r, g = run(models["fd_kl_is"], "fd_kl_is")
             if "fd" in which:
                 values["fd"] = M.frechet_distance_from_embeddings(
                     np.stack([e["embedding"] for e in g]), np.stack([e["embedding"] for e in r]),
@@ -133,12 +153,12 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
             if "isc" in which:
                 values["isc"], values["isc_std"] = M.inception_score(gen_logits, cfg.is_splits, cfg.is_seed)
         if "fad" in which:
-            r, g = run(VGGish(cfg.weights, cfg.seed, device), "fad")
+            r, g = run(models["fad"], "fad")
             values["fad"] = M.frechet_distance_from_embeddings(
                 np.concatenate([e["frames"] for e in g]), np.concatenate([e["frames"] for e in r]),
                 names=("FAD, generated", "FAD, reference"))
         if "clap" in which:
-            clap = ClapAudio(cfg.weights, cfg.seed, device)
+            clap = models["clap"]
             bb_cards["clap"] = clap.card()
             g, sg = embed_clips(clap, gen, cache, cfg.batch_size, "clap gen")
             text, st = embed_texts(clap, captions, cache)
@@ -176,7 +196,7 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
                   "resampler": RESAMPLER, "pad": "per backbone, see backbones.*.min_samples"}
     ref_card = {**(ref_card or {}), "n_clips": n, "set_sha256": set_hash(ref, captions)}
     gen_card = {**(gen_card or {}), "n_clips": n, "set_sha256": set_hash(gen)}
-    card = cards.build(bb_cards, audio_card, metric_card, ref_card, gen_card, n, device)
+    card = cards.build(bb_cards, audio_card, metric_card, ref_card, gen_card, n, _device(cfg.device))
     return {"metrics": values, "card": card, "config": to_dict(cfg), "warnings": caught, "cache": cache_stats,
             "per_clip": per_clip}
 
@@ -185,7 +205,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """The ``gen_dir=`` path: read the reference and the generated folder, evaluate, write results.json."""
     if not cfg.gen_dir or not cfg.ref:
         raise ConfigError("pass gen_dir=FOLDER (generated <id>.wav files) and ref=MANIFEST (id,audio,caption)")
-    _metric_list(cfg)
+    models = backbones(cfg)
     items, ref_card = load_reference(cfg)
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
@@ -199,7 +219,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if errors:
         raise BadAudioError("\n".join(errors))
     results = evaluate_sets(clips["generated"], clips["reference"], [it.caption for it in items], cfg, ref_card,
-                            {"dir": str(Path(cfg.gen_dir).resolve())})
+                            {"dir": str(Path(cfg.gen_dir).resolve())}, models)
     write_json(Path(output_dir(cfg)) / "results.json", results)
     return results
 

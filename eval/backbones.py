@@ -258,6 +258,12 @@ class ClapAudio(Backbone):
     outputs = ("audio",)
     asset = "clap"
 
+    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu"):
+        super().__init__(weights, seed, device)
+        # pretrained text branch: RoBERTa's BPE files (random weights use laion_clap's bundled CLIP BPE)
+        self.tokenizer_files = ([] if self.weights_path is None else
+                                [assets.require("roberta_vocab"), assets.require("roberta_merges")])
+
     def build(self) -> nn.Module:
         from siren.clap import Clap, ClapConfig
 
@@ -269,9 +275,8 @@ class ClapAudio(Backbone):
     def protocol(self) -> dict:
         from siren import clap as C
 
-        tokenizer = ("laion_clap's bundled CLIP BPE (random-weights mode)" if self.weights_path is None else
-                     "RoBERTa BPE vocab.json sha256 " + assets.sha256(assets.require("roberta_vocab"))[:16]
-                     + ", merges.txt sha256 " + assets.sha256(assets.require("roberta_merges"))[:16])
+        tokenizer = ("RoBERTa BPE, sha256 " + ", ".join(f"{p.name} {assets.sha256(p)[:16]}" for p in self.tokenizer_files)
+                     if self.tokenizer_files else "laion_clap's bundled CLIP BPE (random-weights mode)")
         return {"model": "laion_clap CLAP, HTSAT-tiny audio + RoBERTa text, non-fusion (siren.clap.Clap)",
                 "clap_sample_rate": C.CLAP_SAMPLE_RATE, "audio": C.AUDIO_PROTOCOL, "text_tokenizer": tokenizer,
                 "max_text_tokens": C.MAX_TEXT_LENGTH, "embedding_dim": C.EMBED_DIM, "normalised": True,
