@@ -126,7 +126,7 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
                         f"pass is_splits=K (K <= {n}) or leave isc out of metrics=")
     models = models if models is not None else backbones(cfg)
     cache = EmbeddingCache(cfg.cache_dir or None) if cfg.cache else None
-    bb_cards, cache_stats, per_clip = {}, {}, {"id": [c.id for c in gen]}
+    bb_cards, cache_stats, per_clip = {}, {}, {"id": [c.id for c in gen], "caption": list(captions)}
     values: dict[str, float | None] = {m: None for m in METRICS}
 
     def run(backbone, role):

@@ -60,6 +60,19 @@ def test_panns_batched_equals_one_at_a_time_and_resamples(panns):
     assert short.shape == (PannsCnn14.MIN_SAMPLES,)  # audioldm_eval pads clips under 2 s
 
 
+def test_embed_clips_groups_lengths_and_computes_duplicates_once(panns):
+    from eval.cache import embed_clips
+
+    wavs = [synth(1, 2.5), synth(2, 3.0), synth(3, 2.5), synth(1, 2.5)]  # two lengths; clip 3 repeats clip 0
+    clips = [make_clip(f"c{i}", w, 16000) for i, w in enumerate(wavs)]
+    out, stats = embed_clips(panns, clips, cache=None, batch_size=2)
+    assert stats.computed == 3 and stats.hits == 0
+    for c, o in zip(clips, out):
+        single = panns.embed_batch([panns.prepare(c)])[0]
+        np.testing.assert_allclose(o["logits"], single["logits"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(out[0]["embedding"], out[3]["embedding"])
+
+
 def test_random_weights_are_seeded():
     a, b = PannsCnn14("random", seed=3), PannsCnn14("random", seed=4)
     wa, wb = a.net.fc1.weight, b.net.fc1.weight
