@@ -1,0 +1,93 @@
+"""The protocol card every results file carries, and the Table-1 row printed from it.
+
+A number without its card is not reported: the published tools disagree on KL direction,
+resampler, backbone, IS shuffling, CLAP checkpoint and test subset, and each of these moves the
+numbers. Random weights make every number meaningless for comparison, so the card and every
+printed table say so in capitals.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+RANDOM_BANNER = "RANDOM WEIGHTS - NOT COMPARABLE TO PUBLISHED NUMBERS"
+TABLE_COLUMNS = (("FAD", "fad"), ("FD", "fd"), ("ISC", "isc"), ("KL", "kl"), ("CLAP", "clap"))
+PACKAGES = ("torch", "torchaudio", "numpy", "scipy", "panns-inference", "torchlibrosa", "torchvggish", "resampy",
+            "laion-clap", "transformers", "soundfile", "safetensors")
+REQUIRED = ("weights", "backbones", "audio", "metrics", "reference", "generated", "n_clips", "versions",
+            "code_version", "created")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of the checkout this code runs from, else the installed package version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
+                           capture_output=True, text=True, timeout=10)
+        if r.returncode == 0 and r.stdout.strip():
+            return f"git {r.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"siren-harness {metadata.version('siren-harness')}"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def weights_label(backbone_cards: dict[str, dict]) -> str:
+    labels = {c["weights"] for c in backbone_cards.values()}
+    return labels.pop() if len(labels) == 1 else "mixed: " + ", ".join(f"{k}={c['weights']}" for k, c in backbone_cards.items())
+
+
+def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference: dict, generated: dict,
+          n_clips: int, device: str) -> dict:
+    """The card: ``backbone_cards`` maps a role (fd_kl_is, fad, clap) to ``Backbone.card()``."""
+    label = weights_label(backbone_cards)
+    card = {
+        "weights": label,
+        "backbones": backbone_cards,
+        "audio": audio,
+        "metrics": metrics,
+        "reference": reference,
+        "generated": generated,
+        "n_clips": n_clips,
+        "device": device,
+        "versions": package_versions(),
+        "code_version": code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if label != "pretrained":
+        card = {"WARNING": RANDOM_BANNER, **card}
+    return card
+
+
+def is_random(card: dict) -> bool:
+    return card.get("weights") != "pretrained"
+
+
+def table(rows: list[tuple[str, dict]], card: dict) -> str:
+    """Markdown Table-1 rows (FAD, FD, ISC, KL, CLAP) with a banner row when the weights are not pretrained."""
+    head = "| system | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    if is_random(card):
+        lines.append(f"| **{RANDOM_BANNER}** |" + " |" * len(TABLE_COLUMNS))
+    for name, m in rows:
+        cells = [f"{m[k]:.2f}" if m.get(k) is not None else "-" for _, k in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    fd = card["backbones"].get("fd_kl_is", {})
+    lines.append(f"\n{card['n_clips']} clips; FD/KL/IS: {fd.get('id', '-')}; KL {card['metrics'].get('kl', {}).get('direction', '-')}; "
+                 f"weights: {card['weights']}" + (f"  ** {RANDOM_BANNER} **" if is_random(card) else ""))
+    return "\n".join(lines)

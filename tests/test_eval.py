@@ -1,0 +1,300 @@
+"""Backbones, embedding cache, protocol card and `eval/audiocaps.py gen_dir=` end to end (random weights)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from eval import card as cards
+from eval.audio import BadAudioError, make_clip
+from eval.audiocaps import EvalConfig, evaluate, main
+from eval.backbones import PannsCnn14, VGGish
+from eval.reference import ManifestError
+from siren.config import ConfigError
+from tests.fixtures_eval import make_reference, synth, write_set
+
+ROOT = Path(__file__).resolve().parents[1]
+CLAP = "clap" if (ROOT / "siren" / "clap.py").is_file() else ""
+METRICS = ",".join(["fad", "fd", "isc", "kl"] + ([CLAP] if CLAP else []))
+
+
+@pytest.fixture(scope="module")
+def panns():
+    return PannsCnn14("random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vggish():
+    return VGGish("random", seed=0)
+
+
+def test_panns_logits_are_the_pre_sigmoid_outputs_of_panns_own_forward(panns):
+    x = torch.from_numpy(np.stack([synth(1, 2.5), synth(2, 2.5)]))
+    ours = panns.forward(x)
+    with torch.no_grad():
+        theirs = panns.net(x)  # panns_inference's Cnn14.forward: sigmoid outputs
+        by_layer = panns.net.fc_audioset(ours["embedding"])  # logits recomputed from the embedding
+    assert ours["logits"].shape == (2, 527) and ours["embedding"].shape == (2, 2048)
+    torch.testing.assert_close(torch.sigmoid(ours["logits"]), theirs["clipwise_output"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours["logits"], by_layer, rtol=1e-5, atol=1e-6)
+    assert "panns_inference" not in sys.modules  # the package (its import runs wget) was never imported
+
+
+def test_panns_batched_equals_one_at_a_time_and_resamples(panns):
+    clips = [make_clip(f"c{i}", synth(i, 3.0, 22050), 22050) for i in range(3)]
+    xs = [panns.prepare(c) for c in clips]
+    assert xs[0].shape == (48000,)  # 3 s at 16 kHz
+    batched = panns.embed_batch(xs)
+    for x, b in zip(xs, batched):
+        single = panns.embed_batch([x])[0]
+        np.testing.assert_allclose(b["logits"], single["logits"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b["embedding"], single["embedding"], rtol=1e-4, atol=1e-7)
+    short = panns.prepare(make_clip("s", synth(0, 0.5), 16000))
+    assert short.shape == (PannsCnn14.MIN_SAMPLES,)  # audioldm_eval pads clips under 2 s
+
+
+def test_embed_clips_groups_lengths_and_computes_duplicates_once(panns):
+    from eval.cache import embed_clips
+
+    wavs = [synth(1, 2.5), synth(2, 3.0), synth(3, 2.5), synth(1, 2.5)]  # two lengths; clip 3 repeats clip 0
+    clips = [make_clip(f"c{i}", w, 16000) for i, w in enumerate(wavs)]
+    out, stats = embed_clips(panns, clips, cache=None, batch_size=2)
+    assert stats.computed == 3 and stats.hits == 0
+    for c, o in zip(clips, out):
+        single = panns.embed_batch([panns.prepare(c)])[0]
+        np.testing.assert_allclose(o["logits"], single["logits"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(out[0]["embedding"], out[3]["embedding"])
+
+
+def test_random_weights_are_seeded():
+    a, b = PannsCnn14("random", seed=3), PannsCnn14("random", seed=4)
+    wa, wb = a.net.fc1.weight, b.net.fc1.weight
+    assert torch.equal(wa, PannsCnn14("random", seed=3).net.fc1.weight) and not torch.equal(wa, wb)
+    assert a.weights_sha256 == "random-seed3" and a.id != b.id
+
+
+def test_vggish_is_torchvggish_without_pca_and_final_relu(vggish):
+    from torchvggish import torchvggish as tv, vggish_input
+
+    wav = synth(7, 2.9)
+    frames = vggish.embed_batch([vggish.prepare(make_clip("v", wav, 16000))])[0]["frames"]
+    assert frames.shape == (3, 128) and (frames < 0).any()  # 3 whole 0.96 s examples; no ReLU on the output
+    # torchvggish's own pipeline with the same weights: examples -> VGG (postprocess=False) -> pre-ReLU output
+    ref = tv.VGG(tv.make_layers(), postprocess=False)
+    state = {k: v for k, v in vggish.net.state_dict().items()}
+    ref.load_state_dict(state)
+    ref.eval()
+    with torch.no_grad():
+        ex = vggish_input.waveform_to_examples(wav.astype(np.float64), 16000, return_tensor=True)
+        full = ref(ex)  # with the final ReLU
+        pre = ref.embeddings[:-1](torch.flatten(ref.features(ex).permute(0, 2, 3, 1), 1))
+    np.testing.assert_allclose(frames, pre.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.maximum(frames, 0), full.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the CLI on a small generated folder and reference manifest.
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    manifest, ids = make_reference(root / "ref", n=4, seconds=2.5, captions_per_id=2)
+    write_set(root / "gen", ids, seed=2, seconds=3.0, sr=22050)  # another system's rate and length
+    return root, manifest, ids
+
+
+def _args(root, manifest, gen="gen", out="out", *extra):
+    return [f"gen_dir={root / gen}", f"ref={manifest}", "weights=random", f"out={root / out}",
+            f"cache_dir={root / 'cache'}", "is_splits=2", f"metrics={METRICS}", *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_run(sets):
+    root, manifest, _ = sets
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SIREN_CACHE": str(root / "siren_cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "eval" / "audiocaps.py"), *_args(root, manifest)],
+                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads((root / "out" / "results.json").read_text())
+
+
+def test_cli_writes_results_and_prints_flagged_row(cli_run, sets):
+    proc, results = cli_run
+    m = results["metrics"]
+    for k in METRICS.split(","):
+        assert isinstance(m[k], float) and np.isfinite(m[k]), k
+    assert m["fd"] >= 0 and m["fad"] >= 0 and m["isc"] >= 1 - 1e-9
+    assert len(results["per_clip"]["kl"]) == 4 and results["per_clip"]["id"] == sets[2]
+    assert cards.RANDOM_BANNER in proc.stdout
+    assert "| FAD | FD | ISC | KL | CLAP |" in proc.stdout
+
+
+def test_card_is_complete_and_flags_random_weights(cli_run, sets):
+    card = cli_run[1]["card"]
+    assert card["WARNING"] == cards.RANDOM_BANNER and card["weights"] == "random"
+    for field in cards.REQUIRED:
+        assert field in card, field
+    for role in ["fd_kl_is", "fad"] + (["clap"] if CLAP else []):
+        bb = card["backbones"][role]
+        for field in ("id", "weights", "weights_sha256", "sample_rate", "resampler"):
+            assert bb[field] not in (None, ""), (role, field)
+        assert bb["weights_sha256"] == "random-seed0"
+    fd = card["backbones"]["fd_kl_is"]
+    assert (fd["sample_rate"], fd["window_size"], fd["hop_size"], fd["mel_bins"], fd["fmin"], fd["fmax"],
+            fd["classes_num"]) == (16000, 512, 160, 64, 50, 8000, 527)
+    fad = card["backbones"]["fad"]
+    assert fad["pca"] is False and fad["final_relu"] is False
+    assert card["metrics"]["kl"]["direction"] == "KL(ref||gen)"
+    assert (card["metrics"]["isc"]["splits"], card["metrics"]["isc"]["shuffle_seed"]) == (2, 2020)
+    assert card["metrics"]["clap"]["checkpoint"] == ("random-seed0" if CLAP else "not computed")
+    ref = card["reference"]
+    assert ref["caption_index"] == 0 and ref["n_clips"] == 4 and len(ref["set_sha256"]) == 64
+    assert len(ref["manifest_sha256"]) == 64 and card["n_clips"] == 4
+    assert card["audio"]["resampler"]["function"] == "torchaudio.functional.resample"
+    assert card["versions"]["torch"] == torch.__version__.split("+")[0] or card["versions"]["torch"].startswith(
+        torch.__version__.split("+")[0])
+    assert card["code_version"] and card["code_version"] != "unknown"
+
+
+def test_cache_second_run_computes_nothing_and_a_changed_file_exactly_one(cli_run, sets, capsys):
+    root, manifest, ids = sets
+    cfg_args = _args(root, manifest, "gen", "out2")
+    assert main(cfg_args) == 0
+    again = json.loads((root / "out2" / "results.json").read_text())
+    assert all(s["computed"] == 0 for s in again["cache"].values()), again["cache"]
+    first = {k: v for k, v in cli_run[1]["metrics"].items() if v is not None}
+    assert {k: again["metrics"][k] for k in first} == pytest.approx(first, rel=1e-12)
+
+    gen2 = root / "gen_changed"
+    write_set(gen2, ids, seed=2, seconds=3.0, sr=22050)  # same content as gen ...
+    sf.write(gen2 / f"{ids[1]}.wav", synth(999, 3.0, 22050), 22050)  # ... but one clip
+    assert main(_args(root, manifest, "gen_changed", "out3", "metrics=kl")) == 0  # PANNs only: quicker
+    changed = json.loads((root / "out3" / "results.json").read_text())
+    assert changed["cache"]["fd_kl_is"] == {"hits": 7, "computed": 1}
+
+    assert main(_args(root, manifest, "gen", "out4", "seed=1", "metrics=fad")) == 0
+    other_seed = json.loads((root / "out4" / "results.json").read_text())
+    assert other_seed["cache"]["fad"] == {"hits": 0, "computed": 8}
+    assert other_seed["card"]["backbones"]["fad"]["weights_sha256"] == "random-seed1"
+
+    entry = next((root / "cache" / "vggish-random-seed1").rglob("*.safetensors"))
+    entry.write_bytes(entry.read_bytes()[:40])  # a torn / corrupt entry is recomputed, never trusted
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert main(_args(root, manifest, "gen", "out5", "seed=1", "metrics=fad")) == 0
+    assert json.loads((root / "out5" / "results.json").read_text())["cache"]["fad"] == {"hits": 7, "computed": 1}
+    assert cards.RANDOM_BANNER in capsys.readouterr().out
+
+
+def test_identical_folders_give_zero_distances_and_kl(cli_run, sets):
+    root, manifest, ids = sets
+    cfg = EvalConfig(gen_dir=str(root / "ref" / "audio"), ref=str(manifest), weights="random",
+                     out=str(root / "self"), cache_dir=str(root / "cache"), is_splits=2, metrics="fad,fd,kl")
+    m = evaluate(cfg)["metrics"]
+    assert m["fd"] == pytest.approx(0.0, abs=1e-9) and m["fad"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(m["kl"]) <= 527 * 1e-6  # zero up to audioldm_eval's eps
+    assert cli_run[1]["metrics"]["fd"] > 1e3 * max(m["fd"], 1e-12)
+
+
+def test_mismatched_ids_are_listed(sets, tmp_path):
+    root, manifest, ids = sets
+    write_set(tmp_path, ids[1:] + ["stranger"], seed=5)
+    cfg = EvalConfig(gen_dir=str(tmp_path), ref=str(manifest), weights="random", metrics="kl")
+    with pytest.raises(ManifestError) as e:
+        evaluate(cfg)
+    assert f"missing 1: {ids[0]}" in str(e.value) and "extra 1 (not in the reference set): stranger" in str(e.value)
+
+
+def test_bad_wavs_are_all_named_in_one_error(sets, tmp_path):
+    root, manifest, ids = sets
+    write_set(tmp_path, ids, seed=6)
+    sf.write(tmp_path / f"{ids[0]}.wav", np.zeros(0, np.float32), 16000)
+    nan = synth(1)
+    nan[100] = np.nan
+    sf.write(tmp_path / f"{ids[2]}.wav", nan, 16000, subtype="FLOAT")
+    (tmp_path / f"{ids[3]}.wav").write_bytes(b"not a wav file")
+    with pytest.raises(BadAudioError) as e:
+        evaluate(EvalConfig(gen_dir=str(tmp_path), ref=str(manifest), weights="random", metrics="kl"))
+    msg = str(e.value)
+    assert "3 of 4 generated files" in msg
+    for i in (0, 2, 3):
+        assert f"{ids[i]}.wav" in msg
+    assert "empty" in msg and "NaN" in msg and f"{ids[1]}.wav" not in msg
+
+
+def test_too_few_clips_and_bad_config_are_errors(sets, tmp_path, capsys):
+    root, manifest, ids = sets
+    one = tmp_path / "one.csv"
+    one.write_text(f"id,audio,caption\n{ids[0]},{root / 'ref' / 'audio' / ids[0]}.wav,a tone\n")
+    write_set(tmp_path / "g", ids[:1], seed=3)
+    assert main([f"gen_dir={tmp_path / 'g'}", f"ref={one}", "weights=random"]) == 2
+    assert "at least 2 are needed" in capsys.readouterr().err
+    assert main([f"gen_dir={root / 'gen'}", f"ref={manifest}", "weigths=random"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'weigths'" in err and "weights" in err and "gen_dir" in err
+    with pytest.raises(ConfigError, match="isc"):
+        evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), metrics="fd,isk"))
+
+
+def test_caption_index_selects_the_kth_caption(sets):
+    from eval.reference import read_manifest, select
+
+    root, manifest, ids = sets
+    items = select(read_manifest(manifest), manifest, caption_index=1)
+    assert [it.id for it in items] == ids and items[0].caption.startswith("caption 1 of")
+    with pytest.raises(ManifestError, match="fewer captions"):
+        select(read_manifest(manifest), manifest, caption_index=2)
+
+
+def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, monkeypatch):
+    from siren import assets
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "assets"))
+    with pytest.raises(assets.MissingWeightsError, match="prefetch panns_cnn14_16k"):
+        PannsCnn14("pretrained")
+    # A checkpoint in the published file's layout ({'model': state_dict}) at the expected place.
+    dest = assets.path("panns_cnn14_16k")
+    dest.parent.mkdir(parents=True)
+    torch.save({"model": panns.net.state_dict(), "iteration": 0}, dest)
+    loaded = PannsCnn14("pretrained")
+    assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == assets.sha256(dest)
+    x = torch.from_numpy(synth(3, 2.0))[None]
+    torch.testing.assert_close(loaded.forward(x)["logits"], panns.forward(x)["logits"])
+
+    root, manifest, _ = sets
+    results = evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), weights="pretrained",
+                                  out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), metrics="fd,kl"))
+    card = results["card"]
+    assert card["weights"] == "pretrained" and "WARNING" not in card
+    assert card["backbones"]["fd_kl_is"]["weights_sha256"] == assets.sha256(dest)
+    assert cards.RANDOM_BANNER not in cards.table([("x", results["metrics"])], card)
+
+
+def test_metrics_are_wired_to_the_right_sets(cli_run, sets):
+    """KL is KL(ref || gen) per id, IS is over the generated clips, FD is generated vs reference."""
+    from eval import metrics as M
+    from eval.audio import load_clips
+    from eval.cache import EmbeddingCache, embed_clips
+    from eval.reference import read_manifest, select
+
+    root, manifest, ids = sets
+    results = cli_run[1]
+    items = select(read_manifest(manifest), manifest)
+    ref = load_clips({it.id: it.audio for it in items})
+    gen = load_clips({i: root / "gen" / f"{i}.wav" for i in ids})
+    panns, cache = PannsCnn14("random", seed=0), EmbeddingCache(root / "cache")
+    (r, sr), (g, sg) = embed_clips(panns, ref, cache), embed_clips(panns, gen, cache)
+    assert sr.computed == sg.computed == 0  # read back what the CLI stored
+    rl, gl = np.stack([e["logits"] for e in r]), np.stack([e["logits"] for e in g])
+    kl, kl_rev = M.kl_divergence(rl, gl), M.kl_divergence(gl, rl)
+    assert np.abs(kl - kl_rev).max() > 1e-8  # the two directions differ on these clips
+    np.testing.assert_allclose(results["per_clip"]["kl"], kl, rtol=1e-12)
+    np.testing.assert_allclose(results["per_clip"]["kl_gen_ref"], kl_rev, rtol=1e-12)
+    assert results["metrics"]["isc"] == pytest.approx(M.inception_score(gl, 2, 2020)[0], rel=1e-12)
+    assert results["metrics"]["isc"] != pytest.approx(M.inception_score(rl, 2, 2020)[0], rel=1e-12)
