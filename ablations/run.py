@@ -123,7 +123,7 @@ def _params(cell: Cell, column: str) -> str:
     return f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
 
 
-METRIC_COLUMNS = {"FAD": "FAD", "FD": "FD", "ISC": "ISC", "KL": "KL", "CLAP": "CLAP"}
+METRIC_COLUMNS = {"FAD": "fad", "FD": "fd", "ISC": "isc", "KL": "kl", "CLAP": "clap"}  # results.json keys
 
 
 def outcome(cell: Cell, grid: Grid, states: dict[str, JobState]) -> Outcome:

@@ -18,14 +18,14 @@ SCALES: dict[str, dict[str, Any]] = {
         "train.steps": 40, "train.batch_size": 8, "train.crop_s": 2.0, "train.warmup_steps": 5,
         "train.log_every": 5, "train.val_every": 0, "train.ckpt_every": 20, "train.num_workers": 0,
         "rl.steps": 6, "rl.group": 4, "rl.batch": 2, "rl.seconds": 1.0,
-        "eval.seconds": 2.0, "eval.batch_size": 16,
+        "eval.seconds": 2.0, "eval.gen_batch_size": 16,
     },
     "paper": {
         "weights": "pretrained",
         "data.source": "manifest",
         "train.crop_s": 6.0,  # appendix B: 6 s crops of 10 s clips
         "rl.steps": 2000,  # section 5.1: the first transformer is fine-tuned 2K more steps
-        "eval.seconds": 10.0, "eval.batch_size": 16,
+        "eval.seconds": 10.0, "eval.gen_batch_size": 16,
     },
 }
 

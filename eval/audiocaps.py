@@ -1,8 +1,12 @@
-"""Evaluate a folder of generated clips against the AudioCaps test set (or any reference manifest).
+"""Evaluate a trained run, or a folder of generated clips, against the AudioCaps test set (or any
+reference manifest).
 
+    python eval/audiocaps.py ckpt=RUN_DIR ref=MANIFEST weights=pretrained out=DIR
     python eval/audiocaps.py gen_dir=FOLDER ref=MANIFEST weights=pretrained out=DIR
 
-FOLDER holds ``<id>.wav`` for every reference id (any sample rate, any system). Writes
+``ckpt=`` generates one clip per reference caption with the run (eval/generate.py: batched,
+seeded, resumable, ``candidates=N`` for CLAP reject sampling) into ``DIR/gen`` and evaluates
+those. ``ref=demo`` is the embedded demo set's test split. FOLDER holds ``<id>.wav`` for every reference id (any sample rate, any system). Writes
 ``DIR/results.json`` (metrics, per-clip scores and the protocol card) and prints a Table-1 row
 (FAD, FD, ISC, KL, CLAP). ``weights=random`` runs the same code with seeded random backbones
 (smoke tests only; every output says so). Embeddings are cached (``cache_dir=``), so evaluating
@@ -32,12 +36,14 @@ from eval.reference import ManifestError, file_sha256, match_generated, read_man
 from siren.assets import MissingWeightsError
 from siren.config import ConfigError, load_config, to_dict
 from siren.io import write_json
+from siren.sample import SampleConfig
 
 METRICS = ("fad", "fd", "isc", "kl", "clap")
 
 
 @dataclass
 class EvalConfig:
+    ckpt: str = ""  # a run directory (siren.load): generate for every reference caption, then evaluate
     gen_dir: str = ""  # folder of generated <id>.wav
     ref: str = ""  # reference manifest, CSV or JSONL with columns id,audio,caption
     out: str = ""  # results folder; default: <gen_dir>_eval beside gen_dir
@@ -55,6 +61,12 @@ class EvalConfig:
     is_seed: int = M.IS_SEED
     kl_eps: float = M.KL_EPS  # audioldm_eval's epsilon inside log(p_gen + eps); 0 = exact KL
     device: str = "cpu"  # cpu | cuda | auto
+    # generation (ckpt= only); Table 1 times a batch of 16 clips of 10 s
+    seconds: float = 10.0
+    gen_batch_size: int = 16
+    gen_seed: int = 0
+    candidates: int = 1  # > 1: CLAP-score reject sampling, the best of N per caption (paper, after GenAU)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
 
 class EvalError(ValueError):
@@ -202,13 +214,31 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """The ``gen_dir=`` path: read the reference and the generated folder, evaluate, write results.json."""
-    if not cfg.gen_dir or not cfg.ref:
-        raise ConfigError("pass gen_dir=FOLDER (generated <id>.wav files) and ref=MANIFEST (id,audio,caption)")
+    """Read the reference, generate with ``ckpt`` (or read ``gen_dir``), evaluate, write results.json.
+
+    A run that cannot generate gets results.json with status "itg" and the reason (and no metrics)."""
+    if bool(cfg.ckpt) == bool(cfg.gen_dir) or not cfg.ref:
+        raise ConfigError("pass ref=MANIFEST (id,audio,caption; or ref=demo) and exactly one of ckpt=RUN_DIR "
+                          "(generate, then evaluate) or gen_dir=FOLDER (generated <id>.wav files)")
     models = backbones(cfg)
     items, ref_card = load_reference(cfg)
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
+    gen_card = {}
+    if cfg.ckpt:
+        from eval.generate import CannotGenerate, generate_set
+
+        gen_dir = output_dir(cfg) / "gen"
+        try:
+            gen_card = generate_set(cfg.ckpt, [it.id for it in items], [it.caption for it in items], gen_dir,
+                                    seconds=cfg.seconds, batch_size=cfg.gen_batch_size, seed=cfg.gen_seed,
+                                    sample=cfg.sample, candidates=cfg.candidates,
+                                    clap=models["clap"].net if cfg.candidates > 1 else None, device=_device(cfg.device))
+        except CannotGenerate as e:
+            results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
+            write_json(output_dir(cfg) / "results.json", results)
+            return results
+        cfg = dataclasses.replace(cfg, gen_dir=str(gen_dir))
     gen_paths = match_generated(cfg.gen_dir, [it.id for it in items])
     clips, errors = {}, []
     for what, paths in [("reference", {it.id: it.audio for it in items}), ("generated", gen_paths)]:
@@ -219,14 +249,24 @@ def evaluate(cfg: EvalConfig) -> dict:
     if errors:
         raise BadAudioError("\n".join(errors))
     results = evaluate_sets(clips["generated"], clips["reference"], [it.caption for it in items], cfg, ref_card,
-                            {"dir": str(Path(cfg.gen_dir).resolve())}, models)
+                            {"dir": str(Path(cfg.gen_dir).resolve()), **gen_card}, models)
+    results["status"] = "ok"
     write_json(Path(output_dir(cfg)) / "results.json", results)
     return results
+
+
+def evaluate_run(run_dir: str, ref: str, out: str, weights: str, overrides: list[str] = ()) -> dict:
+    """The ablation grid's eval step: ``ckpt=run_dir`` with the cell's eval.* keys; returns the status."""
+    cfg = load_config(EvalConfig, [f"ckpt={run_dir}", f"ref={ref}", f"out={out}", f"weights={weights}", *overrides])
+    res = evaluate(cfg)
+    return {"status": res["status"], "reason": res.get("reason", ""), "metrics": res["metrics"]}
 
 
 def output_dir(cfg: EvalConfig) -> Path:
     if cfg.out:
         return Path(cfg.out)
+    if cfg.ckpt:
+        return Path(cfg.ckpt) / "eval"
     g = Path(cfg.gen_dir).resolve()
     return g.parent / f"{g.name}_eval"
 
@@ -243,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, BadAudioError, EvalError, MissingWeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    name = cfg.name or Path(cfg.gen_dir).resolve().name
+    name = cfg.name or Path(cfg.ckpt or cfg.gen_dir).resolve().name
+    if results["status"] == "itg":
+        print(f"{name}: itg (inability to generate): {results['reason']}")
+        print(f"results: {output_dir(cfg) / 'results.json'}")
+        return 0
     print(cards.table([(name, results["metrics"])], results["card"]))
     print(f"results: {output_dir(cfg) / 'results.json'}")
     return 0

@@ -1,0 +1,104 @@
+"""The `ckpt=` path of eval/audiocaps.py: generate one clip per reference caption with a trained run.
+
+Batched and seeded (Algorithm 2 via siren.sample), resumable (clips already written are kept),
+optionally with CLAP-score reject sampling (N candidates per caption, the best kept, as the paper
+does following GenAU), and timed like Table 1's #Gen. Time (one batch, on the device named).
+A model that cannot generate (non-finite logits, or most samples collapsing onto one code per
+layer) is reported as `itg` with the reason, as the paper prints it, never written as audio.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+import siren
+from siren.checkpoint import read_run_config
+from siren.codec import FRAME_RATE, SAMPLE_RATE, Codec, CodecConfig
+from siren.io import atomic_path
+from siren.sample import SampleConfig, generate_with_info
+from siren.text import TextConfig, TextEncoder
+
+COLLAPSE_ITG = 0.5  # a set where at least this fraction of clips collapsed cannot generate (itg)
+
+
+class CannotGenerate(RuntimeError):
+    """The paper's `itg`: the model produced no usable audio; the message says why."""
+
+
+def _seed_from(run_id: str) -> int:
+    """The seed in an id like 'dac16k-random-seed3' (random weights), else 0."""
+    return int(run_id.rsplit("random-seed", 1)[1].split("-")[0]) if "random-seed" in run_id else 0
+
+
+def run_frontends(run_dir: str | Path, device: str) -> tuple[TextEncoder, Codec]:
+    """The text encoder and codec a run was trained with, rebuilt and checked against its config."""
+    run = read_run_config(run_dir)
+    text = TextEncoder(TextConfig(weights=run["text"]["weights"], seed=_seed_from(run["text"]["id"])))
+    codec = Codec(CodecConfig(weights=run["codec"]["weights"], seed=_seed_from(run["codec"]["id"]))).to(device)
+    for what, built, want in [("text encoder", text.id, run["text"]["id"]), ("codec", codec.id, run["codec"]["id"])]:
+        if built != want:
+            raise ValueError(f"{run_dir} was trained with {what} {want}, but the weights found here give {built}; "
+                             f"put the same weights in $SIREN_CACHE (python -m siren.assets list)")
+    return text, codec
+
+
+def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_dir: str | Path, *, seconds: float,
+                 batch_size: int, seed: int, sample: SampleConfig, candidates: int = 1, clap=None,
+                 device: str = "cpu") -> dict:
+    """Write <out_dir>/<id>.wav for every id; returns the generation card (what, how, how long)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = siren.load(run_dir, device)
+    text, codec = run_frontends(run_dir, device)
+    if candidates > 1 and clap is None:
+        raise ValueError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
+    n_frames = max(1, round(seconds * FRAME_RATE))
+    todo = [i for i, id_ in enumerate(ids) if not (out_dir / f"{id_}.wav").is_file()]
+    batch_times, collapsed, total = [], 0, 0
+    for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch", disable=not todo):
+        rows = todo[start:start + batch_size]
+        caps = [captions[i] for i in rows]
+        states = text.encode(caps)
+        t0 = time.perf_counter()
+        best_wav, best_score = None, None
+        for c in range(candidates):
+            try:  # seed by position in the set, so a resumed run draws what the uninterrupted one would
+                codes, info = generate_with_info(model, states, n_frames, sample, seed=seed + 7919 * c + rows[0])
+            except FloatingPointError as e:
+                raise CannotGenerate(str(e)) from None
+            collapsed += int(info.collapsed.sum())
+            total += len(rows)
+            wav = codec.decode(codes).float().cpu()
+            if candidates == 1:
+                best_wav = wav
+                break
+            score = clap.score(wav, caps, sample_rate=SAMPLE_RATE).cpu()
+            if best_wav is None:
+                best_wav, best_score = wav, score
+            else:
+                better = score > best_score
+                best_wav[better], best_score[better] = wav[better], score[better]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        batch_times.append(time.perf_counter() - t0)
+        if total and collapsed / total >= COLLAPSE_ITG:
+            raise CannotGenerate(f"{collapsed} of {total} samples collapsed (every RVQ layer repeats one code for "
+                                 f"all {n_frames} frames)")
+        for i, w in zip(rows, best_wav):
+            with atomic_path(out_dir / f"{ids[i]}.wav") as tmp:
+                sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
+            "batch_size": batch_size, "seed": seed, "sample": vars(sample), "candidates": candidates,
+            "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
+            "generated_now": len(todo), "collapsed": collapsed, "device": _device_name(device),
+            "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
