@@ -45,6 +45,7 @@ class JobState:
     state: str  # DONE | PENDING | RUNNING | FAILED ... | MISSING (never submitted)
     job_id: str = ""
     log: str = ""
+    submitted: bool = False  # by this launcher call
 
 
 def _failed_marker(done: str | Path) -> Path:
@@ -148,7 +149,7 @@ def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str,
             fn, kwargs = _callable(job)
             sj = ex.submit(fn, **kwargs)
             ledger.record(job.key, "slurm", sj, root / "logs")
-            states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr))
+            states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr), submitted=True)
     return states
 
 
@@ -172,8 +173,9 @@ def run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
         for job, sj in running:
             try:
                 sj.result()
-                states[job.key] = JobState(job.key, "DONE", str(sj.job_id))
+                states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
             except Exception as e:  # the job's own error; its log has the traceback
                 states[job.key] = JobState(job.key, "FAILED", str(sj.job_id),
-                                           f"{sj.paths.stderr} ({type(e).__name__}: {str(e).splitlines()[-1][:200]})")
+                                           f"{sj.paths.stderr} ({type(e).__name__}: {str(e).splitlines()[-1][:200]})",
+                                           submitted=True)
     return states

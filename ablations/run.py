@@ -4,6 +4,7 @@
     scale=demo|paper        demo: tiny models, embedded demo data, RANDOM weights (default)
     executor=local|slurm|debug   profile=NAME (slurm/profiles/NAME.yaml, for executor=slurm)
     action=run|status|table|cancel    retry=true resubmits failed jobs
+    rows=LABEL,LABEL        only these rows of the grid (default: all)
     out=outputs             results: <out>/<scale>/{cells,data,jobs,logs,tables}
     set.KEY=VALUE           override any cell key for every cell (e.g. set.train.steps=100)
 
@@ -38,6 +39,7 @@ class RunConfig:
     profile: str = "local"  # slurm/profiles/<profile>.yaml (executor=slurm)
     action: str = "run"
     retry: bool = False
+    rows: str = ""  # comma-separated row labels; empty = all
     out: str = "outputs"
     max_parallel: int = 2  # local executor: jobs at once
     gpus: int = 0  # per training/alignment/eval job (scale=paper on a cluster: 1)
@@ -59,14 +61,19 @@ def parse(argv: list[str]) -> RunConfig:
     cfg.set = sets
     if cfg.action not in ACTIONS:
         raise ConfigError(f"unknown action '{cfg.action}'; valid: {', '.join(ACTIONS)}")
-    load_grid(cfg.grid)  # names the valid grids if this one does not exist
+    grid = load_grid(cfg.grid)  # names the valid grids if this one does not exist
+    labels = [r.label for r in grid.rows]
+    unknown = [r for r in cfg.rows.split(",") if r and r not in labels]
+    if unknown:
+        raise ConfigError(f"rows {unknown} are not in {cfg.grid}; its rows: {', '.join(labels)}")
     return cfg
 
 
 def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
     root, cells = Path(cfg.out) / cfg.scale, {}
+    wanted = {r for r in cfg.rows.split(",") if r}
     for row in grid.rows:
-        if row.cell is None:
+        if row.cell is None or (wanted and row.label not in wanted):
             continue
         resolved = resolve(row.cell, cfg.scale, cfg.set)
         cid = cell_id(resolved)
@@ -204,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         states = current_states(jobs, root)
     print("\n".join(status_lines(cells, jobs, states)))
+    if run.action == "run":
+        print(f"submitted {sum(s.submitted for s in states.values())} job(s) in this call")
     if run.action == "status":
         return 0
     outcomes = {row.label: outcome(cell, grid, states) for cell in cells for row in cell.rows}
