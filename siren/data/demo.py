@@ -317,6 +317,21 @@ def make_demo(out_dir: str | Path, seed: int = 0, n_train: int = 4, n_test: int 
     return out_dir / "train.csv"
 
 
+def prepare_demo(out: str | Path, *, codec, text_encoder, seed: int = 0, progress: bool = True) -> Path:
+    """Make the demo set under ``out/demo_source`` and prepare both splits into ``out`` (what
+    ``python -m siren.data.prepare manifest=demo out=...`` does, with models you already hold).
+    Cached: a second call encodes nothing. Returns ``out`` for ``make_loader(out, "train", ...)``."""
+    from siren.data.audio import AudioConfig
+    from siren.data.prepare import prepare
+
+    train = make_demo(Path(out) / "demo_source", seed=seed)
+    audio = AudioConfig(policy=AUDIO["audio.policy"], duration_s=AUDIO["audio.duration_s"])
+    for split in ("train", "test"):
+        prepare(train.with_name(f"{split}.csv"), out, codec=codec, text_encoder=text_encoder, audio=audio,
+                progress=progress)
+    return Path(out)
+
+
 @dataclass
 class DemoConfig:
     out: str = "data/demo_source"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, a
                          {"codes": codes[o:o + len(items)], "real_frames": torch.tensor([n_frames(r) for r in real],
                                                                                         dtype=torch.int32)},
                          {"codec_id": codec.id, "audio_sha256": sha[key], "audio": json.dumps(audio.key()),
-                          "source": str(row.audio)})
+                          "source": str(row.audio), "device": str(getattr(codec, "device", "unknown"))})
             o += len(items)
         pending.clear()
 
@@ -278,6 +279,7 @@ class PrepareConfig:
     batch_size: int = 1  # audio files per codec call (equal shapes only); 1 is also fastest on CPU
     text_batch_size: int = 1
     on_error: str = "stop"  # stop: one error listing every bad file; skip: leave them out, listed in the index
+    device: str = "auto"  # auto: cuda when available, else cpu
     demo_seed: int = 0  # manifest=demo only
 
 
@@ -285,7 +287,8 @@ def _models(cfg: PrepareConfig):
     from siren.codec import Codec
     from siren.text import TextEncoder
 
-    return Codec(cfg.codec), TextEncoder(cfg.text)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    return Codec(cfg.codec).to(device), TextEncoder(cfg.text).to(device)
 
 
 def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
@@ -299,10 +302,13 @@ def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
     return [(Path(cfg.manifest), cfg.split or Path(cfg.manifest).stem)]
 
 
-def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shard: int, num_shards: int, threads: int) -> list[str]:
-    torch.set_num_threads(threads)
+def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shards: list[int], num_shards: int,
+            threads: int | None = None) -> list[str]:
+    """Encode ``shards`` of every split with one codec and text encoder; report lines."""
+    if threads:
+        torch.set_num_threads(threads)
     codec, text_encoder = _models(cfg)
-    return [str(_run_shard(cfg, m, split, codec, text_encoder, shard, num_shards)) for m, split in splits]
+    return [str(_run_shard(cfg, m, split, codec, text_encoder, s, num_shards)) for s in shards for m, split in splits]
 
 
 def _run_shard(cfg, manifest, split, codec, text_encoder, shard, num_shards) -> PrepareReport:
@@ -327,25 +333,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits = _splits(cfg)
     n = max(cfg.num_shards, cfg.workers) if cfg.shard < 0 else cfg.num_shards
     if cfg.step == "all" and cfg.shard >= 0:  # one job-array element
-        for line in _worker(cfg, splits, cfg.shard, n, torch.get_num_threads()):
-            print(line)
+        print("\n".join(_worker(cfg, splits, [cfg.shard], n)))
         print(f"shard {cfg.shard} of {n} done; after every shard: python -m siren.data.prepare "
-              f"manifest={cfg.manifest} out={cfg.out} num_shards={n} step=index")
+              f"{shlex.quote('manifest=' + cfg.manifest)} {shlex.quote('out=' + cfg.out)} num_shards={n} step=index")
         return
-    if cfg.step == "all":
-        if cfg.workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            import multiprocessing as mp
+    if cfg.step == "all" and cfg.workers > 1:  # worker w takes shards w, w + workers, ...
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-            threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-            with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as ex:
-                for lines in ex.map(_worker, [cfg] * n, [splits] * n, range(n), [n] * n, [threads] * n):
-                    print("\n".join(lines))
-        else:
-            codec, text_encoder = _models(cfg)
-            for s in range(n):
-                for m, split in splits:
-                    print(_run_shard(cfg, m, split, codec, text_encoder, s, n))
+        w, threads = cfg.workers, max(1, (os.cpu_count() or 1) // cfg.workers)
+        with ProcessPoolExecutor(w, mp_context=mp.get_context("spawn")) as ex:
+            for lines in ex.map(_worker, [cfg] * w, [splits] * w, [list(range(i, n, w)) for i in range(w)],
+                                [n] * w, [threads] * w):
+                print("\n".join(lines))
+    elif cfg.step == "all":
+        print("\n".join(_worker(cfg, splits, list(range(n)), n)))
     for _, split in splits:
         idx = json.loads(write_index(cfg.out, split, n).read_text())
         warn = [f"{k} weights are {idx[k]['weights'].upper()}" for k in ("codec", "text") if idx[k]["weights"] != "pretrained"]
