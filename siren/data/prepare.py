@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from siren.codec import FRAME_RATE, CodecConfig
+from siren.codec import FRAME_RATE, SAMPLE_RATE, CodecConfig
 from siren.config import load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, n_frames, standardize
 from siren.data.cache import cache_path, codes_key, index_path, shard_path, sha256, text_key
@@ -57,11 +57,18 @@ class PrepareReport:
     text_encoded: int = 0  # distinct captions run through the text encoder
     text_cached: int = 0
     bad: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole call
+    text_seconds: float = 0.0  # in the text encoder pass
+    codes_seconds: float = 0.0  # in the codec pass (load + resample + encode + save)
+    audio_seconds: float = 0.0  # audio encoded, after crop/pad
 
     def __str__(self) -> str:
+        speed = (f" (codes {self.codes_seconds:.1f} s: {self.codes_seconds / self.codes_encoded:.2f} s per file, "
+                 f"{self.codes_seconds / max(self.audio_seconds, 1e-9):.2f} s per audio second; text "
+                 f"{self.text_seconds:.1f} s)" if self.codes_encoded else "")
         return (f"{self.split}: audio {self.codes_encoded} to encode, {self.codes_cached} cached; captions "
-                f"{self.text_encoded} to encode, {self.text_cached} cached; {len(self.bad)} bad; {self.seconds:.1f} s")
+                f"{self.text_encoded} to encode, {self.text_cached} cached; {len(self.bad)} bad; "
+                f"{self.seconds:.1f} s{speed}")
 
 
 def _header(codec, text_encoder, audio: AudioConfig, text_dtype: str, manifest: Path, manifest_sha: str) -> dict:
@@ -97,9 +104,11 @@ def _encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, 
 
 
 def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, audio: AudioConfig,
-                  batch_size: int, progress: bool) -> None:
-    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape."""
+                  batch_size: int, progress: bool) -> float:
+    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape;
+    returns the seconds of audio encoded."""
     pending: list[tuple[str, Row, torch.Tensor, list[int]]] = []
+    total = 0.0
 
     def flush():
         codes = codec.encode(torch.cat([p[2] for p in pending])).cpu().to(torch.int16)
@@ -121,8 +130,10 @@ def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, a
         if pending and (pending[0][2].shape[1:] != items.shape[1:] or len(pending) >= batch_size):
             flush()
         pending.append((key, row, items, real))
+        total += items.numel() / SAMPLE_RATE
     if pending:
         flush()
+    return total
 
 
 def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, text_encoder,
@@ -179,12 +190,16 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     if progress:
         print(f"{split} shard {shard}/{num_shards}: audio {rep.codes_encoded} to encode, {rep.codes_cached} cached; "
               f"captions {rep.text_encoded} to encode, {rep.text_cached} cached", file=sys.stderr)
+    t = time.perf_counter()
     if text_todo:
         _encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
+    rep.text_seconds = time.perf_counter() - t
 
     # 3. codes of the audio not cached yet (each file saved as soon as it is encoded).
+    t = time.perf_counter()
     if todo:
-        _encode_codes(todo, sha, out, codec, audio, batch_size, progress)
+        rep.audio_seconds = _encode_codes(todo, sha, out, codec, audio, batch_size, progress)
+    rep.codes_seconds = time.perf_counter() - t
 
     # 4. what this shard holds, for the index step.
     entries = []
@@ -254,7 +269,8 @@ def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split
     total = PrepareReport(split)
     for s in range(num_shards):
         r = prepare_shard(rows, out, split, shard=s, **kw)
-        for f in ("rows", "codes_encoded", "codes_cached", "text_encoded", "text_cached", "seconds"):
+        for f in ("rows", "codes_encoded", "codes_cached", "text_encoded", "text_cached", "seconds", "text_seconds",
+                  "codes_seconds", "audio_seconds"):
             setattr(total, f, getattr(total, f) + getattr(r, f))
         total.bad += r.bad
     write_index(out, split, num_shards)
