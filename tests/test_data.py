@@ -274,9 +274,13 @@ def test_sharded_prepare_equals_single_process(tmp_path, codec, text_encoder):
     ia, ib = (json.loads(index_path(tmp_path / d, "manifest").read_text()) for d in "ab")
     assert ia["items"] == ib["items"] and len(ia["items"]) == 3
     for it in ia["items"]:
-        for kind in ("codes", "text"):
-            ta, tb = (load_file(cache_path(tmp_path / d, kind, it[kind])) for d in "ab")
-            assert all(torch.equal(ta[k], tb[k]) for k in ta)
+        ca, cb = (load_file(cache_path(tmp_path / d, "codes", it["codes"])) for d in "ab")
+        assert torch.equal(ca["codes"], cb["codes"]) and torch.equal(ca["real_frames"], cb["real_frames"])
+        ta, tb = (load_file(cache_path(tmp_path / d, "text", it["text"])) for d in "ab")
+        # captions were batched differently (per shard): equal up to float16 rounding of ~1e-6 differences
+        assert torch.equal(ta["mask"], tb["mask"])
+        torch.testing.assert_close(ta["states"], tb["states"], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(ta["pooled"], tb["pooled"], atol=1e-5, rtol=1e-4)
 
 
 def test_segment_policy_gives_one_item_per_chunk(tmp_path, codec, text_encoder):
