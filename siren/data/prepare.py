@@ -188,7 +188,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     rep.text_encoded, rep.text_cached = len(text_todo), len(captions) - len(text_todo)
     rep.codes_encoded, rep.codes_cached = len(todo), len({keys[i] for i, _ in good}) - len(todo)
     if progress:
-        print(f"{split} shard {shard}/{num_shards}: audio {rep.codes_encoded} to encode, {rep.codes_cached} cached; "
+        print(f"{split} shard {shard} of {num_shards}: audio {rep.codes_encoded} to encode, {rep.codes_cached} cached; "
               f"captions {rep.text_encoded} to encode, {rep.text_cached} cached", file=sys.stderr)
     t = time.perf_counter()
     if text_todo:
@@ -324,7 +324,8 @@ def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shards: list[int
     if threads:
         torch.set_num_threads(threads)
     codec, text_encoder = _models(cfg)
-    return [str(_run_shard(cfg, m, split, codec, text_encoder, s, num_shards)) for s in shards for m, split in splits]
+    return [f"shard {s} of {num_shards}: {_run_shard(cfg, m, split, codec, text_encoder, s, num_shards)}"
+            for s in shards for m, split in splits]
 
 
 def _run_shard(cfg, manifest, split, codec, text_encoder, shard, num_shards) -> PrepareReport:
