@@ -125,18 +125,22 @@ def test_resample_keeps_frequency_and_length(tmp_path):
 
 def test_standardize_policies():
     wav = torch.linspace(0.1, 1.0, 20_800)  # 1.3 s
-    items, real = standardize(wav, AudioConfig("pad", 0.5))
-    assert items.shape == (1, 8000) and real == [8000] and torch.equal(items[0], wav[:8000])
-    items, real = standardize(wav, AudioConfig("segment", 0.5))  # 2 chunks, the 0.3 s residual dropped
-    assert items.shape == (2, 8000) and real == [8000, 8000] and torch.equal(items.flatten(), wav[:16000])
-    items, real = standardize(wav, AudioConfig("pad", 2.0))  # shorter: zero-padded to 2 s
+    items, real, chunks = standardize(wav, AudioConfig("pad", 0.5))
+    assert items.shape == (1, 8000) and real == [8000] and chunks == [-1] and torch.equal(items[0], wav[:8000])
+    items, real, chunks = standardize(wav, AudioConfig("segment", 0.5))  # 2 chunks, the 0.3 s residual dropped
+    assert items.shape == (2, 8000) and real == [8000, 8000] and chunks == [0, 1]
+    assert torch.equal(items.flatten(), wav[:16000])
+    items, real, chunks = standardize(wav, AudioConfig("pad", 2.0))  # shorter: zero-padded to 2 s
     assert items.shape == (1, 32000) and real == [20800] and items[0, 20800:].abs().sum() == 0
-    items, real = standardize(wav, AudioConfig("crop", 2.0))  # shorter: kept as is
+    items, real, chunks = standardize(wav, AudioConfig("segment", 2.0))  # shorter: zero-padded, not split
+    assert items.shape == (1, 32000) and chunks == [-1]
+    items, real, chunks = standardize(wav, AudioConfig("crop", 2.0))  # shorter: kept as is
     assert items.shape == (1, 20800) and real == [20800]
     quiet_start = torch.cat([torch.zeros(8000), wav])
-    with pytest.raises(AudioError, match="first 0.5 s are silent"):
+    with pytest.raises(AudioError, match="q.wav: the first 0.5 s are silent"):
         standardize(quiet_start, AudioConfig("pad", 0.5), "q.wav")
-    assert standardize(quiet_start, AudioConfig("segment", 0.5))[0].shape == (2, 8000)  # silent chunk dropped
+    items, _, chunks = standardize(quiet_start, AudioConfig("segment", 0.5))  # the silent chunk 0 dropped
+    assert chunks == [1, 2] and torch.equal(items.flatten(), wav[:16000])
 
 
 # ---------------------------------------------------------------- demo set
@@ -221,7 +225,7 @@ def test_cache_holds_what_the_models_compute(tmp_path, codec, text_encoder):
     run(m, tmp_path / "out", codec, text_encoder)
     ds = PreparedDataset(tmp_path / "out", "manifest", crop_s=None)
     for i, row in enumerate(read_manifest(m)):
-        items, _ = standardize(load_audio(row.audio), TINY)
+        items, _, _ = standardize(load_audio(row.audio), TINY)
         assert torch.equal(ds.codes(i), codec.encode(items)[0])
         ref = text_encoder.encode([row.caption])
         n = int(ref.mask[0].sum())
@@ -275,7 +279,7 @@ def test_sharded_prepare_equals_single_process(tmp_path, codec, text_encoder):
     assert ia["items"] == ib["items"] and len(ia["items"]) == 3
     for it in ia["items"]:
         ca, cb = (load_file(cache_path(tmp_path / d, "codes", it["codes"])) for d in "ab")
-        assert torch.equal(ca["codes"], cb["codes"]) and torch.equal(ca["real_frames"], cb["real_frames"])
+        assert all(torch.equal(ca[k], cb[k]) for k in ("codes", "real_frames", "chunks"))
         ta, tb = (load_file(cache_path(tmp_path / d, "text", it["text"])) for d in "ab")
         # captions were batched differently (per shard): equal up to float16 rounding of ~1e-6 differences
         assert torch.equal(ta["mask"], tb["mask"])
@@ -290,7 +294,7 @@ def test_segment_policy_gives_one_item_per_chunk(tmp_path, codec, text_encoder):
     run(m, tmp_path / "out", codec, text_encoder, audio=AudioConfig("segment", 0.5))
     ds = PreparedDataset(tmp_path / "out", "m", crop_s=None)
     assert ds.ids == ["x#0", "x#1"]
-    chunks, _ = standardize(load_audio(tmp_path / "long.wav"), AudioConfig("segment", 0.5))
+    chunks, _, _ = standardize(load_audio(tmp_path / "long.wav"), AudioConfig("segment", 0.5))
     direct = codec.encode(chunks)
     assert all(torch.equal(ds.codes(i), direct[i]) for i in range(2)) and direct.shape[-1] == 25
 

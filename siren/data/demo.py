@@ -5,13 +5,13 @@ classes have distinct spectro-temporal signatures (15 classes, as the paper's se
 in Figure 2-c), parameters drawn per clip so clips of one class differ, captions in natural
 language with some variation, labels = class names.
 
-    python -m siren.data.demo out=data/demo_source            # write wavs + train.csv/test.csv
-    python -m siren.data.prepare manifest=demo out=data/demo  # write and prepare both splits
+    python -m siren.data.demo out=data/demo_source      # write wavs + train.csv/test.csv (~1 s)
+    python -m siren.data.prepare manifest=demo out=data/demo codec.weights=random text.weights=random
 
-Sizes: 4 train + 2 test clips per class (60 + 30 clips, ~135 s of audio). Preparing them with
-the random DAC costs ~0.25 s per second of audio on 2 CPU cores (see the report in the README),
-which is what every test session pays once; the probe works on frames (50 per second), so
-60 training clips give ~4500 frames.
+Sizes: 4 train + 2 test clips per class (60 + 30 clips, 135 s of audio). The codec dominates
+preparation (random DAC, 2 CPU cores: ~0.25 s per second of audio on an idle machine, so ~35 s
+for the set, plus ~12 s to build the two models); that is what a test session pays once. The
+semantic probe works on frames (50 per second): 60 training clips give ~4500 frames.
 """
 from __future__ import annotations
 

@@ -107,16 +107,17 @@ def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, a
                   batch_size: int, progress: bool) -> float:
     """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape;
     returns the seconds of audio encoded."""
-    pending: list[tuple[str, Row, torch.Tensor, list[int]]] = []
+    pending: list[tuple[str, Row, torch.Tensor, list[int], list[int]]] = []
     total = 0.0
 
     def flush():
         codes = codec.encode(torch.cat([p[2] for p in pending])).cpu().to(torch.int16)
         o = 0
-        for key, row, items, real in pending:
+        for key, row, items, real, chunks in pending:
             save_tensors(cache_path(out, "codes", key),
-                         {"codes": codes[o:o + len(items)], "real_frames": torch.tensor([n_frames(r) for r in real],
-                                                                                        dtype=torch.int32)},
+                         {"codes": codes[o:o + len(items)],
+                          "real_frames": torch.tensor([n_frames(r) for r in real], dtype=torch.int32),
+                          "chunks": torch.tensor(chunks, dtype=torch.int32)},
                          {"codec_id": codec.id, "audio_sha256": sha[key], "audio": json.dumps(audio.key()),
                           "source": str(row.audio), "device": str(getattr(codec, "device", "unknown"))})
             o += len(items)
@@ -126,10 +127,10 @@ def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, a
         data = row.audio.read_bytes()
         if sha256(data) != sha[key]:
             raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
-        items, real = standardize(load_audio(row.audio, data), audio, row.audio)
+        items, real, chunks = standardize(load_audio(row.audio, data), audio, row.audio)
         if pending and (pending[0][2].shape[1:] != items.shape[1:] or len(pending) >= batch_size):
             flush()
-        pending.append((key, row, items, real))
+        pending.append((key, row, items, real, chunks))
         total += items.numel() / SAMPLE_RATE
     if pending:
         flush()
@@ -205,10 +206,10 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     entries = []
     for i, r in good:
         with safe_open(cache_path(out, "codes", keys[i]), "pt") as f:
-            real = f.get_tensor("real_frames").tolist()
+            real, chunks = f.get_tensor("real_frames").tolist(), f.get_tensor("chunks").tolist()
             frames = f.get_slice("codes").get_shape()[-1]
         entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
-                        "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real})
+                        "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real, "chunks": chunks})
     write_json(shard_path(out, split, shard, num_shards),
                {**_header(codec, text_encoder, audio, text_dtype, manifest, manifest_sha),
                 "shard": shard, "num_shards": num_shards, "entries": entries,
@@ -237,12 +238,11 @@ def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
                             f"than shard 0; re-run the shards with one config")
     items = []
     for e in sorted((e for p in parts for e in p["entries"]), key=lambda e: e["row"]):
-        n = len(e["real_frames"])
-        for s, real in enumerate(e["real_frames"]):
-            # appendix A segmentation: a file cut into several items gets ids "<id>#<k>"
-            items.append({"id": e["id"] if n == 1 else f"{e['id']}#{s}", "caption": e["caption"], "label": e["label"],
-                          "source": e["audio"], "codes": e["codes"], "segment": s, "text": e["text"],
-                          "frames": e["frames"], "real_frames": real})
+        for s, (real, chunk) in enumerate(zip(e["real_frames"], e["chunks"])):
+            # appendix A segmentation: chunk k of a split file (k * duration_s onwards) is item "<id>#<k>"
+            items.append({"id": e["id"] if chunk < 0 else f"{e['id']}#{chunk}", "caption": e["caption"],
+                          "label": e["label"], "source": e["audio"], "codes": e["codes"], "segment": s,
+                          "text": e["text"], "frames": e["frames"], "real_frames": real})
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
         raise DataError(f"{out}: split '{split}' has duplicate item ids after segmentation; rename the manifest ids")
