@@ -52,12 +52,12 @@ def _failed_marker(done: str | Path) -> Path:
     return Path(f"{done}.failed")
 
 
-def run_marked(fn: Callable[..., Any], done: str, kwargs: dict) -> Any:
+def run_marked(step: Callable[..., Any], done: str, kwargs: dict) -> Any:
     """What every submitted job runs: the step, then its done marker (only on success). A step
     that raises leaves a failure marker instead, so a re-run can tell failed from interrupted."""
     failed = _failed_marker(done)
     try:
-        result = fn(**kwargs)
+        result = step(**kwargs)
     except Exception as e:
         io.write_json(failed, {"error": f"{type(e).__name__}: {e}", "time": time.time()})
         raise
@@ -119,7 +119,7 @@ def _levels(jobs: list[Job]) -> list[list[Job]]:
 def _callable(job: Job) -> tuple[Callable[..., Any], dict]:
     from ablations.executors import ResumableJob
 
-    kwargs = dict(fn=job.fn, done=str(job.done), kwargs=job.kwargs)
+    kwargs = dict(step=job.fn, done=str(job.done), kwargs=job.kwargs)
     return (ResumableJob(run_marked, **kwargs), {}) if job.resumable else (run_marked, kwargs)
 
 

@@ -13,8 +13,9 @@ class Preempted(RuntimeError):
     """A stage stopped on SIGUSR2/SIGTERM after checkpointing; running the step again resumes it."""
 
 
-def _keys(cfg: Mapping[str, Any], prefix: str) -> list[str]:
-    return [f"{k[len(prefix):]}={v}" for k, v in cfg.items() if k.startswith(prefix)]
+def _keys(cfg: Mapping[str, Any], prefix: str, strip: bool = True) -> list[str]:
+    """key=value args of the keys under ``prefix`` (without it when ``strip``)."""
+    return [f"{k[len(prefix):] if strip else k}={v}" for k, v in cfg.items() if k.startswith(prefix)]
 
 
 def _weights(cfg: Mapping[str, Any], *parts: str) -> list[str]:
@@ -24,7 +25,8 @@ def _weights(cfg: Mapping[str, Any], *parts: str) -> list[str]:
 def stage1_args(cfg: Mapping[str, Any]) -> list[str]:
     """siren.train keys of a cell: the model preset first (so explicit model keys override it)."""
     model = {k: v for k, v in cfg.items() if k.startswith("model.") and k != "model.scale"}
-    return [f"scale={cfg['model.scale']}", *_keys(model, ""), *_keys(cfg, "train."), *_weights(cfg, "codec")]
+    return [f"scale={cfg['model.scale']}", *_keys(model, "", strip=False), *_keys(cfg, "train.", strip=False),
+            *_weights(cfg, "codec")]
 
 
 def _check(rc: int, what: str) -> None:
