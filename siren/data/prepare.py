@@ -152,10 +152,12 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     t0, out = time.perf_counter(), Path(out)
     mine = shard_rows(rows, num_shards, shard)
     rep = PrepareReport(split, rows=len(mine))
+    # A failed run must not leave an older record of this shard for the index step to merge.
+    shard_path(out, split, shard, num_shards).unlink(missing_ok=True)
 
     # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
     sha, keys, todo, bad = {}, {}, {}, {}
-    for i, row in _bar(mine, progress, f"check {split} {shard + 1}/{num_shards}"):
+    for i, row in _bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
         try:
             data = row.audio.read_bytes()
         except FileNotFoundError:
