@@ -12,6 +12,7 @@ with no process waiting on the login node. `local` and `debug` run the graph in 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,13 @@ def _failed_marker(done: str | Path) -> Path:
     return Path(f"{done}.failed")
 
 
-def run_marked(step: Callable[..., Any], done: str, kwargs: dict) -> Any:
+def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) -> Any:
     """What every submitted job runs: the step, then its done marker (only on success). A step
-    that raises leaves a failure marker instead, so a re-run can tell failed from interrupted."""
+    that raises leaves a failure marker instead, so a re-run can tell failed from interrupted.
+    torch gets the job's CPU share (a scheduler without cgroups would let it take every core)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", threads)))
     failed = _failed_marker(done)
     try:
         result = step(**kwargs)
@@ -119,7 +124,7 @@ def _levels(jobs: list[Job]) -> list[list[Job]]:
 def _callable(job: Job) -> tuple[Callable[..., Any], dict]:
     from ablations.executors import ResumableJob
 
-    kwargs = dict(step=job.fn, done=str(job.done), kwargs=job.kwargs)
+    kwargs = dict(step=job.fn, done=str(job.done), kwargs=job.kwargs, threads=job.cpus)
     return (ResumableJob(run_marked, **kwargs), {}) if job.resumable else (run_marked, kwargs)
 
 

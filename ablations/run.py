@@ -43,6 +43,7 @@ class RunConfig:
     out: str = "outputs"
     max_parallel: int = 2  # local executor: jobs at once
     gpus: int = 0  # per training/alignment/eval job (scale=paper on a cluster: 1)
+    cpus: int = 1  # per training/alignment/eval job (a profile may raise it); prepare takes 2
     train_timeout_min: int = 60 * 24
     set: dict = field(default_factory=dict)  # cell overrides, dotted keys
 
@@ -99,7 +100,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         for k in range(k_experts):
             key = f"{cell.id}/train/expert_{k}"
             jobs[key] = Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1), data_dir=str(data_dir), expert=k),
-                            stage1 / f"expert_{k}.done", deps=[f"data-{did}"], gpus=run.gpus, cpus=2, mem_gb=16,
+                            stage1 / f"expert_{k}.done", deps=[f"data-{did}"], gpus=run.gpus, cpus=run.cpus, mem_gb=16,
                             timeout_min=run.train_timeout_min, resumable=True)
             trains.append(key)
         model_dir, before_eval = stage1, trains
@@ -109,13 +110,18 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             jobs[key] = Job(key, steps.align_step, dict(cfg=cell.cfg, stage1_dir=str(stage1), out=str(model_dir),
                                                         prompts=str(data_dir / "demo_source" / "train.csv")
                                                         if cell.cfg["data.source"] == "demo" else cell.cfg["data.prompts"]),
-                            cell.dir / "aligned.done", deps=trains, gpus=run.gpus, cpus=2, mem_gb=16,
+                            cell.dir / "aligned.done", deps=trains, gpus=run.gpus, cpus=run.cpus, mem_gb=16,
                             timeout_min=run.train_timeout_min, resumable=True)
             before_eval = [key]
         key = f"{cell.id}/eval"
-        ref = str(data_dir / "demo_source" / "test.csv") if cell.cfg["data.source"] == "demo" else cell.cfg["data.test"]
-        jobs[key] = Job(key, steps.eval_step, dict(cfg=cell.cfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
-                        cell.dir / "eval.done", deps=before_eval, gpus=run.gpus, cpus=2, mem_gb=16, timeout_min=12 * 60)
+        ecfg = cell.cfg
+        if cell.cfg["data.source"] == "demo":
+            ref = str(data_dir / "demo_source" / "test.csv")
+            ecfg = {**cell.cfg, "eval.subset": str(data_dir / "demo_source" / "eval_subset.txt")}
+        else:
+            ref = cell.cfg["data.test"]
+        jobs[key] = Job(key, steps.eval_step, dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
+                        cell.dir / "eval.done", deps=before_eval, gpus=run.gpus, cpus=run.cpus, mem_gb=16, timeout_min=12 * 60)
     return list(jobs.values())
 
 

@@ -19,10 +19,10 @@ SCALES: dict[str, dict[str, Any]] = {
     "demo": {
         "weights": "random",
         "data.source": "demo",
-        "train.steps": 40, "train.batch_size": 8, "train.crop_s": 2.0, "train.warmup_steps": 5,
-        "train.log_every": 5, "train.val_every": 0, "train.ckpt_every": 20, "train.num_workers": 0,
-        "rl.steps": 6, "rl.group": 4, "rl.batch": 2, "rl.seconds": 1.0,
-        "eval.seconds": 2.0, "eval.gen_batch_size": 16,
+        "train.steps": 30, "train.batch_size": 4, "train.crop_s": 1.0, "train.warmup_steps": 3,
+        "train.log_every": 3, "train.val_every": 0, "train.ckpt_every": 10, "train.num_workers": 0,
+        "rl.steps": 4, "rl.group": 4, "rl.batch": 2, "rl.seconds": 1.0, "rl.lr": 1e-4, "rl.ckpt_every": 2,
+        "eval.seconds": 1.0, "eval.gen_batch_size": 16,
     },
     "paper": {
         "weights": "pretrained",

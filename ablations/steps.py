@@ -41,7 +41,21 @@ def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
 
     manifest = "demo" if cfg["data.source"] == "demo" else cfg["data.train"]
     prepare_main([f"manifest={manifest}", f"out={data_dir}", *_weights(cfg, "codec", "text")])
+    if cfg["data.source"] == "demo":  # the demo's eval subset: the first test clip of every class
+        write_demo_subset(Path(data_dir) / "demo_source")
     return {"data_dir": data_dir}
+
+
+def write_demo_subset(source: Path) -> Path:
+    from siren.data.manifest import read_manifest
+    from siren.io import write_text
+
+    first = {}
+    for row in read_manifest(source / "test.csv"):
+        first.setdefault(row.label, row.id)
+    path = source / "eval_subset.txt"
+    write_text(path, "".join(f"{i}\n" for i in first.values()))
+    return path
 
 
 def train_step(cfg: Mapping[str, Any], run_dir: str, data_dir: str, expert: int) -> dict:
