@@ -1,0 +1,130 @@
+"""Audio loading and the paper's preprocessing (appendix A).
+
+Load with soundfile, mix to mono (mean over channels), resample to 16 kHz with
+torchaudio's windowed-sinc resampler, then cut to fixed-length items:
+
+- ``pad`` (default): the first ``duration_s`` seconds, zero-padded to exactly ``duration_s``
+  (appendix A: "shorter clips are zero-padded to 10 s"; AudioCaps clips are 10 s).
+- ``segment``: appendix A in full: clips longer than ``duration_s`` are split into
+  non-overlapping ``duration_s`` chunks (stride = duration) and the residual (< duration)
+  is dropped; shorter clips are zero-padded. One file can give several items.
+- ``crop``: the first ``duration_s`` seconds; shorter clips keep their length (the loader
+  pads them with a mask).
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from siren.codec import HOP, SAMPLE_RATE
+from siren.data.manifest import DataError
+
+MIN_SAMPLE_RATE = 8_000
+SILENCE_PEAK = 1e-4  # -80 dBFS: a peak below this is an (effectively) silent file
+POLICIES = ("pad", "segment", "crop")
+# torchaudio.functional.resample's defaults, spelled out: they are part of the cache key.
+RESAMPLER = dict(name="torchaudio.functional.resample", resampling_method="sinc_interp_hann",
+                 lowpass_filter_width=6, rolloff=0.99)
+
+
+class AudioError(DataError):
+    pass
+
+
+@dataclass
+class AudioConfig:
+    policy: str = "pad"  # pad | segment | crop (see module docstring)
+    duration_s: float = 10.0  # the paper's 10 s items
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise DataError(f"audio.policy must be one of {', '.join(POLICIES)}, got '{self.policy}'")
+        if not self.duration_s > 0:
+            raise DataError(f"audio.duration_s must be > 0, got {self.duration_s}")
+
+    @property
+    def n_samples(self) -> int:
+        return int(round(self.duration_s * SAMPLE_RATE))
+
+    def key(self) -> dict:
+        """Everything that changes the waveform handed to the codec (part of the codes cache key)."""
+        return {**asdict(self), "sample_rate": SAMPLE_RATE, "mono": "mean", "resampler": RESAMPLER}
+
+
+def to_mono(x: np.ndarray, where: str | Path) -> np.ndarray:
+    """[N] or [N, C] -> [N], the mean over channels."""
+    if x.ndim == 1:
+        return x
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise AudioError(f"{where}: audio has no channels (shape {tuple(x.shape)}); expected [samples, channels>=1]")
+    return x.mean(axis=1)
+
+
+def resample(x: torch.Tensor, sr: int) -> torch.Tensor:
+    """[N] at ``sr`` -> [ceil(N * 16000 / sr)] at 16 kHz."""
+    if sr == SAMPLE_RATE:
+        return x
+    import torchaudio.functional as AF  # pure-Python part of torchaudio (see ENVIRONMENT.md)
+
+    p = {k: v for k, v in RESAMPLER.items() if k != "name"}
+    return AF.resample(x, sr, SAMPLE_RATE, **p)
+
+
+def load_audio(path: str | Path, data: bytes | None = None) -> torch.Tensor:
+    """Mono float32 waveform [N] at 16 kHz; ``data`` = the file's bytes if already read.
+
+    Raises AudioError naming the file for: missing, unreadable, empty, unsupported sample
+    rate, NaN/inf samples, all-silent.
+    """
+    path = Path(path)
+    if data is None:
+        if not path.is_file():
+            raise AudioError(f"{path}: audio file not found")
+        data = path.read_bytes()
+    try:
+        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError by format
+        raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {str(e).strip() or 'no detail'})") from None
+    if sr < MIN_SAMPLE_RATE:
+        raise AudioError(f"{path}: unsupported sample rate {sr} Hz (need >= {MIN_SAMPLE_RATE} Hz)")
+    x = to_mono(x, path)
+    if x.size == 0:
+        raise AudioError(f"{path}: empty audio (0 samples)")
+    if not np.isfinite(x).all():
+        raise AudioError(f"{path}: {int((~np.isfinite(x)).sum())} NaN/inf sample(s)")
+    peak = float(np.abs(x).max())
+    if peak < SILENCE_PEAK:
+        db = "-inf" if peak == 0 else f"{20 * math.log10(peak):.1f}"
+        raise AudioError(f"{path}: all-silent audio (peak {db} dBFS < {20 * math.log10(SILENCE_PEAK):.0f} dBFS)")
+    return resample(torch.from_numpy(np.ascontiguousarray(x)), sr)
+
+
+def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio") -> tuple[torch.Tensor, list[int]]:
+    """[N] 16 kHz -> (items [S, n], real (unpadded) samples per item) under ``cfg.policy``.
+
+    ``segment`` drops silent chunks; with ``pad``/``crop`` a silent first ``duration_s`` is an error.
+    """
+    d = cfg.n_samples
+    if cfg.policy == "segment" and wav.shape[-1] > d:
+        s = wav.shape[-1] // d  # residual (< d samples) dropped
+        items = wav[: s * d].reshape(s, d)
+        items = items[items.abs().amax(-1) >= SILENCE_PEAK]
+        if not len(items):
+            raise AudioError(f"{where}: every {cfg.duration_s:g} s segment is silent")
+        return items, [d] * len(items)
+    if wav[:d].abs().max() < SILENCE_PEAK:
+        raise AudioError(f"{where}: the first {cfg.duration_s:g} s are silent (policy '{cfg.policy}' keeps only those)")
+    if cfg.policy == "crop":
+        return wav[None, :d], [min(wav.shape[-1], d)]
+    n = min(wav.shape[-1], d)
+    return torch.nn.functional.pad(wav[:d], (0, d - n))[None], [n]
+
+
+def n_frames(n_samples: int) -> int:
+    return math.ceil(n_samples / HOP)

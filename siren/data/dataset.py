@@ -1,0 +1,141 @@
+"""Training batches from a prepared directory (see siren.data.prepare).
+
+Batches are dicts (the interface every trainer builds on):
+    codes       LongTensor [B, 12, T]   RVQ codes, 0 where frame_mask is False
+    frame_mask  BoolTensor [B, T]       True = real frame
+    text        FloatTensor [B, L, 768] text-encoder token states, padded to the batch's longest
+    text_mask   BoolTensor [B, L]       True = real token
+    ids, captions  list[str]
+
+Random crops (appendix B: 6 s segments from the 10 s clips, 50 frames/s) are a pure function of
+(seed, epoch, item index), so a resumed run sees exactly the crops it would have seen.
+The sampler's epoch advances on every pass over the loader; a resumed run sets it with
+``loader.sampler.set_epoch(epoch, skip=samples_already_seen_this_epoch)``.
+"""
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from siren.codec import FRAME_RATE, N_LAYERS
+from siren.data.manifest import DataError
+from siren.data.cache import cache_path, index_path
+
+
+def load_index(prepared_dir: str | Path, split: str) -> dict:
+    p = index_path(Path(prepared_dir), split)
+    if not p.is_file():
+        raise DataError(f"{p}: no prepared split '{split}' in {prepared_dir}; run "
+                        f"python -m siren.data.prepare manifest=<{split} manifest> out={prepared_dir}")
+    return json.loads(p.read_text())
+
+
+class PreparedDataset(Dataset):
+    """Items of one prepared split; ``ds[i]`` or ``ds[(epoch, i)]`` (the epoch only moves the crop)."""
+
+    def __init__(self, prepared_dir: str | Path, split: str = "train", crop_s: float | None = 6.0, seed: int = 0):
+        self.dir = Path(prepared_dir)
+        index = load_index(prepared_dir, split)
+        self.items: list[dict] = index.pop("items")
+        self.info = index  # models (ids, weight labels), preprocessing policy, manifest hash, skipped files
+        self.crop = None if crop_s is None else max(1, round(crop_s * FRAME_RATE))
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def ids(self) -> list[str]:
+        return [it["id"] for it in self.items]
+
+    @property
+    def captions(self) -> list[str]:
+        return [it["caption"] for it in self.items]
+
+    @property
+    def labels(self) -> list[str | None]:
+        return [it["label"] for it in self.items]
+
+    def crop_start(self, epoch: int, i: int) -> int:
+        """First frame of item i's crop in ``epoch`` (0 when the item is not longer than the crop)."""
+        room = self.items[i]["frames"] - (self.crop or 0)
+        if self.crop is None or room <= 0:
+            return 0
+        return int(np.random.default_rng([self.seed, epoch, i]).integers(0, room + 1))
+
+    def codes(self, i: int) -> torch.Tensor:
+        """All codes of item i: LongTensor [12, frames]."""
+        it = self.items[i]
+        with safe_open(cache_path(self.dir, "codes", it["codes"]), "pt") as f:
+            return f.get_slice("codes")[it["segment"]].long()
+
+    def text(self, i: int) -> dict[str, torch.Tensor]:
+        """states [L, 768] float32, mask [L], pooled [512] of item i's caption."""
+        t = load_file(cache_path(self.dir, "text", self.items[i]["text"]))
+        return {"states": t["states"].float(), "mask": t["mask"], "pooled": t["pooled"]}
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        codes = self.codes(i)
+        if self.crop is not None:
+            s = self.crop_start(epoch, i)
+            codes = codes[:, s:s + self.crop]
+        t = self.text(i)
+        return {"codes": codes, "text": t["states"], "text_mask": t["mask"], "id": self.items[i]["id"],
+                "caption": self.items[i]["caption"]}
+
+
+def collate(items: list[dict], n_frames: int | None = None) -> dict:
+    """Pad codes to ``n_frames`` (default: the longest) and text to the longest caption, with masks."""
+    T = n_frames or max(it["codes"].shape[-1] for it in items)
+    L = max(it["text"].shape[0] for it in items)
+    B, D = len(items), items[0]["text"].shape[-1]
+    batch = {"codes": torch.zeros(B, N_LAYERS, T, dtype=torch.long), "frame_mask": torch.zeros(B, T, dtype=torch.bool),
+             "text": torch.zeros(B, L, D), "text_mask": torch.zeros(B, L, dtype=torch.bool),
+             "ids": [it["id"] for it in items], "captions": [it["caption"] for it in items]}
+    for b, it in enumerate(items):
+        t, n = min(it["codes"].shape[-1], T), it["text"].shape[0]
+        batch["codes"][b, :, :t] = it["codes"][:, :t]
+        batch["frame_mask"][b, :t] = True
+        batch["text"][b, :n] = it["text"]
+        batch["text_mask"][b, :n] = it["text_mask"]
+    return batch
+
+
+class EpochSampler(Sampler):
+    """Yields (epoch, index): a seeded permutation per epoch (or the identity); the epoch advances per pass."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int = 0):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next pass is ``epoch``, starting after its first ``skip`` samples (exact resume)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return iter([(epoch, int(i)) for i in order[skip:]])
+
+
+def make_loader(prepared_dir: str | Path, split: str = "train", batch_size: int = 8, crop_s: float | None = 6.0,
+                shuffle: bool = True, seed: int = 0, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+    """Batches of a prepared split. With ``crop_s`` every batch has T = crop_s * 50 frames (shorter
+    items padded, frame_mask False); with ``crop_s=None`` whole items padded to the batch's longest."""
+    ds = PreparedDataset(prepared_dir, split, crop_s, seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), shuffle, seed),
+                      collate_fn=partial(collate, n_frames=ds.crop), num_workers=num_workers, drop_last=drop_last,
+                      persistent_workers=False)

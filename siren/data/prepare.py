@@ -1,0 +1,356 @@
+"""prepare: a manifest -> cached codec codes and text-encoder states, plus an index per split.
+
+    python -m siren.data.prepare manifest=data/train.csv out=data/prep             # pretrained DAC + CLAP
+    python -m siren.data.prepare manifest=demo out=data/demo codec.weights=random text.weights=random
+    python -m siren.data.prepare manifest=... out=... num_shards=8 shard=3          # one job-array element
+    python -m siren.data.prepare manifest=... out=... num_shards=8 step=index       # merge, after all shards
+
+Caches are content-addressed, so a changed file or model never reuses a stale entry:
+codes by (sha256 of the audio file's bytes, preprocessing policy incl. resampler, codec id),
+text by (caption, text-encoder id, storage dtype). Every file is written atomically
+(siren.io), so a killed run leaves no half-written entry and a re-run continues where it
+stopped. Before encoding anything, every uncached file of the shard is read and checked, and
+all bad ones are reported in one error (or left out and listed, with ``on_error=skip``).
+
+On-disk layout and cache keys: siren/data/cache.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from siren.codec import FRAME_RATE, CodecConfig
+from siren.config import load_config
+from siren.data.audio import AudioConfig, AudioError, load_audio, n_frames, standardize
+from siren.data.cache import cache_path, codes_key, index_path, shard_path, sha256, text_key
+from siren.data.manifest import DataError, Row, read_manifest
+from siren.io import save_tensors, write_json
+from siren.text import TextConfig
+
+TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+ON_ERROR = ("stop", "skip")
+
+
+def shard_rows(rows: Sequence[Row], num_shards: int, shard: int) -> list[tuple[int, Row]]:
+    """Shard ``shard``'s deterministic slice: every num_shards-th row (manifest order), with row numbers."""
+    if not 0 <= shard < num_shards:
+        raise DataError(f"shard must be in [0, num_shards={num_shards}), got {shard}")
+    return [(i, r) for i, r in enumerate(rows) if i % num_shards == shard]
+
+
+@dataclass
+class PrepareReport:
+    split: str
+    rows: int = 0
+    codes_encoded: int = 0  # audio files run through the codec in this call
+    codes_cached: int = 0
+    text_encoded: int = 0  # distinct captions run through the text encoder
+    text_cached: int = 0
+    bad: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.split}: audio {self.codes_encoded} to encode, {self.codes_cached} cached; captions "
+                f"{self.text_encoded} to encode, {self.text_cached} cached; {len(self.bad)} bad; {self.seconds:.1f} s")
+
+
+def _header(codec, text_encoder, audio: AudioConfig, text_dtype: str, manifest: Path, manifest_sha: str) -> dict:
+    return {"manifest": str(manifest), "manifest_sha256": manifest_sha, "frame_rate": FRAME_RATE,
+            "codec": {"id": codec.id, "weights": getattr(codec, "weights_label", "unknown")},
+            "text": {"id": text_encoder.id, "weights": getattr(text_encoder, "weights_label", "unknown"),
+                     "dtype": text_dtype},
+            "audio": audio.key()}
+
+
+def _bar(it, progress: bool, desc: str, total: int | None = None):
+    return tqdm(it, desc=desc, total=total, disable=not progress, unit="file", dynamic_ncols=True)
+
+
+def _encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, batch: int, progress: bool) -> None:
+    """Encode {key: caption} and store each caption's states trimmed after its last real token."""
+    keys = list(captions)
+    bar = tqdm(total=len(keys), desc="text", disable=not progress, unit="caption", dynamic_ncols=True)
+    for s in range(0, len(keys), batch):
+        chunk = keys[s:s + batch]
+        ts = text_encoder.encode([captions[k] for k in chunk])
+        for b, k in enumerate(chunk):
+            mask = ts.mask[b].cpu().bool()
+            n = int(mask.nonzero().max()) + 1 if mask.any() else 0
+            if n == 0:
+                raise DataError(f"text encoder {text_encoder.id} returned no real token for caption {captions[k]!r}")
+            save_tensors(cache_path(out, "text", k),
+                         {"states": ts.states[b, :n].to(TEXT_DTYPES[dtype]), "mask": mask[:n],
+                          "pooled": ts.pooled[b].float()},
+                         {"text_id": text_encoder.id, "caption": captions[k], "dtype": dtype})
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, audio: AudioConfig,
+                  batch_size: int, progress: bool) -> None:
+    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape."""
+    pending: list[tuple[str, Row, torch.Tensor, list[int]]] = []
+
+    def flush():
+        codes = codec.encode(torch.cat([p[2] for p in pending])).cpu().to(torch.int16)
+        o = 0
+        for key, row, items, real in pending:
+            save_tensors(cache_path(out, "codes", key),
+                         {"codes": codes[o:o + len(items)], "real_frames": torch.tensor([n_frames(r) for r in real],
+                                                                                        dtype=torch.int32)},
+                         {"codec_id": codec.id, "audio_sha256": sha[key], "audio": json.dumps(audio.key()),
+                          "source": str(row.audio)})
+            o += len(items)
+        pending.clear()
+
+    for key, row in _bar(todo.items(), progress, "codes", len(todo)):
+        data = row.audio.read_bytes()
+        if sha256(data) != sha[key]:
+            raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
+        items, real = standardize(load_audio(row.audio, data), audio, row.audio)
+        if pending and (pending[0][2].shape[1:] != items.shape[1:] or len(pending) >= batch_size):
+            flush()
+        pending.append((key, row, items, real))
+    if pending:
+        flush()
+
+
+def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, text_encoder,
+                  audio: AudioConfig = AudioConfig(), text_dtype: str = "float16", num_shards: int = 1,
+                  shard: int = 0, batch_size: int = 1, text_batch_size: int = 32, on_error: str = "stop",
+                  manifest: Path | None = None, manifest_sha: str = "", progress: bool = True) -> PrepareReport:
+    """Encode shard ``shard`` of ``num_shards`` of ``rows`` into ``out`` and record it for the index step.
+
+    ``codec`` / ``text_encoder`` are duck-typed: ``.encode`` and ``.id`` (and ``.weights_label``).
+    """
+    audio.validate()
+    if text_dtype not in TEXT_DTYPES or on_error not in ON_ERROR:
+        raise DataError(f"text_dtype must be one of {list(TEXT_DTYPES)} and on_error one of {list(ON_ERROR)}; "
+                        f"got {text_dtype!r}, {on_error!r}")
+    t0, out = time.perf_counter(), Path(out)
+    mine = shard_rows(rows, num_shards, shard)
+    rep = PrepareReport(split, rows=len(mine))
+
+    # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
+    sha, keys, todo, bad = {}, {}, {}, {}
+    for i, row in _bar(mine, progress, f"check {split} {shard + 1}/{num_shards}"):
+        try:
+            data = row.audio.read_bytes()
+        except FileNotFoundError:
+            bad[i] = f"{row.audio}: audio file not found (id {row.id})"
+            continue
+        except OSError as e:
+            bad[i] = f"{row.audio}: cannot read ({e.strerror}) (id {row.id})"
+            continue
+        h = sha256(data)
+        key = codes_key(h, audio.key(), codec.id)
+        sha[key], keys[i] = h, key
+        if key in todo or cache_path(out, "codes", key).is_file():
+            continue
+        try:
+            standardize(load_audio(row.audio, data), audio, row.audio)
+            todo[key] = row
+        except AudioError as e:
+            bad[i] = f"{e} (id {row.id})"
+    if bad and on_error == "stop":
+        raise DataError(f"{manifest or split}: {len(bad)} bad audio file(s) in shard {shard} of {num_shards} "
+                        f"(nothing encoded by this run; cached items kept). Fix or remove them, or pass "
+                        f"on_error=skip to leave them out (they are listed in the index):\n  "
+                        + "\n  ".join(bad.values()))
+    rep.bad = list(bad.values())
+    good = [(i, r) for i, r in mine if i not in bad]
+
+    # 2. text states of the captions not cached yet.
+    tkeys = {i: text_key(r.caption, text_encoder.id, text_dtype) for i, r in good}
+    captions = {tkeys[i]: r.caption for i, r in good}
+    text_todo = {k: c for k, c in captions.items() if not cache_path(out, "text", k).is_file()}
+    rep.text_encoded, rep.text_cached = len(text_todo), len(captions) - len(text_todo)
+    rep.codes_encoded, rep.codes_cached = len(todo), len({keys[i] for i, _ in good}) - len(todo)
+    if progress:
+        print(f"{split} shard {shard}/{num_shards}: audio {rep.codes_encoded} to encode, {rep.codes_cached} cached; "
+              f"captions {rep.text_encoded} to encode, {rep.text_cached} cached", file=sys.stderr)
+    if text_todo:
+        _encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
+
+    # 3. codes of the audio not cached yet (each file saved as soon as it is encoded).
+    if todo:
+        _encode_codes(todo, sha, out, codec, audio, batch_size, progress)
+
+    # 4. what this shard holds, for the index step.
+    entries = []
+    for i, r in good:
+        with safe_open(cache_path(out, "codes", keys[i]), "pt") as f:
+            real = f.get_tensor("real_frames").tolist()
+            frames = f.get_slice("codes").get_shape()[-1]
+        entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
+                        "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real})
+    write_json(shard_path(out, split, shard, num_shards),
+               {**_header(codec, text_encoder, audio, text_dtype, manifest, manifest_sha),
+                "shard": shard, "num_shards": num_shards, "entries": entries,
+                "bad": [{"row": i, "id": mine_row.id, "reason": bad[i]} for i, mine_row in mine if i in bad]})
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
+    """Merge the shards' records into ``splits/<split>.json`` (item ids -> cache keys)."""
+    out = Path(out)
+    parts, missing = [], []
+    for s in range(num_shards):
+        p = shard_path(out, split, s, num_shards)
+        (parts.append(json.loads(p.read_text())) if p.is_file() else missing.append(s))
+    if missing:
+        raise DataError(f"{out}: split '{split}' shard(s) {missing} of {num_shards} are not prepared yet "
+                        f"(no {shard_path(out, split, missing[0], num_shards).name}); run prepare with shard=<i> "
+                        f"num_shards={num_shards} for each, then the index step again")
+    head = {k: v for k, v in parts[0].items() if k not in ("shard", "entries", "bad")}
+    for p in parts[1:]:
+        other = {k: v for k, v in p.items() if k not in ("shard", "entries", "bad")}
+        if other != head:
+            diff = sorted(k for k in head if head[k] != other.get(k))
+            raise DataError(f"{out}: shard {p['shard']} of split '{split}' was prepared with a different {diff} "
+                            f"than shard 0; re-run the shards with one config")
+    items = []
+    for e in sorted((e for p in parts for e in p["entries"]), key=lambda e: e["row"]):
+        n = len(e["real_frames"])
+        for s, real in enumerate(e["real_frames"]):
+            # appendix A segmentation: a file cut into several items gets ids "<id>#<k>"
+            items.append({"id": e["id"] if n == 1 else f"{e['id']}#{s}", "caption": e["caption"], "label": e["label"],
+                          "source": e["audio"], "codes": e["codes"], "segment": s, "text": e["text"],
+                          "frames": e["frames"], "real_frames": real})
+    ids = [it["id"] for it in items]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{out}: split '{split}' has duplicate item ids after segmentation; rename the manifest ids")
+    bad = sorted((b for p in parts for b in p["bad"]), key=lambda b: b["row"])
+    dest = index_path(out, split)
+    write_json(dest, {**head, "split": split, "num_items": len(items), "skipped": bad, "items": items})
+    return dest
+
+
+def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split: str | None = None,
+            audio: AudioConfig = AudioConfig(), text_dtype: str = "float16", num_shards: int = 1,
+            shard: int | None = None, batch_size: int = 1, text_batch_size: int = 32, on_error: str = "stop",
+            progress: bool = True) -> PrepareReport:
+    """Prepare one manifest (one split). ``shard=None``: every shard in this process, then the index;
+    ``shard=i``: only that shard (run ``write_index`` once all are done)."""
+    manifest = Path(manifest).resolve()
+    rows = read_manifest(manifest)
+    split = split or manifest.stem
+    kw = dict(codec=codec, text_encoder=text_encoder, audio=audio, text_dtype=text_dtype, num_shards=num_shards,
+              batch_size=batch_size, text_batch_size=text_batch_size, on_error=on_error, manifest=manifest,
+              manifest_sha=sha256(manifest.read_bytes()), progress=progress)
+    if shard is not None:
+        return prepare_shard(rows, out, split, shard=shard, **kw)
+    total = PrepareReport(split)
+    for s in range(num_shards):
+        r = prepare_shard(rows, out, split, shard=s, **kw)
+        for f in ("rows", "codes_encoded", "codes_cached", "text_encoded", "text_cached", "seconds"):
+            setattr(total, f, getattr(total, f) + getattr(r, f))
+        total.bad += r.bad
+    write_index(out, split, num_shards)
+    return total
+
+
+@dataclass
+class PrepareConfig:
+    manifest: str = ""  # CSV/JSONL manifest, or "demo": the embedded demo set (both splits, made under out/demo_source)
+    out: str = ""  # prepared directory (caches + splits/)
+    split: str = ""  # default: the manifest's file name without extension
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    text_dtype: str = "float16"  # storage dtype of the text states (part of the text cache key)
+    num_shards: int = 1
+    shard: int = -1  # >= 0: encode only this shard (one job-array element); no index
+    step: str = "all"  # all: encode every shard (in `workers` processes), then index; index: merge only
+    workers: int = 1  # local processes for step=all (each builds its own codec and text encoder)
+    batch_size: int = 1  # audio files per codec call (equal shapes only); 1 is fastest on CPU
+    text_batch_size: int = 32
+    on_error: str = "stop"  # stop: one error listing every bad file; skip: leave them out, listed in the index
+    demo_seed: int = 0  # manifest=demo only
+
+
+def _models(cfg: PrepareConfig):
+    from siren.codec import Codec
+    from siren.text import TextEncoder
+
+    return Codec(cfg.codec), TextEncoder(cfg.text)
+
+
+def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
+    if cfg.manifest == "demo":
+        from siren.data.demo import make_demo
+
+        train = make_demo(Path(cfg.out) / "demo_source", seed=cfg.demo_seed)
+        return [(train, "train"), (train.with_name("test.csv"), "test")]
+    if not cfg.manifest:
+        raise DataError("manifest=<path to .csv/.jsonl> (or manifest=demo) is required")
+    return [(Path(cfg.manifest), cfg.split or Path(cfg.manifest).stem)]
+
+
+def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shard: int, num_shards: int, threads: int) -> list[str]:
+    torch.set_num_threads(threads)
+    codec, text_encoder = _models(cfg)
+    return [str(_run_shard(cfg, m, split, codec, text_encoder, shard, num_shards)) for m, split in splits]
+
+
+def _run_shard(cfg, manifest, split, codec, text_encoder, shard, num_shards) -> PrepareReport:
+    return prepare(manifest, cfg.out, codec=codec, text_encoder=text_encoder, split=split, audio=cfg.audio,
+                   text_dtype=cfg.text_dtype, num_shards=num_shards, shard=shard, batch_size=cfg.batch_size,
+                   text_batch_size=cfg.text_batch_size, on_error=cfg.on_error)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    defaults = []
+    if "manifest=demo" in args:
+        from siren.data.demo import AUDIO
+
+        defaults = [f"{k}={v}" for k, v in AUDIO.items()]  # explicit audio.* arguments still win
+    cfg = load_config(PrepareConfig, args, defaults=defaults)
+    if not cfg.out:
+        raise DataError("out=<prepared directory> is required")
+    if cfg.step not in ("all", "index"):
+        raise DataError(f"step must be 'all' or 'index', got '{cfg.step}'")
+    t0 = time.perf_counter()
+    splits = _splits(cfg)
+    n = max(cfg.num_shards, cfg.workers) if cfg.shard < 0 else cfg.num_shards
+    if cfg.step == "all" and cfg.shard >= 0:  # one job-array element
+        for line in _worker(cfg, splits, cfg.shard, n, torch.get_num_threads()):
+            print(line)
+        print(f"shard {cfg.shard} of {n} done; after every shard: python -m siren.data.prepare "
+              f"manifest={cfg.manifest} out={cfg.out} num_shards={n} step=index")
+        return
+    if cfg.step == "all":
+        if cfg.workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            import multiprocessing as mp
+
+            threads = max(1, (os.cpu_count() or 1) // cfg.workers)
+            with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as ex:
+                for lines in ex.map(_worker, [cfg] * n, [splits] * n, range(n), [n] * n, [threads] * n):
+                    print("\n".join(lines))
+        else:
+            codec, text_encoder = _models(cfg)
+            for s in range(n):
+                for m, split in splits:
+                    print(_run_shard(cfg, m, split, codec, text_encoder, s, n))
+    for _, split in splits:
+        idx = json.loads(write_index(cfg.out, split, n).read_text())
+        warn = [f"{k} weights are {idx[k]['weights'].upper()}" for k in ("codec", "text") if idx[k]["weights"] != "pretrained"]
+        print(f"{index_path(cfg.out, split)}: {idx['num_items']} items, {len(idx['skipped'])} skipped; codec "
+              f"{idx['codec']['id']}, text {idx['text']['id']}" + (f" ({'; '.join(warn)})" if warn else ""))
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The frozen text encoder that conditions every model: LAION-CLAP's RoBERTa text branch.
+
+Every backbone block cross-attends to ``TextStates.states`` (RoBERTa's last hidden states, 768-d,
+``mask`` True at real tokens); ``pooled`` is the CLAP text embedding (512-d, L2-normalised), the
+same vector the CLAP score and the stage-2 reward compare audio against. One CLAP model serves
+both: pass an existing ``siren.clap.Clap`` to share its weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from siren.clap import MAX_TEXT_LENGTH, TEXT_DIM, Clap, ClapConfig
+
+
+@dataclass
+class TextConfig:
+    weights: str = "pretrained"  # "pretrained", "random" (explicit smoke-test mode) or a laion-clap .pt path
+    seed: int = 0  # random-init seed for weights=random
+    max_length: int = MAX_TEXT_LENGTH  # tokens per caption, specials included (laion-clap: 77)
+
+
+@dataclass
+class TextStates:
+    states: torch.Tensor  # [B, L, 768] float32, zero at padding
+    mask: torch.Tensor  # [B, L] bool, True = real token
+    pooled: torch.Tensor  # [B, 512] float32, L2-normalised CLAP text embedding
+
+    def to(self, device: torch.device | str) -> "TextStates":
+        return TextStates(self.states.to(device), self.mask.to(device), self.pooled.to(device))
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+
+class TextEncoder(torch.nn.Module):
+    dim = TEXT_DIM
+
+    def __init__(self, cfg: TextConfig = TextConfig(), clap: Clap | None = None):
+        super().__init__()
+        if not 2 < cfg.max_length <= MAX_TEXT_LENGTH:
+            raise ValueError(f"text max_length={cfg.max_length}: must be in 3..{MAX_TEXT_LENGTH}")
+        if clap is not None and (clap.cfg.weights, clap.cfg.seed) != (cfg.weights, cfg.seed):
+            raise ValueError(f"TextConfig(weights={cfg.weights!r}, seed={cfg.seed}) does not match the shared "
+                             f"Clap(weights={clap.cfg.weights!r}, seed={clap.cfg.seed})")
+        self.cfg = cfg
+        self.clap = clap if clap is not None else Clap(ClapConfig(weights=cfg.weights, seed=cfg.seed))
+
+    @property
+    def id(self) -> str:
+        """Identity for cache keys: changes with the CLAP weights, the tokenizer and max_length."""
+        return f"{self.clap.id}-L{self.cfg.max_length}"
+
+    @property
+    def weights_label(self) -> str:
+        return self.clap.weights_label
+
+    @torch.no_grad()
+    def encode(self, captions: Sequence[str], batch_size: int = 64) -> TextStates:
+        """captions -> TextStates, L = the longest caption's token count (<= max_length)."""
+        if len(captions) == 0:
+            raise ValueError("no captions to encode")
+        parts = [self.clap.text_forward(captions[i:i + batch_size], self.cfg.max_length)
+                 for i in range(0, len(captions), batch_size)]
+        n = max(s.shape[1] for s, _, _ in parts)
+        return TextStates(states=torch.cat([_pad_tokens(s, n) for s, _, _ in parts]),
+                          mask=torch.cat([_pad_tokens(m, n) for _, m, _ in parts]),
+                          pooled=torch.cat([p for _, _, p in parts]))
+
+
+def _pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, L, ...] -> [B, n, ...] with zeros (False) after position L."""
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, n - t.shape[1]))

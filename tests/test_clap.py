@@ -1,0 +1,275 @@
+"""LAION-CLAP and the text encoder with random weights (explicit), laion_clap's own network code.
+
+Builds: one shared random CLAP (seed 0), one more of seed 0 and one of seed 1 (determinism), and
+two RoBERTa-vocabulary CLAPs for the pretrained-file round trip: ~1 minute on 2 cores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from siren import assets
+from siren.clap import (CLAP_SAMPLE_RATE, CLIP_SAMPLES, Clap, ClapConfig, RobertaBpe, build_model,
+                        load_checkpoint)
+from siren.text import TextConfig, TextEncoder
+from tests.fixtures_clap import random_clap, sine, write_tiny_roberta_vocab
+
+CAPTIONS = ["a dog barks", "rain falls on a tin roof while thunder rumbles in the distance", "birds"]
+
+
+@pytest.fixture(scope="module")
+def clap() -> Clap:
+    return random_clap(0)
+
+
+@pytest.fixture(scope="module")
+def text(clap) -> TextEncoder:
+    return TextEncoder(TextConfig(weights="random", seed=0), clap=clap)
+
+
+# --- identity, determinism --------------------------------------------------------------------
+
+def test_random_mode_is_labelled_and_seeded(clap):
+    assert clap.weights_label == "random" and "random-seed0" in clap.id
+    wav = 0.1 * torch.randn(2, 16_000, generator=torch.Generator().manual_seed(0))
+    same, other = random_clap(0), random_clap(1)
+    assert torch.equal(same.embed_text(CAPTIONS), clap.embed_text(CAPTIONS))
+    assert torch.equal(same.embed_audio(wav), clap.embed_audio(wav))
+    assert same.id == clap.id and other.id != clap.id
+    assert not torch.allclose(other.embed_text(CAPTIONS), clap.embed_text(CAPTIONS), atol=1e-3)
+    assert not torch.allclose(other.embed_audio(wav), clap.embed_audio(wav), atol=1e-3)
+
+
+def test_building_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    random_clap(5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_text_encoder_identity(text, clap):
+    assert text.dim == 768 and text.weights_label == "random"
+    assert clap.id in text.id and clap.tokenizer.id in text.id
+    short = TextEncoder(TextConfig(weights="random", seed=0, max_length=16), clap=clap)
+    assert short.id != text.id
+    with pytest.raises(ValueError, match="does not match"):
+        TextEncoder(TextConfig(weights="random", seed=1), clap=clap)
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+def test_text_states_shape_mask_and_normalisation(text, clap):
+    ts = text.encode(CAPTIONS)
+    # expected token counts from laion_clap's CLIP BPE itself: <sot> + BPE tokens + <eot>
+    counts = [len(clap.tokenizer._tok.encode(c)) + 2 for c in CAPTIONS]
+    assert ts.states.shape == (3, max(counts), 768) and ts.states.dtype == torch.float32
+    assert ts.mask.dtype == torch.bool and ts.mask.sum(1).tolist() == counts
+    assert counts[1] > counts[0] > counts[2]  # longer caption -> more True entries
+    assert all(ts.mask[i, :n].all() and not ts.mask[i, n:].any() for i, n in enumerate(counts))
+    assert torch.all(ts.states[~ts.mask] == 0)
+    assert torch.allclose(ts.pooled.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(ts.pooled, clap.embed_text(CAPTIONS), atol=1e-6)
+
+
+def test_padding_does_not_change_the_encoding(text):
+    batched = text.encode(CAPTIONS)
+    for i, c in enumerate(CAPTIONS):
+        one = text.encode([c])
+        n = one.mask.shape[1]
+        assert torch.allclose(batched.pooled[i], one.pooled[0], atol=1e-5)
+        assert torch.allclose(batched.states[i, :n], one.states[0], atol=1e-4)
+    # batch_size splits the work without changing it
+    split = text.encode(CAPTIONS, batch_size=1)
+    assert torch.equal(split.mask, batched.mask)
+    assert torch.allclose(split.pooled, batched.pooled, atol=1e-5)
+
+
+def test_pooled_is_laion_clap_text_embedding_at_77_tokens(text, clap):
+    """laion-clap pads every caption to 77 and runs its own CLAP.get_text_embedding: same vectors."""
+    ids, mask = clap.tokenizer(CAPTIONS)
+    pad = 77 - ids.shape[1]
+    ref = clap.model.get_text_embedding({"input_ids": F.pad(ids, (0, pad), value=clap.tokenizer.pad_id),
+                                         "attention_mask": F.pad(mask, (0, pad))})
+    assert torch.allclose(text.encode(CAPTIONS).pooled, ref, atol=1e-5)
+
+
+def test_long_captions_are_truncated_keeping_end_token(clap):
+    long = " ".join(["a very loud engine revs"] * 40)
+    ts = TextEncoder(TextConfig(weights="random", seed=0, max_length=16), clap=clap).encode([long, "a dog"])
+    assert ts.mask.shape == (2, 16) and ts.mask[0].all()
+    ids, _ = clap.tokenizer([long], 16)
+    assert ids[0, -1].item() == clap.tokenizer.eot and ids[0, 0].item() == clap.tokenizer.sot
+
+
+def test_bad_caption_input(text):
+    with pytest.raises(TypeError):
+        text.encode("a dog barks")
+    with pytest.raises(ValueError):
+        text.encode([])
+
+
+# --- tokenizer guard, missing files ---------------------------------------------------------------
+
+def test_degenerate_tokenizer_is_refused(tmp_path):
+    # transformers 5 turns missing/empty vocabulary files into a specials-only tokenizer without error
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "vocab.json").write_text("{}")
+    (empty / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(assets.MissingWeightsError, match="degenerate") as e:
+        RobertaBpe(empty / "vocab.json", empty / "merges.txt")
+    assert "prefetch roberta_vocab roberta_merges" in str(e.value) and str(empty / "vocab.json") in str(e.value)
+    with pytest.raises(assets.MissingWeightsError, match="prefetch roberta_vocab") as e:
+        RobertaBpe(tmp_path / "nowhere" / "vocab.json", tmp_path / "nowhere" / "merges.txt")
+    assert "nowhere" in str(e.value)
+
+
+def test_working_roberta_bpe_from_files(tmp_path):
+    tok = RobertaBpe(*write_tiny_roberta_vocab(tmp_path))
+    ids, mask = tok(["a dog", "rain falls"])
+    # <s> a Ġdog </s> / <s> r ain Ġ f a l l s </s>, roberta's special ids, padded with <pad> = 1
+    assert mask.sum(1).tolist() == [4, 10] and ids[0, 0] == 0 and ids[0, 3] == 2 and ids[1, 9] == 2
+    assert tok.pad_id == 1 and ids[0, 4:].eq(1).all() and not mask[0, 4:].any()
+
+
+def test_missing_pretrained_weights_name_file_and_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
+    with pytest.raises(assets.MissingWeightsError) as e:
+        Clap(ClapConfig(weights="pretrained"))
+    assert "630k-audioset-best.pt" in str(e.value) and "python -m siren.assets prefetch clap" in str(e.value)
+    with pytest.raises(assets.MissingWeightsError, match="nope.pt"):
+        Clap(ClapConfig(weights=str(tmp_path / "nope.pt")))
+    # weights present, tokenizer files missing: named too
+    (tmp_path / "630k-audioset-best.pt").write_bytes(b"x")
+    with pytest.raises(assets.MissingWeightsError, match="prefetch roberta_vocab"):
+        Clap(ClapConfig(weights="pretrained"))
+    with pytest.raises(assets.MissingWeightsError):
+        TextEncoder(TextConfig(weights="pretrained"))
+
+
+# --- checkpoint loading ---------------------------------------------------------------------------
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_load_checkpoint_plain_weights_any_protocol(tmp_path, protocol):
+    ckpt = {"epoch": np.int64(45), "lr": np.float64(1e-4), "name": "x",
+            "state_dict": {"module.a": torch.arange(3.0), "module.b": torch.ones(2, 2, dtype=torch.int64)}}
+    torch.save(ckpt, tmp_path / "c.pt", pickle_protocol=protocol)
+    got = load_checkpoint(tmp_path / "c.pt")
+    assert got["epoch"] == 45 and got["name"] == "x" and torch.equal(got["state_dict"]["module.a"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_load_checkpoint_refuses_code(tmp_path, protocol):
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"a": torch.ones(1)}, "x": _Evil()}, buf, pickle_protocol=protocol)
+    (tmp_path / "evil.pt").write_bytes(buf.getvalue())
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_unreadable_checkpoint_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
+    write_tiny_roberta_vocab(tmp_path / "roberta-base")
+    torch.save({"epoch": 1}, tmp_path / "notclap.pt")
+    with pytest.raises(ValueError, match="notclap.pt"):
+        Clap(ClapConfig(weights=str(tmp_path / "notclap.pt")))
+
+
+def test_pretrained_file_round_trip(tmp_path, monkeypatch):
+    """A CLAP in laion-clap's checkpoint layout (DDP 'module.' keys, position_ids, numpy epoch,
+    pickle protocol 4) loads through weights=pretrained with strict=True and gives the same numbers."""
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
+    tok = RobertaBpe(*write_tiny_roberta_vocab(tmp_path / "roberta-base"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        src = build_model(tok).eval()
+    sd = {f"module.{k}": v for k, v in src.state_dict().items()}
+    sd["module.text_branch.embeddings.position_ids"] = torch.arange(514)[None]
+    torch.save({"epoch": np.int64(45), "name": "test", "state_dict": sd}, tmp_path / "630k-audioset-best.pt",
+               pickle_protocol=4)
+    del sd
+
+    loaded = Clap(ClapConfig(weights="pretrained"))
+    assert loaded.weights_label == "pretrained"
+    assert loaded.weights_sha256 == assets.sha256(tmp_path / "630k-audioset-best.pt")
+    assert loaded.tokenizer.id == tok.id and tok.id in loaded.id
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+
+    ids, mask = tok(CAPTIONS)
+    ref_text = src.get_text_embedding({"input_ids": ids, "attention_mask": mask})
+    assert torch.equal(loaded.embed_text(CAPTIONS), ref_text)
+    wav = 0.1 * torch.randn(1, CLIP_SAMPLES, generator=torch.Generator().manual_seed(1))
+    ref_audio = src.get_audio_embedding([{"waveform": loaded.prepare_audio(wav, CLAP_SAMPLE_RATE)[0],
+                                          "longer": torch.tensor([False])}])
+    assert torch.equal(loaded.embed_audio(wav, sample_rate=CLAP_SAMPLE_RATE), ref_audio)
+
+
+# --- audio ----------------------------------------------------------------------------------------
+
+def test_audio_preparation_is_laion_clap_repeatpad(clap):
+    """Against laion_clap's own get_audio_features (numpy quantisation, repeatpad) for a 3.3 s clip."""
+    from laion_clap.training.data import float32_to_int16, get_audio_features, int16_to_float32
+
+    x48 = sine(440, 3.3, CLAP_SAMPLE_RATE)
+    q = torch.from_numpy(int16_to_float32(float32_to_int16(x48.numpy()))).float()
+    ref = get_audio_features({}, q, CLIP_SAMPLES, data_truncating="rand_trunc", data_filling="repeatpad",
+                             audio_cfg=dataclasses.asdict(clap.model.audio_cfg))["waveform"]
+    assert torch.equal(clap.prepare_audio(x48[None], CLAP_SAMPLE_RATE)[0], ref)
+
+
+def test_audio_16k_and_48k(clap):
+    """The same 440 Hz tone synthesised at 16 kHz and at 48 kHz: one embedding (resampled 16 -> 48 kHz)."""
+    w16, w48 = sine(440, 3.0, 16_000), sine(440, 3.0, CLAP_SAMPLE_RATE)
+    p16, p48 = clap.prepare_audio(w16[None], 16_000), clap.prepare_audio(w48[None], CLAP_SAMPLE_RATE)
+    assert p16.shape == p48.shape == (1, CLIP_SAMPLES)
+    interior = slice(100, 3 * CLAP_SAMPLE_RATE - 100)  # away from the resampler's edge transients
+    assert (p16[0, interior] - p48[0, interior]).abs().max() < 1e-3
+    e16, e48 = clap.embed_audio(w16[None]), clap.embed_audio(w48[None], sample_rate=CLAP_SAMPLE_RATE)
+    other = clap.embed_audio(sine(3000, 3.0, 16_000)[None])
+    assert torch.allclose(e16.norm(dim=-1), torch.ones(1), atol=1e-5)
+    assert (e16 * e48).sum() > 0.999 and (e16 * e48).sum() > (e16 * other).sum()
+
+
+def test_long_audio_is_deterministic_first_10s(clap):
+    wav = 0.1 * torch.randn(1, 16_000 * 13, generator=torch.Generator().manual_seed(2))
+    np.random.seed(0)
+    a = clap.embed_audio(wav)
+    np.random.seed(1)
+    assert torch.equal(clap.embed_audio(wav), a)
+    prep = clap.prepare_audio(wav)
+    assert torch.equal(prep, clap.prepare_audio(wav[:, :16_000 * 11])[:, :CLIP_SAMPLES])  # only the first 10 s count
+    assert torch.allclose(a, clap.embed_audio(wav[:, :16_000 * 11]), atol=1e-6)
+
+
+def test_audio_batching_and_lists(clap):
+    g = torch.Generator().manual_seed(3)
+    wav = 0.1 * torch.randn(3, 16_000, generator=g)
+    batched = clap.embed_audio(wav, batch_size=2)
+    singles = torch.cat([clap.embed_audio(w[None]) for w in wav])
+    assert batched.shape == (3, 512) and torch.allclose(batched, singles, atol=1e-5)
+    ragged = clap.embed_audio([wav[0], wav[1, :8_000]])  # clips of different lengths
+    assert torch.allclose(ragged[0], batched[0], atol=1e-5) and not torch.allclose(ragged[1], batched[1], atol=1e-3)
+    with pytest.raises(ValueError, match="empty"):
+        clap.embed_audio([torch.zeros(0)])
+
+
+def test_score_is_pairwise_cosine(clap):
+    wav = 0.1 * torch.randn(2, 16_000, generator=torch.Generator().manual_seed(4))
+    s = clap.score(wav, CAPTIONS[:2])
+    expected = F.cosine_similarity(clap.embed_audio(wav), clap.embed_text(CAPTIONS[:2]), dim=-1)
+    assert s.shape == (2,) and torch.allclose(s, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="captions"):
+        clap.score(wav, CAPTIONS)
