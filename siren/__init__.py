@@ -10,3 +10,12 @@ import os
 # prefetch` (run on a login node with internet) turns it off for itself.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load(run_dir, device="cpu", allow_unfinished: bool = False):
+    """The trained K experts of a run directory as a ``CollaborativeModel``, ready to sample.
+
+    See ``siren.checkpoint.load_run``; imported lazily so ``import siren`` stays light."""
+    from siren.checkpoint import load_run
+
+    return load_run(run_dir, device, allow_unfinished)

@@ -1,0 +1,264 @@
+"""Stage-1 checkpoints: one directory per expert, safetensors + JSON, written atomically.
+
+    run_dir/
+      config.json                  what every expert of the run shares: model config, codec and
+                                   text encoder ({id, weights}) (written by the first expert to start)
+      expert_<k>/
+        latest                     name of the newest complete checkpoint, e.g. "step_00001000"
+        step_00001000/
+          model.safetensors        the expert's weights (state_dict)
+          trainer.safetensors      optimizer state tensors, RNG states (uint8)
+          state.json               step, data position, optimizer scalars, model/train config,
+                                   codec, text encoder, expert index, finished flag
+        log.jsonl, tb/             training log (siren.train)
+
+A checkpoint directory is built under a temporary name and renamed into place, then
+``latest`` is rewritten (atomically): a job killed at any moment leaves either the old or
+the new checkpoint, never half of one. Nothing here unpickles: tensors are safetensors,
+everything else JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from siren import io
+
+FORMAT_VERSION = 1
+RUN_KEYS = ("model", "codec", "text")  # what every expert of a run shares (run_dir/config.json)
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or made for another config; the message names the file or keys."""
+
+
+def expert_dir(run_dir: str | os.PathLike, k: int) -> Path:
+    return Path(run_dir) / f"expert_{k}"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# ---------------------------------------------------------------------------- config checks
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"d": 64}} -> {"model.d": 64}; tuples become lists so JSON round trips compare equal."""
+    out: dict[str, Any] = {}
+    for key, v in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{name}."))
+        else:
+            out[name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """(dotted key, saved value, current value) for every key that differs, except under ``ignore``."""
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == p or key.startswith(p + ".") for p in ignore):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
+    return out
+
+
+def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: str,
+                 ignore: tuple[str, ...] = (), fix: str = "") -> None:
+    """Raise naming every differing key: 'checkpoint X has model.d=256, this config has model.d=64'."""
+    diff = config_diff(saved, current, ignore)
+    if diff:
+        has = ", ".join(f"{k}={v!r}" for k, v, _ in diff)
+        want = ", ".join(f"{k}={v!r}" for k, _, v in diff)
+        raise CheckpointError(f"{where} has {has}, this config has {want}." + (f" {fix}" if fix else ""))
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing checkpoint file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); delete this checkpoint directory "
+                              f"to fall back to an earlier one") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); delete this checkpoint directory "
+                              f"to fall back to an earlier one") from None
+
+
+def latest(edir: Path) -> Path | None:
+    """The newest complete checkpoint of an expert directory, or None when it has none."""
+    pointer = edir / "latest"
+    if pointer.is_file():
+        target = edir / pointer.read_text().strip()
+        if not STEP_DIR.match(target.name) or not target.is_dir():
+            raise CheckpointError(f"{pointer} names '{target.name}', which is not a checkpoint directory in {edir}; "
+                                  f"write the name of an existing step_* directory into it or delete it")
+        return target
+    # `latest` is written after the step directory is renamed into place: a job killed in
+    # between leaves a complete step directory without its pointer.
+    steps = sorted((int(m.group(1)), p) for p in edir.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    return steps[-1][1] if steps else None
+
+
+class Checkpoint:
+    """One step directory: ``state`` (state.json) plus lazily read tensor files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = read_json(path / "state.json")
+        if self.state.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{path / 'state.json'} has format {self.state.get('format')!r}, "
+                                  f"this code reads format {FORMAT_VERSION}")
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return read_tensors(self.path / "model.safetensors")
+
+    def trainer_state(self) -> dict[str, torch.Tensor]:
+        return read_tensors(self.path / "trainer.safetensors")
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """load_state_dict, with an error naming the file and the first mismatching tensors."""
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    bad = sorted(n for n in set(own) & set(tensors) if own[n].shape != tensors[n].shape)
+    if missing or extra or bad:
+        parts = ([f"missing {missing[:5]}"] if missing else []) + ([f"unexpected {extra[:5]}"] if extra else []) + \
+                ([f"{n} is {tuple(tensors[n].shape)} in the file, {tuple(own[n].shape)} in the model"
+                  for n in bad[:5]])
+        raise CheckpointError(f"{where} does not fit this model: " + "; ".join(parts))
+    module.load_state_dict(tensors)
+
+
+def load_latest(edir: Path) -> Checkpoint | None:
+    path = latest(edir)
+    return Checkpoint(path) if path else None
+
+
+# ---------------------------------------------------------------------------- writing
+
+def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer_tensors: Mapping[str, torch.Tensor],
+         state: Mapping[str, Any], keep_last: int) -> Path:
+    """Write step_<step>/ atomically, point ``latest`` at it, keep the newest ``keep_last``."""
+    final = edir / step_name(step)
+    tmp = edir / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        io.save_tensors(tmp / "model.safetensors", dict(model_state), {"format": "pt"})
+        io.save_tensors(tmp / "trainer.safetensors", dict(trainer_tensors), {"format": "pt"})
+        io.write_json(tmp / "state.json", {**state, "format": FORMAT_VERSION, "step": step})
+        _fsync_dir(tmp)
+        if final.exists():  # same step written again (e.g. a fresh run over a directory without `latest`)
+            trash = edir / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    io.write_text(edir / "latest", final.name + "\n")
+    _fsync_dir(edir)
+    olds = sorted((int(m.group(1)), p) for p in edir.glob("step_*") if (m := STEP_DIR.match(p.name)))
+    for s, p in olds[:-keep_last] if keep_last > 0 else []:
+        if s != step:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (a node crash right after must not lose them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- run directory
+
+def write_run_config(run_dir: Path, run_config: Mapping[str, Any]) -> None:
+    """Create run_dir/config.json, or check that the existing one agrees (every expert of a run shares it)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.json.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+            os.link(tmp, path)  # create-if-absent, atomically: two experts starting together write it once
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    check_config(read_json(path), json.loads(json.dumps(run_config)), f"run directory {run_dir} (config.json)",
+                 fix="Experts of one run must share the model, codec and text encoder: use another run_dir.")
+
+
+def read_run_config(run_dir: str | os.PathLike) -> dict:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory: {path} is missing "
+                              f"(python -m siren.train run_dir={run_dir} expert=K ... writes it)")
+    return read_json(path)
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", allow_unfinished: bool = False):
+    """The K trained experts of ``run_dir`` assembled into a ``CollaborativeModel`` (eval mode).
+
+    Raises one error listing every expert that is missing, unfinished (its latest checkpoint is
+    before train.steps; ``allow_unfinished=True`` takes it anyway) or built for another model."""
+    from siren.config import from_dict
+    from siren.model import CollaborativeModel, ModelConfig
+
+    run_dir = Path(run_dir)
+    shared = read_run_config(run_dir)
+    cfg = from_dict(ModelConfig, shared["model"], f"{run_dir / 'config.json'}: model")
+    found, problems = {}, []
+    for k in range(cfg.n_experts):
+        edir = expert_dir(run_dir, k)
+        c = load_latest(edir) if edir.is_dir() else None
+        if c is None:
+            problems.append(f"expert {k}: missing (no checkpoint in {edir})")
+            continue
+        diff = config_diff({key: shared[key] for key in RUN_KEYS}, {key: c.state[key] for key in RUN_KEYS})
+        if diff:
+            problems.append(f"expert {k}: {c.path} was trained for another model: "
+                            + ", ".join(f"{key}={b!r} (run config.json: {a!r})" for key, a, b in diff))
+        elif not c.state["finished"] and not allow_unfinished:
+            problems.append(f"expert {k}: unfinished, latest checkpoint {c.path.name} is step {c.step} of "
+                            f"{c.state['train']['steps']} (resume its training, or pass allow_unfinished=True)")
+        found[k] = c
+    if problems:
+        raise CheckpointError(f"cannot assemble {cfg.distribution} model from {run_dir}:\n  " + "\n  ".join(problems))
+    model = CollaborativeModel(cfg)  # zero code tables: every expert's checkpoint holds them
+    for k, c in found.items():
+        load_weights(model.experts[k], c.model_state(), c.path / "model.safetensors")
+    return model.to(device).eval()

@@ -1,0 +1,140 @@
+"""Transformer pieces shared by the backbone F_k and the residual decoder R_k.
+
+Pre-norm blocks (RMSNorm), attention through ``F.scaled_dot_product_attention``, a GELU MLP
+with a 4d hidden layer (Table 2's per-layer sizes: self-attn 4d^2 + MLP 8d^2 = 12.6M at
+d = 1024 for a decoder layer, plus cross-attention q/o d^2 each and k/v 768*d each = 16.3M
+for a backbone layer). Self-attention keeps an incremental KV cache for sampling.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_positions(start: int, length: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed sin/cos position codes for positions [start, start+length) -> [length, dim] (float32)."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return pe
+
+
+class KVCache:
+    """Keys/values of the positions seen so far, for one attention layer; grows by doubling."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [B, H, n, hd] for the n new positions -> all keys/values so far (inference only)."""
+        end = self.length + k.shape[2]
+        if self.k is None or end > self.k.shape[2]:
+            cap = max(64, 2 * end)
+            new_k = k.new_empty(*k.shape[:2], cap, k.shape[3])
+            new_v = v.new_empty(*v.shape[:2], cap, v.shape[3])
+            if self.length:
+                new_k[:, :, : self.length] = self.k[:, :, : self.length]
+                new_v[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length: end] = k
+        self.v[:, :, self.length: end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self):
+        self.length = 0
+
+
+@dataclass
+class TextKV:
+    """Cross-attention keys/values of the text token states for one block, with the padding mask."""
+    k: torch.Tensor  # [B, H, L, hd]
+    v: torch.Tensor  # [B, H, L, hd]
+    mask: torch.Tensor  # [B, 1, 1, L] bool, True = real token
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Causal attention of x [B, T, d] over itself and, with a cache, the cached past."""
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # T new queries at positions past..past+T-1 see keys <= their own position
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the audio stream, keys/values from the 768-d CLAP text token states."""
+
+    def __init__(self, dim: int, heads: int, text_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(text_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def text_kv(self, text: torch.Tensor, text_mask: torch.Tensor) -> TextKV:
+        B, L, _ = text.shape
+        d = self.q.out_features
+        k, v = self.kv(text).view(B, L, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        return TextKV(k, v, text_mask[:, None, None, :].bool())
+
+    def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
+        B, T, d = x.shape
+        q = self.q(x).view(B, T, self.heads, d // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, text.k, text.v, attn_mask=text.mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: int):
+        super().__init__()
+        self.up = nn.Linear(dim, ratio * dim, bias=False)
+        self.down = nn.Linear(ratio * dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: causal self-attn, [cross-attn to text], MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, text_dim: int | None = None):
+        super().__init__()
+        self.norm_self = nn.RMSNorm(dim)
+        self.self_attn = SelfAttention(dim, heads)
+        if text_dim is not None:
+            self.norm_cross = nn.RMSNorm(dim)
+            self.cross_attn = CrossAttention(dim, heads, text_dim)
+        else:
+            self.cross_attn = None
+        self.norm_mlp = nn.RMSNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, text: TextKV | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm_self(x), cache)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), text)
+        return x + self.mlp(self.norm_mlp(x))

@@ -1,0 +1,52 @@
+"""Code embeddings (appendix B): "12 parallel MLP projectors" on top of the frozen RVQ tables.
+
+e_j(q) = W_j (O_j Z_j[q] + o_j) + b_j : DAC codebook vector Z_j[q] (8-d) -> DAC's own frozen
+out-projection (O_j, o_j) to the 1024-d latent f-hat^j -> trainable Linear(1024, d) per layer.
+Both maps are linear, so e_j is computed through the fused [d, 8] matrix W_j O_j (identical
+values, 1/128 of the work); the frozen tables are buffers, so a checkpoint is self-contained.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, N_LAYERS, CodeTables
+
+LATENT_DIM = 1024  # DAC 16 kHz latent width: 64 * 2**4
+
+
+class CodeEmbedding(nn.Module):
+    def __init__(self, dim: int, tables: CodeTables | None = None):
+        """``tables=None`` leaves zero tables, to be filled by ``load_state_dict`` (a checkpoint)."""
+        super().__init__()
+        if tables is None:
+            tables = CodeTables(torch.zeros(N_LAYERS, CODEBOOK_SIZE, CODEBOOK_DIM),
+                                torch.zeros(N_LAYERS, LATENT_DIM, CODEBOOK_DIM), torch.zeros(N_LAYERS, LATENT_DIM))
+        if tuple(tables.codebooks.shape) != (N_LAYERS, CODEBOOK_SIZE, CODEBOOK_DIM) or \
+                tuple(tables.out_weight.shape) != (N_LAYERS, LATENT_DIM, CODEBOOK_DIM):
+            raise ValueError(f"code tables of shape {tuple(tables.codebooks.shape)} / {tuple(tables.out_weight.shape)} "
+                             f"are not the 12-layer DAC 16 kHz tables ([12, 1024, 8] / [12, 1024, 8])")
+        self.register_buffer("codebooks", tables.codebooks.detach().clone().float())  # Z_j   [12, V, 8]
+        self.register_buffer("out_weight", tables.out_weight.detach().clone().float())  # O_j [12, 1024, 8]
+        self.register_buffer("out_bias", tables.out_bias.detach().clone().float())  # o_j   [12, 1024]
+        self.weight = nn.Parameter(torch.empty(N_LAYERS, dim, LATENT_DIM))  # W_j: 12 Linear(1024, d)
+        self.bias = nn.Parameter(torch.zeros(N_LAYERS, dim))  # b_j
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [12, d, 8], c [12, d]) with e_j(q) = A_j Z_j[q] + c_j."""
+        A = torch.einsum("jdl,jlc->jdc", self.weight, self.out_weight.to(self.weight.dtype))
+        c = torch.einsum("jdl,jl->jd", self.weight, self.out_bias.to(self.weight.dtype)) + self.bias
+        return A, c
+
+    def forward(self, codes: torch.Tensor, layers: range | list[int] | None = None,
+                fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """codes [..., J] of RVQ layers ``layers`` (default all 12) -> embeddings [..., J, d].
+
+        ``fused``: a precomputed ``self.fused()`` (sampling reuses it across steps)."""
+        layers = list(range(N_LAYERS)) if layers is None else list(layers)
+        if codes.shape[-1] != len(layers):
+            raise ValueError(f"codes have {codes.shape[-1]} layers in the last dim, expected {len(layers)}")
+        A, c = self.fused() if fused is None else fused
+        idx = torch.tensor(layers, device=codes.device)
+        z = self.codebooks[idx, codes.long()].to(A.dtype)  # [..., J, 8]   (advanced indexing broadcasts)
+        return torch.einsum("...jc,jdc->...jd", z, A[idx]) + c[idx]

@@ -1,0 +1,54 @@
+"""Shared helpers for the model and sampler tests: tiny configs, random batches, code tables."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from siren.codec import CodeTables
+from siren.config import load_config
+from siren.model import CollaborativeModel, ModelConfig, presets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 cores shared by several jobs: intra-op threads spin and make tiny ops ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=1)
+def codec():
+    """The real DAC 16 kHz codec with random weights (asked for explicitly), built once."""
+    from siren.codec import Codec, CodecConfig
+    return Codec(CodecConfig(weights="random", seed=0))
+
+
+def synthetic_tables(seed: int = 0) -> CodeTables:
+    """Random stand-in tables with a non-zero out-projection bias (the random DAC's is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    return CodeTables(torch.randn(12, 1024, 8, generator=g), 0.2 * torch.randn(12, 1024, 8, generator=g),
+                      0.1 * torch.randn(12, 1024, generator=g))
+
+
+def tiny(*overrides: str) -> ModelConfig:
+    return load_config(ModelConfig, ["scale=tiny", "codec=synthetic-test-tables", *overrides], presets())
+
+
+def tiny_model(*overrides: str, seed: int = 0) -> CollaborativeModel:
+    torch.manual_seed(seed)
+    return CollaborativeModel(tiny(*overrides), synthetic_tables()).eval()
+
+
+def text_batch(B: int = 2, L: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1:, L - 2:] = False  # padded text in every row but the first
+    return torch.randn(B, L, 768, generator=g), mask
+
+
+def code_batch(B: int = 2, T: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 1024, (B, 12, T), generator=torch.Generator().manual_seed(seed))

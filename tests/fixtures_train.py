@@ -1,0 +1,88 @@
+"""Synthetic stage-1 data in the COMMON.md batch format, for the trainer and checkpoint tests.
+
+Random codes and random text states: the trainer only needs batches of the agreed shape; the
+real prepared data (siren.data) is integrated separately. Clips may have different lengths so
+``frame_mask`` padding is exercised.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, N_LAYERS, CodeTables
+from siren.train import Stage1Data, parse
+
+TEXT_DIM = 768
+
+
+class SyntheticClips(Dataset):
+    """``n`` clips: codes [12, T_i] and text states [L_i, 768], fixed by ``seed``."""
+
+    def __init__(self, n: int, frames: int, text_len: int = 6, seed: int = 0, ragged: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            T = frames - (int(torch.randint(0, frames // 3 + 1, (), generator=g)) if ragged else 0)
+            L = text_len - (int(torch.randint(0, text_len // 2 + 1, (), generator=g)) if ragged else 0)
+            self.items.append({"codes": torch.randint(0, CODEBOOK_SIZE, (N_LAYERS, T), generator=g),
+                               "text": torch.randn(L, TEXT_DIM, generator=g), "id": f"clip{i}",
+                               "caption": f"synthetic clip {i}"})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, i = key  # (epoch, index) keys as siren.data's datasets take; no random crop here
+        return self.items[i]
+
+
+def collate(items: list[dict]) -> dict:
+    """Right-pad codes and text; masks mark the real frames / tokens."""
+    B, T, L = len(items), max(x["codes"].shape[1] for x in items), max(x["text"].shape[0] for x in items)
+    codes = torch.zeros(B, N_LAYERS, T, dtype=torch.long)
+    frame_mask = torch.zeros(B, T, dtype=torch.bool)
+    text = torch.zeros(B, L, TEXT_DIM)
+    text_mask = torch.zeros(B, L, dtype=torch.bool)
+    for b, x in enumerate(items):
+        t, l_ = x["codes"].shape[1], x["text"].shape[0]
+        codes[b, :, :t], frame_mask[b, :t] = x["codes"], True
+        text[b, :l_], text_mask[b, :l_] = x["text"], True
+    return {"codes": codes, "frame_mask": frame_mask, "text": text, "text_mask": text_mask,
+            "ids": [x["id"] for x in items], "captions": [x["caption"] for x in items]}
+
+
+def random_tables(seed: int = 0) -> CodeTables:
+    g = torch.Generator().manual_seed(seed)
+    return CodeTables(torch.randn(N_LAYERS, CODEBOOK_SIZE, CODEBOOK_DIM, generator=g),
+                      0.1 * torch.randn(N_LAYERS, 1024, CODEBOOK_DIM, generator=g),
+                      0.1 * torch.randn(N_LAYERS, 1024, generator=g))
+
+
+def synthetic_data(n_train: int = 6, n_val: int = 3, frames: int = 12, seed: int = 0, ragged: bool = True,
+                   val: bool = True) -> Stage1Data:
+    train = DataLoader(SyntheticClips(n_train, frames, seed=seed, ragged=ragged), collate_fn=collate)
+    test = DataLoader(SyntheticClips(n_val, frames, seed=seed + 1, ragged=ragged), collate_fn=collate) if val else None
+    return Stage1Data(train, test, random_tables(seed), codec={"id": "test-tables", "weights": "random"},
+                      text={"id": "test-text", "weights": "random"})
+
+
+def tiny_args(run_dir, *extra: str) -> list[str]:
+    """A CPU-second-sized stage-1 config."""
+    return [f"run_dir={run_dir}", "scale=tiny", "model.dim=32", "model.attn_heads=2", "model.main_layers=1",
+            "train.batch_size=2", "train.steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4",
+            "train.log_every=1", "train.val_every=0", "train.ckpt_every=4", "train.num_workers=0",
+            "train.device=cpu", "train.precision=fp32", "train.crop_s=0", *extra]
+
+
+def tiny_config(run_dir, *extra: str):
+    return parse(tiny_args(run_dir, *extra))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine run ~8x faster on one intra-op thread (no oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

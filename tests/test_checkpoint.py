@@ -1,0 +1,201 @@
+"""Checkpoints: exact round trip, atomic writes, clear errors for bad files and configs, siren.load."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import siren
+from siren import checkpoint as ckpt
+from siren import io
+from siren.checkpoint import CheckpointError
+from siren.model import CollaborativeModel
+from siren.train import train
+from tests.fixtures_train import one_thread, synthetic_data, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Expert 0 of a 6-2 tiny model trained 8 steps (checkpoints at 4 and 8)."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(run, "model.distribution=6-2", "expert=0")
+    train(cfg, synthetic_data(), handle_signals=False)
+    return run
+
+
+def fresh_copy(trained, tmp_path):
+    shutil.copytree(trained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_layout_and_round_trip_bit_identical(trained, tmp_path):
+    from siren.model import Expert
+
+    edir = trained / "expert_0"
+    assert (edir / "latest").read_text().strip() == "step_00000008"
+    c = ckpt.load_latest(edir)
+    assert c.step == 8 and c.state["finished"] is True and c.state["expert"] == 0
+    assert c.state["codec"] == {"id": "test-tables", "weights": "random"}
+    assert c.state["text"] == {"id": "test-text", "weights": "random"}
+    assert c.state["model"]["dim"] == 32 and c.state["train"]["steps"] == 8
+    run_cfg = json.loads((trained / "config.json").read_text())
+    assert run_cfg == {key: c.state[key] for key in ("model", "codec", "text")}
+    assert run_cfg["model"]["codec"] == "test-tables"
+
+    # weights: save -> load into a fresh expert -> save again: every tensor bit-identical
+    cfg = tiny_config(tmp_path, "model.distribution=6-2").model
+    expert = Expert(cfg, 0)
+    ckpt.load_weights(expert, c.model_state(), c.path)
+    again = tmp_path / "again.safetensors"
+    io.save_tensors(again, expert.state_dict())
+    a, b = c.model_state(), ckpt.read_tensors(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) and a[n].dtype == b[n].dtype for n in a)
+    # the frozen code tables travel with the weights (buffers), so loading needs no codec
+    assert not torch.equal(a["embedding.codebooks"], torch.zeros_like(a["embedding.codebooks"]))
+
+    # trainer state: AdamW moments for every parameter, RNG as uint8, scalars in JSON
+    t = c.trainer_state()
+    n_params = sum(1 for _ in expert.parameters())
+    assert sum(1 for n in t if n.endswith(".exp_avg")) == n_params
+    assert t["rng.cpu.rank0"].dtype == torch.uint8
+    assert {"epoch", "examples_in_epoch"} <= set(c.state) and c.state["optimizer"]["param_groups"][0]["lr"] > 0
+
+
+def test_keep_last_and_pointer(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(run, "model.distribution=6-2", "train.ckpt_every=1", "train.keep_last=2"),
+          synthetic_data(), handle_signals=False)
+    steps = sorted(p.name for p in (run / "expert_0").glob("step_*"))
+    assert steps == ["step_00000007", "step_00000008"]
+    assert not list((run / "expert_0").glob(".*tmp*"))
+
+
+def test_crash_during_save_keeps_previous_checkpoint(trained, tmp_path, monkeypatch):
+    edir = fresh_copy(trained, tmp_path) / "expert_0"
+    c = ckpt.load_latest(edir)
+    real = io.save_tensors
+
+    def dies_on_trainer_state(dest, tensors, metadata=None):
+        if str(dest).endswith("trainer.safetensors"):
+            raise OSError("disk full")
+        real(dest, tensors, metadata)
+
+    monkeypatch.setattr(io, "save_tensors", dies_on_trainer_state)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save(edir, 12, c.model_state(), c.trainer_state(), c.state, keep_last=1)
+    assert ckpt.latest(edir).name == "step_00000008"  # still the last complete one
+    assert not (edir / "step_00000012").exists() and not list(edir.glob(".step_*"))
+    assert (edir / "step_00000004").exists()  # nothing deleted by the failed save
+
+
+def test_missing_latest_pointer_falls_back_to_newest_complete_dir(trained, tmp_path):
+    edir = fresh_copy(trained, tmp_path) / "expert_0"
+    (edir / "latest").unlink()  # killed between renaming the step dir and writing `latest`
+    assert ckpt.latest(edir).name == "step_00000008"
+
+
+def test_resume_with_other_model_config_names_keys(trained, tmp_path):
+    run = fresh_copy(trained, tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_config(run, "model.distribution=6-2", "model.dim=64", "model.main_layers=2"), synthetic_data(),
+              handle_signals=False)
+    msg = str(e.value)
+    assert "expert_0/step_00000008" in msg  # names the checkpoint
+    assert "model.dim=32" in msg and "model.dim=64" in msg and "model.main_layers=1" in msg
+    with pytest.raises(CheckpointError, match=r"train.lr=0.003.*train.lr=0.001"):
+        train(tiny_config(run, "model.distribution=6-2", "train.lr=1e-3"), synthetic_data(), handle_signals=False)
+    # bookkeeping keys may change on resume
+    result = train(tiny_config(run, "model.distribution=6-2", "train.log_every=5"), synthetic_data(),
+                   handle_signals=False)
+    assert result.status == "finished"
+
+
+def test_second_expert_with_other_model_rejected_by_run_config(trained, tmp_path):
+    run = fresh_copy(trained, tmp_path)
+    with pytest.raises(CheckpointError, match=r"config.json.*model.dim=32.*model.dim=48"):
+        train(tiny_config(run, "model.distribution=6-2", "expert=1", "model.dim=48"), synthetic_data(),
+              handle_signals=False)
+    assert not (run / "expert_1").exists()
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "trainer.safetensors", "state.json"])
+def test_corrupt_or_missing_file_is_named(trained, tmp_path, victim):
+    run = fresh_copy(trained, tmp_path)
+    shutil.rmtree(run / "expert_0" / "step_00000008")
+    (run / "expert_0" / "latest").write_text("step_00000004\n")  # resume from the step-4 checkpoint
+    path = run / "expert_0" / "step_00000004" / victim
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated (node died mid-copy)
+    with pytest.raises(CheckpointError, match=f"corrupt checkpoint file {path}"):
+        train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
+    path.unlink()
+    with pytest.raises(CheckpointError, match=f"missing checkpoint file {path}"):
+        train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
+
+
+def test_latest_pointing_nowhere_is_named(trained, tmp_path):
+    edir = fresh_copy(trained, tmp_path) / "expert_0"
+    (edir / "latest").write_text("step_00000099\n")
+    with pytest.raises(CheckpointError, match=f"{edir / 'latest'} names 'step_00000099'"):
+        ckpt.latest(edir)
+
+
+def test_safetensors_with_wrong_tensors_is_named(trained, tmp_path):
+    from siren.model import Expert
+
+    c = ckpt.load_latest(trained / "expert_0")
+    other = Expert(tiny_config(tmp_path, "model.distribution=6-2", "model.dim=16").model, 0)
+    with pytest.raises(CheckpointError, match=r"model.safetensors does not fit this model: .* is \(.*32.*\) in the file"):
+        ckpt.load_weights(other, c.model_state(), c.path / "model.safetensors")
+
+
+# ---------------------------------------------------------------------------- siren.load
+
+def test_load_assembles_all_experts_and_reports_missing(tmp_path):
+    run = tmp_path / "run"
+    args = ("model.distribution=2-6", "train.steps=2", "train.ckpt_every=1")
+    data = synthetic_data()
+    train(tiny_config(run, *args, "expert=1"), data, handle_signals=False)
+    with pytest.raises(CheckpointError, match=r"expert 0: missing") as e:
+        siren.load(run)
+    assert "expert 1" not in str(e.value)
+
+    train(tiny_config(run, *args, "expert=0", "train.steps=3"), data, handle_signals=False)
+    # expert 0 is finished under its own train.steps=3; make expert 1 look interrupted at step 1
+    (run / "expert_1" / "latest").write_text("step_00000001\n")
+    with pytest.raises(CheckpointError, match=r"expert 1: unfinished, latest checkpoint step_00000001 is step 1 of 2"):
+        siren.load(run)
+    partial = siren.load(run, allow_unfinished=True)
+    (run / "expert_1" / "latest").write_text("step_00000002\n")
+
+    model = siren.load(run, device="cpu")
+    assert isinstance(model, CollaborativeModel) and len(model.experts) == 2 and not model.training
+    for k in range(2):
+        saved = ckpt.load_latest(run / f"expert_{k}").model_state()
+        own = model.experts[k].state_dict()
+        assert all(torch.equal(own[n], saved[n]) for n in saved)
+    assert not torch.equal(partial.experts[1].heads[0].weight, model.experts[1].heads[0].weight)
+
+    # the assembled model computes what the trained experts compute: 12 layers of logits
+    b = data.train.collate_fn([data.train.dataset[(0, i)] for i in range(2)])
+    logits = model(b["codes"], b["text"], b["text_mask"])
+    assert logits.shape == (*b["codes"].shape, 1024)
+
+
+def test_load_rejects_expert_of_another_model(tmp_path):
+    run = tmp_path / "run"
+    args = ("model.distribution=2-6", "train.steps=1")
+    train(tiny_config(run, *args, "expert=0"), synthetic_data(), handle_signals=False)
+    train(tiny_config(run, *args, "expert=1"), synthetic_data(), handle_signals=False)
+    state = run / "expert_1" / "step_00000001" / "state.json"
+    s = json.loads(state.read_text())
+    s["model"]["conditioning"] = "residual"
+    state.write_text(json.dumps(s))
+    with pytest.raises(CheckpointError, match=r"expert 1: .* model.conditioning='residual' \(run config.json: "
+                                              r"'accumulated'\)"):
+        siren.load(run)
+    with pytest.raises(CheckpointError, match="is not a run directory"):
+        siren.load(tmp_path / "nothing")

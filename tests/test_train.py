@@ -1,0 +1,234 @@
+"""Stage-1 trainer: optimiser groups, schedule, learning, exact resume, preemption signals, DDP."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from siren.config import ConfigError
+from siren.model import Expert
+from siren.train import (EXIT_PREEMPTED, EpochBatches, TrainConfig, lr_at, param_groups, parse,
+                         read_log, train)
+from tests.fixtures_train import one_thread, random_tables, synthetic_data, tiny_config  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def losses(edir) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in read_log(edir) if not e.get("val")]
+
+
+# ---------------------------------------------------------------------------- config
+
+def test_cli_composes_model_and_train_config(tmp_path):
+    cfg = parse([f"run_dir={tmp_path}", "expert=3", "scale=tiny", "model.distribution=6-2", "train.steps=200"])
+    assert (cfg.expert, cfg.model.dim, cfg.model.distribution, cfg.train.steps) == (3, 64, "6-2", 200)
+    with pytest.raises(ConfigError, match="train.steps"):
+        parse(["train.step=3"])  # message lists the valid keys
+    with pytest.raises(ConfigError, match="expert=6 does not exist in model.distribution=6-2"):
+        parse(["expert=6"])
+    with pytest.raises(ConfigError, match="precision"):
+        parse(["train.precision=fp16"])
+
+
+# ---------------------------------------------------------------------------- optimiser
+
+def test_weight_decay_only_on_matrices():
+    cfg = parse(["scale=tiny", "model.distribution=6-2"]).model
+    model = Expert(cfg, 1, random_tables())
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert ids(decay) | ids(no_decay) == set(names) and not ids(decay) & ids(no_decay)
+    decayed = {names[i] for i in ids(decay)}
+    # Independent listing: the weight matrices are the nn.Linear weights plus the 12 code projectors.
+    linear = {f"{m}.weight" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert decayed == linear | {"embedding.weight"}
+    for name in ("backbone.sos", "decoder.sos", "decoder.pos", "embedding.bias", "heads.0.bias",
+                 "backbone.norm.weight", "backbone.blocks.0.norm_self.weight"):
+        assert names[id(dict(model.named_parameters())[name])] not in decayed, name
+
+
+def test_schedule_matches_closed_form():
+    c = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr=1e-4)
+    for s in range(100):  # linear warmup reaching lr at the last warmup step
+        assert lr_at(s, c) == pytest.approx(1e-3 * (s + 1) / 100, rel=1e-12)
+    for s in (100, 250, 550, 999):  # cosine from lr (step 100) to min_lr (step 1000)
+        want = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 100) / 900))
+        assert lr_at(s, c) == pytest.approx(want, rel=1e-12)
+    assert lr_at(550, c) == pytest.approx(5.5e-4, rel=1e-12)  # halfway: mean of lr and min_lr
+    assert lr_at(100, TrainConfig(steps=1000, warmup_steps=0, lr=1e-3, min_lr=1e-4)) == pytest.approx(
+        1e-4 + 0.45e-3 * (1 + math.cos(math.pi * 0.1)))
+
+
+def test_epoch_batches_partition_and_skip():
+    n, B = 11, 2
+    full = list(EpochBatches(n, B, seed=3, epoch=1))
+    keys = sum(full, [])
+    assert len(full) == 5 and {e for e, _ in keys} == {1}  # keys carry the epoch (it moves the crop)
+    assert len({i for _, i in keys}) == 10  # a permutation; drop_last leaves one example out
+    assert list(EpochBatches(n, B, seed=3, epoch=1, skip=4)) == full[2:]  # resume = same order minus consumed
+    assert list(EpochBatches(n, B, seed=3, epoch=2)) != full  # each epoch reshuffles
+    two = [list(EpochBatches(n, B, seed=3, epoch=1, rank=r, world=2)) for r in range(2)]
+    glob = list(EpochBatches(n, 2 * B, seed=3, epoch=1))
+    assert [a + b for a, b in zip(*two)] == glob  # ranks split each global batch
+
+
+# ---------------------------------------------------------------------------- learning
+
+def test_tiny_expert_overfits_fixed_batches(tmp_path):
+    cfg = tiny_config(tmp_path, "model.distribution=6-2", "expert=0", "train.steps=30", "train.warmup_steps=3",
+                      "train.lr=1e-2", "train.min_lr=1e-3", "train.ckpt_every=1000")
+    train(cfg, synthetic_data(n_train=4, frames=10, val=False), handle_signals=False)
+    curve = [loss for _, loss in losses(tmp_path / "expert_0")]
+    first, last = curve[0], sum(curve[-3:]) / 3
+    assert first == pytest.approx(2 * math.log(1024), rel=0.05)  # two owned layers at chance
+    assert last < 0.5 * first, curve
+
+
+def test_log_records_every_owned_layer_and_schedule(tmp_path):
+    cfg = tiny_config(tmp_path, "model.distribution=4-3", "expert=2", "train.steps=3", "train.val_every=2")
+    train(cfg, synthetic_data(), handle_signals=False)
+    log = read_log(tmp_path / "expert_2")
+    steps = [e for e in log if not e.get("val")]
+    assert [e["step"] for e in steps] == [1, 2, 3] and [e["step"] for e in log if e.get("val")] == [2, 3]
+    for e in steps:
+        assert e["lr"] == pytest.approx(lr_at(e["step"] - 1, cfg.train))
+        assert {"loss", "grad_norm", "tokens/s", "ce/L7", "ce/L8", "ce/L9", "acc/L7", "acc/L8", "acc/L9"} <= set(e)
+        assert not {"ce/L6", "ce/L10"} & set(e)
+        assert e["loss"] == pytest.approx(e["ce/L7"] + e["ce/L8"] + e["ce/L9"], rel=1e-5)  # Eq. 6
+    assert any((tmp_path / "expert_2" / "tb").iterdir())
+
+
+# ---------------------------------------------------------------------------- resume
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    """Kill after the step-4 checkpoint, restart: steps 5..8 give the same losses, bit for bit.
+
+    Tolerance: exact equality (CPU, fp32, one thread order). 6 clips / batch 2 = 3 batches per
+    epoch, grad_accum 2: the run crosses epoch boundaries and the checkpoint falls mid-epoch."""
+    args = ("model.distribution=6-2", "expert=0", "train.grad_accum=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(straight, *args), synthetic_data(), handle_signals=False)
+    want = losses(straight / "expert_0")
+
+    train(tiny_config(resumed, *args), synthetic_data(), handle_signals=False)
+    # Make it look like the job died just after writing step 4 (the step-8 checkpoint never happened);
+    # the log still holds the lost steps 5..8, which the restart must drop and recompute.
+    edir = resumed / "expert_0"
+    shutil.rmtree(edir / "step_00000008")
+    (edir / "latest").write_text("step_00000004\n")
+    with open(edir / "log.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 0.0}\n{"step": 10, "lo')  # a half-written line from the dead job
+    result = train(tiny_config(resumed, *args), synthetic_data(), handle_signals=False)
+    assert result.status == "finished" and result.step == 8
+    got = losses(edir)
+    assert [s for s, _ in got] == list(range(1, 9))
+    assert got == want
+
+
+def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch):
+    """SIGTERM arriving mid-step stops the loop after that step, with a checkpoint, and the run resumes exactly."""
+    args = ("model.distribution=6-2", "expert=1")
+    straight = tmp_path / "straight"
+    train(tiny_config(straight, *args), synthetic_data(), handle_signals=False)
+
+    run = tmp_path / "run"
+    import siren.train as T
+
+    real_lr_at = T.lr_at
+
+    def lr_then_signal(step, cfg):  # SIGTERM arrives during optimiser step 3 (0-based)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(T, "lr_at", lr_then_signal)
+    result = train(tiny_config(run, *args), synthetic_data(), handle_signals=True)
+    monkeypatch.setattr(T, "lr_at", real_lr_at)
+    assert result.status == "preempted" and result.step == 4
+    assert result.checkpoint.name == "step_00000004"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    state = json.loads((run / "expert_1" / "step_00000004" / "state.json").read_text())
+    assert state["finished"] is False and state["step"] == 4
+    train(tiny_config(run, *args), synthetic_data(), handle_signals=False)
+    assert losses(run / "expert_1") == losses(straight / "expert_1")
+
+
+SIGNAL_SCRIPT = """
+import sys
+from tests.fixtures_train import synthetic_data, tiny_args
+from siren.train import main
+sys.exit(main(tiny_args(sys.argv[1], "model.distribution=1-12", "train.steps=100000", "train.ckpt_every=100000",
+                        "train.log_every=1"), synthetic_data()))
+"""
+
+
+def test_slurm_signal_checkpoints_and_exits_for_requeue(tmp_path):
+    """A real training process receives SIGUSR2 (SLURM's warning before a time limit): it checkpoints
+    at the next step boundary and exits with EXIT_PREEMPTED so the launcher requeues it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "expert_0" / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.time() < deadline, "training never logged a step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err.decode()[-2000:]
+    latest = (tmp_path / "expert_0" / "latest").read_text().strip()
+    state = json.loads((tmp_path / "expert_0" / latest / "state.json").read_text())
+    assert 2 <= state["step"] < 100000 and state["finished"] is False
+    assert [e["step"] for e in read_log(tmp_path / "expert_0")][-1] == state["step"]
+    assert b"requeue" in err
+
+
+# ---------------------------------------------------------------------------- DDP
+
+DDP_SCRIPT = """
+import os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK=sys.argv[2], WORLD_SIZE="2",
+                  LOCAL_RANK=sys.argv[2])
+from tests.fixtures_train import synthetic_data, tiny_config
+from siren.train import train
+train(tiny_config(sys.argv[1], "model.distribution=6-2", "train.steps=4", "train.val_every=2"),
+      synthetic_data(n_train=8, ragged=False), handle_signals=False)
+"""
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
+    """2 ranks x batch 2 see the same global batches as 1 process x batch 4 (equal-length clips,
+    so the mean of the two halves' losses is the full batch's): same losses up to float sums."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "ddp"), str(r), port], cwd=ROOT,
+                              env=env, stderr=subprocess.PIPE) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-3000:]
+    train(tiny_config(tmp_path / "one", "model.distribution=6-2", "train.steps=4", "train.val_every=2",
+                      "train.batch_size=4"), synthetic_data(n_train=8, ragged=False), handle_signals=False)
+    ddp, one = read_log(tmp_path / "ddp" / "expert_0"), read_log(tmp_path / "one" / "expert_0")
+    assert [e["step"] for e in ddp] == [e["step"] for e in one]
+    for a, b in zip(ddp, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5), (a, b)
+    state = json.loads((tmp_path / "ddp" / "expert_0" / "step_00000004" / "state.json").read_text())
+    assert state["world_size"] == 2
