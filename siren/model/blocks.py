@@ -57,7 +57,7 @@ class TextKV:
     """Cross-attention keys/values of the text token states for one block, with the padding mask."""
     k: torch.Tensor  # [B, H, L, hd]
     v: torch.Tensor  # [B, H, L, hd]
-    mask: torch.Tensor  # [B, 1, 1, L] bool, True = real token
+    mask: torch.Tensor  # [B, 1, 1, L] additive: 0 for real tokens, -inf for padding
 
 
 class SelfAttention(nn.Module):
@@ -99,7 +99,8 @@ class CrossAttention(nn.Module):
         B, L, _ = text.shape
         d = self.q.out_features
         k, v = self.kv(text).view(B, L, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        return TextKV(k, v, text_mask[:, None, None, :].bool())
+        bias = torch.zeros(text_mask.shape, dtype=k.dtype, device=k.device).masked_fill(~text_mask.bool(), float("-inf"))
+        return TextKV(k, v, bias[:, None, None, :])
 
     def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
         B, T, d = x.shape

@@ -8,6 +8,7 @@ values, 1/128 of the work); the frozen tables are buffers, so a checkpoint is se
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, N_LAYERS, CodeTables
@@ -38,15 +39,19 @@ class CodeEmbedding(nn.Module):
         c = torch.einsum("jdl,jl->jd", self.weight, self.out_bias.to(self.weight.dtype)) + self.bias
         return A, c
 
-    def forward(self, codes: torch.Tensor, layers: range | list[int] | None = None,
-                fused: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """codes [..., J] of RVQ layers ``layers`` (default all 12) -> embeddings [..., J, d].
+    def forward(self, codes: torch.Tensor, layers: range = range(N_LAYERS),
+                fused: tuple[torch.Tensor, torch.Tensor] | None = None, summed: bool = False) -> torch.Tensor:
+        """codes [..., J] of the consecutive RVQ layers ``layers`` -> embeddings [..., J, d],
+        or with ``summed`` their sum over the J layers [..., d] (the backbone input).
 
         ``fused``: a precomputed ``self.fused()`` (sampling reuses it across steps)."""
-        layers = list(range(N_LAYERS)) if layers is None else list(layers)
-        if codes.shape[-1] != len(layers):
-            raise ValueError(f"codes have {codes.shape[-1]} layers in the last dim, expected {len(layers)}")
+        if codes.shape[-1] != len(layers) or layers.step != 1:
+            raise ValueError(f"codes have {codes.shape[-1]} layers in the last dim, expected the "
+                             f"consecutive layers {layers.start}..{layers.stop - 1}")
         A, c = self.fused() if fused is None else fused
-        idx = torch.tensor(layers, device=codes.device)
-        z = self.codebooks[idx, codes.long()].to(A.dtype)  # [..., J, 8]   (advanced indexing broadcasts)
-        return torch.einsum("...jc,jdc->...jd", z, A[idx]) + c[idx]
+        A, c = A[layers.start: layers.stop], c[layers.start: layers.stop]
+        offset = torch.arange(layers.start, layers.stop, device=codes.device) * self.codebooks.shape[1]
+        z = F.embedding(codes.long() + offset, self.codebooks.flatten(0, 1)).to(A.dtype)  # Z_j[q]  [..., J, 8]
+        if summed:
+            return torch.einsum("...jc,jdc->...d", z, A) + c.sum(0)
+        return torch.einsum("...jc,jdc->...jd", z, A) + c

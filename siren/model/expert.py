@@ -131,22 +131,32 @@ class Expert(nn.Module):
         """codes [B, 12, T], text [B, L, 768], text_mask [B, L] -> logits [B, m, T, 1024] of the owned layers."""
         check_inputs(codes, text, text_mask)
         B = codes.shape[0]
-        emb = self.embedding(codes.transpose(1, 2))  # [B, T, 12, d]
-        x = torch.cat([self.backbone.sos.expand(B, 1, -1), emb[:, :-1].sum(2)], 1)  # sos, sum_j e_j(q_{t-1}^j)
+        fused = self.embedding.fused()
+        prev = self.embedding(codes[:, :, :-1].transpose(1, 2), fused=fused, summed=True)  # sum_j e_j(q_{t-1}^j)
+        x = torch.cat([self.backbone.sos.expand(B, 1, -1), prev], 1)
         h = self.backbone(x, self.backbone.text_kv(text, text_mask))  # h_{k,t} [B, T, d]
-        return self.logits(h, emb)
+        if self.decoder is None:
+            return self.logits(h, None)
+        upto = range(self.layers.stop - 1)  # cond_j reads layers < j only
+        return self.logits(h, self.embedding(codes[:, : upto.stop].transpose(1, 2), upto, fused))
 
     def conditions(self, emb: torch.Tensor) -> torch.Tensor:
-        """Embeddings of one step's 12 codes [..., 12, d] -> cond_s..cond_{s+m-1} [..., m, d] (Eq. 5).
-
-        cond_j reads only layers < j (the columns >= j of ``emb`` may hold anything)."""
-        shifted = torch.cat([torch.zeros_like(emb[..., :1, :]), emb[..., :-1, :]], -2)  # [j] = e_{j-1}
+        """Embeddings e_0..e_{s+m-2} of one step's codes [..., s+m-1, d] -> cond_s..cond_{s+m-1} [..., m, d] (Eq. 5)."""
+        shifted = torch.cat([emb.new_zeros(*emb.shape[:-2], 1, emb.shape[-1]), emb], -2)  # [j] = e_{j-1}, [0] = 0
         if self.cfg.conditioning == "accumulated":
             shifted = shifted.cumsum(-2)  # [j] = sum_{i<j} e_i
         return self.decoder.sos + shifted[..., self.layers.start: self.layers.stop, :]
 
-    def logits(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """h [B, T, d], emb [B, T, 12, d] (same-step codes) -> logits [B, m, T, V]."""
+    def condition(self, codes_t: torch.Tensor, j: int, fused) -> torch.Tensor:
+        """cond_j [B, d] of one step from codes_t [B, 12] (reads layers < j only); Eq. 5 for one layer."""
+        if j == 0:
+            return self.decoder.sos.expand(codes_t.shape[0], -1)
+        if self.cfg.conditioning == "accumulated":
+            return self.decoder.sos + self.embedding(codes_t[:, :j], range(j), fused, summed=True)
+        return self.decoder.sos + self.embedding(codes_t[:, j - 1: j], range(j - 1, j), fused)[:, 0]
+
+    def logits(self, h: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        """h [B, T, d], emb [B, T, s+m-1, d] (this step's codes, layers < s+m-1) -> logits [B, m, T, V]."""
         B, T, d = h.shape
         m = len(self.layers)
         if self.decoder is None:  # parallel heads: every owned layer reads h_t
@@ -185,10 +195,10 @@ class Expert(nn.Module):
         t, B = state.t, codes.shape[0]
         if state.backbone is not None:  # one new position, attending to the cached past
             x = (self.backbone.sos.expand(B, 1, -1) if t == 0 else
-                 self.embedding(codes[:, :, t - 1], fused=state.embed).sum(1, keepdim=True))
+                 self.embedding(codes[:, None, :, t - 1], fused=state.embed, summed=True))
             h = self.backbone(x, state.text, state.backbone, start=t)[:, -1]
         else:  # the whole prefix again
-            prev = self.embedding(codes[:, :, :t].transpose(1, 2), fused=state.embed).sum(2)
+            prev = self.embedding(codes[:, :, :t].transpose(1, 2), fused=state.embed, summed=True)
             x = torch.cat([self.backbone.sos.expand(B, 1, -1), prev], 1)
             h = self.backbone(x, state.text)[:, -1]
         state.t = t + 1
@@ -199,15 +209,17 @@ class Expert(nn.Module):
         codes_t [B, 12], of which only layers < s+i are read. Call with i = 0, 1, ..., m-1 in order."""
         if self.decoder is None:
             return self.heads[i](h)
-        cond = self.conditions(self.embedding(codes_t, fused=state.embed))[:, : i + 1]  # [B, i+1, d]
-        if state.decoder is not None:  # small per-step cache: h at position 0, then one cond per layer
+        s = self.layers.start
+        if state.decoder is not None:  # small per-step cache: [h_t, cond_s] first, then one cond per layer
+            cond = self.condition(codes_t, s + i, state.embed)[:, None]
             if i == 0:
                 for c in state.decoder:
                     c.reset()
-                self.decoder(h[:, None], state.decoder, start=0)
-            out = self.decoder(cond[:, i:], state.decoder, start=i + 1)[:, -1]
-        else:
-            out = self.decoder(torch.cat([h[:, None], cond], 1))[:, -1]
+                cond = torch.cat([h[:, None], cond], 1)
+            out = self.decoder(cond, state.decoder, start=0 if i == 0 else i + 1)[:, -1]
+        else:  # recompute [h_t, cond_s, ..., cond_{s+i}]
+            conds = [self.condition(codes_t, s + ii, state.embed) for ii in range(i + 1)]
+            out = self.decoder(torch.stack([h, *conds], 1))[:, -1]
         return self.heads[i](out)
 
 
