@@ -13,6 +13,7 @@ mismatch of codec ids is an error naming both.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +83,19 @@ def open_codec(prepared: Path, splits: list[str], weights: str = "") -> Codec:
     """The codec the splits were prepared with (``weights`` empty: the directory's own weights label)."""
     infos = {s: PreparedDataset(prepared, s, crop_s=None).info["codec"] for s in splits}
     first = next(iter(infos.values()))
-    codec = Codec(CodecConfig(weights=weights or first["weights"]))
+    codec = build_codec(weights or first["weights"])
     for split, info in infos.items():
         if codec.id != info["id"]:
             raise DataError(f"{index_path(prepared, split)}: codes were made by codec {info['id']} ({info['weights']} "
                             f"weights), but codec={weights or first['weights']} builds {codec.id}; pass the codec "
                             f"weights the directory was prepared with")
     return codec
+
+
+@functools.lru_cache(maxsize=2)
+def build_codec(weights: str) -> Codec:
+    """One frozen codec per weights per process: probes run one after another share it."""
+    return Codec(CodecConfig(weights=weights))
 
 
 def load(prepared: Path, split: str, max_items: int = 0, seed: int = 0, need_labels: bool = False) -> Items:
@@ -125,5 +132,5 @@ def _features(codec: Codec, codes: list[torch.Tensor], space: str) -> list[np.nd
     out = []
     for c in codes:
         vec, proj = codec.layer_features(c[None])
-        out.append((proj if space == "projected" else vec)[0].transpose(0, 1).double().numpy())
+        out.append((proj if space == "projected" else vec)[0].transpose(0, 1).double().cpu().numpy())
     return out
