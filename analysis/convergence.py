@@ -26,7 +26,7 @@ import numpy as np
 
 from analysis import style
 from analysis.cli import as_list, main, out_dir, write_csv
-from analysis.logs import read_jsonl
+from analysis.logs import read_jsonl, weights_note
 from siren.codec import N_LAYERS
 
 LAYER_KEY = re.compile(r"^ce/L(\d+)$")
@@ -96,7 +96,7 @@ def loss_stats(run_dir: str | Path, tail: float = 0.1, split: str = "train") -> 
             "final": final}
 
 
-def plot(curves: dict, layers: list[int], smooth: float, split: str, width: float):
+def plot(curves: dict, layers: list[int], smooth: float, split: str, width: float, note: str = ""):
     fig, ax = style.figure(width, 0.6 if width > style.COLUMN else 0.75)
     colors = style.layer_colors(N_LAYERS)
     for j in layers:
@@ -105,6 +105,7 @@ def plot(curves: dict, layers: list[int], smooth: float, split: str, width: floa
     ax.set_xlabel("Training step")
     ax.set_ylabel(f"{'Validation' if split == 'val' else 'Training'} CE loss")
     ax.legend(ncol=2 if len(layers) > 6 else 1)
+    style.note(fig, note)
     return fig
 
 
@@ -127,8 +128,10 @@ def run(cfg: ConvergenceConfig) -> list:
     except ValueError as e:
         print(f"warning: no Table 5 numbers: {e}")
     panels = [j for j in (int(x) for x in as_list(cfg.panels)) if j in curves]
-    written += style.save_figure(plot(curves, panels, cfg.smooth, cfg.split, style.COLUMN), folder, "fig2d_convergence")
-    written += style.save_figure(plot(curves, sorted(curves), cfg.smooth, cfg.split, style.TWO_COLUMN), folder,
+    note = weights_note(cfg.run)
+    written += style.save_figure(plot(curves, panels, cfg.smooth, cfg.split, style.COLUMN, note), folder,
+                                 "fig2d_convergence")
+    written += style.save_figure(plot(curves, sorted(curves), cfg.smooth, cfg.split, style.TWO_COLUMN, note), folder,
                                  "fig6_convergence")
     return written
 

@@ -43,7 +43,7 @@ class GradientAnglesConfig:
     param: str = "backbone.blocks.-1.mlp.down.weight"  # last backbone layer's weight matrix ([-1] = last block)
     batches: int = 8  # batches probed (each gives 66 angles)
     batch_size: int = 8
-    crop_s: float = 6.0  # frames per item (random crops, appendix B); 0 = whole items
+    crop_s: float = 0.0  # > 0: random crops of this many seconds (appendix B: 6); 0 = whole items
     device: str = "auto"
     seed: int = 0
     out: str = ""
@@ -61,14 +61,15 @@ def angle_matrix(vectors: torch.Tensor | np.ndarray) -> np.ndarray:
     return torch.rad2deg(torch.arccos((unit @ unit.T).clamp(-1.0, 1.0))).numpy()
 
 
-def head_losses(expert, batch: dict) -> torch.Tensor:
-    """Per owned layer the frame-masked mean CE (the terms of Eq. 6), differentiable -> [m]."""
+def head_losses(expert, batch: dict) -> list[torch.Tensor]:
+    """Per owned layer the frame-masked mean CE (the terms of Eq. 6), each its own graph node, so
+    one head's backward never touches the other heads' softmax."""
     codes, mask = batch["codes"], batch["frame_mask"].bool()
     logits = expert(codes, batch["text"], batch["text_mask"]).float()  # [B, m, T, V]
     target = codes[:, expert.layers.start: expert.layers.stop].long()
-    ce = F.cross_entropy(logits.permute(0, 3, 1, 2), target, reduction="none")  # [B, m, T]
-    w = mask[:, None].to(ce.dtype)
-    return (ce * w).sum((0, 2)) / mask.sum()
+    w = mask.to(logits.dtype)
+    return [(F.cross_entropy(logits[:, i].reshape(-1, logits.shape[-1]), target[:, i].reshape(-1), reduction="none")
+             * w.reshape(-1)).sum() / w.sum() for i in range(logits.shape[1])]
 
 
 def head_gradients(expert, batch: dict, weight: torch.Tensor) -> torch.Tensor:

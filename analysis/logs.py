@@ -35,3 +35,14 @@ def read_metric(results: str | Path, key: str) -> float | None:
             v = src[key]
             return float(v["value"] if isinstance(v, dict) else v)
     return None
+
+
+def weights_note(run_dir: str | Path) -> str:
+    """'random codec weights; random text weights' for a run made with random-weight models
+    (read from run_dir/config.json), '' for pretrained ones or when the run does not say."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return ""
+    cfg = json.loads(path.read_text())
+    return "; ".join(f"{cfg[k]['weights']} {k} weights" for k in ("codec", "text")
+                     if isinstance(cfg.get(k), dict) and cfg[k].get("weights", "pretrained") != "pretrained")

@@ -125,12 +125,23 @@ def frame_features(codec: Codec, codes: list[torch.Tensor], space: str = "projec
     return np.concatenate(_features(codec, codes, space))
 
 
-def _features(codec: Codec, codes: list[torch.Tensor], space: str) -> list[np.ndarray]:
-    """Per clip [T, 12, D]: ``projected`` = f-hat^j of Eq. 1 (1024-d), ``codebook`` = Z^j[q] (8-d)."""
+def _features(codec: Codec, codes: list[torch.Tensor], space: str, max_frames: int = 2048) -> list[np.ndarray]:
+    """Per clip [T, 12, D]: ``projected`` = f-hat^j of Eq. 1 (1024-d), ``codebook`` = Z^j[q] (8-d).
+
+    Clips go through ``codec.layer_features`` in zero-padded chunks of <= ``max_frames`` frames
+    (features are per frame, so padding never leaks into a clip's own frames)."""
     if space not in FEATURE_SPACES:
         raise ValueError(f"features must be one of {', '.join(FEATURE_SPACES)}, got '{space}'")
-    out = []
-    for c in codes:
-        vec, proj = codec.layer_features(c[None])
-        out.append((proj if space == "projected" else vec)[0].transpose(0, 1).double().cpu().numpy())
+    out, start = [], 0
+    while start < len(codes):
+        T, end = codes[start].shape[-1], start + 1
+        while end < len(codes) and (end - start + 1) * max(T, codes[end].shape[-1]) <= max_frames:
+            T, end = max(T, codes[end].shape[-1]), end + 1
+        chunk = torch.zeros(end - start, N_LAYERS, T, dtype=torch.long)
+        for i, c in enumerate(codes[start:end]):
+            chunk[i, :, : c.shape[-1]] = c
+        vec, proj = codec.layer_features(chunk)
+        feats = (proj if space == "projected" else vec).transpose(1, 2).double().cpu().numpy()  # [n, T, 12, D]
+        out += [feats[i, : c.shape[-1]] for i, c in enumerate(codes[start:end])]
+        start = end
     return out

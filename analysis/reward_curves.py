@@ -19,7 +19,7 @@ import numpy as np
 
 from analysis import style
 from analysis.cli import as_list, main, out_dir, write_csv
-from analysis.logs import read_jsonl, read_metric
+from analysis.logs import read_jsonl, read_metric, weights_note
 
 
 @dataclass
@@ -61,7 +61,7 @@ def find_results(run: str | Path, given: str = "") -> Path | None:
     return next((c for c in (p / "results.json", p / "eval" / "results.json") if p.is_dir() and c.is_file()), None)
 
 
-def plot(curves: list[dict], smooth: float):
+def plot(curves: list[dict], smooth: float, note: str = ""):
     fig, ax = style.figure(style.COLUMN, 0.75)
     colors = style.class_colors(max(len(curves), 1))
     for c, color in zip(curves, colors):
@@ -74,6 +74,7 @@ def plot(curves: list[dict], smooth: float):
     ax.set_xlabel("RL step")
     ax.set_ylabel("Reward (mean cosine)")
     ax.legend()
+    style.note(fig, note)
     return fig
 
 
@@ -104,7 +105,8 @@ def run(cfg: RewardCurvesConfig) -> list:
         print(f"{label}: {len(steps)} steps, last reward {reward[-1]:+.4f}" + (f", (FD, CLAP) = {pair}" if pair else
                                                                               ", no results.json"))
     written = [write_csv(folder / "rewards.csv", rows), write_csv(folder / "summary.csv", summary)]
-    written += style.save_figure(plot(curves, cfg.smooth), folder, "fig5_rewards")
+    note = "; ".join(sorted({weights_note(r) for r in runs if Path(r).is_dir()} - {""}))
+    written += style.save_figure(plot(curves, cfg.smooth, note), folder, "fig5_rewards")
     return written
 
 

@@ -18,7 +18,6 @@ default FD). Without them the figure says that no generation results were given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,8 +99,7 @@ def plot(rows: list[dict], gen: list[tuple[int, float]], gen_metric: str, note: 
         ax2.set_ylabel(f"Generation {gen_metric}", color=c[1])
     else:
         ax2.set_yticks([])
-        ax.text(0.98, 0.95, "no generation results given", transform=ax.transAxes, ha="right", va="top",
-                fontsize=6, color="0.4")
+        ax.set_title("generation quality: no results given", fontsize=6, color="0.4")
     style.note(fig, note)
     return fig
 

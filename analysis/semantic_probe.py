@@ -20,6 +20,8 @@ from analysis import prepared
 from analysis import style
 from analysis.cli import as_list, main, out_dir, write_csv
 
+EXACT_TSNE_MAX = 2000
+
 
 @dataclass
 class SemanticProbeConfig:
@@ -58,7 +60,8 @@ def tsne(x: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
 
     x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-12)
     p = float(min(perplexity, max(1.0, (len(x) - 1) / 3)))
-    return TSNE(n_components=2, perplexity=p, init="pca", random_state=seed).fit_transform(x)
+    method = "exact" if len(x) <= EXACT_TSNE_MAX else "barnes_hut"  # exact is faster for small sets
+    return TSNE(n_components=2, perplexity=p, init="pca", method=method, random_state=seed).fit_transform(x)
 
 
 def plot_tsne(points: dict[int, np.ndarray], acc: dict[int, float], labels: list[str], layers: list[int],

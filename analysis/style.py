@@ -21,7 +21,8 @@ COLUMN = 3.3  # in, one column of the paper
 TWO_COLUMN = 6.9  # in, full text width
 CMAP = "viridis"  # sequential: layers 1..12, steps
 DIVERGING = "RdBu_r"  # signed values centred on 0 (cosines)
-CATEGORICAL = "tab20"  # classes (t-SNE panels); 20 colours cover the 15 AVSync-15 classes
+CATEGORICAL = "tab10"  # up to 10 categories (runs, module groups)
+CATEGORICAL_MANY = "tab20"  # classes (t-SNE panels); 20 colours cover the 15 AVSync-15 classes
 DPI = 300
 
 RC = {
@@ -60,7 +61,8 @@ def layer_colors(n: int = 12) -> list:
 
 
 def class_colors(n: int) -> list:
-    cmap = plt.get_cmap(CATEGORICAL)
+    """n distinguishable colours: tab10 up to 10, tab20 beyond."""
+    cmap = plt.get_cmap(CATEGORICAL if n <= 10 else CATEGORICAL_MANY)
     return [cmap(i % cmap.N) for i in range(n)]
 
 

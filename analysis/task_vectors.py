@@ -28,6 +28,7 @@ import torch
 
 from analysis import style
 from analysis.cli import main, out_dir, write_csv
+from analysis.logs import weights_note
 
 GROUPS = ("embedding", "classifier", "decoder", "backbone")
 TITLES = {"embedding": "Embedding", "classifier": "Classifier", "decoder": "RVQ Decoder", "backbone": "Backbone"}
@@ -126,7 +127,7 @@ def final_weights(edir: Path, step: int | None = None) -> tuple[dict[str, torch.
 
 def _label(mod: tuple[str, str]) -> str:
     g, layer = mod
-    return TITLES[g] + ("" if layer == "all" else f" {layer}" if layer == "io" else f" L{int(layer) + 1}")
+    return TITLES[g] + ("" if layer == "all" else " in/out" if layer == "io" else f" L{int(layer) + 1}")
 
 
 def _order(mod: tuple[str, str]):
@@ -134,11 +135,11 @@ def _order(mod: tuple[str, str]):
     return GROUPS.index(g), (-1 if layer in ("all", "io") else int(layer))
 
 
-def plot(mods: list[tuple[str, str]], values: dict, reference: dict):
+def plot(mods: list[tuple[str, str]], values: dict, reference: dict, note: str = ""):
     fig, ax = style.figure(style.COLUMN, 0.25 + 0.09 * len(mods))
     colors = {g: c for g, c in zip(GROUPS, style.class_colors(len(GROUPS)))}
     ys = np.arange(len(mods))[::-1]
-    ax.boxplot([values[m] for m in mods], positions=ys, vert=False, widths=0.6, showfliers=True,
+    ax.boxplot([values[m] for m in mods], positions=ys, orientation="horizontal", widths=0.6, showfliers=True,
                flierprops=dict(markersize=2), medianprops=dict(color="0.3", lw=0.6),
                boxprops=dict(lw=0.5), whiskerprops=dict(lw=0.5), capprops=dict(lw=0.5))
     for y, m in zip(ys, mods):
@@ -150,6 +151,7 @@ def plot(mods: list[tuple[str, str]], values: dict, reference: dict):
     ax.set_yticks(ys, [_label(m) for m in mods])
     ax.set_xlabel("Cosine between experts' task vectors")
     ax.axvline(0.0, color="0.6", lw=0.5, ls=":")
+    style.note(fig, note)
     return fig
 
 
@@ -183,7 +185,7 @@ def run(cfg: TaskVectorsConfig) -> list:
                     max=float(values[m].max()), n_pairs=len(pairs), reference=reference.get(m, ""))
                for m in mods]
     written = [write_csv(folder / "pairs.csv", rows), write_csv(folder / "modules.csv", summary)]
-    written += style.save_figure(plot(mods, values, reference), folder, "fig7_task_vectors")
+    written += style.save_figure(plot(mods, values, reference, weights_note(cfg.run)), folder, "fig7_task_vectors")
     print(f"{K} experts (final steps {steps}), {len(pairs)} pairs; mean cosine per module:")
     for s in summary:
         print(f"  {s['module']:<16} {s['mean']:+.3f}  [{s['min']:+.3f}, {s['max']:+.3f}]")

@@ -132,6 +132,8 @@ def test_loss_stats_equal_hand_computation(tmp_path):
     assert stats["loss_ratio"] == pytest.approx(final[12] / final[1])
     assert convergence.loss_stats(run, tail=1.0)["final"][3] == pytest.approx(
         (sum(300 + s for s in range(1, 20)) + 330) / 20)
+    # a fractional tail rounds up: ceil(0.12 * 20) = 3 entries
+    assert convergence.loss_stats(run, tail=0.12)["final"][3] == pytest.approx((318 + 319 + 330) / 3)
     assert convergence.loss_stats(run, split="val")["loss_mean"] == pytest.approx(-1.0)
     # a layer owned by two experts, and a missing layer, are errors naming the problem
     write_jsonl(run / "expert_2" / "log.jsonl", [{"step": 1, "ce/L12": 1.0}])
@@ -306,7 +308,7 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     check_outputs(written, ["fig1b_rvq_depth"])
     rec = pd.read_csv(out / "reconstruction.csv")
     assert rec["r"].tolist() == [1, 12] and np.isfinite(rec[["lsd_db", "mel_l1", "si_snr_db"]]).all().all()
-    assert "no generation results given" in figure_texts["fig1b_rvq_depth"]
+    assert "generation quality: no results given" in figure_texts["fig1b_rvq_depth"]
     assert "random codec weights" in figure_texts["fig1b_rvq_depth"]
     assert "no results given" in capsys.readouterr().out
 
@@ -327,11 +329,12 @@ def run_6_2(demo, tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp("runs") / "siren-6-2", demo, "6-2", steps=3)
 
 
-def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, capsys):
+def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     out = tmp_path / "conv"
     written = convergence.main("convergence", convergence.ConvergenceConfig, convergence.run,
                                [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig2d_convergence", "fig6_convergence"])
+    assert "random codec weights; random text weights" in figure_texts["fig6_convergence"]
     curves = pd.read_csv(out / "curves.csv")
     assert sorted(set(curves["layer"])) == list(range(1, 13)) and set(curves["step"]) == {1, 2, 3}
     stats = convergence.loss_stats(run_6_2)
@@ -344,11 +347,12 @@ def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, capsys):
     assert pd.read_csv(out / "loss_stats.csv")["loss_mean"][0] == pytest.approx(stats["loss_mean"])
 
 
-def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path):
+def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     out = tmp_path / "tv"
     written = task_vectors.main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
                                 [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig7_task_vectors"])
+    assert "random codec weights" in figure_texts["fig7_task_vectors"]
     pairs = pd.read_csv(out / "pairs.csv")
     assert set(pairs.groupby("module").size()) == {15}  # 6 experts -> 15 pairs per module
     assert {"Embedding", "Classifier", "RVQ Decoder L1", "Backbone L1", "Backbone L2"} <= set(pairs["module"])
