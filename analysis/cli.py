@@ -61,8 +61,15 @@ def write_csv(dest: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
 
 def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequence[str] | None = None) -> list[Path]:
     """Parse ``argv``, run the probe, write its resolved config beside the outputs, print where."""
+    from siren.assets import MissingWeightsError
+    from siren.checkpoint import CheckpointError
+    from siren.data import DataError
+
     cfg = parse(schema, sys.argv[1:] if argv is None else argv, probe)
-    written = run(cfg)
+    try:
+        written = run(cfg)
+    except (MissingWeightsError, DataError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None  # bad input: the message names the file and the fix
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
     write_json(folder / "config.json", {"probe": probe, **to_dict(cfg)})
     print(f"analysis.{probe}: wrote {len(written)} files to {folder}/")

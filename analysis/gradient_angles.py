@@ -164,7 +164,16 @@ def run(cfg: GradientAnglesConfig) -> list:
 
     folder = out_dir(cfg.out, "gradient_angles")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    data = prepared.resolve(cfg.data, cfg.codec)
+    codec = cfg.codec
+    if cfg.run:  # the run's model reads codes of one codec: probe it with data of that codec
+        from siren.checkpoint import read_run_config
+
+        run_codec = read_run_config(cfg.run)["codec"]
+        codec = codec or run_codec["weights"]
+    data = prepared.resolve(cfg.data, codec)
+    if cfg.run and PreparedDataset(data, cfg.split, crop_s=None).info["codec"]["id"] != run_codec["id"]:
+        raise SystemExit(f"error: {cfg.run} was trained on codes of codec {run_codec['id']}, data={cfg.data} holds "
+                         f"codes of {PreparedDataset(data, cfg.split, crop_s=None).info['codec']['id']}")
     expert, what = load_expert(cfg, data, folder, device)
     name, weight = resolve_param(expert, cfg.param)
     loader = make_loader(data, cfg.split, cfg.batch_size, crop_s=cfg.crop_s or None, shuffle=True, seed=cfg.seed)

@@ -65,8 +65,11 @@ def resolve(data: str, codec: str = "") -> Path:
             from siren.data import prepare
 
             print(f"preparing the demo set into {out} (once) ...")
-            with contextlib.redirect_stdout(io.StringIO()):
-                prepare.main(["manifest=demo", f"out={out}", f"codec.weights={weights}", "text.weights=random"])
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    prepare.main(["manifest=demo", f"out={out}", f"codec.weights={weights}", "text.weights=random"])
+            except assets.MissingWeightsError as e:
+                raise assets.MissingWeightsError(f"{e} (for the analysis probes: codec=random)") from None
         return out
     path = Path(data).expanduser()
     if not (path / "splits").is_dir():

@@ -324,6 +324,18 @@ def test_gradient_angles_command(demo, tmp_path, figure_texts):
     assert "random codec weights" in figure_texts["fig2b_gradient_angles"]
 
 
+def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path):
+    run = tiny_run(tmp_path / "single-1-12", demo, "1-12", steps=2)
+    out = tmp_path / "grad"
+    gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+                         [f"run={run}", f"data={demo}", f"out={out}", "batches=1", "batch_size=2", "device=cpu"])
+    angles = pd.read_csv(out / "angles.csv")
+    assert len(angles) == 66 and set(angles["model"]) == {"1-12, accumulated"}
+    with pytest.raises(SystemExit, match="distribution 6-2; gradient angles need a single transformer"):
+        gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+                             [f"run={run_6_2}", f"data={demo}", f"out={out}"])
+
+
 @pytest.fixture(scope="module")
 def run_6_2(demo, tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp("runs") / "siren-6-2", demo, "6-2", steps=3)
