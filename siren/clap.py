@@ -88,6 +88,8 @@ class BpeTokenizer:
         """
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise TypeError(f"captions must be a list of str, got {type(captions).__name__}")
+        if len(captions) == 0:
+            raise ValueError("no captions to tokenize")
         seqs = []
         for text in captions:
             ids = self.encode(text)
@@ -134,6 +136,9 @@ class RobertaBpe(BpeTokenizer):
                 raise assets.MissingWeightsError(f"RoBERTa tokenizer file {p} not found. {fix}")
         # transformers 5: the arguments are `vocab`/`merges`; `vocab_file=` is silently ignored.
         self._tok = RobertaTokenizer(vocab=str(vocab), merges=str(merges))
+        if len(self._tok) > self.VOCAB_SIZE:
+            raise ValueError(f"{vocab} holds {len(self._tok)} tokens: not roberta-base's vocabulary "
+                             f"({self.VOCAB_SIZE}). {fix}")
         self.vocab_size = self.VOCAB_SIZE
         self.pad_id = self._tok.pad_token_id
         self.unk_id = self._tok.unk_token_id
@@ -153,7 +158,7 @@ class ClipBpe(BpeTokenizer):
     """
 
     def __init__(self, bpe_path: Path | None = None):
-        tok_mod = sys.modules.get("clap_module.tokenizer") or _clap_module().tokenizer
+        tok_mod = _clap_module().tokenizer
         path = Path(bpe_path or tok_mod.default_bpe())
         if not path.is_file():
             raise assets.MissingWeightsError(f"laion_clap's bundled CLIP BPE file {path} is missing; "
@@ -269,7 +274,7 @@ def build_model(tokenizer: BpeTokenizer) -> nn.Module:
         model, model_cfg = cm.create_model("HTSAT-tiny", "roberta", precision="fp32", device=torch.device("cpu"),
                                            enable_fusion=False)
     assert model_cfg["audio_cfg"]["sample_rate"] == CLAP_SAMPLE_RATE
-    assert model_cfg["audio_cfg"]["clip_samples"] == CLIP_SAMPLES
+    assert model_cfg["audio_cfg"]["clip_samples"] == CLIP_SAMPLES and model.joint_embed_shape == EMBED_DIM
     return model
 
 
@@ -296,12 +301,18 @@ class Clap(nn.Module):
                 sd = laion_state_dict(load_checkpoint(path))
             except Exception as e:
                 raise ValueError(f"{path} is not a readable laion-clap checkpoint: {e}") from e
+            arch = f"{path} does not fit laion-clap HTSAT-tiny non-fusion + RoBERTa (630k-audioset-best.pt does)"
+            words = sd.get("text_branch.embeddings.word_embeddings.weight")
+            if words is None or "audio_branch.patch_embed.proj.weight" not in sd:
+                raise ValueError(f"{arch}: it has no RoBERTa text branch / HTSAT audio branch")
+            if tuple(words.shape) != (self.tokenizer.vocab_size, TEXT_DIM):
+                raise ValueError(f"{arch}: text vocabulary {tuple(words.shape)}, the RoBERTa tokenizer "
+                                 f"needs ({self.tokenizer.vocab_size}, {TEXT_DIM})")
             self.model = build_model(self.tokenizer)
             try:
                 self.model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
-                raise ValueError(f"{path} does not fit laion-clap HTSAT-tiny non-fusion + RoBERTa "
-                                 f"(630k-audioset-best.pt is that architecture): {e}") from None
+                raise ValueError(f"{arch}: {e}") from None
             self.weights_label, self.weights_sha256 = "pretrained", assets.sha256(path)
         self.model.eval().requires_grad_(False)
 
@@ -313,6 +324,15 @@ class Clap(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def card(self) -> dict:
+        """What a CLAP number depends on, for the results' protocol card."""
+        return {"model": "laion-clap HTSAT-tiny non-fusion + RoBERTa", "weights": self.weights_label,
+                "checkpoint": "random" if self.weights_label == "random" else Path(
+                    assets.path("clap") if self.cfg.weights == "pretrained" else self.cfg.weights).name,
+                "weights_sha256": self.weights_sha256, "tokenizer": self.tokenizer.id,
+                "text_max_length": MAX_TEXT_LENGTH, "sample_rate": CLAP_SAMPLE_RATE, "resampler": RESAMPLER,
+                "audio": AUDIO_PROTOCOL, "id": self.id}
 
     @torch.no_grad()
     def text_forward(self, captions: Sequence[str], max_length: int = MAX_TEXT_LENGTH
@@ -328,6 +348,8 @@ class Clap(nn.Module):
 
     def embed_text(self, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """captions -> [B, 512], L2-normalised."""
+        if len(captions) == 0:
+            raise ValueError("no captions to embed")
         return torch.cat([self.text_forward(captions[i:i + batch_size])[2]
                           for i in range(0, len(captions), batch_size)])
 
@@ -337,6 +359,8 @@ class Clap(nn.Module):
         import torchaudio.functional as AF
 
         clips = list(wav) if isinstance(wav, (list, tuple)) or wav.dim() > 1 else [wav]
+        if len(clips) == 0:
+            raise ValueError("no audio clips to embed")
         out = []
         for x in clips:
             x = torch.as_tensor(x, dtype=torch.float32).reshape(-1)
@@ -370,3 +394,46 @@ class Clap(nn.Module):
         if len(wav) != len(captions):
             raise ValueError(f"{len(wav)} clips but {len(captions)} captions")
         return (self.embed_audio(wav, sample_rate) * self.embed_text(captions).to(self.device)).sum(-1)
+
+
+def _bench(argv: list[str] | None = None) -> int:
+    """``python -m siren.clap [--weights random] [--clips 4]``: time build, text and audio embedding."""
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m siren.clap", description="time LAION-CLAP on this machine")
+    ap.add_argument("--weights", default="random", help="pretrained | random | path (default: random)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--captions", type=int, default=16)
+    ap.add_argument("--clips", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    def best(fn, n: int = 1) -> tuple[float, float]:  # (wall, process CPU) seconds per item, best run
+        runs = []
+        for _ in range(args.repeats):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            runs.append(((time.perf_counter() - wall) / n, (time.process_time() - cpu) / n))
+        return min(runs)
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    clap = Clap(ClapConfig(weights=args.weights, seed=args.seed))
+    build = (time.perf_counter() - wall, time.process_time() - cpu)
+    g = torch.Generator().manual_seed(0)
+    captions = [f"a dog barks {i} times while rain falls on a tin roof" for i in range(args.captions)]
+    wav = 0.1 * torch.randn(args.clips, 10 * 16_000, generator=g)
+    rows = [("build (incl. laion_clap import)", build),
+            (f"text: embed {args.captions} captions (all)", best(lambda: clap.embed_text(captions))),
+            ("audio: 10 s clip, batch 1 (per clip)", best(lambda: clap.embed_audio(wav[:1]))),
+            (f"audio: 10 s clips, batch {args.clips} (per clip)", best(lambda: clap.embed_audio(wav), args.clips))]
+    print(f"LAION-CLAP {clap.id} on {clap.device}, torch threads {torch.get_num_threads()}, "
+          f"best of {args.repeats} (CPU s = process CPU time: compare it on a shared machine)")
+    print(f"| {'what':46s} | wall s | CPU s |\n|{'-' * 48}|--------|-------|")
+    for what, (w, c) in rows:
+        print(f"| {what:46s} | {w:6.3f} | {c:5.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_bench())

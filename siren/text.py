@@ -60,8 +60,8 @@ class TextEncoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, captions: Sequence[str], batch_size: int = 64) -> TextStates:
         """captions -> TextStates, L = the longest caption's token count (<= max_length)."""
-        if len(captions) == 0:
-            raise ValueError("no captions to encode")
+        if isinstance(captions, str) or len(captions) == 0:
+            raise TypeError(f"captions must be a non-empty list of str, got {captions!r:.60}")
         parts = [self.clap.text_forward(captions[i:i + batch_size], self.cfg.max_length)
                  for i in range(0, len(captions), batch_size)]
         n = max(s.shape[1] for s, _, _ in parts)

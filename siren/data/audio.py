@@ -105,25 +105,26 @@ def load_audio(path: str | Path, data: bytes | None = None) -> torch.Tensor:
     return resample(torch.from_numpy(np.ascontiguousarray(x)), sr)
 
 
-def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio") -> tuple[torch.Tensor, list[int]]:
-    """[N] 16 kHz -> (items [S, n], real (unpadded) samples per item) under ``cfg.policy``.
+def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio"
+                ) -> tuple[torch.Tensor, list[int], list[int]]:
+    """[N] 16 kHz -> (items [S, n], real (unpadded) samples per item, chunk index per item) under
+    ``cfg.policy``; the chunk index is the item's position in time (k * duration_s), -1 if the file was not split.
 
     ``segment`` drops silent chunks; with ``pad``/``crop`` a silent first ``duration_s`` is an error.
     """
     d = cfg.n_samples
     if cfg.policy == "segment" and wav.shape[-1] > d:
-        s = wav.shape[-1] // d  # residual (< d samples) dropped
-        items = wav[: s * d].reshape(s, d)
-        items = items[items.abs().amax(-1) >= SILENCE_PEAK]
-        if not len(items):
+        chunks = wav[: wav.shape[-1] // d * d].reshape(-1, d)  # residual (< d samples) dropped
+        keep = (chunks.abs().amax(-1) >= SILENCE_PEAK).nonzero()[:, 0].tolist()
+        if not keep:
             raise AudioError(f"{where}: every {cfg.duration_s:g} s segment is silent")
-        return items, [d] * len(items)
+        return chunks[keep], [d] * len(keep), keep
     if wav[:d].abs().max() < SILENCE_PEAK:
         raise AudioError(f"{where}: the first {cfg.duration_s:g} s are silent (policy '{cfg.policy}' keeps only those)")
-    if cfg.policy == "crop":
-        return wav[None, :d], [min(wav.shape[-1], d)]
     n = min(wav.shape[-1], d)
-    return torch.nn.functional.pad(wav[:d], (0, d - n))[None], [n]
+    if cfg.policy == "crop":
+        return wav[None, :d], [n], [-1]
+    return torch.nn.functional.pad(wav[:d], (0, d - n))[None], [n], [-1]
 
 
 def n_frames(n_samples: int) -> int:

@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from siren.codec import FRAME_RATE, N_LAYERS
-from siren.data.manifest import DataError
 from siren.data.cache import cache_path, index_path
+from siren.data.manifest import DataError
 
 
 def load_index(prepared_dir: str | Path, split: str) -> dict:

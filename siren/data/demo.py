@@ -5,13 +5,13 @@ classes have distinct spectro-temporal signatures (15 classes, as the paper's se
 in Figure 2-c), parameters drawn per clip so clips of one class differ, captions in natural
 language with some variation, labels = class names.
 
-    python -m siren.data.demo out=data/demo_source            # write wavs + train.csv/test.csv
-    python -m siren.data.prepare manifest=demo out=data/demo  # write and prepare both splits
+    python -m siren.data.demo out=data/demo_source      # write wavs + train.csv/test.csv (~1 s)
+    python -m siren.data.prepare manifest=demo out=data/demo codec.weights=random text.weights=random
 
-Sizes: 4 train + 2 test clips per class (60 + 30 clips, ~135 s of audio). Preparing them with
-the random DAC costs ~0.25 s per second of audio on 2 CPU cores (see the report in the README),
-which is what every test session pays once; the probe works on frames (50 per second), so
-60 training clips give ~4500 frames.
+Sizes: 4 train + 2 test clips per class (60 + 30 clips, 135 s of audio). The codec dominates
+preparation (random DAC, 2 CPU cores: ~0.25 s per second of audio on an idle machine, so ~35 s
+for the set, plus ~12 s to build the two models); that is what a test session pays once. The
+semantic probe works on frames (50 per second): 60 training clips give ~4500 frames.
 """
 from __future__ import annotations
 
@@ -315,6 +315,21 @@ def make_demo(out_dir: str | Path, seed: int = 0, n_train: int = 4, n_test: int 
             "duration_s": list(DURATION_S), "classes": [c.name for c in CLASSES], "prepare_audio": AUDIO}
     _write_if_changed(out_dir / "demo.json", (json.dumps(spec, indent=2) + "\n").encode())
     return out_dir / "train.csv"
+
+
+def prepare_demo(out: str | Path, *, codec, text_encoder, seed: int = 0, progress: bool = True) -> Path:
+    """Make the demo set under ``out/demo_source`` and prepare both splits into ``out`` (what
+    ``python -m siren.data.prepare manifest=demo out=...`` does, with models you already hold).
+    Cached: a second call encodes nothing. Returns ``out`` for ``make_loader(out, "train", ...)``."""
+    from siren.data.audio import AudioConfig
+    from siren.data.prepare import prepare
+
+    train = make_demo(Path(out) / "demo_source", seed=seed)
+    audio = AudioConfig(policy=AUDIO["audio.policy"], duration_s=AUDIO["audio.duration_s"])
+    for split in ("train", "test"):
+        prepare(train.with_name(f"{split}.csv"), out, codec=codec, text_encoder=text_encoder, audio=audio,
+                progress=progress)
+    return Path(out)
 
 
 @dataclass

@@ -35,7 +35,7 @@ class Row:
 def _read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(line number, record)])."""
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is not part of "id"
             reader = csv.DictReader(f)
             records = [(reader.line_num, r) for r in reader]
             return [c.strip() for c in reader.fieldnames or []], [

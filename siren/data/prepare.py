@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from siren.codec import FRAME_RATE, CodecConfig
+from siren.codec import FRAME_RATE, SAMPLE_RATE, CodecConfig
 from siren.config import load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, n_frames, standardize
 from siren.data.cache import cache_path, codes_key, index_path, shard_path, sha256, text_key
@@ -56,11 +57,18 @@ class PrepareReport:
     text_encoded: int = 0  # distinct captions run through the text encoder
     text_cached: int = 0
     bad: list[str] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole call
+    text_seconds: float = 0.0  # in the text encoder pass
+    codes_seconds: float = 0.0  # in the codec pass (load + resample + encode + save)
+    audio_seconds: float = 0.0  # audio encoded, after crop/pad
 
     def __str__(self) -> str:
+        speed = (f" (codes {self.codes_seconds:.1f} s: {self.codes_seconds / self.codes_encoded:.2f} s per file, "
+                 f"{self.codes_seconds / max(self.audio_seconds, 1e-9):.2f} s per audio second; text "
+                 f"{self.text_seconds:.1f} s)" if self.codes_encoded else "")
         return (f"{self.split}: audio {self.codes_encoded} to encode, {self.codes_cached} cached; captions "
-                f"{self.text_encoded} to encode, {self.text_cached} cached; {len(self.bad)} bad; {self.seconds:.1f} s")
+                f"{self.text_encoded} to encode, {self.text_cached} cached; {len(self.bad)} bad; "
+                f"{self.seconds:.1f} s{speed}")
 
 
 def _header(codec, text_encoder, audio: AudioConfig, text_dtype: str, manifest: Path, manifest_sha: str) -> dict:
@@ -96,19 +104,22 @@ def _encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, 
 
 
 def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, audio: AudioConfig,
-                  batch_size: int, progress: bool) -> None:
-    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape."""
-    pending: list[tuple[str, Row, torch.Tensor, list[int]]] = []
+                  batch_size: int, progress: bool) -> float:
+    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape;
+    returns the seconds of audio encoded."""
+    pending: list[tuple[str, Row, torch.Tensor, list[int], list[int]]] = []
+    total = 0.0
 
     def flush():
         codes = codec.encode(torch.cat([p[2] for p in pending])).cpu().to(torch.int16)
         o = 0
-        for key, row, items, real in pending:
+        for key, row, items, real, chunks in pending:
             save_tensors(cache_path(out, "codes", key),
-                         {"codes": codes[o:o + len(items)], "real_frames": torch.tensor([n_frames(r) for r in real],
-                                                                                        dtype=torch.int32)},
+                         {"codes": codes[o:o + len(items)],
+                          "real_frames": torch.tensor([n_frames(r) for r in real], dtype=torch.int32),
+                          "chunks": torch.tensor(chunks, dtype=torch.int32)},
                          {"codec_id": codec.id, "audio_sha256": sha[key], "audio": json.dumps(audio.key()),
-                          "source": str(row.audio)})
+                          "source": str(row.audio), "device": str(getattr(codec, "device", "unknown"))})
             o += len(items)
         pending.clear()
 
@@ -116,12 +127,14 @@ def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, a
         data = row.audio.read_bytes()
         if sha256(data) != sha[key]:
             raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
-        items, real = standardize(load_audio(row.audio, data), audio, row.audio)
+        items, real, chunks = standardize(load_audio(row.audio, data), audio, row.audio)
         if pending and (pending[0][2].shape[1:] != items.shape[1:] or len(pending) >= batch_size):
             flush()
-        pending.append((key, row, items, real))
+        pending.append((key, row, items, real, chunks))
+        total += items.numel() / SAMPLE_RATE
     if pending:
         flush()
+    return total
 
 
 def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, text_encoder,
@@ -139,10 +152,12 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     t0, out = time.perf_counter(), Path(out)
     mine = shard_rows(rows, num_shards, shard)
     rep = PrepareReport(split, rows=len(mine))
+    # A failed run must not leave an older record of this shard for the index step to merge.
+    shard_path(out, split, shard, num_shards).unlink(missing_ok=True)
 
     # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
     sha, keys, todo, bad = {}, {}, {}, {}
-    for i, row in _bar(mine, progress, f"check {split} {shard + 1}/{num_shards}"):
+    for i, row in _bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
         try:
             data = row.audio.read_bytes()
         except FileNotFoundError:
@@ -176,23 +191,27 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     rep.text_encoded, rep.text_cached = len(text_todo), len(captions) - len(text_todo)
     rep.codes_encoded, rep.codes_cached = len(todo), len({keys[i] for i, _ in good}) - len(todo)
     if progress:
-        print(f"{split} shard {shard}/{num_shards}: audio {rep.codes_encoded} to encode, {rep.codes_cached} cached; "
+        print(f"{split} shard {shard} of {num_shards}: audio {rep.codes_encoded} to encode, {rep.codes_cached} cached; "
               f"captions {rep.text_encoded} to encode, {rep.text_cached} cached", file=sys.stderr)
+    t = time.perf_counter()
     if text_todo:
         _encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
+    rep.text_seconds = time.perf_counter() - t
 
     # 3. codes of the audio not cached yet (each file saved as soon as it is encoded).
+    t = time.perf_counter()
     if todo:
-        _encode_codes(todo, sha, out, codec, audio, batch_size, progress)
+        rep.audio_seconds = _encode_codes(todo, sha, out, codec, audio, batch_size, progress)
+    rep.codes_seconds = time.perf_counter() - t
 
     # 4. what this shard holds, for the index step.
     entries = []
     for i, r in good:
         with safe_open(cache_path(out, "codes", keys[i]), "pt") as f:
-            real = f.get_tensor("real_frames").tolist()
+            real, chunks = f.get_tensor("real_frames").tolist(), f.get_tensor("chunks").tolist()
             frames = f.get_slice("codes").get_shape()[-1]
         entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
-                        "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real})
+                        "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real, "chunks": chunks})
     write_json(shard_path(out, split, shard, num_shards),
                {**_header(codec, text_encoder, audio, text_dtype, manifest, manifest_sha),
                 "shard": shard, "num_shards": num_shards, "entries": entries,
@@ -221,12 +240,11 @@ def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
                             f"than shard 0; re-run the shards with one config")
     items = []
     for e in sorted((e for p in parts for e in p["entries"]), key=lambda e: e["row"]):
-        n = len(e["real_frames"])
-        for s, real in enumerate(e["real_frames"]):
-            # appendix A segmentation: a file cut into several items gets ids "<id>#<k>"
-            items.append({"id": e["id"] if n == 1 else f"{e['id']}#{s}", "caption": e["caption"], "label": e["label"],
-                          "source": e["audio"], "codes": e["codes"], "segment": s, "text": e["text"],
-                          "frames": e["frames"], "real_frames": real})
+        for s, (real, chunk) in enumerate(zip(e["real_frames"], e["chunks"])):
+            # appendix A segmentation: chunk k of a split file (k * duration_s onwards) is item "<id>#<k>"
+            items.append({"id": e["id"] if chunk < 0 else f"{e['id']}#{chunk}", "caption": e["caption"],
+                          "label": e["label"], "source": e["audio"], "codes": e["codes"], "segment": s,
+                          "text": e["text"], "frames": e["frames"], "real_frames": real})
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
         raise DataError(f"{out}: split '{split}' has duplicate item ids after segmentation; rename the manifest ids")
@@ -253,7 +271,8 @@ def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split
     total = PrepareReport(split)
     for s in range(num_shards):
         r = prepare_shard(rows, out, split, shard=s, **kw)
-        for f in ("rows", "codes_encoded", "codes_cached", "text_encoded", "text_cached", "seconds"):
+        for f in ("rows", "codes_encoded", "codes_cached", "text_encoded", "text_cached", "seconds", "text_seconds",
+                  "codes_seconds", "audio_seconds"):
             setattr(total, f, getattr(total, f) + getattr(r, f))
         total.bad += r.bad
     write_index(out, split, num_shards)
@@ -273,9 +292,12 @@ class PrepareConfig:
     shard: int = -1  # >= 0: encode only this shard (one job-array element); no index
     step: str = "all"  # all: encode every shard (in `workers` processes), then index; index: merge only
     workers: int = 1  # local processes for step=all (each builds its own codec and text encoder)
-    batch_size: int = 1  # audio files per codec call (equal shapes only); 1 is fastest on CPU
-    text_batch_size: int = 32
+    # Items per model call. With 1 a cached entry is a pure function of its key; batched calls can
+    # differ in the last bits with the batch's other items (text states: ~3e-6, below float16 storage).
+    batch_size: int = 1  # audio files per codec call (equal shapes only); 1 is also fastest on CPU
+    text_batch_size: int = 32  # one caption per call is ~7x slower on CPU (0.5 s vs 0.07 s per caption)
     on_error: str = "stop"  # stop: one error listing every bad file; skip: leave them out, listed in the index
+    device: str = "auto"  # auto: cuda when available, else cpu
     demo_seed: int = 0  # manifest=demo only
 
 
@@ -283,7 +305,8 @@ def _models(cfg: PrepareConfig):
     from siren.codec import Codec
     from siren.text import TextEncoder
 
-    return Codec(cfg.codec), TextEncoder(cfg.text)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    return Codec(cfg.codec).to(device), TextEncoder(cfg.text).to(device)
 
 
 def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
@@ -297,10 +320,14 @@ def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
     return [(Path(cfg.manifest), cfg.split or Path(cfg.manifest).stem)]
 
 
-def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shard: int, num_shards: int, threads: int) -> list[str]:
-    torch.set_num_threads(threads)
+def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shards: list[int], num_shards: int,
+            threads: int | None = None) -> list[str]:
+    """Encode ``shards`` of every split with one codec and text encoder; report lines."""
+    if threads:
+        torch.set_num_threads(threads)
     codec, text_encoder = _models(cfg)
-    return [str(_run_shard(cfg, m, split, codec, text_encoder, shard, num_shards)) for m, split in splits]
+    return [f"shard {s} of {num_shards}: {_run_shard(cfg, m, split, codec, text_encoder, s, num_shards)}"
+            for s in shards for m, split in splits]
 
 
 def _run_shard(cfg, manifest, split, codec, text_encoder, shard, num_shards) -> PrepareReport:
@@ -325,25 +352,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits = _splits(cfg)
     n = max(cfg.num_shards, cfg.workers) if cfg.shard < 0 else cfg.num_shards
     if cfg.step == "all" and cfg.shard >= 0:  # one job-array element
-        for line in _worker(cfg, splits, cfg.shard, n, torch.get_num_threads()):
-            print(line)
+        print("\n".join(_worker(cfg, splits, [cfg.shard], n)))
         print(f"shard {cfg.shard} of {n} done; after every shard: python -m siren.data.prepare "
-              f"manifest={cfg.manifest} out={cfg.out} num_shards={n} step=index")
+              f"{shlex.quote('manifest=' + cfg.manifest)} {shlex.quote('out=' + cfg.out)} num_shards={n} step=index")
         return
-    if cfg.step == "all":
-        if cfg.workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            import multiprocessing as mp
+    if cfg.step == "all" and cfg.workers > 1:  # worker w takes shards w, w + workers, ...
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-            threads = max(1, (os.cpu_count() or 1) // cfg.workers)
-            with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as ex:
-                for lines in ex.map(_worker, [cfg] * n, [splits] * n, range(n), [n] * n, [threads] * n):
-                    print("\n".join(lines))
-        else:
-            codec, text_encoder = _models(cfg)
-            for s in range(n):
-                for m, split in splits:
-                    print(_run_shard(cfg, m, split, codec, text_encoder, s, n))
+        w, threads = cfg.workers, max(1, (os.cpu_count() or 1) // cfg.workers)
+        with ProcessPoolExecutor(w, mp_context=mp.get_context("spawn")) as ex:
+            for lines in ex.map(_worker, [cfg] * w, [splits] * w, [list(range(i, n, w)) for i in range(w)],
+                                [n] * w, [threads] * w):
+                print("\n".join(lines))
+    elif cfg.step == "all":
+        print("\n".join(_worker(cfg, splits, list(range(n)), n)))
     for _, split in splits:
         idx = json.loads(write_index(cfg.out, split, n).read_text())
         warn = [f"{k} weights are {idx[k]['weights'].upper()}" for k in ("codec", "text") if idx[k]["weights"] != "pretrained"]

@@ -1,0 +1,371 @@
+"""siren.data: manifests, audio loading, the demo set, prepare (caching, resume, shards) and the loader."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+import siren  # noqa: F401  (HF offline)
+from siren.codec import Codec, CodecConfig
+from siren.config import ConfigError
+from siren.data import DataError, PreparedDataset, make_loader
+from siren.data import demo
+from siren.data.audio import AudioConfig, AudioError, load_audio, standardize, to_mono
+from siren.data.cache import cache_path, index_path
+from siren.data.manifest import ManifestError, read_manifest
+from siren.data.prepare import main as prepare_main, prepare, write_index
+from siren.text import TextConfig, TextEncoder
+from tests.fixtures_data import Counting, tiny_set, write_manifest, write_wav
+
+TINY = AudioConfig("crop", 0.4)  # tiny items keep the codec cheap
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return Codec(CodecConfig(weights="random", seed=0))
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return TextEncoder(TextConfig(weights="random", seed=0))
+
+
+def run(manifest, out, codec, text_encoder, **kw):
+    kw.setdefault("audio", TINY)
+    return prepare(manifest, out, codec=codec, text_encoder=text_encoder, progress=False, **kw)
+
+
+def tmp_files(root):
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- manifests
+
+def test_manifest_csv_and_jsonl(tmp_path):
+    write_manifest(tmp_path / "m.csv", [{"id": "a", "audio": "sub/a.wav", "caption": " A dog barks "}],
+                   columns=("id", "audio", "caption"))
+    (r,) = read_manifest(tmp_path / "m.csv")
+    assert (r.id, r.audio, r.caption, r.label) == ("a", tmp_path / "sub/a.wav", "A dog barks", None)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "b", "audio": "/abs/b.flac", "caption": "rain", "label": "rain"})
+                                      + "\n\n")
+    (r,) = read_manifest(tmp_path / "m.jsonl")
+    assert (str(r.audio), r.label) == ("/abs/b.flac", "rain")
+
+
+def test_manifest_errors_name_the_file(tmp_path):
+    m = write_manifest(tmp_path / "m.csv", [{"id": "a", "caption": "x"}], columns=("id", "caption"))
+    with pytest.raises(ManifestError, match=r"m\.csv.*missing column\(s\) audio; required columns are id, audio, caption"):
+        read_manifest(m)
+    m = write_manifest(tmp_path / "d.csv", [{"id": i, "audio": "x.wav", "caption": "c"} for i in "abacc"])
+    with pytest.raises(ManifestError, match=r"d\.csv: duplicate id\(s\) a, c"):
+        read_manifest(m)
+    m = write_manifest(tmp_path / "e.csv", [])
+    with pytest.raises(ManifestError, match=r"e\.csv: manifest is empty"):
+        read_manifest(m)
+    (tmp_path / "m.txt").write_text("id,audio,caption\n")
+    with pytest.raises(ManifestError, match=r"m\.txt: unknown manifest extension '\.txt'"):
+        read_manifest(tmp_path / "m.txt")
+    (tmp_path / "j.jsonl").write_text('{"id": "a", "audio": "a.wav", "caption": "c"}\n{"id": "b", "caption": "c"}\n')
+    with pytest.raises(ManifestError, match=r"j\.jsonl: missing column\(s\) audio"):
+        read_manifest(tmp_path / "j.jsonl")
+    m = write_manifest(tmp_path / "b.csv", [{"id": "a", "audio": "a.wav", "caption": ""}])
+    with pytest.raises(ManifestError, match=r"b\.csv: 1 row\(s\) with empty required values: line 2: empty caption"):
+        read_manifest(m)
+
+
+# ---------------------------------------------------------------- audio
+
+def test_audio_errors_name_the_file(tmp_path):
+    cases = {
+        "missing.wav": (None, "audio file not found"),
+        "garbage.wav": (b"RIFF\x00\x01garbage" * 50, "unreadable audio"),
+        "empty.wav": (np.zeros(0, np.float32), "empty audio"),
+        "silent.wav": (np.zeros(8000, np.float32), "all-silent audio"),
+        "nan.wav": (np.r_[np.full(100, 0.1), np.nan, np.full(100, 0.1)].astype(np.float32), "1 NaN/inf sample"),
+    }
+    for name, (content, reason) in cases.items():
+        p = tmp_path / name
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        elif content is not None:
+            write_wav(p, content, subtype="FLOAT")
+        with pytest.raises(AudioError, match=f"{name}: {reason}"):
+            load_audio(p)
+    write_wav(tmp_path / "lowrate.wav", np.full(400, 0.1), 4000)
+    with pytest.raises(AudioError, match=r"lowrate\.wav: unsupported sample rate 4000 Hz"):
+        load_audio(tmp_path / "lowrate.wav")
+    with pytest.raises(AudioError, match=r"x\.wav: audio has no channels"):
+        to_mono(np.zeros((10, 0), np.float32), "x.wav")
+
+
+@pytest.mark.parametrize("channels", [2, 5])
+def test_mono_is_the_channel_mean(tmp_path, channels):
+    x = np.random.default_rng(channels).uniform(-0.5, 0.5, (1600, channels)).astype(np.float32)
+    write_wav(tmp_path / "m.wav", x, subtype="FLOAT")
+    expected = x.astype(np.float64).sum(1) / channels  # independent of the loader's float32 mean
+    np.testing.assert_allclose(load_audio(tmp_path / "m.wav").numpy(), expected, atol=1e-7)
+
+
+def test_resample_keeps_frequency_and_length(tmp_path):
+    sr, f, n = 44_100, 1000.0, 22_057
+    write_wav(tmp_path / "s.wav", 0.5 * np.sin(2 * np.pi * f * np.arange(n) / sr), sr, subtype="FLOAT")
+    y = load_audio(tmp_path / "s.wav").numpy()
+    assert len(y) == math.ceil(n * 16_000 / sr)
+    spec = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    assert abs(np.fft.rfftfreq(len(y), 1 / 16_000)[spec.argmax()] - f) < 16_000 / len(y)
+    mid = y[1000:-1000]  # away from the edges: a sine of amplitude 0.5 has RMS 0.5/sqrt(2)
+    assert abs(np.sqrt(np.mean(mid ** 2)) - 0.5 / np.sqrt(2)) < 0.005
+
+
+def test_standardize_policies():
+    wav = torch.linspace(0.1, 1.0, 20_800)  # 1.3 s
+    items, real, chunks = standardize(wav, AudioConfig("pad", 0.5))
+    assert items.shape == (1, 8000) and real == [8000] and chunks == [-1] and torch.equal(items[0], wav[:8000])
+    items, real, chunks = standardize(wav, AudioConfig("segment", 0.5))  # 2 chunks, the 0.3 s residual dropped
+    assert items.shape == (2, 8000) and real == [8000, 8000] and chunks == [0, 1]
+    assert torch.equal(items.flatten(), wav[:16000])
+    items, real, chunks = standardize(wav, AudioConfig("pad", 2.0))  # shorter: zero-padded to 2 s
+    assert items.shape == (1, 32000) and real == [20800] and items[0, 20800:].abs().sum() == 0
+    items, real, chunks = standardize(wav, AudioConfig("segment", 2.0))  # shorter: zero-padded, not split
+    assert items.shape == (1, 32000) and chunks == [-1]
+    items, real, chunks = standardize(wav, AudioConfig("crop", 2.0))  # shorter: kept as is
+    assert items.shape == (1, 20800) and real == [20800]
+    quiet_start = torch.cat([torch.zeros(8000), wav])
+    with pytest.raises(AudioError, match="q.wav: the first 0.5 s are silent"):
+        standardize(quiet_start, AudioConfig("pad", 0.5), "q.wav")
+    items, _, chunks = standardize(quiet_start, AudioConfig("segment", 0.5))  # the silent chunk 0 dropped
+    assert chunks == [1, 2] and torch.equal(items.flatten(), wav[:16000])
+
+
+# ---------------------------------------------------------------- demo set
+
+def test_demo_is_deterministic_and_idempotent(tmp_path):
+    a = demo.make_demo(tmp_path / "a", seed=0, n_train=1, n_test=1)
+    b = demo.make_demo(tmp_path / "b", seed=0, n_train=1, n_test=1)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    wav = tmp_path / "a" / "audio" / "train" / "siren_00.wav"
+    before = {f: (tmp_path / "a" / f).stat().st_mtime_ns for f in files}
+    wav.write_bytes(b"edited")
+    demo.make_demo(tmp_path / "a", seed=0, n_train=1, n_test=1)
+    assert wav.read_bytes() == (tmp_path / "b" / "audio" / "train" / "siren_00.wav").read_bytes()
+    assert all((tmp_path / "a" / f).stat().st_mtime_ns == before[f] for f in files if tmp_path / "a" / f != wav)
+    rows = read_manifest(a)
+    assert len({r.label for r in rows}) >= 15 and len(read_manifest(a.with_name("test.csv"))) == len(rows)
+    assert all(r.caption and r.audio.is_file() for r in rows)
+    other = demo.make_demo(tmp_path / "c", seed=1, n_train=1, n_test=1)
+    assert (other.parent / "audio/train/siren_00.wav").read_bytes() != wav.read_bytes()
+
+
+def test_demo_classes_are_distinct():
+    """A nearest-class-mean probe on z-scored log-spectrum statistics separates the 15 classes of held-out clips."""
+    def feat(x):
+        frames = np.lib.stride_tricks.sliding_window_view(x, 512)[::256] * np.hanning(512)
+        spec = np.log(np.abs(np.fft.rfft(frames)) ** 2 + 1e-8)
+        spec -= spec.max()  # clip levels are random
+        return np.concatenate([spec.mean(0), spec.std(0)])
+
+    n = len(demo.CLASSES)
+    train = np.stack([[feat(demo.clip(c, "train", k)[0]) for k in range(2)] for c in range(n)])
+    mu, sd = train.mean((0, 1)), train.std((0, 1)) + 1e-6
+    means = ((train - mu) / sd).mean(1)
+    pred = [np.argmin(((means - (feat(demo.clip(c, "test", k)[0]) - mu) / sd) ** 2).sum(1))
+            for c in range(n) for k in range(2)]
+    acc = np.mean(np.array(pred) == np.repeat(np.arange(n), 2))
+    assert acc >= 0.9, acc  # chance: 1/15
+
+
+# ---------------------------------------------------------------- prepare
+
+def test_prepare_caches_by_content(tmp_path, codec, text_encoder):
+    m = tiny_set(tmp_path / "src", n=3)
+    c, t = Counting(codec), Counting(text_encoder)
+    r = run(m, tmp_path / "out", c, t)
+    n_captions = len({row.caption for row in read_manifest(m)})
+    assert (r.codes_encoded, c.items, r.text_encoded, t.items) == (3, 3, n_captions, n_captions)
+    r = run(m, tmp_path / "out", c, t)  # second run: nothing to do
+    assert (r.codes_encoded, r.codes_cached, r.text_encoded, c.items, t.items) == (0, 3, 0, 3, n_captions)
+    (tmp_path / "src/a0.wav").write_bytes((tmp_path / "src/a0.wav").read_bytes())  # rewritten, same bytes
+    x, _ = sf.read(tmp_path / "src/a2.wav")
+    write_wav(tmp_path / "src/a2.wav", 0.5 * x)  # changed content
+    r = run(m, tmp_path / "out", c, t)
+    assert (r.codes_encoded, c.items, r.text_encoded) == (1, 4, 0)
+    rows = list(csv.DictReader(m.open()))
+    rows[0]["caption"] = "A completely new caption"
+    write_manifest(m, rows)
+    r = run(m, tmp_path / "out", c, t)
+    assert (r.codes_encoded, r.text_encoded, c.items, t.items) == (0, 1, 4, n_captions + 1)
+    index = json.loads(index_path(tmp_path / "out", "manifest").read_text())
+    assert [it["id"] for it in index["items"]] == ["c0", "c1", "c2"]
+    assert index["codec"] == {"id": codec.id, "weights": "random"} and index["text"]["weights"] == "random"
+    assert not tmp_files(tmp_path / "out")
+
+
+def test_codec_change_reencodes_everything(tmp_path, codec, text_encoder):
+    m = tiny_set(tmp_path / "src", n=2)
+    run(m, tmp_path / "out", codec, text_encoder)
+    other = Counting(Codec(CodecConfig(weights="random", seed=1)))
+    t = Counting(text_encoder)
+    assert other.id != codec.id
+    r = run(m, tmp_path / "out", other, t)
+    assert (r.codes_encoded, other.items, r.text_encoded, t.items) == (2, 2, 0, 0)
+    r = run(m, tmp_path / "out", codec, t, audio=AudioConfig("pad", 0.4))  # a changed policy is a new key too
+    assert r.codes_encoded == 2
+
+
+def test_cache_holds_what_the_models_compute(tmp_path, codec, text_encoder):
+    m = tiny_set(tmp_path / "src", n=2)
+    run(m, tmp_path / "out", codec, text_encoder)
+    ds = PreparedDataset(tmp_path / "out", "manifest", crop_s=None)
+    for i, row in enumerate(read_manifest(m)):
+        items, _, _ = standardize(load_audio(row.audio), TINY)
+        assert torch.equal(ds.codes(i), codec.encode(items)[0])
+        ref = text_encoder.encode([row.caption])
+        n = int(ref.mask[0].sum())
+        got = ds.text(i)
+        assert got["states"].shape == (n, 768) and got["mask"].all()
+        torch.testing.assert_close(got["states"], ref.states[0, :n], atol=2e-3, rtol=1e-3)  # stored as float16
+        torch.testing.assert_close(got["pooled"], ref.pooled[0])
+
+
+def test_killed_prepare_resumes(tmp_path, codec, text_encoder):
+    m = tiny_set(tmp_path / "src", n=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(m, tmp_path / "out", Counting(codec, fail_after=1), text_encoder)
+    assert len(list((tmp_path / "out/codes").rglob("*.safetensors"))) == 1
+    assert not tmp_files(tmp_path / "out") and not index_path(tmp_path / "out", "manifest").exists()
+    c = Counting(codec)
+    r = run(m, tmp_path / "out", c, text_encoder)
+    assert (r.codes_encoded, r.codes_cached, c.items) == (2, 1, 2)
+    assert json.loads(index_path(tmp_path / "out", "manifest").read_text())["num_items"] == 3
+
+
+def test_bad_files_reported_together_before_encoding(tmp_path, codec, text_encoder):
+    src = tiny_set(tmp_path / "src", n=1).parent
+    (src / "garbage.wav").write_bytes(b"not audio at all" * 100)
+    write_wav(src / "silent.wav", np.zeros(4000))
+    rows = [{"id": "good", "audio": "a0.wav", "caption": "a"}, {"id": "g", "audio": "garbage.wav", "caption": "b"},
+            {"id": "s", "audio": "silent.wav", "caption": "c"}, {"id": "m", "audio": "missing.wav", "caption": "d"}]
+    m = write_manifest(src / "bad.csv", rows)
+    c = Counting(codec)
+    with pytest.raises(DataError) as e:
+        run(m, tmp_path / "out", c, text_encoder)
+    msg = str(e.value)
+    assert "3 bad audio file(s)" in msg and c.items == 0 and not index_path(tmp_path / "out", "bad").exists()
+    for name, reason in [("garbage.wav", "unreadable"), ("silent.wav", "all-silent"), ("missing.wav", "not found")]:
+        assert f"{src / name}: " in msg and reason in msg
+    r = run(m, tmp_path / "out", c, text_encoder, on_error="skip")
+    index = json.loads(index_path(tmp_path / "out", "bad").read_text())
+    assert r.codes_encoded == 1 and [it["id"] for it in index["items"]] == ["good"]
+    assert [s["id"] for s in index["skipped"]] == ["g", "s", "m"]
+    with pytest.raises(DataError):  # a failed run leaves no shard record for a later index step to merge
+        run(m, tmp_path / "out", c, text_encoder)
+    with pytest.raises(DataError, match="not prepared yet"):
+        write_index(tmp_path / "out", "bad")
+
+
+def test_sharded_prepare_equals_single_process(tmp_path, codec, text_encoder):
+    m = tiny_set(tmp_path / "src", n=3)
+    run(m, tmp_path / "a", codec, text_encoder, num_shards=2, shard=0)
+    with pytest.raises(DataError, match=r"shard\(s\) \[1\] of 2 are not prepared yet"):
+        write_index(tmp_path / "a", "manifest", 2)
+    run(m, tmp_path / "a", codec, text_encoder, num_shards=2, shard=1)
+    write_index(tmp_path / "a", "manifest", 2)
+    run(m, tmp_path / "b", codec, text_encoder)
+    ia, ib = (json.loads(index_path(tmp_path / d, "manifest").read_text()) for d in "ab")
+    assert ia["items"] == ib["items"] and len(ia["items"]) == 3
+    for it in ia["items"]:
+        ca, cb = (load_file(cache_path(tmp_path / d, "codes", it["codes"])) for d in "ab")
+        assert all(torch.equal(ca[k], cb[k]) for k in ("codes", "real_frames", "chunks"))
+        ta, tb = (load_file(cache_path(tmp_path / d, "text", it["text"])) for d in "ab")
+        # captions were batched differently (per shard): equal up to float16 rounding of ~1e-6 differences
+        assert torch.equal(ta["mask"], tb["mask"])
+        torch.testing.assert_close(ta["states"], tb["states"], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(ta["pooled"], tb["pooled"], atol=1e-5, rtol=1e-4)
+
+
+def test_segment_policy_gives_one_item_per_chunk(tmp_path, codec, text_encoder):
+    x, caption = demo.clip(0, "train", 0)
+    write_wav(tmp_path / "long.wav", np.tile(x, 2)[:20_800])  # 1.3 s -> two 0.5 s items
+    m = write_manifest(tmp_path / "m.csv", [{"id": "x", "audio": "long.wav", "caption": caption}])
+    run(m, tmp_path / "out", codec, text_encoder, audio=AudioConfig("segment", 0.5))
+    ds = PreparedDataset(tmp_path / "out", "m", crop_s=None)
+    assert ds.ids == ["x#0", "x#1"]
+    chunks, _, _ = standardize(load_audio(tmp_path / "long.wav"), AudioConfig("segment", 0.5))
+    direct = codec.encode(chunks)
+    assert all(torch.equal(ds.codes(i), direct[i]) for i in range(2)) and direct.shape[-1] == 25
+
+
+def test_cli(tmp_path, capsys):
+    m = tiny_set(tmp_path / "src", n=2)
+    args = [f"manifest={m}", f"out={tmp_path / 'out'}", "codec.weights=random", "text.weights=random",
+            "audio.policy=crop", "audio.duration_s=0.3", "num_shards=2"]
+    prepare_main(args)
+    out = capsys.readouterr().out
+    assert "manifest.json: 2 items, 0 skipped" in out and "codec weights are RANDOM; text weights are RANDOM" in out
+    prepare_main(args + ["step=index"])  # the merge step alone builds no model
+    with pytest.raises(ConfigError, match="unknown config key 'shards'"):
+        prepare_main(args + ["shards=3"])
+
+
+# ---------------------------------------------------------------- loader
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, codec, text_encoder):
+    root = tmp_path_factory.mktemp("prepared")
+    rows = []
+    for i, seconds in enumerate([0.3, 0.5, 0.6, 0.6, 0.42, 0.6]):  # 15, 25, 30, 30, 21, 30 frames
+        x, caption = demo.clip(i, "train", 0)
+        write_wav(root / f"{i}.wav", x[: int(seconds * 16000)])
+        rows.append({"id": f"i{i}", "audio": f"{i}.wav", "caption": caption, "label": demo.CLASSES[i].name})
+    m = write_manifest(root / "train.csv", rows)
+    run(m, root / "out", codec, text_encoder, audio=AudioConfig("crop", 0.6))
+    return root / "out"
+
+
+def test_batch_format_and_masks(prepared):
+    ds = PreparedDataset(prepared, "train", crop_s=None)
+    batch = next(iter(make_loader(prepared, "train", batch_size=6, crop_s=0.4, shuffle=False)))
+    assert set(batch) == {"codes", "frame_mask", "text", "text_mask", "ids", "captions"}
+    assert batch["codes"].dtype == torch.long and batch["codes"].shape == (6, 12, 20)
+    assert batch["frame_mask"].dtype == torch.bool and batch["text"].dtype == torch.float32
+    assert batch["ids"] == ds.ids and batch["captions"] == ds.captions
+    assert batch["frame_mask"].sum(1).tolist() == [15, 20, 20, 20, 20, 20]  # the 0.3 s item is padded
+    assert (batch["codes"][~batch["frame_mask"][:, None].expand(-1, 12, -1)] == 0).all()
+    lengths = [ds.text(i)["states"].shape[0] for i in range(6)]
+    assert batch["text"].shape == (6, max(lengths), 768) and batch["text_mask"].sum(1).tolist() == lengths
+    assert (batch["text"][~batch["text_mask"]] == 0).all()
+    for b in range(6):  # each crop is a window of the item's codes
+        full, t = ds.codes(b), int(batch["frame_mask"][b].sum())
+        assert any(torch.equal(batch["codes"][b, :, :t], full[:, s:s + t]) for s in range(full.shape[-1] - t + 1))
+    full = next(iter(make_loader(prepared, "train", batch_size=6, crop_s=None, shuffle=False)))
+    assert full["codes"].shape[-1] == 30 and full["frame_mask"].sum(1).tolist() == [15, 25, 30, 30, 21, 30]
+
+
+def test_crops_and_order_are_deterministic(prepared):
+    def epoch(loader):
+        return [(b["ids"], b["codes"]) for b in loader]
+
+    def same(x, y):
+        return len(x) == len(y) and all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(x, y))
+
+    a, b = (make_loader(prepared, "train", batch_size=2, crop_s=0.2, seed=3) for _ in range(2))
+    a0, a1 = epoch(a), epoch(a)
+    assert same(a0, epoch(b)) and not same(a0, a1)  # same seed: same epoch 0; the epoch advances per pass
+    assert not same(a0, epoch(make_loader(prepared, "train", batch_size=2, crop_s=0.2, seed=4)))
+    a.sampler.set_epoch(1, skip=2)  # resume inside epoch 1 after one batch of 2
+    assert same(epoch(a), a1[1:])
+    w = make_loader(prepared, "train", batch_size=2, crop_s=0.2, seed=3, num_workers=1)
+    assert same(epoch(w), a0)
+
+
+def test_missing_split_names_the_prepare_command(prepared):
+    with pytest.raises(DataError, match=r"no prepared split 'test'.*python -m siren\.data\.prepare"):
+        make_loader(prepared, "test", batch_size=2)
