@@ -370,6 +370,23 @@ class LossOf(torch.nn.Module):
         return self.expert.loss(batch)
 
 
+def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[dict], tc: TrainConfig,
+               device: torch.device, stats: Stats) -> torch.Tensor:
+    """One optimiser step over grad_accum micro-batches (gradients synchronised across DDP processes
+    on the last one only); returns the gradient norm before clipping."""
+    ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+    for i, batch in enumerate(micro_batches):
+        sync = not ddp or i == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync else net.no_sync()), autocast(tc, device):
+            out = net(_to_device(batch, device))
+        (out.loss / len(micro_batches)).backward()
+        stats.add(out, 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip or float("inf"))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 @torch.no_grad()
 def evaluate(model: Expert, loader: DataLoader, cfg: TrainConfig, device: torch.device,
              ranks: Dist) -> dict[str, float]:
@@ -491,7 +508,13 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     run_dir, k = Path(cfg.run_dir), cfg.expert
     edir = ckpt.expert_dir(run_dir, k)
 
-    torch.manual_seed(tc.seed * 1_000_003 + ranks.rank * 7919)  # same init on every rank: broadcast by DDP anyway
+    n_train = len(data.train.dataset)
+    global_batch = tc.batch_size * ranks.world
+    if n_train < global_batch:
+        raise ConfigError(f"the train split has {n_train} examples, fewer than one batch "
+                          f"(train.batch_size={tc.batch_size} x {ranks.world} processes)")
+
+    torch.manual_seed(tc.seed * 1_000_003 + ranks.rank * 7919)  # own stream per rank; DDP broadcasts rank 0's init
     model = Expert(cfg.model, k, data.tables).to(device)
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                             fused=device.type == "cuda")
@@ -518,12 +541,6 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     stop = StopRequest()
     if handle_signals:
         stop.install()
-
-    n_train = len(data.train.dataset)
-    global_batch = tc.batch_size * ranks.world
-    if n_train < global_batch:
-        raise ConfigError(f"the train split has {n_train} examples, fewer than one batch "
-                          f"(train.batch_size={tc.batch_size} x {ranks.world} processes)")
 
     def batches() -> Iterator[dict]:
         while True:
@@ -557,16 +574,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
             lr = lr_at(step, tc)
             for g in opt.param_groups:
                 g["lr"] = lr
-            for micro in range(tc.grad_accum):
-                batch = _to_device(next(stream), device)
-                sync = micro == tc.grad_accum - 1 or ranks.world == 1
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast(tc, device):
-                    out = net(batch)
-                (out.loss / tc.grad_accum).backward()
-                stats.add(out, 1.0)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            grad_norm = train_step(net, opt, [next(stream) for _ in range(tc.grad_accum)], tc, device, stats)
             state["step"] = done = step + 1
             bar.update(1)
 

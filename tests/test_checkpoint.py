@@ -148,7 +148,8 @@ def test_safetensors_with_wrong_tensors_is_named(trained, tmp_path):
 
     c = ckpt.load_latest(trained / "expert_0")
     other = Expert(tiny_config(tmp_path, "model.distribution=6-2", "model.dim=16").model, 0)
-    with pytest.raises(CheckpointError, match=r"model.safetensors does not fit this model: .* is \(.*32.*\) in the file"):
+    with pytest.raises(CheckpointError,
+                       match=r"model.safetensors does not fit this model: .* is \(.*32.*\) in the file"):
         ckpt.load_weights(other, c.model_state(), c.path / "model.safetensors")
 
 

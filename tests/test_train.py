@@ -1,6 +1,7 @@
 """Stage-1 trainer: optimiser groups, schedule, learning, exact resume, preemption signals, DDP."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -232,3 +233,21 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5), (a, b)
     state = json.loads((tmp_path / "ddp" / "expert_0" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+def test_bench_matches_parameters_and_prints_table(capsys):
+    from siren.bench_train import main, matched_single, scale_config
+    from siren.model.params import model_params
+
+    siren_cfg = scale_config("small", "6-2")
+    single = matched_single(siren_cfg)
+    target = sum(p.total for p in model_params(siren_cfg))
+    per_layer = model_params(dataclasses.replace(single, main_layers=2))[0].total - \
+        model_params(dataclasses.replace(single, main_layers=1))[0].total
+    assert single.distribution == "1-12" and single.dim == siren_cfg.dim
+    assert abs(model_params(single)[0].total - target) <= per_layer / 2  # the closest depth
+    main(["scale=tiny", "batch_size=1", "crop_s=0.2", "steps=1"])
+    out = capsys.readouterr().out
+    assert "| 6-2 expert (tiny" in out and "| 1-12 single" in out and "frames/s" in out
