@@ -111,6 +111,8 @@ def test_bad_inputs_name_the_problem():
         model(codes, text, torch.stack([mask[0], torch.zeros_like(mask[1])]))
     with pytest.raises(ValueError, match="codes outside"):
         model(codes + 1024, text, mask)
+    with pytest.raises(ValueError, match="text must be \\[B, L, 768\\]"):
+        model(codes, text[..., :512], mask)
     with pytest.raises(ValueError, match="codes must be"):
         model(codes[:, :11], text, mask)
     with pytest.raises(ValueError, match="no valid frame"):

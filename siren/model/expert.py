@@ -129,7 +129,7 @@ class Expert(nn.Module):
 
     def forward(self, codes: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """codes [B, 12, T], text [B, L, 768], text_mask [B, L] -> logits [B, m, T, 1024] of the owned layers."""
-        check_inputs(codes, text, text_mask)
+        check_inputs(codes, text, text_mask, self.cfg.text_dim)
         B = codes.shape[0]
         fused = self.embedding.fused()
         prev = self.embedding(codes[:, :, :-1].transpose(1, 2), fused=fused, summed=True)  # sum_j e_j(q_{t-1}^j)
@@ -184,7 +184,7 @@ class Expert(nn.Module):
 
     def start(self, text: torch.Tensor, text_mask: torch.Tensor, cached: bool = True) -> ExpertState:
         """State for a new generation; ``cached=False`` recomputes the whole prefix every step."""
-        check_inputs(None, text, text_mask)
+        check_inputs(None, text, text_mask, self.cfg.text_dim)
         caches = lambda n: [KVCache() for _ in range(n)] if cached else None  # noqa: E731
         return ExpertState(self.backbone.text_kv(text, text_mask), self.embedding.fused(),
                            caches(len(self.backbone.blocks)),
@@ -223,10 +223,10 @@ class Expert(nn.Module):
         return self.heads[i](out)
 
 
-def check_inputs(codes: torch.Tensor | None, text: torch.Tensor, text_mask: torch.Tensor):
+def check_inputs(codes: torch.Tensor | None, text: torch.Tensor, text_mask: torch.Tensor, text_dim: int):
     """Shape/range checks with messages that say what is wrong (bad data must not become NaNs)."""
-    if text.dim() != 3 or text_mask.shape != text.shape[:2]:
-        raise ValueError(f"text must be [B, L, D] with text_mask [B, L]; got {tuple(text.shape)} and "
+    if text.dim() != 3 or text_mask.shape != text.shape[:2] or text.shape[-1] != text_dim:
+        raise ValueError(f"text must be [B, L, {text_dim}] with text_mask [B, L]; got {tuple(text.shape)} and "
                          f"{tuple(text_mask.shape)}")
     if not text_mask.bool().any(1).all():
         bad = (~text_mask.bool().any(1)).nonzero().flatten().tolist()
