@@ -50,9 +50,9 @@ class Items:
         """The audio item ``n`` was encoded from: its source file through the same preprocessing, real samples only."""
         it = self.dataset.items[self.index[n]]
         pol = self.dataset.info["audio"]
-        items, real = standardize(load_audio(it["source"]), AudioConfig(pol["policy"], pol["duration_s"]),
-                                  it["source"])
-        return items[it["segment"], : real[it["segment"]]]
+        items, real, _ = standardize(load_audio(it["source"]), AudioConfig(pol["policy"], pol["duration_s"]),
+                                     it["source"])
+        return items[it["segment"], : real[it["segment"]]]  # "segment": the item's row among the kept chunks
 
 
 def resolve(data: str, codec: str = "") -> Path:
