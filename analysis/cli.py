@@ -31,10 +31,8 @@ def parse(schema: type[T], argv: Sequence[str], probe: str = "") -> T:
 
 
 def out_dir(out: str, probe: str) -> Path:
-    """``out=`` or ``outputs/analysis/<probe>``; created."""
-    path = Path(out) if out else OUTPUT_ROOT / probe
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """``out=`` or ``outputs/analysis/<probe>`` (created by the first file written into it)."""
+    return Path(out) if out else OUTPUT_ROOT / probe
 
 
 def as_list(value: str | Sequence[str]) -> list[str]:
