@@ -1,0 +1,150 @@
+"""Inputs of the codec probes (Fig. 1b, Fig. 2a/2c, Figs. 8/9): a prepared directory
+(``python -m siren.data.prepare``) holds every clip's RVQ codes, its label and its source file.
+
+``data=demo`` prepares the embedded demo set (15 labelled classes, 1-2 s clips) once, under
+``$SIREN_CACHE/analysis/demo-<codec weights>``, with the codec the probe asks for and a
+random-weight text encoder (the codec probes never read text states; gradient_angles does,
+so give it a prepared directory of your own for real text conditioning).
+
+The codec that made the codes must be the codec the probe builds (its code tables turn codes
+into features): ``codec=`` empty takes the weights the directory was prepared with, and a
+mismatch of codec ids is an error naming both.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from siren import assets
+from siren.codec import Codec, CodecConfig, N_LAYERS
+from siren.data import PreparedDataset
+from siren.data.audio import AudioConfig, load_audio, standardize
+from siren.data.cache import index_path
+from siren.data.manifest import DataError
+
+FEATURE_SPACES = ("projected", "codebook")
+
+
+@dataclass
+class Items:
+    """Some items of one prepared split, codes cut to their real (unpadded) frames."""
+    dataset: PreparedDataset
+    index: list[int]  # positions in ``dataset``
+    codes: list[torch.Tensor]  # [12, real_frames_i] int64
+
+    @property
+    def ids(self) -> list[str]:
+        return [self.dataset.items[i]["id"] for i in self.index]
+
+    @property
+    def labels(self) -> list[str | None]:
+        return [self.dataset.items[i]["label"] for i in self.index]
+
+    def waveform(self, n: int) -> torch.Tensor:
+        """The audio item ``n`` was encoded from: its source file through the same preprocessing, real samples only."""
+        it = self.dataset.items[self.index[n]]
+        pol = self.dataset.info["audio"]
+        items, real, _ = standardize(load_audio(it["source"]), AudioConfig(pol["policy"], pol["duration_s"]),
+                                     it["source"])
+        return items[it["segment"], : real[it["segment"]]]  # "segment": the item's row among the kept chunks
+
+
+def resolve(data: str, codec: str = "") -> Path:
+    """A prepared directory for ``data`` (a path, or ``demo``: prepared here on first use)."""
+    if data == "demo":
+        weights = codec or "pretrained"
+        tag = weights if weights in ("random", "pretrained") else assets.sha256(Path(weights))[:16]
+        out = assets.cache_dir() / "analysis" / f"demo-{tag}"
+        if not all(index_path(out, s).is_file() for s in ("train", "test")):
+            from siren.data import prepare
+
+            print(f"preparing the demo set into {out} (once) ...")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    prepare.main(["manifest=demo", f"out={out}", f"codec.weights={weights}", "text.weights=random"])
+            except assets.MissingWeightsError as e:
+                raise assets.MissingWeightsError(f"{e} (for the analysis probes: codec=random)") from None
+        return out
+    path = Path(data).expanduser()
+    if not (path / "splits").is_dir():
+        raise DataError(f"data={data}: not a prepared directory (no splits/ folder); make one with "
+                        f"python -m siren.data.prepare manifest=<manifest.csv> out={data}, or use data=demo")
+    return path
+
+
+def splits(prepared: Path) -> list[str]:
+    return sorted(p.stem for p in (prepared / "splits").glob("*.json"))
+
+
+def open_codec(prepared: Path, splits: list[str], weights: str = "") -> Codec:
+    """The codec the splits were prepared with (``weights`` empty: the directory's own weights label)."""
+    infos = {s: PreparedDataset(prepared, s, crop_s=None).info["codec"] for s in splits}
+    first = next(iter(infos.values()))
+    codec = build_codec(weights or first["weights"])
+    for split, info in infos.items():
+        if codec.id != info["id"]:
+            raise DataError(f"{index_path(prepared, split)}: codes were made by codec {info['id']} ({info['weights']} "
+                            f"weights), but codec={weights or first['weights']} builds {codec.id}; pass the codec "
+                            f"weights the directory was prepared with")
+    return codec
+
+
+@functools.lru_cache(maxsize=2)
+def build_codec(weights: str) -> Codec:
+    """One frozen codec per weights per process: probes run one after another share it."""
+    return Codec(CodecConfig(weights=weights))
+
+
+def load(prepared: Path, split: str, max_items: int = 0, seed: int = 0, need_labels: bool = False) -> Items:
+    """Items of ``split`` (at most ``max_items``, a seeded draw kept in order; 0 = all)."""
+    ds = PreparedDataset(prepared, split, crop_s=None)
+    index = list(range(len(ds)))
+    if 0 < max_items < len(index):
+        index = sorted(np.random.default_rng(seed).permutation(len(index))[:max_items].tolist())
+    if need_labels:
+        missing = [ds.items[i]["id"] for i in index if not ds.items[i]["label"]]
+        if missing:
+            raise DataError(f"{index_path(prepared, split)}: {len(missing)} item(s) without a label (e.g. "
+                            f"{missing[:3]}); this probe needs the manifest's 'label' column")
+    codes = [ds.codes(i)[:, : ds.items[i]["real_frames"]] for i in index]
+    if any(c.shape[0] != N_LAYERS for c in codes):
+        raise DataError(f"{index_path(prepared, split)}: codes are not {N_LAYERS}-layer RVQ codes")
+    return Items(ds, index, codes)
+
+
+def pooled_features(codec: Codec, codes: list[torch.Tensor], space: str = "projected") -> np.ndarray:
+    """Appendix D.1: f-hat^j = pool(f-hat^j_1..l), the mean over a clip's frames -> [N, 12, D]."""
+    return np.stack([f.mean(0) for f in _features(codec, codes, space)])
+
+
+def frame_features(codec: Codec, codes: list[torch.Tensor], space: str = "projected") -> np.ndarray:
+    """Section 3's per-time-step variant: every frame of every clip -> [sum T_i, 12, D]."""
+    return np.concatenate(_features(codec, codes, space))
+
+
+def _features(codec: Codec, codes: list[torch.Tensor], space: str, max_frames: int = 2048) -> list[np.ndarray]:
+    """Per clip [T, 12, D]: ``projected`` = f-hat^j of Eq. 1 (1024-d), ``codebook`` = Z^j[q] (8-d).
+
+    Clips go through ``codec.layer_features`` in zero-padded chunks of <= ``max_frames`` frames
+    (features are per frame, so padding never leaks into a clip's own frames)."""
+    if space not in FEATURE_SPACES:
+        raise ValueError(f"features must be one of {', '.join(FEATURE_SPACES)}, got '{space}'")
+    out, start = [], 0
+    while start < len(codes):
+        T, end = codes[start].shape[-1], start + 1
+        while end < len(codes) and (end - start + 1) * max(T, codes[end].shape[-1]) <= max_frames:
+            T, end = max(T, codes[end].shape[-1]), end + 1
+        chunk = torch.zeros(end - start, N_LAYERS, T, dtype=torch.long)
+        for i, c in enumerate(codes[start:end]):
+            chunk[i, :, : c.shape[-1]] = c
+        vec, proj = codec.layer_features(chunk)
+        feats = (proj if space == "projected" else vec).transpose(1, 2).double().cpu().numpy()  # [n, T, 12, D]
+        out += [feats[i, : c.shape[-1]] for i, c in enumerate(codes[start:end])]
+        start = end
+    return out

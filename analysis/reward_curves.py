@@ -1,0 +1,114 @@
+"""Fig. 5: reward during stage-2 training for several strategies (anti-causal RL, DPO, causal RL).
+
+Each run is a stage-2 output directory of ``python -m siren.rl`` (its ``rl/log.jsonl`` has
+``step`` and ``reward_mean`` per step) or a JSONL file with those keys. Curves are smoothed
+with a bias-corrected EMA (``smooth``) and drawn on one plot; each is labelled with its
+(FD, CLAP) pair when an eval ``results.json`` is found for that run (``results=[...]``,
+else ``<run>/results.json`` or ``<run>/eval/results.json``). ``fd_key`` / ``clap_key`` name the
+metrics inside the results file (eval/audiocaps.py writes lower-case ``fd`` and ``clap``,
+CLAP already x100).
+
+    python -m analysis.reward_curves runs=[runs/rl,runs/dpo,runs/causal] labels=[RL,DPO,Causal]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from analysis import style
+from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.logs import read_jsonl, read_metric, weights_note
+
+
+@dataclass
+class RewardCurvesConfig:
+    runs: str = ""  # [a,b,c]: stage-2 run dirs (rl/log.jsonl inside) or JSONL files
+    labels: str = ""  # [RL,DPO,Causal]: one per run; default the folder names
+    results: str = ""  # optional [..]: results.json per run (default <run>/results.json or <run>/eval/results.json)
+    reward_key: str = "reward_mean"
+    fd_key: str = "fd"  # key of FD in results.json's "metrics"
+    clap_key: str = "clap"  # key of the CLAP score in results.json's "metrics"
+    smooth: float = 0.9  # EMA weight of the past (0 = raw)
+    out: str = ""
+
+
+def log_path(run: str | Path) -> Path:
+    p = Path(run)
+    for cand in (p, p / "rl" / "log.jsonl", p / "log.jsonl"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"{run}: no stage-2 log (expected {p / 'rl' / 'log.jsonl'} or a .jsonl file)")
+
+
+def reward_curve(run: str | Path, key: str = "reward_mean") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, rewards) of a stage-2 log; a step logged twice keeps its last entry."""
+    path = log_path(run)
+    by_step = {int(r["step"]): float(r[key]) for r in read_jsonl(path) if key in r and r[key] is not None}
+    if not by_step:
+        raise ValueError(f"{path}: no '{key}' entries")
+    steps = np.array(sorted(by_step))
+    return steps, np.array([by_step[s] for s in steps])
+
+
+def find_results(run: str | Path, given: str = "") -> Path | None:
+    if given:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"results file {given} does not exist")
+        return Path(given)
+    p = Path(run)
+    return next((c for c in (p / "results.json", p / "eval" / "results.json") if p.is_dir() and c.is_file()), None)
+
+
+def plot(curves: list[dict], smooth: float, note: str = ""):
+    fig, ax = style.figure(style.COLUMN, 0.75)
+    colors = style.class_colors(max(len(curves), 1))
+    for c, color in zip(curves, colors):
+        y = style.ema(c["reward"], smooth)
+        ax.plot(c["steps"], y, color=color, label=c["label"])
+        if c["pair"]:
+            ax.annotate(c["pair"], (c["steps"][-1], y[-1]), xytext=(3, 0), textcoords="offset points",
+                        fontsize=5, color=color, va="center")
+    ax.axhline(0.0, color="0.6", lw=0.5, ls=":")
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("Reward (mean cosine)")
+    ax.legend()
+    style.note(fig, note)
+    return fig
+
+
+def run(cfg: RewardCurvesConfig) -> list:
+    runs = as_list(cfg.runs)
+    if not runs:
+        raise SystemExit("error: runs=[dir1,dir2,...] is required (stage-2 run directories or JSONL logs)")
+    labels = as_list(cfg.labels) or [Path(r).name for r in runs]
+    results = as_list(cfg.results) or [""] * len(runs)
+    if len(labels) != len(runs) or len(results) != len(runs):
+        raise SystemExit(f"error: {len(runs)} runs but {len(labels)} labels and {len(results)} results; give one each")
+    folder = out_dir(cfg.out, "reward_curves")
+    curves, rows, summary = [], [], []
+    for r, label, res in zip(runs, labels, results):
+        steps, reward = reward_curve(r, cfg.reward_key)
+        path = find_results(r, res)
+        fd = read_metric(path, cfg.fd_key) if path else None
+        clap = read_metric(path, cfg.clap_key) if path else None
+        pair = f"({fd:.2f}, {clap:.2f})" if fd is not None and clap is not None else ""
+        if path and not pair:
+            print(f"warning: {path} has no '{cfg.fd_key}'/'{cfg.clap_key}' metric; adjust fd_key= / clap_key=")
+        curves.append(dict(label=label, steps=steps, reward=reward, pair=pair))
+        rows += [dict(label=label, step=int(s), reward=float(v), smoothed=float(e))
+                 for s, v, e in zip(steps, reward, style.ema(reward, cfg.smooth))]
+        summary.append(dict(label=label, run=r, steps=int(steps[-1]), final_reward=float(reward[-1]),
+                            mean_last_10pct=float(reward[-max(1, len(reward) // 10):].mean()),
+                            FD=fd, CLAP=clap, results=str(path or "")))
+        print(f"{label}: {len(steps)} steps, last reward {reward[-1]:+.4f}" + (f", (FD, CLAP) = {pair}" if pair else
+                                                                              ", no results.json"))
+    written = [write_csv(folder / "rewards.csv", rows), write_csv(folder / "summary.csv", summary)]
+    note = "; ".join(sorted({weights_note(r) for r in runs if Path(r).is_dir()} - {""}))
+    written += style.save_figure(plot(curves, cfg.smooth, note), folder, "fig5_rewards")
+    return written
+
+
+if __name__ == "__main__":
+    main("reward_curves", RewardCurvesConfig, run)

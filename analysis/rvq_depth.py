@@ -1,0 +1,152 @@
+"""Fig. 1b: reconstruction improves with the number r of RVQ layers; generation quality need not.
+
+Eq. 1 with the sum cut at r: x-hat_r = D(sum_{j<=r} f-hat^j), decoded from the clip's first r
+code layers (r = 1..12), against the audio the codes were made from (the prepared item's
+source file through the same preprocessing). Three measures per clip, averaged over clips:
+
+- LSD, log-spectral distance (dB): mean over STFT frames of the RMS over frequency bins of
+  10 log10(|X|^2 / |X_r|^2) (512-point Hann STFT, hop 128, power floored at 1e-10);
+- mel L1: mean |log10 mel_ref - log10 mel_r| (64 mel bands, 50-8000 Hz, power floored at 1e-5);
+- SI-SNR (dB), scale-invariant SNR after removing each signal's mean.
+
+Generation quality at depth r comes from runs trained with r layers, when given:
+``gen_runs=[a,b] gen_r=[4,12]`` reads each run's eval ``results.json`` (metric ``gen_metric``,
+default FD). Without them the figure says that no generation results were given.
+
+    python -m analysis.rvq_depth data=demo codec=random max_clips=8
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis import prepared, style
+from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.logs import read_metric
+from siren.codec import N_LAYERS, SAMPLE_RATE
+
+N_FFT, HOP_STFT, N_MELS = 512, 128, 64
+
+
+@dataclass
+class RvqDepthConfig:
+    data: str = "demo"  # prepared directory | demo
+    split: str = "test"
+    max_clips: int = 4  # 0 = all (a seeded draw otherwise); the DAC decoder is slow on CPU
+    seconds: float = 1.0  # compare the first `seconds` of each clip (0 = whole clips)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda[:N]
+    codec: str = ""  # codec weights; empty: those the data was prepared with
+    depths: str = "1,2,3,4,5,6,7,8,9,10,11,12"  # r values to decode with
+    gen_runs: str = ""  # optional: run dirs (each with results.json) of models trained with r layers
+    gen_r: str = ""  # the r of each gen_runs entry
+    gen_metric: str = "FD"  # key in results.json ("metrics" object or top level)
+    seed: int = 0
+    out: str = ""
+
+
+def decode_depths(codec, codes: torch.Tensor, depths: list[int]) -> torch.Tensor:
+    """codes [12, T] of one clip -> waveforms [len(depths), T * 320], row i decoded from
+    sum_{j<=r} f-hat^j with r = depths[i] (Eq. 1 cut at r), all depths in one decoder batch."""
+    _, proj = codec.layer_features(codes[None])  # [1, 12, T, D]
+    z = proj[0].cumsum(0)[[r - 1 for r in depths]]  # [R, T, D]: partial sums
+    with torch.no_grad():
+        wav = codec.dac.decode(z.transpose(1, 2).to(codec.device))[:, 0]
+    n = codes.shape[-1] * 320
+    return torch.nn.functional.pad(wav, (0, max(0, n - wav.shape[-1])))[:, :n].cpu()
+
+
+def _power_spec(x: torch.Tensor) -> torch.Tensor:
+    win = torch.hann_window(N_FFT, dtype=x.dtype)
+    return torch.stft(x, N_FFT, HOP_STFT, window=win, center=True, return_complex=True).abs().pow(2)  # [F, frames]
+
+
+def log_spectral_distance(ref: torch.Tensor, est: torch.Tensor, floor: float = 1e-10) -> float:
+    """Mean over frames of sqrt(mean over bins of (10 log10 P_ref - 10 log10 P_est)^2), in dB."""
+    d = 10 * (torch.log10(_power_spec(ref).clamp_min(floor)) - torch.log10(_power_spec(est).clamp_min(floor)))
+    return float(d.pow(2).mean(0).sqrt().mean())
+
+
+def mel_l1(ref: torch.Tensor, est: torch.Tensor, floor: float = 1e-5) -> float:
+    from torchaudio.transforms import MelSpectrogram
+
+    mel = MelSpectrogram(SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_STFT, n_mels=N_MELS, f_min=50.0, f_max=8000.0)
+    a, b = mel(ref.float()).clamp_min(floor), mel(est.float()).clamp_min(floor)
+    return float((torch.log10(a) - torch.log10(b)).abs().mean())
+
+
+def si_snr(ref: torch.Tensor, est: torch.Tensor, eps: float = 1e-12) -> float:
+    """Scale-invariant SNR in dB: 10 log10(|s_t|^2 / |e|^2), s_t the projection of est on ref."""
+    ref, est = ref.double() - ref.double().mean(), est.double() - est.double().mean()
+    target = (est @ ref) / (ref @ ref + eps) * ref
+    return float(10 * torch.log10(target.pow(2).sum() / ((est - target).pow(2).sum() + eps) + eps))
+
+
+def plot(rows: list[dict], gen: list[tuple[int, float]], gen_metric: str, note: str):
+    fig, ax = style.figure(style.COLUMN, 0.7)
+    rs = [r["r"] for r in rows]
+    c = style.layer_colors(3)
+    ax.plot(rs, [r["lsd_db"] for r in rows], marker="o", color=c[0], label="reconstruction LSD (dB)")
+    ax.set_xlabel("RVQ layers used $r$")
+    ax.set_ylabel("Log-spectral distance (dB) $\\downarrow$", color=c[0])
+    ax.set_xticks(rs)
+    ax2 = ax.twinx()
+    ax2.spines["right"].set_visible(True)
+    if gen:
+        ax2.plot([g[0] for g in gen], [g[1] for g in gen], marker="s", color=c[1], ls="--",
+                 label=f"generation {gen_metric}")
+        ax2.set_ylabel(f"Generation {gen_metric}", color=c[1])
+    else:
+        ax2.set_yticks([])
+        ax.set_title("generation quality: no results given", fontsize=6, color="0.4")
+    style.note(fig, note)
+    return fig
+
+
+def run(cfg: RvqDepthConfig) -> list:
+    folder = out_dir(cfg.out, "rvq_depth")
+    depths = [int(r) for r in as_list(cfg.depths)]
+    if not depths or any(not 1 <= r <= N_LAYERS for r in depths):
+        raise SystemExit(f"error: depths={cfg.depths}: each r must be in 1..{N_LAYERS}")
+    runs, rs = as_list(cfg.gen_runs), [int(r) for r in as_list(cfg.gen_r)]
+    if len(runs) != len(rs):
+        raise SystemExit(f"error: gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
+    data = prepared.resolve(cfg.data, cfg.codec)
+    items = prepared.load(data, cfg.split, cfg.max_clips, cfg.seed)
+    codec = prepared.open_codec(data, [cfg.split], cfg.codec)
+    codec.to(torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    keep = int(round(cfg.seconds * 50)) if cfg.seconds > 0 else None  # frames (50 per second)
+    per_clip = []
+    from tqdm import tqdm
+
+    for n, codes in enumerate(tqdm(items.codes, desc="decode clips", unit="clip")):
+        codes = codes[:, :keep]
+        ref = items.waveform(n)[: codes.shape[-1] * 320]
+        for r, est in zip(depths, decode_depths(codec, codes, depths)[:, : ref.shape[-1]]):
+            per_clip.append(dict(id=items.ids[n], r=r, lsd_db=log_spectral_distance(ref, est),
+                                 mel_l1=mel_l1(ref, est), si_snr_db=si_snr(ref, est)))
+    prov = dict(codec=codec.id, weights=codec.weights_label, n_clips=len(items.codes))
+    rows = [dict(r=r, **{m: float(np.mean([p[m] for p in per_clip if p["r"] == r]))
+                         for m in ("lsd_db", "mel_l1", "si_snr_db")}, **prov) for r in depths]
+    gen, missing = [], []
+    for run_dir, r in zip(runs, rs):
+        v = read_metric(run_dir, cfg.gen_metric)
+        (gen.append((r, v)) if v is not None else missing.append(run_dir))
+    if missing:
+        print(f"warning: no '{cfg.gen_metric}' in results.json of {missing}; left out of the figure")
+    written = [write_csv(folder / "reconstruction.csv", rows), write_csv(folder / "per_clip.csv", per_clip)]
+    written.append(write_csv(folder / "generation.csv",
+                             [dict(r=r, metric=cfg.gen_metric, value=v) for r, v in sorted(gen)],
+                             columns=["r", "metric", "value"]))
+    note = f"{codec.weights_label} codec weights" if codec.weights_label != "pretrained" else ""
+    written += style.save_figure(plot(rows, sorted(gen), cfg.gen_metric, note), folder, "fig1b_rvq_depth")
+    for row in rows:
+        print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  SI-SNR {row['si_snr_db']:6.2f} dB")
+    if not gen:
+        print("generation quality vs r: no results given (gen_runs=[...] gen_r=[...])")
+    return written
+
+
+if __name__ == "__main__":
+    main("rvq_depth", RvqDepthConfig, run)

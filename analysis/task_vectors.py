@@ -1,0 +1,196 @@
+"""Fig. 7 (appendix D.3): how alike are the experts' task vectors, module by module?
+
+Task vector of expert k: tau_k = theta_k(final) - theta_k(init), per parameter tensor; the
+paper's experts share one initialisation. Tensors are grouped into the modules of Fig. 7:
+Embedding (the 12 code-embedding projectors), Classifier (the heads), RVQ (residual) decoder
+and Backbone transformer, the last two per block (their sos/positions/final norm form an
+extra "io" entry). For each module and each pair of experts (15 pairs for 6 experts) the
+cosine of the module's flattened task vectors; the figure shows per module the mean over
+pairs (scatter, larger marker = deeper block) and the spread over pairs (boxplot). Tensors
+no expert changed (the frozen DAC tables kept as buffers) are left out.
+
+Initial weights: ``init=FILE`` (one safetensors state dict shared by all experts), else each
+expert's ``expert_<k>/init.safetensors``, else its ``expert_<k>/step_00000000`` checkpoint.
+``reference_step=N`` adds the paper's red reference: per module, the mean over experts of
+cos(tau_k at checkpoint step N, tau_k final) (needs that checkpoint kept).
+
+    python -m analysis.task_vectors run=runs/siren-6-2
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis import style
+from analysis.cli import main, out_dir, write_csv
+from analysis.logs import weights_note
+
+GROUPS = ("embedding", "classifier", "decoder", "backbone")
+TITLES = {"embedding": "Embedding", "classifier": "Classifier", "decoder": "RVQ Decoder", "backbone": "Backbone"}
+_BLOCK = re.compile(r"^(backbone|decoder)\.blocks\.(\d+)\.")
+
+
+@dataclass
+class TaskVectorsConfig:
+    run: str = ""  # stage-1 run directory with expert_<k>/ checkpoints (>= 2 experts)
+    init: str = ""  # shared initial weights (safetensors); default per expert, see module docstring
+    reference_step: int = -1  # >= 0: also cos(tau at this checkpoint step, tau final) per module
+    out: str = ""
+
+
+def module_of(name: str) -> tuple[str, str] | None:
+    """Parameter name -> (group, layer) of Fig. 7; layer is the block index or "io"; None if not grouped."""
+    m = _BLOCK.match(name)
+    if m:
+        return m.group(1), m.group(2)
+    head = name.split(".", 1)[0]
+    if head in ("backbone", "decoder"):
+        return head, "io"
+    if head == "heads":
+        return "classifier", "all"
+    if head == "embedding":
+        return "embedding", "all"
+    return None
+
+
+def task_vector(final: dict[str, torch.Tensor], init: dict[str, torch.Tensor], where: str = "") -> dict:
+    """tau = final - init per tensor (float64); the two state dicts must hold the same tensors."""
+    if set(final) != set(init):
+        diff = sorted(set(final) ^ set(init))
+        raise ValueError(f"{where}: final and initial weights hold different tensors (e.g. {diff[:5]})")
+    bad = [k for k in final if final[k].shape != init[k].shape]
+    if bad:
+        raise ValueError(f"{where}: shapes differ between final and initial weights for {bad[:5]}")
+    return {k: final[k].double() - init[k].double() for k in final}
+
+
+def module_cosines(taus: list[dict[str, torch.Tensor]]) -> dict[tuple[str, str], np.ndarray]:
+    """(group, layer) -> [K, K] cosine matrix of the experts' flattened module task vectors.
+
+    Accumulates the Gram matrix tensor by tensor, so no module is ever concatenated."""
+    grams: dict[tuple[str, str], torch.Tensor] = {}
+    for name in taus[0]:
+        mod = module_of(name)
+        stack = torch.stack([t[name].flatten() for t in taus])  # [K, n]
+        if mod is None or not stack.abs().max() > 0:  # ungrouped, or frozen in every expert
+            continue
+        grams[mod] = grams.get(mod, 0) + stack @ stack.T
+    out = {}
+    for mod, g in grams.items():
+        d = g.diagonal().sqrt()
+        out[mod] = (g / torch.outer(d, d).clamp_min(1e-300)).numpy()
+    return out
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file {path}")
+    return load_file(str(path))
+
+
+def expert_dirs(run_dir: Path) -> list[Path]:
+    dirs = sorted((p for p in run_dir.glob("expert_*") if p.is_dir() and p.name[7:].isdigit()),
+                  key=lambda p: int(p.name[7:]))
+    if len(dirs) < 2:
+        raise SystemExit(f"error: {run_dir}: task vectors compare experts; found {len(dirs)} expert_<k>/ folders "
+                         f"(a 1-12 run has only one)")
+    return dirs
+
+
+def initial_weights(edir: Path, init: str) -> dict[str, torch.Tensor]:
+    if init:
+        return _load(Path(init))
+    for cand in (edir / "init.safetensors", edir / "step_00000000" / "model.safetensors"):
+        if cand.is_file():
+            return _load(cand)
+    raise SystemExit(f"error: {edir}: no initial weights (init.safetensors or step_00000000/); give the shared "
+                     f"initialisation with init=<file.safetensors>")
+
+
+def final_weights(edir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    from siren import checkpoint as ckpt
+
+    if step is None:
+        last = ckpt.load_latest(edir)
+        if last is None:
+            raise SystemExit(f"error: {edir}: no checkpoint (step_*/model.safetensors)")
+        return last.model_state(), last.step
+    return ckpt.Checkpoint(edir / ckpt.step_name(step)).model_state(), step
+
+
+def _label(mod: tuple[str, str]) -> str:
+    g, layer = mod
+    return TITLES[g] + ("" if layer == "all" else " in/out" if layer == "io" else f" L{int(layer) + 1}")
+
+
+def _order(mod: tuple[str, str]):
+    g, layer = mod
+    return GROUPS.index(g), (-1 if layer in ("all", "io") else int(layer))
+
+
+def plot(mods: list[tuple[str, str]], values: dict, reference: dict, note: str = ""):
+    fig, ax = style.figure(style.COLUMN, 0.25 + 0.09 * len(mods))
+    colors = {g: c for g, c in zip(GROUPS, style.class_colors(len(GROUPS)))}
+    ys = np.arange(len(mods))[::-1]
+    ax.boxplot([values[m] for m in mods], positions=ys, orientation="horizontal", widths=0.6, showfliers=True,
+               flierprops=dict(markersize=2), medianprops=dict(color="0.3", lw=0.6),
+               boxprops=dict(lw=0.5), whiskerprops=dict(lw=0.5), capprops=dict(lw=0.5))
+    for y, m in zip(ys, mods):
+        size = 8 + (12 * (int(m[1]) + 1) if m[1].isdigit() else 0)
+        ax.scatter([np.mean(values[m])], [y], s=size, color=colors[m[0]], zorder=3, edgecolors="none", alpha=0.9)
+        if m in reference:
+            ax.text(1.02, y, f"{reference[m]:.2f}", transform=ax.get_yaxis_transform(), color="red", fontsize=5,
+                    va="center")
+    ax.set_yticks(ys, [_label(m) for m in mods])
+    ax.set_xlabel("Cosine between experts' task vectors")
+    ax.axvline(0.0, color="0.6", lw=0.5, ls=":")
+    style.note(fig, note)
+    return fig
+
+
+def run(cfg: TaskVectorsConfig) -> list:
+    if not cfg.run:
+        raise SystemExit("error: run=<stage-1 run directory> is required")
+    folder = out_dir(cfg.out, "task_vectors")
+    dirs = expert_dirs(Path(cfg.run))
+    shared = initial_weights(dirs[0], cfg.init) if cfg.init else None
+    taus, steps, early = [], [], []
+    for edir in dirs:
+        init = shared if shared is not None else initial_weights(edir, "")
+        final, step = final_weights(edir)
+        taus.append(task_vector(final, init, str(edir)))
+        steps.append(step)
+        if cfg.reference_step >= 0:
+            early.append(task_vector(final_weights(edir, cfg.reference_step)[0], init, str(edir)))
+    cos = module_cosines(taus)
+    mods = sorted(cos, key=_order)
+    K = len(taus)
+    pairs = list(itertools.combinations(range(K), 2))
+    values = {m: np.array([cos[m][a, b] for a, b in pairs]) for m in mods}
+    # red reference: cos(tau_k(step N), tau_k(final)) per module, mean over experts k
+    own = [module_cosines([e, t]) for e, t in zip(early, taus)]
+    reference = {m: float(np.mean([c[m][0, 1] for c in own if m in c])) for m in mods if any(m in c for c in own)}
+    rows = [dict(group=m[0], layer=m[1], module=_label(m), expert_a=a, expert_b=b, cosine=float(cos[m][a, b]))
+            for m in mods for a, b in pairs]
+    summary = [dict(group=m[0], layer=m[1], module=_label(m), mean=float(values[m].mean()),
+                    min=float(values[m].min()), q25=float(np.quantile(values[m], 0.25)),
+                    median=float(np.median(values[m])), q75=float(np.quantile(values[m], 0.75)),
+                    max=float(values[m].max()), n_pairs=len(pairs), reference=reference.get(m, ""))
+               for m in mods]
+    written = [write_csv(folder / "pairs.csv", rows), write_csv(folder / "modules.csv", summary)]
+    written += style.save_figure(plot(mods, values, reference, weights_note(cfg.run)), folder, "fig7_task_vectors")
+    print(f"{K} experts (final steps {steps}), {len(pairs)} pairs; mean cosine per module:")
+    for s in summary:
+        print(f"  {s['module']:<16} {s['mean']:+.3f}  [{s['min']:+.3f}, {s['max']:+.3f}]")
+    return written
+
+
+if __name__ == "__main__":
+    main("task_vectors", TaskVectorsConfig, run)

@@ -1,0 +1,397 @@
+"""Analysis probes: each numeric core against a constructed input with a known answer, then every
+command end to end on the (small, prepared) demo set with random weights."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import (convergence, gradient_angles, orthogonality, reward_curves, rvq_depth, semantic_probe, style,
+                      task_vectors)
+from analysis.cli import as_list
+from analysis.logs import read_jsonl, read_metric
+from tests.fixtures_analysis import one_thread, prepare_demo, tiny_run  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def orthonormal(n: int, d: int, seed=0) -> np.ndarray:
+    """n orthonormal vectors in R^d (rows), randomly rotated."""
+    q, _ = np.linalg.qr(rng(seed).standard_normal((d, n)))
+    return q.T
+
+
+# ---------------------------------------------------------------------------- orthogonality
+
+def test_cosines_of_orthogonal_layers_are_zero_and_grouped_by_interval():
+    J, d, N = 12, 40, 5
+    base = orthonormal(J, d)
+    feats = np.stack([base * rng(i).uniform(0.5, 3.0, (J, 1)) for i in range(N)])  # scaled: cosine ignores norms
+    cos = orthogonality.cosine_matrix(feats)
+    assert cos.shape == (N, J, J)
+    np.testing.assert_allclose(cos, np.broadcast_to(np.eye(J), cos.shape), atol=1e-12)
+    # a known non-zero cosine: layer 1 = layer 0 rotated by 60 degrees in its plane with layer 2
+    feats[:, 1] = np.cos(np.pi / 3) * base[0] + np.sin(np.pi / 3) * base[2]
+    cos = orthogonality.cosine_matrix(feats)
+    np.testing.assert_allclose(cos[:, 0, 1], 0.5, atol=1e-12)
+    groups = orthogonality.by_interval(cos)
+    assert sorted(groups) == list(range(1, J))
+    assert all(len(groups[k]) == N * (J - k) for k in groups)  # every pair j1 < j2 exactly once
+    assert np.isclose(groups[1].sum(), N * 0.5 + N * math.cos(math.pi / 6) * 1)  # (0,1) and (1,2) pairs
+    np.testing.assert_allclose(groups[5], 0.0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- gradient angles
+
+def test_angles_of_identical_orthogonal_and_opposite_directions():
+    v = rng().standard_normal(30)
+    u = orthonormal(2, 30, seed=1)
+    vecs = np.stack([v, 3.0 * v, u[0], u[1], -u[0]])
+    a = gradient_angles.angle_matrix(vecs)
+    assert a[0, 1] == pytest.approx(0.0, abs=1e-5)  # same direction, other length
+    assert a[2, 3] == pytest.approx(90.0, abs=1e-9)
+    assert a[2, 4] == pytest.approx(180.0, abs=1e-5)
+    np.testing.assert_allclose(a, a.T)
+    g = torch.arange(12.0).reshape(3, 4)  # [out, in]
+    assert gradient_angles.reduce_gradient(g).tolist() == [4.0, 5.0, 6.0, 7.0]  # mean over the output dimension
+
+
+def test_head_gradients_sum_to_the_gradient_of_the_eq6_loss():
+    """Linearity: per-head gradients (reduced) add up to the reduced gradient of the expert's own loss."""
+    from siren.config import load_config
+    from siren.model import Expert, ModelConfig, presets
+    from tests.fixtures_model import code_batch, synthetic_tables, text_batch
+
+    cfg = load_config(ModelConfig, ["scale=tiny", "distribution=1-12", "conditioning=none", "dim=32",
+                                    "attn_heads=2", "codec=synthetic"], presets())
+    torch.manual_seed(0)
+    expert = Expert(cfg, 0, synthetic_tables())
+    text, tmask = text_batch(B=2)
+    codes = code_batch(B=2, T=5)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    batch = {"codes": codes, "frame_mask": mask, "text": text, "text_mask": tmask}
+    name, w = gradient_angles.resolve_param(expert, "backbone.blocks.-1.mlp.down.weight")
+    assert name == f"backbone.blocks.{cfg.main_layers - 1}.mlp.down.weight"
+    per_head = gradient_angles.head_gradients(expert, batch, w)
+    assert per_head.shape == (12, w.shape[1])
+    total = torch.autograd.grad(expert.loss(batch).loss, w)[0]
+    torch.testing.assert_close(per_head.sum(0), gradient_angles.reduce_gradient(total).double(), rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- semantic probe
+
+def test_probe_separable_layer_is_perfect_and_shuffled_labels_are_chance():
+    n_classes, d = 4, 16
+    means = 10.0 * orthonormal(n_classes, d)
+    y_tr, y_te = np.repeat(np.arange(n_classes), 30), np.repeat(np.arange(n_classes), 50)
+    x_tr = means[y_tr] + 0.3 * rng(1).standard_normal((len(y_tr), d))
+    x_te = means[y_te] + 0.3 * rng(2).standard_normal((len(y_te), d))
+    assert semantic_probe.probe_accuracy(x_tr, y_tr, x_te, y_te, hidden=32, max_iter=300) >= 0.99
+    shuffled = rng(3).permutation(y_tr)
+    acc = semantic_probe.probe_accuracy(x_tr, shuffled, x_te, y_te, hidden=32, max_iter=300)
+    assert acc < 0.5  # chance is 0.25; 200 test clips put a separable fit far above 0.5
+    pts = semantic_probe.tsne(x_te, perplexity=30, seed=0)
+    assert pts.shape == (len(x_te), 2) and np.isfinite(pts).all()
+
+
+# ---------------------------------------------------------------------------- convergence / Table 5
+
+def write_jsonl(path: Path, rows: list[dict], tail: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    return path
+
+
+def test_loss_stats_equal_hand_computation(tmp_path):
+    run = tmp_path / "run"
+    # Two experts owning layers 1-6 and 7-12 (a "2-6" run); 20 logged steps each.
+    for k in range(2):
+        rows = []
+        for step in range(1, 21):
+            rows.append({"step": step, "loss": 0.0, **{f"ce/L{j}": float(j * 100 + step)
+                                                        for j in range(6 * k + 1, 6 * k + 7)}})
+            rows.append({"step": step, "val": True, **{f"ce/L{j}": -1.0 for j in range(6 * k + 1, 6 * k + 7)}})
+        # a resumed job logged step 20 again (the later entry wins) and was killed mid-line
+        rows.append({"step": 20, **{f"ce/L{j}": float(j * 100 + 30) for j in range(6 * k + 1, 6 * k + 7)}})
+        write_jsonl(run / f"expert_{k}" / "log.jsonl", rows, tail='{"step": 21, "ce/L')
+    # final = mean of the last ceil(0.1 * 20) = 2 entries: steps 19 and 20 (20 re-logged as j*100 + 30)
+    final = {j: (j * 100 + 19 + j * 100 + 30) / 2 for j in range(1, 13)}
+    stats = convergence.loss_stats(run)
+    assert stats["final"] == pytest.approx(final)
+    assert stats["loss_mean"] == pytest.approx(sum(final.values()) / 12)
+    assert stats["loss_ratio"] == pytest.approx(final[12] / final[1])
+    assert convergence.loss_stats(run, tail=1.0)["final"][3] == pytest.approx(
+        (sum(300 + s for s in range(1, 20)) + 330) / 20)
+    # a fractional tail rounds up: ceil(0.12 * 20) = 3 entries
+    assert convergence.loss_stats(run, tail=0.12)["final"][3] == pytest.approx((318 + 319 + 330) / 3)
+    assert convergence.loss_stats(run, split="val")["loss_mean"] == pytest.approx(-1.0)
+    # a layer owned by two experts, and a missing layer, are errors naming the problem
+    write_jsonl(run / "expert_2" / "log.jsonl", [{"step": 1, "ce/L12": 1.0}])
+    with pytest.raises(ValueError, match="layer 12 is logged by expert_1 and expert_2"):
+        convergence.loss_stats(run)
+    (run / "expert_2" / "log.jsonl").unlink()
+    (run / "expert_1" / "log.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"layers \[7, 8, 9, 10, 11, 12\]"):
+        convergence.loss_stats(run)
+
+
+def test_jsonl_reader_and_ema_and_results():
+    assert style.ema(np.full(5, 2.0), 0.9) == pytest.approx(np.full(5, 2.0))  # bias-corrected: no warm-up dip
+    assert as_list("[a, b/c ,d]") == ["a", "b/c", "d"] and as_list("x,y") == ["x", "y"] and as_list("") == []
+
+
+def test_corrupt_log_line_is_named(tmp_path):
+    p = write_jsonl(tmp_path / "log.jsonl", [{"step": 1}], tail="garbage\n" + json.dumps({"step": 2}) + "\n")
+    with pytest.raises(ValueError, match="log.jsonl:2"):
+        read_jsonl(p)
+    (tmp_path / "results.json").write_text(json.dumps({"metrics": {"fd": 12.5, "clap": 24.1}, "fd": 99}))
+    assert read_metric(tmp_path, "fd") == 12.5 and read_metric(tmp_path, "FD") is None
+    assert read_metric(tmp_path / "nothing", "fd") is None
+
+
+# ---------------------------------------------------------------------------- task vectors
+
+def test_task_vector_cosines_identical_orthogonal_and_grouping():
+    shapes = {"embedding.weight": (12, 4, 6), "heads.0.weight": (8, 4), "backbone.blocks.0.mlp.up.weight": (5, 4),
+              "backbone.blocks.1.mlp.up.weight": (5, 4), "backbone.norm.weight": (4,),
+              "embedding.codebooks": (12, 3, 2)}
+    init = {k: torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, (k, s) in enumerate(shapes.items())}
+    n = sum(math.prod(s) for k, s in shapes.items() if k != "embedding.codebooks")
+    basis = torch.as_tensor(orthonormal(3, n), dtype=torch.float64)
+
+    def finals(direction: torch.Tensor, scale: float) -> dict:
+        out, o = {}, 0
+        for k, t in init.items():
+            if k == "embedding.codebooks":  # a frozen buffer: unchanged
+                out[k] = t.clone()
+                continue
+            out[k] = t.double() + scale * direction[o:o + t.numel()].view(t.shape)
+            o += t.numel()
+        return out
+
+    # experts 0 and 1: the same update direction (other length); expert 2: an orthogonal one
+    taus = [task_vectors.task_vector(finals(basis[0], 1.0), init), task_vectors.task_vector(finals(basis[0], 5.0), init),
+            task_vectors.task_vector(finals(basis[1], 1.0), init)]
+    cos = task_vectors.module_cosines(taus)
+    # The orthogonality of basis[0] and basis[1] holds over ALL tensors, not per module: check the
+    # per-module values against an independent concatenation instead, and the identical pair against 1.
+    assert set(cos) == {("embedding", "all"), ("classifier", "all"), ("backbone", "0"), ("backbone", "1"),
+                        ("backbone", "io")}  # the frozen buffer is left out
+    for mod, c in cos.items():
+        names = [k for k in init if task_vectors.module_of(k) == mod]
+        flat = [torch.cat([t[k].flatten() for k in names]) for t in taus]
+        ref = float(flat[0] @ flat[2] / (flat[0].norm() * flat[2].norm()))
+        assert c[0, 1] == pytest.approx(1.0, abs=1e-12) and c[0, 2] == pytest.approx(ref, abs=1e-12)
+    # updates orthogonal module by module give exactly 0
+    per_module = {"embedding.weight": 0, "heads.0.weight": 1}
+    a = {k: torch.zeros(shapes[k], dtype=torch.float64) for k in per_module}
+    b = {k: torch.zeros(shapes[k], dtype=torch.float64) for k in per_module}
+    for k in per_module:
+        a[k].view(-1)[0], b[k].view(-1)[1] = 1.0, 2.0
+    cos = task_vectors.module_cosines([a, b])
+    assert cos[("embedding", "all")][0, 1] == 0.0 and cos[("classifier", "all")][0, 1] == 0.0
+    assert task_vectors.module_of("decoder.blocks.3.mlp.down.weight") == ("decoder", "3")
+    assert task_vectors.module_of("decoder.pos") == ("decoder", "io")
+
+
+# ---------------------------------------------------------------------------- rvq depth measures
+
+def test_reconstruction_measures_closed_forms():
+    t = torch.arange(8000) / 16000
+    ref = 0.5 * torch.sin(2 * math.pi * 440 * t) + 0.1 * torch.randn(8000, generator=torch.Generator().manual_seed(0))
+    assert rvq_depth.log_spectral_distance(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    assert rvq_depth.mel_l1(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    # a gain a changes every power bin by a^2: LSD = |20 log10 a| dB exactly
+    assert rvq_depth.log_spectral_distance(ref, 0.5 * ref) == pytest.approx(20 * math.log10(2), rel=1e-4)
+    assert rvq_depth.si_snr(ref, 3.0 * ref) > 100  # scale-invariant
+    noise = torch.randn(8000, generator=torch.Generator().manual_seed(1)).double()
+    r = ref.double() - ref.double().mean()
+    noise = noise - noise.mean()
+    noise = noise - (noise @ r) / (r @ r) * r  # orthogonal to the reference
+    noise = noise * (r.norm() / noise.norm()) / 10  # 20 dB below
+    assert rvq_depth.si_snr(ref.double(), ref.double() + noise) == pytest.approx(20.0, abs=1e-6)
+
+
+def test_decode_depths_match_dac_quantizer(codec):
+    """x-hat_r from summed f-hat^j equals DAC's own decode of the first r code layers."""
+    codes = torch.randint(0, 1024, (1, 12, 4), generator=torch.Generator().manual_seed(0))
+    out = rvq_depth.decode_depths(codec, codes[0], [1, 5, 12])
+    torch.testing.assert_close(out[2], codec.decode(codes)[0], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        z5, _, _ = codec.dac.quantizer.from_codes(codes[:, :5])
+        ref5 = codec.dac.decode(z5)[0, 0]
+    torch.testing.assert_close(out[1, : ref5.shape[-1]], ref5, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- end to end on demo data
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return prepare_demo(tmp_path_factory.mktemp("analysis-demo"))
+
+
+@pytest.fixture(scope="module")
+def codec():
+    from analysis.prepared import build_codec
+
+    return build_codec("random")  # the instance the probes of this process share
+
+
+@pytest.fixture
+def figure_texts(monkeypatch):
+    """Every text drawn on each saved figure (the real save_figure still writes the files)."""
+    seen = {}
+    real = style.save_figure
+
+    def spy(fig, out_dir, name):
+        seen[name] = " | ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+        return real(fig, out_dir, name)
+
+    monkeypatch.setattr(style, "save_figure", spy)
+    return seen
+
+
+def check_outputs(written: list[Path], figures: list[str]):
+    folder = written[0].parent
+    for name in figures:
+        for ext in ("pdf", "png"):
+            assert (folder / f"{name}.{ext}").stat().st_size > 1000, f"{name}.{ext}"
+    assert all(p.stat().st_size > 0 for p in written)
+    assert json.loads((folder / "config.json").read_text())["probe"]
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
+    out = tmp_path / "orth"
+    written = orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
+                                 [f"data={demo}", f"out={out}"])
+    check_outputs(written, ["fig2a_interval", "fig8_pairs", "matrix"])
+    assert "random codec weights" in figure_texts["fig2a_interval"]
+    m = pd.read_csv(out / "matrix.csv")
+    assert len(m) == 144 and np.allclose(m.query("j1 == j2")["mean"], 1.0)
+    pairs = pd.read_csv(out / "cosines.csv")
+    assert len(pairs) == 45 * 66 and set(pairs["weights"]) == {"random"}  # 30 train + 15 test clips
+    assert f"wrote {len(written)} files to {out}" in capsys.readouterr().out
+    written = orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
+                                 [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
+    assert len(pd.read_csv(out / "cosines.csv")) == 15 * 20 * 66  # 15 clips x 20 frames
+    with pytest.raises(SystemExit, match="unknown config key 'pooling'.*Valid keys: codec, data"):
+        orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
+
+
+def test_semantic_probe_command(demo, tmp_path, figure_texts):
+    out = tmp_path / "probe"
+    written = semantic_probe.main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
+                                  [f"data={demo}", f"out={out}", "max_iter=50", "hidden=16"])
+    check_outputs(written, ["fig2c_tsne", "fig9_tsne", "accuracy"])
+    acc = pd.read_csv(out / "accuracy.csv")
+    assert acc["layer"].tolist() == list(range(1, 13)) and acc["top1"].between(0, 1).all()
+    assert set(acc["n_classes"]) == {15} and set(acc["n_test"]) == {15}
+    assert "random codec weights" in figure_texts["fig9_tsne"] and "layer 12:" in figure_texts["fig9_tsne"]
+    assert len(pd.read_csv(out / "tsne.csv")) == 12 * 15
+
+
+def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
+    out = tmp_path / "depth"
+    written = rvq_depth.main("rvq_depth", rvq_depth.RvqDepthConfig, rvq_depth.run,
+                             [f"data={demo}", f"out={out}", "max_clips=2", "depths=[1,12]", "seconds=0.2"])
+    check_outputs(written, ["fig1b_rvq_depth"])
+    rec = pd.read_csv(out / "reconstruction.csv")
+    assert rec["r"].tolist() == [1, 12] and np.isfinite(rec[["lsd_db", "mel_l1", "si_snr_db"]]).all().all()
+    assert "generation quality: no results given" in figure_texts["fig1b_rvq_depth"]
+    assert "random codec weights" in figure_texts["fig1b_rvq_depth"]
+    assert "no results given" in capsys.readouterr().out
+
+
+def test_gradient_angles_command(demo, tmp_path, figure_texts):
+    out = tmp_path / "grad"
+    written = gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+                                   [f"data={demo}", f"out={out}", "train_steps=0", "batches=2", "batch_size=3",
+                                    "device=cpu"])
+    check_outputs(written, ["fig2b_gradient_angles", "matrix"])
+    angles = pd.read_csv(out / "angles.csv")
+    assert len(angles) == 2 * 66 and angles["angle_deg"].between(0, 180).all()
+    assert "random codec weights" in figure_texts["fig2b_gradient_angles"]
+
+
+def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path):
+    run = tiny_run(tmp_path / "single-1-12", demo, "1-12", steps=2)
+    out = tmp_path / "grad"
+    gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+                         [f"run={run}", f"data={demo}", f"out={out}", "batches=1", "batch_size=2", "device=cpu"])
+    angles = pd.read_csv(out / "angles.csv")
+    assert len(angles) == 66 and set(angles["model"]) == {"1-12, accumulated"}
+    with pytest.raises(SystemExit, match="distribution 6-2; gradient angles need a single transformer"):
+        gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+                             [f"run={run_6_2}", f"data={demo}", f"out={out}"])
+
+
+@pytest.fixture(scope="module")
+def run_6_2(demo, tmp_path_factory):
+    return tiny_run(tmp_path_factory.mktemp("runs") / "siren-6-2", demo, "6-2", steps=3)
+
+
+def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
+    out = tmp_path / "conv"
+    written = convergence.main("convergence", convergence.ConvergenceConfig, convergence.run,
+                               [f"run={run_6_2}", f"out={out}"])
+    check_outputs(written, ["fig2d_convergence", "fig6_convergence"])
+    assert "random codec weights; random text weights" in figure_texts["fig6_convergence"]
+    curves = pd.read_csv(out / "curves.csv")
+    assert sorted(set(curves["layer"])) == list(range(1, 13)) and set(curves["step"]) == {1, 2, 3}
+    stats = convergence.loss_stats(run_6_2)
+    # independent: the last training entry of each expert's log (tail 10% of 3 entries = 1 entry;
+    # the trainer validates at the end, so the very last line is a validation entry)
+    logs = [[e for e in read_jsonl(run_6_2 / f"expert_{k}" / "log.jsonl") if not e.get("val")][-1] for k in range(6)]
+    last = {j: logs[(j - 1) // 2][f"ce/L{j}"] for j in range(1, 13)}
+    assert stats["loss_ratio"] == pytest.approx(last[12] / last[1])
+    assert stats["loss_mean"] == pytest.approx(np.mean(list(last.values())))
+    assert pd.read_csv(out / "loss_stats.csv")["loss_mean"][0] == pytest.approx(stats["loss_mean"])
+
+
+def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
+    out = tmp_path / "tv"
+    written = task_vectors.main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
+                                [f"run={run_6_2}", f"out={out}"])
+    check_outputs(written, ["fig7_task_vectors"])
+    assert "random codec weights" in figure_texts["fig7_task_vectors"]
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert set(pairs.groupby("module").size()) == {15}  # 6 experts -> 15 pairs per module
+    assert {"Embedding", "Classifier", "RVQ Decoder L1", "Backbone L1", "Backbone L2"} <= set(pairs["module"])
+    assert pairs["cosine"].between(-1 - 1e-9, 1 + 1e-9).all()
+    # the trainer gives every expert the same initialisation (one seed): the recorded inits agree
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run_6_2 / f"expert_{k}" / "init.safetensors")) for k in (0, 5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reward_curves_command(tmp_path, figure_texts):
+    runs = []
+    for i, name in enumerate(["rl", "dpo", "causal"]):
+        d = tmp_path / name
+        write_jsonl(d / "rl" / "log.jsonl", [{"step": s, "reward_mean": 0.01 * s * (2 - i), "loss": 0.0}
+                                             for s in range(1, 11)])
+        runs.append(str(d))
+    (tmp_path / "rl" / "results.json").write_text(json.dumps({"metrics": {"fd": 10.65, "clap": 24.18}}))
+    out = tmp_path / "fig5"
+    written = reward_curves.main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
+                                 [f"runs=[{','.join(runs)}]", "labels=[RL,DPO,Causal]", f"out={out}"])
+    check_outputs(written, ["fig5_rewards"])
+    assert "(10.65, 24.18)" in figure_texts["fig5_rewards"]
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["final_reward"].tolist() == pytest.approx([0.2, 0.1, 0.0])
+    assert summary["FD"].isna().tolist() == [False, True, True]
+    with pytest.raises(SystemExit, match="3 runs but 2 labels"):
+        reward_curves.main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
+                           [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
