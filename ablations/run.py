@@ -164,6 +164,21 @@ def outcome(cell: Cell, grid: Grid, states: dict[str, JobState]) -> Outcome:
     return Outcome(values)
 
 
+def figure(grid: Grid, cells: list[Cell], cap: str, out_dir: Path) -> list[Path]:
+    """The grid's figure from the cells that got that far (none drawn yet is not an error)."""
+    from ablations import figures
+
+    if grid.figure == "convergence":
+        runs = {r.label: c.dir / "stage1" for c in cells for r in c.rows
+                if all((c.dir / "stage1" / f"expert_{k}.done").is_file()
+                       for k in range(int(c.cfg["model.distribution"].split("-")[0])))}
+        return figures.layer_losses(grid, runs, cap, out_dir) if runs else []
+    if grid.figure == "reward_curves":
+        runs = {r.label: c.dir / "aligned" for c in cells for r in c.rows if (c.dir / "aligned.done").is_file()}
+        return figures.reward_curves(grid, runs, cap, out_dir) if runs else []
+    return []
+
+
 def caption(run: RunConfig, cells: list[Cell]) -> str:
     weights = {c.cfg["weights"] for c in cells}
     loud = "RANDOM weights (codec, text encoder and metric backbones): not comparable to published numbers" \
@@ -227,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_tables(df, grid, cap, root / "tables")
     for ext, p in paths.items():
         print(f"{grid.name}.{ext}: {p}")
+    for p in figure(grid, cells, cap, root / "figures"):
+        print(f"figure: {p}")
     failed = [s for s in states.values() if s.state in pipeline.FINAL_BAD | {"FAILED"}]
     if failed:
         print(f"{len(failed)} job(s) failed; see the logs above; `retry=true` resubmits them", file=sys.stderr)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from siren import checkpoint as ckpt
 from siren.codec import CodecConfig, CodeTables
 from siren.config import ConfigError, load_config, to_dict
+from siren.io import save_tensors
 from siren.model import Expert, ExpertLoss
 from siren.model.config import ModelConfig, presets
 
@@ -524,6 +525,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         check_resumable(last, cfg)
     if ranks.main:  # after the expert's own checkpoint check: its error is the more specific one
         ckpt.write_run_config(run_dir, run_config(cfg, data))
+        if last is None:  # the shared initialisation (same seed for every expert): Figure 7's task vectors
+            save_tensors(edir / "init.safetensors", model.state_dict())
     if last is not None and last.step >= tc.steps:
         return TrainResult("finished", last.step, last.path)  # a re-submitted finished job: nothing to do
     if last is not None:
