@@ -44,6 +44,7 @@ class RunConfig:
     max_parallel: int = 2  # local executor: jobs at once
     gpus: int = 0  # per training/alignment/eval job (scale=paper on a cluster: 1)
     cpus: int = 1  # per training/alignment/eval job (a profile may raise it); prepare takes 2
+    mem_gb: float = 8  # per job (a profile may raise it)
     train_timeout_min: int = 60 * 24
     set: dict = field(default_factory=dict)  # cell overrides, dotted keys
 
@@ -62,6 +63,12 @@ def parse(argv: list[str]) -> RunConfig:
     cfg.set = sets
     if cfg.action not in ACTIONS:
         raise ConfigError(f"unknown action '{cfg.action}'; valid: {', '.join(ACTIONS)}")
+    from ablations.executors import KINDS, load_profile
+
+    if cfg.executor not in KINDS:
+        raise ConfigError(f"unknown executor '{cfg.executor}'; valid: {', '.join(KINDS)}")
+    if cfg.executor == "slurm":
+        load_profile(cfg.profile)  # a missing profile names the available ones before anything runs
     grid = load_grid(cfg.grid)  # names the valid grids if this one does not exist
     labels = [r.label for r in grid.rows]
     unknown = [r for r in cfg.rows.split(",") if r and r not in labels]
@@ -93,14 +100,14 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         did = data_id(cell.cfg)
         data_dir = root / "data" / did
         jobs.setdefault(f"data-{did}", Job(f"data-{did}", steps.prepare_step, dict(data_dir=str(data_dir), cfg=cell.cfg),
-                                           data_dir / "prepared.done", cpus=2, mem_gb=8, timeout_min=24 * 60))
+                                           data_dir / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
         stage1 = cell.dir / "stage1"
         k_experts = int(cell.cfg["model.distribution"].split("-")[0])
         trains = []
         for k in range(k_experts):
             key = f"{cell.id}/train/expert_{k}"
             jobs[key] = Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1), data_dir=str(data_dir), expert=k),
-                            stage1 / f"expert_{k}.done", deps=[f"data-{did}"], gpus=run.gpus, cpus=run.cpus, mem_gb=16,
+                            stage1 / f"expert_{k}.done", deps=[f"data-{did}"], gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb,
                             timeout_min=run.train_timeout_min, resumable=True)
             trains.append(key)
         model_dir, before_eval = stage1, trains
@@ -110,7 +117,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             jobs[key] = Job(key, steps.align_step, dict(cfg=cell.cfg, stage1_dir=str(stage1), out=str(model_dir),
                                                         prompts=str(data_dir / "demo_source" / "train.csv")
                                                         if cell.cfg["data.source"] == "demo" else cell.cfg["data.prompts"]),
-                            cell.dir / "aligned.done", deps=trains, gpus=run.gpus, cpus=run.cpus, mem_gb=16,
+                            cell.dir / "aligned.done", deps=trains, gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb,
                             timeout_min=run.train_timeout_min, resumable=True)
             before_eval = [key]
         key = f"{cell.id}/eval"
@@ -121,7 +128,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         else:
             ref = cell.cfg["data.test"]
         jobs[key] = Job(key, steps.eval_step, dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
-                        cell.dir / "eval.done", deps=before_eval, gpus=run.gpus, cpus=run.cpus, mem_gb=16, timeout_min=12 * 60)
+                        cell.dir / "eval.done", deps=before_eval, gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb, timeout_min=12 * 60)
     return list(jobs.values())
 
 
@@ -253,5 +260,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # bad grid/key/profile: the message says the fix
         sys.exit(f"error: {e}")

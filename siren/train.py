@@ -531,6 +531,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         return TrainResult("finished", last.step, last.path)  # a re-submitted finished job: nothing to do
     if last is not None:
         state = resume(last, model, opt, ranks, device, tc.seed)
+        if ranks.main:
+            print(f"[siren.train] expert {k}: resuming from {last.path} (step {last.step})", file=sys.stderr)
     start = state["step"]
     if tc.warmup_steps >= tc.steps and ranks.main:
         print(f"[siren.train] warning: train.warmup_steps={tc.warmup_steps} >= train.steps={tc.steps}: the learning "

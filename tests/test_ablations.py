@@ -1,0 +1,168 @@
+"""Ablation grids: expansion and cell sharing, tables, errors, and real runs of demo cells through
+the local executor and through a real single-node SLURM (preempted and resumed mid-training)."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from ablations import pipeline
+from ablations.grid import Row, grid_names, load_grid
+from ablations.run import cells_of, main, parse
+from ablations.tables import Outcome, build_frame, to_latex, to_markdown
+from siren.checkpoint import load_latest
+from siren.config import ConfigError
+from tests.slurm_cluster import slurm_cluster  # noqa: F401
+
+PAPER_GRIDS = ["table3", "table4", "table5", "table6", "table7"]
+
+
+def _cells(grid: str, scale: str, *extra: str):
+    return cells_of(load_grid(grid), parse([f"grid={grid}", f"scale={scale}", *extra]))
+
+
+def test_every_paper_table_and_figure_has_a_grid():
+    assert set(grid_names()) == {*PAPER_GRIDS, "figure5"}
+    for name in grid_names():
+        grid = load_grid(name)
+        for row in grid.rows:  # a row either runs or says plainly why it cannot
+            assert row.cell is not None or row.needs
+
+
+@pytest.mark.parametrize("name", PAPER_GRIDS + ["figure5"])
+def test_status_lists_every_cell_without_submitting(name, tmp_path, capsys):
+    assert main([f"grid={name}", f"out={tmp_path}", "action=status"]) == 0
+    out = capsys.readouterr().out
+    for cell in _cells(name, "demo"):
+        assert cell.id in out
+    assert not (tmp_path / "demo" / "jobs").exists()
+
+
+@pytest.mark.parametrize("scale", ["demo", "paper"])
+def test_a_cell_shared_by_several_tables_runs_once(scale):
+    tables = {}
+    for name in PAPER_GRIDS:
+        for cell in _cells(name, scale):
+            tables.setdefault(cell.id, set()).update(f"{name}:{r.label}" for r in cell.rows)
+    shared = [v for v in tables.values() if len(v) > 1]
+    # the paper's own cross-references: the 1.6B single model, Siren without RL, AudioGen, Siren with RL
+    assert {"table3:Base Single", "table5:Accumu. AR", "table6:1-12"} in shared
+    assert {"table3:Isolated-Small", "table4:+ Accumulated Cond.", "table5:Collaborative (ours)", "table6:6-2"} in shared
+    assert {"table4:Baseline (AudioGen-style parallel heads)", "table5:Indpdt."} in shared
+    assert {"table4:+ RL Align", "table7:Anti-Causal, 1 model"} in shared
+    assert len(shared) == 4
+
+
+def test_overrides_change_identity_and_rows_select():
+    base = {c.id for c in _cells("table6", "demo")}
+    assert len(base) == 5 and len({c.id for c in _cells("table6", "paper")} & base) == 0
+    assert {c.id for c in _cells("table6", "demo", "set.train.steps=7")}.isdisjoint(base)
+    assert [c.rows[0].label for c in _cells("table6", "demo", "rows=6-2,1-12")] == ["1-12", "6-2"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["grid=table9"], ["table9", "table6", "figure5"]),
+    (["grid=table6", "executr=slurm"], ["executr", "executor"]),
+    (["grid=table6", "executor=slurm", "profile=nope"], ["nope", "local", "example_gpu"]),
+    (["grid=table6", "executor=cloud"], ["cloud", "slurm", "local", "debug"]),
+    (["grid=table6", "rows=7-1"], ["7-1", "6-2"]),
+    (["grid=table6", "scale=huge"], ["huge", "demo", "paper"]),
+])
+def test_bad_grid_key_profile_name_the_valid_ones(args, words):
+    with pytest.raises((ConfigError, ValueError, FileNotFoundError)) as e:
+        cfg = parse(args)
+        cells_of(load_grid(cfg.grid), cfg)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_tables_rank_within_each_source_and_say_itg_and_weights():
+    grid = load_grid("table6")
+    outcomes = {"1-12": Outcome({"FD": 3.0, "ISC": 2.0, "CLAP": 5.0, "Loss Ratio": 1.2}),
+                "2-6": Outcome({"FD": 1.0, "ISC": 4.0, "CLAP": 9.0, "Loss Ratio": 1.1}),
+                "4-3": Outcome({"FD": 2.0, "ISC": 3.0, "CLAP": 1.0, "Loss Ratio": 1.3}),
+                "12-1": Outcome({}, "itg", "non-finite logits at step 3")}
+    df = build_frame(grid, outcomes, "ours (demo, RANDOM weights)")
+    md = to_markdown(df, grid, "scale=demo; RANDOM weights")
+    lines = {(l.split("|")[1].strip(), l.split("|")[2].strip()): l for l in md.splitlines() if l.startswith("| ")}
+    ours = lambda label: lines[(label, "ours (demo, RANDOM weights)")]
+    assert "**1.00**" in ours("2-6") and "<u>2.00</u>" in ours("4-3")  # FD: lower is better
+    assert "**9.00**" in ours("2-6") and "<u>5.00</u>" in ours("1-12")  # CLAP: higher is better
+    assert "**12.09**" in lines[("6-2", "paper")]  # the paper's block is ranked on its own
+    assert "itg (non-finite logits at step 3)" in ours("12-1") and "pending" in ours("6-2")
+    assert "RANDOM weights" in md
+    tex = to_latex(df, grid, "scale=demo")
+    assert r"\toprule" in tex and r"\textbf{1.00}" in tex and r"\underline{2.00}" in tex
+    assert r"\multicolumn{5}{c}{itg (non-finite logits at step 3)}" in tex
+
+
+def test_job_waves_follow_dependencies():
+    jobs = [pipeline.Job(k, print, {}, Path("/nonexistent") / k, deps=d)
+            for k, d in [("eval", ["a", "b"]), ("a", ["prep"]), ("prep", []), ("b", ["prep"])]]
+    assert [[j.key for j in w] for w in pipeline._levels(jobs)] == [["prep"], ["a", "b"], ["eval"]]
+    with pytest.raises(ValueError, match="cycle"):
+        pipeline._levels([pipeline.Job("x", print, {}, Path("/x"), deps=["y"]),
+                          pipeline.Job("y", print, {}, Path("/y"), deps=["x"])])
+
+
+@pytest.fixture(scope="module")
+def grid_out(tmp_path_factory):
+    """One results folder for the runs below, so the demo set is prepared once."""
+    return tmp_path_factory.mktemp("grid")
+
+
+def _table_row(out: Path, grid: str, label: str) -> str:
+    md = (out / "demo" / "tables" / f"{grid}.md").read_text()
+    return next(l for l in md.splitlines() if l.startswith(f"| {label} | ours"))
+
+
+def test_demo_cell_runs_end_to_end_then_submits_nothing(grid_out, capsys):
+    args = ["grid=table6", "rows=6-2", f"out={grid_out}", "executor=local", "set.train.steps=6"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "submitted 8 job(s)" in first  # prepare + 6 experts + eval
+    row = _table_row(grid_out, "table6", "6-2")
+    assert "pending" not in row and "failed" not in row and row.count("|") == 8
+    assert (grid_out / "demo" / "figures" / "table6.png").stat().st_size > 0
+    assert main(args) == 0  # idempotent: everything is done
+    second = capsys.readouterr().out
+    assert "submitted 0 job(s)" in second and "RANDOM" in (grid_out / "demo" / "tables" / "table6.md").read_text()
+
+
+def _ledger(out: Path, key: str) -> dict:
+    return json.loads((out / "demo" / "jobs" / f"{key.replace('/', '__')}.json").read_text())
+
+
+def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_out, capsys):  # noqa: F811
+    args = ["grid=table5", "rows=Indpdt.,AR", f"out={grid_out}", "executor=slurm", f"profile={slurm_cluster.profile}",
+            "set.train.steps=40", "set.train.ckpt_every=4"]
+    cells = _cells("table5", "demo", "rows=Indpdt.,AR", "set.train.steps=40", "set.train.ckpt_every=4")
+    assert main(args) == 0  # submits and returns: the chain advances by afterok dependencies
+    assert "submitted" in capsys.readouterr().out
+    victim = cells[0]
+    key = f"{victim.id}/train/expert_0"
+    edir = victim.dir / "stage1" / "expert_0"
+    deadline = time.time() + 300
+    while not list(edir.glob("step_*")) and time.time() < deadline:
+        time.sleep(1)
+    assert list(edir.glob("step_*")), "training never wrote a checkpoint"
+    rec = _ledger(grid_out, key)
+    job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
+    job._interrupt()  # SIGUSR2 as SLURM sends it before a time limit / on preemption
+    deadline = time.time() + 480
+    while time.time() < deadline and not all((c.dir / "eval.done").is_file() for c in cells):
+        time.sleep(3)
+    assert all((c.dir / "eval.done").is_file() for c in cells), Path(job.paths.stderr).read_text()[-3000:]
+    log = Path(job.paths.stderr).read_text()
+    assert "resuming from" in log  # the requeued job picked up its checkpoint, not step 0
+    resumed_at = int(log.split("resuming from")[1].split("(step ")[1].split(")")[0])
+    assert 0 < resumed_at < 40
+    assert load_latest(edir).step == 40
+    assert main([*args, "action=table"]) == 0
+    out = capsys.readouterr().out
+    assert "DONE" in out and "table5.md" in out
+    for label in ("Indpdt.", "AR"):
+        row = _table_row(grid_out, "table5", label)
+        assert "pending" not in row and "failed" not in row
+    assert main(args) == 0 and "submitted 0 job(s)" in capsys.readouterr().out
