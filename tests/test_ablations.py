@@ -137,16 +137,17 @@ def _ledger(out: Path, key: str) -> dict:
 def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_out, capsys):  # noqa: F811
     args = ["grid=table5", "rows=Indpdt.,AR", f"out={grid_out}", "executor=slurm", f"profile={slurm_cluster.profile}",
             "set.train.steps=40", "set.train.ckpt_every=4"]
-    cells = _cells("table5", "demo", "rows=Indpdt.,AR", "set.train.steps=40", "set.train.ckpt_every=4")
+    cells = _cells("table5", "demo", f"out={grid_out}", "rows=Indpdt.,AR", "set.train.steps=40",
+                   "set.train.ckpt_every=4")
     assert main(args) == 0  # submits and returns: the chain advances by afterok dependencies
     assert "submitted" in capsys.readouterr().out
     victim = cells[0]
     key = f"{victim.id}/train/expert_0"
     edir = victim.dir / "stage1" / "expert_0"
     deadline = time.time() + 300
-    while not list(edir.glob("step_*")) and time.time() < deadline:
+    while not list(edir.glob("step_0*[1-9]")) and time.time() < deadline:  # a checkpoint after step 0
         time.sleep(1)
-    assert list(edir.glob("step_*")), "training never wrote a checkpoint"
+    assert list(edir.glob("step_0*[1-9]")), "training never wrote a checkpoint"
     rec = _ledger(grid_out, key)
     job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
     job._interrupt()  # SIGUSR2 as SLURM sends it before a time limit / on preemption
