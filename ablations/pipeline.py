@@ -159,20 +159,27 @@ def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str,
 
 
 def run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
-    """local/debug: run the graph wave by wave, waiting here (a workstation has no scheduler)."""
+    """local/debug: run the graph wave by wave, waiting here (a workstation has no scheduler). One
+    executor per wave, so at most ``max_parallel`` of its jobs run at once."""
     ledger, states = Ledger(root), {}
     for wave in _levels(jobs):
-        running = []
+        todo = []
         for job in wave:
             st = ledger.state(job)
             bad_deps = [d for d in job.deps if states[d].state != "DONE"]
             if st.state == "DONE" or bad_deps or (st.state != "MISSING" and not retry):
                 states[job.key] = JobState(job.key, "BLOCKED", log=f"needs {', '.join(bad_deps)}") \
                     if bad_deps and st.state != "DONE" else st
-                continue
-            ex = _executor(kind, root, None, job, max_parallel)
+            else:
+                todo.append(job)
+        if not todo:
+            continue
+        widest = max(todo, key=lambda j: (j.timeout_min, j.cpus))
+        ex = _executor(kind, root, None, widest, max_parallel)
+        running = []
+        for job in todo:
             fn, kwargs = _callable(job)
-            sj = ex.submit(fn, **kwargs)
+            sj = ex.submit(fn, **kwargs)  # blocks while max_parallel of this wave's jobs run
             ledger.record(job.key, kind, sj, root / "logs")
             running.append((job, sj))
         for job, sj in running:

@@ -93,42 +93,55 @@ def data_id(cfg: dict) -> str:
     return cell_id({k: v for k, v in cfg.items() if k.startswith("data.") or k == "weights"})
 
 
+def stage1_dir(cell: Cell, run: RunConfig) -> Path:
+    """Stage 1 is keyed by the config without stage-2 and eval keys, so every alignment variant of a
+    model (Table 7, Figure 5) and the unaligned cell share one trained run."""
+    sid = cell_id({k: v for k, v in cell.cfg.items() if not k.startswith(("rl.", "eval."))})
+    return Path(run.out) / run.scale / "stage1" / sid
+
+
+def _data_paths(cfg: dict, data_dir: Path) -> tuple[str, str, str | None]:
+    """(eval reference manifest, RL prompts, eval subset) of a cell."""
+    if cfg["data.source"] == "demo":
+        src = data_dir / "demo_source"
+        return str(src / "test.csv"), str(src / "train.csv"), str(src / "eval_subset.txt")
+    missing = [k for k in ("data.train", "data.test", "data.prompts") if k not in cfg]
+    if missing:
+        raise ConfigError(f"scale=paper needs your manifests: {', '.join(f'set.{k}=FILE' for k in missing)} "
+                          "(id,audio,caption CSV/JSONL: training set, AudioCaps test set, RL prompts)")
+    return cfg["data.test"], cfg["data.prompts"], cfg.get("data.subset")
+
+
 def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
-    """prepare (once per data config) -> train expert_0..K-1 -> [align] -> eval, for every cell."""
+    """prepare (once per data config) -> train expert_0..K-1 (once per stage-1 config) -> [align] -> eval."""
     root, jobs = Path(run.out) / run.scale, {}
+    res = dict(gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb)
     for cell in cells:
         did = data_id(cell.cfg)
         data_dir = root / "data" / did
-        jobs.setdefault(f"data-{did}", Job(f"data-{did}", steps.prepare_step, dict(data_dir=str(data_dir), cfg=cell.cfg),
-                                           data_dir / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
-        stage1 = cell.dir / "stage1"
-        k_experts = int(cell.cfg["model.distribution"].split("-")[0])
-        trains = []
-        for k in range(k_experts):
-            key = f"{cell.id}/train/expert_{k}"
-            jobs[key] = Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1), data_dir=str(data_dir), expert=k),
-                            stage1 / f"expert_{k}.done", deps=[f"data-{did}"], gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb,
-                            timeout_min=run.train_timeout_min, resumable=True)
-            trains.append(key)
+        ref, prompts, subset = _data_paths(cell.cfg, data_dir)
+        prep = f"data-{did}"
+        jobs.setdefault(prep, Job(prep, steps.prepare_step, dict(data_dir=str(data_dir), cfg=cell.cfg),
+                                  data_dir / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
+        stage1 = stage1_dir(cell, run)
+        trains = [f"stage1-{stage1.name}/expert_{k}" for k in range(int(cell.cfg["model.distribution"].split("-")[0]))]
+        for k, key in enumerate(trains):
+            jobs.setdefault(key, Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1),
+                                                                 data_dir=str(data_dir), expert=k),
+                                     stage1 / f"expert_{k}.done", deps=[prep], timeout_min=run.train_timeout_min,
+                                     resumable=True, **res))
         model_dir, before_eval = stage1, trains
         if "rl.method" in cell.cfg:
-            model_dir = cell.dir / "aligned"
-            key = f"{cell.id}/align"
+            model_dir, key = cell.dir / "aligned", f"{cell.id}/align"
             jobs[key] = Job(key, steps.align_step, dict(cfg=cell.cfg, stage1_dir=str(stage1), out=str(model_dir),
-                                                        prompts=str(data_dir / "demo_source" / "train.csv")
-                                                        if cell.cfg["data.source"] == "demo" else cell.cfg["data.prompts"]),
-                            cell.dir / "aligned.done", deps=trains, gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb,
-                            timeout_min=run.train_timeout_min, resumable=True)
+                                                        prompts=prompts),
+                            cell.dir / "aligned.done", deps=trains, timeout_min=run.train_timeout_min,
+                            resumable=True, **res)
             before_eval = [key]
         key = f"{cell.id}/eval"
-        ecfg = cell.cfg
-        if cell.cfg["data.source"] == "demo":
-            ref = str(data_dir / "demo_source" / "test.csv")
-            ecfg = {**cell.cfg, "eval.subset": str(data_dir / "demo_source" / "eval_subset.txt")}
-        else:
-            ref = cell.cfg["data.test"]
+        ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg
         jobs[key] = Job(key, steps.eval_step, dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
-                        cell.dir / "eval.done", deps=before_eval, gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb, timeout_min=12 * 60)
+                        cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
     return list(jobs.values())
 
 
@@ -146,8 +159,8 @@ def _params(cell: Cell, column: str) -> str:
 METRIC_COLUMNS = {"FAD": "fad", "FD": "fd", "ISC": "isc", "KL": "kl", "CLAP": "clap"}  # results.json keys
 
 
-def outcome(cell: Cell, grid: Grid, states: dict[str, JobState]) -> Outcome:
-    mine = {k: s for k, s in states.items() if k.startswith(cell.id)}
+def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState]) -> Outcome:
+    mine = {k: s for k, s in states.items() if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}"))}
     bad = [s for s in mine.values() if s.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}]
     results = steps.result_path(cell.dir)
     if not results.is_file():
@@ -163,7 +176,7 @@ def outcome(cell: Cell, grid: Grid, states: dict[str, JobState]) -> Outcome:
     if {"Loss Mean", "Loss Ratio"} & set(grid.columns):
         from analysis.convergence import loss_stats
 
-        stats = loss_stats(cell.dir / "stage1")
+        stats = loss_stats(stage1_dir(cell, run))
         values.update({"Loss Mean": stats["loss_mean"], "Loss Ratio": stats["loss_ratio"]})
     for col in ("#Parameter", "#Single Para.", "#Train Parameter"):
         if col in grid.columns:
@@ -171,13 +184,13 @@ def outcome(cell: Cell, grid: Grid, states: dict[str, JobState]) -> Outcome:
     return Outcome(values)
 
 
-def figure(grid: Grid, cells: list[Cell], cap: str, out_dir: Path) -> list[Path]:
+def figure(grid: Grid, cells: list[Cell], run: RunConfig, cap: str, out_dir: Path) -> list[Path]:
     """The grid's figure from the cells that got that far (none drawn yet is not an error)."""
     from ablations import figures
 
     if grid.figure == "convergence":
-        runs = {r.label: c.dir / "stage1" for c in cells for r in c.rows
-                if all((c.dir / "stage1" / f"expert_{k}.done").is_file()
+        runs = {r.label: stage1_dir(c, run) for c in cells for r in c.rows
+                if all((stage1_dir(c, run) / f"expert_{k}.done").is_file()
                        for k in range(int(c.cfg["model.distribution"].split("-")[0])))}
         return figures.layer_losses(grid, runs, cap, out_dir) if runs else []
     if grid.figure == "reward_curves":
@@ -193,15 +206,13 @@ def caption(run: RunConfig, cells: list[Cell]) -> str:
     return f"scale={run.scale}; {loud}"
 
 
-def status_lines(cells: list[Cell], jobs: list[Job], states: dict[str, JobState]) -> list[str]:
-    lines = [f"{'cell':12s} {'step':18s} {'state':10s} {'job':>10s}  rows / log"]
-    for cell in cells:
-        for job in jobs:
-            if not job.key.startswith(cell.id):
-                continue
-            st = states[job.key]
-            detail = st.log if st.state not in ("DONE",) and st.log else ", ".join(r.label for r in cell.rows)
-            lines.append(f"{cell.id:12s} {job.key[len(cell.id) + 1:]:18s} {st.state:10s} {st.job_id:>10s}  {detail}")
+def status_lines(jobs: list[Job], states: dict[str, JobState], cells: list[Cell]) -> list[str]:
+    rows_of = {c.id: ", ".join(r.label for r in c.rows) for c in cells}
+    lines = [f"{'job':34s} {'state':10s} {'id':>10s}  rows / log"]
+    for job in jobs:
+        st = states[job.key]
+        detail = st.log if st.state != "DONE" and st.log else rows_of.get(job.key.split("/")[0], "")
+        lines.append(f"{job.key:34s} {st.state:10s} {st.job_id:>10s}  {detail}")
     return lines
 
 
@@ -238,18 +249,18 @@ def main(argv: list[str] | None = None) -> int:
             states = pipeline.run_waves(jobs, root, run.executor, run.retry, run.max_parallel)
     else:
         states = current_states(jobs, root)
-    print("\n".join(status_lines(cells, jobs, states)))
+    print("\n".join(status_lines(jobs, states, cells)))
     if run.action == "run":
         print(f"submitted {sum(s.submitted for s in states.values())} job(s) in this call")
     if run.action == "status":
         return 0
-    outcomes = {row.label: outcome(cell, grid, states) for cell in cells for row in cell.rows}
+    outcomes = {row.label: outcome(cell, grid, run, states) for cell in cells for row in cell.rows}
     cap = caption(run, cells)
     df = build_frame(grid, outcomes, f"ours ({run.scale}, {'RANDOM weights' if 'RANDOM' in cap else 'pretrained'})")
     paths = write_tables(df, grid, cap, root / "tables")
     for ext, p in paths.items():
         print(f"{grid.name}.{ext}: {p}")
-    for p in figure(grid, cells, cap, root / "figures"):
+    for p in figure(grid, cells, run, cap, root / "figures"):
         print(f"figure: {p}")
     failed = [s for s in states.values() if s.state in pipeline.FINAL_BAD | {"FAILED"}]
     if failed:

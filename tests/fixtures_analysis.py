@@ -56,11 +56,3 @@ def tiny_run(run_dir: Path, prepared: Path, distribution: str, steps: int = 3) -
             trainer.train(trainer.parse([*args, f"expert={k}"]), data, handle_signals=False)
     return run_dir
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run much faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -11,15 +11,6 @@ from siren.config import load_config
 from siren.model import CollaborativeModel, ModelConfig, presets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 cores shared by several jobs: intra-op threads spin and make tiny ops ~30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=1)
 def codec():
     """The real DAC 16 kHz codec with random weights (asked for explicitly), built once."""

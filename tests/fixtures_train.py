@@ -78,11 +78,3 @@ def tiny_args(run_dir, *extra: str) -> list[str]:
 def tiny_config(run_dir, *extra: str):
     return parse(tiny_args(run_dir, *extra))
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~8x faster on one intra-op thread (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -9,7 +9,7 @@ import submitit
 
 from ablations import pipeline
 from ablations.grid import Row, grid_names, load_grid
-from ablations.run import cells_of, main, parse
+from ablations.run import cells_of, main, parse, stage1_dir
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
 from siren.checkpoint import load_latest
 from siren.config import ConfigError
@@ -141,9 +141,9 @@ def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_
                    "set.train.ckpt_every=4")
     assert main(args) == 0  # submits and returns: the chain advances by afterok dependencies
     assert "submitted" in capsys.readouterr().out
-    victim = cells[0]
-    key = f"{victim.id}/train/expert_0"
-    edir = victim.dir / "stage1" / "expert_0"
+    stage1 = stage1_dir(cells[0], parse([f"out={grid_out}"]))
+    key = f"stage1-{stage1.name}/expert_0"
+    edir = stage1 / "expert_0"
     deadline = time.time() + 300
     while not list(edir.glob("step_0*[1-9]")) and time.time() < deadline:  # a checkpoint after step 0
         time.sleep(1)

@@ -15,9 +15,8 @@ from analysis import (convergence, gradient_angles, orthogonality, reward_curves
                       task_vectors)
 from analysis.cli import as_list
 from analysis.logs import read_jsonl, read_metric
-from tests.fixtures_analysis import one_thread, prepare_demo, tiny_run  # noqa: F401
+from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rng(seed=0):

@@ -13,9 +13,8 @@ from siren import io
 from siren.checkpoint import CheckpointError
 from siren.model import CollaborativeModel
 from siren.train import train
-from tests.fixtures_train import one_thread, synthetic_data, tiny_config  # noqa: F401
+from tests.fixtures_train import synthetic_data, tiny_config  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from siren.model import CONDITIONINGS, DISTRIBUTIONS, CollaborativeModel, Expert
 from siren.model.config import PAPER_SIZES
 from siren.model.embedding import CodeEmbedding
 from siren.model import params
-from tests.fixtures_model import code_batch, codec, one_thread, synthetic_tables, text_batch, tiny, tiny_model  # noqa: F401
+from tests.fixtures_model import code_batch, codec, synthetic_tables, text_batch, tiny, tiny_model  # noqa: F401
 
 
 def test_distribution_must_be_one_of_the_six():

@@ -168,15 +168,6 @@ from tests.fixtures_rl import PROMPTS, HashedText, make_stage1_run  # noqa: E402
 TIME_KEYS = ("time_rollout_s", "time_update_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are latency-bound: several threads on a shared 2-core box only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     return make_stage1_run(tmp_path_factory.mktemp("stage1") / "run")

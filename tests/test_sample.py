@@ -8,7 +8,7 @@ import torch
 
 from siren.config import ConfigError
 from siren.sample import SampleConfig, generate, generate_with_info, sample_token
-from tests.fixtures_model import one_thread, text_batch, tiny_model  # noqa: F401
+from tests.fixtures_model import text_batch, tiny_model  # noqa: F401
 
 
 @dataclass

@@ -19,10 +19,9 @@ from siren.config import ConfigError
 from siren.model import Expert
 from siren.train import (EXIT_PREEMPTED, EpochBatches, TrainConfig, lr_at, param_groups, parse,
                          read_log, train)
-from tests.fixtures_train import one_thread, random_tables, synthetic_data, tiny_config  # noqa: F401
+from tests.fixtures_train import random_tables, synthetic_data, tiny_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def losses(edir) -> list[tuple[int, float]]:
