@@ -38,6 +38,7 @@ class Job:
     mem_gb: float = 4
     timeout_min: int = 60
     resumable: bool = False  # requeue on preemption/timeout (training); the job resumes from its checkpoint
+    array: str = ""  # jobs of one name (with equal resources and dependencies) go to SLURM as one job array
 
 
 @dataclass
@@ -136,25 +137,34 @@ def _executor(kind: str, root: Path, profile, job: Job, max_parallel: int):
 
 
 def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str, JobState]:
-    """Submit every missing job at once, chained with afterok dependencies; returns each job's state."""
+    """Submit every missing job at once, chained with afterok dependencies (jobs sharing an `array`
+    name, e.g. the experts of one model, go as one job array); returns each job's state."""
     ledger, states = Ledger(root), {}
     for wave in _levels(jobs):
+        groups: dict[str, list[Job]] = {}
         for job in wave:
             st = ledger.state(job)
             resubmit = st.state == "MISSING" or (retry and st.state not in LIVE | {"DONE"})
             waiting = [d for d in job.deps if states[d].state not in LIVE | {"DONE"}]
-            if not resubmit or waiting:
-                states[job.key] = st if not (resubmit and waiting) else JobState(
-                    job.key, "BLOCKED", log=f"needs {', '.join(waiting)}")
-                continue
-            ex = _executor("slurm", root, profile, job, max_parallel=None)
-            live = [states[d].job_id for d in job.deps if states[d].state in LIVE]
+            if resubmit and not waiting:
+                groups.setdefault(job.array or job.key, []).append(job)
+            else:
+                states[job.key] = JobState(job.key, "BLOCKED", log=f"needs {', '.join(waiting)}") \
+                    if resubmit else st
+        for name, group in groups.items():
+            ex = _executor("slurm", root, profile, group[0], max_parallel=None)
+            ex.update_parameters(job_name=name)
+            live = sorted({states[d].job_id for j in group for d in j.deps if states[d].state in LIVE})
             if live:
                 ex.update_parameters(dependency="afterok:" + ":".join(live))
-            fn, kwargs = _callable(job)
-            sj = ex.submit(fn, **kwargs)
-            ledger.record(job.key, "slurm", sj, root / "logs")
-            states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr), submitted=True)
+            submitted = []
+            with ex.batch():  # one sbatch --array for the group (a plain job for a group of one)
+                for job in group:
+                    fn, kwargs = _callable(job)
+                    submitted.append((job, ex.submit(fn, **kwargs)))
+            for job, sj in submitted:
+                ledger.record(job.key, "slurm", sj, root / "logs")
+                states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr), submitted=True)
     return states
 
 

@@ -129,7 +129,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             jobs.setdefault(key, Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1),
                                                                  data_dir=str(data_dir), expert=k),
                                      stage1 / f"expert_{k}.done", deps=[prep], timeout_min=run.train_timeout_min,
-                                     resumable=True, **res))
+                                     resumable=True, array=f"stage1-{stage1.name}", **res))
         model_dir, before_eval = stage1, trains
         if "rl.method" in cell.cfg:
             model_dir, key = cell.dir / "aligned", f"{cell.id}/align"
