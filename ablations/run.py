@@ -229,14 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(run.out) / run.scale
     print(f"{grid.name}: {len(grid.rows)} rows -> {len(cells)} cells, {len(jobs)} jobs; scale={run.scale}, "
           f"executor={run.executor}; results under {root}")
-    if run.action == "cancel":
-        states = current_states(jobs, root)
-        live = [s.job_id for s in states.values() if s.state in pipeline.LIVE and s.job_id]
-        if live and run.executor == "slurm":
+    if run.action == "cancel":  # every recorded SLURM job not done (sacct may not list a fresh one yet)
+        ledger = pipeline.Ledger(root)
+        ids = [rec["job_id"] for j in jobs if not j.done.is_file() and (rec := ledger.get(j.key))
+               and rec["executor"] == "slurm"]
+        if ids:
             import subprocess
 
-            subprocess.run(["scancel", *live], check=True)
-        print(f"cancelled {len(live)} job(s)")
+            subprocess.run(["scancel", *ids], check=True)
+        print(f"cancelled {len(ids)} job(s)" + ("" if ids else " (nothing recorded on SLURM is unfinished)"))
         return 0
     if run.action == "run":
         for cell in cells:  # what each cell directory is, for a reader browsing results
