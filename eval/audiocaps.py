@@ -45,7 +45,7 @@ METRICS = ("fad", "fd", "isc", "kl", "clap")
 class EvalConfig:
     ckpt: str = ""  # a run directory (siren.load): generate for every reference caption, then evaluate
     gen_dir: str = ""  # folder of generated <id>.wav
-    ref: str = ""  # reference manifest, CSV or JSONL with columns id,audio,caption
+    ref: str = ""  # reference manifest, CSV or JSONL with columns id,audio,caption; "demo": the demo test split
     out: str = ""  # results folder; default: <gen_dir>_eval beside gen_dir
     name: str = ""  # system name in the printed row; default: the gen_dir folder name
     weights: str = "pretrained"  # pretrained | random (seeded smoke-test backbones, flagged everywhere)
@@ -220,6 +220,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     if bool(cfg.ckpt) == bool(cfg.gen_dir) or not cfg.ref:
         raise ConfigError("pass ref=MANIFEST (id,audio,caption; or ref=demo) and exactly one of ckpt=RUN_DIR "
                           "(generate, then evaluate) or gen_dir=FOLDER (generated <id>.wav files)")
+    if cfg.ref == "demo":  # the embedded demo set's test split, made deterministically (seed 0)
+        from siren.assets import cache_dir
+        from siren.data.demo import make_demo
+
+        cfg = dataclasses.replace(cfg, ref=str(make_demo(cache_dir() / "demo").parent / "test.csv"))
     models = backbones(cfg)
     items, ref_card = load_reference(cfg)
     if len(items) < 2:

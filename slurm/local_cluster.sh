@@ -218,6 +218,17 @@ start_slurmd() {
 
 node_idle() { [[ "$(sinfo -h -n "$NODE" -o %T 2>/dev/null)" == idle* ]]; }
 
+# A node drained in an earlier session (e.g. "Kill task failed" when a job outlived its kill)
+# keeps that state across restarts; on this single-node test cluster, put it back in service.
+resume_drained_node() {
+    local state
+    state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null || true)
+    if [[ "$state" == drain* || "$state" == down* ]]; then
+        say "node $NODE was $state ($(sinfo -h -R -n "$NODE" -o %E 2>/dev/null)); resuming it"
+        scontrol update nodename="$NODE" state=resume
+    fi
+}
+
 cmd_start() {
     local d down=0
     [[ $EUID -eq 0 ]] || die "must run as root (SlurmUser=root, and it installs packages)"
@@ -234,6 +245,8 @@ cmd_start() {
         is_up "$d" || "start_$d"
         if [[ "$d" == slurmdbd ]]; then register_cluster; fi # before slurmctld connects
     done
+    wait_for "slurmctld to answer" "$LOG/slurmctld.log" sinfo -h
+    resume_drained_node
     wait_for "node $NODE to be idle (sinfo)" "$LOG/slurmctld.log and $LOG/slurmd.log" node_idle
     wait_for "sacct" "$LOG/slurmdbd.log" sacct -n -X
     say "up in $((SECONDS - t0))s: partition $PARTITION, $(nproc) CPUs; export SLURM_CONF=$SLURM_CONF"
