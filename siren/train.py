@@ -247,19 +247,21 @@ class StopRequest:
     """SIGUSR2/SIGTERM handler: remembers the signal; the loop checkpoints at the next step boundary.
 
     A handler installed before ours (submitit's requeue handler) is called after the
-    checkpoint is safely written, so submitit still requeues a job it launched."""
-
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+    checkpoint is safely written, so submitit still requeues a job it launched. Inside a SLURM
+    job only SIGUSR2 stops the loop: preemption and `scancel --signal` deliver SIGTERM just before
+    SIGUSR2, and stopping on the SIGTERM would exit before submitit requeues (a cluster that
+    preempts with SIGTERM then SIGKILL resumes from the last periodic checkpoint)."""
 
     def __init__(self):
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self.signals = (signal.SIGUSR2,) if "SLURM_JOB_ID" in os.environ else (signal.SIGUSR2, signal.SIGTERM)
 
     def __call__(self, signum, frame) -> None:
         self.signum = signum
 
     def install(self) -> None:
-        for s in self.SIGNALS:
+        for s in self.signals:
             self.previous[s] = signal.signal(s, self)
 
     def restore(self) -> None:
