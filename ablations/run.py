@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python ablations/run.py` puts ablations/, not 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ablations import pipeline, steps  # noqa: E402
-from ablations.grid import Grid, Row, cell_id, grid_names, load_grid  # noqa: E402
+from ablations.grid import Grid, Row, cell_id, load_grid  # noqa: E402
 from ablations.pipeline import Job, JobState  # noqa: E402
 from ablations.scales import resolve  # noqa: E402
 from ablations.tables import Outcome, build_frame, write_tables  # noqa: E402

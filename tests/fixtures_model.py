@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 
 from siren.codec import CodeTables

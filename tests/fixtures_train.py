@@ -6,7 +6,6 @@ real prepared data (siren.data) is integrated separately. Clips may have differe
 """
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 

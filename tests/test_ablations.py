@@ -8,7 +8,7 @@ import pytest
 import submitit
 
 from ablations import pipeline
-from ablations.grid import Row, grid_names, load_grid
+from ablations.grid import grid_names, load_grid
 from ablations.run import cells_of, main, parse, stage1_dir
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
 from siren.checkpoint import load_latest
