@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from siren.errors import MissingWeightsError
+
 PREFETCH = "python -m siren.assets prefetch"
 
 
@@ -55,8 +57,6 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
 ]}
 
 
-class MissingWeightsError(FileNotFoundError):
-    pass
 
 
 def cache_dir() -> Path:

@@ -30,14 +30,13 @@ from typing import Any, Mapping
 import torch
 
 from siren import io
+from siren.errors import CheckpointError
 
 FORMAT_VERSION = 1
 RUN_KEYS = ("model", "codec", "text")  # what every expert of a run shares (run_dir/config.json)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or made for another config; the message names the file or keys."""
 
 
 def expert_dir(run_dir: str | os.PathLike, k: int) -> Path:

@@ -16,13 +16,13 @@ from typing import Any, Mapping, Sequence, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from siren.errors import ConfigError
+
 T = TypeVar("T")
 
 Presets = Mapping[str, Mapping[str, Mapping[str, Any]]]  # group -> preset name -> {dotted key: value}
 
 
-class ConfigError(ValueError):
-    """A config key or value the schema does not accept; the message says the fix."""
 
 
 def _sub_schema(schema: type, name: str) -> type | None:

@@ -23,7 +23,7 @@ import soundfile as sf
 import torch
 
 from siren.codec import HOP, SAMPLE_RATE
-from siren.data.manifest import DataError
+from siren.errors import AudioError, DataError
 
 MIN_SAMPLE_RATE = 8_000
 SILENCE_PEAK = 1e-4  # -80 dBFS: a peak below this is an (effectively) silent file
@@ -31,10 +31,6 @@ POLICIES = ("pad", "segment", "crop")
 # torchaudio.functional.resample's defaults, spelled out: they are part of the cache key.
 RESAMPLER = dict(name="torchaudio.functional.resample", resampling_method="sinc_interp_hann",
                  lowpass_filter_width=6, rolloff=0.99)
-
-
-class AudioError(DataError):
-    pass
 
 
 @dataclass

@@ -11,17 +11,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from siren.errors import DataError, ManifestError
+
 REQUIRED = ("id", "audio", "caption")
 OPTIONAL = ("label",)
 EXTENSIONS = (".csv", ".jsonl")
-
-
-class DataError(ValueError):
-    """Bad input data (manifest, audio file, prepared directory); the message names the file and the fix."""
-
-
-class ManifestError(DataError):
-    pass
 
 
 @dataclass(frozen=True)
