@@ -4,6 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ablations.grid import Grid
+from ablations.plan import Cell, RunConfig, stage1_dir
+
+
+def draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: Path) -> list[Path]:
+    """The grid's figure from the cells that got that far (none drawn yet is not an error)."""
+    if grid.figure == "convergence":
+        runs = {r.label: stage1_dir(c, run) for c in cells for r in c.rows
+                if all((stage1_dir(c, run) / f"expert_{k}.done").is_file() for k in range(c.n_experts))}
+        return layer_losses(grid, runs, caption, out_dir) if runs else []
+    if grid.figure == "reward_curves":
+        runs = {r.label: c.dir / "aligned" for c in cells for r in c.rows if (c.dir / "aligned.done").is_file()}
+        return reward_curves(grid, runs, caption, out_dir) if runs else []
+    return []
 
 
 def layer_losses(grid: Grid, runs: dict[str, Path], caption: str, out_dir: Path) -> list[Path]:
@@ -26,8 +39,7 @@ def layer_losses(grid: Grid, runs: dict[str, Path], caption: str, out_dir: Path)
 
 def reward_curves(grid: Grid, runs: dict[str, Path], caption: str, out_dir: Path) -> list[Path]:
     """Figure 5: stage-2 reward curves, each labelled with its (FD, CLAP) when evaluated."""
-    from analysis.reward_curves import RewardCurvesConfig, run
+    from analysis.reward_curves import draw_curves
 
-    return run(RewardCurvesConfig(runs=",".join(str(r) for r in runs.values()), labels=",".join(runs),
-                                  results=",".join(str(r.parent / "eval" / "results.json") for r in runs.values()),
-                                  out=str(out_dir)))
+    return draw_curves(list(runs.values()), list(runs), [r.parent / "eval" / "results.json" for r in runs.values()],
+                       out_dir, caption)

@@ -187,17 +187,39 @@ def run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
         widest = max(todo, key=lambda j: (j.timeout_min, j.cpus))
         ex = _executor(kind, root, None, widest, max_parallel)
         running = []
-        for job in todo:
-            fn, kwargs = _callable(job)
-            sj = ex.submit(fn, **kwargs)  # blocks while max_parallel of this wave's jobs run
-            ledger.record(job.key, kind, sj, root / "logs")
-            running.append((job, sj))
-        for job, sj in running:
-            try:
-                sj.result()
-                states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
-            except Exception as e:  # the job's own error; its log has the traceback
-                states[job.key] = JobState(job.key, "FAILED", str(sj.job_id),
-                                           f"{sj.paths.stderr} ({type(e).__name__}: {str(e).splitlines()[-1][:200]})",
-                                           submitted=True)
+        try:
+            for job in todo:
+                fn, kwargs = _callable(job)
+                sj = ex.submit(fn, **kwargs)  # blocks while max_parallel of this wave's jobs run
+                ledger.record(job.key, kind, sj, root / "logs")
+                running.append((job, sj))
+            for job, sj in running:
+                try:
+                    sj.result()
+                    states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
+                except Exception as e:  # the job's own error; its log has the traceback
+                    states[job.key] = JobState(job.key, "FAILED", str(sj.job_id), f"{sj.paths.stderr} ("
+                                               f"{type(e).__name__}: {str(e).splitlines()[-1][:200]})", submitted=True)
+        except KeyboardInterrupt:  # Ctrl-C: stop this wave's jobs too (training jobs resume from checkpoints)
+            for _, sj in running:
+                if not sj.done():
+                    sj.cancel(check=False)
+            raise
     return states
+
+
+def current_states(jobs: list[Job], root: Path) -> dict[str, JobState]:
+    ledger = Ledger(root)
+    return {j.key: ledger.state(j) for j in jobs}
+
+
+def cancel_slurm(jobs: list[Job], root: Path) -> int:
+    """scancel every recorded SLURM job that is not done (sacct may not list a fresh one yet)."""
+    import subprocess
+
+    ledger = Ledger(root)
+    ids = [rec["job_id"] for j in jobs if not j.done.is_file() and (rec := ledger.get(j.key))
+           and rec["executor"] == "slurm"]
+    if ids:
+        subprocess.run(["scancel", *ids], check=True)
+    return len(ids)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from siren.train import EXIT_PREEMPTED
+from siren.errors import ConfigError
+from siren.runtime import EXIT_PREEMPTED
 
 
 class Preempted(RuntimeError):
@@ -29,6 +30,41 @@ def stage1_args(cfg: Mapping[str, Any]) -> list[str]:
             *_weights(cfg, "codec")]
 
 
+def model_config(cfg: Mapping[str, Any]):
+    """The cell's ModelConfig (its preset, then its model keys), as siren.train builds it."""
+    from siren.config import load_config
+    from siren.model.config import ModelConfig, presets
+
+    model = {k: v for k, v in cfg.items() if k.startswith("model.") and k != "model.scale"}
+    return load_config(ModelConfig, [f"scale={cfg['model.scale']}", *_keys(model, "model.")], presets())
+
+
+DATA_KEYS = ("data.source", "data.train", "data.test", "data.prompts", "data.subset")
+
+
+def validate(cfg: Mapping[str, Any], where: str) -> None:
+    """Every key of a cell parsed by the schema of the stage that takes it (unknown keys, bad types
+    and out-of-range values are errors now, not inside a job); nothing is built."""
+    from eval.audiocaps import EvalConfig
+    from siren.config import load_config
+    from siren.rl.config import parse as align_parse
+    from siren.train import parse as stage1_parse
+
+    other = [k for k in cfg if not k.startswith(("model.", "train.", "rl.", "eval.")) and k not in (*DATA_KEYS, "weights")]
+    try:
+        if other:
+            raise ConfigError(f"unknown cell key(s) {other}; cell keys start with model., train., rl., eval. or "
+                              f"are one of {', '.join(DATA_KEYS)}, weights")
+        if cfg["weights"] not in ("pretrained", "random", "demo"):
+            raise ConfigError(f"weights must be pretrained, demo or random, got {cfg['weights']!r}")
+        stage1_parse(stage1_args(cfg))
+        if any(k.startswith("rl.") for k in cfg):
+            align_parse(["run_dir=-", "out=--", *_keys(cfg, "rl.")])
+        load_config(EvalConfig, _keys(cfg, "eval."))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e} (set.KEY=VALUE overrides reach every cell)") from None
+
+
 def _check(rc: int, what: str) -> None:
     if rc == EXIT_PREEMPTED:
         raise Preempted(f"{what} stopped on a signal after checkpointing; run the grid again to resume")
@@ -37,25 +73,11 @@ def _check(rc: int, what: str) -> None:
 
 
 def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
-    from siren.data.prepare import main as prepare_main
+    from siren.data import prepare
 
     manifest = "demo" if cfg["data.source"] == "demo" else cfg["data.train"]
-    prepare_main([f"manifest={manifest}", f"out={data_dir}", *_weights(cfg, "codec", "text")])
-    if cfg["data.source"] == "demo":  # the demo's eval subset: the first test clip of every class
-        write_demo_subset(Path(data_dir) / "demo_source")
+    prepare.run(prepare.parse([f"manifest={manifest}", f"out={data_dir}", *_weights(cfg, "codec", "text")]))
     return {"data_dir": data_dir}
-
-
-def write_demo_subset(source: Path) -> Path:
-    from siren.data.manifest import read_manifest
-    from siren.io import write_text
-
-    first = {}
-    for row in read_manifest(source / "test.csv"):
-        first.setdefault(row.label, row.id)
-    path = source / "eval_subset.txt"
-    write_text(path, "".join(f"{i}\n" for i in first.values()))
-    return path
 
 
 def train_step(cfg: Mapping[str, Any], run_dir: str, data_dir: str, expert: int) -> dict:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
-from siren.config import ConfigError, field_paths, load_config, to_dict
+from siren.cli import help_text, start
+from siren.config import load_config, to_dict
+from siren.errors import ConfigError, SirenError
 from siren.io import atomic_path, write_json
 
 T = TypeVar("T")
@@ -19,10 +20,10 @@ OUTPUT_ROOT = Path("outputs") / "analysis"
 def parse(schema: type[T], argv: Sequence[str], probe: str = "") -> T:
     """``key=value`` strings -> the probe's config; a bad key exits with the list of valid ones."""
     if any(a in ("-h", "--help", "help") for a in argv):
-        defaults = to_dict(schema())
+        import importlib
+
         print(f"usage: python -m analysis.{probe} key=value ...  (defaults shown)")
-        for k in field_paths(schema):
-            print(f"  {k}={defaults[k]!r}")
+        print(help_text(schema, importlib.import_module(f"analysis.{probe}").__doc__ if probe else ""))
         raise SystemExit(0)
     try:
         return load_config(schema, argv)
@@ -59,14 +60,10 @@ def write_csv(dest: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
 
 def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequence[str] | None = None) -> list[Path]:
     """Parse ``argv``, run the probe, write its resolved config beside the outputs, print where."""
-    from siren.assets import MissingWeightsError
-    from siren.checkpoint import CheckpointError
-    from siren.data import DataError
-
-    cfg = parse(schema, sys.argv[1:] if argv is None else argv, probe)
+    cfg = parse(schema, start(argv), probe)
     try:
         written = run(cfg)
-    except (MissingWeightsError, DataError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except SirenError as e:
         raise SystemExit(f"error: {e}") from None  # bad input: the message names the file and the fix
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
     write_json(folder / "config.json", {"probe": probe, **to_dict(cfg)})

@@ -17,6 +17,7 @@ Table 5 (ours, the paper gives no formula):
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from analysis import style
 from analysis.cli import as_list, main, out_dir, write_csv
 from analysis.logs import read_jsonl, weights_note
 from siren.codec import N_LAYERS
+
+log = logging.getLogger(__name__)
 
 LAYER_KEY = re.compile(r"^ce/L(\d+)$")
 EXPERT_DIR = re.compile(r"^expert_(\d+)$")
@@ -126,7 +129,7 @@ def run(cfg: ConvergenceConfig) -> list:
         print(f"Table 5: loss mean {stats['loss_mean']:.4f}, loss ratio (L12/L1) {stats['loss_ratio']:.4f} "
               f"(final = mean of the last {100 * cfg.tail:g}% of logged {cfg.split} entries)")
     except ValueError as e:
-        print(f"warning: no Table 5 numbers: {e}")
+        log.warning("no Table 5 numbers: %s", e)
     panels = [j for j in (int(x) for x in as_list(cfg.panels)) if j in curves]
     note = weights_note(cfg.run)
     written += style.save_figure(plot(curves, panels, cfg.smooth, cfg.split, style.COLUMN, note), folder,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from analysis import prepared, style
 from analysis.cli import main, out_dir, write_csv
 from siren.data import PreparedDataset
+from siren.runtime import resolve_device
 
 
 @dataclass
@@ -105,7 +106,7 @@ def fresh_run(cfg: GradientAnglesConfig, data: Path, folder: Path) -> Path:
             f"model.conditioning={cfg.conditioning}", f"codec.weights={codec}", f"train.steps={cfg.train_steps}",
             f"train.batch_size={cfg.batch_size}", f"train.warmup_steps={max(1, cfg.train_steps // 10)}",
             f"train.log_every={max(1, cfg.train_steps // 20)}", f"train.ckpt_every={cfg.train_steps}",
-            f"train.val_every=0", f"train.crop_s={cfg.crop_s}", f"train.seed={cfg.seed}", "train.num_workers=0",
+            "train.val_every=0", f"train.crop_s={cfg.crop_s}", f"train.seed={cfg.seed}", "train.num_workers=0",
             f"train.device={cfg.device}"]
     train.train(train.parse(args), handle_signals=False)
     return run_dir
@@ -163,7 +164,7 @@ def run(cfg: GradientAnglesConfig) -> list:
     from siren.data import make_loader
 
     folder = out_dir(cfg.out, "gradient_angles")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     codec = cfg.codec
     if cfg.run:  # the run's model reads codes of one codec: probe it with data of that codec
         from siren.checkpoint import read_run_config

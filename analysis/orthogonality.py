@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import prepared
-from analysis import style
+from analysis import prepared, style
 from analysis.cli import as_list, main, out_dir, write_csv
 
 POOLS = ("time", "frame")

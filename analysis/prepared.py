@@ -12,9 +12,7 @@ mismatch of codec ids is an error naming both.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +20,14 @@ import numpy as np
 import torch
 
 from siren import assets
-from siren.codec import Codec, CodecConfig, N_LAYERS
+from siren.codec import N_LAYERS, Codec, CodecConfig
 from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import index_path
-from siren.data.manifest import DataError
+from siren.errors import DataError
+from siren.io import sha256_file
+
+log = logging.getLogger(__name__)
 
 FEATURE_SPACES = ("projected", "codebook")
 
@@ -59,15 +60,15 @@ def resolve(data: str, codec: str = "") -> Path:
     """A prepared directory for ``data`` (a path, or ``demo``: prepared here on first use)."""
     if data == "demo":
         weights = codec or "pretrained"
-        tag = weights if weights in ("random", "pretrained") else assets.sha256(Path(weights))[:16]
+        tag = weights if weights in ("random", "pretrained") else sha256_file(Path(weights))[:16]
         out = assets.cache_dir() / "analysis" / f"demo-{tag}"
         if not all(index_path(out, s).is_file() for s in ("train", "test")):
             from siren.data import prepare
 
-            print(f"preparing the demo set into {out} (once) ...")
+            log.info("preparing the demo set into %s (once) ...", out)
             try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    prepare.main(["manifest=demo", f"out={out}", f"codec.weights={weights}", "text.weights=random"])
+                prepare.run(prepare.parse(["manifest=demo", f"out={out}", f"codec.weights={weights}",
+                                           "text.weights=random"]))
             except assets.MissingWeightsError as e:
                 raise assets.MissingWeightsError(f"{e} (for the analysis probes: codec=random)") from None
         return out
@@ -95,10 +96,11 @@ def open_codec(prepared: Path, splits: list[str], weights: str = "") -> Codec:
     return codec
 
 
-@functools.lru_cache(maxsize=2)
 def build_codec(weights: str) -> Codec:
-    """One frozen codec per weights per process: probes run one after another share it."""
-    return Codec(CodecConfig(weights=weights))
+    """The frozen codec of ``weights`` (siren.frontends keeps one per process: probes share it)."""
+    from siren import frontends
+
+    return frontends.build_codec(CodecConfig(weights=weights))
 
 
 def load(prepared: Path, split: str, max_items: int = 0, seed: int = 0, need_labels: bool = False) -> Items:

@@ -12,6 +12,7 @@ CLAP already x100).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ import numpy as np
 from analysis import style
 from analysis.cli import as_list, main, out_dir, write_csv
 from analysis.logs import read_jsonl, read_metric, weights_note
+from siren.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +43,7 @@ def log_path(run: str | Path) -> Path:
     for cand in (p, p / "rl" / "log.jsonl", p / "log.jsonl"):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(f"{run}: no stage-2 log (expected {p / 'rl' / 'log.jsonl'} or a .jsonl file)")
+    raise DataError(f"{run}: no stage-2 log (expected {p / 'rl' / 'log.jsonl'} or a .jsonl file)")
 
 
 def reward_curve(run: str | Path, key: str = "reward_mean") -> tuple[np.ndarray, np.ndarray]:
@@ -47,7 +51,7 @@ def reward_curve(run: str | Path, key: str = "reward_mean") -> tuple[np.ndarray,
     path = log_path(run)
     by_step = {int(r["step"]): float(r[key]) for r in read_jsonl(path) if key in r and r[key] is not None}
     if not by_step:
-        raise ValueError(f"{path}: no '{key}' entries")
+        raise DataError(f"{path}: no '{key}' entries")
     steps = np.array(sorted(by_step))
     return steps, np.array([by_step[s] for s in steps])
 
@@ -55,7 +59,7 @@ def reward_curve(run: str | Path, key: str = "reward_mean") -> tuple[np.ndarray,
 def find_results(run: str | Path, given: str = "") -> Path | None:
     if given:
         if not Path(given).is_file():
-            raise FileNotFoundError(f"results file {given} does not exist")
+            raise DataError(f"results file {given} does not exist")
         return Path(given)
     p = Path(run)
     return next((c for c in (p / "results.json", p / "eval" / "results.json") if p.is_dir() and c.is_file()), None)
@@ -81,32 +85,39 @@ def plot(curves: list[dict], smooth: float, note: str = ""):
 def run(cfg: RewardCurvesConfig) -> list:
     runs = as_list(cfg.runs)
     if not runs:
-        raise SystemExit("error: runs=[dir1,dir2,...] is required (stage-2 run directories or JSONL logs)")
+        raise ConfigError("runs=[dir1,dir2,...] is required (stage-2 run directories or JSONL logs)")
     labels = as_list(cfg.labels) or [Path(r).name for r in runs]
     results = as_list(cfg.results) or [""] * len(runs)
     if len(labels) != len(runs) or len(results) != len(runs):
-        raise SystemExit(f"error: {len(runs)} runs but {len(labels)} labels and {len(results)} results; give one each")
-    folder = out_dir(cfg.out, "reward_curves")
+        raise ConfigError(f"{len(runs)} runs but {len(labels)} labels and {len(results)} results; give one each")
+    return draw_curves(runs, labels, results, out_dir(cfg.out, "reward_curves"), cfg.reward_key, cfg.fd_key,
+                       cfg.clap_key, cfg.smooth)
+
+
+def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | Path], folder: Path,
+                reward_key: str = "reward_mean", fd_key: str = "fd", clap_key: str = "clap",
+                smooth: float = 0.9) -> list[Path]:
+    """Figure 5 from stage-2 runs (one label and optional results.json each): CSVs and the figure."""
     curves, rows, summary = [], [], []
     for r, label, res in zip(runs, labels, results):
-        steps, reward = reward_curve(r, cfg.reward_key)
-        path = find_results(r, res)
-        fd = read_metric(path, cfg.fd_key) if path else None
-        clap = read_metric(path, cfg.clap_key) if path else None
+        steps, reward = reward_curve(r, reward_key)
+        path = find_results(r, str(res) if res else "")
+        fd = read_metric(path, fd_key) if path else None
+        clap = read_metric(path, clap_key) if path else None
         pair = f"({fd:.2f}, {clap:.2f})" if fd is not None and clap is not None else ""
         if path and not pair:
-            print(f"warning: {path} has no '{cfg.fd_key}'/'{cfg.clap_key}' metric; adjust fd_key= / clap_key=")
+            log.warning("%s has no '%s'/'%s' metric; adjust fd_key= / clap_key=", path, fd_key, clap_key)
         curves.append(dict(label=label, steps=steps, reward=reward, pair=pair))
         rows += [dict(label=label, step=int(s), reward=float(v), smoothed=float(e))
-                 for s, v, e in zip(steps, reward, style.ema(reward, cfg.smooth))]
-        summary.append(dict(label=label, run=r, steps=int(steps[-1]), final_reward=float(reward[-1]),
+                 for s, v, e in zip(steps, reward, style.ema(reward, smooth))]
+        summary.append(dict(label=label, run=str(r), steps=int(steps[-1]), final_reward=float(reward[-1]),
                             mean_last_10pct=float(reward[-max(1, len(reward) // 10):].mean()),
                             FD=fd, CLAP=clap, results=str(path or "")))
-        print(f"{label}: {len(steps)} steps, last reward {reward[-1]:+.4f}" + (f", (FD, CLAP) = {pair}" if pair else
-                                                                              ", no results.json"))
+        log.info("%s: %d steps, last reward %+.4f%s", label, len(steps), reward[-1],
+                 f", (FD, CLAP) = {pair}" if pair else ", no results.json")
     written = [write_csv(folder / "rewards.csv", rows), write_csv(folder / "summary.csv", summary)]
     note = "; ".join(sorted({weights_note(r) for r in runs if Path(r).is_dir()} - {""}))
-    written += style.save_figure(plot(curves, cfg.smooth, note), folder, "fig5_rewards")
+    written += style.save_figure(plot(curves, smooth, note), folder, "fig5_rewards")
     return written
 
 

@@ -17,6 +17,7 @@ default FD). Without them the figure says that no generation results were given.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +27,12 @@ from analysis import prepared, style
 from analysis.cli import as_list, main, out_dir, write_csv
 from analysis.logs import read_metric
 from siren.codec import N_LAYERS, SAMPLE_RATE
+from siren.runtime import resolve_device
 
 N_FFT, HOP_STFT, N_MELS = 512, 128, 64
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class RvqDepthConfig:
@@ -115,7 +119,7 @@ def run(cfg: RvqDepthConfig) -> list:
     data = prepared.resolve(cfg.data, cfg.codec)
     items = prepared.load(data, cfg.split, cfg.max_clips, cfg.seed)
     codec = prepared.open_codec(data, [cfg.split], cfg.codec)
-    codec.to(torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    codec.to(resolve_device(cfg.device))
     keep = int(round(cfg.seconds * 50)) if cfg.seconds > 0 else None  # frames (50 per second)
     per_clip = []
     from tqdm import tqdm
@@ -134,7 +138,7 @@ def run(cfg: RvqDepthConfig) -> list:
         v = read_metric(run_dir, cfg.gen_metric)
         (gen.append((r, v)) if v is not None else missing.append(run_dir))
     if missing:
-        print(f"warning: no '{cfg.gen_metric}' in results.json of {missing}; left out of the figure")
+        log.warning("no '%s' in results.json of %s; left out of the figure", cfg.gen_metric, missing)
     written = [write_csv(folder / "reconstruction.csv", rows), write_csv(folder / "per_clip.csv", per_clip)]
     written.append(write_csv(folder / "generation.csv",
                              [dict(r=r, metric=cfg.gen_metric, value=v) for r, v in sorted(gen)],
@@ -144,7 +148,7 @@ def run(cfg: RvqDepthConfig) -> list:
     for row in rows:
         print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  SI-SNR {row['si_snr_db']:6.2f} dB")
     if not gen:
-        print("generation quality vs r: no results given (gen_runs=[...] gen_r=[...])")
+        log.info("generation quality vs r: no results given (gen_runs=[...] gen_r=[...])")
     return written
 
 

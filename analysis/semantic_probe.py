@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import prepared
-from analysis import style
+from analysis import prepared, style
 from analysis.cli import as_list, main, out_dir, write_csv
 
 EXACT_TSNE_MAX = 2000
@@ -40,11 +39,12 @@ class SemanticProbeConfig:
 def probe_accuracy(x_train: np.ndarray, y_train, x_test: np.ndarray, y_test, hidden: int = 256,
                    max_iter: int = 500, seed: int = 0) -> float:
     """Top-1 test accuracy of a 2-layer MLP (standardised inputs -> hidden ReLU -> classes)."""
+    import warnings
+
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    import warnings
 
     clf = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=max_iter,
                                                         random_state=seed))

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from siren.errors import AudioError
+
 MONO = "mean of channels"
 CROP = "first max_seconds of each clip (none when max_seconds <= 0); no padding at load (see each backbone)"
 
@@ -28,7 +30,7 @@ class Clip:
     path: str = ""
 
 
-class BadAudioError(ValueError):
+class BadAudioError(AudioError):
     """One or more audio files cannot be evaluated; the message names each and why."""
 
 

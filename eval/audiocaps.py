@@ -14,29 +14,28 @@ the same clips again costs only reading them.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python eval/audiocaps.py`: import from the repo root, not eval/
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
 
 from eval import card as cards
 from eval import metrics as M
 from eval.audio import CROP, MONO, BadAudioError, Clip, load_clips
 from eval.backbones import RESAMPLER, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
-from eval.reference import ManifestError, file_sha256, match_generated, read_manifest, select, set_hash
-from siren.assets import MissingWeightsError
-from siren.config import ConfigError, load_config, to_dict
-from siren.io import write_json
+from eval.reference import match_generated, select, set_hash
+from siren.config import check_numbers, load_config, to_dict
+from siren.data.manifest import read_manifest
+from siren.errors import ConfigError, MissingWeightsError, SirenError
+from siren.io import sha256_file, write_json
+from siren.runtime import check_device, resolve_device
 from siren.sample import SampleConfig
+
+log = logging.getLogger(__name__)
 
 METRICS = ("fad", "fd", "isc", "kl", "clap")
 
@@ -68,9 +67,14 @@ class EvalConfig:
     candidates: int = 1  # > 1: CLAP-score reject sampling, the best of N per caption (paper, after GenAU)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
+    def __post_init__(self):
+        check_numbers(self, positive=("batch_size", "gen_batch_size", "candidates", "is_splits", "seconds"),
+                      nonneg=("caption_index", "kl_eps", "seed", "gen_seed"))
+        check_device(self.device)
 
-class EvalError(ValueError):
-    pass
+
+class EvalError(SirenError):
+    """An evaluation that cannot be computed as asked (too few clips, unpaired sets)."""
 
 
 def _metric_list(cfg: EvalConfig) -> list[str]:
@@ -82,19 +86,17 @@ def _metric_list(cfg: EvalConfig) -> list[str]:
 
 
 def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
-def load_reference(cfg: EvalConfig):
-    """(items, reference card part) of the manifest, caption choice and subset of ``cfg``."""
-    items = select(read_manifest(cfg.ref), cfg.ref, cfg.caption_index, cfg.subset or None)
-    ref_card = {"manifest": str(Path(cfg.ref).resolve()), "manifest_sha256": file_sha256(cfg.ref),
+def load_reference(cfg: EvalConfig, ref: str):
+    """(items, reference card part) of the manifest ``ref``, with the caption choice and subset of ``cfg``."""
+    items = select(read_manifest(ref, unique_ids=False), ref, cfg.caption_index, cfg.subset or None)
+    ref_card = {"manifest": str(Path(ref).resolve()), "manifest_sha256": sha256_file(ref),
                 "caption_index": cfg.caption_index,
                 "caption_choice": f"the caption on the {cfg.caption_index}-th row (0-based, file order) of each id",
                 "subset": str(Path(cfg.subset).resolve()) if cfg.subset else "all ids of the manifest",
-                "subset_sha256": file_sha256(cfg.subset) if cfg.subset else None}
+                "subset_sha256": sha256_file(cfg.subset) if cfg.subset else None}
     return items, ref_card
 
 
@@ -180,7 +182,7 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
             per_clip["clap_cosine"] = cos.tolist()
     caught = sorted({str(x.message) for x in w if issubclass(x.category, M.FewSamplesWarning)})
     for msg in caught:  # kept in results.json too
-        print(f"warning: {msg}", file=sys.stderr)
+        log.warning(msg)
     for x in w:  # everything else goes on as usual
         if not issubclass(x.category, M.FewSamplesWarning):
             warnings.warn_explicit(x.message, x.category, x.filename, x.lineno)
@@ -220,20 +222,22 @@ def evaluate(cfg: EvalConfig) -> dict:
     if bool(cfg.ckpt) == bool(cfg.gen_dir) or not cfg.ref:
         raise ConfigError("pass ref=MANIFEST (id,audio,caption; or ref=demo) and exactly one of ckpt=RUN_DIR "
                           "(generate, then evaluate) or gen_dir=FOLDER (generated <id>.wav files)")
-    if cfg.ref == "demo":  # the embedded demo set's test split, made deterministically (seed 0)
-        from siren.assets import cache_dir
-        from siren.data.demo import make_demo
+    out = output_dir(cfg)
+    if cfg.ref == "demo":  # the embedded demo set's test split
+        from siren.data.demo import demo_set
 
-        cfg = dataclasses.replace(cfg, ref=str(make_demo(cache_dir() / "demo").parent / "test.csv"))
+        ref = str(demo_set().test)
+    else:
+        ref = cfg.ref
     models = backbones(cfg)
-    items, ref_card = load_reference(cfg)
+    items, ref_card = load_reference(cfg, ref)
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
-    gen_card = {}
+    gen_card, gen_dir = {}, cfg.gen_dir
     if cfg.ckpt:
         from eval.generate import CannotGenerate, generate_set
 
-        gen_dir = output_dir(cfg) / "gen"
+        gen_dir = str(out / "gen")
         try:
             gen_card = generate_set(cfg.ckpt, [it.id for it in items], [it.caption for it in items], gen_dir,
                                     seconds=cfg.seconds, batch_size=cfg.gen_batch_size, seed=cfg.gen_seed,
@@ -241,10 +245,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                                     clap=models["clap"].net if cfg.candidates > 1 else None, device=_device(cfg.device))
         except CannotGenerate as e:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
-            write_json(output_dir(cfg) / "results.json", results)
+            write_json(out / "results.json", results)
             return results
-        cfg = dataclasses.replace(cfg, gen_dir=str(gen_dir))
-    gen_paths = match_generated(cfg.gen_dir, [it.id for it in items])
+    gen_paths = match_generated(gen_dir, [it.id for it in items])
     clips, errors = {}, []
     for what, paths in [("reference", {it.id: it.audio for it in items}), ("generated", gen_paths)]:
         try:
@@ -254,9 +257,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if errors:
         raise BadAudioError("\n".join(errors))
     results = evaluate_sets(clips["generated"], clips["reference"], [it.caption for it in items], cfg, ref_card,
-                            {"dir": str(Path(cfg.gen_dir).resolve()), **gen_card}, models)
+                            {"dir": str(Path(gen_dir).resolve()), **gen_card}, models)
     results["status"] = "ok"
-    write_json(Path(output_dir(cfg)) / "results.json", results)
+    write_json(out / "results.json", results)
     return results
 
 
@@ -276,27 +279,24 @@ def output_dir(cfg: EvalConfig) -> Path:
     return g.parent / f"{g.name}_eval"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(__doc__)
-        print("keys: " + ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(EvalConfig)))
-        return 0
-    try:
-        cfg = load_config(EvalConfig, argv)
-        results = evaluate(cfg)
-    except (ConfigError, ManifestError, BadAudioError, EvalError, MissingWeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str]) -> int:
+    cfg = load_config(EvalConfig, argv)
+    results = evaluate(cfg)
     name = cfg.name or Path(cfg.ckpt or cfg.gen_dir).resolve().name
     if results["status"] == "itg":
         print(f"{name}: itg (inability to generate): {results['reason']}")
-        print(f"results: {output_dir(cfg) / 'results.json'}")
-        return 0
-    print(cards.table([(name, results["metrics"])], results["card"]))
+    else:
+        print(cards.table([(name, results["metrics"])], results["card"]))
     print(f"results: {output_dir(cfg) / 'results.json'}")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns the exit code (2 with one error line for bad input)."""
+    from siren import cli
+
+    return cli.call(_main, argv, EvalConfig, __doc__)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

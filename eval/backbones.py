@@ -14,10 +14,10 @@ Weights: ``pretrained`` loads the file from the assets cache (``siren.assets.req
 from __future__ import annotations
 
 import importlib.util
-from functools import cached_property
 import sys
-from abc import ABC, abstractmethod
 import types
+from abc import ABC, abstractmethod
+from functools import cached_property
 from pathlib import Path
 from typing import Hashable
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from eval.audio import Clip
 from siren import assets
+from siren.io import sha256_file
 
 RESAMPLER = {"function": "torchaudio.functional.resample", "resampling_method": "sinc_interp_hann",
              "lowpass_filter_width": 6, "rolloff": 0.99}
@@ -72,7 +73,7 @@ class Backbone(ABC):
             self.weights_path, self.weights_sha256 = None, f"random-seed{seed}"
         elif weights == "pretrained":
             self.weights_path = assets.require(self.asset)
-            self.weights_sha256 = assets.sha256(self.weights_path)
+            self.weights_sha256 = sha256_file(self.weights_path)
         else:
             raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
         self.weights_label, self.seed, self.device = weights, seed, torch.device(device)
@@ -275,7 +276,7 @@ class ClapAudio(Backbone):
     def protocol(self) -> dict:
         from siren import clap as C
 
-        tokenizer = ("RoBERTa BPE, sha256 " + ", ".join(f"{p.name} {assets.sha256(p)[:16]}" for p in self.tokenizer_files)
+        tokenizer = ("RoBERTa BPE, sha256 " + ", ".join(f"{p.name} {sha256_file(p)[:16]}" for p in self.tokenizer_files)
                      if self.tokenizer_files else "laion_clap's bundled CLIP BPE (random-weights mode)")
         return {"model": "laion_clap CLAP, HTSAT-tiny audio + RoBERTa text, non-fusion (siren.clap.Clap)",
                 "clap_sample_rate": C.CLAP_SAMPLE_RATE, "audio": C.AUDIO_PROTOCOL, "text_tokenizer": tokenizer,

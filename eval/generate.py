@@ -17,33 +17,18 @@ from tqdm import tqdm
 
 import siren
 from siren.checkpoint import read_run_config
-from siren.codec import FRAME_RATE, SAMPLE_RATE, Codec, CodecConfig
+from siren.codec import FRAME_RATE, SAMPLE_RATE
+from siren.errors import ConfigError
+from siren.frontends import run_frontends
 from siren.io import atomic_path
+from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
-from siren.text import TextConfig, TextEncoder
 
 COLLAPSE_ITG = 0.5  # a set where at least this fraction of clips collapsed cannot generate (itg)
 
 
 class CannotGenerate(RuntimeError):
     """The paper's `itg`: the model produced no usable audio; the message says why."""
-
-
-def _seed_from(run_id: str) -> int:
-    """The seed in an id like 'dac16k-random-seed3' (random weights), else 0."""
-    return int(run_id.rsplit("random-seed", 1)[1].split("-")[0]) if "random-seed" in run_id else 0
-
-
-def run_frontends(run_dir: str | Path, device: str) -> tuple[TextEncoder, Codec]:
-    """The text encoder and codec a run was trained with, rebuilt and checked against its config."""
-    run = read_run_config(run_dir)
-    text = TextEncoder(TextConfig(weights=run["text"]["weights"], seed=_seed_from(run["text"]["id"])))
-    codec = Codec(CodecConfig(weights=run["codec"]["weights"], seed=_seed_from(run["codec"]["id"]))).to(device)
-    for what, built, want in [("text encoder", text.id, run["text"]["id"]), ("codec", codec.id, run["codec"]["id"])]:
-        if built != want:
-            raise ValueError(f"{run_dir} was trained with {what} {want}, but the weights found here give {built}; "
-                             f"put the same weights in $SIREN_CACHE (python -m siren.assets list)")
-    return text, codec
 
 
 def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_dir: str | Path, *, seconds: float,
@@ -53,9 +38,9 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = siren.load(run_dir, device)
-    text, codec = run_frontends(run_dir, device)
+    text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir))
     if candidates > 1 and clap is None:
-        raise ValueError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
+        raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
     n_frames = max(1, round(seconds * FRAME_RATE))
     todo = [i for i, id_ in enumerate(ids) if not (out_dir / f"{id_}.wav").is_file()]
     batch_times, collapsed, total = [], 0, 0
@@ -67,7 +52,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         best_wav, best_score = None, None
         for c in range(candidates):
             try:  # seed by position in the set, so a resumed run draws what the uninterrupted one would
-                codes, info = generate_with_info(model, states, n_frames, sample, seed=seed + 7919 * c + rows[0])
+                codes, info = generate_with_info(model, states, n_frames, sample, seed=derive_seed(seed, c, rows[0]))
             except FloatingPointError as e:
                 raise CannotGenerate(str(e)) from None
             collapsed += int(info.collapsed.sum())

@@ -1,7 +1,7 @@
 """The reference set (e.g. AudioCaps test) and its pairing with a folder of generated clips.
 
-A manifest is CSV or JSONL with columns ``id, audio, caption`` (more columns are ignored);
-relative audio paths are relative to the manifest's folder. AudioCaps lists 5 captions per clip
+A manifest is CSV or JSONL with columns ``id, audio, caption`` (read by siren.data.manifest, the
+project's one manifest reader; relative audio paths are relative to the manifest's folder). AudioCaps lists 5 captions per clip
 as 5 rows with the same id: ``caption_index=k`` takes each id's k-th row (in file order). A
 ``subset`` file (one id per line) restricts the set, e.g. to the 964 clips AudioLDM evaluates
 on. Both are protocol parameters and go into the card.
@@ -11,18 +11,14 @@ missing or extra files are an error that lists them, never a silent intersection
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from eval.audio import Clip
-
-COLUMNS = ("id", "audio", "caption")
-
-
-class ManifestError(ValueError):
-    pass
+from siren.data.manifest import Row
+from siren.errors import ManifestError
+from siren.io import sha256
 
 
 @dataclass(frozen=True)
@@ -32,44 +28,13 @@ class RefItem:
     caption: str
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def read_manifest(path: str | Path) -> list[dict]:
-    """Rows of a CSV / JSONL manifest as dicts with at least ``id, audio, caption`` (all str).
-
-    A small reader of our own: ``siren.data``'s manifest module was not on this branch when
-    this was written; the format is the same (id,audio,caption[,label]).
-    """
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"reference manifest {path} does not exist (pass ref=PATH to a CSV/JSONL with columns "
-                            f"{', '.join(COLUMNS)})")
-    try:
-        df = (pd.read_json(path, lines=True, dtype=False) if path.suffix in (".jsonl", ".json")
-              else pd.read_csv(path, dtype=str, keep_default_na=False))
-    except Exception as e:  # noqa: BLE001 - pandas raises many parser errors
-        raise ManifestError(f"cannot parse manifest {path}: {e}") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
-    if missing:
-        raise ManifestError(f"manifest {path} lacks column(s) {missing}; it has {list(df.columns)}; "
-                            f"needed: {', '.join(COLUMNS)}")
-    rows = [{c: "" if v is None else str(v) for c, v in r.items()} for r in df[list(COLUMNS)].to_dict("records")]
-    empty = [i + 2 for i, r in enumerate(rows) if not r["id"] or not r["audio"]]
-    if empty:
-        raise ManifestError(f"manifest {path}: empty id or audio on line(s) {empty[:20]}")
-    return rows
-
-
-def select(rows: list[dict], manifest: str | Path, caption_index: int = 0, subset: str | Path | None = None) -> list[RefItem]:
-    """One item per id (order of first appearance), with the id's ``caption_index``-th caption."""
-    base = Path(manifest).parent
-    by_id: dict[str, list[dict]] = {}
+def select(rows: list[Row], manifest: str | Path, caption_index: int = 0,
+           subset: str | Path | None = None) -> list[RefItem]:
+    """One item per id (order of first appearance), with the id's ``caption_index``-th caption.
+    ``rows``: ``siren.data.manifest.read_manifest(manifest, unique_ids=False)``."""
+    by_id: dict[str, list[Row]] = {}
     for r in rows:
-        by_id.setdefault(r["id"], []).append(r)
+        by_id.setdefault(r.id, []).append(r)
     if subset:
         wanted = [line.strip() for line in Path(subset).read_text().splitlines() if line.strip()]
         unknown = [i for i in wanted if i not in by_id]
@@ -82,11 +47,10 @@ def select(rows: list[dict], manifest: str | Path, caption_index: int = 0, subse
                             f"({_show(short)}); use a smaller caption_index")
     items = []
     for i, rs in by_id.items():
-        audio = {r["audio"] for r in rs}
+        audio = {r.audio for r in rs}
         if len(audio) > 1:
-            raise ManifestError(f"{manifest}: id {i} has different audio paths {sorted(audio)}")
-        p = Path(rs[0]["audio"])
-        items.append(RefItem(id=i, audio=p if p.is_absolute() else base / p, caption=rs[caption_index]["caption"]))
+            raise ManifestError(f"{manifest}: id {i} has different audio paths {sorted(map(str, audio))}")
+        items.append(RefItem(id=i, audio=rs[0].audio, caption=rs[caption_index].caption))
     return items
 
 
@@ -117,4 +81,4 @@ def set_hash(clips: list[Clip], captions: list[str] | None = None) -> str:
     """sha256 over (id, audio content hash[, caption]) of a set, in id order."""
     caps = captions if captions is not None else [None] * len(clips)
     rows = sorted((c.id, c.content_hash, cap) for c, cap in zip(clips, caps))
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return sha256(json.dumps(rows))

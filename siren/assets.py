@@ -14,7 +14,6 @@ that wants them asks for them explicitly (``weights=random``) and labels its out
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siren.errors import MissingWeightsError
+from siren.io import sha256_file
 
 PREFETCH = "python -m siren.assets prefetch"
 
@@ -81,14 +81,6 @@ def require(name: str) -> Path:
     return p
 
 
-def sha256(p: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prefetch(names: list[str]) -> None:
     from tqdm import tqdm
 
@@ -107,7 +99,7 @@ def prefetch(names: list[str]) -> None:
                     tmp.write(block)
                     bar.update(len(block))
         os.replace(tmp.name, dest)  # atomic: an interrupted download never looks complete
-        print(f"{name}: {dest} sha256={sha256(dest)}")
+        print(f"{name}: {dest} sha256={sha256_file(dest)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ everything else JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +32,8 @@ import torch
 
 from siren import io
 from siren.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 RUN_KEYS = ("model", "codec", "text")  # what every expert of a run shares (run_dir/config.json)
@@ -162,11 +165,81 @@ def load_latest(edir: Path) -> Checkpoint | None:
     return Checkpoint(path) if path else None
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str, fix: str = "") -> None:
+    """Refuse weights holding NaN/inf: training on them, or saving them, only loses good state."""
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{where} holds non-finite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}). "
+                              + (fix or "The run diverged: lower the learning rate or check the data."))
+
+
+def check_finite_checkpoint(c: Checkpoint, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A resume from non-finite weights is refused with the fix: fall back to an earlier step."""
+    earlier = sorted(p.name for p in c.path.parent.glob("step_*") if STEP_DIR.match(p.name) and p != c.path)
+    fix = (f"Delete {c.path} and point {c.path.parent / 'latest'} at an earlier checkpoint "
+           f"({', '.join(earlier)}) to resume from there." if earlier else
+           f"It has no earlier checkpoint: delete {c.path.parent} to start this expert again.")
+    check_finite(tensors, f"checkpoint {c.path / 'model.safetensors'}", fix)
+
+
+# ---------------------------------------------------------------------------- optimizer and RNG state
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW state -> tensors ('optim.<param index>.<name>') + JSON-able param groups."""
+    sd = opt.state_dict()
+    return {f"optim.{i}.{name}": t for i, st in sd["state"].items() for name, t in st.items()}, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], groups: list[dict],
+                   where: Path) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = t
+    sizes = [len(g["params"]) for g in opt.param_groups]
+    if [len(g["params"]) for g in groups] != sizes:
+        raise CheckpointError(f"{where}/trainer.safetensors holds optimizer state for parameter groups of sizes "
+                              f"{[len(g['params']) for g in groups]}, this model has {sizes}")
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors(ranks, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's torch RNG states (CPU, and this rank's CUDA device), as uint8 tensors on rank 0."""
+    import torch.distributed as dist
+
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if ranks.world == 1:
+        return {f"rng.{k}.rank0": v for k, v in mine.items()}
+    out = {}
+    for k, v in mine.items():
+        parts = [torch.empty_like(v, device=device) for _ in range(ranks.world)]
+        dist.all_gather(parts, v.to(device))
+        out.update({f"rng.{k}.rank{r}": p.cpu() for r, p in enumerate(parts)})
+    return out
+
+
+def restore_rng(tensors: Mapping[str, torch.Tensor], ranks, device: torch.device, reseed: int) -> None:
+    """This rank's RNG states; saved with another number of processes: reseed from ``reseed``."""
+    cpu = tensors.get(f"rng.cpu.rank{ranks.rank}")
+    if cpu is None or f"rng.cpu.rank{ranks.world}" in tensors:
+        log.warning("checkpoint RNG states are for another number of processes; reseeding rank %d", ranks.rank)
+        torch.manual_seed(reseed)
+        return
+    torch.set_rng_state(cpu)
+    if device.type == "cuda" and f"rng.cuda.rank{ranks.rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng.cuda.rank{ranks.rank}"], device)
+
+
 # ---------------------------------------------------------------------------- writing
 
 def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer_tensors: Mapping[str, torch.Tensor],
          state: Mapping[str, Any], keep_last: int) -> Path:
     """Write step_<step>/ atomically, point ``latest`` at it, keep the newest ``keep_last``."""
+    check_finite(model_state, f"the weights of {edir.name} at step {step}",
+                 "Nothing was saved; the newest checkpoint stays the last finite one.")
     final = edir / step_name(step)
     tmp = edir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

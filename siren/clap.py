@@ -20,9 +20,7 @@ a random 10 s window: not reproducible) and repeat-padded as laion-clap does whe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from siren import assets
+from siren.io import load_torch_weights, sha256_file
 
 CLAP_SAMPLE_RATE = 48_000
 CLIP_SAMPLES = 480_000  # 10 s at 48 kHz: HTSAT-tiny's fixed input length
@@ -114,13 +113,6 @@ class BpeTokenizer:
                 f"missing, empty or wrong. {fix}")
 
 
-def _file_digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()[:12]
-
-
 class RobertaBpe(BpeTokenizer):
     """RoBERTa's byte-level BPE (roberta-base vocab.json + merges.txt), as laion-clap tokenizes."""
 
@@ -143,7 +135,7 @@ class RobertaBpe(BpeTokenizer):
         self.pad_id = self._tok.pad_token_id
         self.unk_id = self._tok.unk_token_id
         self.special_ids = frozenset(self._tok.all_special_ids)
-        self.id = f"roberta-bpe-{_file_digest(vocab, merges)}"
+        self.id = f"roberta-bpe-{sha256_file(vocab, merges)[:12]}"
         self.check(f"{vocab} + {merges}", fix)
 
     def encode(self, text: str) -> list[int]:
@@ -168,55 +160,11 @@ class ClipBpe(BpeTokenizer):
         self.vocab_size = len(self._tok.encoder) + 1
         self.pad_id, self.unk_id = 0, None
         self.special_ids = frozenset({0, self.sot, self.eot})
-        self.id = f"clip-bpe-{_file_digest(path)}"
+        self.id = f"clip-bpe-{sha256_file(path)[:12]}"
         self.check(str(path), "Reinstall laion-clap==1.1.7.")
 
     def encode(self, text: str) -> list[int]:
         return [self.sot] + [i + 1 for i in self._tok.encode(text)] + [self.eot]
-
-
-# ---------------------------------------------------------------------------------------------
-# Safe checkpoint loading.
-
-def _safe_globals() -> list:
-    import numpy as np
-
-    # numpy scalars (epoch, lr, ...) as training scripts store them: harmless constructors.
-    return [np.core.multiarray.scalar, np.dtype] + list({type(np.dtype(t)) for t in "?bhilqBHILQefdgFD"})
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only torch's weights_only allow-list (+ numpy scalars): for files
-    written with pickle protocol >= 3, whose opcodes torch's weights_only unpickler rejects
-    ("Unsupported operand 149"). Nothing outside the list is imported or called."""
-
-    def find_class(self, module: str, name: str):
-        allowed = dict(torch._weights_only_unpickler._get_allowed_globals())
-        allowed.update({f"{g.__module__}.{g.__qualname__}": g for g in _safe_globals()})
-        if f"{module}.{name}" not in allowed:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not a tensor/weight type)")
-        return allowed[f"{module}.{name}"]
-
-
-class _RestrictedPickle:
-    Unpickler = _RestrictedUnpickler
-    __name__ = "siren_restricted_pickle"
-
-    @staticmethod
-    def load(f, **kwargs):
-        return _RestrictedUnpickler(f, **kwargs).load()
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A torch checkpoint without executing code from it: weights_only=True, or for pickle
-    protocols weights_only cannot parse, the same allow-list through a restricted unpickler."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported operand" not in str(e):
-            raise pickle.UnpicklingError(f"{path}: not loadable as plain weights: {e}") from None
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
 
 
 def laion_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
@@ -298,7 +246,7 @@ class Clap(nn.Module):
                     f"the path of a laion-clap checkpoint; `{assets.PREFETCH} clap` fetches the default)")
             self.tokenizer = RobertaBpe(assets.require("roberta_vocab"), assets.require("roberta_merges"))
             try:
-                sd = laion_state_dict(load_checkpoint(path))
+                sd = laion_state_dict(load_torch_weights(path))
             except Exception as e:
                 raise ValueError(f"{path} is not a readable laion-clap checkpoint: {e}") from e
             arch = f"{path} does not fit laion-clap HTSAT-tiny non-fusion + RoBERTa (630k-audioset-best.pt does)"
@@ -313,7 +261,7 @@ class Clap(nn.Module):
                 self.model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
                 raise ValueError(f"{arch}: {e}") from None
-            self.weights_label, self.weights_sha256 = "pretrained", assets.sha256(path)
+            self.weights_label, self.weights_sha256 = "pretrained", sha256_file(path)
         self.model.eval().requires_grad_(False)
 
     @property
@@ -394,46 +342,3 @@ class Clap(nn.Module):
         if len(wav) != len(captions):
             raise ValueError(f"{len(wav)} clips but {len(captions)} captions")
         return (self.embed_audio(wav, sample_rate) * self.embed_text(captions).to(self.device)).sum(-1)
-
-
-def _bench(argv: list[str] | None = None) -> int:
-    """``python -m siren.clap [--weights random] [--clips 4]``: time build, text and audio embedding."""
-    import argparse
-    import time
-
-    ap = argparse.ArgumentParser(prog="python -m siren.clap", description="time LAION-CLAP on this machine")
-    ap.add_argument("--weights", default="random", help="pretrained | random | path (default: random)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--captions", type=int, default=16)
-    ap.add_argument("--clips", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
-
-    def best(fn, n: int = 1) -> tuple[float, float]:  # (wall, process CPU) seconds per item, best run
-        runs = []
-        for _ in range(args.repeats):
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            runs.append(((time.perf_counter() - wall) / n, (time.process_time() - cpu) / n))
-        return min(runs)
-
-    wall, cpu = time.perf_counter(), time.process_time()
-    clap = Clap(ClapConfig(weights=args.weights, seed=args.seed))
-    build = (time.perf_counter() - wall, time.process_time() - cpu)
-    g = torch.Generator().manual_seed(0)
-    captions = [f"a dog barks {i} times while rain falls on a tin roof" for i in range(args.captions)]
-    wav = 0.1 * torch.randn(args.clips, 10 * 16_000, generator=g)
-    rows = [("build (incl. laion_clap import)", build),
-            (f"text: embed {args.captions} captions (all)", best(lambda: clap.embed_text(captions))),
-            ("audio: 10 s clip, batch 1 (per clip)", best(lambda: clap.embed_audio(wav[:1]))),
-            (f"audio: 10 s clips, batch {args.clips} (per clip)", best(lambda: clap.embed_audio(wav), args.clips))]
-    print(f"LAION-CLAP {clap.id} on {clap.device}, torch threads {torch.get_num_threads()}, "
-          f"best of {args.repeats} (CPU s = process CPU time: compare it on a shared machine)")
-    print(f"| {'what':46s} | wall s | CPU s |\n|{'-' * 48}|--------|-------|")
-    for what, (w, c) in rows:
-        print(f"| {what:46s} | {w:6.3f} | {c:5.2f} |")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_bench())

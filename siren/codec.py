@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from siren import assets
+from siren.io import sha256_file
 
 SAMPLE_RATE = 16_000
 N_LAYERS = 12
@@ -63,7 +64,7 @@ class Codec(nn.Module):
             if bad:
                 raise ValueError(f"{path} is not the 16 kHz 12-layer DAC: (file, expected) differ for {bad}")
             self.dac.load_state_dict(ckpt["state_dict"])
-            self.weights_label, self.weights_sha256 = "pretrained", assets.sha256(path)
+            self.weights_label, self.weights_sha256 = "pretrained", sha256_file(path)
         self.dac.eval().requires_grad_(False)
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -83,7 +84,47 @@ def load_config(schema: type[T], args: Sequence[str] = (), presets: Presets | No
                              merge=False)
         except (ValidationError, ConfigKeyError) as e:
             raise ConfigError(f"bad value for '{key}': {value!r} ({str(e).splitlines()[0]})") from None
-    return OmegaConf.to_object(cfg)
+    out = OmegaConf.to_object(cfg)
+    _check_finite(out)
+    return out
+
+
+def _check_finite(cfg: Any, prefix: str = "") -> None:
+    """Every float of every config is finite: nan/inf in a config is always a typo or a bug."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_finite(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number, got {v}")
+
+
+def check_numbers(cfg: Any, prefix: str = "", positive: Sequence[str] = (), nonneg: Sequence[str] = ()) -> None:
+    """Range checks for a config's __post_init__: ``positive`` fields > 0, ``nonneg`` fields >= 0."""
+    for names, ok, word in ((positive, lambda v: v > 0, "> 0"), (nonneg, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            v = getattr(cfg, name)
+            if not ok(v) or (isinstance(v, float) and not math.isfinite(v)):
+                raise ConfigError(f"{prefix}{name} must be {word}, got {v}")
+
+
+def defaults(schema: type) -> dict[str, Any]:
+    """Every settable dotted key of ``schema`` with its default value (for --help)."""
+    flat, stack = {}, [("", dataclasses.asdict(schema()))]
+    while stack:
+        prefix, d = stack.pop()
+        for k, v in d.items():
+            if isinstance(v, dict) and _is_group(schema, f"{prefix}{k}"):
+                stack.append((f"{prefix}{k}.", v))
+            else:
+                flat[f"{prefix}{k}"] = v
+    return {k: flat[k] for k in field_paths(schema) if k in flat}
+
+
+def _is_group(schema: type, dotted: str) -> bool:
+    for name in dotted.split("."):
+        schema = _sub_schema(schema, name) if schema else None
+    return schema is not None
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,8 +1,13 @@
-"""Atomic file writes: a reader never sees a half-written file, a killed job never leaves one."""
+"""File I/O every module shares: atomic writes (a reader never sees a half-written file, a killed
+job never leaves one), the sha256 of data and files, and loading third-party torch weights
+without executing code from them.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,3 +44,63 @@ def save_tensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str
 
     with atomic_path(dest) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def sha256(data: bytes | str) -> str:
+    """Hex sha256 of bytes, or of a string's UTF-8 encoding."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def sha256_file(*paths: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (of several files' bytes, concatenated), read in chunks."""
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _safe_globals() -> list:
+    import numpy as np
+
+    # numpy scalars (epoch, lr, ...) as training scripts store them: harmless constructors.
+    return [np.core.multiarray.scalar, np.dtype] + list({type(np.dtype(t)) for t in "?bhilqBHILQefdgFD"})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only torch's weights_only allow-list (+ numpy scalars): for files
+    written with pickle protocol >= 3, whose opcodes torch's weights_only unpickler rejects
+    ("Unsupported operand 149"). Nothing outside the list is imported or called."""
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        allowed = dict(torch._weights_only_unpickler._get_allowed_globals())
+        allowed.update({f"{g.__module__}.{g.__qualname__}": g for g in _safe_globals()})
+        if f"{module}.{name}" not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not a tensor/weight type)")
+        return allowed[f"{module}.{name}"]
+
+
+class _RestrictedPickle:
+    Unpickler = _RestrictedUnpickler
+    __name__ = "siren_restricted_pickle"
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _RestrictedUnpickler(f, **kwargs).load()
+
+
+def load_torch_weights(path: str | os.PathLike) -> dict:
+    """A torch checkpoint without executing code from it: weights_only=True, or for pickle
+    protocols weights_only cannot parse, the same allow-list through a restricted unpickler."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported operand" not in str(e):
+            raise pickle.UnpicklingError(f"{path}: not loadable as plain weights: {e}") from None
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)

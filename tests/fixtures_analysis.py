@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from siren.data.audio import AudioConfig
 
 CLIP_S = 0.4  # demo clips cut to their first 0.4 s (20 frames): keeps the DAC cheap
@@ -41,7 +40,8 @@ def tiny_run(run_dir: Path, prepared: Path, distribution: str, steps: int = 3) -
             "train.batch_size=4", f"train.steps={steps}", "train.warmup_steps=1", "train.lr=3e-3",
             "train.log_every=1", "train.val_every=0", f"train.ckpt_every={steps}", "train.num_workers=0",
             "train.device=cpu", "train.precision=fp32", "train.crop_s=0"]
-    data = trainer.Stage1Data.from_prepared(trainer.parse(args))  # one codec build for all experts
+    cfg = trainer.parse(args)
+    data = trainer.Stage1Data.from_prepared(cfg.data_dir, None, cfg.train.seed, cfg.codec)  # one codec build
 
     def recorded(cfg, k, tables=None):
         expert = Expert(cfg, k, tables)

@@ -8,6 +8,7 @@ import torch
 from siren.codec import CodeTables
 from siren.config import load_config
 from siren.model import CollaborativeModel, ModelConfig, presets
+from tests.helpers import code_tables
 
 
 @functools.lru_cache(maxsize=1)
@@ -19,9 +20,7 @@ def codec():
 
 def synthetic_tables(seed: int = 0) -> CodeTables:
     """Random stand-in tables with a non-zero out-projection bias (the random DAC's is zero)."""
-    g = torch.Generator().manual_seed(seed)
-    return CodeTables(torch.randn(12, 1024, 8, generator=g), 0.2 * torch.randn(12, 1024, 8, generator=g),
-                      0.1 * torch.randn(12, 1024, generator=g))
+    return code_tables(seed, proj_scale=0.2)
 
 
 def tiny(*overrides: str) -> ModelConfig:

@@ -8,22 +8,15 @@ from pathlib import Path
 import torch
 
 from siren import checkpoint as ckpt
-from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, N_LAYERS, CodeTables
+from siren.codec import CodeTables
 from siren.config import to_dict
-from siren.model import CollaborativeModel, ModelConfig
+from siren.model import CollaborativeModel
+from tests.helpers import code_tables, tiny_model_config  # noqa: F401 (re-exported to the RL tests)
 
 TEXT_DIM = 768
 
 
-def tiny_model_config(distribution: str = "6-2", codec: str = "test-random-tables") -> ModelConfig:
-    return ModelConfig(distribution=distribution, dim=32, main_layers=1, decoder_layers=1, attn_heads=2, codec=codec)
-
-
-def random_tables(seed: int = 0) -> CodeTables:
-    g = torch.Generator().manual_seed(seed)
-    return CodeTables(torch.randn(N_LAYERS, CODEBOOK_SIZE, CODEBOOK_DIM, generator=g),
-                      0.1 * torch.randn(N_LAYERS, 1024, CODEBOOK_DIM, generator=g),
-                      0.1 * torch.randn(N_LAYERS, 1024, generator=g))
+random_tables = code_tables  # the trainer tests' name for them
 
 
 def make_stage1_run(run_dir: Path, distribution: str = "6-2", seed: int = 0, tables: CodeTables | None = None,

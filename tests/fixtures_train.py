@@ -7,10 +7,12 @@ real prepared data (siren.data) is integrated separately. Clips may have differe
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, N_LAYERS, CodeTables
+from siren.codec import CODEBOOK_SIZE, N_LAYERS
+from siren.data.dataset import collate
 from siren.train import Stage1Data, parse
+from tests.helpers import code_tables
 
 TEXT_DIM = 768
 
@@ -25,7 +27,8 @@ class SyntheticClips(Dataset):
             T = frames - (int(torch.randint(0, frames // 3 + 1, (), generator=g)) if ragged else 0)
             L = text_len - (int(torch.randint(0, text_len // 2 + 1, (), generator=g)) if ragged else 0)
             self.items.append({"codes": torch.randint(0, CODEBOOK_SIZE, (N_LAYERS, T), generator=g),
-                               "text": torch.randn(L, TEXT_DIM, generator=g), "id": f"clip{i}",
+                               "text": torch.randn(L, TEXT_DIM, generator=g), "text_mask": torch.ones(L, dtype=torch.bool),
+                               "id": f"clip{i}",
                                "caption": f"synthetic clip {i}"})
 
     def __len__(self) -> int:
@@ -36,33 +39,14 @@ class SyntheticClips(Dataset):
         return self.items[i]
 
 
-def collate(items: list[dict]) -> dict:
-    """Right-pad codes and text; masks mark the real frames / tokens."""
-    B, T, L = len(items), max(x["codes"].shape[1] for x in items), max(x["text"].shape[0] for x in items)
-    codes = torch.zeros(B, N_LAYERS, T, dtype=torch.long)
-    frame_mask = torch.zeros(B, T, dtype=torch.bool)
-    text = torch.zeros(B, L, TEXT_DIM)
-    text_mask = torch.zeros(B, L, dtype=torch.bool)
-    for b, x in enumerate(items):
-        t, l_ = x["codes"].shape[1], x["text"].shape[0]
-        codes[b, :, :t], frame_mask[b, :t] = x["codes"], True
-        text[b, :l_], text_mask[b, :l_] = x["text"], True
-    return {"codes": codes, "frame_mask": frame_mask, "text": text, "text_mask": text_mask,
-            "ids": [x["id"] for x in items], "captions": [x["caption"] for x in items]}
-
-
-def random_tables(seed: int = 0) -> CodeTables:
-    g = torch.Generator().manual_seed(seed)
-    return CodeTables(torch.randn(N_LAYERS, CODEBOOK_SIZE, CODEBOOK_DIM, generator=g),
-                      0.1 * torch.randn(N_LAYERS, 1024, CODEBOOK_DIM, generator=g),
-                      0.1 * torch.randn(N_LAYERS, 1024, generator=g))
+random_tables = code_tables
 
 
 def synthetic_data(n_train: int = 6, n_val: int = 3, frames: int = 12, seed: int = 0, ragged: bool = True,
                    val: bool = True) -> Stage1Data:
-    train = DataLoader(SyntheticClips(n_train, frames, seed=seed, ragged=ragged), collate_fn=collate)
-    test = DataLoader(SyntheticClips(n_val, frames, seed=seed + 1, ragged=ragged), collate_fn=collate) if val else None
-    return Stage1Data(train, test, random_tables(seed), codec={"id": "test-tables", "weights": "random"},
+    train = SyntheticClips(n_train, frames, seed=seed, ragged=ragged)
+    test = SyntheticClips(n_val, frames, seed=seed + 1, ragged=ragged) if val else None
+    return Stage1Data(train, test, collate, random_tables(seed), codec={"id": "test-tables", "weights": "random"},
                       text={"id": "test-text", "weights": "random"})
 
 

@@ -9,7 +9,8 @@ import submitit
 
 from ablations import pipeline
 from ablations.grid import grid_names, load_grid
-from ablations.run import cells_of, main, parse, stage1_dir
+from ablations.plan import cells_of, parse, stage1_dir
+from ablations.run import main
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
 from siren.checkpoint import load_latest
 from siren.config import ConfigError

@@ -11,12 +11,19 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import (convergence, gradient_angles, orthogonality, reward_curves, rvq_depth, semantic_probe, style,
-                      task_vectors)
+from analysis import (
+    convergence,
+    gradient_angles,
+    orthogonality,
+    reward_curves,
+    rvq_depth,
+    semantic_probe,
+    style,
+    task_vectors,
+)
 from analysis.cli import as_list
 from analysis.logs import read_jsonl, read_metric
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
-
 
 
 def rng(seed=0):

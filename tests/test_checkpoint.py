@@ -16,7 +16,6 @@ from siren.train import train
 from tests.fixtures_train import synthetic_data, tiny_config  # noqa: F401
 
 
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Expert 0 of a 6-2 tiny model trained 8 steps (checkpoints at 4 and 8)."""
@@ -180,7 +179,7 @@ def test_load_assembles_all_experts_and_reports_missing(tmp_path):
     assert not torch.equal(partial.experts[1].heads[0].weight, model.experts[1].heads[0].weight)
 
     # the assembled model computes what the trained experts compute: 12 layers of logits
-    b = data.train.collate_fn([data.train.dataset[(0, i)] for i in range(2)])
+    b = data.collate([data.train[(0, i)] for i in range(2)])
     logits = model(b["codes"], b["text"], b["text_mask"])
     assert logits.shape == (*b["codes"].shape, 1024)
 

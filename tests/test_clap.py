@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from siren import assets
-from siren.clap import CLAP_SAMPLE_RATE, CLIP_SAMPLES, Clap, ClapConfig, RobertaBpe, load_checkpoint
+from siren.clap import CLAP_SAMPLE_RATE, CLIP_SAMPLES, Clap, ClapConfig, RobertaBpe
+from siren.io import load_torch_weights as load_checkpoint
+from siren.io import sha256_file
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_clap import random_clap, sine, write_tiny_roberta_vocab
 
@@ -207,7 +209,7 @@ def test_pretrained_file_round_trip(clap, tmp_path, monkeypatch):
     del sd
 
     loaded = Clap(ClapConfig(weights="pretrained"))
-    assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == assets.sha256(ckpt)
+    assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == sha256_file(ckpt)
     assert loaded.tokenizer.id == tok.id and tok.id in loaded.id and loaded.id != clap.id
     assert loaded.card()["checkpoint"] == "630k-audioset-best.pt"
     assert loaded.model.state_dict().keys() == src.keys()

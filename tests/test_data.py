@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 import siren  # noqa: F401  (HF offline)
 from siren.codec import Codec, CodecConfig
 from siren.config import ConfigError
-from siren.data import DataError, PreparedDataset, make_loader
-from siren.data import demo
+from siren.data import DataError, PreparedDataset, demo, make_loader
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize, to_mono
 from siren.data.cache import cache_path, index_path
-from siren.data.manifest import ManifestError, read_manifest
-from siren.data.prepare import main as prepare_main, prepare, write_index
+from siren.data.manifest import read_manifest
+from siren.data.prepare import main as prepare_main
+from siren.data.prepare import prepare, write_index
+from siren.errors import ManifestError
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_data import Counting, tiny_set, write_manifest, write_wav
 
@@ -360,7 +361,7 @@ def test_crops_and_order_are_deterministic(prepared):
     a0, a1 = epoch(a), epoch(a)
     assert same(a0, epoch(b)) and not same(a0, a1)  # same seed: same epoch 0; the epoch advances per pass
     assert not same(a0, epoch(make_loader(prepared, "train", batch_size=2, crop_s=0.2, seed=4)))
-    a.sampler.set_epoch(1, skip=2)  # resume inside epoch 1 after one batch of 2
+    a.batch_sampler.set_epoch(1, skip=2)  # resume inside epoch 1 after one batch of 2
     assert same(epoch(a), a1[1:])
     w = make_loader(prepared, "train", batch_size=2, crop_s=0.2, seed=3, num_workers=1)
     assert same(epoch(w), a0)

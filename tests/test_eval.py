@@ -16,8 +16,9 @@ from eval import card as cards
 from eval.audio import BadAudioError, make_clip
 from eval.audiocaps import EvalConfig, evaluate, main
 from eval.backbones import PannsCnn14, VGGish
-from eval.reference import ManifestError
 from siren.config import ConfigError
+from siren.errors import ManifestError
+from siren.io import sha256_file
 from tests.fixtures_eval import make_reference, synth, write_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,8 @@ def test_random_weights_are_seeded():
 
 
 def test_vggish_is_torchvggish_without_pca_and_final_relu(vggish):
-    from torchvggish import torchvggish as tv, vggish_input
+    from torchvggish import torchvggish as tv
+    from torchvggish import vggish_input
 
     wav = synth(7, 2.9)
     frames = vggish.embed_batch([vggish.prepare(make_clip("v", wav, 16000))])[0]["frames"]
@@ -243,13 +245,14 @@ def test_too_few_clips_and_bad_config_are_errors(sets, tmp_path, capsys):
 
 
 def test_caption_index_selects_the_kth_caption(sets):
-    from eval.reference import read_manifest, select
+    from eval.reference import select
+    from siren.data.manifest import read_manifest
 
     root, manifest, ids = sets
-    items = select(read_manifest(manifest), manifest, caption_index=1)
+    items = select(read_manifest(manifest, unique_ids=False), manifest, caption_index=1)
     assert [it.id for it in items] == ids and items[0].caption.startswith("caption 1 of")
     with pytest.raises(ManifestError, match="fewer captions"):
-        select(read_manifest(manifest), manifest, caption_index=2)
+        select(read_manifest(manifest, unique_ids=False), manifest, caption_index=2)
 
 
 def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, monkeypatch):
@@ -263,7 +266,7 @@ def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, mo
     dest.parent.mkdir(parents=True)
     torch.save({"model": panns.net.state_dict(), "iteration": 0}, dest)
     loaded = PannsCnn14("pretrained")
-    assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == assets.sha256(dest)
+    assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == sha256_file(dest)
     x = torch.from_numpy(synth(3, 2.0))[None]
     torch.testing.assert_close(loaded.forward(x)["logits"], panns.forward(x)["logits"])
 
@@ -272,7 +275,7 @@ def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, mo
                                   out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), metrics="fd,kl"))
     card = results["card"]
     assert card["weights"] == "pretrained" and "WARNING" not in card
-    assert card["backbones"]["fd_kl_is"]["weights_sha256"] == assets.sha256(dest)
+    assert card["backbones"]["fd_kl_is"]["weights_sha256"] == sha256_file(dest)
     assert cards.RANDOM_BANNER not in cards.table([("x", results["metrics"])], card)
 
 

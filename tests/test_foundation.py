@@ -2,6 +2,7 @@
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_assets_list_command_runs_offline(empty_cache):
 
 
 def test_cpu_fixup_is_idempotent_and_packages_import():
-    subprocess.run([sys.executable, "-m", "siren.cpu_fixup"], check=True)
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / ".ci" / "cpu_fixup.py")], check=True)
     code = "import siren, torchaudio, torchvision, dac, laion_clap"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -66,8 +66,9 @@ def test_few_samples_path_equals_covariance_path_and_warns():
 
 
 def test_agrees_with_frechet_audio_distance_implementation():
-    import siren  # noqa: F401  (offline HF settings before laion_clap, which frechet_audio_distance imports)
     from frechet_audio_distance import FrechetAudioDistance
+
+    import siren  # noqa: F401  (offline HF settings before laion_clap, which frechet_audio_distance imports)
 
     rng = np.random.default_rng(2)
     x = rng.standard_normal((500, 32)) @ rng.standard_normal((32, 32))

@@ -7,10 +7,9 @@ import torch.nn.functional as F
 
 from siren.codec import CodeTables
 from siren.config import ConfigError, load_config
-from siren.model import CONDITIONINGS, DISTRIBUTIONS, CollaborativeModel, Expert, ModelConfig, presets
+from siren.model import CONDITIONINGS, DISTRIBUTIONS, CollaborativeModel, Expert, ModelConfig, params, presets
 from siren.model.config import PAPER_SIZES
 from siren.model.embedding import CodeEmbedding
-from siren.model import params
 from tests.fixtures_model import code_batch, codec, synthetic_tables, text_batch, tiny, tiny_model  # noqa: F401
 
 

@@ -9,7 +9,6 @@ import torch
 
 from siren.rl import objective as obj
 
-
 # ---------------------------------------------------------------- Eq. 9-11 on fixed tensors
 
 def eq10_by_hand(logp, logp_old, rewards, mask, gamma, eps_d, eps_u):

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from siren.config import ConfigError
+from siren.data.sampler import EpochBatches
 from siren.model import Expert
-from siren.train import (EXIT_PREEMPTED, EpochBatches, TrainConfig, lr_at, param_groups, parse,
-                         read_log, train)
+from siren.runtime import lr_at, param_groups
+from siren.train import EXIT_PREEMPTED, TrainConfig, parse, read_log, train
 from tests.fixtures_train import random_tables, synthetic_data, tiny_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +238,7 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
 # ---------------------------------------------------------------------------- benchmark
 
 def test_bench_matches_parameters_and_prints_table(capsys):
-    from siren.bench_train import main, matched_single, scale_config
+    from benchmarks.train import main, matched_single, scale_config
     from siren.model.params import model_params
 
     siren_cfg = scale_config("small", "6-2")

@@ -5,6 +5,6 @@
     siren.data.make_loader(prepared_dir, "train", batch_size=8, crop_s=6.0, shuffle=True, seed=0)
 """
 from siren.data.dataset import PreparedDataset, make_loader
-from siren.data.manifest import DataError
+from siren.errors import DataError
 
 __all__ = ["DataError", "PreparedDataset", "make_loader"]

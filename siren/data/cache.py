@@ -9,16 +9,12 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from siren.io import sha256
 
 FORMAT = 1  # layout of the cached files; part of every key, so a new layout never reads an old file
-
-
-def sha256(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 def codes_key(audio_sha256: str, policy: dict, codec_id: str) -> str:

@@ -9,25 +9,29 @@ Batches are dicts (the interface every trainer builds on):
 
 Random crops (appendix B: 6 s segments from the 10 s clips, 50 frames/s) are a pure function of
 (seed, epoch, item index), so a resumed run sees exactly the crops it would have seen.
-The sampler's epoch advances on every pass over the loader; a resumed run sets it with
-``loader.sampler.set_epoch(epoch, skip=samples_already_seen_this_epoch)``.
+Order: ``siren.data.sampler.EpochBatches`` (each pass over a loader is the next epoch; a resumed
+run sets it with ``loader.batch_sampler.set_epoch(epoch, skip=examples_already_seen_this_epoch)``).
 """
 from __future__ import annotations
 
 import json
-from functools import partial
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from siren.codec import FRAME_RATE, N_LAYERS
+from siren.codec import FRAME_RATE, N_LAYERS, CodeTables
 from siren.data.cache import cache_path, index_path
-from siren.data.manifest import DataError
+from siren.data.sampler import epoch_loader
+from siren.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def load_index(prepared_dir: str | Path, split: str) -> dict:
@@ -82,6 +86,9 @@ class PreparedDataset(Dataset):
         t = load_file(cache_path(self.dir, "text", self.items[i]["text"]))
         return {"states": t["states"].float(), "mask": t["mask"], "pooled": t["pooled"]}
 
+    def collate(self, items: list[dict]) -> dict:
+        return collate(items, n_frames=self.crop)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
         codes = self.codes(i)
@@ -110,32 +117,43 @@ def collate(items: list[dict], n_frames: int | None = None) -> dict:
     return batch
 
 
-class EpochSampler(Sampler):
-    """Yields (epoch, index): a seeded permutation per epoch (or the identity); the epoch advances per pass."""
-
-    def __init__(self, n: int, shuffle: bool, seed: int = 0):
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """The next pass is ``epoch``, starting after its first ``skip`` samples (exact resume)."""
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self) -> int:
-        return self.n - self.skip
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, skip = self.epoch, self.skip
-        self.epoch, self.skip = epoch + 1, 0
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
-        return iter([(epoch, int(i)) for i in order[skip:]])
-
-
 def make_loader(prepared_dir: str | Path, split: str = "train", batch_size: int = 8, crop_s: float | None = 6.0,
                 shuffle: bool = True, seed: int = 0, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
-    """Batches of a prepared split. With ``crop_s`` every batch has T = crop_s * 50 frames (shorter
-    items padded, frame_mask False); with ``crop_s=None`` whole items padded to the batch's longest."""
+    """Batches of a prepared split, in ``EpochBatches`` order (each pass is the next epoch). With
+    ``crop_s`` every batch has T = crop_s * 50 frames (shorter items padded, frame_mask False);
+    with ``crop_s=None`` whole items padded to the batch's longest."""
     ds = PreparedDataset(prepared_dir, split, crop_s, seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=EpochSampler(len(ds), shuffle, seed),
-                      collate_fn=partial(collate, n_frames=ds.crop), num_workers=num_workers, drop_last=drop_last,
-                      persistent_workers=False)
+    return epoch_loader(ds, ds.collate, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                        num_workers=num_workers)
+
+
+@dataclass
+class Stage1Data:
+    """What a stage-1 job reads: train/test datasets (indexed by (epoch, index)) with their collate
+    function, the codec's frozen code tables for the embeddings, and the run-config entries of the
+    codec and text encoder the data was made with ({"id", "weights", "config"})."""
+    train: Dataset
+    val: Dataset | None
+    collate: Callable[[list[dict]], dict]
+    tables: CodeTables
+    codec: dict
+    text: dict
+
+    @classmethod
+    def from_prepared(cls, data_dir: str | Path, crop_s: float | None, seed: int, codec_cfg) -> "Stage1Data":
+        """The prepared train/test splits of ``data_dir``; the code tables come from a codec built from
+        ``codec_cfg``, which must be the codec the data was encoded with."""
+        from siren.frontends import build_codec, codec_entry, text_entry
+
+        train = PreparedDataset(data_dir, "train", crop_s, seed)
+        try:
+            val = PreparedDataset(data_dir, "test", crop_s, seed)
+        except DataError as e:
+            log.warning("no validation: %s", e)
+            val = None
+        codec = build_codec(codec_cfg)
+        if train.info["codec"]["id"] != codec.id:
+            raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
+                              f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared "
+                              f"one or prepare again")
+        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(train.info["text"]))

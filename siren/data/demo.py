@@ -5,7 +5,7 @@ classes have distinct spectro-temporal signatures (15 classes, as the paper's se
 in Figure 2-c), parameters drawn per clip so clips of one class differ, captions in natural
 language with some variation, labels = class names.
 
-    python -m siren.data.demo out=data/demo_source      # write wavs + train.csv/test.csv (~1 s)
+    python -m siren.data.demo out=data/demo_source      # write wavs + train.csv/test.csv/eval_subset.txt (~1 s)
     python -m siren.data.prepare manifest=demo out=data/demo codec.weights=random text.weights=random
 
 Sizes: 4 train + 2 test clips per class (60 + 30 clips, 135 s of audio). The codec dominates
@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from siren.codec import SAMPLE_RATE
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 from siren.io import atomic_path
 
 SR = SAMPLE_RATE
@@ -311,25 +310,38 @@ def make_demo(out_dir: str | Path, seed: int = 0, n_train: int = 4, n_test: int 
         w.writeheader()
         w.writerows(rows)
         _write_if_changed(out_dir / f"{split}.csv", buf.getvalue().encode())
+    subset = "".join(f"{c.name}-test-00\n" for c in CLASSES) if n_test else ""
+    _write_if_changed(out_dir / "eval_subset.txt", subset.encode())
     spec = {"version": VERSION, "seed": seed, "n_train": n_train, "n_test": n_test, "sample_rate": SR,
             "duration_s": list(DURATION_S), "classes": [c.name for c in CLASSES], "prepare_audio": AUDIO}
     _write_if_changed(out_dir / "demo.json", (json.dumps(spec, indent=2) + "\n").encode())
     return out_dir / "train.csv"
 
 
-def prepare_demo(out: str | Path, *, codec, text_encoder, seed: int = 0, progress: bool = True) -> Path:
-    """Make the demo set under ``out/demo_source`` and prepare both splits into ``out`` (what
-    ``python -m siren.data.prepare manifest=demo out=...`` does, with models you already hold).
-    Cached: a second call encodes nothing. Returns ``out`` for ``make_loader(out, "train", ...)``."""
-    from siren.data.audio import AudioConfig
-    from siren.data.prepare import prepare
+@dataclass(frozen=True)
+class DemoSet:
+    """The embedded demo set on disk: what every place asking for "demo" gets (``demo_set``)."""
+    train: Path  # manifest (id, audio, caption, label)
+    test: Path
+    subset: Path  # eval subset: the first test clip of every class (one per class)
 
-    train = make_demo(Path(out) / "demo_source", seed=seed)
-    audio = AudioConfig(policy=AUDIO["audio.policy"], duration_s=AUDIO["audio.duration_s"])
-    for split in ("train", "test"):
-        prepare(train.with_name(f"{split}.csv"), out, codec=codec, text_encoder=text_encoder, audio=audio,
-                progress=progress)
-    return Path(out)
+    @classmethod
+    def at(cls, root: str | Path) -> "DemoSet":
+        """Where the demo set under ``root`` lies (made or not: ``demo_set`` makes it)."""
+        root = Path(root)
+        return cls(root / "train.csv", root / "test.csv", root / "eval_subset.txt")
+
+
+def demo_set(root: str | Path | None = None, seed: int = 0) -> DemoSet:
+    """The demo set under ``root`` (default ``$SIREN_CACHE/demo``), made on first use (idempotent:
+    identical files are left untouched). The one provider of "demo" data: prepare (``manifest=demo``),
+    eval (``ref=demo``), the analysis probes (``data=demo``) and the grids all call it."""
+    if root is None:
+        from siren.assets import cache_dir
+
+        root = cache_dir() / "demo"
+    make_demo(root, seed=seed)
+    return DemoSet.at(root)
 
 
 @dataclass
@@ -339,16 +351,24 @@ class DemoConfig:
     n_train: int = 4  # clips per class
     n_test: int = 2
 
+    def __post_init__(self):
+        check_numbers(self, positive=("n_train",), nonneg=("n_test", "seed"))
 
-def main(argv: list[str] | None = None) -> None:
+
+def main(argv: list[str] | None = None) -> int:
     import time
 
-    cfg = load_config(DemoConfig, sys.argv[1:] if argv is None else argv)
+    from siren import cli
+
+    cfg = load_config(DemoConfig, cli.start(argv))
     t = time.perf_counter()
     train = make_demo(cfg.out, cfg.seed, cfg.n_train, cfg.n_test)
     print(f"demo set ({len(CLASSES)} classes, {cfg.n_train}+{cfg.n_test} clips per class, seed {cfg.seed}) in "
           f"{time.perf_counter() - t:.1f} s: {train} and {train.with_name('test.csv')}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from siren.cli import run
+
+    run(main, DemoConfig, __doc__)

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from siren.errors import DataError, ManifestError
+from siren.errors import ManifestError
 
 REQUIRED = ("id", "audio", "caption")
 OPTIONAL = ("label",)
@@ -52,8 +52,11 @@ def _read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     return [c for c in columns if c not in missing_somewhere], records
 
 
-def read_manifest(path: str | Path) -> list[Row]:
-    """Rows of a CSV/JSONL manifest with columns id, audio, caption and optional label."""
+def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
+    """Rows of a CSV/JSONL manifest with columns id, audio, caption and optional label. The one
+    manifest reader of the project: prepare, eval references and RL prompts read through it.
+    ``unique_ids=False`` for reference sets that list several captions of one clip as rows with the
+    same id (AudioCaps: 5 per clip)."""
     path = Path(path).expanduser().resolve()
     if path.suffix not in EXTENSIONS:
         raise ManifestError(f"{path}: unknown manifest extension '{path.suffix}'; use one of {', '.join(EXTENSIONS)}")
@@ -78,8 +81,30 @@ def read_manifest(path: str | Path) -> list[Row]:
                         vals["label"] or None))
     if blank:
         raise ManifestError(f"{path}: {len(blank)} row(s) with empty required values: " + "; ".join(blank[:20]))
-    dups = sorted(i for i, c in Counter(r.id for r in rows).items() if c > 1)
+    dups = sorted(i for i, c in Counter(r.id for r in rows).items() if c > 1) if unique_ids else []
     if dups:
         raise ManifestError(f"{path}: duplicate id(s) {', '.join(dups[:20])}{' ...' if len(dups) > 20 else ''}; "
                             f"ids must be unique")
     return rows
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Captions (e.g. stage-2 prompts) from a .txt (one per line), or a .csv / .jsonl with a 'caption'
+    column (other columns, id and audio included, are optional here)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ManifestError(f"{path}: captions file does not exist (a .txt, .csv or .jsonl of captions)")
+    if path.suffix in EXTENSIONS:
+        columns, records = _read_records(path)
+        if "caption" not in columns and not any("caption" in r for _, r in records):
+            raise ManifestError(f"{path}: no 'caption' column (columns: {columns})")
+        missing = [n for n, r in records if "caption" not in r]
+        if missing:
+            raise ManifestError(f"{path}:{missing[0]}: no 'caption' in this record")
+        caps = ["" if r["caption"] is None else str(r["caption"]) for _, r in records]
+    else:
+        caps = path.read_text(encoding="utf-8").splitlines()
+    caps = [c.strip() for c in caps if c and c.strip()]
+    if not caps:
+        raise ManifestError(f"{path} holds no caption")
+    return caps

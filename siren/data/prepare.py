@@ -17,9 +17,9 @@ On-disk layout and cache keys: siren/data/cache.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +30,16 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from siren.codec import FRAME_RATE, SAMPLE_RATE, CodecConfig
-from siren.config import load_config
+from siren.config import check_numbers, load_config
+from siren.runtime import check_device
 from siren.data.audio import AudioConfig, AudioError, load_audio, n_frames, standardize
-from siren.data.cache import cache_path, codes_key, index_path, shard_path, sha256, text_key
-from siren.data.manifest import DataError, Row, read_manifest
-from siren.io import save_tensors, write_json
+from siren.data.cache import cache_path, codes_key, index_path, shard_path, text_key
+from siren.data.manifest import Row, read_manifest
+from siren.errors import DataError
+from siren.io import save_tensors, sha256, write_json
 from siren.text import TextConfig
+
+log = logging.getLogger(__name__)
 
 TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 ON_ERROR = ("stop", "skip")
@@ -72,10 +76,10 @@ class PrepareReport:
 
 
 def _header(codec, text_encoder, audio: AudioConfig, text_dtype: str, manifest: Path, manifest_sha: str) -> dict:
+    from siren.frontends import codec_entry, text_entry
+
     return {"manifest": str(manifest), "manifest_sha256": manifest_sha, "frame_rate": FRAME_RATE,
-            "codec": {"id": codec.id, "weights": getattr(codec, "weights_label", "unknown")},
-            "text": {"id": text_encoder.id, "weights": getattr(text_encoder, "weights_label", "unknown"),
-                     "dtype": text_dtype},
+            "codec": codec_entry(codec), "text": {**text_entry(text_encoder), "dtype": text_dtype},
             "audio": audio.key()}
 
 
@@ -191,8 +195,8 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     rep.text_encoded, rep.text_cached = len(text_todo), len(captions) - len(text_todo)
     rep.codes_encoded, rep.codes_cached = len(todo), len({keys[i] for i, _ in good}) - len(todo)
     if progress:
-        print(f"{split} shard {shard} of {num_shards}: audio {rep.codes_encoded} to encode, {rep.codes_cached} cached; "
-              f"captions {rep.text_encoded} to encode, {rep.text_cached} cached", file=sys.stderr)
+        log.info("%s shard %d of %d: audio %d to encode, %d cached; captions %d to encode, %d cached", split, shard,
+                 num_shards, rep.codes_encoded, rep.codes_cached, rep.text_encoded, rep.text_cached)
     t = time.perf_counter()
     if text_todo:
         _encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
@@ -300,21 +304,30 @@ class PrepareConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     demo_seed: int = 0  # manifest=demo only
 
+    def __post_init__(self):
+        check_numbers(self, positive=("num_shards", "workers", "batch_size", "text_batch_size"), nonneg=("demo_seed",))
+        if self.shard >= self.num_shards:
+            raise DataError(f"shard={self.shard} must be < num_shards={self.num_shards} (or -1: every shard)")
+        if self.text_dtype not in TEXT_DTYPES or self.on_error not in ON_ERROR:
+            raise DataError(f"text_dtype must be one of {list(TEXT_DTYPES)} and on_error one of {list(ON_ERROR)}; "
+                            f"got {self.text_dtype!r}, {self.on_error!r}")
+        check_device(self.device)
+
 
 def _models(cfg: PrepareConfig):
-    from siren.codec import Codec
-    from siren.text import TextEncoder
+    from siren.frontends import build_codec, build_text
+    from siren.runtime import resolve_device
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    return Codec(cfg.codec).to(device), TextEncoder(cfg.text).to(device)
+    device = resolve_device(cfg.device)
+    return build_codec(cfg.codec, device), build_text(cfg.text, device)
 
 
 def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
     if cfg.manifest == "demo":
-        from siren.data.demo import make_demo
+        from siren.data.demo import demo_set
 
-        train = make_demo(Path(cfg.out) / "demo_source", seed=cfg.demo_seed)
-        return [(train, "train"), (train.with_name("test.csv"), "test")]
+        demo = demo_set(Path(cfg.out) / "demo_source", seed=cfg.demo_seed)
+        return [(demo.train, "train"), (demo.test, "test")]
     if not cfg.manifest:
         raise DataError("manifest=<path to .csv/.jsonl> (or manifest=demo) is required")
     return [(Path(cfg.manifest), cfg.split or Path(cfg.manifest).stem)]
@@ -336,8 +349,7 @@ def _run_shard(cfg, manifest, split, codec, text_encoder, shard, num_shards) -> 
                    text_batch_size=cfg.text_batch_size, on_error=cfg.on_error)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+def parse(args: Sequence[str]) -> PrepareConfig:
     defaults = []
     if "manifest=demo" in args:
         from siren.data.demo import AUDIO
@@ -348,14 +360,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise DataError("out=<prepared directory> is required")
     if cfg.step not in ("all", "index"):
         raise DataError(f"step must be 'all' or 'index', got '{cfg.step}'")
+    return cfg
+
+
+def run(cfg: PrepareConfig) -> list[Path]:
+    """What ``python -m siren.data.prepare`` does: encode the shards (all, or ``cfg.shard``), then write
+    the index of every split; returns the index paths (none when one shard of several was encoded)."""
     t0 = time.perf_counter()
     splits = _splits(cfg)
     n = max(cfg.num_shards, cfg.workers) if cfg.shard < 0 else cfg.num_shards
     if cfg.step == "all" and cfg.shard >= 0:  # one job-array element
-        print("\n".join(_worker(cfg, splits, [cfg.shard], n)))
-        print(f"shard {cfg.shard} of {n} done; after every shard: python -m siren.data.prepare "
-              f"{shlex.quote('manifest=' + cfg.manifest)} {shlex.quote('out=' + cfg.out)} num_shards={n} step=index")
-        return
+        for line in _worker(cfg, splits, [cfg.shard], n):
+            log.info(line)
+        log.info("shard %d of %d done; after every shard: python -m siren.data.prepare %s %s num_shards=%d step=index",
+                 cfg.shard, n, shlex.quote("manifest=" + cfg.manifest), shlex.quote("out=" + cfg.out), n)
+        return []
     if cfg.step == "all" and cfg.workers > 1:  # worker w takes shards w, w + workers, ...
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -364,16 +383,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         with ProcessPoolExecutor(w, mp_context=mp.get_context("spawn")) as ex:
             for lines in ex.map(_worker, [cfg] * w, [splits] * w, [list(range(i, n, w)) for i in range(w)],
                                 [n] * w, [threads] * w):
-                print("\n".join(lines))
+                for line in lines:
+                    log.info(line)
     elif cfg.step == "all":
-        print("\n".join(_worker(cfg, splits, list(range(n)), n)))
-    for _, split in splits:
-        idx = json.loads(write_index(cfg.out, split, n).read_text())
-        warn = [f"{k} weights are {idx[k]['weights'].upper()}" for k in ("codec", "text") if idx[k]["weights"] != "pretrained"]
-        print(f"{index_path(cfg.out, split)}: {idx['num_items']} items, {len(idx['skipped'])} skipped; codec "
-              f"{idx['codec']['id']}, text {idx['text']['id']}" + (f" ({'; '.join(warn)})" if warn else ""))
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+        for line in _worker(cfg, splits, list(range(n)), n):
+            log.info(line)
+    indexes = [write_index(cfg.out, split, n) for _, split in splits]
+    log.info("done in %.1f s", time.perf_counter() - t0)
+    return indexes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from siren import cli
+
+    for path in run(parse(cli.start(argv))):
+        idx = json.loads(path.read_text())
+        warn = [f"{k} weights are {idx[k]['weights'].upper()}" for k in ("codec", "text")
+                if idx[k]["weights"] != "pretrained"]
+        print(f"{path}: {idx['num_items']} items, {len(idx['skipped'])} skipped; codec {idx['codec']['id']}, "
+              f"text {idx['text']['id']}" + (f" ({'; '.join(warn)})" if warn else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from siren.cli import run as run_cli
+
+    run_cli(main, PrepareConfig, __doc__)

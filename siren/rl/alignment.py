@@ -28,15 +28,11 @@ models run without dropout (they have none) and sample at sample.temperature.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
-import json
-import os
-import shutil
-import sys
+import logging
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,131 +40,16 @@ import torch
 
 from siren import checkpoint as ckpt
 from siren import io
-from siren.codec import FRAME_RATE, CodecConfig
-from siren.config import ConfigError, load_config, to_dict
+from siren.config import to_dict
+from siren.errors import ConfigError, SirenError
 from siren.model import CollaborativeModel, Expert
 from siren.rl import objective as obj
-from siren.rl.reward import RewardConfig
+from siren.rl.config import RESUMABLE_CHANGES, AlignConfig, parse, read_prompts
 from siren.rl.rollout import Rollouts, action_logprobs, collect, trainable_experts
-from siren.sample import SampleConfig
-from siren.text import TextConfig
-from siren.train import EXIT_PREEMPTED, RunLog, StopRequest, param_groups
+from siren.rl.run_dir import check_same, load_stage1, prepare_out
+from siren.runtime import EXIT_PREEMPTED, RunLog, autocast, derive_seed, param_groups, resolve_device, stop_on_signal
 
-METHODS = ("grpo", "dpo")
-# Keys that may change when a run resumes: they cannot change the numbers of the steps already
-# taken (steps extends or shortens the run; the rest is bookkeeping or memory).
-RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_last", "device", "micro_batch", "decode_batch",
-                     "link")
-
-
-@dataclass
-class AlignConfig:
-    run_dir: str = ""  # stage-1 run directory (read only)
-    out: str = ""  # the new run directory (stage-1 experts linked + the aligned expert(s))
-    prompts: str = ""  # captions: .txt (one per line) or .csv / .jsonl with a 'caption' column
-    align: str = "anti_causal"  # anti_causal: train the first n experts | causal: the last n (Table 7)
-    n: int = 1  # experts trained (1 = Siren, 2 = Table 7 row 2)
-    method: str = "grpo"  # grpo (Eq. 10) | dpo (Figure 5)
-    steps: int = 2000  # section 5.1: the first transformer is fine-tuned for 2K more steps
-    batch: int = 8  # B prompts per step (Algorithm 3 line 2)
-    group: int = 8  # G rollouts per prompt (line 4)
-    mu: int = 1  # policy updates per rollout batch (line 7)
-    gamma: float = 0.1  # advantage filter |A_i| >= gamma (Eq. 10)
-    eps_d: float = 0.2  # lower clip 1 - eps_d (Eq. 10)
-    eps_u: float = 0.28  # upper clip 1 + eps_u (Eq. 10)
-    beta: float = 0.1  # DPO temperature
-    kl_coef: float = 0.0  # coefficient of KL(pi || stage-1) in the GRPO loss; 0 = logged only
-    log_kl: bool = True  # compute the KL to the stage-1 policy (needs a frozen copy of the trainable experts)
-    lr: float = 1e-6
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm over the trainable experts; 0 = off
-    seconds: float = 10.0  # rollout length: the paper's 10 s clips (500 frames at 50 Hz)
-    rollout_batch: int = 0  # rollouts sampled together; 0 = all B*G at once
-    micro_batch: int = 16  # rollouts per forward/backward of the update; 0 = all at once
-    decode_batch: int = 8  # rollouts decoded + scored together
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA) | bf16 | fp32
-    log_every: int = 1
-    ckpt_every: int = 100
-    keep_last: int = 2  # >= 2: a crash between saving two experts must leave a common step
-    link: str = "hardlink"  # frozen experts in out/: hardlink (falls back to copy) | copy | symlink
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    codec: CodecConfig = field(default_factory=CodecConfig)
-    text: TextConfig = field(default_factory=TextConfig)  # the stage-1 run's frozen text encoder
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
-        if self.align not in ("anti_causal", "causal"):
-            raise ConfigError(f"align must be anti_causal or causal, got '{self.align}'")
-        for key in ("n", "steps", "batch", "mu", "log_every", "ckpt_every", "decode_batch"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.group < 2:
-            raise ConfigError(f"group must be >= 2 (advantages and DPO pairs compare rollouts of one prompt), "
-                              f"got {self.group}")
-        if self.keep_last < 2:
-            raise ConfigError(f"keep_last must be >= 2 (got {self.keep_last}): with several trainable experts a "
-                              f"job killed between their checkpoints must leave a step they all have")
-        if self.gamma < 0 or self.eps_d <= 0 or self.eps_d >= 1 or self.eps_u <= 0:
-            raise ConfigError(f"need gamma >= 0, 0 < eps_d < 1, eps_u > 0; got gamma={self.gamma}, "
-                              f"eps_d={self.eps_d}, eps_u={self.eps_u}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"precision must be auto, bf16 or fp32, got '{self.precision}'")
-        if self.link not in ("hardlink", "copy", "symlink"):
-            raise ConfigError(f"link must be hardlink, copy or symlink, got '{self.link}'")
-
-    @property
-    def n_frames(self) -> int:
-        return max(1, round(self.seconds * FRAME_RATE))
-
-
-# ``reward=NAME`` selects a reward model (reward.name=NAME plus its own keys, e.g. reward.weights).
-PRESETS = {"reward": {name: {"reward.name": name} for name in ("clap", "imagebind", "code_match")}}
-
-
-def parse(args: Sequence[str]) -> AlignConfig:
-    cfg = load_config(AlignConfig, args, presets=PRESETS)
-    for key in ("run_dir", "out"):
-        if not getattr(cfg, key):
-            raise ConfigError(f"{key}= is required (python -m siren.rl run_dir=RUN out=NEW_RUN prompts=FILE ...)")
-    if Path(cfg.out).resolve() == Path(cfg.run_dir).resolve():
-        raise ConfigError(f"out={cfg.out} is the stage-1 run itself: stage 2 writes a new run directory")
-    return cfg
-
-
-# ---------------------------------------------------------------------------- prompts
-
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Captions from a .txt (one per line), or a .csv / .jsonl with a 'caption' column."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompts file {p} does not exist (prompts= takes a .txt, .csv or .jsonl of captions)")
-    if p.suffix == ".csv":
-        with open(p, newline="") as f:
-            reader = csv.DictReader(f)
-            if "caption" not in (reader.fieldnames or []):
-                raise ValueError(f"{p}: no 'caption' column (columns: {reader.fieldnames})")
-            caps = [row["caption"] for row in reader]
-    elif p.suffix == ".jsonl":
-        caps = []
-        for i, line in enumerate(p.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    caps.append(json.loads(line)["caption"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{p}:{i}: not a JSON object with a 'caption' ({e})") from None
-    else:
-        caps = p.read_text().splitlines()
-    caps = [c.strip() for c in caps if c and c.strip()]
-    if not caps:
-        raise ValueError(f"{p} holds no caption")
-    return caps
-
+log = logging.getLogger(__name__)
 
 def prompt_batch(prompts: Sequence[str], step: int, batch: int, seed: int) -> list[str]:
     """Captions of step ``step``: an endless stream of seeded permutations (one per epoch),
@@ -176,69 +57,9 @@ def prompt_batch(prompts: Sequence[str], step: int, batch: int, seed: int) -> li
     n, out = len(prompts), []
     for pos in range(step * batch, (step + 1) * batch):
         epoch, i = divmod(pos, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 0, epoch)))
         out.append(prompts[int(order[i])])
     return out
-
-
-# ---------------------------------------------------------------------------- stage-1 run
-
-def load_stage1(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
-                ) -> tuple[CollaborativeModel, list[ckpt.Checkpoint], dict]:
-    """The finished stage-1 model (``siren.load``), each expert's checkpoint and run_dir/config.json."""
-    from siren import load
-
-    model = load(run_dir, device)
-    stage1 = [ckpt.load_latest(ckpt.expert_dir(run_dir, k)) for k in range(model.cfg.n_experts)]
-    return model, stage1, ckpt.read_run_config(run_dir)
-
-
-def _link_tree(src: Path, dest: Path, how: str) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if not f.is_file():
-            continue
-        if how == "symlink":
-            (dest / f.name).symlink_to(f.resolve())
-            continue
-        if how == "hardlink":
-            try:
-                os.link(f, dest / f.name)
-                continue
-            except OSError:  # another filesystem: copy
-                pass
-        shutil.copy2(f, dest / f.name)
-
-
-def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, trainable: list[int],
-                ids: dict) -> None:
-    """Create ``out`` (config.json, frozen experts, alignment.json) or check it belongs to this config."""
-    out = Path(cfg.out)
-    meta = {"config": to_dict(cfg), "source_run": str(Path(cfg.run_dir).resolve()),
-            "source_checkpoints": {k: str(c.path.resolve()) for k, c in enumerate(stage1)},
-            "trainable_experts": trainable, **ids}
-    path = out / "alignment.json"
-    if path.exists():
-        saved = ckpt.read_json(path)
-        ckpt.check_config({k: v for k, v in saved.items() if k != "config"},
-                          {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "config"},
-                          f"{path}", fix="This out= directory belongs to another stage-1 run or reward; use another out=.")
-        ckpt.check_config({"config": saved["config"]}, {"config": json.loads(json.dumps(to_dict(cfg)))}, f"{path}",
-                          ignore=tuple(f"config.{k}" for k in RESUMABLE_CHANGES),
-                          fix="Only these keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"out={out} exists and is not a stage-2 run (no alignment.json); choose a new out=")
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_json(out / "config.json", run_cfg)
-    for k, c in enumerate(stage1):
-        if k in trainable:
-            continue
-        edir = ckpt.expert_dir(out, k)
-        shutil.rmtree(edir, ignore_errors=True)
-        _link_tree(c.path, edir / c.path.name, cfg.link)
-        io.write_text(edir / "latest", c.path.name + "\n")
-    io.write_json(path, meta)  # last: its presence means the frozen experts are in place
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -248,11 +69,6 @@ class AlignResult:
     status: str  # "finished" | "preempted"
     step: int
     out: Path
-
-
-def _autocast(cfg: AlignConfig, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -286,22 +102,8 @@ class _Means:
 
 def _logprobs(experts: list[Expert], ro: Rollouts, idx: torch.Tensor, cfg: AlignConfig,
               device: torch.device) -> torch.Tensor:
-    with _autocast(cfg, device):
+    with autocast(cfg.precision, device):
         return action_logprobs(experts, ro.codes[idx], ro.text[idx], ro.text_mask[idx], cfg.sample.temperature)
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = opt.state_dict()
-    return {f"optim.{i}.{n}": t for i, st in sd["state"].items() for n, t in st.items()}, sd["param_groups"]
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = t
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpoint], prompts: Sequence[str],
@@ -323,7 +125,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
 
     def save(step: int) -> None:
         for k, e, opt in zip(trainable, policy, opts):
-            tensors, groups = _optimizer_tensors(opt)
+            tensors, groups = ckpt.optimizer_tensors(opt)
             src = stage1[k].state
             state = {**{key: v for key, v in src.items() if key not in ("step", "format")}, "stage": 2,
                      "stage1_step": src.get("step"), "rl_step": step, "rl": to_dict(cfg), "rl_optimizer": groups,
@@ -337,30 +139,29 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
         start = int(ckpt.read_json(state_file)["step"])
         for k, e, opt in zip(trainable, policy, opts):
             c = ckpt.Checkpoint(ckpt.expert_dir(out, k) / ckpt.step_name(start))
-            e.load_state_dict(c.model_state())
-            _load_optimizer(opt, c.trainer_state(), c.state["rl_optimizer"])
-        print(f"[siren.rl] resuming {out} from step {start}", file=sys.stderr)
+            weights = c.model_state()
+            ckpt.check_finite_checkpoint(c, weights)
+            ckpt.load_weights(e, weights, c.path / "model.safetensors")
+            ckpt.load_optimizer(opt, c.trainer_state(), c.state["rl_optimizer"], c.path)
+        log.info("resuming %s from step %d", out, start)
     else:
         save(0)  # out/ is a loadable run from the start (step 0 = the stage-1 weights)
     if start >= cfg.steps:
         return AlignResult("finished", start, out)
 
-    log = RunLog(out / "rl", start, True)
-    stop = StopRequest()
-    if handle_signals:
-        stop.install()
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"align {cfg.method} experts {trainable}", dynamic_ncols=True)
     result = None
-    try:
+    with stop_on_signal(handle_signals) as stop, RunLog(out / "rl", start) as runlog, \
+            tqdm(total=cfg.steps, initial=start, desc=f"align {cfg.method} experts {trainable}",
+                 dynamic_ncols=True) as bar:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             captions = prompt_batch(prompts, step, cfg.batch, cfg.seed)  # Algorithm 3 line 2
             # line 3: the old policy is the current one; line 4-5: rollouts and rewards (Eq. 8)
-            with _autocast(cfg, device):
+            with autocast(cfg.precision, device):
                 ro = collect(model, captions, encode_text, cfg.group, cfg.n_frames, cfg.sample,
-                             seed=cfg.seed * 1_000_003 + step, reward=reward, codec=codec,
+                             seed=derive_seed(cfg.seed, 0, step), reward=reward, codec=codec,
                              rollout_batch=cfg.rollout_batch, decode_batch=cfg.decode_batch)
             t1 = time.perf_counter()
             r = ro.rewards
@@ -375,42 +176,44 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             if logp_ref is not None:  # KL(pi_old || stage-1) on the rollouts just sampled
                 entry["kl"] = float(obj.kl_to_reference(logp_old, logp_ref, ro.mask).mean())
             update = _grpo_update if cfg.method == "grpo" else _dpo_update
-            entry.update(update(cfg, policy, opts, params, ro, logp_old, logp_ref, device))
+            entry.update(update(cfg, policy, opts, params, ro, logp_old, logp_ref, device, where=f"step {step + 1}"))
             entry["time_rollout_s"], entry["time_update_s"] = t1 - t0, time.perf_counter() - t1
             done = step + 1
             bar.update(1)
             bar.set_postfix(reward=f"{entry['reward_mean']:.4f}", skipped=entry["skipped"])
             if done % cfg.log_every == 0 or done == cfg.steps or entry["skipped"]:
-                log.write(entry)
-            stopping = stop.signum is not None
-            if stopping or done % cfg.ckpt_every == 0 or done == cfg.steps:
+                runlog.write(entry)
+            stop.preempted = stop.signum is not None
+            if stop.preempted or done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
-            if stopping:
+            if stop.preempted:
                 result = AlignResult("preempted", done, out)
                 break
         else:
             result = AlignResult("finished", cfg.steps, out)
-    finally:
-        bar.close()
-        log.close()
-        if result is not None and result.status == "preempted":
-            stop.chain()
-        else:
-            stop.restore()
     return result
 
 
-def _step(params: list[torch.Tensor], opts: list[torch.optim.Optimizer], grad_clip: float) -> float:
-    """Clip the global grad norm and step; a NaN/inf gradient raises before any weight changes
+class NonFiniteError(SirenError):
+    """A NaN/inf loss or gradient in stage 2: stopped before the update, nothing saved."""
+
+
+def _step(params: list[torch.Tensor], opts: list[torch.optim.Optimizer], grad_clip: float, loss: float,
+          where: str) -> float:
+    """Clip the global grad norm and step; a NaN/inf loss or gradient raises before any weight changes
     (the last checkpoint stays the newest good state)."""
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), error_if_nonfinite=True)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if not (math.isfinite(loss) and torch.isfinite(norm)):
+        raise NonFiniteError(f"stage 2, {where}: non-finite loss ({loss:.4g}) or gradient norm ({float(norm):.4g}); "
+                             f"stopped before the update, nothing saved. Lower lr or resume from the last checkpoint")
     for opt in opts:
         opt.step()
         opt.zero_grad(set_to_none=True)
     return float(norm)
 
 
-def _grpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, logp_ref, device) -> dict:
+def _grpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, logp_ref, device,
+                 where: str) -> dict:
     """Algorithm 3 lines 6-9: Eq. 9 advantages, the gamma filter, mu steps on -J (Eq. 10)."""
     adv, degenerate = obj.group_advantages(ro.rewards)  # Eq. 9, [B, G]
     adv = adv.flatten().to(device)
@@ -433,12 +236,13 @@ def _grpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old,
             loss.backward()
             total += float(loss.detach())
             means.add(stats)
-        norms.append(_step(params, opts, cfg.grad_clip))
+        norms.append(_step(params, opts, cfg.grad_clip, total, where))
         losses.append(total)
     return {**entry, "loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **means.result()}
 
 
-def _dpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, logp_ref, device) -> dict:
+def _dpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, logp_ref, device,
+                where: str) -> dict:
     """Figure 5's DPO: best vs worst rollout of each group, frozen stage-1 reference, mu steps."""
     chosen, rejected, valid = obj.dpo_pairs(ro.rewards)
     chosen, rejected = chosen[valid].to(device), rejected[valid].to(device)
@@ -460,53 +264,36 @@ def _dpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, 
             loss.backward()
             total += float(loss.detach())
             means.add({**stats, "tokens": torch.tensor(float(len(sel)))})
-        norms.append(_step(params, opts, cfg.grad_clip))
+        norms.append(_step(params, opts, cfg.grad_clip, total, where))
         losses.append(total)
     return {**entry, "loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), **means.result()}
 
 
 # ---------------------------------------------------------------------------- CLI
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _check_same(run_cfg: dict, what: str, built: str, how: str, cfg: AlignConfig) -> None:
-    """The rollouts must use the codec / text encoder the stage-1 experts were trained with."""
-    want = (run_cfg.get(what) or {}).get("id")
-    if want != built:
-        raise ConfigError(f"{cfg.run_dir} was trained with {what} {want}; {how} builds {built}. "
-                          f"Set {what}.* to the stage-1 run's ({(run_cfg.get(what) or {}).get('weights')} weights).")
-
-
 def main(argv: Sequence[str] | None = None, clap=None) -> int:
     """CLI entry: 0 when finished, EXIT_PREEMPTED (75) when a signal stopped it after a checkpoint.
 
     ``clap``: an already built ``siren.clap.Clap`` with the text encoder's weights, to reuse
     (a driver running several alignments in one process builds it once)."""
-    cfg = parse(sys.argv[1:] if argv is None else argv)
+    from siren import cli
+    from siren.frontends import build_codec, build_text
+    from siren.rl.reward import build_reward
+
+    cfg = parse(cli.start(argv))
     if not cfg.prompts:
         raise ConfigError("prompts= is required: a .txt/.csv/.jsonl of captions (the paper: the top 1k pairs by "
                           "CLAP score)")
     prompts = read_prompts(cfg.prompts)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model, stage1, run_cfg = load_stage1(cfg.run_dir, device)
-
-    from siren.clap import Clap, ClapConfig
-    from siren.codec import Codec
-    from siren.text import TextEncoder
-
-    from siren.rl.reward import build_reward
 
     codec = None
     if cfg.reward.name != "code_match":  # rewards on audio: decode with the stage-1 run's codec
-        codec = Codec(cfg.codec).to(device)
-        _check_same(run_cfg, "codec", codec.id, f"codec.weights={cfg.codec.weights} codec.seed={cfg.codec.seed}", cfg)
-    clap = clap if clap is not None else Clap(ClapConfig(weights=cfg.text.weights, seed=cfg.text.seed))
-    text_encoder = TextEncoder(cfg.text, clap=clap.to(device))
-    _check_same(run_cfg, "text", text_encoder.id, f"text.weights={cfg.text.weights} text.seed={cfg.text.seed}", cfg)
+        codec = build_codec(cfg.codec, device)
+        check_same(run_cfg, "codec", codec.id, f"codec.weights={cfg.codec.weights} codec.seed={cfg.codec.seed}", cfg.run_dir)
+    text_encoder = build_text(cfg.text, device, clap=clap)
+    check_same(run_cfg, "text", text_encoder.id, f"text.weights={cfg.text.weights} text.seed={cfg.text.seed}", cfg.run_dir)
     reward = build_reward(cfg.reward, device, clap=text_encoder.clap)
     if reward.needs_audio != (codec is not None):
         raise AssertionError(f"reward {reward.id}: needs_audio={reward.needs_audio} but codec is {codec}")
@@ -515,19 +302,18 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     ids = {"reward_id": reward.id, "codec_id": codec.id if codec is not None else None,
            "text_id": text_encoder.id, "weights_labels": labels}
     if any(v == "random" for v in labels.values()):
-        print(f"[siren.rl] WARNING: random weights ({labels}): rewards and the aligned model are smoke-test "
-              f"outputs, not results", file=sys.stderr)
+        log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
     trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)
-    prepare_out(cfg, stage1, run_cfg, trainable, ids)
+    prepare_out(cfg, stage1, run_cfg, trainable, ids, RESUMABLE_CHANGES)
 
     def encode_text(caps: list[str]):
         return text_encoder.encode(caps)
 
     result = align(cfg, model, stage1, prompts, encode_text, reward, codec)
     if result.status == "preempted":
-        print(f"[siren.rl] stopped by signal at step {result.step}; checkpoint in {result.out}; "
-              f"exit {EXIT_PREEMPTED} (requeue)", file=sys.stderr)
+        log.info("stopped by signal at step %d; checkpoint in %s; exit %d (requeue)", result.step, result.out,
+                 EXIT_PREEMPTED)
         return EXIT_PREEMPTED
-    print(f"[siren.rl] {cfg.method} {cfg.align} n={cfg.n} finished at step {result.step}: {result.out} "
-          f"(log {result.out / 'rl' / 'log.jsonl'})", file=sys.stderr)
+    log.info("%s %s n=%d finished at step %d: %s (log %s)", cfg.method, cfg.align, cfg.n, result.step, result.out,
+             result.out / "rl" / "log.jsonl")
     return 0

@@ -18,7 +18,10 @@ import torch
 from torch import Tensor
 
 from siren import assets
+from siren.config import check_numbers
+from siren.errors import ConfigError
 from siren.codec import SAMPLE_RATE
+from siren.io import sha256_file
 
 IMAGEBIND_FILE = "imagebind_huge.pth"
 IMAGEBIND_URL = "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth"
@@ -33,6 +36,11 @@ class RewardConfig:
     code_layer: int = 0  # code_match: which RVQ layer (0-based) ...
     code_value: int = 0  # ... must lie in [code_value, code_value + code_width)
     code_width: int = 1
+
+    def __post_init__(self):
+        if self.name not in ("clap", "imagebind", "code_match"):
+            raise ConfigError(f"reward.name must be clap, imagebind or code_match, got {self.name!r}")
+        check_numbers(self, "reward.", positive=("code_width",), nonneg=("seed", "code_layer", "code_value"))
 
 
 class ClapReward:
@@ -77,7 +85,7 @@ class ImageBindReward:
         self.model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
         self.weights_label = "pretrained"
-        self.id = f"imagebind-huge-{assets.sha256(path)[:16]}"
+        self.id = f"imagebind-huge-{sha256_file(path)[:16]}"
 
     def _audio_inputs(self, audio: Tensor) -> Tensor:
         from imagebind.data import get_clip_timepoints, waveform2melspec

@@ -1,7 +1,7 @@
 """Benchmark: KV-cached sampling vs recomputing the whole prefix every step (Algorithm 2).
 
-    python -m siren.bench_sample                       # small preset, 6-2, T = 500, batch 1 and 8, CPU
-    python -m siren.bench_sample frames=200 batches=4 full=true model.distribution=4-3
+    python -m benchmarks.sample                       # small preset, 6-2, T = 500, batch 1 and 8, CPU
+    python -m benchmarks.sample frames=200 batches=4 full=true model.distribution=4-3
 
 At batch 1 a cached step is a chain of matrix-vector products that reads every weight from
 memory, and a recomputed step is a matrix product over the prefix; the speed-up is therefore

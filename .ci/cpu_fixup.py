@@ -10,7 +10,7 @@ MelSpectrogram; torchvision's transforms and FrozenBatchNorm2d, all this project
 a CPU-only torch we set the unloadable extension files aside and guard torchvision's two
 unconditional fake-kernel registrations. On a CUDA build of torch nothing is touched.
 
-Run by ``.ci/setup`` as ``python -m siren.cpu_fixup``; idempotent.
+Run by ``.ci/setup`` as ``python .ci/cpu_fixup.py`` (install tooling, not part of the library); idempotent.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Stage-1 training throughput: one Siren expert (6-2) vs the single 1-12 model of equal total size.
 
-    python -m siren.bench_train                          # CPU table; GPU rows too when CUDA is present
-    python -m siren.bench_train batch_size=8 steps=5 scale=small
-    python -m siren.bench_train gpu_scale=isolated-3.1b gpu_batch_size=24 peak_tflops=989
+    python -m benchmarks.train                          # CPU table; GPU rows too when CUDA is present
+    python -m benchmarks.train batch_size=8 steps=5 scale=small
+    python -m benchmarks.train gpu_scale=isolated-3.1b gpu_batch_size=24 peak_tflops=989
 
 Each row times ``siren.train.train_step`` (forward, Eq. 6 loss, backward, clipping, AdamW) on
 random codes and text states of the agreed batch format (all frames real); the rows' steps are
@@ -30,7 +30,8 @@ from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS
 from siren.config import load_config
 from siren.model import Expert, ModelConfig, presets
 from siren.model.params import expert_params, model_params
-from siren.train import LossOf, Stats, TrainConfig, param_groups, train_step
+from siren.runtime import param_groups
+from siren.train import LossOf, Stats, TrainConfig, train_step
 
 # bf16 dense tensor-core peaks (vendor datasheets), matched in order against torch's device name.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.0),

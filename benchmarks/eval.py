@@ -1,6 +1,6 @@
 """Benchmark: PANNs embedding throughput (batched vs one file at a time) and cold vs cached evaluation.
 
-    python -m eval.bench [n=64] [seconds=4] [batch_size=16] [weights=random] [metrics=fad,fd,isc,kl,clap]
+    python -m benchmarks.eval [n=64] [seconds=4] [batch_size=16] [weights=random] [metrics=fad,fd,isc,kl,clap]
 
 Clips are synthetic (seeded tones + noise, ``seconds`` long at 16 kHz), written as wav files to a
 temporary folder. "One file at a time" is audioldm_eval's loop: read a file, subtract its mean,

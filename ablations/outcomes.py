@@ -1,0 +1,75 @@
+"""What a grid run produced, for its table: each row's outcome (metric values, itg, failed, pending),
+the caption that says which weights and scale, and the status lines of the jobs."""
+from __future__ import annotations
+
+import json
+
+from ablations import pipeline, steps
+from ablations.grid import Grid
+from ablations.pipeline import Job, JobState
+from ablations.plan import Cell, RunConfig, stage1_dir
+from ablations.tables import Outcome
+
+METRIC_COLUMNS = {"FAD": "fad", "FD": "fd", "ISC": "isc", "KL": "kl", "CLAP": "clap"}  # results.json keys
+WEIGHTS_WORDS = {"random": "RANDOM weights (codec, text encoder and metric backbones): not comparable to published "
+                           "numbers",
+                 "demo": "demo weights (trained on the embedded set)",
+                 "pretrained": "pretrained weights"}
+
+
+def _params(cell: Cell, column: str) -> str:
+    from siren.model.params import model_params
+
+    experts = model_params(steps.model_config(cell.cfg))
+    per_expert = max(e.total for e in experts)
+    n = {"#Parameter": len(experts), "#Single Para.": 1, "#Train Parameter": int(cell.cfg.get("rl.n", 0))}[column]
+    total = per_expert * n
+    return f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
+
+
+def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState]) -> Outcome:
+    mine = {k: s for k, s in states.items() if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}"))}
+    bad = [s for s in mine.values() if s.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}]
+    results = steps.result_path(cell.dir)
+    if not results.is_file():
+        if bad:
+            return Outcome({}, "failed", f"{bad[0].key}: {bad[0].log}")
+        return Outcome({}, "pending")
+    res = json.loads(results.read_text())
+    if res.get("status") == "itg":
+        return Outcome({}, "itg", res.get("reason", ""))
+    values = {col: res["metrics"].get(key) for col, key in METRIC_COLUMNS.items() if col in grid.columns}
+    if {"Loss Mean", "Loss Ratio"} & set(grid.columns):
+        from analysis.convergence import loss_stats
+
+        stats = loss_stats(stage1_dir(cell, run))
+        values.update({"Loss Mean": stats["loss_mean"], "Loss Ratio": stats["loss_ratio"]})
+    for col in ("#Parameter", "#Single Para.", "#Train Parameter"):
+        if col in grid.columns:
+            values[col] = _params(cell, col)
+    return Outcome(values)
+
+
+def weights_of(cells: list[Cell]) -> str:
+    """The weights mode of a run's cells (one per scale)."""
+    return next(iter({c.cfg["weights"] for c in cells}), "pretrained")
+
+
+def caption(run: RunConfig, cells: list[Cell]) -> str:
+    return f"scale={run.scale}; {WEIGHTS_WORDS[weights_of(cells)]}"
+
+
+def source(run: RunConfig, cells: list[Cell]) -> str:
+    """How our rows are labelled in the table, e.g. 'ours (demo, RANDOM weights)'."""
+    w = weights_of(cells)
+    return f"ours ({run.scale}, {'RANDOM weights' if w == 'random' else w + ' weights'})"
+
+
+def status_lines(jobs: list[Job], states: dict[str, JobState], cells: list[Cell]) -> list[str]:
+    rows_of = {c.id: ", ".join(r.label for r in c.rows) for c in cells}
+    lines = [f"{'job':34s} {'state':10s} {'id':>10s}  rows / log"]
+    for job in jobs:
+        st = states[job.key]
+        detail = st.log if st.state != "DONE" and st.log else rows_of.get(job.key.split("/")[0], "")
+        lines.append(f"{job.key:34s} {st.state:10s} {st.job_id:>10s}  {detail}")
+    return lines

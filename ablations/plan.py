@@ -1,0 +1,151 @@
+"""Planning a grid run: the launcher's config, the grid's cells at a scale, and the graph of jobs
+that make them (prepare -> train expert_0..K-1 -> [align] -> eval), each job keyed so that a cell
+or a stage shared by several rows or tables runs once. Nothing here runs or submits anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ablations import steps
+from ablations.executors import KINDS, load_profile
+from ablations.grid import Grid, Row, cell_id, load_grid
+from ablations.pipeline import Job
+from ablations.scales import resolve
+from siren.config import check_numbers, load_config
+from siren.errors import ConfigError
+
+ACTIONS = ("run", "status", "table", "cancel")
+
+
+@dataclass
+class RunConfig:
+    grid: str = "table6"
+    scale: str = "demo"
+    executor: str = "local"  # local | slurm | debug
+    profile: str = "local"  # slurm/profiles/<profile>.yaml (executor=slurm)
+    action: str = "run"
+    retry: bool = False
+    rows: str = ""  # comma-separated row labels; empty = all
+    out: str = "outputs"
+    max_parallel: int = 2  # local executor: jobs at once
+    gpus: int = 0  # per training/alignment/eval job (scale=paper on a cluster: 1)
+    cpus: int = 1  # per training/alignment/eval job (a profile may raise it); prepare takes 2
+    mem_gb: float = 8  # per job (a profile may raise it)
+    train_timeout_min: int = 60 * 24
+    set: dict = field(default_factory=dict)  # cell overrides, dotted keys
+
+    def __post_init__(self):
+        check_numbers(self, positive=("max_parallel", "cpus", "mem_gb", "train_timeout_min"), nonneg=("gpus",))
+
+    @property
+    def root(self) -> Path:
+        """Where this scale's results go: <out>/<scale>/{cells,data,stage1,jobs,logs,tables,figures}."""
+        return Path(self.out) / self.scale
+
+    @property
+    def wanted_rows(self) -> set[str]:
+        return {r for r in self.rows.split(",") if r}
+
+
+@dataclass
+class Cell:
+    id: str
+    dir: Path
+    cfg: dict
+    rows: list[Row]
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.cfg["model.distribution"].split("-")[0])
+
+
+def parse(argv: list[str]) -> RunConfig:
+    sets = {a.split("=", 1)[0][4:]: a.split("=", 1)[1] for a in argv if a.startswith("set.") and "=" in a}
+    cfg = load_config(RunConfig, [a for a in argv if not a.startswith("set.")])
+    cfg.set = sets
+    if cfg.action not in ACTIONS:
+        raise ConfigError(f"unknown action '{cfg.action}'; valid: {', '.join(ACTIONS)}")
+    if cfg.executor not in KINDS:
+        raise ConfigError(f"unknown executor '{cfg.executor}'; valid: {', '.join(KINDS)}")
+    if cfg.executor == "slurm":
+        load_profile(cfg.profile)  # a missing profile names the available ones before anything runs
+    grid = load_grid(cfg.grid)  # names the valid grids if this one does not exist
+    labels = [r.label for r in grid.rows]
+    unknown = [r for r in cfg.wanted_rows if r not in labels]
+    if unknown:
+        raise ConfigError(f"rows {unknown} are not in {cfg.grid}; its rows: {', '.join(labels)}")
+    return cfg
+
+
+def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
+    """The grid's cells at ``cfg.scale`` (rows that resolve to the same config share one cell); every
+    cell's keys are validated by the stages' own config schemas before anything is submitted."""
+    cells: dict[str, Cell] = {}
+    for row in grid.rows:
+        if row.cell is None or (cfg.wanted_rows and row.label not in cfg.wanted_rows):
+            continue
+        resolved = resolve(row.cell, cfg.scale, cfg.set)
+        cid = cell_id(resolved)
+        cells.setdefault(cid, Cell(cid, cfg.root / "cells" / cid, resolved, [])).rows.append(row)
+    for cell in cells.values():
+        steps.validate(cell.cfg, f"{grid.name} row {cell.rows[0].label!r}")
+    return list(cells.values())
+
+
+def data_id(cfg: dict) -> str:
+    return cell_id({k: v for k, v in cfg.items() if k.startswith("data.") or k == "weights"})
+
+
+def stage1_dir(cell: Cell, run: RunConfig) -> Path:
+    """Stage 1 is keyed by the config without stage-2 and eval keys, so every alignment variant of a
+    model (Table 7, Figure 5) and the unaligned cell share one trained run."""
+    sid = cell_id({k: v for k, v in cell.cfg.items() if not k.startswith(("rl.", "eval."))})
+    return run.root / "stage1" / sid
+
+
+def data_paths(cfg: dict, data_dir: Path) -> tuple[str, str, str | None]:
+    """(eval reference manifest, RL prompts, eval subset) of a cell."""
+    if cfg["data.source"] == "demo":
+        from siren.data.demo import DemoSet
+
+        demo = DemoSet.at(data_dir / "demo_source")  # made by the cell's prepare job
+        return str(demo.test), str(demo.train), str(demo.subset)
+    missing = [k for k in ("data.train", "data.test", "data.prompts") if k not in cfg]
+    if missing:
+        raise ConfigError(f"scale=paper needs your manifests: {', '.join(f'set.{k}=FILE' for k in missing)} "
+                          "(id,audio,caption CSV/JSONL: training set, AudioCaps test set, RL prompts)")
+    return cfg["data.test"], cfg["data.prompts"], cfg.get("data.subset")
+
+
+def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
+    """prepare (once per data config) -> train expert_0..K-1 (once per stage-1 config) -> [align] -> eval."""
+    jobs: dict[str, Job] = {}
+    res = dict(gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb)
+    for cell in cells:
+        did = data_id(cell.cfg)
+        data_dir = run.root / "data" / did
+        ref, prompts, subset = data_paths(cell.cfg, data_dir)
+        prep = f"data-{did}"
+        jobs.setdefault(prep, Job(prep, steps.prepare_step, dict(data_dir=str(data_dir), cfg=cell.cfg),
+                                  data_dir / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
+        stage1 = stage1_dir(cell, run)
+        trains = [f"stage1-{stage1.name}/expert_{k}" for k in range(cell.n_experts)]
+        for k, key in enumerate(trains):
+            jobs.setdefault(key, Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1),
+                                                                 data_dir=str(data_dir), expert=k),
+                                     stage1 / f"expert_{k}.done", deps=[prep], timeout_min=run.train_timeout_min,
+                                     resumable=True, array=f"stage1-{stage1.name}", **res))
+        model_dir, before_eval = stage1, trains
+        if "rl.method" in cell.cfg:
+            model_dir, key = cell.dir / "aligned", f"{cell.id}/align"
+            jobs[key] = Job(key, steps.align_step, dict(cfg=cell.cfg, stage1_dir=str(stage1), out=str(model_dir),
+                                                        prompts=prompts),
+                            cell.dir / "aligned.done", deps=trains, timeout_min=run.train_timeout_min,
+                            resumable=True, **res)
+            before_eval = [key]
+        key = f"{cell.id}/eval"
+        ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg
+        jobs[key] = Job(key, steps.eval_step, dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
+                        cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
+    return list(jobs.values())

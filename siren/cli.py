@@ -1,0 +1,83 @@
+"""One shell for every command of the harness (``python -m siren.train``, ``python -m eval.audiocaps``,
+``python ablations/run.py``, ``python -m analysis.<probe>``, ...):
+
+- ``--help``: the command's docstring and every ``key=value`` it takes, with its default;
+- one logging format for status lines on stderr (results go to stdout);
+- a ``SirenError`` (bad input the user can fix) ends in one ``error: ...`` line and exit code 2,
+  a disk-full error in one line naming the path, Ctrl-C in one line and exit code 130;
+  anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from siren.errors import SirenError
+
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+EXIT_ERROR = 2  # bad input (as argparse)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+def start(argv: Sequence[str] | None) -> list[str]:
+    """First line of every command's ``main(argv)``: the arguments (``sys.argv`` when None), with the
+    one log format set up (also when a job calls ``main`` directly, not through ``run``)."""
+    setup_logging()
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The one log format; idempotent (a job that runs several commands in one process sets it once)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_siren", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler._siren = True
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def help_text(schema: type | None, doc: str | None) -> str:
+    """The docstring, then every settable key of ``schema`` with its default."""
+    lines = [(doc or "").strip(), ""]
+    if schema is not None:
+        from siren.config import defaults
+
+        lines.append("keys (key=value; dotted for nested groups):")
+        lines += [f"  {k}={v!r}" for k, v in defaults(schema).items()]
+    return "\n".join(lines).strip() + "\n"
+
+
+def run(main: Callable[[list[str]], int | None], schema: type | None = None, doc: str | None = None,
+        argv: Sequence[str] | None = None) -> NoReturn:
+    """Run a command's ``main(argv)`` under the shell's help, logging and error handling, then exit."""
+    sys.exit(call(main, argv, schema, doc))
+
+
+def call(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, schema: type | None = None,
+         doc: str | None = None) -> int:
+    """``run`` without the exit: the command's exit code (for entry points that return one)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in argv):
+        sys.stdout.write(help_text(schema, doc))
+        return 0
+    setup_logging()
+    try:
+        code = main(argv)
+    except SirenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): what was checkpointed or written is kept; run the same command again to "
+              "continue", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where}; free space or choose a writable folder (out=...), then run the same "
+              f"command again: completed work is kept", file=sys.stderr)
+        code = EXIT_ERROR
+    return code or 0

@@ -1,0 +1,65 @@
+"""The one data order of the project: epochs of seeded permutations, cut into DDP-split batches,
+resumable mid-epoch. Every loader (stage-1 training and validation, the probes) reads through it.
+
+Batches are lists of dataset keys (epoch, index): the dataset draws an item's random crop from
+(seed, epoch, index), so a resumed job that rebuilds the epoch from (seed, epoch) and skips what
+was consumed sees exactly the batches and crops the uninterrupted job would have seen.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from siren.runtime import derive_seed
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of one epoch: a permutation seeded by (seed, epoch), cut into global batches of
+    ``batch_size * world`` (rank r takes its slice of each), the first ``skip`` examples left out.
+    Each pass over the sampler is the next epoch; ``set_epoch`` positions it (exact resume)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1, skip: int = 0, drop_last: bool = True):
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world, self.drop_last = rank, world, drop_last
+        self.epoch, self.skip = epoch, skip
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The next pass is ``epoch``, starting after its first ``skip`` examples (global count)."""
+        self.epoch, self.skip = epoch, skip
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))).tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        order, step = self.order(epoch), self.batch_size * self.world
+        for start in range(skip, self.n, step):
+            if self.drop_last and start + step > self.n:
+                return
+            part = order[start: start + step][self.rank * self.batch_size: (self.rank + 1) * self.batch_size]
+            if part:
+                yield [(epoch, i) for i in part]
+
+    def __len__(self) -> int:
+        step = self.batch_size * self.world
+        return (self.n - self.skip) // step if self.drop_last else math.ceil((self.n - self.skip) / step)
+
+
+def epoch_loader(dataset: Dataset, collate: Callable, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1, drop_last: bool = False, num_workers: int = 0) -> DataLoader:
+    """``dataset`` (indexed by (epoch, index)) read in ``EpochBatches`` order.
+
+    The DataLoader gets its own generator so iterating never draws from the global torch RNG
+    (which the model's dropout uses): a resumed run stays on the uninterrupted run's stream."""
+    sampler = EpochBatches(len(dataset), batch_size, seed, shuffle=shuffle, rank=rank, world=world,
+                           drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0),
+                      persistent_workers=False)

@@ -1,0 +1,66 @@
+"""The front ends of every model, built in one place: the RVQ codec (siren.codec) and the frozen
+text encoder (siren.text, LAION-CLAP's text branch).
+
+A run stores both in its config.json as ``{"id", "weights", "config"}`` (the entries below);
+``run_frontends`` rebuilds them from there for eval, stage 2 and analysis and checks that the
+weights found here give the ids the run was trained with. Nothing is parsed back out of an id.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import torch
+
+from siren.codec import Codec, CodecConfig
+from siren.config import from_dict, to_dict
+from siren.errors import CheckpointError
+from siren.text import TextConfig, TextEncoder
+
+
+def build_codec(cfg: CodecConfig, device: str | torch.device = "cpu") -> Codec:
+    """The frozen codec of ``cfg`` on ``device``; one per (weights, seed, device) per process."""
+    return _codec(cfg.weights, cfg.seed, str(device))
+
+
+@functools.lru_cache(maxsize=4)
+def _codec(weights: str, seed: int, device: str) -> Codec:
+    return Codec(CodecConfig(weights=weights, seed=seed)).to(device)
+
+
+def build_text(cfg: TextConfig, device: str | torch.device = "cpu", clap=None) -> TextEncoder:
+    """The frozen text encoder of ``cfg``; ``clap``: an already built ``siren.clap.Clap`` with the same
+    weights to share (the CLAP score and the reward use the same model)."""
+    return TextEncoder(cfg, clap=clap).to(device)
+
+
+def codec_entry(codec) -> dict[str, Any]:
+    """What a run or a prepared directory records of its codec."""
+    cfg = getattr(codec, "cfg", None)
+    return {"id": codec.id, "weights": getattr(codec, "weights_label", "unknown"),
+            "config": to_dict(cfg) if cfg is not None else None}
+
+
+def text_entry(encoder_or_info) -> dict[str, Any]:
+    """What a run records of its text encoder (from the encoder, or a prepared index's ``text`` entry)."""
+    if isinstance(encoder_or_info, Mapping):
+        return {k: encoder_or_info.get(k) for k in ("id", "weights", "config")}
+    cfg = getattr(encoder_or_info, "cfg", None)
+    return {"id": encoder_or_info.id, "weights": getattr(encoder_or_info, "weights_label", "unknown"),
+            "config": to_dict(cfg) if cfg is not None else None}
+
+
+def run_frontends(run_cfg: Mapping[str, Any], device: str | torch.device = "cpu", where: str = "the run",
+                  clap=None) -> tuple[TextEncoder, Codec]:
+    """The text encoder and codec a run was trained with, rebuilt from its config.json entries."""
+    for what in ("codec", "text"):
+        if not (run_cfg.get(what) or {}).get("config"):
+            raise CheckpointError(f"{where} does not record its {what} configuration (made by an older version of "
+                                  f"the harness); train it again, or add \"config\" to its config.json {what} entry")
+    codec = build_codec(from_dict(CodecConfig, run_cfg["codec"]["config"], f"{where} codec"), device)
+    text = build_text(from_dict(TextConfig, run_cfg["text"]["config"], f"{where} text"), device, clap)
+    for what, built, want in [("text encoder", text.id, run_cfg["text"]["id"]), ("codec", codec.id, run_cfg["codec"]["id"])]:
+        if built != want:
+            raise CheckpointError(f"{where} was trained with {what} {want}, but the weights found here give {built}; "
+                                  f"put the same weights in $SIREN_CACHE (python -m siren.assets list)")
+    return text, codec

@@ -1,0 +1,87 @@
+"""The run directories of stage 2: the stage-1 run it reads (never writes) and the new run it makes,
+which ``siren.load`` reads like a stage-1 run (layout: siren/rl/alignment.py's docstring).
+
+Frozen experts are linked into the new run (hard links, falling back to copies), so they stay
+bit-identical; ``alignment.json`` records the source run, its checkpoints and the reward, codec
+and text-encoder ids, and a second start with another source or reward is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from siren import checkpoint as ckpt
+from siren import io
+from siren.config import to_dict
+from siren.errors import ConfigError, SirenError
+from siren.model import CollaborativeModel
+
+
+def load_stage1(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
+                ) -> tuple[CollaborativeModel, list[ckpt.Checkpoint], dict]:
+    """The finished stage-1 model (``siren.load``), each expert's checkpoint and run_dir/config.json."""
+    from siren import load
+
+    model = load(run_dir, device)
+    stage1 = [ckpt.load_latest(ckpt.expert_dir(run_dir, k)) for k in range(model.cfg.n_experts)]
+    return model, stage1, ckpt.read_run_config(run_dir)
+
+
+def _link_tree(src: Path, dest: Path, how: str) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.is_file():
+            continue
+        if how == "symlink":
+            (dest / f.name).symlink_to(f.resolve())
+            continue
+        if how == "hardlink":
+            try:
+                os.link(f, dest / f.name)
+                continue
+            except OSError:  # another filesystem: copy
+                pass
+        shutil.copy2(f, dest / f.name)
+
+
+def prepare_out(cfg, stage1: list[ckpt.Checkpoint], run_cfg: dict, trainable: list[int], ids: dict,
+                resumable: tuple[str, ...]) -> None:
+    """Create ``out`` (config.json, frozen experts, alignment.json) or check it belongs to this config."""
+    out = Path(cfg.out)
+    meta = {"config": to_dict(cfg), "source_run": str(Path(cfg.run_dir).resolve()),
+            "source_checkpoints": {k: str(c.path.resolve()) for k, c in enumerate(stage1)},
+            "trainable_experts": trainable, **ids}
+    path = out / "alignment.json"
+    if path.exists():
+        saved = ckpt.read_json(path)
+        ckpt.check_config({k: v for k, v in saved.items() if k != "config"},
+                          {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "config"},
+                          f"{path}", fix="This out= directory belongs to another stage-1 run or reward; use another out=.")
+        ckpt.check_config({"config": saved["config"]}, {"config": json.loads(json.dumps(to_dict(cfg)))}, f"{path}",
+                          ignore=tuple(f"config.{k}" for k in resumable),
+                          fix="Only these keys may change on resume: " + ", ".join(resumable) + ".")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise SirenError(f"out={out} exists and is not a stage-2 run (no alignment.json); choose a new out=")
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / "config.json", run_cfg)
+    for k, c in enumerate(stage1):
+        if k in trainable:
+            continue
+        edir = ckpt.expert_dir(out, k)
+        shutil.rmtree(edir, ignore_errors=True)
+        _link_tree(c.path, edir / c.path.name, cfg.link)
+        io.write_text(edir / "latest", c.path.name + "\n")
+    io.write_json(path, meta)  # last: its presence means the frozen experts are in place
+
+
+def check_same(run_cfg: dict, what: str, built: str, how: str, run_dir: str) -> None:
+    """The rollouts must use the codec / text encoder the stage-1 experts were trained with."""
+    want = (run_cfg.get(what) or {}).get("id")
+    if want != built:
+        raise ConfigError(f"{run_dir} was trained with {what} {want}; {how} builds {built}. "
+                          f"Set {what}.* to the stage-1 run's ({(run_cfg.get(what) or {}).get('weights')} weights).")

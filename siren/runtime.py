@@ -1,0 +1,239 @@
+"""What every training loop of the project runs on: processes, devices, precision, stop signals,
+the run log, parameter groups and the learning-rate schedule. Stage 1 (siren.train) and stage 2
+(siren.rl.alignment) both use these; neither imports the other.
+
+Preemption protocol: SIGUSR2 (and SIGTERM outside SLURM) sets a flag; the loop writes a checkpoint
+at the next step boundary and the command exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL) so the
+launcher requeues it. Restarting the same command resumes from the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from siren.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later" -> the launcher requeues
+PRECISIONS = ("auto", "bf16", "fp32")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+# ---------------------------------------------------------------------------- devices and precision
+
+def check_device(name: str, key: str = "device") -> None:
+    """Config-time check of a device name (auto | cpu | cuda | cuda:N)."""
+    if not _DEVICE.match(str(name)):
+        raise ConfigError(f"{key}={name!r} is not a device this harness runs on; use auto, cpu, cuda or cuda:N")
+
+
+def check_precision(name: str, key: str = "precision") -> None:
+    if name not in PRECISIONS:
+        raise ConfigError(f"{key} must be one of {', '.join(PRECISIONS)}, got {name!r}")
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> this process's GPU when CUDA is available, else the CPU; ``cuda`` -> this rank's GPU."""
+    check_device(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but CUDA is not available on this machine; use device=cpu or auto")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; fp32 otherwise."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------- processes
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun (RANK/WORLD_SIZE env) or a multi-task submitit job -> process group; else one process."""
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return Dist()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def any_rank(flag: bool, ranks: Dist, device: torch.device) -> bool:
+    """A flag raised by any process (a signal, a non-finite loss) is raised for all of them."""
+    if ranks.world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def derive_seed(seed: int, a: int = 0, b: int = 0) -> int:
+    """One integer seed from a base seed and up to two counters (epoch, rank, step, ...): the one
+    place the project mixes seeds, so two streams never collide by accident."""
+    return seed * 1_000_003 + a * 7919 + b
+
+
+# ---------------------------------------------------------------------------- stop signals
+
+class StopRequest:
+    """SIGUSR2/SIGTERM handler: remembers the signal; the loop checkpoints at the next step boundary.
+
+    A handler installed before ours (submitit's requeue handler) is called after the
+    checkpoint is safely written, so submitit still requeues a job it launched. Inside a SLURM
+    job only SIGUSR2 stops the loop: preemption and `scancel --signal` deliver SIGTERM just before
+    SIGUSR2, and stopping on the SIGTERM would exit before submitit requeues (a cluster that
+    preempts with SIGTERM then SIGKILL resumes from the last periodic checkpoint)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.preempted = False  # set by the loop once it has checkpointed and is leaving
+        self.previous: dict[int, Any] = {}
+        self.signals = (signal.SIGUSR2,) if "SLURM_JOB_ID" in os.environ else (signal.SIGUSR2, signal.SIGTERM)
+
+    def __call__(self, signum, frame) -> None:
+        self.signum = signum
+
+    def install(self) -> None:
+        for s in self.signals:
+            self.previous[s] = signal.signal(s, self)
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+        self.previous.clear()
+
+    def chain(self) -> None:
+        """Run the pre-existing handler of the caught signal (after our checkpoint)."""
+        prev = self.previous.get(self.signum)
+        self.restore()
+        if callable(prev):
+            prev(self.signum, None)
+
+
+@contextlib.contextmanager
+def stop_on_signal(install: bool = True) -> Iterator[StopRequest]:
+    """The loop's signal handling: on leaving, hand a caught signal on to the previous handler
+    when the loop stopped for it (``stop.preempted``), else just restore the handlers."""
+    stop = StopRequest()
+    if install:
+        stop.install()
+    try:
+        yield stop
+    finally:
+        stop.chain() if stop.preempted and stop.signum is not None else stop.restore()
+
+
+# ---------------------------------------------------------------------------- run log
+
+class RunLog:
+    """JSONL (one object per logged step) + TensorBoard scalars, main process only.
+
+    On resume the entries after the checkpoint's step are dropped (they are recomputed), so
+    log.jsonl always reads as one uninterrupted run."""
+
+    def __init__(self, folder: Path, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(folder) / "log.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        from siren import io
+
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _json_step(line) <= start_step]
+            io.write_text(self.path, "".join(line + "\n" for line in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(Path(folder) / "tb"), purge_step=start_step + 1)
+
+    def write(self, entry: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        prefix = "val/" if entry.get("val") else "train/"
+        for k, v in entry.items():
+            if k not in ("step", "val") and isinstance(v, (int, float)):
+                self.tb.add_scalar(prefix + k, v, entry["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _json_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable (half-written) line is dropped
+
+
+def read_log(folder: str | os.PathLike) -> list[dict]:
+    """The entries of ``folder/log.jsonl`` (a stage-1 expert directory, or a stage-2 ``rl/``)."""
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------- optimisation
+
+NO_DECAY = ("bias", "sos", "pos")  # biases (the code embeddings' [12, d] too), sos vectors, learned positions
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only; none on norms, biases, sos, positions."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        (decay if p.ndim >= 2 and leaf not in NO_DECAY else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) for a config with lr, min_lr, warmup_steps
+    and steps: linear warmup to lr, then cosine decay to min_lr at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
