@@ -50,6 +50,30 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
     return Outcome(values)
 
 
+CALIBRATION_LABELS = {"oracle": "oracle (references through the codec)", "chance": "chance (random codes)"}
+
+
+def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
+                         states: dict[str, JobState]) -> dict[str, Outcome]:
+    """The calibration rows (README: calibration) of the cells' data config, for the metric columns."""
+    from ablations.plan import calibration_dir, data_id
+
+    if not run.calibrated or not cells:
+        return {}
+    out = {}
+    for kind, label in CALIBRATION_LABELS.items():
+        folder = calibration_dir(run, cells[0], kind)
+        results = folder / "results.json"
+        state = states.get(f"calib-{data_id(cells[0].cfg)}/{kind}")
+        if not results.is_file():
+            failed = state is not None and state.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}
+            out[label] = Outcome({}, "failed", f"{state.key}: {state.log}") if failed else Outcome({}, "pending")
+            continue
+        metrics = json.loads(results.read_text())["metrics"]
+        out[label] = Outcome({col: metrics.get(key) for col, key in METRIC_COLUMNS.items() if col in grid.columns})
+    return out
+
+
 def weights_of(cells: list[Cell]) -> str:
     """The weights mode of a run's cells (one per scale)."""
     return next(iter({c.cfg["weights"] for c in cells}), "pretrained")

@@ -33,6 +33,7 @@ class RunConfig:
     cpus: int = 1  # per training/alignment/eval job (a profile may raise it); prepare takes 2
     mem_gb: float = 8  # per job (a profile may raise it)
     train_timeout_min: int = 60 * 24
+    calibration: str = "auto"  # oracle + chance rows: auto (on at scale=demo) | true | false
     set: dict = field(default_factory=dict)  # cell overrides, dotted keys
 
     def __post_init__(self):
@@ -42,6 +43,10 @@ class RunConfig:
     def root(self) -> Path:
         """Where this scale's results go: <out>/<scale>/{cells,data,stage1,jobs,logs,tables,figures}."""
         return Path(self.out) / self.scale
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration == "true" or (self.calibration == "auto" and self.scale == "demo")
 
     @property
     def wanted_rows(self) -> set[str]:
@@ -64,6 +69,8 @@ def parse(argv: list[str]) -> RunConfig:
     sets = {a.split("=", 1)[0][4:]: a.split("=", 1)[1] for a in argv if a.startswith("set.") and "=" in a}
     cfg = load_config(RunConfig, [a for a in argv if not a.startswith("set.")])
     cfg.set = sets
+    if cfg.calibration not in ("auto", "true", "false"):
+        raise ConfigError(f"calibration must be auto, true or false, got {cfg.calibration!r}")
     if cfg.action not in ACTIONS:
         raise ConfigError(f"unknown action '{cfg.action}'; valid: {', '.join(ACTIONS)}")
     if cfg.executor not in KINDS:
@@ -148,4 +155,14 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg
         jobs[key] = Job(key, steps.eval_step, dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
                         cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
+        for kind in steps.CALIBRATIONS if run.calibrated else ():  # once per data config (codec, test set)
+            key, folder = f"calib-{did}/{kind}", calibration_dir(run, cell, kind)
+            jobs.setdefault(key, Job(key, steps.calibration_step, dict(cfg=cell.cfg, kind=kind, ref=ref, subset=subset,
+                                                                       out=str(folder)),
+                                     folder.with_suffix(".done"), deps=[prep], timeout_min=12 * 60, **res))
     return list(jobs.values())
+
+
+def calibration_dir(run: RunConfig, cell: Cell, kind: str) -> Path:
+    """Where a calibration row of a cell's data config is evaluated (shared by every cell on that data)."""
+    return run.root / "calibration" / data_id(cell.cfg) / kind

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = {row.label: outcomes.outcome(cell, grid, run, states) for cell in cells for row in cell.rows}
     caption = outcomes.caption(run, cells)
-    df = build_frame(grid, rows, outcomes.source(run, cells))
+    df = build_frame(grid, rows, outcomes.source(run, cells), outcomes.calibration_outcomes(cells, grid, run, states))
     for ext, p in write_tables(df, grid, caption, run.root / "tables").items():
         print(f"{grid.name}.{ext}: {p}")
     for p in figures.draw(grid, cells, run, caption, run.root / "figures"):

@@ -27,7 +27,9 @@ SCALES: dict[str, dict[str, Any]] = {
     "paper": {
         "weights": "pretrained",
         "data.source": "manifest",
-        "train.crop_s": 6.0,  # appendix B: 6 s crops of 10 s clips
+        # whole 10 s items, so every position that 10 s generation uses is trained (README: Length);
+        # appendix B's 6 s crops: set.train.crop_s=6 (then train, eval and stage 2 warn)
+        "train.crop_s": 10.0,
         "rl.steps": 2000,  # section 5.1: the first transformer is fine-tuned 2K more steps
         "eval.seconds": 10.0, "eval.gen_batch_size": 16,
     },

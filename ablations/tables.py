@@ -22,8 +22,13 @@ class Outcome:
     reason: str = ""
 
 
-def build_frame(grid: Grid, outcomes: Mapping[str, Outcome], source: str) -> pd.DataFrame:
-    """One row per paper row and per our row; `source` names ours, e.g. 'ours (demo, RANDOM weights)'."""
+CALIBRATION = "calibration"  # the source of the oracle / chance rows: they bracket a table, never ranked
+
+
+def build_frame(grid: Grid, outcomes: Mapping[str, Outcome], source: str,
+                calibration: Mapping[str, Outcome] | None = None) -> pd.DataFrame:
+    """One row per paper row and per our row; `source` names ours, e.g. 'ours (demo, RANDOM weights)';
+    then the calibration rows (oracle, chance), if any."""
     records = []
     for row in grid.rows:
         paper = {"itg": True} if row.paper == "itg" else dict(row.paper)
@@ -31,6 +36,9 @@ def build_frame(grid: Grid, outcomes: Mapping[str, Outcome], source: str) -> pd.
                         "Note": "", **{c: paper.get(c) for c in grid.columns}})
         out = outcomes.get(row.label, Outcome({}, "not built", row.needs) if row.cell is None else Outcome({}, "pending"))
         records.append({"Setting": row.label, "Source": source, "Status": out.status, "Note": out.reason,
+                        **{c: out.values.get(c) for c in grid.columns}})
+    for label, out in (calibration or {}).items():
+        records.append({"Setting": label, "Source": CALIBRATION, "Status": out.status, "Note": out.reason,
                         **{c: out.values.get(c) for c in grid.columns}})
     return pd.DataFrame.from_records(records, columns=["Setting", "Source", "Status", "Note", *grid.columns])
 
@@ -46,7 +54,9 @@ def _ranks(df: pd.DataFrame, col: str) -> dict[int, int]:
     if col in DESCRIPTIVE:
         return {}
     out = {}
-    for _, block in df.groupby("Source", sort=False):
+    for name, block in df.groupby("Source", sort=False):
+        if name == CALIBRATION:
+            continue
         vals = pd.to_numeric(block[col], errors="coerce").dropna()
         order = vals.sort_values(ascending=col in LOWER_IS_BETTER).index.tolist()
         out.update({i: r for r, i in enumerate(order[:2])})

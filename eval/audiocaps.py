@@ -263,9 +263,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     return results
 
 
-def evaluate_run(run_dir: str, ref: str, out: str, weights: str, overrides: list[str] = ()) -> dict:
-    """The ablation grid's eval step: ``ckpt=run_dir`` with the cell's eval.* keys; returns the status."""
-    cfg = load_config(EvalConfig, [f"ckpt={run_dir}", f"ref={ref}", f"out={out}", f"weights={weights}", *overrides])
+def evaluate_run(run_dir: str, ref: str, out: str, weights: str, overrides: list[str] = (), gen_dir: str = "") -> dict:
+    """The ablation grid's eval step: ``ckpt=run_dir`` (or ``gen_dir=``: clips made otherwise, e.g. the
+    calibration rows) with the cell's eval.* keys; returns the status."""
+    source = f"gen_dir={gen_dir}" if gen_dir else f"ckpt={run_dir}"
+    cfg = load_config(EvalConfig, [source, f"ref={ref}", f"out={out}", f"weights={weights}", *overrides])
     res = evaluate(cfg)
     return {"status": res["status"], "reason": res.get("reason", ""), "metrics": res["metrics"]}
 

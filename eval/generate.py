@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import siren
-from siren.checkpoint import read_run_config
+from siren.checkpoint import read_run_config, trained_frames, warn_if_past_trained
 from siren.codec import FRAME_RATE, SAMPLE_RATE
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
@@ -38,6 +38,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = siren.load(run_dir, device)
+    warn_if_past_trained(run_dir, max(1, round(seconds * FRAME_RATE)), "eval")
     text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir))
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
@@ -77,6 +78,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             with atomic_path(out_dir / f"{ids[i]}.wav") as tmp:
                 sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
+            "trained_frames": trained_frames(run_dir),
             "batch_size": batch_size, "seed": seed, "sample": vars(sample), "candidates": candidates,
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
             "generated_now": len(todo), "collapsed": collapsed, "device": _device_name(device),

@@ -294,6 +294,26 @@ def write_run_config(run_dir: Path, run_config: Mapping[str, Any]) -> None:
                  fix="Experts of one run must share the model, codec and text encoder: use another run_dir.")
 
 
+def trained_frames(run_dir: str | os.PathLike) -> int | None:
+    """The longest sequence every expert of a run was trained on (frames), when the run records it."""
+    lengths = []
+    for edir in sorted(Path(run_dir).glob("expert_*")):
+        c = load_latest(edir)
+        if c is None or c.state.get("trained_frames") is None:
+            return None
+        lengths.append(int(c.state["trained_frames"]))
+    return min(lengths) if lengths else None
+
+
+def warn_if_past_trained(run_dir: str | os.PathLike, n_frames: int, what: str) -> None:
+    """Generation past the trained length extrapolates the positions (README: "Length")."""
+    limit = trained_frames(run_dir)
+    if limit is not None and n_frames > limit:
+        log.warning("%s generates %d frames (%.1f s) but %s was trained on sequences of at most %d frames (%.1f s): "
+                    "positions past %d are never trained (train on whole items: train.crop_s=10)", what, n_frames,
+                    n_frames / 50, run_dir, limit, limit / 50, limit)
+
+
 def read_run_config(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / "config.json"
     if not path.is_file():

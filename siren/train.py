@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 # Train-config keys that may change when a run resumes (bookkeeping only: they cannot
 # change the loss curve). Every other difference is an error.
+PAPER_GEN_FRAMES = 500  # the paper generates 10 s clips (50 frames/s)
 RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
 
 
@@ -303,6 +304,11 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         if ranks.main:
             log.info("expert %d: resuming from %s (step %d)", k, last.path, last.step)
     start = state["step"]
+    trained = getattr(data.train, "max_frames", None)  # the longest sequence this expert sees
+    if ranks.main and trained is not None and trained < PAPER_GEN_FRAMES:
+        log.warning("expert %d trains on sequences of at most %d frames (%.1f s); generating the paper's 10 s (%d "
+                    "frames) runs past the trained positions (README: Length)", k, trained, trained / 50,
+                    PAPER_GEN_FRAMES)
     if tc.warmup_steps >= tc.steps and ranks.main:
         log.warning("train.warmup_steps=%d >= train.steps=%d: the learning rate only ramps up (peak %.2e)",
                     tc.warmup_steps, tc.steps, lr_at(tc.steps - 1, tc))
@@ -327,7 +333,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         tensors.update(ckpt.rng_tensors(ranks, device))
         if not ranks.main:
             return None
-        meta = {**state, "expert": k, **run_config(cfg, data), "train": to_dict(tc),
+        meta = {**state, "expert": k, **run_config(cfg, data), "train": to_dict(tc), "trained_frames": trained,
                 "optimizer": {"param_groups": groups}, "world_size": ranks.world,
                 "finished": step >= tc.steps, "torch": torch.__version__}
         return ckpt.save(edir, step, model.state_dict(), tensors, meta, tc.keep_last)

@@ -57,6 +57,11 @@ class PreparedDataset(Dataset):
         return len(self.items)
 
     @property
+    def max_frames(self) -> int:
+        """The longest sequence a model trained on this split sees: the crop, or the longest item."""
+        return self.crop or max((it["frames"] for it in self.items), default=0)
+
+    @property
     def ids(self) -> list[str]:
         return [it["id"] for it in self.items]
 

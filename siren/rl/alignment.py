@@ -44,7 +44,7 @@ from siren.config import to_dict
 from siren.errors import ConfigError, SirenError
 from siren.model import CollaborativeModel, Expert
 from siren.rl import objective as obj
-from siren.rl.config import RESUMABLE_CHANGES, AlignConfig, parse, read_prompts
+from siren.rl.config import AlignConfig, parse, read_prompts
 from siren.rl.rollout import Rollouts, action_logprobs, collect, trainable_experts
 from siren.rl.run_dir import check_same, load_stage1, prepare_out
 from siren.runtime import EXIT_PREEMPTED, RunLog, autocast, derive_seed, param_groups, resolve_device, stop_on_signal
@@ -287,6 +287,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     prompts = read_prompts(cfg.prompts)
     device = resolve_device(cfg.device)
     model, stage1, run_cfg = load_stage1(cfg.run_dir, device)
+    ckpt.warn_if_past_trained(cfg.run_dir, cfg.n_frames, "stage 2 (rollouts)")
 
     codec = None
     if cfg.reward.name != "code_match":  # rewards on audio: decode with the stage-1 run's codec
@@ -304,7 +305,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
     trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)
-    prepare_out(cfg, stage1, run_cfg, trainable, ids, RESUMABLE_CHANGES)
+    prepare_out(cfg, stage1, run_cfg, trainable, ids)
 
     def encode_text(caps: list[str]):
         return text_encoder.encode(caps)

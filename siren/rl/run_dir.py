@@ -19,6 +19,7 @@ from siren import io
 from siren.config import to_dict
 from siren.errors import ConfigError, SirenError
 from siren.model import CollaborativeModel
+from siren.rl.config import RESUMABLE_CHANGES, AlignConfig
 
 
 def load_stage1(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
@@ -48,8 +49,8 @@ def _link_tree(src: Path, dest: Path, how: str) -> None:
         shutil.copy2(f, dest / f.name)
 
 
-def prepare_out(cfg, stage1: list[ckpt.Checkpoint], run_cfg: dict, trainable: list[int], ids: dict,
-                resumable: tuple[str, ...]) -> None:
+def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, trainable: list[int],
+                ids: dict) -> None:
     """Create ``out`` (config.json, frozen experts, alignment.json) or check it belongs to this config."""
     out = Path(cfg.out)
     meta = {"config": to_dict(cfg), "source_run": str(Path(cfg.run_dir).resolve()),
@@ -62,8 +63,8 @@ def prepare_out(cfg, stage1: list[ckpt.Checkpoint], run_cfg: dict, trainable: li
                           {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "config"},
                           f"{path}", fix="This out= directory belongs to another stage-1 run or reward; use another out=.")
         ckpt.check_config({"config": saved["config"]}, {"config": json.loads(json.dumps(to_dict(cfg)))}, f"{path}",
-                          ignore=tuple(f"config.{k}" for k in resumable),
-                          fix="Only these keys may change on resume: " + ", ".join(resumable) + ".")
+                          ignore=tuple(f"config.{k}" for k in RESUMABLE_CHANGES),
+                          fix="Only these keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
         return
     if out.exists() and any(out.iterdir()):
         raise SirenError(f"out={out} exists and is not a stage-2 run (no alignment.json); choose a new out=")
