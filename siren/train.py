@@ -4,7 +4,8 @@
 
 Experts share nothing and are trained as separate jobs (one per process group; the outer
 loop of Algorithm 1 is the launcher's job array). The single ``1-12`` model is expert 0 of
-K = 1. Loss: Eq. 6 as computed by ``Expert`` (frame-masked CE summed over owned layers).
+K = 1. Loss: Eq. 6 as computed by ``Expert`` (frame-masked CE averaged over the owned layers as
+the official code, or summed as Eq. 6 writes it: ``train.loss_reduction``).
 Optimiser and data follow appendix B: AdamW at 3e-4, 24 clips per GPU, random 6 s crops of
 the 10 s clips; warmup + cosine decay and clipping are ours (the paper does not say).
 
@@ -37,6 +38,7 @@ from siren.config import ConfigError, load_config, to_dict
 from siren.io import save_tensors
 from siren.model import Expert, ExpertLoss
 from siren.model.config import ModelConfig, presets
+from siren.model.expert import LOSS_REDUCTIONS
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "try again later" -> the launcher requeues
 
@@ -67,8 +69,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     crop_s: float = 6.0  # random crops of this length (appendix B); 0 = whole clips
     num_workers: int = 2
+    loss_reduction: str = "mean"  # over the expert's layers: mean (official code) | sum (Eq. 6 as written)
 
     def __post_init__(self):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(f"train.loss_reduction must be mean or sum, got '{self.loss_reduction}'")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto, bf16 or fp32, got '{self.precision}'")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
@@ -365,12 +370,12 @@ class Stats:
 class LossOf(torch.nn.Module):
     """``forward(batch) = expert.loss(batch)``: DDP synchronises gradients only through forward."""
 
-    def __init__(self, expert: Expert):
+    def __init__(self, expert: Expert, reduction: str = "mean"):
         super().__init__()
-        self.expert = expert
+        self.expert, self.reduction = expert, reduction
 
     def forward(self, batch: dict) -> ExpertLoss:
-        return self.expert.loss(batch)
+        return self.expert.loss(batch, self.reduction)
 
 
 def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[dict], tc: TrainConfig,
@@ -404,7 +409,7 @@ def evaluate(model: Expert, loader: DataLoader, cfg: TrainConfig, device: torch.
         if cfg.val_batches and i >= cfg.val_batches:
             break
         with autocast(cfg, device):
-            out = model.loss(_to_device(batch, device))
+            out = model.loss(_to_device(batch, device), cfg.loss_reduction)
         stats.add(out, out.frames)
     model.train(was_training)
     if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
@@ -540,7 +545,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         print(f"[siren.train] warning: train.warmup_steps={tc.warmup_steps} >= train.steps={tc.steps}: the learning "
               f"rate only ramps up (peak {lr_at(tc.steps - 1, tc):.2e})", file=sys.stderr)
 
-    net = LossOf(model)
+    net = LossOf(model, tc.loss_reduction)
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
