@@ -288,7 +288,7 @@ def test_params_command_prints_table(capsys):
     assert len([l for l in out.splitlines() if l[:1].isdigit()]) == 6
     d = 1024  # Table 2's columns are block / projector / head counts: each printed next to ours
     block = 3 * d + 4 * d * d + (2 * d * d + 2 * 768 * d + 4 * d) + 3 * 2816 * d
-    lines = {l.split("  ")[0]: l for l in out.splitlines()}
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
     assert f"{14 * block:,}" in lines["Main Para."] and f"{12 * (1024 * d + d):,}" in lines["Embed."]
     assert f"{2 * (block - d - (2 * d * d + 2 * 768 * d + 4 * d)):,}" in lines["Decoder Para."]
     assert f"{12 * 1024 * d:,}" in lines["Head Para."]

@@ -103,7 +103,8 @@ class CrossAttention(nn.Module):
         B, L, _ = text.shape
         d = self.q.out_features
         k, v = self.kv(text).view(B, L, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        bias = torch.zeros(text_mask.shape, dtype=k.dtype, device=k.device).masked_fill(~text_mask.bool(), float("-inf"))
+        bias = torch.zeros(text_mask.shape, dtype=k.dtype, device=k.device)
+        bias = bias.masked_fill(~text_mask.bool(), float("-inf"))
         return TextKV(k, v, bias[:, None, None, :])
 
     def forward(self, x: torch.Tensor, text: TextKV) -> torch.Tensor:
