@@ -73,7 +73,10 @@ def test_official_expert_equals_ours(k):
     tables = synthetic_tables(k)
     with torch.no_grad():  # random vectors and 10x matrices: every bias, norm and position placement matters
         for n, p in off.named_parameters():
-            p.normal_(0, 0.3) if p.dim() == 1 or n == "sos" else p.mul_(10)
+            if p.dim() == 1 or n == "sos":
+                p.normal_(0, 0.3)
+            else:
+                p.mul_(10)
         for j, m in enumerate(off.codebooks.layers):
             m.codebook.weight.copy_(tables.codebooks[j])
             m.dac_out.weight.copy_(tables.out_weight[j])
