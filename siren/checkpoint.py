@@ -327,12 +327,12 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
 
     Raises one error listing every expert that is missing, unfinished (its latest checkpoint is
     before train.steps; ``allow_unfinished=True`` takes it anyway) or built for another model."""
-    from siren.config import from_dict
-    from siren.model import CollaborativeModel, ModelConfig
+    from siren.model import CollaborativeModel
+    from siren.model.config import from_saved
 
     run_dir = Path(run_dir)
     shared = read_run_config(run_dir)
-    cfg = from_dict(ModelConfig, shared["model"], f"{run_dir / 'config.json'}: model")
+    cfg = from_saved(shared["model"], f"{run_dir / 'config.json'}: model")  # older configs: arch=legacy
     found, problems = {}, []
     for k in range(cfg.n_experts):
         edir = expert_dir(run_dir, k)

@@ -4,9 +4,10 @@
 
 Experts share nothing and are trained as separate jobs (one per process group; the outer
 loop of Algorithm 1 is the launcher's job array). The single ``1-12`` model is expert 0 of
-K = 1. Loss: Eq. 6 as computed by ``Expert``. Optimiser and data follow appendix B: AdamW at
-3e-4, 24 clips per GPU, random 6 s crops of the 10 s clips; warmup + cosine decay and clipping
-are ours (the paper does not say).
+K = 1. Loss: Eq. 6 as computed by ``Expert`` (frame-masked CE averaged over the owned layers as
+the official code, or summed as Eq. 6 writes it: ``train.loss_reduction``).
+Optimiser and data follow appendix B: AdamW at 3e-4, 24 clips per GPU, random 6 s crops of
+the 10 s clips; warmup + cosine decay and clipping are ours (the paper does not say).
 
 Preemption (siren.runtime): SIGUSR2 / SIGTERM checkpoint at the next step boundary and the
 command exits with ``EXIT_PREEMPTED`` (75); restarting the same command resumes from
@@ -52,6 +53,7 @@ from siren.runtime import (
     resolve_device,
     stop_on_signal,
 )
+from siren.model.expert import LOSS_REDUCTIONS
 
 __all__ = ["EXIT_PREEMPTED", "Stage1Config", "Stage1Data", "TrainConfig", "parse", "read_log", "train", "main"]
 log = logging.getLogger(__name__)
@@ -88,8 +90,11 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     crop_s: float = 6.0  # random crops of this length (appendix B); 0 = whole clips
     num_workers: int = 2
+    loss_reduction: str = "mean"  # over the expert's layers: mean (official code) | sum (Eq. 6 as written)
 
     def __post_init__(self):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(f"train.loss_reduction must be mean or sum, got '{self.loss_reduction}'")
         check_precision(self.precision, "train.precision")
         check_device(self.device, "train.device")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last"):
@@ -168,12 +173,12 @@ class Stats:
 class LossOf(torch.nn.Module):
     """``forward(batch) = expert.loss(batch)``: DDP synchronises gradients only through forward."""
 
-    def __init__(self, expert: Expert):
+    def __init__(self, expert: Expert, reduction: str = "mean"):
         super().__init__()
-        self.expert = expert
+        self.expert, self.reduction = expert, reduction
 
     def forward(self, batch: dict) -> ExpertLoss:
-        return self.expert.loss(batch)
+        return self.expert.loss(batch, self.reduction)
 
 
 def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[dict], tc: TrainConfig,
@@ -215,7 +220,7 @@ def evaluate(model: Expert, data: Stage1Data, cfg: TrainConfig, device: torch.de
         if cfg.val_batches and i >= cfg.val_batches:
             break
         with autocast(cfg.precision, device):
-            out = model.loss(_to_device(batch, device))
+            out = model.loss(_to_device(batch, device), cfg.loss_reduction)
         stats.add(out, out.frames)
     model.train(was_training)
     if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
@@ -313,7 +318,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         log.warning("train.warmup_steps=%d >= train.steps=%d: the learning rate only ramps up (peak %.2e)",
                     tc.warmup_steps, tc.steps, lr_at(tc.steps - 1, tc))
 
-    net = LossOf(model)
+    net = LossOf(model, tc.loss_reduction)
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)

@@ -90,7 +90,7 @@ def test_head_gradients_sum_to_the_gradient_of_the_eq6_loss():
     assert name == f"backbone.blocks.{cfg.main_layers - 1}.mlp.down.weight"
     per_head = gradient_angles.head_gradients(expert, batch, w)
     assert per_head.shape == (12, w.shape[1])
-    total = torch.autograd.grad(expert.loss(batch).loss, w)[0]
+    total = torch.autograd.grad(expert.loss(batch, reduction="sum").loss, w)[0]  # the heads' losses summed
     torch.testing.assert_close(per_head.sum(0), gradient_angles.reduce_gradient(total).double(), rtol=1e-4, atol=1e-7)
 
 

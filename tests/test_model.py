@@ -1,6 +1,9 @@
 """The model family: configs, code embeddings, causality, conditioning inputs, incremental == full, params."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,7 @@ import torch.nn.functional as F
 from siren.codec import CodeTables
 from siren.config import ConfigError, load_config
 from siren.model import CONDITIONINGS, DISTRIBUTIONS, CollaborativeModel, Expert, ModelConfig, params, presets
-from siren.model.config import PAPER_SIZES
+from siren.model.config import ARCHS, PAPER_SIZES, from_saved
 from siren.model.embedding import CodeEmbedding
 from tests.fixtures_model import code_batch, codec, synthetic_tables, text_batch, tiny, tiny_model  # noqa: F401
 
@@ -20,6 +23,10 @@ def test_distribution_must_be_one_of_the_six():
         ModelConfig(conditioning="folded")
     with pytest.raises(ConfigError, match="unknown scale"):
         load_config(ModelConfig, ["scale=huge"], presets())
+    with pytest.raises(ConfigError, match="swiglu, gelu"):
+        ModelConfig(mlp="relu")
+    with pytest.raises(ConfigError, match="dropout"):
+        ModelConfig(dropout=1.0)
 
 
 @pytest.mark.parametrize("dist", DISTRIBUTIONS)
@@ -98,9 +105,13 @@ def test_loss_is_eq6_over_valid_frames():
         ce.append(sum(x for x, _ in terms) / len(terms))
         acc.append(sum(float(y) for _, y in terms) / len(terms))
     torch.testing.assert_close(out.ce, torch.stack(ce).detach())
-    torch.testing.assert_close(out.loss, torch.stack(ce).sum())
+    torch.testing.assert_close(out.loss, sum(ce) / 3)  # official code: mean over the owned layers
+    batch = dict(codes=codes, frame_mask=frame_mask, text=text, text_mask=mask)
+    torch.testing.assert_close(expert.loss(batch, reduction="sum").loss, sum(ce))  # Eq. 6 as written
     torch.testing.assert_close(out.acc, torch.tensor(acc))
     assert out.layers == (3, 4, 5) and out.frames == 9
+    with pytest.raises(ValueError, match="mean, sum"):
+        expert.loss(batch, reduction="max")
 
 
 def test_bad_inputs_name_the_problem():
@@ -119,10 +130,11 @@ def test_bad_inputs_name_the_problem():
                                    text_mask=mask))
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("cond", CONDITIONINGS)
-def test_causal_in_time(cond):
+def test_causal_in_time(cond, arch):
     """Changing the codes of step t never changes any layer's logits before t."""
-    model = tiny_model("distribution=4-3", f"conditioning={cond}")
+    model = tiny_model("distribution=4-3", f"conditioning={cond}", f"arch={arch}")
     codes, (text, mask) = code_batch(T=7), text_batch()
     base = model(codes, text, mask)
     for t in (0, 3, 6):
@@ -144,10 +156,11 @@ def expected_dependents(cfg: ModelConfig, i: int) -> set[int]:
     return set()  # parallel heads: nothing of the same step
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("cond", CONDITIONINGS)
 @pytest.mark.parametrize("dist", ["6-2", "4-3", "1-12", "12-1"])
-def test_within_step_inputs_match_the_conditioning(dist, cond):
-    model = tiny_model(f"distribution={dist}", f"conditioning={cond}")
+def test_within_step_inputs_match_the_conditioning(dist, cond, arch):
+    model = tiny_model(f"distribution={dist}", f"conditioning={cond}", f"arch={arch}")
     codes, (text, mask) = code_batch(T=3), text_batch()
     base = model(codes, text, mask)
     t = 1
@@ -181,10 +194,11 @@ def incremental_logits(model: CollaborativeModel, codes, text, mask, cached: boo
     return out
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("cond", CONDITIONINGS)
 @pytest.mark.parametrize("dist", ["6-2", "3-4", "1-12"])
-def test_kv_cached_incremental_equals_teacher_forced(dist, cond):
-    model = tiny_model(f"distribution={dist}", f"conditioning={cond}")
+def test_kv_cached_incremental_equals_teacher_forced(dist, cond, arch):
+    model = tiny_model(f"distribution={dist}", f"conditioning={cond}", f"arch={arch}")
     codes, (text, mask) = code_batch(T=9), text_batch()
     with torch.no_grad():
         full = model(codes, text, mask)
@@ -206,23 +220,42 @@ def test_self_attention_cache_in_chunks_equals_full_sequence():
 
 
 def closed_form_params(cfg: ModelConfig) -> int:
-    """Parameter count written out from the architecture (independent of module introspection)."""
-    d, L, D, m, r = cfg.dim, cfg.main_layers, cfg.decoder_layers, cfg.layers_per_expert, cfg.mlp_ratio
+    """Parameter count written out from the architecture (independent of module introspection),
+    counted the official way: the frozen DAC tables (12 x (1024 x 8 codebook + 1024 x 8 + 1024
+    out-projection)) included."""
+    d, L, D, m, t = cfg.dim, cfg.main_layers, cfg.decoder_layers, cfg.layers_per_expert, cfg.text_dim
+    hidden = cfg.mlp_hidden or {"swiglu": 256 * math.ceil((8 * d // 3) / 256), "gelu": 4 * d}[cfg.mlp]
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * hidden  # gate, up, down / up, down
+    cross = 2 * d * d + 2 * t * d + (4 * d if cfg.cross_attn_bias else 0)  # q, out; k, v; biases
+    frozen = 12 * (1024 * 8 + 1024 * 8 + 1024)
     embed = 12 * (1024 * d + d)
-    main_block = 3 * d + 4 * d * d + (2 * d * d + 2 * cfg.text_dim * d) + 2 * r * d * d
-    main = d + L * main_block + d  # sos, blocks, final norm
-    decoder = 0 if cfg.conditioning == "none" else d + (m + 1) * d + D * (2 * d + 4 * d * d + 2 * r * d * d) + d
-    heads = m * (d * 1024 + 1024)
-    return cfg.n_experts * (embed + main + decoder + heads)
+    main = d + L * (3 * d + 4 * d * d + cross + mlp) + d  # sos, blocks (3 norms, self-attn), final norm
+    start = t * d + d if cfg.decoder_start == "text" else d
+    pos = (m + 1) * d if cfg.decoder_positions == "learned" else 0
+    decoder = 0 if cfg.conditioning == "none" else start + pos + D * (2 * d + 4 * d * d + mlp) + d
+    heads = m * (d * 1024 + (1024 if cfg.head_bias else 0))
+    return cfg.n_experts * (frozen + embed + main + decoder + heads)
 
 
 @pytest.mark.parametrize("overrides", [("distribution=6-2",), ("distribution=1-12", "conditioning=none"),
-                                       ("distribution=3-4", "conditioning=residual", "decoder_layers=2")])
+                                       ("distribution=3-4", "conditioning=residual", "decoder_layers=2"),
+                                       ("arch=legacy",), ("arch=legacy", "distribution=1-12", "conditioning=none"),
+                                       ("mlp=gelu", "mlp_hidden=96", "decoder_start=learned", "head_bias=true")])
 def test_meta_count_equals_real_count_and_closed_form(overrides):
     cfg = tiny(*overrides)
-    real = sum(p.numel() for p in CollaborativeModel(cfg, synthetic_tables()).parameters())
+    model = CollaborativeModel(cfg, synthetic_tables())
+    real = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     meta = sum(p.total for p in params.model_params(cfg))
     assert meta == real == closed_form_params(cfg)
+
+
+@pytest.mark.parametrize("name, per_expert", [("isolated-1.6b", 272_697_344), ("isolated-3.1b", 515_002_368)])
+def test_isolated_presets_count_as_the_official_code(name, per_expert, capsys):
+    """Parity target measured from the authors' code (wjc2830/Siren, configs/siren_1_6b.json and
+    siren_3_1b.json): the sum of numel over one SirenExpert's parameters, frozen DAC tables included."""
+    params.main([f"scale={name}"])  # the command of the issue's "done when"
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert [row[-1] for row in rows] == [f"{per_expert:,}"] * 6  # the "total" column of every expert
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_SIZES))
@@ -251,6 +284,12 @@ def test_params_command_prints_table(capsys):
     out = capsys.readouterr().out
     assert "paper (Table 2): 1,632.0M total" in out and "relative difference" in out
     assert len([l for l in out.splitlines() if l[:1].isdigit()]) == 6
+    d = 1024  # Table 2's columns are block / projector / head counts: each printed next to ours
+    block = 3 * d + 4 * d * d + (2 * d * d + 2 * 768 * d + 4 * d) + 3 * 2816 * d
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert f"{14 * block:,}" in lines["Main Para."] and f"{12 * (1024 * d + d):,}" in lines["Embed."]
+    assert f"{2 * (block - d - (2 * d * d + 2 * 768 * d + 4 * d)):,}" in lines["Decoder Para."]
+    assert f"{12 * 1024 * d:,}" in lines["Head Para."]
     params.main(["scale=isolated-1.6b", "distribution=2-6"])
     assert "no paper size" in capsys.readouterr().out
 
@@ -269,3 +308,44 @@ def test_from_codec_records_codec_id():
     assert model.cfg.codec == codec().id
     torch.testing.assert_close(model.experts[0].embedding.codebooks, codec().code_tables().codebooks)
     assert isinstance(codec().code_tables(), CodeTables)
+
+
+def test_dropout_only_in_training():
+    model = tiny_model("dropout=0.5", seed=3)
+    codes, (text, mask) = code_batch(T=4), text_batch()
+    with torch.no_grad():
+        a, b = model(codes, text, mask), model(codes, text, mask)
+        assert torch.equal(a, b)  # eval(): deterministic
+        model.train()
+        c, d = model(codes, text, mask), model(codes, text, mask)
+    assert not torch.equal(c, d) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("start", ["text", "learned"])
+def test_decoder_start_reads_only_real_text_tokens(start):
+    """decoder_start=text: P(c) is a map of the masked mean of the text states, so padded states never
+    matter (cross-attention masks them too) but a real token's state moves every layer except via h_t."""
+    model = tiny_model(f"decoder_start={start}", "conditioning=accumulated")
+    codes, (text, mask) = code_batch(T=3), text_batch()
+    with torch.no_grad():
+        base = model(codes, text, mask)
+        padded = text.clone()
+        padded[~mask] = 100.0  # row 1's padded tokens
+        torch.testing.assert_close(model(codes, padded, mask), base, atol=0, rtol=0)
+        e = model.experts[0]
+        h = e.backbone(torch.zeros(2, 3, e.cfg.dim), e.backbone.text_kv(text, mask))
+        emb = e.embedding(codes[:, :1].transpose(1, 2), range(1))
+        shifted = text + 1.0  # same cross-attention input for the backbone h, only P(c) differs
+        moved = e.logits(h, emb, e.decoder.start(shifted, mask)) - e.logits(h, emb, e.decoder.start(text, mask))
+    assert (moved.abs().amax() > 1e-4) == (start == "text")
+
+
+def test_saved_configs_without_arch_keys_are_legacy():
+    """run_dir/config.json written before the architecture keys: read as arch=legacy (mlp_ratio -> mlp_hidden)."""
+    legacy = tiny("arch=legacy")
+    saved = {k: v for k, v in dataclasses.asdict(legacy).items() if k not in ARCHS["legacy"]}
+    cfg = from_saved({**saved, "mlp_ratio": 4}, "old config.json")
+    assert cfg == dataclasses.replace(legacy, mlp_hidden=4 * legacy.dim)
+    assert from_saved(dataclasses.asdict(tiny())) == tiny()  # a current config is taken as it is
+    src = CollaborativeModel(legacy, synthetic_tables()).experts[1]
+    Expert(cfg, 1).load_state_dict(src.state_dict())  # the old weights fit

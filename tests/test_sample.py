@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from siren.config import ConfigError
+from siren.model.config import ARCHS
 from siren.sample import SampleConfig, generate, generate_with_info, sample_token
 from tests.fixtures_model import text_batch, tiny_model  # noqa: F401
 
@@ -33,20 +34,22 @@ def test_seeded_determinism():
     assert not torch.equal(a, generate(model, text, 6, seed=4, progress=False))
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("cond", ["accumulated", "residual", "none"])
-def test_cached_equals_recomputed_prefix(cond):
-    model = tiny_model("distribution=4-3", f"conditioning={cond}")
+def test_cached_equals_recomputed_prefix(cond, arch):
+    model = tiny_model("distribution=4-3", f"conditioning={cond}", f"arch={arch}")
     text = text_batch()
     a = generate(model, text, 7, SampleConfig(top_k=50), seed=1, progress=False)
     b = generate(model, text, 7, SampleConfig(top_k=50, cached=False), seed=1, progress=False)
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("cond", ["accumulated", "residual", "none"])
 @pytest.mark.parametrize("dist", ["6-2", "3-4"])
-def test_top_k_1_is_the_argmax_path(dist, cond):
+def test_top_k_1_is_the_argmax_path(dist, cond, arch):
     """Every sampled code is the argmax of the teacher-forced logits on the sampled sequence."""
-    model = tiny_model(f"distribution={dist}", f"conditioning={cond}", seed=2)
+    model = tiny_model(f"distribution={dist}", f"conditioning={cond}", f"arch={arch}", seed=2)
     with torch.no_grad():  # a random init at 10x scale, so the greedy path moves (not one code forever)
         for p in model.parameters():
             p.mul_(10)
@@ -59,14 +62,18 @@ def test_top_k_1_is_the_argmax_path(dist, cond):
     assert torch.equal(codes, generate(model, (text, mask), 8, SampleConfig(temperature=0), seed=5, progress=False))
 
 
-def test_experts_see_codes_sampled_earlier_in_the_same_step():
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_experts_see_codes_sampled_earlier_in_the_same_step(arch):
     """Algorithm 2: R_k reads this step's codes of experts < k; with greedy decoding the argmax
     check above covers it, and here flipping expert 0's head changes expert 1's first layer at t=0."""
-    model = tiny_model("distribution=6-2", seed=2)
+    model = tiny_model("distribution=6-2", f"arch={arch}", seed=2)
     text = text_batch()
     a = generate(model, text, 1, SampleConfig(temperature=0), progress=False)
-    with torch.no_grad():
-        model.experts[0].heads[1].bias[(a[0, 1, 0] + 1) % 1024] += 1e3  # force a different layer-1 code
+    head = model.experts[0].heads[1]
+    c, other = int(a[0, 1, 0]), (int(a[0, 1, 0]) + 1) % 1024
+    with torch.no_grad():  # swap two classes of the head: row 0's greedy layer-1 code becomes `other`
+        for p in (head.weight, head.bias) if head.bias is not None else (head.weight,):
+            p[[c, other]] = p[[other, c]]
     b = generate(model, text, 1, SampleConfig(temperature=0), progress=False)
     assert torch.equal(a[:, :1], b[:, :1]) and not torch.equal(a[:, 1], b[:, 1])
     assert not torch.equal(a[:, 2:], b[:, 2:])  # accumulated conditions carry it to later experts
@@ -81,7 +88,7 @@ def test_nan_logits_raise_with_step_and_expert():
 
 
 def test_collapse_is_reported():
-    model = tiny_model("distribution=2-6")
+    model = tiny_model("distribution=2-6", "head_bias=true")  # a bias to force one code
     with torch.no_grad():
         for e in model.experts:
             for head in e.heads:

@@ -30,5 +30,5 @@ class CollaborativeModel(nn.Module):
         """Teacher-forced logits of all 12 layers [B, 12, T, 1024] (each expert its own layers)."""
         return torch.cat([e(codes, text, text_mask) for e in self.experts], 1)
 
-    def loss(self, batch: dict) -> list[ExpertLoss]:
-        return [e.loss(batch) for e in self.experts]
+    def loss(self, batch: dict, reduction: str = "mean") -> list[ExpertLoss]:
+        return [e.loss(batch, reduction) for e in self.experts]

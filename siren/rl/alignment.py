@@ -24,7 +24,7 @@ The output is a NEW run directory that ``siren.load`` reads like a stage-1 run:
 Choices the paper leaves open (stated so they can be changed): eps_d=0.2, eps_u=0.28 (the
 DAPO clip-higher values), gamma=0.1, lr=1e-6 constant, AdamW without weight decay, grad
 clip 1.0; std in Eq. 9 is the population std; J averages over the KEPT rollouts; the
-models run without dropout (they have none) and sample at sample.temperature.
+models run in eval mode (no dropout) and sample at sample.temperature.
 """
 from __future__ import annotations
 
