@@ -13,7 +13,8 @@ from siren.config import ConfigError
 
 # Defaults every cell resolves with, so a row that spells a default out (Table 5's "Accumu. AR")
 # hashes like a row that leaves it implicit (Table 3's "Base Single"): the same run.
-COMMON: dict[str, Any] = {"model.conditioning": "accumulated"}
+# The architecture is part of every cell's identity, so a run of another architecture is never reused.
+COMMON: dict[str, Any] = {"model.conditioning": "accumulated", "model.arch": "official"}
 
 SCALES: dict[str, dict[str, Any]] = {
     "demo": {

@@ -25,8 +25,9 @@ def _weights(cfg: Mapping[str, Any], *parts: str) -> list[str]:
 
 def stage1_args(cfg: Mapping[str, Any]) -> list[str]:
     """siren.train keys of a cell: the model preset first (so explicit model keys override it)."""
-    model = {k: v for k, v in cfg.items() if k.startswith("model.") and k != "model.scale"}
-    return [f"scale={cfg['model.scale']}", *_keys(model, "", strip=False), *_keys(cfg, "train.", strip=False),
+    model = {k: v for k, v in cfg.items() if k.startswith("model.") and k not in ("model.scale", "model.arch")}
+    return [f"scale={cfg['model.scale']}", f"arch={cfg.get('model.arch', 'official')}", *_keys(model, "", strip=False),
+            *_keys(cfg, "train.", strip=False),
             *_weights(cfg, "codec")]
 
 
@@ -35,8 +36,9 @@ def model_config(cfg: Mapping[str, Any]):
     from siren.config import load_config
     from siren.model.config import ModelConfig, presets
 
-    model = {k: v for k, v in cfg.items() if k.startswith("model.") and k != "model.scale"}
-    return load_config(ModelConfig, [f"scale={cfg['model.scale']}", *_keys(model, "model.")], presets())
+    model = {k: v for k, v in cfg.items() if k.startswith("model.") and k not in ("model.scale", "model.arch")}
+    return load_config(ModelConfig, [f"scale={cfg['model.scale']}", f"arch={cfg.get('model.arch', 'official')}",
+                                     *_keys(model, "model.")], presets())
 
 
 DATA_KEYS = ("data.source", "data.train", "data.test", "data.prompts", "data.subset")
