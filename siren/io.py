@@ -1,4 +1,8 @@
-"""Atomic file writes: a reader never sees a half-written file, a killed job never leaves one."""
+"""Atomic file writes: a reader never sees a half-written file, a killed job never leaves one.
+
+Files come out with the mode ``open()`` would give them (0o666 minus the umask), not mkstemp's
+0600: a shared ``$SIREN_CACHE`` or run folder must be readable by the rest of the group.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,25 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux reports it (no race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def default_mode() -> int:
+    """The mode a plain ``open(path, "w")`` creates a file with: 0o666 minus the umask."""
+    return 0o666 & ~umask()
 
 
 @contextmanager
@@ -18,6 +41,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode())  # mkstemp made it 0600
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
