@@ -177,7 +177,8 @@ def test_fd_kl_isc_match_audioldm_eval(world):
     f_gen, f_ref = feats(world.gen), feats(world.ref)
     kl, _, _ = ae.calculate_kl(f_gen, f_ref, "logits", True)
     want = {"kl": kl["kullback_leibler_divergence_softmax"], "kl_sigmoid": kl["kullback_leibler_divergence_sigmoid"],
-            "isc": ae.calculate_isc(f_gen, "logits", rng_seed=2020, samples_shuffle=True, splits=2)["inception_score_mean"]}
+            "isc": ae.calculate_isc(f_gen, "logits", rng_seed=2020, samples_shuffle=True,
+                                    splits=2)["inception_score_mean"]}
     res = _harness(world.gen, world.ref, "fd,kl,isc")
     got = res["metrics"]
     assert np.std(f_gen["logits"].numpy(), 0).max() > 1e-3  # the features vary: the comparison means something
