@@ -1,9 +1,11 @@
 """Reading the clips an evaluation compares: one loader for generated and reference audio.
 
-Every clip is read with soundfile at its own sample rate, mixed to mono (mean of channels) and
-cropped to its first ``max_seconds``; each backbone then resamples to the rate it needs. A clip's
-identity for the embedding cache is the hash of exactly these samples and their rate. Bad files
-are collected and reported together, naming every one, before anything is computed.
+Every clip is read with soundfile at its own sample rate, keeping all its channels, and cropped
+as ``crop`` says: ``whole`` (audioldm_eval, frechet_audio_distance and laion_clap read whole
+files) or ``10s`` (the first 10 s). Each backbone then makes it mono (``channel``) and
+resamples it to the rate it needs. A clip's identity for the embedding cache is the hash of
+exactly these samples and their rate. Bad files are collected and reported together, naming
+every one, before anything is computed.
 """
 from __future__ import annotations
 
@@ -15,16 +17,31 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from siren.errors import AudioError
+from siren.errors import AudioError, ConfigError
 
-MONO = "mean of channels"
-CROP = "first max_seconds of each clip (none when max_seconds <= 0); no padding at load (see each backbone)"
+CROPS = {"whole": None, "10s": 10.0}  # crop name -> seconds kept from the start (None: the whole file)
+CHANNELS = ("first", "mean")  # audioldm_eval's WaveDataset keeps channel 0; its FAD and laion_clap average
+
+
+def crop_seconds(crop: str) -> float | None:
+    if crop not in CROPS:
+        raise ConfigError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    return CROPS[crop]
+
+
+def mono(wav: np.ndarray, channel: str) -> np.ndarray:
+    """[N, C] -> [N] float32: channel 0 (``first``) or the mean of the channels in float64 (``mean``)."""
+    if channel == "first":
+        return np.ascontiguousarray(wav[:, 0])
+    if channel == "mean":
+        return wav.astype(np.float64).mean(axis=1).astype(np.float32)
+    raise ConfigError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
 
 
 @dataclass(frozen=True)
 class Clip:
     id: str
-    wav: np.ndarray  # [N] float32, mono, at ``sr``
+    wav: np.ndarray  # [N, C] float32, every channel of the file, at ``sr``
     sr: int
     content_hash: str  # sha256 of (sr, samples): the cache key's audio part
     path: str = ""
@@ -40,15 +57,16 @@ def content_hash(wav: np.ndarray, sr: int) -> str:
     return h.hexdigest()
 
 
-def make_clip(id: str, wav: np.ndarray, sr: int, max_seconds: float = 10.0, path: str = "") -> Clip:
+def make_clip(id: str, wav: np.ndarray, sr: int, crop: str = "whole", path: str = "") -> Clip:
     """A clip from samples [N] or [N, C] (channels last, as soundfile returns); raises ValueError if unusable."""
     wav = np.asarray(wav, dtype=np.float32)
-    if wav.ndim == 2:
-        wav = wav.mean(axis=1)
-    if wav.ndim != 1:
+    if wav.ndim == 1:
+        wav = wav[:, None]
+    if wav.ndim != 2 or wav.shape[1] == 0:
         raise ValueError(f"expected samples [N] or [N, channels], got shape {wav.shape}")
-    if max_seconds and max_seconds > 0:
-        wav = wav[: int(round(max_seconds * sr))]
+    seconds = crop_seconds(crop)
+    if seconds is not None:
+        wav = wav[: int(round(seconds * sr))]
     if wav.size == 0:
         raise ValueError("no samples (empty audio)")
     if not np.isfinite(wav).all():
@@ -57,20 +75,19 @@ def make_clip(id: str, wav: np.ndarray, sr: int, max_seconds: float = 10.0, path
     return Clip(id=id, wav=wav, sr=int(sr), content_hash=content_hash(wav, sr), path=path)
 
 
-def _read(id: str, path: Path, max_seconds: float) -> Clip:
+def _read(id: str, path: Path, crop: str) -> Clip:
     import soundfile as sf
 
     wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return make_clip(id, wav, sr, max_seconds, str(path))
+    return make_clip(id, wav, sr, crop, str(path))
 
 
-def load_clips(paths: dict[str, Path], max_seconds: float = 10.0, what: str = "audio",
-               workers: int = 4) -> list[Clip]:
+def load_clips(paths: dict[str, Path], crop: str = "whole", what: str = "audio", workers: int = 4) -> list[Clip]:
     """Read every ``id -> path`` (in the dict's order); all failures are raised together in one BadAudioError."""
     def read(item):
         id, path = item
         try:
-            return _read(id, Path(path), max_seconds)
+            return _read(id, Path(path), crop)
         except Exception as e:  # noqa: BLE001 - soundfile raises several types; all mean "unusable"
             return f"{path} (id {id}): {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 

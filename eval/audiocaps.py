@@ -24,8 +24,8 @@ import numpy as np
 
 from eval import card as cards
 from eval import metrics as M
-from eval.audio import CROP, MONO, BadAudioError, Clip, load_clips
-from eval.backbones import RESAMPLER, Backbone, ClapAudio, PannsCnn14, VGGish
+from eval.audio import CHANNELS, CROPS, BadAudioError, Clip, load_clips
+from eval.backbones import RESAMPLERS, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
 from eval.reference import match_generated, select, set_hash
 from siren.config import check_numbers, load_config, to_dict
@@ -38,6 +38,10 @@ from siren.sample import SampleConfig
 log = logging.getLogger(__name__)
 
 METRICS = ("fad", "fd", "isc", "kl", "clap")
+# Where the sampling defaults (siren.sample.SampleConfig) come from; on the card of every ckpt= run.
+SAMPLING_SOURCE = ("the paper states no temperature, top-k or top-p; the defaults (temperature 1, top-k and top-p "
+                   "off) sample the model's full distribution. AudioGen and MusicGen sample with top-k 250 "
+                   "(sample.top_k=250 to compare)")
 
 
 @dataclass
@@ -52,7 +56,16 @@ class EvalConfig:
     metrics: str = "fad,fd,isc,kl,clap"  # which of fad, fd, isc, kl, clap to compute
     caption_index: int = 0  # which caption of each id (AudioCaps has 5 rows per clip), for the CLAP score
     subset: str = ""  # optional file of reference ids (one per line) to evaluate on
-    max_seconds: float = 10.0  # crop every clip to its first max_seconds (<= 0: whole clips)
+    # Audio protocol; defaults are each metric's reference code (audioldm_eval 0.0.3 for FD/KL/IS,
+    # its FAD and frechet_audio_distance 0.3.4 for FAD, laion_clap 1.1.7 for CLAP).
+    crop: str = "whole"  # whole | 10s: the whole file (as all three), or its first 10 s
+    channel: str = "first"  # first | mean: multi-channel files for FD/KL/IS (audioldm_eval: channel 0)
+    resampler: str = "torchaudio"  # torchaudio | resampy | librosa, for FD/KL/IS
+    fad_channel: str = "mean"  # both FAD peers average the channels
+    fad_resampler: str = "resampy"
+    vggish_short: str = "skip"  # skip | pad | error: clips under 0.975 s (no VGGish example); skip = audioldm_eval
+    clap_channel: str = "mean"  # laion_clap reads files with librosa.load (mean of channels, soxr_hq)
+    clap_resampler: str = "librosa"
     batch_size: int = 8
     cache_dir: str = ""  # embedding cache; default $SIREN_CACHE/embeddings
     cache: bool = True
@@ -71,6 +84,13 @@ class EvalConfig:
         check_numbers(self, positive=("batch_size", "gen_batch_size", "candidates", "is_splits", "seconds"),
                       nonneg=("caption_index", "kl_eps", "seed", "gen_seed"))
         check_device(self.device)
+        for key, allowed in [("crop", tuple(CROPS)), ("channel", CHANNELS), ("fad_channel", CHANNELS),
+                             ("clap_channel", CHANNELS), ("resampler", tuple(RESAMPLERS)),
+                             ("fad_resampler", tuple(RESAMPLERS)), ("clap_resampler", tuple(RESAMPLERS)),
+                             ("vggish_short", VGGish.SHORT)]:
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+
 
 
 class EvalError(SirenError):
@@ -108,12 +128,15 @@ def backbones(cfg: EvalConfig) -> dict[str, Backbone]:
     if cfg.weights not in ("pretrained", "random"):
         raise ConfigError(f"weights must be pretrained or random, got {cfg.weights!r}")
     which, device = _metric_list(cfg), _device(cfg.device)
-    roles = {"fd_kl_is": ({"fd", "kl", "isc"}, PannsCnn14), "fad": ({"fad"}, VGGish), "clap": ({"clap"}, ClapAudio)}
+    roles = {"fd_kl_is": ({"fd", "kl", "isc"}, PannsCnn14, dict(channel=cfg.channel, resampler=cfg.resampler)),
+             "fad": ({"fad"}, VGGish, dict(channel=cfg.fad_channel, resampler=cfg.fad_resampler,
+                                           short=cfg.vggish_short)),
+             "clap": ({"clap"}, ClapAudio, dict(channel=cfg.clap_channel, resampler=cfg.clap_resampler))}
     out, missing = {}, []
-    for role, (needs, cls) in roles.items():
+    for role, (needs, cls, audio) in roles.items():
         if needs & set(which):
             try:
-                out[role] = cls(cfg.weights, cfg.seed, device)
+                out[role] = cls(cfg.weights, cfg.seed, device, **audio)
             except MissingWeightsError as e:
                 missing.append(str(e))
     if missing:
@@ -159,15 +182,16 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
                     np.stack([e["embedding"] for e in g]), np.stack([e["embedding"] for e in r]),
                     names=("FD, generated", "FD, reference"))
             ref_logits, gen_logits = np.stack([e["logits"] for e in r]), np.stack([e["logits"] for e in g])
-            if "kl" in which:
-                kl = M.kl_divergence(ref_logits, gen_logits, cfg.kl_eps)
-                kl_rev = M.kl_divergence(gen_logits, ref_logits, cfg.kl_eps)
-                values["kl"], values["kl_gen_ref"] = float(kl.mean()), float(kl_rev.mean())
-                per_clip["kl"], per_clip["kl_gen_ref"] = kl.tolist(), kl_rev.tolist()
+            if "kl" in which:  # softmax (reported) and sigmoid (audioldm_eval's second number), both directions
+                for key, fn in [("kl", M.kl_divergence), ("kl_sigmoid", M.kl_sigmoid)]:
+                    kl, kl_rev = fn(ref_logits, gen_logits, cfg.kl_eps), fn(gen_logits, ref_logits, cfg.kl_eps)
+                    values[key], values[f"{key}_gen_ref"] = float(kl.mean()), float(kl_rev.mean())
+                    per_clip[key], per_clip[f"{key}_gen_ref"] = kl.tolist(), kl_rev.tolist()
             if "isc" in which:
                 values["isc"], values["isc_std"] = M.inception_score(gen_logits, cfg.is_splits, cfg.is_seed)
         if "fad" in which:
             r, g = run(models["fad"], "fad")
+            values["fad_frames_gen"], values["fad_frames_ref"] = (sum(len(e["frames"]) for e in s) for s in (g, r))
             values["fad"] = M.frechet_distance_from_embeddings(
                 np.concatenate([e["frames"] for e in g]), np.concatenate([e["frames"] for e in r]),
                 names=("FAD, generated", "FAD, reference"))
@@ -194,11 +218,15 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
                "sqrtm": ("N > D: Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2) by eigh, roundoff negatives clipped; "
                          "N <= D: the same trace as the nuclear norm of X Y' (centred sets / sqrt(N-1)), by SVD")},
         "fad": {"backbone": "fad", "feature": "VGGish 128-d per 0.96 s example, all examples of a set pooled",
-                "gaussian": "as fd", "sqrtm": "as fd"},
+                "gaussian": "as fd", "sqrtm": "as fd", "short_clips": f"vggish_short={cfg.vggish_short}",
+                "frames_keys": "fad_frames_gen, fad_frames_ref (VGGish examples per set)"},
         "kl": {"direction": "KL(ref||gen)", "value_key": "kl", "other_direction_key": "kl_gen_ref (KL(gen||ref))",
                "probabilities": "softmax over the 527 PANNs logits (pre-sigmoid)", "pairing": "by clip id",
                "reduction": "sum over classes, mean over clips",
-               "eps": cfg.kl_eps, "eps_use": "sum p_ref * (log p_ref - log(p_gen + eps)) as audioldm_eval (0 = exact)"},
+               "eps": cfg.kl_eps, "eps_use": "sum p_ref * (log p_ref - log(p_gen + eps)) as audioldm_eval (0 = exact)",
+               "sigmoid_keys": "kl_sigmoid, kl_sigmoid_gen_ref: the same sum with per-class sigmoid probabilities "
+                               "(audioldm_eval kullback_leibler_divergence_sigmoid; not a divergence: they do "
+                               "not sum to 1)"},
         "isc": {"on": "softmax over the PANNs logits of the generated clips", "splits": cfg.is_splits,
                 "shuffle_seed": cfg.is_seed, "shuffle": "numpy RandomState(seed).permutation, as audioldm_eval",
                 "value_key": "isc (mean over splits)", "std_key": "isc_std"},
@@ -206,8 +234,11 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
                  "score": "mean cosine(text(caption), audio(generated clip)) x 100",
                  "caption": f"caption_index={cfg.caption_index}"},
     }
-    audio_card = {"loader": "soundfile, float32", "mono": MONO, "max_seconds": cfg.max_seconds, "crop": CROP,
-                  "resampler": RESAMPLER, "pad": "per backbone, see backbones.*.min_samples"}
+    audio_card = {"loader": "soundfile, float32, all channels", "crop": cfg.crop,
+                  "crop_rule": "whole file" if CROPS[cfg.crop] is None else f"first {CROPS[cfg.crop]:g} s of each file",
+                  "channel": {role: bb_cards[role]["channel"] for role in bb_cards},
+                  "resampler": {role: bb_cards[role]["resampler"] for role in bb_cards},
+                  "pad": "per backbone, see backbones.*.min_samples and backbones.fad.short"}
     ref_card = {**(ref_card or {}), "n_clips": n, "set_sha256": set_hash(ref, captions)}
     gen_card = {**(gen_card or {}), "n_clips": n, "set_sha256": set_hash(gen)}
     card = cards.build(bb_cards, audio_card, metric_card, ref_card, gen_card, n, _device(cfg.device))
@@ -243,6 +274,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                     seconds=cfg.seconds, batch_size=cfg.gen_batch_size, seed=cfg.gen_seed,
                                     sample=cfg.sample, candidates=cfg.candidates,
                                     clap=models["clap"].net if cfg.candidates > 1 else None, device=_device(cfg.device))
+            gen_card["sample_source"] = SAMPLING_SOURCE
         except CannotGenerate as e:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
             write_json(out / "results.json", results)
@@ -251,7 +283,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     clips, errors = {}, []
     for what, paths in [("reference", {it.id: it.audio for it in items}), ("generated", gen_paths)]:
         try:
-            clips[what] = load_clips(paths, cfg.max_seconds, what)
+            clips[what] = load_clips(paths, cfg.crop, what)
         except BadAudioError as e:
             errors.append(str(e))
     if errors:

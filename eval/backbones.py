@@ -1,10 +1,13 @@
 """Metric backbones behind one interface: PANNs Cnn14 (FD, KL, IS), VGGish (FAD), LAION-CLAP (CLAP score).
 
-Each backbone takes clips at their own sample rate and resamples them with
-``torchaudio.functional.resample`` (settings in ``RESAMPLER``) to the rate its network was
-trained at. ``prepare`` turns one clip into the network's input, ``embed_batch`` runs a batch of
-prepared inputs that share ``batch_key`` (equal shapes, so batching never pads: a batched result
-equals the one-clip result). ``protocol()`` lists everything that shapes the numbers; it goes into
+Each backbone takes clips at their own sample rate, makes them mono (``channel``: first or mean)
+and resamples them (``resampler``, one of ``RESAMPLERS``) to the rate its network was trained at.
+The defaults are each metric's reference code: PANNs as audioldm_eval (first channel,
+torchaudio), VGGish as audioldm_eval's and frechet_audio_distance's FAD (mean, resampy), CLAP as
+laion_clap's ``get_audio_embedding_from_filelist`` (mean, librosa via ``librosa.load``).
+``prepare`` turns one clip into the network's input, ``embed_batch`` runs a batch of prepared
+inputs that share ``batch_key`` (equal shapes, so batching never pads: a batched result equals
+the one-clip result). ``protocol()`` lists everything that shapes the numbers; it goes into
 the protocol card and into the embedding cache key with ``id`` (name + weight hash).
 
 Weights: ``pretrained`` loads the file from the assets cache (``siren.assets.require``) with
@@ -14,6 +17,7 @@ Weights: ``pretrained`` loads the file from the assets cache (``siren.assets.req
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import types
 from abc import ABC, abstractmethod
@@ -25,25 +29,43 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.audio import Clip
+from eval.audio import CHANNELS, Clip, mono
 from siren import assets
 from siren.io import sha256_file
 
-RESAMPLER = {"function": "torchaudio.functional.resample", "resampling_method": "sinc_interp_hann",
-             "lowpass_filter_width": 6, "rolloff": 0.99}
+log = logging.getLogger(__name__)
+
+# How each resampler is called (and so what it computes): recorded on the card, hashed into cache keys.
+RESAMPLERS = {
+    "torchaudio": "torchaudio.functional.resample(float32, sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
+                  " (audioldm_eval WaveDataset)",
+    "resampy": "resampy.resample(float64, filter='kaiser_best') (audioldm_eval / frechet_audio_distance FAD)",
+    "librosa": "librosa.resample(float32, res_type='soxr_hq') (librosa.load(sr=48000) in laion_clap)",
+}
 
 # The 16 kHz Cnn14 (Cnn14_16k_mAP=0.438.pth), as audioldm_eval builds it for sampling_rate=16000.
 PANNS_16K = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=64, fmin=50, fmax=8000,
                  classes_num=527)
 
 
-def resample(wav: torch.Tensor, sr: int, target: int) -> torch.Tensor:
+def resample(wav: np.ndarray, sr: int, target: int, method: str = "torchaudio") -> np.ndarray:
+    """Mono float32 samples [N] from ``sr`` to ``target`` with one of ``RESAMPLERS``; float32 out."""
+    if method not in RESAMPLERS:
+        raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, got {method!r}")
     if sr == target:
         return wav
-    import torchaudio.functional as AF
+    if method == "torchaudio":
+        import torchaudio.functional as AF
 
-    return AF.resample(wav, sr, target, lowpass_filter_width=RESAMPLER["lowpass_filter_width"],
-                       rolloff=RESAMPLER["rolloff"], resampling_method=RESAMPLER["resampling_method"])
+        return AF.resample(torch.from_numpy(wav), sr, target, lowpass_filter_width=6, rolloff=0.99,
+                           resampling_method="sinc_interp_hann").numpy()
+    if method == "resampy":
+        import resampy
+
+        return resampy.resample(wav.astype(np.float64), sr, target, filter="kaiser_best").astype(np.float32)
+    import librosa
+
+    return librosa.resample(wav, orig_sr=sr, target_sr=target, res_type="soxr_hq").astype(np.float32)
 
 
 def _seeded(seed: int, build):
@@ -67,8 +89,15 @@ class Backbone(ABC):
     sample_rate: int
     outputs: tuple[str, ...]
     asset: str  # siren.assets name of the pretrained weights
+    channel: str  # default: the reference code's (class attribute), overridable per instance
+    resampler: str
 
-    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu",
+                 channel: str | None = None, resampler: str | None = None):
+        self.channel, self.resampler = channel or self.channel, resampler or self.resampler
+        if self.channel not in CHANNELS or self.resampler not in RESAMPLERS:
+            raise ValueError(f"{self.name}: channel must be one of {CHANNELS} and resampler one of "
+                             f"{tuple(RESAMPLERS)}, got {self.channel!r}, {self.resampler!r}")
         if weights == "random":
             self.weights_path, self.weights_sha256 = None, f"random-seed{seed}"
         elif weights == "pretrained":
@@ -97,13 +126,21 @@ class Backbone(ABC):
     def id(self) -> str:
         return f"{self.name}-{self.weights_sha256[:16]}"
 
-    @abstractmethod
     def protocol(self) -> dict:
         """Everything besides the weights that shapes the outputs (recorded in the card, hashed into cache keys)."""
+        return {"channel": self.channel, "resampler": RESAMPLERS[self.resampler], **self.model_protocol()}
+
+    @abstractmethod
+    def model_protocol(self) -> dict:
+        """The network's and the preprocessing's settings."""
 
     def card(self) -> dict:
         return {"id": self.id, "weights": self.weights_label, "weights_sha256": self.weights_sha256,
-                "sample_rate": self.sample_rate, "resampler": RESAMPLER, **self.protocol()}
+                "sample_rate": self.sample_rate, **self.protocol()}
+
+    def mono_at_rate(self, clip: Clip) -> np.ndarray:
+        """The clip as this backbone's reference code reads it: mono by ``channel``, at ``sample_rate``."""
+        return resample(mono(clip.wav, self.channel), clip.sr, self.sample_rate, self.resampler)
 
     @abstractmethod
     def prepare(self, clip: Clip) -> torch.Tensor:
@@ -151,10 +188,12 @@ class PannsCnn14(Backbone):
     sample_rate = 16000
     outputs = ("embedding", "logits")
     asset = "panns_cnn14_16k"
+    channel, resampler = "first", "torchaudio"  # audioldm_eval's WaveDataset.read_from_file
     MIN_SAMPLES = 32000  # audioldm_eval pad_short_audio(min_samples=32000)
 
-    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu"):
-        super().__init__(weights, seed, device)
+    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu",
+                 channel: str | None = None, resampler: str | None = None):
+        super().__init__(weights, seed, device, channel, resampler)
         self._logits: list[torch.Tensor] = []  # filled by the fc_audioset hook during one forward
 
     def build(self) -> nn.Module:
@@ -167,7 +206,7 @@ class PannsCnn14(Backbone):
         net.fc_audioset.register_forward_hook(lambda mod, inp, out: self._logits.append(out))
         return net
 
-    def protocol(self) -> dict:
+    def model_protocol(self) -> dict:
         return {"model": "panns_inference.models.Cnn14 (panns-inference 0.1.1)", **PANNS_16K,
                 "embedding": "2048-d 'embedding' output = relu(fc1) (audioldm_eval feature '2048')",
                 "logits": "fc_audioset output before the sigmoid (audioldm_eval feature 'logits')",
@@ -175,8 +214,9 @@ class PannsCnn14(Backbone):
                 "min_samples": self.MIN_SAMPLES, "dtype": "float32"}
 
     def prepare(self, clip: Clip) -> torch.Tensor:
-        x = torch.from_numpy(clip.wav)
-        x = resample(x - x.mean(), clip.sr, self.sample_rate)
+        x = torch.from_numpy(mono(clip.wav, self.channel))
+        x = x - x.mean()  # in torch float32, as audioldm_eval: bit-identical inputs
+        x = torch.from_numpy(resample(x.numpy(), clip.sr, self.sample_rate, self.resampler))
         return nn.functional.pad(x, (0, max(0, self.MIN_SAMPLES - x.shape[-1])))
 
     @torch.inference_mode()
@@ -196,15 +236,30 @@ class VGGish(Backbone):
     """VGGish for FAD: torchvggish 0.2's network, 128-d per 0.96 s example, no PCA, no final ReLU.
 
     Exactly what frechet_audio_distance / audioldm_eval use with ``use_pca=False,
-    use_activation=False``. Input: resample to 16 kHz, then torchvggish's
+    use_activation=False``. Input: mono, resample to 16 kHz, then torchvggish's
     ``vggish_input.waveform_to_examples`` (log-mel, 25 ms window, 10 ms hop, 64 bands 125-7500 Hz,
-    non-overlapping 96-frame examples). Clips shorter than one example are zero-padded to one.
+    non-overlapping 96-frame examples; a partial last example is dropped).
+
+    A clip shorter than one example (0.975 s) has none. ``short`` says what then happens:
+    ``skip`` (default): it adds no frames to the set, as in audioldm_eval's FAD, whose per-file
+    loop catches the error VGGish raises on zero examples (frechet_audio_distance 0.3.4 instead
+    stops reading the set at that file, silently); ``pad``: zero-padded to one example (this
+    harness's earlier behaviour); ``error``: refused.
     """
     name = "vggish"
     sample_rate = 16000
     outputs = ("frames",)
     asset = "vggish"
+    channel, resampler = "mean", "resampy"  # audioldm_eval / frechet_audio_distance load_audio_task
     MIN_SAMPLES = 15600  # 400-sample window + 95 hops of 160: the shortest input giving one 96-frame example
+    SHORT = ("skip", "pad", "error")
+
+    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu",
+                 channel: str | None = None, resampler: str | None = None, short: str = "skip"):
+        if short not in self.SHORT:
+            raise ValueError(f"vggish short must be one of {', '.join(self.SHORT)}, got {short!r}")
+        self.short = short
+        super().__init__(weights, seed, device, channel, resampler)
 
     def build(self) -> nn.Module:
         from torchvggish import torchvggish as tv
@@ -214,21 +269,34 @@ class VGGish(Backbone):
         net.embeddings = nn.Sequential(*list(net.embeddings.children())[:-1])
         return net
 
-    def protocol(self) -> dict:
+    def model_protocol(self) -> dict:
         from torchvggish import vggish_params as p
 
         return {"model": "torchvggish.torchvggish.VGG (torchvggish 0.2)", "pca": False, "final_relu": False,
                 "embedding_dim": 128, "example_seconds": p.EXAMPLE_WINDOW_SECONDS, "example_hop_seconds": p.EXAMPLE_HOP_SECONDS,
                 "stft_window_seconds": p.STFT_WINDOW_LENGTH_SECONDS, "stft_hop_seconds": p.STFT_HOP_LENGTH_SECONDS,
                 "mel_bands": p.NUM_MEL_BINS, "mel_fmin": p.MEL_MIN_HZ, "mel_fmax": p.MEL_MAX_HZ, "log_offset": p.LOG_OFFSET,
-                "preprocess": "resample, torchvggish.vggish_input.waveform_to_examples; zero-pad to one example",
-                "min_samples": self.MIN_SAMPLES, "pooling": "all frames of all clips of a set", "dtype": "float32"}
+                "preprocess": "mono, resample, torchvggish.vggish_input.waveform_to_examples",
+                "min_samples": self.MIN_SAMPLES, "short": self.short, "short_rule": {
+                    "skip": "clips under min_samples add no frames (audioldm_eval)",
+                    "pad": "clips under min_samples are zero-padded to one example",
+                    "error": "clips under min_samples are refused"}[self.short],
+                "pooling": "all frames of all clips of a set", "dtype": "float32"}
 
     def prepare(self, clip: Clip) -> torch.Tensor:
         from torchvggish import vggish_input
 
-        x = resample(torch.from_numpy(clip.wav), clip.sr, self.sample_rate).numpy()
-        x = np.pad(x, (0, max(0, self.MIN_SAMPLES - x.shape[0])))
+        x = self.mono_at_rate(clip)
+        if x.shape[0] < self.MIN_SAMPLES:
+            seconds = f"{x.shape[0] / self.sample_rate:.3f} s"
+            if self.short == "error":
+                raise ValueError(f"{clip.path or clip.id}: {seconds} is shorter than one VGGish example (0.975 s); "
+                                 "pass vggish_short=skip (as audioldm_eval) or vggish_short=pad")
+            if self.short == "skip":
+                log.warning("%s: %s is shorter than one VGGish example (0.975 s): it adds no frames to FAD "
+                            "(vggish_short=skip, as audioldm_eval)", clip.path or clip.id, seconds)
+                return torch.zeros(0, 1, 96, 64)
+            x = np.pad(x, (0, self.MIN_SAMPLES - x.shape[0]))
         ex = vggish_input.waveform_to_examples(x.astype(np.float64), self.sample_rate, return_tensor=False)
         return torch.from_numpy(ex).float()[:, None]  # [n_examples, 1, 96, 64]
 
@@ -241,7 +309,9 @@ class VGGish(Backbone):
         return self.net(examples.to(self.device))
 
     def embed_batch(self, xs: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
-        frames = self.forward(torch.cat(xs)).cpu().numpy()
+        examples = torch.cat(xs)
+        # VGG's flatten cannot take zero examples (all clips skipped): no frames, no forward
+        frames = self.forward(examples).cpu().numpy() if len(examples) else np.zeros((0, 128), np.float32)
         splits = np.cumsum([x.shape[0] for x in xs])[:-1]
         return [{"frames": f} for f in np.split(frames, splits)]
 
@@ -249,18 +319,21 @@ class VGGish(Backbone):
 class ClapAudio(Backbone):
     """LAION-CLAP audio and text embeddings (``siren.clap.Clap``), both L2-normalised, for the CLAP score.
 
-    Clips are resampled once, from their own rate to CLAP's 48 kHz, with the same torchaudio
-    resampler as the other backbones; ``Clap.embed_audio`` then does what laion-clap does
-    (16-bit quantisation, repeat-padding) except that it keeps the FIRST 10 s instead of a random
-    10 s window (clips are cropped at load anyway, ``max_seconds``).
+    Clips are made mono and resampled once, from their own rate to CLAP's 48 kHz, by default as
+    laion_clap's ``get_audio_embedding_from_filelist`` reads files (``librosa.load(sr=48000)``:
+    mean of channels, soxr_hq); ``Clap.embed_audio`` then does what laion-clap does (16-bit
+    quantisation, repeat-padding) except that it keeps the FIRST 10 s of a longer clip where
+    laion_clap takes a random 10 s window (not reproducible).
     """
     name = "clap"
     sample_rate = 48000
     outputs = ("audio",)
     asset = "clap"
+    channel, resampler = "mean", "librosa"  # librosa.load(f, sr=48000) in laion_clap
 
-    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu"):
-        super().__init__(weights, seed, device)
+    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu",
+                 channel: str | None = None, resampler: str | None = None):
+        super().__init__(weights, seed, device, channel, resampler)
         # pretrained text branch: RoBERTa's BPE files (random weights use laion_clap's bundled CLIP BPE)
         self.tokenizer_files = ([] if self.weights_path is None else
                                 [assets.require("roberta_vocab"), assets.require("roberta_merges")])
@@ -273,7 +346,7 @@ class ClapAudio(Backbone):
             raise RuntimeError(f"CLAP loaded weights {clap.weights_sha256}, expected {self.weights_sha256}")
         return clap
 
-    def protocol(self) -> dict:
+    def model_protocol(self) -> dict:
         from siren import clap as C
 
         tokenizer = ("RoBERTa BPE, sha256 " + ", ".join(f"{p.name} {sha256_file(p)[:16]}" for p in self.tokenizer_files)
@@ -281,10 +354,11 @@ class ClapAudio(Backbone):
         return {"model": "laion_clap CLAP, HTSAT-tiny audio + RoBERTa text, non-fusion (siren.clap.Clap)",
                 "clap_sample_rate": C.CLAP_SAMPLE_RATE, "audio": C.AUDIO_PROTOCOL, "text_tokenizer": tokenizer,
                 "max_text_tokens": C.MAX_TEXT_LENGTH, "embedding_dim": C.EMBED_DIM, "normalised": True,
-                "preprocess": "resample to 48 kHz, then siren.clap.Clap.embed_audio", "dtype": "float32"}
+                "preprocess": "mono, resample to 48 kHz, then siren.clap.Clap.embed_audio (first 10 s)",
+                "dtype": "float32"}
 
     def prepare(self, clip: Clip) -> torch.Tensor:
-        return resample(torch.from_numpy(clip.wav), clip.sr, self.sample_rate)
+        return torch.from_numpy(self.mono_at_rate(clip))
 
     def batch_key(self, x: torch.Tensor) -> Hashable:
         return "clips"  # embed_audio brings every clip to the same 10 s input itself

@@ -16,7 +16,7 @@ from pathlib import Path
 RANDOM_BANNER = "RANDOM WEIGHTS - NOT COMPARABLE TO PUBLISHED NUMBERS"
 TABLE_COLUMNS = (("FAD", "fad"), ("FD", "fd"), ("ISC", "isc"), ("KL", "kl"), ("CLAP", "clap"))
 PACKAGES = ("torch", "torchaudio", "numpy", "scipy", "panns-inference", "torchlibrosa", "torchvggish", "resampy",
-            "laion-clap", "transformers", "soundfile", "safetensors")
+            "librosa", "soxr", "laion-clap", "transformers", "soundfile", "safetensors")
 REQUIRED = ("weights", "backbones", "audio", "metrics", "reference", "generated", "n_clips", "versions",
             "code_version", "created")
 

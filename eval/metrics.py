@@ -6,6 +6,8 @@ Protocol of AudioLDM-style evaluation (paper appendix C.1; audioldm_eval, freche
   clip for FD, VGGish 128-d per 0.96 s frame pooled over the set for FAD), in float64 with a
   checked matrix square root (``frechet_distance``).
 - KL: softmax over the 527 PANNs logits, paired by clip id, KL(ref || gen) per clip, mean over clips.
+  audioldm_eval also reports a "sigmoid" KL (``kl_sigmoid``): the same sum over classes with
+  per-class sigmoid probabilities, which do not sum to one (not a divergence between distributions).
 - IS: softmax over the same logits of the generated set, ``splits`` chunks after a seeded shuffle,
   exp(mean_i KL(p_i || mean p)) per chunk; mean and std over chunks.
 - CLAP score: mean cosine(text, audio) x 100.
@@ -134,6 +136,19 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray, eps: float = KL_EP
     log_p = _log_softmax(p_logits)
     log_q = _log_softmax(q_logits) if eps == 0 else np.log(np.exp(_log_softmax(q_logits)) + eps)
     return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def kl_sigmoid(p_logits: np.ndarray, q_logits: np.ndarray, eps: float = KL_EPS) -> np.ndarray:
+    """Per-row sum_c s(p)_c * (log s(p)_c - log(s(q)_c + eps)) [N], s = sigmoid, in float64.
+
+    audioldm_eval's ``kullback_leibler_divergence_sigmoid`` (torch ``kl_div`` on sigmoid outputs,
+    summed over classes, mean over clips); p are the reference clips' logits, q the generated ones.
+    """
+    p_logits, q_logits = np.asarray(p_logits, np.float64), np.asarray(q_logits, np.float64)
+    if p_logits.shape != q_logits.shape or p_logits.ndim != 2:
+        raise ValueError(f"KL needs paired logits of equal shape [N, C], got {p_logits.shape} and {q_logits.shape}")
+    log_p = -np.logaddexp(0.0, -p_logits)  # log sigmoid, stable for large |logit|
+    return (np.exp(log_p) * (log_p - np.log(1.0 / (1.0 + np.exp(-q_logits)) + eps))).sum(-1)
 
 
 def inception_score(logits: np.ndarray, splits: int = IS_SPLITS, seed: int | None = IS_SEED) -> tuple[float, float]:

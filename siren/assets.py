@@ -10,19 +10,23 @@ The cache is ``$SIREN_CACHE`` (default ``~/.cache/siren``); point it at shared s
 every node sees the same files. A missing file is an error naming it, the place it is
 expected and this command. Random weights are never substituted for a missing file: code
 that wants them asks for them explicitly (``weights=random``) and labels its outputs.
+
+Each download is checked against the publisher's digest where one is published (``Asset.digest``;
+the others are reported UNVERIFIED), lands under a temp name that is removed on any error or
+Ctrl-C, and gets the umask's mode, so one cache serves a whole group.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from siren.errors import MissingWeightsError
-from siren.io import sha256_file
+from siren.errors import MissingWeightsError, SirenError
+from siren.io import atomic_path, file_digest
 
 PREFETCH = "python -m siren.assets prefetch"
 
@@ -33,30 +37,39 @@ class Asset:
     filename: str
     url: str
     what: str
+    # The publisher's digest of the file, "<algorithm>:<hex>" (sha256, md5, or "sha256-prefix" for a
+    # torch.hub-style file name); "" where the publisher states none: downloaded, reported UNVERIFIED.
+    digest: str = ""
+    digest_source: str = ""
 
 
 ASSETS: dict[str, Asset] = {a.name: a for a in [
     Asset("dac_16khz", "weights_16khz.pth",
           "https://github.com/descriptinc/descript-audio-codec/releases/download/0.0.5/weights_16khz.pth",
-          "DAC 16 kHz codec (12 RVQ layers x 1024 codes, hop 320)"),
+          "DAC 16 kHz codec (12 RVQ layers x 1024 codes, hop 320)",
+          digest_source="none found: the 0.0.5 release lists no digest for this asset"),
     Asset("clap", "630k-audioset-best.pt",
           "https://huggingface.co/lukewys/laion_clap/resolve/main/630k-audioset-best.pt",
-          "LAION-CLAP HTSAT-tiny + RoBERTa (text conditioning, CLAP score, reward)"),
+          "LAION-CLAP HTSAT-tiny + RoBERTa (text conditioning, CLAP score, reward)",
+          "sha256:8053c9775516af2f4902e1e8281e356cc1bf7a85e8b761908170767b77c3f037",
+          "Git LFS object id on huggingface.co/lukewys/laion_clap"),
     Asset("roberta_vocab", "roberta-base/vocab.json",
-          "https://huggingface.co/FacebookAI/roberta-base/resolve/main/vocab.json",
-          "RoBERTa BPE vocabulary for the CLAP text tokenizer"),
+          "https://huggingface.co/FacebookAI/roberta-base/resolve/c2a5e573587885ce23744cf330ee7c402f0df16f/vocab.json",
+          "RoBERTa BPE vocabulary for the CLAP text tokenizer",
+          digest_source="none published (a plain git file); the URL pins a fixed revision"),
     Asset("roberta_merges", "roberta-base/merges.txt",
-          "https://huggingface.co/FacebookAI/roberta-base/resolve/main/merges.txt",
-          "RoBERTa BPE merges for the CLAP text tokenizer"),
+          "https://huggingface.co/FacebookAI/roberta-base/resolve/c2a5e573587885ce23744cf330ee7c402f0df16f/merges.txt",
+          "RoBERTa BPE merges for the CLAP text tokenizer",
+          digest_source="none published (a plain git file); the URL pins a fixed revision"),
     Asset("panns_cnn14_16k", "Cnn14_16k_mAP=0.438.pth",
           "https://zenodo.org/record/3987831/files/Cnn14_16k_mAP%3D0.438.pth",
-          "PANNs Cnn14 16 kHz (FD, KL, IS)"),
+          "PANNs Cnn14 16 kHz (FD, KL, IS)",
+          "md5:362fc5ff18f1d6ad2f6d464b45893f2c", "Zenodo record 3987831 (Zenodo publishes md5)"),
     Asset("vggish", "vggish-10086976.pth",
           "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
-          "VGGish (FAD)"),
+          "VGGish (FAD)",
+          "sha256-prefix:10086976", "torch.hub file-name convention (torchvggish checks it with check_hash)"),
 ]}
-
-
 
 
 def cache_dir() -> Path:
@@ -81,25 +94,69 @@ def require(name: str) -> Path:
     return p
 
 
-def prefetch(names: list[str]) -> None:
+class DownloadError(SirenError, OSError):
+    """A download that failed or whose bytes are not the publisher's file; nothing was kept."""
+
+
+def check_digest(asset: Asset, digest_of, where: str) -> str:
+    """'verified ...' if the file matches the recorded digest, 'UNVERIFIED ...' if none is recorded; else an error.
+
+    ``digest_of(algorithm)`` returns the file's hex digest for "sha256" or "md5".
+    """
+    if not asset.digest:
+        return f"UNVERIFIED: {asset.digest_source or 'no published digest'}"
+    algo, want = asset.digest.split(":", 1)
+    prefix = algo == "sha256-prefix"
+    got = digest_of("sha256" if prefix else algo)
+    if (got[:len(want)] if prefix else got) != want:
+        raise DownloadError(f"{asset.name}: {where} has {algo} {got}, but the publisher's file has {want} "
+                            f"({asset.digest_source}). Delete it and run `{PREFETCH} {asset.name}` again; if the "
+                            f"download keeps differing, the file at {asset.url} changed: tell the maintainers.")
+    return f"verified: {algo} {want}"
+
+
+def _download(asset: Asset, dest: Path, opener=urllib.request.urlopen) -> dict[str, str]:
+    """Stream ``asset.url`` into a temp file beside ``dest``, verify it, then rename it onto ``dest``.
+
+    The temp file is removed on any failure, a wrong digest and Ctrl-C included, so ``dest`` is
+    either absent or the whole verified file. Mode as ``open()`` gives (umask respected).
+    """
     from tqdm import tqdm
 
-    for name in names:
-        dest = path(name)
-        if dest.is_file() and dest.stat().st_size > 0:
-            print(f"{name}: present at {dest}")
-            continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        url = ASSETS[name].url
-        with urllib.request.urlopen(url, timeout=60) as r, tempfile.NamedTemporaryFile(
-                dir=dest.parent, delete=False) as tmp:
-            with tqdm(total=int(r.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                      desc=name) as bar:
+    hashes = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
+    with atomic_path(dest) as tmp:
+        with opener(asset.url, timeout=60) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=asset.name) as bar:
                 while block := r.read(1 << 20):
-                    tmp.write(block)
+                    f.write(block)
+                    for h in hashes.values():
+                        h.update(block)
                     bar.update(len(block))
-        os.replace(tmp.name, dest)  # atomic: an interrupted download never looks complete
-        print(f"{name}: {dest} sha256={sha256_file(dest)}")
+        if total is not None and tmp.stat().st_size != total:
+            raise DownloadError(f"{asset.name}: got {tmp.stat().st_size} of {total} bytes from {asset.url}; "
+                                f"nothing was kept. Retry `{PREFETCH} {asset.name}`.")
+        digests = {k: h.hexdigest() for k, h in hashes.items()}
+        digests["status"] = check_digest(asset, digests.__getitem__, f"the download from {asset.url} (not kept)")
+    return digests
+
+
+def prefetch(names: list[str], opener=urllib.request.urlopen) -> None:
+    """Download each missing asset (verified where the publisher gives a digest); check present ones too."""
+    for name in names:
+        asset, dest = ASSETS[name], path(name)
+        if dest.is_file() and dest.stat().st_size > 0:
+            status = check_digest(asset, lambda algo: file_digest(dest, algorithm=algo), f"the file already at {dest}")
+            print(f"{name}: present at {dest} ({status})")
+            continue
+        try:
+            d = _download(asset, dest, opener)
+        except DownloadError:
+            raise
+        except OSError as e:  # URLError, HTTPError, timeouts, a full disk
+            raise DownloadError(f"{name}: download from {asset.url} failed ({e}); nothing was kept. "
+                                f"Retry on a machine with internet, or copy the file to {dest}.") from e
+        print(f"{name}: {dest} sha256={d['sha256']} ({d['status']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in ASSETS]
     if unknown:
         ap.error(f"unknown asset(s) {unknown}; known: {', '.join(ASSETS)}")
-    prefetch(args.names or list(ASSETS))
+    try:
+        prefetch(args.names or list(ASSETS))
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the file being downloaded was removed", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,6 +1,9 @@
 """File I/O every module shares: atomic writes (a reader never sees a half-written file, a killed
-job never leaves one), the sha256 of data and files, and loading third-party torch weights
+job never leaves one), the digests of data and files, and loading third-party torch weights
 without executing code from them.
+
+Files come out with the mode ``open()`` would give them (0o666 minus the umask), not mkstemp's
+0600: a shared ``$SIREN_CACHE`` or run folder must be readable by the rest of the group.
 """
 from __future__ import annotations
 
@@ -14,6 +17,25 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux reports it (no race with other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def default_mode() -> int:
+    """The mode a plain ``open(path, "w")`` creates a file with: 0o666 minus the umask."""
+    return 0o666 & ~umask()
+
+
 @contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``dest``; on success it is renamed onto ``dest``, else removed."""
@@ -23,6 +45,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode())  # mkstemp made it 0600
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -51,9 +74,14 @@ def sha256(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
-def sha256_file(*paths: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(*paths: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes (of several files' bytes, concatenated), read in chunks."""
-    h = hashlib.sha256()
+    return file_digest(*paths)
+
+
+def file_digest(*paths: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    """Hex digest (``hashlib`` algorithm name) of the files' bytes, concatenated, read in chunks."""
+    h = hashlib.new(algorithm)
     for p in paths:
         with open(p, "rb") as f:
             while block := f.read(chunk):

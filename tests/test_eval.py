@@ -159,7 +159,11 @@ def test_card_is_complete_and_flags_random_weights(cli_run, sets):
     ref = card["reference"]
     assert ref["caption_index"] == 0 and ref["n_clips"] == 4 and len(ref["set_sha256"]) == 64
     assert len(ref["manifest_sha256"]) == 64 and card["n_clips"] == 4
-    assert card["audio"]["resampler"]["function"] == "torchaudio.functional.resample"
+    audio = card["audio"]  # defaults: each metric's reference code
+    assert audio["crop"] == "whole" and audio["channel"]["fd_kl_is"] == "first" and audio["channel"]["fad"] == "mean"
+    assert audio["resampler"]["fd_kl_is"].startswith("torchaudio") and audio["resampler"]["fad"].startswith("resampy")
+    assert card["metrics"]["fad"]["short_clips"] == "vggish_short=skip"
+    assert {"kl", "kl_gen_ref", "kl_sigmoid", "kl_sigmoid_gen_ref"} <= set(cli_run[1]["metrics"])
     assert card["versions"]["torch"] == torch.__version__.split("+")[0] or card["versions"]["torch"].startswith(
         torch.__version__.split("+")[0])
     assert card["code_version"] and card["code_version"] != "unknown"

@@ -127,6 +127,20 @@ def test_kl_of_identical_logits_is_zero_and_matches_torch():
     assert M.kl_divergence(logits, other).mean() == pytest.approx(float(theirs), rel=1e-10)
 
 
+def test_kl_sigmoid_is_audioldm_evals_per_class_sum():
+    """audioldm_eval: kl_div((sigmoid(gen) + eps).log(), sigmoid(ref), reduction="sum") / N, in float64 here."""
+    rng = np.random.default_rng(2)
+    ref, gen = rng.standard_normal((6, 527)) * 4, rng.standard_normal((6, 527)) * 4
+    ref_t, gen_t = torch.tensor(ref), torch.tensor(gen)
+    theirs = torch.nn.functional.kl_div((gen_t.sigmoid() + 1e-6).log(), ref_t.sigmoid(), reduction="sum") / 6
+    ours = M.kl_sigmoid(ref, gen)
+    assert ours.shape == (6,) and ours.mean() == pytest.approx(float(theirs), rel=1e-10)
+    # one class, by hand: s(a) * (log s(a) - log(s(b) + eps))
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert M.kl_sigmoid(np.array([[2.0]]), np.array([[-1.0]]))[0] == pytest.approx(
+        s(2.0) * (math.log(s(2.0)) - math.log(s(-1.0) + 1e-6)), rel=1e-12)
+
+
 def test_inception_score_uniform_is_one():
     mean, std = M.inception_score(np.zeros((40, 527)))
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
