@@ -2,6 +2,7 @@
 
     python -m siren.model.params scale=isolated-1.6b
     python -m siren.model.params scale=isolated-1.6b distribution=2-6 main_layers=47
+    python -m siren.model.params family=continuous scale=cont-base     (paper/003, 193M)
 
 Columns follow Table 2: code embeddings (the 12 trainable projectors), main (backbone),
 decoder (residual decoder), heads. Frozen codec tables (buffers) are not parameters.
@@ -80,6 +81,9 @@ def table(cfg: ModelConfig, args: list[str] = ()) -> str:
 
 def main(argv: list[str] | None = None):
     args = sys.argv[1:] if argv is None else argv
+    if "family=continuous" in args:  # paper/003's continuous-token LM: its own config and table
+        from siren.model.continuous.params import main as continuous_main
+        return continuous_main([a for a in args if a != "family=continuous"])
     try:
         cfg = load_config(ModelConfig, args, presets())
     except ConfigError as e:
