@@ -36,7 +36,7 @@ class ContinuousConfig:
     schedule: str = "cosine"  # cosine (Nichol & Dhariwal 2021) | linear (Ho et al. 2020) betas
     train_steps: int = 1000  # diffusion steps T of the forward process
     sample_steps: int = 100  # default respaced steps at sampling (<= train_steps); per call overridable
-    prediction: str = "eps"  # what the head predicts: eps | v | x0
+    prediction: str = "v"  # what the head predicts: eps | v | x0 (eps is ill-conditioned at the end of "cosine")
     diffusion_batch_mul: int = 4  # noise draws per token per training step (cheap: the head is small)
     # masked next-token prediction: a fraction of the backbone's input tokens become a learned [MASK]
     mntp: bool = False

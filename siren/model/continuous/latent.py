@@ -165,7 +165,8 @@ def reconstruction(codec, train_wavs: list[torch.Tensor], test_wavs: list[torch.
         ref = decode_latent(codec, z)[0, :n]
         cands = {"latent-1024": z, "RVQ-12": rvq_latent(codec, z)}
         for k in dims:
-            cands[f"PCA-{k}"] = proj_full.decode(_truncate(proj_full, k).encode(z))
+            proj = _truncate(proj_full, k)
+            cands[f"PCA-{k}"] = proj.decode(proj.encode(z))
         for name, zh in cands.items():
             out = decode_latent(codec, zh)[0, :n]
             rows.setdefault(name, []).append((fvu(zh[0], z[0], proj_full.mean), snr_db(ref, out),
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     codec = Codec(CodecConfig(weights=args.get("codec.weights", "pretrained")))
     dims = [int(d) for d in args.get("dims", "8,16,32,64,128,256,1024").split(",")]
-    train = [torch.from_numpy(clip(c, "train", k)[0]) for c in range(len(CLASSES)) for k in range(4)]
+    train = [torch.from_numpy(clip(c, "train", k)[0]) for c in range(len(CLASSES)) for k in range(2)]
     test = [torch.from_numpy(clip(c, "test", 0)[0]) for c in range(len(CLASSES))]  # one per class: decoding is slow
     log.info("codec weights: %s; PCA fitted on %d demo train clips, measured on %d test clips",
              codec.weights_label.upper() if codec.weights_label == "random" else codec.weights_label,
