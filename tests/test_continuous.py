@@ -12,7 +12,7 @@ from siren.errors import CheckpointError, ConfigError
 from siren.model.continuous import ContinuousConfig, ContinuousLM, DiffusionHead, LatentProjection, presets
 from siren.model.continuous import latent as lat
 from siren.model.continuous.params import table
-from tests.fixtures_model import codec, text_batch  # noqa: F401
+from tests.fixtures_model import codec, text_batch
 
 
 def tiny(*overrides: str) -> ContinuousConfig:
@@ -35,7 +35,8 @@ def token_batch(B=2, T=9, k=8, seed=0, lengths=None) -> dict:
     frame_mask = torch.ones(B, T, dtype=torch.bool)
     for b, n in enumerate(lengths or []):
         frame_mask[b, n:] = False
-    return {"latents": torch.randn(B, T, k, generator=g), "frame_mask": frame_mask, "text": text, "text_mask": text_mask}
+    return {"latents": torch.randn(B, T, k, generator=g), "frame_mask": frame_mask, "text": text,
+            "text_mask": text_mask}
 
 
 # ---- config and sizes ---------------------------------------------------------------------------
@@ -124,6 +125,21 @@ def test_sampler_with_exact_predictions_recovers_the_gaussian(schedule, predicti
     assert (cold.std(0) < 0.8 * x.std(0)).all()  # temperature narrows the samples
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_loss_of_the_exact_predictor_is_the_bayes_risk(prediction):
+    """For Gaussian data the posterior variance of each target is closed-form: Var(x0 | x_t) = S^2 (1-a) / (a S^2 + 1-a),
+    Var(eps | x_t) = a/(1-a) of it, Var(v | x_t) = 1/(1-a) of it (v = sqrt(a) x_t / sqrt(1-a) - x0 / sqrt(1-a))."""
+    head = GaussianOracle(3, 1, 8, 1, schedule="cosine", prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    n = 60000
+    x0 = MU + S * torch.randn(n, 3, generator=g)
+    got = head.loss(x0, torch.zeros(n, 1), g).mean().item()
+    a = head.abar.double()[:, None]
+    var_x0 = S.double() ** 2 * (1 - a) / (a * S.double() ** 2 + 1 - a)
+    want = {"x0": var_x0, "eps": a / (1 - a) * var_x0, "v": var_x0 / (1 - a)}[prediction].mean().item()
+    assert got == pytest.approx(want, rel=0.05)
+
+
 MIXTURES = {  # condition -> (weights, means [3, 2]); component std 0.3
     0: (torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[-2.0, -1.0], [2.0, 1.0], [0.0, 2.5]])),
     1: (torch.tensor([0.2, 0.2, 0.6]), torch.tensor([[2.0, -2.0], [-2.0, 2.0], [0.0, -0.5]])),
@@ -135,12 +151,12 @@ def draw(c: int, n: int, g: torch.Generator) -> torch.Tensor:
     return means[torch.multinomial(w, n, replacement=True, generator=g)] + 0.3 * torch.randn(n, 2, generator=g)
 
 
-@pytest.mark.parametrize("prediction, schedule", [("v", "cosine"), ("eps", "linear")])
-def test_head_learns_a_conditional_2d_mixture(prediction, schedule):
-    """Tolerances: component weights +-0.05, means +-0.15, stds within 25% of 0.3, for each condition."""
+def test_head_learns_a_conditional_2d_mixture():
+    """The default head (v, cosine). Tolerances: component weights +-0.05, means +-0.15, stds within 25% of 0.3,
+    for each condition; the held-out loss (fixed t and noise) falls below 0.8 of its value at initialisation."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    head = DiffusionHead(2, 2, 64, 2, schedule=schedule, prediction=prediction)
+    head = DiffusionHead(2, 2, 64, 2, schedule="cosine", prediction="v")
     cond = torch.eye(2).repeat_interleave(256, 0)  # one-hot condition, 256 rows each
     held = torch.cat([draw(0, 256, g), draw(1, 256, g)])
 

@@ -124,7 +124,8 @@ class DiffusionHead(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, steps: int, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """One token per row of z [N, cond_dim] -> x0 [N, token_dim]. Draws: x_T, then one noise per step but the last."""
+        """One token per row of z [N, cond_dim] -> x0 [N, token_dim].
+        Draws from ``generator``: x_T, then one noise per step but the last."""
         ts, abar = self.respaced(steps)
         x = torch.randn(z.shape[0], self.token_dim, device=z.device, dtype=z.dtype, generator=generator)
         for i, t in enumerate(ts):

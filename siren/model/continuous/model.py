@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from siren.errors import ConfigError
 from siren.model.blocks import KVCache, TextKV
 from siren.model.config import ModelConfig
 from siren.model.continuous.config import ContinuousConfig
@@ -46,8 +47,8 @@ class ContinuousState:
 
 def _backbone_config(cfg: ContinuousConfig) -> ModelConfig:
     """The discrete family's backbone settings for the same width/depth (no decoder, no code tables)."""
-    return ModelConfig(distribution="1-12", conditioning="none", decoder_layers=0, dim=cfg.dim,
-                       main_layers=cfg.layers, attn_heads=cfg.attn_heads, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim)
+    return ModelConfig(distribution="1-12", conditioning="none", decoder_layers=0, dim=cfg.dim, main_layers=cfg.layers,
+                       attn_heads=cfg.attn_heads, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim)
 
 
 class ContinuousLM(nn.Module):
@@ -56,11 +57,15 @@ class ContinuousLM(nn.Module):
         decodes on its own); None leaves a placeholder of width token_dim for ``load_state_dict``."""
         super().__init__()
         if projection is not None and projection.dim != cfg.token_dim:
-            raise ValueError(f"projection has {projection.dim} dims but token_dim={cfg.token_dim}")
+            raise ConfigError(f"the latent projection has {projection.dim} dims but model.token_dim={cfg.token_dim}")
+        if projection is not None and cfg.latent and projection.id and projection.id != cfg.latent:
+            raise ConfigError(f"model.latent='{cfg.latent}' but the projection given is '{projection.id}': tokens "
+                              f"from another projection mean something else; load the matching file")
         self.cfg = cfg
         self.projection = projection if projection is not None else LatentProjection(cfg.token_dim)
         self.inp = nn.Linear(cfg.token_dim, cfg.dim)  # W_in: token -> model space
-        self.mask = nn.Parameter(torch.zeros(cfg.dim))  # the [MASK] vector of MNTP (unused without it)
+        # the [MASK] vector of MNTP; absent without it (a parameter no step uses would trip DDP)
+        self.mask = nn.Parameter(torch.zeros(cfg.dim)) if cfg.mntp else None
         self.backbone = Backbone(_backbone_config(cfg))
         self.head = DiffusionHead(cfg.token_dim, cfg.dim, cfg.head_width, cfg.head_depth, schedule=cfg.schedule,
                                   train_steps=cfg.train_steps, prediction=cfg.prediction)
@@ -77,13 +82,15 @@ class ContinuousLM(nn.Module):
             for out in (block.self_attn.out, block.mlp.down, block.cross_attn.out):
                 nn.init.normal_(out.weight, 0.0, std / math.sqrt(2 * len(self.backbone.blocks)))
         nn.init.normal_(self.backbone.sos, 0.0, std)
-        nn.init.normal_(self.mask, 0.0, std)
+        if self.mask is not None:
+            nn.init.normal_(self.mask, 0.0, std)
 
     # ---- teacher-forced training -----------------------------------------------------------
 
     def mntp_mask(self, frame_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Bool [B, T]: which backbone inputs MNTP replaces by [MASK]. Input position t >= 1 carries x_{t-1};
-        a row with n valid frames has n - 1 real inputs, of which exactly floor(mask_ratio * (n - 1) + 1/2) are masked."""
+        a row with n valid frames has n - 1 real inputs, of which exactly floor(mask_ratio * (n - 1) + 1/2),
+        drawn uniformly without replacement, are masked."""
         B, T = frame_mask.shape
         real = torch.zeros_like(frame_mask)  # position 0 is sos; position t reads x_{t-1}, used if frame t is valid
         real[:, 1:] = frame_mask[:, 1:] & frame_mask[:, :-1]
@@ -94,6 +101,8 @@ class ContinuousLM(nn.Module):
 
     def inputs(self, tokens: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T, k] -> backbone inputs [B, T, d]: sos, W_in x_0, ..., W_in x_{T-2} ([MASK] where ``masked``)."""
+        if masked is not None and self.mask is None:
+            raise ValueError("MNTP masks need a model built with mntp=true (it holds the [MASK] vector)")
         B = tokens.shape[0]
         x = torch.cat([self.backbone.sos.expand(B, 1, -1), self.inp(tokens[:, :-1])], 1)
         return x if masked is None else torch.where(masked[..., None], self.mask.to(x.dtype), x)
@@ -142,7 +151,8 @@ class ContinuousLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, text_states: torch.Tensor, text_mask: torch.Tensor, n_frames: int, *,
-                 steps: int | None = None, temperature: float = 1.0, seed: int = 0, cached: bool = True) -> torch.Tensor:
+                 steps: int | None = None, temperature: float = 1.0, seed: int = 0,
+                 cached: bool = True) -> torch.Tensor:
         """Tokens [B, n_frames, k] for a batch of prompts; ``decode`` turns them into DAC latents.
 
         Same model, text, arguments and seed -> same tokens: each step draws from one seeded generator

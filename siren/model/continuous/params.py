@@ -25,7 +25,8 @@ def count(module: torch.nn.Module) -> int:
 def counts(cfg: ContinuousConfig) -> dict[str, int]:
     with torch.device("meta"):
         model = ContinuousLM(cfg)
-    return {"input": count(model.inp) + model.mask.numel(), "backbone": count(model.backbone),
+    mask = model.mask.numel() if model.mask is not None else 0
+    return {"input": count(model.inp) + mask, "backbone": count(model.backbone),
             "head": count(model.head), "total": count(model)}
 
 
