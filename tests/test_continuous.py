@@ -97,6 +97,18 @@ def test_latent_path_agrees_with_the_codec_rvq_path():
     assert lat.fvu(z[0], z[0], z[0].mean(1)) == 0.0 and lat.fvu(lat.rvq_latent(dac, z)[0], z[0], z[0].mean(1)) > 0
 
 
+def test_reconstruction_report_orders_the_candidates():
+    """Full-rank PCA is lossless, a 4-dim one is not; the RVQ's error is measured on the same footing."""
+    dac = codec()
+    g = torch.Generator().manual_seed(1)
+    train = [0.3 * torch.randn(3200, generator=g) for _ in range(3)]  # 30 frames: the fit sees rank <= 29
+    rows = {r.name: r for r in lat.reconstruction(dac, train, train[:1], [4, 1024])}
+    assert list(rows) == ["latent-1024", "RVQ-12", "PCA-4", "PCA-1024"]
+    assert rows["latent-1024"].latent_fvu == 0 and rows["latent-1024"].snr_db > 100
+    assert rows["PCA-1024"].latent_fvu < 1e-6 and rows["PCA-4"].latent_fvu > 100 * rows["PCA-1024"].latent_fvu
+    assert 0 < rows["RVQ-12"].latent_fvu and rows["RVQ-12"].snr_db < rows["PCA-1024"].snr_db
+
+
 # ---- diffusion head ------------------------------------------------------------------------------
 
 MU, S = torch.tensor([1.5, -0.5, 0.0]), torch.tensor([0.4, 1.0, 2.0])

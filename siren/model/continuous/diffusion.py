@@ -115,10 +115,10 @@ class DiffusionHead(nn.Module):
         return out
 
     def respaced(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timesteps [steps] descending, abar of each) for an evenly spaced subset that ends at t = 0."""
+        """(timesteps [steps] descending, abar of each): an evenly spaced subset from T-1 (down to 0 if steps > 1)."""
         if not 1 <= steps <= self.train_steps:
             raise ValueError(f"diffusion sampling steps must be in [1, {self.train_steps}], got {steps}")
-        ts = torch.linspace(0, self.train_steps - 1, steps, device=self.abar.device).round().long().flip(0)
+        ts = torch.linspace(self.train_steps - 1, 0, steps, device=self.abar.device).round().long()
         return ts, self.abar[ts]
 
     @torch.no_grad()
