@@ -3,6 +3,7 @@
     python -m siren.model.params scale=isolated-1.6b
     python -m siren.model.params scale=isolated-1.6b distribution=2-6 main_layers=47
     python -m siren.model.params scale=isolated-1.6b arch=legacy
+    python -m siren.model.params family=continuous scale=cont-base     (paper/003, 193M)
 
 Counted the official way (wjc2830/Siren holds the frozen DAC tables as parameters): an expert's
 total includes its frozen code tables, 12 x (8,192 codebook + 9,216 out-projection) = 208,896,
@@ -13,12 +14,12 @@ counts; ``table2_rows`` says which of ours each one is.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from siren.config import ConfigError, load_config
+from siren.cli import run as cli_run
+from siren.config import load_config
 from siren.model.collaborative import CollaborativeModel
 from siren.model.config import PAPER_SIZES, ModelConfig, presets
 from siren.model.expert import Expert
@@ -120,14 +121,17 @@ def table(cfg: ModelConfig, args: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None):
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_config(ModelConfig, args, presets())
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    print(table(cfg, args))
+def main(argv: list[str] | None = None) -> int:
+    from siren import cli
+
+    args = cli.start(argv)
+    if "family=continuous" in args:  # paper/003's continuous-token LM: its own config and table
+        from siren.model.continuous.params import main as continuous_main
+
+        return continuous_main([a for a in args if a != "family=continuous"]) or 0
+    print(table(load_config(ModelConfig, args, presets()), args))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli_run(main, ModelConfig, __doc__)
