@@ -148,7 +148,7 @@ def test_standardize_policies():
 
 def test_demo_is_deterministic_and_idempotent(tmp_path):
     a = demo.make_demo(tmp_path / "a", seed=0, n_train=1, n_test=1)
-    b = demo.make_demo(tmp_path / "b", seed=0, n_train=1, n_test=1)
+    demo.make_demo(tmp_path / "b", seed=0, n_train=1, n_test=1)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
