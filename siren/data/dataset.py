@@ -161,4 +161,5 @@ class Stage1Data:
             raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
                               f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared "
                               f"one or prepare again")
-        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(train.info["text"]))
+        text = {**train.info["text"], "config": train.info.get("frontends", {}).get("text")}
+        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(text))

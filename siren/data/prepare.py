@@ -78,8 +78,11 @@ class PrepareReport:
 def _header(codec, text_encoder, audio: AudioConfig, text_dtype: str, manifest: Path, manifest_sha: str) -> dict:
     from siren.frontends import codec_entry, text_entry
 
+    codec, text = codec_entry(codec), text_entry(text_encoder)
     return {"manifest": str(manifest), "manifest_sha256": manifest_sha, "frame_rate": FRAME_RATE,
-            "codec": codec_entry(codec), "text": {**text_entry(text_encoder), "dtype": text_dtype},
+            "codec": {"id": codec["id"], "weights": codec["weights"]},
+            "text": {"id": text["id"], "weights": text["weights"], "dtype": text_dtype},
+            "frontends": {"codec": codec["config"], "text": text["config"]},  # full configs (siren.frontends)
             "audio": audio.key()}
 
 
