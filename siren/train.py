@@ -66,6 +66,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     crop_s: float = 6.0  # random crops of this length (appendix B); 0 = whole clips
+    crop_min_clap: float = 0.0  # > 0: crops only where CLAP similarity > this (appendix B: 0.2; prepare crop_s=)
     num_workers: int = 2
 
     def __post_init__(self):
@@ -184,7 +185,7 @@ class Stage1Data:
 
         crop = cfg.train.crop_s or None
         train = make_loader(cfg.data_dir, split="train", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=True,
-                            seed=cfg.train.seed)
+                            seed=cfg.train.seed, crop_min_clap=cfg.train.crop_min_clap)
         try:
             val = make_loader(cfg.data_dir, split="test", batch_size=cfg.train.batch_size, crop_s=crop, shuffle=False,
                               seed=cfg.train.seed)
