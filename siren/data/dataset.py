@@ -70,9 +70,10 @@ class PreparedDataset(Dataset):
         ok = [allowed(np.array(it["crop_filter"]["clap"]), np.array(it["crop_filter"]["energy_db"]),
                       self.crop_min_clap) for it in self.items]
         none = sum(not m.any() for m in ok)
-        log.info("crop filter (CLAP > %g, not silent): %d of %d crop offsets pass; %d of %d items have none and "
-                 "use their best offset", self.crop_min_clap, sum(int(m.sum()) for m in ok), sum(m.size for m in ok),
-                 none, len(ok))
+        log.log(logging.WARNING if none else logging.INFO,
+                "crop filter (CLAP > %g, not silent): %d of %d crop offsets pass; %d of %d items have none and use "
+                "their best offset", self.crop_min_clap, sum(int(m.sum()) for m in ok), sum(m.size for m in ok),
+                none, len(ok))
 
     def __len__(self) -> int:
         return len(self.items)

@@ -27,9 +27,9 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -151,14 +151,14 @@ def _embed_audio(pending: list, out: Path, clap) -> None:
     pending.clear()
 
 
-def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioConfig = AudioConfig(),
+def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioConfig | None = None,
                 num_shards: int = 1, shard: int = 0, batch_size: int = 16, manifest: Path | None = None,
                 manifest_sha: str = "", progress: bool = True) -> ScoreReport:
     """Score shard ``shard`` of ``num_shards`` of ``items`` into ``out`` and record it for the select step.
 
     ``clap`` is a ``siren.clap.Clap`` (``embed_audio``, ``embed_text``, ``id``, ``card``, ``weights_label``).
     """
-    t0, out = time.perf_counter(), Path(out)
+    t0, out, audio = time.perf_counter(), Path(out), audio or AudioConfig()
     mine = shard_rows(items, num_shards, shard)
     rep = ScoreReport(rows=len(mine))
     shard_record_path(out, shard, num_shards).unlink(missing_ok=True)  # a failed run leaves no stale record
@@ -204,7 +204,8 @@ def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioCon
     for s in tqdm(range(0, len(todo), 64), desc="captions", disable=not progress or not todo, unit="batch"):
         chunk = todo[s:s + 64]
         for k, e in zip(chunk, clap.embed_text([captions[k] for k in chunk]).float().cpu()):
-            save_tensors(cache_path(out, "clap_text", k), {"embedding": e}, {"clap_id": clap.id, "caption": captions[k]})
+            save_tensors(cache_path(out, "clap_text", k), {"embedding": e},
+                         {"clap_id": clap.id, "caption": captions[k]})
 
     # 3. the shard's record: SNR and every candidate's score per row
     records = []
@@ -214,8 +215,9 @@ def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioCon
             records.append({**rec, "error": bad[i]})
             continue
         a = load_file(cache_path(out, "clap_audio", akeys[i]))
-        scores = {c: float(a["embedding"] @ load_file(cache_path(out, "clap_text", clap_text_key(t, clap.id)))["embedding"])
-                  for c, t in it.captions}
+        text = {c: load_file(cache_path(out, "clap_text", clap_text_key(t, clap.id)))["embedding"]
+                for c, t in it.captions}
+        scores = {c: float(a["embedding"] @ e) for c, e in text.items()}  # cosine: both L2-normalised
         records.append({**rec, "snr_db": float(a["snr_db"]), "captions": dict(it.captions), "clap": scores})
     write_json(shard_record_path(out, shard, num_shards),
                {**header(clap, audio, manifest, manifest_sha), "shard": shard, "num_shards": num_shards,

@@ -61,7 +61,8 @@ def select(records: list[dict], *, tau: float, min_snr_db: float, rl_top: int, t
     for r in records:
         row = {"id": r["id"], "audio": r["audio"], "label": r["label"] or ""}
         if "error" in r:
-            rejected.append({**row, "caption": "", "clap": "", "snr_db": "", "caption_column": "", "reason": r["error"]})
+            rejected.append({**row, "caption": "", "clap": "", "snr_db": "", "caption_column": "",
+                             "reason": r["error"]})
             continue
         col, score = best_caption(r)
         row.update(caption=r["captions"][col], clap=score, snr_db=r["snr_db"], caption_column=col)

@@ -231,7 +231,8 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
             raise DataError("crop_s > 0 needs the text encoder's CLAP model (siren.text.TextEncoder.clap)")
         crop, step = frames_of(crop_s), frames_of(crop_step_s)
         crop_keys = {i: crops_key(keys[i], r.caption, clap.id, crop, step) for i, r in good}
-        crop_todo = {crop_keys[i]: (r, keys[i]) for i, r in good if not cache_path(out, "crops", crop_keys[i]).is_file()}
+        crop_todo = {crop_keys[i]: (r, keys[i]) for i, r in good
+                     if not cache_path(out, "crops", crop_keys[i]).is_file()}
         if crop_todo:
             _score_crops(crop_todo, out, clap, audio, crop, step, progress)
 
@@ -301,7 +302,8 @@ def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split
     split = split or manifest.stem
     kw = dict(codec=codec, text_encoder=text_encoder, audio=audio, text_dtype=text_dtype, num_shards=num_shards,
               batch_size=batch_size, text_batch_size=text_batch_size, on_error=on_error, manifest=manifest,
-              manifest_sha=sha256(manifest.read_bytes()), progress=progress, crop_s=crop_s, crop_step_s=crop_step_s)
+              manifest_sha=sha256(manifest.read_bytes()), progress=progress, crop_s=crop_s,
+              crop_step_s=crop_step_s)
     if shard is not None:
         return prepare_shard(rows, out, split, shard=shard, **kw)
     total = PrepareReport(split)
