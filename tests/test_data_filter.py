@@ -231,3 +231,33 @@ def test_crop_filter_needs_prepared_scores(half_silent):
     root, _ = half_silent
     with pytest.raises(DataError, match="crop_s=0.3"):
         PreparedDataset(root / "out", "train", crop_s=0.3, crop_min_clap=0.2)
+
+
+# ---------------------------------------------------------------- segments as files (appendix A, first step)
+
+def test_segments_are_the_recording_cut_in_place(tmp_path):
+    from siren.data.segment import segment
+
+    rng = np.random.default_rng(0)
+    sound = (0.3 * rng.standard_normal((3, SR))).clip(-1, 1)
+    x = np.concatenate([sound[0], np.zeros(SR), sound[2], sound[1][:SR // 2]])  # 3.5 s: sound, silence, sound, half
+    write_wav(tmp_path / "long.wav", x)
+    write_wav(tmp_path / "silent.wav", np.zeros(SR))
+    m = write_manifest(tmp_path / "raw.csv", [{"id": "rec/1", "audio": "long.wav", "caption": "noise"},
+                                              {"id": "quiet", "audio": "silent.wav", "caption": "nothing"}])
+    dest, written, skipped = segment(m, tmp_path / "seg", duration_s=1.0, progress=False)
+    rows = rows_of(dest)
+    assert [r["id"] for r in rows] == ["rec/1#0", "rec/1#2"]  # the silent second and the 0.5 s residual dropped
+    original, _ = sf_read(tmp_path / "long.wav")
+    for r, k in zip(rows, (0, 2)):
+        seg, sr = sf_read(dest.parent / r["audio"])
+        assert sr == SR and np.array_equal(seg, original[k * SR:(k + 1) * SR])
+    assert written == 2 and [s["id"] for s in skipped] == ["quiet"]
+    assert segment(m, tmp_path / "seg", duration_s=1.0, progress=False)[1] == 0  # a re-run writes nothing
+    assert [it.row.id for it in filt.read_items(dest)] == ["rec/1#0", "rec/1#2"]  # a manifest the filter reads
+
+
+def sf_read(path):
+    import soundfile as sf
+
+    return sf.read(str(path), dtype="int16")
