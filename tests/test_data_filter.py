@@ -126,11 +126,12 @@ def test_counts_add_up_and_rl_is_the_top(scored, clips, clap, monkeypatch):
     assert again[0].row.caption == train[0]["caption"]
 
 
-def test_presets(scored, clips, clap, monkeypatch):
+def test_presets(scored, clips, clap, monkeypatch, tmp_path):
     active = sum(1 for r in rows_of(scored / "scores.csv") if r["snr_db"] and float(r["snr_db"]) > 6)
     for preset, expect_train_n in (("siren-1.6b", 100_000), ("siren-3.1b", 0)):
-        cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}", "step=select", f"select={preset}", "tau=-1")
-        report = json.loads((scored / "report.json").read_text())
+        cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}", "step=select", f"select={preset}", "tau=-1",
+            f"select_out={tmp_path / preset}")  # one folder per collection
+        report = json.loads((tmp_path / preset / "report.json").read_text())
         assert report["preset"] == preset and report["selection"]["train_n"] == expect_train_n
         assert report["selection"]["tau"] == -1  # an explicit key after the preset wins
         # fewer kept pairs than either preset's RL top-1k: everything kept is an RL prompt, no one is "not drawn"

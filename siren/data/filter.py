@@ -2,7 +2,7 @@
 
     python -m siren.data.filter manifest=clips.csv out=FILT select=siren-1.6b          # score + select
     python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 shard=$SLURM_ARRAY_TASK_ID
-    python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 step=select select=siren-3.1b
+    python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 step=select select=siren-3.1b select_out=S31
     python -m siren.data.filter manifest=demo out=FILT select=siren-1.6b rl_top=10 weights=random
 
 Per manifest row: the clip is loaded and cut as ``prepare`` cuts it (``audio.*``, one item per row), its
@@ -74,6 +74,7 @@ class FilterConfig:
     train_n: int = 0  # stage-1 items drawn at random from the other kept pairs; 0 = all of them
     seed: int = 0  # of the train_n draw
     demo_seed: int = 0  # manifest=demo only
+    select_out: str = ""  # where the selection's files go (default: out); one per preset keeps both collections
 
     def __post_init__(self):
         if self.step not in STEPS:

@@ -139,8 +139,8 @@ def figure(dest_dir: Path, records: list[dict], tau: float, min_snr_db: float, n
 
 def run_select(cfg, manifest: Path) -> str:
     """Merge the shards, select, write every output; returns the summary line."""
-    out = Path(cfg.out)
-    head, records = merge(out, cfg.num_shards)
+    head, records = merge(cfg.out, cfg.num_shards)
+    out = Path(cfg.select_out or cfg.out)
     rl, train, rejected = select(records, tau=cfg.tau, min_snr_db=cfg.min_snr_db, rl_top=cfg.rl_top,
                                  train_n=cfg.train_n, seed=cfg.seed)
     assert len(rl) + len(train) + len(rejected) == len(records)
