@@ -62,11 +62,15 @@ class PrepareReport:
     text_seconds: float = 0.0  # in the text encoder pass
     codes_seconds: float = 0.0  # in the codec pass (load + resample + encode + save)
     audio_seconds: float = 0.0  # audio encoded, after crop/pad
+    crops_scored: int = 0  # files whose crop-filter table was computed in this call
+    crops_seconds: float = 0.0
 
     def __str__(self) -> str:
         speed = (f" (codes {self.codes_seconds:.1f} s: {self.codes_seconds / self.codes_encoded:.2f} s per file, "
                  f"{self.codes_seconds / max(self.audio_seconds, 1e-9):.2f} s per audio second; text "
                  f"{self.text_seconds:.1f} s)" if self.codes_encoded else "")
+        speed += (f"; crop filter: {self.crops_scored} files, {self.crops_seconds / self.crops_scored:.2f} s per file"
+                  if self.crops_scored else "")
         return (f"{self.split}: audio {self.codes_encoded} to encode, {self.codes_cached} cached; captions "
                 f"{self.text_encoded} to encode, {self.text_cached} cached; {len(self.bad)} bad; "
                 f"{self.seconds:.1f} s{speed}")
@@ -234,7 +238,9 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         crop_todo = {crop_keys[i]: (r, keys[i]) for i, r in good
                      if not cache_path(out, "crops", crop_keys[i]).is_file()}
         if crop_todo:
+            t = time.perf_counter()
             _score_crops(crop_todo, out, clap, audio, crop, step, progress)
+            rep.crops_scored, rep.crops_seconds = len(crop_todo), time.perf_counter() - t
 
     # 4. what this shard holds, for the index step.
     entries = []
@@ -310,7 +316,7 @@ def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split
     for s in range(num_shards):
         r = prepare_shard(rows, out, split, shard=s, **kw)
         for f in ("rows", "codes_encoded", "codes_cached", "text_encoded", "text_cached", "seconds", "text_seconds",
-                  "codes_seconds", "audio_seconds"):
+                  "codes_seconds", "audio_seconds", "crops_scored", "crops_seconds"):
             setattr(total, f, getattr(total, f) + getattr(r, f))
         total.bad += r.bad
     write_index(out, split, num_shards)
