@@ -149,8 +149,8 @@ def run_select(cfg, manifest: Path) -> str:
     write_csv(out / "rejected.csv", rejected, [*COLUMNS, "reason"])
     write_csv(out / "scores.csv", *scores_table(records))
     weights = head["weights"]
-    note = (f"CLAP {head['clap']['id']}, {weights.upper() if weights == 'random' else weights} weights"
-            + ("; RANDOM: scores carry no signal" if weights == "random" else "") + f"; {len(records)} clips")
+    note = (f"CLAP {head['clap']['id']}, " + ("RANDOM weights: scores carry no signal" if weights == "random"
+                                                else f"{weights} weights") + f"; {len(records)} clips")
     figs = figure(out, records, cfg.tau, cfg.min_snr_db, note)
     reasons = {"unreadable": sum(r["reason"].startswith(("unreadable", "unusable")) for r in rejected),
                "snr": sum("snr " in r["reason"] for r in rejected),
