@@ -165,6 +165,17 @@ def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeyp
                     assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5)
 
 
+def test_candidate_captions_csv_and_jsonl(tmp_path):
+    rows = [{"id": "a", "audio": "a.wav", "caption": "one", "caption_10": "ten", "caption_2": "two"},
+            {"id": "b", "audio": "b.wav", "caption": "only", "caption_10": "", "caption_2": ""}]
+    csv_items = filt.read_items(write_manifest(tmp_path / "m.csv", rows, ("id", "audio", "caption_10", "caption",
+                                                                          "caption_2")))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if v}) + "\n" for r in rows))
+    for items in (csv_items, filt.read_items(tmp_path / "m.jsonl")):
+        assert [it.captions for it in items] == [(("caption", "one"), ("caption_2", "two"), ("caption_10", "ten")),
+                                                 (("caption", "only"),)]
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="segment"):
         filt.parse(["manifest=x.csv", "audio.policy=segment"])
