@@ -34,6 +34,7 @@ from siren.data.manifest import DataError
 
 log = logging.getLogger(__name__)
 
+
 def load_index(prepared_dir: str | Path, split: str) -> dict:
     p = index_path(Path(prepared_dir), split)
     if not p.is_file():
