@@ -257,7 +257,7 @@ def parse(argv: Sequence[str]) -> FilterConfig:
 def main(argv: Sequence[str] | None = None) -> None:
     from siren.data.filter_select import run_select
 
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("siren").setLevel(logging.INFO)  # our status lines, not matplotlib's font subsetting
     cfg = parse(sys.argv[1:] if argv is None else argv)
     if not cfg.out:
