@@ -89,6 +89,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     crop_s: float = 6.0  # random crops of this length (appendix B); 0 = whole clips
+    crop_min_clap: float = 0.0  # > 0: crops only where CLAP similarity > this (appendix B: 0.2; prepare crop_s=)
     num_workers: int = 2
     loss_reduction: str = "mean"  # over the expert's layers: mean (official code) | sum (Eq. 6 as written)
 
@@ -276,7 +277,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     device = resolve_device(tc.device, ranks.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    data = data or Stage1Data.from_prepared(cfg.data_dir, tc.crop_s or None, tc.seed, cfg.codec)
+    data = data or Stage1Data.from_prepared(cfg.data_dir, tc.crop_s or None, tc.seed, cfg.codec, tc.crop_min_clap)
     if cfg.model.codec and cfg.model.codec != data.codec["id"]:
         raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec "
                           f"{data.codec['id']}")

@@ -4,6 +4,12 @@
                                  key = sha256(audio file bytes, preprocessing policy incl. resampler, codec id)
     text/cd/<key>.safetensors    states [L, 768] float16|32, mask bool [L], pooled float32 [512]
                                  key = sha256(caption, text-encoder id, storage dtype)
+    crops/ef/<key>.safetensors   clap float32 [S, O], energy_db float32 [S, O], offsets int32 [O]: CLAP similarity
+                                 and loudness of each crop on the grid (siren/data/crops.py)
+                                 key = sha256(codes key, caption, CLAP id, crop and grid length in frames)
+    clap_audio/../<key>          (siren.data.filter) CLAP audio embedding [512] + activity SNR of one clip
+                                 key = sha256(audio file bytes, preprocessing policy, CLAP id, SNR estimator)
+    clap_text/../<key>           (siren.data.filter) CLAP text embedding [512]; key = sha256(caption, CLAP id)
     splits/<split>.shards/shard-<i>-of-<n>.json   what shard i encoded
     splits/<split>.json          the index: item ids -> cache keys, plus the models and policy used
 """
@@ -25,8 +31,22 @@ def text_key(caption: str, text_id: str, dtype: str) -> str:
     return sha256(json.dumps({"caption": caption, "text": text_id, "dtype": dtype, "format": FORMAT}, sort_keys=True))
 
 
+def crops_key(codes: str, caption: str, clap_id: str, crop_frames: int, step_frames: int) -> str:
+    return sha256(json.dumps({"codes": codes, "caption": caption, "clap": clap_id, "crop": crop_frames,
+                              "step": step_frames, "format": FORMAT}, sort_keys=True))
+
+
+def clap_audio_key(audio_sha256: str, policy: dict, clap_id: str, estimator: str) -> str:
+    return sha256(json.dumps({"audio": audio_sha256, "policy": policy, "clap": clap_id, "snr": estimator,
+                              "format": FORMAT}, sort_keys=True))
+
+
+def clap_text_key(caption: str, clap_id: str) -> str:
+    return sha256(json.dumps({"caption": caption, "clap": clap_id, "format": FORMAT}, sort_keys=True))
+
+
 def cache_path(out: str | Path, kind: str, key: str) -> Path:
-    """kind: "codes" or "text"."""
+    """kind: "codes", "text", "crops", "clap_audio" or "clap_text"."""
     return Path(out) / kind / key[:2] / f"{key}.safetensors"
 
 

@@ -8,7 +8,9 @@ Batches are dicts (the interface every trainer builds on):
     ids, captions  list[str]
 
 Random crops (appendix B: 6 s segments from the 10 s clips, 50 frames/s) are a pure function of
-(seed, epoch, item index), so a resumed run sees exactly the crops it would have seen.
+(seed, epoch, item index), so a resumed run sees exactly the crops it would have seen. With
+``crop_min_clap`` > 0 (appendix B: 0.20) a crop starts only on a grid offset whose CLAP similarity to
+the caption is above it and that is not silent (siren/data/crops.py; needs ``prepare crop_s=``).
 Order: ``siren.data.sampler.EpochBatches`` (each pass over a loader is the next epoch; a resumed
 run sets it with ``loader.batch_sampler.set_epoch(epoch, skip=examples_already_seen_this_epoch)``).
 """
@@ -33,6 +35,8 @@ from siren.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+log = logging.getLogger(__name__)
+
 
 def load_index(prepared_dir: str | Path, split: str) -> dict:
     p = index_path(Path(prepared_dir), split)
@@ -45,13 +49,35 @@ def load_index(prepared_dir: str | Path, split: str) -> dict:
 class PreparedDataset(Dataset):
     """Items of one prepared split; ``ds[i]`` or ``ds[(epoch, i)]`` (the epoch only moves the crop)."""
 
-    def __init__(self, prepared_dir: str | Path, split: str = "train", crop_s: float | None = 6.0, seed: int = 0):
+    def __init__(self, prepared_dir: str | Path, split: str = "train", crop_s: float | None = 6.0, seed: int = 0,
+                 crop_min_clap: float = 0.0):
         self.dir = Path(prepared_dir)
         index = load_index(prepared_dir, split)
         self.items: list[dict] = index.pop("items")
         self.info = index  # models (ids, weight labels), preprocessing policy, manifest hash, skipped files
         self.crop = None if crop_s is None else max(1, round(crop_s * FRAME_RATE))
         self.seed = seed
+        self.crop_min_clap = crop_min_clap
+        self.fallbacks = 0  # crops drawn by the fallback (no offset passed the filter), in this process
+        self._warned: set[int] = set()
+        if crop_min_clap > 0 and self.crop is not None:
+            self._check_crop_filter(prepared_dir, split)
+
+    def _check_crop_filter(self, prepared_dir, split: str) -> None:
+        from siren.data.crops import allowed
+
+        bad = [it["id"] for it in self.items if it.get("crop_filter", {}).get("crop_frames") != self.crop]
+        if bad:
+            raise DataError(f"{index_path(Path(prepared_dir), split)}: crop_min_clap={self.crop_min_clap} needs CLAP "
+                            f"scores of {self.crop}-frame crops, missing for {len(bad)} item(s) (e.g. {bad[0]}); "
+                            f"run prepare again with crop_s={self.crop / FRAME_RATE:g}")
+        ok = [allowed(np.array(it["crop_filter"]["clap"]), np.array(it["crop_filter"]["energy_db"]),
+                      self.crop_min_clap) for it in self.items]
+        none = sum(not m.any() for m in ok)
+        log.log(logging.WARNING if none else logging.INFO,
+                "crop filter (CLAP > %g, not silent): %d of %d crop offsets pass; %d of %d items have none and use "
+                "their best offset", self.crop_min_clap, sum(int(m.sum()) for m in ok), sum(m.size for m in ok),
+                none, len(ok))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -78,7 +104,23 @@ class PreparedDataset(Dataset):
         room = self.items[i]["frames"] - (self.crop or 0)
         if self.crop is None or room <= 0:
             return 0
-        return int(np.random.default_rng([self.seed, epoch, i]).integers(0, room + 1))
+        rng = np.random.default_rng([self.seed, epoch, i])
+        if self.crop_min_clap <= 0:
+            return int(rng.integers(0, room + 1))
+        from siren.data.crops import allowed, fallback
+
+        table = self.items[i]["crop_filter"]
+        clap, loud = np.array(table["clap"]), np.array(table["energy_db"])
+        ok = np.flatnonzero(allowed(clap, loud, self.crop_min_clap))
+        if ok.size:
+            return table["offsets"][int(ok[rng.integers(0, ok.size)])]
+        self.fallbacks += 1
+        if i not in self._warned:  # once per item: a fallback item repeats every epoch
+            self._warned.add(i)
+            log.warning("item %s: no crop offset has CLAP similarity > %g and sound; using its best offset "
+                        "(%d fallback(s) so far in this process)", self.items[i]["id"], self.crop_min_clap,
+                        self.fallbacks)
+        return table["offsets"][fallback(clap, loud)]
 
     def codes(self, i: int) -> torch.Tensor:
         """All codes of item i: LongTensor [12, frames]."""
@@ -123,11 +165,12 @@ def collate(items: list[dict], n_frames: int | None = None) -> dict:
 
 
 def make_loader(prepared_dir: str | Path, split: str = "train", batch_size: int = 8, crop_s: float | None = 6.0,
-                shuffle: bool = True, seed: int = 0, num_workers: int = 0, drop_last: bool = False) -> DataLoader:
+                shuffle: bool = True, seed: int = 0, num_workers: int = 0, drop_last: bool = False,
+                crop_min_clap: float = 0.0) -> DataLoader:
     """Batches of a prepared split, in ``EpochBatches`` order (each pass is the next epoch). With
     ``crop_s`` every batch has T = crop_s * 50 frames (shorter items padded, frame_mask False);
     with ``crop_s=None`` whole items padded to the batch's longest."""
-    ds = PreparedDataset(prepared_dir, split, crop_s, seed)
+    ds = PreparedDataset(prepared_dir, split, crop_s, seed, crop_min_clap)
     return epoch_loader(ds, ds.collate, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                         num_workers=num_workers)
 
@@ -145,12 +188,14 @@ class Stage1Data:
     text: dict
 
     @classmethod
-    def from_prepared(cls, data_dir: str | Path, crop_s: float | None, seed: int, codec_cfg) -> "Stage1Data":
+    def from_prepared(cls, data_dir: str | Path, crop_s: float | None, seed: int, codec_cfg,
+                      crop_min_clap: float = 0.0) -> "Stage1Data":
         """The prepared train/test splits of ``data_dir``; the code tables come from a codec built from
-        ``codec_cfg``, which must be the codec the data was encoded with."""
+        ``codec_cfg``, which must be the codec the data was encoded with. ``crop_min_clap``: appendix B's
+        crop filter on the train split."""
         from siren.frontends import build_codec, codec_entry, text_entry
 
-        train = PreparedDataset(data_dir, "train", crop_s, seed)
+        train = PreparedDataset(data_dir, "train", crop_s, seed, crop_min_clap)
         try:
             val = PreparedDataset(data_dir, "test", crop_s, seed)
         except DataError as e:

@@ -27,13 +27,14 @@ from typing import Sequence
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from siren.codec import FRAME_RATE, SAMPLE_RATE, CodecConfig
 from siren.config import check_numbers, load_config
 from siren.runtime import check_device
 from siren.data.audio import AudioConfig, AudioError, load_audio, n_frames, standardize
-from siren.data.cache import cache_path, codes_key, index_path, shard_path, text_key
+from siren.data.cache import cache_path, codes_key, crops_key, index_path, shard_path, text_key
 from siren.data.manifest import Row, read_manifest
 from siren.errors import DataError
 from siren.io import save_tensors, sha256, write_json
@@ -65,11 +66,15 @@ class PrepareReport:
     text_seconds: float = 0.0  # in the text encoder pass
     codes_seconds: float = 0.0  # in the codec pass (load + resample + encode + save)
     audio_seconds: float = 0.0  # audio encoded, after crop/pad
+    crops_scored: int = 0  # files whose crop-filter table was computed in this call
+    crops_seconds: float = 0.0
 
     def __str__(self) -> str:
         speed = (f" (codes {self.codes_seconds:.1f} s: {self.codes_seconds / self.codes_encoded:.2f} s per file, "
                  f"{self.codes_seconds / max(self.audio_seconds, 1e-9):.2f} s per audio second; text "
                  f"{self.text_seconds:.1f} s)" if self.codes_encoded else "")
+        speed += (f"; crop filter: {self.crops_scored} files, {self.crops_seconds / self.crops_scored:.2f} s per file"
+                  if self.crops_scored else "")
         return (f"{self.split}: audio {self.codes_encoded} to encode, {self.codes_cached} cached; captions "
                 f"{self.text_encoded} to encode, {self.text_cached} cached; {len(self.bad)} bad; "
                 f"{self.seconds:.1f} s{speed}")
@@ -144,15 +149,31 @@ def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, a
     return total
 
 
+def _score_crops(todo: dict[str, tuple[Row, str]], out: Path, clap, audio: AudioConfig, crop: int, step: int,
+                 progress: bool) -> None:
+    """Appendix B crop filter: {crops key: (row, codes key)} -> the CLAP table of each item's crops (crops.py)."""
+    from siren.data.crops import score_crops
+
+    for key, (row, ckey) in _bar(todo.items(), progress, "crops", len(todo)):
+        items, _, _ = standardize(load_audio(row.audio), audio, row.audio)
+        save_tensors(cache_path(out, "crops", key), score_crops(clap, items, row.caption, crop, step),
+                     {"clap_id": clap.id, "codes": ckey, "crop_frames": str(crop), "step_frames": str(step)})
+
+
 def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, text_encoder,
                   audio: AudioConfig = AudioConfig(), text_dtype: str = "float16", num_shards: int = 1,
                   shard: int = 0, batch_size: int = 1, text_batch_size: int = 32, on_error: str = "stop",
-                  manifest: Path | None = None, manifest_sha: str = "", progress: bool = True) -> PrepareReport:
+                  manifest: Path | None = None, manifest_sha: str = "", progress: bool = True,
+                  crop_s: float = 0.0, crop_step_s: float = 0.5) -> PrepareReport:
     """Encode shard ``shard`` of ``num_shards`` of ``rows`` into ``out`` and record it for the index step.
 
     ``codec`` / ``text_encoder`` are duck-typed: ``.encode`` and ``.id`` (and ``.weights_label``).
+    ``crop_s`` > 0 also scores each item's crops of that length every ``crop_step_s`` with
+    ``text_encoder.clap`` (the crop filter, siren/data/crops.py).
     """
     audio.validate()
+    if crop_s > 0 and not crop_step_s > 0:
+        raise DataError(f"crop_step_s must be > 0 when crop_s > 0, got {crop_step_s}")
     if text_dtype not in TEXT_DTYPES or on_error not in ON_ERROR:
         raise DataError(f"text_dtype must be one of {list(TEXT_DTYPES)} and on_error one of {list(ON_ERROR)}; "
                         f"got {text_dtype!r}, {on_error!r}")
@@ -211,6 +232,23 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         rep.audio_seconds = _encode_codes(todo, sha, out, codec, audio, batch_size, progress)
     rep.codes_seconds = time.perf_counter() - t
 
+    # 3b. the crop filter's table of CLAP similarities (appendix B), not cached yet.
+    crop_keys = {}
+    if crop_s > 0:
+        from siren.data.crops import frames_of
+
+        clap = getattr(text_encoder, "clap", None)
+        if clap is None:
+            raise DataError("crop_s > 0 needs the text encoder's CLAP model (siren.text.TextEncoder.clap)")
+        crop, step = frames_of(crop_s), frames_of(crop_step_s)
+        crop_keys = {i: crops_key(keys[i], r.caption, clap.id, crop, step) for i, r in good}
+        crop_todo = {crop_keys[i]: (r, keys[i]) for i, r in good
+                     if not cache_path(out, "crops", crop_keys[i]).is_file()}
+        if crop_todo:
+            t = time.perf_counter()
+            _score_crops(crop_todo, out, clap, audio, crop, step, progress)
+            rep.crops_scored, rep.crops_seconds = len(crop_todo), time.perf_counter() - t
+
     # 4. what this shard holds, for the index step.
     entries = []
     for i, r in good:
@@ -219,6 +257,10 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
             frames = f.get_slice("codes").get_shape()[-1]
         entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
                         "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real, "chunks": chunks})
+        if i in crop_keys:
+            c = load_file(cache_path(out, "crops", crop_keys[i]))
+            entries[-1]["crop_filter"] = [{"crop_frames": crop, "offsets": c["offsets"].tolist(), "clap": cl.tolist(),
+                                           "energy_db": db.tolist()} for cl, db in zip(c["clap"], c["energy_db"])]
     write_json(shard_path(out, split, shard, num_shards),
                {**_header(codec, text_encoder, audio, text_dtype, manifest, manifest_sha),
                 "shard": shard, "num_shards": num_shards, "entries": entries,
@@ -251,7 +293,8 @@ def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
             # appendix A segmentation: chunk k of a split file (k * duration_s onwards) is item "<id>#<k>"
             items.append({"id": e["id"] if chunk < 0 else f"{e['id']}#{chunk}", "caption": e["caption"],
                           "label": e["label"], "source": e["audio"], "codes": e["codes"], "segment": s,
-                          "text": e["text"], "frames": e["frames"], "real_frames": real})
+                          "text": e["text"], "frames": e["frames"], "real_frames": real,
+                          **({"crop_filter": e["crop_filter"][s]} if "crop_filter" in e else {})})
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
         raise DataError(f"{out}: split '{split}' has duplicate item ids after segmentation; rename the manifest ids")
@@ -264,7 +307,7 @@ def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
 def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split: str | None = None,
             audio: AudioConfig = AudioConfig(), text_dtype: str = "float16", num_shards: int = 1,
             shard: int | None = None, batch_size: int = 1, text_batch_size: int = 32, on_error: str = "stop",
-            progress: bool = True) -> PrepareReport:
+            progress: bool = True, crop_s: float = 0.0, crop_step_s: float = 0.5) -> PrepareReport:
     """Prepare one manifest (one split). ``shard=None``: every shard in this process, then the index;
     ``shard=i``: only that shard (run ``write_index`` once all are done)."""
     manifest = Path(manifest).resolve()
@@ -272,14 +315,15 @@ def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split
     split = split or manifest.stem
     kw = dict(codec=codec, text_encoder=text_encoder, audio=audio, text_dtype=text_dtype, num_shards=num_shards,
               batch_size=batch_size, text_batch_size=text_batch_size, on_error=on_error, manifest=manifest,
-              manifest_sha=sha256(manifest.read_bytes()), progress=progress)
+              manifest_sha=sha256(manifest.read_bytes()), progress=progress, crop_s=crop_s,
+              crop_step_s=crop_step_s)
     if shard is not None:
         return prepare_shard(rows, out, split, shard=shard, **kw)
     total = PrepareReport(split)
     for s in range(num_shards):
         r = prepare_shard(rows, out, split, shard=s, **kw)
         for f in ("rows", "codes_encoded", "codes_cached", "text_encoded", "text_cached", "seconds", "text_seconds",
-                  "codes_seconds", "audio_seconds"):
+                  "codes_seconds", "audio_seconds", "crops_scored", "crops_seconds"):
             setattr(total, f, getattr(total, f) + getattr(r, f))
         total.bad += r.bad
     write_index(out, split, num_shards)
@@ -306,6 +350,9 @@ class PrepareConfig:
     on_error: str = "stop"  # stop: one error listing every bad file; skip: leave them out, listed in the index
     device: str = "auto"  # auto: cuda when available, else cpu
     demo_seed: int = 0  # manifest=demo only
+    # > 0: score each item's crops of train.crop_s seconds with CLAP for the crop filter (appendix B; crops.py)
+    crop_s: float = 0.0
+    crop_step_s: float = 0.5  # the grid of crop offsets
 
     def __post_init__(self):
         check_numbers(self, positive=("num_shards", "workers", "batch_size", "text_batch_size"), nonneg=("demo_seed",))
@@ -349,7 +396,8 @@ def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shards: list[int
 def _run_shard(cfg, manifest, split, codec, text_encoder, shard, num_shards) -> PrepareReport:
     return prepare(manifest, cfg.out, codec=codec, text_encoder=text_encoder, split=split, audio=cfg.audio,
                    text_dtype=cfg.text_dtype, num_shards=num_shards, shard=shard, batch_size=cfg.batch_size,
-                   text_batch_size=cfg.text_batch_size, on_error=cfg.on_error)
+                   text_batch_size=cfg.text_batch_size, on_error=cfg.on_error, crop_s=cfg.crop_s,
+                   crop_step_s=cfg.crop_step_s)
 
 
 def parse(args: Sequence[str]) -> PrepareConfig:

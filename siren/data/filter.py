@@ -1,0 +1,286 @@
+"""The data engine's filter (appendix A): CLAP text-audio score and acoustic activity per clip, then selection.
+
+    python -m siren.data.filter manifest=clips.csv out=FILT select=siren-1.6b          # score + select
+    python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 shard=$SLURM_ARRAY_TASK_ID
+    python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 step=select select=siren-3.1b select_out=S31
+    python -m siren.data.filter manifest=demo out=FILT select=siren-1.6b rl_top=10 weights=random
+
+Per manifest row: the clip is loaded and cut as ``prepare`` cuts it (``audio.*``, one item per row), its
+activity SNR is estimated (siren/data/activity.py) and its CLAP audio embedding and every candidate
+caption's text embedding are computed with ``siren.clap.Clap`` (the CLAP score of eval and the
+stage-2 reward: resample to 48 kHz, 16-bit, first 10 s, repeat-pad the real samples, no zero padding).
+The score of a caption is the cosine of the two embeddings; the best candidate is kept and recorded.
+
+Several captions per clip (the paper generates five with Qwen2-Audio and polishes them with an LLM):
+the manifest's ``caption`` column plus any number of ``caption_<k>`` columns (``caption_2 .. caption_5``);
+an empty cell means no candidate. ``train.csv`` and ``rl_prompts.csv`` carry the chosen caption in
+``caption`` and its column in ``caption_column``, so they are manifests for ``prepare`` and ``siren.rl``.
+
+Caches (content-addressed, like prepare; keys in siren/data/cache.py): the audio entry (embedding +
+SNR) by (audio bytes, ``audio.*`` policy, CLAP id, estimator), the text entry by (caption, CLAP id);
+a re-run, another threshold or another shard count computes nothing already computed.
+Selection and outputs: siren/data/filter_select.py.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from siren.config import load_config
+from siren.data import activity
+from siren.data.audio import AudioConfig, load_audio, standardize
+from siren.data.cache import cache_path, clap_audio_key, clap_text_key, sha256
+from siren.data.manifest import Row, _read_records, read_manifest
+from siren.data.prepare import shard_rows
+from siren.errors import AudioError, ConfigError
+from siren.io import save_tensors, write_json
+
+log = logging.getLogger(__name__)
+
+PRESETS = {"select": {
+    # tau 0.4 -> the 1.6B collection (117k pairs): the top 1k are the stage-2 prompts, 100k at random stage 1
+    "siren-1.6b": {"preset": "siren-1.6b", "tau": 0.4, "rl_top": 1000, "train_n": 100_000},
+    # tau 0.35 -> 436k pairs for the 3.1B model: the union of the 1.6B set and 320k moderately aligned pairs
+    "siren-3.1b": {"preset": "siren-3.1b", "tau": 0.35, "rl_top": 1000, "train_n": 0},
+}}
+STEPS = ("all", "select")
+
+
+@dataclass
+class FilterConfig:
+    manifest: str = ""  # CSV/JSONL: id, audio, caption[, caption_2 ..][, label]; or "demo" (the embedded train set)
+    out: str = ""  # caches, shard records and the outputs
+    audio: AudioConfig = field(default_factory=AudioConfig)  # how prepare will cut the clips (policy pad|crop)
+    weights: str = "pretrained"  # CLAP weights (siren.clap.ClapConfig.weights): pretrained | random | a .pt path
+    clap_seed: int = 0  # random-init seed for weights=random
+    num_shards: int = 1
+    shard: int = -1  # >= 0: score only this shard (one job-array element); then step=select once all are done
+    step: str = "all"  # all: score every shard (or `shard`), then select; select: merge the shards and select only
+    batch_size: int = 16  # clips per CLAP audio call
+    device: str = "auto"  # auto: cuda when available, else cpu
+    preset: str = ""  # set by select=siren-1.6b | siren-3.1b (recorded in report.json)
+    tau: float = 0.4  # keep pairs with CLAP score >= tau
+    min_snr_db: float = 6.0  # keep clips with activity SNR > this (paper: 6 dB)
+    rl_top: int = 1000  # the highest-scoring kept pairs become the stage-2 prompts (rl_prompts.csv)
+    train_n: int = 0  # stage-1 items drawn at random from the other kept pairs; 0 = all of them
+    seed: int = 0  # of the train_n draw
+    demo_seed: int = 0  # manifest=demo only
+    select_out: str = ""  # where the selection's files go (default: out); one per preset keeps both collections
+
+    def __post_init__(self):
+        if self.step not in STEPS:
+            raise ConfigError(f"step must be one of {', '.join(STEPS)}, got '{self.step}'")
+        if self.num_shards < 1 or self.shard >= self.num_shards:
+            raise ConfigError(f"need num_shards >= 1 and shard < num_shards, got {self.num_shards}, {self.shard}")
+        if self.audio.policy == "segment":
+            raise ConfigError("audio.policy=segment: the filter scores one item per manifest row (appendix A "
+                              "captions each 10 s segment); cut the files into segments first, or use pad/crop")
+        for k in ("batch_size",):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("rl_top", "train_n"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if not -1 <= self.tau <= 1:
+            raise ConfigError(f"tau is a cosine threshold in [-1, 1], got {self.tau}")
+
+
+@dataclass(frozen=True)
+class Item:
+    row: Row
+    captions: tuple[tuple[str, str], ...]  # (column, caption) candidates, `caption` first
+
+
+def caption_columns(columns: Sequence[str]) -> list[str]:
+    """``caption`` then the ``caption_<k>`` columns by k."""
+    extra = [c for c in columns if c.startswith("caption_") and c[len("caption_"):].isdigit()]
+    return ["caption", *sorted(extra, key=lambda c: int(c[len("caption_"):]))]
+
+
+def read_items(path: str | Path) -> list[Item]:
+    """Manifest rows with their candidate captions (module docstring)."""
+    rows = read_manifest(path)  # validates id/audio/caption, unique ids
+    columns, records = _read_records(Path(path).expanduser().resolve())
+    cols = caption_columns(columns if Path(path).suffix == ".csv" else {k for _, r in records for k in r})
+    items = []
+    for row, (_, rec) in zip(rows, records):
+        cands = [(c, str(rec.get(c) or "").strip()) for c in cols]
+        items.append(Item(row, tuple((c, t) for c, t in cands if t)))
+    return items
+
+
+@dataclass
+class ScoreReport:
+    rows: int = 0
+    audio_embedded: int = 0  # clips run through CLAP's audio branch in this call
+    audio_cached: int = 0
+    text_embedded: int = 0  # distinct captions run through CLAP's text branch in this call
+    text_cached: int = 0
+    bad: int = 0
+    seconds: float = 0.0
+    audio_seconds: float = 0.0  # load + cut + SNR + embed + save, over the clips embedded
+
+    def __str__(self) -> str:
+        per = f", {self.audio_seconds / self.audio_embedded:.3f} s per clip" if self.audio_embedded else ""
+        return (f"{self.rows} rows: audio {self.audio_embedded} embedded, {self.audio_cached} cached; captions "
+                f"{self.text_embedded} embedded, {self.text_cached} cached; {self.bad} unreadable; "
+                f"{self.seconds:.1f} s{per}")
+
+
+def shard_record_path(out: str | Path, shard: int, num_shards: int) -> Path:
+    return Path(out) / "shards" / f"shard-{shard}-of-{num_shards}.json"
+
+
+def header(clap, audio: AudioConfig, manifest: Path, manifest_sha: str) -> dict:
+    return {"manifest": str(manifest), "manifest_sha256": manifest_sha, "clap": clap.card(),
+            "weights": clap.weights_label, "audio": audio.key(), "snr_estimator": activity.ESTIMATOR}
+
+
+def _embed_audio(pending: list, out: Path, clap) -> None:
+    embs = clap.embed_audio([p[1] for p in pending], batch_size=len(pending)).float().cpu()
+    for (key, _, snr, meta), e in zip(pending, embs):
+        save_tensors(cache_path(out, "clap_audio", key), {"embedding": e, "snr_db": torch.tensor(snr)}, meta)
+    pending.clear()
+
+
+def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioConfig | None = None,
+                num_shards: int = 1, shard: int = 0, batch_size: int = 16, manifest: Path | None = None,
+                manifest_sha: str = "", progress: bool = True) -> ScoreReport:
+    """Score shard ``shard`` of ``num_shards`` of ``items`` into ``out`` and record it for the select step.
+
+    ``clap`` is a ``siren.clap.Clap`` (``embed_audio``, ``embed_text``, ``id``, ``card``, ``weights_label``).
+    """
+    t0, out, audio = time.perf_counter(), Path(out), audio or AudioConfig()
+    mine = shard_rows(items, num_shards, shard)
+    rep = ScoreReport(rows=len(mine))
+    shard_record_path(out, shard, num_shards).unlink(missing_ok=True)  # a failed run leaves no stale record
+
+    # 1. audio: hash, then (uncached only) load, cut, SNR, embed in batches; unreadable files are rejections
+    akeys, bad, pending = {}, {}, []
+    bar = tqdm(mine, desc=f"audio shard {shard} of {num_shards}", disable=not progress, unit="clip", dynamic_ncols=True)
+    for i, it in bar:
+        try:
+            data = it.row.audio.read_bytes()
+        except OSError as e:
+            bad[i] = f"unreadable: {it.row.audio}: {e.strerror or 'cannot read'}"
+            continue
+        h = sha256(data)
+        akeys[i] = key = clap_audio_key(h, audio.key(), clap.id, activity.ESTIMATOR)
+        if cache_path(out, "clap_audio", key).is_file() or any(p[0] == key for p in pending):
+            rep.audio_cached += 1
+            continue
+        t = time.perf_counter()
+        try:
+            wav, real, _ = standardize(load_audio(it.row.audio, data), audio, it.row.audio)
+        except AudioError as e:
+            bad[i] = f"unusable audio: {e}"
+            del akeys[i]
+            continue
+        clip = wav[0, :real[0]]  # what prepare keeps, without its zero padding (CLAP repeat-pads, as in eval)
+        pending.append((key, clip, activity.snr_db(clip),
+                        {"clap_id": clap.id, "audio_sha256": h, "source": str(it.row.audio)}))
+        if len(pending) >= batch_size:
+            _embed_audio(pending, out, clap)
+        rep.audio_embedded += 1
+        rep.audio_seconds += time.perf_counter() - t
+    if pending:
+        t = time.perf_counter()
+        _embed_audio(pending, out, clap)
+        rep.audio_seconds += time.perf_counter() - t
+    rep.bad = len(bad)
+
+    # 2. text: every distinct candidate caption not cached yet
+    captions = {clap_text_key(c, clap.id): c for i, it in mine if i not in bad for _, c in it.captions}
+    todo = [k for k in captions if not cache_path(out, "clap_text", k).is_file()]
+    rep.text_embedded, rep.text_cached = len(todo), len(captions) - len(todo)
+    for s in tqdm(range(0, len(todo), 64), desc="captions", disable=not progress or not todo, unit="batch"):
+        chunk = todo[s:s + 64]
+        for k, e in zip(chunk, clap.embed_text([captions[k] for k in chunk]).float().cpu()):
+            save_tensors(cache_path(out, "clap_text", k), {"embedding": e},
+                         {"clap_id": clap.id, "caption": captions[k]})
+
+    # 3. the shard's record: SNR and every candidate's score per row
+    records = []
+    for i, it in mine:
+        rec = {"row": i, "id": it.row.id, "audio": str(it.row.audio), "label": it.row.label}
+        if i in bad:
+            records.append({**rec, "error": bad[i]})
+            continue
+        a = load_file(cache_path(out, "clap_audio", akeys[i]))
+        text = {c: load_file(cache_path(out, "clap_text", clap_text_key(t, clap.id)))["embedding"]
+                for c, t in it.captions}
+        scores = {c: float(a["embedding"] @ e) for c, e in text.items()}  # cosine: both L2-normalised
+        records.append({**rec, "snr_db": float(a["snr_db"]), "captions": dict(it.captions), "clap": scores})
+    write_json(shard_record_path(out, shard, num_shards),
+               {**header(clap, audio, manifest, manifest_sha), "shard": shard, "num_shards": num_shards,
+                "records": records})
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def manifest_path(cfg: FilterConfig) -> Path:
+    if cfg.manifest == "demo":
+        from siren.data.demo import make_demo
+
+        return make_demo(Path(cfg.out) / "demo_source", seed=cfg.demo_seed)
+    if not cfg.manifest:
+        raise ConfigError("manifest=<path to .csv/.jsonl> (or manifest=demo) is required")
+    return Path(cfg.manifest).expanduser().resolve()
+
+
+def build_clap(cfg: FilterConfig):
+    from siren.clap import Clap, ClapConfig
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    return Clap(ClapConfig(weights=cfg.weights, seed=cfg.clap_seed)).to(device)
+
+
+def parse(argv: Sequence[str]) -> FilterConfig:
+    args = list(argv)
+    defaults = []
+    if "manifest=demo" in args:
+        from siren.data.demo import AUDIO
+
+        defaults = [f"{k}={v}" for k, v in AUDIO.items()]  # explicit audio.* arguments still win
+    return load_config(FilterConfig, args, presets=PRESETS, defaults=defaults)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from siren.data.filter_select import run_select
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("siren").setLevel(logging.INFO)  # our status lines, not matplotlib's font subsetting
+    cfg = parse(sys.argv[1:] if argv is None else argv)
+    if not cfg.out:
+        raise ConfigError("out=<output directory> is required")
+    t0 = time.perf_counter()
+    manifest = manifest_path(cfg)
+    if cfg.step == "all":
+        items = read_items(manifest)
+        clap = build_clap(cfg)
+        if clap.weights_label == "random":
+            log.warning("CLAP weights are RANDOM: the scores carry no signal (mechanics only)")
+        sha = sha256(manifest.read_bytes())
+        for s in [cfg.shard] if cfg.shard >= 0 else range(cfg.num_shards):
+            rep = score_shard(items, cfg.out, clap=clap, audio=cfg.audio, num_shards=cfg.num_shards, shard=s,
+                              batch_size=cfg.batch_size, manifest=manifest, manifest_sha=sha)
+            print(f"shard {s} of {cfg.num_shards}: {rep}")
+        if cfg.shard >= 0:
+            print(f"after every shard: python -m siren.data.filter {shlex.quote('manifest=' + cfg.manifest)} "
+                  f"{shlex.quote('out=' + cfg.out)} num_shards={cfg.num_shards} step=select [select=... tau=...]")
+            return
+    print(run_select(cfg, manifest))
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

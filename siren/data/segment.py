@@ -1,0 +1,89 @@
+"""Appendix A's first step as files: cut long recordings into 10 s mono 16 kHz segments for captioning.
+
+    python -m siren.data.segment manifest=raw.csv out=SEG            # SEG/audio/*.wav + SEG/segments.csv
+
+The paper segments its raw audio into 10 s clips, then captions each segment (Qwen2-Audio, five
+captions, LLM-polished) and filters the pairs (siren.data.filter). ``prepare audio.policy=segment``
+cuts the same way at encoding time, but captioning and the filter need one file per segment, so this
+writes them: ``siren.data.audio.standardize`` with ``policy=segment`` (non-overlapping ``duration_s``
+chunks, the residual dropped, silent chunks dropped, shorter files zero-padded), 16-bit PCM.
+``segments.csv`` names segment k of row ``id`` ``id#k`` (as prepare does) and carries the row's
+caption and label, a placeholder for the captioner to replace or to add ``caption_2 ..`` columns to.
+Files already written with the same content are left alone, so a re-run writes nothing.
+"""
+from __future__ import annotations
+
+import io
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import soundfile as sf
+from tqdm import tqdm
+
+from siren.codec import SAMPLE_RATE
+from siren.config import load_config
+from siren.data.audio import AudioConfig, load_audio, standardize
+from siren.data.cache import sha256
+from siren.data.filter_select import write_csv
+from siren.data.manifest import read_manifest
+from siren.errors import AudioError, ConfigError, DataError
+from siren.io import atomic_path
+
+
+@dataclass
+class SegmentConfig:
+    manifest: str = ""  # CSV/JSONL: id, audio, caption[, label] of the raw recordings
+    out: str = ""  # audio/<name>.wav per segment + segments.csv (+ skipped.csv when files are unusable)
+    duration_s: float = 10.0  # appendix A: 10 s segments
+
+
+def file_name(item_id: str) -> str:
+    """A file name for any id: its safe characters plus a short hash (two ids never share a file)."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', item_id)[:80]}-{sha256(item_id)[:8]}.wav"
+
+
+def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, progress: bool = True
+            ) -> tuple[Path, int, list[dict]]:
+    """Write the segments of every row; returns (segments.csv, segments written or kept, skipped rows)."""
+    out, audio = Path(out), AudioConfig("segment", duration_s)
+    audio.validate()
+    rows, skipped, n_new = [], [], 0
+    for r in tqdm(read_manifest(manifest), desc="segment", disable=not progress, unit="file", dynamic_ncols=True):
+        try:
+            chunks, _, index = standardize(load_audio(r.audio), audio, r.audio)
+        except AudioError as e:
+            skipped.append({"id": r.id, "audio": str(r.audio), "reason": str(e)})
+            continue
+        for x, k in zip(chunks, index):
+            seg_id = r.id if k < 0 else f"{r.id}#{k}"
+            dest = out / "audio" / file_name(seg_id)
+            buf = io.BytesIO()
+            sf.write(buf, x.numpy(), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+            if not dest.is_file() or dest.read_bytes() != buf.getvalue():
+                with atomic_path(dest) as tmp:
+                    tmp.write_bytes(buf.getvalue())
+                n_new += 1
+            rows.append({"id": seg_id, "audio": f"audio/{dest.name}", "caption": r.caption, "label": r.label or ""})
+    if not rows:
+        raise DataError(f"{manifest}: no usable segment in any file ({len(skipped)} skipped)")
+    write_csv(out / "segments.csv", rows, ["id", "audio", "caption", "label"])
+    if skipped:
+        write_csv(out / "skipped.csv", skipped, ["id", "audio", "reason"])
+    return out / "segments.csv", n_new, skipped
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = load_config(SegmentConfig, sys.argv[1:] if argv is None else argv)
+    if not cfg.manifest or not cfg.out:
+        raise ConfigError("manifest=<raw recordings .csv/.jsonl> and out=<segment directory> are required")
+    dest, n_new, skipped = segment(cfg.manifest, cfg.out, cfg.duration_s)
+    n = sum(1 for _ in dest.open()) - 1
+    print(f"{dest}: {n} segments of {cfg.duration_s:g} s ({n_new} written, {n - n_new} unchanged); "
+          f"{len(skipped)} unusable file(s)" + (f" listed in {dest.with_name('skipped.csv')}" if skipped else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The data engine's filter (siren.data.filter, appendix A) and the stage-1 crop filter (siren.data.crops, appendix B).
+
+Random CLAP weights: the scores carry no meaning, so every check is about mechanics, each against an
+independent computation (numpy percentiles, ``Clap.score`` on crops the test cuts itself).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import siren  # noqa: F401  (HF offline)
+from siren.codec import HOP, Codec, CodecConfig
+from siren.config import ConfigError
+from siren.data import DataError, PreparedDataset, activity, demo
+from siren.data import filter as filt
+from siren.data.audio import AudioConfig, load_audio, standardize
+from siren.data.prepare import prepare
+from siren.text import TextConfig, TextEncoder
+from tests.fixtures_clap import random_clap
+from tests.fixtures_data import write_manifest, write_wav
+
+SR = 16_000
+
+
+@pytest.fixture(scope="module")
+def clap():
+    return random_clap(0)
+
+
+def rows_of(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- activity SNR
+
+def test_snr_is_the_frame_energy_percentile_ratio():
+    rng = np.random.default_rng(0)
+    amps = rng.uniform(0.01, 0.5, 40)  # 40 frames of constant amplitude: frame energy = amp^2 exactly
+    wav = torch.from_numpy(np.repeat(amps, HOP))
+    e = amps ** 2
+    expect = 10 * np.log10((np.percentile(e, 95) + 1e-10) / (np.percentile(e, 10) + 1e-10))
+    assert activity.snr_db(wav) == pytest.approx(expect, rel=1e-9)
+    noise = torch.from_numpy(rng.standard_normal(SR)).float() * 0.1
+    burst = torch.cat([noise[:SR // 4], torch.zeros(3 * SR // 4)])
+    assert activity.snr_db(noise) < 6 < activity.snr_db(burst)  # stationary noise: no activity; a burst: activity
+
+
+# ---------------------------------------------------------------- the filter CLI
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """9 rows: 7 demo clips (6 with events, the steady engine; two with extra candidate captions), white noise
+    and a missing file."""
+    root = tmp_path_factory.mktemp("filter_src")
+    rows = []
+    for i in (0, 4, 5, 6, 7, 8, 2):
+        x, caption = demo.clip(i, "train", 0)
+        write_wav(root / f"{i}.wav", x[:SR])
+        row = {"id": f"c{i}", "audio": f"{i}.wav", "caption": caption, "label": demo.CLASSES[i].name}
+        if i in (4, 7):
+            row.update(caption_2="a quiet room with nobody in it", caption_3=demo.clip(i + 1, "train", 0)[1])
+        rows.append(row)
+    write_wav(root / "noise.wav", 0.1 * np.random.default_rng(1).standard_normal(SR))
+    rows += [{"id": "noise", "audio": "noise.wav", "caption": "static noise"},
+             {"id": "gone", "audio": "missing.wav", "caption": "a file that is not there"}]
+    return write_manifest(root / "clips.csv", rows, ("id", "audio", "caption", "label", "caption_2", "caption_3"))
+
+
+def cli(clap, monkeypatch, *args):
+    monkeypatch.setattr(filt, "build_clap", lambda cfg: clap)  # one random CLAP per module, not one per call
+    filt.main(["weights=random", "audio.policy=crop", "audio.duration_s=1.0", *args])
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, clips, clap):
+    out = tmp_path_factory.mktemp("filter_out")
+    with pytest.MonkeyPatch.context() as mp:
+        cli(clap, mp, f"manifest={clips}", f"out={out}", "tau=-1", "rl_top=2")
+    return out
+
+
+def test_scores_are_clap_cosines_of_the_cut_clip(scored, clips, clap):
+    scores = {r["id"]: r for r in rows_of(scored / "scores.csv")}
+    assert scores["gone"]["error"].startswith("unreadable") and scores["gone"]["clap"] == ""
+    for r in rows_of(clips):
+        if r["id"] == "gone":
+            continue
+        wav = load_audio(clips.parent / r["audio"])[:SR]
+        s = scores[r["id"]]
+        cands = {c: r[c] for c in ("caption", "caption_2", "caption_3") if r.get(c)}
+        direct = {c: float(clap.score(wav[None], [t])[0]) for c, t in cands.items()}
+        for c, v in direct.items():
+            assert float(s[f"clap_{c}"]) == pytest.approx(v, abs=1e-5)
+        best = max(direct, key=direct.get)
+        assert s["caption_column"] == best and s["caption"] == cands[best]  # the best candidate is kept
+        assert float(s["snr_db"]) == pytest.approx(activity.snr_db(wav), abs=1e-4)
+    assert float(scores["noise"]["snr_db"]) < 6 < float(scores["c0"]["snr_db"])  # white noise vs barks
+
+
+def test_counts_add_up_and_rl_is_the_top(scored, clips, clap, monkeypatch):
+    scores = {r["id"]: r for r in rows_of(scored / "scores.csv")}
+    clean = sorted(float(r["clap"]) for r in scores.values() if r["clap"] and float(r["snr_db"]) > 6)
+    tau = clean[len(clean) // 3]  # a threshold inside the observed scores: some kept, some rejected
+    cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}", "step=select", f"tau={tau}", "rl_top=2",
+        "train_n=1", "seed=3")
+    rl, train, rej = (rows_of(scored / f) for f in ("rl_prompts.csv", "train.csv", "rejected.csv"))
+    ids = [r["id"] for r in rl + train + rej]
+    assert sorted(ids) == sorted(scores) and len(ids) == len(set(ids))  # each row in exactly one file
+    kept = sorted((i for i, r in scores.items() if r["clap"] and float(r["snr_db"]) > 6 and float(r["clap"]) >= tau),
+                  key=lambda i: -float(scores[i]["clap"]))
+    assert [r["id"] for r in rl] == kept[:2] and len(train) == 1 and train[0]["id"] in kept[2:]
+    reasons = {r["id"]: r["reason"] for r in rej}
+    assert reasons["gone"].startswith("unreadable") and "snr" in reasons["noise"]
+    assert sum(r.startswith("not drawn") for r in reasons.values()) == len(kept) - 3
+    report = json.loads((scored / "report.json").read_text())
+    counts = report["counts"]
+    assert counts["input"] == len(scores) == counts["rl_prompts"] + counts["train"] + counts["rejected"]
+    assert report["weights"] == "random" and (scored / "scores.png").stat().st_size > 0
+    again = filt.read_items(scored / "train.csv")  # the outputs are manifests for prepare
+    assert again[0].row.caption == train[0]["caption"]
+
+
+def test_presets(scored, clips, clap, monkeypatch, tmp_path):
+    active = sum(1 for r in rows_of(scored / "scores.csv") if r["snr_db"] and float(r["snr_db"]) > 6)
+    for preset, expect_train_n in (("siren-1.6b", 100_000), ("siren-3.1b", 0)):
+        cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}", "step=select", f"select={preset}", "tau=-1",
+            f"select_out={tmp_path / preset}")  # one folder per collection
+        report = json.loads((tmp_path / preset / "report.json").read_text())
+        assert report["preset"] == preset and report["selection"]["train_n"] == expect_train_n
+        assert report["selection"]["tau"] == -1  # an explicit key after the preset wins
+        # fewer kept pairs than either preset's RL top-1k: everything kept is an RL prompt, no one is "not drawn"
+        assert report["counts"]["rl_prompts"] == active and report["counts"]["train"] == 0
+    with pytest.raises(ConfigError, match="Valid select presets"):
+        filt.parse(["select=siren-9b"])
+
+
+def test_second_run_computes_nothing(scored, clips, clap, monkeypatch, capsys):
+    cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}")
+    out = capsys.readouterr().out
+    assert "audio 0 embedded, 8 cached; captions 0 embedded," in out and "1 unreadable" in out
+
+
+def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeypatch):
+    out = tmp_path / "sharded"
+    for k in (0, 1, 2):
+        cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", f"shard={k}")
+        if k == 0:
+            with pytest.raises(DataError, match=r"shard\(s\) \[1, 2\] of 3 are not scored yet"):
+                cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select")
+    args = ["tau=-1", "rl_top=2", "train_n=2", "seed=5"]
+    cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", *args)
+    cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}", "step=select", *args)
+    for f in ("rl_prompts.csv", "train.csv", "rejected.csv", "scores.csv"):
+        a, b = rows_of(out / f), rows_of(scored / f)
+        assert [(r["id"], r.get("caption")) for r in a] == [(r["id"], r.get("caption")) for r in b]
+        for ra, rb in zip(a, b):  # batches differ (3 shards vs 1): equal up to float rounding
+            for k in ra:
+                if k.startswith(("clap", "snr")) and ra[k]:
+                    assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5)
+
+
+def test_candidate_captions_csv_and_jsonl(tmp_path):
+    rows = [{"id": "a", "audio": "a.wav", "caption": "one", "caption_10": "ten", "caption_2": "two"},
+            {"id": "b", "audio": "b.wav", "caption": "only", "caption_10": "", "caption_2": ""}]
+    csv_items = filt.read_items(write_manifest(tmp_path / "m.csv", rows, ("id", "audio", "caption_10", "caption",
+                                                                          "caption_2")))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if v}) + "\n" for r in rows))
+    for items in (csv_items, filt.read_items(tmp_path / "m.jsonl")):
+        assert [it.captions for it in items] == [(("caption", "one"), ("caption_2", "two"), ("caption_10", "ten")),
+                                                 (("caption", "only"),)]
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="segment"):
+        filt.parse(["manifest=x.csv", "audio.policy=segment"])
+    with pytest.raises(ConfigError, match="unknown config key 'threshold'"):
+        filt.parse(["threshold=0.3"])
+
+
+# ---------------------------------------------------------------- crop filter (appendix B)
+
+@pytest.fixture(scope="module")
+def half_silent(tmp_path_factory, clap):
+    """One 2 s item: 1 s of sound, then 1 s of digital silence; prepared with 0.5 s crops every 0.24 s."""
+    root = tmp_path_factory.mktemp("crops")
+    x, caption = demo.clip(2, "train", 0)  # the engine: sound throughout its first second
+    sound = np.resize(x, SR)
+    write_wav(root / "half.wav", np.concatenate([sound, np.zeros(SR)]))
+    m = write_manifest(root / "train.csv", [{"id": "half", "audio": "half.wav", "caption": caption}])
+    codec = Codec(CodecConfig(weights="random", seed=0))
+    text = TextEncoder(TextConfig(weights="random", seed=0), clap=clap)
+    prepare(m, root / "out", codec=codec, text_encoder=text, audio=AudioConfig("crop", 2.0), progress=False,
+            crop_s=0.5, crop_step_s=0.24)
+    return root, caption
+
+
+def crop_energy(root, start: int) -> float:
+    wav, _, _ = standardize(load_audio(root / "half.wav"), AudioConfig("crop", 2.0))
+    return float(wav[0, start * HOP:(start + 25) * HOP].pow(2).mean())
+
+
+def test_crop_table_is_clap_of_the_crops(half_silent, clap):
+    root, caption = half_silent
+    ds = PreparedDataset(root / "out", "train", crop_s=0.5)
+    table = ds.items[0]["crop_filter"]
+    assert table["offsets"] == [0, 12, 24, 36, 48, 60, 72, 75]  # 100 frames, crops of 25, grid of 12, last flush
+    wav = load_audio(root / "half.wav")
+    crops = torch.stack([wav[o * HOP:(o + 25) * HOP] for o in table["offsets"]])
+    np.testing.assert_allclose(table["clap"], clap.score(crops, [caption] * len(crops)).numpy(), atol=1e-5)
+
+
+def test_half_silent_item_never_yields_a_silent_crop(half_silent):
+    root, _ = half_silent
+    starts = {PreparedDataset(root / "out", "train", crop_s=0.5).crop_start(e, 0) for e in range(200)}
+    assert any(crop_energy(root, s) == 0 for s in starts)  # unfiltered: silent crops do occur
+    table = PreparedDataset(root / "out", "train", crop_s=0.5).items[0]["crop_filter"]
+    for thr in (1e-6, float(np.median(table["clap"])), 0.99):  # some, about half, or no offsets pass CLAP
+        ds = PreparedDataset(root / "out", "train", crop_s=0.5, crop_min_clap=thr)
+        starts = [ds.crop_start(e, 0) for e in range(200)]
+        assert all(crop_energy(root, s) > 0 for s in starts)
+        passing = {o for o, c in zip(table["offsets"], table["clap"]) if c > thr and crop_energy(root, o) > 0}
+        assert set(starts) <= passing or ds.fallbacks == 200
+
+
+def test_fallback_is_counted_and_logged(half_silent, caplog):
+    root, _ = half_silent
+    ds = PreparedDataset(root / "out", "train", crop_s=0.5, crop_min_clap=0.99)  # cosines of random CLAP: none pass
+    table = ds.items[0]["crop_filter"]
+    with caplog.at_level(logging.WARNING, logger="siren.data.dataset"):
+        starts = {ds.crop_start(e, 0) for e in range(5)}
+    loud = [(c, o) for o, c in zip(table["offsets"], table["clap"]) if crop_energy(root, o) > 0]
+    assert starts == {max(loud)[1]} and ds.fallbacks == 5
+    assert sum("using its best offset" in r.message for r in caplog.records) == 1  # once per item
+
+
+def test_crop_filter_needs_prepared_scores(half_silent):
+    root, _ = half_silent
+    with pytest.raises(DataError, match="crop_s=0.3"):
+        PreparedDataset(root / "out", "train", crop_s=0.3, crop_min_clap=0.2)
+
+
+# ---------------------------------------------------------------- segments as files (appendix A, first step)
+
+def test_segments_are_the_recording_cut_in_place(tmp_path):
+    from siren.data.segment import segment
+
+    rng = np.random.default_rng(0)
+    sound = (0.3 * rng.standard_normal((3, SR))).clip(-1, 1)
+    x = np.concatenate([sound[0], np.zeros(SR), sound[2], sound[1][:SR // 2]])  # 3.5 s: sound, silence, sound, half
+    write_wav(tmp_path / "long.wav", x)
+    write_wav(tmp_path / "silent.wav", np.zeros(SR))
+    m = write_manifest(tmp_path / "raw.csv", [{"id": "rec/1", "audio": "long.wav", "caption": "noise"},
+                                              {"id": "quiet", "audio": "silent.wav", "caption": "nothing"}])
+    dest, written, skipped = segment(m, tmp_path / "seg", duration_s=1.0, progress=False)
+    rows = rows_of(dest)
+    assert [r["id"] for r in rows] == ["rec/1#0", "rec/1#2"]  # the silent second and the 0.5 s residual dropped
+    original, _ = sf_read(tmp_path / "long.wav")
+    for r, k in zip(rows, (0, 2)):
+        seg, sr = sf_read(dest.parent / r["audio"])
+        assert sr == SR and np.array_equal(seg, original[k * SR:(k + 1) * SR])
+    assert written == 2 and [s["id"] for s in skipped] == ["quiet"]
+    assert segment(m, tmp_path / "seg", duration_s=1.0, progress=False)[1] == 0  # a re-run writes nothing
+    assert [it.row.id for it in filt.read_items(dest)] == ["rec/1#0", "rec/1#2"]  # a manifest the filter reads
+
+
+def sf_read(path):
+    import soundfile as sf
+
+    return sf.read(str(path), dtype="int16")
