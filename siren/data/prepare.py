@@ -28,21 +28,20 @@ from typing import Sequence
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tqdm import tqdm
 
-from siren.codec import FRAME_RATE, SAMPLE_RATE, CodecConfig
+from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
-from siren.runtime import check_device
-from siren.data.audio import AudioConfig, AudioError, load_audio, n_frames, standardize
+from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, codes_key, crops_key, index_path, shard_path, text_key
+from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.manifest import Row, read_manifest
 from siren.errors import DataError
-from siren.io import save_tensors, sha256, write_json
+from siren.io import sha256, write_json
+from siren.runtime import check_device
 from siren.text import TextConfig
 
 log = logging.getLogger(__name__)
 
-TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 ON_ERROR = ("stop", "skip")
 
 
@@ -91,75 +90,6 @@ def _header(codec, text_encoder, audio: AudioConfig, text_dtype: str, manifest: 
             "audio": audio.key()}
 
 
-def _bar(it, progress: bool, desc: str, total: int | None = None):
-    return tqdm(it, desc=desc, total=total, disable=not progress, unit="file", dynamic_ncols=True)
-
-
-def _encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, batch: int, progress: bool) -> None:
-    """Encode {key: caption} and store each caption's states trimmed after its last real token."""
-    keys = list(captions)
-    bar = tqdm(total=len(keys), desc="text", disable=not progress, unit="caption", dynamic_ncols=True)
-    for s in range(0, len(keys), batch):
-        chunk = keys[s:s + batch]
-        ts = text_encoder.encode([captions[k] for k in chunk])
-        for b, k in enumerate(chunk):
-            mask = ts.mask[b].cpu().bool()
-            n = int(mask.nonzero().max()) + 1 if mask.any() else 0
-            if n == 0:
-                raise DataError(f"text encoder {text_encoder.id} returned no real token for caption {captions[k]!r}")
-            save_tensors(cache_path(out, "text", k),
-                         {"states": ts.states[b, :n].to(TEXT_DTYPES[dtype]), "mask": mask[:n],
-                          "pooled": ts.pooled[b].float()},
-                         {"text_id": text_encoder.id, "caption": captions[k], "dtype": dtype})
-        bar.update(len(chunk))
-    bar.close()
-
-
-def _encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, audio: AudioConfig,
-                  batch_size: int, progress: bool) -> float:
-    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape;
-    returns the seconds of audio encoded."""
-    pending: list[tuple[str, Row, torch.Tensor, list[int], list[int]]] = []
-    total = 0.0
-
-    def flush():
-        codes = codec.encode(torch.cat([p[2] for p in pending])).cpu().to(torch.int16)
-        o = 0
-        for key, row, items, real, chunks in pending:
-            save_tensors(cache_path(out, "codes", key),
-                         {"codes": codes[o:o + len(items)],
-                          "real_frames": torch.tensor([n_frames(r) for r in real], dtype=torch.int32),
-                          "chunks": torch.tensor(chunks, dtype=torch.int32)},
-                         {"codec_id": codec.id, "audio_sha256": sha[key], "audio": json.dumps(audio.key()),
-                          "source": str(row.audio), "device": str(getattr(codec, "device", "unknown"))})
-            o += len(items)
-        pending.clear()
-
-    for key, row in _bar(todo.items(), progress, "codes", len(todo)):
-        data = row.audio.read_bytes()
-        if sha256(data) != sha[key]:
-            raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
-        items, real, chunks = standardize(load_audio(row.audio, data), audio, row.audio)
-        if pending and (pending[0][2].shape[1:] != items.shape[1:] or len(pending) >= batch_size):
-            flush()
-        pending.append((key, row, items, real, chunks))
-        total += items.numel() / SAMPLE_RATE
-    if pending:
-        flush()
-    return total
-
-
-def _score_crops(todo: dict[str, tuple[Row, str]], out: Path, clap, audio: AudioConfig, crop: int, step: int,
-                 progress: bool) -> None:
-    """Appendix B crop filter: {crops key: (row, codes key)} -> the CLAP table of each item's crops (crops.py)."""
-    from siren.data.crops import score_crops
-
-    for key, (row, ckey) in _bar(todo.items(), progress, "crops", len(todo)):
-        items, _, _ = standardize(load_audio(row.audio), audio, row.audio)
-        save_tensors(cache_path(out, "crops", key), score_crops(clap, items, row.caption, crop, step),
-                     {"clap_id": clap.id, "codes": ckey, "crop_frames": str(crop), "step_frames": str(step)})
-
-
 def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, text_encoder,
                   audio: AudioConfig = AudioConfig(), text_dtype: str = "float16", num_shards: int = 1,
                   shard: int = 0, batch_size: int = 1, text_batch_size: int = 32, on_error: str = "stop",
@@ -185,7 +115,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
 
     # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
     sha, keys, todo, bad = {}, {}, {}, {}
-    for i, row in _bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
+    for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
         try:
             data = row.audio.read_bytes()
         except FileNotFoundError:
@@ -223,13 +153,13 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
                  num_shards, rep.codes_encoded, rep.codes_cached, rep.text_encoded, rep.text_cached)
     t = time.perf_counter()
     if text_todo:
-        _encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
+        encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
     rep.text_seconds = time.perf_counter() - t
 
     # 3. codes of the audio not cached yet (each file saved as soon as it is encoded).
     t = time.perf_counter()
     if todo:
-        rep.audio_seconds = _encode_codes(todo, sha, out, codec, audio, batch_size, progress)
+        rep.audio_seconds = encode_codes(todo, sha, out, codec, audio, batch_size, progress)
     rep.codes_seconds = time.perf_counter() - t
 
     # 3b. the crop filter's table of CLAP similarities (appendix B), not cached yet.
@@ -246,7 +176,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
                      if not cache_path(out, "crops", crop_keys[i]).is_file()}
         if crop_todo:
             t = time.perf_counter()
-            _score_crops(crop_todo, out, clap, audio, crop, step, progress)
+            score_crop_tables(crop_todo, out, clap, audio, crop, step, progress)
             rep.crops_scored, rep.crops_seconds = len(crop_todo), time.perf_counter() - t
 
     # 4. what this shard holds, for the index step.

@@ -1,0 +1,89 @@
+"""The model calls of ``prepare``: caption -> text states, audio -> RVQ codes, item -> the crop filter's
+CLAP table. Each entry is saved as soon as it is computed, under its content key (siren/data/cache.py),
+so a killed run keeps what it finished.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from siren.codec import SAMPLE_RATE
+from siren.data.audio import AudioConfig, load_audio, n_frames, standardize
+from siren.data.cache import cache_path
+from siren.data.manifest import Row
+from siren.errors import DataError
+from siren.io import save_tensors, sha256
+
+TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def bar(it, progress: bool, desc: str, total: int | None = None):
+    return tqdm(it, desc=desc, total=total, disable=not progress, unit="file", dynamic_ncols=True)
+
+
+def encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, batch: int, progress: bool) -> None:
+    """Encode {key: caption} and store each caption's states trimmed after its last real token."""
+    keys = list(captions)
+    bar = tqdm(total=len(keys), desc="text", disable=not progress, unit="caption", dynamic_ncols=True)
+    for s in range(0, len(keys), batch):
+        chunk = keys[s:s + batch]
+        ts = text_encoder.encode([captions[k] for k in chunk])
+        for b, k in enumerate(chunk):
+            mask = ts.mask[b].cpu().bool()
+            n = int(mask.nonzero().max()) + 1 if mask.any() else 0
+            if n == 0:
+                raise DataError(f"text encoder {text_encoder.id} returned no real token for caption {captions[k]!r}")
+            save_tensors(cache_path(out, "text", k),
+                         {"states": ts.states[b, :n].to(TEXT_DTYPES[dtype]), "mask": mask[:n],
+                          "pooled": ts.pooled[b].float()},
+                         {"text_id": text_encoder.id, "caption": captions[k], "dtype": dtype})
+        bar.update(len(chunk))
+    bar.close()
+
+
+def encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, audio: AudioConfig,
+                  batch_size: int, progress: bool) -> float:
+    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape;
+    returns the seconds of audio encoded."""
+    pending: list[tuple[str, Row, torch.Tensor, list[int], list[int]]] = []
+    total = 0.0
+
+    def flush():
+        codes = codec.encode(torch.cat([p[2] for p in pending])).cpu().to(torch.int16)
+        o = 0
+        for key, row, items, real, chunks in pending:
+            save_tensors(cache_path(out, "codes", key),
+                         {"codes": codes[o:o + len(items)],
+                          "real_frames": torch.tensor([n_frames(r) for r in real], dtype=torch.int32),
+                          "chunks": torch.tensor(chunks, dtype=torch.int32)},
+                         {"codec_id": codec.id, "audio_sha256": sha[key], "audio": json.dumps(audio.key()),
+                          "source": str(row.audio), "device": str(getattr(codec, "device", "unknown"))})
+            o += len(items)
+        pending.clear()
+
+    for key, row in bar(todo.items(), progress, "codes", len(todo)):
+        data = row.audio.read_bytes()
+        if sha256(data) != sha[key]:
+            raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
+        items, real, chunks = standardize(load_audio(row.audio, data), audio, row.audio)
+        if pending and (pending[0][2].shape[1:] != items.shape[1:] or len(pending) >= batch_size):
+            flush()
+        pending.append((key, row, items, real, chunks))
+        total += items.numel() / SAMPLE_RATE
+    if pending:
+        flush()
+    return total
+
+
+def score_crop_tables(todo: dict[str, tuple[Row, str]], out: Path, clap, audio: AudioConfig, crop: int, step: int,
+                 progress: bool) -> None:
+    """Appendix B crop filter: {crops key: (row, codes key)} -> the CLAP table of each item's crops (crops.py)."""
+    from siren.data.crops import score_crops
+
+    for key, (row, ckey) in bar(todo.items(), progress, "crops", len(todo)):
+        items, _, _ = standardize(load_audio(row.audio), audio, row.audio)
+        save_tensors(cache_path(out, "crops", key), score_crops(clap, items, row.caption, crop, step),
+                     {"clap_id": clap.id, "codes": ckey, "crop_frames": str(crop), "step_frames": str(step)})

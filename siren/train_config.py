@@ -1,0 +1,88 @@
+"""Stage-1 configuration (``python -m siren.train key=value ...``): the expert to train, the model,
+the optimiser and schedule, data order and crops, checkpointing, and the codec that supplies the
+frozen code tables. Values are validated when parsed (README: When things go wrong).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from siren.codec import CodecConfig
+from siren.config import load_config
+from siren.errors import ConfigError
+from siren.model.config import ModelConfig, presets
+from siren.model.expert import LOSS_REDUCTIONS
+from siren.runtime import check_device, check_precision
+
+# Train-config keys that may change when a run resumes (bookkeeping only: they cannot
+# change the loss curve). Every other difference is an error.
+PAPER_GEN_FRAMES = 500  # the paper generates 10 s clips (50 frames/s)
+RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150_000  # paper: 150K steps (1.6B), 500K (3.1B)
+    batch_size: int = 24  # clips per process and micro-batch (paper: 24 per L20 GPU)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-4  # appendix B
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # on matrices only (siren.runtime.param_groups)
+    warmup_steps: int = 2000  # linear warmup, then cosine decay to min_lr at `steps`
+    min_lr: float = 3e-5
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    seed: int = 0
+    log_every: int = 50
+    val_every: int = 2000  # 0 = only at the end
+    val_batches: int = 0  # batches of the test split per validation; 0 = all
+    ckpt_every: int = 1000
+    keep_last: int = 3  # checkpoints kept per expert
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    crop_s: float = 6.0  # random crops of this length (appendix B); 0 = whole clips
+    crop_min_clap: float = 0.0  # > 0: crops only where CLAP similarity > this (appendix B: 0.2; prepare crop_s=)
+    num_workers: int = 2
+    loss_reduction: str = "mean"  # over the expert's layers: mean (official code) | sum (Eq. 6 as written)
+
+    def __post_init__(self):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(f"train.loss_reduction must be mean or sum, got '{self.loss_reduction}'")
+        check_precision(self.precision, "train.precision")
+        check_device(self.device, "train.device")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "val_every", "val_batches", "num_workers", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("lr", "min_lr", "weight_decay", "grad_clip", "crop_s", "beta1", "beta2"):
+            v = getattr(self, key)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"train.{key} must be a finite number >= 0, got {v}"
+                                  + (" (0 turns clipping off)" if key == "grad_clip" else ""))
+        if self.lr == 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= train.min_lr <= train.lr and train.lr > 0; got lr={self.lr}, "
+                              f"min_lr={self.min_lr}")
+        if not (self.beta1 < 1 and self.beta2 < 1):
+            raise ConfigError(f"train.beta1 and train.beta2 must be < 1, got {self.beta1}, {self.beta2}")
+        if 0 < self.crop_s < 1 / 50:
+            raise ConfigError(f"train.crop_s={self.crop_s} is shorter than one codec frame (0.02 s); 0 = whole clips")
+
+
+@dataclass
+class Stage1Config:
+    run_dir: str = "runs/siren"  # holds the K experts of one model
+    expert: int = 0  # k (0-based): which expert this process trains
+    data_dir: str = "data/prepared"  # output of siren.data.prepare
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)  # supplies the frozen code tables
+
+
+def parse(args: list[str]) -> Stage1Config:
+    cfg = load_config(Stage1Config, args, presets=presets("model."))
+    if not 0 <= cfg.expert < cfg.model.n_experts:
+        raise ConfigError(f"expert={cfg.expert} does not exist in model.distribution={cfg.model.distribution} "
+                          f"(experts 0..{cfg.model.n_experts - 1})")
+    return cfg
