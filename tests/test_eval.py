@@ -306,3 +306,35 @@ def test_metrics_are_wired_to_the_right_sets(cli_run, sets):
     np.testing.assert_allclose(results["per_clip"]["kl_gen_ref"], kl_rev, rtol=1e-12)
     assert results["metrics"]["isc"] == pytest.approx(M.inception_score(gl, 2, 2020)[0], rel=1e-12)
     assert results["metrics"]["isc"] != pytest.approx(M.inception_score(rl, 2, 2020)[0], rel=1e-12)
+
+
+def test_clips_keep_channels_and_crop_and_mono_choices():
+    from eval.audio import mono
+
+    left, right = synth(1, 12.0, 8000), synth(2, 12.0, 8000)
+    clip = make_clip("s", np.stack([left, right], 1), 8000)  # crop=whole by default, as the peers read files
+    assert clip.wav.shape == (96000, 2)
+    np.testing.assert_array_equal(mono(clip.wav, "first"), left)
+    np.testing.assert_allclose(mono(clip.wav, "mean"), (left.astype(np.float64) + right) / 2, rtol=0, atol=1e-7)
+    assert make_clip("s", left, 8000, crop="10s").wav.shape == (80000, 1)
+    assert make_clip("s", left, 8000).content_hash != make_clip("s", left, 8000, crop="10s").content_hash
+    for bad in ["channel=left", "resampler=sox", "fad_resampler=x", "crop=5s", "vggish_short=drop"]:
+        key, value = bad.split("=")
+        with pytest.raises(ConfigError, match=key):
+            EvalConfig(**{key: value})
+
+
+def test_vggish_short_clip_policies():
+    clips = [make_clip("long", synth(1, 2.0), 16000), make_clip("short", synth(2, 0.5), 16000)]
+    frames = {}
+    for short in VGGish.SHORT:
+        v = VGGish("random", seed=0, short=short)
+        if short == "error":
+            with pytest.raises(ValueError, match="0.975 s"):
+                v.prepare(clips[1])
+            continue
+        frames[short] = [f["frames"].shape[0] for f in v.embed_batch([v.prepare(c) for c in clips])]
+        assert v.protocol()["short"] == short
+    assert frames == {"skip": [2, 0], "pad": [2, 1]}
+    skip = VGGish("random", seed=0)
+    assert skip.embed_batch([skip.prepare(clips[1])])[0]["frames"].shape == (0, 128)  # no forward on nothing

@@ -179,6 +179,13 @@ def test_fd_kl_isc_match_audioldm_eval(world):
     want = {"kl": kl["kullback_leibler_divergence_softmax"], "kl_sigmoid": kl["kullback_leibler_divergence_sigmoid"],
             "isc": ae.calculate_isc(f_gen, "logits", rng_seed=2020, samples_shuffle=True,
                                     splits=2)["inception_score_mean"]}
+    # the features themselves: bit-identical, clip by clip (stereo included: both take channel 0)
+    from eval.backbones import PannsCnn14
+    panns, names = PannsCnn14("pretrained"), sorted(WAVS)
+    for i, clip in enumerate(load_clips({n: world.gen / f"{n}.wav" for n in names})):
+        ours = panns.embed_batch([panns.prepare(clip)])[0]
+        assert np.array_equal(ours["embedding"], f_gen["2048"][i].numpy()), names[i]
+        assert np.array_equal(ours["logits"], f_gen["logits"][i].numpy()), names[i]
     res = _harness(world.gen, world.ref, "fd,kl,isc")
     got = res["metrics"]
     assert np.std(f_gen["logits"].numpy(), 0).max() > 1e-3  # the features vary: the comparison means something
