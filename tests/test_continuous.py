@@ -11,6 +11,7 @@ from siren.config import load_config
 from siren.errors import CheckpointError, ConfigError
 from siren.model.continuous import ContinuousConfig, ContinuousLM, DiffusionHead, LatentProjection, presets
 from siren.model.continuous import latent as lat
+from siren.model.continuous import recon
 from siren.model.continuous.params import table
 from tests.fixtures_model import codec, text_batch
 
@@ -94,7 +95,7 @@ def test_latent_path_agrees_with_the_codec_rvq_path():
     zq, _, _ = dac.dac.quantizer.from_codes(codes)
     torch.testing.assert_close(lat.rvq_latent(dac, z), zq, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lat.decode_latent(dac, zq), dac.decode(codes), atol=1e-5, rtol=1e-4)
-    assert lat.fvu(z[0], z[0], z[0].mean(1)) == 0.0 and lat.fvu(lat.rvq_latent(dac, z)[0], z[0], z[0].mean(1)) > 0
+    assert recon.fvu(z[0], z[0], z[0].mean(1)) == 0.0 and recon.fvu(lat.rvq_latent(dac, z)[0], z[0], z[0].mean(1)) > 0
 
 
 def test_reconstruction_report_orders_the_candidates():
@@ -102,7 +103,7 @@ def test_reconstruction_report_orders_the_candidates():
     dac = codec()
     g = torch.Generator().manual_seed(1)
     train = [0.3 * torch.randn(3200, generator=g) for _ in range(3)]  # 30 frames: the fit sees rank <= 29
-    rows = {r.name: r for r in lat.reconstruction(dac, train, train[:1], [4, 1024])}
+    rows = {r.name: r for r in recon.reconstruction(dac, train, train[:1], [4, 1024])}
     assert list(rows) == ["latent-1024", "RVQ-12", "PCA-4", "PCA-1024"]
     assert rows["latent-1024"].latent_fvu == 0 and rows["latent-1024"].snr_db > 100
     assert rows["PCA-1024"].latent_fvu < 1e-6 and rows["PCA-4"].latent_fvu > 100 * rows["PCA-1024"].latent_fvu
