@@ -243,6 +243,26 @@ def test_loss_trains_the_tiny_model_on_one_batch():
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
 
 
+def test_audio_to_tokens_to_audio_through_the_model(tmp_path):
+    """The whole model-side path on the random DAC: wav -> latent -> fitted projection (saved, reloaded) ->
+    teacher-forced loss -> generate -> inverse projection -> DAC decoder -> wav."""
+    dac = codec()
+    g = torch.Generator().manual_seed(2)
+    wavs = [0.3 * torch.randn(3200, generator=g) for _ in range(2)]
+    LatentProjection.fit([lat.dac_latent(dac, w) for w in wavs], 8).save(tmp_path / "p.safetensors", dac.id)
+    proj = LatentProjection.load(tmp_path / "p.safetensors")
+    torch.manual_seed(0)
+    model = ContinuousLM(tiny(f"latent={proj.id}"), proj)
+    tokens = proj.encode(torch.cat([lat.dac_latent(dac, w) for w in wavs]))  # [2, 10, 8]
+    text, text_mask = text_batch(2)
+    batch = {"latents": tokens, "frame_mask": torch.ones(2, 10, dtype=torch.bool), "text": text, "text_mask": text_mask}
+    assert torch.isfinite(model.loss(batch).loss)
+    wav = lat.decode_latent(dac, model.decode(model.generate(text, text_mask, 4, steps=5)))
+    assert wav.shape == (2, 4 * 320) and torch.isfinite(wav).all()
+    with pytest.raises(ConfigError, match="another projection"):
+        ContinuousLM(tiny("latent=pca8-w-n999"), proj)
+
+
 # ---- MNTP ---------------------------------------------------------------------------------------
 
 def test_mntp_masks_exactly_the_documented_inputs():
