@@ -140,8 +140,9 @@ def test_sampler_with_exact_predictions_recovers_the_gaussian(schedule, predicti
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_loss_of_the_exact_predictor_is_the_bayes_risk(prediction):
-    """For Gaussian data the posterior variance of each target is closed-form: Var(x0 | x_t) = S^2 (1-a) / (a S^2 + 1-a),
-    Var(eps | x_t) = a/(1-a) of it, Var(v | x_t) = 1/(1-a) of it (v = sqrt(a) x_t / sqrt(1-a) - x0 / sqrt(1-a))."""
+    """For Gaussian data each target's posterior variance is closed-form: Var(x0 | x_t) = S^2 (1-a) / (a S^2 + 1-a),
+    Var(eps | x_t) = a/(1-a) of it, Var(v | x_t) = 1/(1-a) of it (v = sqrt(a) x_t / sqrt(1-a) - x0 / sqrt(1-a)),
+    so the loss of the exact predictor is their mean over t and dims."""
     head = GaussianOracle(3, 1, 8, 1, schedule="cosine", prediction=prediction)
     g = torch.Generator().manual_seed(0)
     n = 60000
