@@ -57,6 +57,14 @@ def test_presets_match_the_paper_sizes_within_one_percent(scale, size):
     assert abs(total - size) / size < 0.01 and "relative difference" in out
 
 
+def test_params_command_covers_the_continuous_family(capsys):
+    from siren.model import params
+
+    params.main(["family=continuous", "scale=cont-large"])
+    out = capsys.readouterr().out
+    assert "family=continuous" in out and "paper (abstract: Large): 462.0M" in out
+
+
 # ---- latent projection ----------------------------------------------------------------------------
 
 def test_projection_matches_sklearn_pca_and_full_dim_is_lossless(tmp_path):
