@@ -11,6 +11,7 @@ from siren.config import load_config
 from siren.errors import CheckpointError, ConfigError
 from siren.model.continuous import ContinuousConfig, ContinuousLM, DiffusionHead, LatentProjection, presets
 from siren.model.continuous import latent as lat
+from siren.model.continuous import recon
 from siren.model.continuous.params import table
 from tests.fixtures_model import codec, text_batch
 
@@ -56,6 +57,14 @@ def test_presets_match_the_paper_sizes_within_one_percent(scale, size):
     assert abs(total - size) / size < 0.01 and "relative difference" in out
 
 
+def test_params_command_covers_the_continuous_family(capsys):
+    from siren.model import params
+
+    params.main(["family=continuous", "scale=cont-large"])
+    out = capsys.readouterr().out
+    assert "family=continuous" in out and "paper (abstract: Large): 462.0M" in out
+
+
 # ---- latent projection ----------------------------------------------------------------------------
 
 def test_projection_matches_sklearn_pca_and_full_dim_is_lossless(tmp_path):
@@ -94,7 +103,7 @@ def test_latent_path_agrees_with_the_codec_rvq_path():
     zq, _, _ = dac.dac.quantizer.from_codes(codes)
     torch.testing.assert_close(lat.rvq_latent(dac, z), zq, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lat.decode_latent(dac, zq), dac.decode(codes), atol=1e-5, rtol=1e-4)
-    assert lat.fvu(z[0], z[0], z[0].mean(1)) == 0.0 and lat.fvu(lat.rvq_latent(dac, z)[0], z[0], z[0].mean(1)) > 0
+    assert recon.fvu(z[0], z[0], z[0].mean(1)) == 0.0 and recon.fvu(lat.rvq_latent(dac, z)[0], z[0], z[0].mean(1)) > 0
 
 
 def test_reconstruction_report_orders_the_candidates():
@@ -102,7 +111,7 @@ def test_reconstruction_report_orders_the_candidates():
     dac = codec()
     g = torch.Generator().manual_seed(1)
     train = [0.3 * torch.randn(3200, generator=g) for _ in range(3)]  # 30 frames: the fit sees rank <= 29
-    rows = {r.name: r for r in lat.reconstruction(dac, train, train[:1], [4, 1024])}
+    rows = {r.name: r for r in recon.reconstruction(dac, train, train[:1], [4, 1024])}
     assert list(rows) == ["latent-1024", "RVQ-12", "PCA-4", "PCA-1024"]
     assert rows["latent-1024"].latent_fvu == 0 and rows["latent-1024"].snr_db > 100
     assert rows["PCA-1024"].latent_fvu < 1e-6 and rows["PCA-4"].latent_fvu > 100 * rows["PCA-1024"].latent_fvu
@@ -139,8 +148,9 @@ def test_sampler_with_exact_predictions_recovers_the_gaussian(schedule, predicti
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_loss_of_the_exact_predictor_is_the_bayes_risk(prediction):
-    """For Gaussian data the posterior variance of each target is closed-form: Var(x0 | x_t) = S^2 (1-a) / (a S^2 + 1-a),
-    Var(eps | x_t) = a/(1-a) of it, Var(v | x_t) = 1/(1-a) of it (v = sqrt(a) x_t / sqrt(1-a) - x0 / sqrt(1-a))."""
+    """For Gaussian data each target's posterior variance is closed-form: Var(x0 | x_t) = S^2 (1-a) / (a S^2 + 1-a),
+    Var(eps | x_t) = a/(1-a) of it, Var(v | x_t) = 1/(1-a) of it (v = sqrt(a) x_t / sqrt(1-a) - x0 / sqrt(1-a)),
+    so the loss of the exact predictor is their mean over t and dims."""
     head = GaussianOracle(3, 1, 8, 1, schedule="cosine", prediction=prediction)
     g = torch.Generator().manual_seed(0)
     n = 60000
@@ -240,6 +250,26 @@ def test_loss_trains_the_tiny_model_on_one_batch():
         losses.append(out.loss.item())
     assert out.frames == 15 and out.masked == 2 + 2  # floor(0.3 * 8 + 1/2) + floor(0.3 * 5 + 1/2)
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_audio_to_tokens_to_audio_through_the_model(tmp_path):
+    """The whole model-side path on the random DAC: wav -> latent -> fitted projection (saved, reloaded) ->
+    teacher-forced loss -> generate -> inverse projection -> DAC decoder -> wav."""
+    dac = codec()
+    g = torch.Generator().manual_seed(2)
+    wavs = [0.3 * torch.randn(3200, generator=g) for _ in range(2)]
+    LatentProjection.fit([lat.dac_latent(dac, w) for w in wavs], 8).save(tmp_path / "p.safetensors", dac.id)
+    proj = LatentProjection.load(tmp_path / "p.safetensors")
+    torch.manual_seed(0)
+    model = ContinuousLM(tiny(f"latent={proj.id}"), proj)
+    tokens = proj.encode(torch.cat([lat.dac_latent(dac, w) for w in wavs]))  # [2, 10, 8]
+    text, text_mask = text_batch(2)
+    batch = {"latents": tokens, "frame_mask": torch.ones(2, 10, dtype=torch.bool), "text": text, "text_mask": text_mask}
+    assert torch.isfinite(model.loss(batch).loss)
+    wav = lat.decode_latent(dac, model.decode(model.generate(text, text_mask, 4, steps=5)))
+    assert wav.shape == (2, 4 * 320) and torch.isfinite(wav).all()
+    with pytest.raises(ConfigError, match="another projection"):
+        ContinuousLM(tiny("latent=pca8-w-n999"), proj)
 
 
 # ---- MNTP ---------------------------------------------------------------------------------------

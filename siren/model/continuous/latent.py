@@ -1,7 +1,5 @@
 """Continuous tokens: the DAC 16 kHz latent before quantization, optionally reduced by a fitted PCA.
 
-    python -m siren.model.continuous.latent codec.weights=random dims=8,32,128,1024
-
 The encoder's output z [B, 1024, T] (50 frames/s) is what the 12-layer RVQ quantizes; the
 continuous LM models z itself, through an affine map fitted on training latents and stored as
 safetensors (``LatentProjection``):
@@ -13,15 +11,11 @@ k = 1024 keeps every axis (an orthogonal rotation: lossless); k < 1024 drops the
 variance. ``scale`` is each kept axis's standard deviation (whitening), so every token dimension
 has unit variance on the training set, the scale the diffusion head's noise assumes.
 
-The CLI prints the reconstruction error of the reduced latents and of the 12-layer RVQ on the
-demo clips (PCA fitted on the train split, measured on the test split).
+``siren.model.continuous.recon`` measures the reconstruction error of reduced latents against
+the 12-layer RVQ's.
 """
 from __future__ import annotations
 
-import json
-import logging
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,8 +24,6 @@ from torch import nn
 from siren.codec import HOP, N_LAYERS, SAMPLE_RATE
 from siren.errors import CheckpointError, ConfigError
 from siren.io import save_tensors
-
-log = logging.getLogger(__name__)
 
 LATENT_DIM = 1024  # DAC 16 kHz latent width (encoder_dim 64 * 2**4)
 
@@ -118,7 +110,7 @@ class LatentProjection(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"latent projection {path} does not exist; fit one with LatentProjection.fit "
-                                  f"and save it (python -m siren.model.continuous.latent out=...)")
+                                  f"and save it (python -m siren.model.continuous.recon out=...)")
         with safe_open(str(path), "pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         if set(tensors) != {"mean", "basis", "scale"} or tensors["basis"].shape[0] != tensors["scale"].shape[0]:
@@ -127,87 +119,3 @@ class LatentProjection(nn.Module):
         proj.load_state_dict(tensors)
         proj.id = meta.get("id", "")
         return proj
-
-
-def fvu(approx: torch.Tensor, z: torch.Tensor, mean: torch.Tensor) -> float:
-    """Fraction of variance unexplained: ||z-hat - z||^2 / ||z - mean||^2 over all frames (0 = exact)."""
-    return float((approx - z).pow(2).sum() / (z - mean[:, None]).pow(2).sum())
-
-
-def snr_db(ref: torch.Tensor, est: torch.Tensor) -> float:
-    return float(10 * torch.log10(ref.pow(2).sum() / (est - ref).pow(2).sum().clamp(min=1e-20)))
-
-
-def log_spec_l1(ref: torch.Tensor, est: torch.Tensor, n_fft: int = 1024) -> float:
-    """Mean |log(|STFT ref| + 1e-5) - log(|STFT est| + 1e-5)| (hop n_fft/4, Hann)."""
-    win = torch.hann_window(n_fft)
-    spec = lambda x: torch.stft(x, n_fft, n_fft // 4, window=win, return_complex=True).abs()  # noqa: E731
-    return float((torch.log(spec(ref) + 1e-5) - torch.log(spec(est) + 1e-5)).abs().mean())
-
-
-@dataclass
-class Reconstruction:
-    name: str  # "RVQ-12", "PCA-k" or "latent-1024"
-    latent_fvu: float  # vs the continuous latent z
-    snr_db: float  # decoded waveform vs the decode of z itself (the codec's own ceiling)
-    spec_l1_input: float  # log-spectrum L1 of the decoded waveform vs the input audio
-
-
-@torch.no_grad()
-def reconstruction(codec, train_wavs: list[torch.Tensor], test_wavs: list[torch.Tensor],
-                   dims: list[int]) -> list[Reconstruction]:
-    """Reconstruction error of PCA-reduced latents (fitted on train_wavs) and of the 12-layer RVQ, on test_wavs."""
-    proj_full = LatentProjection.fit((dac_latent(codec, w) for w in train_wavs), LATENT_DIM, whiten=False)
-    rows: dict[str, list] = {}
-    for wav in test_wavs:
-        z = dac_latent(codec, wav)
-        n = wav.shape[-1]
-        ref = decode_latent(codec, z)[0, :n]
-        cands = {"latent-1024": z, "RVQ-12": rvq_latent(codec, z)}
-        for k in dims:
-            proj = _truncate(proj_full, k)
-            cands[f"PCA-{k}"] = proj.decode(proj.encode(z))
-        for name, zh in cands.items():
-            out = decode_latent(codec, zh)[0, :n]
-            rows.setdefault(name, []).append((fvu(zh[0], z[0], proj_full.mean), snr_db(ref, out),
-                                              log_spec_l1(wav.reshape(-1)[:n].float(), out)))
-    order = ["latent-1024", "RVQ-12", *(f"PCA-{k}" for k in dims)]
-    return [Reconstruction(name, *(sum(col) / len(col) for col in zip(*rows[name]))) for name in order]
-
-
-def _truncate(full: LatentProjection, k: int) -> LatentProjection:
-    """The first k axes of an unwhitened full fit (the k-dim PCA of the same data)."""
-    proj = LatentProjection(k)
-    proj.mean.copy_(full.mean)
-    proj.basis.copy_(full.basis[:k])
-    proj.scale.fill_(1.0)
-    return proj
-
-
-def main(argv: list[str] | None = None) -> None:
-    from siren.codec import Codec, CodecConfig
-    from siren.data.demo import CLASSES, clip
-
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    unknown = set(args) - {"codec.weights", "dims", "out", "dim"}
-    if unknown:
-        sys.exit(f"error: unknown keys {sorted(unknown)}; valid: codec.weights, dims, out, dim")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    codec = Codec(CodecConfig(weights=args.get("codec.weights", "pretrained")))
-    dims = [int(d) for d in args.get("dims", "8,16,32,64,128,256,1024").split(",")]
-    train = [torch.from_numpy(clip(c, "train", k)[0]) for c in range(len(CLASSES)) for k in range(2)]
-    test = [torch.from_numpy(clip(c, "test", 0)[0]) for c in range(len(CLASSES))]  # one per class: decoding is slow
-    log.info("codec weights: %s; PCA fitted on %d demo train clips, measured on %d test clips",
-             codec.weights_label.upper() if codec.weights_label == "random" else codec.weights_label,
-             len(train), len(test))
-    print(f"{'latent':<14}{'FVU':>10}{'SNR dB':>10}{'specL1':>10}")
-    for r in reconstruction(codec, train, test, dims):
-        print(f"{r.name:<14}{r.latent_fvu:>10.4f}{r.snr_db:>10.2f}{r.spec_l1_input:>10.3f}")
-    if "out" in args:
-        proj = LatentProjection.fit((dac_latent(codec, w) for w in train), int(args.get("dim", 64)))
-        proj.save(args["out"], codec.id)
-        print(json.dumps({"projection": args["out"], "id": proj.id, "explained": round(proj.explained, 4)}))
-
-
-if __name__ == "__main__":
-    main()
