@@ -148,7 +148,7 @@ def run(cfg: RvqDepthConfig) -> list:
     for row in rows:
         print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  SI-SNR {row['si_snr_db']:6.2f} dB")
     if not gen:
-        log.info("generation quality vs r: no results given (gen_runs=[...] gen_r=[...])")
+        print("generation quality vs r: no results given (gen_runs=[...] gen_r=[...])")
     return written
 
 
