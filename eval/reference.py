@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.audio import Clip
+from siren.data.manifest import check_id, read_records
+from siren.errors import ManifestError  # noqa: F401  (re-exported: eval's callers catch it from here)
 
 COLUMNS = ("id", "audio", "caption")
-
-
-class ManifestError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -39,26 +37,26 @@ def file_sha256(path: str | Path) -> str:
 def read_manifest(path: str | Path) -> list[dict]:
     """Rows of a CSV / JSONL manifest as dicts with at least ``id, audio, caption`` (all str).
 
-    A small reader of our own: ``siren.data``'s manifest module was not on this branch when
-    this was written; the format is the same (id,audio,caption[,label]).
+    Parsed strictly by siren.data.manifest (the same format, id,audio,caption[,label]); unlike a
+    training manifest an id may repeat (AudioCaps: one row per caption). Ids are checked as file names.
     """
-    import pandas as pd
-
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"reference manifest {path} does not exist (pass ref=PATH to a CSV/JSONL with columns "
                             f"{', '.join(COLUMNS)})")
-    try:
-        df = (pd.read_json(path, lines=True, dtype=False) if path.suffix in (".jsonl", ".json")
-              else pd.read_csv(path, dtype=str, keep_default_na=False))
-    except Exception as e:  # noqa: BLE001 - pandas raises many parser errors
-        raise ManifestError(f"cannot parse manifest {path}: {e}") from None
-    missing = [c for c in COLUMNS if c not in df.columns]
+    columns, records = read_records(path)
+    missing = [c for c in COLUMNS if c not in columns]
     if missing:
-        raise ManifestError(f"manifest {path} lacks column(s) {missing}; it has {list(df.columns)}; "
+        raise ManifestError(f"manifest {path} lacks column(s) {missing}; it has {columns}; "
                             f"needed: {', '.join(COLUMNS)}")
-    rows = [{c: "" if v is None else str(v) for c, v in r.items()} for r in df[list(COLUMNS)].to_dict("records")]
-    empty = [i + 2 for i, r in enumerate(rows) if not r["id"] or not r["audio"]]
+    rows, empty = [], []
+    for n, r in records:
+        row = {c: "" if r.get(c) is None else str(r[c]) for c in COLUMNS}
+        if not row["id"] or not row["audio"]:
+            empty.append(n)
+            continue
+        check_id(row["id"], f"{path}:{n}")
+        rows.append(row)
     if empty:
         raise ManifestError(f"manifest {path}: empty id or audio on line(s) {empty[:20]}")
     return rows
