@@ -8,6 +8,7 @@ are collected and reported together, naming every one, before anything is comput
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from siren.codec import HOP, SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
 MONO = "mean of channels"
+MIN_SECONDS = HOP / SAMPLE_RATE  # one codec frame (20 ms): shorter clips are warned about
 CROP = "first max_seconds of each clip (none when max_seconds <= 0); no padding at load (see each backbone)"
 
 
@@ -56,10 +62,13 @@ def make_clip(id: str, wav: np.ndarray, sr: int, max_seconds: float = 10.0, path
 
 
 def _read(id: str, path: Path, max_seconds: float) -> Clip:
-    import soundfile as sf
+    from siren.data.audio import read_sound
 
-    wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return make_clip(id, wav, sr, max_seconds, str(path))
+    clip = make_clip(id, *read_sound(str(path), path), max_seconds, str(path))  # warns if truncated
+    if clip.wav.size < MIN_SECONDS * clip.sr:
+        log.warning("%s (id %s): %d sample(s) at %d Hz, shorter than %g ms (one codec frame); scored as it is",
+                    path, id, clip.wav.size, clip.sr, 1000 * MIN_SECONDS)
+    return clip
 
 
 def load_clips(paths: dict[str, Path], max_seconds: float = 10.0, what: str = "audio",
