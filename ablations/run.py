@@ -27,6 +27,7 @@ from ablations.scales import resolve  # noqa: E402
 from ablations.tables import Outcome, build_frame, write_tables  # noqa: E402
 from siren import io  # noqa: E402
 from siren.config import ConfigError, load_config  # noqa: E402
+from siren.errors import SirenError  # noqa: E402
 
 ACTIONS = ("run", "status", "table", "cancel")
 
@@ -272,5 +273,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # bad grid/key/profile: the message says the fix
+    except (SirenError, ValueError, FileNotFoundError) as e:  # bad grid/key/profile, held lock: the message says how
         sys.exit(f"error: {e}")
