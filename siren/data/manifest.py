@@ -106,8 +106,8 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
             columns.update(dict.fromkeys(r))
             records.append((n, r))
     # A key no line has is a missing column (reported by the caller); one only some lines lack names them.
-    lacking = [f"line {n}: no {', '.join(c for c in REQUIRED if c not in r)}" for n, r in records
-               if any(c in columns and c not in r for c in REQUIRED)]
+    lacking = [f"line {n}: no {', '.join(gone)}" for n, r in records
+               if (gone := [c for c in REQUIRED if c in columns and c not in r])]
     if lacking:
         raise ManifestError(f"{path}: {len(lacking)} line(s) lack required key(s): " + "; ".join(lacking[:20]))
     return list(columns), records
