@@ -281,3 +281,13 @@ def test_a_running_job_is_not_started_again(tmp_path):
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+
+
+def test_the_grid_cli_goes_through_the_launcher_lock(tmp_path):
+    """`ablations/run.py grid=...` on a folder whose lock is held submits nothing and names the holder."""
+    from ablations.run import main
+
+    with hold(tmp_path / "demo" / "launcher.lock", "ablations launcher", "wait"):
+        with pytest.raises(LockHeld, match=rf"held by ablations launcher \(pid {os.getpid()} on host"):
+            main(["grid=table6", "rows=6-2", f"out={tmp_path}", "executor=local"])
+    assert not (tmp_path / "demo" / "jobs").exists()
