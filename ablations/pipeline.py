@@ -8,6 +8,11 @@ one is reported with its log and resubmitted only with retry=true.
 
 On SLURM every job is submitted at once with `--dependency=afterok:...`, so the pipeline advances
 with no process waiting on the login node. `local` and `debug` run the graph in waves.
+
+Two launchers never run or submit the same job: a launcher holds `<root>/launcher.lock` while it
+runs or submits (a second one is refused, naming the first), and a job holds `<done>.lock` while
+it runs, so a copy of it (an orphan of a killed launcher, a duplicate submission) cannot start;
+see ablations/lock.py.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Any, Callable
 
 import submitit
 
+from ablations import lock
 from siren import io
 
 FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
@@ -54,6 +60,16 @@ def _failed_marker(done: str | Path) -> Path:
     return Path(f"{done}.failed")
 
 
+def _job_lock(done: str | Path) -> Path:
+    return Path(f"{done}.lock")
+
+
+def _launcher_lock(root: Path):
+    return lock.hold(root / "launcher.lock", "ablations launcher",
+                     f"another launcher is running or submitting jobs in {root}; wait for it (action=status "
+                     f"shows progress) or stop it: a re-run continues where it stopped")
+
+
 def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) -> Any:
     """What every submitted job runs: the step, then its done marker (only on success). A step
     that raises leaves a failure marker instead, so a re-run can tell failed from interrupted.
@@ -62,13 +78,15 @@ def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) 
 
     torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", threads)))
     failed = _failed_marker(done)
-    try:
-        result = step(**kwargs)
-    except Exception as e:
-        io.write_json(failed, {"error": f"{type(e).__name__}: {e}", "time": time.time()})
-        raise
-    failed.unlink(missing_ok=True)
-    io.write_json(done, {"finished": time.time(), "result": result if isinstance(result, (dict, str, int, float)) else None})
+    with lock.hold(_job_lock(done), f"job {done}", "this job is already running; wait for it or stop it"):
+        try:
+            result = step(**kwargs)
+        except Exception as e:
+            io.write_json(failed, {"error": f"{type(e).__name__}: {e}", "time": time.time()})
+            raise
+        failed.unlink(missing_ok=True)
+        io.write_json(done, {"finished": time.time(),
+                             "result": result if isinstance(result, (dict, str, int, float)) else None})
     return result
 
 
@@ -94,13 +112,17 @@ class Ledger:
             rec = self.get(job.key) or {}
             return JobState(job.key, "DONE", rec.get("job_id", ""), "")
         rec = self.get(job.key)
+        running = lock.holder(_job_lock(job.done))
+        if running is not None:  # e.g. left running by a launcher that was killed
+            return JobState(job.key, "RUNNING", (rec or {}).get("job_id", ""), f"running: {lock.describe(running)}")
         if rec is None:
             return JobState(job.key, "MISSING")
         folder, jid = Path(rec["folder"]), rec["job_id"]
         if rec["executor"] == "slurm":
             sj = submitit.SlurmJob(folder=folder, job_id=jid)
             return JobState(job.key, (sj.state or "UNKNOWN").split()[0], jid, str(sj.paths.stderr))
-        # local/debug jobs do not outlive their launcher: a job with no outcome was interrupted
+        # local/debug jobs do not outlive their launcher (a left-over one holds its lock, above):
+        # a job with no outcome was interrupted
         failed = _failed_marker(job.done)
         if failed.is_file():
             return JobState(job.key, "FAILED", jid, json.loads(failed.read_text())["error"])
@@ -139,6 +161,11 @@ def _executor(kind: str, root: Path, profile, job: Job, max_parallel: int):
 def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str, JobState]:
     """Submit every missing job at once, chained with afterok dependencies (jobs sharing an `array`
     name, e.g. the experts of one model, go as one job array); returns each job's state."""
+    with _launcher_lock(root):
+        return _submit_slurm(jobs, root, profile, retry)
+
+
+def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str, JobState]:
     ledger, states = Ledger(root), {}
     for wave in _levels(jobs):
         groups: dict[str, list[Job]] = {}
@@ -171,13 +198,18 @@ def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str,
 def run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
     """local/debug: run the graph wave by wave, waiting here (a workstation has no scheduler). One
     executor per wave, so at most ``max_parallel`` of its jobs run at once."""
+    with _launcher_lock(root):
+        return _run_waves(jobs, root, kind, retry, max_parallel)
+
+
+def _run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
     ledger, states = Ledger(root), {}
     for wave in _levels(jobs):
         todo = []
         for job in wave:
             st = ledger.state(job)
             bad_deps = [d for d in job.deps if states[d].state != "DONE"]
-            if st.state == "DONE" or bad_deps or (st.state != "MISSING" and not retry):
+            if st.state in LIVE | {"DONE"} or bad_deps or (st.state != "MISSING" and not retry):
                 states[job.key] = JobState(job.key, "BLOCKED", log=f"needs {', '.join(bad_deps)}") \
                     if bad_deps and st.state != "DONE" else st
             else:

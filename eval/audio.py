@@ -10,6 +10,7 @@ every one, before anything is computed.
 from __future__ import annotations
 
 import hashlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from siren.codec import HOP, SAMPLE_RATE
 from siren.errors import AudioError, ConfigError
 
 CROPS = {"whole": None, "10s": 10.0}  # crop name -> seconds kept from the start (None: the whole file)
@@ -36,6 +38,11 @@ def mono(wav: np.ndarray, channel: str) -> np.ndarray:
     if channel == "mean":
         return wav.astype(np.float64).mean(axis=1).astype(np.float32)
     raise ConfigError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+
+
+log = logging.getLogger(__name__)
+
+MIN_SECONDS = HOP / SAMPLE_RATE  # one codec frame (20 ms): shorter clips are warned about
 
 
 @dataclass(frozen=True)
@@ -76,10 +83,13 @@ def make_clip(id: str, wav: np.ndarray, sr: int, crop: str = "whole", path: str 
 
 
 def _read(id: str, path: Path, crop: str) -> Clip:
-    import soundfile as sf
+    from siren.data.audio import read_sound
 
-    wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    return make_clip(id, wav, sr, crop, str(path))
+    clip = make_clip(id, *read_sound(str(path), path), crop, str(path))  # warns if truncated
+    if clip.wav.shape[0] < MIN_SECONDS * clip.sr:
+        log.warning("%s (id %s): %d sample(s) at %d Hz, shorter than %g ms (one codec frame); scored as it is",
+                    path, id, clip.wav.shape[0], clip.sr, 1000 * MIN_SECONDS)
+    return clip
 
 
 def load_clips(paths: dict[str, Path], crop: str = "whole", what: str = "audio", workers: int = 4) -> list[Clip]:

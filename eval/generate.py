@@ -20,6 +20,7 @@ from siren.checkpoint import read_run_config, trained_frames, warn_if_past_train
 from siren.codec import FRAME_RATE, SAMPLE_RATE
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
+from siren.data.manifest import child_path
 from siren.io import atomic_path
 from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
@@ -36,6 +37,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                  device: str = "cpu") -> dict:
     """Write <out_dir>/<id>.wav for every id; returns the generation card (what, how, how long)."""
     out_dir = Path(out_dir)
+    paths = [child_path(out_dir, id_, ".wav") for id_ in ids]  # before anything is built or written
     out_dir.mkdir(parents=True, exist_ok=True)
     model = siren.load(run_dir, device)
     warn_if_past_trained(run_dir, max(1, round(seconds * FRAME_RATE)), "eval")
@@ -43,7 +45,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
     n_frames = max(1, round(seconds * FRAME_RATE))
-    todo = [i for i, id_ in enumerate(ids) if not (out_dir / f"{id_}.wav").is_file()]
+    todo = [i for i, p in enumerate(paths) if not p.is_file()]
     batch_times, collapsed, total = [], 0, 0
     for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch", disable=not todo):
         rows = todo[start:start + batch_size]
@@ -75,7 +77,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             raise CannotGenerate(f"{collapsed} of {total} samples collapsed (every RVQ layer repeats one code for "
                                  f"all {n_frames} frames)")
         for i, w in zip(rows, best_wav):
-            with atomic_path(out_dir / f"{ids[i]}.wav") as tmp:
+            with atomic_path(paths[i]) as tmp:
                 sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),

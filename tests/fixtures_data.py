@@ -42,11 +42,11 @@ def tiny_set(root: Path, n: int = 4, seconds: float = 0.4) -> Path:
 
 
 class Counting:
-    """Wraps a codec or text encoder: counts what goes through ``encode``; ``fail_after`` items -> raise
-    (a job killed mid-run)."""
+    """Wraps a codec or text encoder: counts what goes through ``encode`` (``sizes``: items per call);
+    ``fail_after`` items -> raise (a job killed mid-run)."""
 
     def __init__(self, inner, fail_after: int | None = None):
-        self.inner, self.fail_after, self.items, self.calls = inner, fail_after, 0, 0
+        self.inner, self.fail_after, self.items, self.calls, self.sizes = inner, fail_after, 0, 0, []
 
     @property
     def id(self) -> str:
@@ -62,4 +62,5 @@ class Counting:
             raise KeyboardInterrupt("simulated kill")
         self.items += n
         self.calls += 1
+        self.sizes.append(n)
         return self.inner.encode(x)

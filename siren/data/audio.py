@@ -14,7 +14,9 @@ torchaudio's windowed-sinc resampler, then cut to fixed-length items:
 from __future__ import annotations
 
 import io
+import logging
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ import torch
 
 from siren.codec import HOP, SAMPLE_RATE
 from siren.errors import AudioError, DataError
+
+log = logging.getLogger(__name__)
 
 MIN_SAMPLE_RATE = 8_000
 SILENCE_PEAK = 1e-4  # -80 dBFS: a peak below this is an (effectively) silent file
@@ -72,11 +76,29 @@ def resample(x: torch.Tensor, sr: int) -> torch.Tensor:
     return AF.resample(x, sr, SAMPLE_RATE, **p)
 
 
-def load_audio(path: str | Path, data: bytes | None = None) -> torch.Tensor:
+def read_sound(source, where: str | Path, warn: bool = True) -> tuple[np.ndarray, int]:
+    """soundfile.read(source) as float32 [N, C] and its rate; logs a warning naming ``where`` if the file
+    is cut short. soundfile's own exceptions pass through."""
+    with sf.SoundFile(source) as f:
+        x = f.read(dtype="float32", always_2d=True)
+        # Container formats (WAV, AIFF, W64, RF64): libsndfile trims the declared size to the bytes present and
+        # logs "<chunk> : N (should be M)"; others (MP3) keep the header's frame count and decode fewer frames.
+        cut = [m for m in re.finditer(r"(\S+)\s*:\s*(\d+) \(should be (\d+)\)", f.extra_info) if int(m[2]) > int(m[3])]
+        if warn and cut:
+            log.warning("%s: truncated file (or a wrong size in its header): chunk '%s' declares %s bytes, the file "
+                        "holds %s; using the %d frames present", where, cut[-1][1], cut[-1][2], cut[-1][3], len(x))
+        elif warn and len(x) < f.frames:
+            log.warning("%s: truncated file: decoded %d of the %d frames its header declares; using those",
+                        where, len(x), f.frames)
+        return x, f.samplerate
+
+
+def load_audio(path: str | Path, data: bytes | None = None, warn: bool = True) -> torch.Tensor:
     """Mono float32 waveform [N] at 16 kHz; ``data`` = the file's bytes if already read.
 
     Raises AudioError naming the file for: missing, unreadable, empty, unsupported sample
-    rate, NaN/inf samples, all-silent.
+    rate, NaN/inf samples, all-silent. Logs a warning (``warn``) for a truncated file and for
+    one shorter than a codec frame.
     """
     path = Path(path)
     if data is None:
@@ -84,7 +106,7 @@ def load_audio(path: str | Path, data: bytes | None = None) -> torch.Tensor:
             raise AudioError(f"{path}: audio file not found")
         data = path.read_bytes()
     try:
-        x, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        x, sr = read_sound(io.BytesIO(data), path, warn)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError by format
         raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {str(e).strip() or 'no detail'})") from None
     if sr < MIN_SAMPLE_RATE:
@@ -98,7 +120,11 @@ def load_audio(path: str | Path, data: bytes | None = None) -> torch.Tensor:
     if peak < SILENCE_PEAK:
         db = "-inf" if peak == 0 else f"{20 * math.log10(peak):.1f}"
         raise AudioError(f"{path}: all-silent audio (peak {db} dBFS < {20 * math.log10(SILENCE_PEAK):.0f} dBFS)")
-    return resample(torch.from_numpy(np.ascontiguousarray(x)), sr)
+    wav = resample(torch.from_numpy(np.ascontiguousarray(x)), sr)
+    if warn and wav.shape[-1] < HOP:
+        log.warning("%s: %d sample(s) at %d Hz, shorter than one codec frame (%d samples, %g ms): nearly no "
+                    "audio; check the file", path, wav.shape[-1], SAMPLE_RATE, HOP, 1000 * HOP / SAMPLE_RATE)
+    return wav
 
 
 def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio"

@@ -46,32 +46,36 @@ def encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, b
 
 def encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, audio: AudioConfig,
                   batch_size: int, progress: bool) -> float:
-    """Encode {key: row}, batching up to ``batch_size`` files whose standardised items have one shape;
-    returns the seconds of audio encoded."""
-    pending: list[tuple[str, Row, torch.Tensor, list[int], list[int]]] = []
+    """Encode {key: row} in codec calls of up to ``batch_size`` standardised items of one shape; a long file's
+    segments are spread over several calls, so memory is bounded by the batch, not the file. Each file is
+    saved as soon as its last item is encoded; returns the seconds of audio encoded."""
+    pending: list[tuple[dict, torch.Tensor]] = []  # (file, item) for the next codec call
     total = 0.0
 
     def flush():
-        codes = codec.encode(torch.cat([p[2] for p in pending])).cpu().to(torch.int16)
-        o = 0
-        for key, row, items, real, chunks in pending:
-            save_tensors(cache_path(out, "codes", key),
-                         {"codes": codes[o:o + len(items)],
-                          "real_frames": torch.tensor([n_frames(r) for r in real], dtype=torch.int32),
-                          "chunks": torch.tensor(chunks, dtype=torch.int32)},
-                         {"codec_id": codec.id, "audio_sha256": sha[key], "audio": json.dumps(audio.key()),
-                          "source": str(row.audio), "device": str(getattr(codec, "device", "unknown"))})
-            o += len(items)
+        codes = codec.encode(torch.stack([item for _, item in pending])).cpu().to(torch.int16)
+        for (f, _), c in zip(pending, codes):
+            f["codes"].append(c)
+            if len(f["codes"]) == len(f["real"]):  # its last item: save the file's entry
+                save_tensors(cache_path(out, "codes", f["key"]),
+                             {"codes": torch.stack(f["codes"]),
+                              "real_frames": torch.tensor([n_frames(r) for r in f["real"]], dtype=torch.int32),
+                              "chunks": torch.tensor(f["chunks"], dtype=torch.int32)},
+                             {"codec_id": codec.id, "audio_sha256": sha[f["key"]], "audio": json.dumps(audio.key()),
+                              "source": str(f["row"].audio), "device": str(getattr(codec, "device", "unknown"))})
         pending.clear()
 
     for key, row in bar(todo.items(), progress, "codes", len(todo)):
         data = row.audio.read_bytes()
         if sha256(data) != sha[key]:
             raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
-        items, real, chunks = standardize(load_audio(row.audio, data), audio, row.audio)
-        if pending and (pending[0][2].shape[1:] != items.shape[1:] or len(pending) >= batch_size):
-            flush()
-        pending.append((key, row, items, real, chunks))
+        # warn=False: the check pass has already warned about this file
+        items, real, chunks = standardize(load_audio(row.audio, data, warn=False), audio, row.audio)
+        f = {"key": key, "row": row, "real": real, "chunks": chunks, "codes": []}
+        for item in items:
+            if pending and (pending[0][1].shape != item.shape or len(pending) >= batch_size):
+                flush()
+            pending.append((f, item))
         total += items.numel() / SAMPLE_RATE
     if pending:
         flush()

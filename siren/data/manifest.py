@@ -1,17 +1,25 @@
 """Manifests: the list of (id, audio file, caption[, label]) a dataset is made of.
 
 CSV (header row) or JSONL (one object per line). Audio paths may be relative to the
-manifest's folder. Every problem is an error naming the manifest and what to fix.
+manifest's folder. Every problem is an error naming the manifest, the line and what to fix.
+
+CSV is read strictly: Python's csv module, left lenient, lets an unterminated quote swallow the
+rest of the file into one caption and files extra fields under a ``None`` key. Ids become file
+names (``<out>/<id>.wav``, ``<id>#<k>`` items), so they are checked here, once: no path
+separators, no ``..``, no control characters (``check_id``); ``child_path`` checks every path
+built from one stays in its folder.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from siren.errors import ManifestError
+from siren.errors import DataError, ManifestError
 
 REQUIRED = ("id", "audio", "caption")
 OPTIONAL = ("label",)
@@ -26,14 +34,64 @@ class Row:
     label: str | None = None
 
 
-def _read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
-    """(columns, [(line number, record)])."""
+def check_id(id: str, where: str) -> None:
+    """Raise ManifestError (naming ``where``, e.g. "file:line") unless ``id`` is safe as a file name."""
+    bad = [why for why, hit in [("'/'", "/" in id), ("'\\'", "\\" in id), ("'..'", ".." in id),
+                                ("a control character", any(unicodedata.category(c) == "Cc" for c in id))] if hit]
+    if bad:
+        raise ManifestError(f"{where}: id {id!r} contains {' and '.join(bad)}; ids name output files "
+                            f"(<out>/<id>.wav): rename it without path separators, '..' or control characters")
+
+
+def child_path(folder: str | Path, id: str, suffix: str = "") -> Path:
+    """``folder/<id><suffix>``, after checking it names a file directly inside ``folder``."""
+    folder = Path(folder)
+    path = folder / f"{id}{suffix}"
+    where = Path(os.path.abspath(path))  # lexical: resolves '..' without following a symlinked file
+    if where.parent != Path(os.path.abspath(folder)):
+        raise DataError(f"id {id!r} would write {where}, outside {os.path.abspath(folder)}; ids must be plain "
+                        f"file names (no '/', '\\', '..')")
+    return path
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, [(line number, record)]); a malformed line is an error naming it."""
+    records = []
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is not part of "id"
+        reader = csv.reader(f, strict=True)
+        start, header = 1, None
+        while True:
+            try:
+                fields = next(reader, None)
+            except csv.Error as e:
+                if "unexpected end of data" in str(e):
+                    raise ManifestError(f"{path}:{start}: a quoted field opened on this line is never closed (it "
+                                        f"runs to the end of the file, line {reader.line_num}); close the quote, "
+                                        f"and write a quote inside a field as \"\"") from None
+                raise ManifestError(f"{path}:{start}: malformed CSV ({e}); quote a field holding a comma or quote "
+                                    f"as \"...\" and write a quote inside it as \"\"") from None
+            if fields is None:
+                break
+            line, end, start = start, reader.line_num, reader.line_num + 1
+            if not fields:  # blank line
+                continue
+            if header is None:
+                header = [c.strip() for c in fields]
+                continue
+            if len(fields) != len(header):
+                raise ManifestError(f"{path}:{line}: {len(fields)} fields, the header has {len(header)} "
+                                    f"({','.join(header)}); quote a field that holds a comma")
+            if end != line:  # only a quoted line break makes a record span lines
+                raise ManifestError(f"{path}:{line}: a quoted field runs over lines {line}-{end} (an unbalanced "
+                                    f"quote?); ids, paths and captions are one line each")
+            records.append((line, dict(zip(header, fields))))
+    return header or [], records
+
+
+def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, [(line number, record)]) of a CSV (by suffix) or JSONL file, strictly parsed; no value checks."""
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is not part of "id"
-            reader = csv.DictReader(f)
-            records = [(reader.line_num, r) for r in reader]
-            return [c.strip() for c in reader.fieldnames or []], [
-                (n, {k.strip(): v for k, v in r.items() if k is not None}) for n, r in records]
+        return _read_csv(path)
     records, columns = [], {}
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -47,9 +105,12 @@ def _read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
                 raise ManifestError(f"{path}:{n}: expected a JSON object with keys {list(REQUIRED)}")
             columns.update(dict.fromkeys(r))
             records.append((n, r))
-    # A JSONL line lacking a key is a missing column for that line; report it per column below.
-    missing_somewhere = [c for c in REQUIRED if any(c not in r for _, r in records)]
-    return [c for c in columns if c not in missing_somewhere], records
+    # A key no line has is a missing column (reported by the caller); one only some lines lack names them.
+    lacking = [f"line {n}: no {', '.join(gone)}" for n, r in records
+               if (gone := [c for c in REQUIRED if c in columns and c not in r])]
+    if lacking:
+        raise ManifestError(f"{path}: {len(lacking)} line(s) lack required key(s): " + "; ".join(lacking[:20]))
+    return list(columns), records
 
 
 def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
@@ -62,7 +123,7 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
         raise ManifestError(f"{path}: unknown manifest extension '{path.suffix}'; use one of {', '.join(EXTENSIONS)}")
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file does not exist")
-    columns, records = _read_records(path)
+    columns, records = read_records(path)
     if not records:
         raise ManifestError(f"{path}: manifest is empty (no rows); it needs columns {', '.join(REQUIRED)}")
     missing = [c for c in REQUIRED if c not in columns]
@@ -76,6 +137,7 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
         if empty:
             blank.append(f"line {n}: empty {', '.join(empty)}")
             continue
+        check_id(vals["id"], f"{path}:{n}")
         audio = Path(vals["audio"]).expanduser()
         rows.append(Row(vals["id"], audio if audio.is_absolute() else path.parent / audio, vals["caption"],
                         vals["label"] or None))
@@ -95,7 +157,7 @@ def read_captions(path: str | Path) -> list[str]:
     if not path.is_file():
         raise ManifestError(f"{path}: captions file does not exist (a .txt, .csv or .jsonl of captions)")
     if path.suffix in EXTENSIONS:
-        columns, records = _read_records(path)
+        columns, records = read_records(path)
         if "caption" not in columns and not any("caption" in r for _, r in records):
             raise ManifestError(f"{path}: no 'caption' column (columns: {columns})")
         missing = [n for n, r in records if "caption" not in r]

@@ -275,7 +275,7 @@ class PrepareConfig:
     workers: int = 1  # local processes for step=all (each builds its own codec and text encoder)
     # Items per model call. With 1 a cached entry is a pure function of its key; batched calls can
     # differ in the last bits with the batch's other items (text states: ~3e-6, below float16 storage).
-    batch_size: int = 1  # audio files per codec call (equal shapes only); 1 is also fastest on CPU
+    batch_size: int = 1  # items (segments) per codec call, equal shapes only; bounds memory; 1 is fastest on CPU
     text_batch_size: int = 32  # one caption per call is ~7x slower on CPU (0.5 s vs 0.07 s per caption)
     on_error: str = "stop"  # stop: one error listing every bad file; skip: leave them out, listed in the index
     device: str = "auto"  # auto: cuda when available, else cpu

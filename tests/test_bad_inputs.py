@@ -1,0 +1,293 @@
+"""Bad inputs and faults a new user meets (issue #13), as regression tests on tiny data: ids that would
+write outside their folder, malformed manifests, truncated and too-short audio, long files under
+``audio.policy=segment``, and two launchers on one output folder (real processes, real locks)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ablations import pipeline
+from ablations.lock import LockHeld, hold
+from eval.audio import load_clips
+from siren.codec import HOP, Codec, CodecConfig
+from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
+from siren.data.cache import cache_path, sha256
+from siren.data.manifest import Row, child_path, read_manifest
+from siren.data.prepare import _encode_codes
+from siren.errors import DataError, ManifestError
+from tests.fixtures_data import Counting, write_wav
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tone(n: int, sr: int = 16_000) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / sr)).astype(np.float32)
+
+
+def csv_file(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- ids and paths built from them
+
+BAD_IDS = ["../../ESCAPED", "a/b", "a\\b", "..", "x..y", "bell\x07", "tab\tid", "nul\x00"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_an_unsafe_id_is_an_error_naming_file_and_line(tmp_path, bad):
+    m = tmp_path / "m.jsonl"  # JSON carries every character; CSV below
+    m.write_text("".join(json.dumps({"id": i, "audio": "a.wav", "caption": "c"}) + "\n" for i in ["ok", bad]))
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: id .* contains"):
+        read_manifest(m)
+
+
+def test_an_unsafe_id_in_a_csv_names_the_line(tmp_path):
+    m = csv_file(tmp_path / "m.csv", "id,audio,caption\nok,a.wav,c\n../../ESCAPED,b.wav,d\n")
+    with pytest.raises(ManifestError, match=r"m\.csv:3: id '\.\./\.\./ESCAPED' contains '/' and '\.\.'"):
+        read_manifest(m)
+
+
+def test_child_path_stays_in_its_folder(tmp_path):
+    assert child_path(tmp_path, "clip-1#2", ".wav") == tmp_path / "clip-1#2.wav"
+    for bad in ["../x", "a/b", ".", "..", "/etc/passwd"]:
+        with pytest.raises(DataError, match="outside"):
+            child_path(tmp_path / "out", bad, "" if bad in (".", "..") else ".wav")
+
+
+def test_eval_with_an_escaping_reference_id_writes_nothing(tmp_path, capsys):
+    """The reported case: `eval/audiocaps.py ckpt=RUN ref=R.csv out=O` with id ../../ESCAPED wrote
+    O/../../ESCAPED.wav before failing; now the manifest is refused before anything is built."""
+    from eval.audiocaps import main
+
+    write_wav(tmp_path / "ref" / "a.wav", tone(8000))
+    write_wav(tmp_path / "ref" / "b.wav", tone(8000))
+    ref = csv_file(tmp_path / "ref" / "R.csv", "id,audio,caption\n../../ESCAPED,a.wav,a\nok,b.wav,b\n")
+    out = tmp_path / "deep" / "er" / "O"
+    assert main([f"ckpt={tmp_path / 'run'}", f"ref={ref}", f"out={out}", "weights=random", "metrics=fd"]) == 2
+    assert f"{ref}:2: id '../../ESCAPED'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*.wav")) == ["a.wav", "b.wav"] and not out.exists()
+
+
+def test_generate_checks_every_output_path_before_loading_anything(tmp_path):
+    from eval.generate import generate_set
+    from siren.sample import SampleConfig
+
+    with pytest.raises(DataError, match=r"id '\.\./\.\./ESCAPED' would write .*ESCAPED\.wav, outside"):
+        generate_set(tmp_path / "no-such-run", ["ok", "../../ESCAPED"], ["a", "b"], tmp_path / "gen", seconds=0.1,
+                     batch_size=2, seed=0, sample=SampleConfig())
+    assert not (tmp_path / "gen").exists()
+
+
+# ---------------------------------------------------------------- strict CSV
+
+@pytest.mark.parametrize("text, line, words", [
+    ('id,audio,caption\na,a.wav,"a dog barks\nb,b.wav,rain\nc,c.wav,wind\n', 2, "never closed"),
+    ('id,audio,caption\na,a.wav,ok\nb,b.wav,"two\nlines"\n', 3, r"runs over lines 3-4"),
+    ('id,audio,caption\na,a.wav,"quoted"tail\n', 2, "malformed CSV"),
+    ("id,audio,caption\na,a.wav,a dog, barking\n", 2, "4 fields, the header has 3"),
+    ("id,audio,caption,label\na,a.wav,rain\n", 2, "3 fields, the header has 4"),
+])
+def test_malformed_csv_is_an_error_naming_the_line(tmp_path, text, line, words):
+    m = csv_file(tmp_path / "m.csv", text)
+    with pytest.raises(ManifestError, match=rf"m\.csv:{line}: .*{words}"):
+        read_manifest(m)
+
+
+def test_well_formed_csv_quirks_still_parse(tmp_path):
+    """Already fine, kept fine: a BOM, blank lines, quoted commas and doubled quotes, CRLF line ends."""
+    m = tmp_path / "m.csv"
+    m.write_bytes('\ufeffid,audio,caption\r\n\r\na,a.wav,"a dog, then ""rain"""\r\nb,b.wav,wind\r\n'.encode())
+    rows = read_manifest(m)
+    assert [(r.id, r.caption) for r in rows] == [("a", 'a dog, then "rain"'), ("b", "wind")]
+
+
+def test_a_jsonl_line_lacking_a_key_is_named(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "a", "audio": "a.wav", "caption": "c"}\n{"id": "b", "audio": "b.wav"}\n')
+    with pytest.raises(ManifestError, match=r"line 2: no caption"):
+        read_manifest(m)
+
+
+def test_eval_reference_manifest_is_parsed_as_strictly(tmp_path):
+    from eval.reference import read_manifest as read_reference
+
+    m = csv_file(tmp_path / "R.csv", 'id,audio,caption\na,a.wav,"unclosed\nb,b.wav,x\n')
+    with pytest.raises(ManifestError, match=r"R\.csv:2: .*never closed"):
+        read_reference(m)
+    m = csv_file(tmp_path / "S.csv", "id,audio,caption\na,a.wav,x\na,a.wav,y\n")  # 5 captions per clip: allowed
+    assert [r["caption"] for r in read_reference(m)] == ["x", "y"]
+
+
+@pytest.mark.parametrize("rows, words", [  # cases that already gave a clear error
+    ("id,caption\na,x\n", r"missing column\(s\) audio"),
+    ("id,audio,caption\na,a.wav,x\na,b.wav,y\n", r"duplicate id\(s\) a"),
+    ("id,audio,caption\na,a.wav,\n", "line 2: empty caption"),
+    ("id,audio,caption\n", "manifest is empty"),
+])
+def test_manifest_errors_that_already_behaved_well(tmp_path, rows, words):
+    with pytest.raises(ManifestError, match=words):
+        read_manifest(csv_file(tmp_path / "m.csv", rows))
+
+
+# ---------------------------------------------------------------- audio files
+
+def truncated_wav(path: Path, n: int = 16_000) -> Path:
+    write_wav(path, tone(n))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header still declares n frames
+    return path
+
+
+def test_a_truncated_wav_is_a_warning_naming_the_file(tmp_path, caplog):
+    p = truncated_wav(tmp_path / "cut.wav")
+    with caplog.at_level(logging.WARNING):
+        wav = load_audio(p)
+    assert 0 < wav.shape[-1] < 8000  # the frames present
+    assert f"{p}: truncated file" in caplog.text and "declares 32000 bytes" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        (clip,) = load_clips({"cut": p}, workers=1)
+    assert clip.wav.size == wav.shape[-1] and f"{p}: truncated file" in caplog.text
+
+
+def test_a_clip_shorter_than_one_codec_frame_is_a_warning(tmp_path, caplog):
+    p = write_wav(tmp_path / "one.wav", np.full(1, 0.5, np.float32))
+    with caplog.at_level(logging.WARNING):
+        assert load_audio(p).shape[-1] == 1
+        load_clips({"one": p}, workers=1)
+    assert caplog.text.count(f"{p}") == 2 and f"shorter than one codec frame ({HOP} samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a whole frame: no warning
+        load_audio(write_wav(tmp_path / "frame.wav", tone(HOP)))
+    assert not caplog.text
+
+
+@pytest.mark.parametrize("content, words", [  # cases that already gave a clear error
+    (b"RIFF\x00\x01garbage" * 50, "unreadable audio"),
+    (np.zeros(8000, np.float32), "all-silent audio"),
+    (np.zeros(0, np.float32), "empty audio"),
+])
+def test_audio_errors_that_already_behaved_well(tmp_path, content, words):
+    p = tmp_path / "bad.wav"
+    p.write_bytes(content) if isinstance(content, bytes) else write_wav(p, content, subtype="FLOAT")
+    with pytest.raises(AudioError, match=f"bad.wav: {words}"):
+        load_audio(p)
+
+
+# ---------------------------------------------------------------- long files: memory bounded by the batch
+
+def test_a_long_file_is_encoded_batch_by_batch(tmp_path):
+    """audio.policy=segment put every segment of a file in one codec call (8.1 GB for 5 minutes).
+    Now no call holds more than batch_size items, and the codes equal one call per segment."""
+    cfg = AudioConfig("segment", 0.1)  # 1600-sample segments: 7 of them and a dropped residual
+    p = write_wav(tmp_path / "long.wav", tone(7 * 1600 + 500) + 0.01)
+    codec = Counting(Codec(CodecConfig(weights="random", seed=0)))
+    row = Row("long", p, "a tone")
+    _encode_codes({"k": row}, {"k": sha256(p.read_bytes())}, tmp_path / "out", codec, cfg, 3, progress=False)
+    assert codec.sizes == [3, 3, 1]
+    got = load_file(cache_path(tmp_path / "out", "codes", "k"))
+    items, _, chunks = standardize(load_audio(p), cfg)
+    assert got["chunks"].tolist() == chunks == list(range(7))
+    for k in range(7):
+        assert torch.equal(got["codes"][k], codec.inner.encode(items[k:k + 1])[0].to(torch.int16))
+
+
+# ---------------------------------------------------------------- two launchers, one output folder
+
+def slow_job(log: str, name: str, seconds: float) -> dict:
+    """A job of the fake graph: says when it starts and ends (with its pid) and sleeps in between."""
+    with open(log, "a") as f:
+        f.write(f"start {name} {os.getpid()}\n")
+    time.sleep(seconds)
+    with open(log, "a") as f:
+        f.write(f"end {name} {os.getpid()}\n")
+    return {"name": name}
+
+
+def launch(root: str, seconds: float) -> None:
+    """A launcher of a two-job graph (b after a) in the debug executor (jobs run in this process)."""
+    root = Path(root)
+    log = str(root / "log.txt")
+    jobs = [pipeline.Job("a", slow_job, {"log": log, "name": "a", "seconds": seconds}, root / "a.done"),
+            pipeline.Job("b", slow_job, {"log": log, "name": "b", "seconds": 0}, root / "b.done", deps=["a"])]
+    states = pipeline.run_waves(jobs, root, "debug", retry=False, max_parallel=1)
+    print(json.dumps({k: s.state for k, s in states.items()}))
+
+
+def _start(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    t0 = time.time()
+    while not (path.is_file() and text in path.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, f"{text!r} never appeared in {path}"
+        time.sleep(0.1)
+
+
+def test_a_second_launcher_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    root, log = tmp_path / "out", tmp_path / "out" / "log.txt"
+    first = _start(f"from tests.test_bad_inputs import launch; launch({str(root)!r}, 120)")
+    _wait_for(log, "start a", first)
+    second = _start(f"from tests.test_bad_inputs import launch; launch({str(root)!r}, 0)")
+    _, err = second.communicate(timeout=60)
+    assert second.returncode != 0 and "LockHeld" in err
+    assert f"held by ablations launcher (pid {first.pid} on host {socket.gethostname()}, since" in err
+
+    os.killpg(first.pid, signal.SIGKILL)  # kill -9: no chance to release anything
+    first.wait()
+    third = _start(f"from tests.test_bad_inputs import launch; launch({str(root)!r}, 0)")
+    out, err = third.communicate(timeout=120)
+    assert third.returncode == 0, err
+    assert json.loads(out.splitlines()[-1]) == {"a": "DONE", "b": "DONE"}
+    assert f"taking over the lock of ablations launcher (pid {first.pid}" in err
+    # a ran twice (the first run killed), never at the same time as another copy; b once; the refused launcher never
+    assert log.read_text().split("\n")[:-1] == [f"start a {first.pid}", f"start a {third.pid}", f"end a {third.pid}",
+                                               f"start b {third.pid}", f"end b {third.pid}"]
+
+
+def test_a_running_job_is_not_started_again(tmp_path):
+    """A job left running (e.g. by a killed launcher) holds its lock: a new launcher reports it as
+    RUNNING with its pid and does not start a second copy, nor anything after it."""
+    root, log = tmp_path / "out", tmp_path / "out" / "log.txt"
+    root.mkdir()
+    job = _start("from ablations.pipeline import run_marked; from tests.test_bad_inputs import slow_job; "
+                 f"run_marked(slow_job, {str(root / 'a.done')!r}, dict(log={str(log)!r}, name='a', seconds=120), 1)")
+    try:
+        _wait_for(log, "start a", job)
+        jobs = [pipeline.Job("a", slow_job, {"log": str(log), "name": "a", "seconds": 0}, root / "a.done"),
+                pipeline.Job("b", slow_job, {"log": str(log), "name": "b", "seconds": 0}, root / "b.done", deps=["a"])]
+        states = pipeline.run_waves(jobs, root, "debug", retry=True, max_parallel=1)
+        assert states["a"].state == "RUNNING" and f"pid {job.pid}" in states["a"].log
+        assert states["b"].state == "BLOCKED" and log.read_text() == f"start a {job.pid}\n"
+        with pytest.raises(LockHeld, match=rf"a\.done\.lock: held by job .*a\.done \(pid {job.pid}"):
+            with hold(root / "a.done.lock", "test", "wait"):
+                pass
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
+def test_the_grid_cli_goes_through_the_launcher_lock(tmp_path):
+    """`ablations/run.py grid=...` on a folder whose lock is held submits nothing and names the holder."""
+    from ablations.run import main
+
+    with hold(tmp_path / "demo" / "launcher.lock", "ablations launcher", "wait"):
+        with pytest.raises(LockHeld, match=rf"held by ablations launcher \(pid {os.getpid()} on host"):
+            main(["grid=table6", "rows=6-2", f"out={tmp_path}", "executor=local"])
+    assert not (tmp_path / "demo" / "jobs").exists()
