@@ -54,6 +54,8 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
     Asset("vggish", "vggish-10086976.pth",
           "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
           "VGGish (FAD)"),
+    Asset("imagebind", "imagebind_huge.pth", "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth",
+          "ImageBind-Huge (stage-2 reward at paper scale, reward=imagebind; ~4.5 GB)"),
 ]}
 
 
