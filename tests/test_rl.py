@@ -178,7 +178,7 @@ def run_align(stage1_dir, out, *args, reward=None, prompts=PROMPTS):
     model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
     reward = reward or CodeMatchReward(0, 0, 256)
     alignment.prepare_out(cfg, s1, run_cfg, trainable_experts(model.cfg.n_experts, cfg.align, cfg.n),
-                          {"reward_id": reward.id})
+                          {"reward_id": reward.id}, alignment.RESUMABLE_CHANGES)
     result = alignment.align(cfg, model, s1, prompts, HashedText(), reward)
     return result, model
 
