@@ -108,18 +108,14 @@ def audio_inputs(audio: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
 def build(weights_path: Path | None, seed: int = 0) -> torch.nn.Module:
     """ImageBind-Huge (the package's ``imagebind_huge``), text and audio branches only.
 
-    ``weights_path`` None: seeded random init (the real constructor's init). Else the checkpoint is
-    loaded strictly into a model built on the meta device (no 1.2B-parameter random init first)."""
+    The constructor's seeded random init always runs (~1 min on 2 CPU cores: it cannot be built on the meta
+    device, its constructor calls ``.item()``); then ``weights_path``, when given, is loaded strictly over it."""
     ib = models()
-    if weights_path is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ib.imagebind_huge(pretrained=False)
-    else:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
-        with torch.device("meta"):
-            model = ib.imagebind_huge(pretrained=False)
-        model.load_state_dict(state, strict=True, assign=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ib.imagebind_huge(pretrained=False)
+    if weights_path is not None:
+        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True), strict=True)
     for part in (model.modality_preprocessors, model.modality_trunks, model.modality_heads,
                  model.modality_postprocessors):
         for name in [k for k in part if k not in MODALITIES]:
