@@ -35,10 +35,10 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
         if bad:
             return Outcome({}, "failed", f"{bad[0].key}: {bad[0].log}")
         return Outcome({}, "pending")
-    res = json.loads(results.read_text())
-    if res.get("status") == "itg":
-        return Outcome({}, "itg", res.get("reason", ""))
-    values = {col: res["metrics"].get(key) for col, key in METRIC_COLUMNS.items() if col in grid.columns}
+    out = from_results(json.loads(results.read_text()), grid)
+    if out.status != "ok":
+        return out
+    values = dict(out.values)
     if {"Loss Mean", "Loss Ratio"} & set(grid.columns):
         from analysis.convergence import loss_stats
 
@@ -47,7 +47,18 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
     for col in ("#Parameter", "#Single Para.", "#Train Parameter"):
         if col in grid.columns:
             values[col] = _params(cell, col)
-    return Outcome(values)
+    return Outcome(values, reward_metric=out.reward_metric)
+
+
+def from_results(res: dict, grid: Grid) -> Outcome:
+    """A cell's eval/results.json as a row: its metric columns, and which of them the stage-2 reward model computes
+    (the card's reward_equals_metric)."""
+    if res.get("status") == "itg":
+        return Outcome({}, "itg", res.get("reason", ""))
+    marked = res.get("card", {}).get("reward_equals_metric", [])
+    cols = [col for col in METRIC_COLUMNS if col in grid.columns]
+    return Outcome({col: res["metrics"].get(METRIC_COLUMNS[col]) for col in cols},
+                   reward_metric=tuple(col for col in cols if METRIC_COLUMNS[col] in marked))
 
 
 CALIBRATION_LABELS = {"oracle": "oracle (references through the codec)", "chance": "chance (random codes)"}

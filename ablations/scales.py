@@ -3,7 +3,9 @@ a row's symbolic model size (the paper's names) maps to a model preset.
 
 demo: tiny models on the embedded demo set with RANDOM codec/text/metric weights: minutes on a
 laptop CPU, for checking the pipeline end to end; its numbers say nothing about the paper's.
-paper: the paper's sizes and schedules on AudioCaps-style manifests with pretrained weights.
+paper: the paper's sizes and schedules on AudioCaps-style manifests with pretrained weights, and
+the paper's ImageBind reward in stage 2 (demo keeps the CLAP reward, whose checkpoint is the CLAP
+metric's: its tables mark that column "reward = metric").
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ SCALES: dict[str, dict[str, Any]] = {
         # appendix B's 6 s crops: set.train.crop_s=6 (then train, eval and stage 2 warn)
         "train.crop_s": 10.0,
         "rl.steps": 2000,  # section 5.1: the first transformer is fine-tuned 2K more steps
+        "rl.reward.name": "imagebind",  # Eq. 8's phi: ImageBind, not the CLAP checkpoint behind the CLAP metric
         "eval.seconds": 10.0, "eval.gen_batch_size": 16,
     },
 }

@@ -20,6 +20,12 @@ class Outcome:
     values: Mapping[str, Any]
     status: str = "ok"  # ok | itg (ran, could not generate audio) | pending | failed | not built
     reason: str = ""
+    reward_metric: tuple[str, ...] = ()  # columns whose metric checkpoint is this row's stage-2 reward model
+
+
+REWARD_MARK = "†"
+REWARD_NOTE = ("reward = metric: the stage-2 reward of this row is the checkpoint that computes this column's metric "
+               "(it was optimised on it, so the value is inflated)")
 
 
 CALIBRATION = "calibration"  # the source of the oracle / chance rows: they bracket a table, never ranked
@@ -33,14 +39,16 @@ def build_frame(grid: Grid, outcomes: Mapping[str, Outcome], source: str,
     for row in grid.rows:
         paper = {"itg": True} if row.paper == "itg" else dict(row.paper)
         records.append({"Setting": row.label, "Source": "paper", "Status": "itg" if paper.pop("itg", False) else "ok",
-                        "Note": "", **{c: paper.get(c) for c in grid.columns}})
+                        "Note": "", "Reward = metric": "", **{c: paper.get(c) for c in grid.columns}})
         out = outcomes.get(row.label, Outcome({}, "not built", row.needs) if row.cell is None else Outcome({}, "pending"))
         records.append({"Setting": row.label, "Source": source, "Status": out.status, "Note": out.reason,
+                        "Reward = metric": ",".join(c for c in grid.columns if c in out.reward_metric),
                         **{c: out.values.get(c) for c in grid.columns}})
     for label, out in (calibration or {}).items():
         records.append({"Setting": label, "Source": CALIBRATION, "Status": out.status, "Note": out.reason,
-                        **{c: out.values.get(c) for c in grid.columns}})
-    return pd.DataFrame.from_records(records, columns=["Setting", "Source", "Status", "Note", *grid.columns])
+                        "Reward = metric": "", **{c: out.values.get(c) for c in grid.columns}})
+    return pd.DataFrame.from_records(records, columns=["Setting", "Source", "Status", "Note", "Reward = metric",
+                                                       *grid.columns])
 
 
 def _fmt(v: Any) -> str:
@@ -63,14 +71,21 @@ def _ranks(df: pd.DataFrame, col: str) -> dict[int, int]:
     return out
 
 
-def _cells(df: pd.DataFrame, grid: Grid, mark) -> list[tuple[str, str, str | None, list[str]]]:
-    """(setting, source, status text for a row without numbers or None, formatted values)."""
+def _cells(df: pd.DataFrame, grid: Grid, mark, dagger: str) -> list[tuple[str, str, str | None, list[str]]]:
+    """(setting, source, status text for a row without numbers or None, formatted values); a value whose metric
+    is the row's reward model gets ``dagger`` after it."""
     ranks = {c: _ranks(df, c) for c in grid.columns}
     out = []
     for i, r in df.iterrows():
         status = None if r["Status"] == "ok" else r["Status"] + (f" ({r['Note']})" if r["Note"] else "")
-        out.append((r["Setting"], r["Source"], status, [mark(_fmt(r[c]), ranks[c].get(i)) for c in grid.columns]))
+        marked = set(str(r["Reward = metric"] or "").split(","))
+        out.append((r["Setting"], r["Source"], status,
+                    [mark(_fmt(r[c]), ranks[c].get(i)) + (dagger if c in marked else "") for c in grid.columns]))
     return out
+
+
+def _reward_note(df: pd.DataFrame) -> bool:
+    return bool(df["Reward = metric"].fillna("").astype(str).str.len().gt(0).any())
 
 
 def to_markdown(df: pd.DataFrame, grid: Grid, caption: str) -> str:
@@ -78,10 +93,10 @@ def to_markdown(df: pd.DataFrame, grid: Grid, caption: str) -> str:
     head = ["Setting", "Source", *grid.columns]
     lines = [f"**{grid.name}**: {grid.title}", "", f"_{caption}_", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, source, status, vals in _cells(df, grid, mark):
+    for label, source, status, vals in _cells(df, grid, mark, REWARD_MARK):
         vals = [status] + [""] * (len(vals) - 1) if status else vals
         lines.append("| " + " | ".join([label, source, *vals]) + " |")
-    lines += ["", *[f"- {n}" for n in grid.notes]]
+    lines += ["", *[f"- {n}" for n in grid.notes], *([f"- {REWARD_MARK} {REWARD_NOTE}"] if _reward_note(df) else [])]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -92,7 +107,7 @@ def _tex(s: str) -> str:
 
 def to_latex(df: pd.DataFrame, grid: Grid, caption: str) -> str:
     mark = lambda s, rank: rf"\textbf{{{s}}}" if rank == 0 else (rf"\underline{{{s}}}" if rank == 1 else s)
-    rows = _cells(df, grid, mark)
+    rows = _cells(df, grid, mark, r"\textsuperscript{\dag}")
     n = len(grid.columns)
     lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{ll" + "c" * n + "}", r"\toprule",
              " & ".join(["Setting", "Source", *map(_tex, grid.columns)]) + r" \\", r"\midrule"]
@@ -100,7 +115,8 @@ def to_latex(df: pd.DataFrame, grid: Grid, caption: str) -> str:
         # a row without numbers (itg, pending, failed) is one spanning cell, as the paper prints itg
         body = rf"\multicolumn{{{n}}}{{c}}{{{_tex(status)}}}" if status else " & ".join(vals)
         lines.append(f"{_tex(label)} & {_tex(source)} & {body} " + r"\\")
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(grid.title)} {_tex(caption)}}}",
+    note = rf" \textsuperscript{{\dag}} {_tex(REWARD_NOTE)}." if _reward_note(df) else ""
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(grid.title)} {_tex(caption)}{note}}}",
               rf"\label{{tab:{grid.name}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 

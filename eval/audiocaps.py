@@ -15,6 +15,7 @@ the same clips again costs only reading them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ METRICS = ("fad", "fd", "isc", "kl", "clap")
 SAMPLING_SOURCE = ("the paper states no temperature, top-k or top-p; the defaults (temperature 1, top-k and top-p "
                    "off) sample the model's full distribution. AudioGen and MusicGen sample with top-k 250 "
                    "(sample.top_k=250 to compare)")
+ROLE_OF = {"fd": "fd_kl_is", "kl": "fd_kl_is", "isc": "fd_kl_is", "fad": "fad", "clap": "clap"}  # backbone per metric
 
 
 @dataclass
@@ -246,6 +248,17 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
             "per_clip": per_clip}
 
 
+def reward_equals_metric(run_dir: str | Path, models: dict[str, Backbone], computed: list[str]) -> list[str]:
+    """The metrics whose backbone is the very model a stage-2 run was aligned with: same model name and same
+    weights (sha256, or the same random seed), from the run's alignment.json. Empty for a stage-1 run."""
+    meta = Path(run_dir) / "alignment.json"
+    if not meta.is_file():
+        return []
+    reward = json.loads(meta.read_text()).get("reward_model") or {}
+    return [m for m in computed if (reward.get("name"), reward.get("weights_sha256")) ==
+            (models[ROLE_OF[m]].name, models[ROLE_OF[m]].weights_sha256)]
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Read the reference, generate with ``ckpt`` (or read ``gen_dir``), evaluate, write results.json.
 
@@ -290,6 +303,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise BadAudioError("\n".join(errors))
     results = evaluate_sets(clips["generated"], clips["reference"], [it.caption for it in items], cfg, ref_card,
                             {"dir": str(Path(gen_dir).resolve()), **gen_card}, models)
+    if cfg.ckpt:  # a run aligned with a metric's own checkpoint: say so on the card and next to that metric
+        marked = reward_equals_metric(cfg.ckpt, models, results["card"]["metrics"]["computed"])
+        results["card"]["reward_equals_metric"] = marked
+        for m in marked:
+            results["card"]["metrics"][m]["reward_equals_metric"] = cards.REWARD_NOTE
     results["status"] = "ok"
     write_json(out / "results.json", results)
     return results

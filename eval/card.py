@@ -14,6 +14,10 @@ from importlib import metadata
 from pathlib import Path
 
 RANDOM_BANNER = "RANDOM WEIGHTS - NOT COMPARABLE TO PUBLISHED NUMBERS"
+# A metric whose checkpoint is the one the evaluated run was aligned with in stage 2 (card key
+# "reward_equals_metric"): its cells carry REWARD_MARK and every table says why.
+REWARD_MARK = "†"
+REWARD_NOTE = "reward = metric: the stage-2 reward of this run is this metric's checkpoint (optimised on it: inflated)"
 TABLE_COLUMNS = (("FAD", "fad"), ("FD", "fd"), ("ISC", "isc"), ("KL", "kl"), ("CLAP", "clap"))
 PACKAGES = ("torch", "torchaudio", "numpy", "scipy", "panns-inference", "torchlibrosa", "torchvggish", "resampy",
             "librosa", "soxr", "laion-clap", "transformers", "soundfile", "safetensors")
@@ -84,10 +88,14 @@ def table(rows: list[tuple[str, dict]], card: dict) -> str:
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
     if is_random(card):
         lines.append(f"| **{RANDOM_BANNER}** |" + " |" * len(TABLE_COLUMNS))
+    marked = set(card.get("reward_equals_metric", []))
     for name, m in rows:
-        cells = [f"{m[k]:.2f}" if m.get(k) is not None else "-" for _, k in TABLE_COLUMNS]
+        cells = [(f"{m[k]:.2f}" + (REWARD_MARK if k in marked else "")) if m.get(k) is not None else "-"
+                 for _, k in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     fd = card["backbones"].get("fd_kl_is", {})
     lines.append(f"\n{card['n_clips']} clips; FD/KL/IS: {fd.get('id', '-')}; KL {card['metrics'].get('kl', {}).get('direction', '-')}; "
                  f"weights: {card['weights']}" + (f"  ** {RANDOM_BANNER} **" if is_random(card) else ""))
+    if marked:
+        lines.append(f"{REWARD_MARK} {', '.join(sorted(marked)).upper()}: {REWARD_NOTE}")
     return "\n".join(lines)

@@ -69,6 +69,8 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
           "VGGish (FAD)",
           "sha256-prefix:10086976", "torch.hub file-name convention (torchvggish checks it with check_hash)"),
+    Asset("imagebind", "imagebind_huge.pth", "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth",
+          "ImageBind-Huge (stage-2 reward at paper scale, reward=imagebind; ~4.5 GB)"),
 ]}
 
 

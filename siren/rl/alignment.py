@@ -23,7 +23,8 @@ The output is a NEW run directory that ``siren.load`` reads like a stage-1 run:
 
 Choices the paper leaves open (stated so they can be changed): eps_d=0.2, eps_u=0.28 (the
 DAPO clip-higher values), gamma=0.1, lr=1e-6 constant, AdamW without weight decay, grad
-clip 1.0; std in Eq. 9 is the population std; J averages over the KEPT rollouts; the
+clip 1.0, mu=2 (the clip acts from the second update on); std in Eq. 9 is the population std; J
+averages over the KEPT rollouts (normalize=kept; normalize=group is Eq. 10's 1/G); the
 models run in eval mode (no dropout) and sample at sample.temperature.
 """
 from __future__ import annotations
@@ -232,7 +233,7 @@ def _grpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old,
             loss, stats = obj.grpo_loss(logp, logp_old[idx], adv[idx], ro.mask[idx], keep[idx], cfg.eps_d,
                                         cfg.eps_u, n_kept=len(kept),
                                         logp_ref=logp_ref[idx] if logp_ref is not None else None,
-                                        kl_coef=cfg.kl_coef)
+                                        kl_coef=cfg.kl_coef, normalize=cfg.normalize, n_total=n)
             loss.backward()
             total += float(loss.detach())
             means.add(stats)
@@ -300,7 +301,8 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
         raise AssertionError(f"reward {reward.id}: needs_audio={reward.needs_audio} but codec is {codec}")
     labels = {"reward": reward.weights_label, "text": text_encoder.weights_label,
               "codec": codec.weights_label if codec is not None else "unused"}
-    ids = {"reward_id": reward.id, "codec_id": codec.id if codec is not None else None,
+    ids = {"reward_id": reward.id, "reward_model": {"name": reward.name, "weights_sha256": reward.weights_sha256},
+           "codec_id": codec.id if codec is not None else None,
            "text_id": text_encoder.id, "weights_labels": labels}
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)

@@ -16,6 +16,7 @@ from typing import Sequence
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import load_config
 from siren.errors import ConfigError
+from siren.rl.objective import NORMALIZE
 from siren.rl.reward import RewardConfig
 from siren.runtime import check_device, check_precision
 from siren.sample import SampleConfig
@@ -39,7 +40,9 @@ class AlignConfig:
     steps: int = 2000  # section 5.1: the first transformer is fine-tuned for 2K more steps
     batch: int = 8  # B prompts per step (Algorithm 3 line 2)
     group: int = 8  # G rollouts per prompt (line 4)
-    mu: int = 1  # policy updates per rollout batch (line 7)
+    mu: int = 2  # policy updates per rollout batch (line 7); the paper gives none. >= 2 so that the
+    # eps_d/eps_u clip acts: the first update sees pi_theta = pi_old (every ratio 1), the second does not
+    normalize: str = "kept"  # Eq. 10's sum over kept rollouts / kept (their number) | group (B*G: the paper's 1/G)
     gamma: float = 0.1  # advantage filter |A_i| >= gamma (Eq. 10)
     eps_d: float = 0.2  # lower clip 1 - eps_d (Eq. 10)
     eps_u: float = 0.28  # upper clip 1 + eps_u (Eq. 10)
@@ -70,6 +73,8 @@ class AlignConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.normalize not in NORMALIZE:
+            raise ConfigError(f"normalize must be one of {', '.join(NORMALIZE)}, got '{self.normalize}'")
         if self.align not in ("anti_causal", "causal"):
             raise ConfigError(f"align must be anti_causal or causal, got '{self.align}'")
         for key in ("n", "steps", "batch", "mu", "log_every", "ckpt_every", "decode_batch"):

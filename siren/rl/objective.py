@@ -95,23 +95,32 @@ def kl_to_reference(logp: Tensor, logp_ref: Tensor, mask: Tensor) -> Tensor:
     return (k3 * m).sum(dim=(1, 2)) / (logp.shape[1] * mask.sum(dim=1).clamp_min(1).to(k3.dtype))
 
 
+NORMALIZE = ("kept", "group")
+
+
 def grpo_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, keep: Tensor,
               eps_d: float, eps_u: float, n_kept: int | None = None, logp_ref: Tensor | None = None,
-              kl_coef: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss = -J(theta) (Eq. 10), J averaged over the kept rollouts, minus kl_coef * KL.
+              kl_coef: float = 0.0, normalize: str = "kept", n_total: int | None = None
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss = -J(theta) (Eq. 10), minus kl_coef * KL, with the sum over kept rollouts divided by
+    ``normalize``: "kept", the number of kept rollouts (a step's size does not shrink as the gamma
+    filter drops more), or "group", all B*G rollouts: Eq. 10's 1/G per group, averaged over the B prompts.
 
-    ``n_kept`` is the number of kept rollouts in the whole rollout batch when this call sees
-    only a micro-batch of it (so micro-batch losses add up to the full-batch loss). Raises
-    if nothing is kept: the caller skips the update (and logs it) instead.
+    ``n_kept`` / ``n_total`` are the kept / all rollouts of the whole rollout batch when this call
+    sees only a micro-batch of it (so micro-batch losses add up to the full-batch loss); default:
+    this call's. Raises if nothing is kept: the caller skips the update (and logs it) instead.
     """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
     n_kept = int(keep.sum()) if n_kept is None else n_kept
     if n_kept <= 0:
         raise ValueError("every rollout was filtered (|A| < gamma): skip this update")
+    denom = n_kept if normalize == "kept" else (len(keep) if n_total is None else n_total)
     j, stats = clipped_surrogate(logp, logp_old, advantages, mask, keep, eps_d, eps_u)
-    objective = j.sum() / n_kept
+    objective = j.sum() / denom
     if logp_ref is not None and kl_coef:
         kl = kl_to_reference(logp, logp_ref, mask)
-        objective = objective - kl_coef * torch.where(keep, kl, torch.zeros_like(kl)).sum() / n_kept
+        objective = objective - kl_coef * torch.where(keep, kl, torch.zeros_like(kl)).sum() / denom
     return -objective, stats
 
 

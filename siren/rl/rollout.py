@@ -68,7 +68,8 @@ class Rollouts:
 def collect(model: CollaborativeModel, captions: Sequence[str], encode_text: Callable, group: int, n_frames: int,
             sample: SampleConfig, seed: int, reward, codec=None, rollout_batch: int = 0,
             decode_batch: int = 8) -> Rollouts:
-    """Sample ``group`` full generations per caption with all experts, decode, score."""
+    """Sample ``group`` full generations per caption with all experts, decode, score (decode and reward in fp32,
+    outside any autocast of the caller)."""
     if sample.temperature <= 0:
         raise ValueError("stage 2 samples from the policy: sample.temperature must be > 0 (0 is greedy)")
     if reward.needs_audio and codec is None:
@@ -83,14 +84,16 @@ def collect(model: CollaborativeModel, captions: Sequence[str], encode_text: Cal
     codes = torch.cat([generate(model, (text[i:i + chunk], text_mask[i:i + chunk]), n_frames, sample,
                                 seed=seed * 1_000_003 + i // chunk, progress=False)
                        for i in range(0, n, chunk)])
-    if reward.needs_audio:
-        scores = []
-        for i in range(0, n, decode_batch):
-            wav = codec.decode(codes[i:i + decode_batch].to(codec.device))
-            scores.append(reward(wav, caps[i:i + decode_batch]).float().cpu())
-        r = torch.cat(scores)
-    else:
-        r = reward(codes, caps).float().cpu()
+    # Rewards in fp32: sampling may run under the caller's bf16 autocast, the decode and the reward model do not.
+    with torch.autocast(device.type, enabled=False):
+        if reward.needs_audio:
+            scores = []
+            for i in range(0, n, decode_batch):
+                wav = codec.decode(codes[i:i + decode_batch].to(codec.device)).float()
+                scores.append(reward(wav, caps[i:i + decode_batch]).float().cpu())
+            r = torch.cat(scores)
+        else:
+            r = reward(codes, caps).float().cpu()
     if not torch.isfinite(r).all():
         raise FloatingPointError(f"reward {reward.id} returned non-finite values for rollouts "
                                  f"{(~torch.isfinite(r)).nonzero().flatten().tolist()}")

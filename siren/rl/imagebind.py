@@ -1,0 +1,151 @@
+"""ImageBind-Huge as the stage-2 reward (Eq. 8 with the paper's phi): cosine of its audio and text embeddings.
+
+The model classes and the text tokenizer are the ``imagebind`` package's own, from the PyPI
+distribution ``imagebind-unofficial`` (``pip install -e ".[imagebind]"``): Meta's ``imagebind/``
+source with its BPE vocabulary inside the wheel, so tokenising needs no download. Its
+``imagebind/__init__.py`` imports ``imagebind/data.py``, which needs ``pkg_resources`` (gone from
+setuptools >= 81) and ``pytorchvideo.transforms`` (needs ``torchvision.transforms.functional_tensor``,
+gone since torchvision 0.17); neither is importable beside the pinned torch 2.13 stack, and the model
+classes need neither. So ``imagebind`` is registered as a bare package (its folder, its
+``__init__`` not run) and only ``imagebind.models`` is imported. The audio preprocessing of
+``data.py`` (which reads files) is done here on the decoded waveform tensor with the same
+constants; tests/test_reward.py checks it against ``data.py``'s own functions.
+
+Weights: ``pretrained`` is ``$SIREN_CACHE/imagebind_huge.pth`` (``python -m siren.assets prefetch
+imagebind``), or a path; ``random`` builds the real architecture with seeded random init, for
+smoke tests only (labelled ``random`` everywhere). Only the text and audio branches are kept after
+loading (~390M of the 1.2B parameters).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from siren import assets
+from siren.codec import SAMPLE_RATE
+from siren.errors import AudioError
+from siren.io import sha256_file
+
+INSTALL = 'pip install -e ".[imagebind]"  (the PyPI package imagebind-unofficial)'
+BPE = Path("bpe") / "bpe_simple_vocab_16e6.txt.gz"
+# imagebind/data.py load_and_transform_audio_data: 3 clips of 2 s, 128-bin kaldi fbank, 204 frames,
+# normalised with the AudioSet statistics ImageBind was trained with.
+CLIP_SECONDS, CLIPS, MEL_BINS, TARGET_FRAMES, MEAN, STD = 2, 3, 128, 204, -4.268, 9.138
+FRAME_MS, SHIFT_MS = 25, 10
+MODALITIES = ("text", "audio")  # ModalityType.TEXT, ModalityType.AUDIO
+
+
+def package_dir() -> Path:
+    """The installed ``imagebind`` folder (found without importing it)."""
+    loaded = sys.modules.get("imagebind")
+    spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec("imagebind")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations or not (Path(locations[0]) / "models" / "imagebind_model.py").is_file():
+        raise ImportError(f"reward=imagebind needs the ImageBind model code; install it with `{INSTALL}`, "
+                          f"or use reward=clap")
+    return Path(locations[0])
+
+
+def models() -> types.ModuleType:
+    """``imagebind.models.imagebind_model``, importing no more of the package than the models (see above)."""
+    root = package_dir()
+    if "imagebind" not in sys.modules:
+        pkg = types.ModuleType("imagebind")
+        pkg.__path__ = [str(root)]
+        pkg.__spec__ = importlib.util.spec_from_file_location("imagebind", root / "__init__.py",
+                                                              submodule_search_locations=[str(root)])
+        sys.modules["imagebind"] = pkg
+    from imagebind.models import imagebind_model
+
+    return imagebind_model
+
+
+def tokenizer():
+    """ImageBind's own CLIP BPE tokenizer, with the vocabulary shipped inside the package (77 tokens)."""
+    models()
+    from imagebind.models.multimodal_preprocessors import SimpleTokenizer
+
+    return SimpleTokenizer(bpe_path=str(package_dir() / BPE))
+
+
+def clip_bounds(n_samples: int, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:
+    """Sample ranges of the 3 windows of 2 s: starts k * max(D - 2 s, 0) / 3 for k = 0, 1, 2, as pytorchvideo's
+    ConstantClipsPerVideoSampler places them (so the last window ends 1/3 of the slack before the end).
+    Exact fractions, truncated to samples, as data.py does."""
+    step = Fraction(max(n_samples / sample_rate - CLIP_SECONDS, 0)) / CLIPS
+    return [(int(step * k * sample_rate), int((step * k + CLIP_SECONDS) * sample_rate)) for k in range(CLIPS)]
+
+
+def fbank(segment: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
+    """One window [n] -> [1, 128, 204]: mean removed, kaldi fbank (htk, hanning, no dither), padded or cut
+    to 204 frames, then (x - mean) / std."""
+    import torchaudio
+
+    if segment.numel() < sample_rate * FRAME_MS // 1000:
+        raise AudioError(f"ImageBind's fbank needs at least {FRAME_MS} ms of audio, got {segment.numel()} samples; "
+                         f"use longer rollouts (rl.seconds)")
+    feats = torchaudio.compliance.kaldi.fbank(
+        (segment - segment.mean())[None], htk_compat=True, sample_frequency=sample_rate, use_energy=False,
+        window_type="hanning", num_mel_bins=MEL_BINS, dither=0.0, frame_length=FRAME_MS, frame_shift=SHIFT_MS).T
+    feats = F.pad(feats, (0, max(0, TARGET_FRAMES - feats.shape[1])))[:, :TARGET_FRAMES]
+    return ((feats - MEAN) / STD)[None]
+
+
+def audio_inputs(audio: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
+    """Waveforms [B, N] (16 kHz) -> ImageBind's audio input [B, 3, 1, 128, 204], in float32."""
+    audio = audio.float()
+    return torch.stack([torch.stack([fbank(wav[a:b], sample_rate) for a, b in clip_bounds(wav.numel(), sample_rate)])
+                        for wav in audio])
+
+
+def build(weights_path: Path | None, seed: int = 0) -> torch.nn.Module:
+    """ImageBind-Huge (the package's ``imagebind_huge``), text and audio branches only.
+
+    The constructor's seeded random init always runs (~1 min on 2 CPU cores: it cannot be built on the meta
+    device, its constructor calls ``.item()``); then ``weights_path``, when given, is loaded strictly over it."""
+    ib = models()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ib.imagebind_huge(pretrained=False)
+    if weights_path is not None:
+        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True), strict=True)
+    for part in (model.modality_preprocessors, model.modality_trunks, model.modality_heads,
+                 model.modality_postprocessors):
+        for name in [k for k in part if k not in MODALITIES]:
+            del part[name]  # vision, depth, thermal, imu: unused by the reward
+    return model.eval().requires_grad_(False)
+
+
+class ImageBindReward:
+    """R = cosine(ImageBind audio(waveform), ImageBind text(caption)), per rollout (Eq. 8)."""
+    needs_audio = True
+    name = "imagebind"
+
+    def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu"):
+        package_dir()  # fail on a missing package before looking for weights
+        if weights == "random":
+            path, self.weights_sha256, self.weights_label = None, f"random-seed{seed}", "random"
+        else:
+            path = assets.require("imagebind") if weights == "pretrained" else Path(weights)
+            if not path.is_file():
+                raise assets.MissingWeightsError(
+                    f"ImageBind-Huge weights {path} do not exist (reward.weights= takes pretrained, random or the "
+                    f"path of imagebind_huge.pth; `{assets.PREFETCH} imagebind` fetches the default)")
+            self.weights_sha256, self.weights_label = sha256_file(path), "pretrained"
+        self.device = torch.device(device)
+        self.model = build(path, seed).to(self.device)
+        self.tokenizer = tokenizer()
+        self.id = f"imagebind-huge-{self.weights_sha256[:16]}"
+
+    @torch.no_grad()
+    def __call__(self, audio: Tensor, captions: list[str]) -> Tensor:
+        tokens = self.tokenizer(list(captions)).view(len(captions), -1).to(self.device)
+        emb = self.model({"text": tokens, "audio": audio_inputs(audio.to(self.device))})
+        return F.cosine_similarity(emb["audio"].float(), emb["text"].float(), dim=-1)
