@@ -25,7 +25,7 @@ from siren.codec import HOP, Codec, CodecConfig
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, sha256
 from siren.data.manifest import Row, child_path, read_manifest
-from siren.data.prepare import _encode_codes
+from siren.data.encode import encode_codes as _encode_codes
 from siren.errors import DataError, ManifestError
 from tests.fixtures_data import Counting, write_wav
 
