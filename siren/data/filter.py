@@ -39,7 +39,7 @@ from siren.config import load_config
 from siren.data import activity
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import cache_path, clap_audio_key, clap_text_key, sha256
-from siren.data.manifest import Row, _read_records, read_manifest
+from siren.data.manifest import Row, read_manifest, read_records
 from siren.data.prepare import shard_rows
 from siren.errors import AudioError, ConfigError
 from siren.io import save_tensors, write_json
@@ -109,7 +109,7 @@ def caption_columns(columns: Sequence[str]) -> list[str]:
 def read_items(path: str | Path) -> list[Item]:
     """Manifest rows with their candidate captions (module docstring)."""
     rows = read_manifest(path)  # validates id/audio/caption, unique ids
-    columns, records = _read_records(Path(path).expanduser().resolve())
+    columns, records = read_records(Path(path).expanduser().resolve())
     cols = caption_columns(columns if Path(path).suffix == ".csv" else {k for _, r in records for k in r})
     items = []
     for row, (_, rec) in zip(rows, records):
