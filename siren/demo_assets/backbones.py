@@ -1,7 +1,7 @@
 """Demo weights for the metric backbones, trained by the project on the embedded demo set.
 
-    python -m siren.demo_assets.backbones                      # rebuild all three files (fixed seed)
-    python -m siren.demo_assets.backbones only=panns,vggish codec=siren/demo_assets/files/<codec file>
+    python -m siren.demo_assets.backbones                  # rebuild all three files (fixed seed)
+    python -m siren.demo_assets.backbones only=panns codec=none
 
 Random-weight backbones give nearly constant features (FAD 2e-5, FD 0.08 between unrelated sets),
 so the demo metrics would carry no signal. Each recipe keeps the big convolutional trunk at its
@@ -17,7 +17,8 @@ trains or measures only small parts, the ones committed under ``files/``:
   classifier so that the 128-d frame embeddings separate the classes.
 - LAION-CLAP: the projection heads, contrastively on the demo captions (``clap_heads``).
 
-With ``codec=`` every clip is also resynthesised through the demo codec and trained on (``data``).
+Every clip is also resynthesised through the demo codec (``files/dac16k_demo.pth``, when it has
+been built; ``codec=`` names another DAC file or ``none``) and both versions train (``data``).
 Every number the recipe prints is measured on the test split (never trained on).
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ from siren.demo_assets.data import Split, demo_data
 from siren.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+CODEC_FILE = store.FILES / "dac16k_demo.pth"  # the demo codec (siren.demo_assets.codec), when built
 
 # Demo class -> its nearest AudioSet class, by name, among the 527 outputs of Cnn14 (AudioSet's
 # class_labels_indices order, as laion_clap ships it in training/audioset_textmap.npy).
@@ -216,7 +219,8 @@ class BuildConfig:
     out: str = str(store.FILES)  # where the files go
     only: str = "panns,vggish,clap"
     seed: int = 0
-    codec: str = ""  # a demo codec file: train on original and resynthesised clips alike
+    # a DAC file to train on original and resynthesised clips alike; "auto": the demo codec if it is there
+    codec: str = "auto"
     threads: int = 2
     panns_steps: int = 200
     vggish_steps: int = 300
@@ -228,8 +232,10 @@ class BuildConfig:
         bad = set(self.only.split(",")) - {"panns", "vggish", "clap"}
         if bad:
             raise ConfigError(f"only={self.only}: unknown part(s) {sorted(bad)}; choose from panns,vggish,clap")
-        if self.codec and not Path(self.codec).is_file():
-            raise ConfigError(f"codec={self.codec}: no such file")
+        if self.codec == "auto":
+            self.codec = str(CODEC_FILE) if CODEC_FILE.is_file() else "none"
+        if self.codec != "none" and not Path(self.codec).is_file():
+            raise ConfigError(f"codec={self.codec}: no such file (give a DAC file, auto or none)")
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -241,9 +247,12 @@ def build(cfg: BuildConfig) -> dict:
     report = {}
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        data = demo_data(Path(work), cfg.seed, cfg.n_train, cfg.n_test, Path(cfg.codec) if cfg.codec else None)
-        report["data_seconds"] = time.perf_counter() - t0
-        report["codec"] = Path(cfg.codec).name if cfg.codec else "none (original clips only)"
+        codec = None if cfg.codec == "none" else Path(cfg.codec)
+        if codec is None:
+            log.warning("no demo codec file (%s): training on original clips only", CODEC_FILE)
+        data = demo_data(Path(work), cfg.seed, cfg.n_train, cfg.n_test, codec)
+        report["data_seconds"] = round(time.perf_counter() - t0, 1)
+        report["codec"] = codec.name if codec else "none (original clips only)"
         parts = {"panns": (build_panns, "panns_cnn14_16k", lambda: panns_models().Cnn14(**PANNS_16K),
                            dict(steps=cfg.panns_steps)),
                  "vggish": (build_vggish, "vggish", lambda: tv.VGG(tv.make_layers(), postprocess=False),
@@ -252,9 +261,10 @@ def build(cfg: BuildConfig) -> dict:
         parts["clap"] = (clap_heads.build_clap, "clap", clap_heads.make_base, dict(steps=cfg.clap_steps))
         for name in cfg.only.split(","):
             recipe, asset, make, kw = parts[name]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             trained, meta = recipe(data, seed=cfg.seed, **kw)
-            meta.update(seconds=round(time.perf_counter() - t, 1), codec=report["codec"],
+            meta.update(seconds=round(time.perf_counter() - t, 1), cpu_seconds=round(time.process_time() - c, 1),
+                        codec=report["codec"],
                         n_train=cfg.n_train, n_test=cfg.n_test, torch=torch.__version__)
             path = Path(cfg.out) / store.DEMO_FILES[asset]
             store.save(path, store.seeded(cfg.seed, make), trained, cfg.seed, meta)

@@ -25,20 +25,22 @@ from eval.audio import make_clip
 from eval.metrics import clap_cosine, frechet_distance_from_embeddings, inception_score
 from siren.config import load_config
 from siren.demo_assets import store
+from siren.demo_assets.backbones import CODEC_FILE
 from siren.demo_assets.data import N_TEST, N_TRAIN, Split, demo_data
 
 log = logging.getLogger(__name__)
 
 
 def _embed(bb, wavs: list[np.ndarray], key: str, batch: int = 16) -> list[np.ndarray]:
-    xs = [bb.prepare(make_clip(str(i), w, 16000)) for i, w in enumerate(wavs)]
-    out = []
-    for i in range(0, len(xs), batch):
-        group: dict = {}
-        for x in xs[i:i + batch]:
-            group.setdefault(bb.batch_key(x), []).append(x)
-        out += [o[key] for g in group.values() for o in bb.embed_batch(g)]  # equal shapes: order kept per key
-    return out
+    """Backbone output ``key`` per clip, in order; batches are runs of equal ``batch_key``."""
+    out, run = [], []
+    for i, w in enumerate(wavs):
+        x = bb.prepare(make_clip(str(i), w, 16000))
+        if run and (len(run) == batch or bb.batch_key(x) != bb.batch_key(run[0])):
+            out += [o[key] for o in bb.embed_batch(run)]
+            run = []
+        run.append(x)
+    return out + [o[key] for o in bb.embed_batch(run)]
 
 
 def noise(n: int, seed: int) -> list[np.ndarray]:
@@ -85,7 +87,7 @@ def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0) -> dict:
 class CheckConfig:
     per_half: int = 10  # training clips per class in each of the two real sets
     seed: int = 0
-    codec: str = ""  # also measure the resynthesised test clips
+    codec: str = "auto"  # also measure resynthesised test clips: a DAC file, auto (the demo codec if built) or none
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CheckConfig, sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as work:
-        data = demo_data(Path(work), cfg.seed, N_TRAIN, N_TEST, Path(cfg.codec) if cfg.codec else None)
+        codec = CODEC_FILE if cfg.codec == "auto" and CODEC_FILE.is_file() else (
+            None if cfg.codec in ("auto", "none") else Path(cfg.codec))
+        data = demo_data(Path(work), cfg.seed, N_TRAIN, N_TEST, codec)
         print(json.dumps(measure(data, cfg.per_half, cfg.seed), indent=2))
     return 0
 
