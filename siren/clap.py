@@ -238,7 +238,8 @@ def laion_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 @dataclass
 class ClapConfig:
-    # "pretrained" (assets cache), "demo" (trained on the embedded set), "random" (explicit smoke-test mode) or a .pt path
+    # "pretrained" (assets cache), "demo" (trained on the embedded set), "random" (explicit smoke-test
+    # mode) or a .pt path
     weights: str = "pretrained"
     seed: int = 0  # random-init seed for weights=random (demo weights record their own)
 

@@ -54,6 +54,8 @@ AUDIOSET = {"dog_bark": "Bark", "siren": "Siren", "engine": "Engine", "rain": "R
             "clapping": "Clapping", "phone_ring": "Telephone bell ringing", "drum_beat": "Drum kit",
             "wind": "Wind", "water_drip": "Drip", "whistle": "Whistling", "alarm_beeps": "Alarm",
             "thunder": "Thunder"}
+
+
 def audioset_names() -> list[str]:
     import importlib.util
 
@@ -112,9 +114,9 @@ def panns_features(bb, wavs: list[np.ndarray], batch: int = 32, desc: str = "pan
 
 
 @torch.no_grad()
-def renormalise(net: nn.Module, batches, run=None) -> None:
+def renormalise(net: nn.Module, batches) -> None:
     """Re-estimate every BatchNorm of ``net`` (running mean/var) as the plain average over ``batches``
-    (momentum None) fed through ``run`` (default ``net``), the rest in eval mode (no dropout, no SpecAugment)."""
+    (momentum None), the rest of the network in eval mode (no dropout, no SpecAugment)."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.reset_running_stats()
@@ -122,7 +124,7 @@ def renormalise(net: nn.Module, batches, run=None) -> None:
         m.train()
     try:
         for x in batches:
-            (run or net)(x)
+            net(x)
     finally:
         for m in bns:
             m.momentum = 0.1

@@ -53,7 +53,7 @@ def noise(n: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0) -> dict:
+def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0, only: str = "fd,fad,clap") -> dict:
     from eval.backbones import ClapAudio, PannsCnn14, VGGish
 
     train, test = data["train"].subset("original"), data["test"]
@@ -61,8 +61,10 @@ def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0) -> dict:
     halves = [[w for w, j in zip(train.wavs, k) if lo <= j < lo + per_half] for lo in (0, per_half)]
     noisy = noise(len(halves[0]), seed)
     out: dict = {"label": store.LABEL, "clips_per_set": len(halves[0])}
-    for name, bb, key, pool in (("fd", PannsCnn14("demo"), "embedding", None), ("fad", VGGish("demo"), "frames", 1)):
-        t = time.perf_counter()
+    for name, cls, key, pool in (("fd", PannsCnn14, "embedding", False), ("fad", VGGish, "frames", True)):
+        if name not in only.split(","):
+            continue
+        t, bb = time.perf_counter(), cls("demo")
         emb = [_embed(bb, s, key) for s in (*halves, noisy)]
         emb = [np.concatenate(e) if pool else np.stack(e) for e in emb]  # FAD pools the frames of a set
         out[name] = {"real_vs_real": frechet_distance_from_embeddings(emb[0], emb[1]),
@@ -72,20 +74,21 @@ def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0) -> dict:
                 logits = np.stack(_embed(bb, test.subset(src).wavs, "logits"))
                 out[f"isc_test_{src}"] = inception_score(logits)
         out[name]["seconds"] = round(time.perf_counter() - t, 1)
-    clap = ClapAudio("demo")
-    for src in sorted(set(test.source)):
+    clap = ClapAudio("demo") if "clap" in only.split(",") else None
+    for src in sorted(set(test.source)) if clap else []:
         d = test.subset(src)
         audio, text = np.stack(_embed(clap, d.wavs, "audio")), clap.embed_text(d.captions)
         other = d.labels[:, None] != d.labels[None]
-        cos = (audio / np.linalg.norm(audio, axis=1, keepdims=True)) @ (text / np.linalg.norm(text, axis=1, keepdims=True)).T
+        unit = [e / np.linalg.norm(e, axis=1, keepdims=True) for e in (audio, text)]
         out[f"clap_test_{src}"] = {"clap_score_matched": 100 * float(clap_cosine(text, audio).mean()),
-                                   "clap_score_other_class": 100 * float(cos[other].mean())}
+                                   "clap_score_other_class": 100 * float((unit[0] @ unit[1].T)[other].mean())}
     return out
 
 
 @dataclass
 class CheckConfig:
     per_half: int = 10  # training clips per class in each of the two real sets
+    only: str = "fd,fad,clap"  # which of the measurements to make
     seed: int = 0
     codec: str = "auto"  # also measure resynthesised test clips: a DAC file, auto (the demo codec if built) or none
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         codec = CODEC_FILE if cfg.codec == "auto" and CODEC_FILE.is_file() else (
             None if cfg.codec in ("auto", "none") else Path(cfg.codec))
         data = demo_data(Path(work), cfg.seed, N_TRAIN, N_TEST, codec)
-        print(json.dumps(measure(data, cfg.per_half, cfg.seed), indent=2))
+        print(json.dumps(measure(data, cfg.per_half, cfg.seed, cfg.only), indent=2))
     return 0
 
 

@@ -130,5 +130,7 @@ def build_clap(data: dict[str, Split], seed: int = 0, steps: int = 400, per_clas
                       f"(symmetric InfoNCE, temperature {TEMPERATURE}); tokenizer: laion_clap's CLIP BPE",
             "steps": steps, "final_loss": loss, "test": retrieval(*emb["test"], data["test"]),
             "train": {k: v["matched_cosine"] for k, v in retrieval(*emb["train"], train).items()}}
-    trained.update({f"audio_branch.bn0.{b}": getattr(m.audio_branch.bn0, b).clone() for b in ("running_mean", "running_var")})
+    bn0 = m.audio_branch.bn0
+    trained.update({"audio_branch.bn0.running_mean": bn0.running_mean.clone(),
+                    "audio_branch.bn0.running_var": bn0.running_var.clone()})
     return trained, meta
