@@ -189,8 +189,10 @@ def build_vggish(data: dict[str, Split], seed: int = 0, steps: int = 300) -> tup
     feats = {k: vggish_features(bb, d.wavs) for k, d in data.items()}
     (f, clip), train, test = feats["train"], data["train"], data["test"]
     # The random trunk (no BatchNorm) shrinks activations layer by layer: the layer is trained on
-    # standardised inputs and the standardisation folded into its weights afterwards.
-    mu, sd = f.mean(0), f.std(0).clamp_min(1e-12 * float(f.std(0).max()))
+    # centred inputs scaled by one overall factor, folded into its weights afterwards. (One factor,
+    # not one per feature: a feature nearly constant on the demo clips must not be amplified, or
+    # audio unlike them, noise say, gets embeddings 1e10 times too large.)
+    mu, sd = f.mean(0), f.std()
     z = (f - mu) / sd
     torch.manual_seed(seed)
     last, aux = nn.Linear(4096, 128), nn.Linear(128, len(CLASSES))  # aux: the discarded 15-way classifier
@@ -202,7 +204,7 @@ def build_vggish(data: dict[str, Split], seed: int = 0, steps: int = 300) -> tup
     loss = fit(list(last.parameters()) + list(aux.parameters()), loss_of, len(z), steps, seed, desc="vggish last")
     w = (last.weight / sd).detach()
     b = (last.bias - w @ mu).detach()
-    trained = {"embeddings.4.weight": w, "embeddings.4.bias": b}  # fp32: 1/sd spans orders of magnitude
+    trained = {"embeddings.4.weight": w, "embeddings.4.bias": b}  # fp32: b is a difference of large terms
     emb = {k: (v @ w.T + b).numpy() for k, (v, _) in feats.items()}
     # the embeddings separate the classes if each clip's mean frame lies nearest its class centroid
     clip_mean = {k: np.stack([emb[k][feats[k][1] == i].mean(0) for i in range(len(data[k]))]) for k in emb}
