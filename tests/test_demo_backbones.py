@@ -141,6 +141,12 @@ def test_committed_vggish_separates_classes(held_out):
     again = bb.embed_batch([bb.prepare(_clips(other)[1])])[0]["frames"].mean(0)
     d = np.linalg.norm(emb - again, axis=1)
     assert d.argmin() == 0, f"distances to the 6 classes: {np.round(d, 2)}"
+    # audio unlike the demo clips keeps embeddings of the same order (per-feature input scaling once gave 1e10)
+    from eval.audio import make_clip
+
+    noise = np.random.default_rng(0).standard_normal(24000).astype(np.float32) * 0.3
+    far = bb.embed_batch([bb.prepare(make_clip("noise", noise, 16000))])[0]["frames"]
+    assert np.linalg.norm(far, axis=1).max() < 100 * np.linalg.norm(emb, axis=1).max()
 
 
 def test_committed_clap_matches_audio_to_its_caption(held_out):
