@@ -16,7 +16,7 @@ from siren.clap import Clap, ClapConfig
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.clap [--weights random] [--clips 4]``: time build, text and audio embedding."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.clap", description="time LAION-CLAP on this machine")
-    ap.add_argument("--weights", default="random", help="pretrained | random | path (default: random)")
+    ap.add_argument("--weights", default="random", help="pretrained | demo | random | path (default: random)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--captions", type=int, default=16)
     ap.add_argument("--clips", type=int, default=4)

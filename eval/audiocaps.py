@@ -53,7 +53,9 @@ class EvalConfig:
     ref: str = ""  # reference manifest, CSV or JSONL with columns id,audio,caption; "demo": the demo test split
     out: str = ""  # results folder; default: <gen_dir>_eval beside gen_dir
     name: str = ""  # system name in the printed row; default: the gen_dir folder name
-    weights: str = "pretrained"  # pretrained | random (seeded smoke-test backbones, flagged everywhere)
+    # pretrained | demo (trained on the embedded set, siren.demo_assets) | random (seeded smoke-test backbones);
+    # anything but pretrained is flagged in every card and table
+    weights: str = "pretrained"
     seed: int = 0  # seed of the random backbone weights
     metrics: str = "fad,fd,isc,kl,clap"  # which of fad, fd, isc, kl, clap to compute
     caption_index: int = 0  # which caption of each id (AudioCaps has 5 rows per clip), for the CLAP score
@@ -127,8 +129,8 @@ def backbones(cfg: EvalConfig) -> dict[str, Backbone]:
 
     With weights=pretrained this checks the weight files first, so a missing one fails at once.
     """
-    if cfg.weights not in ("pretrained", "random"):
-        raise ConfigError(f"weights must be pretrained or random, got {cfg.weights!r}")
+    if cfg.weights not in ("pretrained", "demo", "random"):
+        raise ConfigError(f"weights must be pretrained, demo or random, got {cfg.weights!r}")
     which, device = _metric_list(cfg), _device(cfg.device)
     roles = {"fd_kl_is": ({"fd", "kl", "isc"}, PannsCnn14, dict(channel=cfg.channel, resampler=cfg.resampler)),
              "fad": ({"fad"}, VGGish, dict(channel=cfg.fad_channel, resampler=cfg.fad_resampler,

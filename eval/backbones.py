@@ -11,8 +11,10 @@ the one-clip result). ``protocol()`` lists everything that shapes the numbers; i
 the protocol card and into the embedding cache key with ``id`` (name + weight hash).
 
 Weights: ``pretrained`` loads the file from the assets cache (``siren.assets.require``) with
-``torch.load(weights_only=True)``; ``random`` (seeded) is the explicit smoke-test mode and makes
-``weights_sha256`` read ``random-seed<k>``.
+``torch.load(weights_only=True)``; ``demo`` loads the project's own weights trained on the embedded
+demo set (``siren.demo_assets``: a seeded random trunk, checked by hash, with the trained tensors
+in the pretrained file's key layout on top); ``random`` (seeded) is the explicit smoke-test mode
+and makes ``weights_sha256`` read ``random-seed<k>``.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from torch import nn
 
 from eval.audio import CHANNELS, Clip, mono
 from siren import assets
+from siren.demo_assets import store
+from siren.errors import ConfigError
 from siren.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -103,8 +107,12 @@ class Backbone(ABC):
         elif weights == "pretrained":
             self.weights_path = assets.require(self.asset)
             self.weights_sha256 = sha256_file(self.weights_path)
+        elif weights == "demo":
+            self.weights_path = store.demo_file(self.asset)
+            store.header(self.weights_path)  # a missing or foreign file fails here, not at first use
+            self.weights_sha256 = sha256_file(self.weights_path)
         else:
-            raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+            raise ConfigError(f"weights must be 'pretrained', 'demo' or 'random', got {weights!r}")
         self.weights_label, self.seed, self.device = weights, seed, torch.device(device)
 
     @cached_property
@@ -118,6 +126,8 @@ class Backbone(ABC):
     def _init_or_load(self, make, state_of=lambda ckpt: ckpt) -> nn.Module:
         if self.weights_path is None:
             return _seeded(self.seed, make)
+        if self.weights_label == "demo":
+            return store.load(self.weights_path, make)
         net = make()
         net.load_state_dict(state_of(_load_state(self.weights_path)))
         return net
@@ -135,7 +145,8 @@ class Backbone(ABC):
         """The network's and the preprocessing's settings."""
 
     def card(self) -> dict:
-        return {"id": self.id, "weights": self.weights_label, "weights_sha256": self.weights_sha256,
+        note = {"weights_note": store.LABEL} if self.weights_label == "demo" else {}
+        return {"id": self.id, "weights": self.weights_label, **note, "weights_sha256": self.weights_sha256,
                 "sample_rate": self.sample_rate, **self.protocol()}
 
     def mono_at_rate(self, clip: Clip) -> np.ndarray:
@@ -334,8 +345,8 @@ class ClapAudio(Backbone):
     def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu",
                  channel: str | None = None, resampler: str | None = None):
         super().__init__(weights, seed, device, channel, resampler)
-        # pretrained text branch: RoBERTa's BPE files (random weights use laion_clap's bundled CLIP BPE)
-        self.tokenizer_files = ([] if self.weights_path is None else
+        # pretrained text branch: RoBERTa's BPE files (random and demo weights use laion_clap's bundled CLIP BPE)
+        self.tokenizer_files = ([] if self.weights_path is None or weights == "demo" else
                                 [assets.require("roberta_vocab"), assets.require("roberta_merges")])
 
     def build(self) -> nn.Module:
@@ -350,7 +361,7 @@ class ClapAudio(Backbone):
         from siren import clap as C
 
         tokenizer = ("RoBERTa BPE, sha256 " + ", ".join(f"{p.name} {sha256_file(p)[:16]}" for p in self.tokenizer_files)
-                     if self.tokenizer_files else "laion_clap's bundled CLIP BPE (random-weights mode)")
+                     if self.tokenizer_files else f"laion_clap's bundled CLIP BPE ({self.weights_label}-weights mode)")
         return {"model": "laion_clap CLAP, HTSAT-tiny audio + RoBERTa text, non-fusion (siren.clap.Clap)",
                 "clap_sample_rate": C.CLAP_SAMPLE_RATE, "audio": C.AUDIO_PROTOCOL, "text_tokenizer": tokenizer,
                 "max_text_tokens": C.MAX_TEXT_LENGTH, "embedding_dim": C.EMBED_DIM, "normalised": True,

@@ -18,6 +18,7 @@ RANDOM_BANNER = "RANDOM WEIGHTS - NOT COMPARABLE TO PUBLISHED NUMBERS"
 # "reward_equals_metric"): its cells carry REWARD_MARK and every table says why.
 REWARD_MARK = "†"
 REWARD_NOTE = "reward = metric: the stage-2 reward of this run is this metric's checkpoint (optimised on it: inflated)"
+DEMO_BANNER = "demo weights (trained on the embedded set) - not comparable to published numbers"
 TABLE_COLUMNS = (("FAD", "fad"), ("FD", "fd"), ("ISC", "isc"), ("KL", "kl"), ("CLAP", "clap"))
 PACKAGES = ("torch", "torchaudio", "numpy", "scipy", "panns-inference", "torchlibrosa", "torchvggish", "resampy",
             "librosa", "soxr", "laion-clap", "transformers", "soundfile", "safetensors")
@@ -74,8 +75,13 @@ def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if label != "pretrained":
-        card = {"WARNING": RANDOM_BANNER, **card}
+        card = {"WARNING": banner(label), **card}
     return card
+
+
+def banner(label: str) -> str:
+    """What a card or table with weights ``label`` (not pretrained) must say about its numbers."""
+    return DEMO_BANNER if label == "demo" else RANDOM_BANNER
 
 
 def is_random(card: dict) -> bool:
@@ -87,7 +93,7 @@ def table(rows: list[tuple[str, dict]], card: dict) -> str:
     head = "| system | " + " | ".join(c for c, _ in TABLE_COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
     if is_random(card):
-        lines.append(f"| **{RANDOM_BANNER}** |" + " |" * len(TABLE_COLUMNS))
+        lines.append(f"| **{banner(card['weights'])}** |" + " |" * len(TABLE_COLUMNS))
     marked = set(card.get("reward_equals_metric", []))
     for name, m in rows:
         cells = [(f"{m[k]:.2f}" + (REWARD_MARK if k in marked else "")) if m.get(k) is not None else "-"
@@ -95,7 +101,7 @@ def table(rows: list[tuple[str, dict]], card: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     fd = card["backbones"].get("fd_kl_is", {})
     lines.append(f"\n{card['n_clips']} clips; FD/KL/IS: {fd.get('id', '-')}; KL {card['metrics'].get('kl', {}).get('direction', '-')}; "
-                 f"weights: {card['weights']}" + (f"  ** {RANDOM_BANNER} **" if is_random(card) else ""))
+                 f"weights: {card['weights']}" + (f"  ** {banner(card['weights'])} **" if is_random(card) else ""))
     if marked:
         lines.append(f"{REWARD_MARK} {', '.join(sorted(marked)).upper()}: {REWARD_NOTE}")
     return "\n".join(lines)

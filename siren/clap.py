@@ -12,6 +12,8 @@ Weights:
   a file path      any laion-clap checkpoint of the same architecture, same tokenizer.
   ``random``       explicit smoke-test mode: random init from ``seed``, tokenized with the CLIP BPE
                    that ships inside laion_clap (RoBERTa's vocabulary is sized to it). Same code path.
+  ``demo``         demo weights (trained on the embedded set): the ``random`` network of the file's
+                   seed with projection heads trained on the demo captions (``siren.demo_assets``).
 
 Audio goes in at 16 kHz (the codec's rate), is resampled to CLAP's 48 kHz, quantised to 16 bit as
 laion-clap's ``get_audio_embedding_from_data`` does, cut to its FIRST 10 s (laion-clap would crop
@@ -184,8 +186,10 @@ def laion_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 @dataclass
 class ClapConfig:
-    weights: str = "pretrained"  # "pretrained" (assets cache), "random" (explicit smoke-test mode) or a .pt path
-    seed: int = 0  # random-init seed for weights=random
+    # "pretrained" (assets cache), "demo" (trained on the embedded set), "random" (explicit smoke-test
+    # mode) or a .pt path
+    weights: str = "pretrained"
+    seed: int = 0  # random-init seed for weights=random (demo weights record their own)
 
 
 @contextlib.contextmanager
@@ -238,6 +242,13 @@ class Clap(nn.Module):
                 torch.manual_seed(cfg.seed)
                 self.model = build_model(self.tokenizer)
             self.weights_label, self.weights_sha256 = "random", f"random-seed{cfg.seed}"
+        elif cfg.weights == "demo":
+            from siren.demo_assets import store
+
+            self.tokenizer = ClipBpe()
+            path = store.demo_file("clap")
+            self.model = store.load(path, lambda: build_model(self.tokenizer))
+            self.weights_label, self.weights_sha256 = "demo", assets.sha256(path)
         else:
             path = assets.require("clap") if cfg.weights == "pretrained" else Path(cfg.weights)
             if not path.is_file():
@@ -275,9 +286,13 @@ class Clap(nn.Module):
 
     def card(self) -> dict:
         """What a CLAP number depends on, for the results' protocol card."""
-        return {"model": "laion-clap HTSAT-tiny non-fusion + RoBERTa", "weights": self.weights_label,
-                "checkpoint": "random" if self.weights_label == "random" else Path(
-                    assets.path("clap") if self.cfg.weights == "pretrained" else self.cfg.weights).name,
+        from siren.demo_assets import store
+
+        note = {"weights_note": store.LABEL} if self.weights_label == "demo" else {}
+        checkpoint = {"random": "random", "demo": store.demo_file("clap").name,
+                      "pretrained": assets.path("clap").name}.get(self.cfg.weights, Path(self.cfg.weights).name)
+        return {"model": "laion-clap HTSAT-tiny non-fusion + RoBERTa", "weights": self.weights_label, **note,
+                "checkpoint": checkpoint,
                 "weights_sha256": self.weights_sha256, "tokenizer": self.tokenizer.id,
                 "text_max_length": MAX_TEXT_LENGTH, "sample_rate": CLAP_SAMPLE_RATE, "resampler": RESAMPLER,
                 "audio": AUDIO_PROTOCOL, "id": self.id}

@@ -17,7 +17,8 @@ from siren.clap import MAX_TEXT_LENGTH, TEXT_DIM, Clap, ClapConfig
 
 @dataclass
 class TextConfig:
-    weights: str = "pretrained"  # "pretrained", "random" (explicit smoke-test mode) or a laion-clap .pt path
+    # "pretrained", "demo" (trained on the embedded set), "random" (explicit smoke-test mode) or a laion-clap .pt path
+    weights: str = "pretrained"
     seed: int = 0  # random-init seed for weights=random
     max_length: int = MAX_TEXT_LENGTH  # tokens per caption, specials included (laion-clap: 77)
 

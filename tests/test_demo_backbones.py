@@ -1,0 +1,162 @@
+"""Demo weights of the metric backbones and CLAP (siren.demo_assets): the file format, a few steps
+of each recipe on tiny data, and the committed files through the evaluation's own loaders."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from siren.data.demo import CLASSES, clip
+from siren.demo_assets import store
+from siren.demo_assets.data import Split
+from siren.errors import CheckpointError, MissingWeightsError
+
+
+def tiny_split(split: str, classes=(0, 3, 9), per_class: int = 2) -> Split:
+    items = [(c, *clip(c, split, k)) for c in classes for k in range(per_class)]
+    return Split([w for _, w, _ in items], [cap for _, _, cap in items], np.array([c for c, _, _ in items]),
+                 ["original"] * len(items))
+
+
+# ------------------------------------------------------------------------------------------- format
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_overlay_round_trip_and_hash_check(tmp_path):
+    base = store.seeded(3, _mlp)
+    trained = {"2.weight": torch.randn(3, 5), "2.bias": torch.randn(3)}
+    path = tmp_path / "m.safetensors"
+    store.save(path, base, trained, seed=3, meta={"x": 1})
+    net = store.load(path, _mlp)
+    # the untouched tensors are the seed's, the trained ones the file's
+    assert torch.equal(net[0].weight, base[0].weight) and torch.equal(net[2].weight, trained["2.weight"])
+    assert store.header(path)["label"] == "demo weights (trained on the embedded set)"
+    # a base that regenerates differently (another init, as another torch version might draw) is refused
+    with pytest.raises(CheckpointError, match="draws other numbers"):
+        store.load(path, lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).apply(
+            lambda m: nn.init.zeros_(m.weight) if isinstance(m, nn.Linear) else None))
+    with pytest.raises(MissingWeightsError, match="rebuild"):
+        store.load(tmp_path / "absent.safetensors", _mlp)
+
+
+# ------------------------------------------------------------------------------------------- recipes
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return {"train": tiny_split("train"), "test": tiny_split("test", per_class=1)}
+
+
+def _check_recipe(trained: dict, make, name: str) -> None:
+    """What a recipe commits are tensors of the network (names, shapes) and training moved them.
+    (Loading them over the seeded trunk is checked on the committed files below.)"""
+    full = store.seeded(0, make).state_dict()
+    assert set(trained) <= set(full)
+    assert all(trained[k].shape == full[k].shape for k in trained)
+    changed = [k for k in trained if not torch.equal(trained[k].to(full[k].dtype), full[k])]
+    assert changed, f"{name}: the recipe left every tensor it commits at its init"
+
+
+def test_panns_recipe_few_steps(tiny_data):
+    from eval.backbones import PANNS_16K, panns_models
+    from siren.demo_assets.backbones import build_panns
+
+    trained, meta = build_panns(tiny_data, steps=3, bn_clips=1, batch=4)
+    assert "fc_audioset.weight" in trained and trained["fc_audioset.weight"].dtype == torch.float16
+    assert not torch.allclose(trained["bn0.running_var"], torch.ones(64))  # re-estimated on the clips
+    assert set(meta["test_accuracy"]) == {"original"}
+    _check_recipe(trained, lambda: panns_models().Cnn14(**PANNS_16K), "panns")
+
+
+def test_vggish_recipe_few_steps(tiny_data):
+    from torchvggish import torchvggish as tv
+
+    from siren.demo_assets.backbones import build_vggish
+
+    trained, meta = build_vggish(tiny_data, steps=3)
+    assert set(meta["test_accuracy_nearest_centroid"]) == {"original"}
+    assert set(trained) == {"embeddings.4.weight", "embeddings.4.bias"}
+    _check_recipe(trained, lambda: tv.VGG(tv.make_layers(), postprocess=False), "vggish")
+
+
+def test_clap_recipe_few_steps(tiny_data):
+    from siren.demo_assets.clap_heads import build_clap, make_base
+
+    trained, meta = build_clap(tiny_data, steps=3, per_class=2)
+    assert {k.split(".")[0] for k in trained} == {"audio_projection", "text_projection", "audio_branch"}
+    assert 0 <= meta["test"]["original"]["audio_to_text_top1_class"] <= 1
+    _check_recipe(trained, make_base, "clap")
+
+
+def test_audioset_targets_are_distinct_named_classes():
+    from siren.demo_assets.backbones import AUDIOSET, audioset_names, audioset_targets
+
+    names, idx = audioset_names(), audioset_targets()
+    assert len(set(idx.tolist())) == len(CLASSES) == len(AUDIOSET)
+    assert [names[i] for i in idx] == [AUDIOSET[c.name] for c in CLASSES]
+
+
+# ------------------------------------------------------------------------------------------- committed files
+
+@pytest.fixture(scope="module")
+def held_out():
+    """One unseen test clip of each of 6 classes (the recipes never train on the test split)."""
+    return tiny_split("test", classes=(0, 2, 4, 7, 10, 13), per_class=1)
+
+
+def _clips(d: Split):
+    from eval.audio import make_clip
+
+    return [make_clip(str(i), w, 16000) for i, w in enumerate(d.wavs)]
+
+
+@pytest.mark.parametrize("asset", sorted(store.DEMO_FILES))
+def test_committed_files_are_demo_overlays(asset):
+    head = store.header(store.demo_file(asset))
+    assert head["label"] == store.LABEL and len(head["base_sha256"]) == 64
+
+
+def test_committed_panns_recognises_held_out_clips(held_out):
+    from eval.backbones import PannsCnn14
+    from siren.demo_assets.backbones import audioset_targets
+
+    bb = PannsCnn14(weights="demo")
+    out = bb.embed_batch([bb.prepare(c) for c in _clips(held_out)])
+    logits = np.stack([o["logits"] for o in out])
+    assert logits.shape == (len(held_out), 527) and bb.card()["weights_note"] == store.LABEL
+    hits = logits.argmax(1) == audioset_targets()[held_out.labels]
+    assert hits.sum() >= 4, f"demo PANNs: {hits.sum()}/6 held-out clips on their AudioSet class"
+
+
+def test_committed_vggish_separates_classes(held_out):
+    from eval.backbones import VGGish
+
+    bb = VGGish(weights="demo")
+    emb = np.stack([o["frames"].mean(0) for o in bb.embed_batch([bb.prepare(c) for c in _clips(held_out)])])
+    # clips of different classes lie far apart relative to the embedding's own scale: a second clip of
+    # class 0 lies nearer the first than clips of the other classes do
+    other = tiny_split("test", classes=(0,), per_class=2)
+    again = bb.embed_batch([bb.prepare(_clips(other)[1])])[0]["frames"].mean(0)
+    d = np.linalg.norm(emb - again, axis=1)
+    assert d.argmin() == 0, f"distances to the 6 classes: {np.round(d, 2)}"
+    # audio unlike the demo clips keeps embeddings of the same order (per-feature input scaling once gave 1e10)
+    from eval.audio import make_clip
+
+    noise = np.random.default_rng(0).standard_normal(24000).astype(np.float32) * 0.3
+    far = bb.embed_batch([bb.prepare(make_clip("noise", noise, 16000))])[0]["frames"]
+    assert np.linalg.norm(far, axis=1).max() < 100 * np.linalg.norm(emb, axis=1).max()
+
+
+def test_committed_clap_matches_audio_to_its_caption(held_out):
+    from siren.clap import Clap, ClapConfig
+    from siren.text import TextConfig, TextEncoder
+
+    clap = Clap(ClapConfig(weights="demo"))
+    assert clap.weights_label == "demo" and clap.card()["weights_note"] == store.LABEL
+    cos = (clap.embed_audio([torch.from_numpy(w) for w in held_out.wavs]) @ clap.embed_text(held_out.captions).T)
+    assert cos.diag().mean() > cos[~torch.eye(len(cos), dtype=bool)].mean() + 0.1
+    # the text encoder that conditions the models runs on the same demo CLAP
+    states = TextEncoder(TextConfig(weights="demo"), clap=clap).encode(held_out.captions[:2])
+    assert states.states.shape[-1] == 768 and torch.allclose(states.pooled, clap.embed_text(held_out.captions[:2]))
