@@ -88,7 +88,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     return header or [], records
 
 
-def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+def read_records(path: Path, required: tuple[str, ...] = REQUIRED) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(line number, record)]) of a CSV (by suffix) or JSONL file, strictly parsed; no value checks."""
     if path.suffix == ".csv":
         return _read_csv(path)
@@ -102,12 +102,12 @@ def read_records(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(r, dict):
-                raise ManifestError(f"{path}:{n}: expected a JSON object with keys {list(REQUIRED)}")
+                raise ManifestError(f"{path}:{n}: expected a JSON object with keys {list(required)}")
             columns.update(dict.fromkeys(r))
             records.append((n, r))
     # A key no line has is a missing column (reported by the caller); one only some lines lack names them.
     lacking = [f"line {n}: no {', '.join(gone)}" for n, r in records
-               if (gone := [c for c in REQUIRED if c in columns and c not in r])]
+               if (gone := [c for c in required if c in columns and c not in r])]
     if lacking:
         raise ManifestError(f"{path}: {len(lacking)} line(s) lack required key(s): " + "; ".join(lacking[:20]))
     return list(columns), records
@@ -157,7 +157,7 @@ def read_captions(path: str | Path) -> list[str]:
     if not path.is_file():
         raise ManifestError(f"{path}: captions file does not exist (a .txt, .csv or .jsonl of captions)")
     if path.suffix in EXTENSIONS:
-        columns, records = read_records(path)
+        columns, records = read_records(path, required=())  # the caption check below names the line
         if "caption" not in columns and not any("caption" in r for _, r in records):
             raise ManifestError(f"{path}: no 'caption' column (columns: {columns})")
         missing = [n for n, r in records if "caption" not in r]
