@@ -122,13 +122,14 @@ def test_a_jsonl_line_lacking_a_key_is_named(tmp_path):
 
 
 def test_eval_reference_manifest_is_parsed_as_strictly(tmp_path):
-    from eval.reference import read_manifest as read_reference
+    def read_reference(path):  # how eval reads a reference set: the one reader, ids may repeat
+        return read_manifest(path, unique_ids=False)
 
     m = csv_file(tmp_path / "R.csv", 'id,audio,caption\na,a.wav,"unclosed\nb,b.wav,x\n')
     with pytest.raises(ManifestError, match=r"R\.csv:2: .*never closed"):
         read_reference(m)
     m = csv_file(tmp_path / "S.csv", "id,audio,caption\na,a.wav,x\na,a.wav,y\n")  # 5 captions per clip: allowed
-    assert [r["caption"] for r in read_reference(m)] == ["x", "y"]
+    assert [r.caption for r in read_reference(m)] == ["x", "y"]
 
 
 @pytest.mark.parametrize("rows, words", [  # cases that already gave a clear error
