@@ -56,3 +56,8 @@ def index_path(out: str | Path, split: str) -> Path:
 
 def shard_path(out: str | Path, split: str, shard: int, num_shards: int) -> Path:
     return Path(out) / "splits" / f"{split}.shards" / f"shard-{shard}-of-{num_shards}.json"
+
+
+def filter_shard_path(out: str | Path, shard: int, num_shards: int) -> Path:
+    """What shard ``shard`` of the data engine's filter scored (siren.data.filter), for its select step."""
+    return Path(out) / "shards" / f"shard-{shard}-of-{num_shards}.json"

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from siren.config import load_config
 from siren.data import activity
 from siren.data.audio import AudioConfig, load_audio, standardize
-from siren.data.cache import cache_path, clap_audio_key, clap_text_key, sha256
+from siren.data.cache import cache_path, clap_audio_key, clap_text_key, filter_shard_path, sha256
 from siren.data.manifest import Row, read_manifest, read_records
 from siren.data.prepare import shard_rows
 from siren.errors import AudioError, ConfigError
@@ -136,10 +136,6 @@ class ScoreReport:
                 f"{self.seconds:.1f} s{per}")
 
 
-def shard_record_path(out: str | Path, shard: int, num_shards: int) -> Path:
-    return Path(out) / "shards" / f"shard-{shard}-of-{num_shards}.json"
-
-
 def header(clap, audio: AudioConfig, manifest: Path, manifest_sha: str) -> dict:
     return {"manifest": str(manifest), "manifest_sha256": manifest_sha, "clap": clap.card(),
             "weights": clap.weights_label, "audio": audio.key(), "snr_estimator": activity.ESTIMATOR}
@@ -162,7 +158,7 @@ def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioCon
     t0, out, audio = time.perf_counter(), Path(out), audio or AudioConfig()
     mine = shard_rows(items, num_shards, shard)
     rep = ScoreReport(rows=len(mine))
-    shard_record_path(out, shard, num_shards).unlink(missing_ok=True)  # a failed run leaves no stale record
+    filter_shard_path(out, shard, num_shards).unlink(missing_ok=True)  # a failed run leaves no stale record
 
     # 1. audio: hash, then (uncached only) load, cut, SNR, embed in batches; unreadable files are rejections
     akeys, bad, pending = {}, {}, []
@@ -220,7 +216,7 @@ def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioCon
                 for c, t in it.captions}
         scores = {c: float(a["embedding"] @ e) for c, e in text.items()}  # cosine: both L2-normalised
         records.append({**rec, "snr_db": float(a["snr_db"]), "captions": dict(it.captions), "clap": scores})
-    write_json(shard_record_path(out, shard, num_shards),
+    write_json(filter_shard_path(out, shard, num_shards),
                {**header(clap, audio, manifest, manifest_sha), "shard": shard, "num_shards": num_shards,
                 "records": records})
     rep.seconds = time.perf_counter() - t0

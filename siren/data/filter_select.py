@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from siren.data.cache import filter_shard_path
 from siren.errors import DataError
 from siren.io import atomic_path, write_json, write_text
 
@@ -29,15 +30,14 @@ COLUMNS = ["id", "audio", "caption", "label", "clap", "snr_db", "caption_column"
 
 def merge(out: str | Path, num_shards: int) -> tuple[dict, list[dict]]:
     """The shards' records as one list in manifest order, with the header they share."""
-    from siren.data.filter import shard_record_path
 
     parts, missing = [], []
     for s in range(num_shards):
-        p = shard_record_path(out, s, num_shards)
+        p = filter_shard_path(out, s, num_shards)
         (parts.append(json.loads(p.read_text())) if p.is_file() else missing.append(s))
     if missing:
         raise DataError(f"{out}: shard(s) {missing} of {num_shards} are not scored yet (no "
-                        f"{shard_record_path(out, missing[0], num_shards).name}); run the filter with shard=<i> "
+                        f"{filter_shard_path(out, missing[0], num_shards).name}); run the filter with shard=<i> "
                         f"num_shards={num_shards} for each, then step=select again")
     head = {k: v for k, v in parts[0].items() if k not in ("shard", "records")}
     for p in parts[1:]:

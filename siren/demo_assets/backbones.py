@@ -40,6 +40,7 @@ from eval.audio import make_clip
 from siren.config import load_config
 from siren.data.demo import CLASSES
 from siren.demo_assets import store
+from siren.demo_assets.fit import _batches, fit
 from siren.demo_assets.data import Split, demo_data
 from siren.errors import ConfigError
 
@@ -71,25 +72,6 @@ def audioset_targets() -> np.ndarray:
     """[15] AudioSet output index of each demo class, in siren.data.demo.CLASSES order."""
     names = audioset_names()
     return np.array([names.index(AUDIOSET[c.name]) for c in CLASSES])
-
-
-def _batches(n: int, size: int):
-    for i in range(0, n, size):
-        yield slice(i, min(n, i + size))
-
-
-def fit(params: list[nn.Parameter], loss_of, n: int, steps: int, seed: int, lr: float = 1e-3,
-        batch: int = 64, desc: str = "fit") -> float:
-    """AdamW on minibatches of ``n`` cached examples drawn with a seeded generator; returns the last loss."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    loss = torch.tensor(float("nan"))
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        loss = loss_of(torch.randint(0, n, (min(batch, n),), generator=g))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
 
 
 def accuracy_by_source(pred: np.ndarray, labels: np.ndarray, source: list[str]) -> dict[str, float]:

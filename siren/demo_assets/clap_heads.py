@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from siren.demo_assets.backbones import _batches, fit
+from siren.demo_assets.fit import _batches, fit
 from siren.demo_assets.data import Split
 
 TEMPERATURE = 0.07
