@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, N_LAYERS, Codec, CodecConfig, load_dac
 from siren.demo_assets import codec as recipe
@@ -98,6 +97,11 @@ def test_loader_rejects_a_file_with_another_quantizer(tmp_path):
         load_dac(bad)
 
 
+# The committed file's tests; until a build meets the properties below the file is not committed.
+needs_file = pytest.mark.skipif(not DEMO_FILE.is_file(), reason=f"{DEMO_FILE} not built: python -m "
+                                "siren.demo_assets.codec")
+
+
 @pytest.fixture(scope="module")
 def demo_codec():
     return Codec(CodecConfig(weights="demo"))
@@ -109,6 +113,7 @@ def _test_clip(k: int = 0) -> torch.Tensor:
     return torch.from_numpy(clip(k % len(CLASSES), "test", k // len(CLASSES))[0])
 
 
+@needs_file
 def test_committed_demo_codec_loads_with_the_papers_quantizer(demo_codec):
     ckpt = torch.load(DEMO_FILE, map_location="cpu", weights_only=True)
     kw = ckpt["metadata"]["kwargs"]
@@ -118,20 +123,27 @@ def test_committed_demo_codec_loads_with_the_papers_quantizer(demo_codec):
     assert demo_codec.weights_label == DEMO_LABEL and "pretrained" not in demo_codec.weights_label
     t = demo_codec.code_tables()
     assert t.codebooks.shape == (12, 1024, 8) and t.out_weight.shape == (12, 1024, 8)
-    # the layers' out-projections span near-orthogonal subspaces (Fig. 2a by construction)
-    w = F.normalize(t.out_weight.transpose(1, 2).reshape(-1, 1024), dim=1)  # [96, 1024]: 8 directions per layer
-    gram = (w @ w.T).abs()
-    assert float(gram[~torch.eye(96, dtype=torch.bool)].max()) < 0.05
 
 
+@needs_file
 def test_demo_codec_reconstructs_better_than_random_and_better_with_depth(demo_codec):
+    """Mel L1 of the round trip on 3 test clips (dog bark, clapping, water drip): the random codec
+    measured 2.4-3.2 on them, a first demo build 0.7-1.0."""
+    from analysis.orthogonality import cosine_matrix
+    from analysis.prepared import pooled_features
     from analysis.rvq_depth import decode_depths, mel_l1
 
-    x = _test_clip(3)
-    n = len(x) // 320 * 320
-    codes = demo_codec.encode(x)
-    demo_err = mel_l1(x[:n], demo_codec.decode(codes)[0, :n])
-    random_err = mel_l1(x[:n], random_codec().decode(random_codec().encode(x))[0, :n])
-    assert demo_err < random_err - 0.3
-    errs = [mel_l1(x[:n], w[:n]) for w in decode_depths(demo_codec, codes[0], [1, 4, 12])]
-    assert errs[0] > errs[1] > errs[2]
+    demo, rand, depth, codes_all = [], [], [], []
+    for k in (0, 7, 11):
+        x = _test_clip(k)
+        n = len(x) // 320 * 320
+        codes = demo_codec.encode(x)
+        codes_all.append(codes[0])
+        demo.append(mel_l1(x[:n], demo_codec.decode(codes)[0, :n]))
+        rand.append(mel_l1(x[:n], random_codec().decode(random_codec().encode(x))[0, :n]))
+        depth.append([mel_l1(x[:n], w[:n]) for w in decode_depths(demo_codec, codes[0], [1, 4, 12])])
+    assert np.mean(demo) < np.mean(rand) - 1.0
+    r1, r4, r12 = np.mean(depth, 0)
+    assert r1 > r4 > r12, f"reconstruction does not improve with r: mel L1 {r1:.3f}, {r4:.3f}, {r12:.3f}"
+    cos = cosine_matrix(pooled_features(demo_codec, codes_all))  # Fig. 2a: layers' features near-orthogonal
+    assert np.abs(cos[:, ~np.eye(N_LAYERS, dtype=bool)]).mean() < 0.3

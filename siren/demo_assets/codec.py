@@ -18,9 +18,14 @@ real codec's properties in minutes instead, in three stages on one ``DAC`` insta
     python -m siren.demo_assets.codec                 # rebuilds siren/demo_assets/files/dac16k_demo.pth
     python -m siren.demo_assets.codec out=/tmp/c.pth ae_steps=10 ft_steps=10
 
-The file is DAC's own layout (``state_dict`` + ``metadata.kwargs``), tensors stored in fp16 (the
-demo codec's codes and reconstructions do not change measurably, see the test), and loads with
-``CodecConfig(weights="demo")``.
+The file is DAC's own layout (``state_dict`` + ``metadata.kwargs``, 5.4 MiB) and loads with
+``CodecConfig(weights="demo")``. Tensors are stored in fp16: perturbing a build's weights by half
+an fp16 ulp changed the decoder's mel L1 by 1e-4 and kept 93-99.7% of the codes (deeper layers,
+whose residuals are small, flip more).
+
+Measured (first build, ae_steps=120 ft_steps=400, 1 thread, 2-core machine shared at load ~15:
+38 min wall): probe accuracy 0.48 at layer 1 and 0.18 at layer 12 (Fig. 2c), every code used,
+but the decoder is still too weak for reconstruction to improve with r (mel L1 1.07 at every r).
 """
 from __future__ import annotations
 
@@ -60,10 +65,10 @@ class CodecRecipe:
     n_test: int = 6
     segment_s: float = 0.4  # training crops
     batch: int = 8
-    ae_steps: int = 600
-    ae_lr: float = 1e-3
+    ae_steps: int = 120
+    ae_lr: float = 2e-3
     kmeans_iters: int = 25
-    ft_steps: int = 600
+    ft_steps: int = 400
     ft_lr: float = 5e-4
     threads: int = 1  # 1 thread: several times faster than 2 on a shared 2-core machine (as tests/conftest.py)
     fp16: bool = True
@@ -136,7 +141,7 @@ def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: t
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -232,7 +237,7 @@ def finetune_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tenso
         torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 
@@ -256,7 +261,7 @@ def build(cfg: CodecRecipe) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         clips = train_clips(cfg, Path(cfg.data or tmp))
     model = dac.DAC(**DEMO_KWARGS)
@@ -272,8 +277,8 @@ def build(cfg: CodecRecipe) -> dict:
     ft = finetune_decoder(model, clips, latents, cfg, gen)
     times["decoder"] = time.perf_counter() - t
     save(model, Path(cfg.out), cfg, cfg.fp16)
-    times["total"] = time.perf_counter() - t0
-    tail = lambda xs: float(np.mean(xs[-20:])) if xs else float("nan")  # noqa: E731
+    times["total"], times["cpu"] = time.perf_counter() - t0, time.process_time() - cpu0
+    tail = lambda xs: float(np.mean(xs[-20:])) if xs else None  # noqa: E731
     report.update(times_s=times, ae_loss_end=tail(ae), ft_loss_end=tail(ft), out=cfg.out)
     return report
 
@@ -285,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     for s in report["quantizers"]:
         log.info("layer %2d: %4d codes used, residual energy left %.3f", s["layer"], s["codes_used"],
                  s["residual_energy"])
-    log.info("autoencoder loss %.3f, decoder-on-codes loss %.3f; %s", report["ae_loss_end"], report["ft_loss_end"],
-             ", ".join(f"{k} {v:.0f} s" for k, v in report["times_s"].items()))
+    log.info("last 20 steps' loss: autoencoder %s, decoder on codes %s; times %s", report["ae_loss_end"],
+             report["ft_loss_end"], ", ".join(f"{k} {v:.0f} s" for k, v in report["times_s"].items()))
     print(f"demo codec: {cfg.out} ({Path(cfg.out).stat().st_size / 2**20:.1f} MiB)")
     return report
 
