@@ -10,7 +10,7 @@ layer interval |j1 - j2|, Fig. 8 shows every pair; ``matrix`` is the 12 x 12 mea
 - ``pool=time`` (default, appendix D.1) or ``pool=frame`` (section 3's wording: the same time
   step t; every frame is a sample).
 
-    python -m analysis.orthogonality data=demo codec=random
+    python -m analysis.orthogonality data=demo codec=demo
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class OrthogonalityConfig:
     data: str = "demo"  # a prepared directory (python -m siren.data.prepare) | demo
     splits: str = "train,test"  # which prepared splits to pool
     max_clips: int = 0  # per split, 0 = all (a seeded draw otherwise)
-    codec: str = ""  # codec weights (pretrained | random | /path.pth); empty: those the data was prepared with
+    codec: str = ""  # codec weights (pretrained | random | demo | /path.pth); empty: those the data was prepared with
     features: str = "projected"  # projected (1024-d f-hat^j of Eq. 1) | codebook (8-d)
     pool: str = "time"  # time (appendix D.1) | frame (section 3: same time step)
     max_frames: int = 20000  # pool=frame: at most this many frames (seeded draw)
@@ -131,7 +131,7 @@ def run(cfg: OrthogonalityConfig) -> list:
             feats, names = feats[keep], [names[i] for i in keep]
     cos = cosine_matrix(feats)
     J = cos.shape[-1]
-    note = f"{codec.weights_label} codec weights" if codec.weights_label != "pretrained" else ""
+    note = prepared.weights_note(codec)
     prov = dict(codec=codec.id, weights=codec.weights_label, features=cfg.features, pool=cfg.pool)
 
     pairs = [(a, b) for a in range(J) for b in range(a + 1, J)]

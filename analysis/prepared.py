@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from siren import assets
-from siren.codec import N_LAYERS, Codec, CodecConfig
+from siren.codec import DEMO_FILE, DEMO_LABEL, N_LAYERS, Codec, CodecConfig, weights_arg
 from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import index_path
@@ -60,7 +60,13 @@ def resolve(data: str, codec: str = "") -> Path:
     """A prepared directory for ``data`` (a path, or ``demo``: prepared here on first use)."""
     if data == "demo":
         weights = codec or "pretrained"
-        tag = weights if weights in ("random", "pretrained") else sha256_file(Path(weights))[:16]
+        if weights in ("random", "pretrained"):
+            tag = weights
+        else:  # a file's content names the directory: a rebuilt demo codec prepares afresh
+            path = DEMO_FILE if weights == "demo" else Path(weights)
+            if not path.is_file():
+                raise assets.MissingWeightsError(f"codec={weights}: weights file {path} does not exist")
+            tag = ("demo-" if weights == "demo" else "") + sha256_file(path)[:16]
         out = assets.cache_dir() / "analysis" / f"demo-{tag}"
         if not all(index_path(out, s).is_file() for s in ("train", "test")):
             from siren.data import prepare
@@ -87,13 +93,21 @@ def open_codec(prepared: Path, splits: list[str], weights: str = "") -> Codec:
     """The codec the splits were prepared with (``weights`` empty: the directory's own weights label)."""
     infos = {s: PreparedDataset(prepared, s, crop_s=None).info["codec"] for s in splits}
     first = next(iter(infos.values()))
-    codec = build_codec(weights or first["weights"])
+    weights = weights or weights_arg(first["weights"])
+    codec = build_codec(weights)
     for split, info in infos.items():
         if codec.id != info["id"]:
             raise DataError(f"{index_path(prepared, split)}: codes were made by codec {info['id']} ({info['weights']} "
-                            f"weights), but codec={weights or first['weights']} builds {codec.id}; pass the codec "
+                            f"weights), but codec={weights} builds {codec.id}; pass the codec "
                             f"weights the directory was prepared with")
     return codec
+
+
+def weights_note(codec: Codec) -> str:
+    """The figure note on whose weights made the codes ("" for the pretrained codec)."""
+    if codec.weights_label == "pretrained":
+        return ""
+    return f"codec: {DEMO_LABEL}" if codec.weights_label == DEMO_LABEL else f"{codec.weights_label} codec weights"
 
 
 def build_codec(weights: str) -> Codec:

@@ -13,7 +13,7 @@ Generation quality at depth r comes from runs trained with r layers, when given:
 ``gen_runs=[a,b] gen_r=[4,12]`` reads each run's eval ``results.json`` (metric ``gen_metric``,
 default FD). Without them the figure says that no generation results were given.
 
-    python -m analysis.rvq_depth data=demo codec=random max_clips=8
+    python -m analysis.rvq_depth data=demo codec=demo max_clips=8
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class RvqDepthConfig:
     max_clips: int = 4  # 0 = all (a seeded draw otherwise); the DAC decoder is slow on CPU
     seconds: float = 1.0  # compare the first `seconds` of each clip (0 = whole clips)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda[:N]
-    codec: str = ""  # codec weights; empty: those the data was prepared with
+    codec: str = ""  # codec weights (pretrained | random | demo | /path.pth); empty: those the data was prepared with
     depths: str = "1,2,3,4,5,6,7,8,9,10,11,12"  # r values to decode with
     gen_runs: str = ""  # optional: run dirs (each with results.json) of models trained with r layers
     gen_r: str = ""  # the r of each gen_runs entry
@@ -143,7 +143,7 @@ def run(cfg: RvqDepthConfig) -> list:
     written.append(write_csv(folder / "generation.csv",
                              [dict(r=r, metric=cfg.gen_metric, value=v) for r, v in sorted(gen)],
                              columns=["r", "metric", "value"]))
-    note = f"{codec.weights_label} codec weights" if codec.weights_label != "pretrained" else ""
+    note = prepared.weights_note(codec)
     written += style.save_figure(plot(rows, sorted(gen), cfg.gen_metric, note), folder, "fig1b_rvq_depth")
     for row in rows:
         print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  SI-SNR {row['si_snr_db']:6.2f} dB")

@@ -8,7 +8,7 @@ cosines), standardise, and train scikit-learn's MLPClassifier with one hidden la
 (= two linear layers). Each panel of the t-SNE figure embeds the same test clips' pooled
 features of one layer, coloured by class, with the layer's accuracy on top.
 
-    python -m analysis.semantic_probe data=demo codec=random
+    python -m analysis.semantic_probe data=demo codec=demo      # codec=random: the smoke-test codec
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ EXACT_TSNE_MAX = 2000
 class SemanticProbeConfig:
     data: str = "demo"  # prepared directory with train + test splits whose manifests had a `label` column | demo
     max_clips: int = 0  # per split, 0 = all (a seeded draw otherwise)
-    codec: str = ""  # codec weights; empty: those the data was prepared with
+    codec: str = ""  # codec weights (pretrained | random | demo | /path.pth); empty: those the data was prepared with
     features: str = "projected"  # projected (1024-d f-hat^j) | codebook (8-d Z^j[q])
     hidden: int = 256  # width of the MLP's hidden layer
     max_iter: int = 500  # MLP training epochs (adam)
@@ -111,7 +111,7 @@ def run(cfg: SemanticProbeConfig) -> list:
         acc[j] = probe_accuracy(feats[tr, j - 1], y[tr], feats[te, j - 1], y[te], cfg.hidden, cfg.max_iter, cfg.seed)
         points[j] = tsne(feats[te, j - 1], cfg.tsne_perplexity, cfg.seed)
         print(f"layer {j:2d}: top-1 {100 * acc[j]:5.1f}%")
-    note = f"{codec.weights_label} codec weights" if codec.weights_label != "pretrained" else ""
+    note = prepared.weights_note(codec)
     prov = dict(codec=codec.id, weights=codec.weights_label, features=cfg.features, pool="time-mean",
                 n_train=int(tr.sum()), n_test=int(te.sum()), n_classes=n_classes)
     written = [write_csv(folder / "accuracy.csv", [dict(layer=j, top1=acc[j], **prov) for j in layers])]

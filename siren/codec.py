@@ -15,6 +15,7 @@ from torch import nn
 
 from siren import assets
 from siren.io import sha256_file
+from siren.errors import CheckpointError, ConfigError
 
 SAMPLE_RATE = 16_000
 N_LAYERS = 12
@@ -27,12 +28,25 @@ FRAME_RATE = SAMPLE_RATE // HOP  # 50 frames/s
 DAC_KWARGS = dict(encoder_dim=64, encoder_rates=[2, 4, 5, 8], decoder_dim=1536, decoder_rates=[8, 5, 4, 2],
                   n_codebooks=N_LAYERS, codebook_size=CODEBOOK_SIZE, codebook_dim=CODEBOOK_DIM,
                   sample_rate=SAMPLE_RATE)
+# What every codec file must share with the paper's tokenizer (the model's code embeddings
+# also need the 1024-d latent, siren/model/embedding.py); the widths of the convolutions may differ.
+PAPER_KWARGS = dict(n_codebooks=N_LAYERS, codebook_size=CODEBOOK_SIZE, codebook_dim=CODEBOOK_DIM,
+                    sample_rate=SAMPLE_RATE, latent_dim=1024)
+WEIGHTS = ("pretrained", "random", "demo")
+# weights=demo: a DAC the project trains on the embedded demo set (python -m siren.demo_assets.codec).
+DEMO_FILE = Path(__file__).parent / "demo_assets" / "files" / "dac16k_demo.pth"
+DEMO_LABEL = "demo weights (trained on the embedded set)"
 
 
 @dataclass
 class CodecConfig:
-    weights: str = "pretrained"  # "pretrained" (assets cache), "random" (explicit smoke-test mode) or a .pth path
+    # "pretrained" (assets cache), "random" (explicit smoke-test mode), "demo" (DEMO_FILE) or a .pth path
+    weights: str = "pretrained"
     seed: int = 0  # random-init seed for weights=random
+
+    def __post_init__(self):
+        if not self.weights:
+            raise ConfigError(f"codec.weights is empty; give one of {', '.join(WEIGHTS)} or a .pth path")
 
 
 @dataclass
@@ -54,17 +68,17 @@ class Codec(nn.Module):
             self.dac = dac.DAC(**DAC_KWARGS)
             self.weights_label, self.weights_sha256 = "random", f"random-seed{cfg.seed}"
         else:
-            path = assets.require("dac_16khz") if cfg.weights == "pretrained" else Path(cfg.weights)
+            if cfg.weights == "pretrained":
+                path = assets.require("dac_16khz")
+            else:
+                path = DEMO_FILE if cfg.weights == "demo" else Path(cfg.weights)
             if not path.is_file():
-                raise assets.MissingWeightsError(f"codec weights file {path} does not exist")
-            self.dac = dac.DAC(**DAC_KWARGS)
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            kwargs = ckpt.get("metadata", {}).get("kwargs", {})
-            bad = {k: (kwargs[k], v) for k, v in DAC_KWARGS.items() if k in kwargs and kwargs[k] != v}
-            if bad:
-                raise ValueError(f"{path} is not the 16 kHz 12-layer DAC: (file, expected) differ for {bad}")
-            self.dac.load_state_dict(ckpt["state_dict"])
-            self.weights_label, self.weights_sha256 = "pretrained", sha256_file(path)
+                raise assets.MissingWeightsError(
+                    f"codec weights file {path} does not exist" + (
+                        "; rebuild it with python -m siren.demo_assets.codec" if cfg.weights == "demo" else ""))
+            self.dac, demo = load_dac(path)
+            self.weights_label = DEMO_LABEL if demo else "pretrained"
+            self.weights_sha256 = sha256_file(path)
         self.dac.eval().requires_grad_(False)
 
     @property
@@ -109,3 +123,36 @@ class Codec(nn.Module):
         bias = torch.stack([q.out_proj(torch.zeros_like(eye[:1]))[0, :, 0] for q in qs])
         return CodeTables(codebooks=torch.stack([q.codebook.weight for q in qs]).detach().clone(),
                           out_weight=torch.stack([c.T for c in cols]).contiguous(), out_bias=bias)
+
+
+def weights_arg(label: str) -> str:
+    """A codec's ``weights_label`` (as prepared directories record it) -> the ``codec.weights`` value."""
+    return "demo" if label == DEMO_LABEL else label
+
+
+def load_dac(path: Path):
+    """A DAC .pth file (``state_dict`` + ``metadata.kwargs``, as descript-audio-codec saves it) ->
+    (the DAC built with the file's kwargs, whether the file is the project's demo codec).
+    The quantizer, sample rate and hop must be the paper's; the widths may differ."""
+    import dac
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or non-torch file: say which
+        raise CheckpointError(f"{path}: not a readable torch file ({e})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: no 'state_dict' in the file; expected a DAC .pth (state_dict + metadata)")
+    meta = ckpt.get("metadata", {})
+    kwargs = {**DAC_KWARGS, **meta.get("kwargs", {})}
+    if kwargs.get("latent_dim") is None:  # DAC's default, as its own files record it
+        kwargs["latent_dim"] = kwargs["encoder_dim"] * 2 ** len(kwargs["encoder_rates"])
+    hop = int(torch.tensor(kwargs["encoder_rates"]).prod())
+    bad = {k: (kwargs[k], v) for k, v in PAPER_KWARGS.items() if kwargs[k] != v}
+    if hop != HOP:
+        bad["hop (product of encoder_rates)"] = (hop, HOP)
+    if bad:
+        raise CheckpointError(f"{path} is not a 16 kHz 12 x 1024 x 8-d RVQ DAC with hop {HOP}: (file, expected) "
+                              f"differ for {bad}")
+    model = dac.DAC(**kwargs)
+    model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})  # demo files store fp16
+    return model, bool(meta.get("demo", False))
