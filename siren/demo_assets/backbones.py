@@ -261,8 +261,9 @@ def build(cfg: BuildConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(BuildConfig, sys.argv[1:] if argv is None else argv)
+    from siren import cli
+
+    cfg = load_config(BuildConfig, cli.start(argv))
     print(json.dumps(build(cfg), indent=2))
     return 0
 

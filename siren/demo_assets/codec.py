@@ -286,8 +286,9 @@ def build(cfg: CodecRecipe) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(CodecRecipe, sys.argv[1:] if argv is None else argv)
+    from siren import cli
+
+    cfg = load_config(CodecRecipe, cli.start(argv))
     report = build(cfg)
     for s in report["quantizers"]:
         log.info("layer %2d: %4d codes used, residual energy left %.3f", s["layer"], s["codes_used"],
