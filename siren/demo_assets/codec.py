@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
