@@ -23,7 +23,7 @@ from torch import nn
 
 from siren.errors import ConfigError
 from siren.model.blocks import KVCache, TextKV
-from siren.model.config import ModelConfig
+from siren.model.config import ARCHS, ModelConfig
 from siren.model.continuous.config import ContinuousConfig
 from siren.model.continuous.diffusion import DiffusionHead
 from siren.model.continuous.latent import LatentProjection
@@ -46,9 +46,12 @@ class ContinuousState:
 
 
 def _backbone_config(cfg: ContinuousConfig) -> ModelConfig:
-    """The discrete family's backbone settings for the same width/depth (no decoder, no code tables)."""
-    return ModelConfig(distribution="1-12", conditioning="none", decoder_layers=0, dim=cfg.dim, main_layers=cfg.layers,
-                       attn_heads=cfg.attn_heads, mlp_ratio=cfg.mlp_ratio, text_dim=cfg.text_dim)
+    """The discrete family's backbone settings for the same width/depth (no decoder, no code tables): the
+    first wave's blocks (``arch=legacy``: GELU MLP of mlp_ratio * d, self- then cross-attention), which the
+    Base/Large sizes of paper/003 were fitted with."""
+    return ModelConfig(**{**ARCHS["legacy"], "mlp_hidden": cfg.mlp_ratio * cfg.dim}, distribution="1-12",
+                       conditioning="none", decoder_layers=0, dim=cfg.dim, main_layers=cfg.layers,
+                       attn_heads=cfg.attn_heads, text_dim=cfg.text_dim)
 
 
 class ContinuousLM(nn.Module):
