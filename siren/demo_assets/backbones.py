@@ -40,8 +40,8 @@ from eval.audio import make_clip
 from siren.config import load_config
 from siren.data.demo import CLASSES
 from siren.demo_assets import store
-from siren.demo_assets.fit import _batches, fit
 from siren.demo_assets.data import Split, demo_data
+from siren.demo_assets.fit import _batches, fit
 from siren.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -226,8 +226,9 @@ class BuildConfig:
 
 def build(cfg: BuildConfig) -> dict:
     """Train every part in ``cfg.only`` and write its file; returns the measured numbers per part."""
-    from eval.backbones import PANNS_16K, panns_models
     from torchvggish import torchvggish as tv
+
+    from eval.backbones import PANNS_16K, panns_models
 
     torch.set_num_threads(cfg.threads)
     report = {}

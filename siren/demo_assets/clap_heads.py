@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from siren.demo_assets.fit import _batches, fit
 from siren.demo_assets.data import Split
+from siren.demo_assets.fit import _batches, fit
 
 TEMPERATURE = 0.07
 
