@@ -153,7 +153,8 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             before_eval = [key]
         key = f"{cell.id}/eval"
         ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg
-        jobs[key] = Job(key, steps.eval_step, dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
+        jobs[key] = Job(key, steps.eval_step,
+                        dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
                         cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
         for kind in steps.CALIBRATIONS if run.calibrated else ():  # once per data config (codec, test set)
             key, folder = f"calib-{did}/{kind}", calibration_dir(run, cell, kind)

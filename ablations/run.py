@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if run.action == "run":
         for cell in cells:  # what each cell directory is, for a reader browsing results
-            io.write_json(cell.dir / "cell.json", {"id": cell.id, "config": cell.cfg, "rows": [r.label for r in cell.rows]})
+            io.write_json(cell.dir / "cell.json",
+                          {"id": cell.id, "config": cell.cfg, "rows": [r.label for r in cell.rows]})
         if run.executor == "slurm":
             from ablations.executors import load_profile
 

@@ -52,7 +52,8 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
     from siren.rl.config import parse as align_parse
     from siren.train import parse as stage1_parse
 
-    other = [k for k in cfg if not k.startswith(("model.", "train.", "rl.", "eval.")) and k not in (*DATA_KEYS, "weights")]
+    other = [k for k in cfg
+             if not k.startswith(("model.", "train.", "rl.", "eval.")) and k not in (*DATA_KEYS, "weights")]
     try:
         if other:
             raise ConfigError(f"unknown cell key(s) {other}; cell keys start with model., train., rl., eval. or "

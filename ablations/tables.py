@@ -40,7 +40,8 @@ def build_frame(grid: Grid, outcomes: Mapping[str, Outcome], source: str,
         paper = {"itg": True} if row.paper == "itg" else dict(row.paper)
         records.append({"Setting": row.label, "Source": "paper", "Status": "itg" if paper.pop("itg", False) else "ok",
                         "Note": "", "Reward = metric": "", **{c: paper.get(c) for c in grid.columns}})
-        out = outcomes.get(row.label, Outcome({}, "not built", row.needs) if row.cell is None else Outcome({}, "pending"))
+        out = outcomes.get(row.label,
+                           Outcome({}, "not built", row.needs) if row.cell is None else Outcome({}, "pending"))
         records.append({"Setting": row.label, "Source": source, "Status": out.status, "Note": out.reason,
                         "Reward = metric": ",".join(c for c in grid.columns if c in out.reward_metric),
                         **{c: out.values.get(c) for c in grid.columns}})

@@ -146,7 +146,8 @@ def run(cfg: RvqDepthConfig) -> list:
     note = prepared.weights_note(codec)
     written += style.save_figure(plot(rows, sorted(gen), cfg.gen_metric, note), folder, "fig1b_rvq_depth")
     for row in rows:
-        print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  SI-SNR {row['si_snr_db']:6.2f} dB")
+        print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  "
+              f"SI-SNR {row['si_snr_db']:6.2f} dB")
     if not gen:
         print("generation quality vs r: no results given (gen_runs=[...] gen_r=[...])")
     return written

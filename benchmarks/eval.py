@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ref = _write_clips(tmp / "ref" / "audio", cfg.n, cfg.seconds, cfg.seed + 1)
         manifest = tmp / "ref" / "test.csv"
-        manifest.write_text("id,audio,caption\n" + "".join(f"{i},audio/{p.name},a tone number {i}\n" for i, p in ref.items()))
+        manifest.write_text("id,audio,caption\n"
+                            + "".join(f"{i},audio/{p.name},a tone number {i}\n" for i, p in ref.items()))
         ecfg = EvalConfig(gen_dir=str(tmp / "gen"), ref=str(manifest), out=str(tmp / "out"), weights=cfg.weights,
                           seed=cfg.seed, metrics=cfg.metrics, batch_size=cfg.batch_size, cache_dir=str(tmp / "cache"),
                           is_splits=min(10, cfg.n))

@@ -6,7 +6,8 @@ reference manifest).
 
 ``ckpt=`` generates one clip per reference caption with the run (eval/generate.py: batched,
 seeded, resumable, ``candidates=N`` for CLAP reject sampling) into ``DIR/gen`` and evaluates
-those. ``ref=demo`` is the embedded demo set's test split. FOLDER holds ``<id>.wav`` for every reference id (any sample rate, any system). Writes
+those. ``ref=demo`` is the embedded demo set's test split. FOLDER holds ``<id>.wav`` for every
+reference id (any sample rate, any system). Writes
 ``DIR/results.json`` (metrics, per-clip scores and the protocol card) and prints a Table-1 row
 (FAD, FD, ISC, KL, CLAP). ``weights=random`` runs the same code with seeded random backbones
 (smoke tests only; every output says so). Embeddings are cached (``cache_dir=``), so evaluating

@@ -284,9 +284,11 @@ class VGGish(Backbone):
         from torchvggish import vggish_params as p
 
         return {"model": "torchvggish.torchvggish.VGG (torchvggish 0.2)", "pca": False, "final_relu": False,
-                "embedding_dim": 128, "example_seconds": p.EXAMPLE_WINDOW_SECONDS, "example_hop_seconds": p.EXAMPLE_HOP_SECONDS,
+                "embedding_dim": 128, "example_seconds": p.EXAMPLE_WINDOW_SECONDS,
+                "example_hop_seconds": p.EXAMPLE_HOP_SECONDS,
                 "stft_window_seconds": p.STFT_WINDOW_LENGTH_SECONDS, "stft_hop_seconds": p.STFT_HOP_LENGTH_SECONDS,
-                "mel_bands": p.NUM_MEL_BINS, "mel_fmin": p.MEL_MIN_HZ, "mel_fmax": p.MEL_MAX_HZ, "log_offset": p.LOG_OFFSET,
+                "mel_bands": p.NUM_MEL_BINS, "mel_fmin": p.MEL_MIN_HZ, "mel_fmax": p.MEL_MAX_HZ,
+                "log_offset": p.LOG_OFFSET,
                 "preprocess": "mono, resample, torchvggish.vggish_input.waveform_to_examples",
                 "min_samples": self.MIN_SAMPLES, "short": self.short, "short_rule": {
                     "skip": "clips under min_samples add no frames (audioldm_eval)",

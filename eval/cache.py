@@ -64,13 +64,14 @@ class EmbeddingCache:
             warnings.warn(f"embedding cache entry {p} is unreadable ({e}); recomputing it")
             return None
         if set(entry) != set(outputs):
-            warnings.warn(f"embedding cache entry {p} holds {sorted(entry)}, expected {sorted(outputs)}; recomputing it")
+            warnings.warn(f"embedding cache entry {p} holds {sorted(entry)}, "
+                          f"expected {sorted(outputs)}; recomputing it")
             return None
         return entry
 
     def put(self, backbone_id: str, key: str, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> None:
-        save_tensors(self.path(backbone_id, key), {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
-                     metadata=meta)
+        save_tensors(self.path(backbone_id, key),
+                     {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, metadata=meta)
 
 
 def embed_clips(backbone: Backbone, clips: list[Clip], cache: EmbeddingCache | None = None, batch_size: int = 8,

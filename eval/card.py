@@ -54,7 +54,8 @@ def code_version() -> str:
 
 def weights_label(backbone_cards: dict[str, dict]) -> str:
     labels = {c["weights"] for c in backbone_cards.values()}
-    return labels.pop() if len(labels) == 1 else "mixed: " + ", ".join(f"{k}={c['weights']}" for k, c in backbone_cards.items())
+    return (labels.pop() if len(labels) == 1
+            else "mixed: " + ", ".join(f"{k}={c['weights']}" for k, c in backbone_cards.items()))
 
 
 def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference: dict, generated: dict,
@@ -100,7 +101,8 @@ def table(rows: list[tuple[str, dict]], card: dict) -> str:
                  for _, k in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     fd = card["backbones"].get("fd_kl_is", {})
-    lines.append(f"\n{card['n_clips']} clips; FD/KL/IS: {fd.get('id', '-')}; KL {card['metrics'].get('kl', {}).get('direction', '-')}; "
+    lines.append(f"\n{card['n_clips']} clips; FD/KL/IS: {fd.get('id', '-')}; "
+                 f"KL {card['metrics'].get('kl', {}).get('direction', '-')}; "
                  f"weights: {card['weights']}" + (f"  ** {banner(card['weights'])} **" if is_random(card) else ""))
     if marked:
         lines.append(f"{REWARD_MARK} {', '.join(sorted(marked)).upper()}: {REWARD_NOTE}")

@@ -18,9 +18,9 @@ from tqdm import tqdm
 import siren
 from siren.checkpoint import read_run_config, trained_frames, warn_if_past_trained
 from siren.codec import FRAME_RATE, SAMPLE_RATE
+from siren.data.manifest import child_path
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
-from siren.data.manifest import child_path
 from siren.io import atomic_path
 from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info

@@ -1,7 +1,8 @@
 """The reference set (e.g. AudioCaps test) and its pairing with a folder of generated clips.
 
 A manifest is CSV or JSONL with columns ``id, audio, caption`` (read by siren.data.manifest, the
-project's one manifest reader; relative audio paths are relative to the manifest's folder). AudioCaps lists 5 captions per clip
+project's one manifest reader; relative audio paths are relative to the manifest's folder).
+AudioCaps lists 5 captions per clip
 as 5 rows with the same id: ``caption_index=k`` takes each id's k-th row (in file order). A
 ``subset`` file (one id per line) restricts the set, e.g. to the 964 clips AudioLDM evaluates
 on. Both are protocol parameters and go into the card.

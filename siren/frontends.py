@@ -59,7 +59,8 @@ def run_frontends(run_cfg: Mapping[str, Any], device: str | torch.device = "cpu"
                                   f"the harness); train it again, or add \"config\" to its config.json {what} entry")
     codec = build_codec(from_dict(CodecConfig, run_cfg["codec"]["config"], f"{where} codec"), device)
     text = build_text(from_dict(TextConfig, run_cfg["text"]["config"], f"{where} text"), device, clap)
-    for what, built, want in [("text encoder", text.id, run_cfg["text"]["id"]), ("codec", codec.id, run_cfg["codec"]["id"])]:
+    for what, built, want in [("text encoder", text.id, run_cfg["text"]["id"]),
+                              ("codec", codec.id, run_cfg["codec"]["id"])]:
         if built != want:
             raise CheckpointError(f"{where} was trained with {what} {want}, but the weights found here give {built}; "
                                   f"put the same weights in $SIREN_CACHE (python -m siren.assets list)")

@@ -62,7 +62,8 @@ def sample_token(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Gener
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def start(model: CollaborativeModel, states: torch.Tensor, mask: torch.Tensor, cached: bool = True) -> list[ExpertState]:
+def start(model: CollaborativeModel, states: torch.Tensor, mask: torch.Tensor,
+          cached: bool = True) -> list[ExpertState]:
     return [e.start(states, mask, cached) for e in model.experts]
 
 
@@ -105,7 +106,8 @@ def generate_with_info(model: CollaborativeModel, text, n_frames: int, cfg: Samp
         generator = torch.Generator(device).manual_seed(seed)
         codes = torch.zeros(states.shape[0], N_LAYERS, n_frames, dtype=torch.long, device=device)
         run = start(model, states, mask, cfg.cached)
-        for _ in tqdm(range(n_frames), desc="sampling", unit="frame", disable=None if progress is None else not progress):
+        for _ in tqdm(range(n_frames), desc="sampling", unit="frame",
+                      disable=None if progress is None else not progress):
             sample_step(model, run, codes, cfg, generator)
     finally:
         model.train(was_training)

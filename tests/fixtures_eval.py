@@ -13,7 +13,8 @@ def synth(seed: int, seconds: float = 2.5, sr: int = 16000) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * sr)) / sr
     f = rng.uniform(150, 2000)
-    wav = 0.4 * np.sin(2 * np.pi * f * t) + 0.15 * np.sin(2 * np.pi * 2.5 * f * t + 1.0) + 0.05 * rng.standard_normal(t.size)
+    wav = (0.4 * np.sin(2 * np.pi * f * t) + 0.15 * np.sin(2 * np.pi * 2.5 * f * t + 1.0)
+           + 0.05 * rng.standard_normal(t.size))
     return (wav * rng.uniform(0.3, 1.0)).astype(np.float32)
 
 

@@ -27,7 +27,8 @@ class SyntheticClips(Dataset):
             T = frames - (int(torch.randint(0, frames // 3 + 1, (), generator=g)) if ragged else 0)
             L = text_len - (int(torch.randint(0, text_len // 2 + 1, (), generator=g)) if ragged else 0)
             self.items.append({"codes": torch.randint(0, CODEBOOK_SIZE, (N_LAYERS, T), generator=g),
-                               "text": torch.randn(L, TEXT_DIM, generator=g), "text_mask": torch.ones(L, dtype=torch.bool),
+                               "text": torch.randn(L, TEXT_DIM, generator=g),
+                               "text_mask": torch.ones(L, dtype=torch.bool),
                                "id": f"clip{i}",
                                "caption": f"synthetic clip {i}"})
 

@@ -49,7 +49,8 @@ def test_a_cell_shared_by_several_tables_runs_once(scale):
     shared = [v for v in tables.values() if len(v) > 1]
     # the paper's own cross-references: the 1.6B single model, Siren without RL, AudioGen, Siren with RL
     assert {"table3:Base Single", "table5:Accumu. AR", "table6:1-12"} in shared
-    assert {"table3:Isolated-Small", "table4:+ Accumulated Cond.", "table5:Collaborative (ours)", "table6:6-2"} in shared
+    assert {"table3:Isolated-Small", "table4:+ Accumulated Cond.", "table5:Collaborative (ours)",
+            "table6:6-2"} in shared
     assert {"table4:Baseline (AudioGen-style parallel heads)", "table5:Indpdt."} in shared
     assert {"table4:+ RL Align", "table7:Anti-Causal, 1 model"} in shared
     assert len(shared) == 4

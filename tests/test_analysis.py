@@ -186,7 +186,8 @@ def test_task_vector_cosines_identical_orthogonal_and_grouping():
         return out
 
     # experts 0 and 1: the same update direction (other length); expert 2: an orthogonal one
-    taus = [task_vectors.task_vector(finals(basis[0], 1.0), init), task_vectors.task_vector(finals(basis[0], 5.0), init),
+    taus = [task_vectors.task_vector(finals(basis[0], 1.0), init),
+            task_vectors.task_vector(finals(basis[0], 5.0), init),
             task_vectors.task_vector(finals(basis[1], 1.0), init)]
     cos = task_vectors.module_cosines(taus)
     # The orthogonality of basis[0] and basis[1] holds over ALL tensors, not per module: check the

@@ -24,8 +24,8 @@ from eval.audio import load_clips
 from siren.codec import HOP, Codec, CodecConfig
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, sha256
-from siren.data.manifest import Row, child_path, read_manifest
 from siren.data.encode import encode_codes as _encode_codes
+from siren.data.manifest import Row, child_path, read_manifest
 from siren.errors import DataError, ManifestError
 from tests.fixtures_data import Counting, write_wav
 

@@ -53,15 +53,16 @@ def test_manifest_csv_and_jsonl(tmp_path):
                    columns=("id", "audio", "caption"))
     (r,) = read_manifest(tmp_path / "m.csv")
     assert (r.id, r.audio, r.caption, r.label) == ("a", tmp_path / "sub/a.wav", "A dog barks", None)
-    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "b", "audio": "/abs/b.flac", "caption": "rain", "label": "rain"})
-                                      + "\n\n")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "b", "audio": "/abs/b.flac", "caption": "rain",
+                                                  "label": "rain"}) + "\n\n")
     (r,) = read_manifest(tmp_path / "m.jsonl")
     assert (str(r.audio), r.label) == ("/abs/b.flac", "rain")
 
 
 def test_manifest_errors_name_the_file(tmp_path):
     m = write_manifest(tmp_path / "m.csv", [{"id": "a", "caption": "x"}], columns=("id", "caption"))
-    with pytest.raises(ManifestError, match=r"m\.csv.*missing column\(s\) audio; required columns are id, audio, caption"):
+    with pytest.raises(ManifestError,
+                       match=r"m\.csv.*missing column\(s\) audio; required columns are id, audio, caption"):
         read_manifest(m)
     m = write_manifest(tmp_path / "d.csv", [{"id": i, "audio": "x.wav", "caption": "c"} for i in "abacc"])
     with pytest.raises(ManifestError, match=r"d\.csv: duplicate id\(s\) a, c"):

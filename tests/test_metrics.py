@@ -111,7 +111,8 @@ def test_kl_matches_hand_computation():
     # logits are log-probabilities plus any per-row constant
     kl = M.kl_divergence(np.log(p)[None] + 7.0, np.log(q)[None] - 3.0, eps=0.0)
     assert kl.shape == (1,) and kl[0] == pytest.approx(by_hand, rel=1e-12)
-    with_eps = 0.5 * math.log(0.5 / (0.2 + 1e-6)) + 0.3 * math.log(0.3 / (0.5 + 1e-6)) + 0.2 * math.log(0.2 / (0.3 + 1e-6))
+    with_eps = (0.5 * math.log(0.5 / (0.2 + 1e-6)) + 0.3 * math.log(0.3 / (0.5 + 1e-6))
+                + 0.2 * math.log(0.2 / (0.3 + 1e-6)))
     assert M.kl_divergence(np.log(p)[None], np.log(q)[None], eps=1e-6)[0] == pytest.approx(with_eps, rel=1e-12)
     # direction: KL(p||q) != KL(q||p) here
     assert M.kl_divergence(np.log(q)[None], np.log(p)[None], eps=0.0)[0] != pytest.approx(by_hand, rel=1e-3)

@@ -24,7 +24,8 @@ FORMAT = 1  # layout of the cached files; part of every key, so a new layout nev
 
 
 def codes_key(audio_sha256: str, policy: dict, codec_id: str) -> str:
-    return sha256(json.dumps({"audio": audio_sha256, "policy": policy, "codec": codec_id, "format": FORMAT}, sort_keys=True))
+    return sha256(json.dumps({"audio": audio_sha256, "policy": policy, "codec": codec_id, "format": FORMAT},
+                             sort_keys=True))
 
 
 def text_key(caption: str, text_id: str, dtype: str) -> str:

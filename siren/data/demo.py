@@ -114,7 +114,8 @@ def rain(rng, n):
 
 def birdsong(rng, n):
     out = np.zeros(n)
-    motif = [(rng.uniform(2500, 6500), rng.uniform(2500, 6500), rng.uniform(0.04, 0.11)) for _ in range(rng.integers(2, 5))]
+    motif = [(rng.uniform(2500, 6500), rng.uniform(2500, 6500), rng.uniform(0.04, 0.11))
+             for _ in range(rng.integers(2, 5))]
     t = rng.uniform(0, 0.15)
     while t < n / SR:
         for f1, f2, d in motif:
@@ -196,7 +197,8 @@ def water_drip(rng, n):
 
 def whistle(rng, n):
     notes = rng.uniform(1200, 2800, rng.integers(1, 4))
-    f = np.repeat(notes, -(-n // len(notes)))[:n] * (1 + rng.uniform(0.01, 0.03) * np.sin(2 * np.pi * rng.uniform(5, 7) * _t(n)))
+    f = np.repeat(notes, -(-n // len(notes)))[:n] * (1 + rng.uniform(0.01, 0.03)
+                                                     * np.sin(2 * np.pi * rng.uniform(5, 7) * _t(n)))
     edge = np.minimum(1, np.minimum(_t(n), _t(n)[::-1]) / 0.05)
     return (_tone(f, n, [1, .08]) + 0.05 * _band_noise(rng, n, notes.min() * 0.8, notes.max() * 1.2)) * edge, {
         "tune": len(notes) > 1}
@@ -211,7 +213,8 @@ def alarm_beeps(rng, n):
 def thunder(rng, n):
     t0 = rng.uniform(0, 0.3)
     m = n - int(t0 * SR)
-    rumble = _band_noise(rng, m, 20, rng.uniform(120, 250)) * np.minimum(1, _t(m) / 0.1) * np.exp(-_t(m) / rng.uniform(0.6, 1.5))
+    rumble = (_band_noise(rng, m, 20, rng.uniform(120, 250)) * np.minimum(1, _t(m) / 0.1)
+              * np.exp(-_t(m) / rng.uniform(0.6, 1.5)))
     rumble *= 1 + 0.5 * _band_noise(rng, m, 0.5, 6)  # rolling
     crack = rng.random() < 0.5
     if crack:
@@ -236,32 +239,39 @@ def _pick(rng, xs):
 CLASSES = [
     SoundClass("dog_bark", dog_bark, lambda p: [f"A {p['size']} dog barks {p['n']} times",
                                                    f"A {p['size']} dog barking", "A dog barks repeatedly nearby"]),
-    SoundClass("siren", siren, lambda p: [f"The siren of {p['kind']} wails", f"{p['kind'].capitalize()} passes with its siren sweeping up and down",
+    SoundClass("siren", siren, lambda p: [f"The siren of {p['kind']} wails",
+                                             f"{p['kind'].capitalize()} passes with its siren sweeping up and down",
                                              "An emergency siren blaring"]),
-    SoundClass("engine", engine, lambda p: ["A car engine revs up", "An engine accelerates with a rising roar"] if p["rev"]
+    SoundClass("engine", engine,
+               lambda p: ["A car engine revs up", "An engine accelerates with a rising roar"] if p["rev"]
                else ["An engine idles with a low rumble", "A motor hums steadily", "A truck engine idling"]),
     SoundClass("rain", rain, lambda p: (["Heavy rain pours down", "Rain falls hard on a roof"] if p["heavy"] else
                                            ["Light rain patters on a surface", "Gentle rain falling"])),
-    SoundClass("birdsong", birdsong, lambda p: ["A bird chirps and sings", "Birds tweeting", "A songbird sings a rapid melody"]),
+    SoundClass("birdsong", birdsong,
+               lambda p: ["A bird chirps and sings", "Birds tweeting", "A songbird sings a rapid melody"]),
     SoundClass("bell", bell, lambda p: (["A church bell tolls", "A large bell rings out"] if p["church"] else
                                            ["A small bell rings", "A bell is struck and rings"])),
-    SoundClass("footsteps", footsteps, lambda p: [f"Footsteps walking on {p['surface']}", "A person walks with steady footsteps",
-                                                     "Someone walking"]),
+    SoundClass("footsteps", footsteps, lambda p: [f"Footsteps walking on {p['surface']}",
+                                                     "A person walks with steady footsteps", "Someone walking"]),
     SoundClass("clapping", clapping, lambda p: (["A crowd applauds", "Applause from an audience"] if p["crowd"] else
                                                    ["A person claps their hands", "Hands clapping"])),
-    SoundClass("phone_ring", phone_ring, lambda p: ["A telephone rings", "A phone is ringing", "An old telephone bell ringing"]),
-    SoundClass("drum_beat", drum_beat, lambda p: [f"Drums play a {p['tempo']} beat", "A drummer plays a simple rock beat",
+    SoundClass("phone_ring", phone_ring,
+               lambda p: ["A telephone rings", "A phone is ringing", "An old telephone bell ringing"]),
+    SoundClass("drum_beat", drum_beat, lambda p: [f"Drums play a {p['tempo']} beat",
+                                                     "A drummer plays a simple rock beat",
                                                      "A kick drum and snare keep a rhythm"]),
     SoundClass("wind", wind, lambda p: (["Strong wind gusting", "Wind howls loudly"] if p["strong"] else
                                            ["Wind blows", "A gentle breeze howls softly"])),
     SoundClass("water_drip", water_drip, lambda p: ["Water drips", "Water droplets fall into a puddle",
                                                        f"A leaking tap drips {p['n']} times"]),
-    SoundClass("whistle", whistle, lambda p: (["A person whistles a tune", "Someone whistling a melody"] if p["tune"] else
-                                                 ["A long high-pitched whistle", "Someone whistles one note"])),
-    SoundClass("alarm_beeps", alarm_beeps, lambda p: (["A smoke alarm beeps rapidly", "An electronic alarm beeping fast"]
-                                                         if p["fast"] else ["An alarm beeps repeatedly", "A beeping alarm"])),
+    SoundClass("whistle", whistle, lambda p: (["A person whistles a tune", "Someone whistling a melody"] if p["tune"]
+                                                 else ["A long high-pitched whistle", "Someone whistles one note"])),
+    SoundClass("alarm_beeps", alarm_beeps,
+               lambda p: (["A smoke alarm beeps rapidly", "An electronic alarm beeping fast"] if p["fast"] else
+                          ["An alarm beeps repeatedly", "A beeping alarm"])),
     SoundClass("thunder", thunder, lambda p: (["A thunderclap followed by a long rumble", "Thunder cracks and rolls"]
-                                                 if p["crack"] else ["Distant thunder rumbles", "Thunder rolls in the distance"])),
+                                                 if p["crack"] else
+                                                 ["Distant thunder rumbles", "Thunder rolls in the distance"])),
 ]
 
 

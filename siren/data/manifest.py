@@ -129,7 +129,8 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; required columns are "
-                            f"{', '.join(REQUIRED)} (optional: {', '.join(OPTIONAL)}); found: {', '.join(columns) or 'none'}")
+                            f"{', '.join(REQUIRED)} (optional: {', '.join(OPTIONAL)}); "
+                            f"found: {', '.join(columns) or 'none'}")
     rows, blank = [], []
     for n, r in records:
         vals = {c: ("" if r.get(c) is None else str(r[c]).strip()) for c in (*REQUIRED, *OPTIONAL)}

@@ -34,7 +34,8 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
     def order(self, epoch: int) -> list[int]:
         if not self.shuffle:
             return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))).tolist()
+        return torch.randperm(self.n,
+                              generator=torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))).tolist()
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, skip = self.epoch, self.skip

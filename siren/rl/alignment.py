@@ -293,9 +293,11 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     codec = None
     if cfg.reward.name != "code_match":  # rewards on audio: decode with the stage-1 run's codec
         codec = build_codec(cfg.codec, device)
-        check_same(run_cfg, "codec", codec.id, f"codec.weights={cfg.codec.weights} codec.seed={cfg.codec.seed}", cfg.run_dir)
+        check_same(run_cfg, "codec", codec.id, f"codec.weights={cfg.codec.weights} codec.seed={cfg.codec.seed}",
+                   cfg.run_dir)
     text_encoder = build_text(cfg.text, device, clap=clap)
-    check_same(run_cfg, "text", text_encoder.id, f"text.weights={cfg.text.weights} text.seed={cfg.text.seed}", cfg.run_dir)
+    check_same(run_cfg, "text", text_encoder.id, f"text.weights={cfg.text.weights} text.seed={cfg.text.seed}",
+               cfg.run_dir)
     reward = build_reward(cfg.reward, device, clap=text_encoder.clap)
     if reward.needs_audio != (codec is not None):
         raise AssertionError(f"reward {reward.id}: needs_audio={reward.needs_audio} but codec is {codec}")

@@ -61,7 +61,8 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
         saved = ckpt.read_json(path)
         ckpt.check_config({k: v for k, v in saved.items() if k != "config"},
                           {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "config"},
-                          f"{path}", fix="This out= directory belongs to another stage-1 run or reward; use another out=.")
+                          f"{path}",
+                          fix="This out= directory belongs to another stage-1 run or reward; use another out=.")
         ckpt.check_config({"config": saved["config"]}, {"config": json.loads(json.dumps(to_dict(cfg)))}, f"{path}",
                           ignore=tuple(f"config.{k}" for k in RESUMABLE_CHANGES),
                           fix="Only these keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
