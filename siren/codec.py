@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from siren import assets
-from siren.io import sha256_file
 from siren.errors import CheckpointError, ConfigError
+from siren.io import sha256_file
 
 SAMPLE_RATE = 16_000
 N_LAYERS = 12
