@@ -248,7 +248,7 @@ class Clap(nn.Module):
             self.tokenizer = ClipBpe()
             path = store.demo_file("clap")
             self.model = store.load(path, lambda: build_model(self.tokenizer))
-            self.weights_label, self.weights_sha256 = "demo", assets.sha256(path)
+            self.weights_label, self.weights_sha256 = "demo", sha256_file(path)
         else:
             path = assets.require("clap") if cfg.weights == "pretrained" else Path(cfg.weights)
             if not path.is_file():
