@@ -19,6 +19,7 @@ from siren.errors import SirenError
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
 EXIT_ERROR = 2  # bad input (as argparse)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+PACKAGES = ("siren", "eval", "ablations", "analysis", "benchmarks")  # whose INFO lines are shown
 
 
 def start(argv: Sequence[str] | None) -> list[str]:
@@ -36,7 +37,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         handler._siren = True
         root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(logging.WARNING)  # other libraries (matplotlib's font subsetting, ...): warnings only
+    for name in PACKAGES:
+        logging.getLogger(name).setLevel(level)
 
 
 def help_text(schema: type | None, doc: str | None) -> str:
