@@ -79,7 +79,8 @@ def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     from siren.data import prepare
 
     manifest = "demo" if cfg["data.source"] == "demo" else cfg["data.train"]
-    prepare.run(prepare.parse([f"manifest={manifest}", f"out={data_dir}", *_weights(cfg, "codec", "text")]))
+    crops = [f"crop_s={cfg['train.crop_s']}"] if float(cfg.get("train.crop_min_clap", 0)) > 0 else []  # appendix B
+    prepare.run(prepare.parse([f"manifest={manifest}", f"out={data_dir}", *_weights(cfg, "codec", "text"), *crops]))
     return {"data_dir": data_dir}
 
 
