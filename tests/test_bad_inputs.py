@@ -292,3 +292,71 @@ def test_the_grid_cli_goes_through_the_launcher_lock(tmp_path):
         with pytest.raises(LockHeld, match=rf"held by ablations launcher \(pid {os.getpid()} on host"):
             main(["grid=table6", "rows=6-2", f"out={tmp_path}", "executor=local"])
     assert not (tmp_path / "demo" / "jobs").exists()
+
+
+# ---------------------------------------------------------------- non-finite training, config values (issue 13)
+
+@pytest.mark.parametrize("arg, key", [("train.lr=nan", "train.lr"), ("train.lr=-1", "train.lr"),
+                                      ("train.grad_clip=-1", "train.grad_clip"), ("train.crop_s=-3", "train.crop_s"),
+                                      ("train.device=tpu", "train.device"), ("train.min_lr=inf", "train.min_lr")])
+def test_bad_train_values_fail_when_parsed(arg, key):
+    from siren.errors import ConfigError
+    from siren.train import parse
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse([arg])
+
+
+def test_a_grid_refuses_an_unknown_set_key_before_submitting(tmp_path):
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse
+    from siren.errors import ConfigError
+
+    run = parse(["grid=table5", f"out={tmp_path}", "set.train.stepz=5"])
+    with pytest.raises(ConfigError, match=r"train\.stepz.*Did you mean train\.steps"):
+        cells_of(load_grid("table5"), run)
+    assert not any(tmp_path.iterdir())  # nothing planned, written or submitted
+
+
+def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    import re
+
+    from siren import checkpoint as ckpt
+    from siren.train import NonFiniteError, train
+    from tests.fixtures_train import synthetic_data, tiny_config
+
+    run, data = tmp_path / "run", synthetic_data()
+    data.train.items[5]["text"] = data.train.items[5]["text"] * float("nan")  # NaN loss whenever item 5 is drawn
+    with pytest.raises(NonFiniteError, match=r"expert 0, step \d+: non-finite loss") as e:
+        train(tiny_config(run, "train.steps=12", "train.ckpt_every=1"), data, handle_signals=False)
+    failed = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    last = ckpt.load_latest(run / "expert_0")
+    assert (last.step if last else 0) == failed - 1  # every step before it saved, nothing after
+    assert last is None or all(t.isfinite().all() for t in last.model_state().values())
+
+
+def test_non_finite_weights_are_never_saved_nor_resumed(tmp_path):
+    import shutil
+
+    from siren import checkpoint as ckpt
+    from siren.errors import CheckpointError
+    from siren.io import save_tensors, write_text
+    from siren.train import train
+    from tests.fixtures_train import synthetic_data, tiny_config
+
+    run = tmp_path / "run"
+    train(tiny_config(run, "train.steps=8", "train.ckpt_every=4"), synthetic_data(), handle_signals=False)
+    edir = run / "expert_0"
+    weights = ckpt.load_latest(edir).model_state()
+    name = next(k for k, v in weights.items() if v.is_floating_point())
+    bad = {k: v.clone() for k, v in weights.items()}
+    bad[name][...] = float("nan")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        ckpt.save(edir, 9, bad, {}, {}, keep_last=3)
+    assert ckpt.load_latest(edir).step == 8  # nothing written
+    # an unfinished run whose newest checkpoint holds NaN (as an older version could leave): refused, with the fix
+    shutil.rmtree(edir / "step_00000008")
+    write_text(edir / "latest", "step_00000004\n")
+    save_tensors(edir / "step_00000004" / "model.safetensors", bad)
+    with pytest.raises(CheckpointError, match=r"step_00000004.*non-finite values.*start this expert again"):
+        train(tiny_config(run, "train.steps=8", "train.ckpt_every=4"), synthetic_data(), handle_signals=False)
