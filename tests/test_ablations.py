@@ -120,7 +120,7 @@ def _table_row(out: Path, grid: str, label: str) -> str:
 
 
 def test_demo_cell_runs_end_to_end_then_submits_nothing(grid_out, capsys):
-    args = ["grid=table6", "rows=6-2", f"out={grid_out}", "executor=local", "set.train.steps=6"]
+    args = ["grid=table6", "rows=6-2", f"out={grid_out}", "executor=local", "set.train.steps=6", "calibration=false"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "submitted 8 job(s)" in first  # prepare + 6 experts + eval
@@ -130,6 +130,19 @@ def test_demo_cell_runs_end_to_end_then_submits_nothing(grid_out, capsys):
     assert main(args) == 0  # idempotent: everything is done
     second = capsys.readouterr().out
     assert "submitted 0 job(s)" in second and "RANDOM" in (grid_out / "demo" / "tables" / "table6.md").read_text()
+
+
+def test_demo_tables_carry_computed_calibration_rows(grid_out, capsys):
+    """The oracle (references through the codec) and chance (random codes) rows of a demo table are
+    evaluated by the same protocol as the model rows; the model cell above is reused (only they run)."""
+    args = ["grid=table6", "rows=6-2", f"out={grid_out}", "executor=local", "set.train.steps=6"]
+    assert main(args) == 0
+    assert "submitted 2 job(s)" in capsys.readouterr().out  # just the two calibration rows
+    for label in ("oracle (references through the codec)", "chance (random codes)"):
+        row = next(line for line in (grid_out / "demo" / "tables" / "table6.md").read_text().splitlines()
+                   if line.startswith(f"| {label} | calibration"))
+        assert "pending" not in row and "failed" not in row
+        assert all(float(v) >= 0 for v in row.split("|")[4:7])  # FD, ISC, CLAP computed
 
 
 def _ledger(out: Path, key: str) -> dict:
