@@ -90,3 +90,37 @@ def test_token_width_must_match_the_data(tmp_path):
 
     with pytest.raises(ConfigError, match="token_dim"):
         train(tiny_config(tmp_path, *ARGS, "continuous.token_dim=8"), latent_data(), handle_signals=False)
+
+
+def test_prepared_latents_match_codes_and_train(tmp_path):
+    """siren.data.latents on a prepared dir: tokens have the codes' frames and crops, the whitened PCA gives the
+    train split's real frames zero mean and unit variance per axis, a re-run encodes nothing, and the one loop
+    trains on them from data_dir."""
+    from siren.codec import Codec, CodecConfig
+    from siren.data.audio import AudioConfig
+    from siren.data.latents import LatentDataset, prepare_latents
+    from siren.data.prepare import prepare
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_data import tiny_set
+
+    codec = Codec(CodecConfig(weights="random", seed=0))
+    m = tiny_set(tmp_path / "src", n=3)
+    out = tmp_path / "prep"
+    for split in ("train", "test"):
+        prepare(m, out, codec=codec, text_encoder=TextEncoder(TextConfig(weights="random", seed=0)), split=split,
+                audio=AudioConfig("pad", 0.4), progress=False)
+    proj = prepare_latents(out, codec, K)
+    ds = LatentDataset(out, "train", None, 0, proj.id)
+    real = torch.cat([ds.tokens(i)[:it["real_frames"]] for i, it in enumerate(ds.items)])
+    assert real.shape[-1] == K
+    torch.testing.assert_close(real.mean(0), torch.zeros(K), atol=1e-4, rtol=0)
+    torch.testing.assert_close(real.var(0), torch.ones(K), atol=1e-3, rtol=0)
+    for i in range(len(ds)):
+        assert ds.tokens(i).shape[0] == ds.codes(i).shape[-1]
+    stamps = {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*") if p.is_file()}
+    assert prepare_latents(out, codec, K).id == proj.id  # a re-run writes nothing: no encode, no refit
+    assert stamps == {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
+                      if p.is_file()}
+
+    args = (*ARGS, f"data_dir={out}", "codec.weights=random", "train.steps=2", "train.ckpt_every=2")
+    assert train(tiny_config(tmp_path / "run", *args), handle_signals=False).status == "finished"
