@@ -204,8 +204,8 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data) 
                       fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
 
 
-def resume(last: ckpt.Checkpoint, model: Expert | ContinuousLM, opt: torch.optim.Optimizer, ranks: Dist, device: torch.device,
-           seed: int) -> dict:
+def resume(last: ckpt.Checkpoint, model: Expert | ContinuousLM, opt: torch.optim.Optimizer, ranks: Dist,
+           device: torch.device, seed: int) -> dict:
     """Weights, optimizer, RNG from ``last`` (refused when its weights are not finite); returns the
     step / data position to continue from."""
     weights = last.model_state()
