@@ -124,3 +124,17 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
 
     args = (*ARGS, f"data_dir={out}", "codec.weights=random", "train.steps=2", "train.ckpt_every=2")
     assert train(tiny_config(tmp_path / "run", *args), handle_signals=False).status == "finished"
+
+    import soundfile as sf
+
+    import siren
+    from eval.generate import generate_set
+    from siren.sample import SampleConfig
+
+    model = siren.load(tmp_path / "run")  # the projection comes back from the checkpoint's buffers
+    torch.testing.assert_close(model.projection.basis, proj.basis, rtol=0, atol=0)
+    card = generate_set(tmp_path / "run", ["x"], ["a dog barks"], tmp_path / "gen", seconds=0.1, batch_size=1,
+                        seed=0, sample=SampleConfig())
+    wav, sr = sf.read(tmp_path / "gen" / "x.wav")
+    assert card["generated_now"] == 1 and sr == 16_000 and len(wav) == 5 * 320
+    assert torch.isfinite(torch.tensor(wav)).all()
