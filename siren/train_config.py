@@ -87,8 +87,9 @@ class Stage1Config:
 
 def parse(args: list[str]) -> Stage1Config:
     # scale=tiny/small/base/... set model.*; scale=cont-tiny/cont-base/... set continuous.*
-    scales = {"scale": {**presets("model.")["scale"], **continuous_presets("continuous.")["scale"]}}
-    cfg = load_config(Stage1Config, args, presets=scales)
+    groups = presets("model.")
+    groups["scale"] = {**groups["scale"], **continuous_presets("continuous.")["scale"]}
+    cfg = load_config(Stage1Config, args, presets=groups)
     if cfg.family not in FAMILIES:
         raise ConfigError(f"family '{cfg.family}' is not allowed; allowed: {', '.join(FAMILIES)}")
     if cfg.family == "continuous" and cfg.expert != 0:
