@@ -20,6 +20,11 @@ WEIGHTS_WORDS = {"random": "RANDOM weights (codec, text encoder and metric backb
 def _params(cell: Cell, column: str) -> str:
     from siren.model.params import model_params
 
+    if cell.cfg.get("model.family") == "continuous":
+        from siren.model.continuous.params import counts
+
+        total = counts(steps.continuous_config(cell.cfg))["total"]
+        return f"{total / 1e6:.1f}M"
     experts = model_params(steps.model_config(cell.cfg))
     per_expert = max(e.total for e in experts)
     n = {"#Parameter": len(experts), "#Single Para.": 1, "#Train Parameter": int(cell.cfg.get("rl.n", 0))}[column]

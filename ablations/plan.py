@@ -62,6 +62,8 @@ class Cell:
 
     @property
     def n_experts(self) -> int:
+        if self.cfg.get("model.family") == "continuous":
+            return 1
         return int(self.cfg["model.distribution"].split("-")[0])
 
 
@@ -138,10 +140,19 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
                                   data_dir / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
         stage1 = stage1_dir(cell, run)
         trains = [f"stage1-{stage1.name}/expert_{k}" for k in range(cell.n_experts)]
+        before_train = [prep]
+        if cell.cfg.get("model.family") == "continuous":  # its tokens: latents + the fitted PCA of this width
+            dim = steps.continuous_config(cell.cfg).token_dim
+            before_train = [f"latents-{did}-{dim}"]
+            jobs.setdefault(before_train[0], Job(before_train[0], steps.latents_step,
+                                                 dict(data_dir=str(data_dir), cfg=cell.cfg, dim=dim),
+                                                 data_dir / f"latents-{dim}.done", deps=[prep], cpus=2,
+                                                 mem_gb=run.mem_gb, timeout_min=24 * 60))
         for k, key in enumerate(trains):
             jobs.setdefault(key, Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1),
                                                                  data_dir=str(data_dir), expert=k),
-                                     stage1 / f"expert_{k}.done", deps=[prep], timeout_min=run.train_timeout_min,
+                                     stage1 / f"expert_{k}.done", deps=before_train,
+                                     timeout_min=run.train_timeout_min,
                                      resumable=True, array=f"stage1-{stage1.name}", **res))
         model_dir, before_eval = stage1, trains
         if "rl.method" in cell.cfg:

@@ -50,8 +50,14 @@ _PAPER_SIZES = ("single-530m", "single-1.6b", "single-3.3b", "isolated-1.6b", "i
 _DEMO_SIZES = {"single-530m": 4, "single-1.6b": 12, "single-3.3b": 24, "isolated-1.6b": 2, "isolated-3.1b": 4}
 
 
+# paper/003's continuous LM (model.family=continuous): Base 193M / Large 462M; demo: the tiny preset
+_CONTINUOUS_SIZES = ("cont-base", "cont-large")
+
+
 def model_keys(scale: str, size: str, distribution: str) -> dict[str, Any]:
     """Dotted model keys for a row's symbolic size at a scale."""
+    if size in _CONTINUOUS_SIZES:
+        return {"model.scale": size if scale == "paper" else "cont-tiny"}
     if size == "total-1.6b":
         if scale == "paper":
             return {"model.scale": _TOTAL_16B[distribution]}
@@ -70,6 +76,7 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
         raise ConfigError(f"unknown scale '{scale}'; valid: {', '.join(SCALES)}")
     cell = dict(cell)
     size = cell.pop("model.size")
-    out = {**COMMON, **SCALES[scale], **model_keys(scale, size, cell["model.distribution"]), **cell,
+    common = COMMON if cell.get("model.family", "discrete") == "discrete" else {}  # RVQ-expert keys only
+    out = {**common, **SCALES[scale], **model_keys(scale, size, cell.get("model.distribution", "")), **cell,
            **dict(overrides)}
     return dict(sorted(out.items()))

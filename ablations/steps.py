@@ -24,8 +24,13 @@ def _weights(cfg: Mapping[str, Any], *parts: str) -> list[str]:
 
 
 def stage1_args(cfg: Mapping[str, Any]) -> list[str]:
-    """siren.train keys of a cell: the model preset first (so explicit model keys override it)."""
+    """siren.train keys of a cell: the model preset first (so explicit model keys override it). A
+    ``model.family=continuous`` cell's model keys are the continuous group's (``continuous.*``)."""
     model = {k: v for k, v in cfg.items() if k.startswith("model.") and k not in ("model.scale", "model.arch")}
+    if model.pop("model.family", "discrete") == "continuous":
+        return [f"scale={cfg['model.scale']}", "family=continuous",
+                *(f"continuous.{k[len('model.'):]}={v}" for k, v in model.items()),
+                *_keys(cfg, "train.", strip=False), *_weights(cfg, "codec")]
     return [f"scale={cfg['model.scale']}", f"arch={cfg.get('model.arch', 'official')}", *_keys(model, "", strip=False),
             *_keys(cfg, "train.", strip=False),
             *_weights(cfg, "codec")]
@@ -39,6 +44,13 @@ def model_config(cfg: Mapping[str, Any]):
     model = {k: v for k, v in cfg.items() if k.startswith("model.") and k not in ("model.scale", "model.arch")}
     return load_config(ModelConfig, [f"scale={cfg['model.scale']}", f"arch={cfg.get('model.arch', 'official')}",
                                      *_keys(model, "model.")], presets())
+
+
+def continuous_config(cfg: Mapping[str, Any]):
+    """A ``model.family=continuous`` cell's ContinuousConfig, as siren.train builds it."""
+    from siren.train import parse
+
+    return parse(stage1_args(cfg)).continuous
 
 
 DATA_KEYS = ("data.source", "data.train", "data.test", "data.prompts", "data.subset")
@@ -82,6 +94,14 @@ def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     crops = [f"crop_s={cfg['train.crop_s']}"] if float(cfg.get("train.crop_min_clap", 0)) > 0 else []  # appendix B
     prepare.run(prepare.parse([f"manifest={manifest}", f"out={data_dir}", *_weights(cfg, "codec", "text"), *crops]))
     return {"data_dir": data_dir}
+
+
+def latents_step(data_dir: str, cfg: Mapping[str, Any], dim: int) -> dict:
+    """Continuous tokens of width ``dim`` for a prepared directory (siren.data.latents)."""
+    from siren.data.latents import main as latents_main
+
+    _check(latents_main([f"data={data_dir}", f"dim={dim}", *_weights(cfg, "codec")]), f"latents of {data_dir}")
+    return {"data_dir": data_dir, "dim": dim}
 
 
 def train_step(cfg: Mapping[str, Any], run_dir: str, data_dir: str, expert: int) -> dict:

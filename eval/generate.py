@@ -22,6 +22,7 @@ from siren.data.manifest import child_path
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
 from siren.io import atomic_path
+from siren.model.continuous import ContinuousLM, decode_latent
 from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
 
@@ -55,12 +56,18 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         best_wav, best_score = None, None
         for c in range(candidates):
             try:  # seed by position in the set, so a resumed run draws what the uninterrupted one would
-                codes, info = generate_with_info(model, states, n_frames, sample, seed=derive_seed(seed, c, rows[0]))
+                if isinstance(model, ContinuousLM):  # paper/003: tokens -> DAC latent -> the same DAC decoder
+                    tokens = model.generate(states.states, states.mask, n_frames, temperature=sample.temperature,
+                                            seed=derive_seed(seed, c, rows[0]), cached=sample.cached)
+                    wav = decode_latent(codec, model.decode(tokens)).float().cpu()
+                else:
+                    codes, info = generate_with_info(model, states, n_frames, sample,
+                                                     seed=derive_seed(seed, c, rows[0]))
+                    collapsed += int(info.collapsed.sum())
+                    wav = codec.decode(codes).float().cpu()
             except FloatingPointError as e:
                 raise CannotGenerate(str(e)) from None
-            collapsed += int(info.collapsed.sum())
             total += len(rows)
-            wav = codec.decode(codes).float().cpu()
             if candidates == 1:
                 best_wav = wav
                 break

@@ -332,6 +332,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
 
     run_dir = Path(run_dir)
     shared = read_run_config(run_dir)
+    if shared["model"].get("family") == "continuous":
+        return load_continuous(run_dir, shared, device, allow_unfinished)
     cfg = from_saved(shared["model"], f"{run_dir / 'config.json'}: model")  # older configs: arch=legacy
     found, problems = {}, []
     for k in range(cfg.n_experts):
@@ -353,4 +355,29 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
     model = CollaborativeModel(cfg)  # zero code tables: every expert's checkpoint holds them
     for k, c in found.items():
         load_weights(model.experts[k], c.model_state(), c.path / "model.safetensors")
+    return model.to(device).eval()
+
+
+def load_continuous(run_dir: Path, shared: dict, device: str | torch.device = "cpu", allow_unfinished: bool = False):
+    """A family=continuous run (one model, expert_0): the ContinuousLM of its config.json, latent projection
+    included (buffers of the checkpoint), in eval mode."""
+    from siren.config import from_dict
+    from siren.model.continuous import ContinuousConfig, ContinuousLM
+
+    model_cfg = {k: v for k, v in shared["model"].items() if k != "family"}
+    cfg = from_dict(ContinuousConfig, model_cfg, f"{run_dir / 'config.json'}: model")
+    c = load_latest(expert_dir(run_dir, 0))
+    if c is None:
+        raise CheckpointError(f"cannot load the continuous model of {run_dir}: no checkpoint in "
+                              f"{expert_dir(run_dir, 0)}")
+    diff = config_diff({key: shared[key] for key in RUN_KEYS}, {key: c.state[key] for key in RUN_KEYS})
+    if diff:
+        raise CheckpointError(f"{c.path} was trained for another model: "
+                              + ", ".join(f"{key}={b!r} (run config.json: {a!r})" for key, a, b in diff))
+    if not c.state["finished"] and not allow_unfinished:
+        raise CheckpointError(f"{c.path} is step {c.step} of {c.state['train']['steps']} (resume its training, or "
+                              f"pass allow_unfinished=True)")
+    model = ContinuousLM(cfg)  # a placeholder projection: the checkpoint holds the fitted one
+    load_weights(model, c.model_state(), c.path / "model.safetensors")
+    model.projection.id = cfg.latent
     return model.to(device).eval()

@@ -34,6 +34,7 @@ from siren.data.sampler import epoch_loader
 from siren.errors import ConfigError, SirenError
 from siren.io import save_tensors
 from siren.model import Expert, ExpertLoss
+from siren.model.continuous import ContinuousLM, ContinuousLoss
 from siren.runtime import (
     EXIT_PREEMPTED,
     Dist,
@@ -57,6 +58,33 @@ class NonFiniteError(SirenError):
     """The loss or gradient norm became NaN/inf: the run stops before the update that would spread it."""
 
 
+# ---------------------------------------------------------------------------- the model family
+
+def model_entry(cfg: Stage1Config, data: Stage1Data) -> dict:
+    """The model's config as a run records it; a continuous model's token width and latent id come from the data."""
+    if cfg.family == "discrete":
+        return to_dict(cfg.model)
+    proj, c = data.projection, cfg.continuous
+    if proj is None:
+        raise ConfigError("family=continuous needs data with a latent projection (python -m siren.data.latents)")
+    if c.token_dim != proj.dim or (c.latent and c.latent != proj.id):
+        raise ConfigError(f"continuous.token_dim={c.token_dim}, continuous.latent='{c.latent}' but the data's "
+                          f"latent projection is {proj.id} of width {proj.dim}; set continuous.token_dim={proj.dim} "
+                          f"or prepare latents of width {c.token_dim}")
+    return {"family": "continuous", **to_dict(dataclasses.replace(c, latent=proj.id))}
+
+
+def build_model(cfg: Stage1Config, data: Stage1Data) -> Expert | ContinuousLM:
+    if cfg.family == "discrete":
+        return Expert(cfg.model, cfg.expert, data.tables)
+    return ContinuousLM(dataclasses.replace(cfg.continuous, latent=data.projection.id), data.projection)
+
+
+def loss_of(model: Expert | ContinuousLM, batch: dict, reduction: str) -> ExpertLoss | ContinuousLoss:
+    """The family's loss; the continuous one has no layers to reduce over (its MNTP acts in train mode only)."""
+    return model.loss(batch) if isinstance(model, ContinuousLM) else model.loss(batch, reduction)
+
+
 # ---------------------------------------------------------------------------- one step
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -64,14 +92,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Stats:
-    """Sums of the expert's loss, per-layer CE/accuracy, frame-weighted, over some batches."""
+    """Sums of the model's loss (an expert's also per-layer CE/accuracy), frame-weighted, over some batches."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, out: ExpertLoss, weight: float) -> None:
+    def add(self, out: ExpertLoss | ContinuousLoss, weight: float) -> None:
         vals = {"loss": out.loss.detach()}
-        for i, j in enumerate(out.layers):
+        for i, j in enumerate(getattr(out, "layers", ())):  # a continuous model's loss has no layers
             vals[f"ce/L{j + 1}"] = out.ce[i]  # paper numbering: RVQ layers 1..12
             vals[f"acc/L{j + 1}"] = out.acc[i]
         for k, v in vals.items():
@@ -93,14 +121,14 @@ class Stats:
 
 
 class LossOf(torch.nn.Module):
-    """``forward(batch) = expert.loss(batch)``: DDP synchronises gradients only through forward."""
+    """``forward(batch) = model.loss(batch)``: DDP synchronises gradients only through forward."""
 
-    def __init__(self, expert: Expert, reduction: str = "mean"):
+    def __init__(self, model: Expert | ContinuousLM, reduction: str = "mean"):
         super().__init__()
-        self.expert, self.reduction = expert, reduction
+        self.model, self.reduction = model, reduction
 
-    def forward(self, batch: dict) -> ExpertLoss:
-        return self.expert.loss(batch, self.reduction)
+    def forward(self, batch: dict) -> ExpertLoss | ContinuousLoss:
+        return loss_of(self.model, batch, self.reduction)
 
 
 def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[dict], tc: TrainConfig,
@@ -130,7 +158,7 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: 
 
 
 @torch.no_grad()
-def evaluate(model: Expert, data: Stage1Data, cfg: TrainConfig, device: torch.device,
+def evaluate(model: Expert | ContinuousLM, data: Stage1Data, cfg: TrainConfig, device: torch.device,
              ranks: Dist) -> dict[str, float]:
     """Loss and per-layer CE/accuracy on the test split, weighted by real frames (so batch size does not matter)."""
     loader = epoch_loader(data.val, data.collate, cfg.batch_size, shuffle=False, rank=ranks.rank, world=ranks.world,
@@ -142,7 +170,7 @@ def evaluate(model: Expert, data: Stage1Data, cfg: TrainConfig, device: torch.de
         if cfg.val_batches and i >= cfg.val_batches:
             break
         with autocast(cfg.precision, device):
-            out = model.loss(_to_device(batch, device), cfg.loss_reduction)
+            out = loss_of(model, _to_device(batch, device), cfg.loss_reduction)
         stats.add(out, out.frames)
     model.train(was_training)
     if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
@@ -161,23 +189,23 @@ class TrainResult:
 
 def run_config(cfg: Stage1Config, data: Stage1Data) -> dict:
     """What every expert of a run shares: run_dir/config.json (model, codec and text encoder with their configs)."""
-    return {"model": to_dict(cfg.model), "codec": data.codec, "text": data.text}
+    return {"model": model_entry(cfg, data), "codec": data.codec, "text": data.text}
 
 
-def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config) -> None:
+def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data) -> None:
     """The checkpoint must be of this expert of this model, trained with this train config
     (bookkeeping keys aside); the error names every differing key."""
     where = f"checkpoint {last.path}"
     ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
-                      {"model": to_dict(cfg.model), "expert": cfg.expert}, where,
+                      {"model": model_entry(cfg, data), "expert": cfg.expert}, where,
                       fix="Use another run_dir, or set these keys back.")
     ckpt.check_config({"train": last.state["train"]}, {"train": to_dict(cfg.train)}, where,
                       ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
                       fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
 
 
-def resume(last: ckpt.Checkpoint, model: Expert, opt: torch.optim.Optimizer, ranks: Dist, device: torch.device,
-           seed: int) -> dict:
+def resume(last: ckpt.Checkpoint, model: Expert | ContinuousLM, opt: torch.optim.Optimizer, ranks: Dist,
+           device: torch.device, seed: int) -> dict:
     """Weights, optimizer, RNG from ``last`` (refused when its weights are not finite); returns the
     step / data position to continue from."""
     weights = last.model_state()
@@ -198,8 +226,9 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     device = resolve_device(tc.device, ranks.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    data = data or Stage1Data.from_prepared(cfg.data_dir, tc.crop_s or None, tc.seed, cfg.codec, tc.crop_min_clap)
-    if cfg.model.codec and cfg.model.codec != data.codec["id"]:
+    data = data or Stage1Data.from_prepared(cfg.data_dir, tc.crop_s or None, tc.seed, cfg.codec, tc.crop_min_clap,
+                                            latent_dim=cfg.continuous.token_dim if cfg.family == "continuous" else 0)
+    if cfg.family == "discrete" and cfg.model.codec and cfg.model.codec != data.codec["id"]:
         raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec "
                           f"{data.codec['id']}")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=data.codec["id"]))
@@ -213,13 +242,13 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
                           f"(train.batch_size={tc.batch_size} x {ranks.world} processes)")
 
     torch.manual_seed(derive_seed(tc.seed, ranks.rank))  # own stream per rank; DDP broadcasts rank 0's init
-    model = Expert(cfg.model, k, data.tables).to(device)
+    model = build_model(cfg, data).to(device)
     opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                             fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "examples_in_epoch": 0}
     last = ckpt.load_latest(edir)
     if last is not None:
-        check_resumable(last, cfg)
+        check_resumable(last, cfg, data)
     if ranks.main:  # after the expert's own checkpoint check: its error is the more specific one
         ckpt.write_run_config(run_dir, run_config(cfg, data))
         if last is None:  # the shared initialisation (same seed for every expert): Figure 7's task vectors

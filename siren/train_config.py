@@ -11,12 +11,15 @@ from siren.codec import CodecConfig
 from siren.config import load_config
 from siren.errors import ConfigError
 from siren.model.config import ModelConfig, presets
+from siren.model.continuous import ContinuousConfig
+from siren.model.continuous import presets as continuous_presets
 from siren.model.expert import LOSS_REDUCTIONS
 from siren.runtime import check_device, check_precision
 
 # Train-config keys that may change when a run resumes (bookkeeping only: they cannot
 # change the loss curve). Every other difference is an error.
 PAPER_GEN_FRAMES = 500  # the paper generates 10 s clips (50 frames/s)
+FAMILIES = ("discrete", "continuous")  # Siren's RVQ experts | paper/003's continuous-token LM
 RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
 
 
@@ -75,14 +78,23 @@ class Stage1Config:
     run_dir: str = "runs/siren"  # holds the K experts of one model
     expert: int = 0  # k (0-based): which expert this process trains
     data_dir: str = "data/prepared"  # output of siren.data.prepare
+    family: str = "discrete"  # discrete: ``model`` (K experts over RVQ codes) | continuous: ``continuous``
     model: ModelConfig = field(default_factory=ModelConfig)
+    continuous: ContinuousConfig = field(default_factory=ContinuousConfig)  # family=continuous (paper/003)
     train: TrainConfig = field(default_factory=TrainConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)  # supplies the frozen code tables
 
 
 def parse(args: list[str]) -> Stage1Config:
-    cfg = load_config(Stage1Config, args, presets=presets("model."))
-    if not 0 <= cfg.expert < cfg.model.n_experts:
+    # scale=tiny/small/base/... set model.*; scale=cont-tiny/cont-base/... set continuous.*
+    groups = presets("model.")
+    groups["scale"] = {**groups["scale"], **continuous_presets("continuous.")["scale"]}
+    cfg = load_config(Stage1Config, args, presets=groups)
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"family '{cfg.family}' is not allowed; allowed: {', '.join(FAMILIES)}")
+    if cfg.family == "continuous" and cfg.expert != 0:
+        raise ConfigError(f"expert={cfg.expert}: the continuous family is one model (expert 0)")
+    if cfg.family == "discrete" and not 0 <= cfg.expert < cfg.model.n_experts:
         raise ConfigError(f"expert={cfg.expert} does not exist in model.distribution={cfg.model.distribution} "
                           f"(experts 0..{cfg.model.n_experts - 1})")
     return cfg

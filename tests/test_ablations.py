@@ -25,7 +25,7 @@ def _cells(grid: str, scale: str, *extra: str):
 
 
 def test_every_paper_table_and_figure_has_a_grid():
-    assert set(grid_names()) == {*PAPER_GRIDS, "figure5"}
+    assert set(grid_names()) == {*PAPER_GRIDS, "figure5", "continuous"}
     for name in grid_names():
         grid = load_grid(name)
         for row in grid.rows:  # a row either runs or says plainly why it cannot
@@ -55,6 +55,30 @@ def test_a_cell_shared_by_several_tables_runs_once(scale):
     assert {"table4:Baseline (AudioGen-style parallel heads)", "table5:Indpdt."} in shared
     assert {"table4:+ RL Align", "table7:Anti-Causal, 1 model"} in shared
     assert len(shared) == 4
+
+
+@pytest.mark.parametrize("scale", ["demo", "paper"])
+def test_continuous_grid_shares_the_baselines_and_sizes_its_presets(scale):
+    """grid=continuous: the AudioGen-style and Siren 6-2 rows are Tables 4/5's cells (same hash); its continuous
+    cells train family=continuous (MNTP where the row says) and, at paper scale, count within 1% of 193M / 462M."""
+    from ablations.outcomes import _params
+    from ablations.steps import continuous_config, stage1_args
+    from siren.train import parse as stage1_parse
+
+    ids = {c.id for c in _cells("table4", scale)} & {c.id for c in _cells("table5", scale)}
+    cells = _cells("continuous", scale)
+    labels = {r.label: c for c in cells for r in c.rows}
+    assert {labels["AudioGen-style (discrete 1-12, parallel heads)"].id, labels["Siren 6-2 (reference)"].id} <= ids
+    for size, n in (("Base", 193e6), ("Large", 462e6)):
+        plain, mntp = labels[f"Continuous LM, {size}"], labels[f"Continuous LM + MNTP, {size}"]
+        assert plain.id != mntp.id
+        for cell, want in ((plain, False), (mntp, True)):
+            cfg = stage1_parse(stage1_args(cell.cfg))
+            assert cfg.family == "continuous" and cfg.continuous.mntp is want and cell.n_experts == 1
+        if scale == "paper":
+            assert abs(float(_params(plain, "#Parameter")[:-1]) * 1e6 - n) / n < 0.01
+    assert len(cells) == (4 if scale == "demo" else 6)  # demo: Base and Large share the tiny preset
+    assert continuous_config(labels["Continuous LM, Base"].cfg).token_dim == (8 if scale == "demo" else 64)
 
 
 def test_overrides_change_identity_and_rows_select():

@@ -1,0 +1,189 @@
+"""Continuous tokens for ``family=continuous`` (paper/003) in a prepared directory.
+
+    python -m siren.data.latents data=PREP dim=8 codec.weights=random
+
+After ``siren.data.prepare``: each codes entry's audio is read again with the same preprocessing
+(the index's ``audio`` policy: same crop/pad, same items) and run through the DAC encoder up to
+the RVQ (``dac_latent``); a whitened PCA of ``dim`` axes is fitted once on the train split's real
+frames and stored under its content id; each entry's tokens [S, T, dim] are cached by (codes key,
+projection id). Layout, beside siren/data/cache.py's:
+
+    latents/ab/<codes key>.safetensors           z float32 [S, 1024, T] (the codes entry's items)
+    latents/projection-<id>.safetensors          the LatentProjection (mean, basis, scale)
+    latents/pca<dim>.json                        {"id": ..., "explained": ...}: the fit for this width
+    tokens/cd/<key>.safetensors                  tokens float32 [S, T, dim]; key = sha256(codes key, projection id)
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from siren.codec import CodecConfig
+from siren.data.audio import AudioConfig, load_audio, standardize
+from siren.data.cache import FORMAT, cache_path
+from siren.data.dataset import PreparedDataset, load_index
+from siren.errors import ConfigError, DataError
+from siren.io import save_tensors, sha256, write_json
+from siren.model.continuous.latent import LatentProjection, dac_latent
+
+log = logging.getLogger(__name__)
+
+
+def tokens_key(codes_key: str, projection_id: str) -> str:
+    return sha256(json.dumps({"codes": codes_key, "projection": projection_id, "format": FORMAT}, sort_keys=True))
+
+
+def projection_path(out: str | Path, dim: int) -> Path:
+    return Path(out) / "latents" / f"pca{dim}.json"
+
+
+def _entries(out: Path, split: str) -> dict[str, dict]:
+    """codes key -> its items' source, real frames per segment, of one split."""
+    entries: dict[str, dict] = {}
+    for it in load_index(out, split)["items"]:
+        e = entries.setdefault(it["codes"], {"source": it["source"], "real": {}})
+        e["real"][it["segment"]] = it["real_frames"]
+    return entries
+
+
+def _latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> torch.Tensor:
+    """z [S, 1024, T] of one codes entry, from the cache or encoded now (same items as its codes)."""
+    path = cache_path(out, "latents", key)
+    if path.is_file():
+        return load_file(path)["z"]
+    items, _, _ = standardize(load_audio(entry["source"], warn=False), audio, entry["source"])
+    z = dac_latent(codec, items).cpu()
+    frames = load_file(cache_path(out, "codes", key))["codes"].shape[-1]
+    if z.shape[0] != items.shape[0] or z.shape[-1] != frames:
+        raise DataError(f"{entry['source']}: latent {tuple(z.shape)} does not match its codes ({frames} frames); "
+                        f"the audio changed since prepare: run prepare again")
+    save_tensors(path, {"z": z}, {"codec_id": codec.id, "codes": key})
+    return z
+
+
+def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) -> LatentProjection:
+    """Cache the latents of every split, fit (or reuse) the ``dim``-axis projection, cache the tokens."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    splits = [s for s in ("train", "test") if (out / "splits" / f"{s}.json").is_file()]
+    if "train" not in splits:
+        raise DataError(f"{out}: no prepared train split to fit the latent projection on; run siren.data.prepare")
+    info = load_index(out, "train")
+    if info["codec"]["id"] != codec.id:
+        raise ConfigError(f"{out} was prepared with codec {info['codec']['id']}, this config builds {codec.id}")
+    audio = AudioConfig(policy=info["audio"]["policy"], duration_s=info["audio"]["duration_s"])
+    entries = {s: _entries(out, s) for s in splits}
+    z = {}
+    for s in splits:
+        for key, e in tqdm(entries[s].items(), desc=f"latents {s}", disable=not progress, unit="file"):
+            z[key] = _latent(out, key, e, codec, audio)
+    pointer = projection_path(out, dim)
+    if pointer.is_file():
+        proj = load_projection(out, dim)
+    else:  # fitted once per prepared dir: on the real (unpadded) frames of the train split
+        frames = (z[k][s, :, :n] for k, e in entries["train"].items() for s, n in e["real"].items())
+        proj = LatentProjection.fit(frames, dim)
+        digest = sha256(b"".join(t.contiguous().numpy().tobytes() for t in (proj.mean, proj.basis, proj.scale)))
+        proj.id = f"pca{dim}-{digest[:16]}"
+        proj.save(out / "latents" / f"projection-{proj.id}.safetensors", codec.id)
+        write_json(pointer, {"id": proj.id, "dim": dim, "codec": codec.id, "explained": proj.explained})
+        log.info("latent projection %s: %d axes keep %.1f%% of the train latents' variance", proj.id, dim,
+                 100 * proj.explained)
+    for key, zk in z.items():
+        path = cache_path(out, "tokens", tokens_key(key, proj.id))
+        if not path.is_file():
+            save_tensors(path, {"tokens": proj.encode(zk)}, {"projection": proj.id, "codes": key})
+    return proj
+
+
+def load_projection(out: str | Path, dim: int) -> LatentProjection:
+    pointer = projection_path(out, dim)
+    if not pointer.is_file():
+        raise DataError(f"{out}: no latents of width {dim} ({pointer} missing); run "
+                        f"python -m siren.data.latents data={out} dim={dim}")
+    pid = json.loads(pointer.read_text())["id"]
+    proj = LatentProjection.load(Path(out) / "latents" / f"projection-{pid}.safetensors")
+    proj.id = pid
+    return proj
+
+
+class LatentDataset(PreparedDataset):
+    """A prepared split's items as continuous tokens [T, k] (the same crops as its codes would get)."""
+
+    def __init__(self, prepared_dir, split: str, crop_s: float | None, seed: int, projection_id: str):
+        super().__init__(prepared_dir, split, crop_s, seed)
+        self.projection_id = projection_id
+
+    def tokens(self, i: int) -> torch.Tensor:
+        it = self.items[i]
+        path = cache_path(self.dir, "tokens", tokens_key(it["codes"], self.projection_id))
+        if not path.is_file():
+            raise DataError(f"{path}: no tokens of projection {self.projection_id} for item {it['id']}; run "
+                            f"python -m siren.data.latents data={self.dir}")
+        return load_file(path)["tokens"][it["segment"]]
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_latents(items, n_frames=self.crop)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        tokens = self.tokens(i)
+        if self.crop is not None:
+            s = self.crop_start(epoch, i)
+            tokens = tokens[s:s + self.crop]
+        t = self.text(i)
+        return {"latents": tokens, "text": t["states"], "text_mask": t["mask"], "id": self.items[i]["id"],
+                "caption": self.items[i]["caption"]}
+
+
+def collate_latents(items: list[dict], n_frames: int | None = None) -> dict:
+    """latents [B, T, k] (0 past each item's end) + frame_mask [B, T], text and text_mask padded to the longest."""
+    T = n_frames or max(it["latents"].shape[0] for it in items)
+    L = max(it["text"].shape[0] for it in items)
+    B, k, D = len(items), items[0]["latents"].shape[-1], items[0]["text"].shape[-1]
+    batch = {"latents": torch.zeros(B, T, k), "frame_mask": torch.zeros(B, T, dtype=torch.bool),
+             "text": torch.zeros(B, L, D), "text_mask": torch.zeros(B, L, dtype=torch.bool),
+             "ids": [it["id"] for it in items], "captions": [it["caption"] for it in items]}
+    for b, it in enumerate(items):
+        t, n = min(it["latents"].shape[0], T), it["text"].shape[0]
+        batch["latents"][b, :t] = it["latents"][:t]
+        batch["frame_mask"][b, :t] = True
+        batch["text"][b, :n] = it["text"]
+        batch["text_mask"][b, :n] = it["text_mask"]
+    return batch
+
+
+@dataclass
+class LatentsConfig:
+    data: str = ""  # a prepared directory (siren.data.prepare)
+    dim: int = 64  # axes kept by the PCA (1024 = the full latent, rotated and whitened)
+    codec: CodecConfig = field(default_factory=CodecConfig)  # the codec the directory was prepared with
+
+    def __post_init__(self):
+        if not 1 <= self.dim <= 1024:
+            raise ConfigError(f"dim must be in [1, 1024], got {self.dim}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from siren import cli
+    from siren.config import load_config
+    from siren.frontends import build_codec
+
+    cfg = load_config(LatentsConfig, cli.start(argv))
+    if not cfg.data:
+        raise ConfigError("data= (a prepared directory) is required")
+    proj = prepare_latents(cfg.data, build_codec(cfg.codec), cfg.dim, progress=True)
+    print(json.dumps({"projection": proj.id, "dim": proj.dim}))
+    return 0
+
+
+if __name__ == "__main__":
+    from siren.cli import run
+
+    run(main, LatentsConfig, __doc__)

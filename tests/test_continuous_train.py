@@ -1,0 +1,140 @@
+"""family=continuous through the one stage-1 loop: config switch, resume equivalence, the run dir's model entry."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from torch.utils.data import Dataset
+
+from siren.data.latents import collate_latents
+from siren.model.continuous import LatentProjection
+from siren.train import Stage1Data, read_log, train
+from tests.fixtures_train import TEXT_DIM, tiny_config
+from tests.helpers import code_tables
+
+K = 4  # token width
+
+
+class SyntheticLatents(Dataset):
+    """``n`` clips of random tokens [T_i, K] (ragged, so frame_mask padding is exercised) and text states."""
+
+    def __init__(self, n: int, frames: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [{"latents": torch.randn(frames - int(torch.randint(0, frames // 3 + 1, (), generator=g)), K,
+                                              generator=g),
+                       "text": torch.randn(5, TEXT_DIM, generator=g), "text_mask": torch.ones(5, dtype=torch.bool),
+                       "id": f"clip{i}", "caption": f"synthetic clip {i}"} for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        return self.items[key[1]]
+
+
+def latent_data(seed: int = 0) -> Stage1Data:
+    g = torch.Generator().manual_seed(seed)
+    proj = LatentProjection.fit([torch.randn(1024, 40, generator=g)], K)
+    proj.id = "test-pca4"
+    return Stage1Data(SyntheticLatents(6, 12, seed), SyntheticLatents(3, 12, seed + 1), collate_latents,
+                      code_tables(seed), codec={"id": "test-tables", "weights": "random"},
+                      text={"id": "test-text", "weights": "random"}, projection=proj)
+
+
+ARGS = ("family=continuous", "scale=cont-tiny", f"continuous.token_dim={K}", "continuous.dim=32",
+        "continuous.attn_heads=2", "continuous.layers=1", "continuous.head_width=16", "continuous.train_steps=50",
+        "continuous.sample_steps=5", "train.grad_accum=2")
+
+
+def losses(edir) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in read_log(edir) if not e.get("val")]
+
+
+def test_continuous_resume_reproduces_uninterrupted_run(tmp_path):
+    """As test_train's discrete test: kill after the step-4 checkpoint, restart; steps 5..8 give the same losses
+    bit for bit (CPU, fp32), MNTP masks and diffusion noise included (they draw from the restored RNG)."""
+    args = (*ARGS, "continuous.mntp=true")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(straight, *args), latent_data(), handle_signals=False)
+    want = losses(straight / "expert_0")
+    train(tiny_config(resumed, *args), latent_data(), handle_signals=False)
+    edir = resumed / "expert_0"
+    shutil.rmtree(edir / "step_00000008")
+    (edir / "latest").write_text("step_00000004\n")
+    result = train(tiny_config(resumed, *args), latent_data(), handle_signals=False)
+    assert result.status == "finished" and result.step == 8
+    got = losses(edir)
+    assert [s for s, _ in got] == list(range(1, 9)) and got == want
+    assert not any(k.startswith("ce/") for e in read_log(edir) for k in e)  # no per-layer CE for this family
+    saved = json.loads((straight / "config.json").read_text())["model"]
+    assert saved["family"] == "continuous" and saved["latent"] == "test-pca4" and saved["mntp"] is True
+
+
+def test_continuous_loss_falls_and_mntp_changes_it(tmp_path):
+    """The loop trains the model (loss over the last steps below the first), and MNTP is a different objective."""
+    plain = train(tiny_config(tmp_path / "a", *ARGS, "train.steps=16"), latent_data(), handle_signals=False)
+    assert plain.status == "finished"
+    la = [v for _, v in losses(tmp_path / "a" / "expert_0")]
+    assert sum(la[-4:]) < sum(la[:4])
+    train(tiny_config(tmp_path / "b", *ARGS, "train.steps=16", "continuous.mntp=true"), latent_data(),
+          handle_signals=False)
+    lb = [v for _, v in losses(tmp_path / "b" / "expert_0")]
+    assert la != lb
+
+
+def test_token_width_must_match_the_data(tmp_path):
+    import pytest
+
+    from siren.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="token_dim"):
+        train(tiny_config(tmp_path, *ARGS, "continuous.token_dim=8"), latent_data(), handle_signals=False)
+
+
+def test_prepared_latents_match_codes_and_train(tmp_path):
+    """siren.data.latents on a prepared dir: tokens have the codes' frames and crops, the whitened PCA gives the
+    train split's real frames zero mean and unit variance per axis, a re-run encodes nothing, and the one loop
+    trains on them from data_dir."""
+    from siren.codec import Codec, CodecConfig
+    from siren.data.audio import AudioConfig
+    from siren.data.latents import LatentDataset, prepare_latents
+    from siren.data.prepare import prepare
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_data import tiny_set
+
+    codec = Codec(CodecConfig(weights="random", seed=0))
+    m = tiny_set(tmp_path / "src", n=3)
+    out = tmp_path / "prep"
+    for split in ("train", "test"):
+        prepare(m, out, codec=codec, text_encoder=TextEncoder(TextConfig(weights="random", seed=0)), split=split,
+                audio=AudioConfig("pad", 0.4), progress=False)
+    proj = prepare_latents(out, codec, K)
+    ds = LatentDataset(out, "train", None, 0, proj.id)
+    real = torch.cat([ds.tokens(i)[:it["real_frames"]] for i, it in enumerate(ds.items)])
+    assert real.shape[-1] == K
+    torch.testing.assert_close(real.mean(0), torch.zeros(K), atol=1e-4, rtol=0)
+    torch.testing.assert_close(real.var(0), torch.ones(K), atol=1e-3, rtol=0)
+    for i in range(len(ds)):
+        assert ds.tokens(i).shape[0] == ds.codes(i).shape[-1]
+    stamps = {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*") if p.is_file()}
+    assert prepare_latents(out, codec, K).id == proj.id  # a re-run writes nothing: no encode, no refit
+    assert stamps == {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
+                      if p.is_file()}
+
+    args = (*ARGS, f"data_dir={out}", "codec.weights=random", "train.steps=2", "train.ckpt_every=2")
+    assert train(tiny_config(tmp_path / "run", *args), handle_signals=False).status == "finished"
+
+    import soundfile as sf
+
+    import siren
+    from eval.generate import generate_set
+    from siren.sample import SampleConfig
+
+    model = siren.load(tmp_path / "run")  # the projection comes back from the checkpoint's buffers
+    torch.testing.assert_close(model.projection.basis, proj.basis, rtol=0, atol=0)
+    card = generate_set(tmp_path / "run", ["x"], ["a dog barks"], tmp_path / "gen", seconds=0.1, batch_size=1,
+                        seed=0, sample=SampleConfig())
+    wav, sr = sf.read(tmp_path / "gen" / "x.wav")
+    assert card["generated_now"] == 1 and sr == 16_000 and len(wav) == 5 * 320
+    assert torch.isfinite(torch.tensor(wav)).all()
