@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from siren import assets
-from siren.errors import CheckpointError, ConfigError
+from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
 from siren.io import sha256_file
 
 SAMPLE_RATE = 16_000
@@ -151,8 +151,8 @@ def load_dac(path: Path):
     if hop != HOP:
         bad["hop (product of encoder_rates)"] = (hop, HOP)
     if bad:
-        raise CheckpointError(f"{path} is not a 16 kHz 12 x 1024 x 8-d RVQ DAC with hop {HOP}: (file, expected) "
-                              f"differ for {bad}")
+        raise WeightsMismatchError(f"{path} is not a 16 kHz 12 x 1024 x 8-d RVQ DAC with hop {HOP}: (file, expected) "
+                                  f"differ for {bad}")
     model = dac.DAC(**kwargs)
     model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})  # demo files store fp16
     return model, bool(meta.get("demo", False))

@@ -32,3 +32,7 @@ class CheckpointError(SirenError, RuntimeError):
 
 class MissingWeightsError(SirenError, FileNotFoundError):
     """A weights file that is not where it is expected; the message names the prefetch command."""
+
+
+class WeightsMismatchError(CheckpointError, ValueError):
+    """A weights file that is not the model the config asks for (another codec, another size)."""
