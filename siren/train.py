@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from siren import checkpoint as ckpt
 from siren.config import to_dict
-from siren.data.dataset import Stage1Data
 from siren.data.sampler import epoch_loader
+from siren.data.stage1 import Stage1Data
 from siren.errors import ConfigError, SirenError
 from siren.io import save_tensors
 from siren.model import Expert, ExpertLoss

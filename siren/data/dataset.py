@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,10 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from siren.codec import FRAME_RATE, N_LAYERS, CodeTables
+from siren.codec import FRAME_RATE, N_LAYERS
 from siren.data.cache import cache_path, index_path
 from siren.data.sampler import epoch_loader
-from siren.errors import ConfigError, DataError
+from siren.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -173,62 +171,3 @@ def make_loader(prepared_dir: str | Path, split: str = "train", batch_size: int 
     ds = PreparedDataset(prepared_dir, split, crop_s, seed, crop_min_clap)
     return epoch_loader(ds, ds.collate, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                         num_workers=num_workers)
-
-
-@dataclass
-class Stage1Data:
-    """What a stage-1 job reads: train/test datasets (indexed by (epoch, index)) with their collate
-    function, the codec's frozen code tables for the embeddings, and the run-config entries of the
-    codec and text encoder the data was made with ({"id", "weights", "config"}). For family=continuous the
-    datasets yield ``latents`` [T, k] instead of codes, and ``projection`` is the LatentProjection they come from."""
-    train: Dataset
-    val: Dataset | None
-    collate: Callable[[list[dict]], dict]
-    tables: CodeTables
-    codec: dict
-    text: dict
-    projection: object = None  # siren.model.continuous.LatentProjection (family=continuous)
-
-    @classmethod
-    def from_prepared(cls, data_dir: str | Path, crop_s: float | None, seed: int, codec_cfg,
-                      crop_min_clap: float = 0.0, latent_dim: int = 0) -> "Stage1Data":
-        """The prepared train/test splits of ``data_dir``; the code tables come from a codec built from
-        ``codec_cfg``, which must be the codec the data was encoded with. ``crop_min_clap``: appendix B's
-        crop filter on the train split. ``latent_dim`` > 0: continuous tokens of that width (siren.data.latents)."""
-        from siren.frontends import build_codec, codec_entry, text_entry
-
-        if latent_dim:
-            return cls._continuous(data_dir, crop_s, seed, codec_cfg, latent_dim)
-
-        train = PreparedDataset(data_dir, "train", crop_s, seed, crop_min_clap)
-        try:
-            val = PreparedDataset(data_dir, "test", crop_s, seed)
-        except DataError as e:
-            log.warning("no validation: %s", e)
-            val = None
-        codec = build_codec(codec_cfg)
-        if train.info["codec"]["id"] != codec.id:
-            raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
-                              f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared "
-                              f"one or prepare again")
-        text = {**train.info["text"], "config": train.info.get("frontends", {}).get("text")}
-        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(text))
-
-    @classmethod
-    def _continuous(cls, data_dir, crop_s, seed, codec_cfg, dim: int) -> "Stage1Data":
-        from siren.data.latents import LatentDataset, load_projection
-        from siren.frontends import build_codec, codec_entry, text_entry
-
-        proj = load_projection(data_dir, dim)
-        train = LatentDataset(data_dir, "train", crop_s, seed, proj.id)
-        try:
-            val = LatentDataset(data_dir, "test", crop_s, seed, proj.id)
-        except DataError as e:
-            log.warning("no validation: %s", e)
-            val = None
-        codec = build_codec(codec_cfg)
-        if train.info["codec"]["id"] != codec.id:
-            raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
-                              f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared one")
-        text = {**train.info["text"], "config": train.info.get("frontends", {}).get("text")}
-        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(text), proj)

@@ -1,0 +1,76 @@
+"""What a stage-1 job reads (siren.train): the prepared train/test datasets with their collate function,
+the codec's frozen code tables, and the run-config entries of the codec and text encoder; for
+``family=continuous``, the latent datasets and their projection (siren.data.latents)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+from siren.codec import CodeTables
+from siren.data.dataset import PreparedDataset
+from siren.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage1Data:
+    """What a stage-1 job reads: train/test datasets (indexed by (epoch, index)) with their collate
+    function, the codec's frozen code tables for the embeddings, and the run-config entries of the
+    codec and text encoder the data was made with ({"id", "weights", "config"}). For family=continuous the
+    datasets yield ``latents`` [T, k] instead of codes, and ``projection`` is the LatentProjection they come from."""
+    train: Dataset
+    val: Dataset | None
+    collate: Callable[[list[dict]], dict]
+    tables: CodeTables
+    codec: dict
+    text: dict
+    projection: object = None  # siren.model.continuous.LatentProjection (family=continuous)
+
+    @classmethod
+    def from_prepared(cls, data_dir: str | Path, crop_s: float | None, seed: int, codec_cfg,
+                      crop_min_clap: float = 0.0, latent_dim: int = 0) -> "Stage1Data":
+        """The prepared train/test splits of ``data_dir``; the code tables come from a codec built from
+        ``codec_cfg``, which must be the codec the data was encoded with. ``crop_min_clap``: appendix B's
+        crop filter on the train split. ``latent_dim`` > 0: continuous tokens of that width (siren.data.latents)."""
+        from siren.frontends import build_codec, codec_entry, text_entry
+
+        if latent_dim:
+            return cls._continuous(data_dir, crop_s, seed, codec_cfg, latent_dim)
+
+        train = PreparedDataset(data_dir, "train", crop_s, seed, crop_min_clap)
+        try:
+            val = PreparedDataset(data_dir, "test", crop_s, seed)
+        except DataError as e:
+            log.warning("no validation: %s", e)
+            val = None
+        codec = build_codec(codec_cfg)
+        if train.info["codec"]["id"] != codec.id:
+            raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
+                              f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared "
+                              f"one or prepare again")
+        text = {**train.info["text"], "config": train.info.get("frontends", {}).get("text")}
+        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(text))
+
+    @classmethod
+    def _continuous(cls, data_dir, crop_s, seed, codec_cfg, dim: int) -> "Stage1Data":
+        from siren.data.latents import LatentDataset, load_projection
+        from siren.frontends import build_codec, codec_entry, text_entry
+
+        proj = load_projection(data_dir, dim)
+        train = LatentDataset(data_dir, "train", crop_s, seed, proj.id)
+        try:
+            val = LatentDataset(data_dir, "test", crop_s, seed, proj.id)
+        except DataError as e:
+            log.warning("no validation: %s", e)
+            val = None
+        codec = build_codec(codec_cfg)
+        if train.info["codec"]["id"] != codec.id:
+            raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
+                              f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared one")
+        text = {**train.info["text"], "config": train.info.get("frontends", {}).get("text")}
+        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(text), proj)
