@@ -39,12 +39,17 @@ class Stage1Data:
         crop filter on the train split. ``latent_dim`` > 0: continuous tokens of that width (siren.data.latents)."""
         from siren.frontends import build_codec, codec_entry, text_entry
 
-        if latent_dim:
-            return cls._continuous(data_dir, crop_s, seed, codec_cfg, latent_dim)
+        proj = None
+        if latent_dim:  # family=continuous: the latents of the same items, in the projection's axes
+            from siren.data.latents import LatentDataset, load_projection
 
-        train = PreparedDataset(data_dir, "train", crop_s, seed, crop_min_clap)
+            proj = load_projection(data_dir, dim=latent_dim)
+            split = lambda name, clap=0.0: LatentDataset(data_dir, name, crop_s, seed, proj.id)
+        else:
+            split = lambda name, clap=0.0: PreparedDataset(data_dir, name, crop_s, seed, clap)
+        train = split("train", crop_min_clap)
         try:
-            val = PreparedDataset(data_dir, "test", crop_s, seed)
+            val = split("test")
         except DataError as e:
             log.warning("no validation: %s", e)
             val = None
@@ -53,24 +58,5 @@ class Stage1Data:
             raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
                               f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared "
                               f"one or prepare again")
-        text = {**train.info["text"], "config": train.info.get("frontends", {}).get("text")}
-        return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(text))
-
-    @classmethod
-    def _continuous(cls, data_dir, crop_s, seed, codec_cfg, dim: int) -> "Stage1Data":
-        from siren.data.latents import LatentDataset, load_projection
-        from siren.frontends import build_codec, codec_entry, text_entry
-
-        proj = load_projection(data_dir, dim)
-        train = LatentDataset(data_dir, "train", crop_s, seed, proj.id)
-        try:
-            val = LatentDataset(data_dir, "test", crop_s, seed, proj.id)
-        except DataError as e:
-            log.warning("no validation: %s", e)
-            val = None
-        codec = build_codec(codec_cfg)
-        if train.info["codec"]["id"] != codec.id:
-            raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "
-                              f"{codec.id} (codec.weights={codec_cfg.weights}); set codec.weights to the prepared one")
         text = {**train.info["text"], "config": train.info.get("frontends", {}).get("text")}
         return cls(train, val, train.collate, codec.code_tables(), codec_entry(codec), text_entry(text), proj)
