@@ -162,6 +162,14 @@ def prefetch(names: list[str], opener=urllib.request.urlopen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry (``list`` / ``prefetch``) under the one shell: a failed download is one error line and
+    exit 2, Ctrl-C exit 130 (the file being downloaded is removed either way)."""
+    from siren import cli
+
+    return cli.call(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m siren.assets", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -177,14 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in ASSETS]
     if unknown:
         ap.error(f"unknown asset(s) {unknown}; known: {', '.join(ASSETS)}")
-    try:
-        prefetch(args.names or list(ASSETS))
-    except DownloadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the file being downloaded was removed", file=sys.stderr)
-        return 130
+    prefetch(args.names or list(ASSETS))
     return 0
 
 
