@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{shlex.quote('out=' + cfg.out)} num_shards={cfg.num_shards} step=select [select=... tau=...]")
             return
     print(run_select(cfg, manifest))
-    print(f"done in {time.perf_counter() - t0:.1f} s")
+    log.info("done in %.1f s", time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
