@@ -1,0 +1,37 @@
+"""benchmarks.cuda on the CPU at tiny sizes: the script the lead runs once on a lent GPU must not fail there
+for a reason a CPU run would have shown (a renamed helper of benchmarks.train, a sampler signature, the JSON)."""
+from __future__ import annotations
+
+import json
+
+import benchmarks.cuda as bench
+from siren.codec import FRAME_RATE
+from siren.model import CollaborativeModel, Expert
+from siren.model.params import expert_params
+
+TINY = ["device=cpu", "scale=tiny", "train_batch=2", "train_s=0.2", "train_steps=1",
+        "gen_batch=2", "gen_s=0.1", "text_tokens=4"]
+
+
+def test_tiny_cpu_train_row(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main([*TINY, "sections=train", f"out={out}"]) == 0
+    r = json.loads(out.read_text())
+    assert r["train"]["frames_per_step"] == 2 * round(0.2 * FRAME_RATE)
+    assert r["train"]["params"] == expert_params(Expert(bench.scale_config("tiny", "6-2"), 0)).total
+    assert r["train"]["step_s"] > 0 and r["train"]["mfu"] is None  # no peak FLOP/s on the CPU
+
+
+def test_a_failing_section_does_not_lose_the_next(tmp_path, monkeypatch):
+    """Also the CPU run of the generate section: sampling and DAC decoding of one frame."""
+    def broken(cfg, device):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(bench, "bench_train", broken)
+    out = tmp_path / "bench.json"
+    assert bench.main([*TINY, "sections=train,generate", "gen_s=0.02", f"out={out}"]) == 1
+    r = json.loads(out.read_text())
+    assert "out of memory" in r["train"]["error"]
+    gen = r["generate"]
+    assert "error" not in gen and gen["frames"] == 1 and gen["decode_s"] > 0 and gen["sample_s"] > 0
+    assert gen["params"] == sum(p.numel() for p in CollaborativeModel(bench.scale_config("tiny", "6-2")).parameters())
