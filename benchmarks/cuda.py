@@ -1,6 +1,6 @@
 """One GPU run: stage-1 train step + MFU, KV-cached generation + decoding, evaluation backbones.
 
-    python -m benchmarks.cuda out=$OUT/cuda_bench.json                 # H200: ~1-2 minutes, all sections
+    python -m benchmarks.cuda out=$OUT/cuda_bench.json                 # GPU: all sections (estimated 2-3 min)
     python -m benchmarks.cuda sections=train,generate train_batch=24
     python -m benchmarks.cuda device=cpu scale=tiny train_batch=2 train_s=1 train_steps=2 gen_batch=2 gen_s=1 \\
         eval_clips=2 eval_batch=2                                         # CPU check of the script, < 1 minute
