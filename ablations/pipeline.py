@@ -7,7 +7,8 @@ that is done; a job whose recorded submission is still pending/running is left a
 one is reported with its log and resubmitted only with retry=true.
 
 On SLURM every job is submitted at once with `--dependency=afterok:...`, so the pipeline advances
-with no process waiting on the login node. `local` and `debug` run the graph in waves.
+with no process waiting on the login node. `local` and `debug` run each job here as soon as its
+dependencies are done.
 
 Two launchers never run or submit the same job: a launcher holds `<root>/launcher.lock` while it
 runs or submits (a second one is refused, naming the first), and a job holds `<done>.lock` while
@@ -195,48 +196,51 @@ def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str
     return states
 
 
-def run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
-    """local/debug: run the graph wave by wave, waiting here (a workstation has no scheduler). One
-    executor per wave, so at most ``max_parallel`` of its jobs run at once."""
+def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
+    """local/debug: run the graph here, waiting (a workstation has no scheduler). A job starts as soon as
+    its dependencies are done and fewer than ``max_parallel`` jobs run (no waves: a cell's eval overlaps
+    other cells' training instead of waiting for the slowest expert of the grid)."""
     with _launcher_lock(root):
-        return _run_waves(jobs, root, kind, retry, max_parallel)
+        return _run_local(jobs, root, kind, retry, max_parallel)
 
 
-def _run_waves(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
-    ledger, states = Ledger(root), {}
-    for wave in _levels(jobs):
-        todo = []
-        for job in wave:
-            st = ledger.state(job)
-            bad_deps = [d for d in job.deps if states[d].state != "DONE"]
-            if st.state in LIVE | {"DONE"} or bad_deps or (st.state != "MISSING" and not retry):
-                states[job.key] = JobState(job.key, "BLOCKED", log=f"needs {', '.join(bad_deps)}") \
-                    if bad_deps and st.state != "DONE" else st
-            else:
-                todo.append(job)
-        if not todo:
-            continue
-        widest = max(todo, key=lambda j: (j.timeout_min, j.cpus))
-        ex = _executor(kind, root, None, widest, max_parallel)
-        running = []
-        try:
-            for job in todo:
-                fn, kwargs = _callable(job)
-                sj = ex.submit(fn, **kwargs)  # blocks while max_parallel of this wave's jobs run
-                ledger.record(job.key, kind, sj, root / "logs")
-                running.append((job, sj))
-            for job, sj in running:
+def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
+    _levels(jobs)  # unknown dependencies and cycles are errors before anything runs
+    ledger, states, pending, running = Ledger(root), {}, list(jobs), []
+    try:
+        while pending or running:
+            for job in list(pending):  # plan order: a finished cell's eval goes before the next cell's training
+                if any(d not in states for d in job.deps):
+                    continue  # a dependency has not finished
+                st, bad_deps = ledger.state(job), [d for d in job.deps if states[d].state != "DONE"]
+                if st.state in LIVE | {"DONE"} or bad_deps or (st.state != "MISSING" and not retry):
+                    states[job.key] = JobState(job.key, "BLOCKED", log=f"needs {', '.join(bad_deps)}") \
+                        if bad_deps and st.state != "DONE" else st
+                    pending.remove(job)
+                elif len(running) < max_parallel:
+                    fn, kwargs = _callable(job)
+                    sj = _executor(kind, root, None, job, max_parallel).submit(fn, **kwargs)
+                    ledger.record(job.key, kind, sj, root / "logs")
+                    running.append((job, sj))
+                    pending.remove(job)
+                    if kind == "debug":  # submitit's debug jobs run in this process when asked for their result
+                        break
+            finished = [(job, sj) for job, sj in running if kind == "debug" or sj.done()]
+            for job, sj in finished:
+                running.remove((job, sj))
                 try:
                     sj.result()
                     states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
                 except Exception as e:  # the job's own error; its log has the traceback
                     states[job.key] = JobState(job.key, "FAILED", str(sj.job_id), f"{sj.paths.stderr} ("
                                                f"{type(e).__name__}: {str(e).splitlines()[-1][:200]})", submitted=True)
-        except KeyboardInterrupt:  # Ctrl-C: stop this wave's jobs too (training jobs resume from checkpoints)
-            for _, sj in running:
-                if not sj.done():
-                    sj.cancel(check=False)
-            raise
+            if running and not finished:
+                time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C: stop the running jobs too (training jobs resume from checkpoints)
+        for _, sj in running:
+            if not sj.done():
+                sj.cancel(check=False)
+        raise
     return states
 
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
             states = pipeline.submit_slurm(jobs, run.root, load_profile(run.profile), run.retry)
         else:
-            states = pipeline.run_waves(jobs, run.root, run.executor, run.retry, run.max_parallel)
+            states = pipeline.run_local(jobs, run.root, run.executor, run.retry, run.max_parallel)
     else:
         states = pipeline.current_states(jobs, run.root)
     print("\n".join(outcomes.status_lines(jobs, states, cells)))

@@ -224,7 +224,7 @@ def launch(root: str, seconds: float) -> None:
     log = str(root / "log.txt")
     jobs = [pipeline.Job("a", slow_job, {"log": log, "name": "a", "seconds": seconds}, root / "a.done"),
             pipeline.Job("b", slow_job, {"log": log, "name": "b", "seconds": 0}, root / "b.done", deps=["a"])]
-    states = pipeline.run_waves(jobs, root, "debug", retry=False, max_parallel=1)
+    states = pipeline.run_local(jobs, root, "debug", retry=False, max_parallel=1)
     print(json.dumps({k: s.state for k, s in states.items()}))
 
 
@@ -273,7 +273,7 @@ def test_a_running_job_is_not_started_again(tmp_path):
         _wait_for(log, "start a", job)
         jobs = [pipeline.Job("a", slow_job, {"log": str(log), "name": "a", "seconds": 0}, root / "a.done"),
                 pipeline.Job("b", slow_job, {"log": str(log), "name": "b", "seconds": 0}, root / "b.done", deps=["a"])]
-        states = pipeline.run_waves(jobs, root, "debug", retry=True, max_parallel=1)
+        states = pipeline.run_local(jobs, root, "debug", retry=True, max_parallel=1)
         assert states["a"].state == "RUNNING" and f"pid {job.pid}" in states["a"].log
         assert states["b"].state == "BLOCKED" and log.read_text() == f"start a {job.pid}\n"
         with pytest.raises(LockHeld, match=rf"a\.done\.lock: held by job .*a\.done \(pid {job.pid}"):
