@@ -119,7 +119,7 @@ def data_paths(cfg: dict, data_dir: Path) -> tuple[str, str, str | None]:
         from siren.data.demo import DemoSet
 
         demo = DemoSet.at(data_dir / "demo_source")  # made by the cell's prepare job
-        return str(demo.test), str(demo.train), str(demo.subset)
+        return str(demo.test), str(demo.train), None  # every test clip (90): ISC over 10 splits needs them
     missing = [k for k in ("data.train", "data.test", "data.prompts") if k not in cfg]
     if missing:
         raise ConfigError(f"scale=paper needs your manifests: {', '.join(f'set.{k}=FILE' for k in missing)} "

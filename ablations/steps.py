@@ -53,7 +53,9 @@ def continuous_config(cfg: Mapping[str, Any]):
     return parse(stage1_args(cfg)).continuous
 
 
-DATA_KEYS = ("data.source", "data.train", "data.test", "data.prompts", "data.subset")
+# data.demo_train / data.demo_test: clips per class of the embedded demo set (data.source=demo)
+DATA_KEYS = ("data.source", "data.train", "data.test", "data.prompts", "data.subset", "data.demo_train",
+             "data.demo_test")
 
 
 def validate(cfg: Mapping[str, Any], where: str) -> None:
@@ -90,9 +92,12 @@ def _check(rc: int, what: str) -> None:
 def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     from siren.data import prepare
 
-    manifest = "demo" if cfg["data.source"] == "demo" else cfg["data.train"]
+    if cfg["data.source"] == "demo":
+        source = ["manifest=demo", f"demo_train={cfg['data.demo_train']}", f"demo_test={cfg['data.demo_test']}"]
+    else:
+        source = [f"manifest={cfg['data.train']}"]
     crops = [f"crop_s={cfg['train.crop_s']}"] if float(cfg.get("train.crop_min_clap", 0)) > 0 else []  # appendix B
-    prepare.run(prepare.parse([f"manifest={manifest}", f"out={data_dir}", *_weights(cfg, "codec", "text"), *crops]))
+    prepare.run(prepare.parse([*source, f"out={data_dir}", *_weights(cfg, "codec", "text"), *crops]))
     return {"data_dir": data_dir}
 
 

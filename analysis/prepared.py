@@ -59,7 +59,7 @@ class Items:
 def resolve(data: str, codec: str = "") -> Path:
     """A prepared directory for ``data`` (a path, or ``demo``: prepared here on first use)."""
     if data == "demo":
-        weights = codec or "pretrained"
+        weights = codec or "demo"
         if weights in ("random", "pretrained"):
             tag = weights
         else:  # a file's content names the directory: a rebuilt demo codec prepares afresh

@@ -33,6 +33,7 @@ from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, codes_key, crops_key, index_path, shard_path, text_key
+from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.manifest import Row, read_manifest
 from siren.errors import DataError
@@ -279,13 +280,16 @@ class PrepareConfig:
     text_batch_size: int = 32  # one caption per call is ~7x slower on CPU (0.5 s vs 0.07 s per caption)
     on_error: str = "stop"  # stop: one error listing every bad file; skip: leave them out, listed in the index
     device: str = "auto"  # auto: cuda when available, else cpu
-    demo_seed: int = 0  # manifest=demo only
+    demo_seed: int = 0  # manifest=demo only: the demo set's seed and clips per class (train, test)
+    demo_train: int = N_TRAIN
+    demo_test: int = N_TEST
     # > 0: score each item's crops of train.crop_s seconds with CLAP for the crop filter (appendix B; crops.py)
     crop_s: float = 0.0
     crop_step_s: float = 0.5  # the grid of crop offsets
 
     def __post_init__(self):
         check_numbers(self, positive=("num_shards", "workers", "batch_size", "text_batch_size"), nonneg=("demo_seed",))
+        check_numbers(self, positive=("demo_train", "demo_test"))
         if self.shard >= self.num_shards:
             raise DataError(f"shard={self.shard} must be < num_shards={self.num_shards} (or -1: every shard)")
         if self.text_dtype not in TEXT_DTYPES or self.on_error not in ON_ERROR:
@@ -306,7 +310,7 @@ def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
     if cfg.manifest == "demo":
         from siren.data.demo import demo_set
 
-        demo = demo_set(Path(cfg.out) / "demo_source", seed=cfg.demo_seed)
+        demo = demo_set(Path(cfg.out) / "demo_source", cfg.demo_seed, cfg.demo_train, cfg.demo_test)
         return [(demo.train, "train"), (demo.test, "test")]
     if not cfg.manifest:
         raise DataError("manifest=<path to .csv/.jsonl> (or manifest=demo) is required")
