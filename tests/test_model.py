@@ -43,6 +43,7 @@ def test_code_embedding_is_linear_projector_of_the_dac_latent():
     dac = codec()
     torch.manual_seed(0)
     emb = CodeEmbedding(16, dac.code_tables())
+    torch.nn.init.normal_(emb.weight, 0.0, 0.02)  # as the expert initialises it
     codes = code_batch(B=2, T=3)
     _, f = dac.layer_features(codes)  # [B, 12, T, 1024], computed by DAC's quantizer modules
     want = torch.einsum("bjtl,jdl->btjd", f, emb.weight) + emb.bias  # [B, T, 12, d]

@@ -30,7 +30,9 @@ class CodeEmbedding(nn.Module):
         self.register_buffer("codebooks", tables.codebooks.detach().clone().float())  # Z_j   [12, V, 8]
         self.register_buffer("out_weight", tables.out_weight.detach().clone().float())  # O_j [12, 1024, 8]
         self.register_buffer("out_bias", tables.out_bias.detach().clone().float())  # o_j   [12, 1024]
-        self.weight = nn.Parameter(torch.empty(N_LAYERS, dim, LATENT_DIM))  # W_j: 12 Linear(1024, d)
+        # W_j: 12 Linear(1024, d); zeros, not torch.empty (whatever memory held), until the expert's init
+        # draws them (zeros draw nothing from the RNG, so the expert's initialisation is unchanged)
+        self.weight = nn.Parameter(torch.zeros(N_LAYERS, dim, LATENT_DIM))
         self.bias = nn.Parameter(torch.zeros(N_LAYERS, dim))  # b_j
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
