@@ -121,6 +121,7 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     from eval.audiocaps import EvalConfig, backbones, evaluate, reward_equals_metric
     from siren.codec import Codec, CodecConfig
     from siren.config import load_config, to_dict
+    from siren.data.demo import demo_set
     from siren.rl import alignment
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_rl import make_stage1_run
@@ -137,7 +138,8 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
                            "codec.weights=random", "text.weights=random"], clap=text.clap) == 0
     assert json.loads((out / "alignment.json").read_text())["reward_model"] == {"name": "clap",
                                                                               "weights_sha256": "random-seed0"}
-    res = evaluate(load_config(EvalConfig, [f"ckpt={out}", "ref=demo", f"out={tmp_path / 'eval'}", "weights=random",
+    ref = demo_set(tmp_path / "demo", n_train=1, n_test=1).test  # the embedded set, one test clip per class
+    res = evaluate(load_config(EvalConfig, [f"ckpt={out}", f"ref={ref}", f"out={tmp_path / 'eval'}", "weights=random",
                                             "metrics=clap", "seconds=0.1", "cache=false"]))
     card = json.loads((tmp_path / "eval" / "results.json").read_text())["card"]
     assert card["reward_equals_metric"] == ["clap"] == res["card"]["reward_equals_metric"]
