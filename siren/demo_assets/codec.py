@@ -26,11 +26,12 @@ whose residuals are small, flip more).
 The committed file was built with the defaults below (ae_steps=2400, ft_steps=1500) and
 ``device=cuda`` on a lent H200 in under 200 s; on this 2-core CPU the same recipe ran at ~2 steps/s
 (about 35 min for the whole build, estimated from 800 of its 2400 autoencoder steps). Measured on
-the 90 test clips (never trained on): semantic-probe accuracy 0.93 at layer 1 falling to 0.42-0.56 at
-layers 3-12 (Fig. 2c; chance 1/15); every code used in every layer. Reconstruction improves with r,
-but only a little: mel L1 0.656 (r = 1), 0.619 (r = 4), 0.618 (r = 12) on the 15 first test clips, and
-0.618 with the quantizer bypassed: the narrow decoder, not the codes, limits quality, and the first
-layer's 8 directions carry most of what it can use (the real DAC's curve is much steeper).
+the 90 test clips (never trained on): semantic-probe accuracy 0.91 at layer 1, 0.36-0.56 at layers
+2-12 (Fig. 2c, ``python -m analysis.semantic_probe data=demo``; chance 1/15); every code used in every
+layer. Reconstruction improves with r, but only a little: mel L1 0.656 (r = 1), 0.619 (r = 4), 0.618
+(r = 12) on the 15 first test clips, and 0.618 with the quantizer bypassed: the narrow decoder, not the
+codes, limits quality, and the first layer's 8 directions carry most of what it can use (the real DAC's
+curve is much steeper).
 """
 from __future__ import annotations
 
