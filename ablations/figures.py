@@ -4,11 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ablations.grid import Grid
+from ablations.outcomes import METRIC_COLUMNS
 from ablations.plan import Cell, RunConfig, stage1_dir
+from ablations.tables import Outcome
 
 
-def draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: Path) -> list[Path]:
-    """The grid's figure from the cells that got that far (none drawn yet is not an error)."""
+def draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: Path,
+         outcomes: dict[str, Outcome]) -> list[Path]:
+    """The grid's figure from the cells that got that far (none drawn yet is not an error); ``outcomes``:
+    the table's rows of ours, calibration rows included, by label."""
     if grid.figure == "convergence":
         runs = {r.label: stage1_dir(c, run) for c in cells for r in c.rows
                 if all((stage1_dir(c, run) / f"expert_{k}.done").is_file() for k in range(c.n_experts))}
@@ -16,7 +20,32 @@ def draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: P
     if grid.figure == "reward_curves":
         runs = {r.label: c.dir / "aligned" for c in cells for r in c.rows if (c.dir / "aligned.done").is_file()}
         return reward_curves(grid, runs, caption, out_dir) if runs else []
+    if grid.figure == "metrics":
+        return metric_bars(grid, outcomes, caption, out_dir)
     return []
+
+
+def metric_bars(grid: Grid, outcomes: dict[str, Outcome], caption: str, out_dir: Path) -> list[Path]:
+    """One panel per metric column of the table: every evaluated row's value, calibration rows included,
+    so the model rows are seen between the oracle and chance (a grid with no training curve to draw)."""
+    import numpy as np
+
+    from analysis import style
+
+    cols = [c for c in grid.columns if c in METRIC_COLUMNS]
+    done = {label: o.values for label, o in outcomes.items() if o.status == "ok" and o.values}
+    if not cols or not done:
+        return []
+    labels = list(done)
+    fig, axes = style.figure(style.TWO_COLUMN, 0.1 + 0.05 * len(labels), ncols=len(cols), sharey=True)
+    for ax, col in zip(np.atleast_1d(axes), cols):
+        values = [done[label].get(col) for label in labels]
+        ax.barh(range(len(labels)), [np.nan if v is None else float(v) for v in values])
+        ax.set_title(col)
+        ax.invert_yaxis()  # table order, top to bottom
+    np.atleast_1d(axes)[0].set_yticks(range(len(labels)), labels)
+    style.note(fig, caption)
+    return style.save_figure(fig, out_dir, grid.name)
 
 
 def layer_losses(grid: Grid, runs: dict[str, Path], caption: str, out_dir: Path) -> list[Path]:

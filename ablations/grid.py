@@ -33,7 +33,7 @@ class Grid:
     title: str  # the paper's caption
     columns: tuple[str, ...]
     rows: tuple[Row, ...]
-    figure: str = ""  # analysis probe that draws this grid's figure, if any
+    figure: str = ""  # the figure drawn beside the table: convergence | reward_curves | metrics (ablations/figures.py)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = {row.label: outcomes.outcome(cell, grid, run, states) for cell in cells for row in cell.rows}
     caption = outcomes.caption(run, cells)
-    df = build_frame(grid, rows, outcomes.source(run, cells), outcomes.calibration_outcomes(cells, grid, run, states))
+    calibration = outcomes.calibration_outcomes(cells, grid, run, states)
+    df = build_frame(grid, rows, outcomes.source(run, cells), calibration)
     for ext, p in write_tables(df, grid, caption, run.root / "tables").items():
         print(f"{grid.name}.{ext}: {p}")
-    for p in figures.draw(grid, cells, run, caption, run.root / "figures"):
+    for p in figures.draw(grid, cells, run, caption, run.root / "figures", {**rows, **calibration}):
         print(f"figure: {p}")
     failed = [s for s in states.values() if s.state in pipeline.FINAL_BAD | {"FAILED"}]
     if failed:

@@ -212,3 +212,15 @@ def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_
     row = _table_row(grid_out, "table5", "Indpdt.")
     assert "pending" not in row and "failed" not in row
     assert main(args) == 0 and "submitted 0 job(s)" in capsys.readouterr().out
+
+
+def test_metric_bars_figure_draws_the_evaluated_rows(tmp_path):
+    """grid=continuous's figure: one panel per metric column, from the evaluated rows (pending rows left out)."""
+    from ablations.figures import draw
+
+    grid = load_grid("continuous")
+    rows = {"a": Outcome({"FAD": 1.0, "KL": 2.0, "CLAP": 3.0}), "b": Outcome({}, "pending"),
+            "oracle": Outcome({"FAD": 0.5, "KL": None, "CLAP": 9.0})}
+    paths = draw(grid, [], parse(["grid=continuous", f"out={tmp_path}"]), "cap", tmp_path, rows)
+    assert {p.suffix for p in paths} == {".pdf", ".png"} and all(p.stat().st_size > 0 for p in paths)
+    assert draw(grid, [], parse(["grid=continuous"]), "cap", tmp_path / "none", {"b": Outcome({}, "pending")}) == []

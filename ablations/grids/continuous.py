@@ -9,6 +9,7 @@ GRID = Grid(
     name="continuous",
     title="Continuous-valued tokens (paper/003) vs discrete RVQ tokens (AudioGen-style baseline, Siren 6-2).",
     columns=("#Parameter", "FAD", "KL", "CLAP"),
+    figure="metrics",
     rows=(  # the baseline is Tables 4/5's "Indpdt." cell and Siren 6-2 theirs: the same hashes, run once
         Row("AudioGen-style (discrete 1-12, parallel heads)",
             {"model.size": "single-1.6b", "model.distribution": "1-12", "model.conditioning": "none"}, {}),
