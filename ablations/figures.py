@@ -19,7 +19,7 @@ def draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: P
         return layer_losses(grid, runs, caption, out_dir) if runs else []
     if grid.figure == "reward_curves":
         runs = {r.label: c.dir / "aligned" for c in cells for r in c.rows if (c.dir / "aligned.done").is_file()}
-        return reward_curves(grid, runs, caption, out_dir) if runs else []
+        return reward_curves(runs, out_dir) if runs else []
     if grid.figure == "metrics":
         return metric_bars(grid, outcomes, caption, out_dir)
     return []
@@ -66,9 +66,10 @@ def layer_losses(grid: Grid, runs: dict[str, Path], caption: str, out_dir: Path)
     return style.save_figure(fig, out_dir, grid.name)
 
 
-def reward_curves(grid: Grid, runs: dict[str, Path], caption: str, out_dir: Path) -> list[Path]:
-    """Figure 5: stage-2 reward curves, each labelled with its (FD, CLAP) when evaluated."""
+def reward_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
+    """Figure 5: stage-2 reward curves, each labelled with its (FD, CLAP) when evaluated (the figure's note
+    names the runs' weights itself)."""
     from analysis.reward_curves import draw_curves
 
     return draw_curves(list(runs.values()), list(runs), [r.parent / "eval" / "results.json" for r in runs.values()],
-                       out_dir, caption)
+                       out_dir)
