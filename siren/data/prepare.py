@@ -288,8 +288,8 @@ class PrepareConfig:
     crop_step_s: float = 0.5  # the grid of crop offsets
 
     def __post_init__(self):
-        check_numbers(self, positive=("num_shards", "workers", "batch_size", "text_batch_size"), nonneg=("demo_seed",))
-        check_numbers(self, positive=("demo_train", "demo_test"))
+        check_numbers(self, positive=("num_shards", "workers", "batch_size", "text_batch_size", "demo_train",
+                                      "demo_test"), nonneg=("demo_seed",))
         if self.shard >= self.num_shards:
             raise DataError(f"shard={self.shard} must be < num_shards={self.num_shards} (or -1: every shard)")
         if self.text_dtype not in TEXT_DTYPES or self.on_error not in ON_ERROR:
