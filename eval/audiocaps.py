@@ -289,7 +289,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             gen_card = generate_set(cfg.ckpt, [it.id for it in items], [it.caption for it in items], gen_dir,
                                     seconds=cfg.seconds, batch_size=cfg.gen_batch_size, seed=cfg.gen_seed,
                                     sample=cfg.sample, candidates=cfg.candidates,
-                                    clap=models["clap"].net if cfg.candidates > 1 else None, device=_device(cfg.device))
+                                    clap=models["clap"].net if "clap" in models else None, device=_device(cfg.device))
             gen_card["sample_source"] = SAMPLING_SOURCE
         except CannotGenerate as e:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}

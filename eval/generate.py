@@ -36,13 +36,15 @@ class CannotGenerate(RuntimeError):
 def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_dir: str | Path, *, seconds: float,
                  batch_size: int, seed: int, sample: SampleConfig, candidates: int = 1, clap=None,
                  device: str = "cpu") -> dict:
-    """Write <out_dir>/<id>.wav for every id; returns the generation card (what, how, how long)."""
+    """Write <out_dir>/<id>.wav for every id; returns the generation card (what, how, how long).
+    ``clap``: a built siren.clap.Clap that scores the candidates (``candidates > 1``) and serves as the
+    text encoder's CLAP when it has the run's text weights."""
     out_dir = Path(out_dir)
     paths = [child_path(out_dir, id_, ".wav") for id_ in ids]  # before anything is built or written
     out_dir.mkdir(parents=True, exist_ok=True)
     model = siren.load(run_dir, device)
     warn_if_past_trained(run_dir, max(1, round(seconds * FRAME_RATE)), "eval")
-    text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir))
+    text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
     n_frames = max(1, round(seconds * FRAME_RATE))

@@ -52,13 +52,19 @@ def text_entry(encoder_or_info) -> dict[str, Any]:
 
 def run_frontends(run_cfg: Mapping[str, Any], device: str | torch.device = "cpu", where: str = "the run",
                   clap=None) -> tuple[TextEncoder, Codec]:
-    """The text encoder and codec a run was trained with, rebuilt from its config.json entries."""
+    """The text encoder and codec a run was trained with, rebuilt from its config.json entries.
+    ``clap``: an already built ``siren.clap.Clap`` (eval's CLAP-score model); the text encoder uses it
+    instead of building a second one when its weights and seed are the run's text encoder's (with the
+    demo weights they are: one CLAP build per eval process instead of two, ~10 s on a CPU)."""
     for what in ("codec", "text"):
         if not (run_cfg.get(what) or {}).get("config"):
             raise CheckpointError(f"{where} does not record its {what} configuration (made by an older version of "
                                   f"the harness); train it again, or add \"config\" to its config.json {what} entry")
     codec = build_codec(from_dict(CodecConfig, run_cfg["codec"]["config"], f"{where} codec"), device)
-    text = build_text(from_dict(TextConfig, run_cfg["text"]["config"], f"{where} text"), device, clap)
+    text_cfg = from_dict(TextConfig, run_cfg["text"]["config"], f"{where} text")
+    if clap is not None and (clap.cfg.weights, clap.cfg.seed) != (text_cfg.weights, text_cfg.seed):
+        clap = None
+    text = build_text(text_cfg, device, clap)
     for what, built, want in [("text encoder", text.id, run_cfg["text"]["id"]),
                               ("codec", codec.id, run_cfg["codec"]["id"])]:
         if built != want:

@@ -292,3 +292,15 @@ def test_score_is_pairwise_cosine(clap):
     assert s.shape == (1,) and torch.allclose(s, expected, atol=1e-6)
     with pytest.raises(ValueError, match="captions"):
         clap.score(wav, CAPTIONS)
+
+
+def test_eval_shares_its_clap_with_the_run_text_encoder(clap, text):
+    """eval/generate passes the CLAP-score model to run_frontends: a run whose text encoder has the same
+    weights and seed gets that model instead of a second build (the text ids are then still checked)."""
+    from siren.codec import Codec, CodecConfig
+    from siren.frontends import codec_entry, run_frontends, text_entry
+
+    codec = Codec(CodecConfig(weights="random", seed=0))
+    run_cfg = {"codec": codec_entry(codec), "text": text_entry(text)}
+    shared, _ = run_frontends(run_cfg, clap=clap)
+    assert shared.clap is clap and shared.id == text.id
