@@ -32,6 +32,14 @@ layer. Reconstruction improves with r, but only a little: mel L1 0.656 (r = 1), 
 (r = 12) on the 15 first test clips, and 0.618 with the quantizer bypassed: the narrow decoder, not the
 codes, limits quality, and the first layer's 8 directions carry most of what it can use (the real DAC's
 curve is much steeper).
+
+Where it falls short (measured on one test clip per class, README: Demo world): the output is far too
+quiet for tonal classes (RMS 1-10% of the input for siren, whistle, birdsong, alarm, phone, thunder;
+30-70% for noise-like ones), identically with the quantizer bypassed, and uncorrelated with the input
+waveform. So the autoencoder stage is the limit. Neither dropping the waveform L1 (a phase-blind
+decoder minimises it by shrinking its output) nor 300 more decoder steps changed this much within a
+400-step trial. A stronger recipe (wider decoder, many more steps, or an STFT-magnitude loss) is the
+next thing to try; it needs a GPU or about an hour of this CPU per attempt.
 """
 from __future__ import annotations
 
