@@ -38,11 +38,22 @@ def read_metric(results: str | Path, key: str) -> float | None:
 
 
 def weights_note(run_dir: str | Path) -> str:
-    """'random codec weights; random text weights' for a run made with random-weight models
-    (read from run_dir/config.json), '' for pretrained ones or when the run does not say."""
+    """'random codec weights; random text weights' or 'codec: demo weights (trained on the embedded
+    set); text: ...' for a run made without the published weights (read from run_dir/config.json),
+    '' for pretrained ones or when the run does not say (the phrasing of analysis.prepared's note)."""
+    from siren.codec import DEMO_LABEL
+
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return ""
     cfg = json.loads(path.read_text())
-    return "; ".join(f"{cfg[k]['weights']} {k} weights" for k in ("codec", "text")
-                     if isinstance(cfg.get(k), dict) and cfg[k].get("weights", "pretrained") != "pretrained")
+    notes = []
+    for k in ("codec", "text"):
+        # the mode sits in config.weights; the top-level "weights" is a label ("demo" or DEMO_LABEL)
+        entry = cfg.get(k) if isinstance(cfg.get(k), dict) else {}
+        mode = (entry.get("config") or {}).get("weights", entry.get("weights", "pretrained"))
+        if mode in ("demo", DEMO_LABEL):
+            notes.append(f"{k}: {DEMO_LABEL}")
+        elif mode != "pretrained":
+            notes.append(f"{mode} {k} weights")
+    return "; ".join(notes)

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.layout_engine import ConstrainedLayoutEngine  # noqa: E402
 
 from siren.io import atomic_path  # noqa: E402
 
@@ -69,6 +70,9 @@ def class_colors(n: int) -> list:
 def note(fig, text: str) -> None:
     """A provenance line under the figure, e.g. 'random codec weights' (say what made the numbers)."""
     if text:
+        engine = fig.get_layout_engine()
+        if isinstance(engine, ConstrainedLayoutEngine):  # keep the x label clear of the note
+            engine.set(rect=(0, 0.035, 1, 0.965))
         fig.text(0.005, 0.002, text, ha="left", va="bottom", fontsize=5, color="0.35", style="italic")
 
 

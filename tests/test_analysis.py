@@ -22,7 +22,7 @@ from analysis import (
     task_vectors,
 )
 from analysis.cli import as_list
-from analysis.logs import read_jsonl, read_metric
+from analysis.logs import read_jsonl, read_metric, weights_note
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
 
 
@@ -163,6 +163,22 @@ def test_corrupt_log_line_is_named(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {"fd": 12.5, "clap": 24.1}, "fd": 99}))
     assert read_metric(tmp_path, "fd") == 12.5 and read_metric(tmp_path, "FD") is None
     assert read_metric(tmp_path / "nothing", "fd") is None
+
+
+def test_weights_note_says_demo_weights_once_per_model(tmp_path):
+    """A run's figure note names each non-pretrained model once, in the probes' phrasing (the codec
+    records its demo label as "weights", the text encoder the bare mode)."""
+    from siren.codec import DEMO_LABEL, Codec, CodecConfig
+    from siren.frontends import codec_entry, text_entry
+
+    text = {"id": "t", "weights": "demo", "config": {"weights": "demo", "seed": 0, "max_length": 77}}
+    cfg = {"codec": codec_entry(Codec(CodecConfig(weights="demo"))), "text": text_entry(text)}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; text: {DEMO_LABEL}"
+    cfg["text"]["config"]["weights"] = cfg["text"]["weights"] = "random"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; random text weights"
+    assert weights_note(tmp_path / "missing") == ""
 
 
 # ---------------------------------------------------------------------------- task vectors
