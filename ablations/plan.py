@@ -167,9 +167,11 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         jobs[key] = Job(key, steps.eval_step,
                         dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
                         cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
-        calib_deps = [prep]  # each row after the first waits for it: the reference embeddings are then cached,
-        for kind in steps.CALIBRATIONS if run.calibrated else ():  # not computed by two jobs at once (~35 s CPU)
-            key, folder = f"calib-{did}/{kind}", calibration_dir(run, cell, kind)  # once per data config
+        # Once per data config (codec, test set). Each calibration row after the first waits for the one
+        # before: the reference embeddings are then cached, not computed by two jobs at once (~35 s CPU).
+        calib_deps = [prep]
+        for kind in steps.CALIBRATIONS if run.calibrated else ():
+            key, folder = f"calib-{did}/{kind}", calibration_dir(run, cell, kind)
             jobs.setdefault(key, Job(key, steps.calibration_step, dict(cfg=cell.cfg, kind=kind, ref=ref, subset=subset,
                                                                        out=str(folder)),
                                      folder.with_suffix(".done"), deps=calib_deps, timeout_min=12 * 60, **res))
