@@ -133,6 +133,24 @@ def test_job_waves_follow_dependencies():
                           pipeline.Job("y", print, {}, Path("/y"), deps=["x"])])
 
 
+def _record_start(log: str, name: str) -> None:
+    with open(log, "a") as f:
+        f.write(name + "\n")
+
+
+def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path):
+    """Two cells (train -> eval) after a prepare step, one slot: both trainings run before either eval,
+    then the evals in plan order; a dependency is never started before it is done."""
+    log = str(tmp_path / "order.txt")
+    graph = [("prep", []), ("a/train", ["prep"]), ("a/eval", ["a/train"]), ("b/train", ["prep"]),
+             ("b/eval", ["b/train"])]
+    jobs = [pipeline.Job(k, _record_start, {"log": log, "name": k}, tmp_path / f"{k.replace('/', '_')}.done", deps=d)
+            for k, d in graph]
+    states = pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)
+    assert {s.state for s in states.values()} == {"DONE"}
+    assert Path(log).read_text().split() == ["prep", "a/train", "b/train", "a/eval", "b/eval"]
+
+
 @pytest.fixture(scope="module")
 def grid_out(tmp_path_factory):
     """One results folder for the runs below, so the demo set is prepared once."""
