@@ -217,7 +217,8 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
 def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
     # Jobs that others wait on start first (plan order among equals), so training runs before evaluations
     # (the leaves): the evals then read the reference embeddings the first calibration row cached, and run
-    # in pairs at the end rather than one alone on a 2-core machine (demo Table 6: README, Measured).
+    # in pairs at the end rather than one alone on a 2-core machine (demo Table 6: 8:21 -> 8:02; at batch 8,
+    # where two trainings at once contend for the 2 vCPUs, 9:34 -> 10:11: README, Measured / Demo world).
     # _levels also makes unknown dependencies and cycles errors before anything runs.
     below = _waited_on(jobs)
     ledger, states, pending, running = Ledger(root), {}, sorted(jobs, key=lambda j: -below[j.key]), []
