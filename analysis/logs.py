@@ -40,9 +40,7 @@ def read_metric(results: str | Path, key: str) -> float | None:
 def weights_note(run_dir: str | Path) -> str:
     """'random codec weights; random text weights' or 'codec: demo weights (trained on the embedded
     set); text: ...' for a run made without the published weights (read from run_dir/config.json),
-    '' for pretrained ones or when the run does not say (the phrasing of analysis.prepared's note)."""
-    from siren.codec import DEMO_LABEL
-
+    '' for pretrained ones or when the run does not say."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return ""
@@ -51,9 +49,15 @@ def weights_note(run_dir: str | Path) -> str:
     for k in ("codec", "text"):
         # the mode sits in config.weights; the top-level "weights" is a label ("demo" or DEMO_LABEL)
         entry = cfg.get(k) if isinstance(cfg.get(k), dict) else {}
-        mode = (entry.get("config") or {}).get("weights", entry.get("weights", "pretrained"))
-        if mode in ("demo", DEMO_LABEL):
-            notes.append(f"{k}: {DEMO_LABEL}")
-        elif mode != "pretrained":
-            notes.append(f"{mode} {k} weights")
-    return "; ".join(notes)
+        notes.append(weights_phrase(k, (entry.get("config") or {}).get("weights", entry.get("weights", "pretrained"))))
+    return "; ".join(n for n in notes if n)
+
+
+def weights_phrase(what: str, mode: str) -> str:
+    """A figure note's words for one model's weights: "" (pretrained), "codec: demo weights (trained on
+    the embedded set)", "random codec weights"; ``mode`` is a weights mode or label."""
+    from siren.codec import DEMO_LABEL
+
+    if mode == "pretrained":
+        return ""
+    return f"{what}: {DEMO_LABEL}" if mode in ("demo", DEMO_LABEL) else f"{mode} {what} weights"

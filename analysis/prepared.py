@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.logs import weights_phrase
 from siren import assets
-from siren.codec import DEMO_FILE, DEMO_LABEL, N_LAYERS, Codec, CodecConfig, weights_arg
+from siren.codec import DEMO_FILE, N_LAYERS, Codec, CodecConfig, weights_arg
 from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import index_path
@@ -105,9 +106,7 @@ def open_codec(prepared: Path, splits: list[str], weights: str = "") -> Codec:
 
 def weights_note(codec: Codec) -> str:
     """The figure note on whose weights made the codes ("" for the pretrained codec)."""
-    if codec.weights_label == "pretrained":
-        return ""
-    return f"codec: {DEMO_LABEL}" if codec.weights_label == DEMO_LABEL else f"{codec.weights_label} codec weights"
+    return weights_phrase("codec", codec.weights_label)
 
 
 def build_codec(weights: str) -> Codec:

@@ -15,7 +15,7 @@ import torch
 from siren.codec import Codec, CodecConfig
 from siren.config import from_dict, to_dict
 from siren.errors import CheckpointError
-from siren.text import TextConfig, TextEncoder
+from siren.text import TextConfig, TextEncoder, can_share
 
 
 def build_codec(cfg: CodecConfig, device: str | torch.device = "cpu") -> Codec:
@@ -62,9 +62,7 @@ def run_frontends(run_cfg: Mapping[str, Any], device: str | torch.device = "cpu"
                                   f"the harness); train it again, or add \"config\" to its config.json {what} entry")
     codec = build_codec(from_dict(CodecConfig, run_cfg["codec"]["config"], f"{where} codec"), device)
     text_cfg = from_dict(TextConfig, run_cfg["text"]["config"], f"{where} text")
-    if clap is not None and (clap.cfg.weights, clap.cfg.seed) != (text_cfg.weights, text_cfg.seed):
-        clap = None
-    text = build_text(text_cfg, device, clap)
+    text = build_text(text_cfg, device, clap if clap is not None and can_share(clap, text_cfg) else None)
     for what, built, want in [("text encoder", text.id, run_cfg["text"]["id"]),
                               ("codec", codec.id, run_cfg["codec"]["id"])]:
         if built != want:

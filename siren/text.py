@@ -36,6 +36,11 @@ class TextStates:
         return self.states.shape[0]
 
 
+def can_share(clap: Clap, cfg: TextConfig) -> bool:
+    """Whether an already built Clap is the one ``cfg`` would build (same weights and seed)."""
+    return (clap.cfg.weights, clap.cfg.seed) == (cfg.weights, cfg.seed)
+
+
 class TextEncoder(torch.nn.Module):
     dim = TEXT_DIM
 
@@ -43,7 +48,7 @@ class TextEncoder(torch.nn.Module):
         super().__init__()
         if not 2 < cfg.max_length <= MAX_TEXT_LENGTH:
             raise ValueError(f"text max_length={cfg.max_length}: must be in 3..{MAX_TEXT_LENGTH}")
-        if clap is not None and (clap.cfg.weights, clap.cfg.seed) != (cfg.weights, cfg.seed):
+        if clap is not None and not can_share(clap, cfg):
             raise ValueError(f"TextConfig(weights={cfg.weights!r}, seed={cfg.seed}) does not match the shared "
                              f"Clap(weights={clap.cfg.weights!r}, seed={clap.cfg.seed})")
         self.cfg = cfg
