@@ -8,6 +8,7 @@ import torch
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, N_LAYERS, Codec, CodecConfig, load_dac
 from siren.demo_assets import codec as recipe
 from siren.errors import CheckpointError
+from siren.io import sha256_file
 from tests.fixtures_model import codec as random_codec
 
 
@@ -85,6 +86,27 @@ def test_recipe_end_to_end_tiny(tmp_path):
     assert torch.allclose(w_in @ w_in.T, torch.eye(8), atol=1e-4)  # stage 2 wrote principal directions
     codes = codec.encode(torch.randn(3200) * 0.1)
     assert codes.shape == (1, N_LAYERS, 10) and codec.decode(codes).shape == (1, 3200)
+
+    # init=: stage 3 alone keeps the file's encoder and quantizers and records where they came from
+    again = tmp_path / "stage3.pth"
+    recipe.build(recipe.CodecRecipe(**{**cfg.__dict__, "out": str(again), "init": str(out)}))
+    before, after = (torch.load(f, weights_only=True) for f in (out, again))
+    changed = {k.split(".")[0] for k, v in after["state_dict"].items() if not torch.equal(v, before["state_dict"][k])}
+    assert changed == {"decoder"}
+    assert after["metadata"]["stages_1_2_from"]["sha256"] == sha256_file(out)
+    assert after["metadata"]["stages_1_2_from"]["recipe"]["ae_steps"] == 2
+
+
+def test_stage_3_refuses_an_init_file_with_other_encoder_widths(tmp_path):
+    import dac
+
+    kw = {**recipe.DEMO_KWARGS, "encoder_dim": 8}
+    path = tmp_path / "narrow.pth"
+    torch.save({"state_dict": dac.DAC(**kw).state_dict(), "metadata": {"kwargs": kw}}, path)
+    with pytest.raises(recipe.ConfigError, match="init=.*narrow.pth.*widths"):
+        recipe.load_stages_1_2(path)
+    with pytest.raises(recipe.ConfigError, match="no such file"):
+        recipe.load_stages_1_2(tmp_path / "missing.pth")
 
 
 def test_loader_rejects_a_file_with_another_quantizer(tmp_path):
