@@ -50,6 +50,12 @@ def load_grid(name: str) -> Grid:
 
 
 def cell_id(resolved: Mapping[str, Any]) -> str:
-    """Identity of a cell: a hash of its fully resolved config (not of the table it came from)."""
+    """Identity of a cell: a hash of its fully resolved config (not of the table it came from) and, with
+    weights=demo, of the demo weight files, so a rerun after they change retrains rather than reusing
+    results made with the old ones."""
+    if resolved.get("weights") == "demo":
+        from siren.demo_assets.store import files_id
+
+        resolved = {**resolved, "weights.demo_files": files_id()}
     blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -9,6 +9,7 @@ The result is the full state dict in the pretrained checkpoint's layout.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -26,6 +27,16 @@ REBUILD = "python -m siren.demo_assets.backbones"
 # pretrained asset name (siren.assets) -> the demo file standing in for it
 DEMO_FILES = {"panns_cnn14_16k": "panns_cnn14_16k.demo.safetensors", "vggish": "vggish.demo.safetensors",
               "clap": "clap.demo.safetensors"}
+
+
+@functools.cache
+def files_id() -> str:
+    """Identity of the committed demo weights (every file under ``files/``, by content): results made
+    with other demo weights (an older checkout's outputs) must not be reused (ablations.grid.cell_id)."""
+    from siren.io import sha256_file
+
+    files = sorted(FILES.glob("*.*"))
+    return hashlib.sha256(json.dumps([(f.name, sha256_file(f)) for f in files]).encode()).hexdigest()[:12]
 
 
 def demo_file(asset: str) -> Path:
