@@ -358,19 +358,15 @@ def load_stages_1_2(path: Path):
     if not path.is_file():
         raise ConfigError(f"init={path}: no such file (give a DAC file built by this recipe, or leave init empty)")
     model, _ = load_dac(path)
-    mine = dac_widths(DEMO_KWARGS)
-    if dac_widths(model) != mine:
-        raise ConfigError(f"init={path}: encoder/latent widths {dac_widths(model)} are not the demo codec's {mine}; "
+    keys = ("encoder_dim", "encoder_rates", "latent_dim")
+    theirs, mine = [list(getattr(model, k)) if k == "encoder_rates" else getattr(model, k) for k in keys], \
+        [DEMO_KWARGS[k] for k in keys]
+    if theirs != mine:
+        raise ConfigError(f"init={path}: encoder/latent widths {theirs} are not the demo codec's {mine}; "
                           "stage 3 keeps the encoder, so build from scratch (init empty)")
     meta = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {})
     return model, {"sha256": sha256_file(path), "recipe": meta.get("recipe"), "stages_1_2_from": meta.get(
         "stages_1_2_from")}
-
-
-def dac_widths(x) -> tuple:
-    """(encoder_dim, encoder_rates, latent_dim) of a DAC or of its kwargs."""
-    get = x.get if isinstance(x, dict) else lambda k: getattr(x, k)
-    return get("encoder_dim"), list(get("encoder_rates")), get("latent_dim")
 
 
 def main(argv: list[str] | None = None) -> dict:
