@@ -42,6 +42,31 @@ def test_overlay_round_trip_and_hash_check(tmp_path):
         store.load(tmp_path / "absent.safetensors", _mlp)
 
 
+def _nudged(scale: float):
+    """``_mlp`` drawn from seed 3 with every weight moved by ``scale`` of itself (seed 3's draw on another CPU)."""
+    def make():
+        torch.manual_seed(3)
+        net = _mlp()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.mul_(1 + scale)
+        return net
+    return make
+
+
+def test_an_init_that_differs_only_in_float_rounding_loads(tmp_path):
+    # another CPU's vectorised normal_ moved CLAP's RoBERTa init by <= 5e-8 (values ~0.1): the exact hash differs,
+    # the fingerprint holds; a change of 1e-3 of each value is no rounding and is refused
+    base = store.seeded(3, _mlp)
+    path = tmp_path / "m.safetensors"
+    store.save(path, base, {"2.bias": torch.randn(3)}, seed=3, meta={})
+    net = store.load(path, _nudged(3e-7))
+    assert not torch.equal(net[0].weight, base[0].weight)
+    assert torch.allclose(net[0].weight, base[0].weight, rtol=1e-6, atol=0)
+    with pytest.raises(CheckpointError, match="first at tensor '0.bias'"):
+        store.load(path, _nudged(1e-3))
+
+
 # ------------------------------------------------------------------------------------------- recipes
 
 @pytest.fixture(scope="module")
