@@ -358,9 +358,9 @@ def load_stages_1_2(path: Path):
     if not path.is_file():
         raise ConfigError(f"init={path}: no such file (give a DAC file built by this recipe, or leave init empty)")
     model, _ = load_dac(path)
-    keys = ("encoder_dim", "encoder_rates", "latent_dim")
-    theirs, mine = [list(getattr(model, k)) if k == "encoder_rates" else getattr(model, k) for k in keys], \
-        [DEMO_KWARGS[k] for k in keys]
+    theirs = {"encoder_dim": model.encoder_dim, "encoder_rates": list(model.encoder_rates),
+              "latent_dim": model.latent_dim}
+    mine = {k: DEMO_KWARGS[k] for k in theirs}
     if theirs != mine:
         raise ConfigError(f"init={path}: encoder/latent widths {theirs} are not the demo codec's {mine}; "
                           "stage 3 keeps the encoder, so build from scratch (init empty)")
