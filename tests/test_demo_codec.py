@@ -74,10 +74,11 @@ def test_recipe_end_to_end_tiny(tmp_path):
     """A few steps of every stage on the smallest demo set; the file loads through the codec loader."""
     out = tmp_path / "demo.pth"
     cfg = recipe.CodecRecipe(out=str(out), data=str(tmp_path / "src"), n_train=1, n_test=1, segment_s=0.1, batch=2,
-                             ae_steps=2, ft_steps=2, kmeans_iters=1, threads=1, fp16=False)
+                             ae_steps=2, ft_steps=2, decay_steps=2, kmeans_iters=1, threads=1, fp16=False)
     init = _tiny_dac().state_dict()  # build() starts from the same seeded init
     report = recipe.build(cfg)
-    assert report["n_clips"] == 15 and all(np.isfinite([report["ae_loss_end"], report["ft_loss_end"]]))
+    assert report["n_clips"] == 15
+    assert all(np.isfinite([report["ae_loss_end"], report["ft_loss_end"], report["decay_loss_end"]]))
     codec = Codec(CodecConfig(weights=str(out)))
     assert codec.weights_label == DEMO_LABEL
     moved = {k.split(".")[0] for k, v in codec.dac.state_dict().items() if not torch.equal(v, init[k])}
@@ -87,14 +88,34 @@ def test_recipe_end_to_end_tiny(tmp_path):
     codes = codec.encode(torch.randn(3200) * 0.1)
     assert codes.shape == (1, N_LAYERS, 10) and codec.decode(codes).shape == (1, 3200)
 
-    # init=: stage 3 alone keeps the file's encoder and quantizers and records where they came from
+    # init=: stages 3-4 alone keep the file's encoder and quantizers and record where they came from
     again = tmp_path / "stage3.pth"
     recipe.build(recipe.CodecRecipe(**{**cfg.__dict__, "out": str(again), "init": str(out)}))
     before, after = (torch.load(f, weights_only=True) for f in (out, again))
     changed = {k.split(".")[0] for k, v in after["state_dict"].items() if not torch.equal(v, before["state_dict"][k])}
     assert changed == {"decoder"}
-    assert after["metadata"]["stages_1_2_from"]["sha256"] == sha256_file(out)
-    assert after["metadata"]["stages_1_2_from"]["recipe"]["ae_steps"] == 2
+    assert after["metadata"]["init_from"]["sha256"] == sha256_file(out)
+    assert after["metadata"]["init_from"]["stages_kept"] == [1, 2]
+    assert after["metadata"]["init_from"]["recipe"]["ae_steps"] == 2
+
+
+def test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3(tmp_path):
+    """The committed codec ran stage 4 on a stored stage-3 file (init_stage=3); one run of stages 3-4
+    must give the same bits, or the recipe would not rebuild it."""
+    base = dict(data=str(tmp_path / "src"), n_train=1, n_test=1, segment_s=0.1, batch=2, ae_steps=2, ft_steps=3,
+                kmeans_iters=1, threads=1, fp16=True)
+    paths = {k: tmp_path / f"{k}.pth" for k in ("s12", "s3", "s4", "s34")}
+    recipe.build(recipe.CodecRecipe(**base, out=str(paths["s12"]), decay_steps=0))
+    init = dict(base, init=str(paths["s12"]))
+    recipe.build(recipe.CodecRecipe(**init, out=str(paths["s3"]), decay_steps=0))  # stage 3 only
+    recipe.build(recipe.CodecRecipe(**{**init, "init": str(paths["s3"])}, init_stage=3, out=str(paths["s4"]),
+                                    decay_steps=3))
+    recipe.build(recipe.CodecRecipe(**init, out=str(paths["s34"]), decay_steps=3))  # stages 3 and 4 in one run
+    s3, s4, s34 = (torch.load(paths[k], weights_only=True)["state_dict"] for k in ("s3", "s4", "s34"))
+    assert not torch.equal(s3["decoder.model.0.bias"], s4["decoder.model.0.bias"])  # stage 4 trained
+    assert all(torch.equal(s4[k], s34[k]) for k in s34)
+    chain = torch.load(paths["s4"], weights_only=True)["metadata"]["init_from"]
+    assert chain["stages_kept"] == [1, 2, 3] and chain["init_from"]["sha256"] == sha256_file(paths["s12"])
 
 
 def test_stage_3_refuses_an_init_file_with_other_encoder_widths(tmp_path):
@@ -104,9 +125,11 @@ def test_stage_3_refuses_an_init_file_with_other_encoder_widths(tmp_path):
     path = tmp_path / "narrow.pth"
     torch.save({"state_dict": dac.DAC(**kw).state_dict(), "metadata": {"kwargs": kw}}, path)
     with pytest.raises(recipe.ConfigError, match="init=.*narrow.pth.*widths"):
-        recipe.load_stages_1_2(path)
+        recipe.load_init(path, 2)
     with pytest.raises(recipe.ConfigError, match="no such file"):
-        recipe.load_stages_1_2(tmp_path / "missing.pth")
+        recipe.load_init(tmp_path / "missing.pth", 2)
+    with pytest.raises(recipe.ConfigError, match="init_stage=4"):
+        recipe.CodecRecipe(init_stage=4)
 
 
 def test_loader_rejects_a_file_with_another_quantizer(tmp_path):

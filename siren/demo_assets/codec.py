@@ -3,7 +3,7 @@
 
 Training a DAC through its quantizer from step 0 needs 1e4-1e5 steps before RVQ structure
 appears (hours on 2 cores; issue #11 measured none after 965 steps). The recipe reaches the
-real codec's properties in three stages instead:
+real codec's properties in four stages instead:
 
 1. autoencoder: encoder -> decoder with the quantizer bypassed, multi-scale mel L1 + waveform L1
    (an unquantized encoder keeps more of the signal than one trained through a quantizer);
@@ -13,11 +13,16 @@ real codec's properties in three stages instead:
    (DAC looks codes up by cosine on l2-normalised vectors; a code's vector is its members' mean);
 3. a fresh decoder trained on the quantized latents (encoder and quantizers frozen), with DAC's
    quantizer dropout (half the batch decodes from a random r in 1..12, so reconstruction improves
-   as r grows, Fig. 1b), on multi-scale mel L1 + a multi-resolution STFT loss, at a constant rate.
+   as r grows, Fig. 1b), on multi-scale mel L1 + a multi-resolution STFT loss, at a constant rate;
+4. the same decoder, as stage 3 stores it (fp16), trained on with the learning rate falling linearly
+   to 0, a fresh optimizer and its own seed (so it runs the same on a stored file, ``init_stage=3``):
+   at a constant rate the last iterate keeps moving about (FD ratio 0.55-0.62 between checkpoints,
+   below), and annealing lets it settle.
 
     python -m siren.demo_assets.codec                 # rebuilds siren/demo_assets/files/dac16k_demo.pth
-    python -m siren.demo_assets.codec init=old.pth    # stage 3 alone, on old.pth's encoder and quantizers
-    python -m siren.demo_assets.codec out=/tmp/c.pth ae_steps=10 ft_steps=10
+    python -m siren.demo_assets.codec init=old.pth    # stages 3-4 alone, on old.pth's encoder and quantizers
+    python -m siren.demo_assets.codec init=old.pth init_stage=3   # stage 4 alone, on old.pth's decoder too
+    python -m siren.demo_assets.codec out=/tmp/c.pth ae_steps=10 ft_steps=10 decay_steps=10
 
 The file is DAC's own layout (``state_dict`` + ``metadata.kwargs``, 6.7 MiB) and loads with
 ``CodecConfig(weights="demo")``. Tensors are stored in fp16: perturbing a build's weights by half
@@ -30,12 +35,15 @@ about 20 min); that file, sha256 00bdd782..., was committed at ba2a0e1 and its s
 (1500 cosine-scheduled steps of mel L1 + waveform L1, fine-tuning the autoencoder's decoder) gave
 back tonal classes at 1-10% of their RMS. Stage 3 was then rerun alone on this 2-core CPU with the
 defaults below, ``init=`` that file: 16000 steps at 1 thread, 66-71 min (3.9-4.6 steps/s, with another
-job on the second core). The new file records the old one's sha256 and recipe
-(``metadata.stages_1_2_from``). Two separate runs of that procedure gave bit-identical state dicts and
-metadata. So a rebuild from scratch on this CPU takes about 90 min (stage 1 about 20 of it), over the
-hour issue #11 asked for; fewer ft_steps trade quality for time (numbers below).
+job on the second core); that file (sha256 84ad1351..., committed at e9f5327) records the old one's
+sha256 and recipe (``metadata.stages_1_2_from``); two separate runs of that procedure gave bit-identical
+state dicts and metadata. Stage 4 then ran alone on it (``init=`` that file, ``init_stage=3``, 2000
+steps, 14 min at 1 thread on this CPU); the committed file records the chain (``metadata.init_from``), and
+``test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3`` checks that one run of stages 3-4
+gives the same bits. So a rebuild from scratch on this CPU takes about 100 min (stage 1 about 20 of
+it, stage 3 about 70), over the hour issue #11 asked for; fewer ft_steps trade quality for time.
 
-What changed stage 3's outcome, each measured on the 90 test clips against the 90 test references
+What changed the decoder's outcome, each measured on the 90 test clips against the 90 test references
 with the demo backbones of the former codec (FD ratio = FD(oracle) / FD(chance)):
 - former decoder: FD ratio 0.64, FAD oracle 74.9; 400 more steps of it (with or without the STFT
   loss) changed nothing;
@@ -43,11 +51,16 @@ with the demo backbones of the former codec (FD ratio = FD(oracle) / FD(chance))
   STFT loss's convergence term per clip or per batch, lr 1e-3 or 3e-3), and twice as wide
   (decoder_dim=256): no lower loss per step at half the speed;
 - fresh decoder, constant lr 1e-3, mel + STFT loss: 0.57 / 0.62 / 0.55 / 0.56 after 2000 / 4000 /
-  6000 / 8000 steps, FAD oracle down to 45.
-Measured at the committed 16000 steps: see README, Demo world. Log pitch is linearly decodable from
-the latents (ridge regression on the tonal classes' frames: R^2 0.83 on the test clips), so the encoder
-keeps what the decoder must render; the classes above ~2.5 kHz (whistle, birdsong, alarm) still come
-back at 1-13% of their RMS, where the others now come back at 46-127%.
+  6000 / 8000 steps, FAD oracle down to 45;
+- stage 4 (a first trial: 2000 annealed steps with seed 1 on the 16000-step decoder, scored with the
+  demo backbones trained on that decoder's resynthesis): training loss 1.480 -> 1.418 (means of the
+  first and last 200 steps); FD oracle 1000.6 -> 851.2, FD chance 1992.2 -> 1952.1 (ratio 0.502 ->
+  0.436), FAD oracle 67.3 -> 57.7, KL oracle 0.218 -> 0.137, CLAP oracle 23.8 -> 25.0.
+Measured with the committed file and the backbones rebuilt on its resynthesis: see README, Demo world.
+Log pitch is linearly decodable from the latents (ridge regression on the tonal classes' frames: R^2
+0.83 on the test clips), so the encoder keeps what the decoder must render; the classes above ~2.5 kHz
+(whistle, birdsong, alarm) still come back at 1-13% of their RMS, where the others come back at
+54-90% (stage 3 alone: 1-13% and 46-127%).
 """
 from __future__ import annotations
 
@@ -66,7 +79,7 @@ from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, HOP,
 from siren.config import load_config
 from siren.errors import ConfigError, DataError
 from siren.io import atomic_path
-from siren.runtime import check_device, resolve_device
+from siren.runtime import check_device, derive_seed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +106,9 @@ class CodecRecipe:
     kmeans_iters: int = 25
     ft_steps: int = 16000
     ft_lr: float = 1e-3  # constant: the decoder keeps improving at this rate (docstring)
-    init: str = ""  # a DAC file whose encoder and quantizers to keep: stages 1-2 are skipped, stage 3 runs
+    decay_steps: int = 2000  # stage 4: lr from ft_lr linearly to 0 (0: no stage 4)
+    init: str = ""  # a DAC file whose stages 1..init_stage to keep; the later stages run on it
+    init_stage: int = 2  # 2: its encoder and quantizers (stages 3-4 run); 3: its decoder too (stage 4 runs)
     threads: int = 1  # 1 thread: several times faster than 2 on a shared 2-core machine (as tests/conftest.py)
     fp16: bool = True
     device: str = "cpu"  # cpu | cuda | cuda:N | auto: the same recipe on a GPU (the file is stored from the CPU)
@@ -102,6 +117,11 @@ class CodecRecipe:
         for k in ("n_train", "batch", "threads", "kmeans_iters"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k}={getattr(self, k)}: must be >= 1")
+        if self.init_stage not in (2, 3):
+            raise ConfigError(f"init_stage={self.init_stage}: 2 (keep init's encoder and quantizers) "
+                              "or 3 (its decoder too)")
+        if self.decay_steps < 0:
+            raise ConfigError(f"decay_steps={self.decay_steps}: must be >= 0")
         check_device(self.device)
         if self.segment_s * SAMPLE_RATE < 4 * HOP:
             raise ConfigError(f"segment_s={self.segment_s}: crops need at least {4 * HOP / SAMPLE_RATE} s")
@@ -175,7 +195,7 @@ def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: t
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_steps))
     model.train()
     losses = []
-    for _ in tqdm(range(cfg.ae_steps), desc="codec 1/3 autoencoder", unit="step"):
+    for _ in tqdm(range(cfg.ae_steps), desc="codec 1/4 autoencoder", unit="step"):
         x = crops(clips, cfg.batch, n, gen)
         loss = loss_fn(model.decoder(model.encoder(x)), x)
         opt.zero_grad(set_to_none=True)
@@ -227,7 +247,7 @@ def fit_quantizers(model, latents: list[torch.Tensor], cfg: CodecRecipe, gen: to
     residual = torch.cat(latents, dim=1)[None]  # [1, 1024, N frames]
     total = residual.pow(2).sum()
     stats = []
-    for j, q in enumerate(tqdm(model.quantizer.quantizers, desc="codec 2/3 quantizers", unit="layer")):
+    for j, q in enumerate(tqdm(model.quantizer.quantizers, desc="codec 2/4 quantizers", unit="layer")):
         r = residual[0].T  # [N, 1024]
         mu = r.mean(0)
         _, vecs = torch.linalg.eigh((r - mu).T @ (r - mu) / len(r))
@@ -263,8 +283,9 @@ def fresh_decoder(model):
 
 
 def train_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tensor], cfg: CodecRecipe,
-                  gen: torch.Generator) -> list[float]:
-    """Stage 3: the decoder learns to decode sum_{j<=r} f-hat^j (Eq. 1 cut at r): frame-aligned
+                  gen: torch.Generator, anneal: bool = False) -> list[float]:
+    """Stage 3 (``cfg.ft_steps`` at constant lr) or 4 (``anneal``: ``cfg.decay_steps``, lr falling
+    linearly to 0): the decoder learns to decode sum_{j<=r} f-hat^j (Eq. 1 cut at r): frame-aligned
     crops of the frozen encoder's latents, quantized by DAC's RVQ in training mode (quantizer
     dropout: a random r for the first half of the batch, r = 12 for the rest); mel + STFT loss."""
     from tqdm import tqdm
@@ -273,11 +294,14 @@ def train_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tensor],
     params = list(model.decoder.parameters())
     for p in params:
         p.requires_grad_(True)
+    steps = cfg.decay_steps if anneal else cfg.ft_steps
     opt = torch.optim.AdamW(params, cfg.ft_lr, betas=(0.8, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps if anneal else 1.0)
     model.quantizer.train()  # DAC draws the dropout r with the global generator, seeded in build()
     model.decoder.train()
     losses = []
-    for _ in tqdm(range(cfg.ft_steps), desc="codec 3/3 decoder on codes", unit="step"):
+    desc = "codec 4/4 decoder, lr annealed" if anneal else "codec 3/4 decoder on codes"
+    for _ in tqdm(range(steps), desc=desc, unit="step"):
         zs, xs = [], []
         for i in torch.randint(len(clips), (cfg.batch,), generator=gen).tolist():
             t = int(torch.randint(max(1, latents[i].shape[1] - frames + 1), (1,), generator=gen))
@@ -292,21 +316,26 @@ def train_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tensor],
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
     model.eval()
     return losses
 
 
+def _stored(state: dict, fp16: bool) -> dict:
+    """Tensors as the file stores them (fp16 when ``fp16``), on the CPU."""
+    return {k: (v.half() if fp16 and v.is_floating_point() else v).cpu().clone() for k, v in state.items()}
+
+
 def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = None) -> Path:
     """DAC's file layout (``state_dict`` + ``metadata.kwargs``); ``demo`` marks it for the loader's label;
-    ``init`` (stage 3 alone) records the file stages 1-2 came from."""
-    state = {k: (v.half() if fp16 and v.is_floating_point() else v).cpu().clone()
-             for k, v in model.state_dict().items()}
+    ``init`` records the file the kept stages came from."""
+    state = _stored(model.state_dict(), fp16)
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "device", "init")}
     meta = {"kwargs": DEMO_KWARGS, "demo": True, "label": DEMO_LABEL, "recipe": recipe,
             "trained_on": f"siren.data.demo train split, {cfg.n_train} clips per class, seed {cfg.seed}"}
     if init:
-        meta["stages_1_2_from"] = init
+        meta["init_from"] = init
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"state_dict": state, "metadata": meta}, tmp)
@@ -314,7 +343,7 @@ def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = No
 
 
 def build(cfg: CodecRecipe) -> dict:
-    """All three stages from ``cfg.seed`` (or stage 3 alone on ``cfg.init``'s encoder and quantizers);
+    """All four stages from ``cfg.seed`` (or the stages after ``cfg.init_stage`` on ``cfg.init``);
     writes ``cfg.out``. Returns timings and per-stage numbers."""
     import dac
 
@@ -326,10 +355,10 @@ def build(cfg: CodecRecipe) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         clips = [c.to(device) for c in train_clips(cfg, Path(cfg.data or tmp))]
     times, report = {}, {"n_clips": len(clips), "seconds_audio": sum(len(c) for c in clips) / SAMPLE_RATE}
-    ae, provenance = [], {}
+    ae, ft, decay, provenance = [], [], [], {}
     if cfg.init:
-        model, provenance = load_stages_1_2(Path(cfg.init))
-        model = model.to(device)
+        model, provenance = load_init(Path(cfg.init), cfg.init_stage)
+        model = model.to(device).requires_grad_(False)
     else:
         model = dac.DAC(**DEMO_KWARGS).to(device)
         t = time.perf_counter()
@@ -338,20 +367,30 @@ def build(cfg: CodecRecipe) -> dict:
         t = time.perf_counter()
         report["quantizers"] = fit_quantizers(model, encode_latents(model, clips), cfg, gen)
         times["quantizers"] = time.perf_counter() - t
-    t = time.perf_counter()
-    model = fresh_decoder(model).to(device)
-    ft = train_decoder(model, clips, encode_latents(model, clips), cfg, gen)
-    times["decoder"] = time.perf_counter() - t
+    if not cfg.init or cfg.init_stage < 3:
+        t = time.perf_counter()
+        model = fresh_decoder(model).to(device)
+        ft = train_decoder(model, clips, encode_latents(model, clips), cfg, gen)
+        times["decoder"] = time.perf_counter() - t
+    if cfg.decay_steps:
+        # from the decoder as the file stores it, with its own seed: the same run as on a stored file
+        t = time.perf_counter()
+        model.decoder.load_state_dict({k: v.to(device) for k, v in _stored(model.decoder.state_dict(),
+                                                                            cfg.fp16).items()})
+        torch.manual_seed(derive_seed(cfg.seed, 4))
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 4))
+        decay = train_decoder(model, clips, encode_latents(model, clips), cfg, gen, anneal=True)
+        times["decoder_annealed"] = time.perf_counter() - t
     save(model, Path(cfg.out), cfg, cfg.fp16, provenance)
     times["total"], times["cpu"] = time.perf_counter() - t0, time.process_time() - cpu0
     tail = lambda xs: float(np.mean(xs[-20:])) if xs else None  # noqa: E731
-    report.update(times_s=times, ae_loss_end=tail(ae), ft_loss_end=tail(ft), out=cfg.out)
+    report.update(times_s=times, ae_loss_end=tail(ae), ft_loss_end=tail(ft), decay_loss_end=tail(decay), out=cfg.out)
     return report
 
 
-def load_stages_1_2(path: Path):
-    """``init=``: a demo-width DAC file whose encoder and quantizers stage 3 keeps -> (model, what the
-    new file records about it: its sha256 and the recipe that built it)."""
+def load_init(path: Path, stage: int):
+    """``init=``: a demo-width DAC file whose stages 1..``stage`` are kept -> (model, what the new file
+    records about it: its sha256, the stages kept, the recipe that built it and where its own came from)."""
     from siren.codec import load_dac
     from siren.io import sha256_file
 
@@ -363,10 +402,11 @@ def load_stages_1_2(path: Path):
     mine = {k: DEMO_KWARGS[k] for k in theirs}
     if theirs != mine:
         raise ConfigError(f"init={path}: encoder/latent widths {theirs} are not the demo codec's {mine}; "
-                          "stage 3 keeps the encoder, so build from scratch (init empty)")
+                          "the later stages keep the encoder, so build from scratch (init empty)")
     meta = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {})
-    return model, {"sha256": sha256_file(path), "recipe": meta.get("recipe"), "stages_1_2_from": meta.get(
-        "stages_1_2_from")}
+    # files built before stage 4 existed name their init "stages_1_2_from"
+    return model, {"sha256": sha256_file(path), "stages_kept": list(range(1, stage + 1)), "recipe": meta.get("recipe"),
+                   "init_from": meta.get("init_from", meta.get("stages_1_2_from"))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -377,8 +417,9 @@ def main(argv: list[str] | None = None) -> dict:
     for s in report.get("quantizers", []):
         log.info("layer %2d: %4d codes used, residual energy left %.3f", s["layer"], s["codes_used"],
                  s["residual_energy"])
-    log.info("last 20 steps' loss: autoencoder %s, decoder on codes %s; times %s", report["ae_loss_end"],
-             report["ft_loss_end"], ", ".join(f"{k} {v:.0f} s" for k, v in report["times_s"].items()))
+    log.info("last 20 steps' loss: autoencoder %s, decoder on codes %s, annealed %s; times %s",
+             report["ae_loss_end"], report["ft_loss_end"], report["decay_loss_end"],
+             ", ".join(f"{k} {v:.0f} s" for k, v in report["times_s"].items()))
     print(f"demo codec: {cfg.out} ({Path(cfg.out).stat().st_size / 2**20:.1f} MiB)")
     return report
 
