@@ -130,6 +130,8 @@ def test_stage_3_refuses_an_init_file_with_other_encoder_widths(tmp_path):
         recipe.load_init(tmp_path / "missing.pth", 2)
     with pytest.raises(recipe.ConfigError, match="init_stage=4"):
         recipe.CodecRecipe(init_stage=4)
+    with pytest.raises(recipe.ConfigError, match="nothing would train"):
+        recipe.CodecRecipe(init=str(path), init_stage=3, decay_steps=0)
 
 
 def test_loader_rejects_a_file_with_another_quantizer(tmp_path):

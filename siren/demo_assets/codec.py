@@ -122,6 +122,9 @@ class CodecRecipe:
                               "or 3 (its decoder too)")
         if self.decay_steps < 0:
             raise ConfigError(f"decay_steps={self.decay_steps}: must be >= 0")
+        if self.init and self.init_stage == 3 and not self.decay_steps:
+            raise ConfigError("init_stage=3 keeps every stage the file has and decay_steps=0 skips stage 4: "
+                              "nothing would train; give decay_steps > 0")
         check_device(self.device)
         if self.segment_s * SAMPLE_RATE < 4 * HOP:
             raise ConfigError(f"segment_s={self.segment_s}: crops need at least {4 * HOP / SAMPLE_RATE} s")
