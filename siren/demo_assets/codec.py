@@ -362,18 +362,20 @@ def build(cfg: CodecRecipe) -> dict:
     if cfg.init:
         model, provenance = load_init(Path(cfg.init), cfg.init_stage)
         model = model.to(device).requires_grad_(False)
+        latents = encode_latents(model, clips)
     else:
         model = dac.DAC(**DEMO_KWARGS).to(device)
         t = time.perf_counter()
         ae = train_autoencoder(model, clips, cfg, gen)
         times["autoencoder"] = time.perf_counter() - t
         t = time.perf_counter()
-        report["quantizers"] = fit_quantizers(model, encode_latents(model, clips), cfg, gen)
+        latents = encode_latents(model, clips)  # the encoder is frozen from here on: stages 2-4 share them
+        report["quantizers"] = fit_quantizers(model, latents, cfg, gen)
         times["quantizers"] = time.perf_counter() - t
     if not cfg.init or cfg.init_stage < 3:
         t = time.perf_counter()
         model = fresh_decoder(model).to(device)
-        ft = train_decoder(model, clips, encode_latents(model, clips), cfg, gen)
+        ft = train_decoder(model, clips, latents, cfg, gen)
         times["decoder"] = time.perf_counter() - t
     if cfg.decay_steps:
         # from the decoder as the file stores it, with its own seed: the same run as on a stored file
@@ -382,7 +384,7 @@ def build(cfg: CodecRecipe) -> dict:
                                                                             cfg.fp16).items()})
         torch.manual_seed(derive_seed(cfg.seed, 4))
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 4))
-        decay = train_decoder(model, clips, encode_latents(model, clips), cfg, gen, anneal=True)
+        decay = train_decoder(model, clips, latents, cfg, gen, anneal=True)
         times["decoder_annealed"] = time.perf_counter() - t
     save(model, Path(cfg.out), cfg, cfg.fp16, provenance)
     times["total"], times["cpu"] = time.perf_counter() - t0, time.process_time() - cpu0
