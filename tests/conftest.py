@@ -5,7 +5,10 @@ import tempfile
 import pytest
 import torch
 
-os.environ.setdefault("SIREN_CACHE", tempfile.mkdtemp(prefix="siren-test-cache-"))
+# Each pytest process (and each pytest-xdist worker, which inherits the controller's environment) gets
+# its own cache: tests assert what a run computes and what it reads from the cache.
+if os.environ.get("SIREN_CACHE", "") in ("", os.environ.get("SIREN_TEST_CACHE")):
+    os.environ["SIREN_CACHE"] = os.environ["SIREN_TEST_CACHE"] = tempfile.mkdtemp(prefix="siren-test-cache-")
 
 
 @pytest.fixture

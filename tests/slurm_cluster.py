@@ -2,9 +2,10 @@
 
     from tests.slurm_cluster import slurm_cluster  # noqa: F401
 
-Starts the cluster once per session (a no-op if it is already up) and stops it at the end if
-it started it. Skips where this machine cannot run it (not root; no SLURM and no apt-get),
-except when env CI is true: CI must run the SLURM tests, so there it fails instead.
+Starts the cluster once (a no-op if it is already up) and stops it when the last pytest process
+using it ends, if a test process started it (pytest-xdist workers share one cluster). Skips where
+this machine cannot run it (not root; no SLURM and no apt-get), except when env CI is true: CI
+must run the SLURM tests, so there it fails instead.
 
 The job functions below live here, not in a test file, because a SLURM job unpickles its
 function by module path in a fresh interpreter: `tests.slurm_cluster` is importable there
@@ -13,6 +14,9 @@ function by module path in a fresh interpreter: `tests.slurm_cluster` is importa
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -51,6 +55,30 @@ def _script(command: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), command], capture_output=True, text=True)
 
 
+@contextlib.contextmanager
+def _users(state_dir: Path):
+    """The pids of the pytest processes using the cluster (a file beside its state), under a lock.
+
+    pytest-xdist runs several pytest processes at once, each with its own session fixtures: the first
+    starts the cluster, the last one to finish stops it (if a test process started it)."""
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = state_dir.parent / f"{state_dir.name}.users"
+    with open(state_dir.parent / f"{state_dir.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        users = json.loads(path.read_text()) if path.is_file() else {"pids": [], "started": False}
+        users["pids"] = [pid for pid in users["pids"] if _alive(pid)]
+        yield users
+        path.write_text(json.dumps(users))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     reason = _cannot_run_reason()
@@ -60,11 +88,13 @@ def slurm_cluster():
         pytest.skip(reason)
 
     state_dir = Path(os.environ.get("SIREN_SLURM_DIR", "/tmp/siren-slurm"))
-    was_up = _script("status").returncode == 0
-    if not was_up:
-        started = _script("start")
-        if started.returncode != 0:
-            pytest.fail(f"{SCRIPT} start failed:\n{started.stdout}{started.stderr}")
+    with _users(state_dir) as users:
+        if _script("status").returncode != 0:
+            started = _script("start")
+            if started.returncode != 0:
+                pytest.fail(f"{SCRIPT} start failed:\n{started.stdout}{started.stderr}")
+            users["started"] = True
+        users["pids"].append(os.getpid())
 
     saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "PYTHONPATH")}
     os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
@@ -78,8 +108,11 @@ def slurm_cluster():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if not was_up:
-            _script("stop")
+        with _users(state_dir) as users:
+            users["pids"] = [pid for pid in users["pids"] if pid != os.getpid()]
+            if not users["pids"] and users["started"]:  # a cluster up before the tests stays up
+                _script("stop")
+                users["started"] = False
 
 
 # ---- job functions (run inside SLURM/local jobs) ----
