@@ -30,8 +30,7 @@ from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS
 from siren.config import load_config
 from siren.model import Expert, ModelConfig, presets
 from siren.model.params import expert_params, model_params
-from siren.runtime import param_groups
-from siren.train import LossOf, Stats, TrainConfig, train_step
+from siren.train import LossOf, Stats, TrainConfig, optimizer, train_step
 
 # bf16 dense tensor-core peaks (vendor datasheets), matched in order against torch's device name.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.0),
@@ -104,8 +103,7 @@ def time_steps(configs: dict[str, ModelConfig], batch: dict, steps: int, tc: Tra
     for name, cfg in configs.items():
         torch.manual_seed(0)
         expert = Expert(cfg, 0).to(device)
-        opt = torch.optim.AdamW(param_groups(expert, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                fused=device.type == "cuda")
+        opt = optimizer(expert, tc, device)
         runs[name] = (expert, LossOf(expert), opt, [], [])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":

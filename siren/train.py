@@ -219,6 +219,13 @@ def resume(last: ckpt.Checkpoint, model: Expert | ContinuousLM, opt: torch.optim
 
 # ---------------------------------------------------------------------------- the loop
 
+def optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel on CPU too: a tiny expert's ~70 parameter tensors take 1 ms per step instead of 8
+    # in the per-tensor loop (~15% of a demo expert's step).
+    return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                             fused=device.type in ("cuda", "cpu"))
+
+
 def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: bool = True) -> TrainResult:
     """Train expert ``cfg.expert`` until ``cfg.train.steps`` or a stop signal; resume from its latest checkpoint."""
     tc = cfg.train
@@ -243,8 +250,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
 
     torch.manual_seed(derive_seed(tc.seed, ranks.rank))  # own stream per rank; DDP broadcasts rank 0's init
     model = build_model(cfg, data).to(device)
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                            fused=device.type == "cuda")
+    opt = optimizer(model, tc, device)
     state = {"step": 0, "epoch": 0, "examples_in_epoch": 0}
     last = ckpt.load_latest(edir)
     if last is not None:

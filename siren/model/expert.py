@@ -207,7 +207,9 @@ class Expert(nn.Module):
             raise ValueError("batch has no valid frame (frame_mask is all False)")
         logits = self(codes, batch["text"], batch["text_mask"]).float()  # [B, m, T, V]
         target = codes[:, self.layers.start: self.layers.stop].long()  # [B, m, T]
-        ce = F.cross_entropy(logits.permute(0, 3, 1, 2), target, reduction="none")  # [B, m, T]
+        # Classes last, rows flat: the same CE as over logits.permute(0, 3, 1, 2), ~3.5x faster forward and
+        # backward on CPU (a log-softmax over a strided class dim), to float rounding (~2e-6).
+        ce = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").view(target.shape)  # [B, m, T]
         w = frame_mask[:, None].to(ce.dtype)
         ce_layer = (ce * w).sum((0, 2)) / n
         acc = ((logits.argmax(-1) == target).to(ce.dtype) * w).sum((0, 2)) / n
