@@ -59,8 +59,18 @@ def _clap_module():
     pkg_dir = list(spec.submodule_search_locations)[0]
     if pkg_dir not in sys.path:
         sys.path.append(pkg_dir)
-    import clap_module  # noqa: E402  (laion_clap's model code)
-    import clap_module.model  # noqa: F401
+    # clap_module imports timm, whose summary helper imports wandb when it is installed (laion_clap requires
+    # it) for a logging option nothing here uses: ~3 s of every eval, prepare and alignment job's start on
+    # 2 cores. `import wandb` fails (timm catches it) during this import only.
+    hide = "wandb" not in sys.modules
+    if hide:
+        sys.modules["wandb"] = None
+    try:
+        import clap_module  # noqa: E402  (laion_clap's model code)
+        import clap_module.model  # noqa: F401
+    finally:
+        if hide and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
     return clap_module
 
 
