@@ -15,7 +15,7 @@ from ablations.run import main
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
 from siren.checkpoint import load_latest
 from siren.config import ConfigError
-from tests.slurm_cluster import slurm_cluster  # noqa: F401
+from tests.slurm_cluster import preempt, slurm_cluster  # noqa: F401
 
 PAPER_GRIDS = ["table3", "table4", "table5", "table6", "table7"]
 
@@ -236,7 +236,7 @@ def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_
     assert list(edir.glob("step_0*[1-9]")), "training never wrote a checkpoint"
     rec = _ledger(grid_out, key)
     job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"])
-    job._interrupt()  # SIGUSR2 as SLURM sends it before a time limit / on preemption
+    preempt(job)  # SIGTERM, then SIGUSR2, as SLURM sends them on preemption
     deadline = time.time() + 480
     while time.time() < deadline and not all((c.dir / "eval.done").is_file() for c in cells):
         time.sleep(3)

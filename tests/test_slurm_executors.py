@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ablations.executors import KINDS, ResumableJob, load_profile, make_executor
-from tests.slurm_cluster import count_steps, logged_square, slurm_cluster, square  # noqa: F401
+from tests.slurm_cluster import count_steps, logged_square, preempt, slurm_cluster, square  # noqa: F401
 
 # ---- profiles and arguments (no cluster needed) ----
 
@@ -148,7 +148,7 @@ def test_interrupted_resumable_job_is_requeued_and_resumes(slurm_cluster, tmp_pa
     job = ex.submit(ResumableJob(fn, ckpt_dir=str(ckpt), total=total, sleep_s=0.2))
     progress = ckpt / "progress.txt"
     _wait_for(lambda: progress.exists() and int(progress.read_text()) >= 3, "the job to reach step 3")
-    job._interrupt()  # what SLURM does on preemption: SIGTERM, then the USR2 submitit acts on
+    preempt(job)  # what SLURM does on preemption: SIGTERM, then the USR2 submitit acts on
     assert job.result() == total
     starts = [int(line) for line in (ckpt / "starts.txt").read_text().split()]
     assert len(starts) == 2 and starts[0] == 0, starts
