@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -56,29 +55,38 @@ def _script(command: str) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def _users(state_dir: Path):
-    """The pids of the pytest processes using the cluster (a file beside its state), under a lock.
+def _shared(state_dir: Path):
+    """Use the cluster for the ``with`` body alongside other pytest processes (pytest-xdist workers, each with
+    its own session fixtures): the first starts it, the last one out stops it if a test process started it.
 
-    pytest-xdist runs several pytest processes at once, each with its own session fixtures: the first
-    starts the cluster, the last one to finish stops it (if a test process started it)."""
+    Each user holds a shared flock on ``<state>.users``; the kernel drops it however the process ends (as
+    ablations/lock.py relies on), so "nobody else uses it" is an exclusive flock that succeeds. Starting and
+    stopping happen under ``<state>.lock``; ``<state>.started`` marks a cluster the tests started."""
     state_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = state_dir.parent / f"{state_dir.name}.users"
-    with open(state_dir.parent / f"{state_dir.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        users = json.loads(path.read_text()) if path.is_file() else {"pids": [], "started": False}
-        users["pids"] = [pid for pid in users["pids"] if _alive(pid)]
-        yield users
-        path.write_text(json.dumps(users))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+    base = state_dir.parent / state_dir.name
+    started = Path(f"{base}.started")
+    with open(f"{base}.users", "a") as users:
+        with open(f"{base}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _script("status").returncode != 0:
+                out = _script("start")
+                if out.returncode != 0:
+                    pytest.fail(f"{SCRIPT} start failed:\n{out.stdout}{out.stderr}")
+                started.touch()
+            fcntl.flock(users, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            with open(f"{base}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)  # from shared: fails while others hold theirs
+                    last = True
+                except BlockingIOError:
+                    last = False
+                if last and started.exists():  # a cluster up before the tests stays up
+                    _script("stop")
+                    started.unlink()
 
 
 @pytest.fixture(scope="session")
@@ -90,31 +98,19 @@ def slurm_cluster():
         pytest.skip(reason)
 
     state_dir = Path(os.environ.get("SIREN_SLURM_DIR", "/tmp/siren-slurm"))
-    with _users(state_dir) as users:
-        if _script("status").returncode != 0:
-            started = _script("start")
-            if started.returncode != 0:
-                pytest.fail(f"{SCRIPT} start failed:\n{started.stdout}{started.stderr}")
-            users["started"] = True
-        users["pids"].append(os.getpid())
-
     saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "PYTHONPATH")}
-    os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
-    # sbatch exports this environment to the jobs, which must import tests.slurm_cluster.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
-    try:
-        yield SlurmCluster(state_dir, state_dir / "etc" / "slurm.conf", partition="debug", profile="local")
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        with _users(state_dir) as users:
-            users["pids"] = [pid for pid in users["pids"] if pid != os.getpid()]
-            if not users["pids"] and users["started"]:  # a cluster up before the tests stays up
-                _script("stop")
-                users["started"] = False
+    with _shared(state_dir):
+        os.environ["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
+        # sbatch exports this environment to the jobs, which must import tests.slurm_cluster.
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
+        try:
+            yield SlurmCluster(state_dir, state_dir / "etc" / "slurm.conf", partition="debug", profile="local")
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def preempt(job, timeout_s: float = 120) -> None:
