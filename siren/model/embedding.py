@@ -36,10 +36,15 @@ class CodeEmbedding(nn.Module):
         self.bias = nn.Parameter(torch.zeros(N_LAYERS, dim))  # b_j
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [12, d, 8], c [12, d]) with e_j(q) = A_j Z_j[q] + c_j."""
-        A = torch.einsum("jdl,jlc->jdc", self.weight, self.out_weight.to(self.weight.dtype))
-        c = torch.einsum("jdl,jl->jd", self.weight, self.out_bias.to(self.weight.dtype)) + self.bias
-        return A, c
+        """(A [12, d, 8], c [12, d]) with e_j(q) = A_j Z_j[q] + c_j.
+
+        One batched matmul W_j [O_j | o_j], where two products (A and c apart) wrote W's [12, d, 1024]
+        gradient twice and added them; [O_j | o_j] is built as its contiguous transpose [12, 9, 1024],
+        the operand layout CPU bmm runs fastest here. Forward + backward of a d=64 table on one thread:
+        8 -> 2 ms, of a tiny demo expert's ~29 ms step."""
+        out_t = torch.cat([self.out_weight.transpose(1, 2), self.out_bias[:, None]], 1).to(self.weight.dtype)
+        Ac = torch.bmm(self.weight, out_t.transpose(1, 2))  # [12, d, 9]
+        return Ac[..., :CODEBOOK_DIM], Ac[..., CODEBOOK_DIM] + self.bias
 
     def forward(self, codes: torch.Tensor, layers: range = range(N_LAYERS),
                 fused: tuple[torch.Tensor, torch.Tensor] | None = None, summed: bool = False) -> torch.Tensor:
