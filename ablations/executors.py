@@ -126,6 +126,7 @@ def make_executor(
     cpus: int = 1,
     mem_gb: float = 4,
     array_parallelism: int | None = None,
+    python: str | None = None,
 ) -> submitit.Executor:
     """A submitit executor for `kind` in KINDS, writing pickles and logs under `folder`.
 
@@ -138,6 +139,8 @@ def make_executor(
     submissions block until fewer than N of this executor's jobs are running; None = as many
     as fit the machine's CPUs, or 1 for GPU jobs (local jobs all see the same first GPUs).
     debug: ignored (jobs run one by one, in this process, when their result is asked for).
+    python: local only, the command that starts a task's interpreter (ablations.warm.python_prefix:
+    tasks forked from a pre-imported server); None = this interpreter, started fresh.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown executor kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -146,7 +149,7 @@ def make_executor(
         return submitit.DebugExecutor(folder)
     if kind == "local":
         cap = array_parallelism or (1 if gpus else max(1, (os.cpu_count() or 1) // cpus))
-        executor = BoundedLocalExecutor(folder, max_running=cap)
+        executor = BoundedLocalExecutor(folder, max_running=cap, python=python)
         executor.update_parameters(
             timeout_min=timeout_min, gpus_per_node=gpus, signal_delay_s=_signal_delay_s(timeout_min)
         )
@@ -213,8 +216,8 @@ class BoundedLocalExecutor(submitit.LocalExecutor):
     executor are alive, so submit/map_array block while the cap is reached.
     """
 
-    def __init__(self, folder: str | Path, max_running: int) -> None:
-        super().__init__(folder)
+    def __init__(self, folder: str | Path, max_running: int, python: str | None = None) -> None:
+        super().__init__(folder, python=python)
         self.max_running = max_running
         self._running: list[subprocess.Popen] = []
 

@@ -17,6 +17,7 @@ see ablations/lock.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -162,11 +163,11 @@ def _callable(job: Job) -> tuple[Callable[..., Any], dict]:
     return (ResumableJob(run_marked, **kwargs), {}) if job.resumable else (run_marked, kwargs)
 
 
-def _executor(kind: str, root: Path, profile, job: Job, max_parallel: int):
+def _executor(kind: str, root: Path, profile, job: Job, max_parallel: int, python: str | None = None):
     from ablations.executors import make_executor
 
     return make_executor(kind, root / "logs", profile, name=job.key, timeout_min=job.timeout_min, gpus=job.gpus,
-                         cpus=job.cpus, mem_gb=job.mem_gb, array_parallelism=max_parallel)
+                         cpus=job.cpus, mem_gb=job.mem_gb, array_parallelism=max_parallel, python=python)
 
 
 def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str, JobState]:
@@ -206,15 +207,25 @@ def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str
     return states
 
 
-def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
+def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int,
+              warm: bool = True) -> dict[str, JobState]:
     """local/debug: run the graph here, waiting (a workstation has no scheduler). A job starts as soon as
     its dependencies are done and fewer than ``max_parallel`` jobs run (no waves: nothing waits for the
-    slowest expert of the grid); among ready jobs, those that others wait on go first."""
-    with _launcher_lock(root):
-        return _run_local(jobs, root, kind, retry, max_parallel)
+    slowest expert of the grid); among ready jobs, those that others wait on go first. ``warm``: local
+    jobs are forked from a server that imported torch and the harness once (ablations/warm.py)."""
+    from ablations import warm as warm_start
+
+    todo = [j for j in jobs if not j.done.is_file()]
+    demo = any((j.kwargs.get("cfg") or {}).get("weights") == "demo" for j in todo)
+    deferred = ("ablations.warm:demo_networks",) if demo else ()
+    with _launcher_lock(root), (warm_start.server(root / "logs" / "warm.log", deferred=deferred)
+                                if warm and kind == "local"
+                                and todo else contextlib.nullcontext()) as address:
+        return _run_local(jobs, root, kind, retry, max_parallel, warm_start.python_prefix(address))
 
 
-def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int) -> dict[str, JobState]:
+def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int,
+               python: str | None = None) -> dict[str, JobState]:
     # Jobs that others wait on start first (plan order among equals), so training runs before evaluations
     # (the leaves): the evals then read the reference embeddings the first calibration row cached, and run
     # in pairs at the end rather than one alone on a 2-core machine (demo Table 6: 8:21 -> 8:02; at batch 8,
@@ -234,7 +245,7 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                     pending.remove(job)
                 elif len(running) < max_parallel:
                     fn, kwargs = _callable(job)
-                    sj = _executor(kind, root, None, job, max_parallel).submit(fn, **kwargs)
+                    sj = _executor(kind, root, None, job, max_parallel, python).submit(fn, **kwargs)
                     ledger.record(job.key, kind, sj, root / "logs")
                     running.append((job, sj))
                     pending.remove(job)
@@ -250,7 +261,7 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                     states[job.key] = JobState(job.key, "FAILED", str(sj.job_id), f"{sj.paths.stderr} ("
                                                f"{type(e).__name__}: {str(e).splitlines()[-1][:200]})", submitted=True)
             if running and not finished:
-                time.sleep(0.5)
+                time.sleep(0.1)  # a job's slot is given on within 0.1 s: 33 demo jobs, half a second each at 0.5
     except KeyboardInterrupt:  # Ctrl-C: stop the running jobs too (training jobs resume from checkpoints)
         for _, sj in running:
             if not sj.done():

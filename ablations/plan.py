@@ -29,6 +29,7 @@ class RunConfig:
     rows: str = ""  # comma-separated row labels; empty = all
     out: str = "outputs"
     max_parallel: int = 2  # local executor: jobs at once
+    warm: bool = True  # local executor: fork jobs from a process that imported torch once (ablations/warm.py)
     gpus: int = 0  # per training/alignment/eval job (scale=paper on a cluster: 1)
     cpus: int = 1  # per training/alignment/eval job (a profile may raise it); prepare takes 2
     mem_gb: float = 8  # per job (a profile may raise it)

@@ -3,6 +3,7 @@
     grid=table3|table4|table5|table6|table7|figure5   which table (one file each in ablations/grids/)
     scale=demo|paper        demo: tiny models on the embedded demo set (default); paper: the paper's sizes
     executor=local|slurm|debug   profile=NAME (slurm/profiles/NAME.yaml, for executor=slurm)
+    warm=true|false         local: fork each job from a process that imported torch once (default true)
     action=run|status|table|cancel    retry=true resubmits failed jobs
     rows=LABEL,LABEL        only these rows of the grid (default: all)
     out=outputs             results: <out>/<scale>/{cells,data,jobs,logs,tables,figures}
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
             states = pipeline.submit_slurm(jobs, run.root, load_profile(run.profile), run.retry)
         else:
-            states = pipeline.run_local(jobs, run.root, run.executor, run.retry, run.max_parallel)
+            states = pipeline.run_local(jobs, run.root, run.executor, run.retry, run.max_parallel, run.warm)
     else:
         states = pipeline.current_states(jobs, run.root)
     print("\n".join(outcomes.status_lines(jobs, states, cells)))

@@ -2,6 +2,8 @@
 of each recipe on tiny data, and the committed files through the evaluation's own loaders."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,22 @@ def test_overlay_round_trip_and_hash_check(tmp_path):
             lambda m: nn.init.zeros_(m.weight) if isinstance(m, nn.Linear) else None))
     with pytest.raises(MissingWeightsError, match="rebuild"):
         store.load(tmp_path / "absent.safetensors", _mlp)
+
+
+def test_kept_networks_are_copies_of_one_load(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    store.save(path, store.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3, meta={})
+    monkeypatch.setattr(store, "_KEPT", None)
+    store.keep_loaded()  # what the warm-start server does before loading the demo networks
+    loads = []
+    monkeypatch.setattr(store, "_load", lambda p, make: loads.append(p) or store.seeded(3, make))
+    a, b = store.load(path, _mlp), store.load(path, _mlp)
+    assert len(loads) == 1 and a is not b  # loaded once; each caller owns its copy (a .to(device) stays its own)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewritten file (new mtime) is loaded again
+    store.load(path, _mlp)
+    assert len(loads) == 2
 
 
 def _nudged(scale: float):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from ablations.executors import KINDS, ResumableJob, load_profile, make_executor
+from tests.helpers import wait_for
 from tests.slurm_cluster import count_steps, logged_square, preempt, slurm_cluster, square  # noqa: F401
 
 # ---- profiles and arguments (no cluster needed) ----
@@ -87,14 +87,6 @@ def _sacct_states(job_id: str) -> list[str]:
     return out.stdout.split()
 
 
-def _wait_for(condition, what: str, deadline_s: float = 60):
-    """Polls until condition() holds; the deadline only stops a hung test, it measures nothing."""
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.2)
-
 
 def _slurm(tmp_path: Path, cluster, **kwargs):
     kwargs = {"name": "test", "timeout_min": 10, "mem_gb": 1, **kwargs}
@@ -104,7 +96,7 @@ def _slurm(tmp_path: Path, cluster, **kwargs):
 def test_slurm_job_returns_its_result_and_sacct_sees_it(slurm_cluster, tmp_path):
     job = _slurm(tmp_path, slurm_cluster).submit(square, 12)
     assert job.result() == 144
-    _wait_for(lambda: _sacct_states(job.job_id) == ["COMPLETED"], f"sacct to show job {job.job_id} COMPLETED")
+    wait_for(lambda: _sacct_states(job.job_id) == ["COMPLETED"], f"sacct to show job {job.job_id} COMPLETED")
 
 
 def test_slurm_job_array(slurm_cluster, tmp_path):
@@ -112,7 +104,7 @@ def test_slurm_job_array(slurm_cluster, tmp_path):
     assert len({job.job_id.split("_")[0] for job in jobs}) == 1  # one sbatch --array
     assert [job.result() for job in jobs] == [1, 4, 9]
     array_id = jobs[0].job_id.split("_")[0]
-    _wait_for(lambda: _sacct_states(array_id) == ["COMPLETED"] * 3, f"sacct to show array {array_id} done")
+    wait_for(lambda: _sacct_states(array_id) == ["COMPLETED"] * 3, f"sacct to show array {array_id} done")
 
 
 def test_profile_maps_to_sbatch_flags(slurm_cluster, tmp_path):
@@ -147,11 +139,11 @@ def test_interrupted_resumable_job_is_requeued_and_resumes(slurm_cluster, tmp_pa
     fn = functools.partial(count_steps, save_every_step=save_every_step)
     job = ex.submit(ResumableJob(fn, ckpt_dir=str(ckpt), total=total, sleep_s=0.2))
     progress = ckpt / "progress.txt"
-    _wait_for(lambda: progress.exists() and int(progress.read_text()) >= 3, "the job to reach step 3")
+    wait_for(lambda: progress.exists() and int(progress.read_text()) >= 3, "the job to reach step 3")
     preempt(job)  # what SLURM does on preemption: SIGTERM, then the USR2 submitit acts on
     assert job.result() == total
     starts = [int(line) for line in (ckpt / "starts.txt").read_text().split()]
     assert len(starts) == 2 and starts[0] == 0, starts
     assert 3 <= starts[1] < total, starts  # resumed from its checkpoint, not from 0
     assert "this job is preempted" in job.paths.stderr.read_text()
-    _wait_for(lambda: _sacct_states(job.job_id) == ["COMPLETED"], f"sacct to show job {job.job_id} COMPLETED")
+    wait_for(lambda: _sacct_states(job.job_id) == ["COMPLETED"], f"sacct to show job {job.job_id} COMPLETED")

@@ -14,6 +14,7 @@ is refused with a clear error.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -129,8 +130,31 @@ def header(path: Path) -> dict:
     return head
 
 
+# Networks kept after loading, once ``keep_loaded()`` was called: (file, its size and mtime, maker) -> network.
+# The warm-start server of local grid runs (ablations/warm.py) turns it on and loads the demo networks
+# once; every job it forks then gets a copy instead of regenerating and checking them (~8 s of an
+# evaluation job on a 2-core CPU). Off elsewhere: a process loads each network once anyway.
+_KEPT: dict[tuple, nn.Module] | None = None
+
+
+def keep_loaded() -> None:
+    global _KEPT
+    _KEPT = {} if _KEPT is None else _KEPT
+
+
 def load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
-    """The network ``make()`` with the demo weights of ``path``: seeded base, checked, trained tensors on top."""
+    """The network ``make()`` with the demo weights of ``path``: seeded base, checked, trained tensors on top
+    (a copy of the kept one, after ``keep_loaded()``)."""
+    if _KEPT is None:
+        return _load(path, make)
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, make.__module__, make.__qualname__)
+    if key not in _KEPT:
+        _KEPT[key] = _load(path, make)
+    return copy.deepcopy(_KEPT[key])
+
+
+def _load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
     from safetensors.torch import load_file
 
     head = header(path)

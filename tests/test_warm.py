@@ -1,0 +1,122 @@
+"""Warm starts of local jobs (ablations/warm.py): submitit's local executor and controller, with each
+task forked from a server that imported its modules once. Each test drives real submitit jobs."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ablations import warm
+from ablations.executors import make_executor
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="warm starts need Linux")
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+
+def describe(value):
+    """A job: where it ran, and what a fresh process would show."""
+    import torch
+
+    print("job stdout", flush=True)
+    return {"value": value, "parent": _cmdline(os.getppid()), "cwd": os.getcwd(),
+            "executor": os.environ.get("SUBMITIT_EXECUTOR"), "torch_rand": torch.rand(3).tolist()}
+
+
+def wait_for_signal(marker: str):
+    """A job that records its pid, then waits for SIGUSR2 (relayed by the client) and returns."""
+    got = []
+    signal.signal(signal.SIGUSR2, lambda *_: got.append(True))
+    Path(marker).write_text(str(os.getpid()))
+    while not got:
+        time.sleep(0.05)
+    return "got SIGUSR2"
+
+
+def fail():
+    raise ValueError("the job's own error")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with warm.server(tmp_path_factory.mktemp("warm") / "warm.log", preload=("torch",), deferred=("numpy",)) as address:
+        yield address
+
+
+def _executor(tmp_path, address):
+    return make_executor("local", tmp_path / "logs", None, name="t", timeout_min=5,
+                         python=warm.python_prefix(address))
+
+
+def _client_of(address: str, child: int) -> int:
+    """The task process (the client) whose controller started it: the process running ``ablations.warm ADDRESS``."""
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    clients = [p for p in pids if f"ablations.warm {address} -u" in _safe_cmdline(p)]
+    assert len(clients) == 1, clients
+    return clients[0]
+
+
+def _safe_cmdline(pid: int) -> str:
+    try:
+        return _cmdline(pid)
+    except OSError:
+        return ""
+
+
+def test_a_job_runs_forked_from_the_server_like_a_fresh_process(server, tmp_path):
+    ex = _executor(tmp_path, server)
+    first, second = ex.submit(describe, 21), ex.submit(describe, 4)
+    a, b = first.result(), second.result()
+    assert (a["value"], b["value"]) == (21, 4)
+    assert f"ablations.warm serve {server}" in a["parent"]  # forked by the server, not a new interpreter
+    assert a["cwd"] == os.getcwd() and a["executor"] == "local"  # the controller's directory and environment
+    assert "job stdout" in Path(first.paths.stdout).read_text()  # stdio is the job's own log
+    cold = make_executor("local", tmp_path / "cold", None, name="t", timeout_min=5).submit(describe, 0).result()
+    assert "submitit.local._local" in cold["parent"]
+    assert a["torch_rand"] != b["torch_rand"]  # unseeded streams differ between jobs, as between fresh processes
+
+
+def test_the_client_relays_signals_to_the_job(server, tmp_path):
+    marker = tmp_path / "pid"
+    job = _executor(tmp_path, server).submit(wait_for_signal, str(marker))
+    wait_for(marker.exists, "the job to start")
+    client = _client_of(server, int(marker.read_text()))
+    os.kill(client, signal.SIGUSR2)  # what the controller sends before the time limit
+    assert job.result() == "got SIGUSR2"
+
+
+def test_a_killed_client_takes_its_job_with_it(server, tmp_path):
+    marker = tmp_path / "pid"
+    _executor(tmp_path, server).submit(wait_for_signal, str(marker))
+    wait_for(marker.exists, "the job to start")
+    child = int(marker.read_text())
+    os.kill(_client_of(server, child), signal.SIGKILL)  # the controller's last resort
+    wait_for(lambda: not _alive(child), "the server to kill the orphaned job", deadline_s=10)
+
+
+def test_the_job_error_and_a_missing_server(server, tmp_path):
+    with pytest.raises(Exception, match="the job's own error"):
+        _executor(tmp_path, server).submit(fail).result()
+    cold = _executor(tmp_path / "gone", "siren-warm-no-such-server").submit(describe, 3).result()
+    assert cold["value"] == 3 and "submitit.local._local" in cold["parent"]  # ran cold, not failed
+
+
+def test_the_client_refuses_other_commands():
+    with pytest.raises(SystemExit, match="runs only"):
+        warm.client("x", ["-c", "print(1)"])
