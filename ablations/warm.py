@@ -18,8 +18,8 @@ A client that cannot reach the server runs the command itself, cold.
 The server listens on a Linux abstract socket (nothing is written to disk), serves only its own
 user (SO_PEERCRED) and only ``submitit.core._submit``, and exits when its launcher is gone and no
 child is left. Its torch ops run on one thread (no thread pool for the children to inherit); each
-child gets torch's default thread count back, fresh ``random``/``numpy``/``torch`` seeds as a new
-process would, and leaves through the job's own exit handlers.
+child gets fresh ``random``/``numpy``/``torch`` seeds as a new process would, and leaves through the
+job's own exit handlers.
 """
 from __future__ import annotations
 
@@ -64,13 +64,11 @@ def _preload(names: list[str]) -> list[str]:
     return failed
 
 
-_TORCH_THREADS: list[int] = []  # torch's own default, restored in each child
-
-
 def demo_networks() -> None:
     """Preload entry of runs with demo weights: the codec and the metric networks, built once here and kept
     (siren.demo_assets.store.keep_loaded), so a job gets a copy instead of rebuilding them. torch runs on
-    one thread meanwhile, so the server starts no thread pool for its children to inherit."""
+    one thread meanwhile, so the server starts no thread pool for its children to inherit; its default
+    count is set back after (a setting only: threads start at the next parallel op, in a child)."""
     import torch
 
     from eval.backbones import ClapAudio, PannsCnn14, VGGish
@@ -78,12 +76,15 @@ def demo_networks() -> None:
     from siren.demo_assets import store
     from siren.frontends import build_codec
 
-    _TORCH_THREADS.append(torch.get_num_threads())
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    store.keep_loaded()
-    build_codec(CodecConfig(weights="demo"))
-    for backbone in (PannsCnn14, VGGish, ClapAudio):
-        backbone("demo").net
+    try:
+        store.keep_loaded()
+        build_codec(CodecConfig(weights="demo"))
+        for backbone in (PannsCnn14, VGGish, ClapAudio):
+            backbone("demo").net
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _read_line(conn: socket.socket, first: bytes = b"") -> bytes:
@@ -124,8 +125,6 @@ def _child(conn: socket.socket, fds: list[int], request: dict, others: list[sock
         np.random.seed()
         if "torch" in sys.modules:
             sys.modules["torch"].seed()
-            if _TORCH_THREADS:
-                sys.modules["torch"].set_num_threads(_TORCH_THREADS[0])
         sys.argv = [ENTRY, *request["args"]]
         import runpy
 

@@ -18,7 +18,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="wa
 
 
 def _cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:  # the process has just ended
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -64,19 +67,12 @@ def _executor(tmp_path, address):
                          python=warm.python_prefix(address))
 
 
-def _client_of(address: str, child: int) -> int:
+def _client_of(address: str) -> int:
     """The task process (the client) whose controller started it: the process running ``ablations.warm ADDRESS``."""
     pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    clients = [p for p in pids if f"ablations.warm {address} -u" in _safe_cmdline(p)]
+    clients = [p for p in pids if f"ablations.warm {address} -u" in _cmdline(p)]
     assert len(clients) == 1, clients
     return clients[0]
-
-
-def _safe_cmdline(pid: int) -> str:
-    try:
-        return _cmdline(pid)
-    except OSError:
-        return ""
 
 
 def test_a_job_runs_forked_from_the_server_like_a_fresh_process(server, tmp_path):
@@ -96,7 +92,7 @@ def test_the_client_relays_signals_to_the_job(server, tmp_path):
     marker = tmp_path / "pid"
     job = _executor(tmp_path, server).submit(wait_for_signal, str(marker))
     wait_for(marker.exists, "the job to start")
-    client = _client_of(server, int(marker.read_text()))
+    client = _client_of(server)
     os.kill(client, signal.SIGUSR2)  # what the controller sends before the time limit
     assert job.result() == "got SIGUSR2"
 
@@ -106,7 +102,7 @@ def test_a_killed_client_takes_its_job_with_it(server, tmp_path):
     _executor(tmp_path, server).submit(wait_for_signal, str(marker))
     wait_for(marker.exists, "the job to start")
     child = int(marker.read_text())
-    os.kill(_client_of(server, child), signal.SIGKILL)  # the controller's last resort
+    os.kill(_client_of(server), signal.SIGKILL)  # the controller's last resort
     wait_for(lambda: not _alive(child), "the server to kill the orphaned job", deadline_s=10)
 
 

@@ -139,7 +139,8 @@ _KEPT: dict[tuple, nn.Module] | None = None
 
 def keep_loaded() -> None:
     global _KEPT
-    _KEPT = {} if _KEPT is None else _KEPT
+    if _KEPT is None:
+        _KEPT = {}
 
 
 def load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
