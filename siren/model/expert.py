@@ -135,6 +135,8 @@ class Expert(nn.Module):
         return cls(dataclasses.replace(cfg, codec=codec.id), k, codec.code_tables())
 
     def _init_weights(self):
+        if self.embedding.weight.is_meta:  # a meta-device build only counts parameters (siren.model.params):
+            return  # nothing to draw, and torch routes meta normal_ through torch._dynamo (~4 s to import)
         std = 0.02
         for module in self.modules():
             if isinstance(module, nn.Linear):
