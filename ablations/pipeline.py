@@ -221,8 +221,31 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
         demo = any((j.kwargs.get("cfg") or {}).get("weights") == "demo" for j in todo)
         server = warm_start.server(root / "logs" / "warm.log",
                                    deferred=("ablations.warm:demo_networks",) if demo else ())
-    with _launcher_lock(root), server as address:
+    with _launcher_lock(root), _allocator_env(), server as address:
         return _run_local(jobs, root, kind, retry, max_parallel, warm_start.python_prefix(address))
+
+
+# glibc malloc, for the local jobs (the warm server and cold jobs inherit the launcher's environment; glibc reads
+# these once, at process start). By default a freed block over ~128 KB goes back to the kernel, and each step's
+# next 10 MB logits or gradient faults in fresh zeroed pages; here blocks under 32 MB stay in the heap and the
+# heap is not trimmed below 1 GiB. Demo training steps ran ~12% and the eval backbones ~10% faster on 2 cores
+# (README, Measured); only where memory comes from changes, not any number computed. A user's own values win.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+@contextlib.contextmanager
+def _allocator_env():
+    saved = {k: os.environ.get(k) for k in ALLOCATOR_ENV}
+    for k, v in ALLOCATOR_ENV.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int,

@@ -173,6 +173,31 @@ def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path):
     assert Path(log).read_text().split() == ["prep", "a/train", "b/train", "a/eval", "b/eval"]
 
 
+def _record_env(path: str) -> None:
+    import os
+
+    Path(path).write_text(json.dumps({k: os.environ.get(k) for k in pipeline.ALLOCATOR_ENV}))
+
+
+@pytest.mark.parametrize("own", [None, "65536"])
+def test_local_jobs_get_the_allocator_settings_and_the_launcher_keeps_its_own(tmp_path, monkeypatch, own):
+    """A real local job (a process of its own) sees the malloc settings; a value the user set wins; the
+    launcher's environment is as it was afterwards."""
+    if own is None:
+        monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", own)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    seen = tmp_path / "env.json"
+    job = pipeline.Job("env", _record_env, {"path": str(seen)}, tmp_path / "env.done")
+    states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1, warm=False)
+    assert states["env"].state == "DONE"
+    assert json.loads(seen.read_text()) == {"MALLOC_MMAP_THRESHOLD_": own or str(32 << 20),
+                                            "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+    assert pipeline.os.environ.get("MALLOC_MMAP_THRESHOLD_") == own
+    assert "MALLOC_TRIM_THRESHOLD_" not in pipeline.os.environ
+
+
 @pytest.fixture(scope="module")
 def grid_out(tmp_path_factory):
     """One results folder for the runs below, so the demo set is prepared once."""
