@@ -228,8 +228,9 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
 # glibc malloc, for the local jobs (the warm server and cold jobs inherit the launcher's environment; glibc reads
 # these once, at process start). By default a freed block over ~128 KB goes back to the kernel, and each step's
 # next 10 MB logits or gradient faults in fresh zeroed pages; here blocks under 32 MB stay in the heap and the
-# heap is not trimmed below 1 GiB. Demo training steps ran ~12% and the eval backbones ~10% faster on 2 cores
-# (README, Measured); only where memory comes from changes, not any number computed. A user's own values win.
+# heap is not trimmed below 1 GiB. In paired runs on 2 cores a 1-12 demo expert's step ran 13-21% and the eval
+# backbones ~10% faster, a 12-1 expert's (small tensors) the same (README, Measured); only where memory comes
+# from changes, not any number computed. A user's own values win.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 

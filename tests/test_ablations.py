@@ -173,23 +173,28 @@ def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path):
     assert Path(log).read_text().split() == ["prep", "a/train", "b/train", "a/eval", "b/eval"]
 
 
-def _record_env(path: str) -> None:
-    import os
+def startup_env(path: str = "") -> dict:
+    """The malloc settings as glibc read them: the environment this process image started with (a job forked
+    by the warm server shows the server's)."""
+    entries = Path("/proc/self/environ").read_bytes().decode().split("\0")
+    env = dict(e.split("=", 1) for e in entries if e.startswith("MALLOC_"))
+    if path:
+        Path(path).write_text(json.dumps(env))
+    return env
 
-    Path(path).write_text(json.dumps({k: os.environ.get(k) for k in pipeline.ALLOCATOR_ENV}))
 
-
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 @pytest.mark.parametrize("own", [None, "65536"])
 def test_local_jobs_get_the_allocator_settings_and_the_launcher_keeps_its_own(tmp_path, monkeypatch, own):
-    """A real local job (a process of its own) sees the malloc settings; a value the user set wins; the
-    launcher's environment is as it was afterwards."""
+    """A real local job (a process of its own) starts with the malloc settings; a value the user set wins;
+    the launcher's environment is as it was afterwards."""
     if own is None:
         monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     else:
         monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", own)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     seen = tmp_path / "env.json"
-    job = pipeline.Job("env", _record_env, {"path": str(seen)}, tmp_path / "env.done")
+    job = pipeline.Job("env", startup_env, {"path": str(seen)}, tmp_path / "env.done")
     states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1, warm=False)
     assert states["env"].state == "DONE"
     assert json.loads(seen.read_text()) == {"MALLOC_MMAP_THRESHOLD_": own or str(32 << 20),
