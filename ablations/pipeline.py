@@ -226,11 +226,12 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
 
 
 # glibc malloc, for the local jobs (the warm server and cold jobs inherit the launcher's environment; glibc reads
-# these once, at process start). By default a freed block over ~128 KB goes back to the kernel, and each step's
-# next 10 MB logits or gradient faults in fresh zeroed pages; here blocks under 32 MB stay in the heap and the
-# heap is not trimmed below 1 GiB. In paired runs on 2 cores a 1-12 demo expert's step ran 13-21% and the eval
-# backbones ~10% faster, a 12-1 expert's (small tensors) the same (README, Measured); only where memory comes
-# from changes, not any number computed. A user's own values win.
+# these once, at process start). By default big blocks are mmapped and the heap's top is trimmed (thresholds from
+# 128 KB, raised dynamically), so a step's next 10 MB logits or gradient can fault in fresh zeroed pages (halved
+# minor faults in a 1-12 expert's run); here blocks under 32 MB stay in the heap and it is not trimmed below 1 GiB.
+# In paired runs on 2 cores a 1-12 demo expert's step ran 13-21% and the eval backbones ~10% faster, a 12-1
+# expert's (small tensors) the same (README, Measured); only where memory comes from changes, not any number
+# computed. A user's own values win.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
