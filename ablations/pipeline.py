@@ -221,24 +221,31 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
         demo = any((j.kwargs.get("cfg") or {}).get("weights") == "demo" for j in todo)
         server = warm_start.server(root / "logs" / "warm.log",
                                    deferred=("ablations.warm:demo_networks",) if demo else ())
-    with _launcher_lock(root), _allocator_env(), server as address:
+    with _launcher_lock(root), _job_env(), server as address:
         return _run_local(jobs, root, kind, retry, max_parallel, warm_start.python_prefix(address))
 
 
-# glibc malloc, for the local jobs (the warm server and cold jobs inherit the launcher's environment; glibc reads
-# these once, at process start). By default big blocks are mmapped and the heap's top is trimmed (thresholds from
-# 128 KB, raised dynamically), so a step's next 10 MB logits or gradient can fault in fresh zeroed pages (halved
-# minor faults in a 1-12 expert's run); here blocks under 32 MB stay in the heap and it is not trimmed below 1 GiB.
-# In paired runs on 2 cores a 1-12 demo expert's step ran 13-21% and the eval backbones ~10% faster, a 12-1
-# expert's (small tensors) the same (README, Measured); only where memory comes from changes, not any number
-# computed. A user's own values win.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# Process settings for the local jobs. The warm server and cold jobs inherit the launcher's environment, and glibc
+# and libgomp read these once, at process start; only where memory comes from and how idle threads wait change,
+# not any number computed. A user's own values win.
+JOB_ENV = {
+    # glibc malloc. By default big blocks are mmapped and the heap's top is trimmed (thresholds from 128 KB, raised
+    # dynamically), so a step's next 10 MB logits or gradient can fault in fresh zeroed pages (halved minor faults
+    # in a 1-12 expert's run); here blocks under 32 MB stay in the heap and it is not trimmed below 1 GiB. In paired
+    # runs on 2 cores a 1-12 demo expert's step ran 13-21% and the eval backbones ~10% faster (README, Measured).
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    # OpenMP (torch's intra-op threads): a thread that waits at the end of a parallel region sleeps instead of
+    # spinning. prepare's 2 threads share the 2 cores with a one-thread calibration job: spinning, the waiting
+    # thread held a core the other needed (prepare 113 s beside a busy thread, 68 s alone); sleeping, prepare took
+    # 93 s and the busy thread kept its full core. Alone, the same 68 s and the same codes (README, Measured).
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
 
 
 @contextlib.contextmanager
-def _allocator_env():
-    saved = {k: os.environ.get(k) for k in ALLOCATOR_ENV}
-    for k, v in ALLOCATOR_ENV.items():
+def _job_env():
+    saved = {k: os.environ.get(k) for k in JOB_ENV}
+    for k, v in JOB_ENV.items():
         os.environ.setdefault(k, v)
     try:
         yield

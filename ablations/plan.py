@@ -119,7 +119,7 @@ def data_paths(cfg: dict, data_dir: Path) -> tuple[str, str, str | None]:
     if cfg["data.source"] == "demo":
         from siren.data.demo import DemoSet
 
-        demo = DemoSet.at(data_dir / "demo_source")  # made by the cell's prepare job
+        demo = DemoSet.at(data_dir / "demo_source")  # made by prepare (and the calibration rows' source job)
         return str(demo.test), str(demo.train), None  # every test clip (90): ISC over 10 splits needs them
     missing = [k for k in ("data.train", "data.test", "data.prompts") if k not in cfg]
     if missing:
@@ -168,15 +168,22 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         jobs[key] = Job(key, steps.eval_step,
                         dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
                         cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
-        # Once per data config (codec, test set). Each calibration row after the first waits for the one
-        # before: the reference embeddings are then cached, not computed by two jobs at once (~35 s CPU).
-        calib_deps = [prep]
+        # Once per data config (codec, test set). They read only the test clips (or a user's test manifest) and
+        # the codec, so they need not wait for prepare: at demo scale a job of seconds writes the demo set for
+        # them, beside prepare, which writes the same files itself (siren.data.demo: identical bytes, atomic).
+        # Each row after the first waits for the one before: the reference embeddings are then cached, not
+        # computed by two jobs at once (~35 s CPU).
+        source = [f"source-{did}"] if run.calibrated and cell.cfg["data.source"] == "demo" else []
+        for key in source:
+            jobs.setdefault(key, Job(key, steps.source_step, dict(data_dir=str(data_dir), cfg=cell.cfg),
+                                     data_dir / "demo_source.done", mem_gb=run.mem_gb))
+        calib_deps = source
         for kind in steps.CALIBRATIONS if run.calibrated else ():
             key, folder = f"calib-{did}/{kind}", calibration_dir(run, cell, kind)
             jobs.setdefault(key, Job(key, steps.calibration_step, dict(cfg=cell.cfg, kind=kind, ref=ref, subset=subset,
                                                                        out=str(folder)),
                                      folder.with_suffix(".done"), deps=calib_deps, timeout_min=12 * 60, **res))
-            calib_deps = [prep, key]
+            calib_deps = [*source, key]
     return list(jobs.values())
 
 

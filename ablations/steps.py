@@ -89,6 +89,16 @@ def _check(rc: int, what: str) -> None:
         raise RuntimeError(f"{what} exited with status {rc}")
 
 
+def source_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
+    """The embedded demo set's clips and manifests under ``data_dir/demo_source`` (siren.data.demo, seconds),
+    for the calibration rows, which read only these and the codec: they then run beside prepare (ablations.plan)."""
+    from siren.data.demo import demo_set
+
+    demo = demo_set(Path(data_dir) / "demo_source", n_train=int(cfg["data.demo_train"]),
+                    n_test=int(cfg["data.demo_test"]))  # `set.` overrides arrive as strings
+    return {"train": str(demo.train), "test": str(demo.test)}
+
+
 def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     from siren.data import prepare
 

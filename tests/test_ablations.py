@@ -160,6 +160,23 @@ def _record_start(log: str, name: str) -> None:
         f.write(name + "\n")
 
 
+@pytest.mark.parametrize("scale", ["demo", "paper"])
+def test_calibration_rows_wait_for_what_they_read_not_for_prepare(scale):
+    """They read the test clips and the codec: at demo scale they wait for a job writing the demo set (prepare
+    writes it too, and waits for nothing), with a user's manifests for nothing; the second row waits for the
+    first (cached references)."""
+    from ablations.plan import plan
+
+    paper = ["set.data.train=t.csv", "set.data.test=a.csv", "set.data.prompts=p.csv"] if scale == "paper" else []
+    run = parse(["grid=table6", f"scale={scale}", "calibration=true", "rows=1-12", *paper])
+    deps = {j.key: j.deps for j in plan(cells_of(load_grid("table6"), run), run)}
+    did = next(k for k in deps if k.startswith("data-"))[len("data-"):]
+    source = [f"source-{did}"] if scale == "demo" else []
+    assert deps[f"data-{did}"] == [] and deps.get(f"source-{did}", []) == []
+    assert deps[f"calib-{did}/oracle"] == source and deps[f"calib-{did}/chance"] == [*source, f"calib-{did}/oracle"]
+    assert len(deps) == 5 + len(source)  # prepare, the 1-12 expert, its eval, two calibration rows
+
+
 def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path):
     """Two cells (train -> eval) after a prepare step, one slot: both trainings run before either eval,
     then the evals in plan order; a dependency is never started before it is done."""
@@ -174,10 +191,10 @@ def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path):
 
 
 def startup_env(path: str = "") -> dict:
-    """The malloc settings as glibc read them: the environment this process image started with (a job forked
-    by the warm server shows the server's)."""
+    """The job settings as glibc and libgomp read them: the environment this process image started with (a job
+    forked by the warm server shows the server's)."""
     entries = Path("/proc/self/environ").read_bytes().decode().split("\0")
-    env = dict(e.split("=", 1) for e in entries if e.startswith("MALLOC_"))
+    env = {k: v for k, _, v in (e.partition("=") for e in entries) if k in pipeline.JOB_ENV}
     if path:
         Path(path).write_text(json.dumps(env))
     return env
@@ -185,21 +202,23 @@ def startup_env(path: str = "") -> dict:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 @pytest.mark.parametrize("own", [None, "65536"])
-def test_local_jobs_get_the_allocator_settings_and_the_launcher_keeps_its_own(tmp_path, monkeypatch, own):
-    """A real local job (a process of its own) starts with the malloc settings; a value the user set wins;
-    the launcher's environment is as it was afterwards."""
+def test_local_jobs_get_the_job_settings_and_the_launcher_keeps_its_own(tmp_path, monkeypatch, own):
+    """A real local job (a process of its own) starts with the malloc and OpenMP settings; a value the user set
+    wins; the launcher's environment is as it was afterwards."""
     if own is None:
         monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     else:
         monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", own)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     seen = tmp_path / "env.json"
     job = pipeline.Job("env", startup_env, {"path": str(seen)}, tmp_path / "env.done")
     states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1, warm=False)
     assert states["env"].state == "DONE"
     assert json.loads(seen.read_text()) == {"MALLOC_MMAP_THRESHOLD_": own or str(32 << 20),
-                                            "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+                                            "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "OMP_WAIT_POLICY": "PASSIVE"}
     assert pipeline.os.environ.get("MALLOC_MMAP_THRESHOLD_") == own
+    assert "OMP_WAIT_POLICY" not in pipeline.os.environ
     assert "MALLOC_TRIM_THRESHOLD_" not in pipeline.os.environ
 
 
@@ -238,7 +257,7 @@ def test_demo_tables_carry_computed_calibration_rows(grid_out, capsys):
     evaluated by the same protocol as the model rows; the model cell above is reused (only they run)."""
     args = ["grid=table6", "rows=1-12", f"out={grid_out}", "executor=local", *SMALL]
     assert main(args) == 0
-    assert "submitted 2 job(s)" in capsys.readouterr().out  # just the two calibration rows
+    assert "submitted 3 job(s)" in capsys.readouterr().out  # just the two calibration rows and their demo set
     for label in ("oracle (references through the codec)", "chance (random codes)"):
         row = next(line for line in (grid_out / "demo" / "tables" / "table6.md").read_text().splitlines()
                    if line.startswith(f"| {label} | calibration"))

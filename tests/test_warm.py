@@ -88,16 +88,16 @@ def test_a_job_runs_forked_from_the_server_like_a_fresh_process(server, tmp_path
     assert a["torch_rand"] != b["torch_rand"]  # unseeded streams differ between jobs, as between fresh processes
 
 
-def test_a_server_started_under_the_allocator_settings_gives_them_to_its_jobs(tmp_path):
-    """glibc reads them at process start: a forked job has the server's, so the server must start with them."""
+def test_a_server_started_under_the_job_settings_gives_them_to_its_jobs(tmp_path):
+    """glibc and libgomp read them at process start: a forked job has the server's, so the server must start
+    with them."""
     from ablations import pipeline
     from tests.test_ablations import startup_env
 
-    with pipeline._allocator_env(), warm.server(tmp_path / "warm.log", preload=("json",)) as address:
+    with pipeline._job_env(), warm.server(tmp_path / "warm.log", preload=("json",)) as address:
         job = _executor(tmp_path, address).submit(startup_env)
         env = job.result()
-    assert {k: env.get(k) for k in pipeline.ALLOCATOR_ENV} == {k: os.environ.get(k, v) for k, v in
-                                                             pipeline.ALLOCATOR_ENV.items()}
+    assert env == {k: os.environ.get(k, v) for k, v in pipeline.JOB_ENV.items()}
 
 
 def test_the_client_relays_signals_to_the_job(server, tmp_path):
