@@ -168,9 +168,10 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         jobs[key] = Job(key, steps.eval_step,
                         dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
                         cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
-        # Once per data config (codec, test set). They read only the test clips (or a user's test manifest) and
-        # the codec, so they need not wait for prepare: at demo scale a job of seconds writes the demo set for
-        # them, beside prepare, which writes the same files itself (siren.data.demo: identical bytes, atomic).
+        # Calibration rows, once per data config (codec, test set). They read only the test clips (or a user's
+        # test manifest) and the codec, so they need not wait for prepare: at demo scale a job of seconds writes
+        # the demo set for them, beside prepare, which writes the same files itself (siren.data.demo: identical
+        # bytes, atomic).
         # Each row after the first waits for the one before: the reference embeddings are then cached, not
         # computed by two jobs at once (~35 s CPU).
         source = [f"source-{did}"] if run.calibrated and cell.cfg["data.source"] == "demo" else []
