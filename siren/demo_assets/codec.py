@@ -188,6 +188,16 @@ class SpectralLoss(torch.nn.Module):
         return self.mel_l1(y, x) + self.stft(y, x)
 
 
+def _update(opt, sched, params: list, loss: torch.Tensor) -> float:
+    """One optimiser step of stage 1, 3 or 4 (gradients clipped to norm 1); returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: torch.Generator) -> list[float]:
     """Stage 1: encoder and decoder, quantizer bypassed. Returns the loss per step."""
     from tqdm import tqdm
@@ -200,13 +210,7 @@ def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: t
     losses = []
     for _ in tqdm(range(cfg.ae_steps), desc="codec 1/4 autoencoder", unit="step"):
         x = crops(clips, cfg.batch, n, gen)
-        loss = loss_fn(model.decoder(model.encoder(x)), x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_update(opt, sched, params, loss_fn(model.decoder(model.encoder(x)), x)))
     return losses
 
 
@@ -315,12 +319,7 @@ def train_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tensor],
         with torch.no_grad():
             z_q, *_ = model.quantizer(torch.stack(zs))
         loss = loss_fn(model.decoder(z_q), torch.stack(xs)[:, None], waveform=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_update(opt, sched, params, loss))
     model.eval()
     return losses
 
