@@ -1,8 +1,11 @@
-"""Helpers the test modules share: stand-in codec tables and a tiny model config. The fixtures_*
-modules build on these; the real collate function (siren.data.dataset.collate) batches everywhere."""
+"""Helpers the test modules share: stand-in codec tables, a tiny model config and the job-settings
+probe that local and warm-started jobs run. The fixtures_* modules build on these; the real collate function
+(siren.data.dataset.collate) batches everywhere."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +34,15 @@ def wait_for(condition, what: str, deadline_s: float = 60) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"gave up waiting for {what}")
         time.sleep(0.1)
+
+
+def startup_env(path: str = "") -> dict:
+    """The job settings (ablations.pipeline.JOB_ENV) as glibc and libgomp read them: the environment this
+    process image started with (a job forked by the warm server shows the server's); written to ``path`` if given."""
+    from ablations.pipeline import JOB_ENV
+
+    entries = Path("/proc/self/environ").read_bytes().decode().split("\0")
+    env = {k: v for k, _, v in (e.partition("=") for e in entries) if k in JOB_ENV}
+    if path:
+        Path(path).write_text(json.dumps(env))
+    return env

@@ -15,6 +15,7 @@ from ablations.run import main
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
 from siren.checkpoint import load_latest
 from siren.config import ConfigError
+from tests.helpers import startup_env
 from tests.slurm_cluster import preempt, slurm_cluster  # noqa: F401
 
 PAPER_GRIDS = ["table3", "table4", "table5", "table6", "table7"]
@@ -188,16 +189,6 @@ def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path):
     states = pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)
     assert {s.state for s in states.values()} == {"DONE"}
     assert Path(log).read_text().split() == ["prep", "a/train", "b/train", "a/eval", "b/eval"]
-
-
-def startup_env(path: str = "") -> dict:
-    """The job settings as glibc and libgomp read them: the environment this process image started with (a job
-    forked by the warm server shows the server's)."""
-    entries = Path("/proc/self/environ").read_bytes().decode().split("\0")
-    env = {k: v for k, _, v in (e.partition("=") for e in entries) if k in pipeline.JOB_ENV}
-    if path:
-        Path(path).write_text(json.dumps(env))
-    return env
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")

@@ -12,7 +12,7 @@ import pytest
 
 from ablations import warm
 from ablations.executors import make_executor
-from tests.helpers import wait_for
+from tests.helpers import startup_env, wait_for
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="warm starts need Linux")
 
@@ -92,7 +92,6 @@ def test_a_server_started_under_the_job_settings_gives_them_to_its_jobs(tmp_path
     """glibc and libgomp read them at process start: a forked job has the server's, so the server must start
     with them."""
     from ablations import pipeline
-    from tests.test_ablations import startup_env
 
     with pipeline._job_env(), warm.server(tmp_path / "warm.log", preload=("json",)) as address:
         job = _executor(tmp_path, address).submit(startup_env)
