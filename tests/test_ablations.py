@@ -228,32 +228,24 @@ def _table_row(out: Path, grid: str, label: str) -> str:
 SMALL = ["set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=6"]
 
 
-def test_demo_cell_runs_end_to_end_then_submits_nothing(grid_out, capsys):
-    args = ["grid=table6", "rows=1-12", f"out={grid_out}", "executor=local", *SMALL, "calibration=false"]
-    assert main(args) == 0
-    first = capsys.readouterr().out
-    assert "submitted 3 job(s)" in first  # prepare + 1 expert + eval
-    row = _table_row(grid_out, "table6", "1-12")
-    assert "pending" not in row and "failed" not in row and row.count("|") == 8
-    assert (grid_out / "demo" / "figures" / "table6.png").stat().st_size > 0
-    assert main(args) == 0  # idempotent: everything is done
-    second = capsys.readouterr().out
-    md = (grid_out / "demo" / "tables" / "table6.md").read_text()
-    assert "submitted 0 job(s)" in second and "demo weights (trained on the embedded set)" in md
-    assert "RANDOM" not in md and "pretrained" not in md
-
-
-def test_demo_tables_carry_computed_calibration_rows(grid_out, capsys):
-    """The oracle (references through the codec) and chance (random codes) rows of a demo table are
-    evaluated by the same protocol as the model rows; the model cell above is reused (only they run)."""
+def test_demo_table_runs_end_to_end_with_calibration_rows_then_submits_nothing(grid_out, capsys):
+    """A demo Table 6 row and the table's two calibration rows (oracle: the references through the codec;
+    chance: random codes), evaluated by the same protocol as the model row; a second run submits nothing."""
     args = ["grid=table6", "rows=1-12", f"out={grid_out}", "executor=local", *SMALL]
     assert main(args) == 0
-    assert "submitted 3 job(s)" in capsys.readouterr().out  # just the two calibration rows and their demo set
+    # the demo set, prepare, 1 expert, its eval, the two calibration rows
+    assert "submitted 6 job(s)" in capsys.readouterr().out
+    row = _table_row(grid_out, "table6", "1-12")
+    assert "pending" not in row and "failed" not in row and row.count("|") == 8
+    md = (grid_out / "demo" / "tables" / "table6.md").read_text()
     for label in ("oracle (references through the codec)", "chance (random codes)"):
-        row = next(line for line in (grid_out / "demo" / "tables" / "table6.md").read_text().splitlines()
-                   if line.startswith(f"| {label} | calibration"))
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} | calibration"))
         assert "pending" not in row and "failed" not in row
         assert all(math.isfinite(float(v)) for v in row.split("|")[4:7])  # FD, ISC, CLAP computed
+    assert (grid_out / "demo" / "figures" / "table6.png").stat().st_size > 0
+    assert main(args) == 0  # idempotent: everything is done
+    assert "submitted 0 job(s)" in capsys.readouterr().out
+    assert "demo weights (trained on the embedded set)" in md and "RANDOM" not in md and "pretrained" not in md
 
 
 def _ledger(out: Path, key: str) -> dict:
