@@ -40,8 +40,13 @@ sha256 and recipe (``metadata.stages_1_2_from``); two separate runs of that proc
 state dicts and metadata. Stage 4 then ran alone on it (``init=`` that file, ``init_stage=3``, 2000
 steps, 14 min at 1 thread on this CPU); the committed file records the chain (``metadata.init_from``), and
 ``test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3`` checks that one run of stages 3-4
-gives the same bits. So a rebuild from scratch on this CPU takes about 100 min (stage 1 about 20 of
+gives the same bits. So a rebuild from scratch on that CPU takes about 100 min (stage 1 about 20 of
 it, stage 3 about 70), over the hour issue #11 asked for; fewer ft_steps trade quality for time.
+Session machines of the same 2-core kind differ in speed: on a later one (AMD EPYC, family 25
+model 1, no AVX-512; torch's CPU capability AVX2), a short run of this command (ae_steps=200
+ft_steps=300 decay_steps=100, idle machine, 2026-12-02) measured 1.13 s per stage-1 step and
+0.47-0.49 s per stage-3/4 step, half the rates above: the defaults would take about 45 + 125 + 16
+min there, over 3 hours.
 
 What changed the decoder's outcome, each measured on the 90 test clips against the 90 test references
 with the demo backbones of the former codec (FD ratio = FD(oracle) / FD(chance)):
