@@ -239,9 +239,9 @@ def test_demo_table_runs_end_to_end_with_calibration_rows_then_submits_nothing(g
     assert "pending" not in row and "failed" not in row and row.count("|") == 8
     md = (grid_out / "demo" / "tables" / "table6.md").read_text()
     for label in ("oracle (references through the codec)", "chance (random codes)"):
-        row = next(line for line in md.splitlines() if line.startswith(f"| {label} | calibration"))
-        assert "pending" not in row and "failed" not in row
-        assert all(math.isfinite(float(v)) for v in row.split("|")[4:7])  # FD, ISC, CLAP computed
+        calib = next(line for line in md.splitlines() if line.startswith(f"| {label} | calibration"))
+        assert "pending" not in calib and "failed" not in calib
+        assert all(math.isfinite(float(v)) for v in calib.split("|")[4:7])  # FD, ISC, CLAP computed
     assert (grid_out / "demo" / "figures" / "table6.png").stat().st_size > 0
     assert main(args) == 0  # idempotent: everything is done
     assert "submitted 0 job(s)" in capsys.readouterr().out
