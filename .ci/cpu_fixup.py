@@ -15,6 +15,7 @@ Run by ``.ci/setup`` as ``python .ci/cpu_fixup.py`` (install tooling, not part o
 from __future__ import annotations
 
 import importlib.util
+import py_compile
 import re
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def fix_torchvision() -> bool:
     )
     if patched != text:
         meta.write_text(patched)
+        py_compile.compile(str(meta))  # .ci/setup byte-compiled the packages before this ran
         print(f"cpu_fixup: guarded fake-kernel registrations in {meta}")
     return True
 
