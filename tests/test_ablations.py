@@ -245,6 +245,7 @@ def test_demo_table_runs_end_to_end_with_calibration_rows_then_submits_nothing(g
     assert (grid_out / "demo" / "figures" / "table6.png").stat().st_size > 0
     assert main(args) == 0  # idempotent: everything is done
     assert "submitted 0 job(s)" in capsys.readouterr().out
+    md = (grid_out / "demo" / "tables" / "table6.md").read_text()  # as the second run rewrote it
     assert "demo weights (trained on the embedded set)" in md and "RANDOM" not in md and "pretrained" not in md
 
 
