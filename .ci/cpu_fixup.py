@@ -24,10 +24,17 @@ from pathlib import Path
 DISABLED_SUFFIX = ".cpu-disabled"
 
 
-def _imports(module: str) -> tuple[bool, str]:
-    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
-    lines = proc.stderr.strip().splitlines()
-    return proc.returncode == 0, lines[-1] if lines else ""
+def _import_errors(modules) -> dict[str, str]:
+    """{module: the last line of its import error} for those of ``modules`` that do not import. Each is
+    tried in a fresh interpreter (3-6 s, mostly importing torch), all at once."""
+    procs = {m: subprocess.Popen([sys.executable, "-c", f"import {m}"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True) for m in modules}
+    errors = {}
+    for m, proc in procs.items():
+        lines = proc.communicate()[1].strip().splitlines()
+        if proc.returncode:
+            errors[m] = lines[-1] if lines else f"exit status {proc.returncode}"
+    return errors
 
 
 def _package_dir(name: str) -> Path:
@@ -43,20 +50,14 @@ def _set_aside(files: list[Path]) -> None:
         print(f"cpu_fixup: set aside {f} (CUDA-only extension)")
 
 
-def fix_torchaudio() -> bool:
-    """True when it changed something (the import is then checked again)."""
-    if _imports("torchaudio")[0]:
-        return False
+def fix_torchaudio() -> None:
     _set_aside(sorted((_package_dir("torchaudio") / "lib").glob("*.so")))
-    return True
 
 
 _FAKE = re.compile(r'^@torch\.library\.register_fake\("(torchvision::\w+)"\)$', re.M)
 
 
-def fix_torchvision() -> bool:
-    if _imports("torchvision")[0]:
-        return False
+def fix_torchvision() -> None:
     pkg = _package_dir("torchvision")
     _set_aside([p for p in [pkg / "_C.so"] if p.exists()])
     meta = pkg / "_meta_registrations.py"
@@ -68,7 +69,9 @@ def fix_torchvision() -> bool:
         meta.write_text(patched)
         py_compile.compile(str(meta))  # .ci/setup byte-compiled the packages before this ran
         print(f"cpu_fixup: guarded fake-kernel registrations in {meta}")
-    return True
+
+
+FIXES = {"torchaudio": fix_torchaudio, "torchvision": fix_torchvision}  # run only for a module that fails to import
 
 
 def main() -> int:
@@ -77,10 +80,11 @@ def main() -> int:
     if torch.version.cuda is not None:
         print(f"cpu_fixup: torch {torch.__version__} is a CUDA build; nothing to do")
         return 0
-    # each check is a fresh interpreter (3-6 s): a module that imported at once is not checked again
-    fixed = [m for m, fix in (("torchaudio", fix_torchaudio), ("torchvision", fix_torchvision)) if fix()]
-    failed = [(m, err) for m in fixed for ok, err in [_imports(m)] if not ok]
-    for m, err in failed:
+    broken = _import_errors(FIXES)
+    for m in broken:
+        FIXES[m]()
+    failed = _import_errors(broken)  # a module that imported at once is not tried again
+    for m, err in failed.items():
         print(f"cpu_fixup: {m} still does not import: {err}", file=sys.stderr)
     return 1 if failed else 0
 
