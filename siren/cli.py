@@ -38,7 +38,8 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler._siren = True
         root.addHandler(handler)
     root.setLevel(logging.WARNING)  # other libraries (matplotlib's font subsetting, ...): warnings only
-    for name in PACKAGES:
+    # "__main__": the module run by `python -m siren.x` logs under that name, not under its package's
+    for name in (*PACKAGES, "__main__"):
         logging.getLogger(name).setLevel(level)
 
 

@@ -71,6 +71,16 @@ def test_assets_list_command_runs_offline(empty_cache):
     assert "MISSING" in out.stdout
 
 
+def test_a_command_run_as_main_shows_its_status_lines(tmp_path):
+    """`python -m siren.x` logs under "__main__", not under the package: the CLI shell shows its INFO lines too."""
+    script = tmp_path / "command.py"
+    script.write_text("import logging\nfrom siren import cli\n\n"
+                      "cli.run(lambda argv: logging.getLogger(__name__).info('status line %s', argv))\n")
+    proc = subprocess.run([sys.executable, str(script), "a=1"], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "I __main__: status line ['a=1']" in proc.stderr, proc.stderr
+
+
 def test_cpu_fixup_is_idempotent_and_packages_import():
     subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / ".ci" / "cpu_fixup.py")], check=True)
     code = "import siren, torchaudio, torchvision, dac, laion_clap"
