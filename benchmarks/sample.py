@@ -134,15 +134,14 @@ def report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None):
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_config(BenchConfig, args, presets("model."), defaults=["scale=small", "model.distribution=6-2"])
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    from siren import cli
+
+    cfg = load_config(BenchConfig, cli.start(argv), presets("model."),
+                      defaults=["scale=small", "model.distribution=6-2"])
     try:
         batches = [int(b) for b in cfg.batches.split(",")]
     except ValueError:
-        sys.exit(f"error: batches must be comma-separated integers, got '{cfg.batches}'")
+        raise ConfigError(f"batches must be comma-separated integers, got '{cfg.batches}'") from None
     torch.set_num_threads(cfg.threads)
     model = build(cfg)
     print(header(cfg), flush=True)
@@ -154,4 +153,6 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    from siren import cli
+
+    cli.run(main, BenchConfig, __doc__)

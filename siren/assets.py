@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     exit 2, Ctrl-C exit 130 (the file being downloaded is removed either way)."""
     from siren import cli
 
-    return cli.call(_main, argv)
+    return cli.call(_main, argv, doc=__doc__)
 
 
 def _main(argv: list[str]) -> int:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -251,11 +250,10 @@ def parse(argv: Sequence[str]) -> FilterConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from siren import cli
     from siren.data.filter_select import run_select
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.getLogger("siren").setLevel(logging.INFO)  # our status lines, not matplotlib's font subsetting
-    cfg = parse(sys.argv[1:] if argv is None else argv)
+    cfg = parse(cli.start(argv))
     if not cfg.out:
         raise ConfigError("out=<output directory> is required")
     t0 = time.perf_counter()
@@ -279,4 +277,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from siren import cli
+
+    cli.run(main, FilterConfig, __doc__)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +75,9 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = load_config(SegmentConfig, sys.argv[1:] if argv is None else argv)
+    from siren import cli
+
+    cfg = load_config(SegmentConfig, cli.start(argv))
     if not cfg.manifest or not cfg.out:
         raise ConfigError("manifest=<raw recordings .csv/.jsonl> and out=<segment directory> are required")
     dest, n_new, skipped = segment(cfg.manifest, cfg.out, cfg.duration_s)
@@ -86,4 +87,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from siren import cli
+
+    cli.run(main, SegmentConfig, __doc__)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -94,8 +93,9 @@ class CheckConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(CheckConfig, sys.argv[1:] if argv is None else argv)
+    from siren import cli
+
+    cfg = load_config(CheckConfig, cli.start(argv))
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as work:
         codec = CODEC_FILE if cfg.codec == "auto" and CODEC_FILE.is_file() else (
@@ -106,4 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from siren import cli
+
+    cli.run(main, CheckConfig, __doc__)

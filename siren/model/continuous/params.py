@@ -8,12 +8,9 @@ The latent projection is a fitted buffer, not a parameter.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from siren.config import load_config
-from siren.errors import ConfigError
 from siren.model.continuous.config import PAPER_SIZES, ContinuousConfig, presets
 from siren.model.continuous.model import ContinuousLM
 
@@ -49,13 +46,13 @@ def table(cfg: ContinuousConfig, args: list[str] = ()) -> str:
 
 
 def main(argv: list[str] | None = None):
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = load_config(ContinuousConfig, args, presets())
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    print(table(cfg, args))
+    from siren import cli
+
+    args = cli.start(argv)
+    print(table(load_config(ContinuousConfig, args, presets()), args))
 
 
 if __name__ == "__main__":
-    main()
+    from siren import cli
+
+    cli.run(main, ContinuousConfig, __doc__)

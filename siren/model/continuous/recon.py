@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from siren.codec import CodecConfig
 from siren.config import load_config
-from siren.errors import ConfigError
 from siren.model.continuous.latent import LATENT_DIM, LatentProjection, dac_latent, decode_latent, rvq_latent
 
 log = logging.getLogger(__name__)
@@ -88,14 +86,11 @@ class LatentCLIConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from siren import cli
     from siren.codec import Codec
     from siren.data.demo import CLASSES, clip
 
-    try:
-        cfg = load_config(LatentCLIConfig, sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(LatentCLIConfig, cli.start(argv))
     codec = Codec(cfg.codec)
     dims = [int(d) for d in cfg.dims.split(",")]
     train = [torch.from_numpy(clip(c, "train", k)[0]) for c in range(len(CLASSES)) for k in range(2)]
@@ -113,4 +108,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from siren import cli
+
+    cli.run(main, LatentCLIConfig, __doc__)
