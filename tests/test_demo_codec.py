@@ -7,7 +7,7 @@ import torch
 
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, N_LAYERS, Codec, CodecConfig, load_dac
 from siren.demo_assets import codec as recipe
-from siren.errors import CheckpointError
+from siren.errors import CheckpointError, ConfigError
 from siren.io import sha256_file
 from tests.fixtures_model import codec as random_codec
 
@@ -194,3 +194,33 @@ def test_demo_codec_reconstructs_better_than_random_and_better_with_depth(demo_c
     assert r1 > r4 > r12, f"reconstruction does not improve with r: mel L1 {r1:.3f}, {r4:.3f}, {r12:.3f}"
     cos = cosine_matrix(pooled_features(demo_codec, codes_all))  # Fig. 2a: layers' features near-orthogonal
     assert np.abs(cos[:, ~np.eye(N_LAYERS, dtype=bool)]).mean() < 0.3
+
+
+def test_recipe_refuses_negative_steps_and_rates():
+    with pytest.raises(ConfigError, match="ft_steps must be >= 0, got -1"):
+        recipe.CodecRecipe(ft_steps=-1)
+    with pytest.raises(ConfigError, match="ae_lr must be > 0"):
+        recipe.CodecRecipe(ae_lr=0.0)
+
+
+def test_train_command_routes_each_part_its_keys_and_checks_both_before_training(monkeypatch):
+    """`python -m siren.demo_assets train codec.K=V backbones.K=V`: every key reaches its builder (none is
+    dropped), the backbones train on the codec just built, and a bad key of either part stops it at once."""
+    from siren.demo_assets import __main__ as train_all
+    from siren.demo_assets import backbones
+
+    calls = []
+    monkeypatch.setattr(recipe, "run", lambda cfg: calls.append(("codec", cfg)))
+    monkeypatch.setattr(backbones, "main", lambda argv: calls.append(("backbones", argv)) or 0)
+    assert train_all.main(["train", "codec.out=/tmp/c.pth", "codec.ft_steps=5", "backbones.panns_steps=1"]) == 0
+    (part, cfg), backbone_call = calls
+    assert part == "codec" and cfg.out == "/tmp/c.pth" and cfg.ft_steps == 5 and cfg.ae_steps == 2400
+    assert backbone_call == ("backbones", ["codec=/tmp/c.pth", "panns_steps=1"])
+    calls.clear()
+    for args, words in ((["ft_steps=5"], "codec.KEY=VALUE or backbones.KEY=VALUE"),
+                        (["codec.ft_steps=-1"], "codec.* keys: ft_steps must be >= 0"),
+                        (["codec.ft_steps=5", "backbones.nope=1"], "backbones.* keys: unknown config key 'nope'"),
+                        ([], None)):
+        with pytest.raises(ConfigError, match=words):
+            train_all.main(["rebuild", *args] if words is None else ["train", *args])
+    assert calls == []  # nothing was built

@@ -1,18 +1,48 @@
 """python -m siren.demo_assets train: rebuild every demo weights file from the embedded set, in order
-(the codec first: the metric backbones also train on audio resynthesised by it, when it exists)."""
+(the codec first: the metric backbones then train on audio resynthesised by the codec just built).
+
+    python -m siren.demo_assets train
+    python -m siren.demo_assets train codec.ft_steps=4000 backbones.panns_steps=500
+
+Keys go to one part each, ``codec.KEY=VALUE`` (``python -m siren.demo_assets.codec --help`` lists
+them) or ``backbones.KEY=VALUE`` (``python -m siren.demo_assets.backbones --help``). Both sets are
+checked before anything trains, so a typo does not surface only after the codec's hour."""
 from siren import cli
+from siren.config import load_config
 from siren.errors import ConfigError
+
+PARTS = ("codec", "backbones")
+USAGE = ("usage: python -m siren.demo_assets train [codec.KEY=VALUE ...] [backbones.KEY=VALUE ...] "
+         "(keys: python -m siren.demo_assets.codec --help, python -m siren.demo_assets.backbones --help)")
+
+
+def split_keys(args: list[str]) -> dict[str, list[str]]:
+    """``codec.x=1 backbones.y=2`` -> {"codec": ["x=1"], "backbones": ["y=2"]}; a key without a part is refused."""
+    keys = {part: [] for part in PARTS}
+    for arg in args:
+        part, dot, rest = arg.partition(".")
+        if part not in keys or not dot or "=" not in rest:
+            raise ConfigError(f"'{arg}': give each key with the part it belongs to, codec.KEY=VALUE or "
+                              f"backbones.KEY=VALUE\n{USAGE}")
+        keys[part].append(rest)
+    return keys
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] != ["train"]:
-        raise ConfigError("usage: python -m siren.demo_assets train [key=value ...] (keys of "
-                          "siren.demo_assets.codec and siren.demo_assets.backbones)")
+        raise ConfigError(USAGE)
     from siren.demo_assets import backbones, codec
 
-    codec.main([])
-    return backbones.main([])
-
+    keys = split_keys(argv[1:])
+    cfgs = {}
+    for part, schema in (("codec", codec.CodecRecipe), ("backbones", backbones.BuildConfig)):
+        try:
+            cfgs[part] = load_config(schema, keys[part])
+        except ConfigError as e:
+            raise ConfigError(f"{part}.* keys: {e}") from None
+    codec.run(cfgs["codec"])
+    # the backbones train on the codec just built (its out=), unless backbones.codec= says otherwise
+    return backbones.main([f"codec={cfgs['codec'].out}", *keys["backbones"]])
 
 if __name__ == "__main__":
     cli.run(main, None, __doc__)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from torch import nn
 from tqdm import tqdm
 
 from eval.audio import make_clip
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 from siren.data.demo import CLASSES
 from siren.demo_assets import store
 from siren.demo_assets.data import Split, demo_data
@@ -246,6 +245,8 @@ class BuildConfig:
     n_test: int = 6
 
     def __post_init__(self):
+        check_numbers(self, positive=("threads", "n_train", "n_test"),
+                      nonneg=("panns_steps", "vggish_steps", "clap_steps"))
         bad = set(self.only.split(",")) - {"panns", "vggish", "clap"}
         if bad:
             raise ConfigError(f"only={self.only}: unknown part(s) {sorted(bad)}; choose from panns,vggish,clap")
@@ -301,4 +302,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from siren import cli
+
+    cli.run(main, BuildConfig, __doc__)

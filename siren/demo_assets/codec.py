@@ -45,8 +45,11 @@ it, stage 3 about 70), over the hour issue #11 asked for; fewer ft_steps trade q
 Session machines of the same 2-core kind differ in speed: on a later one (AMD EPYC, family 25
 model 1, no AVX-512; torch's CPU capability AVX2), a short run of this command (ae_steps=200
 ft_steps=300 decay_steps=100, idle machine, 2026-12-02) measured 1.13 s per stage-1 step and
-0.47-0.49 s per stage-3/4 step, half the rates above: the defaults would take about 45 + 125 + 16
-min there, over 3 hours.
+0.47-0.49 s per stage-3/4 step at one thread, half the rates above: the defaults would take about
+45 + 125 + 16 min there, over 3 hours. Alone on that machine, two threads are faster: the same short
+run with threads=2 (the default since) measured 0.63-0.80 s per stage-1 step and 0.30 s per stage-3/4
+step, so about 26-32 + 80 + 10 min (about 2 hours, with the backbones' 7 min). One thread stays the
+right choice when another job shares the two cores (as when the committed stages 3-4 ran).
 
 What changed the decoder's outcome, each measured on the 90 test clips against the 90 test references
 with the demo backbones of the former codec (FD ratio = FD(oracle) / FD(chance)):
@@ -81,7 +84,7 @@ import torch
 import torch.nn.functional as F
 
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, HOP, N_LAYERS, SAMPLE_RATE
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 from siren.errors import ConfigError, DataError
 from siren.io import atomic_path
 from siren.runtime import check_device, derive_seed, resolve_device
@@ -114,19 +117,18 @@ class CodecRecipe:
     decay_steps: int = 2000  # stage 4: lr from ft_lr linearly to 0 (0: no stage 4)
     init: str = ""  # a DAC file whose stages 1..init_stage to keep; the later stages run on it
     init_stage: int = 2  # 2: its encoder and quantizers (stages 3-4 run); 3: its decoder too (stage 4 runs)
-    threads: int = 1  # 1 thread: several times faster than 2 on a shared 2-core machine (as tests/conftest.py)
+    # 2 on an idle 2-core machine: 1.4-1.8x faster per step than 1 (docstring); give 1 when another job
+    # shares the cores, where 2 threads run several times slower (as tests/conftest.py)
+    threads: int = 2
     fp16: bool = True
     device: str = "cpu"  # cpu | cuda | cuda:N | auto: the same recipe on a GPU (the file is stored from the CPU)
 
     def __post_init__(self):
-        for k in ("n_train", "batch", "threads", "kmeans_iters"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{k}={getattr(self, k)}: must be >= 1")
+        check_numbers(self, positive=("n_train", "batch", "threads", "kmeans_iters", "ae_lr", "ft_lr"),
+                      nonneg=("ae_steps", "ft_steps", "decay_steps"))
         if self.init_stage not in (2, 3):
             raise ConfigError(f"init_stage={self.init_stage}: 2 (keep init's encoder and quantizers) "
                               "or 3 (its decoder too)")
-        if self.decay_steps < 0:
-            raise ConfigError(f"decay_steps={self.decay_steps}: must be >= 0")
         if self.init and self.init_stage == 3 and not self.decay_steps:
             raise ConfigError("init_stage=3 keeps every stage the file has and decay_steps=0 skips stage 4: "
                               "nothing would train; give decay_steps > 0")
@@ -418,10 +420,15 @@ def load_init(path: Path, stage: int):
                    "init_from": meta.get("init_from", meta.get("stages_1_2_from"))}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     from siren import cli
 
-    cfg = load_config(CodecRecipe, cli.start(argv))
+    run(load_config(CodecRecipe, cli.start(argv)))
+    return 0
+
+
+def run(cfg: CodecRecipe) -> dict:
+    """``build`` with its report logged; the file's path and size printed."""
     report = build(cfg)
     for s in report.get("quantizers", []):
         log.info("layer %2d: %4d codes used, residual energy left %.3f", s["layer"], s["codes_used"],
@@ -434,4 +441,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from siren import cli
+
+    cli.run(main, CodecRecipe, __doc__)
