@@ -6,7 +6,7 @@
 
 Keys go to one part each, ``codec.KEY=VALUE`` (``python -m siren.demo_assets.codec --help`` lists
 them) or ``backbones.KEY=VALUE`` (``python -m siren.demo_assets.backbones --help``). Both sets are
-checked before anything trains, so a typo does not surface only after the codec's hour."""
+checked before anything trains, so a typo does not surface only after the codec's build (hours on a CPU)."""
 from siren import cli
 from siren.config import load_config
 from siren.errors import ConfigError
@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
     codec.run(cfgs["codec"])
     # the backbones train on the codec just built (its out=), unless backbones.codec= says otherwise
     return backbones.main([f"codec={cfgs['codec'].out}", *keys["backbones"]])
+
 
 if __name__ == "__main__":
     cli.run(main, None, __doc__)
