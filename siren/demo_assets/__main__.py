@@ -11,14 +11,13 @@ from siren import cli
 from siren.config import load_config
 from siren.errors import ConfigError
 
-PARTS = ("codec", "backbones")
 USAGE = ("usage: python -m siren.demo_assets train [codec.KEY=VALUE ...] [backbones.KEY=VALUE ...] "
          "(keys: python -m siren.demo_assets.codec --help, python -m siren.demo_assets.backbones --help)")
 
 
-def split_keys(args: list[str]) -> dict[str, list[str]]:
+def split_keys(args: list[str], parts) -> dict[str, list[str]]:
     """``codec.x=1 backbones.y=2`` -> {"codec": ["x=1"], "backbones": ["y=2"]}; a key without a part is refused."""
-    keys = {part: [] for part in PARTS}
+    keys = {part: [] for part in parts}
     for arg in args:
         part, dot, rest = arg.partition(".")
         if part not in keys or not dot or "=" not in rest:
@@ -33,9 +32,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError(USAGE)
     from siren.demo_assets import backbones, codec
 
-    keys = split_keys(argv[1:])
+    schemas = {"codec": codec.CodecRecipe, "backbones": backbones.BuildConfig}
+    keys = split_keys(argv[1:], schemas)
     cfgs = {}
-    for part, schema in (("codec", codec.CodecRecipe), ("backbones", backbones.BuildConfig)):
+    for part, schema in schemas.items():
         try:
             cfgs[part] = load_config(schema, keys[part])
         except ConfigError as e:
