@@ -149,7 +149,7 @@ def run(cfg: OrthogonalityConfig) -> list:
     written += style.save_figure(plot_pairs(cos, note), folder, "fig8_pairs")
     written += style.save_figure(plot_matrix(mean, note), folder, "matrix")
     off = np.abs(cos[:, ~np.eye(J, dtype=bool)])
-    print(f"{len(cos)} samples ({cfg.pool}-pooled {cfg.features} features, {codec.weights_label} codec): "
+    print(f"{len(cos)} samples ({cfg.pool}-pooled {cfg.features} features, {prepared.codec_words(codec)}): "
           f"mean |cos| between different layers {off.mean():.3f}; mean cos by interval "
           + ", ".join(f"{k}:{groups[k].mean():+.3f}" for k in sorted(groups)))
     return written

@@ -145,6 +145,7 @@ def run(cfg: RvqDepthConfig) -> list:
                              columns=["r", "metric", "value"]))
     note = prepared.weights_note(codec)
     written += style.save_figure(plot(rows, sorted(gen), cfg.gen_metric, note), folder, "fig1b_rvq_depth")
+    print(f"reconstruction from the first r layers of {len(items.codes)} clips; {prepared.codec_words(codec)}")
     for row in rows:
         print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  "
               f"SI-SNR {row['si_snr_db']:6.2f} dB")

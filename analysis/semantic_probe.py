@@ -107,6 +107,8 @@ def run(cfg: SemanticProbeConfig) -> list:
     n_classes = len(set(y[tr]))
     layers = list(range(1, feats.shape[1] + 1))
     acc, points = {}, {}
+    print(f"probe trained on {int(tr.sum())} clips, tested on {int(te.sum())}, {n_classes} classes "
+          f"(chance {100 / n_classes:.1f}%); {prepared.codec_words(codec)}")
     for j in layers:
         acc[j] = probe_accuracy(feats[tr, j - 1], y[tr], feats[te, j - 1], y[te], cfg.hidden, cfg.max_iter, cfg.seed)
         points[j] = tsne(feats[te, j - 1], cfg.tsne_perplexity, cfg.seed)

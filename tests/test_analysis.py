@@ -304,7 +304,8 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     assert len(m) == 144 and np.allclose(m.query("j1 == j2")["mean"], 1.0)
     pairs = pd.read_csv(out / "cosines.csv")
     assert len(pairs) == 45 * 66 and set(pairs["weights"]) == {"random"}  # 30 train + 15 test clips
-    assert f"wrote {len(written)} files to {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wrote {len(written)} files to {out}" in printed and "random weights)" in printed
     written = orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
                                  [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
     assert len(pd.read_csv(out / "cosines.csv")) == 15 * 20 * 66  # 15 clips x 20 frames
@@ -312,7 +313,7 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
         orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
 
 
-def test_semantic_probe_command(demo, tmp_path, figure_texts):
+def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "probe"
     written = semantic_probe.main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
                                   [f"data={demo}", f"out={out}", "max_iter=50", "hidden=16"])
@@ -322,6 +323,8 @@ def test_semantic_probe_command(demo, tmp_path, figure_texts):
     assert set(acc["n_classes"]) == {15} and set(acc["n_test"]) == {15}
     assert "random codec weights" in figure_texts["fig9_tsne"] and "layer 12:" in figure_texts["fig9_tsne"]
     assert len(pd.read_csv(out / "tsne.csv")) == 12 * 15
+    printed = capsys.readouterr().out
+    assert "tested on 15, 15 classes (chance 6.7%); codec dac16k-random-seed0, random weights" in printed
 
 
 def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
@@ -333,7 +336,8 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     assert rec["r"].tolist() == [1, 12] and np.isfinite(rec[["lsd_db", "mel_l1", "si_snr_db"]]).all().all()
     assert "generation quality: no results given" in figure_texts["fig1b_rvq_depth"]
     assert "random codec weights" in figure_texts["fig1b_rvq_depth"]
-    assert "no results given" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no results given" in printed and "of 2 clips; codec dac16k-random-seed0, random weights" in printed
 
 
 def test_gradient_angles_command(demo, tmp_path, figure_texts):
