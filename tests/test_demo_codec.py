@@ -88,12 +88,15 @@ def test_recipe_end_to_end_tiny(tmp_path):
     codes = codec.encode(torch.randn(3200) * 0.1)
     assert codes.shape == (1, N_LAYERS, 10) and codec.decode(codes).shape == (1, 3200)
 
-    # init=: stages 3-4 alone keep the file's encoder and quantizers and record where they came from
-    again = tmp_path / "stage3.pth"
-    recipe.build(recipe.CodecRecipe(**{**cfg.__dict__, "out": str(again), "init": str(out)}))
-    before, after = (torch.load(f, weights_only=True) for f in (out, again))
-    changed = {k.split(".")[0] for k, v in after["state_dict"].items() if not torch.equal(v, before["state_dict"][k])}
-    assert changed == {"decoder"}
+    # init=: stages 3-4 alone keep the file's encoder and quantizers and record where they came from; with
+    # the same recipe they give the same bits (a build from scratch runs them on its stored stage-2 file)
+    for ft_steps, moved in ((2, set()), (3, {"decoder"})):
+        again = tmp_path / "stage3.pth"
+        recipe.build(recipe.CodecRecipe(**{**cfg.__dict__, "out": str(again), "init": str(out), "ft_steps": ft_steps}))
+        before, after = (torch.load(f, weights_only=True) for f in (out, again))
+        changed = {k.split(".")[0] for k, v in after["state_dict"].items()
+                   if not torch.equal(v, before["state_dict"][k])}
+        assert changed == moved
     assert after["metadata"]["init_from"]["sha256"] == sha256_file(out)
     assert after["metadata"]["init_from"]["stages_kept"] == [1, 2]
     assert after["metadata"]["init_from"]["recipe"]["ae_steps"] == 2
@@ -116,6 +119,63 @@ def test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3(tmp_path):
     assert all(torch.equal(s4[k], s34[k]) for k in s34)
     chain = torch.load(paths["s4"], weights_only=True)["metadata"]["init_from"]
     assert chain["stages_kept"] == [1, 2, 3] and chain["init_from"]["sha256"] == sha256_file(paths["s12"])
+
+
+def test_a_stopped_build_resumes_to_the_same_bits(tmp_path, monkeypatch, caplog):
+    """Stopped in stage 1, then in stage 3, then in stage 4 (as Ctrl-C or a preemption would), the same
+    command resumes each time from the last checkpoint or stage file and ends with the bits of a run that
+    was never stopped; the work folder is gone once the file is written."""
+    from siren.demo_assets.resume import work_dir
+
+    base = dict(data=str(tmp_path / "src"), n_train=1, n_test=1, segment_s=0.1, batch=2, ae_steps=4, ft_steps=4,
+                decay_steps=4, kmeans_iters=1, threads=1, checkpoint_every=2)
+    recipe.build(recipe.CodecRecipe(**base, out=str(tmp_path / "straight.pth")))
+    out = tmp_path / "stopped.pth"
+    update = recipe._update
+
+    def stop_at(n):  # the n-th optimiser step of this run raises, as a signal arriving mid-step would
+        calls = iter(range(1, 10**6))
+        monkeypatch.setattr(recipe, "_update", lambda *a: update(*a) if next(calls) < n else
+                            (_ for _ in ()).throw(KeyboardInterrupt))
+
+    work = work_dir(out)
+    caplog.set_level("INFO")
+    # stage 1 step 3; then (resumed at step 2) stage 3 step 3; then stage 4 step 3
+    for n, left in ((3, {"stage1.ckpt"}), (5, {"stage1.ckpt", "stage2.pth", "stage3.ckpt"}),
+                    (5, {"stage1.ckpt", "stage2.pth", "stage3.ckpt", "stage3.pth", "stage4.ckpt"})):
+        stop_at(n)
+        with pytest.raises(KeyboardInterrupt):
+            recipe.build(recipe.CodecRecipe(**base, out=str(out)))
+        assert {f.name for f in work.iterdir()} == left and not out.exists()
+    monkeypatch.setattr(recipe, "_update", update)
+    recipe.build(recipe.CodecRecipe(**base, out=str(out)))
+    assert all(f"stage {k}: resumed at step 2" in caplog.text for k in (1, 3, 4))
+    assert "stage 2: kept" in caplog.text and "stage 3: kept" in caplog.text
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pth", "stopped.pth"))
+    assert a["metadata"] == b["metadata"] and a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert not work.exists()
+
+
+def test_another_recipes_stage_file_or_checkpoint_is_redone_not_used(tmp_path, caplog):
+    from siren.demo_assets.resume import Checkpoint, finished, stage_key
+
+    cfg = recipe.CodecRecipe(ae_steps=4)
+    path = recipe.save(_tiny_dac(), tmp_path / "stage2.pth", cfg, True, build_key=stage_key(cfg, 2))
+    assert finished(path, stage_key(cfg, 2))
+    other = stage_key(recipe.CodecRecipe(ae_steps=5), 2)
+    with caplog.at_level("WARNING"):
+        assert not finished(path, other)
+    assert "stage2.pth was written by another recipe" in caplog.text and "'ae_steps': 5" in caplog.text
+    model = _tiny_dac()
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator()
+    Checkpoint(tmp_path / "s1.ckpt", stage_key(cfg, 1), 2).save(2, model, opt, sched, gen, [1.0, 0.5])
+    assert Checkpoint(tmp_path / "s1.ckpt", stage_key(cfg, 1), 2).restore(model, opt, sched, gen) == (2, [1.0, 0.5])
+    assert Checkpoint(tmp_path / "s1.ckpt", stage_key(recipe.CodecRecipe(ae_steps=5), 1), 2).restore(
+        model, opt, sched, gen) == (0, [])
+    assert "another recipe's checkpoint" in caplog.text
 
 
 def test_stage_3_refuses_an_init_file_with_other_encoder_widths(tmp_path):

@@ -24,6 +24,11 @@ real codec's properties in four stages instead:
     python -m siren.demo_assets.codec init=old.pth init_stage=3   # stage 4 alone, on old.pth's decoder too
     python -m siren.demo_assets.codec out=/tmp/c.pth ae_steps=10 ft_steps=10 decay_steps=10
 
+Stopped part way, the same command resumes: finished stages and a checkpoint every ``checkpoint_every``
+steps are kept in ``<out>.build/`` until the file is written, and a resumed build ends with the same
+bits as one never stopped (resume.py). Stages 3 and 4 always start from a stored file (the work
+folder's stage-2 and stage-3 files, or ``init=``), as the committed file's did.
+
 The file is DAC's own layout (``state_dict`` + ``metadata.kwargs``, 6.7 MiB) and loads with
 ``CodecConfig(weights="demo")``. Tensors are stored in fp16: perturbing a build's weights by half
 an fp16 ulp changed the decoder's mel L1 by 1e-4 and kept 93-99.7% of the codes (deeper layers,
@@ -74,6 +79,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -86,8 +92,10 @@ import torch.nn.functional as F
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, HOP, N_LAYERS, SAMPLE_RATE
 from siren.config import check_numbers, load_config
 from siren.errors import ConfigError, DataError
-from siren.io import atomic_path
+from siren.io import atomic_path, sha256_file
 from siren.runtime import check_device, derive_seed, resolve_device
+
+from .resume import Checkpoint, finished, run_steps, stage_key, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +129,12 @@ class CodecRecipe:
     # shares the cores, where 2 threads run several times slower (as tests/conftest.py)
     threads: int = 2
     fp16: bool = True
+    checkpoint_every: int = 500  # steps between a stage's checkpoints (a stopped build resumes: resume.py)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto: the same recipe on a GPU (the file is stored from the CPU)
 
     def __post_init__(self):
-        check_numbers(self, positive=("n_train", "batch", "threads", "kmeans_iters", "ae_lr", "ft_lr"),
+        check_numbers(self, positive=("n_train", "batch", "threads", "kmeans_iters", "ae_lr", "ft_lr",
+                                          "checkpoint_every"),
                       nonneg=("ae_steps", "ft_steps", "decay_steps"))
         if self.init_stage not in (2, 3):
             raise ConfigError(f"init_stage={self.init_stage}: 2 (keep init's encoder and quantizers) "
@@ -205,20 +215,20 @@ def _update(opt, sched, params: list, loss: torch.Tensor) -> float:
     return loss.item()
 
 
-def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: torch.Generator) -> list[float]:
+def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: torch.Generator,
+                      ckpt: Checkpoint) -> list[float]:
     """Stage 1: encoder and decoder, quantizer bypassed. Returns the loss per step."""
-    from tqdm import tqdm
-
     loss_fn, n = SpectralLoss().to(clips[0].device), int(cfg.segment_s * SAMPLE_RATE)
     params = [*model.encoder.parameters(), *model.decoder.parameters()]
     opt = torch.optim.AdamW(params, cfg.ae_lr, betas=(0.8, 0.99))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_steps))
     model.train()
-    losses = []
-    for _ in tqdm(range(cfg.ae_steps), desc="codec 1/4 autoencoder", unit="step"):
+
+    def step() -> float:
         x = crops(clips, cfg.batch, n, gen)
-        losses.append(_update(opt, sched, params, loss_fn(model.decoder(model.encoder(x)), x)))
-    return losses
+        return _update(opt, sched, params, loss_fn(model.decoder(model.encoder(x)), x))
+
+    return run_steps(step, cfg.ae_steps, ckpt, model, opt, sched, gen, "codec 1/4 autoencoder")
 
 
 @torch.no_grad()
@@ -297,13 +307,11 @@ def fresh_decoder(model):
 
 
 def train_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tensor], cfg: CodecRecipe,
-                  gen: torch.Generator, anneal: bool = False) -> list[float]:
+                  gen: torch.Generator, ckpt: Checkpoint, anneal: bool = False) -> list[float]:
     """Stage 3 (``cfg.ft_steps`` at constant lr) or 4 (``anneal``: ``cfg.decay_steps``, lr falling
     linearly to 0): the decoder learns to decode sum_{j<=r} f-hat^j (Eq. 1 cut at r): frame-aligned
     crops of the frozen encoder's latents, quantized by DAC's RVQ in training mode (quantizer
     dropout: a random r for the first half of the batch, r = 12 for the rest); mel + STFT loss."""
-    from tqdm import tqdm
-
     loss_fn, frames = SpectralLoss().to(clips[0].device), int(cfg.segment_s * SAMPLE_RATE) // HOP
     params = list(model.decoder.parameters())
     for p in params:
@@ -313,9 +321,8 @@ def train_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tensor],
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps if anneal else 1.0)
     model.quantizer.train()  # DAC draws the dropout r with the global generator, seeded in build()
     model.decoder.train()
-    losses = []
-    desc = "codec 4/4 decoder, lr annealed" if anneal else "codec 3/4 decoder on codes"
-    for _ in tqdm(range(steps), desc=desc, unit="step"):
+
+    def step() -> float:
         zs, xs = [], []
         for i in torch.randint(len(clips), (cfg.batch,), generator=gen).tolist():
             t = int(torch.randint(max(1, latents[i].shape[1] - frames + 1), (1,), generator=gen))
@@ -326,7 +333,10 @@ def train_decoder(model, clips: list[torch.Tensor], latents: list[torch.Tensor],
         with torch.no_grad():
             z_q, *_ = model.quantizer(torch.stack(zs))
         loss = loss_fn(model.decoder(z_q), torch.stack(xs)[:, None], waveform=False)
-        losses.append(_update(opt, sched, params, loss))
+        return _update(opt, sched, params, loss)
+
+    desc = "codec 4/4 decoder, lr annealed" if anneal else "codec 3/4 decoder on codes"
+    losses = run_steps(step, steps, ckpt, model, opt, sched, gen, desc)
     model.eval()
     return losses
 
@@ -336,15 +346,18 @@ def _stored(state: dict, fp16: bool) -> dict:
     return {k: (v.half() if fp16 and v.is_floating_point() else v).cpu().clone() for k, v in state.items()}
 
 
-def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = None) -> Path:
+def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = None,
+         build_key: dict | None = None) -> Path:
     """DAC's file layout (``state_dict`` + ``metadata.kwargs``); ``demo`` marks it for the loader's label;
-    ``init`` records the file the kept stages came from."""
+    ``init`` records the file the kept stages came from; ``build_key`` marks a stage file of the work folder."""
     state = _stored(model.state_dict(), fp16)
-    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "device", "init")}
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "device", "init", "checkpoint_every")}
     meta = {"kwargs": DEMO_KWARGS, "demo": True, "label": DEMO_LABEL, "recipe": recipe,
             "trained_on": f"siren.data.demo train split, {cfg.n_train} clips per class, seed {cfg.seed}"}
     if init:
         meta["init_from"] = init
+    if build_key:
+        meta["build_key"] = build_key
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         torch.save({"state_dict": state, "metadata": meta}, tmp)
@@ -353,50 +366,67 @@ def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = No
 
 def build(cfg: CodecRecipe) -> dict:
     """All four stages from ``cfg.seed`` (or the stages after ``cfg.init_stage`` on ``cfg.init``);
-    writes ``cfg.out``. Returns timings and per-stage numbers."""
+    writes ``cfg.out``. Returns timings and per-stage numbers.
+
+    Stages 3 and 4 always start from a stored file, the stage-2 and stage-3 files of the work folder
+    (or ``init=``), as the committed codec's did: so one run from scratch, a run stopped and resumed,
+    and the committed file's chain of runs (docstring) run the same code on the same bits."""
     import dac
 
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    out, t0, cpu0 = Path(cfg.out), time.perf_counter(), time.process_time()
+    work = work_dir(out)
     with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(cfg.seed)
         clips = [c.to(device) for c in train_clips(cfg, Path(cfg.data or tmp))]
     times, report = {}, {"n_clips": len(clips), "seconds_audio": sum(len(c) for c in clips) / SAMPLE_RATE}
-    ae, ft, decay, provenance = [], [], [], {}
-    if cfg.init:
-        model, provenance = load_init(Path(cfg.init), cfg.init_stage)
-        model = model.to(device).requires_grad_(False)
-        latents = encode_latents(model, clips)
-    else:
+    ae, ft, decay = [], [], []
+    start = Path(cfg.init) if cfg.init else work / "stage2.pth"
+    if not cfg.init and not finished(start, stage_key(cfg, 2)):
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
         model = dac.DAC(**DEMO_KWARGS).to(device)
         t = time.perf_counter()
-        ae = train_autoencoder(model, clips, cfg, gen)
+        ae = train_autoencoder(model, clips, cfg, gen, Checkpoint(work / "stage1.ckpt", stage_key(cfg, 1),
+                                                                  cfg.checkpoint_every))
         times["autoencoder"] = time.perf_counter() - t
         t = time.perf_counter()
-        latents = encode_latents(model, clips)  # the encoder is frozen from here on: stages 2-4 share them
-        report["quantizers"] = fit_quantizers(model, latents, cfg, gen)
+        report["quantizers"] = fit_quantizers(model, encode_latents(model, clips), cfg, gen)
+        save(model, start, cfg, cfg.fp16, build_key=stage_key(cfg, 2))
         times["quantizers"] = time.perf_counter() - t
-    if not cfg.init or cfg.init_stage < 3:
+    if not cfg.init or cfg.init_stage == 2:
+        stage3, key = work / "stage3.pth", stage_key(cfg, 3, sha256_file(start))
+        if not (cfg.decay_steps and finished(stage3, key)):
+            t = time.perf_counter()
+            torch.manual_seed(cfg.seed)  # seeds the fresh decoder's init and DAC's quantizer dropout
+            gen = torch.Generator().manual_seed(cfg.seed)
+            model = fresh_decoder(_from_file(start, 2, device)).to(device)
+            ft = train_decoder(model, clips, encode_latents(model, clips), cfg, gen,
+                               Checkpoint(work / "stage3.ckpt", key, cfg.checkpoint_every))
+            times["decoder"] = time.perf_counter() - t
+            if cfg.decay_steps:
+                save(model, stage3, cfg, cfg.fp16, build_key=key)
+        start = stage3
+    if cfg.decay_steps:  # stage 4, on the decoder as the file stores it, with its own seed
         t = time.perf_counter()
-        model = fresh_decoder(model).to(device)
-        ft = train_decoder(model, clips, latents, cfg, gen)
-        times["decoder"] = time.perf_counter() - t
-    if cfg.decay_steps:
-        # from the decoder as the file stores it, with its own seed: the same run as on a stored file
-        t = time.perf_counter()
-        model.decoder.load_state_dict({k: v.to(device) for k, v in _stored(model.decoder.state_dict(),
-                                                                            cfg.fp16).items()})
         torch.manual_seed(derive_seed(cfg.seed, 4))
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 4))
-        decay = train_decoder(model, clips, latents, cfg, gen, anneal=True)
+        model = _from_file(start, 3, device)
+        ckpt = Checkpoint(work / "stage4.ckpt", stage_key(cfg, 4, sha256_file(start)), cfg.checkpoint_every)
+        decay = train_decoder(model, clips, encode_latents(model, clips), cfg, gen, ckpt, anneal=True)
         times["decoder_annealed"] = time.perf_counter() - t
-    save(model, Path(cfg.out), cfg, cfg.fp16, provenance)
+    save(model, out, cfg, cfg.fp16, load_init(Path(cfg.init), cfg.init_stage)[1] if cfg.init else None)
+    shutil.rmtree(work, ignore_errors=True)
     times["total"], times["cpu"] = time.perf_counter() - t0, time.process_time() - cpu0
     tail = lambda xs: float(np.mean(xs[-20:])) if xs else None  # noqa: E731
     report.update(times_s=times, ae_loss_end=tail(ae), ft_loss_end=tail(ft), decay_loss_end=tail(decay), out=cfg.out)
     return report
+
+
+def _from_file(path: Path, stage: int, device):
+    """A stored file's DAC, its stages 1..``stage`` kept and frozen."""
+    return load_init(path, stage)[0].to(device).requires_grad_(False)
 
 
 def load_init(path: Path, stage: int):

@@ -1,0 +1,94 @@
+"""Resuming the demo codec's build. ``python -m siren.demo_assets train`` runs for one to two hours on
+a 2-core CPU; stopped part way (Ctrl-C, preemption, a crash), the same command restarts from the last
+finished stage and, inside a stage, from its last checkpoint, and ends with the same bits as a run
+that was never stopped (``tests/test_demo_codec.py``).
+
+Everything lives in one work folder beside the output file (``<out>.build/``), removed when the file
+is written. A stage file or checkpoint is used only when its key (the stage, the recipe keys that
+shape it, the sha256 of the file it started from) equals this run's; another recipe's is replaced,
+with a warning naming it."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from siren.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+# the recipe keys each stage's result depends on (stages 3 and 4 are also keyed by their start file)
+STAGE_KEYS = {
+    1: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr"),
+    2: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "kmeans_iters", "fp16"),
+    3: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_steps", "ft_lr", "fp16"),
+    4: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_lr", "decay_steps", "fp16"),
+}
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.build"
+
+
+def stage_key(cfg, stage: int, start_sha256: str | None = None) -> dict:
+    return {"stage": stage, "recipe": {k: getattr(cfg, k) for k in STAGE_KEYS[stage]}, "from": start_sha256}
+
+
+def finished(path: Path, key: dict) -> bool:
+    """Whether ``path`` is a stage file this run would write (its metadata's ``build_key``)."""
+    if not path.is_file():
+        return False
+    found = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {}).get("build_key")
+    if found == key:
+        log.info("stage %d: kept %s, written by an earlier run of this recipe", key["stage"], path)
+        return True
+    log.warning("stage %d: %s was written by another recipe or start file (%s, this run %s); redoing the stage",
+                key["stage"], path, found, key)
+    return False
+
+
+@dataclass
+class Checkpoint:
+    """A stage's training state every ``every`` steps: weights, optimiser, schedule, both generators
+    (the crops' and torch's global one, from which DAC draws the quantizer dropout) and the losses."""
+    path: Path
+    key: dict
+    every: int
+
+    def restore(self, model, opt, sched, gen: torch.Generator) -> tuple[int, list[float]]:
+        if not self.path.is_file():
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("key") != self.key:
+            log.warning("%s is another recipe's checkpoint (%s, this run %s); the stage starts afresh",
+                        self.path, state.get("key"), self.key)
+            return 0, []
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+        log.info("stage %d: resumed at step %d from %s", self.key["stage"], state["step"], self.path)
+        return state["step"], state["losses"]
+
+    def save(self, step: int, model, opt, sched, gen: torch.Generator, losses: list[float]) -> None:
+        state = {"key": self.key, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                 "sched": sched.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(), "losses": losses}
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+
+
+def run_steps(step: Callable[[], float], steps: int, ckpt: Checkpoint, model, opt, sched, gen: torch.Generator,
+              desc: str) -> list[float]:
+    """``steps`` calls of ``step`` (one optimiser step, returning its loss), resumed from ``ckpt`` and
+    checkpointed to it every ``ckpt.every`` steps; returns the loss of every step."""
+    start, losses = ckpt.restore(model, opt, sched, gen)
+    for s in tqdm(range(start, steps), desc=desc, unit="step", initial=start, total=steps):
+        losses.append(step())
+        if (s + 1) % ckpt.every == 0 and s + 1 < steps:
+            ckpt.save(s + 1, model, opt, sched, gen, losses)
+    return losses
