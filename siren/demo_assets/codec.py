@@ -99,6 +99,7 @@ from siren.io import atomic_path, sha256_file
 from siren.runtime import check_device, derive_seed, resolve_device
 
 from .resume import Checkpoint, finished, run_steps, stage_key, work_dir
+from .spectral_loss import SpectralLoss
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ log = logging.getLogger(__name__)
 DEMO_KWARGS = dict(encoder_dim=16, encoder_rates=[2, 4, 5, 8], latent_dim=1024, decoder_dim=128,
                    decoder_rates=[8, 5, 4, 2], n_codebooks=N_LAYERS, codebook_size=CODEBOOK_SIZE,
                    codebook_dim=CODEBOOK_DIM, quantizer_dropout=0.5, sample_rate=SAMPLE_RATE)
-MEL_SCALES = ((256, 32), (1024, 64), (2048, 128))  # (window, mel bands) of the multi-scale mel loss
-STFT_WINDOWS = (256, 512, 1024, 2048)  # the decoder's multi-resolution STFT loss (hop = window / 4)
 
 
 @dataclass
@@ -170,42 +169,6 @@ def crops(clips: list[torch.Tensor], batch: int, n: int, gen: torch.Generator) -
         s = int(torch.randint(max(1, len(x) - n + 1), (1,), generator=gen))
         out.append(F.pad(x[s:s + n], (0, max(0, n - len(x)))))
     return torch.stack(out)[:, None]
-
-
-class SpectralLoss(torch.nn.Module):
-    """Multi-scale mel L1 on log10 magnitudes (DAC's reconstruction loss, fewer scales), plus waveform
-    L1 for the autoencoder (stage 1) or a multi-resolution STFT loss for the decoder on codes (stage 3)."""
-
-    def __init__(self):
-        super().__init__()
-        from torchaudio.transforms import MelSpectrogram
-
-        self.mels = torch.nn.ModuleList(MelSpectrogram(SAMPLE_RATE, n_fft=w, hop_length=w // 4, n_mels=m, power=1.0)
-                                        for w, m in MEL_SCALES)
-
-    def mel_l1(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return sum((m(y).clamp_min(1e-5).log10() - m(x).clamp_min(1e-5).log10()).abs().mean()
-                   for m in self.mels) / len(self.mels)
-
-    @staticmethod
-    def stft(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Spectral convergence + log-magnitude L1 on linear-frequency STFTs (Parallel WaveGAN's
-        multi-resolution loss): the linear-magnitude term weighs a missing loud partial, which the
-        mel L1 averages with every quiet band."""
-        total = 0
-        for w in STFT_WINDOWS:
-            win = torch.hann_window(w, device=y.device)
-            Y, X = (torch.stft(s[:, 0], w, w // 4, window=win, return_complex=True).abs() for s in (y, x))
-            sc = (Y - X).norm() / X.norm().clamp_min(1e-5)
-            total = total + sc + ((Y + 1e-5).log10() - (X + 1e-5).log10()).abs().mean()
-        return total / len(STFT_WINDOWS)
-
-    def forward(self, y: torch.Tensor, x: torch.Tensor, waveform: bool = True) -> torch.Tensor:
-        n = min(y.shape[-1], x.shape[-1])  # DAC's transposed convs come out a few samples short
-        y, x = y[..., :n], x[..., :n]
-        if waveform:
-            return self.mel_l1(y, x) + (y - x).abs().mean()
-        return self.mel_l1(y, x) + self.stft(y, x)
 
 
 def _update(opt, sched, params: list, loss: torch.Tensor) -> float:
@@ -419,7 +382,7 @@ def build(cfg: CodecRecipe) -> dict:
         ckpt = Checkpoint(work / "stage4.ckpt", stage_key(cfg, 4, sha256_file(start)), cfg.checkpoint_every)
         decay = train_decoder(model, clips, encode_latents(model, clips), cfg, gen, ckpt, anneal=True)
         times["decoder_annealed"] = time.perf_counter() - t
-    save(model, out, cfg, cfg.fp16, load_init(Path(cfg.init), cfg.init_stage)[1] if cfg.init else None)
+    save(model, out, cfg, cfg.fp16, init_record(Path(cfg.init), cfg.init_stage) if cfg.init else None)
     shutil.rmtree(work, ignore_errors=True)
     times["total"], times["cpu"] = time.perf_counter() - t0, time.process_time() - cpu0
     tail = lambda xs: float(np.mean(xs[-20:])) if xs else None  # noqa: E731
@@ -436,7 +399,6 @@ def load_init(path: Path, stage: int):
     """``init=``: a demo-width DAC file whose stages 1..``stage`` are kept -> (model, what the new file
     records about it: its sha256, the stages kept, the recipe that built it and where its own came from)."""
     from siren.codec import load_dac
-    from siren.io import sha256_file
 
     if not path.is_file():
         raise ConfigError(f"init={path}: no such file (give a DAC file built by this recipe, or leave init empty)")
@@ -447,10 +409,15 @@ def load_init(path: Path, stage: int):
     if theirs != mine:
         raise ConfigError(f"init={path}: encoder/latent widths {theirs} are not the demo codec's {mine}; "
                           "the later stages keep the encoder, so build from scratch (init empty)")
+    return model, init_record(path, stage)
+
+
+def init_record(path: Path, stage: int) -> dict:
+    """What a file built on ``path`` records about it (``metadata.init_from``)."""
     meta = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {})
     # files built before stage 4 existed name their init "stages_1_2_from"
-    return model, {"sha256": sha256_file(path), "stages_kept": list(range(1, stage + 1)), "recipe": meta.get("recipe"),
-                   "init_from": meta.get("init_from", meta.get("stages_1_2_from"))}
+    return {"sha256": sha256_file(path), "stages_kept": list(range(1, stage + 1)), "recipe": meta.get("recipe"),
+            "init_from": meta.get("init_from", meta.get("stages_1_2_from"))}
 
 
 def main(argv: list[str] | None = None) -> int:
