@@ -338,6 +338,26 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     assert "random codec weights" in figure_texts["fig1b_rvq_depth"]
     printed = capsys.readouterr().out
     assert "no results given" in printed and "of 2 clips; codec dac16k-random-seed0, random weights" in printed
+    change = pd.read_csv(out / "depth_change.csv").set_index("metric")
+    assert set(change.index) == {"lsd_db", "mel_l1", "si_snr_db"} and (change["n_clips"] == 2).all()
+    per = pd.read_csv(out / "per_clip.csv").pivot(index="id", columns="r", values="mel_l1")
+    assert change.loc["mel_l1", "mean_change"] == pytest.approx((per[12] - per[1]).mean())
+    assert "r=1 -> r=12: mel_l1" in printed
+
+
+def test_depth_change_is_paired_per_clip():
+    # clip a improves a lot, b a little, c gets worse: the change is per clip, not of the means
+    rows = [dict(id=i, r=r, lsd_db=v, mel_l1=v, si_snr_db=-v)
+            for i, (v1, v12) in dict(a=(1.0, 0.4), b=(0.5, 0.45), c=(0.2, 0.35)).items()
+            for r, v in ((1, v1), (12, v12))]
+    by = {c["metric"]: c for c in rvq_depth.depth_change(rows, 1, 12)}
+    d = np.array([-0.6, -0.05, 0.15])
+    assert by["mel_l1"]["mean_change"] == pytest.approx(d.mean())
+    assert by["mel_l1"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert by["mel_l1"]["clips_better"] == 2 and by["si_snr_db"]["clips_better"] == 2  # higher SI-SNR is better
+    assert by["si_snr_db"]["mean_change"] == pytest.approx(-d.mean())
+    one = rvq_depth.depth_change(rows[:2], 1, 12)[0]
+    assert one["n_clips"] == 1 and np.isnan(one["se"])
 
 
 def test_gradient_angles_command(demo, tmp_path, figure_texts):
