@@ -12,8 +12,8 @@ source file through the same preprocessing). Three measures per clip, averaged o
 Whether depth helps is read per clip: the change of each measure from the smallest to the largest r,
 its mean with the standard error over clips, and how many clips got better (``depth_change.csv``).
 By default every clip of the split is decoded whole (the 90 demo test clips take about a minute on
-2 CPU cores): on 4 clips of 1 s, the former default, one codec's mean rose with r while it fell
-on the 90.
+2 CPU cores): on 4 clips of 1 s, the former default, the rebuilt seed-0 demo codecs' mean rose with r
+while it fell on the 90 (README, Known gaps).
 
 Generation quality at depth r comes from runs trained with r layers, when given:
 ``gen_runs=[a,b] gen_r=[4,12]`` reads each run's eval ``results.json`` (metric ``gen_metric``,
@@ -102,8 +102,9 @@ def depth_change(per_clip: list[dict], r_from: int, r_to: int) -> list[dict]:
     (sample std / sqrt n; NaN for one clip) and the number of clips that got better."""
     out = []
     for m, lower in LOWER_IS_BETTER.items():
-        at = {r: {p["id"]: p[m] for p in per_clip if p["r"] == r} for r in (r_from, r_to)}
-        d = np.array([at[r_to][i] - at[r_from][i] for i in at[r_from]])
+        # rows come clip by clip, one per r: the values at one r are in clip order (ids may repeat)
+        at = {r: np.array([p[m] for p in per_clip if p["r"] == r]) for r in (r_from, r_to)}
+        d = at[r_to] - at[r_from]
         se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
         better = int((d < 0).sum() if lower else (d > 0).sum())
         out.append(dict(metric=m, r_from=r_from, r_to=r_to, mean_change=float(d.mean()), se=se,
