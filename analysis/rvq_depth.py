@@ -94,7 +94,7 @@ def si_snr(ref: torch.Tensor, est: torch.Tensor, eps: float = 1e-12) -> float:
     return float(10 * torch.log10(target.pow(2).sum() / ((est - target).pow(2).sum() + eps) + eps))
 
 
-LOWER_IS_BETTER = {"lsd_db": True, "mel_l1": True, "si_snr_db": False}
+LOWER_IS_BETTER = {"lsd_db": True, "mel_l1": True, "si_snr_db": False}  # the measures, by column name
 
 
 def depth_change(per_clip: list[dict], r_from: int, r_to: int) -> list[dict]:
@@ -157,7 +157,7 @@ def run(cfg: RvqDepthConfig) -> list:
                                  mel_l1=mel_l1(ref, est), si_snr_db=si_snr(ref, est)))
     prov = dict(codec=codec.id, weights=codec.weights_label, n_clips=len(items.codes))
     rows = [dict(r=r, **{m: float(np.mean([p[m] for p in per_clip if p["r"] == r]))
-                         for m in ("lsd_db", "mel_l1", "si_snr_db")}, **prov) for r in depths]
+                         for m in LOWER_IS_BETTER}, **prov) for r in depths]
     gen, missing = [], []
     for run_dir, r in zip(runs, rs):
         v = read_metric(run_dir, cfg.gen_metric)

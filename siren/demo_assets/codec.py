@@ -55,9 +55,9 @@ ft_steps=300 decay_steps=100, idle machine, 2026-12-02) measured 1.13 s per stag
 run with threads=2 (the default since) measured 0.63-0.80 s per stage-1 step and 0.30 s per stage-3/4
 step, so about 26-32 + 80 + 10 min (about 2 hours, with the backbones' 7 min). One thread stays the
 right choice when another job shares the two cores (as when the committed stages 3-4 ran). Measured
-end to end on a faster machine of that kind (family 26 model 2, AVX-512), the whole recipe took 3111 s
-(683 + 41 + 2119 + 265 s) and ``python -m siren.demo_assets train`` 55 min 34 s; that codec's
-reconstruction improved less with depth than the committed one's (README, Known gaps).
+end to end on a faster machine of that kind (family 26 model 2, AVX-512), idle, the whole recipe took
+2845 s (547 + 35 + 2015 + 246 s) and ``python -m siren.demo_assets train`` 51 min 2 s; the rebuilt
+codecs' reconstruction improves with depth half as much as the committed one's (README, Known gaps).
 
 What changed the decoder's outcome, each measured on the 90 test clips against the 90 test references
 with the demo backbones of the former codec (FD ratio = FD(oracle) / FD(chance)):
