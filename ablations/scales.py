@@ -55,6 +55,9 @@ _PAPER_SIZES = ("single-530m", "single-1.6b", "single-3.3b", "isolated-1.6b", "i
 # is depth 12/K, so the 1.6B single model is 12 blocks and a 6-2 expert 2 blocks, and the other
 # sizes keep the paper's ratios to these (530M ~ 1/3, 3.3B ~ 2x, the 3.1B isolated ~ 2x).
 _DEMO_SIZES = {"single-530m": 4, "single-1.6b": 12, "single-3.3b": 24, "isolated-1.6b": 2, "isolated-3.1b": 4}
+# The tiny preset's dropout (0, as the authors' tiny.json), spelled out so it is part of every demo cell's
+# identity: before 2026-12-02 `arch=official` overrode it with 0.1, and those runs must not be reused.
+_DEMO_EXPERT = {"model.scale": "tiny", "model.dropout": 0.0}
 
 
 # paper/003's continuous LM (model.family=continuous): Base 193M / Large 462M; demo: the tiny preset
@@ -68,12 +71,12 @@ def model_keys(scale: str, size: str, distribution: str) -> dict[str, Any]:
     if size == "total-1.6b":
         if scale == "paper":
             return {"model.scale": _TOTAL_16B[distribution]}
-        return {"model.scale": "tiny", "model.main_layers": 12 // int(distribution.split("-")[0])}
+        return {**_DEMO_EXPERT, "model.main_layers": 12 // int(distribution.split("-")[0])}
     if size not in _PAPER_SIZES:
         raise ConfigError(f"unknown model.size '{size}'; known: total-1.6b, {', '.join(_PAPER_SIZES)}")
     if scale == "paper":
         return {"model.scale": size}
-    return {"model.scale": "tiny", "model.main_layers": _DEMO_SIZES[size]}
+    return {**_DEMO_EXPERT, "model.main_layers": _DEMO_SIZES[size]}
 
 
 def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = ()) -> dict[str, Any]:

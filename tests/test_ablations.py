@@ -82,6 +82,19 @@ def test_continuous_grid_shares_the_baselines_and_sizes_its_presets(scale):
     assert continuous_config(labels["Continuous LM, Base"].cfg).token_dim == (8 if scale == "demo" else 64)
 
 
+@pytest.mark.parametrize("scale,dropout", [("demo", 0.0), ("paper", 0.1)])
+def test_experts_train_with_their_sizes_dropout(scale, dropout):
+    """The authors' tiny.json has dropout 0.0, their 1.6B/3.1B configs 0.1. The grids pass `scale=tiny arch=official`:
+    the architecture must not override the size's dropout (it did, until 2026-12-02)."""
+    from ablations.steps import stage1_args
+    from siren.train import parse as stage1_parse
+
+    for name in PAPER_GRIDS:
+        for cell in _cells(name, scale):
+            if cell.cfg.get("model.family", "discrete") == "discrete":
+                assert stage1_parse(stage1_args(cell.cfg)).model.dropout == dropout, (name, cell.id)
+
+
 def test_overrides_change_identity_and_rows_select():
     base = {c.id for c in _cells("table6", "demo")}
     assert len(base) == 5 and len({c.id for c in _cells("table6", "paper")} & base) == 0
