@@ -269,6 +269,15 @@ def test_paper_presets_within_3_percent(name):
     assert abs(ours - size) / size < 0.03, (name, ours, size)
 
 
+@pytest.mark.parametrize("scale,dropout", [("tiny", 0.0), ("small", 0.0), ("isolated-1.6b", 0.1)])
+def test_arch_official_keeps_the_sizes_dropout(scale, dropout):
+    """The authors keep dropout in each size's config (tiny.json 0.0, siren_1_6b.json 0.1): `arch=official` given
+    before or after `scale=` leaves it; `arch=legacy` (this harness's first reading) has none."""
+    for args in ([f"scale={scale}", "arch=official"], ["arch=official", f"scale={scale}"]):
+        assert load_config(ModelConfig, args, presets()).dropout == dropout, args
+    assert load_config(ModelConfig, [f"scale={scale}", "arch=legacy"], presets()).dropout == 0.0
+
+
 def test_isolated_presets_match_table2_rows():
     """Table 2 columns: per-expert embedding 12.5M, main 231M / 396M, decoder 25M / 103M, heads 12.6M in all."""
     for name, main, dec in (("isolated-1.6b", 231e6, 25e6), ("isolated-3.1b", 396e6, 103e6)):
