@@ -57,7 +57,9 @@ step, so about 26-32 + 80 + 10 min (about 2 hours, with the backbones' 7 min). O
 right choice when another job shares the two cores (as when the committed stages 3-4 ran). Measured
 end to end on a faster machine of that kind (family 26 model 2, AVX-512), idle, the whole recipe took
 2845 s (547 + 35 + 2015 + 246 s) and ``python -m siren.demo_assets train`` 51 min 2 s; the rebuilt
-codecs' reconstruction improves with depth half as much as the committed one's (README, Known gaps).
+codecs' reconstruction improves with depth half as much as the committed one's, and stages 3-4 rerun on that
+CPU on the committed encoder and quantizers gain as much as it does: stages 1-2 make the difference (README,
+Known gaps).
 
 What changed the decoder's outcome, each measured on the 90 test clips against the 90 test references
 with the demo backbones of the former codec (FD ratio = FD(oracle) / FD(chance)):
