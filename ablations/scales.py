@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from siren.config import ConfigError
 from siren.data.demo import N_TEST, N_TRAIN
+from siren.model.config import SCALES as MODEL_PRESETS
 
 # Defaults every cell resolves with, so a row that spells a default out (Table 5's "Accumu. AR")
 # hashes like a row that leaves it implicit (Table 3's "Base Single"): the same run.
@@ -58,7 +59,7 @@ _PAPER_SIZES = ("single-530m", "single-1.6b", "single-3.3b", "isolated-1.6b", "i
 _DEMO_SIZES = {"single-530m": 4, "single-1.6b": 12, "single-3.3b": 24, "isolated-1.6b": 2, "isolated-3.1b": 4}
 # The tiny preset's dropout (0, as the authors' tiny.json), spelled out so it is part of every demo cell's
 # identity: before 2026-12-02 `arch=official` overrode it with 0.1, and those runs must not be reused.
-_DEMO_EXPERT = {"model.scale": "tiny", "model.dropout": 0.0}
+_DEMO_EXPERT = {"model.scale": "tiny", "model.dropout": MODEL_PRESETS["tiny"]["dropout"]}
 
 
 # paper/003's continuous LM (model.family=continuous): Base 193M / Large 462M; demo: the tiny preset
