@@ -14,12 +14,15 @@ from siren.model.config import ModelConfig, presets
 from siren.model.continuous import ContinuousConfig
 from siren.model.continuous import presets as continuous_presets
 from siren.model.expert import LOSS_REDUCTIONS
-from siren.runtime import check_device, check_precision
+from siren.runtime import SCHEDULES, check_device, check_precision
 
-# Train-config keys that may change when a run resumes (bookkeeping only: they cannot
-# change the loss curve). Every other difference is an error.
 PAPER_GEN_FRAMES = 500  # the paper generates 10 s clips (50 frames/s)
 FAMILIES = ("discrete", "continuous")  # Siren's RVQ experts | paper/003's continuous-token LM
+# Keys added after runs were saved without them, with the value those runs used: a checkpoint
+# saved before 2026-12-02 trained with the cosine schedule and resumes as such.
+TRAIN_KEYS_ADDED = {"schedule": "cosine", "decay_frac": 0.2}
+# Train-config keys that may change when a run resumes (bookkeeping only: they cannot
+# change the loss curve). Every other difference is an error.
 RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
 
 
@@ -32,8 +35,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     weight_decay: float = 0.1  # on matrices only (siren.runtime.param_groups)
-    warmup_steps: int = 2000  # linear warmup, then cosine decay to min_lr at `steps`
+    warmup_steps: int = 2000  # linear warmup, then the schedule's decay to min_lr at `steps`
     min_lr: float = 3e-5
+    # cosine: decay over all steps after warmup | wsd: warmup-stable-decay, lr held until the last
+    # decay_frac of the steps, then linear to min_lr (for short runs: the cosine lowers the rate early)
+    schedule: str = "cosine"
+    decay_frac: float = 0.2  # wsd only
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     seed: int = 0
     log_every: int = 50
@@ -49,6 +56,10 @@ class TrainConfig:
     loss_reduction: str = "mean"  # over the expert's layers: mean (official code) | sum (Eq. 6 as written)
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        if not 0 < self.decay_frac <= 1:
+            raise ConfigError(f"train.decay_frac must be in (0, 1], got {self.decay_frac}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ConfigError(f"train.loss_reduction must be mean or sum, got '{self.loss_reduction}'")
         check_precision(self.precision, "train.precision")
