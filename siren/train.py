@@ -7,7 +7,8 @@ loop of Algorithm 1 is the launcher's job array). The single ``1-12`` model is e
 K = 1. Loss: Eq. 6 as computed by ``Expert`` (frame-masked CE averaged over the owned layers as
 the official code, or summed as Eq. 6 writes it: ``train.loss_reduction``).
 Optimiser and data follow appendix B: AdamW at 3e-4, 24 clips per GPU, random 6 s crops of
-the 10 s clips; warmup + cosine decay and clipping are ours (the paper does not say).
+the 10 s clips; warmup + cosine decay (or warmup-stable-decay, ``train.schedule=wsd``, the demo
+scale's) and clipping are ours (the paper does not say).
 
 Preemption (siren.runtime): SIGUSR2 / SIGTERM checkpoint at the next step boundary and the
 command exits with ``EXIT_PREEMPTED`` (75); restarting the same command resumes from

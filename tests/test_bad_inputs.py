@@ -298,7 +298,9 @@ def test_the_grid_cli_goes_through_the_launcher_lock(tmp_path):
 
 @pytest.mark.parametrize("arg, key", [("train.lr=nan", "train.lr"), ("train.lr=-1", "train.lr"),
                                       ("train.grad_clip=-1", "train.grad_clip"), ("train.crop_s=-3", "train.crop_s"),
-                                      ("train.device=tpu", "train.device"), ("train.min_lr=inf", "train.min_lr")])
+                                      ("train.device=tpu", "train.device"), ("train.min_lr=inf", "train.min_lr"),
+                                      ("train.schedule=linear", "train.schedule"),
+                                      ("train.decay_frac=0", "train.decay_frac")])
 def test_bad_train_values_fail_when_parsed(arg, key):
     from siren.errors import ConfigError
     from siren.train import parse

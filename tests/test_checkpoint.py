@@ -112,6 +112,25 @@ def test_resume_with_other_model_config_names_keys(trained, tmp_path):
     assert result.status == "finished"
 
 
+def test_checkpoint_saved_before_the_schedule_key_resumes_as_cosine(trained, tmp_path):
+    """Runs saved before train.schedule existed trained with the cosine: they resume under it, to the
+    same weights as the uninterrupted run, and are refused under wsd, naming the key."""
+    run = fresh_copy(trained, tmp_path)
+    edir = run / "expert_0"
+    shutil.rmtree(edir / "step_00000008")
+    (edir / "latest").write_text("step_00000004\n")
+    state_file = edir / "step_00000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["train"]["schedule"], state["train"]["decay_frac"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"train.schedule='cosine'.*train.schedule='wsd'"):
+        train(tiny_config(run, "model.distribution=6-2", "train.schedule=wsd"), synthetic_data(), handle_signals=False)
+    result = train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
+    assert result.status == "finished" and result.step == 8
+    want, got = ckpt.load_latest(trained / "expert_0").model_state(), ckpt.load_latest(edir).model_state()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_second_expert_with_other_model_rejected_by_run_config(trained, tmp_path):
     run = fresh_copy(trained, tmp_path)
     with pytest.raises(CheckpointError, match=r"config.json.*model.dim=32.*model.dim=48"):

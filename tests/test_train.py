@@ -76,6 +76,17 @@ def test_schedule_matches_closed_form():
         1e-4 + 0.45e-3 * (1 + math.cos(math.pi * 0.1)))
 
 
+def test_wsd_schedule_holds_then_decays_linearly():
+    c = TrainConfig(steps=300, warmup_steps=20, lr=3e-3, min_lr=3e-4, schedule="wsd", decay_frac=0.2)
+    assert [lr_at(s, c) for s in (0, 19)] == pytest.approx([3e-3 / 20, 3e-3], rel=1e-12)  # warmup as the cosine's
+    assert all(lr_at(s, c) == 3e-3 for s in range(20, 241))  # held until the last 60 steps
+    for s in (250, 270, 299):  # then linear from lr (step 240) to min_lr (step 300)
+        assert lr_at(s, c) == pytest.approx(3e-3 - 2.7e-3 * (s - 240) / 60, rel=1e-12)
+    # a decay longer than the steps after warmup starts where warmup ends
+    short = TrainConfig(steps=10, warmup_steps=5, lr=1e-3, min_lr=0.0, schedule="wsd", decay_frac=0.9)
+    assert lr_at(5, short) == 1e-3 and lr_at(9, short) == pytest.approx(2e-4, rel=1e-12)
+
+
 def test_epoch_batches_partition_and_skip():
     n, B = 11, 2
     full = list(EpochBatches(n, B, seed=3, epoch=1))
