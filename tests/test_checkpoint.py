@@ -30,6 +30,14 @@ def fresh_copy(trained, tmp_path):
     return tmp_path / "run"
 
 
+def copy_at_step_4(trained, tmp_path):
+    """A fresh copy whose expert 0 resumes from its step-4 checkpoint; returns the run dir."""
+    run = fresh_copy(trained, tmp_path)
+    shutil.rmtree(run / "expert_0" / "step_00000008")
+    (run / "expert_0" / "latest").write_text("step_00000004\n")
+    return run
+
+
 def test_layout_and_round_trip_bit_identical(trained, tmp_path):
     from siren.model import Expert
 
@@ -115,10 +123,8 @@ def test_resume_with_other_model_config_names_keys(trained, tmp_path):
 def test_checkpoint_saved_before_the_schedule_key_resumes_as_cosine(trained, tmp_path):
     """Runs saved before train.schedule existed trained with the cosine: they resume under it, to the
     same weights as the uninterrupted run, and are refused under wsd, naming the key."""
-    run = fresh_copy(trained, tmp_path)
+    run = copy_at_step_4(trained, tmp_path)
     edir = run / "expert_0"
-    shutil.rmtree(edir / "step_00000008")
-    (edir / "latest").write_text("step_00000004\n")
     state_file = edir / "step_00000004" / "state.json"
     state = json.loads(state_file.read_text())
     del state["train"]["schedule"], state["train"]["decay_frac"]
@@ -141,9 +147,7 @@ def test_second_expert_with_other_model_rejected_by_run_config(trained, tmp_path
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "trainer.safetensors", "state.json"])
 def test_corrupt_or_missing_file_is_named(trained, tmp_path, victim):
-    run = fresh_copy(trained, tmp_path)
-    shutil.rmtree(run / "expert_0" / "step_00000008")
-    (run / "expert_0" / "latest").write_text("step_00000004\n")  # resume from the step-4 checkpoint
+    run = copy_at_step_4(trained, tmp_path)
     path = run / "expert_0" / "step_00000004" / victim
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated (node died mid-copy)
     with pytest.raises(CheckpointError, match=f"corrupt checkpoint file {path}"):
