@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from analysis import prepared, style
 from analysis.cli import main, out_dir, write_csv
+from analysis.logs import weights_phrase
 from siren.data import PreparedDataset
 from siren.runtime import resolve_device
 
@@ -196,7 +197,7 @@ def run(cfg: GradientAnglesConfig) -> list:
     mean = np.mean(mats, 0)
     info = PreparedDataset(data, cfg.split, crop_s=None).info
     weights = {"codec": info["codec"]["weights"], "text": info["text"]["weights"]}
-    note = "; ".join(f"random {k} weights" for k, v in weights.items() if v != "pretrained")
+    note = "; ".join(p for k, v in weights.items() if (p := weights_phrase(k, v)))
     prov = dict(model=what, param=name, codec_weights=weights["codec"], text_weights=weights["text"])
     written = [write_csv(folder / "angles.csv", [dict(**r, **prov) for r in rows]),
                write_csv(folder / "matrix.csv", [dict(head_a=i + 1, head_b=j + 1, mean_angle_deg=float(mean[i, j]))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from analysis import (
+    caption_reliance,
     convergence,
     gradient_angles,
     orthogonality,
@@ -23,6 +24,7 @@ from analysis import (
 )
 from analysis.cli import as_list
 from analysis.logs import read_jsonl, read_metric, weights_note
+from siren.errors import DataError
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
 
 
@@ -421,6 +423,59 @@ def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
 
     a, b = (load_file(str(run_6_2 / f"expert_{k}" / "init.safetensors")) for k in (0, 5))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_other_clip_lends_each_caption_once_and_never_within_a_label():
+    labels = ["a", "b", "c", "a", "b", "c", "c"]
+    partner = caption_reliance.other_clip(labels)
+    assert sorted(partner) == list(range(7))
+    assert all(labels[i] != labels[partner[i]] for i in range(7))
+    unlabelled = caption_reliance.other_clip([None] * 5)
+    assert sorted(unlabelled) == list(range(5)) and all(unlabelled[i] != i for i in range(5))
+    with pytest.raises(DataError, match=r"label\(s\) \['a'\] hold more than half of the 4 clips"):
+        caption_reliance.other_clip(["a", "b", "a", "a"], "test.json")
+
+
+def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys):
+    import shutil
+
+    import siren
+    from siren.data import PreparedDataset
+    from siren.data.dataset import collate
+
+    out = tmp_path / "cr"
+    written = caption_reliance.main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
+                                    [f"run={run_6_2}", f"data={demo}", f"out={out}", "batch_size=4", "device=cpu"])
+    check_outputs(written, ["caption_reliance"])
+    assert "random codec weights; random text weights" in figure_texts["caption_reliance"]
+    assert "6-2, accumulated, 2 backbone blocks per expert" in capsys.readouterr().out
+    rows = pd.read_csv(out / "reliance.csv")
+    assert rows["layer"].tolist() == list(range(1, 13)) and set(rows["clips"]) == {15}
+    # own-caption CE: the experts' Eq. 6 CE over one batch of the whole split (the probe batches by 4)
+    model, ds = siren.load(run_6_2), PreparedDataset(demo, "test", crop_s=None)
+    batch = collate([{**ds[i], "codes": ds.codes(i)[:, : ds.items[i]["real_frames"]]} for i in range(len(ds))])
+    with torch.no_grad():
+        ce = torch.cat([loss.ce for loss in model.loss(batch)])
+    np.testing.assert_allclose(rows["ce_own"], ce.numpy(), rtol=1e-5)
+    assert rows["gap"].abs().min() > 0  # the trained model's cross-attention reads the text states
+    # a model whose text paths are cut scores 0 at every layer: only the caption is swapped
+    for expert in model.experts:
+        for block in expert.backbone.blocks:
+            torch.nn.init.zeros_(block.cross_attn.out.weight)
+        torch.nn.init.zeros_(expert.decoder.text_start.weight)
+    other = caption_reliance.other_clip(ds.labels)
+    own = caption_reliance.layer_ce(model, ds, list(range(len(ds))), 0, 4, torch.device("cpu"))
+    np.testing.assert_array_equal(caption_reliance.layer_ce(model, ds, other, 0, 4, torch.device("cpu")), own)
+    # a run trained with another text encoder than the one that made the directory's text states
+    alien = tmp_path / "alien"
+    shutil.copytree(run_6_2, alien)
+    cfg = json.loads((alien / "config.json").read_text())
+    cfg["text"]["id"] = "t5-other"
+    (alien / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit, match=r"test.json: text .* made this split, but .*alien was trained with text "
+                                         r"t5-other; pass data= the prepared directory the run trained on"):
+        caption_reliance.main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
+                              [f"run={alien}", f"data={demo}", f"out={out}"])
 
 
 def test_reward_curves_command(tmp_path, figure_texts):

@@ -1,0 +1,168 @@
+"""How much a trained stage-1 model takes from its caption: per-layer CE with the clip's own
+caption vs with another clip's.
+
+Not a figure of the paper. It answers the question a reversed ranking raises (at demo scale
+Table 6 ranks 1-12 best in FD and CLAP, the paper 6-2): on held-out clips, teacher-forced,
+CE of layer j (Eq. 6 term, frame-weighted over the split) is computed twice, with the text
+states of the clip's own caption and with those of a caption from another clip (another
+class where the manifest has labels). Their difference, in nats, is what the caption tells
+the model about layer j; a model that ignores the text scores 0. A model can model the codes'
+time course well (low own-caption CE) and still take little from the caption, and then its
+samples match their captions (CLAP score) poorly.
+
+Another clip's caption: the split sorted by (label, position), each clip paired with the one
+half the split further on; a label on more than half the clips cannot be paired off and is an
+error. Frames: the first ``seconds`` of every clip, by default the run's training crop (the
+positions its model trained on).
+
+    python -m analysis.caption_reliance data=outputs/demo/data/<id> run=outputs/demo/stage1/<a>,outputs/demo/stage1/<b>
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis import style
+from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.logs import weights_note
+from siren.checkpoint import expert_dir, load_latest, read_run_config
+from siren.codec import FRAME_RATE, N_LAYERS
+from siren.data import PreparedDataset
+from siren.data.cache import index_path
+from siren.data.dataset import collate
+from siren.errors import DataError
+from siren.model.params import expert_params
+from siren.runtime import resolve_device
+
+
+@dataclass
+class CaptionRelianceConfig:
+    run: str = ""  # stage-1 run directories, comma-separated (each a discrete-token model)
+    data: str = ""  # the prepared directory the runs trained on (codes + text states of the same encoders)
+    split: str = "test"
+    seconds: float = 0.0  # first seconds of every clip; 0 = each run's train.crop_s (whole clips if that is 0)
+    batch_size: int = 16
+    device: str = "auto"
+    out: str = ""
+
+
+def other_clip(labels: list[str | None], where: str = "") -> list[int]:
+    """For clip i, the index of the clip whose caption replaces its own: the split sorted by
+    (label, position), each clip paired with the one half the split further on (a permutation
+    without fixed points; with labels, never a clip of the same label)."""
+    n = len(labels)
+    if n < 2:
+        raise DataError(f"{where}: {n} clip(s); another clip's caption needs at least 2")
+    order = sorted(range(n), key=lambda i: (labels[i] or "", i))
+    partner = [0] * n
+    for r, i in enumerate(order):
+        partner[i] = order[(r + n // 2) % n]
+    same = sorted({labels[i] for i in range(n) if labels[i] and labels[i] == labels[partner[i]]})
+    if same:
+        raise DataError(f"{where}: label(s) {same} hold more than half of the {n} clips, so some clip would be "
+                        f"given a caption of its own class; probe a split with more classes")
+    return partner
+
+
+@torch.no_grad()
+def layer_ce(model, ds: PreparedDataset, text_of: list[int], frames: int, batch_size: int,
+             device: torch.device) -> np.ndarray:
+    """[12] CE of each RVQ layer over the first ``frames`` frames of every clip (0 = all), clip i
+    read with the text states of clip ``text_of[i]``; frame-weighted over the split as Eq. 6's
+    frame-masked mean over one batch of all of them."""
+    total, n_frames = torch.zeros(N_LAYERS, dtype=torch.float64), 0
+    for b in range(0, len(ds), batch_size):
+        items = []
+        for i in range(b, min(len(ds), b + batch_size)):
+            codes = ds.codes(i)[:, : ds.items[i]["real_frames"]]
+            text = ds.text(text_of[i])
+            items.append({"codes": codes[:, :frames] if frames else codes, "text": text["states"],
+                          "text_mask": text["mask"], "id": ds.items[i]["id"],
+                          "caption": ds.items[text_of[i]]["caption"]})
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(items).items()}
+        losses = model.loss(batch)
+        f = losses[0].frames
+        total += torch.cat([loss.ce for loss in losses]).double().cpu() * f
+        n_frames += f
+    return (total / n_frames).numpy()
+
+
+def check_data(run_dir: str, ds: PreparedDataset, where: Path) -> None:
+    """The run's codec and text encoder must be the ones that made the directory's codes and text states."""
+    saved = read_run_config(run_dir)
+    if saved["model"].get("family") == "continuous":
+        raise DataError(f"{run_dir}: a continuous-token model; this probe reads discrete-token (RVQ code) runs")
+    for key in ("codec", "text"):
+        if saved[key]["id"] != ds.info[key]["id"]:
+            raise DataError(f"{where}: {key} {ds.info[key]['id']} made this split, but {run_dir} was trained with "
+                            f"{key} {saved[key]['id']}; pass data= the prepared directory the run trained on")
+
+
+def train_frames(run_dir: str) -> int:
+    """The run's training crop in frames (0 = whole clips), from its first expert's latest checkpoint."""
+    last = load_latest(expert_dir(run_dir, 0))
+    return round(float(last.state["train"]["crop_s"]) * FRAME_RATE) if last is not None else 0
+
+
+def model_words(model) -> str:
+    cfg = model.cfg
+    blocks = f"{cfg.main_layers} backbone block{'s' if cfg.main_layers != 1 else ''}"
+    return (f"{cfg.distribution}, {cfg.conditioning}, {blocks} per expert, "
+            f"{expert_params(model.experts[0]).total / 1e6:.1f}M parameters per expert")
+
+
+def plot(rows: list[dict], note: str):
+    fig, ax = style.figure(style.COLUMN, 0.75)
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    colors = style.layer_colors(max(2, len(runs)))
+    for c, run in zip(colors, runs):
+        mine = [r for r in rows if r["run"] == run]
+        ax.plot([r["layer"] for r in mine], [r["gap"] for r in mine], marker="o", ms=2.5, color=c,
+                label=mine[0]["distribution"])
+    ax.axhline(0.0, color="0.4", lw=0.6, ls="--")
+    ax.set_xticks(range(1, N_LAYERS + 1))
+    ax.set_xlabel("RVQ layer")
+    ax.set_ylabel("CE(other caption) - CE(own) (nats)")
+    ax.legend()
+    style.note(fig, note)
+    return fig
+
+
+def run(cfg: CaptionRelianceConfig) -> list:
+    import siren
+
+    runs = as_list(cfg.run)
+    if not runs or not cfg.data:
+        raise SystemExit("error: run=<stage-1 run dir>[,<run dir>...] and data=<the prepared directory they trained "
+                         "on> are required")
+    folder = out_dir(cfg.out, "caption_reliance")
+    device = resolve_device(cfg.device)
+    ds = PreparedDataset(Path(cfg.data).expanduser(), cfg.split, crop_s=None)
+    where = index_path(ds.dir, cfg.split)
+    own = list(range(len(ds)))
+    other = other_clip(ds.labels, str(where))
+    rows, summary = [], []
+    for run_dir in runs:
+        check_data(run_dir, ds, where)
+        model = siren.load(run_dir, device)
+        frames = round(cfg.seconds * FRAME_RATE) if cfg.seconds > 0 else train_frames(run_dir)
+        ce_own = layer_ce(model, ds, own, frames, cfg.batch_size, device)
+        ce_other = layer_ce(model, ds, other, frames, cfg.batch_size, device)
+        words, gap = model_words(model), ce_other - ce_own
+        rows += [dict(run=run_dir, distribution=model.cfg.distribution, model=words, layer=j + 1,
+                      ce_own=float(ce_own[j]), ce_other=float(ce_other[j]), gap=float(gap[j]),
+                      frames=frames, split=cfg.split, clips=len(ds)) for j in range(N_LAYERS)]
+        summary.append(f"  {words}: layer 1 CE {ce_own[0]:.3f} own caption, {ce_other[0]:.3f} another's "
+                       f"(+{gap[0]:.3f}); mean over layers +{gap.mean():.3f}  ({run_dir})")
+    written = [write_csv(folder / "reliance.csv", rows)]
+    written += style.save_figure(plot(rows, weights_note(runs[0])), folder, "caption_reliance")
+    print(f"CE with another clip's caption minus with the clip's own, {len(ds)} {cfg.split} clips of {cfg.data}:")
+    print("\n".join(summary))
+    return written
+
+
+if __name__ == "__main__":
+    main("caption_reliance", CaptionRelianceConfig, run)
