@@ -30,6 +30,7 @@ from analysis.cli import as_list, main, out_dir, write_csv
 from analysis.logs import weights_note
 from siren.checkpoint import expert_dir, load_latest, read_run_config
 from siren.codec import FRAME_RATE, N_LAYERS
+from siren.config import check_numbers
 from siren.data import PreparedDataset
 from siren.data.cache import index_path
 from siren.data.dataset import collate
@@ -47,6 +48,9 @@ class CaptionRelianceConfig:
     batch_size: int = 16
     device: str = "auto"
     out: str = ""
+
+    def __post_init__(self):
+        check_numbers(self, positive=("batch_size",), nonneg=("seconds",))
 
 
 def other_clip(labels: list[str | None], where: str = "") -> list[int]:
@@ -107,10 +111,13 @@ def train_frames(run_dir: str) -> int:
     return round(float(last.state["train"]["crop_s"]) * FRAME_RATE) if last is not None else 0
 
 
+def blocks_word(n: int) -> str:
+    return f"{n} block{'s' if n != 1 else ''}"
+
+
 def model_words(model) -> str:
     cfg = model.cfg
-    blocks = f"{cfg.main_layers} backbone block{'s' if cfg.main_layers != 1 else ''}"
-    return (f"{cfg.distribution}, {cfg.conditioning}, {blocks} per expert, "
+    return (f"{cfg.distribution}, {cfg.conditioning}, {blocks_word(cfg.main_layers)} per expert, "
             f"{expert_params(model.experts[0]).total / 1e6:.1f}M parameters per expert")
 
 
@@ -121,7 +128,7 @@ def plot(rows: list[dict], note: str):
     for c, run in zip(colors, runs):
         mine = [r for r in rows if r["run"] == run]
         ax.plot([r["layer"] for r in mine], [r["gap"] for r in mine], marker="o", ms=2.5, color=c,
-                label=mine[0]["distribution"])
+                label=f"{mine[0]['distribution']}, {blocks_word(mine[0]['blocks'])}")
     ax.axhline(0.0, color="0.4", lw=0.6, ls="--")
     ax.set_xticks(range(1, N_LAYERS + 1))
     ax.set_xlabel("RVQ layer")
@@ -152,11 +159,11 @@ def run(cfg: CaptionRelianceConfig) -> list:
         ce_own = layer_ce(model, ds, own, frames, cfg.batch_size, device)
         ce_other = layer_ce(model, ds, other, frames, cfg.batch_size, device)
         words, gap = model_words(model), ce_other - ce_own
-        rows += [dict(run=run_dir, distribution=model.cfg.distribution, model=words, layer=j + 1,
-                      ce_own=float(ce_own[j]), ce_other=float(ce_other[j]), gap=float(gap[j]),
+        rows += [dict(run=run_dir, distribution=model.cfg.distribution, blocks=model.cfg.main_layers, model=words,
+                      layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]), gap=float(gap[j]),
                       frames=frames, split=cfg.split, clips=len(ds)) for j in range(N_LAYERS)]
         summary.append(f"  {words}: layer 1 CE {ce_own[0]:.3f} own caption, {ce_other[0]:.3f} another's "
-                       f"(+{gap[0]:.3f}); mean over layers +{gap.mean():.3f}  ({run_dir})")
+                       f"({gap[0]:+.3f}); mean over layers {gap.mean():+.3f}  ({run_dir})")
     written = [write_csv(folder / "reliance.csv", rows)]
     written += style.save_figure(plot(rows, weights_note(runs[0])), folder, "caption_reliance")
     print(f"CE with another clip's caption minus with the clip's own, {len(ds)} {cfg.split} clips of {cfg.data}:")

@@ -448,7 +448,7 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
                                     [f"run={run_6_2}", f"data={demo}", f"out={out}", "batch_size=4", "device=cpu"])
     check_outputs(written, ["caption_reliance"])
     assert "random codec weights; random text weights" in figure_texts["caption_reliance"]
-    assert "6-2, accumulated, 2 backbone blocks per expert" in capsys.readouterr().out
+    assert "6-2, accumulated, 2 blocks per expert" in capsys.readouterr().out
     rows = pd.read_csv(out / "reliance.csv")
     assert rows["layer"].tolist() == list(range(1, 13)) and set(rows["clips"]) == {15}
     # own-caption CE: the experts' Eq. 6 CE over one batch of the whole split (the probe batches by 4)
