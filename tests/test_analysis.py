@@ -464,8 +464,9 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
             torch.nn.init.zeros_(block.cross_attn.out.weight)
         torch.nn.init.zeros_(expert.decoder.text_start.weight)
     other = caption_reliance.other_clip(ds.labels)
-    own = caption_reliance.layer_ce(model, ds, list(range(len(ds))), 0, 4, torch.device("cpu"))
-    np.testing.assert_array_equal(caption_reliance.layer_ce(model, ds, other, 0, 4, torch.device("cpu")), own)
+    clips = caption_reliance.read_clips(ds)
+    own = caption_reliance.layer_ce(model, clips, list(range(len(ds))), 0, 4, torch.device("cpu"))
+    np.testing.assert_array_equal(caption_reliance.layer_ce(model, clips, other, 0, 4, torch.device("cpu")), own)
     # a run trained with another text encoder than the one that made the directory's text states
     alien = tmp_path / "alien"
     shutil.copytree(run_6_2, alien)
