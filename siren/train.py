@@ -5,7 +5,8 @@
 Experts share nothing and are trained as separate jobs (one per process group; the outer
 loop of Algorithm 1 is the launcher's job array). The single ``1-12`` model is expert 0 of
 K = 1. Loss: Eq. 6 as computed by ``Expert`` (frame-masked CE averaged over the owned layers as
-the official code, or summed as Eq. 6 writes it: ``train.loss_reduction``).
+the official code, or summed as Eq. 6 writes it: ``train.loss_reduction``; ``train.loss_layers=n`` keeps
+only the expert's first n layers in it, an ablation of the paper's Influence 1).
 Optimiser and data follow appendix B: AdamW at 3e-4, 24 clips per GPU, random 6 s crops of
 the 10 s clips; warmup + cosine decay (or warmup-stable-decay, ``train.schedule=wsd``, the demo
 scale's) and clipping are ours (the paper does not say).
@@ -88,9 +89,10 @@ def build_model(cfg: Stage1Config, data: Stage1Data) -> Expert | ContinuousLM:
     return ContinuousLM(dataclasses.replace(cfg.continuous, latent=data.projection.id), data.projection)
 
 
-def loss_of(model: Expert | ContinuousLM, batch: dict, reduction: str) -> ExpertLoss | ContinuousLoss:
+def loss_of(model: Expert | ContinuousLM, batch: dict, reduction: str,
+            n_layers: int = 0) -> ExpertLoss | ContinuousLoss:
     """The family's loss; the continuous one has no layers to reduce over (its MNTP acts in train mode only)."""
-    return model.loss(batch) if isinstance(model, ContinuousLM) else model.loss(batch, reduction)
+    return model.loss(batch) if isinstance(model, ContinuousLM) else model.loss(batch, reduction, n_layers)
 
 
 # ---------------------------------------------------------------------------- one step
@@ -131,12 +133,12 @@ class Stats:
 class LossOf(torch.nn.Module):
     """``forward(batch) = model.loss(batch)``: DDP synchronises gradients only through forward."""
 
-    def __init__(self, model: Expert | ContinuousLM, reduction: str = "mean"):
+    def __init__(self, model: Expert | ContinuousLM, reduction: str = "mean", n_layers: int = 0):
         super().__init__()
-        self.model, self.reduction = model, reduction
+        self.model, self.reduction, self.n_layers = model, reduction, n_layers
 
     def forward(self, batch: dict) -> ExpertLoss | ContinuousLoss:
-        return loss_of(self.model, batch, self.reduction)
+        return loss_of(self.model, batch, self.reduction, self.n_layers)
 
 
 def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: list[dict], tc: TrainConfig,
@@ -178,7 +180,7 @@ def evaluate(model: Expert | ContinuousLM, data: Stage1Data, cfg: TrainConfig, d
         if cfg.val_batches and i >= cfg.val_batches:
             break
         with autocast(cfg.precision, device):
-            out = loss_of(model, _to_device(batch, device), cfg.loss_reduction)
+            out = loss_of(model, _to_device(batch, device), cfg.loss_reduction, cfg.loss_layers)
         stats.add(out, out.frames)
     model.train(was_training)
     if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
@@ -284,7 +286,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         log.warning("train.warmup_steps=%d >= train.steps=%d: the learning rate only ramps up (peak %.2e)",
                     tc.warmup_steps, tc.steps, lr_at(tc.steps - 1, tc))
 
-    net = LossOf(model, tc.loss_reduction)
+    net = LossOf(model, tc.loss_reduction, tc.loss_layers)
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)

@@ -19,8 +19,9 @@ from siren.runtime import SCHEDULES, check_device, check_precision
 PAPER_GEN_FRAMES = 500  # the paper generates 10 s clips (50 frames/s)
 FAMILIES = ("discrete", "continuous")  # Siren's RVQ experts | paper/003's continuous-token LM
 # Keys added after runs were saved without them, with the value those runs used: a checkpoint
-# saved before 2026-12-02 trained with the cosine schedule and resumes as such.
-TRAIN_KEYS_ADDED = {"schedule": "cosine", "decay_frac": 0.2}
+# saved before 2026-12-02 trained with the cosine schedule and resumes as such; one saved before
+# 2026-12-03 took every owned layer's CE into its loss.
+TRAIN_KEYS_ADDED = {"schedule": "cosine", "decay_frac": 0.2, "loss_layers": 0}
 # Train-config keys that may change when a run resumes (bookkeeping only: they cannot
 # change the loss curve). Every other difference is an error.
 RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
@@ -54,6 +55,9 @@ class TrainConfig:
     crop_min_clap: float = 0.0  # > 0: crops only where CLAP similarity > this (appendix B: 0.2; prepare crop_s=)
     num_workers: int = 2
     loss_reduction: str = "mean"  # over the expert's layers: mean (official code) | sum (Eq. 6 as written)
+    # > 0: only the expert's first n layers enter the loss (the others are still logged); an ablation of the
+    # paper's Influence 1 (do a shared backbone's deeper layers help or hinder its first?); 0 = all
+    loss_layers: int = 0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -67,7 +71,7 @@ class TrainConfig:
         for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_steps", "val_every", "val_batches", "num_workers", "seed"):
+        for key in ("warmup_steps", "val_every", "val_batches", "num_workers", "seed", "loss_layers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("lr", "min_lr", "weight_decay", "grad_clip", "crop_s", "beta1", "beta2"):
@@ -108,4 +112,9 @@ def parse(args: list[str]) -> Stage1Config:
     if cfg.family == "discrete" and not 0 <= cfg.expert < cfg.model.n_experts:
         raise ConfigError(f"expert={cfg.expert} does not exist in model.distribution={cfg.model.distribution} "
                           f"(experts 0..{cfg.model.n_experts - 1})")
+    m = cfg.model.layers_per_expert if cfg.family == "discrete" else 0
+    if cfg.train.loss_layers > m:
+        raise ConfigError(f"train.loss_layers={cfg.train.loss_layers}: " + (
+            f"an expert of model.distribution={cfg.model.distribution} owns {m} layers; give 0 (all) to {m}"
+            if m else "the continuous family has no RVQ layers; leave it at 0"))
     return cfg

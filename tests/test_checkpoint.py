@@ -121,16 +121,19 @@ def test_resume_with_other_model_config_names_keys(trained, tmp_path):
 
 
 def test_checkpoint_saved_before_the_schedule_key_resumes_as_cosine(trained, tmp_path):
-    """Runs saved before train.schedule existed trained with the cosine: they resume under it, to the
-    same weights as the uninterrupted run, and are refused under wsd, naming the key."""
+    """Runs saved before train.schedule existed trained with the cosine (and before train.loss_layers,
+    with every layer in the loss): they resume under it, to the same weights as the uninterrupted run,
+    and are refused under wsd or loss_layers=1, naming the key."""
     run = copy_at_step_4(trained, tmp_path)
     edir = run / "expert_0"
     state_file = edir / "step_00000004" / "state.json"
     state = json.loads(state_file.read_text())
-    del state["train"]["schedule"], state["train"]["decay_frac"]
+    del state["train"]["schedule"], state["train"]["decay_frac"], state["train"]["loss_layers"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match=r"train.schedule='cosine'.*train.schedule='wsd'"):
         train(tiny_config(run, "model.distribution=6-2", "train.schedule=wsd"), synthetic_data(), handle_signals=False)
+    with pytest.raises(CheckpointError, match=r"train.loss_layers=0.*train.loss_layers=1"):
+        train(tiny_config(run, "model.distribution=6-2", "train.loss_layers=1"), synthetic_data(), handle_signals=False)
     result = train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
     assert result.status == "finished" and result.step == 8
     want, got = ckpt.load_latest(trained / "expert_0").model_state(), ckpt.load_latest(edir).model_state()

@@ -113,6 +113,22 @@ def test_loss_is_eq6_over_valid_frames():
     assert out.layers == (3, 4, 5) and out.frames == 9
     with pytest.raises(ValueError, match="mean, sum"):
         expert.loss(batch, reduction="max")
+    # train.loss_layers: the first n owned layers in the loss, every layer's CE still reported
+    torch.testing.assert_close(expert.loss(batch, n_layers=2).loss, (ce[0] + ce[1]) / 2)
+    torch.testing.assert_close(expert.loss(batch, reduction="sum", n_layers=1).loss, ce[0])
+    torch.testing.assert_close(expert.loss(batch, n_layers=1).ce, out.ce)
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        expert.loss(batch, n_layers=4)
+
+
+def test_loss_layers_leave_the_other_heads_without_gradient():
+    expert = tiny_model("distribution=4-3").experts[0]
+    codes, (text, mask) = code_batch(B=2, T=6), text_batch(B=2)
+    batch = dict(codes=codes, frame_mask=torch.ones(2, 6, dtype=torch.bool), text=text, text_mask=mask)
+    expert.loss(batch, n_layers=1).loss.backward()
+    assert expert.heads[0].weight.grad.abs().sum() > 0
+    assert all(h.weight.grad is not None and not h.weight.grad.any() for h in expert.heads[1:])
+    assert expert.backbone.blocks[0].self_attn.qkv.weight.grad.abs().sum() > 0  # the shared backbone still learns
 
 
 def test_bad_inputs_name_the_problem():

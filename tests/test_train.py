@@ -40,6 +40,13 @@ def test_cli_composes_model_and_train_config(tmp_path):
         parse(["expert=6"])
     with pytest.raises(ConfigError, match="precision"):
         parse(["train.precision=fp16"])
+    assert parse(["model.distribution=1-12", "train.loss_layers=12"]).train.loss_layers == 12
+    with pytest.raises(ConfigError, match=r"loss_layers=3: an expert of model.distribution=6-2 owns 2 layers"):
+        parse(["model.distribution=6-2", "train.loss_layers=3"])
+    with pytest.raises(ConfigError, match="train.loss_layers must be >= 0"):
+        parse(["train.loss_layers=-1"])
+    with pytest.raises(ConfigError, match="continuous family has no RVQ layers"):
+        parse(["family=continuous", "train.loss_layers=1"])
 
 
 # ---------------------------------------------------------------------------- optimiser
@@ -112,10 +119,10 @@ def test_tiny_expert_overfits_fixed_batches(tmp_path):
     assert last < 0.5 * first, curve
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_log_records_every_owned_layer_and_schedule(tmp_path, reduction):
+@pytest.mark.parametrize("reduction,loss_layers", [("mean", 0), ("sum", 0), ("mean", 2)])
+def test_log_records_every_owned_layer_and_schedule(tmp_path, reduction, loss_layers):
     cfg = tiny_config(tmp_path, "model.distribution=4-3", "expert=2", "train.steps=3", "train.val_every=2",
-                      f"train.loss_reduction={reduction}")
+                      f"train.loss_reduction={reduction}", f"train.loss_layers={loss_layers}")
     train(cfg, synthetic_data(), handle_signals=False)
     log = read_log(tmp_path / "expert_2")
     steps = [e for e in log if not e.get("val")]
@@ -125,8 +132,8 @@ def test_log_records_every_owned_layer_and_schedule(tmp_path, reduction):
         assert {"loss", "grad_norm", "tokens/s", "ce/L7", "ce/L8", "ce/L9", "acc/L7", "acc/L8", "acc/L9"} <= set(e)
         assert not {"ce/L6", "ce/L10"} & set(e)
     for e in log:  # Eq. 6, training and validation: the layers' CEs averaged (official) or summed
-        assert e["loss"] == pytest.approx((e["ce/L7"] + e["ce/L8"] + e["ce/L9"]) / (3 if reduction == "mean" else 1),
-                                          rel=1e-5)
+        kept = [e[f"ce/L{j}"] for j in (7, 8, 9)][: loss_layers or 3]  # train.loss_layers: the first n of them
+        assert e["loss"] == pytest.approx(sum(kept) / (len(kept) if reduction == "mean" else 1), rel=1e-5)
     assert any((tmp_path / "expert_2" / "tb").iterdir())
 
 

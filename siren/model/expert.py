@@ -15,7 +15,8 @@ code embeddings, backbone, residual decoder, heads), so each can train in its ow
   The start P(c) is, as in the official code, a Linear(768, d) of the masked mean of the text
   states (``decoder_start=text``), or Eq. 5's learnable ``sos`` (``decoder_start=learned``).
 - Heads C_j: Linear(d, 1024) per owned layer; loss Eq. 6, averaged over the owned layers as the
-  official code (``reduction="mean"``) or summed as Eq. 6 writes it (``"sum"``).
+  official code (``reduction="mean"``) or summed as Eq. 6 writes it (``"sum"``); ``n_layers`` keeps
+  only the first n owned layers in it (an ablation of the paper's Influence 1, ``train.loss_layers``).
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ LOSS_REDUCTIONS = ("mean", "sum")
 
 @dataclass
 class ExpertLoss:
-    loss: torch.Tensor  # Eq. 6: mean (official code) or sum over owned layers of the CE averaged over valid frames
+    loss: torch.Tensor  # Eq. 6: mean (official code) or sum over owned layers (or the first n_layers of them)
+    #                     of the CE averaged over valid frames
     ce: torch.Tensor  # [m] per-layer CE (detached)
     acc: torch.Tensor  # [m] per-layer top-1 accuracy
     layers: tuple[int, ...]  # the RVQ layers ce/acc refer to
@@ -198,11 +200,16 @@ class Expert(nn.Module):
             out = self.decoder(seq.flatten(0, 1)).view(B, T, m + 1, d)[:, :, 1:]  # position i+1 -> layer s+i
         return torch.stack([head(out[:, :, i]) for i, head in enumerate(self.heads)], 1)
 
-    def loss(self, batch: dict, reduction: str = "mean") -> ExpertLoss:
+    def loss(self, batch: dict, reduction: str = "mean", n_layers: int = 0) -> ExpertLoss:
         """Eq. 6 on a batch (codes [B,12,T], frame_mask [B,T], text [B,L,768], text_mask [B,L]); the
-        per-layer CEs are averaged (``mean``, official code) or summed (``sum``, Eq. 6 as written)."""
+        per-layer CEs are averaged (``mean``, official code) or summed (``sum``, Eq. 6 as written).
+        ``n_layers`` > 0: only the first n owned layers' CEs enter the loss; every layer's CE is still
+        reported, and the other heads get zero gradients (AdamW's weight decay still shrinks them)."""
         if reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(LOSS_REDUCTIONS)}, got '{reduction}'")
+        if not 0 <= n_layers <= len(self.layers):
+            raise ValueError(f"n_layers must be in 0..{len(self.layers)} (expert {self.k} owns {len(self.layers)} "
+                             f"layers; 0 = all), got {n_layers}")
         codes, frame_mask = batch["codes"], batch["frame_mask"].bool()
         n = int(frame_mask.sum())
         if n == 0:
@@ -215,7 +222,8 @@ class Expert(nn.Module):
         w = frame_mask[:, None].to(ce.dtype)
         ce_layer = (ce * w).sum((0, 2)) / n
         acc = ((logits.argmax(-1) == target).to(ce.dtype) * w).sum((0, 2)) / n
-        loss = ce_layer.mean() if reduction == "mean" else ce_layer.sum()
+        kept = ce_layer[:n_layers] if n_layers else ce_layer
+        loss = kept.mean() if reduction == "mean" else kept.sum()
         return ExpertLoss(loss, ce_layer.detach(), acc.detach(), tuple(self.layers), n)
 
     # ---- incremental sampling (Algorithm 2) ----------------------------------------------
