@@ -37,6 +37,7 @@ from siren.data.dataset import collate
 from siren.errors import DataError
 from siren.model.params import expert_params
 from siren.runtime import resolve_device
+from siren.train_config import TRAIN_KEYS_ADDED
 
 
 @dataclass
@@ -111,10 +112,22 @@ def check_data(run_dir: str, ds: PreparedDataset, where: Path) -> None:
                             f"{key} {saved[key]['id']}; pass data= the prepared directory the run trained on")
 
 
-def train_frames(run_dir: str) -> int:
-    """The run's training crop in frames (0 = whole clips), from its first expert's latest checkpoint."""
+def train_keys(run_dir: str) -> dict:
+    """The train config of the run's first expert, from its latest checkpoint (keys added since it was
+    saved at the values it trained with); empty when it has none."""
     last = load_latest(expert_dir(run_dir, 0))
-    return round(float(last.state["train"]["crop_s"]) * FRAME_RATE) if last is not None else 0
+    return {**TRAIN_KEYS_ADDED, **last.state["train"]} if last is not None else {}
+
+
+def train_frames(train: dict) -> int:
+    """The run's training crop in frames (0 = whole clips)."""
+    return round(float(train.get("crop_s", 0)) * FRAME_RATE)
+
+
+def train_words(train: dict) -> str:
+    """What tells runs of one model apart: the seed, and the layers its loss took (train.loss_layers)."""
+    n = train.get("loss_layers", 0)
+    return (f"seed {train.get('seed', '?')}" + (f", loss over layer{'s 1-' if n > 1 else ' '}{n}" if n else ""))
 
 
 def blocks_word(n: int) -> str:
@@ -134,7 +147,7 @@ def plot(rows: list[dict], note: str):
     for c, run in zip(colors, runs):
         mine = [r for r in rows if r["run"] == run]
         ax.plot([r["layer"] for r in mine], [r["gap"] for r in mine], marker="o", ms=2.5, color=c,
-                label=f"{mine[0]['distribution']}, {blocks_word(mine[0]['blocks'])}")
+                label=f"{mine[0]['distribution']}, {blocks_word(mine[0]['blocks'])}, {mine[0]['train']}")
     ax.axhline(0.0, color="0.4", lw=0.6, ls="--")
     ax.set_xticks(range(1, N_LAYERS + 1))
     ax.set_xlabel("RVQ layer")
@@ -162,13 +175,14 @@ def run(cfg: CaptionRelianceConfig) -> list:
     for run_dir in runs:
         check_data(run_dir, ds, where)
         model = siren.load(run_dir, device)
-        frames = round(cfg.seconds * FRAME_RATE) if cfg.seconds > 0 else train_frames(run_dir)
+        train = train_keys(run_dir)
+        frames = round(cfg.seconds * FRAME_RATE) if cfg.seconds > 0 else train_frames(train)
         ce_own = layer_ce(model, clips, own, frames, cfg.batch_size, device)
         ce_other = layer_ce(model, clips, other, frames, cfg.batch_size, device)
-        words, gap = model_words(model), ce_other - ce_own
+        words, gap = f"{model_words(model)}; {train_words(train)}", ce_other - ce_own
         rows += [dict(run=run_dir, distribution=model.cfg.distribution, blocks=model.cfg.main_layers, model=words,
-                      layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]), gap=float(gap[j]),
-                      frames=frames, split=cfg.split, clips=len(ds)) for j in range(N_LAYERS)]
+                      train=train_words(train), layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]),
+                      gap=float(gap[j]), frames=frames, split=cfg.split, clips=len(ds)) for j in range(N_LAYERS)]
         summary.append(f"  {words}: layer 1 CE {ce_own[0]:.3f} own caption, {ce_other[0]:.3f} another's "
                        f"({gap[0]:+.3f}); mean over layers {gap.mean():+.3f}  ({run_dir})")
     written = [write_csv(folder / "reliance.csv", rows)]

@@ -450,6 +450,9 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     assert "random codec weights; random text weights" in figure_texts["caption_reliance"]
     assert "6-2, accumulated, 2 blocks per expert" in capsys.readouterr().out
     rows = pd.read_csv(out / "reliance.csv")
+    assert set(rows["train"]) == {"seed 0"}  # a run trained on every layer's CE (train.loss_layers=0)
+    assert caption_reliance.train_words({"seed": 1, "loss_layers": 2}) == "seed 1, loss over layers 1-2"
+    assert caption_reliance.train_words({"seed": 0, "loss_layers": 1}) == "seed 0, loss over layer 1"
     assert rows["layer"].tolist() == list(range(1, 13)) and set(rows["clips"]) == {15}
     # own-caption CE: the experts' Eq. 6 CE over one batch of the whole split (the probe batches by 4)
     model, ds = siren.load(run_6_2), PreparedDataset(demo, "test", crop_s=None)
