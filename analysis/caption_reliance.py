@@ -37,7 +37,7 @@ from siren.data.dataset import collate
 from siren.errors import DataError
 from siren.model.params import expert_params
 from siren.runtime import resolve_device
-from siren.train_config import TRAIN_KEYS_ADDED
+from siren.train_config import saved_train
 
 
 @dataclass
@@ -116,7 +116,7 @@ def train_keys(run_dir: str) -> dict:
     """The train config of the run's first expert, from its latest checkpoint (keys added since it was
     saved at the values it trained with); empty when it has none."""
     last = load_latest(expert_dir(run_dir, 0))
-    return {**TRAIN_KEYS_ADDED, **last.state["train"]} if last is not None else {}
+    return saved_train(last.state) if last is not None else {}
 
 
 def train_frames(train: dict) -> int:

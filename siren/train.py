@@ -54,10 +54,10 @@ from siren.runtime import (
 from siren.train_config import (
     PAPER_GEN_FRAMES,
     RESUMABLE_CHANGES,
-    TRAIN_KEYS_ADDED,
     Stage1Config,
     TrainConfig,
     parse,
+    saved_train,
 )
 
 __all__ = ["EXIT_PREEMPTED", "Stage1Config", "Stage1Data", "TrainConfig", "parse", "read_log", "train", "main"]
@@ -209,8 +209,7 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data) 
     ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
                       {"model": model_entry(cfg, data), "expert": cfg.expert}, where,
                       fix="Use another run_dir, or set these keys back.")
-    saved = {**TRAIN_KEYS_ADDED, **last.state["train"]}
-    ckpt.check_config({"train": saved}, {"train": to_dict(cfg.train)}, where,
+    ckpt.check_config({"train": saved_train(last.state)}, {"train": to_dict(cfg.train)}, where,
                       ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
                       fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
 

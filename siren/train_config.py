@@ -22,6 +22,13 @@ FAMILIES = ("discrete", "continuous")  # Siren's RVQ experts | paper/003's conti
 # saved before 2026-12-02 trained with the cosine schedule and resumes as such; one saved before
 # 2026-12-03 took every owned layer's CE into its loss.
 TRAIN_KEYS_ADDED = {"schedule": "cosine", "decay_frac": 0.2, "loss_layers": 0}
+
+
+def saved_train(state: dict) -> dict:
+    """The train config a checkpoint's ``state.json`` was saved with, keys added since at the values it used."""
+    return {**TRAIN_KEYS_ADDED, **state["train"]}
+
+
 # Train-config keys that may change when a run resumes (bookkeeping only: they cannot
 # change the loss curve). Every other difference is an error.
 RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
