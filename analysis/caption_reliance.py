@@ -124,10 +124,14 @@ def train_frames(train: dict) -> int:
     return round(float(train.get("crop_s", 0)) * FRAME_RATE)
 
 
+def loss_words(n: int) -> str:
+    """train.loss_layers in words ('' for 0: every layer)."""
+    return f"loss over layer{'s 1-' if n > 1 else ' '}{n}" if n else ""
+
+
 def train_words(train: dict) -> str:
     """What tells runs of one model apart: the seed, and the layers its loss took (train.loss_layers)."""
-    n = train.get("loss_layers", 0)
-    return (f"seed {train.get('seed', '?')}" + (f", loss over layer{'s 1-' if n > 1 else ' '}{n}" if n else ""))
+    return ", ".join(filter(None, (f"seed {train.get('seed', '?')}", loss_words(train.get("loss_layers", 0)))))
 
 
 def blocks_word(n: int) -> str:
@@ -141,18 +145,32 @@ def model_words(model) -> str:
 
 
 def plot(rows: list[dict], note: str):
+    """One colour per setting (model and loss layers), one line style per training seed."""
+    from matplotlib.lines import Line2D
+
     fig, ax = style.figure(style.COLUMN, 0.75)
-    runs = list(dict.fromkeys(r["run"] for r in rows))
-    colors = style.layer_colors(max(2, len(runs)))
-    for c, run in zip(colors, runs):
+    setting = lambda r: ", ".join(filter(None, (r["distribution"], blocks_word(r["blocks"]),  # noqa: E731
+                                                 loss_words(r["loss_layers"]))))
+    settings = list(dict.fromkeys(setting(r) for r in rows))
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))
+    colors, styles = style.class_colors(len(settings)), ("-", "--", ":", "-.")
+    labelled = set()
+    for run in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == run]
-        ax.plot([r["layer"] for r in mine], [r["gap"] for r in mine], marker="o", ms=2.5, color=c,
-                label=f"{mine[0]['distribution']}, {blocks_word(mine[0]['blocks'])}, {mine[0]['train']}")
+        name = setting(mine[0])
+        ax.plot([r["layer"] for r in mine], [r["gap"] for r in mine], marker="o", ms=2.5,
+                color=colors[settings.index(name)], ls=styles[seeds.index(mine[0]["seed"]) % len(styles)],
+                label=None if name in labelled else name)
+        labelled.add(name)
     ax.axhline(0.0, color="0.4", lw=0.6, ls="--")
     ax.set_xticks(range(1, N_LAYERS + 1))
     ax.set_xlabel("RVQ layer")
     ax.set_ylabel("CE(other caption) - CE(own) (nats)")
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if len(seeds) > 1:  # the line styles' key
+        handles += [Line2D([], [], color="0.3", ls=styles[i % len(styles)]) for i in range(len(seeds))]
+        labels += [f"seed {s}" for s in seeds]
+    ax.legend(handles, labels)
     style.note(fig, note)
     return fig
 
@@ -181,7 +199,8 @@ def run(cfg: CaptionRelianceConfig) -> list:
         ce_other = layer_ce(model, clips, other, frames, cfg.batch_size, device)
         words, gap = f"{model_words(model)}; {train_words(train)}", ce_other - ce_own
         rows += [dict(run=run_dir, distribution=model.cfg.distribution, blocks=model.cfg.main_layers, model=words,
-                      train=train_words(train), layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]),
+                      train=train_words(train), seed=train.get("seed"), loss_layers=train.get("loss_layers", 0),
+                      layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]),
                       gap=float(gap[j]), frames=frames, split=cfg.split, clips=len(ds)) for j in range(N_LAYERS)]
         summary.append(f"  {words}: layer 1 CE {ce_own[0]:.3f} own caption, {ce_other[0]:.3f} another's "
                        f"({gap[0]:+.3f}); mean over layers {gap.mean():+.3f}  ({run_dir})")

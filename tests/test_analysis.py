@@ -453,6 +453,14 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     assert set(rows["train"]) == {"seed 0"}  # a run trained on every layer's CE (train.loss_layers=0)
     assert caption_reliance.train_words({"seed": 1, "loss_layers": 2}) == "seed 1, loss over layers 1-2"
     assert caption_reliance.train_words({"seed": 0, "loss_layers": 1}) == "seed 0, loss over layer 1"
+    assert set(rows["seed"]) == {0} and set(rows["loss_layers"]) == {0}
+    # several seeds: a colour per setting, a line style per seed, each named once in the legend
+    two = [{**r, "run": f"{r['run']}-{s}", "seed": s} for s in (0, 1) for r in rows.to_dict("records")]
+    fig = caption_reliance.plot(two, "note")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["6-2, 2 blocks", "seed 0", "seed 1"]
+    assert len({line.get_linestyle() for line in fig.axes[0].get_lines()[:-1]}) == 2  # the last: the zero line
+    import matplotlib.pyplot as plt
+    plt.close(fig)
     assert rows["layer"].tolist() == list(range(1, 13)) and set(rows["clips"]) == {15}
     # own-caption CE: the experts' Eq. 6 CE over one batch of the whole split (the probe batches by 4)
     model, ds = siren.load(run_6_2), PreparedDataset(demo, "test", crop_s=None)
