@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -459,7 +460,6 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     fig = caption_reliance.plot(two, "note")
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["6-2, 2 blocks", "seed 0", "seed 1"]
     assert len({line.get_linestyle() for line in fig.axes[0].get_lines()[:-1]}) == 2  # the last: the zero line
-    import matplotlib.pyplot as plt
     plt.close(fig)
     assert rows["layer"].tolist() == list(range(1, 13)) and set(rows["clips"]) == {15}
     # own-caption CE: the experts' Eq. 6 CE over one batch of the whole split (the probe batches by 4)
