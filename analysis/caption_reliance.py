@@ -197,9 +197,10 @@ def run(cfg: CaptionRelianceConfig) -> list:
         frames = round(cfg.seconds * FRAME_RATE) if cfg.seconds > 0 else train_frames(train)
         ce_own = layer_ce(model, clips, own, frames, cfg.batch_size, device)
         ce_other = layer_ce(model, clips, other, frames, cfg.batch_size, device)
-        words, gap = f"{model_words(model)}; {train_words(train)}", ce_other - ce_own
+        how = train_words(train)
+        words, gap = f"{model_words(model)}; {how}", ce_other - ce_own
         rows += [dict(run=run_dir, distribution=model.cfg.distribution, blocks=model.cfg.main_layers, model=words,
-                      train=train_words(train), seed=train.get("seed"), loss_layers=train.get("loss_layers", 0),
+                      train=how, seed=train.get("seed"), loss_layers=train.get("loss_layers", 0),
                       layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]),
                       gap=float(gap[j]), frames=frames, split=cfg.split, clips=len(ds)) for j in range(N_LAYERS)]
         summary.append(f"  {words}: layer 1 CE {ce_own[0]:.3f} own caption, {ce_other[0]:.3f} another's "
