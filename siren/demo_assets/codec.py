@@ -60,7 +60,7 @@ end to end on a faster machine of that kind (family 26 model 2, AVX-512), idle, 
 codecs' reconstruction improves with depth half as much as the committed one's, and stages 3-4 rerun on that
 CPU on the committed encoder and quantizers gain as much as it does: stages 1-2 make the difference. The
 committed encoder is worse at r = 1, which leaves depth more to add (``ae_steps=600``: r = 1 mel L1 1.07, a
-gain of 0.23); the GPU's TF32 convolutions, emulated on the CPU, did not make a worse encoder (README,
+gain of 0.23); the GPU's TF32 convolutions, emulated on the CPU, did not reproduce that encoder (README,
 Known gaps).
 
 What changed the decoder's outcome, each measured on the 90 test clips against the 90 test references
