@@ -17,7 +17,7 @@ real codec's properties in four stages instead:
 4. the same decoder, as stage 3 stores it (fp16), trained on with the learning rate falling linearly
    to 0, a fresh optimizer and its own seed (so it runs the same on a stored file, ``init_stage=3``):
    at a constant rate the last iterate keeps moving about (FD ratio 0.55-0.62 between checkpoints,
-   below), and annealing lets it settle.
+   docs/demo/codec.md), and annealing lets it settle.
 
     python -m siren.demo_assets.codec                 # rebuilds siren/demo_assets/files/dac16k_demo.pth
     python -m siren.demo_assets.codec init=old.pth    # stages 3-4 alone, on old.pth's encoder and quantizers
@@ -34,53 +34,11 @@ The file is DAC's own layout (``state_dict`` + ``metadata.kwargs``, 6.7 MiB) and
 an fp16 ulp changed the decoder's mel L1 by 1e-4 and kept 93-99.7% of the codes (deeper layers,
 whose residuals are small, flip more).
 
-How the committed file was built. Stages 1-2 (ae_steps=2400) ran with ``device=cuda`` on a lent H200
-(the whole former recipe took under 200 s there; on this 2-core CPU stage 1 runs at ~2 steps/s, so
-about 20 min); that file, sha256 00bdd782..., was committed at ba2a0e1 and its stage-3 decoder
-(1500 cosine-scheduled steps of mel L1 + waveform L1, fine-tuning the autoencoder's decoder) gave
-back tonal classes at 1-10% of their RMS. Stage 3 was then rerun alone on this 2-core CPU with the
-defaults below, ``init=`` that file: 16000 steps at 1 thread, 66-71 min (3.9-4.6 steps/s, with another
-job on the second core); that file (sha256 84ad1351..., committed at e9f5327) records the old one's
-sha256 and recipe (``metadata.stages_1_2_from``); two separate runs of that procedure gave bit-identical
-state dicts and metadata. Stage 4 then ran alone on it (``init=`` that file, ``init_stage=3``, 2000
-steps, 14 min at 1 thread on this CPU); the committed file records the chain (``metadata.init_from``), and
-``test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3`` checks that one run of stages 3-4
-gives the same bits. So a rebuild from scratch on that CPU takes about 100 min (stage 1 about 20 of
-it, stage 3 about 70), over the hour issue #11 asked for; fewer ft_steps trade quality for time.
-Session machines of the same 2-core kind differ in speed: on a later one (AMD EPYC, family 25
-model 1, no AVX-512; torch's CPU capability AVX2), a short run of this command (ae_steps=200
-ft_steps=300 decay_steps=100, idle machine, 2026-12-02) measured 1.13 s per stage-1 step and
-0.47-0.49 s per stage-3/4 step at one thread, half the rates above: the defaults would take about
-45 + 125 + 16 min there, over 3 hours. Alone on that machine, two threads are faster: the same short
-run with threads=2 (the default since) measured 0.63-0.80 s per stage-1 step and 0.30 s per stage-3/4
-step, so about 26-32 + 80 + 10 min (about 2 hours, with the backbones' 7 min). One thread stays the
-right choice when another job shares the two cores (as when the committed stages 3-4 ran). Measured
-end to end on a faster machine of that kind (family 26 model 2, AVX-512), idle, the whole recipe took
-2845 s (547 + 35 + 2015 + 246 s) and ``python -m siren.demo_assets train`` 51 min 2 s; the rebuilt
-codecs' reconstruction improves with depth half as much as the committed one's, and stages 3-4 rerun on that
-CPU on the committed encoder and quantizers gain as much as it does: stages 1-2 make the difference. The
-committed encoder is worse at r = 1, which leaves depth more to add (``ae_steps=600``: r = 1 mel L1 1.07, a
-gain of 0.23); the GPU's TF32 convolutions, emulated on the CPU, did not reproduce that encoder (README,
-Known gaps).
-
-What changed the decoder's outcome, each measured on the 90 test clips against the 90 test references
-with the demo backbones of the former codec (FD ratio = FD(oracle) / FD(chance)):
-- former decoder: FD ratio 0.64, FAD oracle 74.9; 400 more steps of it (with or without the STFT
-  loss) changed nothing;
-- fresh decoder, 1500 steps: 0.63-0.69 for every loss tried (with or without waveform L1, with the
-  STFT loss's convergence term per clip or per batch, lr 1e-3 or 3e-3), and twice as wide
-  (decoder_dim=256): no lower loss per step at half the speed;
-- fresh decoder, constant lr 1e-3, mel + STFT loss: 0.57 / 0.62 / 0.55 / 0.56 after 2000 / 4000 /
-  6000 / 8000 steps, FAD oracle down to 45;
-- stage 4 (a first trial: 2000 annealed steps with seed 1 on the 16000-step decoder, scored with the
-  demo backbones trained on that decoder's resynthesis): training loss 1.480 -> 1.418 (means of the
-  first and last 200 steps); FD oracle 1000.6 -> 851.2, FD chance 1992.2 -> 1952.1 (ratio 0.502 ->
-  0.436), FAD oracle 67.3 -> 57.7, KL oracle 0.218 -> 0.137, CLAP oracle 23.8 -> 25.0.
-Measured with the committed file and the backbones rebuilt on its resynthesis: see README, Demo world.
-Log pitch is linearly decodable from the latents (ridge regression on the tonal classes' frames: R^2
-0.83 on the test clips), so the encoder keeps what the decoder must render; the classes above ~2.5 kHz
-(whistle, birdsong, alarm) still come back at 1-13% of their RMS, where the others come back at
-54-90% (stage 3 alone: 1-13% and 46-127%).
+A rebuild from scratch (``python -m siren.demo_assets train`` runs this, then the backbones) took 51 min
+on an idle 2-core AMD EPYC with AVX-512, stage 3 two thirds of it; on the AVX2-only kind, about 2 hours
+(estimated from a short run). ``ft_steps=`` trades quality for time. The committed file's stages 1-2
+ran on a GPU (``metadata.init_from`` records the chain): how it was built, the threads and times
+measured, and the trials that chose stages 3-4 are in docs/demo/codec.md.
 """
 from __future__ import annotations
 
@@ -127,12 +85,12 @@ class CodecRecipe:
     ae_lr: float = 2e-3
     kmeans_iters: int = 25
     ft_steps: int = 16000
-    ft_lr: float = 1e-3  # constant: the decoder keeps improving at this rate (docstring)
+    ft_lr: float = 1e-3  # constant: the decoder keeps improving at this rate (docs/demo/codec.md)
     decay_steps: int = 2000  # stage 4: lr from ft_lr linearly to 0 (0: no stage 4)
     init: str = ""  # a DAC file whose stages 1..init_stage to keep; the later stages run on it
     init_stage: int = 2  # 2: its encoder and quantizers (stages 3-4 run); 3: its decoder too (stage 4 runs)
-    # 2 on an idle 2-core machine: 1.4-1.8x faster per step than 1 (docstring); give 1 when another job
-    # shares the cores, where 2 threads run several times slower (as tests/conftest.py)
+    # 2 on an idle 2-core machine: 1.4-1.8x faster per step than 1 (docs/demo/codec.md); give 1 when
+    # another job shares the cores, where 2 threads run several times slower (as tests/conftest.py)
     threads: int = 2
     fp16: bool = True
     checkpoint_every: int = 500  # steps between a stage's checkpoints (a stopped build resumes: resume.py)
@@ -340,7 +298,7 @@ def build(cfg: CodecRecipe) -> dict:
 
     Stages 3 and 4 always start from a stored file, the stage-2 and stage-3 files of the work folder
     (or ``init=``), as the committed codec's did: so one run from scratch, a run stopped and resumed,
-    and the committed file's chain of runs (docstring) run the same code on the same bits."""
+    and the committed file's chain of runs (docs/demo/codec.md) run the same code on the same bits."""
     import dac
 
     torch.set_num_threads(cfg.threads)
