@@ -27,7 +27,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "weights": "demo",
         "data.source": "demo", "data.demo_train": N_TRAIN, "data.demo_test": N_TEST,  # clips per class
         # 300 steps at a tiny model's learning rate, held (wsd) until the last 60 steps: a cosine lowers it
-        # while layer 1's CE is still leaving its plateau (README: Demo world, the schedule). The whole demo
+        # while layer 1's CE is still leaving its plateau (docs/demo/notes.md, The schedule). The whole demo
         # Table 6 takes 5-12 min on 2 cores, by the machine (README, Measured); batch 8 learns more but took
         # the README's command over 10 minutes on CI's slower kind.
         "train.steps": 300, "train.batch_size": 4, "train.crop_s": 1.0, "train.warmup_steps": 20,

@@ -13,7 +13,7 @@ Whether depth helps is read per clip: the change of each measure from the smalle
 its mean with the standard error over clips, and how many clips got better (``depth_change.csv``).
 By default every clip of the split is decoded whole (the 90 demo test clips take about a minute on
 2 CPU cores): on 4 clips of 1 s, the former default, the rebuilt seed-0 demo codecs' mean rose with r
-while it fell on the 90 (README, Known gaps).
+while it fell on the 90 (docs/demo/codec.md, Rebuilt codecs).
 
 Generation quality at depth r comes from runs trained with r layers, when given:
 ``gen_runs=[a,b] gen_r=[4,12]`` reads each run's eval ``results.json`` (metric ``gen_metric``,
