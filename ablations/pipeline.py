@@ -28,7 +28,7 @@ from typing import Any, Callable
 import submitit
 
 from ablations import lock
-from siren import io
+from siren import cli, io
 
 FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "QUEUED"}
@@ -78,6 +78,7 @@ def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) 
     torch gets the job's CPU share (a scheduler without cgroups would let it take every core)."""
     import torch
 
+    cli.setup_logging()  # every job's lines in the one format, also steps that call no command's main()
     torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", threads)))
     failed = _failed_marker(done)
     with lock.hold(_job_lock(done), f"job {done}", "this job is already running; wait for it or stop it"):

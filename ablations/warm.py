@@ -27,6 +27,7 @@ import atexit
 import importlib
 import io
 import json
+import logging
 import os
 import secrets
 import select
@@ -114,6 +115,10 @@ def _child(conn: socket.socket, fds: list[int], request: dict, others: list[sock
         # unbuffered text streams, as `python -u` (handlers made at import keep the old objects: same fds)
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+        # The root logger as a fresh process has it, with no handler: a library that logs on the root logger
+        # while the server preloads (laion_clap's create_model: logging.info) gives it basicConfig's handler,
+        # and the job's own (siren.cli) would then print every line twice.
+        logging.getLogger().handlers.clear()
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])

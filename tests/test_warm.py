@@ -56,6 +56,19 @@ def fail():
     raise ValueError("the job's own error")
 
 
+def log_on_root():
+    """What laion_clap's create_model does while the server preloads the demo networks."""
+    import logging
+
+    logging.info("a library's line on the root logger")
+
+
+def log_a_warning():
+    import logging
+
+    logging.getLogger("eval.audiocaps").warning("a line the job logs once")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     with warm.server(tmp_path_factory.mktemp("warm") / "warm.log", preload=("torch",), deferred=("numpy",)) as address:
@@ -97,6 +110,20 @@ def test_a_server_started_under_the_job_settings_gives_them_to_its_jobs(tmp_path
         job = _executor(tmp_path, address).submit(startup_env)
         env = job.result()
     assert env == {k: os.environ.get(k, v) for k, v in pipeline.JOB_ENV.items()}
+
+
+def test_a_job_logs_each_line_once_in_the_one_format(tmp_path):
+    """A server whose preload logged on the root logger (basicConfig's handler) must not hand that handler to
+    its jobs: with the job's own (run_marked sets up siren.cli's), every line was printed twice."""
+    from ablations import pipeline
+
+    with warm.server(tmp_path / "warm.log", preload=("torch", "tests.test_warm:log_on_root")) as address:
+        job = _executor(tmp_path, address).submit(pipeline.run_marked, step=log_a_warning,
+                                                  done=str(tmp_path / "done.json"), kwargs={}, threads=1)
+        job.result()
+    err = Path(job.paths.stderr).read_text()
+    assert err.count("a line the job logs once") == 1, err
+    assert " W eval.audiocaps: a line the job logs once" in err  # siren.cli's format, not basicConfig's
 
 
 def test_the_client_relays_signals_to_the_job(server, tmp_path):
