@@ -2,6 +2,7 @@
 task forked from a server that imported its modules once. Each test drives real submitit jobs."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -58,14 +59,10 @@ def fail():
 
 def log_on_root():
     """What laion_clap's create_model does while the server preloads the demo networks."""
-    import logging
-
     logging.info("a library's line on the root logger")
 
 
 def log_a_warning():
-    import logging
-
     logging.getLogger("eval.audiocaps").warning("a line the job logs once")
 
 
