@@ -33,8 +33,6 @@ from siren.errors import DataError
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 def load_index(prepared_dir: str | Path, split: str) -> dict:
     p = index_path(Path(prepared_dir), split)
