@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from analysis import style
-from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.cli import as_list, command, out_dir, write_csv
 from analysis.logs import weights_note
 from siren.checkpoint import expert_dir, load_latest, read_run_config
 from siren.codec import FRAME_RATE, N_LAYERS
@@ -34,7 +34,7 @@ from siren.config import check_numbers
 from siren.data import PreparedDataset
 from siren.data.cache import index_path
 from siren.data.dataset import collate
-from siren.errors import DataError
+from siren.errors import ConfigError, DataError
 from siren.model.params import expert_params
 from siren.runtime import resolve_device
 from siren.train_config import saved_train
@@ -180,7 +180,7 @@ def run(cfg: CaptionRelianceConfig) -> list:
 
     runs = as_list(cfg.run)
     if not runs or not cfg.data:
-        raise SystemExit("error: run=<stage-1 run dir>[,<run dir>...] and data=<the prepared directory they trained "
+        raise ConfigError("run=<stage-1 run dir>[,<run dir>...] and data=<the prepared directory they trained "
                          "on> are required")
     folder = out_dir(cfg.out, "caption_reliance")
     device = resolve_device(cfg.device)
@@ -213,4 +213,4 @@ def run(cfg: CaptionRelianceConfig) -> list:
 
 
 if __name__ == "__main__":
-    main("caption_reliance", CaptionRelianceConfig, run)
+    command("caption_reliance", CaptionRelianceConfig, run, __doc__)

@@ -5,30 +5,16 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
 
-from siren.cli import help_text, start
+from siren import cli
+from siren.cli import start
 from siren.config import load_config, to_dict
-from siren.errors import ConfigError, SirenError
 from siren.io import atomic_path, write_json
 
 T = TypeVar("T")
 
 OUTPUT_ROOT = Path("outputs") / "analysis"
-
-
-def parse(schema: type[T], argv: Sequence[str], probe: str = "") -> T:
-    """``key=value`` strings -> the probe's config; a bad key exits with the list of valid ones."""
-    if any(a in ("-h", "--help", "help") for a in argv):
-        import importlib
-
-        print(f"usage: python -m analysis.{probe} key=value ...  (defaults shown)")
-        print(help_text(schema, importlib.import_module(f"analysis.{probe}").__doc__ if probe else ""))
-        raise SystemExit(0)
-    try:
-        return load_config(schema, argv)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def out_dir(out: str, probe: str) -> Path:
@@ -59,15 +45,20 @@ def write_csv(dest: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
 
 
 def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequence[str] | None = None) -> list[Path]:
-    """Parse ``argv``, run the probe, write its resolved config beside the outputs, print where."""
-    cfg = parse(schema, start(argv), probe)
-    try:
-        written = run(cfg)
-    except SirenError as e:
-        raise SystemExit(f"error: {e}") from None  # bad input: the message names the file and the fix
+    """Parse ``argv``, run the probe, write its resolved config beside the outputs, print where. Bad input
+    raises a ``SirenError`` naming the key or file and the fix (``command`` turns it into one line)."""
+    cfg = load_config(schema, start(argv))
+    written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
     write_json(folder / "config.json", {"probe": probe, **to_dict(cfg)})
     print(f"analysis.{probe}: wrote {len(written)} files to {folder}/")
     for p in written:
         print(f"  {p}")
     return written
+
+
+def command(probe: str, schema: type[T], run: Callable[[T], list[Path]], doc: str | None) -> NoReturn:
+    """``python -m analysis.<probe>``: ``main`` under the harness's one shell (siren.cli: ``--help`` with
+    every key, bad input as one ``error:`` line and exit code 2, Ctrl-C exit code 130)."""
+    cli.run(lambda argv: main(probe, schema, run, argv) and 0, schema,
+            f"usage: python -m analysis.{probe} key=value ...\n\n{(doc or '').strip()}")

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from analysis import style
-from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.cli import as_list, command, out_dir, write_csv
 from analysis.logs import read_jsonl, weights_note
 from siren.codec import N_LAYERS
+from siren.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def expert_logs(run_dir: str | Path) -> dict[int, Path]:
     logs = {int(m.group(1)): p / "log.jsonl" for p in run_dir.iterdir()
             if (m := EXPERT_DIR.match(p.name)) and (p / "log.jsonl").is_file()} if run_dir.is_dir() else {}
     if not logs:
-        raise FileNotFoundError(f"{run_dir}: no expert_<k>/log.jsonl; give the run directory of a stage-1 run "
-                                f"(python -m siren.train run_dir=...)")
+        raise DataError(f"{run_dir}: no expert_<k>/log.jsonl; give the run directory of a stage-1 run "
+                        f"(python -m siren.train run_dir=...)")
     return dict(sorted(logs.items()))
 
 
@@ -60,7 +61,7 @@ def layer_curves(run_dir: str | Path, split: str = "train") -> dict[int, tuple[n
     """RVQ layer j (1-based) -> (steps, ce) over all experts of the run, one value per logged step
     (a step logged twice, e.g. around a resume, keeps its last entry)."""
     if split not in ("train", "val"):
-        raise ValueError(f"split must be train or val, got '{split}'")
+        raise ConfigError(f"split must be train or val, got '{split}'")
     curves: dict[int, dict[int, float]] = {}
     owner: dict[int, int] = {}
     for k, path in expert_logs(run_dir).items():
@@ -73,8 +74,8 @@ def layer_curves(run_dir: str | Path, split: str = "train") -> dict[int, tuple[n
                     continue
                 j = int(m.group(1))
                 if owner.setdefault(j, k) != k:
-                    raise ValueError(f"{run_dir}: layer {j} is logged by expert_{owner[j]} and expert_{k}; "
-                                     f"one run directory must hold one model")
+                    raise DataError(f"{run_dir}: layer {j} is logged by expert_{owner[j]} and expert_{k}; "
+                                    f"one run directory must hold one model")
                 curves.setdefault(j, {})[int(row["step"])] = float(v)
     return {j: (np.array(sorted(c)), np.array([c[s] for s in sorted(c)])) for j, c in sorted(curves.items())}
 
@@ -92,8 +93,8 @@ def loss_stats(run_dir: str | Path, tail: float = 0.1, split: str = "train") -> 
     curves = layer_curves(run_dir, split)
     missing = [j for j in range(1, N_LAYERS + 1) if j not in curves]
     if missing:
-        raise ValueError(f"{run_dir}: no {split} 'ce/L<j>' entries for layers {missing}; are all experts' "
-                         f"logs there (expert_<k>/log.jsonl)?")
+        raise DataError(f"{run_dir}: no {split} 'ce/L<j>' entries for layers {missing}; are all experts' "
+                        f"logs there (expert_<k>/log.jsonl)?")
     final = {j: final_loss(curves[j][1], tail) for j in range(1, N_LAYERS + 1)}
     return {"loss_mean": float(np.mean(list(final.values()))), "loss_ratio": final[N_LAYERS] / final[1],
             "final": final}
@@ -114,11 +115,11 @@ def plot(curves: dict, layers: list[int], smooth: float, split: str, width: floa
 
 def run(cfg: ConvergenceConfig) -> list:
     if not cfg.run:
-        raise SystemExit("error: run=<stage-1 run directory> is required")
+        raise ConfigError("run=<stage-1 run directory> is required")
     folder = out_dir(cfg.out, "convergence")
     curves = layer_curves(cfg.run, cfg.split)
     if not curves:
-        raise SystemExit(f"error: {cfg.run}: no {cfg.split} 'ce/L<j>' entries in any expert log")
+        raise DataError(f"{cfg.run}: no {cfg.split} 'ce/L<j>' entries in any expert log")
     written = [write_csv(folder / "curves.csv", [dict(layer=j, step=int(s), ce=float(v))
                                                  for j, (st, vs) in curves.items() for s, v in zip(st, vs)])]
     try:
@@ -140,4 +141,4 @@ def run(cfg: ConvergenceConfig) -> list:
 
 
 if __name__ == "__main__":
-    main("convergence", ConvergenceConfig, run)
+    command("convergence", ConvergenceConfig, run, __doc__)

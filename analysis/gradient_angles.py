@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from analysis import prepared, style
-from analysis.cli import main, out_dir, write_csv
+from analysis.cli import command, out_dir, write_csv
 from analysis.logs import weights_phrase
 from siren.data import PreparedDataset
+from siren.errors import ConfigError, DataError
 from siren.runtime import resolve_device
 
 
@@ -93,7 +94,7 @@ def resolve_param(expert, name: str) -> tuple[str, torch.Tensor]:
     full = ".".join(parts)
     if full not in params:
         close = [k for k in params if k.endswith(parts[-1])][:6]
-        raise SystemExit(f"error: param={name}: no parameter '{full}' in the expert; e.g. {close}")
+        raise ConfigError(f"param={name}: no parameter '{full}' in the expert; e.g. {close}")
     return full, params[full]
 
 
@@ -124,7 +125,7 @@ def load_expert(cfg: GradientAnglesConfig, data: Path, folder: Path, device: tor
 
         model = siren.load(cfg.run or fresh_run(cfg, data, folder), device, allow_unfinished=True)
         if model.cfg.n_experts != 1:
-            raise SystemExit(f"error: {cfg.run}: distribution {model.cfg.distribution}; gradient angles need a single "
+            raise ConfigError(f"{cfg.run}: distribution {model.cfg.distribution}; gradient angles need a single "
                              f"transformer (1-12) whose 12 heads share one backbone")
         return model.experts[0], f"{model.cfg.distribution}, {model.cfg.conditioning}"
     mcfg = load_config(ModelConfig, [f"scale={cfg.scale}", "distribution=1-12", f"conditioning={cfg.conditioning}"],
@@ -174,13 +175,13 @@ def run(cfg: GradientAnglesConfig) -> list:
         codec = codec or run_codec["weights"]
     data = prepared.resolve(cfg.data, codec)
     if cfg.run and PreparedDataset(data, cfg.split, crop_s=None).info["codec"]["id"] != run_codec["id"]:
-        raise SystemExit(f"error: {cfg.run} was trained on codes of codec {run_codec['id']}, data={cfg.data} holds "
+        raise DataError(f"{cfg.run} was trained on codes of codec {run_codec['id']}, data={cfg.data} holds "
                          f"codes of {PreparedDataset(data, cfg.split, crop_s=None).info['codec']['id']}")
     expert, what = load_expert(cfg, data, folder, device)
     name, weight = resolve_param(expert, cfg.param)
     loader = make_loader(data, cfg.split, cfg.batch_size, crop_s=cfg.crop_s or None, shuffle=True, seed=cfg.seed)
     if len(loader) == 0:
-        raise SystemExit(f"error: {data}: split '{cfg.split}' has no items")
+        raise DataError(f"{data}: split '{cfg.split}' has no items")
     mats, rows = [], []
     H = len(expert.layers)
     b = 0
@@ -211,4 +212,4 @@ def run(cfg: GradientAnglesConfig) -> list:
 
 
 if __name__ == "__main__":
-    main("gradient_angles", GradientAnglesConfig, run)
+    command("gradient_angles", GradientAnglesConfig, run, __doc__)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from siren.errors import DataError
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """One object per line; a half-written last line (a job killed mid-write) is skipped."""
@@ -18,7 +20,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             if n == len(lines):
                 continue
-            raise ValueError(f"{path}:{n}: not a JSON object; the log is corrupt (fix or delete that line)") from None
+            raise DataError(f"{path}:{n}: not a JSON object; the log is corrupt (fix or delete that line)") from None
     return rows
 
 

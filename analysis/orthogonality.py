@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis import prepared, style
-from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.cli import as_list, command, out_dir, write_csv
+from siren.errors import ConfigError
 
 POOLS = ("time", "frame")
 
@@ -112,7 +113,7 @@ def plot_matrix(mean: np.ndarray, note: str, title: str = "Mean cosine between R
 
 def run(cfg: OrthogonalityConfig) -> list:
     if cfg.pool not in POOLS:
-        raise SystemExit(f"error: pool must be one of {', '.join(POOLS)}, got '{cfg.pool}'")
+        raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got '{cfg.pool}'")
     folder = out_dir(cfg.out, "orthogonality")
     data = prepared.resolve(cfg.data, cfg.codec)
     names_, codes = [], []
@@ -156,4 +157,4 @@ def run(cfg: OrthogonalityConfig) -> list:
 
 
 if __name__ == "__main__":
-    main("orthogonality", OrthogonalityConfig, run)
+    command("orthogonality", OrthogonalityConfig, run, __doc__)

@@ -25,7 +25,7 @@ from siren.codec import DEMO_FILE, N_LAYERS, Codec, CodecConfig, weights_arg
 from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import index_path
-from siren.errors import DataError
+from siren.errors import ConfigError, DataError
 from siren.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def _features(codec: Codec, codes: list[torch.Tensor], space: str, max_frames: i
     Clips go through ``codec.layer_features`` in zero-padded chunks of <= ``max_frames`` frames
     (features are per frame, so padding never leaks into a clip's own frames)."""
     if space not in FEATURE_SPACES:
-        raise ValueError(f"features must be one of {', '.join(FEATURE_SPACES)}, got '{space}'")
+        raise ConfigError(f"features must be one of {', '.join(FEATURE_SPACES)}, got '{space}'")
     out, start = [], 0
     while start < len(codes):
         T, end = codes[start].shape[-1], start + 1

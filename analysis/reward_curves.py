@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import style
-from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.cli import as_list, command, out_dir, write_csv
 from analysis.logs import read_jsonl, read_metric, weights_note
 from siren.errors import ConfigError, DataError
 
@@ -122,4 +122,4 @@ def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | P
 
 
 if __name__ == "__main__":
-    main("reward_curves", RewardCurvesConfig, run)
+    command("reward_curves", RewardCurvesConfig, run, __doc__)

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from analysis import prepared, style
-from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.cli import as_list, command, out_dir, write_csv
 from analysis.logs import read_metric
 from siren.codec import N_LAYERS, SAMPLE_RATE
+from siren.errors import ConfigError
 from siren.runtime import resolve_device
 
 N_FFT, HOP_STFT, N_MELS = 512, 128, 64
@@ -137,10 +138,10 @@ def run(cfg: RvqDepthConfig) -> list:
     folder = out_dir(cfg.out, "rvq_depth")
     depths = [int(r) for r in as_list(cfg.depths)]
     if not depths or any(not 1 <= r <= N_LAYERS for r in depths):
-        raise SystemExit(f"error: depths={cfg.depths}: each r must be in 1..{N_LAYERS}")
+        raise ConfigError(f"depths={cfg.depths}: each r must be in 1..{N_LAYERS}")
     runs, rs = as_list(cfg.gen_runs), [int(r) for r in as_list(cfg.gen_r)]
     if len(runs) != len(rs):
-        raise SystemExit(f"error: gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
+        raise ConfigError(f"gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
     data = prepared.resolve(cfg.data, cfg.codec)
     items = prepared.load(data, cfg.split, cfg.max_clips, cfg.seed)
     codec = prepared.open_codec(data, [cfg.split], cfg.codec)
@@ -186,4 +187,4 @@ def run(cfg: RvqDepthConfig) -> list:
 
 
 if __name__ == "__main__":
-    main("rvq_depth", RvqDepthConfig, run)
+    command("rvq_depth", RvqDepthConfig, run, __doc__)

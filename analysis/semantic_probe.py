@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis import prepared, style
-from analysis.cli import as_list, main, out_dir, write_csv
+from analysis.cli import as_list, command, out_dir, write_csv
+from siren.errors import ConfigError
 
 EXACT_TSNE_MAX = 2000
 
@@ -124,7 +125,7 @@ def run(cfg: SemanticProbeConfig) -> list:
     panels = [int(j) for j in as_list(cfg.panels)]
     bad = [j for j in panels if j not in layers]
     if bad:
-        raise SystemExit(f"error: panels={cfg.panels}: layers {bad} do not exist (1..{len(layers)})")
+        raise ConfigError(f"panels={cfg.panels}: layers {bad} do not exist (1..{len(layers)})")
     written += style.save_figure(plot_tsne(points, acc, list(y[te]), panels, note, ncols=len(panels)), folder,
                                  "fig2c_tsne")
     written += style.save_figure(plot_tsne(points, acc, list(y[te]), layers, note, ncols=6), folder, "fig9_tsne")
@@ -133,4 +134,4 @@ def run(cfg: SemanticProbeConfig) -> list:
 
 
 if __name__ == "__main__":
-    main("semantic_probe", SemanticProbeConfig, run)
+    command("semantic_probe", SemanticProbeConfig, run, __doc__)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from analysis import style
-from analysis.cli import main, out_dir, write_csv
+from analysis.cli import command, out_dir, write_csv
 from analysis.logs import weights_note
+from siren.errors import CheckpointError, ConfigError, MissingWeightsError, WeightsMismatchError
 
 GROUPS = ("embedding", "classifier", "decoder", "backbone")
 TITLES = {"embedding": "Embedding", "classifier": "Classifier", "decoder": "RVQ Decoder", "backbone": "Backbone"}
@@ -62,10 +63,10 @@ def task_vector(final: dict[str, torch.Tensor], init: dict[str, torch.Tensor], w
     """tau = final - init per tensor (float64); the two state dicts must hold the same tensors."""
     if set(final) != set(init):
         diff = sorted(set(final) ^ set(init))
-        raise ValueError(f"{where}: final and initial weights hold different tensors (e.g. {diff[:5]})")
+        raise WeightsMismatchError(f"{where}: final and initial weights hold different tensors (e.g. {diff[:5]})")
     bad = [k for k in final if final[k].shape != init[k].shape]
     if bad:
-        raise ValueError(f"{where}: shapes differ between final and initial weights for {bad[:5]}")
+        raise WeightsMismatchError(f"{where}: shapes differ between final and initial weights for {bad[:5]}")
     return {k: final[k].double() - init[k].double() for k in final}
 
 
@@ -91,7 +92,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"missing weights file {path}")
+        raise MissingWeightsError(f"missing weights file {path}")
     return load_file(str(path))
 
 
@@ -99,7 +100,7 @@ def expert_dirs(run_dir: Path) -> list[Path]:
     dirs = sorted((p for p in run_dir.glob("expert_*") if p.is_dir() and p.name[7:].isdigit()),
                   key=lambda p: int(p.name[7:]))
     if len(dirs) < 2:
-        raise SystemExit(f"error: {run_dir}: task vectors compare experts; found {len(dirs)} expert_<k>/ folders "
+        raise ConfigError(f"{run_dir}: task vectors compare experts; found {len(dirs)} expert_<k>/ folders "
                          f"(a 1-12 run has only one)")
     return dirs
 
@@ -110,7 +111,7 @@ def initial_weights(edir: Path, init: str) -> dict[str, torch.Tensor]:
     for cand in (edir / "init.safetensors", edir / "step_00000000" / "model.safetensors"):
         if cand.is_file():
             return _load(cand)
-    raise SystemExit(f"error: {edir}: no initial weights (init.safetensors or step_00000000/); give the shared "
+    raise CheckpointError(f"{edir}: no initial weights (init.safetensors or step_00000000/); give the shared "
                      f"initialisation with init=<file.safetensors>")
 
 
@@ -120,7 +121,7 @@ def final_weights(edir: Path, step: int | None = None) -> tuple[dict[str, torch.
     if step is None:
         last = ckpt.load_latest(edir)
         if last is None:
-            raise SystemExit(f"error: {edir}: no checkpoint (step_*/model.safetensors)")
+            raise CheckpointError(f"{edir}: no checkpoint (step_*/model.safetensors)")
         return last.model_state(), last.step
     return ckpt.Checkpoint(edir / ckpt.step_name(step)).model_state(), step
 
@@ -157,7 +158,7 @@ def plot(mods: list[tuple[str, str]], values: dict, reference: dict, note: str =
 
 def run(cfg: TaskVectorsConfig) -> list:
     if not cfg.run:
-        raise SystemExit("error: run=<stage-1 run directory> is required")
+        raise ConfigError("run=<stage-1 run directory> is required")
     folder = out_dir(cfg.out, "task_vectors")
     dirs = expert_dirs(Path(cfg.run))
     shared = initial_weights(dirs[0], cfg.init) if cfg.init else None
@@ -193,4 +194,4 @@ def run(cfg: TaskVectorsConfig) -> list:
 
 
 if __name__ == "__main__":
-    main("task_vectors", TaskVectorsConfig, run)
+    command("task_vectors", TaskVectorsConfig, run, __doc__)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -24,9 +26,12 @@ from analysis import (
     task_vectors,
 )
 from analysis.cli import as_list
+from analysis.cli import main as probe_main
 from analysis.logs import read_jsonl, read_metric, weights_note
-from siren.errors import DataError
+from siren.errors import ConfigError, DataError
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rng(seed=0):
@@ -146,11 +151,11 @@ def test_loss_stats_equal_hand_computation(tmp_path):
     assert convergence.loss_stats(run, split="val")["loss_mean"] == pytest.approx(-1.0)
     # a layer owned by two experts, and a missing layer, are errors naming the problem
     write_jsonl(run / "expert_2" / "log.jsonl", [{"step": 1, "ce/L12": 1.0}])
-    with pytest.raises(ValueError, match="layer 12 is logged by expert_1 and expert_2"):
+    with pytest.raises(DataError, match="layer 12 is logged by expert_1 and expert_2"):
         convergence.loss_stats(run)
     (run / "expert_2" / "log.jsonl").unlink()
     (run / "expert_1" / "log.jsonl").unlink()
-    with pytest.raises(ValueError, match=r"layers \[7, 8, 9, 10, 11, 12\]"):
+    with pytest.raises(DataError, match=r"layers \[7, 8, 9, 10, 11, 12\]"):
         convergence.loss_stats(run)
 
 
@@ -161,11 +166,34 @@ def test_jsonl_reader_and_ema_and_results():
 
 def test_corrupt_log_line_is_named(tmp_path):
     p = write_jsonl(tmp_path / "log.jsonl", [{"step": 1}], tail="garbage\n" + json.dumps({"step": 2}) + "\n")
-    with pytest.raises(ValueError, match="log.jsonl:2"):
+    with pytest.raises(DataError, match="log.jsonl:2"):
         read_jsonl(p)
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {"fd": 12.5, "clap": 24.1}, "fd": 99}))
     assert read_metric(tmp_path, "fd") == 12.5 and read_metric(tmp_path, "FD") is None
     assert read_metric(tmp_path / "nothing", "fd") is None
+
+
+def test_probe_commands_run_under_the_one_shell(tmp_path):
+    """`python -m analysis.<probe>` as every command of the harness: bad input is one `error:` line naming
+    it, exit code 2, no traceback; --help lists the keys with their defaults."""
+    def probe(*args):
+        return subprocess.run([sys.executable, "-m", "analysis.convergence", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300)
+
+    missing = probe(f"run={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'nowhere'}: no expert_<k>/log.jsonl")
+    write_jsonl(tmp_path / "run" / "expert_0" / "log.jsonl", [{"step": 1, "ce/L1": 6.9}],
+                tail="garbage\n" + json.dumps({"step": 2}) + "\n")
+    corrupt = probe(f"run={tmp_path / 'run'}", f"out={tmp_path / 'out'}")
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr, corrupt.stderr
+    assert "log.jsonl:2: not a JSON object" in corrupt.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    unknown = probe("splitt=val")
+    assert unknown.returncode == 2 and "Did you mean split" in unknown.stderr, unknown.stderr
+    shown = probe("--help")
+    assert shown.returncode == 0 and "usage: python -m analysis.convergence" in shown.stdout
+    assert "split='train'" in shown.stdout and "tail=0.1" in shown.stdout
 
 
 def test_weights_note_says_demo_weights_once_per_model(tmp_path):
@@ -299,7 +327,7 @@ def check_outputs(written: list[Path], figures: list[str]):
 
 def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "orth"
-    written = orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
+    written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
                                  [f"data={demo}", f"out={out}"])
     check_outputs(written, ["fig2a_interval", "fig8_pairs", "matrix"])
     assert "random codec weights" in figure_texts["fig2a_interval"]
@@ -309,16 +337,16 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     assert len(pairs) == 45 * 66 and set(pairs["weights"]) == {"random"}  # 30 train + 15 test clips
     printed = capsys.readouterr().out
     assert f"wrote {len(written)} files to {out}" in printed and "random weights)" in printed
-    written = orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
+    written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
                                  [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
     assert len(pd.read_csv(out / "cosines.csv")) == 15 * 20 * 66  # 15 clips x 20 frames
-    with pytest.raises(SystemExit, match="unknown config key 'pooling'.*Valid keys: codec, data"):
-        orthogonality.main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
+    with pytest.raises(ConfigError, match="unknown config key 'pooling'.*Valid keys: codec, data"):
+        probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
 
 
 def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "probe"
-    written = semantic_probe.main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
+    written = probe_main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
                                   [f"data={demo}", f"out={out}", "max_iter=50", "hidden=16"])
     check_outputs(written, ["fig2c_tsne", "fig9_tsne", "accuracy"])
     acc = pd.read_csv(out / "accuracy.csv")
@@ -332,7 +360,7 @@ def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
 
 def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "depth"
-    written = rvq_depth.main("rvq_depth", rvq_depth.RvqDepthConfig, rvq_depth.run,
+    written = probe_main("rvq_depth", rvq_depth.RvqDepthConfig, rvq_depth.run,
                              [f"data={demo}", f"out={out}", "max_clips=2", "depths=[1,12]", "seconds=0.2"])
     check_outputs(written, ["fig1b_rvq_depth"])
     rec = pd.read_csv(out / "reconstruction.csv")
@@ -365,7 +393,7 @@ def test_depth_change_is_paired_per_clip():
 
 def test_gradient_angles_command(demo, tmp_path, figure_texts):
     out = tmp_path / "grad"
-    written = gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+    written = probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
                                    [f"data={demo}", f"out={out}", "train_steps=0", "batches=2", "batch_size=3",
                                     "device=cpu"])
     check_outputs(written, ["fig2b_gradient_angles", "matrix"])
@@ -377,12 +405,12 @@ def test_gradient_angles_command(demo, tmp_path, figure_texts):
 def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path):
     run = tiny_run(tmp_path / "single-1-12", demo, "1-12", steps=2)
     out = tmp_path / "grad"
-    gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+    probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
                          [f"run={run}", f"data={demo}", f"out={out}", "batches=1", "batch_size=2", "device=cpu"])
     angles = pd.read_csv(out / "angles.csv")
     assert len(angles) == 66 and set(angles["model"]) == {"1-12, accumulated"}
-    with pytest.raises(SystemExit, match="distribution 6-2; gradient angles need a single transformer"):
-        gradient_angles.main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+    with pytest.raises(ConfigError, match="distribution 6-2; gradient angles need a single transformer"):
+        probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
                              [f"run={run_6_2}", f"data={demo}", f"out={out}"])
 
 
@@ -393,7 +421,7 @@ def run_6_2(demo, tmp_path_factory):
 
 def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     out = tmp_path / "conv"
-    written = convergence.main("convergence", convergence.ConvergenceConfig, convergence.run,
+    written = probe_main("convergence", convergence.ConvergenceConfig, convergence.run,
                                [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig2d_convergence", "fig6_convergence"])
     assert "random codec weights; random text weights" in figure_texts["fig6_convergence"]
@@ -411,7 +439,7 @@ def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
 
 def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     out = tmp_path / "tv"
-    written = task_vectors.main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
+    written = probe_main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
                                 [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig7_task_vectors"])
     assert "random codec weights" in figure_texts["fig7_task_vectors"]
@@ -445,7 +473,7 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     from siren.data.dataset import collate
 
     out = tmp_path / "cr"
-    written = caption_reliance.main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
+    written = probe_main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
                                     [f"run={run_6_2}", f"data={demo}", f"out={out}", "batch_size=4", "device=cpu"])
     check_outputs(written, ["caption_reliance"])
     assert "random codec weights; random text weights" in figure_texts["caption_reliance"]
@@ -484,9 +512,9 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     cfg = json.loads((alien / "config.json").read_text())
     cfg["text"]["id"] = "t5-other"
     (alien / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SystemExit, match=r"test.json: text .* made this split, but .*alien was trained with text "
+    with pytest.raises(DataError, match=r"test.json: text .* made this split, but .*alien was trained with text "
                                          r"t5-other; pass data= the prepared directory the run trained on"):
-        caption_reliance.main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
+        probe_main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
                               [f"run={alien}", f"data={demo}", f"out={out}"])
 
 
@@ -499,13 +527,13 @@ def test_reward_curves_command(tmp_path, figure_texts):
         runs.append(str(d))
     (tmp_path / "rl" / "results.json").write_text(json.dumps({"metrics": {"fd": 10.65, "clap": 24.18}}))
     out = tmp_path / "fig5"
-    written = reward_curves.main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
+    written = probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
                                  [f"runs=[{','.join(runs)}]", "labels=[RL,DPO,Causal]", f"out={out}"])
     check_outputs(written, ["fig5_rewards"])
     assert "(10.65, 24.18)" in figure_texts["fig5_rewards"]
     summary = pd.read_csv(out / "summary.csv")
     assert summary["final_reward"].tolist() == pytest.approx([0.2, 0.1, 0.0])
     assert summary["FD"].isna().tolist() == [False, True, True]
-    with pytest.raises(SystemExit, match="3 runs but 2 labels"):
-        reward_curves.main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
+    with pytest.raises(ConfigError, match="3 runs but 2 labels"):
+        probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
                            [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
