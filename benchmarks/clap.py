@@ -1,27 +1,31 @@
 """LAION-CLAP on this machine: build, text embedding and audio embedding times (siren.clap).
 
-    python -m benchmarks.clap [--weights random] [--clips 4]
+    python -m benchmarks.clap [weights=random] [clips=4]
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
+from siren import cli
 from siren.clap import Clap, ClapConfig
+from siren.config import load_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.clap [--weights random] [--clips 4]``: time build, text and audio embedding."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.clap", description="time LAION-CLAP on this machine")
-    ap.add_argument("--weights", default="random", help="pretrained | demo | random | path (default: random)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--captions", type=int, default=16)
-    ap.add_argument("--clips", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args(argv)
+@dataclass
+class ClapBenchConfig:
+    weights: str = "random"  # pretrained | demo | random | a file path
+    seed: int = 0
+    captions: int = 16
+    clips: int = 4
+    repeats: int = 3  # the best of this many runs is reported
+
+
+def main(argv: list[str]) -> int:
+    """Time build, text and audio embedding."""
+    args = load_config(ClapBenchConfig, argv)
 
     def best(fn, n: int = 1) -> tuple[float, float]:  # (wall, process CPU) seconds per item, best run
         runs = []
@@ -50,4 +54,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, ClapBenchConfig, __doc__)

@@ -11,7 +11,6 @@ clips with an empty embedding cache, then again with the cache it filled.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from eval.audiocaps import EvalConfig, evaluate
 from eval.backbones import PannsCnn14
 from eval.cache import embed_clips
 from eval.card import RANDOM_BANNER
+from siren import cli
 from siren.config import load_config
 
 
@@ -71,7 +71,7 @@ def _row(cells: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(BenchConfig, sys.argv[1:] if argv is None else argv)
+    cfg = load_config(BenchConfig, cli.start(argv))
     random = cfg.weights != "pretrained"
     print(f"# eval.bench: {cfg.n} synthetic {cfg.seconds:g} s clips at 16 kHz, CPU threads {torch.get_num_threads()}, "
           f"weights={cfg.weights}" + (f"  ({RANDOM_BANNER}; the timings are the same)" if random else ""))
@@ -124,4 +124,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, BenchConfig, __doc__)

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # `python benchmarks/prepare_memory.py`: import f
 import numpy as np
 import soundfile as sf
 
+from siren import cli
 from siren.config import load_config
 
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     from siren.data.prepare import prepare
     from siren.text import TextConfig, TextEncoder
 
-    cfg = load_config(MemoryConfig, sys.argv[1:] if argv is None else argv)
+    cfg = load_config(MemoryConfig, cli.start(argv))
     torch.set_num_threads(cfg.threads)
     with tempfile.TemporaryDirectory(prefix="siren-mem-") as tmp:
         tmp = Path(tmp)
@@ -94,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, MemoryConfig, __doc__)

@@ -20,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
+from siren import cli
 from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS
 from siren.config import load_config
 from siren.model import Expert, ModelConfig, presets
@@ -176,7 +176,7 @@ def _table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = load_config(BenchConfig, sys.argv[1:] if argv is None else argv)
+    cfg = load_config(BenchConfig, cli.start(argv))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     print(cpu_table(cfg), flush=True)
@@ -188,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, BenchConfig, __doc__)
