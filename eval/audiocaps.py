@@ -276,10 +276,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         ref = str(demo_set().test)
     else:
         ref = cfg.ref
-    models = backbones(cfg)
-    items, ref_card = load_reference(cfg, ref)
+    items, ref_card = load_reference(cfg, ref)  # a bad manifest is named before any weights are looked for
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
+    models = backbones(cfg)
     gen_card, gen_dir = {}, cfg.gen_dir
     if cfg.ckpt:
         from eval.generate import CannotGenerate, generate_set

@@ -132,6 +132,17 @@ def test_eval_reference_manifest_is_parsed_as_strictly(tmp_path):
     assert [r.caption for r in read_reference(m)] == ["x", "y"]
 
 
+def test_eval_names_a_bad_reference_before_looking_for_weights(tmp_path, monkeypatch, capsys):
+    """A malformed reference manifest is the error, not the pretrained files an empty cache lacks."""
+    from eval.audiocaps import main
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "empty_cache"))
+    ref = csv_file(tmp_path / "R.csv", 'id,audio,caption\na,a.wav,"unclosed\nb,b.wav,x\n')
+    assert main([f"gen_dir={tmp_path}", f"ref={ref}", f"out={tmp_path / 'O'}", "weights=pretrained"]) == 2
+    err = capsys.readouterr().err
+    assert "R.csv:2:" in err and "never closed" in err and "pretrained weights" not in err
+
+
 @pytest.mark.parametrize("rows, words", [  # cases that already gave a clear error
     ("id,caption\na,x\n", r"missing column\(s\) audio"),
     ("id,audio,caption\na,a.wav,x\na,b.wav,y\n", r"duplicate id\(s\) a"),

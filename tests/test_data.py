@@ -315,6 +315,11 @@ def test_cli(tmp_path, capsys):
     prepare_main(args + ["step=index"])  # the merge step alone builds no model
     with pytest.raises(ConfigError, match="unknown config key 'shards'"):
         prepare_main(args + ["shards=3"])
+    # a bad manifest is named before any model loads: here the pretrained codec is not there either
+    for bad, what in [(tmp_path / "nowhere.csv", "manifest file does not exist"),
+                      (write_manifest(tmp_path / "e.csv", []), "manifest is empty")]:
+        with pytest.raises(ManifestError, match=what):
+            prepare_main([f"manifest={bad}", f"out={tmp_path / 'bad'}", "codec.weights=/missing/codec.pth"])
 
 
 # ---------------------------------------------------------------- loader

@@ -353,6 +353,9 @@ def run(cfg: PrepareConfig) -> list[Path]:
     the index of every split; returns the index paths (none when one shard of several was encoded)."""
     t0 = time.perf_counter()
     splits = _splits(cfg)
+    if cfg.step == "all":  # a wrong path or a malformed row is named now, not after the models load (minutes)
+        for manifest, _ in splits:
+            read_manifest(manifest)
     n = max(cfg.num_shards, cfg.workers) if cfg.shard < 0 else cfg.num_shards
     if cfg.step == "all" and cfg.shard >= 0:  # one job-array element
         for line in _worker(cfg, splits, [cfg.shard], n):
