@@ -181,7 +181,7 @@ def run(cfg: CaptionRelianceConfig) -> list:
     runs = as_list(cfg.run)
     if not runs or not cfg.data:
         raise ConfigError("run=<stage-1 run dir>[,<run dir>...] and data=<the prepared directory they trained "
-                         "on> are required")
+                          "on> are required")
     folder = out_dir(cfg.out, "caption_reliance")
     device = resolve_device(cfg.device)
     ds = PreparedDataset(Path(cfg.data).expanduser(), cfg.split, crop_s=None)

@@ -60,5 +60,8 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
 def command(probe: str, schema: type[T], run: Callable[[T], list[Path]], doc: str | None) -> NoReturn:
     """``python -m analysis.<probe>``: ``main`` under the harness's one shell (siren.cli: ``--help`` with
     every key, bad input as one ``error:`` line and exit code 2, Ctrl-C exit code 130)."""
-    cli.run(lambda argv: main(probe, schema, run, argv) and 0, schema,
-            f"usage: python -m analysis.{probe} key=value ...\n\n{(doc or '').strip()}")
+    def entry(argv: list[str]) -> int:
+        main(probe, schema, run, argv)
+        return 0
+
+    cli.run(entry, schema, f"usage: python -m analysis.{probe} key=value ...\n\n{(doc or '').strip()}")

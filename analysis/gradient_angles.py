@@ -126,7 +126,7 @@ def load_expert(cfg: GradientAnglesConfig, data: Path, folder: Path, device: tor
         model = siren.load(cfg.run or fresh_run(cfg, data, folder), device, allow_unfinished=True)
         if model.cfg.n_experts != 1:
             raise ConfigError(f"{cfg.run}: distribution {model.cfg.distribution}; gradient angles need a single "
-                             f"transformer (1-12) whose 12 heads share one backbone")
+                              f"transformer (1-12) whose 12 heads share one backbone")
         return model.experts[0], f"{model.cfg.distribution}, {model.cfg.conditioning}"
     mcfg = load_config(ModelConfig, [f"scale={cfg.scale}", "distribution=1-12", f"conditioning={cfg.conditioning}"],
                        presets())
@@ -176,7 +176,7 @@ def run(cfg: GradientAnglesConfig) -> list:
     data = prepared.resolve(cfg.data, codec)
     if cfg.run and PreparedDataset(data, cfg.split, crop_s=None).info["codec"]["id"] != run_codec["id"]:
         raise DataError(f"{cfg.run} was trained on codes of codec {run_codec['id']}, data={cfg.data} holds "
-                         f"codes of {PreparedDataset(data, cfg.split, crop_s=None).info['codec']['id']}")
+                        f"codes of {PreparedDataset(data, cfg.split, crop_s=None).info['codec']['id']}")
     expert, what = load_expert(cfg, data, folder, device)
     name, weight = resolve_param(expert, cfg.param)
     loader = make_loader(data, cfg.split, cfg.batch_size, crop_s=cfg.crop_s or None, shuffle=True, seed=cfg.seed)

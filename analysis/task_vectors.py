@@ -101,7 +101,7 @@ def expert_dirs(run_dir: Path) -> list[Path]:
                   key=lambda p: int(p.name[7:]))
     if len(dirs) < 2:
         raise ConfigError(f"{run_dir}: task vectors compare experts; found {len(dirs)} expert_<k>/ folders "
-                         f"(a 1-12 run has only one)")
+                          f"(a 1-12 run has only one)")
     return dirs
 
 
@@ -112,7 +112,7 @@ def initial_weights(edir: Path, init: str) -> dict[str, torch.Tensor]:
         if cand.is_file():
             return _load(cand)
     raise CheckpointError(f"{edir}: no initial weights (init.safetensors or step_00000000/); give the shared "
-                     f"initialisation with init=<file.safetensors>")
+                          f"initialisation with init=<file.safetensors>")
 
 
 def final_weights(edir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
