@@ -26,7 +26,7 @@ from analysis import (
     task_vectors,
 )
 from analysis.cli import as_list
-from analysis.cli import main as probe_main
+from analysis.cli import main as probe_main  # what python -m analysis.<probe> runs
 from analysis.logs import read_jsonl, read_metric, weights_note
 from siren.errors import ConfigError, DataError
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
@@ -328,7 +328,7 @@ def check_outputs(written: list[Path], figures: list[str]):
 def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "orth"
     written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
-                                 [f"data={demo}", f"out={out}"])
+                         [f"data={demo}", f"out={out}"])
     check_outputs(written, ["fig2a_interval", "fig8_pairs", "matrix"])
     assert "random codec weights" in figure_texts["fig2a_interval"]
     m = pd.read_csv(out / "matrix.csv")
@@ -338,7 +338,7 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     printed = capsys.readouterr().out
     assert f"wrote {len(written)} files to {out}" in printed and "random weights)" in printed
     written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
-                                 [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
+                         [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
     assert len(pd.read_csv(out / "cosines.csv")) == 15 * 20 * 66  # 15 clips x 20 frames
     with pytest.raises(ConfigError, match="unknown config key 'pooling'.*Valid keys: codec, data"):
         probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
@@ -347,7 +347,7 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
 def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "probe"
     written = probe_main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
-                                  [f"data={demo}", f"out={out}", "max_iter=50", "hidden=16"])
+                         [f"data={demo}", f"out={out}", "max_iter=50", "hidden=16"])
     check_outputs(written, ["fig2c_tsne", "fig9_tsne", "accuracy"])
     acc = pd.read_csv(out / "accuracy.csv")
     assert acc["layer"].tolist() == list(range(1, 13)) and acc["top1"].between(0, 1).all()
@@ -361,7 +361,7 @@ def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
 def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "depth"
     written = probe_main("rvq_depth", rvq_depth.RvqDepthConfig, rvq_depth.run,
-                             [f"data={demo}", f"out={out}", "max_clips=2", "depths=[1,12]", "seconds=0.2"])
+                         [f"data={demo}", f"out={out}", "max_clips=2", "depths=[1,12]", "seconds=0.2"])
     check_outputs(written, ["fig1b_rvq_depth"])
     rec = pd.read_csv(out / "reconstruction.csv")
     assert rec["r"].tolist() == [1, 12] and np.isfinite(rec[["lsd_db", "mel_l1", "si_snr_db"]]).all().all()
@@ -394,8 +394,8 @@ def test_depth_change_is_paired_per_clip():
 def test_gradient_angles_command(demo, tmp_path, figure_texts):
     out = tmp_path / "grad"
     written = probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
-                                   [f"data={demo}", f"out={out}", "train_steps=0", "batches=2", "batch_size=3",
-                                    "device=cpu"])
+                         [f"data={demo}", f"out={out}", "train_steps=0", "batches=2", "batch_size=3",
+                          "device=cpu"])
     check_outputs(written, ["fig2b_gradient_angles", "matrix"])
     angles = pd.read_csv(out / "angles.csv")
     assert len(angles) == 2 * 66 and angles["angle_deg"].between(0, 180).all()
@@ -406,12 +406,12 @@ def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path
     run = tiny_run(tmp_path / "single-1-12", demo, "1-12", steps=2)
     out = tmp_path / "grad"
     probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
-                         [f"run={run}", f"data={demo}", f"out={out}", "batches=1", "batch_size=2", "device=cpu"])
+               [f"run={run}", f"data={demo}", f"out={out}", "batches=1", "batch_size=2", "device=cpu"])
     angles = pd.read_csv(out / "angles.csv")
     assert len(angles) == 66 and set(angles["model"]) == {"1-12, accumulated"}
     with pytest.raises(ConfigError, match="distribution 6-2; gradient angles need a single transformer"):
         probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
-                             [f"run={run_6_2}", f"data={demo}", f"out={out}"])
+                   [f"run={run_6_2}", f"data={demo}", f"out={out}"])
 
 
 @pytest.fixture(scope="module")
@@ -422,7 +422,7 @@ def run_6_2(demo, tmp_path_factory):
 def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     out = tmp_path / "conv"
     written = probe_main("convergence", convergence.ConvergenceConfig, convergence.run,
-                               [f"run={run_6_2}", f"out={out}"])
+                         [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig2d_convergence", "fig6_convergence"])
     assert "random codec weights; random text weights" in figure_texts["fig6_convergence"]
     curves = pd.read_csv(out / "curves.csv")
@@ -440,7 +440,7 @@ def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
 def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     out = tmp_path / "tv"
     written = probe_main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
-                                [f"run={run_6_2}", f"out={out}"])
+                         [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig7_task_vectors"])
     assert "random codec weights" in figure_texts["fig7_task_vectors"]
     pairs = pd.read_csv(out / "pairs.csv")
@@ -474,7 +474,7 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
 
     out = tmp_path / "cr"
     written = probe_main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
-                                    [f"run={run_6_2}", f"data={demo}", f"out={out}", "batch_size=4", "device=cpu"])
+                         [f"run={run_6_2}", f"data={demo}", f"out={out}", "batch_size=4", "device=cpu"])
     check_outputs(written, ["caption_reliance"])
     assert "random codec weights; random text weights" in figure_texts["caption_reliance"]
     assert "6-2, accumulated, 2 blocks per expert" in capsys.readouterr().out
@@ -513,9 +513,9 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     cfg["text"]["id"] = "t5-other"
     (alien / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(DataError, match=r"test.json: text .* made this split, but .*alien was trained with text "
-                                         r"t5-other; pass data= the prepared directory the run trained on"):
+                                        r"t5-other; pass data= the prepared directory the run trained on"):
         probe_main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
-                              [f"run={alien}", f"data={demo}", f"out={out}"])
+                   [f"run={alien}", f"data={demo}", f"out={out}"])
 
 
 def test_reward_curves_command(tmp_path, figure_texts):
@@ -528,7 +528,7 @@ def test_reward_curves_command(tmp_path, figure_texts):
     (tmp_path / "rl" / "results.json").write_text(json.dumps({"metrics": {"fd": 10.65, "clap": 24.18}}))
     out = tmp_path / "fig5"
     written = probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
-                                 [f"runs=[{','.join(runs)}]", "labels=[RL,DPO,Causal]", f"out={out}"])
+                         [f"runs=[{','.join(runs)}]", "labels=[RL,DPO,Causal]", f"out={out}"])
     check_outputs(written, ["fig5_rewards"])
     assert "(10.65, 24.18)" in figure_texts["fig5_rewards"]
     summary = pd.read_csv(out / "summary.csv")
@@ -536,4 +536,4 @@ def test_reward_curves_command(tmp_path, figure_texts):
     assert summary["FD"].isna().tolist() == [False, True, True]
     with pytest.raises(ConfigError, match="3 runs but 2 labels"):
         probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
-                           [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
+                   [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
