@@ -35,10 +35,11 @@ an fp16 ulp changed the decoder's mel L1 by 1e-4 and kept 93-99.7% of the codes 
 whose residuals are small, flip more).
 
 A rebuild from scratch (``python -m siren.demo_assets train`` runs this, then the backbones) took 51 min
-on an idle 2-core AMD EPYC with AVX-512, stage 3 two thirds of it; on the AVX2-only kind, about 2 hours
-(estimated from a short run). ``ft_steps=`` trades quality for time. The committed file's stages 1-2
-ran on a GPU (``metadata.init_from`` records the chain): how it was built, the threads and times
-measured, and the trials that chose stages 3-4 are in docs/demo/codec.md.
+on an idle 2-core AMD EPYC with AVX-512 (family 26 model 2), stage 3 two thirds of it, and 90 min on
+another AVX-512 kind (family 25 model 17); on the AVX2-only kind, about 2 hours (estimated from a short
+run). ``ft_steps=`` trades quality for time. The committed file's stages 1-2 ran on a GPU
+(``metadata.init_from`` records the chain): how it was built, the threads and times measured, and the
+trials that chose stages 3-4 are in docs/demo/codec.md.
 """
 from __future__ import annotations
 
