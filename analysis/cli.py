@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
 
 from siren import cli
-from siren.cli import start
 from siren.config import load_config, to_dict
 from siren.io import atomic_path, write_json
 
@@ -47,7 +46,7 @@ def write_csv(dest: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
 def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequence[str] | None = None) -> list[Path]:
     """Parse ``argv``, run the probe, write its resolved config beside the outputs, print where. Bad input
     raises a ``SirenError`` naming the key or file and the fix (``command`` turns it into one line)."""
-    cfg = load_config(schema, start(argv))
+    cfg = load_config(schema, cli.start(argv))
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
     write_json(folder / "config.json", {"probe": probe, **to_dict(cfg)})

@@ -23,9 +23,9 @@ class ClapBenchConfig:
     repeats: int = 3  # the best of this many runs is reported
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Time build, text and audio embedding."""
-    args = load_config(ClapBenchConfig, argv)
+    args = load_config(ClapBenchConfig, cli.start(argv))
 
     def best(fn, n: int = 1) -> tuple[float, float]:  # (wall, process CPU) seconds per item, best run
         runs = []
