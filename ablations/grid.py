@@ -54,7 +54,7 @@ def cell_id(resolved: Mapping[str, Any]) -> str:
     weights=demo, of the demo weight files, so a rerun after they change retrains rather than reusing
     results made with the old ones."""
     if resolved.get("weights") == "demo":
-        from siren.demo_assets.store import files_id
+        from siren.demo_weights import files_id
 
         resolved = {**resolved, "weights.demo_files": files_id()}
     blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)

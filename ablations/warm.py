@@ -67,20 +67,20 @@ def _preload(names: list[str]) -> list[str]:
 
 def demo_networks() -> None:
     """Preload entry of runs with demo weights: the codec and the metric networks, built once here and kept
-    (siren.demo_assets.store.keep_loaded), so a job gets a copy instead of rebuilding them. torch runs on
+    (siren.demo_weights.keep_loaded), so a job gets a copy instead of rebuilding them. torch runs on
     one thread meanwhile, so the server starts no thread pool for its children to inherit; its default
     count is set back after (a setting only: threads start at the next parallel op, in a child)."""
     import torch
 
     from eval.backbones import ClapAudio, PannsCnn14, VGGish
+    from siren import demo_weights
     from siren.codec import CodecConfig
-    from siren.demo_assets import store
     from siren.frontends import build_codec
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        store.keep_loaded()
+        demo_weights.keep_loaded()
         build_codec(CodecConfig(weights="demo"))
         for backbone in (PannsCnn14, VGGish, ClapAudio):
             backbone("demo").net

@@ -32,8 +32,7 @@ import torch
 from torch import nn
 
 from eval.audio import CHANNELS, Clip, mono
-from siren import assets
-from siren.demo_assets import store
+from siren import assets, demo_weights
 from siren.errors import ConfigError
 from siren.io import sha256_file
 
@@ -108,8 +107,8 @@ class Backbone(ABC):
             self.weights_path = assets.require(self.asset)
             self.weights_sha256 = sha256_file(self.weights_path)
         elif weights == "demo":
-            self.weights_path = store.demo_file(self.asset)
-            store.header(self.weights_path)  # a missing or foreign file fails here, not at first use
+            self.weights_path = demo_weights.demo_file(self.asset)
+            demo_weights.header(self.weights_path)  # a missing or foreign file fails here, not at first use
             self.weights_sha256 = sha256_file(self.weights_path)
         else:
             raise ConfigError(f"weights must be 'pretrained', 'demo' or 'random', got {weights!r}")
@@ -127,7 +126,7 @@ class Backbone(ABC):
         if self.weights_path is None:
             return _seeded(self.seed, make)
         if self.weights_label == "demo":
-            return store.load(self.weights_path, make)
+            return demo_weights.load(self.weights_path, make)
         net = make()
         net.load_state_dict(state_of(_load_state(self.weights_path)))
         return net
@@ -145,7 +144,7 @@ class Backbone(ABC):
         """The network's and the preprocessing's settings."""
 
     def card(self) -> dict:
-        note = {"weights_note": store.LABEL} if self.weights_label == "demo" else {}
+        note = {"weights_note": demo_weights.LABEL} if self.weights_label == "demo" else {}
         return {"id": self.id, "weights": self.weights_label, **note, "weights_sha256": self.weights_sha256,
                 "sample_rate": self.sample_rate, **self.protocol()}
 

@@ -253,11 +253,11 @@ class Clap(nn.Module):
                 self.model = build_model(self.tokenizer)
             self.weights_label, self.weights_sha256 = "random", f"random-seed{cfg.seed}"
         elif cfg.weights == "demo":
-            from siren.demo_assets import store
+            from siren import demo_weights
 
             self.tokenizer = ClipBpe()
-            path = store.demo_file("clap")
-            self.model = store.load(path, lambda: build_model(self.tokenizer))
+            path = demo_weights.demo_file("clap")
+            self.model = demo_weights.load(path, lambda: build_model(self.tokenizer))
             self.weights_label, self.weights_sha256 = "demo", sha256_file(path)
         else:
             path = assets.require("clap") if cfg.weights == "pretrained" else Path(cfg.weights)
@@ -296,10 +296,10 @@ class Clap(nn.Module):
 
     def card(self) -> dict:
         """What a CLAP number depends on, for the results' protocol card."""
-        from siren.demo_assets import store
+        from siren import demo_weights
 
-        note = {"weights_note": store.LABEL} if self.weights_label == "demo" else {}
-        checkpoint = {"random": "random", "demo": store.demo_file("clap").name,
+        note = {"weights_note": demo_weights.LABEL} if self.weights_label == "demo" else {}
+        checkpoint = {"random": "random", "demo": demo_weights.demo_file("clap").name,
                       "pretrained": assets.path("clap").name}.get(self.cfg.weights, Path(self.cfg.weights).name)
         return {"model": "laion-clap HTSAT-tiny non-fusion + RoBERTa", "weights": self.weights_label, **note,
                 "checkpoint": checkpoint,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from siren import assets
+from siren import assets, demo_weights
 from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
 from siren.io import sha256_file
 
@@ -34,8 +34,8 @@ PAPER_KWARGS = dict(n_codebooks=N_LAYERS, codebook_size=CODEBOOK_SIZE, codebook_
                     sample_rate=SAMPLE_RATE, latent_dim=1024)
 WEIGHTS = ("pretrained", "random", "demo")
 # weights=demo: a DAC the project trains on the embedded demo set (python -m siren.demo_assets.codec).
-DEMO_FILE = Path(__file__).parent / "demo_assets" / "files" / "dac16k_demo.pth"
-DEMO_LABEL = "demo weights (trained on the embedded set)"
+DEMO_FILE = demo_weights.FILES / "dac16k_demo.pth"
+DEMO_LABEL = demo_weights.LABEL
 
 
 @dataclass

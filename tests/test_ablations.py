@@ -106,22 +106,22 @@ def test_demo_identity_follows_the_demo_weight_files(tmp_path, monkeypatch):
     """Outputs made with older demo weights (an earlier checkout) are not reused: every id changes."""
     import shutil
 
-    from siren.demo_assets import store
+    from siren import demo_weights
 
     base = {c.id for c in _cells("table6", "demo")}
     copy = tmp_path / "files"
-    shutil.copytree(store.FILES, copy)
-    monkeypatch.setattr(store, "FILES", copy)
-    store.files_id.cache_clear()
+    shutil.copytree(demo_weights.FILES, copy)
+    monkeypatch.setattr(demo_weights, "FILES", copy)
+    demo_weights.files_id.cache_clear()
     try:
         assert {c.id for c in _cells("table6", "demo")} == base  # same contents, same ids
         with open(copy / "vggish.demo.safetensors", "ab") as f:
             f.write(b"\0")
-        store.files_id.cache_clear()
+        demo_weights.files_id.cache_clear()
         assert {c.id for c in _cells("table6", "demo")}.isdisjoint(base)
         assert {c.id for c in _cells("table6", "paper")}.isdisjoint(base)
     finally:
-        store.files_id.cache_clear()
+        demo_weights.files_id.cache_clear()
 
 
 @pytest.mark.parametrize("args, words", [

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from siren import demo_weights
 from siren.data.demo import CLASSES, clip
-from siren.demo_assets import store
 from siren.demo_assets.data import Split
 from siren.errors import CheckpointError, MissingWeightsError
 
@@ -28,35 +28,35 @@ def _mlp() -> nn.Module:
 
 
 def test_overlay_round_trip_and_hash_check(tmp_path):
-    base = store.seeded(3, _mlp)
+    base = demo_weights.seeded(3, _mlp)
     trained = {"2.weight": torch.randn(3, 5), "2.bias": torch.randn(3)}
     path = tmp_path / "m.safetensors"
-    store.save(path, base, trained, seed=3, meta={"x": 1})
-    net = store.load(path, _mlp)
+    demo_weights.save(path, base, trained, seed=3, meta={"x": 1})
+    net = demo_weights.load(path, _mlp)
     # the untouched tensors are the seed's, the trained ones the file's
     assert torch.equal(net[0].weight, base[0].weight) and torch.equal(net[2].weight, trained["2.weight"])
-    assert store.header(path)["label"] == "demo weights (trained on the embedded set)"
+    assert demo_weights.header(path)["label"] == "demo weights (trained on the embedded set)"
     # a base that regenerates differently (another init, as another torch version might draw) is refused
     with pytest.raises(CheckpointError, match="draws other numbers"):
-        store.load(path, lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).apply(
+        demo_weights.load(path, lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).apply(
             lambda m: nn.init.zeros_(m.weight) if isinstance(m, nn.Linear) else None))
     with pytest.raises(MissingWeightsError, match="rebuild"):
-        store.load(tmp_path / "absent.safetensors", _mlp)
+        demo_weights.load(tmp_path / "absent.safetensors", _mlp)
 
 
 def test_kept_networks_are_copies_of_one_load(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
-    store.save(path, store.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3, meta={})
-    monkeypatch.setattr(store, "_KEPT", None)
-    store.keep_loaded()  # what the warm-start server does before loading the demo networks
+    demo_weights.save(path, demo_weights.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3, meta={})
+    monkeypatch.setattr(demo_weights, "_KEPT", None)
+    demo_weights.keep_loaded()  # what the warm-start server does before loading the demo networks
     loads = []
-    monkeypatch.setattr(store, "_load", lambda p, make: loads.append(p) or store.seeded(3, make))
-    a, b = store.load(path, _mlp), store.load(path, _mlp)
+    monkeypatch.setattr(demo_weights, "_load", lambda p, make: loads.append(p) or demo_weights.seeded(3, make))
+    a, b = demo_weights.load(path, _mlp), demo_weights.load(path, _mlp)
     assert len(loads) == 1 and a is not b  # loaded once; each caller owns its copy (a .to(device) stays its own)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewritten file (new mtime) is loaded again
-    store.load(path, _mlp)
+    demo_weights.load(path, _mlp)
     assert len(loads) == 2
 
 
@@ -75,14 +75,14 @@ def _nudged(scale: float):
 def test_an_init_that_differs_only_in_float_rounding_loads(tmp_path):
     # another CPU's vectorised normal_ moved CLAP's RoBERTa init by <= 5e-8 (values ~0.1): the exact hash differs,
     # the fingerprint holds; a change of 1e-3 of each value is no rounding and is refused
-    base = store.seeded(3, _mlp)
+    base = demo_weights.seeded(3, _mlp)
     path = tmp_path / "m.safetensors"
-    store.save(path, base, {"2.bias": torch.randn(3)}, seed=3, meta={})
-    net = store.load(path, _nudged(3e-7))
+    demo_weights.save(path, base, {"2.bias": torch.randn(3)}, seed=3, meta={})
+    net = demo_weights.load(path, _nudged(3e-7))
     assert not torch.equal(net[0].weight, base[0].weight)
     assert torch.allclose(net[0].weight, base[0].weight, rtol=1e-6, atol=0)
     with pytest.raises(CheckpointError, match="first at tensor '0.bias'"):
-        store.load(path, _nudged(1e-3))
+        demo_weights.load(path, _nudged(1e-3))
 
 
 # ------------------------------------------------------------------------------------------- recipes
@@ -95,7 +95,7 @@ def tiny_data():
 def _check_recipe(trained: dict, make, name: str) -> None:
     """What a recipe commits are tensors of the network (names, shapes) and training moved them.
     (Loading them over the seeded trunk is checked on the committed files below.)"""
-    full = store.seeded(0, make).state_dict()
+    full = demo_weights.seeded(0, make).state_dict()
     assert set(trained) <= set(full)
     assert all(trained[k].shape == full[k].shape for k in trained)
     changed = [k for k in trained if not torch.equal(trained[k].to(full[k].dtype), full[k])]
@@ -155,10 +155,10 @@ def _clips(d: Split):
     return [make_clip(str(i), w, 16000) for i, w in enumerate(d.wavs)]
 
 
-@pytest.mark.parametrize("asset", sorted(store.DEMO_FILES))
+@pytest.mark.parametrize("asset", sorted(demo_weights.DEMO_FILES))
 def test_committed_files_are_demo_overlays(asset):
-    head = store.header(store.demo_file(asset))
-    assert head["label"] == store.LABEL and len(head["base_sha256"]) == 64
+    head = demo_weights.header(demo_weights.demo_file(asset))
+    assert head["label"] == demo_weights.LABEL and len(head["base_sha256"]) == 64
 
 
 def test_committed_panns_recognises_held_out_clips(held_out):
@@ -168,7 +168,7 @@ def test_committed_panns_recognises_held_out_clips(held_out):
     bb = PannsCnn14(weights="demo")
     out = bb.embed_batch([bb.prepare(c) for c in _clips(held_out)])
     logits = np.stack([o["logits"] for o in out])
-    assert logits.shape == (len(held_out), 527) and bb.card()["weights_note"] == store.LABEL
+    assert logits.shape == (len(held_out), 527) and bb.card()["weights_note"] == demo_weights.LABEL
     hits = logits.argmax(1) == audioset_targets()[held_out.labels]
     assert hits.sum() >= 4, f"demo PANNs: {hits.sum()}/6 held-out clips on their AudioSet class"
 
@@ -197,7 +197,7 @@ def test_committed_clap_matches_audio_to_its_caption(held_out):
     from siren.text import TextConfig, TextEncoder
 
     clap = Clap(ClapConfig(weights="demo"))
-    assert clap.weights_label == "demo" and clap.card()["weights_note"] == store.LABEL
+    assert clap.weights_label == "demo" and clap.card()["weights_note"] == demo_weights.LABEL
     cos = (clap.embed_audio([torch.from_numpy(w) for w in held_out.wavs]) @ clap.embed_text(held_out.captions).T)
     assert cos.diag().mean() > cos[~torch.eye(len(cos), dtype=bool)].mean() + 0.1
     # the text encoder that conditions the models runs on the same demo CLAP

@@ -5,7 +5,7 @@
 
 Random-weight backbones give nearly constant features (FAD 2e-5, FD 0.08 between unrelated sets),
 so the demo metrics would carry no signal. Each recipe keeps the big convolutional trunk at its
-seeded random init (regenerated at load and checked against a recorded sha256, ``store``) and
+seeded random init (regenerated at load and checked against a recorded sha256, ``siren.demo_weights``) and
 trains or measures only small parts, the ones committed under ``files/``:
 
 - PANNs Cnn14 (16 kHz): the BatchNorm running statistics are re-estimated on demo audio (with
@@ -55,16 +55,16 @@ from torch import nn
 from tqdm import tqdm
 
 from eval.audio import make_clip
+from siren import demo_weights
+from siren.codec import DEMO_FILE
 from siren.config import check_numbers, load_config
 from siren.data.demo import CLASSES
-from siren.demo_assets import store
 from siren.demo_assets.data import Split, demo_data
 from siren.demo_assets.fit import _batches, fit
 from siren.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CODEC_FILE = store.FILES / "dac16k_demo.pth"  # the demo codec (siren.demo_assets.codec), when built
 FC1_INIT_SCALE = 0.1  # fc1 starts near zero, so the embedding it trains is learned, not the init's projection
 
 # Demo class -> its nearest AudioSet class, by name, among the 527 outputs of Cnn14 (AudioSet's
@@ -232,7 +232,7 @@ def build_vggish(data: dict[str, Split], seed: int = 0, steps: int = 300) -> tup
 
 @dataclass
 class BuildConfig:
-    out: str = str(store.FILES)  # where the files go
+    out: str = str(demo_weights.FILES)  # where the files go
     only: str = "panns,vggish,clap"
     seed: int = 0
     # a DAC file to train on original and resynthesised clips alike; "auto": the demo codec if it is there
@@ -251,7 +251,7 @@ class BuildConfig:
         if bad:
             raise ConfigError(f"only={self.only}: unknown part(s) {sorted(bad)}; choose from panns,vggish,clap")
         if self.codec == "auto":
-            self.codec = str(CODEC_FILE) if CODEC_FILE.is_file() else "none"
+            self.codec = str(DEMO_FILE) if DEMO_FILE.is_file() else "none"
         if self.codec != "none" and not Path(self.codec).is_file():
             raise ConfigError(f"codec={self.codec}: no such file (give a DAC file, auto or none)")
 
@@ -268,7 +268,7 @@ def build(cfg: BuildConfig) -> dict:
         t0 = time.perf_counter()
         codec = None if cfg.codec == "none" else Path(cfg.codec)
         if codec is None:
-            log.warning("no demo codec file (%s): training on original clips only", CODEC_FILE)
+            log.warning("no demo codec file (%s): training on original clips only", DEMO_FILE)
         data = demo_data(Path(work), cfg.seed, cfg.n_train, cfg.n_test, codec)
         report["data_seconds"] = round(time.perf_counter() - t0, 1)
         report["codec"] = codec.name if codec else "none (original clips only)"
@@ -285,8 +285,8 @@ def build(cfg: BuildConfig) -> dict:
             meta.update(seconds=round(time.perf_counter() - t, 1), cpu_seconds=round(time.process_time() - c, 1),
                         codec=report["codec"],
                         n_train=cfg.n_train, n_test=cfg.n_test, torch=torch.__version__)
-            path = Path(cfg.out) / store.DEMO_FILES[asset]
-            store.save(path, store.seeded(cfg.seed, make), trained, cfg.seed, meta)
+            path = Path(cfg.out) / demo_weights.DEMO_FILES[asset]
+            demo_weights.save(path, demo_weights.seeded(cfg.seed, make), trained, cfg.seed, meta)
             meta["file_bytes"] = path.stat().st_size
             report[name] = meta
             log.info("%s: %s", name, json.dumps(meta))

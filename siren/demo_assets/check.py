@@ -22,9 +22,9 @@ import torch
 
 from eval.audio import make_clip
 from eval.metrics import clap_cosine, frechet_distance_from_embeddings, inception_score
+from siren import demo_weights
+from siren.codec import DEMO_FILE
 from siren.config import load_config
-from siren.demo_assets import store
-from siren.demo_assets.backbones import CODEC_FILE
 from siren.demo_assets.data import N_TEST, N_TRAIN, Split, demo_data
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0, only: str
     k = np.array([np.sum(train.labels[:i] == train.labels[i]) for i in range(len(train))])  # index within class
     halves = [[w for w, j in zip(train.wavs, k) if lo <= j < lo + per_half] for lo in (0, per_half)]
     noisy = noise(len(halves[0]), seed)
-    out: dict = {"label": store.LABEL, "clips_per_set": len(halves[0])}
+    out: dict = {"label": demo_weights.LABEL, "clips_per_set": len(halves[0])}
     for name, cls, key, pool in (("fd", PannsCnn14, "embedding", False), ("fad", VGGish, "frames", True)):
         if name not in only.split(","):
             continue
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CheckConfig, cli.start(argv))
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as work:
-        codec = CODEC_FILE if cfg.codec == "auto" and CODEC_FILE.is_file() else (
+        codec = DEMO_FILE if cfg.codec == "auto" and DEMO_FILE.is_file() else (
             None if cfg.codec in ("auto", "none") else Path(cfg.codec))
         data = demo_data(Path(work), cfg.seed, N_TRAIN, N_TEST, codec)
         print(json.dumps(measure(data, cfg.per_half, cfg.seed, cfg.only), indent=2))

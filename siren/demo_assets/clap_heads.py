@@ -22,7 +22,7 @@ TEMPERATURE = 0.07
 
 
 def make_base() -> nn.Module:
-    """The CLAP network with the vocabulary of the demo tokenizer; call under a seed (``store.seeded``)."""
+    """The CLAP network with the vocabulary of the demo tokenizer; call under a seed (``siren.demo_weights.seeded``)."""
     from siren.clap import ClipBpe, build_model
 
     return build_model(ClipBpe())

@@ -1,4 +1,6 @@
 """Demo weight files: the trained tensors of a network whose other tensors stay at a seeded random init.
+The loaders (siren.clap, eval.backbones, siren.codec's path and label) read them from here; the builders
+that write them are siren.demo_assets.
 
 A file (safetensors) holds only what its recipe trained or measured, under the network's own
 state-dict keys; its metadata records the seed of the random init and the sha256 of the tensors
@@ -29,7 +31,7 @@ from siren.errors import CheckpointError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
-FILES = Path(__file__).parent / "files"
+FILES = Path(__file__).parent / "demo_assets" / "files"  # written by siren.demo_assets' builders
 FORMAT = "siren-demo-overlay-1"
 LABEL = "demo weights (trained on the embedded set)"
 REBUILD = "python -m siren.demo_assets.backbones"
