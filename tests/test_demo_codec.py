@@ -7,7 +7,8 @@ import torch
 
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, N_LAYERS, Codec, CodecConfig, load_dac
 from siren.demo_assets import codec as recipe
-from siren.errors import CheckpointError, ConfigError
+from siren.demo_assets import rvq_fit
+from siren.errors import CheckpointError, ConfigError, DataError
 from siren.io import sha256_file
 from tests.fixtures_model import codec as random_codec
 
@@ -37,7 +38,7 @@ def _low_rank_latents(n: int = 2048, rank: int = 200, seed: int = 0) -> list[tor
 def test_spherical_kmeans_uses_every_code_under_dacs_lookup():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3000, 8, generator=g) * torch.linspace(2, 0.2, 8)
-    codes = recipe.spherical_kmeans(x, 256, iters=5, gen=g)
+    codes = rvq_fit.spherical_kmeans(x, 256, iters=5, gen=g)
     # DAC's own lookup (cosine on l2-normalised vectors) is the judge of which code a point takes
     from dac.nn.quantize import VectorQuantize
 
@@ -45,14 +46,14 @@ def test_spherical_kmeans_uses_every_code_under_dacs_lookup():
     vq.codebook.weight.data.copy_(codes)
     _, idx = vq.decode_latents(x.T[None])
     assert idx.unique().numel() == 256
-    with pytest.raises(recipe.DataError, match="training frames"):
-        recipe.spherical_kmeans(x[:100], 256, iters=1, gen=g)
+    with pytest.raises(DataError, match="training frames"):
+        rvq_fit.spherical_kmeans(x[:100], 256, iters=1, gen=g)
 
 
 def test_fit_quantizers_takes_the_residuals_principal_directions():
     model = _tiny_dac()
     latents = _low_rank_latents()
-    stats = recipe.fit_quantizers(model, latents, recipe.CodecRecipe(kmeans_iters=3), torch.Generator().manual_seed(0))
+    stats = rvq_fit.fit_quantizers(model, latents, 3, torch.Generator().manual_seed(0))
     z = torch.cat(latents, 1)
     # layer 1 codes the top-8 principal subspace of the centred latents (numpy's SVD as the reference)
     u = np.linalg.svd((z - z.mean(1, keepdim=True)).double().numpy(), full_matrices=False)[0][:, :CODEBOOK_DIM]
