@@ -2,8 +2,9 @@
 encoder's latents, layer by layer on the residual the layers before it leave (Eq. 1). Layer j's
 in/out projections are the top 8 principal directions of the residual f^{j-1} (so each layer codes the
 most energetic part of what is left), its codebook a spherical k-means of the projected residual
-(DAC looks codes up by cosine on l2-normalised vectors). Gives the real codec's pattern by construction:
-every code used in every layer, semantic information concentrated in the first layers."""
+(DAC looks codes up by cosine on l2-normalised vectors). Every code is used in every layer by
+construction; that the first layers carry the most of the class is measured, not built in
+(``python -m analysis.semantic_probe data=demo``)."""
 from __future__ import annotations
 
 import torch
