@@ -16,6 +16,7 @@ import torch
 
 from analysis import (
     caption_reliance,
+    continuous_recon,
     convergence,
     gradient_angles,
     orthogonality,
@@ -537,3 +538,20 @@ def test_reward_curves_command(tmp_path, figure_texts):
     with pytest.raises(ConfigError, match="3 runs but 2 labels"):
         probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
                    [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
+
+
+def test_continuous_recon_command_on_the_demo_codec(tmp_path):
+    """The probe behind the README's continuous-token reconstruction line: PCA of the demo codec's latent
+    against its RVQ, one row per candidate, labelled with the weights; bad sizes are refused by key."""
+    out = tmp_path / "recon"
+    written = probe_main("continuous_recon", continuous_recon.ContinuousReconConfig, continuous_recon.run,
+                         ["dims=4,1024", "train_per_class=1", f"out={out}"])
+    rows = pd.read_csv(written[0]).set_index("name")
+    assert rows.index.tolist() == ["latent-1024", "RVQ-12", "PCA-4", "PCA-1024"]
+    assert set(rows["weights"]) == {"demo weights (trained on the embedded set)"} and set(rows["n_test"]) == {15}
+    assert rows.loc["PCA-1024", "latent_fvu"] < 1e-4 < rows.loc["PCA-4", "latent_fvu"]
+    assert rows.loc["PCA-1024", "snr_db"] > rows.loc["PCA-4", "snr_db"]
+    assert (out / "config.json").is_file()
+    for bad in ("dims=0", "dims=2048"):
+        with pytest.raises(ConfigError, match="dims="):
+            probe_main("continuous_recon", continuous_recon.ContinuousReconConfig, continuous_recon.run, [bad])

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from analysis import continuous_recon as recon
 from siren.config import load_config
 from siren.errors import CheckpointError, ConfigError
-from siren.model.continuous import ContinuousConfig, ContinuousLM, DiffusionHead, LatentProjection, presets, recon
+from siren.model.continuous import ContinuousConfig, ContinuousLM, DiffusionHead, LatentProjection, presets
 from siren.model.continuous import latent as lat
 from siren.model.continuous.params import table
 from tests.fixtures_model import codec, text_batch

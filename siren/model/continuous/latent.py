@@ -11,8 +11,8 @@ k = 1024 keeps every axis (an orthogonal rotation: lossless); k < 1024 drops the
 variance. ``scale`` is each kept axis's standard deviation (whitening), so every token dimension
 has unit variance on the training set, the scale the diffusion head's noise assumes.
 
-``siren.model.continuous.recon`` measures the reconstruction error of reduced latents against
-the 12-layer RVQ's.
+``python -m siren.data.latents`` fits it per prepared directory; ``python -m analysis.continuous_recon``
+measures the reconstruction error of reduced latents against the 12-layer RVQ's.
 """
 from __future__ import annotations
 
@@ -109,8 +109,8 @@ class LatentProjection(nn.Module):
 
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"latent projection {path} does not exist; fit one with LatentProjection.fit "
-                                  f"and save it (python -m siren.model.continuous.recon out=...)")
+            raise CheckpointError(f"latent projection {path} does not exist; python -m siren.data.latents "
+                                  f"data=PREP dim=k fits one per prepared directory (or LatentProjection.fit + save)")
         with safe_open(str(path), "pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         if set(tensors) != {"mean", "basis", "scale"} or tensors["basis"].shape[0] != tensors["scale"].shape[0]:

@@ -1,25 +1,26 @@
-"""Reconstruction error of continuous tokens (full and PCA-reduced DAC latents) against the 12-layer RVQ.
+"""Continuous tokens (paper/003) against the 12-layer RVQ: how much of the DAC latent a PCA of k axes
+keeps, and what the decoded audio loses, beside the RVQ's own loss on the same clips.
 
-    python -m siren.model.continuous.recon codec.weights=random dims=8,32,128,1024 [out=pca64.safetensors dim=64]
+The PCA is fitted on demo train clips (``train_per_class`` per class) and measured on one test clip per
+class (decoding is slow); every candidate latent is decoded by the same DAC decoder. Columns: FVU =
+||z-hat - z||^2 / ||z - mean||^2 (0 = exact), SNR of the decoded waveform against the decode of z
+itself (the codec's own ceiling), log-spectrum L1 of the decoded waveform against the input audio.
+The continuous family's own projection is fitted per prepared directory by ``python -m siren.data.latents``.
 
-PCA fitted on the demo train clips (2 per class), measured on one test clip per class; every
-candidate latent is decoded by the same DAC decoder. Columns: FVU = ||z-hat - z||^2 / ||z - mean||^2
-(0 = exact), SNR of the decoded waveform against the decode of z itself (the codec's own ceiling),
-log-spectrum L1 of the decoded waveform against the input audio.
+    python -m analysis.continuous_recon                          # the demo codec
+    python -m analysis.continuous_recon codec=random dims=8,32   # the smoke-test codec: the code path only
 """
 from __future__ import annotations
 
-import json
-import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from siren.codec import CodecConfig
-from siren.config import load_config
+from analysis import prepared
+from analysis.cli import as_list, command, out_dir, write_csv
+from siren.errors import ConfigError
 from siren.model.continuous.latent import LATENT_DIM, LatentProjection, dac_latent, decode_latent, rvq_latent
-
-log = logging.getLogger(__name__)
 
 
 def fvu(approx: torch.Tensor, z: torch.Tensor, mean: torch.Tensor) -> float:
@@ -78,36 +79,34 @@ def _truncate(full: LatentProjection, k: int) -> LatentProjection:
 
 
 @dataclass
-class LatentCLIConfig:
-    codec: CodecConfig = field(default_factory=CodecConfig)
-    dims: str = "8,32,128,1024"  # PCA sizes to measure (comma-separated)
-    out: str = ""  # if set: fit a whitened projection of ``dim`` axes on the train clips and save it here
-    dim: int = 64
+class ContinuousReconConfig:
+    codec: str = "demo"  # codec weights: pretrained | random | demo | /path.pth
+    dims: str = "8,32,128,1024"  # PCA sizes to measure
+    train_per_class: int = 2  # demo train clips per class the PCA is fitted on
+    out: str = ""
 
 
-def main(argv: list[str] | None = None) -> None:
-    from siren import cli
-    from siren.codec import Codec
+def run(cfg: ContinuousReconConfig) -> list[Path]:
     from siren.data.demo import CLASSES, clip
 
-    cfg = load_config(LatentCLIConfig, cli.start(argv))
-    codec = Codec(cfg.codec)
-    dims = [int(d) for d in cfg.dims.split(",")]
-    train = [torch.from_numpy(clip(c, "train", k)[0]) for c in range(len(CLASSES)) for k in range(2)]
-    test = [torch.from_numpy(clip(c, "test", 0)[0]) for c in range(len(CLASSES))]  # one per class: decoding is slow
-    log.info("codec weights: %s; PCA fitted on %d demo train clips, measured on %d test clips",
-             codec.weights_label.upper() if codec.weights_label == "random" else codec.weights_label,
-             len(train), len(test))
+    dims = [int(d) for d in as_list(cfg.dims)]
+    if not dims or any(not 1 <= d <= LATENT_DIM for d in dims):
+        raise ConfigError(f"dims={cfg.dims}: each PCA size must be in 1..{LATENT_DIM}")
+    if cfg.train_per_class < 1:
+        raise ConfigError(f"train_per_class={cfg.train_per_class}: give at least 1")
+    codec = prepared.build_codec(cfg.codec)
+    train = [torch.from_numpy(clip(c, "train", k)[0]) for c in range(len(CLASSES)) for k in range(cfg.train_per_class)]
+    test = [torch.from_numpy(clip(c, "test", 0)[0]) for c in range(len(CLASSES))]
+    print(f"PCA fitted on {len(train)} demo train clips, measured on {len(test)} test clips; "
+          f"{prepared.codec_words(codec)}")
     print(f"{'latent':<14}{'FVU':>12}{'SNR dB':>10}{'specL1':>10}")
-    for r in reconstruction(codec, train, test, dims):
+    rows = reconstruction(codec, train, test, dims)
+    for r in rows:
         print(f"{r.name:<14}{r.latent_fvu:>12.4f}{r.snr_db:>10.2f}{r.spec_l1_input:>10.3f}")
-    if cfg.out:
-        proj = LatentProjection.fit((dac_latent(codec, w) for w in train), cfg.dim)
-        proj.save(cfg.out, codec.id)
-        print(json.dumps({"projection": cfg.out, "id": proj.id, "explained": round(proj.explained, 4)}))
+    prov = dict(codec=codec.id, weights=codec.weights_label, n_train=len(train), n_test=len(test))
+    return [write_csv(out_dir(cfg.out, "continuous_recon") / "reconstruction.csv",
+                      [dict(asdict(r), **prov) for r in rows])]
 
 
 if __name__ == "__main__":
-    from siren import cli
-
-    cli.run(main, LatentCLIConfig, __doc__)
+    command("continuous_recon", ContinuousReconConfig, run, __doc__)
