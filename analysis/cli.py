@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
 
 from siren import cli
 from siren.config import load_config, to_dict
+from siren.errors import ConfigError
 from siren.io import atomic_path, write_json
 
 T = TypeVar("T")
@@ -29,6 +30,14 @@ def as_list(value: str | Sequence[str]) -> list[str]:
     if s.startswith("[") and s.endswith("]"):
         s = s[1:-1]
     return [p.strip().strip("'\"") for p in s.split(",") if p.strip()]
+
+
+def int_list(value: str | Sequence[str], key: str) -> list[int]:
+    """``as_list`` of whole numbers (layers, depths, sizes); anything else is a ConfigError naming ``key``."""
+    try:
+        return [int(x) for x in as_list(value)]
+    except ValueError:
+        raise ConfigError(f"{key}={value}: give whole numbers separated by commas, e.g. {key}=1,4,8") from None
 
 
 def write_csv(dest: str | os.PathLike, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> Path:

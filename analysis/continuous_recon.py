@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from analysis import prepared
-from analysis.cli import as_list, command, out_dir, write_csv
+from analysis.cli import command, int_list, out_dir, write_csv
 from siren.errors import ConfigError
 from siren.model.continuous.latent import LATENT_DIM, LatentProjection, dac_latent, decode_latent, rvq_latent
 
@@ -89,7 +89,7 @@ class ContinuousReconConfig:
 def run(cfg: ContinuousReconConfig) -> list[Path]:
     from siren.data.demo import CLASSES, clip
 
-    dims = [int(d) for d in as_list(cfg.dims)]
+    dims = int_list(cfg.dims, "dims")
     if not dims or any(not 1 <= d <= LATENT_DIM for d in dims):
         raise ConfigError(f"dims={cfg.dims}: each PCA size must be in 1..{LATENT_DIM}")
     if cfg.train_per_class < 1:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis import style
-from analysis.cli import as_list, command, out_dir, write_csv
+from analysis.cli import command, int_list, out_dir, write_csv
 from analysis.logs import read_jsonl, weights_note
 from siren.codec import N_LAYERS
 from siren.errors import ConfigError, DataError
@@ -114,6 +114,7 @@ def plot(curves: dict, layers: list[int], smooth: float, split: str, width: floa
 
 
 def run(cfg: ConvergenceConfig) -> list:
+    asked = int_list(cfg.panels, "panels")
     if not cfg.run:
         raise ConfigError("run=<stage-1 run directory> is required")
     folder = out_dir(cfg.out, "convergence")
@@ -131,7 +132,7 @@ def run(cfg: ConvergenceConfig) -> list:
               f"(final = mean of the last {100 * cfg.tail:g}% of logged {cfg.split} entries)")
     except ValueError as e:
         log.warning("no Table 5 numbers: %s", e)
-    panels = [j for j in (int(x) for x in as_list(cfg.panels)) if j in curves]
+    panels = [j for j in asked if j in curves]
     note = weights_note(cfg.run)
     written += style.save_figure(plot(curves, panels, cfg.smooth, cfg.split, style.COLUMN, note), folder,
                                  "fig2d_convergence")

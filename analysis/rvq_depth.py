@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from analysis import prepared, style
-from analysis.cli import as_list, command, out_dir, write_csv
+from analysis.cli import as_list, command, int_list, out_dir, write_csv
 from analysis.logs import read_metric
 from siren.codec import N_LAYERS, SAMPLE_RATE
 from siren.errors import ConfigError
@@ -136,10 +136,10 @@ def plot(rows: list[dict], gen: list[tuple[int, float]], gen_metric: str, note: 
 
 def run(cfg: RvqDepthConfig) -> list:
     folder = out_dir(cfg.out, "rvq_depth")
-    depths = [int(r) for r in as_list(cfg.depths)]
+    depths = int_list(cfg.depths, "depths")
     if not depths or any(not 1 <= r <= N_LAYERS for r in depths):
         raise ConfigError(f"depths={cfg.depths}: each r must be in 1..{N_LAYERS}")
-    runs, rs = as_list(cfg.gen_runs), [int(r) for r in as_list(cfg.gen_r)]
+    runs, rs = as_list(cfg.gen_runs), int_list(cfg.gen_r, "gen_r")
     if len(runs) != len(rs):
         raise ConfigError(f"gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
     data = prepared.resolve(cfg.data, cfg.codec)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from analysis import prepared, style
-from analysis.cli import as_list, command, out_dir, write_csv
+from analysis.cli import command, int_list, out_dir, write_csv
+from siren.codec import N_LAYERS
 from siren.errors import ConfigError
 
 EXACT_TSNE_MAX = 2000
@@ -96,6 +97,10 @@ def plot_accuracy(acc: dict[int, float], n_classes: int, note: str):
 
 
 def run(cfg: SemanticProbeConfig) -> list:
+    panels = int_list(cfg.panels, "panels")  # checked before minutes of probing, not after
+    bad = [j for j in panels if not 1 <= j <= N_LAYERS]
+    if bad:
+        raise ConfigError(f"panels={cfg.panels}: layers {bad} do not exist (1..{N_LAYERS})")
     folder = out_dir(cfg.out, "semantic_probe")
     data = prepared.resolve(cfg.data, cfg.codec)
     train = prepared.load(data, "train", cfg.max_clips, cfg.seed, need_labels=True)
@@ -122,10 +127,6 @@ def run(cfg: SemanticProbeConfig) -> list:
     written.append(write_csv(folder / "tsne.csv", [
         dict(layer=j, id=i, label=lab, x=float(p[0]), y=float(p[1]))
         for j in layers for i, lab, p in zip(ids, y[te], points[j])]))
-    panels = [int(j) for j in as_list(cfg.panels)]
-    bad = [j for j in panels if j not in layers]
-    if bad:
-        raise ConfigError(f"panels={cfg.panels}: layers {bad} do not exist (1..{len(layers)})")
     written += style.save_figure(plot_tsne(points, acc, list(y[te]), panels, note, ncols=len(panels)), folder,
                                  "fig2c_tsne")
     written += style.save_figure(plot_tsne(points, acc, list(y[te]), layers, note, ncols=6), folder, "fig9_tsne")

@@ -26,7 +26,7 @@ from analysis import (
     style,
     task_vectors,
 )
-from analysis.cli import as_list
+from analysis.cli import as_list, int_list
 from analysis.cli import main as probe_main  # what python -m analysis.<probe> runs
 from analysis.logs import read_jsonl, read_metric, weights_note
 from siren.errors import ConfigError, DataError
@@ -163,6 +163,24 @@ def test_loss_stats_equal_hand_computation(tmp_path):
 def test_jsonl_reader_and_ema_and_results():
     assert style.ema(np.full(5, 2.0), 0.9) == pytest.approx(np.full(5, 2.0))  # bias-corrected: no warm-up dip
     assert as_list("[a, b/c ,d]") == ["a", "b/c", "d"] and as_list("x,y") == ["x", "y"] and as_list("") == []
+
+
+@pytest.mark.parametrize("probe, key", [(rvq_depth, "depths"), (rvq_depth, "gen_r"), (semantic_probe, "panels"),
+                                        (convergence, "panels"), (continuous_recon, "dims")])
+def test_a_list_of_numbers_with_a_word_in_it_is_refused_by_its_key(probe, key, tmp_path):
+    """Each probe's whole-number lists go through int_list: 'x' is an error naming the key, not a traceback
+    (checked before any data, run or codec is opened)."""
+    assert int_list("[1, 4,8]", "k") == [1, 4, 8] and int_list("", "k") == []
+    schema = next(v for k, v in vars(probe).items() if k.endswith("Config") and isinstance(v, type)
+                  and v.__module__ == probe.__name__)
+    with pytest.raises(ConfigError, match=f"{key}=1,x: give whole numbers"):
+        probe_main(probe.__name__.split(".")[1], schema, probe.run, [f"{key}=1,x", f"out={tmp_path}"])
+
+
+def test_semantic_probe_refuses_a_panel_past_layer_12_before_probing(tmp_path):
+    with pytest.raises(ConfigError, match=r"panels=1,13: layers \[13\] do not exist"):
+        probe_main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
+                   ["panels=1,13", "data=/nonexistent", f"out={tmp_path}"])  # the data is never opened
 
 
 def test_corrupt_log_line_is_named(tmp_path):
