@@ -141,6 +141,18 @@ def test_audioset_targets_are_distinct_named_classes():
     assert [names[i] for i in idx] == [AUDIOSET[c.name] for c in CLASSES]
 
 
+@pytest.mark.parametrize("arg, match", [("only=frob", r"unknown \['frob'\]"), ("only=fd,", r"unknown \[''\]"),
+                                        ("per_half=0", "per_half must be > 0")])
+def test_check_command_refuses_what_it_would_not_measure(arg, match):
+    """``only=frob`` measured none of fd, fad and clap and said nothing: it is refused, by key, before any work."""
+    from siren.config import load_config
+    from siren.demo_assets.check import CheckConfig
+    from siren.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(CheckConfig, [arg])
+
+
 # ------------------------------------------------------------------------------------------- committed files
 
 @pytest.fixture(scope="module")

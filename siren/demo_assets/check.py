@@ -24,8 +24,9 @@ from eval.audio import make_clip
 from eval.metrics import clap_cosine, frechet_distance_from_embeddings, inception_score
 from siren import demo_weights
 from siren.codec import DEMO_FILE
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 from siren.demo_assets.data import N_TEST, N_TRAIN, Split, demo_data
+from siren.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,12 @@ class CheckConfig:
     only: str = "fd,fad,clap"  # which of the measurements to make
     seed: int = 0
     codec: str = "auto"  # also measure resynthesised test clips: a DAC file, auto (the demo codec if built) or none
+
+    def __post_init__(self):
+        check_numbers(self, positive=("per_half",))
+        bad = set(self.only.split(",")) - {"fd", "fad", "clap"}
+        if bad:
+            raise ConfigError(f"only={self.only}: unknown {sorted(bad)}; give some of fd,fad,clap")
 
 
 def main(argv: list[str] | None = None) -> int:
