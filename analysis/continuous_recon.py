@@ -19,6 +19,7 @@ import torch
 
 from analysis import prepared
 from analysis.cli import command, int_list, out_dir, write_csv
+from siren.config import check_numbers
 from siren.errors import ConfigError
 from siren.model.continuous.latent import LATENT_DIM, LatentProjection, dac_latent, decode_latent, rvq_latent
 
@@ -85,6 +86,9 @@ class ContinuousReconConfig:
     train_per_class: int = 2  # demo train clips per class the PCA is fitted on
     out: str = ""
 
+    def __post_init__(self):
+        check_numbers(self, positive=("train_per_class",))
+
 
 def run(cfg: ContinuousReconConfig) -> list[Path]:
     from siren.data.demo import CLASSES, clip
@@ -92,8 +96,6 @@ def run(cfg: ContinuousReconConfig) -> list[Path]:
     dims = int_list(cfg.dims, "dims")
     if not dims or any(not 1 <= d <= LATENT_DIM for d in dims):
         raise ConfigError(f"dims={cfg.dims}: each PCA size must be in 1..{LATENT_DIM}")
-    if cfg.train_per_class < 1:
-        raise ConfigError(f"train_per_class={cfg.train_per_class}: give at least 1")
     codec = prepared.build_codec(cfg.codec)
     train = [torch.from_numpy(clip(c, "train", k)[0]) for c in range(len(CLASSES)) for k in range(cfg.train_per_class)]
     test = [torch.from_numpy(clip(c, "test", 0)[0]) for c in range(len(CLASSES))]

@@ -46,6 +46,12 @@ class ConvergenceConfig:
     panels: str = "1,4,8,12"  # layers drawn in Fig. 2d (all 12 go to Fig. 6)
     out: str = ""
 
+    def __post_init__(self):
+        if not 0 < self.tail <= 1:
+            raise ConfigError(f"tail={self.tail}: the fraction of the last logged entries, in (0, 1]")
+        if not 0 <= self.smooth < 1:
+            raise ConfigError(f"smooth={self.smooth}: the EMA weight of the past, in [0, 1)")
+
 
 def expert_logs(run_dir: str | Path) -> dict[int, Path]:
     run_dir = Path(run_dir)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from analysis import prepared, style
 from analysis.cli import command, out_dir, write_csv
 from analysis.logs import weights_phrase
+from siren.config import check_numbers
 from siren.data import PreparedDataset
 from siren.errors import ConfigError, DataError
 from siren.runtime import resolve_device
@@ -50,6 +51,9 @@ class GradientAnglesConfig:
     device: str = "auto"
     seed: int = 0
     out: str = ""
+
+    def __post_init__(self):
+        check_numbers(self, positive=("batches", "batch_size"), nonneg=("train_steps", "crop_s"))
 
 
 def reduce_gradient(grad: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import numpy as np
 
 from analysis import prepared, style
 from analysis.cli import as_list, command, out_dir, write_csv
+from siren.config import check_numbers
 from siren.errors import ConfigError
 
 POOLS = ("time", "frame")
@@ -36,6 +37,9 @@ class OrthogonalityConfig:
     max_frames: int = 20000  # pool=frame: at most this many frames (seeded draw)
     seed: int = 0
     out: str = ""  # default outputs/analysis/orthogonality
+
+    def __post_init__(self):
+        check_numbers(self, positive=("max_frames",), nonneg=("max_clips",))
 
 
 def cosine_matrix(x: np.ndarray) -> np.ndarray:

@@ -37,6 +37,10 @@ class RewardCurvesConfig:
     smooth: float = 0.9  # EMA weight of the past (0 = raw)
     out: str = ""
 
+    def __post_init__(self):
+        if not 0 <= self.smooth < 1:
+            raise ConfigError(f"smooth={self.smooth}: the EMA weight of the past, in [0, 1)")
+
 
 def log_path(run: str | Path) -> Path:
     p = Path(run)

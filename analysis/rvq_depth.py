@@ -34,6 +34,7 @@ from analysis import prepared, style
 from analysis.cli import as_list, command, int_list, out_dir, write_csv
 from analysis.logs import read_metric
 from siren.codec import N_LAYERS, SAMPLE_RATE
+from siren.config import check_numbers
 from siren.errors import ConfigError
 from siren.runtime import resolve_device
 
@@ -56,6 +57,9 @@ class RvqDepthConfig:
     gen_metric: str = "FD"  # key in results.json ("metrics" object or top level)
     seed: int = 0
     out: str = ""
+
+    def __post_init__(self):
+        check_numbers(self, nonneg=("max_clips", "seconds"))
 
 
 def decode_depths(codec, codes: torch.Tensor, depths: list[int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ import numpy as np
 from analysis import prepared, style
 from analysis.cli import command, int_list, out_dir, write_csv
 from siren.codec import N_LAYERS
+from siren.config import check_numbers
 from siren.errors import ConfigError
 
 EXACT_TSNE_MAX = 2000
@@ -36,6 +37,9 @@ class SemanticProbeConfig:
     panels: str = "1,4,8,12"  # layers shown in the Fig. 2c panel (all 12 go to Fig. 9)
     seed: int = 0
     out: str = ""
+
+    def __post_init__(self):
+        check_numbers(self, positive=("hidden", "max_iter", "tsne_perplexity"), nonneg=("max_clips",))
 
 
 def probe_accuracy(x_train: np.ndarray, y_train, x_test: np.ndarray, y_test, hidden: int = 256,

@@ -43,6 +43,10 @@ class TaskVectorsConfig:
     reference_step: int = -1  # >= 0: also cos(tau at this checkpoint step, tau final) per module
     out: str = ""
 
+    def __post_init__(self):
+        if self.reference_step < -1:
+            raise ConfigError(f"reference_step={self.reference_step}: a checkpoint step >= 0, or -1 for none")
+
 
 def module_of(name: str) -> tuple[str, str] | None:
     """Parameter name -> (group, layer) of Fig. 7; layer is the block index or "io"; None if not grouped."""

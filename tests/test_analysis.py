@@ -29,6 +29,7 @@ from analysis import (
 from analysis.cli import as_list, int_list
 from analysis.cli import main as probe_main  # what python -m analysis.<probe> runs
 from analysis.logs import read_jsonl, read_metric, weights_note
+from siren.config import load_config
 from siren.errors import ConfigError, DataError
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
 
@@ -175,6 +176,19 @@ def test_a_list_of_numbers_with_a_word_in_it_is_refused_by_its_key(probe, key, t
                   and v.__module__ == probe.__name__)
     with pytest.raises(ConfigError, match=f"{key}=1,x: give whole numbers"):
         probe_main(probe.__name__.split(".")[1], schema, probe.run, [f"{key}=1,x", f"out={tmp_path}"])
+
+
+@pytest.mark.parametrize("probe, arg", [
+    (continuous_recon, "train_per_class=0"), (convergence, "tail=2"), (convergence, "smooth=1"),
+    (gradient_angles, "batches=0"), (gradient_angles, "crop_s=-1"), (orthogonality, "max_clips=-1"),
+    (reward_curves, "smooth=-0.1"), (rvq_depth, "seconds=-1"), (rvq_depth, "max_clips=-2"),
+    (semantic_probe, "max_clips=-1"), (semantic_probe, "tsne_perplexity=0"), (task_vectors, "reference_step=-5")])
+def test_out_of_range_numbers_are_refused_by_key(probe, arg):
+    """max_clips=-1 or seconds=-1 ran as 0 (all clips, whole clips) without a word; now each is refused."""
+    schema = next(v for k, v in vars(probe).items() if k.endswith("Config") and isinstance(v, type)
+                  and v.__module__ == probe.__name__)
+    with pytest.raises(ConfigError, match=arg.split("=")[0]):
+        load_config(schema, [arg])
 
 
 def test_semantic_probe_refuses_a_panel_past_layer_12_before_probing(tmp_path):
