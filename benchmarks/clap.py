@@ -11,7 +11,7 @@ import torch
 
 from siren import cli
 from siren.clap import Clap, ClapConfig
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 
 
 @dataclass
@@ -21,6 +21,9 @@ class ClapBenchConfig:
     captions: int = 16
     clips: int = 4
     repeats: int = 3  # the best of this many runs is reported
+
+    def __post_init__(self):
+        check_numbers(self, positive=("captions", "clips", "repeats"))
 
 
 def main(argv: list[str] | None = None) -> int:

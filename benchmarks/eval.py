@@ -26,7 +26,7 @@ from eval.backbones import PannsCnn14
 from eval.cache import embed_clips
 from eval.card import RANDOM_BANNER
 from siren import cli
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 
 
 @dataclass
@@ -37,6 +37,9 @@ class BenchConfig:
     weights: str = "random"
     metrics: str = "fad,fd,isc,kl,clap"
     seed: int = 0
+
+    def __post_init__(self):
+        check_numbers(self, positive=("n", "seconds", "batch_size"))
 
 
 def _write_clips(folder: Path, n: int, seconds: float, seed: int) -> dict[str, Path]:

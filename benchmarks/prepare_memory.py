@@ -26,7 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from siren import cli
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 
 
 @dataclass
@@ -37,6 +37,10 @@ class MemoryConfig:
     batch_size: int = 1  # segments per codec call (prepare's batch_size)
     max_calls: int = 0  # > 0: stop the encode after this many codec calls
     threads: int = 1
+
+    def __post_init__(self):
+        check_numbers(self, positive=("minutes", "sample_rate", "channels", "batch_size", "threads"),
+                      nonneg=("max_calls",))
 
 
 class _Stop(Exception):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from siren.codec import N_LAYERS
-from siren.config import ConfigError, load_config
+from siren.config import ConfigError, check_numbers, load_config
 from siren.model import CollaborativeModel, ModelConfig, presets
 from siren.sample import SampleConfig, sample_step, start
 
@@ -42,6 +42,9 @@ class BenchConfig:
     check_steps: int = 30  # leading steps sampled without cache, codes compared with the cached run
     probes: int = 5  # later steps timed without cache, spread up to frames-1
     full: bool = False  # run every step without cache instead of interpolating
+
+    def __post_init__(self):
+        check_numbers(self, positive=("frames", "text_tokens", "threads", "probes"), nonneg=("check_steps",))
 
 
 def build(cfg: BenchConfig) -> CollaborativeModel:
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None):
         batches = [int(b) for b in cfg.batches.split(",")]
     except ValueError:
         raise ConfigError(f"batches must be comma-separated integers, got '{cfg.batches}'") from None
+    if min(batches) < 1:
+        raise ConfigError(f"batches={cfg.batches}: every batch size must be >= 1")
     torch.set_num_threads(cfg.threads)
     model = build(cfg)
     print(header(cfg), flush=True)

@@ -27,7 +27,7 @@ import torch
 
 from siren import cli
 from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS
-from siren.config import load_config
+from siren.config import check_numbers, load_config
 from siren.model import Expert, ModelConfig, presets
 from siren.model.params import expert_params, model_params
 from siren.train import LossOf, Stats, TrainConfig, optimizer, train_step
@@ -50,6 +50,10 @@ class BenchConfig:
     gpu_steps: int = 10
     gpu_crop_s: float = 6.0
     peak_tflops: float = 0.0  # 0: $SIREN_PEAK_TFLOPS, else by GPU name
+
+    def __post_init__(self):
+        check_numbers(self, positive=("batch_size", "crop_s", "text_tokens", "steps", "gpu_batch_size", "gpu_steps",
+                                      "gpu_crop_s"), nonneg=("threads", "peak_tflops"))
 
 
 def random_batch(batch_size: int, frames: int, text_tokens: int, device: torch.device, seed: int = 0) -> dict:

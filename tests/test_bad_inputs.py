@@ -320,6 +320,21 @@ def test_bad_train_values_fail_when_parsed(arg, key):
         parse([arg])
 
 
+@pytest.mark.parametrize("module, schema, arg", [
+    ("benchmarks.train", "BenchConfig", "steps=-1"), ("benchmarks.eval", "BenchConfig", "n=-1"),
+    ("benchmarks.sample", "BenchConfig", "probes=0"), ("benchmarks.clap", "ClapBenchConfig", "clips=0"),
+    ("benchmarks.prepare_memory", "MemoryConfig", "minutes=0")])
+def test_bad_benchmark_values_fail_when_parsed(module, schema, arg):
+    """benchmarks.train steps=-1 ended in a StatisticsError traceback, benchmarks.eval n=-1 in a ValueError."""
+    import importlib
+
+    from siren.config import load_config
+    from siren.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=arg.split("=")[0]):
+        load_config(getattr(importlib.import_module(module), schema), [arg])
+
+
 def test_a_grid_refuses_an_unknown_set_key_before_submitting(tmp_path):
     from ablations.grid import load_grid
     from ablations.plan import cells_of, parse
@@ -373,3 +388,12 @@ def test_non_finite_weights_are_never_saved_nor_resumed(tmp_path):
     save_tensors(edir / "step_00000004" / "model.safetensors", bad)
     with pytest.raises(CheckpointError, match=r"step_00000004.*non-finite values.*start this expert again"):
         train(tiny_config(run, "train.steps=8", "train.ckpt_every=4"), synthetic_data(), handle_signals=False)
+
+
+def test_params_names_an_unknown_model_family():
+    """family=frob was "unknown config key 'family'", for a key the docstring shows."""
+    from siren.errors import ConfigError
+    from siren.model.params import main
+
+    with pytest.raises(ConfigError, match="family=frob: discrete"):
+        main(["family=frob"])

@@ -20,6 +20,7 @@ import torch
 
 from siren.cli import run as cli_run
 from siren.config import load_config
+from siren.errors import ConfigError
 from siren.model.collaborative import CollaborativeModel
 from siren.model.config import PAPER_SIZES, ModelConfig, presets
 from siren.model.expert import Expert
@@ -125,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     from siren import cli
 
     args = cli.start(argv)
-    if "family=continuous" in args:  # paper/003's continuous-token LM: its own config and table
+    families = [a.split("=", 1)[1] for a in args if a.startswith("family=")]
+    for f in families:
+        if f not in ("discrete", "continuous"):
+            raise ConfigError(f"family={f}: discrete (Siren, the default) or continuous (paper/003)")
+    args = [a for a in args if not a.startswith("family=")]
+    if families and families[-1] == "continuous":  # paper/003's continuous-token LM: its own config and table
         from siren.model.continuous.params import main as continuous_main
 
-        return continuous_main([a for a in args if a != "family=continuous"]) or 0
+        return continuous_main(args) or 0
     print(table(load_config(ModelConfig, args, presets()), args))
     return 0
 
