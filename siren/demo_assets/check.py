@@ -94,6 +94,9 @@ class CheckConfig:
 
     def __post_init__(self):
         check_numbers(self, positive=("per_half",))
+        if self.per_half > N_TRAIN // 2:  # two sets of per_half clips per class from N_TRAIN
+            raise ConfigError(f"per_half={self.per_half}: at most {N_TRAIN // 2} "
+                              f"(two sets from {N_TRAIN} clips per class)")
         bad = set(self.only.split(",")) - {"fd", "fad", "clap"}
         if bad:
             raise ConfigError(f"only={self.only}: unknown {sorted(bad)}; give some of fd,fad,clap")
