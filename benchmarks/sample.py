@@ -45,6 +45,16 @@ class BenchConfig:
 
     def __post_init__(self):
         check_numbers(self, positive=("frames", "text_tokens", "threads", "probes"), nonneg=("check_steps",))
+        try:
+            sizes = self.batch_sizes
+        except ValueError:
+            raise ConfigError(f"batches must be comma-separated integers, got '{self.batches}'") from None
+        if min(sizes) < 1:
+            raise ConfigError(f"batches={self.batches}: every batch size must be >= 1")
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return [int(b) for b in self.batches.split(",")]
 
 
 def build(cfg: BenchConfig) -> CollaborativeModel:
@@ -141,16 +151,10 @@ def main(argv: list[str] | None = None):
 
     cfg = load_config(BenchConfig, cli.start(argv), presets("model."),
                       defaults=["scale=small", "model.distribution=6-2"])
-    try:
-        batches = [int(b) for b in cfg.batches.split(",")]
-    except ValueError:
-        raise ConfigError(f"batches must be comma-separated integers, got '{cfg.batches}'") from None
-    if min(batches) < 1:
-        raise ConfigError(f"batches={cfg.batches}: every batch size must be >= 1")
     torch.set_num_threads(cfg.threads)
     model = build(cfg)
     print(header(cfg), flush=True)
-    for batch in batches:
+    for batch in cfg.batch_sizes:
         r = run(cfg, model, batch)
         print(report(r), flush=True)
         if not r["same_codes"]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from siren import assets
+from siren import assets, demo_weights
 from siren.io import load_torch_weights, sha256_file
 
 CLAP_SAMPLE_RATE = 48_000
@@ -253,8 +253,6 @@ class Clap(nn.Module):
                 self.model = build_model(self.tokenizer)
             self.weights_label, self.weights_sha256 = "random", f"random-seed{cfg.seed}"
         elif cfg.weights == "demo":
-            from siren import demo_weights
-
             self.tokenizer = ClipBpe()
             path = demo_weights.demo_file("clap")
             self.model = demo_weights.load(path, lambda: build_model(self.tokenizer))
@@ -296,8 +294,6 @@ class Clap(nn.Module):
 
     def card(self) -> dict:
         """What a CLAP number depends on, for the results' protocol card."""
-        from siren import demo_weights
-
         note = {"weights_note": demo_weights.LABEL} if self.weights_label == "demo" else {}
         checkpoint = {"random": "random", "demo": demo_weights.demo_file("clap").name,
                       "pretrained": assets.path("clap").name}.get(self.cfg.weights, Path(self.cfg.weights).name)

@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from siren.codec import CodecConfig
 from siren.config import load_config
 from siren.errors import ConfigError
-from siren.model.config import ModelConfig, presets
+from siren.model.config import FAMILIES, ModelConfig, presets
 from siren.model.continuous import ContinuousConfig
 from siren.model.continuous import presets as continuous_presets
 from siren.model.expert import LOSS_REDUCTIONS
 from siren.runtime import SCHEDULES, check_device, check_precision
 
 PAPER_GEN_FRAMES = 500  # the paper generates 10 s clips (50 frames/s)
-FAMILIES = ("discrete", "continuous")  # Siren's RVQ experts | paper/003's continuous-token LM
 # Keys added after runs were saved without them, with the value those runs used: a checkpoint
 # saved before 2026-12-02 trained with the cosine schedule and resumes as such; one saved before
 # 2026-12-03 took every owned layer's CE into its loss.

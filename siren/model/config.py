@@ -27,6 +27,7 @@ from siren.config import ConfigError
 
 DISTRIBUTIONS = ("1-12", "2-6", "3-4", "4-3", "6-2", "12-1")
 CONDITIONINGS = ("accumulated", "residual", "none")
+FAMILIES = ("discrete", "continuous")  # Siren's RVQ experts | paper/003's continuous-token LM
 # allowed values of the architecture keys (the first is the official code's)
 CHOICES = {"mlp": ("swiglu", "gelu"), "decoder_start": ("text", "learned"),
            "block_order": ("cross_first", "self_first"), "positions": ("every_block", "once"),

@@ -22,7 +22,7 @@ from siren.cli import run as cli_run
 from siren.config import load_config
 from siren.errors import ConfigError
 from siren.model.collaborative import CollaborativeModel
-from siren.model.config import PAPER_SIZES, ModelConfig, presets
+from siren.model.config import FAMILIES, PAPER_SIZES, ModelConfig, presets
 from siren.model.expert import Expert
 
 # Table 2 as printed: (# para., Embed., Main Para., Decoder Para., Head Para.); heads are the whole
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.start(argv)
     families = [a.split("=", 1)[1] for a in args if a.startswith("family=")]
     for f in families:
-        if f not in ("discrete", "continuous"):
+        if f not in FAMILIES:
             raise ConfigError(f"family={f}: discrete (Siren, the default) or continuous (paper/003)")
     args = [a for a in args if not a.startswith("family=")]
     if families and families[-1] == "continuous":  # paper/003's continuous-token LM: its own config and table
