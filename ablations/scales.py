@@ -90,6 +90,24 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
     cell = dict(cell)
     size = cell.pop("model.size")
     common = COMMON if cell.get("model.family", "discrete") == "discrete" else {}  # RVQ-expert keys only
-    out = {**common, **SCALES[scale], **model_keys(scale, size, cell.get("model.distribution", "")), **cell,
-           **dict(overrides)}
+    out = {**common, **SCALES[scale], **model_keys(scale, size, cell.get("model.distribution", "")), **cell}
+    out.update({k: typed(v, out.get(k)) for k, v in dict(overrides).items()})
     return dict(sorted(out.items()))
+
+
+def typed(value: Any, like: Any) -> Any:
+    """A ``set.`` override (a command-line string) as the value it stands for, of the type of the value
+    it replaces: the cell's identity is a hash of these values, so ``set.train.steps=300`` (the default)
+    must hash like 300 and ``set.train.lr=3e-3`` like 0.003, or the grid retrains cells it has. A string
+    the type cannot take stays as written; the stage's own schema names it (ablations.steps.validate)."""
+    if not isinstance(value, str) or isinstance(like, str):
+        return value
+    if isinstance(like, bool):
+        return {"true": True, "false": False}.get(value.strip().lower(), value)
+    # like is None: a key the scale and the cell leave to the stage's default
+    for parse in (type(like),) if isinstance(like, (int, float)) else (int, float):
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    return value

@@ -63,6 +63,7 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
     and out-of-range values are errors now, not inside a job); nothing is built."""
     from eval.audiocaps import EvalConfig
     from siren.config import load_config
+    from siren.data.prepare import PrepareConfig
     from siren.rl.config import parse as align_parse
     from siren.train import parse as stage1_parse
 
@@ -74,6 +75,10 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
                               f"are one of {', '.join(DATA_KEYS)}, weights")
         if cfg["weights"] not in ("pretrained", "random", "demo"):
             raise ConfigError(f"weights must be pretrained, demo or random, got {cfg['weights']!r}")
+        if cfg["data.source"] not in ("demo", "manifest"):
+            raise ConfigError(f"data.source must be demo or manifest, got {cfg['data.source']!r}")
+        if cfg["data.source"] == "demo":  # the clip counts go to prepare: its schema checks them
+            load_config(PrepareConfig, [f"{k}={cfg['data.' + k]}" for k in ("demo_train", "demo_test")])
         stage1_parse(stage1_args(cfg))
         if any(k.startswith("rl.") for k in cfg):
             align_parse(["run_dir=-", "out=--", *_keys(cfg, "rl.")])
@@ -94,8 +99,7 @@ def source_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     for the calibration rows, which read only these and the codec: they then run beside prepare (ablations.plan)."""
     from siren.data.demo import demo_set
 
-    demo = demo_set(Path(data_dir) / "demo_source", n_train=int(cfg["data.demo_train"]),
-                    n_test=int(cfg["data.demo_test"]))  # `set.` overrides arrive as strings
+    demo = demo_set(Path(data_dir) / "demo_source", n_train=cfg["data.demo_train"], n_test=cfg["data.demo_test"])
     return {"train": str(demo.train), "test": str(demo.test)}
 
 

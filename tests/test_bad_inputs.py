@@ -346,6 +346,35 @@ def test_a_grid_refuses_an_unknown_set_key_before_submitting(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing planned, written or submitted
 
 
+@pytest.mark.parametrize("arg, words", [
+    ("set.data.demo_train=abc", "demo_train"), ("set.data.demo_test=0", "demo_test must be > 0"),
+    ("set.data.source=frob", "data.source must be demo or manifest")])
+def test_a_grid_refuses_bad_data_keys_before_submitting(tmp_path, arg, words):
+    # these were accepted, then failed inside the prepare job (data.source=frob: "scale=paper needs your manifests")
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse
+    from siren.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        cells_of(load_grid("table6"), parse(["grid=table6", f"out={tmp_path}", arg]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
+    # `set.` values are command-line strings; hashed as such, "300" made a new cell beside the default's 300
+    # and the grid retrained every cell it already had
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse
+
+    def ids(*sets):
+        return [c.id for c in cells_of(load_grid("table6"), parse(["grid=table6", f"out={tmp_path}", *sets]))]
+
+    default = ids()
+    assert ids("set.train.steps=300", "set.train.lr=3e-3", "set.data.demo_train=20", "set.model.dropout=0") == default
+    assert ids("set.train.lr=0.0030") == default
+    assert ids("set.train.steps=301") != default
+
+
 def test_a_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp_path):
     import re
 
