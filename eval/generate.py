@@ -5,9 +5,15 @@ optionally with CLAP-score reject sampling (N candidates per caption, the best k
 does following GenAU), and timed like Table 1's #Gen. Time (one batch, on the device named).
 A model that cannot generate (non-finite logits, or most samples collapsing onto one code per
 layer) is reported as `itg` with the reason, as the paper prints it, never written as audio.
+
+A resumed run keeps only clips made as it would make them: ``<out_dir>/generation.json`` records the
+model's weights, length, seed, sampling and candidates, and each id's caption; clips made otherwise
+(another run, ``seconds=``, ``caption_index=``, ...) are an error naming the difference, never reused.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -21,11 +27,12 @@ from siren.codec import FRAME_RATE, SAMPLE_RATE
 from siren.data.manifest import child_path
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
-from siren.io import atomic_path
+from siren.io import atomic_path, write_json
 from siren.model.continuous import ContinuousLM, decode_latent
 from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
 
+RECORD = "generation.json"  # in the clips' folder: how they were made (check_record)
 COLLAPSE_ITG = 0.5  # a set where at least this fraction of clips collapsed cannot generate (itg)
 
 
@@ -43,11 +50,15 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     paths = [child_path(out_dir, id_, ".wav") for id_ in ids]  # before anything is built or written
     out_dir.mkdir(parents=True, exist_ok=True)
     model = siren.load(run_dir, device)
-    warn_if_past_trained(run_dir, max(1, round(seconds * FRAME_RATE)), "eval")
-    text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
+    n_frames = max(1, round(seconds * FRAME_RATE))
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
-    n_frames = max(1, round(seconds * FRAME_RATE))
+    settings = {"weights_sha256": weights_sha256(model), "n_frames": n_frames, "seed": seed, "sample": vars(sample),
+                "candidates": candidates}
+    check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
+                 [i for i, p in zip(ids, paths) if p.is_file()])
+    warn_if_past_trained(run_dir, n_frames, "eval")
+    text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
     todo = [i for i, p in enumerate(paths) if not p.is_file()]
     batch_times, collapsed, total = [], 0, 0
     for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch", disable=not todo):
@@ -94,6 +105,39 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
             "generated_now": len(todo), "collapsed": collapsed, "device": _device_name(device),
             "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the model's state (names and bytes): which weights made a clip."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
+                 existing: list[str]) -> None:
+    """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring); then record
+    how this call makes them (before any clip is written). ``existing``: the ids whose clip is there."""
+    path = out_dir / RECORD
+    record = json.loads(path.read_text()) if path.is_file() and existing else None
+    fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
+    if record is None and existing:
+        raise ConfigError(f"{out_dir} holds {len(existing)} clip(s) (e.g. {existing[0]}.wav) but no {RECORD}, so "
+                          f"how they were made is unknown; {fix}")
+    if record is not None:
+        diff = [f"{k}={record['settings'].get(k)!r} there, {v!r} now" for k, v in settings.items()
+                if record["settings"].get(k) != v]
+        changed = [i for i in existing if record["captions"].get(i) != captions[i]]
+        if changed:
+            diff.append(f"{len(changed)} clip(s) made for another caption (e.g. {changed[0]}: "
+                        f"{record['captions'].get(changed[0])!r} there, {captions[changed[0]]!r} now)")
+        if diff:
+            raise ConfigError(f"{out_dir} holds clips generated otherwise (by {record.get('run_dir')}): "
+                              f"{'; '.join(diff)}; {fix}")
+    write_json(path, {"run_dir": str(Path(run_dir).resolve()), "settings": settings,
+                      "captions": {**(record or {}).get("captions", {}), **captions}})
 
 
 def _device_name(device: str) -> str:

@@ -426,3 +426,44 @@ def test_params_names_an_unknown_model_family():
 
     with pytest.raises(ConfigError, match="family=frob: discrete"):
         main(["family=frob"])
+
+
+# ---------------------------------------------------------------- a resumed generation reuses only its own clips
+
+def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
+    """`eval/audiocaps.py ckpt=A out=O`, then `ckpt=B out=O` (or another seconds=, caption_index=): the
+    second evaluated A's clips under B's name; now the clips' record (generation.json) names the difference."""
+    import soundfile as sf
+
+    from eval.generate import generate_set
+    from siren.codec import Codec, CodecConfig
+    from siren.config import to_dict
+    from siren.errors import ConfigError
+    from siren.sample import SampleConfig
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_rl import make_stage1_run
+
+    codec, text = Codec(CodecConfig(weights="random")), TextEncoder(TextConfig(weights="random"))
+    runs = [make_stage1_run(tmp_path / f"run{s}", "12-1", seed=s, tables=codec.code_tables(), codec_id=codec.id,
+                            text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
+            for s in (0, 1)]
+    gen, ids = tmp_path / "gen", ["a", "b"]
+
+    def generate(run, seconds=0.1, captions=("a dog barks", "rain")):
+        return generate_set(run, ids, list(captions), gen, seconds=seconds, batch_size=2, seed=0,
+                            sample=SampleConfig())
+
+    assert generate(runs[0])["generated_now"] == 2
+    made = {p.name: p.read_bytes() for p in gen.glob("*.wav")}
+    for args, words in [((runs[1],), "weights_sha256="), ((runs[0], 0.2), "n_frames=5 there, 10 now"),
+                        ((runs[0], 0.1, ("a dog barks", "wind")), "1 clip.* another caption .*'rain' there")]:
+        with pytest.raises(ConfigError, match=words):
+            generate(*args)
+    assert {p.name: p.read_bytes() for p in gen.glob("*.wav")} == made  # nothing overwritten
+    assert generate(runs[0])["generated_now"] == 0  # the same settings resume
+    (gen / "generation.json").unlink()  # clips of unknown origin
+    with pytest.raises(ConfigError, match="holds 2 clip.* no generation.json"):
+        generate(runs[0])
+    for p in gen.glob("*.wav"):
+        p.unlink()
+    assert generate(runs[1])["generated_now"] == 2 and sf.info(gen / "a.wav").frames == 5 * HOP
