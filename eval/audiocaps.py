@@ -87,8 +87,11 @@ class EvalConfig:
 
     def __post_init__(self):
         check_numbers(self, positive=("batch_size", "gen_batch_size", "candidates", "is_splits", "seconds"),
-                      nonneg=("caption_index", "kl_eps", "seed", "gen_seed"))
+                      nonneg=("caption_index", "kl_eps", "seed", "gen_seed", "is_seed"))
+        if self.is_seed >= 2**32:
+            raise ConfigError(f"is_seed must be < 2**32 (numpy RandomState, as audioldm_eval), got {self.is_seed}")
         check_device(self.device)
+        _metric_list(self)  # an unknown metric is named now (a grid: before any job), not after generating
         for key, allowed in [("crop", tuple(CROPS)), ("channel", CHANNELS), ("fad_channel", CHANNELS),
                              ("clap_channel", CHANNELS), ("resampler", tuple(RESAMPLERS)),
                              ("fad_resampler", tuple(RESAMPLERS)), ("clap_resampler", tuple(RESAMPLERS)),
@@ -106,7 +109,8 @@ def _metric_list(cfg: EvalConfig) -> list[str]:
     want = [m.strip().lower() for m in cfg.metrics.split(",") if m.strip()]
     bad = [m for m in want if m not in METRICS]
     if bad or not want:
-        raise ConfigError(f"metrics={cfg.metrics!r}: unknown {bad}; choose from {', '.join(METRICS)}")
+        raise ConfigError(f"metrics={cfg.metrics!r}: {f'unknown {bad}' if bad else 'no metric'}; choose from "
+                          f"{', '.join(METRICS)}")
     return [m for m in METRICS if m in want]
 
 

@@ -335,6 +335,24 @@ def test_bad_benchmark_values_fail_when_parsed(module, schema, arg):
         load_config(getattr(importlib.import_module(module), schema), [arg])
 
 
+@pytest.mark.parametrize("arg, words", [("metrics=fd,isk", r"unknown \['isk'\]"), ("metrics=,", "no metric"),
+                                        ("is_seed=-1", "is_seed must be >= 0"), ("is_seed=4294967296", "2\\*\\*32")])
+def test_bad_eval_values_fail_when_parsed(tmp_path, arg, words):
+    """metrics= was checked only when evaluating (a grid's set.eval.metrics=fd,isk after every cell had trained),
+    is_seed=-1 not at all (numpy's ValueError traceback after the embeddings); both are refused when parsed."""
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse
+    from eval.audiocaps import EvalConfig
+    from siren.config import load_config
+    from siren.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        load_config(EvalConfig, [arg])
+    with pytest.raises(ConfigError, match=words):
+        cells_of(load_grid("table5"), parse(["grid=table5", f"out={tmp_path}", f"set.eval.{arg}"]))
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_grid_refuses_an_unknown_set_key_before_submitting(tmp_path):
     from ablations.grid import load_grid
     from ablations.plan import cells_of, parse
