@@ -37,7 +37,11 @@ def select(rows: list[Row], manifest: str | Path, caption_index: int = 0,
     for r in rows:
         by_id.setdefault(r.id, []).append(r)
     if subset:
+        if not Path(subset).is_file():
+            raise ManifestError(f"subset={subset} is not a file; give a text file of reference ids, one per line")
         wanted = [line.strip() for line in Path(subset).read_text().splitlines() if line.strip()]
+        if not wanted:
+            raise ManifestError(f"subset {subset} lists no id; give one reference id per line")
         unknown = [i for i in wanted if i not in by_id]
         if unknown:
             raise ManifestError(f"subset {subset}: {len(unknown)} id(s) not in {manifest}: {_show(unknown)}")

@@ -485,3 +485,19 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     for p in gen.glob("*.wav"):
         p.unlink()
     assert generate(runs[1])["generated_now"] == 2 and sf.info(gen / "a.wav").frames == 5 * HOP
+
+
+def test_a_missing_or_empty_eval_subset_is_named(tmp_path, capsys):
+    """subset= naming no file ended in a FileNotFoundError traceback; an empty one in 'the reference set has
+    0 clip(s)', not naming the subset file."""
+    from eval.audiocaps import main
+
+    for i in "ab":
+        write_wav(tmp_path / f"{i}.wav", tone(8000))
+    ref = csv_file(tmp_path / "R.csv", "id,audio,caption\na,a.wav,a\nb,b.wav,b\n")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    for subset, words in [(tmp_path / "nope.txt", "nope.txt is not a file"), (tmp_path, "is not a file"),
+                          (tmp_path / "blank.txt", "blank.txt lists no id")]:
+        assert main([f"gen_dir={tmp_path}", f"ref={ref}", f"subset={subset}", "weights=random", "metrics=fd",
+                     f"out={tmp_path / 'out'}"]) == 2
+        assert words in capsys.readouterr().err
