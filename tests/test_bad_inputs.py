@@ -501,3 +501,12 @@ def test_a_missing_or_empty_eval_subset_is_named(tmp_path, capsys):
         assert main([f"gen_dir={tmp_path}", f"ref={ref}", f"subset={subset}", "weights=random", "metrics=fd",
                      f"out={tmp_path / 'out'}"]) == 2
         assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split", ["../../esc", "a/b", "..", "a\\b"])
+def test_a_prepare_split_cannot_name_a_file_outside_out(split):
+    """prepare split=../../esc wrote <out>/../esc.json and <out>/../esc.shards/, outside out=."""
+    from siren.data.prepare import parse
+
+    with pytest.raises(DataError, match=r"split=.* names the file <out>/splits/<split>\.json"):
+        parse(["manifest=m.csv", "out=o", f"split={split}"])

@@ -292,6 +292,9 @@ class PrepareConfig:
                                       "demo_test"), nonneg=("demo_seed",))
         if self.shard >= self.num_shards:
             raise DataError(f"shard={self.shard} must be < num_shards={self.num_shards} (or -1: every shard)")
+        if "/" in self.split or "\\" in self.split or ".." in self.split:
+            raise DataError(f"split={self.split!r} names the file <out>/splits/<split>.json: give a plain name "
+                            f"without '/', '\\' or '..' (e.g. split=train)")
         if self.text_dtype not in TEXT_DTYPES or self.on_error not in ON_ERROR:
             raise DataError(f"text_dtype must be one of {list(TEXT_DTYPES)} and on_error one of {list(ON_ERROR)}; "
                             f"got {self.text_dtype!r}, {self.on_error!r}")
