@@ -510,3 +510,19 @@ def test_a_prepare_split_cannot_name_a_file_outside_out(split):
 
     with pytest.raises(DataError, match=r"split=.* names the file <out>/splits/<split>\.json"):
         parse(["manifest=m.csv", "out=o", f"split={split}"])
+
+
+@pytest.mark.parametrize("module, arg, words", [
+    ("siren.data.prepare", "shard=-5", r"shard=-5 must be in \[0, num_shards=1\)"),
+    ("siren.data.prepare", "crop_s=-1", "crop_s must be >= 0"),
+    ("siren.data.prepare", "crop_s=6 crop_step_s=0", "crop_step_s must be > 0"),
+    ("siren.data.filter", "shard=-5", r"shard in \[0, num_shards\).*shard=-5")])
+def test_bad_data_values_fail_when_parsed(module, arg, words):
+    """shard=-5 encoded (or scored) every shard as -1 does; prepare crop_s=-1 ran with the crop filter off;
+    crop_step_s=0 was refused only after the models were built."""
+    import importlib
+
+    from siren.errors import SirenError
+
+    with pytest.raises(SirenError, match=words):
+        importlib.import_module(module).parse(["manifest=m.csv", "out=o", *arg.split()])

@@ -78,8 +78,9 @@ class FilterConfig:
     def __post_init__(self):
         if self.step not in STEPS:
             raise ConfigError(f"step must be one of {', '.join(STEPS)}, got '{self.step}'")
-        if self.num_shards < 1 or self.shard >= self.num_shards:
-            raise ConfigError(f"need num_shards >= 1 and shard < num_shards, got {self.num_shards}, {self.shard}")
+        if self.num_shards < 1 or not -1 <= self.shard < self.num_shards:
+            raise ConfigError(f"need num_shards >= 1 and shard in [0, num_shards) (or -1: every shard), got "
+                              f"num_shards={self.num_shards}, shard={self.shard}")
         if self.audio.policy == "segment":
             raise ConfigError("audio.policy=segment: the filter scores one item per manifest row (appendix A "
                               "captions each 10 s segment); cut the files into segments first, or use pad/crop")

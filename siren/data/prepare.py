@@ -289,9 +289,11 @@ class PrepareConfig:
 
     def __post_init__(self):
         check_numbers(self, positive=("num_shards", "workers", "batch_size", "text_batch_size", "demo_train",
-                                      "demo_test"), nonneg=("demo_seed",))
-        if self.shard >= self.num_shards:
-            raise DataError(f"shard={self.shard} must be < num_shards={self.num_shards} (or -1: every shard)")
+                                      "demo_test"), nonneg=("demo_seed", "crop_s"))
+        if self.crop_s > 0 and not self.crop_step_s > 0:
+            raise DataError(f"crop_step_s must be > 0 when crop_s > 0, got {self.crop_step_s}")
+        if not -1 <= self.shard < self.num_shards:
+            raise DataError(f"shard={self.shard} must be in [0, num_shards={self.num_shards}) (or -1: every shard)")
         if "/" in self.split or "\\" in self.split or ".." in self.split:
             raise DataError(f"split={self.split!r} names the file <out>/splits/<split>.json: give a plain name "
                             f"without '/', '\\' or '..' (e.g. split=train)")
