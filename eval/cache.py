@@ -24,6 +24,7 @@ from tqdm import tqdm
 from eval.audio import Clip
 from eval.backbones import Backbone, ClapAudio
 from siren import assets
+from siren.errors import ConfigError
 from siren.io import save_tensors
 
 KEY_VERSION = 1
@@ -42,6 +43,10 @@ class CacheStats:
 class EmbeddingCache:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else default_dir()
+        there = next(p for p in (self.root, *self.root.parents) if p.exists())  # checked before anything is computed
+        if not there.is_dir():
+            raise ConfigError(f"embedding cache {self.root}: {there} is a file, not a folder; pass cache_dir=FOLDER "
+                              f"(or cache=false)")
 
     @staticmethod
     def key(content_hash: str, backbone_id: str, weights_sha256: str, protocol: dict) -> str:

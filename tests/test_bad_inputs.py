@@ -526,3 +526,16 @@ def test_bad_data_values_fail_when_parsed(module, arg, words):
 
     with pytest.raises(SirenError, match=words):
         importlib.import_module(module).parse(["manifest=m.csv", "out=o", *arg.split()])
+
+
+def test_an_eval_cache_dir_that_is_a_file_is_named(tmp_path, capsys):
+    """cache_dir=FILE (or a folder under a file) ended in a NotADirectoryError traceback at the first write."""
+    from eval.audiocaps import main
+
+    for i in "ab":
+        write_wav(tmp_path / "gen" / f"{i}.wav", tone(8000))
+    ref = csv_file(tmp_path / "R.csv", f"id,audio,caption\na,{tmp_path}/gen/a.wav,a\nb,{tmp_path}/gen/b.wav,b\n")
+    for cache in (ref, ref / "sub"):
+        assert main([f"gen_dir={tmp_path / 'gen'}", f"ref={ref}", f"cache_dir={cache}", "weights=random",
+                     "metrics=fd", f"out={tmp_path / 'out'}"]) == 2
+        assert f"{ref} is a file, not a folder; pass cache_dir=FOLDER" in capsys.readouterr().err
