@@ -87,7 +87,7 @@ class FilterConfig:
         for k in ("batch_size",):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
-        for k in ("rl_top", "train_n"):
+        for k in ("rl_top", "train_n", "demo_seed", "seed"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
         if not -1 <= self.tau <= 1:

@@ -246,7 +246,7 @@ class BuildConfig:
 
     def __post_init__(self):
         check_numbers(self, positive=("threads", "n_train", "n_test"),
-                      nonneg=("panns_steps", "vggish_steps", "clap_steps"))
+                      nonneg=("panns_steps", "vggish_steps", "clap_steps", "seed"))
         bad = set(self.only.split(",")) - {"panns", "vggish", "clap"}
         if bad:
             raise ConfigError(f"only={self.only}: unknown part(s) {sorted(bad)}; choose from panns,vggish,clap")

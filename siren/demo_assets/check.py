@@ -93,7 +93,7 @@ class CheckConfig:
     codec: str = "auto"  # also measure resynthesised test clips: a DAC file, auto (the demo codec if built) or none
 
     def __post_init__(self):
-        check_numbers(self, positive=("per_half",))
+        check_numbers(self, positive=("per_half",), nonneg=("seed",))
         if self.per_half > N_TRAIN // 2:  # two sets of per_half clips per class from N_TRAIN
             raise ConfigError(f"per_half={self.per_half}: at most {N_TRAIN // 2} "
                               f"(two sets from {N_TRAIN} clips per class)")

@@ -101,7 +101,7 @@ class CodecRecipe:
     def __post_init__(self):
         check_numbers(self, positive=("n_train", "batch", "threads", "kmeans_iters", "ae_lr", "ft_lr",
                                           "checkpoint_every"),
-                      nonneg=("ae_steps", "ft_steps", "decay_steps"))
+                      nonneg=("ae_steps", "ft_steps", "decay_steps", "seed", "n_test"))
         if self.init_stage not in (2, 3):
             raise ConfigError(f"init_stage={self.init_stage}: 2 (keep init's encoder and quantizers) "
                               "or 3 (its decoder too)")
