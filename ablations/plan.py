@@ -114,6 +114,18 @@ def stage1_dir(cell: Cell, run: RunConfig) -> Path:
     return run.root / "stage1" / sid
 
 
+def check_manifests(cells: list[Cell]) -> None:
+    """Before anything is submitted, every manifest a ``data.source=manifest`` cell names is a file: a typo in
+    ``data.test`` would otherwise surface in the eval job, after every expert had trained. The paths are
+    checked as this launcher sees them; the jobs read the same paths (a cluster's shared filesystem)."""
+    keys = ("data.train", "data.test", "data.prompts", "data.subset")
+    absent = sorted({f"set.{k}={c.cfg[k]}" for c in cells if c.cfg["data.source"] == "manifest" for k in keys
+                     if c.cfg.get(k) and not Path(c.cfg[k]).is_file()})
+    if absent:
+        raise ConfigError(f"no such file: {', '.join(absent)}; give the manifests' paths as the jobs will see them "
+                          "(action=table writes the tables of finished jobs without reading them)")
+
+
 def data_paths(cfg: dict, data_dir: Path) -> tuple[str, str, str | None]:
     """(eval reference manifest, RL prompts, eval subset) of a cell."""
     if cfg["data.source"] == "demo":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ablations import figures, outcomes, pipeline
 from ablations.grid import load_grid
-from ablations.plan import RunConfig, cells_of, parse, plan
+from ablations.plan import RunConfig, cells_of, check_manifests, parse, plan
 from ablations.tables import build_frame, write_tables
 from siren import io
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cancelled {n} job(s)" + ("" if n else " (nothing recorded on SLURM is unfinished)"))
         return 0
     if run.action == "run":
+        check_manifests(cells)
         for cell in cells:  # what each cell directory is, for a reader browsing results
             io.write_json(cell.dir / "cell.json",
                           {"id": cell.id, "config": cell.cfg, "rows": [r.label for r in cell.rows]})

@@ -378,6 +378,22 @@ def test_a_grid_refuses_bad_data_keys_before_submitting(tmp_path, arg, words):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_paper_grid_names_a_missing_manifest_before_submitting(tmp_path):
+    # a typo in set.data.test surfaced in the eval job, after every expert had trained
+    from ablations.run import main
+    from siren.errors import ConfigError
+
+    for name in ("train.csv", "prompts.csv"):
+        (tmp_path / name).write_text("id,audio,caption\n")
+    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "executor=local",
+            f"set.data.train={tmp_path / 'train.csv'}", f"set.data.test={tmp_path / 'tset.csv'}",
+            f"set.data.prompts={tmp_path / 'prompts.csv'}"]
+    with pytest.raises(ConfigError, match=r"no such file: set\.data\.test=.*tset\.csv; give"):
+        main(args)
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "action=status"]) == 0  # status reads no manifest
+
+
 def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
     # `set.` values are command-line strings; hashed as such, "300" made a new cell beside the default's 300
     # and the grid retrained every cell it already had
