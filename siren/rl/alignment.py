@@ -63,6 +63,12 @@ def prompt_batch(prompts: Sequence[str], step: int, batch: int, seed: int) -> li
     return out
 
 
+def fixed_prompts(prompts: Sequence[str], n: int) -> list[str]:
+    """The prompts of the fixed-prompt reward (AlignConfig.fixed_every): n spread evenly over the file, so a
+    file sorted by class or source still gives a mix."""
+    return [prompts[i * len(prompts) // n] for i in range(min(n, len(prompts)))]
+
+
 # ---------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -152,10 +158,19 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
 
     from tqdm import tqdm
 
+    def reward_fixed() -> float:  # the same prompts and seed each time: only the policy changes
+        with autocast(cfg.precision, device):
+            ro = collect(model, fixed_prompts(prompts, cfg.fixed_prompts), encode_text, cfg.group, cfg.n_frames,
+                         cfg.sample, seed=derive_seed(cfg.seed, 1, 0), reward=reward, codec=codec,
+                         rollout_batch=cfg.rollout_batch, decode_batch=cfg.decode_batch)
+        return float(ro.rewards.mean())
+
     result = None
     with stop_on_signal(handle_signals) as stop, RunLog(out / "rl", start) as runlog, \
             tqdm(total=cfg.steps, initial=start, desc=f"align {cfg.method} experts {trainable}",
                  dynamic_ncols=True) as bar:
+        if cfg.fixed_every and start == 0:
+            runlog.write({"step": 0, "reward_fixed": reward_fixed()})
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             captions = prompt_batch(prompts, step, cfg.batch, cfg.seed)  # Algorithm 3 line 2
@@ -180,9 +195,11 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             entry.update(update(cfg, policy, opts, params, ro, logp_old, logp_ref, device, where=f"step {step + 1}"))
             entry["time_rollout_s"], entry["time_update_s"] = t1 - t0, time.perf_counter() - t1
             done = step + 1
+            if cfg.fixed_every and done % cfg.fixed_every == 0:
+                entry["reward_fixed"] = reward_fixed()
             bar.update(1)
             bar.set_postfix(reward=f"{entry['reward_mean']:.4f}", skipped=entry["skipped"])
-            if done % cfg.log_every == 0 or done == cfg.steps or entry["skipped"]:
+            if done % cfg.log_every == 0 or done == cfg.steps or entry["skipped"] or "reward_fixed" in entry:
                 runlog.write(entry)
             stop.preempted = stop.signum is not None
             if stop.preempted or done % cfg.ckpt_every == 0 or done == cfg.steps:

@@ -26,7 +26,7 @@ METHODS = ("grpo", "dpo")
 # Keys that may change when a run resumes: they cannot change the numbers of the steps already
 # taken (steps extends or shortens the run; the rest is bookkeeping or memory).
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_last", "device", "micro_batch", "decode_batch",
-                     "link")
+                     "link", "fixed_every", "fixed_prompts")
 
 
 @dataclass
@@ -59,6 +59,11 @@ class AlignConfig:
     micro_batch: int = 16  # rollouts per forward/backward of the update; 0 = all at once
     decode_batch: int = 8  # rollouts decoded + scored together
     seed: int = 0
+    # > 0: at step 0 and every fixed_every steps, the mean reward of `group` rollouts for each of fixed_prompts
+    # prompts spread over the prompt file, sampled with one seed each time (rl/log.jsonl "reward_fixed"): a curve
+    # of the policy alone, where reward_mean also moves with the prompts a step draws. Costs its rollouts.
+    fixed_every: int = 0
+    fixed_prompts: int = 8
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA) | bf16 | fp32
     log_every: int = 1
@@ -96,7 +101,9 @@ class AlignConfig:
         if self.lr == 0 or self.seconds == 0 or not (self.beta1 < 1 and self.beta2 < 1):
             raise ConfigError(f"need lr > 0, seconds > 0, beta1 < 1, beta2 < 1; got lr={self.lr}, "
                               f"seconds={self.seconds}, beta1={self.beta1}, beta2={self.beta2}")
-        for key in ("rollout_batch", "micro_batch", "seed"):
+        if self.fixed_prompts < 1:
+            raise ConfigError(f"fixed_prompts must be >= 1, got {self.fixed_prompts}")
+        for key in ("rollout_batch", "micro_batch", "seed", "fixed_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         check_precision(self.precision)
