@@ -195,8 +195,8 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             entry.update(update(cfg, policy, opts, params, ro, logp_old, logp_ref, device, where=f"step {step + 1}"))
             entry["time_rollout_s"], entry["time_update_s"] = t1 - t0, time.perf_counter() - t1
             done = step + 1
-            if cfg.fixed_every and done % cfg.fixed_every == 0:
-                entry["reward_fixed"] = reward_fixed()
+            if cfg.fixed_every and done % cfg.fixed_every == 0 and stop.signum is None:  # a stop request
+                entry["reward_fixed"] = reward_fixed()  # checkpoints first: the point is skipped, not worth the grace
             bar.update(1)
             bar.set_postfix(reward=f"{entry['reward_mean']:.4f}", skipped=entry["skipped"])
             if done % cfg.log_every == 0 or done == cfg.steps or entry["skipped"] or "reward_fixed" in entry:
