@@ -12,7 +12,6 @@ model's weights, length, seed, sampling and candidates, and each id's caption; c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import siren
 from siren.checkpoint import read_run_config, trained_frames, warn_if_past_trained
 from siren.codec import FRAME_RATE, SAMPLE_RATE
 from siren.data.manifest import child_path
+from siren.demo_weights import tensors_sha256
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
 from siren.io import atomic_path, write_json
@@ -53,8 +53,8 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     n_frames = max(1, round(seconds * FRAME_RATE))
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
-    settings = {"weights_sha256": weights_sha256(model), "n_frames": n_frames, "seed": seed, "sample": vars(sample),
-                "candidates": candidates}
+    settings = {"weights_sha256": tensors_sha256(model.state_dict()), "n_frames": n_frames, "seed": seed,
+                "sample": vars(sample), "candidates": candidates}
     check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
                  [i for i, p in zip(ids, paths) if p.is_file()])
     warn_if_past_trained(run_dir, n_frames, "eval")
@@ -105,15 +105,6 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
             "generated_now": len(todo), "collapsed": collapsed, "device": _device_name(device),
             "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the model's state (names and bytes): which weights made a clip."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
