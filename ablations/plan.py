@@ -4,6 +4,7 @@ or a stage shared by several rows or tables runs once. Nothing here runs or subm
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from ablations.pipeline import Job
 from ablations.scales import resolve
 from siren.config import check_numbers, load_config
 from siren.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ACTIONS = ("run", "status", "table", "cancel")
 
@@ -90,16 +93,23 @@ def parse(argv: list[str]) -> RunConfig:
 
 def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
     """The grid's cells at ``cfg.scale`` (rows that resolve to the same config share one cell); every
-    cell's keys are validated by the stages' own config schemas before anything is submitted."""
+    row's keys are validated by the stages' own config schemas before anything is submitted."""
     cells: dict[str, Cell] = {}
     for row in grid.rows:
         if row.cell is None or (cfg.wanted_rows and row.label not in cfg.wanted_rows):
             continue
         resolved = resolve(row.cell, cfg.scale, cfg.set)
+        steps.validate(resolved, f"{grid.name} row {row.label!r}")
+        if "rl.method" not in resolved:
+            # Stage-2 keys do nothing to a row without stage 2, so they stay out of its identity: `set.rl.steps=100`
+            # on Table 4 re-runs its "+ RL Align" row, not the evaluations of the rows beside it.
+            resolved = {k: v for k, v in resolved.items() if not k.startswith("rl.")}
         cid = cell_id(resolved)
         cells.setdefault(cid, Cell(cid, cfg.root / "cells" / cid, resolved, [])).rows.append(row)
-    for cell in cells.values():
-        steps.validate(cell.cfg, f"{grid.name} row {cell.rows[0].label!r}")
+    unused = sorted(k for k in cfg.set if k.startswith("rl."))
+    if unused and not any("rl.method" in c.cfg for c in cells.values()):
+        log.warning("%s: no row of %s runs stage 2, so they change nothing", ", ".join(f"set.{k}" for k in unused),
+                    grid.name)
     return list(cells.values())
 
 

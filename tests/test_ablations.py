@@ -1,6 +1,7 @@
 """Ablation grids: expansion and cell sharing, tables, errors, and real runs of demo cells through
 the local executor and through a real single-node SLURM (preempted and resumed mid-training)."""
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -101,6 +102,25 @@ def test_overrides_change_identity_and_rows_select():
     assert {c.id for c in _cells("table6", "demo", "set.train.steps=7")}.isdisjoint(base)
     assert [c.rows[0].label for c in _cells("table6", "demo", "rows=6-2,1-12")] == ["1-12", "6-2"]
 
+
+
+def test_stage2_overrides_reach_only_the_rows_that_align(caplog):
+    """`set.rl.steps=100` re-runs a grid's aligned rows and reuses the cells of its unaligned rows (their
+    identity changed with every rl.* key until 2026-12-04, so each was evaluated again); a stage-2 key is
+    still checked where no row aligns, and said to change nothing."""
+    def ids(grid, *extra):
+        return {c.rows[0].label: c.id for c in _cells(grid, "demo", *extra)}
+
+    base, longer = ids("table4"), ids("table4", "set.rl.steps=100")
+    aligned = [c.rows[0].label for c in _cells("table4", "demo") if "rl.method" in c.cfg]
+    assert aligned and len(aligned) < len(base)
+    assert {r for r in base if base[r] != longer[r]} == set(aligned)
+
+    with caplog.at_level(logging.WARNING, logger="ablations.plan"):
+        assert ids("table6", "set.rl.steps=100") == ids("table6")
+    assert "set.rl.steps" in caplog.text and "table6" in caplog.text
+    with pytest.raises(ConfigError, match="steps"):
+        _cells("table6", "demo", "set.rl.steps=-3")
 
 def test_demo_identity_follows_the_demo_weight_files(tmp_path, monkeypatch):
     """Outputs made with older demo weights (an earlier checkout) are not reused: every id changes."""
