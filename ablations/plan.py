@@ -108,8 +108,7 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
         cells.setdefault(cid, Cell(cid, cfg.root / "cells" / cid, resolved, [])).rows.append(row)
     unused = sorted(k for k in cfg.set if k.startswith("rl."))
     if unused and not any("rl.method" in c.cfg for c in cells.values()):
-        log.warning("%s: no row of %s runs stage 2, so they change nothing", ", ".join(f"set.{k}" for k in unused),
-                    grid.name)
+        log.warning("%s ignored: no row of %s runs stage 2", ", ".join(f"set.{k}" for k in unused), grid.name)
     return list(cells.values())
 
 
