@@ -101,9 +101,10 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
         resolved = resolve(row.cell, cfg.scale, cfg.set)
         steps.validate(resolved, f"{grid.name} row {row.label!r}")
         if "rl.method" not in resolved:
-            # Stage-2 keys do nothing to a row without stage 2, so they stay out of its identity: `set.rl.steps=100`
-            # on Table 4 re-runs its "+ RL Align" row, not the evaluations of the rows beside it.
-            resolved = {k: v for k, v in resolved.items() if not k.startswith("rl.")}
+            # Stage-2 overrides do nothing to a row without stage 2, so they stay out of its identity:
+            # `set.rl.steps=100` on Table 4 re-runs its "+ RL Align" row, not the evaluations beside it. (The
+            # scale's own rl.* defaults stay in, as before, so cells already made keep their ids.)
+            resolved = resolve(row.cell, cfg.scale, {k: v for k, v in cfg.set.items() if not k.startswith("rl.")})
         cid = cell_id(resolved)
         cells.setdefault(cid, Cell(cid, cfg.root / "cells" / cid, resolved, [])).rows.append(row)
     unused = sorted(k for k in cfg.set if k.startswith("rl."))

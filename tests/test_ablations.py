@@ -13,6 +13,7 @@ from ablations import pipeline
 from ablations.grid import grid_names, load_grid
 from ablations.plan import cells_of, parse, stage1_dir
 from ablations.run import main
+from ablations.scales import resolve
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
 from siren.checkpoint import load_latest
 from siren.config import ConfigError
@@ -116,6 +117,8 @@ def test_stage2_overrides_reach_only_the_rows_that_align(caplog):
     assert aligned and len(aligned) < len(base)
     assert {r for r in base if base[r] != longer[r]} == set(aligned)
 
+    # without stage-2 overrides a cell is its full resolved config, as before: cells already made keep their ids
+    assert all(c.cfg == resolve(c.rows[0].cell, "demo") for c in _cells("table4", "demo"))
     with caplog.at_level(logging.WARNING, logger="ablations.plan"):
         assert ids("table6", "set.rl.steps=100") == ids("table6")
     assert "set.rl.steps" in caplog.text and "table6" in caplog.text
