@@ -15,6 +15,7 @@ from ablations.pipeline import Job
 from ablations.scales import resolve
 from siren.config import check_numbers, load_config
 from siren.errors import ConfigError
+from siren.io import check_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def parse(argv: list[str]) -> RunConfig:
         raise ConfigError(f"unknown executor '{cfg.executor}'; valid: {', '.join(KINDS)}")
     if cfg.executor == "slurm":
         load_profile(cfg.profile)  # a missing profile names the available ones before anything runs
+    check_folder(cfg.out, "out")  # action=status and table write there too
     grid = load_grid(cfg.grid)  # names the valid grids if this one does not exist
     labels = [r.label for r in grid.rows]
     unknown = [r for r in cfg.wanted_rows if r not in labels]

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
 from siren import cli
 from siren.config import load_config, to_dict
 from siren.errors import ConfigError
-from siren.io import atomic_path, write_json
+from siren.io import atomic_path, check_folder, write_json
 
 T = TypeVar("T")
 
@@ -56,6 +56,7 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
     """Parse ``argv``, run the probe, write its resolved config beside the outputs, print where. Bad input
     raises a ``SirenError`` naming the key or file and the fix (``command`` turns it into one line)."""
     cfg = load_config(schema, cli.start(argv))
+    check_folder(out_dir(getattr(cfg, "out", ""), probe), "out")  # before the probe computes
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
     write_json(folder / "config.json", {"probe": probe, **to_dict(cfg)})

@@ -30,10 +30,11 @@ from eval.audio import CHANNELS, CROPS, BadAudioError, Clip, load_clips
 from eval.backbones import RESAMPLERS, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
 from eval.reference import match_generated, select, set_hash
+from siren.checkpoint import read_run_config
 from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
-from siren.io import sha256_file, write_json
+from siren.io import check_folder, sha256_file, write_json
 from siren.runtime import check_device, resolve_device
 from siren.sample import SampleConfig
 
@@ -273,7 +274,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     if bool(cfg.ckpt) == bool(cfg.gen_dir) or not cfg.ref:
         raise ConfigError("pass ref=MANIFEST (id,audio,caption; or ref=demo) and exactly one of ckpt=RUN_DIR "
                           "(generate, then evaluate) or gen_dir=FOLDER (generated <id>.wav files)")
-    out = output_dir(cfg)
     if cfg.ref == "demo":  # the embedded demo set's test split
         from siren.data.demo import demo_set
 
@@ -283,6 +283,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     items, ref_card = load_reference(cfg, ref)  # a bad manifest is named before any weights are looked for
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
+    if cfg.ckpt:  # a wrong ckpt= is named before its default out=<ckpt>/eval is checked or made
+        read_run_config(cfg.ckpt)
+    out = output_dir(cfg)
+    check_folder(out, "out")
     models = backbones(cfg)
     gen_card, gen_dir = {}, cfg.gen_dir
     if cfg.ckpt:

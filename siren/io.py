@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from siren.errors import ConfigError
+
 
 def umask() -> int:
     """The process umask, read without changing it where Linux reports it (no race with other threads)."""
@@ -50,6 +52,16 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_folder(path: str | os.PathLike, key: str) -> None:
+    """``key=path`` names a folder a command writes into: its nearest existing part must be a folder. Checked
+    when parsed; a file there ended in a NotADirectoryError / FileExistsError traceback at the first write,
+    after the models were built or everything was computed."""
+    path = Path(path)
+    there = next(p for p in (path, *path.parents) if p.exists())  # "." (or "/") at the latest
+    if not there.is_dir():
+        raise ConfigError(f"{key}={path}: {there} is a file, not a folder; give {key}=FOLDER")
 
 
 def write_text(dest: str | os.PathLike, text: str) -> None:

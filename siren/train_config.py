@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from siren.codec import CodecConfig
 from siren.config import load_config
 from siren.errors import ConfigError
+from siren.io import check_folder
 from siren.model.config import FAMILIES, ModelConfig, presets
 from siren.model.continuous import ContinuousConfig
 from siren.model.continuous import presets as continuous_presets
@@ -118,6 +119,7 @@ def parse(args: list[str]) -> Stage1Config:
     if cfg.family == "discrete" and not 0 <= cfg.expert < cfg.model.n_experts:
         raise ConfigError(f"expert={cfg.expert} does not exist in model.distribution={cfg.model.distribution} "
                           f"(experts 0..{cfg.model.n_experts - 1})")
+    check_folder(cfg.run_dir, "run_dir")
     m = cfg.model.layers_per_expert if cfg.family == "discrete" else 0
     if cfg.train.loss_layers > m:
         raise ConfigError(f"train.loss_layers={cfg.train.loss_layers}: " + (

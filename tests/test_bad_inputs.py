@@ -573,3 +573,45 @@ def test_negative_demo_and_draw_seeds_fail_when_parsed(module, schema, arg):
 
     with pytest.raises(ConfigError, match=arg.split("=")[0] + " must be >= 0"):
         load_config(getattr(importlib.import_module(module), schema), [arg])
+
+
+# ---------------------------------------------------------------- an output folder that is a file
+
+@pytest.mark.parametrize("module, key, args", [
+    ("siren.train", "run_dir", []), ("siren.data.prepare", "out", ["manifest=m.csv"]),
+    ("siren.data.filter", "select_out", ["manifest=m.csv", "out=o"]),
+    ("siren.rl.config", "out", ["run_dir=r"]), ("ablations.plan", "out", ["grid=table6"])])
+def test_an_output_folder_that_is_a_file_is_named_when_parsed(tmp_path, module, key, args):
+    """out= (run_dir=, select_out=) naming an existing file, or a folder under one, ended in a NotADirectoryError
+    or FileExistsError traceback at the first write: for the grid's action=status and table at once, for train,
+    prepare and eval after the models were built, for a probe after all its computing."""
+    import importlib
+
+    from siren.errors import ConfigError
+
+    (tmp_path / "f").write_text("")
+    for where in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(ConfigError, match=rf"{key}=.*: .*f is a file, not a folder; give {key}=FOLDER"):
+            importlib.import_module(module).parse([*args, f"{key}={where}"])
+
+
+def test_eval_segment_and_probe_outputs_that_are_files_are_named(tmp_path, capsys):
+    from analysis.cli import main as probe
+    from analysis.convergence import ConvergenceConfig, run
+    from eval.audiocaps import main as evaluate
+    from siren.data.segment import main as segment
+    from siren.errors import ConfigError
+
+    (tmp_path / "f").write_text("")
+    assert evaluate([f"gen_dir={tmp_path}", "ref=demo", f"out={tmp_path / 'f'}", "weights=random",
+                     "metrics=fd"]) == 2
+    assert "out=" in (err := capsys.readouterr().err) and "f is a file, not a folder" in err
+    # a wrong ckpt= is named as such (it was "out=<ckpt>/eval ..." above, and a missing run got <ckpt>/eval/gen/)
+    for ckpt in (tmp_path / "f", tmp_path / "nope"):
+        assert evaluate([f"ckpt={ckpt}", "ref=demo", "weights=random", "metrics=fd"]) == 2
+        assert f"{ckpt} is not a run directory" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
+    for call in (lambda: segment([f"manifest={tmp_path / 'm.csv'}", f"out={tmp_path / 'f'}"]),
+                 lambda: probe("convergence", ConvergenceConfig, run, [f"run={tmp_path}", f"out={tmp_path / 'f'}"])):
+        with pytest.raises(ConfigError, match="f is a file, not a folder; give out=FOLDER"):
+            call()

@@ -41,7 +41,7 @@ from siren.data.cache import cache_path, clap_audio_key, clap_text_key, filter_s
 from siren.data.manifest import Row, read_manifest, read_records
 from siren.data.prepare import shard_rows
 from siren.errors import AudioError, ConfigError
-from siren.io import save_tensors, write_json
+from siren.io import check_folder, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,10 @@ def parse(argv: Sequence[str]) -> FilterConfig:
         from siren.data.demo import AUDIO
 
         defaults = [f"{k}={v}" for k, v in AUDIO.items()]  # explicit audio.* arguments still win
-    return load_config(FilterConfig, args, presets=PRESETS, defaults=defaults)
+    cfg = load_config(FilterConfig, args, presets=PRESETS, defaults=defaults)
+    for key in ("out", "select_out"):
+        check_folder(getattr(cfg, key), key)
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> None:

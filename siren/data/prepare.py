@@ -37,7 +37,7 @@ from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.manifest import Row, read_manifest
 from siren.errors import DataError
-from siren.io import sha256, write_json
+from siren.io import check_folder, sha256, write_json
 from siren.runtime import check_device
 from siren.text import TextConfig
 
@@ -348,6 +348,7 @@ def parse(args: Sequence[str]) -> PrepareConfig:
     cfg = load_config(PrepareConfig, args, defaults=defaults)
     if not cfg.out:
         raise DataError("out=<prepared directory> is required")
+    check_folder(cfg.out, "out")
     if cfg.step not in ("all", "index"):
         raise DataError(f"step must be 'all' or 'index', got '{cfg.step}'")
     return cfg

@@ -29,7 +29,7 @@ from siren.data.cache import sha256
 from siren.data.filter_select import write_csv
 from siren.data.manifest import read_manifest
 from siren.errors import AudioError, ConfigError, DataError
-from siren.io import atomic_path
+from siren.io import atomic_path, check_folder
 
 
 @dataclass
@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(SegmentConfig, cli.start(argv))
     if not cfg.manifest or not cfg.out:
         raise ConfigError("manifest=<raw recordings .csv/.jsonl> and out=<segment directory> are required")
+    check_folder(cfg.out, "out")
     dest, n_new, skipped = segment(cfg.manifest, cfg.out, cfg.duration_s)
     n = sum(1 for _ in dest.open()) - 1
     print(f"{dest}: {n} segments of {cfg.duration_s:g} s ({n_new} written, {n - n_new} unchanged); "

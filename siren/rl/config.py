@@ -16,6 +16,7 @@ from typing import Sequence
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import load_config
 from siren.errors import ConfigError
+from siren.io import check_folder
 from siren.rl.objective import NORMALIZE
 from siren.rl.reward import RewardConfig
 from siren.runtime import check_device, check_precision
@@ -127,6 +128,7 @@ def parse(args: Sequence[str]) -> AlignConfig:
             raise ConfigError(f"{key}= is required (python -m siren.rl run_dir=RUN out=NEW_RUN prompts=FILE ...)")
     if Path(cfg.out).resolve() == Path(cfg.run_dir).resolve():
         raise ConfigError(f"out={cfg.out} is the stage-1 run itself: stage 2 writes a new run directory")
+    check_folder(cfg.out, "out")
     return cfg
 
 
