@@ -121,6 +121,9 @@ def plot(curves: dict, layers: list[int], smooth: float, split: str, width: floa
 
 def run(cfg: ConvergenceConfig) -> list:
     asked = int_list(cfg.panels, "panels")
+    bad = [j for j in asked if not 1 <= j <= N_LAYERS]  # dropped below, they left Fig. 2d empty in silence
+    if bad:
+        raise ConfigError(f"panels={cfg.panels}: layers {bad} do not exist (1..{N_LAYERS})")
     if not cfg.run:
         raise ConfigError("run=<stage-1 run directory> is required")
     folder = out_dir(cfg.out, "convergence")

@@ -615,3 +615,21 @@ def test_eval_segment_and_probe_outputs_that_are_files_are_named(tmp_path, capsy
                  lambda: probe("convergence", ConvergenceConfig, run, [f"run={tmp_path}", f"out={tmp_path / 'f'}"])):
         with pytest.raises(ConfigError, match="f is a file, not a folder; give out=FOLDER"):
             call()
+
+
+def test_convergence_panels_outside_the_12_layers_are_named(tmp_path):
+    """panels=0,13 drew an empty Fig. 2d (layers that do not exist were dropped in silence); semantic_probe's
+    panels= already refused them."""
+    from analysis.convergence import ConvergenceConfig, run
+    from siren.config import load_config
+    from siren.errors import ConfigError
+
+    log = tmp_path / "run" / "expert_0" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    log.write_text("".join(json.dumps({"step": s, **{f"ce/L{j}": 6.0 - s for j in range(1, 13)}}) + "\n"
+                           for s in (1, 2)))
+    for panels in ("0,13", "1,4,13"):
+        with pytest.raises(ConfigError, match=r"panels=.*: layers \[.*13\] do not exist \(1\.\.12\)"):
+            run(load_config(ConvergenceConfig, [f"run={tmp_path / 'run'}", f"panels={panels}",
+                                                f"out={tmp_path / 'out'}"]))
+    assert not (tmp_path / "out").exists()
