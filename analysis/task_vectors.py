@@ -93,11 +93,16 @@ def module_cosines(taus: list[dict[str, torch.Tensor]]) -> dict[tuple[str, str],
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise MissingWeightsError(f"missing weights file {path}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:  # a .pt, a truncated copy: never unpickled, named
+        raise WeightsMismatchError(f"{path}: not a safetensors state dict ({e}); give init=<file.safetensors> "
+                                   f"(the experts' shared initial weights, saved with safetensors)") from None
 
 
 def expert_dirs(run_dir: Path) -> list[Path]:

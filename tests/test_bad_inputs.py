@@ -633,3 +633,15 @@ def test_convergence_panels_outside_the_12_layers_are_named(tmp_path):
             run(load_config(ConvergenceConfig, [f"run={tmp_path / 'run'}", f"panels={panels}",
                                                 f"out={tmp_path / 'out'}"]))
     assert not (tmp_path / "out").exists()
+
+
+def test_task_vectors_init_that_is_not_safetensors_is_named(tmp_path):
+    """init=FILE that is not a safetensors file (a .pt, a truncated download) ended in safetensors' own
+    'SafetensorError: Error while deserializing header' traceback."""
+    from analysis.task_vectors import initial_weights
+    from siren.errors import SirenError
+
+    for name, data in (("init.pt", b"\x80\x02}q\x00."), ("empty.safetensors", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SirenError, match=rf"{name}: not a safetensors state dict .*give init=<file\.safetensors>"):
+            initial_weights(tmp_path, str(tmp_path / name))
