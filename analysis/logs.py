@@ -31,7 +31,13 @@ def read_metric(results: str | Path, key: str) -> float | None:
     path = path / "results.json" if path.is_dir() else path
     if not path.is_file():
         return None
-    res = json.loads(path.read_text())
+    fix = "give the results.json that eval/audiocaps.py wrote"
+    try:
+        res = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not an eval results.json ({e}); {fix}") from None
+    if not isinstance(res, dict):
+        raise DataError(f"{path}: not an eval results.json (a JSON {type(res).__name__}, not an object); {fix}")
     for src in (res.get("metrics", {}), res):
         if isinstance(src, dict) and key in src and src[key] is not None:
             v = src[key]

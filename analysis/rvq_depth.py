@@ -146,6 +146,12 @@ def run(cfg: RvqDepthConfig) -> list:
     runs, rs = as_list(cfg.gen_runs), int_list(cfg.gen_r, "gen_r")
     if len(runs) != len(rs):
         raise ConfigError(f"gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
+    gen, missing = [], []  # read before the decoding: a bad results.json is named at once
+    for run_dir, r in zip(runs, rs):
+        v = read_metric(run_dir, cfg.gen_metric)
+        (gen.append((r, v)) if v is not None else missing.append(run_dir))
+    if missing:
+        log.warning("no '%s' in results.json of %s; left out of the figure", cfg.gen_metric, missing)
     data = prepared.resolve(cfg.data, cfg.codec)
     items = prepared.load(data, cfg.split, cfg.max_clips, cfg.seed)
     codec = prepared.open_codec(data, [cfg.split], cfg.codec)
@@ -163,12 +169,6 @@ def run(cfg: RvqDepthConfig) -> list:
     prov = dict(codec=codec.id, weights=codec.weights_label, n_clips=len(items.codes))
     rows = [dict(r=r, **{m: float(np.mean([p[m] for p in per_clip if p["r"] == r]))
                          for m in LOWER_IS_BETTER}, **prov) for r in depths]
-    gen, missing = [], []
-    for run_dir, r in zip(runs, rs):
-        v = read_metric(run_dir, cfg.gen_metric)
-        (gen.append((r, v)) if v is not None else missing.append(run_dir))
-    if missing:
-        log.warning("no '%s' in results.json of %s; left out of the figure", cfg.gen_metric, missing)
     written = [write_csv(folder / "reconstruction.csv", rows), write_csv(folder / "per_clip.csv", per_clip)]
     change = depth_change(per_clip, min(depths), max(depths)) if len(depths) > 1 else []
     written.append(write_csv(folder / "depth_change.csv", change,

@@ -645,3 +645,22 @@ def test_task_vectors_init_that_is_not_safetensors_is_named(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(SirenError, match=rf"{name}: not a safetensors state dict .*give init=<file\.safetensors>"):
             initial_weights(tmp_path, str(tmp_path / name))
+
+
+def test_a_results_json_that_is_not_json_is_named(tmp_path):
+    """reward_curves results=FILE (or rvq_depth gen_runs=, after decoding every clip) with a file that is not a
+    JSON object ended in a JSONDecodeError (or AttributeError) traceback."""
+    from analysis.logs import read_metric
+
+    for name, text in (("results.json", "FD 1.2\n"), ("list.json", "[1, 2]\n"), ("half.json", '{"metrics": {')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=rf"{name}: not an eval results\.json"):
+            read_metric(tmp_path / name, "fd")
+    with pytest.raises(DataError, match=r"results\.json: not an eval results\.json"):
+        read_metric(tmp_path, "fd")  # a folder: its results.json
+    from analysis.rvq_depth import RvqDepthConfig, run
+    from siren.config import load_config
+
+    with pytest.raises(DataError, match=r"results\.json: not an eval results\.json"):  # before the data is read
+        run(load_config(RvqDepthConfig, [f"data={tmp_path / 'unprepared'}", f"gen_runs={tmp_path}", "gen_r=4",
+                                         f"out={tmp_path / 'out'}"]))
