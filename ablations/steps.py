@@ -65,6 +65,7 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
     from siren.config import load_config
     from siren.data.prepare import PrepareConfig
     from siren.rl.config import parse as align_parse
+    from siren.rl.rollout import trainable_experts
     from siren.train import parse as stage1_parse
 
     other = [k for k in cfg
@@ -79,9 +80,11 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"data.source must be demo or manifest, got {cfg['data.source']!r}")
         if cfg["data.source"] == "demo":  # the clip counts go to prepare: its schema checks them
             load_config(PrepareConfig, [f"{k}={cfg['data.' + k]}" for k in ("demo_train", "demo_test")])
-        stage1_parse(stage1_args(cfg))
+        stage1 = stage1_parse(stage1_args(cfg))
         if any(k.startswith("rl.") for k in cfg):
-            align_parse(["run_dir=-", "out=--", *_keys(cfg, "rl.")])
+            align = align_parse(["run_dir=-", "out=--", *_keys(cfg, "rl.")])
+            if stage1.family == "discrete":  # rl.n=7 on 6-2 failed in the align job, after stage 1 trained
+                trainable_experts(stage1.model.n_experts, align.align, align.n)
         load_config(EvalConfig, _keys(cfg, "eval."))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e} (set.KEY=VALUE overrides reach every cell)") from None

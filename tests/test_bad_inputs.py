@@ -664,3 +664,31 @@ def test_a_results_json_that_is_not_json_is_named(tmp_path):
     with pytest.raises(DataError, match=r"results\.json: not an eval results\.json"):  # before the data is read
         run(load_config(RvqDepthConfig, [f"data={tmp_path / 'unprepared'}", f"gen_runs={tmp_path}", "gen_r=4",
                                          f"out={tmp_path / 'out'}"]))
+
+
+def test_stage2_n_beyond_the_models_experts_is_named_before_anything_is_built(tmp_path, monkeypatch):
+    """`python -m siren.rl run_dir=<1-12 run> n=2` (or 6-2 with n=7) ended in a ValueError traceback after the
+    codec, text encoder and reward were built; a grid's set.rl.n=7 passed planning and failed in the align job,
+    after every expert had trained. Now a ConfigError naming n, when parsed for the grid and before any model
+    is built for the command."""
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse
+    from siren import frontends
+    from siren.errors import ConfigError
+    from siren.rl.alignment import main
+    from tests.fixtures_rl import make_stage1_run
+
+    with pytest.raises(ConfigError, match=r"table7 row .*n=7 experts to align, but the model has 6"):
+        cells_of(load_grid("table7"), parse(["grid=table7", f"out={tmp_path / 'grid'}", "set.rl.n=7"]))
+    assert not (tmp_path / "grid").exists()
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before n= was checked")
+
+    monkeypatch.setattr(frontends, "build_text", built)
+    run = make_stage1_run(tmp_path / "run", "1-12")
+    (tmp_path / "p.txt").write_text("a dog barks\n")
+    with pytest.raises(ConfigError, match=r"n=2 experts to align, but the model has 1"):
+        main([f"run_dir={run}", f"out={tmp_path / 'rl'}", f"prompts={tmp_path / 'p.txt'}", "n=2",
+              "reward=code_match", "text.weights=random"])
+    assert not (tmp_path / "rl").exists()

@@ -305,6 +305,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     prompts = read_prompts(cfg.prompts)
     device = resolve_device(cfg.device)
     model, stage1, run_cfg = load_stage1(cfg.run_dir, device)
+    trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)  # before the frontends are built
     ckpt.warn_if_past_trained(cfg.run_dir, cfg.n_frames, "stage 2 (rollouts)")
 
     codec = None
@@ -325,7 +326,6 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
            "text_id": text_encoder.id, "weights_labels": labels}
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
-    trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)
     prepare_out(cfg, stage1, run_cfg, trainable, ids)
 
     def encode_text(caps: list[str]):

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from siren.errors import ConfigError
 from siren.model import CollaborativeModel, Expert
 from siren.rl.objective import token_logprobs
 from siren.sample import SampleConfig, generate
@@ -28,8 +29,8 @@ def trainable_experts(n_experts: int, align: str, n: int) -> list[int]:
     """Table 7: anti_causal trains the first n experts (n=1 is Siren), causal the last n."""
     if align not in ALIGN_DIRECTIONS:
         raise ValueError(f"align must be one of {', '.join(ALIGN_DIRECTIONS)}, got '{align}'")
-    if not 1 <= n <= n_experts:
-        raise ValueError(f"n={n} experts to align, but the model has {n_experts} (1 <= n <= {n_experts})")
+    if not 1 <= n <= n_experts:  # a user's n= (or a grid's rl.n): one error line, not a traceback
+        raise ConfigError(f"n={n} experts to align, but the model has {n_experts} (1 <= n <= {n_experts})")
     return list(range(n)) if align == "anti_causal" else list(range(n_experts - n, n_experts))
 
 
