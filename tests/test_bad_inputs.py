@@ -599,6 +599,7 @@ def test_eval_segment_and_probe_outputs_that_are_files_are_named(tmp_path, capsy
     from analysis.cli import main as probe
     from analysis.convergence import ConvergenceConfig, run
     from eval.audiocaps import main as evaluate
+    from siren.data.demo import main as demo
     from siren.data.segment import main as segment
     from siren.errors import ConfigError
 
@@ -612,6 +613,7 @@ def test_eval_segment_and_probe_outputs_that_are_files_are_named(tmp_path, capsy
         assert f"{ckpt} is not a run directory" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
     for call in (lambda: segment([f"manifest={tmp_path / 'm.csv'}", f"out={tmp_path / 'f'}"]),
+                 lambda: demo([f"out={tmp_path / 'f'}"]),
                  lambda: probe("convergence", ConvergenceConfig, run, [f"run={tmp_path}", f"out={tmp_path / 'f'}"])):
         with pytest.raises(ConfigError, match="f is a file, not a folder; give out=FOLDER"):
             call()

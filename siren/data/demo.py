@@ -25,7 +25,7 @@ import soundfile as sf
 
 from siren.codec import SAMPLE_RATE
 from siren.config import check_numbers, load_config
-from siren.io import atomic_path
+from siren.io import atomic_path, check_folder
 
 SR = SAMPLE_RATE
 DURATION_S = (1.0, 2.0)  # clip length range; prepared with AUDIO (crop at the max: no padding in the data)
@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from siren import cli
 
     cfg = load_config(DemoConfig, cli.start(argv))
+    check_folder(cfg.out, "out")
     t = time.perf_counter()
     train = make_demo(cfg.out, cfg.seed, cfg.n_train, cfg.n_test)
     print(f"demo set ({len(CLASSES)} classes, {cfg.n_train}+{cfg.n_test} clips per class, seed {cfg.seed}) in "
