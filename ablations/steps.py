@@ -83,7 +83,8 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
         stage1 = stage1_parse(stage1_args(cfg))
         if any(k.startswith("rl.") for k in cfg):
             align = align_parse(["run_dir=-", "out=--", *_keys(cfg, "rl.")])
-            if stage1.family == "discrete":  # rl.n=7 on 6-2 failed in the align job, after stage 1 trained
+            # rl.n=7 on 6-2 failed in the align job, after stage 1 trained; a row without stage 2 never reads it
+            if stage1.family == "discrete" and "rl.method" in cfg:
                 trainable_experts(stage1.model.n_experts, align.align, align.n)
         load_config(EvalConfig, _keys(cfg, "eval."))
     except ConfigError as e:

@@ -124,6 +124,9 @@ def test_stage2_overrides_reach_only_the_rows_that_align(caplog):
     assert "set.rl.steps" in caplog.text and "table6" in caplog.text
     with pytest.raises(ConfigError, match="steps"):
         _cells("table6", "demo", "set.rl.steps=-3")
+    # rl.n=2 suits the 6-2 row that aligns; the 1-12 baseline beside it (one expert) does not read it
+    two = ids("table4", "set.rl.n=2")
+    assert {r for r in base if base[r] != two[r]} == set(aligned)
 
 def test_demo_identity_follows_the_demo_weight_files(tmp_path, monkeypatch):
     """Outputs made with older demo weights (an earlier checkout) are not reused: every id changes."""
