@@ -399,6 +399,9 @@ def test_prompts_files_and_their_errors(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"caption": "a bell"}\n{"id": 3}\n')
     with pytest.raises(ValueError, match=r"p.jsonl:2"):
         alignment.read_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "p.csv").write_text('id,caption\n1,a bell\n2,""\n3,   \n')
+    with pytest.raises(ValueError, match=r"p.csv:3: empty caption \(2 record"):
+        alignment.read_prompts(tmp_path / "p.csv")
     (tmp_path / "p.csv").write_text("id,text\n1,a bell\n")
     with pytest.raises(ValueError, match="no 'caption' column"):
         alignment.read_prompts(tmp_path / "p.csv")

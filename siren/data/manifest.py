@@ -165,6 +165,10 @@ def read_captions(path: str | Path) -> list[str]:
         if missing:
             raise ManifestError(f"{path}:{missing[0]}: no 'caption' in this record")
         caps = ["" if r["caption"] is None else str(r["caption"]) for _, r in records]
+        empty = [n for (n, _), c in zip(records, caps) if not c.strip()]
+        if empty:  # dropping them would train on fewer prompts than the file lists, in silence
+            raise ManifestError(f"{path}:{empty[0]}: empty caption ({len(empty)} record(s) in all); "
+                                "fill them in or remove those records")
     else:
         caps = path.read_text(encoding="utf-8").splitlines()
     caps = [c.strip() for c in caps if c and c.strip()]
