@@ -649,6 +649,17 @@ def test_task_vectors_init_that_is_not_safetensors_is_named(tmp_path):
             initial_weights(tmp_path, str(tmp_path / name))
 
 
+def test_task_vectors_reference_step_without_a_checkpoint_lists_the_steps_kept(tmp_path):
+    """reference_step=N where no step_N was kept said only 'missing checkpoint file .../state.json'."""
+    from analysis.task_vectors import final_weights
+    from siren.errors import SirenError
+
+    for step in (100, 300):
+        (tmp_path / f"step_{step:08d}").mkdir()
+    with pytest.raises(SirenError, match=r"reference_step=5: .* no checkpoint at that step; its steps: 100, 300"):
+        final_weights(tmp_path, 5)
+
+
 def test_a_results_json_that_is_not_json_is_named(tmp_path):
     """reward_curves results=FILE (or rvq_depth gen_runs=, after decoding every clip) with a file that is not a
     JSON object ended in a JSONDecodeError (or AttributeError) traceback."""
