@@ -338,3 +338,46 @@ def test_vggish_short_clip_policies():
     assert frames == {"skip": [2, 0], "pad": [2, 1]}
     skip = VGGish("random", seed=0)
     assert skip.embed_batch([skip.prepare(clips[1])])[0]["frames"].shape == (0, 128)  # no forward on nothing
+
+
+def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
+    """candidates=N (the paper's CLAP reject sampling): each caption's clip is, of its N seeded candidates, the one
+    the CLAP model scores highest; candidates=1 writes candidate 0. The candidates are drawn here with the
+    sampler and the codec the run's own frontends give, and scored with the same (seeded random) CLAP."""
+    import siren
+    from eval.generate import generate_set
+    from siren.checkpoint import read_run_config
+    from siren.clap import Clap, ClapConfig
+    from siren.codec import FRAME_RATE, SAMPLE_RATE, Codec, CodecConfig
+    from siren.config import to_dict
+    from siren.frontends import run_frontends
+    from siren.runtime import derive_seed
+    from siren.sample import SampleConfig, generate_with_info
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_rl import make_stage1_run
+
+    codec, text = Codec(CodecConfig(weights="random")), TextEncoder(TextConfig(weights="random"))
+    run = make_stage1_run(tmp_path / "run", "12-1", seed=0, tables=codec.code_tables(), codec_id=codec.id,
+                          text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
+    ids, caps, n, seconds = ["a", "b", "c"], ["a dog barks", "rain on a roof", "a bell rings"], 3, 0.2
+    clap = Clap(ClapConfig(weights="random"))
+
+    def made(folder, candidates):
+        card = generate_set(run, ids, caps, folder, seconds=seconds, batch_size=len(ids), seed=5,
+                            sample=SampleConfig(), candidates=candidates, clap=clap if candidates > 1 else None)
+        assert card["candidates"] == candidates and card["generated_now"] == len(ids)
+        return torch.stack([torch.from_numpy(sf.read(folder / f"{i}.wav", dtype="float32")[0]) for i in ids])
+
+    best, first = made(tmp_path / "best", n), made(tmp_path / "first", 1)
+    model = siren.load(run, "cpu")
+    txt, dec = run_frontends(read_run_config(run), "cpu", where=str(run), clap=clap)
+    states = txt.encode(caps)
+    wavs = torch.stack([dec.decode(generate_with_info(model, states, round(seconds * FRAME_RATE), SampleConfig(),
+                                                      seed=derive_seed(5, c, 0))[0]).float() for c in range(n)])
+    scores = torch.stack([clap.score(w, caps, sample_rate=SAMPLE_RATE) for w in wavs])  # [N, B]
+    pick = scores.argmax(0)
+    assert pick.tolist() != [0] * len(ids)  # so keeping candidate 0 would fail this test
+    torch.testing.assert_close(first, wavs[0], rtol=0, atol=0)
+    torch.testing.assert_close(best, wavs[pick, torch.arange(len(ids))], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="candidates=3 .* add clap to metrics=fd"):
+        EvalConfig(metrics="fd", candidates=3)
