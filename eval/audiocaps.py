@@ -92,8 +92,8 @@ class EvalConfig:
         if self.is_seed >= 2**32:
             raise ConfigError(f"is_seed must be < 2**32 (numpy RandomState, as audioldm_eval), got {self.is_seed}")
         check_device(self.device)
-        # an unknown metric is named now (a grid: before any job), not after generating
-        if self.candidates > 1 and "clap" not in _metric_list(self):  # the CLAP metric's model scores candidates
+        metrics = _metric_list(self)  # an unknown metric is named now (a grid: before any job), not after generating
+        if self.candidates > 1 and "clap" not in metrics:  # the CLAP metric's model scores the candidates
             raise ConfigError(f"candidates={self.candidates} (CLAP reject sampling) needs the CLAP model: add clap "
                               f"to metrics={self.metrics}")
         for key, allowed in [("crop", tuple(CROPS)), ("channel", CHANNELS), ("fad_channel", CHANNELS),
