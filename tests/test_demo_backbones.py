@@ -215,3 +215,18 @@ def test_committed_clap_matches_audio_to_its_caption(held_out):
     # the text encoder that conditions the models runs on the same demo CLAP
     states = TextEncoder(TextConfig(weights="demo"), clap=clap).encode(held_out.captions[:2])
     assert states.states.shape[-1] == 768 and torch.allclose(states.pooled, clap.embed_text(held_out.captions[:2]))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Frechet distances of 3-4 clips: the few-samples warning
+def test_check_command_measures_signal_with_the_committed_files():
+    """`python -m siren.demo_assets.check`'s measurements, on a few clips: real vs real sets closer than real vs
+    noise in FD and FAD, and CLAP higher for a clip's own caption than for other classes' captions."""
+    from siren.demo_assets.check import measure
+
+    out = measure({"train": tiny_split("train", per_class=2), "test": tiny_split("test", per_class=4)}, per_half=1)
+    assert out["label"] == demo_weights.LABEL and out["clips_per_set"] == 3
+    for name in ("fd", "fad"):
+        assert 0 < out[name]["real_vs_real"] < out[name]["real_vs_noise"] / 3, (name, out[name])
+    clap = out["clap_test_original"]
+    assert clap["clap_score_matched"] > clap["clap_score_other_class"] + 10
+    assert 1 <= out["isc_test_original"][0] <= 3  # at most the 3 classes drawn
