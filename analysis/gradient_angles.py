@@ -93,7 +93,13 @@ def resolve_param(expert, name: str) -> tuple[str, torch.Tensor]:
     parts = name.split(".")
     for i, p in enumerate(parts):
         if p.lstrip("-").isdigit() and int(p) < 0:
-            n_blocks = len(expert.get_submodule(".".join(parts[:i])))
+            where = ".".join(parts[:i])
+            try:
+                n_blocks = len(expert.get_submodule(where))
+            except (AttributeError, TypeError):  # no such module, or not a list of blocks
+                raise ConfigError(f"param={name}: '{where}' is not a list of blocks in the expert") from None
+            if n_blocks + int(p) < 0:
+                raise ConfigError(f"param={name}: index {p} is out of range, '{where}' has {n_blocks} blocks")
             parts[i] = str(n_blocks + int(p))
     full = ".".join(parts)
     if full not in params:

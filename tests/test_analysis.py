@@ -98,6 +98,11 @@ def test_head_gradients_sum_to_the_gradient_of_the_eq6_loss():
     batch = {"codes": codes, "frame_mask": mask, "text": text, "text_mask": tmask}
     name, w = gradient_angles.resolve_param(expert, "backbone.blocks.-1.mlp.down.weight")
     assert name == f"backbone.blocks.{cfg.main_layers - 1}.mlp.down.weight"
+    # an index past the first block, or a negative index on what is not a list of blocks, is named as such
+    for bad, words in ((f"backbone.blocks.-{cfg.main_layers + 1}.mlp.down.weight", f"has {cfg.main_layers} blocks"),
+                       ("backbone.nope.-1.weight", "'backbone.nope' is not a list of blocks")):
+        with pytest.raises(ConfigError, match=words):
+            gradient_angles.resolve_param(expert, bad)
     per_head = gradient_angles.head_gradients(expert, batch, w)
     assert per_head.shape == (12, w.shape[1])
     total = torch.autograd.grad(expert.loss(batch, reduction="sum").loss, w)[0]  # the heads' losses summed
