@@ -134,7 +134,7 @@ def final_weights(edir: Path, step: int | None = None) -> tuple[dict[str, torch.
         return last.model_state(), last.step
     path = edir / ckpt.step_name(step)
     if not path.is_dir():
-        kept = sorted(int(m.group(1)) for p in edir.glob("step_*") if (m := ckpt.STEP_DIR.match(p.name)) and p.is_dir())
+        kept = [s for s, _ in ckpt.step_dirs(edir)]
         raise CheckpointError(f"reference_step={step}: {edir} has no checkpoint at that step; its steps: "
                               f"{', '.join(map(str, kept)) or 'none'} (train.ckpt_every sets which are kept)")
     return ckpt.Checkpoint(path).model_state(), step

@@ -111,6 +111,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                               f"to fall back to an earlier one") from None
 
 
+def step_dirs(edir: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every checkpoint directory in an expert directory, oldest first."""
+    return sorted((int(m.group(1)), p) for p in edir.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir())
+
+
 def latest(edir: Path) -> Path | None:
     """The newest complete checkpoint of an expert directory, or None when it has none."""
     pointer = edir / "latest"
@@ -122,7 +127,7 @@ def latest(edir: Path) -> Path | None:
         return target
     # `latest` is written after the step directory is renamed into place: a job killed in
     # between leaves a complete step directory without its pointer.
-    steps = sorted((int(m.group(1)), p) for p in edir.glob("step_*") if (m := STEP_DIR.match(p.name)) and p.is_dir())
+    steps = step_dirs(edir)
     return steps[-1][1] if steps else None
 
 
