@@ -7,6 +7,13 @@ outputs (HTSAT's 768-d ``embedding``, RoBERTa's 768-d pooler output) and trains 
 and ``text_projection`` with CLAP's symmetric contrastive loss (temperature 0.07, CLAP's initial
 value), so the CLAP score and the stage-2 reward respond to whether audio matches text. The text
 branch (whose hidden states condition the models, ``siren.text``) stays at its random init.
+
+Every clip is fitted (and measured) twice, resampled to 48 kHz by each of ``RESAMPLINGS``: the stage-2
+reward hands CLAP 16 kHz audio that ``Clap.prepare_audio`` resamples with torchaudio, the CLAP metric
+resamples as laion_clap reads files (librosa, soxr). 16 kHz audio has nothing above 8 kHz, so HTSAT's
+top mel bands hold only each resampler's stopband, and ``bn0`` fitted on one of them shifts the other's
+by 0.8-2.7 standard deviations: heads fitted on torchaudio alone kept a matched cosine of 0.33 through
+the metric's path against 0.49 through their own (docs/demo/notes.md, "Demo CLAP and the resampler").
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from siren.demo_assets.data import Split
 from siren.demo_assets.fit import _batches, fit
 
 TEMPERATURE = 0.07
+# eval.backbones resamplers: Clap.prepare_audio's own (the stage-2 reward's path) and the CLAP metric's
+RESAMPLINGS = ("torchaudio", "librosa")
 
 
 def make_base() -> nn.Module:
@@ -28,16 +37,32 @@ def make_base() -> nn.Module:
     return build_model(ClipBpe())
 
 
+def at_48k(d: Split) -> Split:
+    """``d`` (16 kHz) resampled to CLAP's rate once by each of ``RESAMPLINGS``; a clip's source gains the
+    resampler's name ("original/librosa")."""
+    from eval.backbones import resample
+    from siren.clap import CLAP_SAMPLE_RATE
+
+    out = Split([], [], np.concatenate([d.labels] * len(RESAMPLINGS)), [])
+    for how in RESAMPLINGS:
+        out.wavs += [resample(w, 16_000, CLAP_SAMPLE_RATE, how) for w in d.wavs]
+        out.captions += d.captions
+        out.source += [f"{s}/{how}" for s in d.source]
+    return out
+
+
 @torch.no_grad()
 def branch_features(clap, data: dict[str, Split]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{split: (audio branch output [n, 768], text branch pooler output [n, 768])}."""
+    """{split: (audio branch output [n, 768], text branch pooler output [n, 768])}; audio at 48 kHz."""
+    from siren.clap import CLAP_SAMPLE_RATE
+
     out, m = {}, clap.model
     for k, d in data.items():
         got: list[torch.Tensor] = []
         hook = m.audio_projection.register_forward_pre_hook(lambda mod, inp: got.append(inp[0]))
         try:
             for s in tqdm(list(_batches(len(d), 16)), desc=f"clap audio {k}", leave=False):
-                clap.embed_audio(d.wavs[s])
+                clap.embed_audio(d.wavs[s], sample_rate=CLAP_SAMPLE_RATE)
         finally:
             hook.remove()
         audio, got = torch.cat(got), []
@@ -53,10 +78,12 @@ def branch_features(clap, data: dict[str, Split]) -> dict[str, tuple[torch.Tenso
 @torch.no_grad()
 def set_input_statistics(clap, wavs: list, batch: int = 16) -> None:
     """HTSAT's ``bn0`` normalises each mel band of its log-mel input: its running mean and variance become
-    the per-band mean and variance over ``wavs`` (only the two feature extractors before it run)."""
+    the per-band mean and variance over ``wavs`` (48 kHz; only the two feature extractors before it run)."""
+    from siren.clap import CLAP_SAMPLE_RATE
+
     br, total, total_sq, n = clap.model.audio_branch, 0.0, 0.0, 0
     for s in _batches(len(wavs), batch):
-        mel = br.logmel_extractor(br.spectrogram_extractor(clap.prepare_audio(wavs[s])))  # [B, 1, T, 64]
+        mel = br.logmel_extractor(br.spectrogram_extractor(clap.prepare_audio(wavs[s], CLAP_SAMPLE_RATE)))
         flat = mel.reshape(-1, mel.shape[-1]).double()
         total, total_sq, n = total + flat.sum(0), total_sq + (flat ** 2).sum(0), n + len(flat)
     mean = total / n
@@ -102,12 +129,14 @@ def retrieval(audio: np.ndarray, text: np.ndarray, d: Split) -> dict:
 
 def build_clap(data: dict[str, Split], seed: int = 0, steps: int = 400, per_class: int = 10
                ) -> tuple[dict[str, torch.Tensor], dict]:
-    """The CLAP recipe on the first ``per_class`` training clips of each class: -> (tensors to commit, numbers)."""
+    """The CLAP recipe on the first ``per_class`` training clips of each class and source, each through both
+    ``RESAMPLINGS``: -> (tensors to commit, numbers)."""
     from siren.clap import Clap, ClapConfig
 
     clap = Clap(ClapConfig(weights="random", seed=seed))
-    data = dict(data)
-    train = data["train"] = data["train"].subset_per_class(per_class)  # HTSAT reads 10 s per clip: the costly part
+    # HTSAT reads 10 s per clip: the costly part
+    data = {k: at_48k(d.subset_per_class(per_class) if k == "train" else d) for k, d in data.items()}
+    train = data["train"]
     set_input_statistics(clap, train.wavs)
     feats = branch_features(clap, data)
     m = clap.model.requires_grad_(False)
@@ -127,7 +156,8 @@ def build_clap(data: dict[str, Split], seed: int = 0, steps: int = 400, per_clas
         emb = {k: tuple(nn.functional.normalize(p(x), dim=-1).numpy() for p, x in zip((a_proj, t_proj), v))
                for k, v in feats.items()}
     meta = {"recipe": "HTSAT bn0 re-estimated; audio/text projection heads trained contrastively "
-                      f"(symmetric InfoNCE, temperature {TEMPERATURE}); tokenizer: laion_clap's CLIP BPE",
+                      f"(symmetric InfoNCE, temperature {TEMPERATURE}); tokenizer: laion_clap's CLIP BPE; "
+                      f"every clip resampled to 48 kHz by each of {', '.join(RESAMPLINGS)}",
             "steps": steps, "final_loss": loss, "test": retrieval(*emb["test"], data["test"]),
             "train": {k: v["matched_cosine"] for k, v in retrieval(*emb["train"], train).items()}}
     bn0 = m.audio_branch.bn0
