@@ -1,6 +1,8 @@
 """The demo codec (weights=demo): its recipe's stages on tiny data, and the committed file through the loader."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -71,13 +73,24 @@ def test_fit_quantizers_takes_the_residuals_principal_directions():
     assert [s["codes_used"] for s in stats] == [CODEBOOK_SIZE] * N_LAYERS
 
 
-def test_recipe_end_to_end_tiny(tmp_path):
+# The smallest recipe that still stops and resumes inside every stage (3 steps > checkpoint_every = 2),
+# built once here: the end-to-end, stage-4 and resume tests below all start from this one build.
+TINY = dict(n_train=1, n_test=1, segment_s=0.1, batch=2, ae_steps=4, ft_steps=4, decay_steps=4, kmeans_iters=1,
+            threads=1, checkpoint_every=2, fp16=False)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """(the recipe, the report, the file) of one uninterrupted tiny build."""
+    folder = tmp_path_factory.mktemp("codec_recipe")
+    cfg = recipe.CodecRecipe(**TINY, data=str(folder / "src"), out=str(folder / "straight.pth"))
+    return cfg, recipe.build(cfg), Path(cfg.out)
+
+
+def test_recipe_end_to_end_tiny(straight, tmp_path):
     """A few steps of every stage on the smallest demo set; the file loads through the codec loader."""
-    out = tmp_path / "demo.pth"
-    cfg = recipe.CodecRecipe(out=str(out), data=str(tmp_path / "src"), n_train=1, n_test=1, segment_s=0.1, batch=2,
-                             ae_steps=2, ft_steps=2, decay_steps=2, kmeans_iters=1, threads=1, fp16=False)
+    cfg, report, out = straight
     init = _tiny_dac().state_dict()  # build() starts from the same seeded init
-    report = recipe.build(cfg)
     assert report["n_clips"] == 15
     assert all(np.isfinite([report["ae_loss_end"], report["ft_loss_end"], report["decay_loss_end"]]))
     codec = Codec(CodecConfig(weights=str(out)))
@@ -91,7 +104,7 @@ def test_recipe_end_to_end_tiny(tmp_path):
 
     # init=: stages 3-4 alone keep the file's encoder and quantizers and record where they came from; with
     # the same recipe they give the same bits (a build from scratch runs them on its stored stage-2 file)
-    for ft_steps, moved in ((2, set()), (3, {"decoder"})):
+    for ft_steps, moved in ((cfg.ft_steps, set()), (cfg.ft_steps + 1, {"decoder"})):
         again = tmp_path / "stage3.pth"
         recipe.build(recipe.CodecRecipe(**{**cfg.__dict__, "out": str(again), "init": str(out), "ft_steps": ft_steps}))
         before, after = (torch.load(f, weights_only=True) for f in (out, again))
@@ -100,37 +113,36 @@ def test_recipe_end_to_end_tiny(tmp_path):
         assert changed == moved
     assert after["metadata"]["init_from"]["sha256"] == sha256_file(out)
     assert after["metadata"]["init_from"]["stages_kept"] == [1, 2]
-    assert after["metadata"]["init_from"]["recipe"]["ae_steps"] == 2
+    assert after["metadata"]["init_from"]["recipe"]["ae_steps"] == cfg.ae_steps
 
 
-def test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3(tmp_path):
+def test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3(straight, tmp_path):
     """The committed codec ran stage 4 on a stored stage-3 file (init_stage=3); one run of stages 3-4
-    must give the same bits, or the recipe would not rebuild it."""
-    base = dict(data=str(tmp_path / "src"), n_train=1, n_test=1, segment_s=0.1, batch=2, ae_steps=2, ft_steps=3,
-                kmeans_iters=1, threads=1, fp16=True)
-    paths = {k: tmp_path / f"{k}.pth" for k in ("s12", "s3", "s4", "s34")}
-    recipe.build(recipe.CodecRecipe(**base, out=str(paths["s12"]), decay_steps=0))
-    init = dict(base, init=str(paths["s12"]))
-    recipe.build(recipe.CodecRecipe(**init, out=str(paths["s3"]), decay_steps=0))  # stage 3 only
-    recipe.build(recipe.CodecRecipe(**{**init, "init": str(paths["s3"])}, init_stage=3, out=str(paths["s4"]),
-                                    decay_steps=3))
-    recipe.build(recipe.CodecRecipe(**init, out=str(paths["s34"]), decay_steps=3))  # stages 3 and 4 in one run
+    must give the same bits, or the recipe would not rebuild it. Stored in fp16, as the committed files are."""
+    cfg, _, s12 = straight  # its encoder and quantizers (stages 1-2)
+    base = {**cfg.__dict__, "data": str(tmp_path / "src"), "ft_steps": 3, "fp16": True}
+    paths = {k: tmp_path / f"{k}.pth" for k in ("s3", "s4", "s34")}
+    init = dict(base, init=str(s12))
+    recipe.build(recipe.CodecRecipe(**{**init, "out": str(paths["s3"]), "decay_steps": 0}))  # stage 3 only
+    recipe.build(recipe.CodecRecipe(**{**init, "init": str(paths["s3"]), "init_stage": 3, "out": str(paths["s4"]),
+                                       "decay_steps": 3}))
+    recipe.build(recipe.CodecRecipe(**{**init, "out": str(paths["s34"]), "decay_steps": 3}))  # stages 3, 4 in one run
     s3, s4, s34 = (torch.load(paths[k], weights_only=True)["state_dict"] for k in ("s3", "s4", "s34"))
     assert not torch.equal(s3["decoder.model.0.bias"], s4["decoder.model.0.bias"])  # stage 4 trained
     assert all(torch.equal(s4[k], s34[k]) for k in s34)
     chain = torch.load(paths["s4"], weights_only=True)["metadata"]["init_from"]
-    assert chain["stages_kept"] == [1, 2, 3] and chain["init_from"]["sha256"] == sha256_file(paths["s12"])
+    assert chain["stages_kept"] == [1, 2, 3] and chain["init_from"]["sha256"] == sha256_file(s12)
 
 
-def test_a_stopped_build_resumes_to_the_same_bits(tmp_path, monkeypatch, caplog):
+def test_a_stopped_build_resumes_to_the_same_bits(straight, tmp_path, monkeypatch, caplog):
     """Stopped in stage 1, then in stage 3, then in stage 4 (as Ctrl-C or a preemption would), the same
     command resumes each time from the last checkpoint or stage file and ends with the bits of a run that
     was never stopped; the work folder is gone once the file is written."""
     from siren.demo_assets.resume import work_dir
 
-    base = dict(data=str(tmp_path / "src"), n_train=1, n_test=1, segment_s=0.1, batch=2, ae_steps=4, ft_steps=4,
-                decay_steps=4, kmeans_iters=1, threads=1, checkpoint_every=2)
-    recipe.build(recipe.CodecRecipe(**base, out=str(tmp_path / "straight.pth")))
+    cfg, _, straight_file = straight
+    base = {**cfg.__dict__, "data": str(tmp_path / "src")}
+    base.pop("out")
     out = tmp_path / "stopped.pth"
     update = recipe._update
 
@@ -152,7 +164,7 @@ def test_a_stopped_build_resumes_to_the_same_bits(tmp_path, monkeypatch, caplog)
     recipe.build(recipe.CodecRecipe(**base, out=str(out)))
     assert all(f"stage {k}: resumed at step 2" in caplog.text for k in (1, 3, 4))
     assert "stage 2: kept" in caplog.text and "stage 3: kept" in caplog.text
-    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("straight.pth", "stopped.pth"))
+    a, b = (torch.load(f, weights_only=True) for f in (straight_file, out))
     assert a["metadata"] == b["metadata"] and a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert not work.exists()
