@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ import submitit
 
 from ablations import lock
 from siren import cli, io
+
+log = logging.getLogger(__name__)
 
 FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "QUEUED"}
@@ -218,7 +221,10 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
 
     todo = [j for j in jobs if not j.done.is_file()]
     server = contextlib.nullcontext()
-    if warm and kind == "local" and todo:
+    if warm and kind == "local" and todo and warm_start.cuda_visible():
+        log.info("warm starts off: a CUDA device is visible, and a job forked from the server could not use it "
+                 "(the jobs start cold)")
+    elif warm and kind == "local" and todo:
         demo = any((j.kwargs.get("cfg") or {}).get("weights") == "demo" for j in todo)
         server = warm_start.server(root / "logs" / "warm.log",
                                    deferred=("ablations.warm:demo_networks",) if demo else ())

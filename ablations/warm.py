@@ -88,6 +88,17 @@ def demo_networks() -> None:
         torch.set_num_threads(threads)
 
 
+def cuda_visible() -> bool:
+    """Whether torch sees a CUDA device here. Then the launcher starts no server: a process forked after its
+    parent initialised CUDA cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess"), and the
+    server's preload does (on an H200, 2026-12-04, every job that moved a network to the GPU failed so,
+    prepare with its default device=auto among them). Asked in the launcher, which starts the server and the
+    cold jobs with fork + exec, never a bare fork."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _read_line(conn: socket.socket, first: bytes = b"") -> bytes:
     data = first
     while not data.endswith(b"\n"):
