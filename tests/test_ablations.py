@@ -263,19 +263,22 @@ def _table_row(out: Path, grid: str, label: str) -> str:
     return next(l for l in md.splitlines() if l.startswith(f"| {label} | ours"))
 
 
-def test_local_jobs_start_cold_where_cuda_is_visible(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_local_jobs_start_cold_where_cuda_is_visible(tmp_path, monkeypatch, caplog, gpus):
     """A job forked from the warm server cannot use CUDA (the server's preload initialised it: every job
     that moved a network to the GPU failed so on an H200), so where torch sees a CUDA device the launcher
-    starts no server. CI has no GPU: the probe answers yes here, the launcher and the job are real."""
+    starts no server; jobs that ask for no GPU get a hint that they run on the CPU. CI has no GPU: the probe
+    answers yes here, the launcher and the job are real."""
     from ablations import warm
 
     monkeypatch.setattr(warm, "cuda_visible", lambda: True)
-    job = pipeline.Job("env", startup_env, {"path": str(tmp_path / "env.json")}, tmp_path / "env.done")
+    job = pipeline.Job("env", startup_env, {"path": str(tmp_path / "env.json")}, tmp_path / "env.done", gpus=gpus)
     with caplog.at_level("INFO", logger="ablations.pipeline"):
         states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1)
     assert states["env"].state == "DONE" and (tmp_path / "env.json").is_file()
     assert not (tmp_path / "logs" / "warm.log").exists()
     assert "warm starts off: a CUDA device is visible" in caplog.text
+    assert ("the jobs ask for none: they run on the CPU; gpus=1" in caplog.text) == (gpus == 0)
 
 
 # A small demo set (2 + 1 clips per class) keeps the end-to-end runs below in CI's budget.
