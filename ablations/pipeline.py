@@ -221,14 +221,11 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
 
     todo = [j for j in jobs if not j.done.is_file()]
     server = contextlib.nullcontext()
-    cuda = kind == "local" and bool(todo) and warm_start.cuda_visible()
-    if cuda and not any(j.gpus for j in todo):  # submitit's local executor hides the GPUs from a 0-GPU job
+    # submitit's local executor hides the GPUs from a job that asks for none
+    if kind == "local" and todo and not any(j.gpus for j in todo) and warm_start.cuda_visible():
         log.info("a CUDA device is visible but the jobs ask for none: they run on the CPU; gpus=1 gives each "
                  "training, evaluation and calibration job the first GPU (set.eval.device=cuda to evaluate on it)")
-    if warm and cuda:
-        log.info("warm starts off: a CUDA device is visible, and a job forked from the server could not use it "
-                 "(the jobs start cold)")
-    elif warm and kind == "local" and todo:
+    if warm and kind == "local" and todo:
         demo = any((j.kwargs.get("cfg") or {}).get("weights") == "demo" for j in todo)
         server = warm_start.server(root / "logs" / "warm.log",
                                    deferred=("ablations.warm:demo_networks",) if demo else ())

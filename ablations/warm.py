@@ -89,7 +89,7 @@ def demo_networks() -> None:
 
 
 def cuda_visible() -> bool:
-    """Whether torch sees a CUDA device here. Then the launcher starts no server: a process forked after its
+    """Whether torch sees a CUDA device here. Then no server runs (``server``): a process forked after its
     parent initialised CUDA cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess"), and the
     server's preload does (on an H200, 2026-12-04, every job that moved a network to the GPU failed so,
     prepare with its default device=auto among them). Asked in the launcher, which starts the server and the
@@ -270,8 +270,14 @@ def client(address: str, argv: list[str]) -> int:
 @contextmanager
 def server(log: Path, preload: tuple[str, ...] = PRELOAD, deferred: tuple[str, ...] = ()) -> Iterator[str | None]:
     """A warm-start server for the duration of a local run; yields its address, or None where it cannot
-    run (not Linux: no abstract sockets). Its messages go to ``log``. ``deferred``: see ``serve``."""
+    run (not Linux: no abstract sockets; a CUDA device visible: ``cuda_visible``). Its messages go to ``log``.
+    ``deferred``: see ``serve``."""
     if not sys.platform.startswith("linux"):
+        yield None
+        return
+    if cuda_visible():
+        logging.getLogger(__name__).info("warm starts off: a CUDA device is visible, and a job forked from the "
+                                         "server could not use it (the jobs start cold)")
         yield None
         return
     address = f"siren-warm-{os.getpid()}-{secrets.token_hex(6)}"

@@ -273,7 +273,7 @@ def test_local_jobs_start_cold_where_cuda_is_visible(tmp_path, monkeypatch, capl
 
     monkeypatch.setattr(warm, "cuda_visible", lambda: True)
     job = pipeline.Job("env", startup_env, {"path": str(tmp_path / "env.json")}, tmp_path / "env.done", gpus=gpus)
-    with caplog.at_level("INFO", logger="ablations.pipeline"):
+    with caplog.at_level("INFO"):
         states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1)
     assert states["env"].state == "DONE" and (tmp_path / "env.json").is_file()
     assert not (tmp_path / "logs" / "warm.log").exists()
