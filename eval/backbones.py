@@ -71,12 +71,6 @@ def resample(wav: np.ndarray, sr: int, target: int, method: str = "torchaudio") 
     return librosa.resample(wav, orig_sr=sr, target_sr=target, res_type="soxr_hq").astype(np.float32)
 
 
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
 def _load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -123,8 +117,8 @@ class Backbone(ABC):
         """The network with its weights: seeded random init, or the pretrained file loaded."""
 
     def _init_or_load(self, make, state_of=lambda ckpt: ckpt) -> nn.Module:
-        if self.weights_path is None:
-            return _seeded(self.seed, make)
+        if self.weights_path is None:  # ``make`` builds the same network for every instance of a class
+            return demo_weights.seeded(self.seed, make, key=(type(self).__name__,))
         if self.weights_label == "demo":
             return demo_weights.load(self.weights_path, make)
         net = make()

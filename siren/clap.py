@@ -248,9 +248,8 @@ class Clap(nn.Module):
         self.cfg = cfg
         if cfg.weights == "random":
             self.tokenizer: BpeTokenizer = ClipBpe()
-            with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG alone
-                torch.manual_seed(cfg.seed)
-                self.model = build_model(self.tokenizer)
+            self.model = demo_weights.seeded(cfg.seed, lambda: build_model(self.tokenizer),
+                                             key=("laion_clap", self.tokenizer.id))
             self.weights_label, self.weights_sha256 = "random", f"random-seed{cfg.seed}"
         elif cfg.weights == "demo":
             self.tokenizer = ClipBpe()

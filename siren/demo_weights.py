@@ -93,8 +93,19 @@ def fingerprint_error(got: dict[str, list], want: dict[str, list]) -> tuple[str 
     return None, worst
 
 
-def seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
-    """``make()`` under ``torch.manual_seed(seed)``, leaving the caller's RNG state alone."""
+def seeded(seed: int, make: Callable[[], nn.Module], key: tuple | None = None) -> nn.Module:
+    """``make()`` under ``torch.manual_seed(seed)``, leaving the caller's RNG state alone. ``key`` names what
+    ``make`` builds (the same key: the same network): after ``keep_loaded()`` that network is built once per
+    seed and copied (a random CLAP is ~3.4 s to build on a 2-core CPU, its copy ~0.3 s)."""
+    if _KEPT is None or key is None:
+        return _seeded(seed, make)
+    kept = ("seeded", *key, seed)
+    if kept not in _KEPT:
+        _KEPT[kept] = _seeded(seed, make)
+    return copy.deepcopy(_KEPT[kept])
+
+
+def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return make()
@@ -132,10 +143,13 @@ def header(path: Path) -> dict:
     return head
 
 
-# Networks kept after loading, once ``keep_loaded()`` was called: (file, its size and mtime, maker) -> network.
+# Networks kept after loading, once ``keep_loaded()`` was called: (file, its size and mtime, maker) -> network,
+# and ("seeded", key..., seed) -> network for the seeded random builds that name a key (``seeded``).
 # The warm-start server of local grid runs (ablations/warm.py) turns it on and loads the demo networks
 # once; every job it forks then gets a copy instead of regenerating and checking them (~8 s of an
-# evaluation job on a 2-core CPU). Off elsewhere: a process loads each network once anyway.
+# evaluation job on a 2-core CPU). The test suite turns it on too (tests/conftest.py): its processes build
+# the same random CLAP, codec and metric networks dozens of times. Off elsewhere: a process loads each
+# network once anyway.
 _KEPT: dict[tuple, nn.Module] | None = None
 
 
@@ -161,7 +175,7 @@ def _load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
     from safetensors.torch import load_file
 
     head = header(path)
-    net = seeded(int(head["base_seed"]), make)
+    net = _seeded(int(head["base_seed"]), make)
     trained = load_file(str(path))
     full = net.state_dict()
     unknown = sorted(set(trained) - set(full))

@@ -5,6 +5,8 @@ import tempfile
 import pytest
 import torch
 
+from siren import demo_weights
+
 # Each pytest process (and each pytest-xdist worker, which inherits the controller's environment) gets
 # its own cache: tests assert what a run computes and what it reads from the cache.
 if os.environ.get("SIREN_CACHE", "") in ("", os.environ.get("SIREN_TEST_CACHE")):
@@ -23,3 +25,18 @@ def _one_thread():
     """Tiny models: one intra-op thread is fastest (several times faster than two on a shared 2-core
     machine), and module-scoped model fixtures are built under it too."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kept_networks():
+    """A test process builds the same seeded random networks (CLAP, the codec, PANNs, VGGish) and loads the
+    same demo ones dozens of times: keep one of each and hand out copies, as the warm-start server does
+    (siren.demo_weights.keep_loaded; on a 2-core CPU a random CLAP takes ~3.4 s, its copy ~0.3 s). Tests of
+    seeding and loading themselves take ``fresh_builds``."""
+    demo_weights.keep_loaded()
+
+
+@pytest.fixture
+def fresh_builds(monkeypatch):
+    """Nothing kept: every network is built or loaded anew (a test that two builds agree must compare two)."""
+    monkeypatch.setattr(demo_weights, "_KEPT", None)

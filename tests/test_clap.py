@@ -37,7 +37,7 @@ def text(clap) -> TextEncoder:
 
 # --- identity, determinism --------------------------------------------------------------------
 
-def test_random_mode_is_labelled_seeded_and_leaves_global_rng_alone(clap):
+def test_random_mode_is_labelled_seeded_and_leaves_global_rng_alone(clap, fresh_builds):
     assert clap.weights_label == "random" and "random-seed0" in clap.id and clap.card()["weights"] == "random"
     wav = 0.1 * torch.randn(1, 16_000, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(123)

@@ -27,7 +27,7 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
-def test_overlay_round_trip_and_hash_check(tmp_path):
+def test_overlay_round_trip_and_hash_check(tmp_path, fresh_builds):
     base = demo_weights.seeded(3, _mlp)
     trained = {"2.weight": torch.randn(3, 5), "2.bias": torch.randn(3)}
     path = tmp_path / "m.safetensors"
@@ -60,6 +60,26 @@ def test_kept_networks_are_copies_of_one_load(tmp_path, monkeypatch):
     assert len(loads) == 2
 
 
+def test_kept_seeded_builds_are_copies_of_one_build(monkeypatch):
+    monkeypatch.setattr(demo_weights, "_KEPT", None)
+    demo_weights.keep_loaded()
+    builds = []
+
+    def make():
+        builds.append(1)
+        return _mlp()
+
+    a, b = demo_weights.seeded(3, make, key=("mlp",)), demo_weights.seeded(3, make, key=("mlp",))
+    assert len(builds) == 1 and a is not b and all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    c = demo_weights.seeded(4, make, key=("mlp",))  # another seed, another network
+    assert len(builds) == 2 and not torch.equal(c[0].weight, a[0].weight)
+    demo_weights.seeded(3, make)  # no key: built anew
+    assert len(builds) == 3
+    with torch.no_grad():
+        a[0].weight.zero_()  # a caller's copy is its own
+    assert torch.equal(demo_weights.seeded(3, make, key=("mlp",))[0].weight, b[0].weight)
+
+
 def _nudged(scale: float):
     """``_mlp`` drawn from seed 3 with every weight moved by ``scale`` of itself (seed 3's draw on another CPU)."""
     def make():
@@ -72,7 +92,7 @@ def _nudged(scale: float):
     return make
 
 
-def test_an_init_that_differs_only_in_float_rounding_loads(tmp_path):
+def test_an_init_that_differs_only_in_float_rounding_loads(tmp_path, fresh_builds):
     # another CPU's vectorised normal_ moved CLAP's RoBERTa init by <= 5e-8 (values ~0.1): the exact hash differs,
     # the fingerprint holds; a change of 1e-3 of each value is no rounding and is refused
     base = demo_weights.seeded(3, _mlp)

@@ -74,7 +74,7 @@ def test_embed_clips_groups_lengths_and_computes_duplicates_once(panns):
     np.testing.assert_array_equal(out[0]["embedding"], out[3]["embedding"])
 
 
-def test_random_weights_are_seeded():
+def test_random_weights_are_seeded(fresh_builds):
     a, b = PannsCnn14("random", seed=3), PannsCnn14("random", seed=4)
     wa, wb = a.net.fc1.weight, b.net.fc1.weight
     assert torch.equal(wa, PannsCnn14("random", seed=3).net.fc1.weight) and not torch.equal(wa, wb)
