@@ -148,8 +148,8 @@ def header(path: Path) -> dict:
 # The warm-start server of local grid runs (ablations/warm.py) turns it on and loads the demo networks
 # once; every job it forks then gets a copy instead of regenerating and checking them (~8 s of an
 # evaluation job on a 2-core CPU). The test suite turns it on too (tests/conftest.py): its processes build
-# the same random CLAP, codec and metric networks dozens of times. Off elsewhere: a process loads each
-# network once anyway.
+# the same random CLAP and metric networks dozens of times (not the codec: DAC's weight-norm tensors
+# cannot be deep-copied). Off elsewhere: a process loads each network once anyway.
 _KEPT: dict[tuple, nn.Module] | None = None
 
 

@@ -29,7 +29,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session", autouse=True)
 def _kept_networks():
-    """A test process builds the same seeded random networks (CLAP, the codec, PANNs, VGGish) and loads the
+    """A test process builds the same seeded random networks (CLAP, PANNs, VGGish) and loads the
     same demo ones dozens of times: keep one of each and hand out copies, as the warm-start server does
     (siren.demo_weights.keep_loaded; on a 2-core CPU a random CLAP takes ~3.4 s, its copy ~0.3 s). Tests of
     seeding and loading themselves take ``fresh_builds``."""
