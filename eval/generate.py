@@ -58,8 +58,9 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
                  [i for i, p in zip(ids, paths) if p.is_file()])
     warn_if_past_trained(run_dir, n_frames, "eval")
-    text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
     todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    if todo:  # a resumed set with every clip there builds no codec or text encoder
+        text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
     batch_times, collapsed, total = [], 0, 0
     for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch", disable=not todo):
         rows = todo[start:start + batch_size]
