@@ -6,7 +6,7 @@ from pathlib import Path
 
 from siren.data.audio import AudioConfig
 
-CLIP_S = 0.4  # demo clips cut to their first 0.4 s (20 frames): keeps the DAC cheap
+CLIP_S = 0.2  # demo clips cut to their first 0.2 s (10 frames): the random full-size DAC encodes ~1 s of audio per s
 
 
 def prepare_demo(root: Path, n_train: int = 2, n_test: int = 1) -> Path:

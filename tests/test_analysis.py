@@ -377,7 +377,7 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     assert f"wrote {len(written)} files to {out}" in printed and "random weights)" in printed
     written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
                          [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
-    assert len(pd.read_csv(out / "cosines.csv")) == 15 * 20 * 66  # 15 clips x 20 frames
+    assert len(pd.read_csv(out / "cosines.csv")) == 15 * 10 * 66  # 15 clips x 10 frames
     with pytest.raises(ConfigError, match="unknown config key 'pooling'.*Valid keys: codec, data"):
         probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
 
