@@ -357,8 +357,11 @@ def test_aligned_run_directory_loads_like_a_stage1_run(stage1, tmp_path):
 
 def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     """python -m siren.rl at demo scale: random DAC decodes the rollouts, random CLAP scores them."""
-    import subprocess
+    import contextlib
+    import io
+    import runpy
     import sys
+    from unittest import mock
 
     import siren
     from siren.codec import Codec, CodecConfig
@@ -388,9 +391,12 @@ def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     # a stage-1 run made with another codec is refused, naming the key to fix
     with pytest.raises(ConfigError, match="codec.weights"):
         alignment.main([a.replace(str(out), str(tmp_path / "x")) for a in args] + ["codec.seed=1"], clap=text.clap)
-    bad = subprocess.run([sys.executable, "-m", "siren.rl", f"run_dir={run}", f"out={out}", "gamme=0"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert bad.returncode == 2 and "Did you mean gamma" in bad.stderr and "Valid keys" in bad.stderr
+    # `python -m siren.rl` with a mistyped key: the module's __main__, run here (runpy) rather than in a new interpreter
+    stderr = io.StringIO()
+    with (mock.patch.object(sys, "argv", ["siren.rl", f"run_dir={run}", f"out={out}", "gamme=0"]),
+          contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as bad):
+        runpy.run_module("siren.rl", run_name="__main__", alter_sys=True)
+    assert bad.value.code == 2 and "Did you mean gamma" in stderr.getvalue() and "Valid keys" in stderr.getvalue()
 
 
 def test_prompts_files_and_their_errors(tmp_path):
