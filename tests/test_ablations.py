@@ -285,6 +285,7 @@ def test_local_jobs_start_cold_where_cuda_is_visible(tmp_path, monkeypatch, capl
 SMALL = ["set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=6"]
 
 
+@pytest.mark.slow  # six demo jobs, three of them evaluations: ~1.5 min on 2 busy cores
 def test_demo_table_runs_end_to_end_with_calibration_rows_then_submits_nothing(grid_out, capsys):
     """A demo Table 6 row and the table's two calibration rows (oracle: the references through the codec;
     chance: random codes), evaluated by the same protocol as the model row; a second run submits nothing."""
@@ -310,6 +311,7 @@ def _ledger(out: Path, key: str) -> dict:
     return json.loads((out / "demo" / "jobs" / f"{key.replace('/', '__')}.json").read_text())
 
 
+@pytest.mark.slow  # cold SLURM jobs, a preemption and a requeue: ~1.2 min on 2 busy cores
 def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_out, capsys):  # noqa: F811
     # FAD alone, the one metric of Table 5: the evaluation job, cold on SLURM, then loads no PANNs or CLAP
     small = ["set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=40", "set.train.ckpt_every=4",

@@ -13,8 +13,8 @@ constants; tests/test_reward.py checks it against ``data.py``'s own functions.
 
 Weights: ``pretrained`` is ``$SIREN_CACHE/imagebind_huge.pth`` (``python -m siren.assets prefetch
 imagebind``), or a path; ``random`` builds the real architecture with seeded random init, for
-smoke tests only (labelled ``random`` everywhere). Only the text and audio branches are kept after
-loading (~390M of the 1.2B parameters).
+smoke tests only (labelled ``random`` everywhere). Only the text and audio branches are built
+(440M of the 1.2B parameters); the file's other tensors are not loaded.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ BPE = Path("bpe") / "bpe_simple_vocab_16e6.txt.gz"
 # normalised with the AudioSet statistics ImageBind was trained with.
 CLIP_SECONDS, CLIPS, MEL_BINS, TARGET_FRAMES, MEAN, STD = 2, 3, 128, 204, -4.268, 9.138
 FRAME_MS, SHIFT_MS = 25, 10
-MODALITIES = ("text", "audio")  # ModalityType.TEXT, ModalityType.AUDIO
+UNUSED = ("vision", "depth", "thermal", "imu")  # ModalityType values the reward does not use (it uses text, audio)
 
 
 def package_dir() -> Path:
@@ -105,21 +105,40 @@ def audio_inputs(audio: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
                         for wav in audio])
 
 
-def build(weights_path: Path | None, seed: int = 0) -> torch.nn.Module:
-    """ImageBind-Huge (the package's ``imagebind_huge``), text and audio branches only.
+def huge_kwargs() -> dict:
+    """The arguments ``imagebind_huge`` gives ``ImageBindModel``, read from the package's own source (so the
+    text and audio branches built here are Meta's ImageBind-Huge ones, not numbers copied into this file)."""
+    import ast
+    import inspect
 
-    The constructor's seeded random init always runs (~1 min on 2 CPU cores: it cannot be built on the meta
-    device, its constructor calls ``.item()``); then ``weights_path``, when given, is loaded strictly over it."""
+    tree = ast.parse(inspect.getsource(models().imagebind_huge))
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "ImageBindModel")
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+
+
+def reward_part(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of an ImageBind state dict the reward's model has: all but the unused modalities'
+    (keys are ``modality_<preprocessors|trunks|heads|postprocessors>.<modality>.<...>``)."""
+    return {k: v for k, v in state.items() if (k.split(".") + [""])[1] not in UNUSED}
+
+
+def build(weights_path: Path | None, seed: int = 0) -> torch.nn.Module:
+    """ImageBind-Huge (the package's ``ImageBindModel`` with ``imagebind_huge``'s arguments), text and audio
+    branches only. The unused modalities' trunks are built with no blocks and then dropped: building the
+    whole model first (the 630M-parameter vision trunk among them) took ~15 s and ~5 GB on 2 CPU cores, and
+    it cannot be built on the meta device (its constructor calls ``.item()``). ``weights_path``, when given,
+    is then loaded strictly: every tensor of the two branches must be in the file, with its shape."""
     ib = models()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ib.imagebind_huge(pretrained=False)
-    if weights_path is not None:
-        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True), strict=True)
+        model = ib.ImageBindModel(**{**huge_kwargs(), **{f"{m}_num_blocks": 0 for m in UNUSED}})
     for part in (model.modality_preprocessors, model.modality_trunks, model.modality_heads,
                  model.modality_postprocessors):
-        for name in [k for k in part if k not in MODALITIES]:
-            del part[name]  # vision, depth, thermal, imu: unused by the reward
+        for name in UNUSED:
+            del part[name]
+    if weights_path is not None:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
+        model.load_state_dict(reward_part(state), strict=True)
     return model.eval().requires_grad_(False)
 
 
