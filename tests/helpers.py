@@ -1,11 +1,18 @@
-"""Helpers the test modules share: stand-in codec tables, a tiny model config and the job-settings
-probe that local and warm-started jobs run. The fixtures_* modules build on these; the real collate function
+"""Helpers the test modules share: stand-in codec tables, a tiny model config, the job-settings
+probe that local and warm-started jobs run, and ``python -m`` run inside the test process. The fixtures_*
+modules build on these; the real collate function
 (siren.data.dataset.collate) batches everywhere."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import runpy
+import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -46,3 +53,21 @@ def startup_env(path: str = "") -> dict:
     if path:
         Path(path).write_text(json.dumps(env))
     return env
+
+
+def run_as_main(module: str, *args: str) -> tuple[int, str, str]:
+    """``python -m module args...`` as ``__main__`` in this process (runpy): (exit code, stdout, stderr). A new
+    interpreter would import torch and the harness again, ~3 s each on 2 cores. The log handler the command's
+    shell adds for the captured stderr is taken off again, so later tests log where pytest captures."""
+    out, err, root = io.StringIO(), io.StringIO(), logging.getLogger()
+    handlers, code = list(root.handlers), 0
+    try:
+        with (mock.patch.object(sys, "argv", [module, *args]), contextlib.redirect_stdout(out),
+              contextlib.redirect_stderr(err)):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        for h in set(root.handlers) - set(handlers):
+            root.removeHandler(h)
+    return code, out.getvalue(), err.getvalue()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -32,8 +30,7 @@ from analysis.logs import read_jsonl, read_metric, weights_note
 from siren.config import load_config
 from siren.errors import ConfigError, DataError
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_as_main
 
 
 def rng(seed=0):
@@ -214,24 +211,22 @@ def test_corrupt_log_line_is_named(tmp_path):
 def test_probe_commands_run_under_the_one_shell(tmp_path):
     """`python -m analysis.<probe>` as every command of the harness: bad input is one `error:` line naming
     it, exit code 2, no traceback; --help lists the keys with their defaults."""
-    def probe(*args):
-        return subprocess.run([sys.executable, "-m", "analysis.convergence", *args], capture_output=True, text=True,
-                              cwd=ROOT, timeout=300)
+    def probe(*args):  # the module as __main__, in this process (an uncaught exception fails the test)
+        return run_as_main("analysis.convergence", *args)
 
-    missing = probe(f"run={tmp_path / 'nowhere'}")
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
-    assert missing.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'nowhere'}: no expert_<k>/log.jsonl")
+    code, _, err = probe(f"run={tmp_path / 'nowhere'}")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith(f"error: {tmp_path / 'nowhere'}: no expert_<k>/log.jsonl"), err
     write_jsonl(tmp_path / "run" / "expert_0" / "log.jsonl", [{"step": 1, "ce/L1": 6.9}],
                 tail="garbage\n" + json.dumps({"step": 2}) + "\n")
-    corrupt = probe(f"run={tmp_path / 'run'}", f"out={tmp_path / 'out'}")
-    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr, corrupt.stderr
-    assert "log.jsonl:2: not a JSON object" in corrupt.stderr.strip().splitlines()[-1]
+    code, _, err = probe(f"run={tmp_path / 'run'}", f"out={tmp_path / 'out'}")
+    assert code == 2 and "log.jsonl:2: not a JSON object" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "out").exists()  # nothing half-written
-    unknown = probe("splitt=val")
-    assert unknown.returncode == 2 and "Did you mean split" in unknown.stderr, unknown.stderr
-    shown = probe("--help")
-    assert shown.returncode == 0 and "usage: python -m analysis.convergence" in shown.stdout
-    assert "split='train'" in shown.stdout and "tail=0.1" in shown.stdout
+    code, _, err = probe("splitt=val")
+    assert code == 2 and "Did you mean split" in err, err
+    code, shown, _ = probe("--help")
+    assert code == 0 and "usage: python -m analysis.convergence" in shown
+    assert "split='train'" in shown and "tail=0.1" in shown
 
 
 def test_weights_note_says_demo_weights_once_per_model(tmp_path):

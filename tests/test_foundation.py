@@ -90,7 +90,8 @@ def test_cpu_fixup_is_idempotent_and_packages_import():
     import torchvision
 
     def files():
-        return {p: p.stat().st_mtime_ns for pkg in (torchaudio, torchvision) for p in Path(pkg.__file__).parent.rglob("*")
+        return {p: p.stat().st_mtime_ns for pkg in (torchaudio, torchvision)
+                for p in Path(pkg.__file__).parent.rglob("*")
                 if p.suffix in (".so", ".cpu-disabled") or p.name == "_meta_registrations.py"}
 
     before = files()

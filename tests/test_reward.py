@@ -82,7 +82,8 @@ def test_reward_model_takes_imagebind_huges_arguments_and_its_files_text_and_aud
     ib.models().imagebind_huge(pretrained=False)
     assert ib.huge_kwargs() == seen and seen["text_num_blocks"] == 24  # the huge text trunk, not the default 12
     parts = ("modality_preprocessors", "modality_trunks", "modality_heads", "modality_postprocessors")
-    state = {f"{p}.{m}.w": torch.zeros(1) for p in parts for m in ("vision", "text", "audio", "depth", "thermal", "imu")}
+    every = ("vision", "text", "audio", "depth", "thermal", "imu")
+    state = {f"{p}.{m}.w": torch.zeros(1) for p in parts for m in every}
     assert set(ib.reward_part({**state, "stray": torch.zeros(1)})) == {
         f"{p}.{m}.w" for p in parts for m in ("text", "audio")} | {"stray"}  # strict loading then refuses "stray"
 

@@ -163,6 +163,7 @@ from siren.rl.reward import CodeMatchReward  # noqa: E402
 from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
 from siren.sample import SampleConfig, generate  # noqa: E402
 from tests.fixtures_rl import PROMPTS, HashedText, make_stage1_run  # noqa: E402
+from tests.helpers import run_as_main  # noqa: E402
 
 TIME_KEYS = ("time_rollout_s", "time_update_s")
 
@@ -357,12 +358,6 @@ def test_aligned_run_directory_loads_like_a_stage1_run(stage1, tmp_path):
 
 def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     """python -m siren.rl at demo scale: random DAC decodes the rollouts, random CLAP scores them."""
-    import contextlib
-    import io
-    import runpy
-    import sys
-    from unittest import mock
-
     import siren
     from siren.codec import Codec, CodecConfig
     from siren.text import TextConfig, TextEncoder
@@ -391,12 +386,9 @@ def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     # a stage-1 run made with another codec is refused, naming the key to fix
     with pytest.raises(ConfigError, match="codec.weights"):
         alignment.main([a.replace(str(out), str(tmp_path / "x")) for a in args] + ["codec.seed=1"], clap=text.clap)
-    # `python -m siren.rl` with a mistyped key: the module's __main__, run here (runpy) rather than in a new interpreter
-    stderr = io.StringIO()
-    with (mock.patch.object(sys, "argv", ["siren.rl", f"run_dir={run}", f"out={out}", "gamme=0"]),
-          contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as bad):
-        runpy.run_module("siren.rl", run_name="__main__", alter_sys=True)
-    assert bad.value.code == 2 and "Did you mean gamma" in stderr.getvalue() and "Valid keys" in stderr.getvalue()
+    # `python -m siren.rl` with a mistyped key: the module's __main__, run here rather than in a new interpreter
+    code, _, err = run_as_main("siren.rl", f"run_dir={run}", f"out={out}", "gamme=0")
+    assert code == 2 and "Did you mean gamma" in err and "Valid keys" in err
 
 
 def test_prompts_files_and_their_errors(tmp_path):
