@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,12 +66,20 @@ def _clap_module():
     hide = "wandb" not in sys.modules
     if hide:
         sys.modules["wandb"] = None
+    # clap_module/pann_model.py sets NUMBA_CACHE_DIR=/tmp/ for the whole process when imported. numba then
+    # caches librosa's compiled functions in /tmp/ rather than beside them, where a process that had not
+    # imported laion_clap looked: each place compiled them anew (~23 s on 2 cores). The variable is put back.
+    numba_cache = os.environ.get("NUMBA_CACHE_DIR")
     try:
         import clap_module  # noqa: E402  (laion_clap's model code)
         import clap_module.model  # noqa: F401
     finally:
         if hide and sys.modules.get("wandb", 0) is None:
             del sys.modules["wandb"]
+        if numba_cache is None:
+            os.environ.pop("NUMBA_CACHE_DIR", None)
+        else:
+            os.environ["NUMBA_CACHE_DIR"] = numba_cache
     return clap_module
 
 

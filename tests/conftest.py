@@ -40,3 +40,16 @@ def _kept_networks():
 def fresh_builds(monkeypatch):
     """Nothing kept: every network is built or loaded anew (a test that two builds agree must compare two)."""
     monkeypatch.setattr(demo_weights, "_KEPT", None)
+
+
+@pytest.fixture(autouse=True)
+def _numba_cache_dir_kept():
+    """laion_clap sets NUMBA_CACHE_DIR=/tmp/ for the process when its model code is imported, as the peer-parity
+    tests import it: put the variable back after each test, so later tests and the processes they start use the
+    numba cache of librosa that .ci/setup compiled (siren/clap.py does the same for the harness's own import)."""
+    before = os.environ.get("NUMBA_CACHE_DIR")
+    yield
+    if before is None:
+        os.environ.pop("NUMBA_CACHE_DIR", None)
+    else:
+        os.environ["NUMBA_CACHE_DIR"] = before

@@ -1,4 +1,5 @@
 """Config overrides, the assets registry, the CPU install fix-up and the DAC codec wrapper."""
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -83,9 +84,8 @@ def test_a_command_run_as_main_shows_its_status_lines(tmp_path):
 
 def test_cpu_fixup_is_idempotent_and_packages_import():
     """.ci/setup ran the fix-up once; a second run finds torchaudio and torchvision importing in fresh
-    interpreters (its own probe) and changes no file. The packages that import them import here too."""
-    import dac  # noqa: F401 - audiotools imports torchaudio
-    import laion_clap  # noqa: F401 - imports torchvision through transformers' models
+    interpreters (its own probe) and changes no file. In one more, the packages that import them import, and
+    the harness's laion_clap import leaves NUMBA_CACHE_DIR as it was (laion_clap sets it to /tmp/)."""
     import torchaudio
     import torchvision
 
@@ -99,6 +99,10 @@ def test_cpu_fixup_is_idempotent_and_packages_import():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "set aside" not in proc.stdout and "guarded" not in proc.stdout, proc
     assert files() == before
+    code = "import os, dac, siren.clap; siren.clap._clap_module(); print(os.environ.get('NUMBA_CACHE_DIR'))"
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc
 
 
 @pytest.fixture(scope="module")
