@@ -48,6 +48,21 @@ AUDIO_PROTOCOL = "16-bit quantised, first 10 s, repeat-pad (laion-clap repeatpad
 _PROBE = "a dog barks while rain falls on a tin roof"
 
 
+@contextlib.contextmanager
+def numba_cache_dir_kept():
+    """NUMBA_CACHE_DIR as it was before the block. laion_clap's clap_module/pann_model.py sets it to /tmp/ for the
+    whole process when imported; numba then caches librosa's compiled functions in /tmp/ rather than beside them,
+    where a process that had not imported laion_clap looked, and each place compiled them anew (~23 s on 2 cores)."""
+    before = os.environ.get("NUMBA_CACHE_DIR")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("NUMBA_CACHE_DIR", None)
+        else:
+            os.environ["NUMBA_CACHE_DIR"] = before
+
+
 def _clap_module():
     """laion_clap's model package ``clap_module``, imported as laion_clap's own hook imports it.
 
@@ -66,20 +81,13 @@ def _clap_module():
     hide = "wandb" not in sys.modules
     if hide:
         sys.modules["wandb"] = None
-    # clap_module/pann_model.py sets NUMBA_CACHE_DIR=/tmp/ for the whole process when imported. numba then
-    # caches librosa's compiled functions in /tmp/ rather than beside them, where a process that had not
-    # imported laion_clap looked: each place compiled them anew (~23 s on 2 cores). The variable is put back.
-    numba_cache = os.environ.get("NUMBA_CACHE_DIR")
     try:
-        import clap_module  # noqa: E402  (laion_clap's model code)
-        import clap_module.model  # noqa: F401
+        with numba_cache_dir_kept():
+            import clap_module  # noqa: E402  (laion_clap's model code)
+            import clap_module.model  # noqa: F401
     finally:
         if hide and sys.modules.get("wandb", 0) is None:
             del sys.modules["wandb"]
-        if numba_cache is None:
-            os.environ.pop("NUMBA_CACHE_DIR", None)
-        else:
-            os.environ["NUMBA_CACHE_DIR"] = numba_cache
     return clap_module
 
 

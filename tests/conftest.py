@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from siren import demo_weights
+from siren.clap import numba_cache_dir_kept
 
 # Each pytest process (and each pytest-xdist worker, which inherits the controller's environment) gets
 # its own cache: tests assert what a run computes and what it reads from the cache.
@@ -60,12 +61,8 @@ def fresh_builds(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _numba_cache_dir_kept():
-    """laion_clap sets NUMBA_CACHE_DIR=/tmp/ for the process when its model code is imported, as the peer-parity
-    tests import it: put the variable back after each test, so later tests and the processes they start use the
-    numba cache of librosa that .ci/setup compiled (siren/clap.py does the same for the harness's own import)."""
-    before = os.environ.get("NUMBA_CACHE_DIR")
-    yield
-    if before is None:
-        os.environ.pop("NUMBA_CACHE_DIR", None)
-    else:
-        os.environ["NUMBA_CACHE_DIR"] = before
+    """The peer-parity tests import laion_clap itself, which sets NUMBA_CACHE_DIR=/tmp/ for the process: put the
+    variable back after each test, so later tests and the processes they start use the numba cache of librosa
+    that .ci/setup compiled (as siren.clap does around the harness's own import)."""
+    with numba_cache_dir_kept():
+        yield

@@ -55,16 +55,20 @@ def startup_env(path: str = "") -> dict:
     return env
 
 
-def run_as_main(module: str, *args: str) -> tuple[int, str, str]:
-    """``python -m module args...`` as ``__main__`` in this process (runpy): (exit code, stdout, stderr). A new
-    interpreter would import torch and the harness again, ~3 s each on 2 cores. The log handler the command's
-    shell adds for the captured stderr is taken off again, so later tests log where pytest captures."""
+def run_as_main(target: str, *args: str) -> tuple[int, str, str]:
+    """``python -m target args...`` (a module) or ``python target args...`` (a ``.py`` file) as ``__main__`` in
+    this process (runpy): (exit code, stdout, stderr). A new interpreter would import torch and the harness again,
+    ~3 s each on 2 cores. The log handler the command's shell adds for the captured stderr is taken off again, so
+    later tests log where pytest captures."""
     out, err, root = io.StringIO(), io.StringIO(), logging.getLogger()
     handlers, code = list(root.handlers), 0
     try:
-        with (mock.patch.object(sys, "argv", [module, *args]), contextlib.redirect_stdout(out),
+        with (mock.patch.object(sys, "argv", [target, *args]), contextlib.redirect_stdout(out),
               contextlib.redirect_stderr(err)):
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            if target.endswith(".py"):
+                runpy.run_path(target, run_name="__main__")
+            else:
+                runpy.run_module(target, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:

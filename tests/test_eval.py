@@ -1,10 +1,7 @@
 """Backbones, embedding cache, protocol card and `eval/audiocaps.py gen_dir=` end to end (random weights)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import runpy
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from siren.config import ConfigError
 from siren.errors import ManifestError
 from siren.io import sha256_file
 from tests.fixtures_eval import make_reference, synth, write_set
+from tests.helpers import run_as_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAP = "clap" if (ROOT / "siren" / "clap.py").is_file() else ""
@@ -124,15 +122,12 @@ def cli_run(sets):
     this process, so it shares the imports and the kept random networks (a fresh interpreter spent ~30 s of a
     2-core CPU on those alone). Returns (its stdout, results.json)."""
     root, manifest, _ = sets
-    script, stdout = ROOT / "eval" / "audiocaps.py", io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SIREN_CACHE", str(root / "siren_cache"))
-        mp.setattr(sys, "argv", [str(script), *_args(root, manifest)])
         mp.chdir(root)
-        with contextlib.redirect_stdout(stdout), pytest.raises(SystemExit) as exit_:
-            runpy.run_path(str(script), run_name="__main__")
-    assert exit_.value.code == 0, stdout.getvalue()
-    return stdout.getvalue(), json.loads((root / "out" / "results.json").read_text())
+        code, stdout, stderr = run_as_main(str(ROOT / "eval" / "audiocaps.py"), *_args(root, manifest))
+    assert code == 0, stdout + stderr
+    return stdout, json.loads((root / "out" / "results.json").read_text())
 
 
 def test_cli_writes_results_and_prints_flagged_row(cli_run, sets):
