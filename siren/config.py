@@ -8,8 +8,10 @@ A key that is neither a field nor a group is an error listing the valid keys.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import math
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
@@ -23,22 +25,36 @@ T = TypeVar("T")
 
 Presets = Mapping[str, Mapping[str, Mapping[str, Any]]]  # group -> preset name -> {dotted key: value}
 
+# A schema is a class, fixed once imported: what is derived from it alone is computed once per process.
+# (A grid launch parses every row's config with several schemas; uncached, the type hints (string
+# annotations, compiled per field) and OmegaConf's structured build were ~0.1 s per parse on 2 cores.)
 
+
+@functools.cache
+def _type_hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
 
 
 def _sub_schema(schema: type, name: str) -> type | None:
     """The dataclass type of field ``name`` of ``schema``, or None for a leaf."""
-    t = typing.get_type_hints(schema).get(name)
+    t = _type_hints(schema).get(name)
     return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
 
 
-def field_paths(schema: type) -> list[str]:
+@functools.cache
+def field_paths(schema: type) -> tuple[str, ...]:
     """Every settable dotted key of a (nested) dataclass schema."""
-    out = []
+    out: list[str] = []
     for f in dataclasses.fields(schema):
         sub = _sub_schema(schema, f.name)
         out += [f"{f.name}.{p}" for p in field_paths(sub)] if sub else [f.name]
-    return out
+    return tuple(out)
+
+
+@functools.cache
+def _structured(schema: type):
+    """OmegaConf's typed config of ``schema`` at its defaults: copied by each ``load_config``, never changed."""
+    return OmegaConf.structured(schema)
 
 
 def _unknown(key: str, valid: Sequence[str]) -> ConfigError:
@@ -75,7 +91,7 @@ def load_config(schema: type[T], args: Sequence[str] = (), presets: Presets | No
     """Build ``schema`` from ``defaults`` then ``args`` (both key=value / group=name strings)."""
     presets = presets or {}
     valid = field_paths(schema)
-    cfg = OmegaConf.structured(schema)
+    cfg = copy.deepcopy(_structured(schema))
     for key, value in expand(split_args([*defaults, *args]), presets):
         if key not in valid:
             raise _unknown(key, [*valid, *presets])
