@@ -118,6 +118,18 @@ def test_codec_shapes_and_frame_rate(codec):
     assert codec.weights_label == "random" and "random" in codec.id
 
 
+def test_random_codec_is_seeded_and_leaves_global_rng_alone(codec, fresh_builds):
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    same, other = Codec(CodecConfig(weights="random", seed=0)), Codec(CodecConfig(weights="random", seed=1))
+    assert torch.equal(torch.rand(3), expected_draw)  # the seeded builds forked the RNG
+    kept = codec.dac.state_dict()
+    assert all(torch.equal(v, kept[k]) for k, v in same.dac.state_dict().items())
+    assert not torch.equal(other.dac.encoder.block[0].weight_v, codec.dac.encoder.block[0].weight_v)
+    assert same.id == codec.id != other.id
+
+
 def test_layer_features_sum_to_dac_quantizer_output(codec):
     codes = torch.randint(0, 1024, (1, N_LAYERS, 7), generator=torch.Generator().manual_seed(1))
     vec, feat = codec.layer_features(codes)
