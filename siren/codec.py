@@ -57,21 +57,21 @@ class CodeTables:
     out_bias: torch.Tensor  # [12, D_lat]
 
 
-def _frozen(build, **kwargs) -> nn.Module:
-    """``build(**kwargs)`` without autograd: the weight-normed convolutions' ``weight`` is then a plain tensor
-    (recomputed from g and v at each forward), which a kept network's copy can deepcopy; the codec never trains."""
-    with torch.no_grad():
-        return build(**kwargs)
-
-
 class Codec(nn.Module):
     def __init__(self, cfg: CodecConfig = CodecConfig()):
         super().__init__()
         import dac  # heavy import (audiotools): only when a codec is built
 
         self.cfg = cfg
-        if cfg.weights == "random":  # seeded without touching the caller's RNG; kept after keep_loaded()
-            self.dac = demo_weights.seeded(cfg.seed, lambda: _frozen(dac.DAC, **DAC_KWARGS), key=("dac16k",))
+        if cfg.weights == "random":
+            def make():
+                # without autograd, the weight-normed convolutions' ``weight`` is a plain tensor (recomputed from
+                # g and v at each forward) that a kept network's copy can deepcopy; the codec never trains
+                with torch.no_grad():
+                    return dac.DAC(**DAC_KWARGS)
+
+            # seeded without touching the caller's RNG; built once and copied after keep_loaded()
+            self.dac = demo_weights.seeded(cfg.seed, make, key=("dac16k",))
             self.weights_label, self.weights_sha256 = "random", f"random-seed{cfg.seed}"
         else:
             if cfg.weights == "pretrained":
