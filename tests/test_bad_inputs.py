@@ -207,7 +207,7 @@ def test_a_long_file_is_encoded_batch_by_batch(tmp_path):
     Now no call holds more than batch_size items, and the codes equal one call per segment."""
     cfg = AudioConfig("segment", 0.1)  # 1600-sample segments: 7 of them and a dropped residual
     p = write_wav(tmp_path / "long.wav", tone(7 * 1600 + 500) + 0.01)
-    codec = Counting(Codec(CodecConfig(weights="random", seed=0)))
+    codec = Counting(Codec(CodecConfig(weights="demo")))
     row = Row("long", p, "a tone")
     _encode_codes({"k": row}, {"k": sha256(p.read_bytes())}, tmp_path / "out", codec, cfg, 3, progress=False)
     assert codec.sizes == [3, 3, 1]
@@ -478,7 +478,7 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_rl import make_stage1_run
 
-    codec, text = Codec(CodecConfig(weights="random")), TextEncoder(TextConfig(weights="random"))
+    codec, text = Codec(CodecConfig(weights="demo")), TextEncoder(TextConfig(weights="random"))
     runs = [make_stage1_run(tmp_path / f"run{s}", "12-1", seed=s, tables=codec.code_tables(), codec_id=codec.id,
                             text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
             for s in (0, 1)]

@@ -13,7 +13,7 @@ from siren.errors import CheckpointError, ConfigError
 from siren.model.continuous import ContinuousConfig, ContinuousLM, DiffusionHead, LatentProjection, presets
 from siren.model.continuous import latent as lat
 from siren.model.continuous.params import table
-from tests.fixtures_model import codec, text_batch
+from tests.fixtures_model import demo_codec, text_batch
 
 
 def tiny(*overrides: str) -> ContinuousConfig:
@@ -94,8 +94,8 @@ def test_projection_matches_sklearn_pca_and_full_dim_is_lossless(tmp_path):
 
 
 def test_latent_path_agrees_with_the_codec_rvq_path():
-    """The pre-quantization latent, quantized with 12 layers, is what Codec.encode/decode use (random DAC)."""
-    dac = codec()
+    """The pre-quantization latent, quantized with 12 layers, is what Codec.encode/decode use (demo DAC)."""
+    dac = demo_codec()
     wav = 0.3 * torch.randn(1, 1600, generator=torch.Generator().manual_seed(0))
     z = lat.dac_latent(dac, wav)
     assert z.shape == (1, 1024, 5)
@@ -108,7 +108,7 @@ def test_latent_path_agrees_with_the_codec_rvq_path():
 
 def test_reconstruction_report_orders_the_candidates():
     """Full-rank PCA is lossless, a 4-dim one is not; the RVQ's error is measured on the same footing."""
-    dac = codec()
+    dac = demo_codec()
     g = torch.Generator().manual_seed(1)
     train = [0.3 * torch.randn(3200, generator=g) for _ in range(3)]  # 30 frames: the fit sees rank <= 29
     rows = {r.name: r for r in recon.reconstruction(dac, train, train[:1], [4, 1024])}
@@ -253,9 +253,9 @@ def test_loss_trains_the_tiny_model_on_one_batch():
 
 
 def test_audio_to_tokens_to_audio_through_the_model(tmp_path):
-    """The whole model-side path on the random DAC: wav -> latent -> fitted projection (saved, reloaded) ->
+    """The whole model-side path on the demo DAC: wav -> latent -> fitted projection (saved, reloaded) ->
     teacher-forced loss -> generate -> inverse projection -> DAC decoder -> wav."""
-    dac = codec()
+    dac = demo_codec()
     g = torch.Generator().manual_seed(2)
     wavs = [0.3 * torch.randn(3200, generator=g) for _ in range(2)]
     LatentProjection.fit([lat.dac_latent(dac, w) for w in wavs], 8).save(tmp_path / "p.safetensors", dac.id)

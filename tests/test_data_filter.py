@@ -193,7 +193,7 @@ def half_silent(tmp_path_factory, clap):
     sound = np.resize(x, SR)
     write_wav(root / "half.wav", np.concatenate([sound, np.zeros(SR)]))
     m = write_manifest(root / "train.csv", [{"id": "half", "audio": "half.wav", "caption": caption}])
-    codec = Codec(CodecConfig(weights="random", seed=0))
+    codec = Codec(CodecConfig(weights="demo"))
     text = TextEncoder(TextConfig(weights="random", seed=0), clap=clap)
     prepare(m, root / "out", codec=codec, text_encoder=text, audio=AudioConfig("crop", 2.0), progress=False,
             crop_s=0.5, crop_step_s=0.24)

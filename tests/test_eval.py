@@ -346,7 +346,8 @@ def test_vggish_short_clip_policies():
 def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
     """candidates=N (the paper's CLAP reject sampling): each caption's clip is, of its N seeded candidates, the one
     the CLAP model scores highest; candidates=1 writes candidate 0. The candidates are drawn here with the
-    sampler and the codec the run's own frontends give, and scored with the same (seeded random) CLAP."""
+    sampler and the codec the run's own frontends give, and scored with the same (seeded random) CLAP. The
+    run's codec is the small demo one: decoding 21 clips with the paper-size random DAC was half this test."""
     import siren
     from eval.generate import generate_set
     from siren.checkpoint import read_run_config
@@ -359,7 +360,7 @@ def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_rl import make_stage1_run
 
-    codec, text = Codec(CodecConfig(weights="random")), TextEncoder(TextConfig(weights="random"))
+    codec, text = Codec(CodecConfig(weights="demo")), TextEncoder(TextConfig(weights="random"))
     run = make_stage1_run(tmp_path / "run", "12-1", seed=0, tables=codec.code_tables(), codec_id=codec.id,
                           text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
     ids, caps, n, seconds = ["a", "b", "c"], ["a dog barks", "rain on a roof", "a bell rings"], 3, 0.2

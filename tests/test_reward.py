@@ -139,7 +139,7 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_rl import make_stage1_run
 
-    codec = Codec(CodecConfig(weights="random"))
+    codec = Codec(CodecConfig(weights="demo"))  # small: the paper-size random DAC was a third of this test
     text = TextEncoder(TextConfig(weights="random"))
     run = make_stage1_run(tmp_path / "s1", tables=codec.code_tables(), codec_id=codec.id, text_id=text.id,
                           frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
@@ -148,7 +148,7 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     out = tmp_path / "aligned"
     assert alignment.main([f"run_dir={run}", f"out={out}", f"prompts={prompts}", "steps=1", "batch=2", "group=2",
                            "seconds=0.1", "device=cpu", "reward=clap", "reward.weights=random",
-                           "codec.weights=random", "text.weights=random"], clap=text.clap) == 0
+                           "codec.weights=demo", "text.weights=random"], clap=text.clap) == 0
     assert json.loads((out / "alignment.json").read_text())["reward_model"] == {"name": "clap",
                                                                               "weights_sha256": "random-seed0"}
     ref = demo_set(tmp_path / "demo", n_train=1, n_test=1).test  # the embedded set, one test clip per class
