@@ -103,7 +103,7 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_data import tiny_set
 
-    codec = Codec(CodecConfig(weights="random", seed=0))
+    codec = Codec(CodecConfig(weights="demo"))  # the small committed DAC: the paper-size random one was half this test
     m = tiny_set(tmp_path / "src", n=3)
     out = tmp_path / "prep"
     for split in ("train", "test"):
@@ -122,7 +122,7 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
                       if p.is_file()}
 
-    args = (*ARGS, f"data_dir={out}", "codec.weights=random", "train.steps=2", "train.ckpt_every=2")
+    args = (*ARGS, f"data_dir={out}", "codec.weights=demo", "train.steps=2", "train.ckpt_every=2")
     assert train(tiny_config(tmp_path / "run", *args), handle_signals=False).status == "finished"
 
     import soundfile as sf
