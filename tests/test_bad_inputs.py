@@ -22,13 +22,14 @@ from safetensors.torch import load_file
 from ablations import pipeline
 from ablations.lock import LockHeld, hold
 from eval.audio import load_clips
-from siren.codec import HOP, Codec, CodecConfig
+from siren.codec import HOP
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, sha256
 from siren.data.encode import encode_codes as _encode_codes
 from siren.data.manifest import Row, child_path, read_manifest
 from siren.errors import DataError, ManifestError
 from tests.fixtures_data import Counting, write_wav
+from tests.fixtures_model import demo_codec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,7 +208,7 @@ def test_a_long_file_is_encoded_batch_by_batch(tmp_path):
     Now no call holds more than batch_size items, and the codes equal one call per segment."""
     cfg = AudioConfig("segment", 0.1)  # 1600-sample segments: 7 of them and a dropped residual
     p = write_wav(tmp_path / "long.wav", tone(7 * 1600 + 500) + 0.01)
-    codec = Counting(Codec(CodecConfig(weights="demo")))
+    codec = Counting(demo_codec())
     row = Row("long", p, "a tone")
     _encode_codes({"k": row}, {"k": sha256(p.read_bytes())}, tmp_path / "out", codec, cfg, 3, progress=False)
     assert codec.sizes == [3, 3, 1]
@@ -471,14 +472,13 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     import soundfile as sf
 
     from eval.generate import generate_set
-    from siren.codec import Codec, CodecConfig
     from siren.config import to_dict
     from siren.errors import ConfigError
     from siren.sample import SampleConfig
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_rl import make_stage1_run
 
-    codec, text = Codec(CodecConfig(weights="demo")), TextEncoder(TextConfig(weights="random"))
+    codec, text = demo_codec(), TextEncoder(TextConfig(weights="random"))
     runs = [make_stage1_run(tmp_path / f"run{s}", "12-1", seed=s, tables=codec.code_tables(), codec_id=codec.id,
                             text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
             for s in (0, 1)]

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from siren.data.latents import collate_latents
 from siren.model.continuous import LatentProjection
 from siren.train import Stage1Data, read_log, train
+from tests.fixtures_model import demo_codec
 from tests.fixtures_train import TEXT_DIM, tiny_config
 from tests.helpers import code_tables
 
@@ -96,14 +97,13 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     """siren.data.latents on a prepared dir: tokens have the codes' frames and crops, the whitened PCA gives the
     train split's real frames zero mean and unit variance per axis, a re-run encodes nothing, and the one loop
     trains on them from data_dir."""
-    from siren.codec import Codec, CodecConfig
     from siren.data.audio import AudioConfig
     from siren.data.latents import LatentDataset, prepare_latents
     from siren.data.prepare import prepare
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_data import tiny_set
 
-    codec = Codec(CodecConfig(weights="demo"))  # the small committed DAC: the paper-size random one was half this test
+    codec = demo_codec()
     m = tiny_set(tmp_path / "src", n=3)
     out = tmp_path / "prep"
     for split in ("train", "test"):

@@ -24,15 +24,15 @@ from siren.data.prepare import prepare, write_index
 from siren.errors import ManifestError
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_data import Counting, tiny_set, write_manifest, write_wav
+from tests.fixtures_model import demo_codec
 
 TINY = AudioConfig("crop", 0.4)  # tiny items keep the codec cheap
 
 
 @pytest.fixture(scope="module")
 def codec():
-    # the small committed codec, 8x (encode) to 36x (decode) faster than the paper-size random one, which
-    # test_codec_change_* (as a second codec) and test_cli (the random mode) still build
-    return Codec(CodecConfig(weights="demo"))
+    # test_codec_change_* (as a second codec) and test_cli (the random mode) still build the paper-size random DAC
+    return demo_codec()
 
 
 @pytest.fixture(scope="module")

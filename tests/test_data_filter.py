@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import siren  # noqa: F401  (HF offline)
-from siren.codec import HOP, Codec, CodecConfig
+from siren.codec import HOP
 from siren.config import ConfigError
 from siren.data import DataError, PreparedDataset, activity, demo
 from siren.data import filter as filt
@@ -23,6 +23,7 @@ from siren.data.prepare import prepare
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_clap import random_clap
 from tests.fixtures_data import write_manifest, write_wav
+from tests.fixtures_model import demo_codec
 
 SR = 16_000
 
@@ -193,7 +194,7 @@ def half_silent(tmp_path_factory, clap):
     sound = np.resize(x, SR)
     write_wav(root / "half.wav", np.concatenate([sound, np.zeros(SR)]))
     m = write_manifest(root / "train.csv", [{"id": "half", "audio": "half.wav", "caption": caption}])
-    codec = Codec(CodecConfig(weights="demo"))
+    codec = demo_codec()
     text = TextEncoder(TextConfig(weights="random", seed=0), clap=clap)
     prepare(m, root / "out", codec=codec, text_encoder=text, audio=AudioConfig("crop", 2.0), progress=False,
             crop_s=0.5, crop_step_s=0.24)

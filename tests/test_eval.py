@@ -18,6 +18,7 @@ from siren.config import ConfigError
 from siren.errors import ManifestError
 from siren.io import sha256_file
 from tests.fixtures_eval import make_reference, synth, write_set
+from tests.fixtures_model import demo_codec
 from tests.helpers import run_as_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,7 +353,7 @@ def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
     from eval.generate import generate_set
     from siren.checkpoint import read_run_config
     from siren.clap import Clap, ClapConfig
-    from siren.codec import FRAME_RATE, SAMPLE_RATE, Codec, CodecConfig
+    from siren.codec import FRAME_RATE, SAMPLE_RATE
     from siren.config import to_dict
     from siren.frontends import run_frontends
     from siren.runtime import derive_seed
@@ -360,7 +361,7 @@ def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_rl import make_stage1_run
 
-    codec, text = Codec(CodecConfig(weights="demo")), TextEncoder(TextConfig(weights="random"))
+    codec, text = demo_codec(), TextEncoder(TextConfig(weights="random"))
     run = make_stage1_run(tmp_path / "run", "12-1", seed=0, tables=codec.code_tables(), codec_id=codec.id,
                           text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
     ids, caps, n, seconds = ["a", "b", "c"], ["a dog barks", "rain on a roof", "a bell rings"], 3, 0.2

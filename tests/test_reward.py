@@ -14,6 +14,7 @@ import torch
 
 from siren.errors import MissingWeightsError
 from siren.rl import imagebind as ib
+from tests.fixtures_model import demo_codec
 
 try:
     ib.package_dir()
@@ -132,14 +133,13 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     from ablations.tables import build_frame, to_latex, to_markdown
     from eval import card as cards
     from eval.audiocaps import EvalConfig, backbones, evaluate, reward_equals_metric
-    from siren.codec import Codec, CodecConfig
     from siren.config import load_config, to_dict
     from siren.data.demo import demo_set
     from siren.rl import alignment
     from siren.text import TextConfig, TextEncoder
     from tests.fixtures_rl import make_stage1_run
 
-    codec = Codec(CodecConfig(weights="demo"))  # small: the paper-size random DAC was a third of this test
+    codec = demo_codec()
     text = TextEncoder(TextConfig(weights="random"))
     run = make_stage1_run(tmp_path / "s1", tables=codec.code_tables(), codec_id=codec.id, text_id=text.id,
                           frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
