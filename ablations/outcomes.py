@@ -105,11 +105,10 @@ def source(run: RunConfig, cells: list[Cell]) -> str:
     return f"ours ({run.scale}, {'RANDOM weights' if w == 'random' else w + ' weights'})"
 
 
-def status_lines(jobs: list[Job], states: dict[str, JobState], cells: list[Cell]) -> list[str]:
-    rows_of = {c.id: ", ".join(r.label for r in c.rows) for c in cells}
+def status_lines(jobs: list[Job], states: dict[str, JobState]) -> list[str]:
     lines = [f"{'job':34s} {'state':10s} {'id':>10s}  rows / log"]
     for job in jobs:
         st = states[job.key]
-        detail = st.log if st.state != "DONE" and st.log else rows_of.get(job.key.split("/")[0], "")
+        detail = st.log if st.state != "DONE" and st.log else job.rows
         lines.append(f"{job.key:34s} {st.state:10s} {st.job_id:>10s}  {detail}")
     return lines

@@ -50,6 +50,7 @@ class Job:
     timeout_min: int = 60
     resumable: bool = False  # requeue on preemption/timeout (training); the job resumes from its checkpoint
     array: str = ""  # jobs of one name (with equal resources and dependencies) go to SLURM as one job array
+    rows: str = ""  # the table rows whose outcome it is (evaluations, alignments), for the status lines
 
 
 @dataclass
@@ -274,6 +275,7 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
     # _levels also makes unknown dependencies and cycles errors before anything runs.
     below = _waited_on(jobs)
     ledger, states, pending, running = Ledger(root), {}, sorted(jobs, key=lambda j: -below[j.key]), []
+    progress = _Progress(sum(not j.done.is_file() for j in jobs), root / "logs")
     try:
         while pending or running:
             for job in list(pending):
@@ -288,27 +290,60 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                     fn, kwargs = _callable(job)
                     sj = _executor(kind, root, None, job, max_parallel, python).submit(fn, **kwargs)
                     ledger.record(job.key, kind, sj, root / "logs")
-                    running.append((job, sj))
+                    running.append((job, sj, time.time()))
                     pending.remove(job)
                     if kind == "debug":  # submitit's debug jobs run in this process when asked for their result
                         break
-            finished = [(job, sj) for job, sj in running if kind == "debug" or sj.done()]
-            for job, sj in finished:
-                running.remove((job, sj))
+            finished = [r for r in running if kind == "debug" or r[1].done()]
+            for job, sj, started in finished:
+                running.remove((job, sj, started))
                 try:
                     sj.result()
                     states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
                 except Exception as e:  # the job's own error; its log has the traceback
-                    states[job.key] = JobState(job.key, "FAILED", str(sj.job_id), f"{sj.paths.stderr} ("
-                                               f"{type(e).__name__}: {str(e).splitlines()[-1][:200]})", submitted=True)
+                    states[job.key] = JobState(job.key, "FAILED", str(sj.job_id),
+                                               f"{sj.paths.stderr} ({_job_error(job, e, started)})", submitted=True)
+                progress.finished(job, states[job.key], time.time() - started, below[job.key])
             if running and not finished:
                 time.sleep(0.1)  # at 0.5 s a freed slot idled ~0.25 s on average, per job (33 in the demo Table 6)
     except KeyboardInterrupt:  # Ctrl-C: stop the running jobs too (training jobs resume from checkpoints)
-        for _, sj in running:
+        for _, sj, _ in running:
             if not sj.done():
                 sj.cancel(check=False)
         raise
     return states
+
+
+def _job_error(job: Job, e: Exception, started: float) -> str:
+    """The step's own error, one line: from its failure marker (submitit's error for a local job ends in its log
+    paths, not in what went wrong), else the last line of what the executor raised (a job killed before it could
+    write the marker)."""
+    failed = _failed_marker(job.done)
+    if failed.is_file() and failed.stat().st_mtime >= started - 1:  # written by this run, not a stale one
+        text = json.loads(failed.read_text())["error"]
+    else:
+        text = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+    return " ".join(text.split())[:300]
+
+
+class _Progress:
+    """One line as each local job ends, so a run of many minutes shows how far it is and a failure at once
+    (the table at the end says the same for every job)."""
+
+    def __init__(self, todo: int, logs: Path):
+        self.todo, self.ended = todo, 0
+        if todo:
+            log.info("%d job(s) to run here; a line as each one ends; their logs: %s", todo, logs)
+
+    def finished(self, job: Job, st: JobState, seconds: float, waited_on: int) -> None:
+        self.ended += 1
+        name = f"{job.key} ({job.rows})" if job.rows else job.key
+        if st.state == "DONE":
+            log.info("[%d/%d] %s done in %.0f s", self.ended, self.todo, name, seconds)
+            return
+        after = " the jobs that need it will not start;" if waited_on else ""
+        log.error("[%d/%d] %s failed after %.0f s:%s retry=true runs it again. %s", self.ended, self.todo, name,
+                  seconds, after, st.log)
 
 
 def current_states(jobs: list[Job], root: Path) -> dict[str, JobState]:

@@ -157,7 +157,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
     jobs: dict[str, Job] = {}
     res = dict(gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb)
     for cell in cells:
-        did = data_id(cell.cfg)
+        did, rows = data_id(cell.cfg), ", ".join(r.label for r in cell.rows)
         data_dir = run.root / "data" / did
         ref, prompts, subset = data_paths(cell.cfg, data_dir)
         prep = f"data-{did}"
@@ -185,13 +185,13 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             jobs[key] = Job(key, steps.align_step, dict(cfg=cell.cfg, stage1_dir=str(stage1), out=str(model_dir),
                                                         prompts=prompts),
                             cell.dir / "aligned.done", deps=trains, timeout_min=run.train_timeout_min,
-                            resumable=True, **res)
+                            resumable=True, rows=rows, **res)
             before_eval = [key]
         key = f"{cell.id}/eval"
         ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg
         jobs[key] = Job(key, steps.eval_step,
                         dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
-                        cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, **res)
+                        cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, rows=rows, **res)
         # Calibration rows, once per data config (codec, test set). They read only the test clips (or a user's
         # test manifest) and the codec, so they need not wait for prepare: at demo scale a job of seconds writes
         # the demo set for them, beside prepare, which writes the same files itself (siren.data.demo: identical

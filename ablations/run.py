@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             states = pipeline.run_local(jobs, run.root, run.executor, run.retry, run.max_parallel, run.warm)
     else:
         states = pipeline.current_states(jobs, run.root)
-    print("\n".join(outcomes.status_lines(jobs, states, cells)))
+    print("\n".join(outcomes.status_lines(jobs, states)))
     if run.action == "run":
         print(f"submitted {sum(s.submitted for s in states.values())} job(s) in this call")
     if run.action == "status":

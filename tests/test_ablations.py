@@ -217,17 +217,24 @@ def test_calibration_rows_wait_for_what_they_read_not_for_prepare(scale):
     assert len(deps) == 5 + len(source)  # prepare, the 1-12 expert, its eval, two calibration rows
 
 
-def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path):
+def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path, caplog):
     """Two cells (train -> eval) after a prepare step, one slot: both trainings run before either eval,
-    then the evals in plan order; a dependency is never started before it is done."""
+    then the evals in plan order; a dependency is never started before it is done. A line as each job ends."""
     log = str(tmp_path / "order.txt")
     graph = [("prep", []), ("a/train", ["prep"]), ("a/eval", ["a/train"]), ("b/train", ["prep"]),
              ("b/eval", ["b/train"])]
     jobs = [pipeline.Job(k, _record_start, {"log": log, "name": k}, tmp_path / f"{k.replace('/', '_')}.done", deps=d)
             for k, d in graph]
-    states = pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)
+    with caplog.at_level(logging.INFO, logger="ablations.pipeline"):
+        states = pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)
     assert {s.state for s in states.values()} == {"DONE"}
     assert Path(log).read_text().split() == ["prep", "a/train", "b/train", "a/eval", "b/eval"]
+    ends = [m.split(" done in ")[0] for m in caplog.messages if " done in " in m]
+    assert ends == ["[1/5] prep", "[2/5] a/train", "[3/5] b/train", "[4/5] a/eval", "[5/5] b/eval"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ablations.pipeline"):  # all done: nothing to run, no lines
+        pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)
+    assert not caplog.messages
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")

@@ -275,6 +275,26 @@ def test_a_second_launcher_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
                                                f"start b {third.pid}", f"end b {third.pid}"]
 
 
+def failing_job(value: int) -> None:
+    raise ValueError(f"value {value} is out of range\nsecond line")
+
+
+def test_a_failed_local_job_is_reported_when_it_ends_with_its_own_error(tmp_path, caplog):
+    """A real local job (its own process) fails: the launcher says so as it ends, with the step's error (not
+    submitit's, whose last line is a log path), names its log, and the job that needs it does not start."""
+    root = tmp_path / "out"
+    jobs = [pipeline.Job("bad", failing_job, {"value": 7}, root / "bad.done"),
+            pipeline.Job("after", failing_job, {"value": 8}, root / "after.done", deps=["bad"])]
+    with caplog.at_level(logging.INFO, logger="ablations.pipeline"):
+        states = pipeline.run_local(jobs, root, "local", retry=False, max_parallel=1, warm=False)
+    assert states["bad"].state == "FAILED" and states["after"].state == "BLOCKED"
+    assert states["bad"].log.endswith("_log.err (ValueError: value 7 is out of range second line)")
+    line = next(r for r in caplog.records if "failed after" in r.getMessage())
+    assert line.levelname == "ERROR" and "[1/2] bad failed" in line.getMessage()
+    assert "the jobs that need it will not start; retry=true runs it again" in line.getMessage()
+    assert states["bad"].log in line.getMessage() and Path(states["bad"].log.split(" (")[0]).is_file()
+
+
 def test_a_running_job_is_not_started_again(tmp_path):
     """A job left running (e.g. by a killed launcher) holds its lock: a new launcher reports it as
     RUNNING with its pid and does not start a second copy, nor anything after it."""
