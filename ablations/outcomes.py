@@ -3,6 +3,7 @@ the caption that says which weights and scale, and the status lines of the jobs.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from ablations import pipeline, steps
 from ablations.grid import Grid
@@ -111,4 +112,5 @@ def status_lines(jobs: list[Job], states: dict[str, JobState]) -> list[str]:
         st = states[job.key]
         detail = st.log if st.state != "DONE" and st.log else job.rows
         lines.append(f"{job.key:34s} {st.state:10s} {st.job_id:>10s}  {detail}")
-    return lines
+    counts = Counter(states[j.key].state for j in jobs)  # a run on SLURM is followed with action=status
+    return lines + [f"{len(jobs)} job(s): " + ", ".join(f"{n} {state}" for state, n in counts.most_common())]
