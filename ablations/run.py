@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     caption = outcomes.caption(run, cells)
     calibration = outcomes.calibration_outcomes(cells, grid, run, states)
     df = build_frame(grid, rows, outcomes.source(run, cells), calibration)
-    for ext, p in write_tables(df, grid, caption, run.root / "tables").items():
+    paths = write_tables(df, grid, caption, run.root / "tables")
+    print("\n" + paths["md"].read_text())  # the table itself, as written: what the run is for
+    for ext, p in paths.items():
         print(f"{grid.name}.{ext}: {p}")
     for p in figures.draw(grid, cells, run, caption, run.root / "figures", {**rows, **calibration}):
         print(f"figure: {p}")

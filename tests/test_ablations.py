@@ -301,8 +301,10 @@ def test_demo_table_runs_end_to_end_with_calibration_rows_then_submits_nothing(g
     args = ["grid=table6", "rows=1-12", f"out={grid_out}", "executor=local", *SMALL]
     assert main(args) == 0
     # the demo set, prepare, 1 expert, its eval, the two calibration rows
-    assert "submitted 6 job(s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "submitted 6 job(s)" in printed
     row = _table_row(grid_out, "table6", "1-12")
+    assert (grid_out / "demo" / "tables" / "table6.md").read_text() in printed  # the table, printed whole
     assert "pending" not in row and "failed" not in row and row.count("|") == 8
     md = (grid_out / "demo" / "tables" / "table6.md").read_text()
     for label in ("oracle (references through the codec)", "chance (random codes)"):
