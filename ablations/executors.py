@@ -26,6 +26,8 @@ import submitit
 import yaml
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from siren.errors import ConfigError, SchedulerError
+
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
 KINDS = ("slurm", "local", "debug")
 # SLURM sends SIGUSR2 this long before the time limit (up to 60 s earlier still: its event
@@ -84,13 +86,16 @@ def load_profile(name_or_path: str | Path) -> Profile:
     is_path = isinstance(name_or_path, Path) or "/" in text or text.endswith((".yaml", ".yml"))
     path = Path(text) if is_path else PROFILE_DIR / f"{text}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"no SLURM profile {text!r} ({path} does not exist). Available profiles in {PROFILE_DIR}: "
             f"{', '.join(available_profiles()) or '(none)'}; or pass the path of a YAML file."
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a profile is a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a profile is a mapping of keys to values, got {type(data).__name__}")
     values = {key: _checked(path, key, value) for key, value in data.items()}
     values = {key: value for key, value in values.items() if value is not None}
     if "setup" in values:
@@ -102,7 +107,7 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
     if key not in _KEY_TYPES:
         close = difflib.get_close_matches(str(key), _KEY_TYPES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"{path}: unknown key {key!r}{hint}. Valid keys: {', '.join(_KEY_TYPES)} "
             "(documented at the top of slurm/profiles/example_gpu.yaml)."
         )
@@ -111,7 +116,7 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
     if key == "setup" and ok and value is not None:
         ok = all(isinstance(line, str) for line in value)
     if not ok:
-        raise ValueError(f"{path}: key {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
+        raise ConfigError(f"{path}: key {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
     return value
 
 
@@ -170,12 +175,12 @@ def _slurm_executor(
 ) -> submitit.SlurmExecutor:
     if profile.gpus_per_node is not None and gpus > profile.gpus_per_node:
         where = profile.path or f"profile {profile.name!r}"
-        raise ValueError(
+        raise ConfigError(
             f"job {name!r} asks for {gpus} GPUs but {where} has gpus_per_node={profile.gpus_per_node}; "
             "ask for fewer GPUs or use a profile of a GPU partition."
         )
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        raise RuntimeError(
+        raise SchedulerError(
             "executor=slurm needs sbatch and srun on PATH: run on a SLURM login node, start the local "
             "test cluster (slurm/local_cluster.sh start; export SLURM_CONF=...), or use executor=local."
         )

@@ -30,6 +30,7 @@ import submitit
 
 from ablations import lock
 from siren import cli, io
+from siren.errors import SchedulerError
 
 log = logging.getLogger(__name__)
 
@@ -202,10 +203,15 @@ def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str
             if live:
                 ex.update_parameters(dependency="afterok:" + ":".join(live))
             submitted = []
-            with ex.batch():  # one sbatch --array for the group (a plain job for a group of one)
-                for job in group:
-                    fn, kwargs = _callable(job)
-                    submitted.append((job, ex.submit(fn, **kwargs)))
+            try:
+                with ex.batch():  # one sbatch --array for the group (a plain job for a group of one)
+                    for job in group:
+                        fn, kwargs = _callable(job)
+                        submitted.append((job, ex.submit(fn, **kwargs)))
+            except submitit.core.utils.FailedJobError as e:  # sbatch's own words; what went before is recorded
+                raise SchedulerError(f"sbatch refused {name} ({len(group)} job(s)): {' '.join(str(e).split())[:600]}. "
+                                     f"The jobs submitted before it are recorded: once SLURM takes jobs, the same "
+                                     f"command submits only the rest") from None
             for job, sj in submitted:
                 ledger.record(job.key, "slurm", sj, root / "logs")
                 states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr), submitted=True)

@@ -30,6 +30,10 @@ class CheckpointError(SirenError, RuntimeError):
     """A checkpoint that is missing, unreadable, non-finite or made for another config."""
 
 
+class SchedulerError(SirenError, RuntimeError):
+    """SLURM cannot take the jobs from here (no ``sbatch`` on PATH, or ``sbatch`` refused them); sbatch's words."""
+
+
 class MissingWeightsError(SirenError, FileNotFoundError):
     """A weights file that is not where it is expected; the message names the prefetch command."""
 

@@ -327,6 +327,41 @@ def test_the_grid_cli_goes_through_the_launcher_lock(tmp_path):
     assert not (tmp_path / "demo" / "jobs").exists()
 
 
+def _fake_slurm(folder: Path) -> None:
+    """sbatch and srun that exist but refuse every job, as on a login node whose controller is down."""
+    folder.mkdir()
+    for name in ("sbatch", "srun"):
+        (folder / name).write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid account' >&2\n"
+                                   "exit 1\n")
+        (folder / name).chmod(0o755)
+
+
+def test_slurm_problems_end_in_one_error_line(tmp_path, monkeypatch, capsys):
+    """A missing or malformed profile, no sbatch on PATH and an sbatch that refuses the jobs each ended in a
+    traceback (FileNotFoundError, yaml's ScannerError, RuntimeError, submitit's FailedJobError); now each is one
+    error line naming the profile or quoting sbatch, exit code 2, and nothing is recorded as submitted."""
+    from ablations.run import main
+    from siren.cli import call
+
+    bad_yaml = tmp_path / "broken.yaml"
+    bad_yaml.write_text("partition: [gpu\n")
+    grid = ["grid=table6", "rows=6-2", f"out={tmp_path / 'out'}", "executor=slurm"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    for extra, words in [(["profile=nope"], "no SLURM profile 'nope'"),
+                         ([f"profile={bad_yaml}"], f"{bad_yaml}: not valid YAML"),
+                         (["profile=local"], "executor=slurm needs sbatch and srun on PATH")]:
+        assert call(main, [*grid, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"error: {words}" in err, err
+    _fake_slurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert call(main, [*grid, "profile=local"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: sbatch refused data-" in err, err
+    assert "Invalid account" in err and "the same command submits only the rest" in err
+    assert not list((tmp_path / "out" / "demo").glob("jobs/*.json"))
+
+
 # ---------------------------------------------------------------- non-finite training, config values (issue 13)
 
 @pytest.mark.parametrize("arg, key", [("train.lr=nan", "train.lr"), ("train.lr=-1", "train.lr"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ablations.executors import KINDS, ResumableJob, load_profile, make_executor
+from siren.errors import ConfigError
 from tests.helpers import wait_for
 from tests.slurm_cluster import count_steps, logged_square, preempt, slurm_cluster, square  # noqa: F401
 
@@ -42,7 +43,7 @@ def test_profile_value_of_wrong_type_is_named(tmp_path):
 
 
 def test_missing_profile_lists_available_ones():
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(ConfigError) as err:
         load_profile("no_such_cluster")
     assert "'no_such_cluster'" in str(err.value) and "example_gpu, local" in str(err.value)
 
