@@ -33,7 +33,7 @@ from torch import nn
 
 from eval.audio import CHANNELS, Clip, mono
 from siren import assets, demo_weights
-from siren.errors import ConfigError
+from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
 from siren.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,10 @@ def resample(wav: np.ndarray, sr: int, target: int, method: str = "torchaudio") 
 
 
 def _load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or non-torch file (e.g. copied by hand into the cache): say which
+        raise CheckpointError(f"{path}: not a readable torch file ({' '.join(str(e).split())[:300]})") from None
 
 
 class Backbone(ABC):
@@ -121,8 +124,13 @@ class Backbone(ABC):
             return demo_weights.seeded(self.seed, make, key=(type(self).__name__,))
         if self.weights_label == "demo":
             return demo_weights.load(self.weights_path, make)
-        net = make()
-        net.load_state_dict(state_of(_load_state(self.weights_path)))
+        state, net = state_of(_load_state(self.weights_path)), make()
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:  # missing or unexpected keys, other shapes: another network's file
+            raise WeightsMismatchError(f"{self.weights_path} does not fit {type(self).__name__} "
+                                       f"({str(e).splitlines()[0]}); `{assets.PREFETCH} {self.asset}` fetches the "
+                                       f"published file") from None
         return net
 
     @property
@@ -203,7 +211,7 @@ class PannsCnn14(Backbone):
     def build(self) -> nn.Module:
         def state_of(ckpt):
             if not isinstance(ckpt, dict) or "model" not in ckpt:
-                raise ValueError(f"{self.weights_path} is not a PANNs checkpoint (no 'model' key)")
+                raise WeightsMismatchError(f"{self.weights_path} is not a PANNs checkpoint (no 'model' key)")
             return ckpt["model"]
 
         net = self._init_or_load(lambda: panns_models().Cnn14(**PANNS_16K), state_of)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from siren import assets, demo_weights
+from siren.errors import CheckpointError, WeightsMismatchError
 from siren.io import load_torch_weights, sha256_file
 
 CLAP_SAMPLE_RATE = 48_000
@@ -283,19 +284,19 @@ class Clap(nn.Module):
             try:
                 sd = laion_state_dict(load_torch_weights(path))
             except Exception as e:
-                raise ValueError(f"{path} is not a readable laion-clap checkpoint: {e}") from e
+                raise CheckpointError(f"{path} is not a readable laion-clap checkpoint: {e}") from None
             arch = f"{path} does not fit laion-clap HTSAT-tiny non-fusion + RoBERTa (630k-audioset-best.pt does)"
             words = sd.get("text_branch.embeddings.word_embeddings.weight")
             if words is None or "audio_branch.patch_embed.proj.weight" not in sd:
-                raise ValueError(f"{arch}: it has no RoBERTa text branch / HTSAT audio branch")
+                raise WeightsMismatchError(f"{arch}: it has no RoBERTa text branch / HTSAT audio branch")
             if tuple(words.shape) != (self.tokenizer.vocab_size, TEXT_DIM):
-                raise ValueError(f"{arch}: text vocabulary {tuple(words.shape)}, the RoBERTa tokenizer "
+                raise WeightsMismatchError(f"{arch}: text vocabulary {tuple(words.shape)}, the RoBERTa tokenizer "
                                  f"needs ({self.tokenizer.vocab_size}, {TEXT_DIM})")
             self.model = build_model(self.tokenizer)
             try:
                 self.model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
-                raise ValueError(f"{arch}: {e}") from None
+                raise WeightsMismatchError(f"{arch}: {e}") from None
             self.weights_label, self.weights_sha256 = "pretrained", sha256_file(path)
         self.model.eval().requires_grad_(False)
 

@@ -362,6 +362,28 @@ def test_slurm_problems_end_in_one_error_line(tmp_path, monkeypatch, capsys):
     assert not list((tmp_path / "out" / "demo").glob("jobs/*.json"))
 
 
+def test_a_wrong_metric_weights_file_is_named(tmp_path, monkeypatch):
+    """A file put by hand into the assets cache that is not the published one (an HTML error page, another
+    checkpoint, another network) ended in UnpicklingError, ValueError or load_state_dict's RuntimeError
+    tracebacks; each is now an error of the project's own naming the file."""
+    from eval.backbones import PannsCnn14
+    from siren import assets
+    from siren.errors import CheckpointError, WeightsMismatchError
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
+    dest = assets.path("panns_cnn14_16k")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(CheckpointError, match=r"Cnn14_16k_mAP=0\.438\.pth: not a readable torch file"):
+        PannsCnn14("pretrained").net
+    torch.save({"state_dict": {}}, dest)
+    with pytest.raises(WeightsMismatchError, match="is not a PANNs checkpoint"):
+        PannsCnn14("pretrained").net
+    torch.save({"model": {"fc1.weight": torch.zeros(3, 3)}}, dest)
+    with pytest.raises(WeightsMismatchError, match=r"does not fit PannsCnn14 \(.*prefetch panns_cnn14_16k"):
+        PannsCnn14("pretrained").net
+
+
 # ---------------------------------------------------------------- non-finite training, config values (issue 13)
 
 @pytest.mark.parametrize("arg, key", [("train.lr=nan", "train.lr"), ("train.lr=-1", "train.lr"),

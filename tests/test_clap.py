@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from siren import assets
 from siren.clap import CLAP_SAMPLE_RATE, CLIP_SAMPLES, Clap, ClapConfig, RobertaBpe
+from siren.errors import CheckpointError
 from siren.io import load_torch_weights as load_checkpoint
 from siren.io import sha256_file
 from siren.text import TextConfig, TextEncoder
@@ -189,7 +190,7 @@ def test_unreadable_checkpoint_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
     write_tiny_roberta_vocab(tmp_path / "roberta-base")
     torch.save({"epoch": 1}, tmp_path / "notclap.pt")
-    with pytest.raises(ValueError, match="notclap.pt"):
+    with pytest.raises(CheckpointError, match="notclap.pt"):
         Clap(ClapConfig(weights=str(tmp_path / "notclap.pt")))
 
 
