@@ -281,14 +281,14 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
     # _levels also makes unknown dependencies and cycles errors before anything runs.
     below = _waited_on(jobs)
     ledger, states, pending, running = Ledger(root), {}, sorted(jobs, key=lambda j: -below[j.key]), []
-    progress = _Progress(sum(not j.done.is_file() for j in jobs), root / "logs")
+    progress = _Progress(_to_start(jobs, ledger, retry), root / "logs")
     try:
         while pending or running:
             for job in list(pending):
                 if any(d not in states for d in job.deps):
                     continue  # a dependency has not finished
                 st, bad_deps = ledger.state(job), [d for d in job.deps if states[d].state != "DONE"]
-                if st.state in LIVE | {"DONE"} or bad_deps or (st.state != "MISSING" and not retry):
+                if bad_deps or not _startable(st, retry):
                     states[job.key] = JobState(job.key, "BLOCKED", log=f"needs {', '.join(bad_deps)}") \
                         if bad_deps and st.state != "DONE" else st
                     pending.remove(job)
@@ -318,6 +318,22 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                 sj.cancel(check=False)
         raise
     return states
+
+
+def _startable(st: JobState, retry: bool) -> bool:
+    """Not done nor running elsewhere, and never run (or interrupted), or failed and retried."""
+    return st.state not in LIVE | {"DONE"} and (st.state == "MISSING" or retry)
+
+
+def _to_start(jobs: list[Job], ledger: Ledger, retry: bool) -> int:
+    """How many jobs this call starts if none of them fails: startable, with every dependency done or started."""
+    will: dict[str, str] = {}
+    for wave in _levels(jobs):
+        for job in wave:
+            st = ledger.state(job)
+            startable = _startable(st, retry) and all(will[d] != "no" for d in job.deps)
+            will[job.key] = "done" if st.state == "DONE" else "start" if startable else "no"
+    return sum(v == "start" for v in will.values())
 
 
 def _job_error(job: Job, e: Exception, started: float) -> str:

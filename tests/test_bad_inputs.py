@@ -293,6 +293,10 @@ def test_a_failed_local_job_is_reported_when_it_ends_with_its_own_error(tmp_path
     assert line.levelname == "ERROR" and "[1/2] bad failed" in line.getMessage()
     assert "the jobs that need it will not start; retry=true runs it again" in line.getMessage()
     assert states["bad"].log in line.getMessage() and Path(states["bad"].log.split(" (")[0]).is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ablations.pipeline"):  # without retry=true nothing is to run
+        states = pipeline.run_local(jobs, root, "local", retry=False, max_parallel=1, warm=False)
+    assert states["bad"].state == "FAILED" and not caplog.messages
 
 
 def test_a_running_job_is_not_started_again(tmp_path):
