@@ -33,8 +33,8 @@ from torch import nn
 
 from eval.audio import CHANNELS, Clip, mono
 from siren import assets, demo_weights
-from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
-from siren.io import sha256_file
+from siren.errors import ConfigError, WeightsMismatchError
+from siren.io import load_torch_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,6 @@ def resample(wav: np.ndarray, sr: int, target: int, method: str = "torchaudio") 
     import librosa
 
     return librosa.resample(wav, orig_sr=sr, target_sr=target, res_type="soxr_hq").astype(np.float32)
-
-
-def _load_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or non-torch file (e.g. copied by hand into the cache): say which
-        raise CheckpointError(f"{path}: not a readable torch file ({' '.join(str(e).split())[:300]})") from None
 
 
 class Backbone(ABC):
@@ -124,7 +117,7 @@ class Backbone(ABC):
             return demo_weights.seeded(self.seed, make, key=(type(self).__name__,))
         if self.weights_label == "demo":
             return demo_weights.load(self.weights_path, make)
-        state, net = state_of(_load_state(self.weights_path)), make()
+        state, net = state_of(load_torch_file(self.weights_path)), make()
         try:
             net.load_state_dict(state)
         except RuntimeError as e:  # missing or unexpected keys, other shapes: another network's file

@@ -15,7 +15,7 @@ from torch import nn
 
 from siren import assets, demo_weights
 from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
-from siren.io import sha256_file
+from siren.io import load_torch_file, sha256_file
 
 SAMPLE_RATE = 16_000
 N_LAYERS = 12
@@ -142,10 +142,7 @@ def load_dac(path: Path):
     The quantizer, sample rate and hop must be the paper's; the widths may differ."""
     import dac
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or non-torch file: say which
-        raise CheckpointError(f"{path}: not a readable torch file ({e})") from None
+    ckpt = load_torch_file(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: no 'state_dict' in the file; expected a DAC .pth (state_dict + metadata)")
     meta = ckpt.get("metadata", {})

@@ -11,12 +11,13 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from siren.errors import ConfigError
+from siren.errors import CheckpointError, ConfigError
 
 
 def umask() -> int:
@@ -132,6 +133,28 @@ class _RestrictedPickle:
         return _RestrictedUnpickler(f, **kwargs).load()
 
 
+def torch_load_reason(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in one line. torch's own message is a page of advice,
+    part of it to turn the check off, which would run code from the file: not advice to pass on."""
+    if isinstance(e, pickle.UnpicklingError):
+        cause = re.search(r"(Unsupported operand \d+|unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+)", str(e))
+        return "torch.load with weights_only=True refused it" + (f": {cause.group(1)}" if cause else "")
+    return " ".join(str(e).split(". ")[0].split())[:300]
+
+
+def load_torch_file(path: str | os.PathLike, **kwargs) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; a file it cannot read (truncated, not torch, code in it) is a
+    CheckpointError naming the file and why, in one line."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch file ({torch_load_reason(e)})") from None
+
+
 def load_torch_weights(path: str | os.PathLike) -> dict:
     """A torch checkpoint without executing code from it: weights_only=True, or for pickle
     protocols weights_only cannot parse, the same allow-list through a restricted unpickler."""
@@ -142,5 +165,5 @@ def load_torch_weights(path: str | os.PathLike) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported operand" not in str(e):
-            raise pickle.UnpicklingError(f"{path}: not loadable as plain weights: {e}") from None
+            raise pickle.UnpicklingError(f"{path}: not loadable as plain weights ({torch_load_reason(e)})") from None
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)

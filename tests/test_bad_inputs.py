@@ -388,6 +388,33 @@ def test_a_wrong_metric_weights_file_is_named(tmp_path, monkeypatch):
         PannsCnn14("pretrained").net
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_an_unreadable_torch_file_is_one_line_without_torchs_advice(tmp_path):
+    """torch.load(weights_only=True)'s refusal is a page that advises weights_only=False (which would run code from
+    the file); the error names the file and the cause in one line and passes no such advice on."""
+    from siren.errors import CheckpointError
+    from siren.io import load_torch_file
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "good.pt")
+    whole = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "page.pt").write_text("<html>404 Not Found</html>")
+    torch.save({"x": _RunsCode()}, tmp_path / "code.pt")
+    torch.save({"x": np.zeros(3)}, tmp_path / "numpy.pt")
+    assert torch.equal(load_torch_file(tmp_path / "good.pt")["w"], torch.ones(3))
+    for name, cause in [("truncated", "failed reading zip archive"), ("page", "Unsupported operand 60"),
+                        ("code", "unsupported GLOBAL posix.system"), ("numpy", "Unsupported global: GLOBAL numpy")]:
+        with pytest.raises(CheckpointError) as e:
+            load_torch_file(tmp_path / f"{name}.pt")
+        message = str(e.value)
+        assert message.startswith(f"{tmp_path / name}.pt: not a readable torch file (") and cause in message
+        assert "\n" not in message and "weights_only` set to `False`" not in message and "trust" not in message
+
+
 # ---------------------------------------------------------------- non-finite training, config values (issue 13)
 
 @pytest.mark.parametrize("arg, key", [("train.lr=nan", "train.lr"), ("train.lr=-1", "train.lr"),

@@ -31,7 +31,7 @@ from torch import Tensor
 from siren import assets
 from siren.codec import SAMPLE_RATE
 from siren.errors import AudioError
-from siren.io import sha256_file
+from siren.io import load_torch_file, sha256_file
 
 INSTALL = 'pip install -e ".[imagebind]"  (the PyPI package imagebind-unofficial)'
 BPE = Path("bpe") / "bpe_simple_vocab_16e6.txt.gz"
@@ -137,7 +137,7 @@ def build(weights_path: Path | None, seed: int = 0) -> torch.nn.Module:
         for name in UNUSED:
             del part[name]
     if weights_path is not None:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_torch_file(weights_path, mmap=True)
         model.load_state_dict(reward_part(state), strict=True)
     return model.eval().requires_grad_(False)
 
