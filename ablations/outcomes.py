@@ -2,14 +2,16 @@
 the caption that says which weights and scale, and the status lines of the jobs."""
 from __future__ import annotations
 
-import json
 from collections import Counter
+from pathlib import Path
 
 from ablations import pipeline, steps
 from ablations.grid import Grid
 from ablations.pipeline import Job, JobState
 from ablations.plan import Cell, RunConfig, stage1_dir
 from ablations.tables import Outcome
+from siren import io
+from siren.errors import DataError
 
 METRIC_COLUMNS = {"FAD": "fad", "FD": "fd", "ISC": "isc", "KL": "kl", "CLAP": "clap"}  # results.json keys
 WEIGHTS_WORDS = {"random": "RANDOM weights (codec, text encoder and metric backbones): not comparable to published "
@@ -41,7 +43,10 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
         if bad:
             return Outcome({}, "failed", f"{bad[0].key}: {bad[0].log}")
         return Outcome({}, "pending")
-    out = from_results(json.loads(results.read_text()), grid)
+    try:
+        out = from_results(_results(results, cell.dir / "eval.done"), grid)
+    except DataError as e:  # this row only: the table keeps the others
+        return Outcome({}, "failed", str(e))
     if out.status != "ok":
         return out
     values = dict(out.values)
@@ -86,9 +91,22 @@ def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
             failed = state is not None and state.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}
             out[label] = Outcome({}, "failed", f"{state.key}: {state.log}") if failed else Outcome({}, "pending")
             continue
-        metrics = json.loads(results.read_text())["metrics"]
+        try:
+            metrics = _results(results, folder.with_suffix(".done"))["metrics"]
+        except DataError as e:
+            out[label] = Outcome({}, "failed", str(e))
+            continue
         out[label] = Outcome({col: metrics.get(key) for col, key in METRIC_COLUMNS.items() if col in grid.columns})
     return out
+
+
+def _results(path: Path, done: Path) -> dict:
+    """An evaluation's results.json; one that does not parse is an error saying how to evaluate again."""
+    res = io.read_json(path, f"delete {done} and run the grid again: the evaluation runs again (its generated "
+                             f"clips are kept)")
+    if not isinstance(res, dict) or not isinstance(res.get("metrics", {}), dict):
+        raise DataError(f"{path}: not an evaluation's results.json; delete {done} and run the grid again")
+    return res
 
 
 def weights_of(cells: list[Cell]) -> str:

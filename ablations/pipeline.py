@@ -18,7 +18,6 @@ see ablations/lock.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ import submitit
 
 from ablations import lock
 from siren import cli, io
-from siren.errors import SchedulerError
+from siren.errors import DataError, SchedulerError
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,8 @@ class Ledger:
 
     def get(self, key: str) -> dict | None:
         p = self._path(key)
-        return json.loads(p.read_text()) if p.is_file() else None
+        fix = "delete it and run again: the job then counts as never submitted (a finished one keeps its done marker)"
+        return io.read_json(p, fix) if p.is_file() else None
 
     def state(self, job: Job) -> JobState:
         if job.done.is_file():
@@ -133,7 +133,7 @@ class Ledger:
         # a job with no outcome was interrupted
         failed = _failed_marker(job.done)
         if failed.is_file():
-            return JobState(job.key, "FAILED", jid, json.loads(failed.read_text())["error"])
+            return JobState(job.key, "FAILED", jid, _marker_error(failed))
         return JobState(job.key, "MISSING", jid, "interrupted; will run again")
 
 
@@ -336,13 +336,21 @@ def _to_start(jobs: list[Job], ledger: Ledger, retry: bool) -> int:
     return sum(v == "start" for v in will.values())
 
 
+def _marker_error(failed: Path) -> str:
+    """The error a failed job wrote in its marker (or that the marker is unreadable: the job still failed)."""
+    try:
+        return str(io.read_json(failed, "")["error"])
+    except (DataError, KeyError, TypeError):
+        return f"failed; its failure marker {failed} is unreadable, see the job's log"
+
+
 def _job_error(job: Job, e: Exception, started: float) -> str:
     """The step's own error, one line: from its failure marker (submitit's error for a local job ends in its log
     paths, not in what went wrong), else the last line of what the executor raised (a job killed before it could
     write the marker)."""
     failed = _failed_marker(job.done)
     if failed.is_file() and failed.stat().st_mtime >= started - 1:  # written by this run, not a stale one
-        text = json.loads(failed.read_text())["error"]
+        text = _marker_error(failed)
     else:
         text = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
     return " ".join(text.split())[:300]

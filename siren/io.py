@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from siren.errors import CheckpointError, ConfigError
+from siren.errors import CheckpointError, ConfigError, DataError
 
 
 def umask() -> int:
@@ -131,6 +131,15 @@ class _RestrictedPickle:
     @staticmethod
     def load(f, **kwargs):
         return _RestrictedUnpickler(f, **kwargs).load()
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """A JSON file the harness wrote; one that does not parse (edited by hand, damaged on disk) is a DataError
+    naming it and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not readable JSON ({e}); {fix}") from None
 
 
 def torch_load_reason(e: Exception) -> str:

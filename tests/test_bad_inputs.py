@@ -388,6 +388,31 @@ def test_a_wrong_metric_weights_file_is_named(tmp_path, monkeypatch):
         PannsCnn14("pretrained").net
 
 
+def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(tmp_path, capsys):
+    """The launcher's own files are written atomically, but a hand edit or a damaged disk can still break one: a
+    results.json that does not parse ended the table in a JSONDecodeError traceback, and so did a ledger record.
+    Now the row says failed with the file and the fix (the other rows and the table are written), and a damaged
+    ledger record is one error line naming it."""
+    from ablations.run import main
+    from siren.cli import call
+
+    grid = ["grid=table6", "rows=1-12", f"out={tmp_path}", "calibration=false"]
+    assert call(main, [*grid, "action=status"]) == 0
+    cell = next((tmp_path / "demo" / "cells").iterdir())
+    (cell / "eval").mkdir()
+    (cell / "eval" / "results.json").write_text('{"metrics": {"fd": 1.0')  # cut off
+    assert call(main, [*grid, "action=table"]) == 0
+    row = next(l for l in (tmp_path / "demo" / "tables" / "table6.md").read_text().splitlines() if "| 1-12 | ours" in l)
+    assert "failed" in row
+    csv = (tmp_path / "demo" / "tables" / "table6.csv").read_text()
+    assert "results.json: not readable JSON" in csv and f"delete {cell / 'eval.done'} and run the grid again" in csv
+    ledger = pipeline.Ledger(tmp_path / "demo")
+    ledger._path("some/job").parent.mkdir(parents=True)
+    ledger._path("some/job").write_text('{"executor": "local"')
+    with pytest.raises(DataError, match=r"some__job\.json: not readable JSON .*delete it and run again"):
+        ledger.get("some/job")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("true",))
