@@ -393,13 +393,14 @@ def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(
     results.json that does not parse ended the table in a JSONDecodeError traceback, and so did a ledger record.
     Now the row says failed with the file and the fix (the other rows and the table are written), and a damaged
     ledger record is one error line naming it."""
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse
     from ablations.run import main
     from siren.cli import call
 
     grid = ["grid=table6", "rows=1-12", f"out={tmp_path}", "calibration=false"]
-    assert call(main, [*grid, "action=status"]) == 0
-    cell = next((tmp_path / "demo" / "cells").iterdir())
-    (cell / "eval").mkdir()
+    cell = cells_of(load_grid("table6"), parse(grid))[0].dir
+    (cell / "eval").mkdir(parents=True)
     (cell / "eval" / "results.json").write_text('{"metrics": {"fd": 1.0')  # cut off
     assert call(main, [*grid, "action=table"]) == 0
     row = next(l for l in (tmp_path / "demo" / "tables" / "table6.md").read_text().splitlines() if "| 1-12 | ours" in l)
