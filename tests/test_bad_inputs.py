@@ -414,6 +414,19 @@ def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(
         ledger.get("some/job")
 
 
+def test_a_damaged_prepared_index_is_named(tmp_path):
+    """Training, evaluation and the probes read a prepared split's index first; one that does not parse was a
+    JSONDecodeError traceback."""
+    from siren.data.cache import index_path
+    from siren.data.dataset import load_index
+
+    path = index_path(tmp_path, "train")
+    path.parent.mkdir(parents=True)
+    path.write_text('{"items": [')
+    with pytest.raises(DataError, match=r"train\.json: not readable JSON .*siren\.data\.prepare for split 'train'"):
+        load_index(tmp_path, "train")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("true",))

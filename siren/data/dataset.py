@@ -16,7 +16,6 @@ run sets it with ``loader.batch_sampler.set_epoch(epoch, skip=examples_already_s
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from siren.codec import FRAME_RATE, N_LAYERS
 from siren.data.cache import cache_path, index_path
 from siren.data.sampler import epoch_loader
 from siren.errors import DataError
+from siren.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ def load_index(prepared_dir: str | Path, split: str) -> dict:
     if not p.is_file():
         raise DataError(f"{p}: no prepared split '{split}' in {prepared_dir}; run "
                         f"python -m siren.data.prepare manifest=<{split} manifest> out={prepared_dir}")
-    return json.loads(p.read_text())
+    return read_json(p, f"run python -m siren.data.prepare for split '{split}' into {prepared_dir} again: it "
+                        f"rewrites the index and reuses every encoding it cached")
 
 
 class PreparedDataset(Dataset):

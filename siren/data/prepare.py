@@ -37,7 +37,7 @@ from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.manifest import Row, read_manifest
 from siren.errors import DataError
-from siren.io import check_folder, sha256, write_json
+from siren.io import check_folder, read_json, sha256, write_json
 from siren.runtime import check_device
 from siren.text import TextConfig
 
@@ -206,7 +206,8 @@ def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
     parts, missing = [], []
     for s in range(num_shards):
         p = shard_path(out, split, s, num_shards)
-        (parts.append(json.loads(p.read_text())) if p.is_file() else missing.append(s))
+        (parts.append(read_json(p, f"delete it and run prepare for shard {s} again (its encodings are cached)"))
+         if p.is_file() else missing.append(s))
     if missing:
         raise DataError(f"{out}: split '{split}' shard(s) {missing} of {num_shards} are not prepared yet "
                         f"(no {shard_path(out, split, missing[0], num_shards).name}); run prepare with shard=<i> "
