@@ -382,12 +382,22 @@ def current_states(jobs: list[Job], root: Path) -> dict[str, JobState]:
 
 
 def cancel_slurm(jobs: list[Job], root: Path) -> int:
-    """scancel every recorded SLURM job that is not done (sacct may not list a fresh one yet)."""
+    """scancel every recorded SLURM job that may still run: not done and not in a final state (one that sacct
+    does not list yet counts as running); returns how many. A second call, or one after the jobs ended, cancels
+    nothing and says so."""
     import subprocess
 
     ledger = Ledger(root)
-    ids = [rec["job_id"] for j in jobs if not j.done.is_file() and (rec := ledger.get(j.key))
-           and rec["executor"] == "slurm"]
-    if ids:
-        subprocess.run(["scancel", *ids], check=True)
+    ids = [rec["job_id"] for j in jobs if (rec := ledger.get(j.key)) and rec["executor"] == "slurm"
+           and ledger.state(j).state not in FINAL_BAD | {"DONE", "COMPLETED"}]
+    if not ids:
+        return 0
+    try:
+        out = subprocess.run(["scancel", *ids], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SchedulerError("action=cancel needs scancel on PATH: run it where the jobs were submitted from "
+                             "(the cluster's login node)") from None
+    if out.returncode:
+        raise SchedulerError(f"scancel refused to cancel {len(ids)} job(s): "
+                             f"{' '.join((out.stderr or out.stdout).split())[:600]}")
     return len(ids)

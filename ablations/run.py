@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
           f"executor={run.executor}; results under {run.root}")
     if run.action == "cancel":
         n = pipeline.cancel_slurm(jobs, run.root)
-        print(f"cancelled {n} job(s)" + ("" if n else " (nothing recorded on SLURM is unfinished)"))
+        print(f"cancelled {n} job(s)" + ("" if n else " (no job recorded on SLURM is pending or running)"))
         return 0
     if run.action == "run":
         check_manifests(cells)

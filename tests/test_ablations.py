@@ -359,6 +359,29 @@ def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_
     assert main(args) == 0 and "submitted 0 job(s)" in capsys.readouterr().out
 
 
+def test_slurm_cancel_stops_the_queued_grid_and_counts_only_live_jobs(slurm_cluster, tmp_path, capsys):  # noqa: F811
+    """action=cancel scancels what may still run; it used to count (and scancel) every recorded job without a done
+    marker, so a second cancel, or one after the jobs had failed, reported them all as cancelled again."""
+    args = ["grid=table5", "rows=Indpdt.", f"out={tmp_path}", "executor=slurm", f"profile={slurm_cluster.profile}",
+            "set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=4"]
+    assert main(args) == 0
+    n = int(capsys.readouterr().out.split("submitted ")[-1].split()[0])
+    assert n > 1
+    assert main([*args, "action=cancel"]) == 0  # at once: the first job has barely started, the rest wait on it
+    assert f"cancelled {n} job(s)" in capsys.readouterr().out
+    deadline, out = time.time() + 60, ""
+    while time.time() < deadline:
+        submitit.SlurmJob.watcher.clear()  # each CLI call is a new process: no sacct answer kept from the last one
+        assert main([*args, "action=status"]) == 0
+        out = capsys.readouterr().out
+        if out.splitlines()[-1] == f"{n} job(s): {n} CANCELLED":
+            break
+        time.sleep(1)
+    assert out.splitlines()[-1] == f"{n} job(s): {n} CANCELLED", out
+    assert main([*args, "action=cancel"]) == 0
+    assert "cancelled 0 job(s) (no job recorded on SLURM is pending or running)" in capsys.readouterr().out
+
+
 def test_metric_bars_figure_draws_the_evaluated_rows(tmp_path):
     """grid=continuous's figure: one panel per metric column, from the evaluated rows (pending rows left out)."""
     from ablations.figures import draw

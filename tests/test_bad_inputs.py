@@ -366,6 +366,30 @@ def test_slurm_problems_end_in_one_error_line(tmp_path, monkeypatch, capsys):
     assert not list((tmp_path / "out" / "demo").glob("jobs/*.json"))
 
 
+def test_cancel_without_a_working_scancel_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """action=cancel ran scancel with check=True: with no scancel on PATH (the outputs copied off the cluster) it
+    ended in FileNotFoundError's traceback, with one that fails in CalledProcessError's; now one error line each."""
+    from ablations.run import main
+    from siren.cli import call
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in [("sbatch", "echo 'Submitted batch job 4242'"), ("srun", "exit 0")]:
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))  # no sacct either: a job SLURM does not describe may still run
+    grid = ["grid=table6", "rows=6-2", f"out={tmp_path / 'out'}", "executor=slurm", "profile=local"]
+    assert call(main, grid) == 0 and "submitted" in capsys.readouterr().out
+    assert call(main, [*grid, "action=cancel"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: action=cancel needs scancel on PATH" in err, err
+    (bin_ / "scancel").write_text("#!/bin/sh\necho 'scancel: error: Unable to contact slurm controller' >&2\nexit 1\n")
+    (bin_ / "scancel").chmod(0o755)
+    assert call(main, [*grid, "action=cancel"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: scancel refused to cancel" in err and "Unable to contact" in err, err
+
+
 def test_a_wrong_metric_weights_file_is_named(tmp_path, monkeypatch):
     """A file put by hand into the assets cache that is not the published one (an HTML error page, another
     checkpoint, another network) ended in UnpicklingError, ValueError or load_state_dict's RuntimeError
