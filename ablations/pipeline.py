@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,19 @@ class Ledger:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._slurm: dict[str, submitit.SlurmJob] = {}  # by job id, registered with submitit's sacct watcher
+
+    def track(self, jobs: list[Job]) -> None:
+        """Register every recorded, unfinished SLURM job with submitit's watcher before any state is asked, so one
+        sacct call answers for all (asked one at a time, each newly registered job forced a call: N for N jobs)."""
+        for job in jobs:
+            if not job.done.is_file() and (rec := self.get(job.key)) and rec["executor"] == "slurm":
+                self._slurm_job(rec)
+
+    def _slurm_job(self, rec: dict) -> submitit.SlurmJob:
+        if rec["job_id"] not in self._slurm:
+            self._slurm[rec["job_id"]] = submitit.SlurmJob(folder=Path(rec["folder"]), job_id=rec["job_id"])
+        return self._slurm[rec["job_id"]]
 
     def _path(self, key: str) -> Path:
         return self.root / "jobs" / f"{key.replace('/', '__')}.json"
@@ -125,9 +139,11 @@ class Ledger:
             return JobState(job.key, "RUNNING", (rec or {}).get("job_id", ""), f"running: {lock.describe(running)}")
         if rec is None:
             return JobState(job.key, "MISSING")
-        folder, jid = Path(rec["folder"]), rec["job_id"]
+        jid = rec["job_id"]
         if rec["executor"] == "slurm":
-            sj = submitit.SlurmJob(folder=folder, job_id=jid)
+            if shutil.which("sacct") is None:  # submitit would warn once per job and answer UNKNOWN
+                return JobState(job.key, "UNKNOWN", jid, "no sacct on PATH: ask from the cluster's login node")
+            sj = self._slurm_job(rec)
             return JobState(job.key, (sj.state or "UNKNOWN").split()[0], jid, str(sj.paths.stderr))
         # local/debug jobs do not outlive their launcher (a left-over one holds its lock, above):
         # a job with no outcome was interrupted
@@ -185,6 +201,7 @@ def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str,
 
 def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str, JobState]:
     ledger, states = Ledger(root), {}
+    ledger.track(jobs)
     for wave in _levels(jobs):
         groups: dict[str, list[Job]] = {}
         for job in wave:
@@ -378,6 +395,7 @@ class _Progress:
 
 def current_states(jobs: list[Job], root: Path) -> dict[str, JobState]:
     ledger = Ledger(root)
+    ledger.track(jobs)
     return {j.key: ledger.state(j) for j in jobs}
 
 
@@ -388,6 +406,7 @@ def cancel_slurm(jobs: list[Job], root: Path) -> int:
     import subprocess
 
     ledger = Ledger(root)
+    ledger.track(jobs)
     ids = [rec["job_id"] for j in jobs if (rec := ledger.get(j.key)) and rec["executor"] == "slurm"
            and ledger.state(j).state not in FINAL_BAD | {"DONE", "COMPLETED"}]
     if not ids:

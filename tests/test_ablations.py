@@ -361,7 +361,8 @@ def test_slurm_grid_preempted_training_resumes_and_finishes(slurm_cluster, grid_
 
 def test_slurm_cancel_stops_the_queued_grid_and_counts_only_live_jobs(slurm_cluster, tmp_path, capsys):  # noqa: F811
     """action=cancel scancels what may still run; it used to count (and scancel) every recorded job without a done
-    marker, so a second cancel, or one after the jobs had failed, reported them all as cancelled again."""
+    marker, so a second cancel, or one after the jobs had failed, reported them all as cancelled again. The states
+    come from one sacct call for the whole grid."""
     args = ["grid=table5", "rows=Indpdt.", f"out={tmp_path}", "executor=slurm", f"profile={slurm_cluster.profile}",
             "set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=4"]
     assert main(args) == 0
@@ -372,7 +373,9 @@ def test_slurm_cancel_stops_the_queued_grid_and_counts_only_live_jobs(slurm_clus
     deadline, out = time.time() + 60, ""
     while time.time() < deadline:
         submitit.SlurmJob.watcher.clear()  # each CLI call is a new process: no sacct answer kept from the last one
+        calls = submitit.SlurmJob.watcher.num_calls
         assert main([*args, "action=status"]) == 0
+        assert submitit.SlurmJob.watcher.num_calls == calls + 1  # one sacct call for the grid
         out = capsys.readouterr().out
         if out.splitlines()[-1] == f"{n} job(s): {n} CANCELLED":
             break

@@ -368,7 +368,8 @@ def test_slurm_problems_end_in_one_error_line(tmp_path, monkeypatch, capsys):
 
 def test_cancel_without_a_working_scancel_is_one_error_line(tmp_path, monkeypatch, capsys):
     """action=cancel ran scancel with check=True: with no scancel on PATH (the outputs copied off the cluster) it
-    ended in FileNotFoundError's traceback, with one that fails in CalledProcessError's; now one error line each."""
+    ended in FileNotFoundError's traceback, with one that fails in CalledProcessError's; now one error line each.
+    Without sacct, action=status says so on each job's line instead of three warnings per job."""
     from ablations.run import main
     from siren.cli import call
 
@@ -380,6 +381,9 @@ def test_cancel_without_a_working_scancel_is_one_error_line(tmp_path, monkeypatc
     monkeypatch.setenv("PATH", str(bin_))  # no sacct either: a job SLURM does not describe may still run
     grid = ["grid=table6", "rows=6-2", f"out={tmp_path / 'out'}", "executor=slurm", "profile=local"]
     assert call(main, grid) == 0 and "submitted" in capsys.readouterr().out
+    assert call(main, [*grid, "action=status"]) == 0  # submitit warned about sacct three times per job
+    out, err = capsys.readouterr()
+    assert "sacct" not in err and out.splitlines()[-1].endswith(" UNKNOWN") and "no sacct on PATH" in out, (out, err)
     assert call(main, [*grid, "action=cancel"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error: action=cancel needs scancel on PATH" in err, err
