@@ -107,7 +107,7 @@ class Ledger:
 
     def track(self, jobs: list[Job]) -> None:
         """Register every recorded, unfinished SLURM job with submitit's watcher before any state is asked, so one
-        sacct call answers for all (asked one at a time, each newly registered job forced a call: N for N jobs)."""
+        sacct call answers for all (asked one at a time, each newly registered job forced a call: up to one per job)."""
         for job in jobs:
             if not job.done.is_file() and (rec := self.get(job.key)) and rec["executor"] == "slurm":
                 self._slurm_job(rec)
