@@ -291,7 +291,7 @@ class Clap(nn.Module):
                 raise WeightsMismatchError(f"{arch}: it has no RoBERTa text branch / HTSAT audio branch")
             if tuple(words.shape) != (self.tokenizer.vocab_size, TEXT_DIM):
                 raise WeightsMismatchError(f"{arch}: text vocabulary {tuple(words.shape)}, the RoBERTa tokenizer "
-                                 f"needs ({self.tokenizer.vocab_size}, {TEXT_DIM})")
+                                           f"needs ({self.tokenizer.vocab_size}, {TEXT_DIM})")
             self.model = build_model(self.tokenizer)
             try:
                 self.model.load_state_dict(sd, strict=True)

@@ -31,7 +31,7 @@ class CheckpointError(SirenError, RuntimeError):
 
 
 class SchedulerError(SirenError, RuntimeError):
-    """SLURM cannot take the jobs from here (no ``sbatch`` on PATH, or ``sbatch`` refused them); sbatch's words."""
+    """SLURM cannot be driven from here (no ``sbatch`` or ``scancel`` on PATH, or it refused); the command's words."""
 
 
 class MissingWeightsError(SirenError, FileNotFoundError):
