@@ -6,7 +6,8 @@ appears (hours on 2 cores; issue #11 measured none after 965 steps). The recipe 
 real codec's properties in four stages instead:
 
 1. autoencoder: encoder -> decoder with the quantizer bypassed, multi-scale mel L1 + waveform L1
-   (an unquantized encoder keeps more of the signal than one trained through a quantizer);
+   (an unquantized encoder keeps more of the signal than one trained through a quantizer), the rate
+   warmed up over ``ae_warmup`` steps and then cosine-annealed;
 2. quantizers, layer j = 1..12 on the training latents' residual f^{j-1} (Eq. 1): in_proj /
    out_proj = the top 8 principal directions of the residual (so each layer codes what the layers
    before it left, most energetic first), codebook = spherical k-means of the projected residual
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -85,6 +87,9 @@ class CodecRecipe:
     batch: int = 8
     ae_steps: int = 2400
     ae_lr: float = 2e-3
+    # stage 1's rate rises linearly over these steps, then the cosine: from 2e-3 at step 0 the autoencoder
+    # can sit on a loss plateau near 0.8 for most of the stage (docs/demo/codec.md, "Stage 1's plateau")
+    ae_warmup: int = 200
     kmeans_iters: int = 25
     ft_steps: int = 16000
     ft_lr: float = 1e-3  # constant: the decoder keeps improving at this rate (docs/demo/codec.md)
@@ -101,7 +106,7 @@ class CodecRecipe:
     def __post_init__(self):
         check_numbers(self, positive=("n_train", "batch", "threads", "kmeans_iters", "ae_lr", "ft_lr",
                                           "checkpoint_every"),
-                      nonneg=("ae_steps", "ft_steps", "decay_steps", "seed", "n_test"))
+                      nonneg=("ae_steps", "ae_warmup", "ft_steps", "decay_steps", "seed", "n_test"))
         if self.init_stage not in (2, 3):
             raise ConfigError(f"init_stage={self.init_stage}: 2 (keep init's encoder and quantizers) "
                               "or 3 (its decoder too)")
@@ -151,7 +156,9 @@ def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: t
     loss_fn, n = SpectralLoss().to(clips[0].device), int(cfg.segment_s * SAMPLE_RATE)
     params = [*model.encoder.parameters(), *model.decoder.parameters()]
     opt = torch.optim.AdamW(params, cfg.ae_lr, betas=(0.8, 0.99))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.ae_steps))
+    warm, steps = max(1, cfg.ae_warmup), max(1, cfg.ae_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
 
     def step() -> float:

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # the recipe keys each stage's result depends on (stages 3 and 4 are also keyed by their start file)
 STAGE_KEYS = {
-    1: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr"),
-    2: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "kmeans_iters", "fp16"),
+    1: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "ae_warmup"),
+    2: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "ae_warmup", "kmeans_iters", "fp16"),
     3: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_steps", "ft_lr", "fp16"),
     4: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_lr", "decay_steps", "fp16"),
 }
