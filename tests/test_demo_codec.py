@@ -73,6 +73,25 @@ def test_fit_quantizers_takes_the_residuals_principal_directions():
     assert [s["codes_used"] for s in stats] == [CODEBOOK_SIZE] * N_LAYERS
 
 
+def test_stage_1_warms_its_rate_up_then_anneals_it():
+    """From its full rate at step 0, stage 1 sat on a loss plateau near 0.8 for three quarters of the
+    stage on one machine (docs/demo/codec.md): the rate rises over ``ae_warmup`` steps, then the cosine."""
+    def rates(**keys) -> list[float]:
+        cfg = recipe.CodecRecipe(ae_steps=100, **keys)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.ae_lr)
+        sched, out = recipe.autoencoder_schedule(opt, cfg), []
+        for _ in range(cfg.ae_steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    lr, warm = recipe.CodecRecipe().ae_lr, rates(ae_warmup=10)
+    assert warm[0] == pytest.approx(lr / 10) and warm[:10] == sorted(warm[:10]) and warm[9] > 0.95 * lr
+    assert warm[10:] == sorted(warm[10:], reverse=True) and warm[-1] < 1e-3 * lr
+    assert rates(ae_warmup=0)[0] == pytest.approx(lr)  # 0: the plain cosine, as before the warmup
+
+
 # The smallest recipe that still stops and resumes inside every stage (3 steps > checkpoint_every = 2),
 # built once here: the end-to-end, stage-4 and resume tests below all start from this one build.
 TINY = dict(n_train=1, n_test=1, segment_s=0.1, batch=2, ae_steps=4, ft_steps=4, decay_steps=4, kmeans_iters=1,
@@ -272,6 +291,8 @@ def test_demo_codec_reconstructs_better_than_random_and_better_with_depth(demo_c
 def test_recipe_refuses_negative_steps_and_rates():
     with pytest.raises(ConfigError, match="ft_steps must be >= 0, got -1"):
         recipe.CodecRecipe(ft_steps=-1)
+    with pytest.raises(ConfigError, match="ae_warmup must be >= 0, got -5"):
+        recipe.CodecRecipe(ae_warmup=-5)
     with pytest.raises(ConfigError, match="ae_lr must be > 0"):
         recipe.CodecRecipe(ae_lr=0.0)
 

@@ -150,15 +150,20 @@ def _update(opt, sched, params: list, loss: torch.Tensor) -> float:
     return loss.item()
 
 
+def autoencoder_schedule(opt, cfg: CodecRecipe):
+    """Stage 1's rate: a linear warmup over ``ae_warmup`` steps times a cosine to 0 over all ``ae_steps``."""
+    warm, steps = max(1, cfg.ae_warmup), max(1, cfg.ae_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
 def train_autoencoder(model, clips: list[torch.Tensor], cfg: CodecRecipe, gen: torch.Generator,
                       ckpt: Checkpoint) -> list[float]:
     """Stage 1: encoder and decoder, quantizer bypassed. Returns the loss per step."""
     loss_fn, n = SpectralLoss().to(clips[0].device), int(cfg.segment_s * SAMPLE_RATE)
     params = [*model.encoder.parameters(), *model.decoder.parameters()]
     opt = torch.optim.AdamW(params, cfg.ae_lr, betas=(0.8, 0.99))
-    warm, steps = max(1, cfg.ae_warmup), max(1, cfg.ae_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = autoencoder_schedule(opt, cfg)
     model.train()
 
     def step() -> float:
