@@ -53,9 +53,22 @@ class RunConfig:
     def calibrated(self) -> bool:
         return self.calibration == "true" or (self.calibration == "auto" and self.scale == "demo")
 
-    @property
-    def wanted_rows(self) -> set[str]:
-        return {r for r in self.rows.split(",") if r}
+
+
+def pick_rows(text: str, labels: list[str]) -> tuple[set[str], list[str]]:
+    """``rows=LABEL,LABEL`` read against the grid's labels -> (the rows named, the parts that name none). A
+    label may hold a comma itself (Table 7's "Anti-Causal, 1 model"), so the longest run of parts that is a
+    label wins."""
+    parts, wanted, unknown, i = text.split(","), set(), [], 0
+    while i < len(parts):
+        j = next((j for j in range(len(parts), i, -1) if ",".join(parts[i:j]) in labels), None)
+        if j is None:
+            unknown += [parts[i]] if parts[i] else []
+            i += 1
+        else:
+            wanted.add(",".join(parts[i:j]))
+            i = j
+    return wanted, unknown
 
 
 @dataclass
@@ -87,7 +100,7 @@ def parse(argv: list[str]) -> RunConfig:
     check_folder(cfg.out, "out")  # action=status and table write there too
     grid = load_grid(cfg.grid)  # names the valid grids if this one does not exist
     labels = [r.label for r in grid.rows]
-    unknown = [r for r in cfg.wanted_rows if r not in labels]
+    unknown = pick_rows(cfg.rows, labels)[1]
     if unknown:
         raise ConfigError(f"rows {unknown} are not in {cfg.grid}; its rows: {', '.join(labels)}")
     return cfg
@@ -97,8 +110,9 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
     """The grid's cells at ``cfg.scale`` (rows that resolve to the same config share one cell); every
     row's keys are validated by the stages' own config schemas before anything is submitted."""
     cells: dict[str, Cell] = {}
+    wanted = pick_rows(cfg.rows, [r.label for r in grid.rows])[0]
     for row in grid.rows:
-        if row.cell is None or (cfg.wanted_rows and row.label not in cfg.wanted_rows):
+        if row.cell is None or (wanted and row.label not in wanted):
             continue
         resolved = resolve(row.cell, cfg.scale, cfg.set)
         steps.validate(resolved, f"{grid.name} row {row.label!r}")

@@ -11,7 +11,7 @@ import submitit
 
 from ablations import pipeline
 from ablations.grid import grid_names, load_grid
-from ablations.plan import cells_of, parse, stage1_dir
+from ablations.plan import cells_of, parse, pick_rows, stage1_dir
 from ablations.run import main
 from ablations.scales import resolve
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
@@ -104,6 +104,10 @@ def test_overrides_change_identity_and_rows_select():
     assert len(base) == 5 and len({c.id for c in _cells("table6", "paper")} & base) == 0
     assert {c.id for c in _cells("table6", "demo", "set.train.steps=7")}.isdisjoint(base)
     assert [c.rows[0].label for c in _cells("table6", "demo", "rows=6-2,1-12")] == ["1-12", "6-2"]
+    # a label may hold a comma: the longest run of parts that is a label is taken
+    picked = _cells("table7", "demo", "rows=Causal, 1 model,Anti-Causal, 1 model")
+    assert sorted(r.label for c in picked for r in c.rows) == ["Anti-Causal, 1 model", "Causal, 1 model"]
+    assert pick_rows("1-12,,7-1", ["1-12", "6-2"]) == ({"1-12"}, ["7-1"])
 
 
 
