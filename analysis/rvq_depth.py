@@ -9,6 +9,9 @@ source file through the same preprocessing). Three measures per clip, averaged o
 - mel L1: mean |log10 mel_ref - log10 mel_r| (64 mel bands, 50-8000 Hz, power floored at 1e-5);
 - SI-SNR (dB), scale-invariant SNR after removing each signal's mean.
 
+``per_clip.csv`` also has each decode's loudness against its reference (``rms_ratio``, RMS over RMS): not a
+quality measure, but where a decoder drops a class (the demo codec's birdsong) it shows as a ratio near 0.
+
 Whether depth helps is read per clip: the change of each measure from the smallest to the largest r,
 its mean with the standard error over clips, and how many clips got better (``depth_change.csv``).
 By default every clip of the split is decoded whole (the 90 demo test clips take about a minute on
@@ -99,6 +102,10 @@ def si_snr(ref: torch.Tensor, est: torch.Tensor, eps: float = 1e-12) -> float:
     return float(10 * torch.log10(target.pow(2).sum() / ((est - target).pow(2).sum() + eps) + eps))
 
 
+def rms_ratio(ref: torch.Tensor, est: torch.Tensor, eps: float = 1e-12) -> float:
+    return float(est.double().pow(2).mean().sqrt() / (ref.double().pow(2).mean().sqrt() + eps))
+
+
 LOWER_IS_BETTER = {"lsd_db": True, "mel_l1": True, "si_snr_db": False}  # the measures, by column name
 
 
@@ -165,7 +172,8 @@ def run(cfg: RvqDepthConfig) -> list:
         ref = items.waveform(n)[: codes.shape[-1] * 320]
         for r, est in zip(depths, decode_depths(codec, codes, depths)[:, : ref.shape[-1]]):
             per_clip.append(dict(id=items.ids[n], r=r, lsd_db=log_spectral_distance(ref, est),
-                                 mel_l1=mel_l1(ref, est), si_snr_db=si_snr(ref, est)))
+                                 mel_l1=mel_l1(ref, est), si_snr_db=si_snr(ref, est),
+                                 rms_ratio=rms_ratio(ref, est)))
     prov = dict(codec=codec.id, weights=codec.weights_label, n_clips=len(items.codes))
     rows = [dict(r=r, **{m: float(np.mean([p[m] for p in per_clip if p["r"] == r]))
                          for m in LOWER_IS_BETTER}, **prov) for r in depths]

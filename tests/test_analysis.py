@@ -301,6 +301,8 @@ def test_reconstruction_measures_closed_forms():
     # a gain a changes every power bin by a^2: LSD = |20 log10 a| dB exactly
     assert rvq_depth.log_spectral_distance(ref, 0.5 * ref) == pytest.approx(20 * math.log10(2), rel=1e-4)
     assert rvq_depth.si_snr(ref, 3.0 * ref) > 100  # scale-invariant
+    assert rvq_depth.rms_ratio(ref, 0.5 * ref) == pytest.approx(0.5)
+    assert rvq_depth.rms_ratio(ref, -ref) == pytest.approx(1.0)
     noise = torch.randn(8000, generator=torch.Generator().manual_seed(1)).double()
     r = ref.double() - ref.double().mean()
     noise = noise - noise.mean()
@@ -407,6 +409,7 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     per = pd.read_csv(out / "per_clip.csv").pivot(index="id", columns="r", values="mel_l1")
     assert change.loc["mel_l1", "mean_change"] == pytest.approx((per[12] - per[1]).mean())
     assert "r=1 -> r=12: mel_l1" in printed
+    assert (pd.read_csv(out / "per_clip.csv")["rms_ratio"] > 0).all()
 
 
 def test_depth_change_is_paired_per_clip():
