@@ -1,11 +1,11 @@
 """Reproduce a paper table: `python ablations/run.py grid=table6` (or `python -m ablations.run ...`).
 
-    grid=table3|table4|table5|table6|table7|figure5   which table (one file each in ablations/grids/)
+    grid=table3|table4|table5|table6|table7|figure5|continuous   which table (one file each in ablations/grids/)
     scale=demo|paper        demo: tiny models on the embedded demo set (default); paper: the paper's sizes
     executor=local|slurm|debug   profile=NAME (slurm/profiles/NAME.yaml, for executor=slurm)
     warm=true|false         local: fork each job from a process that imported torch once (default true)
     action=run|status|table|cancel    retry=true resubmits failed jobs
-    rows=LABEL,LABEL        only these rows of the grid (default: all)
+    rows=LABEL,LABEL        only these rows of the grid (default: all; a label may hold a comma)
     out=outputs             results: <out>/<scale>/{cells,data,jobs,logs,tables,figures}
     set.KEY=VALUE           override any cell key for every cell (e.g. set.train.steps=100)
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 from ablations import figures, outcomes, pipeline
 from ablations.grid import load_grid
 from ablations.plan import RunConfig, cells_of, check_manifests, parse, plan
-from ablations.tables import build_frame, write_tables
+from ablations.tables import Outcome, build_frame, write_tables
 from siren import io
 
 
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if run.action == "status":
         return 0
     rows = {row.label: outcomes.outcome(cell, grid, run, states) for cell in cells for row in cell.rows}
+    # a row that rows= left out was not asked for, so it is not pending either
+    rows.update({r.label: Outcome({}, "not selected") for r in grid.rows if r.cell is not None and r.label not in rows})
     caption = outcomes.caption(run, cells)
     calibration = outcomes.calibration_outcomes(cells, grid, run, states)
     df = build_frame(grid, rows, outcomes.source(run, cells), calibration)

@@ -18,7 +18,7 @@ from siren import io
 class Outcome:
     """What one of our rows produced: metric values, or why there are none."""
     values: Mapping[str, Any]
-    status: str = "ok"  # ok | itg (ran, could not generate audio) | pending | failed | not built
+    status: str = "ok"  # ok | itg (ran, could not generate audio) | pending | failed | not built | not selected
     reason: str = ""
     reward_metric: tuple[str, ...] = ()  # columns whose metric checkpoint is this row's stage-2 reward model
 

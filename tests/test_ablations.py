@@ -310,6 +310,7 @@ def test_demo_table_runs_end_to_end_with_calibration_rows_then_submits_nothing(g
     row = _table_row(grid_out, "table6", "1-12")
     assert (grid_out / "demo" / "tables" / "table6.md").read_text() in printed  # the table, printed whole
     assert "pending" not in row and "failed" not in row and row.count("|") == 8
+    assert "not selected" in _table_row(grid_out, "table6", "6-2")  # left out by rows=, not waiting
     md = (grid_out / "demo" / "tables" / "table6.md").read_text()
     for label in ("oracle (references through the codec)", "chance (random codes)"):
         calib = next(line for line in md.splitlines() if line.startswith(f"| {label} | calibration"))
