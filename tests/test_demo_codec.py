@@ -136,8 +136,9 @@ def test_recipe_end_to_end_tiny(straight, tmp_path):
 
 
 def test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3(straight, tmp_path):
-    """The committed codec ran stage 4 on a stored stage-3 file (init_stage=3); one run of stages 3-4
-    must give the same bits, or the recipe would not rebuild it. Stored in fp16, as the committed files are."""
+    """The codec committed until 2026-12-05 ran stage 4 on a stored stage-3 file (init_stage=3); one run of
+    stages 3-4 must give the same bits, or a build split into runs would not be the recipe's. Stored in fp16, as
+    the committed files are."""
     cfg, _, s12 = straight  # its encoder and quantizers (stages 1-2)
     base = {**cfg.__dict__, "data": str(tmp_path / "src"), "ft_steps": 3, "fp16": True}
     paths = {k: tmp_path / f"{k}.pth" for k in ("s3", "s4", "s34")}

@@ -17,17 +17,18 @@ trains or measures only small parts, the ones committed under ``files/``:
   as far as random codes did (demo FD oracle 1045 vs chance 1214). For the same reason ``fc1``
   starts at a tenth of its default init (``FC1_INIT_SCALE``) and trains 1000 steps: from the full
   init, 200 steps left the embedding mostly the init's random projection. Measured on the test
-  split, seeds 0/1/2 of freshly drawn fc1 and head (not Cnn14's own seeded ones, hence the committed
+  split, seeds 0/1/2 of freshly drawn fc1 and head (not Cnn14's own seeded ones, hence the
   file's other number below) trained on cached trunk features of this recipe's clips (FD ratio =
   FD(references, oracle) / FD(references, chance), on the Table 6 calibration rows' audio; all with
-  the codec before its stage 4, whose annealed decoder then brought the committed file's ratio to 0.454):
+  the codec committed until 2026-12-05 before its stage 4, whose annealed decoder then brought that file's ratio
+  to 0.454; the files committed since give 0.363):
 
   | fc1 init | steps | accuracy original | accuracy resynthesised | FD ratio |
   |---|---|---|---|---|
   | x 1   | 200  | 0.93-0.94 | 0.87-0.89 | 0.56-0.59 (committed file before: 0.62) |
   | x 1   | 1000 | 0.97-0.99 | 0.90-0.92 | 0.50-0.53 |
   | x 1   | 3000 | 0.98-1.00 | 0.90-0.93 | 0.50-0.53 |
-  | x 0.1 | 1000 | 0.97-1.00 | 0.91-0.94 | 0.48-0.49 (the recipe; its committed file, seed 0: 0.97 / 0.92 / 0.502) |
+  | x 0.1 | 1000 | 0.97-1.00 | 0.91-0.94 | 0.48-0.49 (the recipe; its file of that time, seed 0: 0.97 / 0.92 / 0.502) |
   | x 0.1 | 3000 | 0.99-1.00 | 0.86-0.90 | 0.44-0.45 |
 
   The recipe is the row with the best accuracy on resynthesised clips (what the metric scores), not

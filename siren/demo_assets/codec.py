@@ -28,7 +28,7 @@ real codec's properties in four stages instead:
 Stopped part way, the same command resumes: finished stages and a checkpoint every ``checkpoint_every``
 steps are kept in ``<out>.build/`` until the file is written, and a resumed build ends with the same
 bits as one never stopped (resume.py). Stages 3 and 4 always start from a stored file (the work
-folder's stage-2 and stage-3 files, or ``init=``), as the committed file's did.
+folder's stage-2 and stage-3 files, or ``init=``), so a build split into separate runs gives the same bits.
 
 The file is DAC's own layout (``state_dict`` + ``metadata.kwargs``, 6.7 MiB) and loads with
 ``CodecConfig(weights="demo")``. Tensors are stored in fp16: perturbing a build's weights by half
@@ -36,11 +36,12 @@ an fp16 ulp changed the decoder's mel L1 by 1e-4 and kept 93-99.7% of the codes 
 whose residuals are small, flip more).
 
 A rebuild from scratch (``python -m siren.demo_assets train`` runs this, then the backbones) took 51 min
-on an idle 2-core AMD EPYC with AVX-512 (family 26 model 2), stage 3 two thirds of it, and 90 min on
-another AVX-512 kind (family 25 model 17); on the AVX2-only kind, about 2 hours (estimated from a short
-run). ``ft_steps=`` trades quality for time. The committed file's stages 1-2 ran on a GPU
-(``metadata.init_from`` records the chain): how it was built, the threads and times measured, and the
-trials that chose stages 3-4 are in docs/demo/codec.md.
+on an idle 2-core AMD EPYC with AVX-512 (family 26 model 2), stage 3 two thirds of it, 90 min on
+another AVX-512 kind (family 25 model 17) and 65 min on an Intel Xeon (family 6 model 167); on the
+AVX2-only kind, about 2 hours (estimated from a short run). ``ft_steps=`` trades quality for time. The
+committed file is that command's output on the Intel kind (its ``metadata.recipe`` is this recipe's
+default, and it has no ``init_from``); how it and the files before it were built, the threads and times
+measured, and the trials that chose the stages are in docs/demo/codec.md.
 """
 from __future__ import annotations
 
@@ -255,8 +256,8 @@ def build(cfg: CodecRecipe) -> dict:
     writes ``cfg.out``. Returns timings and per-stage numbers.
 
     Stages 3 and 4 always start from a stored file, the stage-2 and stage-3 files of the work folder
-    (or ``init=``), as the committed codec's did: so one run from scratch, a run stopped and resumed,
-    and the committed file's chain of runs (docs/demo/codec.md) run the same code on the same bits."""
+    (or ``init=``): so one run from scratch, a run stopped and resumed, and a chain of separate runs
+    (as the codec committed until 2026-12-05 was built, docs/demo/codec.md) run the same code on the same bits."""
     import dac
 
     torch.set_num_threads(cfg.threads)
