@@ -266,6 +266,17 @@ def test_committed_demo_codec_loads_with_the_papers_quantizer(demo_codec):
 
 
 @needs_file
+def test_committed_demo_codec_is_the_recipes_own_output():
+    """The committed file is what `python -m siren.demo_assets train` builds: it records today's default recipe
+    and no earlier file its stages came from. A recipe default changed without a rebuild fails here."""
+    meta = torch.load(DEMO_FILE, map_location="cpu", weights_only=True)["metadata"]
+    assert meta["recipe"] == recipe.recorded_recipe(recipe.CodecRecipe()), (
+        "the committed demo codec was built by another recipe: rebuild it (python -m siren.demo_assets train) "
+        "and rerun the demo tables")
+    assert "init_from" not in meta
+
+
+@needs_file
 def test_demo_codec_reconstructs_better_than_random_and_better_with_depth(demo_codec):
     """Mel L1 of the round trip on 3 test clips (dog bark, clapping, water drip): the random codec
     measured 2.4-3.2 on them, a first demo build 0.7-1.0."""

@@ -233,13 +233,17 @@ def _stored(state: dict, fp16: bool) -> dict:
     return {k: (v.half() if fp16 and v.is_floating_point() else v).cpu().clone() for k, v in state.items()}
 
 
+def recorded_recipe(cfg: CodecRecipe) -> dict:
+    """The recipe keys a built file records (where it was written and from what are not the recipe)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "device", "init", "checkpoint_every")}
+
+
 def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = None,
          build_key: dict | None = None) -> Path:
     """DAC's file layout (``state_dict`` + ``metadata.kwargs``); ``demo`` marks it for the loader's label;
     ``init`` records the file the kept stages came from; ``build_key`` marks a stage file of the work folder."""
     state = _stored(model.state_dict(), fp16)
-    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("out", "data", "device", "init", "checkpoint_every")}
-    meta = {"kwargs": DEMO_KWARGS, "demo": True, "label": DEMO_LABEL, "recipe": recipe,
+    meta = {"kwargs": DEMO_KWARGS, "demo": True, "label": DEMO_LABEL, "recipe": recorded_recipe(cfg),
             "trained_on": f"siren.data.demo train split, {cfg.n_train} clips per class, seed {cfg.seed}"}
     if init:
         meta["init_from"] = init
