@@ -54,7 +54,6 @@ class RunConfig:
         return self.calibration == "true" or (self.calibration == "auto" and self.scale == "demo")
 
 
-
 def pick_rows(text: str, labels: list[str]) -> tuple[set[str], list[str]]:
     """``rows=LABEL,LABEL`` read against the grid's labels -> (the rows named, the parts that name none). A
     label may hold a comma itself (Table 7's "Anti-Causal, 1 model"), so the longest run of parts that is a
