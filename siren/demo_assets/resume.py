@@ -22,9 +22,10 @@ from siren.io import atomic_path
 log = logging.getLogger(__name__)
 
 # the recipe keys each stage's result depends on (stages 3 and 4 are also keyed by their start file)
+_STAGE_1 = ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "ae_warmup")
 STAGE_KEYS = {
-    1: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "ae_warmup"),
-    2: ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "ae_warmup", "kmeans_iters", "fp16"),
+    1: _STAGE_1,
+    2: (*_STAGE_1, "kmeans_iters", "fp16"),  # the quantizers are fitted to stage 1's encoder
     3: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_steps", "ft_lr", "fp16"),
     4: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_lr", "decay_steps", "fp16"),
 }
