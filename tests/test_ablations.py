@@ -285,13 +285,16 @@ def test_local_jobs_start_cold_where_cuda_is_visible(tmp_path, monkeypatch, capl
     from ablations import warm
 
     monkeypatch.setattr(warm, "cuda_visible", lambda: True)
-    job = pipeline.Job("env", startup_env, {"path": str(tmp_path / "env.json")}, tmp_path / "env.done", gpus=gpus)
+    jobs = [pipeline.Job(f"env{i}", startup_env, {"path": str(tmp_path / f"env{i}.json")}, tmp_path / f"env{i}.done",
+                         gpus=gpus) for i in range(2)]
     with caplog.at_level("INFO"):
-        states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1)
-    assert states["env"].state == "DONE" and (tmp_path / "env.json").is_file()
+        states = pipeline.run_local(jobs, tmp_path, "local", retry=False, max_parallel=2)
+    assert all(states[f"env{i}"].state == "DONE" and (tmp_path / f"env{i}.json").is_file() for i in range(2))
     assert not (tmp_path / "logs" / "warm.log").exists()
     assert "warm starts off: a CUDA device is visible" in caplog.text
     assert ("the jobs ask for none: they run on the CPU; gpus=1" in caplog.text) == (gpus == 0)
+    # local GPU jobs all get the first GPU: two at once share it (seen on an H100), and the launcher says so
+    assert ("up to 2 GPU jobs at a time share the first GPU (max_parallel=2)" in caplog.text) == (gpus == 1)
 
 
 # A small demo set (2 + 1 clips per class) keeps the end-to-end runs below in CI's budget.
