@@ -252,8 +252,8 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
     # every local GPU job gets the first GPU(s): max_parallel of them share it (fine for the demo's models)
     gpu_jobs = [j for j in todo if j.gpus]
     if kind == "local" and len(gpu_jobs) > 1 and max_parallel > 1:
-        log.info("up to %d GPU jobs at a time share the first GPU (max_parallel=%d); max_parallel=1 gives each "
-                 "job the whole GPU", min(max_parallel, len(gpu_jobs)), max_parallel)
+        log.info("up to %d GPU jobs at a time share the same first GPU(s) (max_parallel=%d); max_parallel=1 gives "
+                 "each job its GPU(s) alone", min(max_parallel, len(gpu_jobs)), max_parallel)
     if warm and kind == "local" and todo:
         demo = any((j.kwargs.get("cfg") or {}).get("weights") == "demo" for j in todo)
         server = warm_start.server(root / "logs" / "warm.log",

@@ -294,7 +294,7 @@ def test_local_jobs_start_cold_where_cuda_is_visible(tmp_path, monkeypatch, capl
     assert "warm starts off: a CUDA device is visible" in caplog.text
     assert ("the jobs ask for none: they run on the CPU; gpus=1" in caplog.text) == (gpus == 0)
     # local GPU jobs all get the first GPU: two at once share it (seen on an H100), and the launcher says so
-    assert ("up to 2 GPU jobs at a time share the first GPU (max_parallel=2)" in caplog.text) == (gpus == 1)
+    assert ("up to 2 GPU jobs at a time share the same first GPU(s) (max_parallel=2)" in caplog.text) == (gpus == 1)
 
 
 # A small demo set (2 + 1 clips per class) keeps the end-to-end runs below in CI's budget.
