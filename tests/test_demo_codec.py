@@ -11,7 +11,7 @@ from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, N_LA
 from siren.demo_assets import codec as recipe
 from siren.demo_assets import rvq_fit
 from siren.errors import CheckpointError, ConfigError, DataError
-from siren.io import sha256_file
+from siren.io import load_torch_file, sha256_file
 from tests.fixtures_model import codec as random_codec
 
 
@@ -269,7 +269,7 @@ def test_committed_demo_codec_loads_with_the_papers_quantizer(demo_codec):
 def test_committed_demo_codec_is_the_recipes_own_output():
     """The committed file is what `python -m siren.demo_assets train` builds: it records today's default recipe
     and no earlier file its stages came from. A recipe default changed without a rebuild fails here."""
-    meta = torch.load(DEMO_FILE, map_location="cpu", weights_only=True)["metadata"]
+    meta = load_torch_file(DEMO_FILE)["metadata"]
     assert meta["recipe"] == recipe.recorded_recipe(recipe.CodecRecipe()), (
         "the committed demo codec was built by another recipe: rebuild it (python -m siren.demo_assets train) "
         "and rerun the demo tables")
