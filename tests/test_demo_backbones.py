@@ -155,6 +155,25 @@ def test_clap_recipe_few_steps(tiny_data):
     _check_recipe(trained, make_base, "clap")
 
 
+def test_fit_draws_its_dropout_from_its_seed_alone():
+    # Cnn14's recipe applies dropout in its loss; it once drew from whatever state the process's generator was
+    # in (after the codec's build in `demo_assets train`), so `python -m siren.demo_assets.backbones` alone
+    # gave another PANNs file than the full rebuild on the same machine
+    from siren.demo_assets.fit import fit
+
+    x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 3
+    runs = []
+    for before in (1, 2):  # what ran before: other draws from the global generator
+        torch.manual_seed(before)
+        state = torch.get_rng_state()
+        net = demo_weights.seeded(0, lambda: nn.Linear(8, 3))
+        fit(list(net.parameters()), lambda b: nn.functional.cross_entropy(net(nn.functional.dropout(x[b], 0.5)),
+                                                                          y[b]), 32, steps=5, seed=7, batch=8)
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
+        runs.append(net.weight.detach().clone())
+    assert torch.equal(*runs)
+
+
 def test_audioset_targets_are_distinct_named_classes():
     from siren.demo_assets.backbones import AUDIOSET, audioset_names, audioset_targets
 
@@ -191,8 +210,15 @@ def _clips(d: Split):
 
 @pytest.mark.parametrize("asset", sorted(demo_weights.DEMO_FILES))
 def test_committed_files_are_demo_overlays(asset):
+    import json
+
+    from siren.codec import DEMO_FILE
+    from siren.io import sha256_file
+
     head = demo_weights.header(demo_weights.demo_file(asset))
     assert head["label"] == demo_weights.LABEL and len(head["base_sha256"]) == 64
+    # trained on the committed codec's resynthesis (by content): a codec rebuilt without its backbones fails here
+    assert json.loads(head["meta"])["codec_sha256"] == sha256_file(DEMO_FILE)
 
 
 def test_committed_panns_recognises_held_out_clips(held_out):

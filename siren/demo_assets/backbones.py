@@ -63,6 +63,7 @@ from siren.data.demo import CLASSES
 from siren.demo_assets.data import Split, demo_data
 from siren.demo_assets.fit import _batches, fit
 from siren.errors import ConfigError
+from siren.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,8 @@ def build(cfg: BuildConfig) -> dict:
         data = demo_data(Path(work), cfg.seed, cfg.n_train, cfg.n_test, codec)
         report["data_seconds"] = round(time.perf_counter() - t0, 1)
         report["codec"] = codec.name if codec else "none (original clips only)"
+        # by content, so a test can tell whether these files were trained on the committed codec's audio
+        report["codec_sha256"] = sha256_file(codec) if codec else None
         parts = {"panns": (build_panns, "panns_cnn14_16k", lambda: panns_models().Cnn14(**PANNS_16K),
                            dict(steps=cfg.panns_steps)),
                  "vggish": (build_vggish, "vggish", lambda: tv.VGG(tv.make_layers(), postprocess=False),
@@ -284,7 +287,7 @@ def build(cfg: BuildConfig) -> dict:
             t, c = time.perf_counter(), time.process_time()
             trained, meta = recipe(data, seed=cfg.seed, **kw)
             meta.update(seconds=round(time.perf_counter() - t, 1), cpu_seconds=round(time.process_time() - c, 1),
-                        codec=report["codec"],
+                        codec=report["codec"], codec_sha256=report["codec_sha256"],
                         n_train=cfg.n_train, n_test=cfg.n_test, torch=torch.__version__)
             path = Path(cfg.out) / demo_weights.DEMO_FILES[asset]
             demo_weights.save(path, demo_weights.seeded(cfg.seed, make), trained, cfg.seed, meta)
