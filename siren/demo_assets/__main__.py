@@ -8,7 +8,8 @@ Keys go to one part each, ``codec.KEY=VALUE`` (``python -m siren.demo_assets.cod
 them) or ``backbones.KEY=VALUE`` (``python -m siren.demo_assets.backbones --help``). Both sets are
 checked before anything trains, so a typo does not surface only after the codec's build (hours on a CPU).
 Stopped in the codec's build, the same command resumes it (``siren.demo_assets.resume``); stopped in the
-backbones' (minutes), ``python -m siren.demo_assets.backbones`` redoes them alone on the codec just written."""
+backbones' (minutes), ``python -m siren.demo_assets.backbones`` redoes them alone on the codec just written
+(on the same machine, the same files: each recipe's random draws come from its seed alone)."""
 from siren import cli
 from siren.config import load_config
 from siren.errors import ConfigError
