@@ -2,6 +2,7 @@
 of each recipe on tiny data, and the committed files through the evaluation's own loaders."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -210,8 +211,6 @@ def _clips(d: Split):
 
 @pytest.mark.parametrize("asset", sorted(demo_weights.DEMO_FILES))
 def test_committed_files_are_demo_overlays(asset):
-    import json
-
     from siren.codec import DEMO_FILE
     from siren.io import sha256_file
 
