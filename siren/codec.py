@@ -34,7 +34,7 @@ PAPER_KWARGS = dict(n_codebooks=N_LAYERS, codebook_size=CODEBOOK_SIZE, codebook_
                     sample_rate=SAMPLE_RATE, latent_dim=1024)
 WEIGHTS = ("pretrained", "random", "demo")
 # weights=demo: a DAC the project trains on the embedded demo set (python -m siren.demo_assets.codec).
-DEMO_FILE = demo_weights.FILES / "dac16k_demo.pth"
+DEMO_FILE = demo_weights.FILES / demo_weights.CODEC_FILE
 DEMO_LABEL = demo_weights.LABEL
 
 

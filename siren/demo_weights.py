@@ -32,6 +32,7 @@ from siren.errors import CheckpointError, MissingWeightsError
 log = logging.getLogger(__name__)
 
 FILES = Path(__file__).parent / "demo_assets" / "files"  # written by siren.demo_assets' builders
+CODEC_FILE = "dac16k_demo.pth"  # the demo codec (siren.codec.DEMO_FILE), whose resynthesis the backbones train on
 FORMAT = "siren-demo-overlay-1"
 LABEL = "demo weights (trained on the embedded set)"
 REBUILD = "python -m siren.demo_assets.backbones"
@@ -173,10 +174,24 @@ def _kept(key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
     return copy.deepcopy(_KEPT[key])
 
 
+def _check_codec(path: Path, head: dict) -> None:
+    """Warn when the demo codec beside ``path`` is not the one whose audio the file was trained on (a codec
+    rebuilt alone, ``python -m siren.demo_assets.codec``): the metrics then read audio unlike their training's."""
+    from siren.io import sha256_file
+
+    want = json.loads(head.get("meta", "{}")).get("codec_sha256")
+    codec = Path(path).parent / CODEC_FILE
+    if want and codec.is_file() and sha256_file(codec) != want:
+        log.warning("%s was trained on the audio of another demo codec (sha256 %s...) than %s: the numbers it gives "
+                    "are not the ones measured for it; rebuild the backbones on this codec with `%s`",
+                    path, want[:12], codec, REBUILD)
+
+
 def _load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
     from safetensors.torch import load_file
 
     head = header(path)
+    _check_codec(path, head)
     net = _seeded(int(head["base_seed"]), make)
     trained = load_file(str(path))
     full = net.state_dict()

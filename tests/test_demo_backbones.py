@@ -45,6 +45,22 @@ def test_overlay_round_trip_and_hash_check(tmp_path, fresh_builds):
         demo_weights.load(tmp_path / "absent.safetensors", _mlp)
 
 
+def test_a_codec_rebuilt_without_its_backbones_is_named_at_load(tmp_path, caplog, fresh_builds):
+    from siren.io import sha256_file
+
+    codec = tmp_path / demo_weights.CODEC_FILE
+    codec.write_bytes(b"the codec the backbones trained on")
+    path = tmp_path / "m.safetensors"
+    demo_weights.save(path, demo_weights.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3,
+                      meta={"codec_sha256": sha256_file(codec)})
+    with caplog.at_level("WARNING", logger="siren.demo_weights"):
+        demo_weights.load(path, _mlp)
+        assert not caplog.records
+        codec.write_bytes(b"a codec rebuilt alone")
+        demo_weights.load(path, _mlp)
+    assert "another demo codec" in caplog.text and "siren.demo_assets.backbones" in caplog.text
+
+
 def test_kept_networks_are_copies_of_one_load(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     demo_weights.save(path, demo_weights.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3, meta={})
