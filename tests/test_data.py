@@ -68,8 +68,13 @@ def test_manifest_errors_name_the_file(tmp_path):
                        match=r"m\.csv.*missing column\(s\) audio; required columns are id, audio, caption"):
         read_manifest(m)
     m = write_manifest(tmp_path / "d.csv", [{"id": i, "audio": "x.wav", "caption": "c"} for i in "abacc"])
-    with pytest.raises(ManifestError, match=r"d\.csv: duplicate id\(s\) a, c"):
+    with pytest.raises(ManifestError, match=r"d\.csv: duplicate id\(s\) a \(lines 2, 4\), c \(lines 5, 6\)"):
         read_manifest(m)
+    m = write_manifest(tmp_path / "b.csv", [{"id": i, "audio": "x.wav", "caption": c}
+                                            for i, c in (("a", "x"), ("b", ""), ("a", "y"))])
+    with pytest.raises(ManifestError, match=r"b\.csv: 1 row\(s\) with empty required values: line 3: empty "
+                                            r"caption; and duplicate id\(s\) a \(lines 2, 4\)"):
+        read_manifest(m)  # both problems in one message
     m = write_manifest(tmp_path / "e.csv", [])
     with pytest.raises(ManifestError, match=r"e\.csv: manifest is empty"):
         read_manifest(m)

@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import unicodedata
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +130,7 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; required columns are "
                             f"{', '.join(REQUIRED)} (optional: {', '.join(OPTIONAL)}); "
                             f"found: {', '.join(columns) or 'none'}")
-    rows, blank = [], []
+    rows, blank, lines = [], [], {}
     for n, r in records:
         vals = {c: ("" if r.get(c) is None else str(r[c]).strip()) for c in (*REQUIRED, *OPTIONAL)}
         empty = [c for c in REQUIRED if not vals[c]]
@@ -139,16 +138,23 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
             blank.append(f"line {n}: empty {', '.join(empty)}")
             continue
         check_id(vals["id"], f"{path}:{n}")
+        lines.setdefault(vals["id"], []).append(n)
         audio = Path(vals["audio"]).expanduser()
         rows.append(Row(vals["id"], audio if audio.is_absolute() else path.parent / audio, vals["caption"],
                         vals["label"] or None))
-    if blank:
-        raise ManifestError(f"{path}: {len(blank)} row(s) with empty required values: " + "; ".join(blank[:20]))
-    dups = sorted(i for i, c in Counter(r.id for r in rows).items() if c > 1) if unique_ids else []
+    # Both kinds of problem in one message, each with its lines: one fix-and-rerun, not one per kind.
+    problems = [f"{len(blank)} row(s) with empty required values: " + "; ".join(blank[:20])] if blank else []
+    dups = sorted(i for i, ns in lines.items() if len(ns) > 1) if unique_ids else []
     if dups:
-        raise ManifestError(f"{path}: duplicate id(s) {', '.join(dups[:20])}{' ...' if len(dups) > 20 else ''}; "
-                            f"ids must be unique")
+        problems.append(f"duplicate id(s) {', '.join(f'{i} (lines {_lines(lines[i])})' for i in dups[:20])}"
+                        f"{' ...' if len(dups) > 20 else ''}; ids must be unique: rename or remove the repeats")
+    if problems:
+        raise ManifestError(f"{path}: " + "; and ".join(problems))
     return rows
+
+
+def _lines(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
 
 
 def read_captions(path: str | Path) -> list[str]:
