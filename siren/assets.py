@@ -41,6 +41,7 @@ class Asset:
     # torch.hub-style file name); "" where the publisher states none: downloaded, reported UNVERIFIED.
     digest: str = ""
     digest_source: str = ""
+    demo: bool = True  # the project trains a demo stand-in (weights=demo); ImageBind has none
 
 
 ASSETS: dict[str, Asset] = {a.name: a for a in [
@@ -70,7 +71,7 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
           "VGGish (FAD)",
           "sha256-prefix:10086976", "torch.hub file-name convention (torchvggish checks it with check_hash)"),
     Asset("imagebind", "imagebind_huge.pth", "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth",
-          "ImageBind-Huge (stage-2 reward at paper scale, reward=imagebind; ~4.5 GB)"),
+          "ImageBind-Huge (stage-2 reward at paper scale, reward=imagebind; ~4.5 GB)", demo=False),
 ]}
 
 
@@ -92,7 +93,10 @@ def require(name: str) -> Path:
         raise MissingWeightsError(
             f"pretrained weights '{a.filename}' ({a.what}) not found at {p}. On a machine with "
             f"internet run `{PREFETCH} {name}` (set SIREN_CACHE to shared storage so compute nodes "
-            f"see it), or copy the file there. For a smoke test without weights pass weights=random.")
+            f"see it), or copy the file there. "
+            + ("Offline, weights=demo runs on the project's demo weights (trained on the embedded set: numbers "
+               "comparable with other demo runs only); " if a.demo else "")
+            + "for a smoke test without weights pass weights=random.")
     return p
 
 

@@ -61,6 +61,10 @@ def test_missing_weights_name_file_place_and_prefetch(empty_cache):
         assets.require("dac_16khz")
     msg = str(e.value)
     assert "weights_16khz.pth" in msg and str(empty_cache) in msg and "python -m siren.assets prefetch dac_16khz" in msg
+    assert "weights=demo" in msg and "weights=random" in msg  # the two ways to run offline
+    with pytest.raises(assets.MissingWeightsError) as e:
+        assets.require("imagebind")
+    assert "weights=demo" not in str(e.value)  # no demo ImageBind exists: not offered
     with pytest.raises(assets.MissingWeightsError):
         Codec(CodecConfig(weights="pretrained"))
 
