@@ -29,6 +29,7 @@ import torch
 from analysis import style
 from analysis.cli import command, out_dir, write_csv
 from analysis.logs import weights_note
+from siren import checkpoint as ckpt
 from siren.errors import CheckpointError, ConfigError, MissingWeightsError, WeightsMismatchError
 
 GROUPS = ("embedding", "classifier", "decoder", "backbone")
@@ -106,8 +107,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def expert_dirs(run_dir: Path) -> list[Path]:
-    dirs = sorted((p for p in run_dir.glob("expert_*") if p.is_dir() and p.name[7:].isdigit()),
-                  key=lambda p: int(p.name[7:]))
+    dirs = ckpt.expert_dirs(run_dir)
     if len(dirs) < 2:
         raise ConfigError(f"{run_dir}: task vectors compare experts; found {len(dirs)} expert_<k>/ folders "
                           f"(a 1-12 run has only one)")
@@ -125,8 +125,6 @@ def initial_weights(edir: Path, init: str) -> dict[str, torch.Tensor]:
 
 
 def final_weights(edir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    from siren import checkpoint as ckpt
-
     if step is None:
         last = ckpt.load_latest(edir)
         if last is None:

@@ -46,6 +46,12 @@ def expert_dir(run_dir: str | os.PathLike, k: int) -> Path:
     return Path(run_dir) / f"expert_{k}"
 
 
+def expert_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's expert_<k>/ folders in k order; not the launcher's expert_<k>.done markers beside them."""
+    return sorted((p for p in Path(run_dir).glob("expert_*") if p.is_dir() and p.name[7:].isdigit()),
+                  key=lambda p: int(p.name[7:]))
+
+
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -302,7 +308,7 @@ def write_run_config(run_dir: Path, run_config: Mapping[str, Any]) -> None:
 def trained_frames(run_dir: str | os.PathLike) -> int | None:
     """The longest sequence every expert of a run was trained on (frames), when the run records it."""
     lengths = []
-    for edir in sorted(Path(run_dir).glob("expert_*")):
+    for edir in expert_dirs(run_dir):
         c = load_latest(edir)
         if c is None or c.state.get("trained_frames") is None:
             return None
@@ -315,8 +321,9 @@ def warn_if_past_trained(run_dir: str | os.PathLike, n_frames: int, what: str) -
     limit = trained_frames(run_dir)
     if limit is not None and n_frames > limit:
         log.warning("%s generates %d frames (%.1f s) but %s was trained on sequences of at most %d frames (%.1f s): "
-                    "positions past %d are never trained (train on whole items: train.crop_s=10)", what, n_frames,
-                    n_frames / 50, run_dir, limit, limit / 50, limit)
+                    "positions past %d are never trained (generate at most %.1f s, or train on longer sequences: "
+                    "train.crop_s=10 on 10 s items)", what, n_frames, n_frames / 50, run_dir, limit, limit / 50, limit,
+                    limit / 50)
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:

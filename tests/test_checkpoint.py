@@ -224,3 +224,20 @@ def test_load_rejects_expert_of_another_model(tmp_path):
         siren.load(run)
     with pytest.raises(CheckpointError, match="is not a run directory"):
         siren.load(tmp_path / "nothing")
+
+
+def test_trained_length_is_read_beside_the_launchers_done_markers(tmp_path, caplog):
+    """A grid's run folder holds expert_<k>.done markers beside expert_<k>/; they are not experts (reading one as
+    an expert without checkpoints hid the trained length, so generating past it was never warned about)."""
+    run = tmp_path / "run"
+    data = synthetic_data(frames=12, ragged=False)
+    data.train.max_frames = 12  # as siren.data's datasets report it (the longest sequence the expert sees)
+    for k in range(2):
+        train(tiny_config(run, "model.distribution=2-6", f"expert={k}", "train.steps=1"), data, handle_signals=False)
+        (run / f"expert_{k}.done").write_text("")  # the launcher's markers (ablations/steps.py)
+        (run / f"expert_{k}.done.lock").write_text("")
+    assert [p.name for p in ckpt.expert_dirs(run)] == ["expert_0", "expert_1"]
+    assert ckpt.trained_frames(run) == 12
+    with caplog.at_level("WARNING", logger="siren.checkpoint"):
+        ckpt.warn_if_past_trained(run, 500, "eval")
+    assert "eval generates 500 frames (10.0 s)" in caplog.text and "at most 12 frames" in caplog.text
