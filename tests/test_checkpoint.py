@@ -234,7 +234,7 @@ def test_trained_length_is_read_beside_the_launchers_done_markers(tmp_path, capl
     data.train.max_frames = 12  # as siren.data's datasets report it (the longest sequence the expert sees)
     for k in range(2):
         train(tiny_config(run, "model.distribution=2-6", f"expert={k}", "train.steps=1"), data, handle_signals=False)
-        (run / f"expert_{k}.done").write_text("")  # the launcher's markers (ablations/steps.py)
+        (run / f"expert_{k}.done").write_text("")  # the launcher's markers (ablations/plan.py)
         (run / f"expert_{k}.done.lock").write_text("")
     assert [p.name for p in ckpt.expert_dirs(run)] == ["expert_0", "expert_1"]
     assert ckpt.trained_frames(run) == 12
