@@ -95,7 +95,8 @@ def require(name: str) -> Path:
             f"internet run `{PREFETCH} {name}` (set SIREN_CACHE to shared storage so compute nodes "
             f"see it), or copy the file there. "
             + ("Offline, weights=demo runs on the project's demo weights (trained on the embedded set: numbers "
-               "comparable with other demo runs only); " if a.demo else "")
+               "comparable with other demo runs only; in a command with several, codec./text./reward.weights=demo); "
+               if a.demo else "")
             + "for a smoke test without weights pass weights=random.")
     return p
 

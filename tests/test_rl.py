@@ -391,6 +391,25 @@ def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     assert code == 2 and "Did you mean gamma" in err and "Valid keys" in err
 
 
+def test_frontend_keys_other_than_the_runs_are_named_before_anything_is_built(tmp_path):
+    """A run trained with other codec / text weights than the keys give (say demo, against the pretrained
+    defaults) names every key to add, before a missing pretrained file could be the error."""
+    from siren.codec import CodecConfig
+    from siren.config import to_dict
+    from siren.text import TextConfig
+
+    run = make_stage1_run(tmp_path / "s1", frontends={"codec": to_dict(CodecConfig(weights="demo")),
+                                                      "text": to_dict(TextConfig(weights="demo", seed=3))})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog barks\n")
+    args = [f"run_dir={run}", f"out={tmp_path / 'out'}", f"prompts={prompts}", "device=cpu"]
+    with pytest.raises(ConfigError, match=r"add codec\.weights=demo text\.seed=3 text\.weights=demo$"):
+        alignment.main([*args, "reward=clap"])
+    with pytest.raises(ConfigError, match=r"add text\.seed=3$"):  # the codec is not used by code_match
+        alignment.main([*args, "reward=code_match", "text.weights=demo"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompts_files_and_their_errors(tmp_path):
     (tmp_path / "p.txt").write_text("a dog barks\n\n  rain  \n")
     assert alignment.read_prompts(tmp_path / "p.txt") == ["a dog barks", "rain"]

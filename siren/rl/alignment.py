@@ -47,7 +47,7 @@ from siren.model import CollaborativeModel, Expert
 from siren.rl import objective as obj
 from siren.rl.config import AlignConfig, parse, read_prompts
 from siren.rl.rollout import Rollouts, action_logprobs, collect, trainable_experts
-from siren.rl.run_dir import check_same, load_stage1, prepare_out
+from siren.rl.run_dir import check_frontend_keys, check_same, load_stage1, prepare_out
 from siren.runtime import EXIT_PREEMPTED, RunLog, autocast, derive_seed, param_groups, resolve_device, stop_on_signal
 
 log = logging.getLogger(__name__)
@@ -308,8 +308,10 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)  # before the frontends are built
     ckpt.warn_if_past_trained(cfg.run_dir, cfg.n_frames, "stage 2 (rollouts)")
 
+    audio = cfg.reward.name != "code_match"  # rewards on audio: decode with the stage-1 run's codec
+    check_frontend_keys(run_cfg, {"codec": cfg.codec, "text": cfg.text} if audio else {"text": cfg.text}, cfg.run_dir)
     codec = None
-    if cfg.reward.name != "code_match":  # rewards on audio: decode with the stage-1 run's codec
+    if audio:
         codec = build_codec(cfg.codec, device)
         check_same(run_cfg, "codec", codec.id, f"codec.weights={cfg.codec.weights} codec.seed={cfg.codec.seed}",
                    cfg.run_dir)

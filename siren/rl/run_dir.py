@@ -81,6 +81,17 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
     io.write_json(path, meta)  # last: its presence means the frozen experts are in place
 
 
+def check_frontend_keys(run_cfg: dict, given: dict, run_dir: str) -> None:
+    """Before anything is built: the codec / text keys must be those the stage-1 run recorded, else one error
+    that names them all (not a missing-pretrained-file error for weights the run never used)."""
+    fixes = [f"{what}.{key}={value}" for what, cfg in given.items()
+             for key, value in ((run_cfg.get(what) or {}).get("config") or {}).items()
+             if getattr(cfg, key, value) != value]
+    if fixes:
+        raise ConfigError(f"{run_dir} was trained with another codec / text encoder than these keys give; stage 2 "
+                          f"rolls out with the stage-1 run's: add {' '.join(fixes)}")
+
+
 def check_same(run_cfg: dict, what: str, built: str, how: str, run_dir: str) -> None:
     """The rollouts must use the codec / text encoder the stage-1 experts were trained with."""
     want = (run_cfg.get(what) or {}).get("id")
