@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,7 @@ class BoundedLocalExecutor(submitit.LocalExecutor):
         super().__init__(folder, python=python)
         self.max_running = max_running
         self._running: list[subprocess.Popen] = []
+        self.controller_log = Path(folder) / "controllers.log"
 
     def _submit_command(self, command: str) -> submitit.LocalJob:
         while True:
@@ -232,7 +234,22 @@ class BoundedLocalExecutor(submitit.LocalExecutor):
             if len(self._running) < self.max_running:
                 break
             time.sleep(0.2)
-        job = super()._submit_command(command)
+        # submitit's job controller inherits our stdout/stderr (its jobs write their own logs), and on Ctrl-C
+        # prints its KeyboardInterrupt traceback there, under the launcher's "interrupted" line: give it a file.
+        self.controller_log.parent.mkdir(parents=True, exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        try:
+            with open(self.controller_log, "ab") as f:
+                os.dup2(f.fileno(), 1)
+                os.dup2(f.fileno(), 2)
+            job = super()._submit_command(command)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
         self._running.append(job._process)
         return job
 

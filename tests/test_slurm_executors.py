@@ -78,6 +78,19 @@ def test_local_executor_runs_an_array_with_bounded_concurrency(tmp_path):
     assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:]))
 
 
+def test_a_cancelled_local_jobs_controller_writes_its_traceback_to_a_log(tmp_path, capfd):
+    """Ctrl-C in a grid cancels its running local jobs (SIGINT to submitit's controller, which a terminal's
+    Ctrl-C also reaches); the controller's KeyboardInterrupt traceback goes to logs/controllers.log, not to the
+    stderr it would inherit, under the launcher's one "interrupted" line."""
+    ex = make_executor("local", tmp_path / "jobs", None, name="sq", timeout_min=2)
+    job = ex.submit(logged_square, 3, log_dir=str(tmp_path), sleep_s=60)
+    wait_for(lambda: job.paths.stdout.exists(), "the job's task to start")
+    job.cancel()
+    wait_for(lambda: job._process.poll() is not None, "the controller to stop")
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+    assert "KeyboardInterrupt" in (tmp_path / "jobs" / "controllers.log").read_text()
+
+
 # ---- a real SLURM ----
 
 
