@@ -158,7 +158,7 @@ import signal  # noqa: E402
 
 from siren import checkpoint as ckpt  # noqa: E402
 from siren.config import ConfigError  # noqa: E402
-from siren.rl import alignment  # noqa: E402
+from siren.rl import alignment, run_dir  # noqa: E402
 from siren.rl.reward import CodeMatchReward  # noqa: E402
 from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
 from siren.sample import SampleConfig, generate  # noqa: E402
@@ -408,6 +408,12 @@ def test_frontend_keys_other_than_the_runs_are_named_before_anything_is_built(tm
     with pytest.raises(ConfigError, match=r"add text\.seed=3$"):  # the codec is not used by code_match
         alignment.main([*args, "reward=code_match", "text.weights=demo"])
     assert not (tmp_path / "out").exists()
+    # two paths to weights files: what they hold decides (check_same, after the build), not how they are written
+    run_dir.check_frontend_keys({"codec": {"config": {"weights": "/data/dac.pth", "seed": 0}}},
+                                {"codec": CodecConfig(weights="./dac.pth")}, "run")
+    with pytest.raises(ConfigError, match=r"add codec\.weights=/data/dac\.pth$"):
+        run_dir.check_frontend_keys({"codec": {"config": {"weights": "/data/dac.pth", "seed": 0}}},
+                                    {"codec": CodecConfig(weights="demo")}, "run")
 
 
 def test_prompts_files_and_their_errors(tmp_path):

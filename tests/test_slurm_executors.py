@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import subprocess
 from pathlib import Path
 
@@ -83,7 +84,13 @@ def test_a_cancelled_local_jobs_controller_writes_its_traceback_to_a_log(tmp_pat
     Ctrl-C also reaches); the controller's KeyboardInterrupt traceback goes to logs/controllers.log, not to the
     stderr it would inherit, under the launcher's one "interrupted" line."""
     ex = make_executor("local", tmp_path / "jobs", None, name="sq", timeout_min=2)
-    job = ex.submit(logged_square, 3, log_dir=str(tmp_path), sleep_s=60)
+    # A suite started in the background (`cmd &` in a script) has SIGINT ignored, and a child inherits that, so
+    # the controller could not be cancelled at all; start it as from a terminal (a handler resets at exec).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        job = ex.submit(logged_square, 3, log_dir=str(tmp_path), sleep_s=60)
+    finally:
+        signal.signal(signal.SIGINT, before)
     wait_for(lambda: job.paths.stdout.exists(), "the job's task to start")
     job.cancel()
     wait_for(lambda: job._process.poll() is not None, "the controller to stop")
