@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import torch
 
-from siren.codec import Codec, CodecConfig
+from siren.codec import WEIGHTS, Codec, CodecConfig
 from siren.config import from_dict, to_dict
-from siren.errors import CheckpointError
+from siren.errors import CheckpointError, ConfigError
 from siren.text import TextConfig, TextEncoder, can_share
 
 
@@ -32,6 +32,19 @@ def build_text(cfg: TextConfig, device: str | torch.device = "cpu", clap=None) -
     """The frozen text encoder of ``cfg``; ``clap``: an already built ``siren.clap.Clap`` with the same
     weights to share (the CLAP score and the reward use the same model)."""
     return TextEncoder(cfg, clap=clap).to(device)
+
+
+def check_keys(recorded: Mapping[str, Mapping | None], given: Mapping[str, Any], made: str) -> None:
+    """Before anything is built: ``given`` codec / text configs that differ from those ``made`` recorded are one
+    error naming every key to add, not a missing-pretrained-file error for weights it never used. Two weights
+    files given by path are left to the id check after the build (the same file may be spelled two ways)."""
+    def differs(key: str, ours, theirs) -> bool:
+        return ours != theirs and not (key == "weights" and ours not in WEIGHTS and theirs not in WEIGHTS)
+
+    fixes = [f"{what}.{key}={value}" for what, cfg in given.items() for key, value in (recorded.get(what) or {}).items()
+             if differs(key, getattr(cfg, key, value), value)]
+    if fixes:
+        raise ConfigError(f"{made} with another codec / text encoder than these keys give: add {' '.join(fixes)}")
 
 
 def codec_entry(codec) -> dict[str, Any]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 
 from siren.data.latents import collate_latents
+from siren.errors import ConfigError
 from siren.model.continuous import LatentProjection
 from siren.train import Stage1Data, read_log, train
 from tests.fixtures_model import demo_codec
@@ -85,10 +87,6 @@ def test_continuous_loss_falls_and_mntp_changes_it(tmp_path):
 
 
 def test_token_width_must_match_the_data(tmp_path):
-    import pytest
-
-    from siren.errors import ConfigError
-
     with pytest.raises(ConfigError, match="token_dim"):
         train(tiny_config(tmp_path, *ARGS, "continuous.token_dim=8"), latent_data(), handle_signals=False)
 
@@ -122,6 +120,9 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
                       if p.is_file()}
 
+    with pytest.raises(ConfigError, match=r"prep was prepared with another codec / text encoder than these keys "
+                                          r"give: add codec\.weights=demo$"):  # before a pretrained file is looked for
+        train(tiny_config(tmp_path / "run", *ARGS, f"data_dir={out}", "train.steps=2"), handle_signals=False)
     args = (*ARGS, f"data_dir={out}", "codec.weights=demo", "train.steps=2", "train.ckpt_every=2")
     assert train(tiny_config(tmp_path / "run", *args), handle_signals=False).status == "finished"
 

@@ -158,7 +158,7 @@ import signal  # noqa: E402
 
 from siren import checkpoint as ckpt  # noqa: E402
 from siren.config import ConfigError  # noqa: E402
-from siren.rl import alignment, run_dir  # noqa: E402
+from siren.rl import alignment  # noqa: E402
 from siren.rl.reward import CodeMatchReward  # noqa: E402
 from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
 from siren.sample import SampleConfig, generate  # noqa: E402
@@ -396,6 +396,7 @@ def test_frontend_keys_other_than_the_runs_are_named_before_anything_is_built(tm
     defaults) names every key to add, before a missing pretrained file could be the error."""
     from siren.codec import CodecConfig
     from siren.config import to_dict
+    from siren.frontends import check_keys
     from siren.text import TextConfig
 
     run = make_stage1_run(tmp_path / "s1", frontends={"codec": to_dict(CodecConfig(weights="demo")),
@@ -409,11 +410,9 @@ def test_frontend_keys_other_than_the_runs_are_named_before_anything_is_built(tm
         alignment.main([*args, "reward=code_match", "text.weights=demo"])
     assert not (tmp_path / "out").exists()
     # two paths to weights files: what they hold decides (check_same, after the build), not how they are written
-    run_dir.check_frontend_keys({"codec": {"config": {"weights": "/data/dac.pth", "seed": 0}}},
-                                {"codec": CodecConfig(weights="./dac.pth")}, "run")
+    check_keys({"codec": {"weights": "/data/dac.pth", "seed": 0}}, {"codec": CodecConfig(weights="./dac.pth")}, "run")
     with pytest.raises(ConfigError, match=r"add codec\.weights=/data/dac\.pth$"):
-        run_dir.check_frontend_keys({"codec": {"config": {"weights": "/data/dac.pth", "seed": 0}}},
-                                    {"codec": CodecConfig(weights="demo")}, "run")
+        check_keys({"codec": {"weights": "/data/dac.pth", "seed": 0}}, {"codec": CodecConfig(weights="demo")}, "run")
 
 
 def test_prompts_files_and_their_errors(tmp_path):

@@ -37,7 +37,7 @@ class Stage1Data:
         """The prepared train/test splits of ``data_dir``; the code tables come from a codec built from
         ``codec_cfg``, which must be the codec the data was encoded with. ``crop_min_clap``: appendix B's
         crop filter on the train split. ``latent_dim`` > 0: continuous tokens of that width (siren.data.latents)."""
-        from siren.frontends import build_codec, codec_entry, text_entry
+        from siren.frontends import build_codec, check_keys, codec_entry, text_entry
 
         proj = None
         if latent_dim:  # family=continuous: the latents of the same items, in the projection's axes
@@ -53,6 +53,8 @@ class Stage1Data:
         except DataError as e:
             log.warning("no validation: %s", e)
             val = None
+        check_keys({"codec": train.info.get("frontends", {}).get("codec")}, {"codec": codec_cfg},
+                   f"{data_dir} was prepared")
         codec = build_codec(codec_cfg)
         if train.info["codec"]["id"] != codec.id:
             raise ConfigError(f"{data_dir} was prepared with codec {train.info['codec']['id']}, this config builds "

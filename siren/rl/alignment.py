@@ -47,7 +47,7 @@ from siren.model import CollaborativeModel, Expert
 from siren.rl import objective as obj
 from siren.rl.config import AlignConfig, parse, read_prompts
 from siren.rl.rollout import Rollouts, action_logprobs, collect, trainable_experts
-from siren.rl.run_dir import check_frontend_keys, check_same, load_stage1, prepare_out
+from siren.rl.run_dir import check_same, load_stage1, prepare_out
 from siren.runtime import EXIT_PREEMPTED, RunLog, autocast, derive_seed, param_groups, resolve_device, stop_on_signal
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     ``clap``: an already built ``siren.clap.Clap`` with the text encoder's weights, to reuse
     (a driver running several alignments in one process builds it once)."""
     from siren import cli
-    from siren.frontends import build_codec, build_text
+    from siren.frontends import build_codec, build_text, check_keys
     from siren.rl.reward import build_reward
 
     cfg = parse(cli.start(argv))
@@ -309,7 +309,8 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     ckpt.warn_if_past_trained(cfg.run_dir, cfg.n_frames, "stage 2 (rollouts)")
 
     audio = cfg.reward.name != "code_match"  # rewards on audio: decode with the stage-1 run's codec
-    check_frontend_keys(run_cfg, {"codec": cfg.codec, "text": cfg.text} if audio else {"text": cfg.text}, cfg.run_dir)
+    check_keys({w: (run_cfg.get(w) or {}).get("config") for w in ("codec", "text")},
+               {"codec": cfg.codec, "text": cfg.text} if audio else {"text": cfg.text}, f"{cfg.run_dir} was trained")
     codec = None
     if audio:
         codec = build_codec(cfg.codec, device)

@@ -16,7 +16,6 @@ import torch
 
 from siren import checkpoint as ckpt
 from siren import io
-from siren.codec import WEIGHTS
 from siren.config import to_dict
 from siren.errors import ConfigError, SirenError
 from siren.model import CollaborativeModel
@@ -80,21 +79,6 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
         _link_tree(c.path, edir / c.path.name, cfg.link)
         io.write_text(edir / "latest", c.path.name + "\n")
     io.write_json(path, meta)  # last: its presence means the frozen experts are in place
-
-
-def check_frontend_keys(run_cfg: dict, given: dict, run_dir: str) -> None:
-    """Before anything is built: the codec / text keys must be those the stage-1 run recorded, else one error
-    that names them all (not a missing-pretrained-file error for weights the run never used). Two weights files
-    given by path are left to ``check_same``, which compares what they hold, not how the path is written."""
-    def differs(key: str, ours, theirs) -> bool:
-        return ours != theirs and not (key == "weights" and ours not in WEIGHTS and theirs not in WEIGHTS)
-
-    fixes = [f"{what}.{key}={value}" for what, cfg in given.items()
-             for key, value in ((run_cfg.get(what) or {}).get("config") or {}).items()
-             if differs(key, getattr(cfg, key, value), value)]
-    if fixes:
-        raise ConfigError(f"{run_dir} was trained with another codec / text encoder than these keys give; stage 2 "
-                          f"rolls out with the stage-1 run's: add {' '.join(fixes)}")
 
 
 def check_same(run_cfg: dict, what: str, built: str, how: str, run_dir: str) -> None:
