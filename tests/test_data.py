@@ -321,6 +321,10 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "manifest.json: 2 items, 0 skipped" in out and "codec weights are RANDOM; text weights are RANDOM" in out
     prepare_main(args + ["step=index"])  # the merge step alone builds no model
+    demo = [a for a in args if not a.startswith(("codec.", "text.", "out="))]
+    prepare_main(demo + [f"out={tmp_path / 'demo'}", "codec.weights=demo", "text.weights=demo"])
+    label = "DEMO WEIGHTS (TRAINED ON THE EMBEDDED SET)"  # both, though a text entry records just "demo"
+    assert f"codec weights are {label}; text weights are {label}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="unknown config key 'shards'"):
         prepare_main(args + ["shards=3"])
     # a bad manifest is named before any model loads: here the pretrained codec is not there either

@@ -36,6 +36,7 @@ from siren.data.cache import cache_path, codes_key, crops_key, index_path, shard
 from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.manifest import Row, read_manifest
+from siren.demo_weights import LABEL
 from siren.errors import DataError
 from siren.io import check_folder, read_json, sha256, write_json
 from siren.runtime import check_device
@@ -393,8 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for path in run(parse(cli.start(argv))):
         idx = json.loads(path.read_text())
-        warn = [f"{k} weights are {idx[k]['weights'].upper()}" for k in ("codec", "text")
-                if idx[k]["weights"] != "pretrained"]
+        # a text entry records "demo", a codec entry the whole label: say the label for both
+        shown = {k: LABEL if idx[k]["weights"] == "demo" else idx[k]["weights"] for k in ("codec", "text")}
+        warn = [f"{k} weights are {w.upper()}" for k, w in shown.items() if w != "pretrained"]
         print(f"{path}: {idx['num_items']} items, {len(idx['skipped'])} skipped; codec {idx['codec']['id']}, "
               f"text {idx['text']['id']}" + (f" ({'; '.join(warn)})" if warn else ""))
     return 0
