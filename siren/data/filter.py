@@ -3,7 +3,7 @@
     python -m siren.data.filter manifest=clips.csv out=FILT select=siren-1.6b          # score + select
     python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 shard=$SLURM_ARRAY_TASK_ID
     python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 step=select select=siren-3.1b select_out=S31
-    python -m siren.data.filter manifest=demo out=FILT select=siren-1.6b rl_top=10 weights=random
+    python -m siren.data.filter manifest=demo out=FILT select=siren-1.6b rl_top=10 weights=demo
 
 Per manifest row: the clip is loaded and cut as ``prepare`` cuts it (``audio.*``, one item per row), its
 activity SNR is estimated (siren/data/activity.py) and its CLAP audio embedding and every candidate
@@ -59,7 +59,7 @@ class FilterConfig:
     manifest: str = ""  # CSV/JSONL: id, audio, caption[, caption_2 ..][, label]; or "demo" (the embedded train set)
     out: str = ""  # caches, shard records and the outputs
     audio: AudioConfig = field(default_factory=AudioConfig)  # how prepare will cut the clips (policy pad|crop)
-    weights: str = "pretrained"  # CLAP weights (siren.clap.ClapConfig.weights): pretrained | random | a .pt path
+    weights: str = "pretrained"  # CLAP weights (siren.clap.ClapConfig.weights): pretrained | demo | random | a .pt path
     clap_seed: int = 0  # random-init seed for weights=random
     num_shards: int = 1
     shard: int = -1  # >= 0: score only this shard (one job-array element); then step=select once all are done
