@@ -76,9 +76,13 @@ def run_frontends(run_cfg: Mapping[str, Any], device: str | torch.device = "cpu"
     codec = build_codec(from_dict(CodecConfig, run_cfg["codec"]["config"], f"{where} codec"), device)
     text_cfg = from_dict(TextConfig, run_cfg["text"]["config"], f"{where} text")
     text = build_text(text_cfg, device, clap if clap is not None and can_share(clap, text_cfg) else None)
-    for what, built, want in [("text encoder", text.id, run_cfg["text"]["id"]),
-                              ("codec", codec.id, run_cfg["codec"]["id"])]:
-        if built != want:
-            raise CheckpointError(f"{where} was trained with {what} {want}, but the weights found here give {built}; "
-                                  f"put the same weights in $SIREN_CACHE (python -m siren.assets list)")
+    for what, key, built in [("text encoder", "text", text.id), ("codec", "codec", codec.id)]:
+        want = run_cfg[key]["id"]
+        if built == want:
+            continue
+        fix = ("the run was trained on other demo files (another commit's siren/demo_assets/files, or a rebuild): "
+               "evaluate it at the commit it was trained with, or train it again"
+               if run_cfg[key]["config"].get("weights") == "demo" else
+               "put the same weights in $SIREN_CACHE (python -m siren.assets list)")
+        raise CheckpointError(f"{where} was trained with {what} {want}, but the weights found here give {built}; {fix}")
     return text, codec

@@ -305,3 +305,18 @@ def test_eval_shares_its_clap_with_the_run_text_encoder(clap, text):
     run_cfg = {"codec": codec_entry(codec), "text": text_entry(text)}
     shared, _ = run_frontends(run_cfg, clap=clap)
     assert shared.clap is clap and shared.id == text.id
+
+
+def test_a_run_of_other_weights_is_refused_with_the_fix_for_its_mode(clap, text):
+    """Rebuilding a run's frontends checks their ids: other pretrained files -> put the run's in $SIREN_CACHE;
+    other demo files (a run trained before the committed demo files changed) -> the commit it was trained with."""
+    from siren.codec import Codec, CodecConfig
+    from siren.errors import CheckpointError
+    from siren.frontends import codec_entry, run_frontends, text_entry
+
+    random_codec = codec_entry(Codec(CodecConfig(weights="random", seed=0)))
+    with pytest.raises(CheckpointError, match=r"text encoder other-clap, but .* give .*\$SIREN_CACHE"):
+        run_frontends({"codec": random_codec, "text": {**text_entry(text), "id": "other-clap"}}, clap=clap)
+    demo_codec = codec_entry(Codec(CodecConfig(weights="demo")))
+    with pytest.raises(CheckpointError, match=r"codec dac16k-other, .* other demo files .* the commit it was trained"):
+        run_frontends({"codec": {**demo_codec, "id": "dac16k-other"}, "text": text_entry(text)}, clap=clap)

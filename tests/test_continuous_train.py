@@ -120,9 +120,15 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
                       if p.is_file()}
 
-    with pytest.raises(ConfigError, match=r"prep was prepared with another codec / text encoder than these keys "
-                                          r"give: add codec\.weights=demo$"):  # before a pretrained file is looked for
-        train(tiny_config(tmp_path / "run", *ARGS, f"data_dir={out}", "train.steps=2"), handle_signals=False)
+    from siren.data import latents as latents_cli
+
+    for command in (lambda: latents_cli.main([f"data={out}", f"dim={K}"]),  # before a pretrained file is looked for
+                    lambda: train(tiny_config(tmp_path / "run", *ARGS, f"data_dir={out}", "train.steps=2"),
+                                  handle_signals=False)):
+        with pytest.raises(ConfigError, match=r"prep was prepared with another codec / text encoder than these "
+                                              r"keys give: add codec\.weights=demo$"):
+            command()
+    assert latents_cli.main([f"data={out}", f"dim={K}", "codec.weights=demo"]) == 0
     args = (*ARGS, f"data_dir={out}", "codec.weights=demo", "train.steps=2", "train.ckpt_every=2")
     assert train(tiny_config(tmp_path / "run", *args), handle_signals=False).status == "finished"
 

@@ -1,6 +1,6 @@
 """Continuous tokens for ``family=continuous`` (paper/003) in a prepared directory.
 
-    python -m siren.data.latents data=PREP dim=8 codec.weights=random
+    python -m siren.data.latents data=PREP dim=8                      # codec.weights=demo on a demo PREP
 
 After ``siren.data.prepare``: each codes entry's audio is read again with the same preprocessing
 (the index's ``audio`` policy: same crop/pad, same items) and run through the DAC encoder up to
@@ -173,11 +173,14 @@ class LatentsConfig:
 def main(argv: list[str] | None = None) -> int:
     from siren import cli
     from siren.config import load_config
-    from siren.frontends import build_codec
+    from siren.frontends import build_codec, check_keys
 
     cfg = load_config(LatentsConfig, cli.start(argv))
     if not cfg.data:
         raise ConfigError("data= (a prepared directory) is required")
+    if (Path(cfg.data) / "splits" / "train.json").is_file():  # other codec keys: named before the codec is built
+        check_keys({"codec": load_index(cfg.data, "train").get("frontends", {}).get("codec")}, {"codec": cfg.codec},
+                   f"{cfg.data} was prepared")
     proj = prepare_latents(cfg.data, build_codec(cfg.codec), cfg.dim, progress=True)
     print(json.dumps({"projection": proj.id, "dim": proj.dim}))
     return 0
