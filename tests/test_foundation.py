@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from siren import assets
+from siren import assets, demo_weights
 from siren.codec import CODEBOOK_DIM, DAC_KWARGS, HOP, N_LAYERS, Codec, CodecConfig
 from siren.config import ConfigError, from_dict, load_config, to_dict
 
@@ -74,6 +74,9 @@ def test_assets_list_command_runs_offline(empty_cache):
     for name in assets.ASSETS:
         assert name in out.stdout
     assert "MISSING" in out.stdout
+    # offline, the way on: the committed demo weights, and what has no stand-in
+    last = out.stdout.splitlines()[-1]
+    assert last.endswith("no demo stand-in for imagebind") and str(demo_weights.FILES) in last
 
 
 def test_a_command_run_as_main_shows_its_status_lines(tmp_path):
