@@ -46,18 +46,33 @@ def read_metric(results: str | Path, key: str) -> float | None:
 
 
 def weights_note(run_dir: str | Path) -> str:
-    """'random codec weights; random text weights' or 'codec: demo weights (trained on the embedded
-    set); text: ...' for a run made without the published weights (read from run_dir/config.json),
-    '' for pretrained ones or when the run does not say."""
+    """A figure's note on the weights a run was made with (run_dir/config.json): "codec and text: demo weights
+    (trained on the embedded set)", "random codec weights", ... naming each model that is not pretrained once;
+    '' for pretrained ones or when the run does not say. A stage-2 run (alignment.json) adds its reward model,
+    named even when pretrained: the reward is what Figure 5 draws."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return ""
+    from siren.codec import DEMO_LABEL
+
     cfg = json.loads(path.read_text())
-    notes = []
+    modes = {}
     for k in ("codec", "text"):
         # the mode sits in config.weights; the top-level "weights" is a label ("demo" or DEMO_LABEL)
         entry = cfg.get(k) if isinstance(cfg.get(k), dict) else {}
-        notes.append(weights_phrase(k, (entry.get("config") or {}).get("weights", entry.get("weights", "pretrained"))))
+        modes[k] = (entry.get("config") or {}).get("weights", entry.get("weights", "pretrained"))
+    align, reward = Path(run_dir) / "alignment.json", {}
+    if align.is_file():
+        reward = (json.loads(align.read_text()).get("config") or {}).get("reward") or {}
+    if reward.get("name"):
+        modes[f"reward ({reward['name']})"] = reward.get("weights", "pretrained")
+    by_mode: dict[str, list[str]] = {}
+    for what, mode in modes.items():
+        by_mode.setdefault("demo" if mode == DEMO_LABEL else mode, []).append(what)
+    notes = [weights_phrase(", ".join(w[:-1]) + " and " + w[-1] if len(w) > 1 else w[0], mode)
+             for mode, w in by_mode.items()]
+    if reward.get("name") and reward.get("weights", "pretrained") == "pretrained":
+        notes.append(f"pretrained reward ({reward['name']})")
     return "; ".join(n for n in notes if n)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from analysis import style
 from analysis.cli import as_list, command, out_dir, write_csv
@@ -80,6 +81,7 @@ def plot(curves: list[dict], smooth: float, note: str = ""):
                         fontsize=5, color=color, va="center")
     ax.axhline(0.0, color="0.6", lw=0.5, ls=":")
     ax.set_xlabel("RL step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 ticks on a 4-step run
     ax.set_ylabel("Reward (mean cosine)")
     ax.legend()
     style.note(fig, note)

@@ -238,10 +238,17 @@ def test_weights_note_says_demo_weights_once_per_model(tmp_path):
     text = {"id": "t", "weights": "demo", "config": {"weights": "demo", "seed": 0, "max_length": 77}}
     cfg = {"codec": codec_entry(Codec(CodecConfig(weights="demo"))), "text": text_entry(text)}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; text: {DEMO_LABEL}"
+    assert weights_note(tmp_path) == f"codec and text: {DEMO_LABEL}"
+    # a stage-2 run names its reward model too, pretrained or not (Figure 5's y-axis is that model's score)
+    reward = {"name": "clap", "weights": "demo", "seed": 0}
+    (tmp_path / "alignment.json").write_text(json.dumps({"config": {"reward": reward}}))
+    assert weights_note(tmp_path) == f"codec, text and reward (clap): {DEMO_LABEL}"
     cfg["text"]["config"]["weights"] = cfg["text"]["weights"] = "random"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; random text weights"
+    assert weights_note(tmp_path) == f"codec and reward (clap): {DEMO_LABEL}; random text weights"
+    reward["weights"] = "pretrained"
+    (tmp_path / "alignment.json").write_text(json.dumps({"config": {"reward": reward}}))
+    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; random text weights; pretrained reward (clap)"
     assert weights_note(tmp_path / "missing") == ""
 
 
@@ -460,7 +467,7 @@ def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     written = probe_main("convergence", convergence.ConvergenceConfig, convergence.run,
                          [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig2d_convergence", "fig6_convergence"])
-    assert "random codec weights; random text weights" in figure_texts["fig6_convergence"]
+    assert "random codec and text weights" in figure_texts["fig6_convergence"]
     curves = pd.read_csv(out / "curves.csv")
     assert sorted(set(curves["layer"])) == list(range(1, 13)) and set(curves["step"]) == {1, 2, 3}
     stats = convergence.loss_stats(run_6_2)
@@ -478,7 +485,7 @@ def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     written = probe_main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
                          [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig7_task_vectors"])
-    assert "random codec weights" in figure_texts["fig7_task_vectors"]
+    assert "random codec and text weights" in figure_texts["fig7_task_vectors"]
     pairs = pd.read_csv(out / "pairs.csv")
     assert set(pairs.groupby("module").size()) == {15}  # 6 experts -> 15 pairs per module
     assert {"Embedding", "Classifier", "RVQ Decoder L1", "Backbone L1", "Backbone L2"} <= set(pairs["module"])
@@ -512,7 +519,7 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     written = probe_main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
                          [f"run={run_6_2}", f"data={demo}", f"out={out}", "batch_size=4", "device=cpu"])
     check_outputs(written, ["caption_reliance"])
-    assert "random codec weights; random text weights" in figure_texts["caption_reliance"]
+    assert "random codec and text weights" in figure_texts["caption_reliance"]
     assert "6-2, accumulated, 2 blocks per expert" in capsys.readouterr().out
     rows = pd.read_csv(out / "reliance.csv")
     assert set(rows["train"]) == {"seed 0"}  # a run trained on every layer's CE (train.loss_layers=0)
