@@ -77,7 +77,8 @@ def resolve(data: str, codec: str = "") -> Path:
                 prepare.run(prepare.parse(["manifest=demo", f"out={out}", f"codec.weights={weights}",
                                            "text.weights=random"]))
             except assets.MissingWeightsError as e:
-                raise assets.MissingWeightsError(f"{e} (for the analysis probes: codec=random)") from None
+                raise assets.MissingWeightsError(f"{e} (for the analysis probes: codec=demo, or codec=random for "
+                                                 f"mechanics only)") from None
         return out
     path = Path(data).expanduser()
     if not (path / "splits").is_dir():
