@@ -20,15 +20,14 @@ positions its model trained on).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from analysis import style
+from analysis import prepared, style
 from analysis.cli import as_list, command, out_dir, write_csv
 from analysis.logs import weights_note
-from siren.checkpoint import expert_dir, load_latest, read_run_config
+from siren.checkpoint import expert_dir, load_latest
 from siren.codec import FRAME_RATE, N_LAYERS
 from siren.config import check_numbers
 from siren.data import PreparedDataset
@@ -99,17 +98,6 @@ def layer_ce(model, clips: list[dict], text_of: list[int], frames: int, batch_si
         total += torch.cat([loss.ce for loss in losses]).double().cpu() * f
         n_frames += f
     return (total / n_frames).numpy()
-
-
-def check_data(run_dir: str, ds: PreparedDataset, where: Path) -> None:
-    """The run's codec and text encoder must be the ones that made the directory's codes and text states."""
-    saved = read_run_config(run_dir)
-    if saved["model"].get("family") == "continuous":
-        raise DataError(f"{run_dir}: a continuous-token model; this probe reads discrete-token (RVQ code) runs")
-    for key in ("codec", "text"):
-        if saved[key]["id"] != ds.info[key]["id"]:
-            raise DataError(f"{where}: {key} {ds.info[key]['id']} made this split, but {run_dir} was trained with "
-                            f"{key} {saved[key]['id']}; pass data= the prepared directory the run trained on")
 
 
 def train_keys(run_dir: str) -> dict:
@@ -184,14 +172,14 @@ def run(cfg: CaptionRelianceConfig) -> list:
                           "on> are required")
     folder = out_dir(cfg.out, "caption_reliance")
     device = resolve_device(cfg.device)
-    ds = PreparedDataset(Path(cfg.data).expanduser(), cfg.split, crop_s=None)
+    ds = PreparedDataset(prepared.resolve(cfg.data), cfg.split, crop_s=None)
     where = index_path(ds.dir, cfg.split)
     clips = read_clips(ds)  # read once, scored 2 x len(runs) times
     own = list(range(len(ds)))
     other = other_clip(ds.labels, str(where))
     rows, summary = [], []
     for run_dir in runs:
-        check_data(run_dir, ds, where)
+        prepared.check_run_data(run_dir, ds, where)
         model = siren.load(run_dir, device)
         train = train_keys(run_dir)
         frames = round(cfg.seconds * FRAME_RATE) if cfg.seconds > 0 else train_frames(train)

@@ -11,10 +11,11 @@ figure shows their distribution over batches and the 12 x 12 mean.
 Model: ``run=`` a stage-1 run of a 1-12 model (its latest checkpoint), or, without ``run``,
 a fresh one of ``scale`` (default AudioGen's parallel heads, conditioning=none) trained for
 ``train_steps`` with siren.train on ``data`` (0 = probe at initialisation). Batches come
-from ``data`` (a prepared directory with text states; ``demo`` prepares the demo set with
-random-weight text states).
+from ``data`` (a prepared directory with text states; ``demo`` prepares the demo set with the demo
+text encoder); with ``run=`` they must be the run's codec and text encoder, which is checked.
 
-    python -m analysis.gradient_angles data=demo codec=random train_steps=20
+    python -m analysis.gradient_angles data=demo train_steps=20
+    python -m analysis.gradient_angles run=outputs/demo/stage1/<1-12 id> data=demo
     python -m analysis.gradient_angles run=runs/single-1-12 data=data/audiocaps_prepared device=cuda
 """
 from __future__ import annotations
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 from analysis import prepared, style
 from analysis.cli import command, out_dir, write_csv
 from analysis.logs import weights_phrase
+from siren.codec import weights_arg
 from siren.config import check_numbers
 from siren.data import PreparedDataset
+from siren.data.cache import index_path
 from siren.errors import ConfigError, DataError
 from siren.runtime import resolve_device
 
@@ -112,7 +115,7 @@ def fresh_run(cfg: GradientAnglesConfig, data: Path, folder: Path) -> Path:
     """A 1-12 model of ``cfg.scale`` trained ``cfg.train_steps`` steps by siren.train into ``folder``."""
     from siren import train
 
-    codec = cfg.codec or PreparedDataset(data, cfg.split, crop_s=None).info["codec"]["weights"]
+    codec = cfg.codec or weights_arg(PreparedDataset(data, cfg.split, crop_s=None).info["codec"]["weights"])
     run_dir = folder / f"run-1-12-{cfg.scale}-{cfg.conditioning}-{cfg.train_steps}steps-seed{cfg.seed}"
     args = [f"run_dir={run_dir}", f"data_dir={data}", f"scale={cfg.scale}", "model.distribution=1-12",
             f"model.conditioning={cfg.conditioning}", f"codec.weights={codec}", f"train.steps={cfg.train_steps}",
@@ -181,12 +184,10 @@ def run(cfg: GradientAnglesConfig) -> list:
     if cfg.run:  # the run's model reads codes of one codec: probe it with data of that codec
         from siren.checkpoint import read_run_config
 
-        run_codec = read_run_config(cfg.run)["codec"]
-        codec = codec or run_codec["weights"]
+        codec = codec or weights_arg(read_run_config(cfg.run)["codec"]["weights"])  # the label -> the key
     data = prepared.resolve(cfg.data, codec)
-    if cfg.run and PreparedDataset(data, cfg.split, crop_s=None).info["codec"]["id"] != run_codec["id"]:
-        raise DataError(f"{cfg.run} was trained on codes of codec {run_codec['id']}, data={cfg.data} holds "
-                        f"codes of {PreparedDataset(data, cfg.split, crop_s=None).info['codec']['id']}")
+    if cfg.run:  # its codec and text encoder made the split's codes and text states, or the angles mean nothing
+        prepared.check_run_data(cfg.run, PreparedDataset(data, cfg.split, crop_s=None), index_path(data, cfg.split))
     expert, what = load_expert(cfg, data, folder, device)
     name, weight = resolve_param(expert, cfg.param)
     loader = make_loader(data, cfg.split, cfg.batch_size, crop_s=cfg.crop_s or None, shuffle=True, seed=cfg.seed)

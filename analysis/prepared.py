@@ -2,9 +2,9 @@
 (``python -m siren.data.prepare``) holds every clip's RVQ codes, its label and its source file.
 
 ``data=demo`` prepares the embedded demo set (15 labelled classes, 1-2 s clips) once, under
-``$SIREN_CACHE/analysis/demo-<codec weights>``, with the codec the probe asks for and a
-random-weight text encoder (the codec probes never read text states; gradient_angles does,
-so give it a prepared directory of your own for real text conditioning).
+``$SIREN_CACHE/analysis/demo-<codec weights>-text-<demo CLAP>``, with the codec the probe asks for and the
+demo text encoder, the one the demo runs (a grid's ``outputs/demo/stage1/<id>``) train with, so the probes
+that read a run's conditioning (gradient_angles, caption_reliance) take them on ``data=demo`` too.
 
 The codec that made the codes must be the codec the probe builds (its code tables turn codes
 into features): ``codec=`` empty takes the weights the directory was prepared with, and a
@@ -68,14 +68,17 @@ def resolve(data: str, codec: str = "") -> Path:
             if not path.is_file():
                 raise assets.MissingWeightsError(f"codec={weights}: weights file {path} does not exist")
             tag = ("demo-" if weights == "demo" else "") + sha256_file(path)[:16]
-        out = assets.cache_dir() / "analysis" / f"demo-{tag}"
+        from siren import demo_weights
+
+        text_tag = sha256_file(demo_weights.demo_file("clap"))[:16]  # a rebuilt demo CLAP prepares afresh too
+        out = assets.cache_dir() / "analysis" / f"demo-{tag}-text-{text_tag}"
         if not all(index_path(out, s).is_file() for s in ("train", "test")):
             from siren.data import prepare
 
             log.info("preparing the demo set into %s (once) ...", out)
             try:
                 prepare.run(prepare.parse(["manifest=demo", f"out={out}", f"codec.weights={weights}",
-                                           "text.weights=random"]))
+                                           "text.weights=demo"]))
             except assets.MissingWeightsError as e:
                 raise assets.MissingWeightsError(f"{e} (for the analysis probes: codec=demo, or codec=random for "
                                                  f"mechanics only)") from None
@@ -85,6 +88,20 @@ def resolve(data: str, codec: str = "") -> Path:
         raise DataError(f"data={data}: not a prepared directory (no splits/ folder); make one with "
                         f"python -m siren.data.prepare manifest=<manifest.csv> out={data}, or use data=demo")
     return path
+
+
+def check_run_data(run_dir: str | Path, ds: PreparedDataset, where: Path) -> None:
+    """A run probed on a prepared split: its codec and text encoder must be the ones that made the split's codes
+    and text states (other text states would condition the model on inputs it never saw, without an error)."""
+    from siren.checkpoint import read_run_config
+
+    saved = read_run_config(run_dir)
+    if saved["model"].get("family") == "continuous":
+        raise DataError(f"{run_dir}: a continuous-token model; this probe reads discrete-token (RVQ code) runs")
+    for key in ("codec", "text"):
+        if saved[key]["id"] != ds.info[key]["id"]:
+            raise DataError(f"{where}: {key} {ds.info[key]['id']} made this split, but {run_dir} was trained with "
+                            f"{key} {saved[key]['id']}; pass data= the prepared directory the run trained on")
 
 
 def splits(prepared: Path) -> list[str]:

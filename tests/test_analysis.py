@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -455,6 +456,35 @@ def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path
     with pytest.raises(ConfigError, match="distribution 6-2; gradient angles need a single transformer"):
         probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
                    [f"run={run_6_2}", f"data={demo}", f"out={out}"])
+    # a run trained with another text encoder than the one that made the split's text states: the gradients
+    # would be taken under conditioning the model never saw
+    alien = tmp_path / "alien"
+    shutil.copytree(run, alien)
+    cfg = json.loads((alien / "config.json").read_text())
+    cfg["text"]["id"] = "t5-other"
+    (alien / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DataError, match=r"test.json: text .* made this split, but .*alien was trained with text"):
+        probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+                   [f"run={alien}", f"data={demo}", f"out={out}", "split=test"])
+
+
+def test_gradient_angles_trains_its_fresh_model_on_a_demo_codec_directory(tmp_path):
+    """A directory prepared with the demo codec records it by its label; the fresh model's training is given
+    the key's value (codec.weights=demo), not the label (which read as a missing weights file)."""
+    from siren.data.audio import AudioConfig
+    from siren.data.prepare import prepare
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_data import tiny_set
+    from tests.fixtures_model import demo_codec
+
+    m, prep = tiny_set(tmp_path / "src", n=3), tmp_path / "prep"
+    for split in ("train", "test"):
+        prepare(m, prep, codec=demo_codec(), text_encoder=TextEncoder(TextConfig(weights="random", seed=0)),
+                split=split, audio=AudioConfig("pad", 0.4), progress=False)
+    out = tmp_path / "grad"
+    probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
+               [f"data={prep}", f"out={out}", "train_steps=1", "batches=1", "batch_size=2", "device=cpu"])
+    assert len(pd.read_csv(out / "angles.csv")) == 66
 
 
 @pytest.fixture(scope="module")
@@ -509,8 +539,6 @@ def test_other_clip_lends_each_caption_once_and_never_within_a_label():
 
 
 def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys):
-    import shutil
-
     import siren
     from siren.data import PreparedDataset
     from siren.data.dataset import collate
