@@ -317,11 +317,14 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise BadAudioError("\n".join(errors))
     results = evaluate_sets(clips["generated"], clips["reference"], [it.caption for it in items], cfg, ref_card,
                             {"dir": str(Path(gen_dir).resolve()), **gen_card}, models)
-    if cfg.ckpt:  # a run aligned with a metric's own checkpoint: say so on the card and next to that metric
-        marked = reward_equals_metric(cfg.ckpt, models, results["card"]["metrics"]["computed"])
-        results["card"]["reward_equals_metric"] = marked
-        for m in marked:
-            results["card"]["metrics"][m]["reward_equals_metric"] = cards.REWARD_NOTE
+    if cfg.ckpt:  # a metric's own checkpoint steered the clips: say so on the card and next to that metric
+        computed = results["card"]["metrics"]["computed"]
+        notes = {m: [cards.REWARD_NOTE] for m in reward_equals_metric(cfg.ckpt, models, computed)}
+        if cfg.candidates > 1 and "clap" in computed:  # reject sampling scores with the CLAP metric's model
+            notes.setdefault("clap", []).append(cards.SELECTION_NOTE.format(n=cfg.candidates))
+        results["card"]["reward_equals_metric"] = sorted(notes)
+        for m, why in notes.items():
+            results["card"]["metrics"][m]["reward_equals_metric"] = "; ".join(why)
     results["status"] = "ok"
     write_json(out / "results.json", results)
     return results

@@ -18,6 +18,8 @@ RANDOM_BANNER = "RANDOM WEIGHTS - NOT COMPARABLE TO PUBLISHED NUMBERS"
 # "reward_equals_metric"): its cells carry REWARD_MARK and every table says why.
 REWARD_MARK = "†"
 REWARD_NOTE = "reward = metric: the stage-2 reward of this run is this metric's checkpoint (optimised on it: inflated)"
+# CLAP reject sampling (eval candidates=N) picks each clip by the CLAP metric's own model: marked the same way
+SELECTION_NOTE = "reward = metric: each clip is the best of {n} candidates by this metric's checkpoint (inflated)"
 DEMO_BANNER = "demo weights (trained on the embedded set) - not comparable to published numbers"
 TABLE_COLUMNS = (("FAD", "fad"), ("FD", "fd"), ("ISC", "isc"), ("KL", "kl"), ("CLAP", "clap"))
 PACKAGES = ("torch", "torchaudio", "numpy", "scipy", "panns-inference", "torchlibrosa", "torchvggish", "resampy",
@@ -104,6 +106,7 @@ def table(rows: list[tuple[str, dict]], card: dict) -> str:
     lines.append(f"\n{card['n_clips']} clips; FD/KL/IS: {fd.get('id', '-')}; "
                  f"KL {card['metrics'].get('kl', {}).get('direction', '-')}; "
                  f"weights: {card['weights']}" + (f"  ** {banner(card['weights'])} **" if is_random(card) else ""))
-    if marked:
-        lines.append(f"{REWARD_MARK} {', '.join(sorted(marked)).upper()}: {REWARD_NOTE}")
+    for m in sorted(marked):  # the metric's own note says why: a stage-2 reward, reject sampling, or both
+        why = card["metrics"].get(m, {}).get("reward_equals_metric", REWARD_NOTE)
+        lines.append(f"{REWARD_MARK} {m.upper()}: {why}")
     return "\n".join(lines)

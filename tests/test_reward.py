@@ -157,6 +157,14 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     md, tex = to_markdown(df, grid, "demo"), to_latex(df, grid, "demo")
     assert "†" in md and "reward = metric" in md and r"\dag" in tex and "reward = metric" in tex
     assert df["Reward = metric"].tolist().count("CLAP") == 1  # the csv column, our row only
+    # CLAP reject sampling (candidates=N) picks the clips with the CLAP metric's own model: marked too, saying so
+    few = tmp_path / "demo" / "three.csv"  # three of the test clips: the marking, not the numbers, is checked
+    few.write_text("".join(ref.read_text().splitlines(keepends=True)[:4]))
+    res = evaluate(load_config(EvalConfig, [f"ckpt={run}", f"ref={few}", f"out={tmp_path / 'best2'}", "weights=random",
+                                            "metrics=clap", "seconds=0.1", "cache=false", "candidates=2"]))
+    assert res["card"]["reward_equals_metric"] == ["clap"]
+    row = cards.table([("best of 2", res["metrics"])], res["card"])
+    assert f"{res['metrics']['clap']:.2f}{cards.REWARD_MARK}" in row and "best of 2 candidates" in row
     # the same CLAP backbone against another reward model or another seed: not marked
     models = backbones(load_config(EvalConfig, ["weights=random", "metrics=clap"]))
     for other in ({"name": "imagebind", "weights_sha256": "random-seed0"},
