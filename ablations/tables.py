@@ -24,8 +24,8 @@ class Outcome:
 
 
 REWARD_MARK = "†"
-REWARD_NOTE = ("reward = metric: the stage-2 reward of this row is the checkpoint that computes this column's metric "
-               "(it was optimised on it, so the value is inflated)")
+REWARD_NOTE = ("reward = metric: this row's model was aligned in stage 2 with, or its clips picked by reject sampling "
+               "(eval.candidates) with, the checkpoint that computes this column's metric, so the value is inflated")
 
 
 CALIBRATION = "calibration"  # the source of the oracle / chance rows: they bracket a table, never ranked
