@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from siren.codec import CodecConfig
 from siren.data.audio import AudioConfig, load_audio, standardize
-from siren.data.cache import FORMAT, cache_path
+from siren.data.cache import FORMAT, cache_path, index_path
 from siren.data.dataset import PreparedDataset, load_index
 from siren.errors import ConfigError, DataError
 from siren.io import save_tensors, sha256, write_json
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(LatentsConfig, cli.start(argv))
     if not cfg.data:
         raise ConfigError("data= (a prepared directory) is required")
-    if (Path(cfg.data) / "splits" / "train.json").is_file():  # other codec keys: named before the codec is built
+    if index_path(cfg.data, "train").is_file():  # other codec keys than the directory's: named before a build
         check_keys({"codec": load_index(cfg.data, "train").get("frontends", {}).get("codec")}, {"codec": cfg.codec},
                    f"{cfg.data} was prepared")
     proj = prepare_latents(cfg.data, build_codec(cfg.codec), cfg.dim, progress=True)
