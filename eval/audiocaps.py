@@ -319,12 +319,13 @@ def evaluate(cfg: EvalConfig) -> dict:
                             {"dir": str(Path(gen_dir).resolve()), **gen_card}, models)
     if cfg.ckpt:  # a metric's own checkpoint steered the clips: say so on the card and next to that metric
         computed = results["card"]["metrics"]["computed"]
-        notes = {m: [cards.REWARD_NOTE] for m in reward_equals_metric(cfg.ckpt, models, computed)}
+        notes = {m: cards.REWARD_NOTE for m in reward_equals_metric(cfg.ckpt, models, computed)}
         if cfg.candidates > 1 and "clap" in computed:  # reject sampling scores with the CLAP metric's model
-            notes.setdefault("clap", []).append(cards.SELECTION_NOTE.format(n=cfg.candidates))
+            picked = cards.SELECTION_REASON.format(n=cfg.candidates)
+            notes["clap"] = f"{notes['clap']}; and {picked}" if "clap" in notes else f"reward = metric: {picked}"
         results["card"]["reward_equals_metric"] = sorted(notes)
         for m, why in notes.items():
-            results["card"]["metrics"][m]["reward_equals_metric"] = "; ".join(why)
+            results["card"]["metrics"][m]["reward_equals_metric"] = why
     results["status"] = "ok"
     write_json(out / "results.json", results)
     return results

@@ -19,7 +19,7 @@ RANDOM_BANNER = "RANDOM WEIGHTS - NOT COMPARABLE TO PUBLISHED NUMBERS"
 REWARD_MARK = "†"
 REWARD_NOTE = "reward = metric: the stage-2 reward of this run is this metric's checkpoint (optimised on it: inflated)"
 # CLAP reject sampling (eval candidates=N) picks each clip by the CLAP metric's own model: marked the same way
-SELECTION_NOTE = "reward = metric: each clip is the best of {n} candidates by this metric's checkpoint (inflated)"
+SELECTION_REASON = "each clip is the best of {n} candidates by this metric's checkpoint (inflated)"
 DEMO_BANNER = "demo weights (trained on the embedded set) - not comparable to published numbers"
 TABLE_COLUMNS = (("FAD", "fad"), ("FD", "fd"), ("ISC", "isc"), ("KL", "kl"), ("CLAP", "clap"))
 PACKAGES = ("torch", "torchaudio", "numpy", "scipy", "panns-inference", "torchlibrosa", "torchvggish", "resampy",
