@@ -76,7 +76,7 @@ def clips(tmp_path_factory):
 
 def cli(clap, monkeypatch, *args):
     monkeypatch.setattr(filt, "build_clap", lambda cfg: clap)  # one random CLAP per module, not one per call
-    filt.main(["weights=demo", "audio.policy=crop", "audio.duration_s=1.0", *args])
+    filt.main(["weights=random", "audio.policy=crop", "audio.duration_s=1.0", *args])
 
 
 @pytest.fixture(scope="module")
