@@ -53,7 +53,7 @@ def weights_note(run_dir: str | Path) -> str:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         return ""
-    from siren.codec import DEMO_LABEL
+    from siren.codec import weights_arg
 
     cfg = json.loads(path.read_text())
     modes = {}
@@ -68,7 +68,7 @@ def weights_note(run_dir: str | Path) -> str:
         modes[f"reward ({reward['name']})"] = reward.get("weights", "pretrained")
     by_mode: dict[str, list[str]] = {}
     for what, mode in modes.items():
-        by_mode.setdefault("demo" if mode == DEMO_LABEL else mode, []).append(what)
+        by_mode.setdefault(weights_arg(mode), []).append(what)  # the codec records its label, not "demo"
     notes = [weights_phrase(", ".join(w[:-1]) + " and " + w[-1] if len(w) > 1 else w[0], mode)
              for mode, w in by_mode.items()]
     if reward.get("name") and reward.get("weights", "pretrained") == "pretrained":

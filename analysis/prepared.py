@@ -21,6 +21,7 @@ import torch
 
 from analysis.logs import weights_phrase
 from siren import assets
+from siren.checkpoint import read_run_config
 from siren.codec import DEMO_FILE, N_LAYERS, Codec, CodecConfig, weights_arg
 from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
@@ -93,8 +94,6 @@ def resolve(data: str, codec: str = "") -> Path:
 def check_run_data(run_dir: str | Path, ds: PreparedDataset, where: Path) -> None:
     """A run probed on a prepared split: its codec and text encoder must be the ones that made the split's codes
     and text states (other text states would condition the model on inputs it never saw, without an error)."""
-    from siren.checkpoint import read_run_config
-
     saved = read_run_config(run_dir)
     if saved["model"].get("family") == "continuous":
         raise DataError(f"{run_dir}: a continuous-token model; this probe reads discrete-token (RVQ code) runs")
