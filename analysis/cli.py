@@ -60,7 +60,7 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
     write_json(folder / "config.json", {"probe": probe, **to_dict(cfg)})
-    print(f"analysis.{probe}: wrote {len(written)} files to {folder}/")
+    print(f"analysis.{probe}: wrote {len(written)} file{'s' * (len(written) != 1)} to {folder}/")
     for p in written:
         print(f"  {p}")
     return written
