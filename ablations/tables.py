@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from ablations.grid import DESCRIPTIVE, LOWER_IS_BETTER, Grid
+from eval.card import REWARD_MARK
 from siren import io
 
 
@@ -23,7 +24,6 @@ class Outcome:
     reward_metric: tuple[str, ...] = ()  # columns whose metric checkpoint is this row's stage-2 reward model
 
 
-REWARD_MARK = "†"
 REWARD_NOTE = ("reward = metric: this row's model was aligned in stage 2 with, or its clips picked by reject sampling "
                "(eval.candidates) with, the checkpoint that computes this column's metric, so the value is inflated")
 

@@ -217,9 +217,3 @@ def _load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
                  "vectorised kernels", path.name, worst)
     net.load_state_dict({**full, **{k: v.to(full[k].dtype) for k, v in trained.items()}}, strict=True)
     return net
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    h.update(Path(path).read_bytes())
-    return h.hexdigest()
