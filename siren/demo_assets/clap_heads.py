@@ -8,12 +8,19 @@ and ``text_projection`` with CLAP's symmetric contrastive loss (temperature 0.07
 value), so the CLAP score and the stage-2 reward respond to whether audio matches text. The text
 branch (whose hidden states condition the models, ``siren.text``) stays at its random init.
 
-Every clip is fitted (and measured) twice, resampled to 48 kHz by each of ``RESAMPLINGS``: the stage-2
-reward hands CLAP 16 kHz audio that ``Clap.prepare_audio`` resamples with torchaudio, the CLAP metric
-resamples as laion_clap reads files (librosa, soxr). 16 kHz audio has nothing above 8 kHz, so HTSAT's
-top mel bands hold only each resampler's stopband, and ``bn0`` fitted on one of them shifts the other's
-by 0.8-2.7 standard deviations: heads fitted on torchaudio alone kept a matched cosine of 0.33 through
-the metric's path against 0.49 through their own (docs/demo/notes.md, "Demo CLAP and the resampler").
+Every clip is fitted (and measured) in each of ``VIEWS``, the ways audio reaches HTSAT at 48 kHz:
+- both resamplers: the stage-2 reward hands CLAP 16 kHz audio that ``Clap.prepare_audio`` resamples with
+  torchaudio, the CLAP metric resamples as laion_clap reads files (librosa, soxr). 16 kHz audio has nothing
+  above 8 kHz, so HTSAT's top mel bands hold only each resampler's stopband, and ``bn0`` fitted on one of them
+  shifts the other's by 0.8-2.7 standard deviations: heads fitted on torchaudio alone kept a matched cosine of
+  0.33 through the metric's path against 0.49 through their own (docs/demo/notes.md, "Demo CLAP and the
+  resampler");
+- the clip's first second: the demo models generate exactly 1 s, which laion_clap's repeat-padding turns into
+  ten whole repeats, while the 1-2 s training clips mostly end in zeros; heads that never saw the first pattern
+  scored a generated clip 2.4-4.8 points higher with one sample more (nine repeats and a second of zeros);
+- a 44.1 kHz PCM16 file: its quantisation noise fills the band above 8 kHz that a 16 kHz clip leaves empty
+  (-4.3 points on heads fitted without it; docs/demo/notes.md, "Demo CLAP, repeat-padding and the file's
+  sample rate").
 """
 from __future__ import annotations
 
@@ -26,8 +33,35 @@ from siren.demo_assets.data import Split
 from siren.demo_assets.fit import _batches, fit
 
 TEMPERATURE = 0.07
-# eval.backbones resamplers: Clap.prepare_audio's own (the stage-2 reward's path) and the CLAP metric's
-RESAMPLINGS = ("torchaudio", "librosa")
+
+
+def _pcm16_file(x: np.ndarray, sr: int) -> np.ndarray:
+    """``x`` written as a PCM16 WAV (in memory) and read back as eval reads files."""
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, subtype="PCM_16", format="WAV")
+    buf.seek(0)
+    return sf.read(buf, dtype="float32")[0]
+
+
+def _view(how: str, wav: np.ndarray) -> np.ndarray:
+    """One 16 kHz clip as HTSAT gets it in view ``how`` (see the module docstring), at 48 kHz."""
+    from eval.backbones import resample
+    from siren.clap import CLAP_SAMPLE_RATE
+
+    if how == "first_1s":
+        return resample(wav[:16_000], 16_000, CLAP_SAMPLE_RATE, "librosa")
+    if how == "pcm16_44k":
+        at_44k = _pcm16_file(resample(wav, 16_000, 44_100, "librosa"), 44_100)
+        return resample(at_44k, 44_100, CLAP_SAMPLE_RATE, "librosa")
+    return resample(wav, 16_000, CLAP_SAMPLE_RATE, how)  # a resampler of eval.backbones
+
+
+# the reward's resampler, the metric's, the demo models' clip length, a file at another rate
+VIEWS = ("torchaudio", "librosa", "first_1s", "pcm16_44k")
 
 
 def make_base() -> nn.Module:
@@ -37,15 +71,12 @@ def make_base() -> nn.Module:
     return build_model(ClipBpe())
 
 
-def at_48k(d: Split) -> Split:
-    """``d`` (16 kHz) resampled to CLAP's rate once by each of ``RESAMPLINGS``; a clip's source gains the
-    resampler's name ("original/librosa")."""
-    from eval.backbones import resample
-    from siren.clap import CLAP_SAMPLE_RATE
-
-    out = Split([], [], np.concatenate([d.labels] * len(RESAMPLINGS)), [])
-    for how in RESAMPLINGS:
-        out.wavs += [resample(w, 16_000, CLAP_SAMPLE_RATE, how) for w in d.wavs]
+def at_48k(d: Split, views: tuple[str, ...] = VIEWS) -> Split:
+    """``d`` (16 kHz) in each of ``views`` at CLAP's rate; a clip's source gains the view's name
+    ("original/librosa")."""
+    out = Split([], [], np.concatenate([d.labels] * len(views)), [])
+    for how in views:
+        out.wavs += [_view(how, w) for w in d.wavs]
         out.captions += d.captions
         out.source += [f"{s}/{how}" for s in d.source]
     return out
@@ -129,8 +160,8 @@ def retrieval(audio: np.ndarray, text: np.ndarray, d: Split) -> dict:
 
 def build_clap(data: dict[str, Split], seed: int = 0, steps: int = 400, per_class: int = 10
                ) -> tuple[dict[str, torch.Tensor], dict]:
-    """The CLAP recipe on the first ``per_class`` training clips of each class and source, each through both
-    ``RESAMPLINGS``: -> (tensors to commit, numbers)."""
+    """The CLAP recipe on the first ``per_class`` training clips of each class and source, each in every one
+    of ``VIEWS``: -> (tensors to commit, numbers)."""
     from siren.clap import Clap, ClapConfig
 
     clap = Clap(ClapConfig(weights="random", seed=seed))
@@ -157,7 +188,7 @@ def build_clap(data: dict[str, Split], seed: int = 0, steps: int = 400, per_clas
                for k, v in feats.items()}
     meta = {"recipe": "HTSAT bn0 re-estimated; audio/text projection heads trained contrastively "
                       f"(symmetric InfoNCE, temperature {TEMPERATURE}); tokenizer: laion_clap's CLIP BPE; "
-                      f"every clip resampled to 48 kHz by each of {', '.join(RESAMPLINGS)}",
+                      f"every clip at 48 kHz in each view of {', '.join(VIEWS)}",
             "steps": steps, "final_loss": loss, "test": retrieval(*emb["test"], data["test"]),
             "train": {k: v["matched_cosine"] for k, v in retrieval(*emb["train"], train).items()}}
     bn0 = m.audio_branch.bn0
