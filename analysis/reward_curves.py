@@ -70,16 +70,43 @@ def find_results(run: str | Path, given: str = "") -> Path | None:
     return next((c for c in (p / "results.json", p / "eval" / "results.json") if p.is_dir() and c.is_file()), None)
 
 
+LABEL_GAP_PT = 6.5  # end labels are 5 pt text
+
+
+def _spread(ys: list[float], gap: float) -> list[float]:
+    """Offsets (points) that set positions ``ys`` (points) at least ``gap`` apart: each cluster of positions
+    too close together becomes a stack ``gap`` apart centred on the cluster's mean; the rest stay put."""
+    def centre(g: list[int]) -> float:
+        return sum(ys[k] for k in g) / len(g)
+
+    groups: list[list[int]] = []  # clusters in rising order
+    for k in sorted(range(len(ys)), key=lambda k: ys[k]):
+        groups.append([k])
+        while len(groups) > 1 and (centre(groups[-2]) + (len(groups[-2]) - 1) * gap / 2 + gap
+                                   > centre(groups[-1]) - (len(groups[-1]) - 1) * gap / 2):
+            groups[-2:] = [groups[-2] + groups[-1]]
+    out = [0.0] * len(ys)
+    for g in groups:
+        bottom = centre(g) - (len(g) - 1) * gap / 2
+        for i, k in enumerate(g):
+            out[k] = bottom + i * gap - ys[k]
+    return out
+
+
 def plot(curves: list[dict], smooth: float, note: str = ""):
     fig, ax = style.figure(style.COLUMN, 0.75)
     colors = style.class_colors(max(len(curves), 1))
+    ends = []
     for c, color in zip(curves, colors):
         y = style.ema(c["reward"], smooth)
         ax.plot(c["steps"], y, color=color, label=c["label"])
         if c["pair"]:
-            ax.annotate(c["pair"], (c["steps"][-1], y[-1]), xytext=(3, 0), textcoords="offset points",
-                        fontsize=5, color=color, va="center")
+            ends.append((c["pair"], (c["steps"][-1], y[-1]), color))
     ax.axhline(0.0, color="0.6", lw=0.5, ls=":")
+    # runs that end close together (same prompts each step) would print their (FD, CLAP) over each other
+    for (text, xy, color), dy in zip(ends, _spread([ax.transData.transform(xy)[1] * 72 / fig.dpi
+                                                    for _, xy, _ in ends], LABEL_GAP_PT)):
+        ax.annotate(text, xy, xytext=(3, dy), textcoords="offset points", fontsize=5, color=color, va="center")
     ax.set_xlabel("RL step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 ticks on a 4-step run
     ax.set_ylabel("Reward (mean cosine)")

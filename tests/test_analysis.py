@@ -610,6 +610,24 @@ def test_reward_curves_command(tmp_path, figure_texts):
                    [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
 
 
+def test_reward_curves_end_labels_do_not_overprint():
+    """Stage-2 runs draw the same prompts each step, so their curves end close together (Figure 5's demo runs
+    within 0.005); their (FD, CLAP) labels are stacked apart, and a label with room keeps its place."""
+    curves = [{"label": f"run {i}", "steps": np.arange(1, 5), "reward": np.array([0.2, 0.4, 0.2, 0.3 + d]),
+               "pair": f"({1300 + i}.00, 2{i}.00)"} for i, d in enumerate([0.0, 0.002, -0.001])]
+    curves.append({"label": "far", "steps": np.arange(1, 5), "reward": np.array([0.2, 0.4, 0.2, -0.2]),
+                   "pair": "(1400.00, 10.00)"})
+    fig = reward_curves.plot(curves, smooth=0.0)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.axes[0].texts]
+    assert len(boxes) == 4
+    for i in range(4):
+        for j in range(i):
+            assert not boxes[i].overlaps(boxes[j]), (curves[i]["pair"], curves[j]["pair"])
+    far = fig.axes[0].texts[3]
+    assert far.xyann == (3, 0)
+
+
 def test_continuous_recon_command_on_the_demo_codec(tmp_path):
     """The probe behind the README's continuous-token reconstruction line: PCA of the demo codec's latent
     against its RVQ, one row per candidate, labelled with the weights; bad sizes are refused by key."""
