@@ -307,13 +307,13 @@ def test_committed_clap_scores_a_44k_pcm16_file_as_the_16k_one(held_out):
     fitted on 16 kHz audio alone moved each clip's matched cosine by 0.074 on average on these clips (0.03-0.12;
     -4.5 points of CLAP score on the 90 test clips). Fitted on that view too, a clip scores about the same."""
     from eval.backbones import ClapAudio
-    from siren.demo_assets.clap_heads import _view
+    from siren.demo_assets.clap_heads import view
 
     bb = ClapAudio(weights="demo")
     text = torch.from_numpy(bb.embed_text(held_out.captions))
 
     def matched(how):
-        audio = np.stack([o["audio"] for o in bb.embed_batch([torch.from_numpy(_view(how, w)) for w in held_out.wavs])])
+        audio = np.stack([o["audio"] for o in bb.embed_batch([torch.from_numpy(view(how, w)) for w in held_out.wavs])])
         return (torch.from_numpy(audio) * text).sum(1)
 
     moved = (matched("pcm16_44k") - matched("librosa")).abs()

@@ -47,7 +47,7 @@ def _pcm16_file(x: np.ndarray, sr: int) -> np.ndarray:
     return sf.read(buf, dtype="float32")[0]
 
 
-def _view(how: str, wav: np.ndarray) -> np.ndarray:
+def view(how: str, wav: np.ndarray) -> np.ndarray:
     """One 16 kHz clip as HTSAT gets it in view ``how`` (see the module docstring), at 48 kHz."""
     from eval.backbones import resample
     from siren.clap import CLAP_SAMPLE_RATE
@@ -76,7 +76,7 @@ def at_48k(d: Split, views: tuple[str, ...] = VIEWS) -> Split:
     ("original/librosa")."""
     out = Split([], [], np.concatenate([d.labels] * len(views)), [])
     for how in views:
-        out.wavs += [_view(how, w) for w in d.wavs]
+        out.wavs += [view(how, w) for w in d.wavs]
         out.captions += d.captions
         out.source += [f"{s}/{how}" for s in d.source]
     return out
