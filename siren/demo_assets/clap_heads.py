@@ -71,11 +71,11 @@ def make_base() -> nn.Module:
     return build_model(ClipBpe())
 
 
-def at_48k(d: Split, views: tuple[str, ...] = VIEWS) -> Split:
-    """``d`` (16 kHz) in each of ``views`` at CLAP's rate; a clip's source gains the view's name
+def at_48k(d: Split) -> Split:
+    """``d`` (16 kHz) in each of ``VIEWS`` at CLAP's rate; a clip's source gains the view's name
     ("original/librosa")."""
-    out = Split([], [], np.concatenate([d.labels] * len(views)), [])
-    for how in views:
+    out = Split([], [], np.concatenate([d.labels] * len(VIEWS)), [])
+    for how in VIEWS:
         out.wavs += [view(how, w) for w in d.wavs]
         out.captions += d.captions
         out.source += [f"{s}/{how}" for s in d.source]
