@@ -126,11 +126,12 @@ def latest(edir: Path) -> Path | None:
     """The newest complete checkpoint of an expert directory, or None when it has none."""
     pointer = edir / "latest"
     if pointer.is_file():
-        target = edir / pointer.read_text().strip()
-        if not STEP_DIR.match(target.name) or not target.is_dir():
-            raise CheckpointError(f"{pointer} names '{target.name}', which is not a checkpoint directory in {edir}; "
+        # a bare step_* name only: a path (`../other_run/...`, `/abs/...`) would load another run's weights
+        name = pointer.read_text().strip()
+        if not STEP_DIR.match(name) or not (edir / name).is_dir():
+            raise CheckpointError(f"{pointer} names '{name}', which is not a checkpoint directory in {edir}; "
                                   f"write the name of an existing step_* directory into it or delete it")
-        return target
+        return edir / name
     # `latest` is written after the step directory is renamed into place: a job killed in
     # between leaves a complete step directory without its pointer.
     steps = step_dirs(edir)

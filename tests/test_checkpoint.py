@@ -167,6 +167,21 @@ def test_latest_pointing_nowhere_is_named(trained, tmp_path):
         ckpt.latest(edir)
 
 
+@pytest.mark.parametrize("escape", ["../../other/expert_0/step_00000008", "{other}/expert_0/step_00000008"])
+def test_latest_pointing_outside_its_folder_is_refused(trained, tmp_path, escape):
+    """The pointer names a step directory of *this* expert: one that leads to another run's existing
+    checkpoint (relative or absolute) is an error, not a silent load of foreign weights."""
+    run = fresh_copy(trained, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    edir = run / "expert_0"
+    pointer = escape.format(other=other)
+    assert (edir / pointer).is_dir()  # the escape leads to a real checkpoint directory
+    (edir / "latest").write_text(pointer + "\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory in"):
+        ckpt.latest(edir)
+
+
 def test_safetensors_with_wrong_tensors_is_named(trained, tmp_path):
     from siren.model import Expert
 
