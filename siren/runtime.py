@@ -9,6 +9,7 @@ launcher requeues it. Restarting the same command resumes from the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -103,8 +104,17 @@ def any_rank(flag: bool, ranks: Dist, device: torch.device) -> bool:
 
 def derive_seed(seed: int, a: int = 0, b: int = 0) -> int:
     """One integer seed from a base seed and up to two counters (epoch, rank, step, ...): the one
-    place the project mixes seeds, so two streams never collide by accident."""
-    return seed * 1_000_003 + a * 7919 + b
+    place the project mixes seeds, so two streams never collide by accident.
+
+    ``seed * 1_000_003 + a * 7919 + b`` is one-to-one while 0 <= b < 7919 and a * 7919 + b < 1_000_003,
+    which holds for every stream of the demo grids and the tests (kept, so their numbers stay). Past it,
+    at paper scale, it would collide (step 7919 of counter a is step 0 of a + 1: the stage-2 rollouts of
+    step 7919 would reuse the fixed-prompt probe's seed), so those are hashed into [2^62, 2^63), which
+    the layout reaches only from seeds above 4.6e12."""
+    if seed >= 0 and 0 <= b < 7919 and 0 <= a * 7919 + b < 1_000_003:
+        return seed * 1_000_003 + a * 7919 + b
+    digest = hashlib.blake2b(f"{seed},{a},{b}".encode(), digest_size=8).digest()
+    return (1 << 62) | (int.from_bytes(digest, "little") >> 2)
 
 
 # ---------------------------------------------------------------------------- stop signals
