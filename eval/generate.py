@@ -53,23 +53,27 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     n_frames = max(1, round(seconds * FRAME_RATE))
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
+    # batch_size too: a batch shares one generator, seeded by its first row, so it decides the draws
     settings = {"weights_sha256": tensors_sha256(model.state_dict()), "n_frames": n_frames, "seed": seed,
-                "sample": vars(sample), "candidates": candidates}
+                "sample": vars(sample), "candidates": candidates, "batch_size": batch_size}
     check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
                  [i for i, p in zip(ids, paths) if p.is_file()])
     warn_if_past_trained(run_dir, n_frames, "eval")
-    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+    # The set's own batches, not those of the clips still missing: a run stopped part way through a batch
+    # draws that batch again whole, with the same seed and companions, so every clip is the one the
+    # uninterrupted run writes (only the missing ones are written).
+    batches = [range(s, min(s + batch_size, len(ids))) for s in range(0, len(ids), batch_size)]
+    todo = [rows for rows in batches if not all(paths[i].is_file() for i in rows)]
     if todo:  # a resumed set with every clip there builds no codec or text encoder
         text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
-    batch_times, collapsed, total = [], 0, 0
-    for start in tqdm(range(0, len(todo), batch_size), desc="generate", unit="batch", disable=not todo):
-        rows = todo[start:start + batch_size]
+    batch_times, collapsed, total, written = [], 0, 0, 0
+    for rows in tqdm(todo, desc="generate", unit="batch", disable=not todo):
         caps = [captions[i] for i in rows]
         states = text.encode(caps)
         t0 = time.perf_counter()
         best_wav, best_score = None, None
         for c in range(candidates):
-            try:  # seed by position in the set, so a resumed run draws what the uninterrupted one would
+            try:  # seeded by the batch's first row in the set (see ``batches``)
                 if isinstance(model, ContinuousLM):  # paper/003: tokens -> DAC latent -> the same DAC decoder
                     tokens = model.generate(states.states, states.mask, n_frames, temperature=sample.temperature,
                                             seed=derive_seed(seed, c, rows[0]), cached=sample.cached)
@@ -98,13 +102,15 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             raise CannotGenerate(f"{collapsed} of {total} samples collapsed (every RVQ layer repeats one code for "
                                  f"all {n_frames} frames)")
         for i, w in zip(rows, best_wav):
-            with atomic_path(paths[i]) as tmp:
-                sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+            if not paths[i].is_file():
+                with atomic_path(paths[i]) as tmp:
+                    sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+                written += 1
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),
             "batch_size": batch_size, "seed": seed, "sample": vars(sample), "candidates": candidates,
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
-            "generated_now": len(todo), "collapsed": collapsed, "device": _device_name(device),
+            "generated_now": written, "collapsed": collapsed, "device": _device_name(device),
             "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}
 
 

@@ -680,6 +680,39 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     assert generate(runs[1])["generated_now"] == 2 and sf.info(gen / "a.wav").frames == 5 * HOP
 
 
+def test_a_generation_stopped_mid_batch_resumes_to_the_uninterrupted_clips(tmp_path):
+    """A batch shares one generator seeded by its first row. Resumed, the missing clips were batched anew
+    (b and d together, seeded by b's row), so they came out other than the uninterrupted run's; now the set's
+    own batches are drawn again whole and only the missing clips written. Another batch size is refused."""
+    import soundfile as sf
+
+    from eval.generate import generate_set
+    from siren.config import to_dict
+    from siren.errors import ConfigError
+    from siren.sample import SampleConfig
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_rl import make_stage1_run
+
+    codec, text = demo_codec(), TextEncoder(TextConfig(weights="random"))
+    run = make_stage1_run(tmp_path / "run", "12-1", seed=0, tables=codec.code_tables(), codec_id=codec.id,
+                          text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
+    ids, caps = ["a", "b", "c", "d"], ["a dog barks", "rain", "a siren wails", "wind"]
+
+    def generate(gen, batch_size=2):
+        return generate_set(run, ids, caps, gen, seconds=0.1, batch_size=batch_size, seed=0, sample=SampleConfig())
+
+    whole = tmp_path / "whole"
+    generate(whole)
+    for name in ("b.wav", "d.wav"):  # stopped after a and c were written
+        (whole / name).rename(tmp_path / name)
+    assert generate(whole)["generated_now"] == 2
+    for name in ("b.wav", "d.wav"):  # the samples (a float WAV's PEAK chunk holds the time it was written)
+        assert np.array_equal(sf.read(whole / name)[0], sf.read(tmp_path / name)[0])
+    (whole / "d.wav").unlink()
+    with pytest.raises(ConfigError, match="batch_size=2 there, 4 now"):
+        generate(whole, batch_size=4)
+
+
 def test_a_missing_or_empty_eval_subset_is_named(tmp_path, capsys):
     """subset= naming no file ended in a FileNotFoundError traceback; an empty one in 'the reference set has
     0 clip(s)', not naming the subset file."""
