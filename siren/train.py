@@ -167,21 +167,29 @@ def train_step(net: torch.nn.Module, opt: torch.optim.Optimizer, micro_batches: 
     return grad_norm
 
 
+VAL_STREAM = -1  # derive_seed's counter for validation: no rank's, so hashed apart from every training stream
+
+
 @torch.no_grad()
 def evaluate(model: Expert | ContinuousLM, data: Stage1Data, cfg: TrainConfig, device: torch.device,
              ranks: Dist) -> dict[str, float]:
-    """Loss and per-layer CE/accuracy on the test split, weighted by real frames (so batch size does not matter)."""
+    """Loss and per-layer CE/accuracy on the test split, weighted by real frames (so batch size does not matter).
+
+    The continuous family's loss draws diffusion noise and timesteps: from a stream of its own, the same at
+    every validation, so training draws what it would without one (``val_every`` is a resumable change)."""
     loader = epoch_loader(data.val, data.collate, cfg.batch_size, shuffle=False, rank=ranks.rank, world=ranks.world,
                           num_workers=cfg.num_workers)
     was_training = model.training
     model.eval()
     stats = Stats()
-    for i, batch in enumerate(loader):
-        if cfg.val_batches and i >= cfg.val_batches:
-            break
-        with autocast(cfg.precision, device):
-            out = loss_of(model, _to_device(batch, device), cfg.loss_reduction, cfg.loss_layers)
-        stats.add(out, out.frames)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(cfg.seed, VAL_STREAM, ranks.rank))
+        for i, batch in enumerate(loader):
+            if cfg.val_batches and i >= cfg.val_batches:
+                break
+            with autocast(cfg.precision, device):
+                out = loss_of(model, _to_device(batch, device), cfg.loss_reduction, cfg.loss_layers)
+            stats.add(out, out.frames)
     model.train(was_training)
     if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
         stats.sums = {"_w": 0.0, "_frames": 0.0}

@@ -74,6 +74,18 @@ def test_continuous_resume_reproduces_uninterrupted_run(tmp_path):
     assert saved["family"] == "continuous" and saved["latent"] == "test-pca4" and saved["mntp"] is True
 
 
+def test_continuous_validation_leaves_training_draws_alone(tmp_path):
+    """val_every is a resumable change that "cannot change the loss curve", but the continuous loss draws
+    diffusion noise: validating every 2 steps shifted every later training step's draws. Now validation has
+    a stream of its own."""
+    args = (*ARGS, "continuous.mntp=true")
+    train(tiny_config(tmp_path / "plain", *args, "train.val_every=0"), latent_data(), handle_signals=False)
+    train(tiny_config(tmp_path / "val", *args, "train.val_every=2"), latent_data(), handle_signals=False)
+    assert losses(tmp_path / "val" / "expert_0") == losses(tmp_path / "plain" / "expert_0")
+    vals = [e for e in read_log(tmp_path / "val" / "expert_0") if e.get("val")]
+    assert [e["step"] for e in vals] == [2, 4, 6, 8] and len({e["loss"] for e in vals}) > 1  # the weights move
+
+
 def test_continuous_loss_falls_and_mntp_changes_it(tmp_path):
     """The loop trains the model (loss over the last steps below the first), and MNTP is a different objective."""
     plain = train(tiny_config(tmp_path / "a", *ARGS, "train.steps=16"), latent_data(), handle_signals=False)
