@@ -143,8 +143,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     """Kill after the step-4 checkpoint, restart: steps 5..8 give the same losses, bit for bit.
 
     Tolerance: exact equality (CPU, fp32, one thread order). 6 clips / batch 2 = 3 batches per
-    epoch, grad_accum 2: the run crosses epoch boundaries and the checkpoint falls mid-epoch."""
-    args = ("model.distribution=6-2", "expert=0", "train.grad_accum=2")
+    epoch, grad_accum 2: the run crosses epoch boundaries and the checkpoint falls mid-epoch. Dropout on (the
+    paper-size experts' 0.1; tiny has none), so the restored global RNG is checked too: without it, nothing
+    in a tiny step would draw from it."""
+    args = ("model.distribution=6-2", "expert=0", "train.grad_accum=2", "model.dropout=0.1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(tiny_config(straight, *args), synthetic_data(), handle_signals=False)
     want = losses(straight / "expert_0")
@@ -166,7 +168,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch):
     """SIGTERM arriving mid-step stops the loop after that step, with a checkpoint, and the run resumes exactly."""
-    args = ("model.distribution=6-2", "expert=1")
+    args = ("model.distribution=6-2", "expert=1", "model.dropout=0.1")  # dropout: the RNG is restored too
     straight = tmp_path / "straight"
     train(tiny_config(straight, *args), synthetic_data(), handle_signals=False)
 
