@@ -75,3 +75,25 @@ def run_as_main(target: str, *args: str) -> tuple[int, str, str]:
         for h in set(root.handlers) - set(handlers):
             root.removeHandler(h)
     return code, out.getvalue(), err.getvalue()
+
+
+def import_audioldm_eval(mp: pytest.MonkeyPatch):
+    """The peer audioldm_eval 0.0.3, imported on these versions (.ci/setup installs it without its requirements):
+    its unused LSD/SSIM imports (skimage, ssr_eval) stubbed and torchaudio.load read through soundfile."""
+    import types
+
+    import numpy as np
+    import soundfile as sf
+    import torchaudio
+
+    for name, attrs in [("skimage", {}), ("skimage.metrics", {"peak_signal_noise_ratio": None,
+                                                             "structural_similarity": None}),
+                        ("ssr_eval", {}), ("ssr_eval.metrics", {"AudioMetrics": None})]:
+        mp.setitem(sys.modules, name, types.SimpleNamespace(__name__=name, **attrs))
+
+    def load(path):
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        return torch.from_numpy(np.ascontiguousarray(wav.T)), sr
+    mp.setattr(torchaudio, "load", load)
+    import audioldm_eval
+    return audioldm_eval

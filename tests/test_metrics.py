@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eval import metrics as M
+from tests.helpers import import_audioldm_eval
 
 
 def _rotation(d: int, seed: int) -> np.ndarray:
@@ -155,17 +156,15 @@ def test_inception_score_confident_and_even_is_number_of_classes():
     assert mean == pytest.approx(c, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
 
 
-def test_inception_score_follows_audioldm_eval_shuffle_and_chunks():
+def test_inception_score_follows_audioldm_eval_shuffle_and_chunks(monkeypatch):
+    """The peer's own calculate_isc, with 10 splits of 57 clips (uneven chunks, the shuffle's seed 2020)."""
+    ae = import_audioldm_eval(monkeypatch)
     logits = np.random.default_rng(5).standard_normal((57, 11)) * 2
-    # audioldm_eval calculate_isc, restated in torch
-    f = torch.tensor(logits)[np.random.RandomState(2020).permutation(57)].double()
-    p, logp = f.softmax(1), f.log_softmax(1)
-    scores = []
-    for i in range(10):
-        pc, lc = p[i * 57 // 10:(i + 1) * 57 // 10], logp[i * 57 // 10:(i + 1) * 57 // 10]
-        scores.append((pc * (lc - pc.mean(0, keepdim=True).log())).sum(1).mean().exp().item())
+    want = ae.calculate_isc({"logits": torch.tensor(logits)}, "logits", rng_seed=2020, samples_shuffle=True,
+                            splits=10)
     mean, std = M.inception_score(logits, splits=10, seed=2020)
-    assert mean == pytest.approx(np.mean(scores), rel=1e-12) and std == pytest.approx(np.std(scores), rel=1e-9)
+    assert mean == pytest.approx(want["inception_score_mean"], rel=1e-12)
+    assert std == pytest.approx(want["inception_score_std"], rel=1e-9)
     with pytest.raises(ValueError, match="10 splits"):
         M.inception_score(logits[:5])
 

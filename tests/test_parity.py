@@ -13,7 +13,6 @@ two-line forward(x, fs)), and laion_clap's RoBERTa download (built from its conf
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from eval.audiocaps import EvalConfig, evaluate_sets
 from eval.backbones import PANNS_16K, panns_models
 from siren import clap as C
 from tests.fixtures_eval import synth
+from tests.helpers import import_audioldm_eval
 
 RTOL = 1e-5
 # name -> (sample rate, channels, seconds): mono at the three rates, stereo, and a clip under VGGish's 0.975 s
@@ -137,29 +137,12 @@ def _harness(gen: Path, ref: Path, metrics: str, **keys) -> dict:
     return evaluate_sets(g, r, [f"caption of {n}" for n in names], cfg)
 
 
-def _audioldm_eval(world):
-    """audioldm_eval imported on these versions: its unused LSD/SSIM imports and torchaudio.load shimmed."""
-    mp = world.mp
-    for name, attrs in [("skimage", {}), ("skimage.metrics", {"peak_signal_noise_ratio": None,
-                                                             "structural_similarity": None}),
-                        ("ssr_eval", {}), ("ssr_eval.metrics", {"AudioMetrics": None})]:
-        mp.setitem(sys.modules, name, types.SimpleNamespace(__name__=name, **attrs))
-    import torchaudio
-
-    def load(path):
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-        return torch.from_numpy(np.ascontiguousarray(wav.T)), sr
-    mp.setattr(torchaudio, "load", load)
-    import audioldm_eval
-    return audioldm_eval
-
-
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
 def test_fd_kl_isc_match_audioldm_eval(world):
-    ae = _audioldm_eval(world)
+    ae = import_audioldm_eval(world.mp)
     from audioldm_eval.datasets.load_mel import WaveDataset
     from audioldm_eval.eval import EvaluationHelper
     from audioldm_eval.feature_extractors.panns import Cnn14
@@ -220,7 +203,7 @@ def test_fad_matches_audioldm_eval_and_frechet_audio_distance(world):
 
     state = torch.load(world.cache / "vggish-10086976.pth", weights_only=True)
     world.mp.setattr(torch.hub, "load", lambda *a, **k: _HubVGGish(state))
-    _audioldm_eval(world)
+    import_audioldm_eval(world.mp)
     from audioldm_eval.metrics.fad import FrechetAudioDistance as AeFAD
     from frechet_audio_distance import FrechetAudioDistance
 
