@@ -53,6 +53,13 @@ def test_snr_is_the_frame_energy_percentile_ratio():
     assert activity.snr_db(noise) < 6 < activity.snr_db(burst)  # stationary noise: no activity; a burst: activity
 
 
+@pytest.mark.parametrize("n", [3 * HOP + 1, 40 * HOP + 7, 5 * HOP])
+def test_snr_of_a_steady_clip_is_zero_at_any_length(n):
+    """Every frame of a constant signal has the same energy, the last partial one too (its real samples
+    only): averaged with padding zeros, 3 frames + 1 sample read as 5.2 dB of activity."""
+    assert activity.snr_db(torch.full((n,), 0.1, dtype=torch.float64)) == pytest.approx(0.0, abs=1e-9)
+
+
 # ---------------------------------------------------------------- the filter CLI
 
 @pytest.fixture(scope="module")
