@@ -253,6 +253,17 @@ def test_grpo_raises_a_synthetic_code_reward(stage1, tmp_path):
     assert log[-1]["kl"] > log[0]["kl"] >= 0  # moving away from the stage-1 policy, and measured
 
 
+def test_mu_default_lets_the_clip_act(stage1, tmp_path):
+    """With one update per rollout batch the policy is the old one at its only pass, so every ratio is 1 and
+    Eq. 10's clip never acts; the default mu >= 2 updates again on the same rollouts, where it can."""
+    for mu, moved in ((None, True), (1, False)):
+        out = tmp_path / f"mu{mu}"
+        run_align(stage1, out, "steps=1", "lr=1e-2", "gamma=0", *([f"mu={mu}"] if mu else []))
+        e = read_log(out)[-1]
+        assert (e["ratio_min"] < 1 < e["ratio_max"]) is moved, e
+        assert moved or e["ratio_min"] == e["ratio_max"] == 1.0
+
+
 def test_fixed_prompt_reward_follows_the_policy_and_leaves_training_alone(stage1, tmp_path):
     """fixed_every: the same prompts and seed at step 0 and every N steps. On the synthetic reward above it
     rises with the policy; the run's weights and its per-step log are those of a run without it."""
