@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import runpy
 import sys
 import time
@@ -97,3 +98,26 @@ def import_audioldm_eval(mp: pytest.MonkeyPatch):
     mp.setattr(torchaudio, "load", load)
     import audioldm_eval
     return audioldm_eval
+
+
+# The frozen DAC tables each expert holds (buffers, not parameters): 12 x (1024 x 8 codebook + 1024 x 8
+# + 1024 out-projection)
+FROZEN_DAC_TABLES = 12 * (1024 * 8 + 1024 * 8 + 1024)
+
+
+def closed_form_params(cfg: ModelConfig) -> int:
+    """Parameter count written out from the architecture (independent of module introspection),
+    counted the official way: the frozen DAC tables (12 x (1024 x 8 codebook + 1024 x 8 + 1024
+    out-projection)) included."""
+    d, L, D, m, t = cfg.dim, cfg.main_layers, cfg.decoder_layers, cfg.layers_per_expert, cfg.text_dim
+    hidden = cfg.mlp_hidden or {"swiglu": 256 * math.ceil((8 * d // 3) / 256), "gelu": 4 * d}[cfg.mlp]
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * hidden  # gate, up, down / up, down
+    cross = 2 * d * d + 2 * t * d + (4 * d if cfg.cross_attn_bias else 0)  # q, out; k, v; biases
+    frozen = FROZEN_DAC_TABLES
+    embed = 12 * (1024 * d + d)
+    main = d + L * (3 * d + 4 * d * d + cross + mlp) + d  # sos, blocks (3 norms, self-attn), final norm
+    start = t * d + d if cfg.decoder_start == "text" else d
+    pos = (m + 1) * d if cfg.decoder_positions == "learned" else 0
+    decoder = 0 if cfg.conditioning == "none" else start + pos + D * (2 * d + 4 * d * d + mlp) + d
+    heads = m * (d * 1024 + (1024 if cfg.head_bias else 0))
+    return cfg.n_experts * (frozen + embed + main + decoder + heads)

@@ -6,8 +6,7 @@ import json
 
 import benchmarks.cuda as bench
 from siren.codec import FRAME_RATE
-from siren.model import CollaborativeModel, Expert
-from siren.model.params import expert_params
+from tests.helpers import FROZEN_DAC_TABLES, closed_form_params
 
 TINY = ["device=cpu", "scale=tiny", "train_batch=2", "train_s=0.2", "train_steps=1",
         "gen_batch=2", "gen_s=0.1", "text_tokens=4"]
@@ -18,7 +17,8 @@ def test_tiny_cpu_train_row(tmp_path):
     assert bench.main([*TINY, "sections=train", f"out={out}"]) == 0
     r = json.loads(out.read_text())
     assert r["train"]["frames_per_step"] == 2 * round(0.2 * FRAME_RATE)
-    assert r["train"]["params"] == expert_params(Expert(bench.scale_config("tiny", "6-2"), 0)).total
+    cfg = bench.scale_config("tiny", "6-2")  # one expert, frozen DAC tables counted (as the official code)
+    assert r["train"]["params"] == closed_form_params(cfg) // cfg.n_experts
     assert r["train"]["step_s"] > 0 and r["train"]["mfu"] is None  # no peak FLOP/s on the CPU
 
 
@@ -34,4 +34,5 @@ def test_a_failing_section_does_not_lose_the_next(tmp_path, monkeypatch):
     assert "out of memory" in r["train"]["error"]
     gen = r["generate"]
     assert "error" not in gen and gen["frames"] == 1 and gen["decode_s"] > 0 and gen["sample_s"] > 0
-    assert gen["params"] == sum(p.numel() for p in CollaborativeModel(bench.scale_config("tiny", "6-2")).parameters())
+    cfg = bench.scale_config("tiny", "6-2")  # every expert's parameters; the frozen DAC tables are buffers
+    assert gen["params"] == closed_form_params(cfg) - cfg.n_experts * FROZEN_DAC_TABLES

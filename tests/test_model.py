@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from siren.model import CONDITIONINGS, DISTRIBUTIONS, CollaborativeModel, Expert
 from siren.model.config import ARCHS, PAPER_SIZES, from_saved
 from siren.model.embedding import CodeEmbedding
 from tests.fixtures_model import code_batch, codec, synthetic_tables, text_batch, tiny, tiny_model  # noqa: F401
+from tests.helpers import closed_form_params
 
 
 def test_distribution_must_be_one_of_the_six():
@@ -234,24 +234,6 @@ def test_self_attention_cache_in_chunks_equals_full_sequence():
         parts = [attn(x[:, a:b], cache) for a, b in ((0, 3), (3, 4), (4, 9), (9, 11))]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-6, rtol=0)
     assert cache.length == 11
-
-
-def closed_form_params(cfg: ModelConfig) -> int:
-    """Parameter count written out from the architecture (independent of module introspection),
-    counted the official way: the frozen DAC tables (12 x (1024 x 8 codebook + 1024 x 8 + 1024
-    out-projection)) included."""
-    d, L, D, m, t = cfg.dim, cfg.main_layers, cfg.decoder_layers, cfg.layers_per_expert, cfg.text_dim
-    hidden = cfg.mlp_hidden or {"swiglu": 256 * math.ceil((8 * d // 3) / 256), "gelu": 4 * d}[cfg.mlp]
-    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * hidden  # gate, up, down / up, down
-    cross = 2 * d * d + 2 * t * d + (4 * d if cfg.cross_attn_bias else 0)  # q, out; k, v; biases
-    frozen = 12 * (1024 * 8 + 1024 * 8 + 1024)
-    embed = 12 * (1024 * d + d)
-    main = d + L * (3 * d + 4 * d * d + cross + mlp) + d  # sos, blocks (3 norms, self-attn), final norm
-    start = t * d + d if cfg.decoder_start == "text" else d
-    pos = (m + 1) * d if cfg.decoder_positions == "learned" else 0
-    decoder = 0 if cfg.conditioning == "none" else start + pos + D * (2 * d + 4 * d * d + mlp) + d
-    heads = m * (d * 1024 + (1024 if cfg.head_bias else 0))
-    return cfg.n_experts * (frozen + embed + main + decoder + heads)
 
 
 @pytest.mark.parametrize("overrides", [("distribution=6-2",), ("distribution=1-12", "conditioning=none"),
