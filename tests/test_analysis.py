@@ -164,8 +164,10 @@ def test_loss_stats_equal_hand_computation(tmp_path):
         convergence.loss_stats(run)
 
 
-def test_jsonl_reader_and_ema_and_results():
+def test_ema_and_as_list():
     assert style.ema(np.full(5, 2.0), 0.9) == pytest.approx(np.full(5, 2.0))  # bias-corrected: no warm-up dip
+    # by hand: acc = 0.5, 0.25; divided by 1 - 0.5^t = 0.5, 0.75
+    assert style.ema(np.array([1.0, 0.0]), 0.5) == pytest.approx([1.0, 1 / 3])
     assert as_list("[a, b/c ,d]") == ["a", "b/c", "d"] and as_list("x,y") == ["x", "y"] and as_list("") == []
 
 
