@@ -224,6 +224,27 @@ def test_pretrained_file_round_trip(clap, tmp_path, monkeypatch):
     assert torch.allclose(loaded.embed_text(CAPTIONS), ref, atol=1e-5)
 
 
+# roberta-base's published config.json (https://huggingface.co/roberta-base/resolve/main/config.json), the one
+# laion_clap's RobertaModel.from_pretrained('roberta-base') reads; siren.clap writes it out to build offline
+ROBERTA_BASE = {"vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 514, "type_vocab_size": 1,
+                "layer_norm_eps": 1e-05, "initializer_range": 0.02, "pad_token_id": 1, "bos_token_id": 0,
+                "eos_token_id": 2}
+
+
+def test_pretrained_text_branch_is_roberta_base_as_published():
+    """The parity test's peer is built by the same siren.clap.build_model (laion_clap's own download cannot
+    run here), so a wrong RoBERTa setting (layer_norm_eps, positions) would be on both sides: checked here
+    against the published file instead."""
+    import types
+
+    from siren.clap import build_model
+
+    model = build_model(types.SimpleNamespace(vocab_size=RobertaBpe.VOCAB_SIZE, pad_id=1))
+    cfg = model.text_branch.config.to_dict()
+    assert {k: cfg[k] for k in ROBERTA_BASE} == ROBERTA_BASE
+
+
 def test_checkpoint_of_another_architecture_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
     write_tiny_roberta_vocab(tmp_path / "roberta-base")
