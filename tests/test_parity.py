@@ -4,11 +4,16 @@ the harness and through audioldm_eval 0.0.3 (FD, KL softmax + sigmoid, ISC, FAD)
 
 The checkpoints are built by the UPSTREAM classes (panns_inference Cnn14 with perturbed BatchNorm
 statistics, so features are not constant; torchvggish VGG; laion_clap's CLAP) and saved in the
-published layouts under the file names the harness's loaders look for. Shims, all local to this
-file, cover only what these package versions cannot do offline: audioldm_eval's torchaudio.load
-(needs torchcodec here: soundfile gives the same values for PCM16), its skimage / ssr_eval
-imports (LSD/SSIM only), the peers' torch.hub VGGish (pip torchvggish's VGG plus the hub model's
-two-line forward(x, fs)), and laion_clap's RoBERTa download (built from its config).
+published layouts under the file names the harness's loaders look for. Shims cover only what these
+package versions cannot do offline: audioldm_eval's torchaudio.load (needs torchcodec here: soundfile
+gives the same values for PCM16) and its skimage / ssr_eval imports (LSD/SSIM only; tests/helpers.py),
+the peers' torch.hub VGGish (pip torchvggish's VGG plus the hub model's two-line forward(x, fs)), and
+laion_clap's RoBERTa download (built from its config).
+
+What that leaves unchecked here: the FAD peers' VGGish is the same pip torchvggish network and example
+framing the harness uses, so FAD parity covers mixing, resampling, pooling and the Frechet code, not the
+hub model's own code; the CLAP peer's network is built by the harness's siren.clap.build_model, so its
+RoBERTa settings are checked against roberta-base's published config in test_clap.py instead.
 """
 from __future__ import annotations
 
