@@ -7,6 +7,7 @@ Files come out with the mode ``open()`` would give them (0o666 minus the umask),
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -109,19 +110,69 @@ def _safe_globals() -> list:
     return [np.core.multiarray.scalar, np.dtype] + list({type(np.dtype(t)) for t in "?bhilqBHILQefdgFD"})
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only torch's weights_only allow-list (+ numpy scalars): for files
-    written with pickle protocol >= 3, whose opcodes torch's weights_only unpickler rejects
-    ("Unsupported operand 149"). Nothing outside the list is imported or called."""
+def _allowed_globals() -> dict:
+    import torch
 
-    def find_class(self, module: str, name: str):
+    allowed = dict(torch._weights_only_unpickler._get_allowed_globals())
+    allowed.update({f"{g.__module__}.{g.__qualname__}": g for g in _safe_globals()})
+    return allowed
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """torch's weights_only rules for files written with pickle protocol >= 3, whose opcodes torch's
+    weights_only unpickler rejects ("Unsupported operand 140"): LAION-CLAP's published checkpoints.
+
+    Python's own unpickler (its pure-Python twin, so that each risky opcode can be replaced) with
+    torch's rules: globals from torch's allow-list (+ numpy scalars) only; REDUCE and NEWOBJ call only
+    those; BUILD sets state only on instances of allowed types (tensors, OrderedDict, numpy dtypes),
+    never on a class or function (a BUILD on an allowed function rewrote its ``__defaults__`` for the
+    rest of the process); the opcodes that instantiate or import otherwise (INST, OBJ, NEWOBJ_EX,
+    EXT1/2/4) are refused."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, *args, **kwargs):
         import torch
 
-        allowed = dict(torch._weights_only_unpickler._get_allowed_globals())
-        allowed.update({f"{g.__module__}.{g.__qualname__}": g for g in _safe_globals()})
-        if f"{module}.{name}" not in allowed:
+        super().__init__(*args, **kwargs)
+        self._allowed = _allowed_globals()
+        self._callables = {id(v) for v in self._allowed.values()}
+        self._buildable = {torch.Tensor, torch.nn.Parameter, collections.OrderedDict,
+                           *(v for v in self._allowed.values() if isinstance(v, type))}
+
+    def find_class(self, module: str, name: str):
+        if f"{module}.{name}" not in self._allowed:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not a tensor/weight type)")
-        return allowed[f"{module}.{name}"]
+        return self._allowed[f"{module}.{name}"]
+
+    def _check_callable(self, func, op: str) -> None:
+        if id(func) not in self._callables:
+            raise pickle.UnpicklingError(f"refusing {op} of {type(func).__name__} {func!r:.80} (not allow-listed)")
+
+    def load_reduce(self):
+        self._check_callable(self.stack[-2], "REDUCE")
+        pickle._Unpickler.load_reduce(self)
+
+    def load_newobj(self):
+        self._check_callable(self.stack[-2], "NEWOBJ")
+        pickle._Unpickler.load_newobj(self)
+
+    def load_build(self):
+        inst = self.stack[-2]
+        if isinstance(inst, type) or type(inst) not in self._buildable:
+            raise pickle.UnpicklingError(f"refusing BUILD on {type(inst).__name__} {inst!r:.80} (only tensors, "
+                                         "OrderedDict and allow-listed types take state)")
+        pickle._Unpickler.load_build(self)
+
+    def refuse(self):
+        raise pickle.UnpicklingError("refusing an opcode that instantiates or imports outside the allow-list")
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.BUILD[0]] = load_build
+    for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ_EX, pickle.EXT1, pickle.EXT2, pickle.EXT4):
+        dispatch[_op[0]] = refuse
+    del _op
 
 
 class _RestrictedPickle:
@@ -166,7 +217,7 @@ def load_torch_file(path: str | os.PathLike, **kwargs) -> Any:
 
 def load_torch_weights(path: str | os.PathLike) -> dict:
     """A torch checkpoint without executing code from it: weights_only=True, or for pickle
-    protocols weights_only cannot parse, the same allow-list through a restricted unpickler."""
+    protocols weights_only cannot parse, the same rules through a restricted unpickler."""
     import torch
 
     try:
@@ -175,4 +226,7 @@ def load_torch_weights(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         if "Unsupported operand" not in str(e):
             raise pickle.UnpicklingError(f"{path}: not loadable as plain weights ({torch_load_reason(e)})") from None
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+    try:  # weights_only=False hands the file to _RestrictedPickle, which keeps weights_only's rules
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(f"{path}: not loadable as plain weights ({e})") from None

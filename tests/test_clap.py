@@ -186,6 +186,48 @@ def test_load_checkpoint_refuses_code(tmp_path, protocol, zipped):
         load_checkpoint(tmp_path / "evil.pt")
 
 
+def _su(text: str) -> bytes:  # SHORT_BINUNICODE: a protocol-4 opcode, so weights_only hands the file on
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+def test_load_checkpoint_refuses_state_on_an_allowed_function(tmp_path):
+    """A BUILD on an allow-listed function set its __defaults__ for the rest of the process: every later
+    torch.load (weights_only too) rebuilt tensors negated. Refused now, and nothing is changed."""
+    import zipfile
+
+    from torch import _utils
+
+    before = _utils._rebuild_tensor_v2.__defaults__
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(1)}, buf)
+    payload = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}" + _su("__defaults__") + b"}" + _su("neg")
+               + b"\x88s\x85s\x86b0}.")  # BUILD (None, {'__defaults__': ({'neg': True},)}) on the function
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(tmp_path / "evil.pt", "w") as z:
+        for name in src.namelist():
+            z.writestr(name, payload if name.endswith("data.pkl") else src.read(name))
+    with pytest.raises(pickle.UnpicklingError, match="evil.pt.*refusing BUILD on function"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert _utils._rebuild_tensor_v2.__defaults__ == before
+
+
+def test_load_checkpoint_of_the_legacy_format_writes_nothing(tmp_path):
+    """The legacy (non-zip) loader writes <class.__name__>.patch for a container whose source differs when the
+    class's dump_patches is true; a file that set both (BUILD on a class) wrote where it chose."""
+    import struct
+
+    def uni(text):  # BINUNICODE
+        return b"X" + struct.pack("<I", len(text.encode())) + text.encode()
+
+    target = tmp_path / "written_by_pickle"
+    main = (b"\x80\x02ctorch.serialization\n_get_layout\nq\x00}" + uni("dump_patches") + b"\x88s}" + uni("__name__")
+            + uni(str(target)) + b"s\x86b0(" + uni("module") + b"h\x00" + uni("src.py") + uni("+ line") + b"tQ.")
+    magic = b"L119547037146038801333356L\n."  # torch's legacy magic number as a text LONG: an unsupported operand
+    (tmp_path / "legacy.pt").write_bytes(magic + b"\x80\x02M\xe9\x03." + b"\x80\x02}." + main + b"\x80\x02].")
+    with pytest.raises(pickle.UnpicklingError, match="legacy.pt.*refusing"):
+        load_checkpoint(tmp_path / "legacy.pt")
+    assert not target.with_suffix(".patch").exists()
+
+
 def test_unreadable_checkpoint_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
     write_tiny_roberta_vocab(tmp_path / "roberta-base")
