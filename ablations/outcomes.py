@@ -78,7 +78,7 @@ CALIBRATION_LABELS = {"oracle": "oracle (references through the codec)", "chance
 def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
                          states: dict[str, JobState]) -> dict[str, Outcome]:
     """The calibration rows (README: calibration) of the cells' data config, for the metric columns."""
-    from ablations.plan import calibration_dir, data_id
+    from ablations.plan import calibration_dir, calibration_id
 
     if not run.calibrated or not cells:
         return {}
@@ -86,7 +86,7 @@ def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
     for kind, label in CALIBRATION_LABELS.items():
         folder = calibration_dir(run, cells[0], kind)
         results = folder / "results.json"
-        state = states.get(f"calib-{data_id(cells[0].cfg)}/{kind}")
+        state = states.get(f"calib-{calibration_id(cells[0].cfg)}/{kind}")
         if not results.is_file():
             failed = state is not None and state.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}
             out[label] = Outcome({}, "failed", f"{state.key}: {state.log}") if failed else Outcome({}, "pending")

@@ -115,10 +115,11 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
             continue
         resolved = resolve(row.cell, cfg.scale, cfg.set)
         steps.validate(resolved, f"{grid.name} row {row.label!r}")
-        if "rl.method" not in resolved:
+        if "rl.method" not in resolve(row.cell, cfg.scale, {}):
             # Stage-2 overrides do nothing to a row without stage 2, so they stay out of its identity:
-            # `set.rl.steps=100` on Table 4 re-runs its "+ RL Align" row, not the evaluations beside it. (The
-            # scale's own rl.* defaults stay in, as before, so cells already made keep their ids.)
+            # `set.rl.steps=100` on Table 4 re-runs its "+ RL Align" row, not the evaluations beside it, and
+            # `set.rl.method=dpo` aligns no row the table labels unaligned. (The scale's own rl.* defaults stay
+            # in, as before, so cells already made keep their ids.)
             resolved = resolve(row.cell, cfg.scale, {k: v for k, v in cfg.set.items() if not k.startswith("rl.")})
         cid = cell_id(resolved)
         cells.setdefault(cid, Cell(cid, cfg.root / "cells" / cid, resolved, [])).rows.append(row)
@@ -130,6 +131,13 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
 
 def data_id(cfg: dict) -> str:
     return cell_id({k: v for k, v in cfg.items() if k.startswith("data.") or k == "weights"})
+
+
+def calibration_id(cfg: dict) -> str:
+    """The calibration rows' key: the data config and the evaluation protocol they are scored by (``eval.*``,
+    but the model's generation batch, which they do not use), so `set.eval.seconds=2` scores them anew too."""
+    keep = lambda k: k.startswith(("data.", "eval.")) and k != "eval.gen_batch_size" or k == "weights"  # noqa: E731
+    return cell_id({k: v for k, v in cfg.items() if keep(k)})
 
 
 def stage1_dir(cell: Cell, run: RunConfig) -> Path:
@@ -217,7 +225,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
                                      data_dir / "demo_source.done", mem_gb=run.mem_gb))
         calib_deps = source
         for kind in steps.CALIBRATIONS if run.calibrated else ():
-            key, folder = f"calib-{did}/{kind}", calibration_dir(run, cell, kind)
+            key, folder = f"calib-{calibration_id(cell.cfg)}/{kind}", calibration_dir(run, cell, kind)
             jobs.setdefault(key, Job(key, steps.calibration_step, dict(cfg=cell.cfg, kind=kind, ref=ref, subset=subset,
                                                                        out=str(folder)),
                                      folder.with_suffix(".done"), deps=calib_deps, timeout_min=12 * 60, **res))
@@ -227,4 +235,4 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
 
 def calibration_dir(run: RunConfig, cell: Cell, kind: str) -> Path:
     """Where a calibration row of a cell's data config is evaluated (shared by every cell on that data)."""
-    return run.root / "calibration" / data_id(cell.cfg) / kind
+    return run.root / "calibration" / calibration_id(cell.cfg) / kind

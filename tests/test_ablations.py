@@ -133,6 +133,10 @@ def test_stage2_overrides_reach_only_the_rows_that_align(caplog):
     # rl.n=2 suits the 6-2 row that aligns; the 1-12 baseline beside it (one expert) does not read it
     two = ids("table4", "set.rl.n=2")
     assert {r for r in base if base[r] != two[r]} == set(aligned)
+    # set.rl.method switches the aligned rows' method; it gave every unaligned row a stage 2 under its label
+    dpo = _cells("table4", "demo", "set.rl.method=dpo")
+    assert {c.rows[0].label for c in dpo if "rl.method" in c.cfg} == set(aligned)
+    assert all(c.cfg["rl.method"] == "dpo" for c in dpo if "rl.method" in c.cfg)
 
 def test_demo_identity_follows_the_demo_weight_files(tmp_path, monkeypatch):
     """Outputs made with older demo weights (an earlier checkout) are not reused: every id changes."""
@@ -219,8 +223,23 @@ def test_calibration_rows_wait_for_what_they_read_not_for_prepare(scale):
     did = next(k for k in deps if k.startswith("data-"))[len("data-"):]
     source = [f"source-{did}"] if scale == "demo" else []
     assert deps[f"data-{did}"] == [] and deps.get(f"source-{did}", []) == []
-    assert deps[f"calib-{did}/oracle"] == source and deps[f"calib-{did}/chance"] == [*source, f"calib-{did}/oracle"]
+    cid = next(k for k in deps if k.startswith("calib-")).split("/")[0]
+    assert deps[f"{cid}/oracle"] == source and deps[f"{cid}/chance"] == [*source, f"{cid}/oracle"]
     assert len(deps) == 5 + len(source)  # prepare, the 1-12 expert, its eval, two calibration rows
+
+
+def test_calibration_rows_follow_the_evaluation_protocol():
+    """They are scored by the cells' eval.* settings: `set.eval.seconds=2` re-ran the model rows but kept
+    the old protocol's calibration rows beside them. The model's generation batch is not theirs."""
+    from ablations.plan import calibration_id, data_id
+
+    def ids(*sets):
+        cell = cells_of(load_grid("table6"), parse(["grid=table6", "rows=1-12", *sets]))[0]
+        return data_id(cell.cfg), calibration_id(cell.cfg)
+
+    base = ids()
+    assert ids("set.eval.gen_batch_size=8") == base
+    assert ids("set.eval.seconds=2")[0] == base[0] and ids("set.eval.seconds=2")[1] != base[1]
 
 
 def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path, caplog):
