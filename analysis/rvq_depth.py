@@ -20,7 +20,8 @@ while it fell on the 90 (docs/demo/codec.md, Rebuilt codecs).
 
 Generation quality at depth r comes from runs trained with r layers, when given:
 ``gen_runs=[a,b] gen_r=[4,12]`` reads each run's eval ``results.json`` (metric ``gen_metric``,
-default FD). Without them the figure says that no generation results were given.
+default fd; results.json's keys are lower case, so FD reads the same). Without them the figure says that
+no generation results were given.
 
     python -m analysis.rvq_depth data=demo
     python -m analysis.rvq_depth data=PREP max_clips=64 seconds=1 device=cuda   # the real DAC: a sample
@@ -57,7 +58,7 @@ class RvqDepthConfig:
     depths: str = "1,2,3,4,5,6,7,8,9,10,11,12"  # r values to decode with
     gen_runs: str = ""  # optional: run dirs (each with results.json) of models trained with r layers
     gen_r: str = ""  # the r of each gen_runs entry
-    gen_metric: str = "FD"  # key in results.json ("metrics" object or top level)
+    gen_metric: str = "fd"  # key in results.json ("metrics" object or top level), any case
     seed: int = 0
     out: str = ""
 
@@ -155,7 +156,7 @@ def run(cfg: RvqDepthConfig) -> list:
         raise ConfigError(f"gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
     gen, missing = [], []  # read before the decoding: a bad results.json is named at once
     for run_dir, r in zip(runs, rs):
-        v = read_metric(run_dir, cfg.gen_metric)
+        v = read_metric(run_dir, cfg.gen_metric.lower())
         (gen.append((r, v)) if v is not None else missing.append(run_dir))
     if missing:
         log.warning("no '%s' in results.json of %s; left out of the figure", cfg.gen_metric, missing)

@@ -3,6 +3,7 @@ command end to end on the (small, prepared) demo set with random weights."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -209,6 +210,19 @@ def test_corrupt_log_line_is_named(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {"fd": 12.5, "clap": 24.1}, "fd": 99}))
     assert read_metric(tmp_path, "fd") == 12.5 and read_metric(tmp_path, "FD") is None
     assert read_metric(tmp_path / "nothing", "fd") is None
+
+
+def test_rvq_depth_reads_generation_fd_by_default(tmp_path, caplog):
+    """results.json's keys are lower case; the default gen_metric was "FD", so every run given was left out of
+    Fig. 1b with a warning. The runs are read before the data, which here does not exist."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"metrics": {"fd": 12.5}}))
+    for metric in ("fd", "FD"):
+        with caplog.at_level(logging.WARNING), pytest.raises((ConfigError, DataError)):
+            rvq_depth.run(rvq_depth.RvqDepthConfig(data=str(tmp_path / "none"), gen_runs=str(tmp_path / "run"),
+                                                   gen_r="12", out=str(tmp_path / "out"),
+                                                   **({} if metric == "fd" else {"gen_metric": metric})))
+        assert "left out of the figure" not in caplog.text
 
 
 def test_probe_commands_run_under_the_one_shell(tmp_path):
