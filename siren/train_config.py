@@ -93,6 +93,9 @@ class TrainConfig:
             raise ConfigError(f"train.beta1 and train.beta2 must be < 1, got {self.beta1}, {self.beta2}")
         if 0 < self.crop_s < 1 / 50:
             raise ConfigError(f"train.crop_s={self.crop_s} is shorter than one codec frame (0.02 s); 0 = whole clips")
+        if self.crop_min_clap > 0 and not self.crop_s:
+            raise ConfigError(f"train.crop_min_clap={self.crop_min_clap} filters crops, but train.crop_s=0 trains on "
+                              "whole clips: give crop_s (appendix B: 6) or crop_min_clap=0")
 
 
 @dataclass

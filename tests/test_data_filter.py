@@ -276,6 +276,21 @@ def test_crop_filter_needs_prepared_scores(half_silent):
         PreparedDataset(root / "out", "train", crop_s=0.3, crop_min_clap=0.2)
 
 
+def test_crop_filter_reaches_the_continuous_family_and_needs_crops(half_silent):
+    """family=continuous dropped train.crop_min_clap (its dataset was built without it), and crop_s=0 (whole
+    clips) left it unused: the filter asked for was not applied, and nothing said so."""
+    from siren.data.latents import LatentDataset
+    from siren.train_config import TrainConfig
+
+    root, _ = half_silent
+    with pytest.raises(DataError, match="crop_s=0.3"):  # it checks the prepared scores like the codes' dataset
+        LatentDataset(root / "out", "train", 0.3, 0, "pca-x", crop_min_clap=0.2)
+    ds = LatentDataset(root / "out", "train", 0.5, 0, "pca-x", crop_min_clap=0.99)
+    assert [ds.crop_start(e, 0) for e in range(3)] and ds.fallbacks == 3  # filtered: nothing passes 0.99
+    with pytest.raises(ConfigError, match="crop_min_clap=0.2 filters crops, but train.crop_s=0"):
+        TrainConfig(crop_s=0, crop_min_clap=0.2)
+
+
 # ---------------------------------------------------------------- segments as files (appendix A, first step)
 
 def test_segments_are_the_recording_cut_in_place(tmp_path):

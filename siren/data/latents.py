@@ -116,8 +116,9 @@ def load_projection(out: str | Path, dim: int) -> LatentProjection:
 class LatentDataset(PreparedDataset):
     """A prepared split's items as continuous tokens [T, k] (the same crops as its codes would get)."""
 
-    def __init__(self, prepared_dir, split: str, crop_s: float | None, seed: int, projection_id: str):
-        super().__init__(prepared_dir, split, crop_s, seed)
+    def __init__(self, prepared_dir, split: str, crop_s: float | None, seed: int, projection_id: str,
+                 crop_min_clap: float = 0.0):
+        super().__init__(prepared_dir, split, crop_s, seed, crop_min_clap)
         self.projection_id = projection_id
 
     def tokens(self, i: int) -> torch.Tensor:

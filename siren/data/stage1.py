@@ -44,7 +44,7 @@ class Stage1Data:
             from siren.data.latents import LatentDataset, load_projection
 
             proj = load_projection(data_dir, dim=latent_dim)
-            split = lambda name, clap=0.0: LatentDataset(data_dir, name, crop_s, seed, proj.id)
+            split = lambda name, clap=0.0: LatentDataset(data_dir, name, crop_s, seed, proj.id, clap)
         else:
             split = lambda name, clap=0.0: PreparedDataset(data_dir, name, crop_s, seed, clap)
         train = split("train", crop_min_clap)
