@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from siren.data.latents import collate_latents
-from siren.errors import ConfigError
+from siren.errors import ConfigError, DataError
 from siren.model.continuous import LatentProjection
 from siren.train import Stage1Data, read_log, train
 from tests.fixtures_model import demo_codec
@@ -131,6 +131,14 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     assert prepare_latents(out, codec, K).id == proj.id  # a re-run writes nothing: no encode, no refit
     assert stamps == {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
                       if p.is_file()}
+    # a projection fitted on another codec's latents (the folder prepared again since) is not reused
+    from siren.data.latents import load_projection, projection_path
+
+    pointer = projection_path(out, K)
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "codec": "another-codec"}))
+    with pytest.raises(DataError, match="fitted on codec another-codec's latents"):
+        load_projection(out, K, codec.id)
+    assert prepare_latents(out, codec, K).id == proj.id and json.loads(pointer.read_text())["codec"] == codec.id
 
     from siren.data import latents as latents_cli
 

@@ -84,9 +84,10 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
         for key, e in tqdm(entries[s].items(), desc=f"latents {s}", disable=not progress, unit="file"):
             z[key] = _latent(out, key, e, codec, audio)
     pointer = projection_path(out, dim)
-    if pointer.is_file():
-        proj = load_projection(out, dim)
-    else:  # fitted once per prepared dir: on the real (unpadded) frames of the train split
+    if pointer.is_file() and json.loads(pointer.read_text()).get("codec") == codec.id:
+        proj = load_projection(out, dim, codec.id)
+    else:  # fitted once per prepared dir and codec (prepared again with another: fitted anew), on the real
+        # (unpadded) frames of the train split
         frames = (z[k][s, :, :n] for k, e in entries["train"].items() for s, n in e["real"].items())
         proj = LatentProjection.fit(frames, dim)
         digest = sha256(b"".join(t.contiguous().numpy().tobytes() for t in (proj.mean, proj.basis, proj.scale)))
@@ -102,12 +103,17 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
     return proj
 
 
-def load_projection(out: str | Path, dim: int) -> LatentProjection:
+def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjection:
+    """The ``dim``-axis projection fitted on ``out``'s latents of codec ``codec_id`` (the one it is prepared with)."""
     pointer = projection_path(out, dim)
+    fix = f"run python -m siren.data.latents data={out} dim={dim}"
     if not pointer.is_file():
-        raise DataError(f"{out}: no latents of width {dim} ({pointer} missing); run "
-                        f"python -m siren.data.latents data={out} dim={dim}")
-    pid = json.loads(pointer.read_text())["id"]
+        raise DataError(f"{out}: no latents of width {dim} ({pointer} missing); {fix}")
+    record = json.loads(pointer.read_text())
+    if record.get("codec") != codec_id:
+        raise DataError(f"{pointer}: the projection was fitted on codec {record.get('codec')}'s latents, but {out} is "
+                        f"now prepared with {codec_id}; {fix}")
+    pid = record["id"]
     proj = LatentProjection.load(Path(out) / "latents" / f"projection-{pid}.safetensors")
     proj.id = pid
     return proj

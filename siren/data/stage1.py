@@ -11,7 +11,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from siren.codec import CodeTables
-from siren.data.dataset import PreparedDataset
+from siren.data.dataset import PreparedDataset, load_index
 from siren.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Stage1Data:
         if latent_dim:  # family=continuous: the latents of the same items, in the projection's axes
             from siren.data.latents import LatentDataset, load_projection
 
-            proj = load_projection(data_dir, dim=latent_dim)
+            proj = load_projection(data_dir, latent_dim, load_index(data_dir, "train")["codec"]["id"])
             split = lambda name, clap=0.0: LatentDataset(data_dir, name, crop_s, seed, proj.id, clap)
         else:
             split = lambda name, clap=0.0: PreparedDataset(data_dir, name, crop_s, seed, clap)
