@@ -34,7 +34,7 @@ from torch import nn
 from eval.audio import CHANNELS, Clip, mono
 from siren import assets, demo_weights
 from siren.errors import ConfigError, WeightsMismatchError
-from siren.io import load_torch_file, sha256_file
+from siren.io import load_torch_file, sha256_file, weights_tag
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Backbone(ABC):
 
     @property
     def id(self) -> str:
-        return f"{self.name}-{self.weights_sha256[:16]}"
+        return f"{self.name}-{weights_tag(self.weights_sha256)}"
 
     def protocol(self) -> dict:
         """Everything besides the weights that shapes the outputs (recorded in the card, hashed into cache keys)."""

@@ -35,7 +35,7 @@ from torch import nn
 
 from siren import assets, demo_weights
 from siren.errors import CheckpointError, WeightsMismatchError
-from siren.io import load_torch_weights, sha256_file
+from siren.io import load_torch_weights, sha256_file, weights_tag
 
 CLAP_SAMPLE_RATE = 48_000
 CLIP_SAMPLES = 480_000  # 10 s at 48 kHz: HTSAT-tiny's fixed input length
@@ -303,7 +303,7 @@ class Clap(nn.Module):
     @property
     def id(self) -> str:
         """Identity for cache keys: changes with the weights and with the tokenizer."""
-        return f"laion-clap-htsat-tiny-{self.weights_sha256[:16]}-{self.tokenizer.id}"
+        return f"laion-clap-htsat-tiny-{weights_tag(self.weights_sha256)}-{self.tokenizer.id}"
 
     @property
     def device(self) -> torch.device:

@@ -15,7 +15,7 @@ from torch import nn
 
 from siren import assets, demo_weights
 from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
-from siren.io import load_torch_file, sha256_file
+from siren.io import load_torch_file, sha256_file, weights_tag
 
 SAMPLE_RATE = 16_000
 N_LAYERS = 12
@@ -90,7 +90,7 @@ class Codec(nn.Module):
     @property
     def id(self) -> str:
         """Identity for cache keys: a changed weight file changes it."""
-        return f"dac16k-{self.weights_sha256[:16]}"
+        return f"dac16k-{weights_tag(self.weights_sha256)}"
 
     @property
     def device(self) -> torch.device:

@@ -93,6 +93,12 @@ def sha256_file(*paths: str | os.PathLike) -> str:
     return file_digest(*paths)
 
 
+def weights_tag(weights_sha256: str) -> str:
+    """A network's weights in its id (cache keys): 16 hex digits of its file's sha256, or a seeded random
+    network's whole ``random-seed<k>`` (cut to 16 characters, seeds 123456 and 123457 shared one id)."""
+    return weights_sha256 if weights_sha256.startswith("random-seed") else weights_sha256[:16]
+
+
 def file_digest(*paths: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
     """Hex digest (``hashlib`` algorithm name) of the files' bytes, concatenated, read in chunks."""
     h = hashlib.new(algorithm)

@@ -79,6 +79,8 @@ def test_random_weights_are_seeded(fresh_builds):
     wa, wb = a.net.fc1.weight, b.net.fc1.weight
     assert torch.equal(wa, PannsCnn14("random", seed=3).net.fc1.weight) and not torch.equal(wa, wb)
     assert a.weights_sha256 == "random-seed3" and a.id != b.id
+    # the id once kept 16 characters of "random-seed<k>": seeds 123456 and 123457 shared cached embeddings
+    assert PannsCnn14("random", seed=123456).id != PannsCnn14("random", seed=123457).id
 
 
 def test_vggish_is_torchvggish_without_pca_and_final_relu(vggish):
