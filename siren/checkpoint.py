@@ -260,7 +260,9 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
         io.save_tensors(tmp / "model.safetensors", dict(model_state), {"format": "pt"})
         io.save_tensors(tmp / "trainer.safetensors", dict(trainer_tensors), {"format": "pt"})
         io.write_json(tmp / "state.json", {**state, "format": FORMAT_VERSION, "step": step})
-        _fsync_dir(tmp)
+        for f in tmp.iterdir():  # the files' bytes too: the renames below must not outlive them in a node crash
+            _fsync(f)
+        _fsync(tmp)
         if final.exists():  # same step written again (e.g. a fresh run over a directory without `latest`)
             trash = edir / f".{final.name}.old-{os.getpid()}"
             os.replace(final, trash)
@@ -269,7 +271,8 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     io.write_text(edir / "latest", final.name + "\n")
-    _fsync_dir(edir)
+    _fsync(edir / "latest")
+    _fsync(edir)  # before the older steps go
     olds = sorted((int(m.group(1)), p) for p in edir.glob("step_*") if (m := STEP_DIR.match(p.name)))
     for s, p in olds[:-keep_last] if keep_last > 0 else []:
         if s != step:
@@ -277,8 +280,8 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable (a node crash right after must not lose them)."""
+def _fsync(path: Path) -> None:
+    """Make a file's bytes, or the renames in a folder, durable (a node crash right after must not lose them)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -297,6 +300,7 @@ def write_run_config(run_dir: Path, run_config: Mapping[str, Any]) -> None:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+            os.chmod(tmp, io.default_mode())  # mkstemp made it 0600: a group-shared run folder's jobs read it
             os.link(tmp, path)  # create-if-absent, atomically: two experts starting together write it once
         except FileExistsError:
             pass

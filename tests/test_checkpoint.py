@@ -160,6 +160,14 @@ def test_corrupt_or_missing_file_is_named(trained, tmp_path, victim):
         train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
 
 
+def test_run_config_is_readable_as_the_other_files(trained):
+    """config.json was created by mkstemp and linked into place with its mode, 0600: in a group-shared run
+    folder another member's expert job could not read it. It now has the mode every other file gets."""
+    from siren import io
+
+    assert (trained / "config.json").stat().st_mode & 0o777 == io.default_mode()
+
+
 def test_latest_pointing_nowhere_is_named(trained, tmp_path):
     edir = fresh_copy(trained, tmp_path) / "expert_0"
     (edir / "latest").write_text("step_00000099\n")
