@@ -59,7 +59,9 @@ class BadAudioError(AudioError):
 
 
 def content_hash(wav: np.ndarray, sr: int) -> str:
-    h = hashlib.sha256(f"sr={int(sr)};float32;".encode())
+    # the channel count of a multi-channel clip too: its interleaved bytes are those of a mono clip twice as long
+    channels = f"channels={wav.shape[1]};" if wav.ndim > 1 and wav.shape[1] > 1 else ""  # mono keys as before
+    h = hashlib.sha256(f"sr={int(sr)};{channels}float32;".encode())
     h.update(np.ascontiguousarray(wav, dtype=np.float32).tobytes())
     return h.hexdigest()
 

@@ -324,6 +324,9 @@ def test_clips_keep_channels_and_crop_and_mono_choices():
     np.testing.assert_allclose(mono(clip.wav, "mean"), (left.astype(np.float64) + right) / 2, rtol=0, atol=1e-7)
     assert make_clip("s", left, 8000, crop="10s").wav.shape == (80000, 1)
     assert make_clip("s", left, 8000).content_hash != make_clip("s", left, 8000, crop="10s").content_hash
+    # a stereo clip and the mono clip of its interleaved samples (the same bytes) are not one cache entry
+    stereo = np.stack([left, -left], axis=1)
+    assert make_clip("s", stereo, 8000).content_hash != make_clip("m", stereo.reshape(-1), 8000).content_hash
     for bad in ["channel=left", "resampler=sox", "fad_resampler=x", "crop=5s", "vggish_short=drop"]:
         key, value = bad.split("=")
         with pytest.raises(ConfigError, match=key):
