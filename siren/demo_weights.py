@@ -49,7 +49,7 @@ def files_id() -> str:
     with other demo weights (an older checkout's outputs) must not be reused (ablations.grid.cell_id)."""
     from siren.io import sha256_file
 
-    files = sorted(FILES.glob("*.*"))
+    files = sorted(f for f in FILES.glob("*.*") if not f.name.startswith("."))  # not a killed writer's temp file
     return hashlib.sha256(json.dumps([(f.name, sha256_file(f)) for f in files]).encode()).hexdigest()[:12]
 
 
@@ -114,6 +114,8 @@ def save(path: Path, base: nn.Module, trained: dict[str, torch.Tensor], seed: in
     which must be the seeded init ``seeded(seed, make)`` of the loader's ``make``."""
     from safetensors.torch import save_file
 
+    from siren.io import atomic_path
+
     full = base.state_dict()
     unknown = sorted(set(trained) - set(full))
     if unknown:
@@ -121,10 +123,8 @@ def save(path: Path, base: nn.Module, trained: dict[str, torch.Tensor], seed: in
     rest = {k: v for k, v in full.items() if k not in trained}
     header = {"format": FORMAT, "label": LABEL, "base_seed": str(seed), "base_sha256": tensors_sha256(rest),
               "base_fingerprint": json.dumps(fingerprint(rest)), "meta": json.dumps(meta, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in trained.items()}, str(tmp), metadata=header)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a unique temp name: two builders at once, or a failed one, leave none behind
+        save_file({k: v.detach().cpu().contiguous() for k, v in trained.items()}, str(tmp), metadata=header)
 
 
 def header(path: Path) -> dict:
