@@ -56,6 +56,14 @@ def test_an_unsafe_id_is_an_error_naming_file_and_line(tmp_path, bad):
         read_manifest(m)
 
 
+def test_an_id_too_long_for_a_file_name_is_refused_where_read(tmp_path):
+    """A 245-character id passed the check, and the write of <id>.wav failed after the models were built
+    ("File name too long": atomic_path's temp name adds 14 characters)."""
+    m = csv_file(tmp_path / "m.csv", f"id,audio,caption\nok,a.wav,c\n{'x' * 201},b.wav,d\n{'y' * 200},c.wav,e\n")
+    with pytest.raises(ManifestError, match=r"m\.csv:3: id 'x{40}'\.\.\. is 201 bytes.*at most 200 bytes"):
+        read_manifest(m)
+
+
 def test_an_unsafe_id_in_a_csv_names_the_line(tmp_path):
     m = csv_file(tmp_path / "m.csv", "id,audio,caption\nok,a.wav,c\n../../ESCAPED,b.wav,d\n")
     with pytest.raises(ManifestError, match=r"m\.csv:3: id '\.\./\.\./ESCAPED' contains '/' and '\.\.'"):

@@ -23,6 +23,7 @@ from siren.errors import DataError, ManifestError
 REQUIRED = ("id", "audio", "caption")
 OPTIONAL = ("label",)
 EXTENSIONS = (".csv", ".jsonl")
+MAX_ID_BYTES = 200  # file systems allow 255 per name: <id> + a suffix + atomic_path's ".<name>.XXXXXXXX.tmp"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ def check_id(id: str, where: str) -> None:
     if bad:
         raise ManifestError(f"{where}: id {id!r} contains {' and '.join(bad)}; ids name output files "
                             f"(<out>/<id>.wav): rename it without path separators, '..' or control characters")
+    if len(id.encode()) > MAX_ID_BYTES:  # with a suffix and atomic_path's temp name, over the 255-byte file name
+        raise ManifestError(f"{where}: id {id[:40]!r}... is {len(id.encode())} bytes; ids name output files "
+                            f"(<out>/<id>.wav): shorten it to at most {MAX_ID_BYTES} bytes")
 
 
 def child_path(folder: str | Path, id: str, suffix: str = "") -> Path:
