@@ -71,5 +71,6 @@ def reward_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
     names the runs' weights itself)."""
     from analysis.reward_curves import draw_curves
 
-    return draw_curves(list(runs.values()), list(runs), [r.parent / "eval" / "results.json" for r in runs.values()],
-                       out_dir)
+    # a run whose evaluation is pending or failed is drawn without its (FD, CLAP), not an error for the figure
+    results = [r.parent / "eval" / "results.json" for r in runs.values()]
+    return draw_curves(list(runs.values()), list(runs), [p if p.is_file() else "" for p in results], out_dir)

@@ -626,6 +626,22 @@ def test_reward_curves_command(tmp_path, figure_texts):
                    [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
 
 
+def test_figure5_draws_a_run_whose_evaluation_is_pending(tmp_path):
+    """The grid's Figure 5 passed each aligned run's eval/results.json by name, so a run aligned but not yet
+    (or never) evaluated made the whole figure an error instead of a curve without its (FD, CLAP)."""
+    from ablations.figures import reward_curves as grid_curves
+
+    runs = {}
+    for name in ("evaluated", "pending"):
+        write_jsonl(tmp_path / name / "aligned" / "rl" / "log.jsonl", [{"step": s, "reward_mean": 0.1 * s}
+                                                                        for s in range(1, 4)])
+        runs[name] = tmp_path / name / "aligned"
+    (tmp_path / "evaluated" / "eval").mkdir()
+    (tmp_path / "evaluated" / "eval" / "results.json").write_text(json.dumps({"metrics": {"fd": 1.5, "clap": 2.5}}))
+    assert grid_curves(runs, tmp_path / "fig")
+    assert pd.read_csv(tmp_path / "fig" / "summary.csv")["FD"].isna().tolist() == [False, True]
+
+
 def test_reward_curves_end_labels_do_not_overprint():
     """Stage-2 runs draw the same prompts each step, so their curves end close together (Figure 5's demo runs
     within 0.005); their (FD, CLAP) labels are stacked apart, and a label with room keeps its place."""
