@@ -8,7 +8,7 @@ from pathlib import Path
 from ablations import pipeline, steps
 from ablations.grid import Grid
 from ablations.pipeline import Job, JobState
-from ablations.plan import Cell, RunConfig, stage1_dir
+from ablations.plan import Cell, RunConfig, data_id, stage1_dir
 from ablations.tables import Outcome
 from siren import io
 from siren.errors import DataError
@@ -36,7 +36,9 @@ def _params(cell: Cell, column: str) -> str:
 
 
 def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState]) -> Outcome:
-    mine = {k: s for k, s in states.items() if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}"))}
+    did = data_id(cell.cfg)  # its data's jobs too: a failed prepare leaves every row's own jobs waiting on it
+    mine = {k: s for k, s in states.items()
+            if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}", f"data-{did}", f"latents-{did}-"))}
     bad = [s for s in mine.values() if s.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}]
     results = steps.result_path(cell.dir)
     if not results.is_file():
@@ -53,7 +55,10 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
     if {"Loss Mean", "Loss Ratio"} & set(grid.columns):
         from analysis.convergence import loss_stats
 
-        stats = loss_stats(stage1_dir(cell, run))
+        try:
+            stats = loss_stats(stage1_dir(cell, run))
+        except DataError as e:  # a training log without a layer's CE: this row only, as above
+            return Outcome({}, "failed", str(e))
         values.update({"Loss Mean": stats["loss_mean"], "Loss Ratio": stats["loss_ratio"]})
     for col in ("#Parameter", "#Single Para.", "#Train Parameter"):
         if col in grid.columns:

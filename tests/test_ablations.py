@@ -228,6 +228,29 @@ def test_calibration_rows_wait_for_what_they_read_not_for_prepare(scale):
     assert len(deps) == 5 + len(source)  # prepare, the 1-12 expert, its eval, two calibration rows
 
 
+def test_a_row_names_its_failed_data_job_and_a_bad_training_log(tmp_path):
+    """A failed prepare left every row's own jobs BLOCKED, and the table said "pending"; a training log
+    without a layer's CE (Loss Ratio) raised out of the table builder, losing every row. Both are now the
+    row's own "failed" with the reason."""
+    from ablations.outcomes import outcome
+    from ablations.pipeline import JobState
+    from ablations.plan import data_id, stage1_dir
+
+    run = parse(["grid=table6", "rows=1-12", f"out={tmp_path}"])
+    grid, cell = load_grid("table6"), cells_of(load_grid("table6"), run)[0]
+    states = {f"data-{data_id(cell.cfg)}": JobState(f"data-{data_id(cell.cfg)}", "FAILED", log="prepare.log"),
+              f"{cell.id}/eval": JobState(f"{cell.id}/eval", "BLOCKED")}
+    got = outcome(cell, grid, run, states)
+    assert got.status == "failed" and "prepare.log" in got.reason
+    (cell.dir / "eval").mkdir(parents=True)
+    (cell.dir / "eval" / "results.json").write_text(json.dumps({"metrics": {"fd": 1.0, "isc": 1.0, "clap": 1.0}}))
+    (cell.dir / "eval.done").touch()
+    (stage1_dir(cell, run) / "expert_0").mkdir(parents=True)
+    (stage1_dir(cell, run) / "expert_0" / "log.jsonl").write_text(json.dumps({"step": 1, "ce/L1": 1.0}) + "\n")
+    got = outcome(cell, grid, run, {})
+    assert got.status == "failed" and "layers" in got.reason, got
+
+
 def test_calibration_rows_follow_the_evaluation_protocol():
     """They are scored by the cells' eval.* settings: `set.eval.seconds=2` re-ran the model rows but kept
     the old protocol's calibration rows beside them. The model's generation batch is not theirs."""
