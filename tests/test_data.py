@@ -368,6 +368,26 @@ def test_batch_format_and_masks(prepared):
     assert full["codes"].shape[-1] == 30 and full["frame_mask"].sum(1).tolist() == [15, 25, 30, 30, 21, 30]
 
 
+def test_padding_of_policy_pad_is_not_trained_on(tmp_path, codec, text_encoder):
+    """policy=pad zero-pads a short clip to the item length, and its codes were batched as real frames (crops
+    could lie wholly in the padding). As the authors' code (each clip encoded at its own length, the batch's
+    padding masked), only real frames are targets now."""
+    x, caption = demo.clip(0, "train", 0)
+    write_wav(tmp_path / "a.wav", x[: int(0.3 * 16000)])  # 15 real frames of a 30-frame item
+    run(write_manifest(tmp_path / "m.csv", [{"id": "a", "audio": "a.wav", "caption": caption}]), tmp_path / "out",
+        codec, text_encoder, audio=AudioConfig("pad", 0.6))
+    ds = PreparedDataset(tmp_path / "out", "m", crop_s=None)
+    assert ds.items[0]["frames"] == 30 and ds.items[0]["real_frames"] == 15
+    whole = ds.collate([ds[0]])
+    assert whole["frame_mask"].sum().item() == 15 and torch.equal(whole["codes"][0], ds.codes(0)[:, :15])
+    for crop_s, real in ((0.2, 10), (0.4, 15)):  # a crop inside the real frames; one longer than them
+        crops = PreparedDataset(tmp_path / "out", "m", crop_s=crop_s)
+        starts = {crops.crop_start(e, 0) for e in range(50)}
+        assert max(starts) <= max(0, 15 - round(crop_s * 50))
+        batch = crops.collate([crops[(e, 0)] for e in range(4)])
+        assert batch["frame_mask"].sum(1).tolist() == [real] * 4
+
+
 def test_crops_and_order_are_deterministic(prepared):
     def epoch(loader):
         return [(b["ids"], b["codes"]) for b in loader]

@@ -7,6 +7,11 @@ Batches are dicts (the interface every trainer builds on):
     text_mask   BoolTensor [B, L]       True = real token
     ids, captions  list[str]
 
+Only an item's real frames are trained on: ``audio.policy=pad`` zero-pads short clips to 10 s (the paper's
+preprocessing), and the codes of that padding are no target (a crop starts where it covers real frames,
+and what it lacks is frame_mask False), as in the authors' code, which encodes each clip at its own length
+and masks the batch's padding.
+
 Random crops (appendix B: 6 s segments from the 10 s clips, 50 frames/s) are a pure function of
 (seed, epoch, item index), so a resumed run sees exactly the crops it would have seen. With
 ``crop_min_clap`` > 0 (appendix B: 0.20) a crop starts only on a grid offset whose CLAP similarity to
@@ -96,9 +101,14 @@ class PreparedDataset(Dataset):
     def labels(self) -> list[str | None]:
         return [it["label"] for it in self.items]
 
+    def real_frames(self, i: int) -> int:
+        """Item i's frames of audio, before ``policy=pad``'s zeros (indexes older than the key: all its frames)."""
+        it = self.items[i]
+        return min(it["frames"], it.get("real_frames", it["frames"]))
+
     def crop_start(self, epoch: int, i: int) -> int:
-        """First frame of item i's crop in ``epoch`` (0 when the item is not longer than the crop)."""
-        room = self.items[i]["frames"] - (self.crop or 0)
+        """First frame of item i's crop in ``epoch`` (0 when its real frames are not more than the crop)."""
+        room = self.real_frames(i) - (self.crop or 0)
         if self.crop is None or room <= 0:
             return 0
         rng = np.random.default_rng([self.seed, epoch, i])
@@ -135,7 +145,7 @@ class PreparedDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        codes = self.codes(i)
+        codes = self.codes(i)[:, :self.real_frames(i)]
         if self.crop is not None:
             s = self.crop_start(epoch, i)
             codes = codes[:, s:s + self.crop]

@@ -140,7 +140,7 @@ class LatentDataset(PreparedDataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        tokens = self.tokens(i)
+        tokens = self.tokens(i)[:self.real_frames(i)]
         if self.crop is not None:
             s = self.crop_start(epoch, i)
             tokens = tokens[s:s + self.crop]
