@@ -130,7 +130,11 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
 
 
 def data_id(cfg: dict) -> str:
-    return cell_id({k: v for k, v in cfg.items() if k.startswith("data.") or k == "weights"})
+    """What prepare reads: data.*, the weights, and with appendix B's crop filter the crop length it scores."""
+    keys = {k: v for k, v in cfg.items() if k.startswith("data.") or k == "weights"}
+    if float(cfg.get("train.crop_min_clap", 0)) > 0:  # steps.prepare_step: prepare crop_s=...
+        keys["train.crop_s"] = cfg["train.crop_s"]
+    return cell_id(keys)
 
 
 def calibration_id(cfg: dict) -> str:

@@ -253,7 +253,8 @@ def test_a_row_names_its_failed_data_job_and_a_bad_training_log(tmp_path):
 
 def test_calibration_rows_follow_the_evaluation_protocol():
     """They are scored by the cells' eval.* settings: `set.eval.seconds=2` re-ran the model rows but kept
-    the old protocol's calibration rows beside them. The model's generation batch is not theirs."""
+    the old protocol's calibration rows beside them. The model's generation batch is not theirs. And the data
+    id covers the crop length prepare scores (a filtered run reused a prepare without those scores)."""
     from ablations.plan import calibration_id, data_id
 
     def ids(*sets):
@@ -262,6 +263,10 @@ def test_calibration_rows_follow_the_evaluation_protocol():
 
     base = ids()
     assert ids("set.eval.gen_batch_size=8") == base
+    # prepare scores crops of train.crop_s when the crop filter is on: then that length is part of the data
+    filtered = ids("set.train.crop_min_clap=0.2", "set.train.crop_s=0.5")
+    assert filtered[0] != base[0] and filtered[0] != ids("set.train.crop_min_clap=0.2", "set.train.crop_s=0.6")[0]
+    assert ids("set.train.crop_s=0.5")[0] == base[0]  # without the filter prepare does not read it
     assert ids("set.eval.seconds=2")[0] == base[0] and ids("set.eval.seconds=2")[1] != base[1]
 
 
