@@ -321,6 +321,11 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "manifest.json: 2 items, 0 skipped" in out and "codec weights are RANDOM; text weights are RANDOM" in out
     prepare_main(args + ["step=index"])  # the merge step alone builds no model
+    with open(m, "a") as f:  # the manifest edited after its shards were prepared: the index would be stale
+        f.write("c9,a0.wav,a new row\n")
+    with pytest.raises(DataError, match="prepared from another version of .*manifest.csv"):
+        prepare_main(args + ["step=index"])
+    m.write_text("".join(m.read_text().splitlines(keepends=True)[:-1]))
     demo = [a for a in args if not a.startswith(("codec.", "text.", "out="))]
     prepare_main(demo + [f"out={tmp_path / 'demo'}", "codec.weights=demo", "text.weights=demo"])
     label = "DEMO WEIGHTS (TRAINED ON THE EMBEDDED SET)"  # both, though a text entry records just "demo"

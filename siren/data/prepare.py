@@ -201,8 +201,9 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     return rep
 
 
-def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
-    """Merge the shards' records into ``splits/<split>.json`` (item ids -> cache keys)."""
+def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path | None = None) -> Path:
+    """Merge the shards' records into ``splits/<split>.json`` (item ids -> cache keys); with ``manifest``,
+    only shards prepared from its current bytes."""
     out = Path(out)
     parts, missing = [], []
     for s in range(num_shards):
@@ -214,6 +215,10 @@ def write_index(out: str | Path, split: str, num_shards: int = 1) -> Path:
                         f"(no {shard_path(out, split, missing[0], num_shards).name}); run prepare with shard=<i> "
                         f"num_shards={num_shards} for each, then the index step again")
     head = {k: v for k, v in parts[0].items() if k not in ("shard", "entries", "bad")}
+    if manifest is not None and head.get("manifest_sha256") != sha256(manifest.read_bytes()):
+        raise DataError(f"{out}: the shards of split '{split}' were prepared from another version of {manifest} "
+                        f"(edited since); run prepare again with num_shards={num_shards} (unchanged files' "
+                        f"encodings are cached), then the index step")
     for p in parts[1:]:
         other = {k: v for k, v in p.items() if k not in ("shard", "entries", "bad")}
         if other != head:
@@ -384,7 +389,7 @@ def run(cfg: PrepareConfig) -> list[Path]:
     elif cfg.step == "all":
         for line in _worker(cfg, splits, list(range(n)), n):
             log.info(line)
-    indexes = [write_index(cfg.out, split, n) for _, split in splits]
+    indexes = [write_index(cfg.out, split, n, manifest) for manifest, split in splits]
     log.info("done in %.1f s", time.perf_counter() - t0)
     return indexes
 
