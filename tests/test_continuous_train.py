@@ -103,6 +103,27 @@ def test_token_width_must_match_the_data(tmp_path):
         train(tiny_config(tmp_path, *ARGS, "continuous.token_dim=8"), latent_data(), handle_signals=False)
 
 
+def test_latents_of_a_file_changed_since_prepare_are_refused(tmp_path):
+    """Latents are encoded from the source file when first asked for; one edited in place since prepare (same
+    length: only the shape was checked) gave latents of audio its codes and index do not describe."""
+    import soundfile as sf
+
+    from siren.data.audio import AudioConfig
+    from siren.data.latents import prepare_latents
+    from siren.data.prepare import prepare
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_data import tiny_set
+
+    codec = demo_codec()
+    m = tiny_set(tmp_path / "src", n=2)
+    prepare(m, tmp_path / "prep", codec=codec, text_encoder=TextEncoder(TextConfig(weights="random", seed=0)),
+            split="train", audio=AudioConfig("pad", 0.4), progress=False)
+    wav, sr = sf.read(tmp_path / "src" / "a0.wav")
+    sf.write(tmp_path / "src" / "a0.wav", 0.5 * wav, sr)  # loudness-normalised in place
+    with pytest.raises(DataError, match="a0.wav: changed since prepare encoded it"):
+        prepare_latents(tmp_path / "prep", codec, K)
+
+
 def test_prepared_latents_match_codes_and_train(tmp_path):
     """siren.data.latents on a prepared dir: tokens have the codes' frames and crops, the whitened PCA gives the
     train split's real frames zero mean and unit variance per axis, a re-run encodes nothing, and the one loop

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from siren.codec import CodecConfig
@@ -56,6 +57,12 @@ def _latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> torc
     path = cache_path(out, "latents", key)
     if path.is_file():
         return load_file(path)["z"]
+    codes_file = cache_path(out, "codes", key)
+    with safe_open(codes_file, "pt") as f:  # the file as prepare read it, not as it is now
+        made_from = f.metadata().get("audio_sha256")
+    if made_from and sha256(Path(entry["source"]).read_bytes()) != made_from:
+        raise DataError(f"{entry['source']}: changed since prepare encoded it (sha256 differs from {codes_file}'s "
+                        f"record): run prepare again, then the latents")
     items, _, _ = standardize(load_audio(entry["source"], warn=False), audio, entry["source"])
     z = dac_latent(codec, items).cpu()
     frames = load_file(cache_path(out, "codes", key))["codes"].shape[-1]
