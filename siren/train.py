@@ -102,7 +102,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Stats:
-    """Sums of the model's loss (an expert's also per-layer CE/accuracy), frame-weighted, over some batches."""
+    """Weighted sums of the model's loss (an expert's also per-layer CE/accuracy) over some batches: training
+    weighs each batch 1, so its log is the mean of the losses the optimiser saw (each a mean over its batch's
+    real frames); validation weighs each by its frames, so the batch size does not matter."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
