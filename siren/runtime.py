@@ -109,10 +109,12 @@ def derive_seed(seed: int, a: int = 0, b: int = 0) -> int:
     ``seed * 1_000_003 + a * 7919 + b`` is one-to-one while 0 <= b < 7919 and a * 7919 + b < 1_000_003,
     which holds for every stream of the demo grids and the tests (kept, so their numbers stay). Past it,
     at paper scale, it would collide (step 7919 of counter a is step 0 of a + 1: the stage-2 rollouts of
-    step 7919 would reuse the fixed-prompt probe's seed), so those are hashed into [2^62, 2^63), which
-    the layout reaches only from seeds above 4.6e12."""
-    if seed >= 0 and 0 <= b < 7919 and 0 <= a * 7919 + b < 1_000_003:
-        return seed * 1_000_003 + a * 7919 + b
+    step 7919 would reuse the fixed-prompt probe's seed), so those are hashed into [2^62, 2^63); so are
+    layout values from 2^62 on (a seed derived again from a hashed one), so every result fits torch's
+    64-bit seeds and the two ranges never meet."""
+    value = seed * 1_000_003 + a * 7919 + b
+    if seed >= 0 and 0 <= b < 7919 and 0 <= a * 7919 + b < 1_000_003 and value < 1 << 62:
+        return value
     digest = hashlib.blake2b(f"{seed},{a},{b}".encode(), digest_size=8).digest()
     return (1 << 62) | (int.from_bytes(digest, "little") >> 2)
 

@@ -41,6 +41,10 @@ def test_overrides_presets_then_explicit_keys():
     (["scale=huge"], ["huge", "tiny"]),
     (["model.dim=abc"], ["model.dim", "abc"]),
     (["seed"], ["key=value"]),
+    # OmegaConf resolved ${oc.env:...} (any environment variable into a config); ${x} and ??? were tracebacks
+    (["model.name=${oc.env:HOME}"], ["model.name", "interpolations"]),
+    (["model.name=a${b"], ["model.name", "interpolations"]),
+    (["seed=???"], ["seed", "'???'"]),
 ])
 def test_bad_keys_and_values_are_named(args, words):
     with pytest.raises(ConfigError) as e:
@@ -170,3 +174,7 @@ def test_derived_seeds_do_not_collide_past_the_layout():
     seeds = {(s, a, b): derive_seed(s, a, b) for s in (0, 1, 2, -1) for a in (*range(4), 127, 200) for b in counters}
     assert len(set(seeds.values())) == len(seeds)
     assert all(0 <= v < 2**63 for v in seeds.values())  # torch.manual_seed and numpy take every one
+    # a seed derived again from a hashed one (stage 2's rollout chunks from step >= 7919's seed) stays in range
+    hashed = derive_seed(7, 0, 7919)
+    assert all(0 <= derive_seed(hashed, 0, k) < 2**63 for k in range(3))
+    torch.Generator().manual_seed(derive_seed(hashed, 0, 1))

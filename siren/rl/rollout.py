@@ -20,6 +20,7 @@ from torch import Tensor
 from siren.errors import ConfigError
 from siren.model import CollaborativeModel, Expert
 from siren.rl.objective import token_logprobs
+from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate
 
 ALIGN_DIRECTIONS = ("anti_causal", "causal")
@@ -83,7 +84,7 @@ def collect(model: CollaborativeModel, captions: Sequence[str], encode_text: Cal
     n = len(caps)
     chunk = rollout_batch or n
     codes = torch.cat([generate(model, (text[i:i + chunk], text_mask[i:i + chunk]), n_frames, sample,
-                                seed=seed * 1_000_003 + i // chunk, progress=False)
+                                seed=derive_seed(seed, 0, i // chunk), progress=False)
                        for i in range(0, n, chunk)])
     # Rewards in fp32: sampling may run under the caller's bf16 autocast, the decode and the reward model do not.
     with torch.autocast(device.type, enabled=False):
