@@ -29,6 +29,7 @@ from typing import Any, Callable
 import submitit
 
 from ablations import lock
+from ablations.steps import Preempted
 from siren import cli, io
 from siren.errors import DataError, SchedulerError
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "QUEUED"}
+RESUBMITTABLE = FINAL_BAD | {"COMPLETED", "PREEMPTED"}  # ended (a done marker would read DONE), per sacct
 
 
 @dataclass
@@ -87,8 +89,14 @@ def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) 
     torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", threads)))
     failed = _failed_marker(done)
     with lock.hold(_job_lock(done), f"job {done}", "this job is already running; wait for it or stop it"):
+        if Path(done).is_file():  # a second copy (resubmitted while this one ran) finds the work done
+            log.info("%s exists: nothing to do", done)
+            return None
         try:
             result = step(**kwargs)
+        except Preempted:  # checkpointed on a signal: no failure marker, so a plain re-run resumes it
+            failed.unlink(missing_ok=True)
+            raise
         except Exception as e:
             io.write_json(failed, {"error": f"{type(e).__name__}: {e}", "time": time.time()})
             raise
@@ -206,7 +214,9 @@ def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str
         groups: dict[str, list[Job]] = {}
         for job in wave:
             st = ledger.state(job)
-            resubmit = st.state == "MISSING" or (retry and st.state not in LIVE | {"DONE"})
+            # retry: only what has ended without its done marker; UNKNOWN (no sacct row yet, slurmdbd down) may
+            # still run, and a second copy would overwrite the ledger record its dependents wait on
+            resubmit = st.state == "MISSING" or (retry and st.state in RESUBMITTABLE)
             waiting = [d for d in job.deps if states[d].state not in LIVE | {"DONE"}]
             if resubmit and not waiting:
                 groups.setdefault(job.array or job.key, []).append(job)

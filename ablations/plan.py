@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ablations import steps
 from ablations.executors import KINDS, load_profile
-from ablations.grid import Grid, Row, cell_id, load_grid
+from ablations.grid import MANIFESTS, Grid, Row, cell_id, load_grid
 from ablations.pipeline import Job
 from ablations.scales import resolve
 from siren.config import check_numbers, load_config
@@ -155,8 +155,7 @@ def check_manifests(cells: list[Cell]) -> None:
     """Before anything is submitted, every manifest a ``data.source=manifest`` cell names is a file: a typo in
     ``data.test`` would otherwise surface in the eval job, after every expert had trained. The paths are
     checked as this launcher sees them; the jobs read the same paths (a cluster's shared filesystem)."""
-    keys = ("data.train", "data.test", "data.prompts", "data.subset")
-    absent = sorted({f"set.{k}={c.cfg[k]}" for c in cells if c.cfg["data.source"] == "manifest" for k in keys
+    absent = sorted({f"set.{k}={c.cfg[k]}" for c in cells if c.cfg["data.source"] == "manifest" for k in MANIFESTS
                      if c.cfg.get(k) and not Path(c.cfg[k]).is_file()})
     if absent:
         raise ConfigError(f"no such file: {', '.join(absent)}; give the manifests' paths as the jobs will see them "

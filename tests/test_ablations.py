@@ -251,6 +251,47 @@ def test_a_row_names_its_failed_data_job_and_a_bad_training_log(tmp_path):
     assert got.status == "failed" and "layers" in got.reason, got
 
 
+def _preempted_step():
+    from ablations.steps import Preempted
+
+    raise Preempted("training stopped on a signal after checkpointing")
+
+
+def test_a_job_stopped_after_checkpointing_is_interrupted_not_failed(tmp_path):
+    """Outside SLURM a SIGTERM makes training checkpoint and the step raise Preempted; the job then wrote a
+    failure marker, so a plain re-run skipped it (FAILED wants retry=true). A second copy of a finished job
+    (resubmitted while the first ran) found no done check and ran the work again."""
+    from ablations.pipeline import _failed_marker, run_marked
+    from ablations.steps import Preempted
+
+    done = tmp_path / "train.done"
+    with pytest.raises(Preempted):
+        run_marked(_preempted_step, str(done), {}, 1)
+    assert not _failed_marker(done).exists() and not done.exists()
+    done.write_text("{}")
+    assert run_marked(_preempted_step, str(done), {}, 1) is None  # done: the step is not run again
+
+
+def test_a_manifest_edited_in_place_is_other_data(tmp_path):
+    """Cells were identified by the manifests' paths: after an edit of train.csv a re-run found prepare's and
+    every cell's done markers and reused the old data's results. The manifests' contents are in the ids now."""
+    from ablations.plan import data_id
+
+    for name in ("train", "test", "prompts"):
+        (tmp_path / f"{name}.csv").write_text("id,audio,caption\na,a.wav,a dog barks\n")
+    sets = [f"set.data.{n}={tmp_path / n}.csv" for n in ("train", "test", "prompts")]
+
+    def ids():
+        cell = cells_of(load_grid("table6"), parse(["grid=table6", "scale=paper", "rows=1-12", *sets]))[0]
+        return cell.id, data_id(cell.cfg)
+
+    before = ids()
+    assert ids() == before
+    (tmp_path / "train.csv").write_text("id,audio,caption\na,a.wav,rain falls\n")
+    after = ids()
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_calibration_rows_follow_the_evaluation_protocol():
     """They are scored by the cells' eval.* settings: `set.eval.seconds=2` re-ran the model rows but kept
     the old protocol's calibration rows beside them. The model's generation batch is not theirs. And the data
