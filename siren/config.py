@@ -17,7 +17,7 @@ import typing
 from typing import Any, Mapping, Sequence, TypeVar
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 from siren.errors import ConfigError
 
@@ -95,12 +95,20 @@ def load_config(schema: type[T], args: Sequence[str] = (), presets: Presets | No
     for key, value in expand(split_args([*defaults, *args]), presets):
         if key not in valid:
             raise _unknown(key, [*valid, *presets])
+        if isinstance(value, str) and ("${" in value or value.strip() == "???"):
+            # OmegaConf would resolve ${oc.env:VAR} (any environment variable into a config) or fail later
+            # with a traceback (${x}, ???): values are literals here
+            raise ConfigError(f"bad value for '{key}': {value!r} (interpolations and '???' are not config values; "
+                              f"give the value itself)")
         try:
             OmegaConf.update(cfg, key, OmegaConf.create({"v": value})["v"] if isinstance(value, str) else value,
                              merge=False)
-        except (ValidationError, ConfigKeyError) as e:
+        except OmegaConfBaseException as e:
             raise ConfigError(f"bad value for '{key}': {value!r} ({str(e).splitlines()[0]})") from None
-    out = OmegaConf.to_object(cfg)
+    try:
+        out = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
     _check_finite(out)
     return out
 
