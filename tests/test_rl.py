@@ -158,6 +158,7 @@ import signal  # noqa: E402
 
 from siren import checkpoint as ckpt  # noqa: E402
 from siren.config import ConfigError  # noqa: E402
+from siren.errors import SirenError  # noqa: E402
 from siren.rl import alignment  # noqa: E402
 from siren.rl.reward import CodeMatchReward  # noqa: E402
 from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
@@ -331,6 +332,40 @@ def test_resume_refuses_a_changed_objective(stage1, tmp_path):
         run_align(stage1, tmp_path / "o", "steps=2", "gamma=0.5")
     result, _ = run_align(stage1, tmp_path / "o", "steps=2")  # steps may grow
     assert result.step == 2
+
+
+def test_resume_refuses_other_prompts(stage1, tmp_path):
+    """Batches are drawn by step from the prompts list, and only its path was recorded: a resume on an edited
+    file trained on other batches under one run's name. The list's digest is recorded and compared (a run set
+    up before it was recorded resumes as before)."""
+    cfg = alignment.parse([f"run_dir={stage1}", f"out={tmp_path / 'o'}", "device=cpu"])
+    model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
+    trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)
+    for digest in ("a", "a"):
+        alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r", "prompts_sha256": digest})
+    with pytest.raises(ckpt.CheckpointError, match="prompts_sha256"):
+        alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r", "prompts_sha256": "b"})
+    older = json.loads((tmp_path / "o" / "alignment.json").read_text())
+    del older["prompts_sha256"]
+    (tmp_path / "o" / "alignment.json").write_text(json.dumps(older))
+    alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r", "prompts_sha256": "b"})
+
+
+def test_a_setup_stopped_part_way_runs_again(stage1, tmp_path):
+    """Stopped after config.json and the frozen experts but before alignment.json, out= could never be set up
+    again ("exists and is not a stage-2 run"); a folder holding only what the setup writes is set up anew."""
+    out = tmp_path / "o"
+    cfg = alignment.parse([f"run_dir={stage1}", f"out={out}", "device=cpu"])
+    model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
+    trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)
+    alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r"})
+    (out / "alignment.json").unlink()
+    alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r"})
+    assert (out / "alignment.json").is_file()
+    (out / "alignment.json").unlink()
+    (out / "notes.txt").write_text("someone else's")
+    with pytest.raises(SirenError, match="is not a stage-2 run"):
+        alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r"})
 
 
 def test_unknown_key_lists_valid_keys():

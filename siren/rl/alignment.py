@@ -326,7 +326,10 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
               "codec": codec.weights_label if codec is not None else "unused"}
     ids = {"reward_id": reward.id, "reward_model": {"name": reward.name, "weights_sha256": reward.weights_sha256},
            "codec_id": codec.id if codec is not None else None,
-           "text_id": text_encoder.id, "weights_labels": labels}
+           "text_id": text_encoder.id, "weights_labels": labels,
+           # the prompts themselves: batches are drawn by step from this list, so a resume on an edited file
+           # would train on other batches under one run's name
+           "prompts_sha256": io.sha256("\n".join(prompts).encode())}
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
     prepare_out(cfg, stage1, run_cfg, trainable, ids)

@@ -59,15 +59,19 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
     path = out / "alignment.json"
     if path.exists():
         saved = ckpt.read_json(path)
-        ckpt.check_config({k: v for k, v in saved.items() if k != "config"},
-                          {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "config"},
-                          f"{path}",
-                          fix="This out= directory belongs to another stage-1 run or reward; use another out=.")
+        mine = {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "config"}
+        if "prompts_sha256" not in saved:  # a run set up before the prompts were recorded
+            mine.pop("prompts_sha256", None)
+        ckpt.check_config({k: v for k, v in saved.items() if k != "config"}, mine, f"{path}",
+                          fix="This out= directory belongs to another stage-1 run, reward or prompts file; "
+                              "use another out= (or the prompts it was started with).")
         ckpt.check_config({"config": saved["config"]}, {"config": json.loads(json.dumps(to_dict(cfg)))}, f"{path}",
                           ignore=tuple(f"config.{k}" for k in RESUMABLE_CHANGES),
                           fix="Only these keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
         return
-    if out.exists() and any(out.iterdir()):
+    # what this setup writes before alignment.json: a setup stopped part way leaves only these, and runs again
+    ours = {"config.json", *(ckpt.expert_dir(out, k).name for k in range(len(stage1)) if k not in trainable)}
+    if out.exists() and any(p.name not in ours and not p.name.endswith(".tmp") for p in out.iterdir()):
         raise SirenError(f"out={out} exists and is not a stage-2 run (no alignment.json); choose a new out=")
     out.mkdir(parents=True, exist_ok=True)
     io.write_json(out / "config.json", run_cfg)
