@@ -50,6 +50,8 @@ _KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "setup": list,
     "additional_parameters": dict,
 }
+_NUMBERS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
+_RESERVED = {"signal", "time", "requeue", "no-requeue", "no_requeue"}
 _TYPE_WORDS = {
     str: "a string",
     int: "an integer",
@@ -118,6 +120,15 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
         ok = all(isinstance(line, str) for line in value)
     if not ok:
         raise ConfigError(f"{path}: key {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
+    # numbers in range: timeout_min 0 was ignored, a negative one reached sbatch, mem_gb .inf a traceback
+    low = 0 if key == "gpus_per_node" else 1e-9
+    if key in _NUMBERS and value is not None and not (math.isfinite(value) and value >= low):
+        raise ConfigError(f"{path}: key {key!r} must be a finite number {'>= 0' if low == 0 else '> 0'}, got {value!r}")
+    if key == "additional_parameters" and value:
+        reserved = sorted(set(value) & _RESERVED)
+        if reserved:
+            raise ConfigError(f"{path}: additional_parameters may not set {', '.join(reserved)}: the harness sets them "
+                              "for checkpoint and requeue (timeout_min sets the time limit)")
     return value
 
 

@@ -43,6 +43,22 @@ def test_profile_value_of_wrong_type_is_named(tmp_path):
         load_profile(path)
 
 
+@pytest.mark.parametrize("text, words", [
+    ("timeout_min: 0\n", "'timeout_min' must be a finite number > 0"),  # was ignored
+    ("timeout_min: -150\n", "'timeout_min' must be a finite number > 0"),  # reached sbatch
+    ("mem_gb: .inf\n", "'mem_gb' must be a finite number > 0"),  # an OverflowError traceback
+    ("gpus_per_node: -1\n", "'gpus_per_node' must be a finite number >= 0"),
+    ("additional_parameters:\n  signal: USR1@60\n", "may not set signal"),  # would undo the checkpoint signal
+])
+def test_profile_numbers_and_reserved_options_are_checked(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=words):
+        load_profile(path)
+    (tmp_path / "ok.yaml").write_text("gpus_per_node: 0\nadditional_parameters:\n  constraint: a100\n")
+    load_profile(tmp_path / "ok.yaml")
+
+
 def test_missing_profile_lists_available_ones():
     with pytest.raises(ConfigError) as err:
         load_profile("no_such_cluster")
