@@ -37,6 +37,9 @@ def describe(holder: dict) -> str:
             f"since {holder.get('started', '?')}{slurm})")
 
 
+PROBE_GRACE_S = 2.0  # how long a lock without a holder's details is waited for before it counts as held
+
+
 def _read(fd: int) -> dict:
     os.lseek(fd, 0, os.SEEK_SET)
     try:
@@ -52,12 +55,19 @@ def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockHeld(f"{path}: held by {describe(_read(fd))}; {fix}") from None
-        except OSError as e:  # ENOLCK / ENOSYS / EOPNOTSUPP: this filesystem has no flock
-            log.warning("%s: cannot lock (%s); nothing stops a second launcher here", path, e.strerror)
+        deadline = time.monotonic() + PROBE_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # no details: `holder`'s brief shared lock (action=status asking), or a holder about to write them
+                if _read(fd) or time.monotonic() > deadline:
+                    raise LockHeld(f"{path}: held by {describe(_read(fd))}; {fix}") from None
+                time.sleep(0.05)
+                continue
+            except OSError as e:  # ENOLCK / ENOSYS / EOPNOTSUPP: this filesystem has no flock
+                log.warning("%s: cannot lock (%s); nothing stops a second launcher here", path, e.strerror)
+            break
         prev = _read(fd)
         if prev.get("pid"):
             log.warning("%s: taking over the lock of %s, which ended without releasing it", path, describe(prev))

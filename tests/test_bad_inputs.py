@@ -283,6 +283,28 @@ def test_a_second_launcher_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
                                                f"start b {third.pid}", f"end b {third.pid}"]
 
 
+def test_a_job_starting_while_its_lock_is_probed_waits_for_the_probe(tmp_path, monkeypatch):
+    """`action=status` asks who holds a job's lock with a brief shared lock: a job starting at that moment
+    found the lock taken with no holder's details and died (no failure marker, its dependents stuck)."""
+    import fcntl
+    import threading
+
+    from ablations import lock
+
+    path = tmp_path / "job.lock"
+    probe = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # what lock.holder() takes for a moment
+    threading.Timer(0.3, os.close, [probe]).start()
+    with lock.hold(path, "job x", "wait"):
+        assert lock.holder(path)["what"] == "job x"
+    probe = os.open(path, os.O_RDWR)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 0.2)
+    with pytest.raises(lock.LockHeld), lock.hold(path, "job x", "wait"):  # a lock that stays: still refused
+        pass
+    os.close(probe)
+
+
 def failing_job(value: int) -> None:
     raise ValueError(f"value {value} is out of range\nsecond line")
 
