@@ -19,6 +19,16 @@ set -euo pipefail
 STATE_DIR="${SIREN_SLURM_DIR:-/tmp/siren-slurm}"
 TIMEOUT="${SIREN_SLURM_TIMEOUT:-60}"
 DB_PORT="${SIREN_SLURM_DB_PORT:-3310}"
+# Numbers only: both are expanded in arithmetic and configs.
+[[ "$TIMEOUT" =~ ^[0-9]+$ && "$DB_PORT" =~ ^[0-9]+$ ]] || {
+  echo "error: SIREN_SLURM_TIMEOUT and SIREN_SLURM_DB_PORT must be whole numbers" >&2; exit 2; }
+# This script runs as root and kills the pids its state folder lists: a folder another user made first (the
+# default is under /tmp) could make it kill any process or run their configs. Only one of our own is used.
+if [[ -e "$STATE_DIR" && ( ! -O "$STATE_DIR" || -L "$STATE_DIR" ) ]]; then
+  echo "error: $STATE_DIR is not a folder of this user's (owner $(stat -c %U "$STATE_DIR")); remove it or set" \
+       "SIREN_SLURM_DIR to a folder of your own" >&2
+  exit 2
+fi
 CLUSTER=siren
 ACCOUNT=siren
 PARTITION=debug
