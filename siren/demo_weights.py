@@ -49,7 +49,8 @@ def files_id() -> str:
     with other demo weights (an older checkout's outputs) must not be reused (ablations.grid.cell_id)."""
     from siren.io import sha256_file
 
-    files = sorted(f for f in FILES.glob("*.*") if not f.name.startswith("."))  # not a killed writer's temp file
+    # not a killed writer's temp file, nor the codec build's work folder (dac16k_demo.pth.build/)
+    files = sorted(f for f in FILES.glob("*.*") if f.is_file() and not f.name.startswith("."))
     return hashlib.sha256(json.dumps([(f.name, sha256_file(f)) for f in files]).encode()).hexdigest()[:12]
 
 

@@ -321,7 +321,10 @@ def test_train_command_routes_each_part_its_keys_and_checks_both_before_training
     assert train_all.main(["train", "codec.out=/tmp/c.pth", "codec.ft_steps=5", "backbones.panns_steps=1"]) == 0
     (part, cfg), backbone_call = calls
     assert part == "codec" and cfg.out == "/tmp/c.pth" and cfg.ft_steps == 5 and cfg.ae_steps == 2400
-    assert backbone_call == ("backbones", ["codec=/tmp/c.pth", "panns_steps=1"])
+    assert backbone_call == ("backbones", ["codec=/tmp/c.pth", "out=/tmp", "panns_steps=1"])  # beside the codec
+    calls.clear()
+    train_all.main(["train", "codec.out=/tmp/c.pth", "backbones.out=/tmp/b"])
+    assert calls[-1] == ("backbones", ["codec=/tmp/c.pth", "out=/tmp/b"])
     calls.clear()
     for args, words in ((["ft_steps=5"], "codec.KEY=VALUE or backbones.KEY=VALUE"),
                         (["codec.ft_steps=-1"], "codec.* keys: ft_steps must be >= 0"),

@@ -10,6 +10,8 @@ checked before anything trains, so a typo does not surface only after the codec'
 Stopped in the codec's build, the same command resumes it (``siren.demo_assets.resume``); stopped in the
 backbones' (minutes), ``python -m siren.demo_assets.backbones`` redoes them alone on the codec just written
 (on the same machine, the same files: each recipe's random draws come from its seed alone)."""
+from pathlib import Path
+
 from siren import cli
 from siren.config import load_config
 from siren.errors import ConfigError
@@ -44,8 +46,10 @@ def main(argv: list[str]) -> int:
         except ConfigError as e:
             raise ConfigError(f"{part}.* keys: {e}") from None
     codec.run(cfgs["codec"])
-    # the backbones train on the codec just built (its out=), unless backbones.codec= says otherwise
-    return backbones.main([f"codec={cfgs['codec'].out}", *keys["backbones"]])
+    # the backbones train on the codec just built (its out=) and are written beside it, unless backbones.codec= /
+    # backbones.out= say otherwise: a scratch build (codec.out=/tmp/c.pth) replaced the committed backbones
+    beside = [] if any(k.startswith("out=") for k in keys["backbones"]) else [f"out={Path(cfgs['codec'].out).parent}"]
+    return backbones.main([f"codec={cfgs['codec'].out}", *beside, *keys["backbones"]])
 
 
 if __name__ == "__main__":

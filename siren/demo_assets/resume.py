@@ -21,13 +21,15 @@ from siren.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-# the recipe keys each stage's result depends on (stages 3 and 4 are also keyed by their start file)
-_STAGE_1 = ("seed", "n_train", "n_test", "segment_s", "batch", "ae_steps", "ae_lr", "ae_warmup")
+# the recipe keys each stage's result depends on (stages 3 and 4 are also keyed by their start file); threads and
+# device too: the same seed trains to other weights on 1 and 2 threads (docs/demo/codec.md, "Stage 1's plateau")
+_RUN = ("seed", "n_train", "n_test", "segment_s", "batch", "threads", "device")
+_STAGE_1 = (*_RUN, "ae_steps", "ae_lr", "ae_warmup")
 STAGE_KEYS = {
     1: _STAGE_1,
     2: (*_STAGE_1, "kmeans_iters", "fp16"),  # the quantizers are fitted to stage 1's encoder
-    3: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_steps", "ft_lr", "fp16"),
-    4: ("seed", "n_train", "n_test", "segment_s", "batch", "ft_lr", "decay_steps", "fp16"),
+    3: (*_RUN, "ft_steps", "ft_lr", "fp16"),
+    4: (*_RUN, "ft_lr", "decay_steps", "fp16"),
 }
 
 
