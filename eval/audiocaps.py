@@ -200,8 +200,9 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
                     kl, kl_rev = fn(ref_logits, gen_logits, cfg.kl_eps), fn(gen_logits, ref_logits, cfg.kl_eps)
                     values[key], values[f"{key}_gen_ref"] = float(kl.mean()), float(kl_rev.mean())
                     per_clip[key], per_clip[f"{key}_gen_ref"] = kl.tolist(), kl_rev.tolist()
-            if "isc" in which:
-                values["isc"], values["isc_std"] = M.inception_score(gen_logits, cfg.is_splits, cfg.is_seed)
+            if "isc" in which:  # in the order audioldm_eval reads the generated folder: its split depends on it
+                order = M.folder_order([Path(c.path).name if c.path else f"{c.id}.wav" for c in gen])
+                values["isc"], values["isc_std"] = M.inception_score(gen_logits[order], cfg.is_splits, cfg.is_seed)
         if "fad" in which:
             r, g = run(models["fad"], "fad")
             values["fad_frames_gen"], values["fad_frames_ref"] = (sum(len(e["frames"]) for e in s) for s in (g, r))

@@ -151,6 +151,12 @@ def kl_sigmoid(p_logits: np.ndarray, q_logits: np.ndarray, eps: float = KL_EPS) 
     return (np.exp(log_p) * (log_p - np.log(1.0 / (1.0 + np.exp(-q_logits)) + eps))).sum(-1)
 
 
+def folder_order(file_names: list[str]) -> list[int]:
+    """The indices that put clips in the order audioldm_eval reads a folder (``sorted(os.listdir)``): its IS
+    shuffles and splits from that order, so the same clips in manifest order fall into other splits."""
+    return sorted(range(len(file_names)), key=file_names.__getitem__)
+
+
 def inception_score(logits: np.ndarray, splits: int = IS_SPLITS, seed: int | None = IS_SEED) -> tuple[float, float]:
     """IS over softmax(logits) [N, C]: mean and std over ``splits`` chunks (shuffled with ``seed``).
 

@@ -289,6 +289,30 @@ def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, mo
     assert cards.RANDOM_BANNER not in cards.table([("x", results["metrics"])], card)
 
 
+def test_isc_splits_the_generated_folder_in_file_name_order(sets, tmp_path):
+    """audioldm_eval reads the generated folder sorted by file name, then shuffles (seed 2020) and splits: the
+    harness shuffled the manifest's order instead, so the same clips fell into other splits and the ISC moved
+    with the manifest's row order. The parity tests listed the clips sorted, which hid it."""
+    from eval import metrics as M
+    from eval.audio import load_clips
+    from eval.cache import EmbeddingCache, embed_clips
+
+    root, manifest, ids = sets
+    header, *rows = manifest.read_text().splitlines()
+    shuffled = manifest.parent / "test_rows_reordered.csv"  # beside it: audio paths are relative to the manifest
+    shuffled.write_text("\n".join([header, *rows[2:], *rows[:2]]) + "\n")
+
+    def isc(ref):
+        return evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(ref), weights="random", metrics="isc",
+                                   is_splits=2, out=str(tmp_path / ref.stem), cache_dir=str(tmp_path / "cache")))
+    a, b = isc(manifest), isc(shuffled)
+    assert a["metrics"]["isc"] == b["metrics"]["isc"] and a["metrics"]["isc_std"] == b["metrics"]["isc_std"]
+    gen = load_clips({i: root / "gen" / f"{i}.wav" for i in sorted(ids)})  # the peer's order
+    g, _ = embed_clips(PannsCnn14("random", seed=0), gen, EmbeddingCache(tmp_path / "cache"))
+    want = M.inception_score(np.stack([e["logits"] for e in g]), 2, 2020)
+    assert (a["metrics"]["isc"], a["metrics"]["isc_std"]) == pytest.approx(want, rel=1e-12)
+
+
 def test_metrics_are_wired_to_the_right_sets(cli_run, sets):
     """KL is KL(ref || gen) per id, IS is over the generated clips, FD is generated vs reference."""
     from eval import metrics as M
