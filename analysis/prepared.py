@@ -70,9 +70,11 @@ def resolve(data: str, codec: str = "") -> Path:
                 raise assets.MissingWeightsError(f"codec={weights}: weights file {path} does not exist")
             tag = ("demo-" if weights == "demo" else "") + sha256_file(path)[:16]
         from siren import demo_weights
+        from siren.data.demo import VERSION
 
         text_tag = sha256_file(demo_weights.demo_file("clap"))[:16]  # a rebuilt demo CLAP prepares afresh too
-        out = assets.cache_dir() / "analysis" / f"demo-{tag}-text-{text_tag}"
+        # and the demo set's generators (VERSION): otherwise a changed set was probed through the old one's codes
+        out = assets.cache_dir() / "analysis" / f"demo-v{VERSION}-{tag}-text-{text_tag}"
         if not all(index_path(out, s).is_file() for s in ("train", "test")):
             from siren.data import prepare
 

@@ -9,7 +9,7 @@ language with some variation, labels = class names.
     python -m siren.data.prepare manifest=demo out=data/demo codec.weights=random text.weights=random
 
 Sizes: 20 train + 6 test clips per class (300 + 90 clips, about 590 s of audio; generated in a
-few seconds). The semantic probe works on frames (50 per second): 300 training clips give ~22000.
+few seconds). The semantic probe pools each clip's frames over time: 300 training examples, 90 held out.
 """
 from __future__ import annotations
 
