@@ -44,10 +44,12 @@ def token_batch(B=2, T=9, k=8, seed=0, lengths=None) -> dict:
 
 @pytest.mark.parametrize("arg, match", [("prediction=score", "eps, v, x0"), ("schedule=sigmoid", "cosine, linear"),
                                         ("sample_steps=2000", "exceeds"), ("mask_ratio=1.0", r"\[0, 1\)"),
-                                        ("attn_heads=3", "divisible")])
+                                        ("attn_heads=3", "divisible"),
+                                        # a beta of 1 (T = 20) or more made abar 0 or negative: NaN samples
+                                        ("schedule=linear train_steps=20 sample_steps=10", "train_steps > 20")])
 def test_config_rejects_bad_values(arg, match):
     with pytest.raises(ConfigError, match=match):
-        tiny(arg)
+        tiny(*arg.split())
 
 
 @pytest.mark.parametrize("scale, size", [("cont-base", 193e6), ("cont-large", 462e6)])

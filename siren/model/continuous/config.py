@@ -55,6 +55,9 @@ class ContinuousConfig:
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"model.prediction '{self.prediction}' is not allowed; "
                               f"allowed: {', '.join(PREDICTIONS)}")
+        if self.schedule == "linear" and self.train_steps <= 20:  # betas scaled by 1000/T reach 1 at T = 20
+            raise ConfigError(f"model.schedule=linear needs model.train_steps > 20 (got {self.train_steps}): Ho et "
+                              f"al.'s betas scaled to T steps end at 20/T, so abar reaches 0 (NaN); use cosine")
         if self.sample_steps > self.train_steps:
             raise ConfigError(f"model.sample_steps={self.sample_steps} exceeds model.train_steps="
                               f"{self.train_steps}: sampling respaces the training steps, it cannot add any")

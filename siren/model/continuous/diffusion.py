@@ -8,7 +8,7 @@ Generation without Vector Quantization"), which the paper's abstract does not na
 
 - Forward process (Ho et al. 2020, Eq. 4): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
 - Schedules: "linear" betas 1e-4..0.02 (Ho et al., scaled to T steps), "cosine"
-  abar(t) = cos^2((t/T + s)/(1 + s) * pi/2) / abar(0), s = 0.008 (Nichol & Dhariwal 2021, Eq. 17).
+  abar(t) = f(t) / f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008 (Nichol & Dhariwal 2021, Eq. 17).
 - Targets: eps, x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, section 4).
 - Sampling: DDPM posterior q(x_{t-1} | x_t, x0-hat) (Ho et al. Eq. 6-7) on an evenly respaced
   subset of the T steps (Nichol & Dhariwal, section 4), fixed variance beta-tilde; ``temperature``
