@@ -135,6 +135,20 @@ def test_recipe_end_to_end_tiny(straight, tmp_path):
     assert after["metadata"]["init_from"]["recipe"]["ae_steps"] == cfg.ae_steps
 
 
+def test_a_build_on_init_leaves_a_from_scratch_builds_work_alone(straight, tmp_path):
+    """Both kept their stages in <out>.build/, and a build with init= removed it when it ended: a from-scratch
+    build stopped in stage 3 to the same out= lost its stages 1-3 (about an hour on a CPU)."""
+    cfg, _, out = straight
+    target = tmp_path / "codec.pth"
+    scratch = tmp_path / "codec.pth.build"
+    scratch.mkdir()
+    (scratch / "stage2.pth").write_bytes(b"a stopped build's stage 2")
+    recipe.build(recipe.CodecRecipe(**{**cfg.__dict__, "out": str(target), "init": str(out),
+                                       "data": str(tmp_path / "s"), "decay_steps": 0}))
+    assert target.is_file() and (scratch / "stage2.pth").read_bytes() == b"a stopped build's stage 2"
+    assert not (tmp_path / "codec.pth.build-init").exists()  # its own work folder, removed when done
+
+
 def test_stage_4_alone_on_a_stored_file_equals_stage_4_after_stage_3(straight, tmp_path):
     """The codec committed until 2026-12-05 ran stage 4 on a stored stage-3 file (init_stage=3); one run of
     stages 3-4 must give the same bits, or a build split into runs would not be the recipe's. Stored in fp16, as

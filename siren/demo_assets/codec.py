@@ -267,7 +267,7 @@ def build(cfg: CodecRecipe) -> dict:
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     out, t0, cpu0 = Path(cfg.out), time.perf_counter(), time.process_time()
-    work = work_dir(out)
+    work = work_dir(out, cfg.init)
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(cfg.seed)
         clips = [c.to(device) for c in train_clips(cfg, Path(cfg.data or tmp))]

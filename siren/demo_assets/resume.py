@@ -33,8 +33,10 @@ STAGE_KEYS = {
 }
 
 
-def work_dir(out: Path) -> Path:
-    return out.parent / f"{out.name}.build"
+def work_dir(out: Path, init: str = "") -> Path:
+    """``<out>.build/``; a build on ``init=`` keeps its own (``<out>.build-init/``), so it neither resumes from
+    nor, when it ends, deletes a from-scratch build's stages to the same ``out``."""
+    return out.parent / f"{out.name}.build{'-init' if init else ''}"
 
 
 def stage_key(cfg, stage: int, start_sha256: str | None = None) -> dict:
