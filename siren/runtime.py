@@ -127,17 +127,34 @@ class StopRequest:
     A handler installed before ours (submitit's requeue handler) is called after the
     checkpoint is safely written, so submitit still requeues a job it launched. Inside a SLURM
     job only SIGUSR2 stops the loop: preemption and `scancel --signal` deliver SIGTERM just before
-    SIGUSR2, and stopping on the SIGTERM would exit before submitit requeues (a cluster that
-    preempts with SIGTERM then SIGKILL resumes from the last periodic checkpoint)."""
+    SIGUSR2, and stopping on the SIGTERM would exit before submitit requeues. There a SIGTERM asks
+    for a checkpoint at the next step boundary and the loop goes on (``save_due``): a SIGUSR2
+    after it still requeues, and a cluster that preempts with SIGTERM then SIGKILL loses only the
+    steps since that checkpoint, not those since the last periodic one."""
 
     def __init__(self):
         self.signum: int | None = None
         self.preempted = False  # set by the loop once it has checkpointed and is leaving
+        self.save_requests = 0  # inside SLURM, SIGTERMs: checkpoint and go on
+        self._answered = 0
         self.previous: dict[int, Any] = {}
-        self.signals = (signal.SIGUSR2,) if "SLURM_JOB_ID" in os.environ else (signal.SIGUSR2, signal.SIGTERM)
+        self.in_slurm = "SLURM_JOB_ID" in os.environ
+        self.signals = (signal.SIGUSR2, signal.SIGTERM)
 
     def __call__(self, signum, frame) -> None:
-        self.signum = signum
+        if self.in_slurm and signum == signal.SIGTERM:
+            self.save_requests += 1
+            previous = self.previous.get(signum)
+            if callable(previous):  # submitit's, which logs the SIGTERM and lets the job go on
+                previous(signum, frame)
+        else:
+            self.signum = signum
+
+    def save_due(self) -> bool:
+        """Whether a SIGTERM asked for a checkpoint since the last call (one arriving during it counts next time)."""
+        n = self.save_requests
+        due, self._answered = n > self._answered, n
+        return due
 
     def install(self) -> None:
         for s in self.signals:

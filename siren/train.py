@@ -351,7 +351,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
                 runlog.write({"step": done, "val": True, **{k_: v for k_, v in means.items() if k_ != "_frames"},
                               "frames": means["_frames"]})
             stop.preempted = any_rank(stop.signum is not None, ranks, device)
-            if stop.preempted or done % tc.ckpt_every == 0 or done == tc.steps:
+            save_now = any_rank(stop.save_due(), ranks, device)
+            if stop.preempted or save_now or done % tc.ckpt_every == 0 or done == tc.steps:
                 last_ckpt = save(done) or last_ckpt
             paused += time.perf_counter() - t1
             if stop.preempted:

@@ -194,6 +194,31 @@ def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch)
     assert losses(run / "expert_1") == losses(straight / "expert_1")
 
 
+def test_sigterm_inside_slurm_checkpoints_and_goes_on(tmp_path, monkeypatch):
+    """Inside a SLURM job a SIGTERM (preemption, scancel) comes before SIGUSR2 or before SIGKILL: it did nothing,
+    so a SIGKILL after it lost every step since the last periodic checkpoint. Now it checkpoints at the next step
+    boundary and training goes on (SIGUSR2 still stops and requeues), to the same losses."""
+    args = ("model.distribution=6-2", "expert=1")
+    straight = tmp_path / "straight"
+    train(tiny_config(straight, *args), synthetic_data(), handle_signals=False)
+    import siren.train as T
+
+    real_lr_at = T.lr_at
+
+    def lr_then_signal(step, cfg):  # SIGTERM during optimiser step 1 (0-based); ckpt_every is 4
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setattr(T, "lr_at", lr_then_signal)
+    result = train(tiny_config(tmp_path / "run", *args), synthetic_data(), handle_signals=True)
+    assert result.status == "finished" and result.step == 8
+    assert sorted(p.name for p in (tmp_path / "run" / "expert_1").glob("step_*")) == [
+        "step_00000002", "step_00000004", "step_00000008"]
+    assert losses(tmp_path / "run" / "expert_1") == losses(straight / "expert_1")
+
+
 SIGNAL_SCRIPT = """
 import sys
 from tests.fixtures_train import synthetic_data, tiny_args

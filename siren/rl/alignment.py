@@ -202,7 +202,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             if done % cfg.log_every == 0 or done == cfg.steps or entry["skipped"] or "reward_fixed" in entry:
                 runlog.write(entry)
             stop.preempted = stop.signum is not None
-            if stop.preempted or done % cfg.ckpt_every == 0 or done == cfg.steps:
+            if stop.preempted or stop.save_due() or done % cfg.ckpt_every == 0 or done == cfg.steps:
                 save(done)
             if stop.preempted:
                 result = AlignResult("preempted", done, out)
