@@ -70,19 +70,26 @@ def layer_curves(run_dir: str | Path, split: str = "train") -> dict[int, tuple[n
         raise ConfigError(f"split must be train or val, got '{split}'")
     curves: dict[int, dict[int, float]] = {}
     owner: dict[int, int] = {}
+    dropped: dict[int, int] = {}
     for k, path in expert_logs(run_dir).items():
         for row in read_jsonl(path):
             if bool(row.get("val", False)) != (split == "val"):
                 continue
             for key, v in row.items():
                 m = LAYER_KEY.match(key)
-                if not m or v is None or not math.isfinite(float(v)):
+                if not m or v is None:
+                    continue
+                if not math.isfinite(float(v)):  # training stops on one; a validation value can still be one
+                    dropped[int(m.group(1))] = dropped.get(int(m.group(1)), 0) + 1
                     continue
                 j = int(m.group(1))
                 if owner.setdefault(j, k) != k:
                     raise DataError(f"{run_dir}: layer {j} is logged by expert_{owner[j]} and expert_{k}; "
                                     f"one run directory must hold one model")
                 curves.setdefault(j, {})[int(row["step"])] = float(v)
+    if dropped:  # said, not silently skipped: a diverged layer would otherwise read as converged
+        log.warning("%s: non-finite %s CE left out of the curves (layer: entries) %s", run_dir, split,
+                    ", ".join(f"{j}: {n}" for j, n in sorted(dropped.items())))
     return {j: (np.array(sorted(c)), np.array([c[s] for s in sorted(c)])) for j, c in sorted(curves.items())}
 
 

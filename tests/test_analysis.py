@@ -165,6 +165,17 @@ def test_loss_stats_equal_hand_computation(tmp_path):
         convergence.loss_stats(run)
 
 
+def test_non_finite_validation_ce_is_said_not_silently_dropped(tmp_path, caplog):
+    """Training stops on a non-finite loss, but a validation value can be NaN: it was skipped without a word,
+    so a diverged layer's last values read as converged."""
+    rows = [{"step": s, "val": True, **{f"ce/L{j}": (float("nan") if (j, s) == (3, 2) else 1.0)
+                                       for j in range(1, 13)}} for s in (1, 2)]
+    write_jsonl(tmp_path / "run" / "expert_0" / "log.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="analysis.convergence"):
+        curves = convergence.layer_curves(tmp_path / "run", "val")
+    assert list(curves[3][0]) == [1] and "non-finite val CE left out of the curves (layer: entries) 3: 1" in caplog.text
+
+
 def test_ema_and_as_list():
     assert style.ema(np.full(5, 2.0), 0.9) == pytest.approx(np.full(5, 2.0))  # bias-corrected: no warm-up dip
     # by hand: acc = 0.5, 0.25; divided by 1 - 0.5^t = 0.5, 0.75
