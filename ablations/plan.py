@@ -140,8 +140,8 @@ def data_id(cfg: dict) -> str:
 def calibration_id(cfg: dict) -> str:
     """The calibration rows' key: the data config and the evaluation protocol they are scored by (``eval.*``,
     but the model's generation batch, which they do not use), so `set.eval.seconds=2` scores them anew too."""
-    keep = lambda k: k.startswith(("data.", "eval.")) and k != "eval.gen_batch_size" or k == "weights"  # noqa: E731
-    return cell_id({k: v for k, v in cfg.items() if keep(k)})
+    return cell_id({k: v for k, v in cfg.items()
+                    if k == "weights" or (k.startswith(("data.", "eval.")) and k != "eval.gen_batch_size")})
 
 
 def stage1_dir(cell: Cell, run: RunConfig) -> Path:

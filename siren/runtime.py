@@ -95,11 +95,16 @@ def init_distributed() -> Dist:
 
 def any_rank(flag: bool, ranks: Dist, device: torch.device) -> bool:
     """A flag raised by any process (a signal, a non-finite loss) is raised for all of them."""
+    return any_ranks([flag], ranks, device)[0]
+
+
+def any_ranks(flags: list[bool], ranks: Dist, device: torch.device) -> list[bool]:
+    """``any_rank`` of several flags in one collective (the training loop asks two questions per step)."""
     if ranks.world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def derive_seed(seed: int, a: int = 0, b: int = 0) -> int:

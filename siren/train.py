@@ -42,6 +42,7 @@ from siren.runtime import (
     Dist,
     RunLog,
     any_rank,
+    any_ranks,
     autocast,
     derive_seed,
     init_distributed,
@@ -350,8 +351,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
                 means = evaluate(model, data, tc, device, ranks)
                 runlog.write({"step": done, "val": True, **{k_: v for k_, v in means.items() if k_ != "_frames"},
                               "frames": means["_frames"]})
-            stop.preempted = any_rank(stop.signum is not None, ranks, device)
-            save_now = any_rank(stop.save_due(), ranks, device)
+            stop.preempted, save_now = any_ranks([stop.signum is not None, stop.save_due()], ranks, device)
             if stop.preempted or save_now or done % tc.ckpt_every == 0 or done == tc.steps:
                 last_ckpt = save(done) or last_ckpt
             paused += time.perf_counter() - t1
