@@ -34,7 +34,7 @@ from torch import nn
 from eval.audio import CHANNELS, Clip, mono
 from siren import assets, demo_weights
 from siren.errors import ConfigError, WeightsMismatchError
-from siren.io import load_torch_file, sha256_file, weights_tag
+from siren.io import load_hashed, load_torch_file, sha256_file, weights_tag
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,11 @@ class Backbone(ABC):
     def _init_or_load(self, make, state_of=lambda ckpt: ckpt) -> nn.Module:
         if self.weights_path is None:  # ``make`` builds the same network for every instance of a class
             return demo_weights.seeded(self.seed, make, key=(type(self).__name__,))
+        # the file hashed into this backbone's id at __init__ must be the one loaded now (siren.io.load_hashed)
         if self.weights_label == "demo":
-            return demo_weights.load(self.weights_path, make)
-        state, net = state_of(load_torch_file(self.weights_path)), make()
+            return demo_weights.load(self.weights_path, make, self.weights_sha256)[0]
+        ckpt, _ = load_hashed(self.weights_path, load_torch_file, self.weights_sha256)
+        state, net = state_of(ckpt), make()
         try:
             net.load_state_dict(state)
         except RuntimeError as e:  # missing or unexpected keys, other shapes: another network's file

@@ -35,7 +35,7 @@ from torch import nn
 
 from siren import assets, demo_weights
 from siren.errors import CheckpointError, WeightsMismatchError
-from siren.io import load_torch_weights, sha256_file, weights_tag
+from siren.io import load_hashed, load_torch_weights, sha256_file, weights_tag
 
 CLAP_SAMPLE_RATE = 48_000
 CLIP_SAMPLES = 480_000  # 10 s at 48 kHz: HTSAT-tiny's fixed input length
@@ -272,8 +272,8 @@ class Clap(nn.Module):
         elif cfg.weights == "demo":
             self.tokenizer = ClipBpe()
             path = demo_weights.demo_file("clap")
-            self.model = demo_weights.load(path, lambda: build_model(self.tokenizer))
-            self.weights_label, self.weights_sha256 = "demo", sha256_file(path)
+            self.model, sha = demo_weights.load(path, lambda: build_model(self.tokenizer))
+            self.weights_label, self.weights_sha256 = "demo", sha
         else:
             path = assets.require("clap") if cfg.weights == "pretrained" else Path(cfg.weights)
             if not path.is_file():
@@ -282,7 +282,8 @@ class Clap(nn.Module):
                     f"the path of a laion-clap checkpoint; `{assets.PREFETCH} clap` fetches the default)")
             self.tokenizer = RobertaBpe(assets.require("roberta_vocab"), assets.require("roberta_merges"))
             try:
-                sd = laion_state_dict(load_torch_weights(path))
+                sd, sha = load_hashed(path, load_torch_weights)
+                sd = laion_state_dict(sd)
             except Exception as e:
                 raise CheckpointError(f"{path} is not a readable laion-clap checkpoint: {e}") from None
             arch = f"{path} does not fit laion-clap HTSAT-tiny non-fusion + RoBERTa (630k-audioset-best.pt does)"
@@ -297,7 +298,7 @@ class Clap(nn.Module):
                 self.model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
                 raise WeightsMismatchError(f"{arch}: {e}") from None
-            self.weights_label, self.weights_sha256 = "pretrained", sha256_file(path)
+            self.weights_label, self.weights_sha256 = "pretrained", sha
         self.model.eval().requires_grad_(False)
 
     @property

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
 
 from siren import assets, demo_weights
 from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
-from siren.io import load_torch_file, sha256_file, weights_tag
+from siren.io import load_hashed, load_torch_file, weights_tag
 
 SAMPLE_RATE = 16_000
 N_LAYERS = 12
@@ -82,9 +83,8 @@ class Codec(nn.Module):
                 raise assets.MissingWeightsError(
                     f"codec weights file {path} does not exist" + (
                         "; rebuild it with python -m siren.demo_assets.codec" if cfg.weights == "demo" else ""))
-            self.dac, demo = load_dac(path)
+            (self.dac, demo), self.weights_sha256 = load_hashed(path, load_dac)
             self.weights_label = DEMO_LABEL if demo else "pretrained"
-            self.weights_sha256 = sha256_file(path)
         self.dac.eval().requires_grad_(False)
 
     @property
@@ -136,13 +136,13 @@ def weights_arg(label: str) -> str:
     return "demo" if label == DEMO_LABEL else label
 
 
-def load_dac(path: Path):
-    """A DAC .pth file (``state_dict`` + ``metadata.kwargs``, as descript-audio-codec saves it) ->
-    (the DAC built with the file's kwargs, whether the file is the project's demo codec).
+def load_dac(f: Path | BinaryIO):
+    """A DAC .pth file (``state_dict`` + ``metadata.kwargs``, as descript-audio-codec saves it; a path or an open
+    file) -> (the DAC built with the file's kwargs, whether the file is the project's demo codec).
     The quantizer, sample rate and hop must be the paper's; the widths may differ."""
     import dac
 
-    ckpt = load_torch_file(path)
+    ckpt, path = load_torch_file(f), f.name if hasattr(f, "read") else f
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: no 'state_dict' in the file; expected a DAC .pth (state_dict + metadata)")
     meta = ckpt.get("metadata", {})

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from siren.errors import CheckpointError, MissingWeightsError
+from siren.io import load_hashed, same_file
 
 log = logging.getLogger(__name__)
 
@@ -128,28 +129,32 @@ def save(path: Path, base: nn.Module, trained: dict[str, torch.Tensor], seed: in
         save_file({k: v.detach().cpu().contiguous() for k, v in trained.items()}, str(tmp), metadata=header)
 
 
-def header(path: Path) -> dict:
+def header(path: Path, data: bytes | None = None) -> dict:
+    """The file's metadata, checked to be a demo weights file's (from ``data``, the file's bytes, when read)."""
     from safetensors import safe_open
 
-    if not path.is_file():
+    if data is not None:  # safetensors: an 8-byte little-endian length, then the JSON header
+        head = dict(json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {})
+    elif not path.is_file():
         raise MissingWeightsError(f"demo weights file {path} is missing: it is part of the package "
                                   f"(reinstall, or rebuild it with `{REBUILD}`)")
-    with safe_open(str(path), "pt") as f:
-        head = dict(f.metadata() or {})
+    else:
+        with safe_open(str(path), "pt") as f:
+            head = dict(f.metadata() or {})
     if head.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a demo weights file (format {head.get('format')!r}, "
                               f"expected {FORMAT!r}); rebuild it with `{REBUILD}`")
     return head
 
 
-# Networks kept after loading, once ``keep_loaded()`` was called: (file, its size and mtime, maker) -> network,
-# and ("seeded", key..., seed) -> network for the seeded random builds that name a key (``seeded``).
+# Networks kept after loading, once ``keep_loaded()`` was called: (file, its size and mtime, maker) -> (network,
+# the file's sha256), and ("seeded", key..., seed) -> network for the seeded random builds that name a key (``seeded``).
 # The warm-start server of local grid runs (ablations/warm.py) turns it on and loads the demo networks
 # once; every job it forks then gets a copy instead of regenerating and checking them (~8 s of an
 # evaluation job on a 2-core CPU). The test suite turns it on too (tests/conftest.py): its processes build
 # the same random CLAP and metric networks dozens of times (not the codec: DAC's weight-norm tensors
 # cannot be deep-copied). Off elsewhere: a process loads each network once anyway.
-_KEPT: dict[tuple, nn.Module] | None = None
+_KEPT: dict[tuple, nn.Module | tuple[nn.Module, str]] | None = None
 
 
 def keep_loaded() -> None:
@@ -158,14 +163,21 @@ def keep_loaded() -> None:
         _KEPT = {}
 
 
-def load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
-    """The network ``make()`` with the demo weights of ``path``: seeded base, checked, trained tensors on top
-    (a copy of the kept one, after ``keep_loaded()``)."""
+def load(path: Path, make: Callable[[], nn.Module], sha256: str | None = None) -> tuple[nn.Module, str]:
+    """(the network ``make()`` with the demo weights of ``path``: seeded base, checked, trained tensors on top; the
+    sha256 of the file it was loaded from). ``sha256``: the hash the caller recorded for the file, checked
+    (``siren.io.load_hashed``). After ``keep_loaded()``, a copy of the kept network."""
+    if not Path(path).is_file():
+        header(Path(path))  # the missing-file error
     if _KEPT is None:
-        return _load(path, make)
+        return _load(path, make, sha256)
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, make.__module__, make.__qualname__)
-    return _kept(key, lambda: _load(path, make))
+    if key not in _KEPT:
+        _KEPT[key] = _load(path, make, sha256)
+    net, got = _KEPT[key]
+    same_file(path, sha256, got)
+    return copy.deepcopy(net), got
 
 
 def _kept(key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
@@ -194,13 +206,14 @@ def _check_codec(path: Path, head: dict) -> None:
                     path, want[:12], codec, REBUILD)
 
 
-def _load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
-    from safetensors.torch import load_file
+def _load(path: Path, make: Callable[[], nn.Module], sha256: str | None) -> tuple[nn.Module, str]:
+    from safetensors.torch import load
 
-    head = header(path)
+    data, sha256 = load_hashed(path, lambda f: f.read(), sha256)  # the tensors loaded are the ones hashed
+    head = header(path, data)
     _check_codec(path, head)
     net = _seeded(int(head["base_seed"]), make)
-    trained = load_file(str(path))
+    trained = load(data)
     full = net.state_dict()
     unknown = sorted(set(trained) - set(full))
     if unknown:
@@ -217,4 +230,4 @@ def _load(path: Path, make: Callable[[], nn.Module]) -> nn.Module:
                  "matches its fingerprint within float rounding (largest sampled difference %.1e): another CPU's "
                  "vectorised kernels", path.name, worst)
     net.load_state_dict({**full, **{k: v.to(full[k].dtype) for k, v in trained.items()}}, strict=True)
-    return net
+    return net, sha256

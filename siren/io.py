@@ -16,7 +16,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from siren.errors import CheckpointError, ConfigError, DataError
 
@@ -99,14 +99,38 @@ def weights_tag(weights_sha256: str) -> str:
     return weights_sha256 if weights_sha256.startswith("random-seed") else weights_sha256[:16]
 
 
-def file_digest(*paths: str | os.PathLike, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+def file_digest(*paths: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest (``hashlib`` algorithm name) of the files' bytes, concatenated, read in chunks."""
     h = hashlib.new(algorithm)
     for p in paths:
         with open(p, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+            _update(h, f)
     return h.hexdigest()
+
+
+def _update(h, f, chunk: int = 1 << 20) -> None:
+    while block := f.read(chunk):
+        h.update(block)
+
+
+def load_hashed(path: str | os.PathLike, load: Callable[[BinaryIO], Any], sha256: str | None = None) -> tuple[Any, str]:
+    """``(load(f), the file's sha256)`` with ``f`` the file at ``path`` opened once, hashed, and rewound: the
+    weights loaded and the hash recorded for them (ids, cache keys, cards) are of one version of the file even
+    when it is replaced meanwhile (hashed and loaded by path, the results of one file were filed under the
+    other's hash). ``sha256``: the hash the run recorded before a lazy load; another is a CheckpointError."""
+    with open(path, "rb") as f:
+        h = hashlib.sha256()
+        _update(h, f)
+        same_file(path, sha256, h.hexdigest())
+        f.seek(0)
+        return load(f), h.hexdigest()
+
+
+def same_file(path: str | os.PathLike, recorded: str | None, got: str) -> None:
+    """A CheckpointError when a file's sha256 is not the one the run recorded for it (``None``: none recorded)."""
+    if recorded is not None and got != recorded:
+        raise CheckpointError(f"{path} changed while this run was using it (sha256 {recorded[:16]}... when the run "
+                              f"began, {got[:16]}... now): run it again, on one version of the file")
 
 
 def _safe_globals() -> list:
@@ -208,9 +232,9 @@ def torch_load_reason(e: Exception) -> str:
     return " ".join(str(e).split(". ")[0].split())[:300]
 
 
-def load_torch_file(path: str | os.PathLike, **kwargs) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; a file it cannot read (truncated, not torch, code in it) is a
-    CheckpointError naming the file and why, in one line."""
+def load_torch_file(path: str | os.PathLike | BinaryIO, **kwargs) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU (``path``: a file name or an open binary file); a file it
+    cannot read (truncated, not torch, code in it) is a CheckpointError naming the file and why, in one line."""
     import torch
 
     try:
@@ -218,21 +242,34 @@ def load_torch_file(path: str | os.PathLike, **kwargs) -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable torch file ({torch_load_reason(e)})") from None
+        raise CheckpointError(f"{path.name if hasattr(path, 'read') else path}: not a readable torch file "
+                              f"({torch_load_reason(e)})") from None
 
 
-def load_torch_weights(path: str | os.PathLike) -> dict:
-    """A torch checkpoint without executing code from it: weights_only=True, or for pickle
+def load_torch_mmap(f: BinaryIO) -> Any:
+    """``load_torch_file`` of an open file, memory-mapped: torch maps a file by its path only, so the path is then
+    checked to still name the open (hashed, ``load_hashed``) file, not one put there meanwhile."""
+    out = load_torch_file(f.name, mmap=True)
+    opened, now = os.fstat(f.fileno()), os.stat(f.name)
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
+            opened.st_dev, opened.st_ino, opened.st_size, opened.st_mtime_ns):
+        raise CheckpointError(f"{f.name} was replaced while this run loaded it: run it again, on one version of it")
+    return out
+
+
+def load_torch_weights(f: BinaryIO) -> dict:
+    """A torch checkpoint (an open binary file) without executing code from it: weights_only=True, or for pickle
     protocols weights_only cannot parse, the same rules through a restricted unpickler."""
     import torch
 
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported operand" not in str(e):
-            raise pickle.UnpicklingError(f"{path}: not loadable as plain weights ({torch_load_reason(e)})") from None
+            raise pickle.UnpicklingError(f"{f.name}: not loadable as plain weights ({torch_load_reason(e)})") from None
+    f.seek(0)
     try:  # weights_only=False hands the file to _RestrictedPickle, which keeps weights_only's rules
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+        return torch.load(f, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
     except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(f"{path}: not loadable as plain weights ({e})") from None
+        raise pickle.UnpicklingError(f"{f.name}: not loadable as plain weights ({e})") from None

@@ -444,6 +444,11 @@ def test_a_wrong_metric_weights_file_is_named(tmp_path, monkeypatch):
     torch.save({"model": {"fc1.weight": torch.zeros(3, 3)}}, dest)
     with pytest.raises(WeightsMismatchError, match=r"does not fit PannsCnn14 \(.*prefetch panns_cnn14_16k"):
         PannsCnn14("pretrained").net
+    # the file hashed into the backbone's id (feature cache keys) at __init__, replaced before its first use
+    backbone = PannsCnn14("pretrained")
+    torch.save({"model": {}}, dest)
+    with pytest.raises(CheckpointError, match="changed while this run was using it"):
+        backbone.net
 
 
 def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(tmp_path, capsys):

@@ -14,6 +14,7 @@ from siren import demo_weights
 from siren.data.demo import CLASSES, clip
 from siren.demo_assets.data import Split
 from siren.errors import CheckpointError, MissingWeightsError
+from siren.io import sha256_file
 
 
 def tiny_split(split: str, classes=(0, 3, 9), per_class: int = 2) -> Split:
@@ -33,7 +34,8 @@ def test_overlay_round_trip_and_hash_check(tmp_path, fresh_builds):
     trained = {"2.weight": torch.randn(3, 5), "2.bias": torch.randn(3)}
     path = tmp_path / "m.safetensors"
     demo_weights.save(path, base, trained, seed=3, meta={"x": 1})
-    net = demo_weights.load(path, _mlp)
+    net, sha = demo_weights.load(path, _mlp)
+    assert sha == sha256_file(path)  # the hash of the bytes the tensors came from
     # the untouched tensors are the seed's, the trained ones the file's
     assert torch.equal(net[0].weight, base[0].weight) and torch.equal(net[2].weight, trained["2.weight"])
     assert demo_weights.header(path)["label"] == "demo weights (trained on the embedded set)"
@@ -45,9 +47,23 @@ def test_overlay_round_trip_and_hash_check(tmp_path, fresh_builds):
         demo_weights.load(tmp_path / "absent.safetensors", _mlp)
 
 
-def test_a_codec_rebuilt_without_its_backbones_is_named_at_load(tmp_path, caplog, fresh_builds):
-    from siren.io import sha256_file
+def test_a_file_replaced_after_its_hash_was_recorded_is_refused(tmp_path, fresh_builds, monkeypatch):
+    # a backbone hashes its file into its id (cache keys) at __init__ and loads it at first use: a file
+    # replaced between them would give features filed under the first file's hash
+    path = tmp_path / "m.safetensors"
+    demo_weights.save(path, demo_weights.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3, meta={})
+    recorded = sha256_file(path)
+    demo_weights.save(path, demo_weights.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3, meta={})
+    with pytest.raises(CheckpointError, match="changed while this run was using it"):
+        demo_weights.load(path, _mlp, recorded)
+    monkeypatch.setattr(demo_weights, "_KEPT", None)
+    demo_weights.keep_loaded()  # the kept network is checked as well
+    demo_weights.load(path, _mlp)
+    with pytest.raises(CheckpointError, match="changed while this run was using it"):
+        demo_weights.load(path, _mlp, recorded)
 
+
+def test_a_codec_rebuilt_without_its_backbones_is_named_at_load(tmp_path, caplog, fresh_builds):
     codec = tmp_path / demo_weights.CODEC_FILE
     codec.write_bytes(b"the codec the backbones trained on")
     path = tmp_path / "m.safetensors"
@@ -67,8 +83,9 @@ def test_kept_networks_are_copies_of_one_load(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_weights, "_KEPT", None)
     demo_weights.keep_loaded()  # what the warm-start server does before loading the demo networks
     loads = []
-    monkeypatch.setattr(demo_weights, "_load", lambda p, make: loads.append(p) or demo_weights.seeded(3, make))
-    a, b = demo_weights.load(path, _mlp), demo_weights.load(path, _mlp)
+    monkeypatch.setattr(demo_weights, "_load",
+                        lambda p, make, sha: loads.append(p) or (demo_weights.seeded(3, make), sha256_file(p)))
+    (a, _), (b, _) = demo_weights.load(path, _mlp), demo_weights.load(path, _mlp)
     assert len(loads) == 1 and a is not b  # loaded once; each caller owns its copy (a .to(device) stays its own)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     st = path.stat()
@@ -115,7 +132,7 @@ def test_an_init_that_differs_only_in_float_rounding_loads(tmp_path, fresh_build
     base = demo_weights.seeded(3, _mlp)
     path = tmp_path / "m.safetensors"
     demo_weights.save(path, base, {"2.bias": torch.randn(3)}, seed=3, meta={})
-    net = demo_weights.load(path, _nudged(3e-7))
+    net, _ = demo_weights.load(path, _nudged(3e-7))
     assert not torch.equal(net[0].weight, base[0].weight)
     assert torch.allclose(net[0].weight, base[0].weight, rtol=1e-6, atol=0)
     with pytest.raises(CheckpointError, match="first at tensor '0.bias'"):
@@ -229,7 +246,6 @@ def _clips(d: Split):
 @pytest.mark.parametrize("asset", sorted(demo_weights.DEMO_FILES))
 def test_committed_files_are_demo_overlays(asset):
     from siren.codec import DEMO_FILE
-    from siren.io import sha256_file
 
     head = demo_weights.header(demo_weights.demo_file(asset))
     assert head["label"] == demo_weights.LABEL and len(head["base_sha256"]) == 64

@@ -11,6 +11,7 @@ import torch
 from siren import assets, demo_weights
 from siren.codec import CODEBOOK_DIM, DAC_KWARGS, HOP, N_LAYERS, Codec, CodecConfig
 from siren.config import ConfigError, from_dict, load_config, to_dict
+from siren.io import sha256_file
 
 
 @dataclass
@@ -161,6 +162,49 @@ def test_pretrained_file_path_round_trip_and_wrong_model(codec, tmp_path):
     torch.save({"state_dict": {}, "metadata": {"kwargs": {**DAC_KWARGS, "sample_rate": 44100}}}, bad)
     with pytest.raises(ValueError, match="dac44k.pth"):
         Codec(CodecConfig(weights=str(bad)))
+
+
+def test_a_codec_file_replaced_while_loading_is_recorded_under_the_hash_of_what_was_loaded(codec, tmp_path,
+                                                                                         monkeypatch):
+    # hashed and loaded in two reads, a file replaced between them filed the first file's codes under the second's
+    # hash (codec.id keys every codes cache)
+    import siren.codec
+
+    first, second = tmp_path / "dac.pth", tmp_path / "other.pth"
+    torch.save({"state_dict": codec.dac.state_dict(), "metadata": {"kwargs": DAC_KWARGS}}, first)
+    other = {k: v + 0.01 if v.is_floating_point() else v for k, v in codec.dac.state_dict().items()}
+    torch.save({"state_dict": other, "metadata": {"kwargs": DAC_KWARGS}}, second)
+    want = sha256_file(first)
+    load_dac = siren.codec.load_dac
+
+    def load_then_replace(f):
+        out = load_dac(f)
+        os.replace(second, first)  # a new version lands while this run reads the old one
+        return out
+
+    monkeypatch.setattr(siren.codec, "load_dac", load_then_replace)
+    loaded = Codec(CodecConfig(weights=str(first)))
+    assert loaded.weights_sha256 == want and sha256_file(first) != want
+    wav = 0.1 * torch.randn(1, 8000, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.encode(wav), codec.encode(wav))  # the first file's weights, under its hash
+
+
+def test_a_file_memory_mapped_by_path_is_checked_to_be_the_hashed_one(tmp_path):
+    from siren.errors import CheckpointError
+    from siren.io import load_hashed, load_torch_mmap
+
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    out, sha = load_hashed(path, load_torch_mmap)  # as the ImageBind reward loads its 4.5 GB file
+    assert torch.equal(out["w"], torch.ones(2)) and sha == sha256_file(path)
+
+    def replaced_meanwhile(f):
+        torch.save({"w": torch.zeros(2)}, tmp_path / "new.pt")
+        os.replace(tmp_path / "new.pt", path)
+        return load_torch_mmap(f)
+
+    with pytest.raises(CheckpointError, match="w.pt was replaced while this run loaded it"):
+        load_hashed(path, replaced_meanwhile)
 
 
 def test_derived_seeds_do_not_collide_past_the_layout():

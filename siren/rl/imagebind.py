@@ -31,7 +31,7 @@ from torch import Tensor
 from siren import assets
 from siren.codec import SAMPLE_RATE
 from siren.errors import AudioError
-from siren.io import load_torch_file, sha256_file
+from siren.io import load_hashed, load_torch_mmap
 
 INSTALL = 'pip install -e ".[imagebind]"  (the PyPI package imagebind-unofficial)'
 BPE = Path("bpe") / "bpe_simple_vocab_16e6.txt.gz"
@@ -122,12 +122,12 @@ def reward_part(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if (k.split(".") + [""])[1] not in UNUSED}
 
 
-def build(weights_path: Path | None, seed: int = 0) -> torch.nn.Module:
+def build(state: dict[str, Tensor] | None, seed: int = 0) -> torch.nn.Module:
     """ImageBind-Huge (the package's ``ImageBindModel`` with ``imagebind_huge``'s arguments), text and audio
     branches only. The unused modalities' trunks are built with no blocks and then dropped: building the
     whole model first (the 630M-parameter vision trunk among them) took ~15 s and ~5 GB on 2 CPU cores, and
-    it cannot be built on the meta device (its constructor calls ``.item()``). ``weights_path``, when given,
-    is then loaded strictly: every tensor of the two branches must be in the file, with its shape."""
+    it cannot be built on the meta device (its constructor calls ``.item()``). ``state`` (imagebind_huge.pth's),
+    when given, is then loaded strictly: every tensor of the two branches must be in it, with its shape."""
     ib = models()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,8 +136,7 @@ def build(weights_path: Path | None, seed: int = 0) -> torch.nn.Module:
                  model.modality_postprocessors):
         for name in UNUSED:
             del part[name]
-    if weights_path is not None:
-        state = load_torch_file(weights_path, mmap=True)
+    if state is not None:
         model.load_state_dict(reward_part(state), strict=True)
     return model.eval().requires_grad_(False)
 
@@ -150,16 +149,18 @@ class ImageBindReward:
     def __init__(self, weights: str = "pretrained", seed: int = 0, device: str | torch.device = "cpu"):
         package_dir()  # fail on a missing package before looking for weights
         if weights == "random":
-            path, self.weights_sha256, self.weights_label = None, f"random-seed{seed}", "random"
+            state, self.weights_sha256, self.weights_label = None, f"random-seed{seed}", "random"
         else:
             path = assets.require("imagebind") if weights == "pretrained" else Path(weights)
             if not path.is_file():
                 raise assets.MissingWeightsError(
                     f"ImageBind-Huge weights {path} do not exist (reward.weights= takes pretrained, random or the "
                     f"path of imagebind_huge.pth; `{assets.PREFETCH} imagebind` fetches the default)")
-            self.weights_sha256, self.weights_label = sha256_file(path), "pretrained"
+            # mmap: the unused vision trunk's 2.5 GB of the 4.5 GB file are hashed but never held in memory
+            state, self.weights_sha256 = load_hashed(path, load_torch_mmap)
+            self.weights_label = "pretrained"
         self.device = torch.device(device)
-        self.model = build(path, seed).to(self.device)
+        self.model = build(state, seed).to(self.device)
         self.tokenizer = tokenizer()
         self.id = f"imagebind-huge-{self.weights_sha256[:16]}"
 
