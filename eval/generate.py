@@ -50,6 +50,11 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     paths = [child_path(out_dir, id_, ".wav") for id_ in ids]  # before anything is built or written
     out_dir.mkdir(parents=True, exist_ok=True)
     model = siren.load(run_dir, device)
+    if isinstance(model, ContinuousLM) and (sample.top_k or sample.top_p):
+        # they filter a distribution over codes; recorded on the card, they would claim a setting never applied
+        raise ConfigError(f"sample.top_k={sample.top_k} / sample.top_p={sample.top_p}: {run_dir} is a "
+                          f"continuous-token model (paper/003), whose diffusion head has no codes to filter; "
+                          f"leave both 0 (sample.temperature scales its noise)")
     n_frames = max(1, round(seconds * FRAME_RATE))
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")

@@ -186,3 +186,8 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     wav, sr = sf.read(tmp_path / "gen" / "x.wav")
     assert card["generated_now"] == 1 and sr == 16_000 and len(wav) == 5 * 320
     assert torch.isfinite(torch.tensor(wav)).all()
+    # top_k / top_p filter codes: a continuous model has none, and its card must not claim them
+    with pytest.raises(ConfigError, match="continuous-token model"):
+        generate_set(tmp_path / "run", ["y"], ["a cat"], tmp_path / "gen2", seconds=0.1, batch_size=1, seed=0,
+                     sample=SampleConfig(top_k=250))
+    assert not (tmp_path / "gen2" / "y.wav").exists()
