@@ -20,6 +20,8 @@ text encoder); with ``run=`` they must be the run's codec and text encoder, whic
 """
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,8 @@ from siren.data import PreparedDataset
 from siren.data.cache import index_path
 from siren.errors import ConfigError, DataError
 from siren.runtime import resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,10 +69,14 @@ def reduce_gradient(grad: torch.Tensor) -> torch.Tensor:
 
 
 def angle_matrix(vectors: torch.Tensor | np.ndarray) -> np.ndarray:
-    """[H, n] -> [H, H] pairwise angles in degrees, arccos of the cosine (clipped to [-1, 1])."""
+    """[H, n] -> [H, H] pairwise angles in degrees, arccos of the cosine (clipped to [-1, 1]). A zero vector has
+    no direction: its angles are NaN (a cosine of 0 would read as 90 degrees, "orthogonal")."""
     v = torch.as_tensor(vectors, dtype=torch.float64)
-    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    return torch.rad2deg(torch.arccos((unit @ unit.T).clamp(-1.0, 1.0))).numpy()
+    norm = v.norm(dim=1, keepdim=True)
+    angles = torch.rad2deg(torch.arccos((v / norm.clamp_min(1e-300) @ (v / norm.clamp_min(1e-300)).T).clamp(-1, 1)))
+    zero = norm[:, 0] == 0
+    angles[zero], angles[:, zero] = float("nan"), float("nan")
+    return angles.numpy()
 
 
 def head_losses(expert, batch: dict) -> list[torch.Tensor]:
@@ -206,7 +214,15 @@ def run(cfg: GradientAnglesConfig) -> list:
                      for i in range(H) for j in range(i + 1, H)]
             b += 1
     angles = np.array([r["angle_deg"] for r in rows])
-    mean = np.mean(mats, 0)
+    if np.isnan(angles).any():  # a head whose loss did not reach the parameter, or was exactly 0
+        log.warning("%d of %d angles are NaN (a head's gradient on %s was zero); the CSVs keep them, the summary "
+                    "and the figures leave them out", np.isnan(angles).sum(), angles.size, name)
+        if np.isnan(angles).all():
+            raise DataError(f"every head's gradient on {name} was zero: no angle to measure; probe another param=")
+        angles = angles[~np.isnan(angles)]
+    with warnings.catch_warnings():  # a head zero in every batch: its row of the mean is NaN, shown blank
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(mats, 0)
     info = PreparedDataset(data, cfg.split, crop_s=None).info
     weights = {"codec": info["codec"]["weights"], "text": info["text"]["weights"]}
     note = "; ".join(p for k, v in weights.items() if (p := weights_phrase(k, v)))

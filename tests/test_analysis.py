@@ -76,6 +76,9 @@ def test_angles_of_identical_orthogonal_and_opposite_directions():
     assert a[2, 3] == pytest.approx(90.0, abs=1e-9)
     assert a[2, 4] == pytest.approx(180.0, abs=1e-5)
     np.testing.assert_allclose(a, a.T)
+    # a zero gradient has no direction: NaN, not the 90 degrees ("orthogonal") a cosine of 0 gives
+    z = gradient_angles.angle_matrix(np.stack([u[0], np.zeros(30), u[1]]))
+    assert np.isnan(z[1]).all() and np.isnan(z[:, 1]).all() and z[0, 2] == pytest.approx(90.0, abs=1e-9)
     g = torch.arange(12.0).reshape(3, 4)  # [out, in]
     assert gradient_angles.reduce_gradient(g).tolist() == [4.0, 5.0, 6.0, 7.0]  # mean over the output dimension
 
