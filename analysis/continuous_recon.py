@@ -3,8 +3,9 @@ keeps, and what the decoded audio loses, beside the RVQ's own loss on the same c
 
 The PCA is fitted on demo train clips (``train_per_class`` per class) and measured on one test clip per
 class (decoding is slow); every candidate latent is decoded by the same DAC decoder. Columns: FVU =
-||z-hat - z||^2 / ||z - mean||^2 (0 = exact), SNR of the decoded waveform against the decode of z
-itself (the codec's own ceiling), log-spectrum L1 of the decoded waveform against the input audio.
+||z-hat - z||^2 / ||z - mean||^2 over the test clips' frames, the mean theirs (0 = exact), SNR of the
+decoded waveform against the decode of z itself (the codec's own ceiling), log-spectrum L1 of the
+decoded waveform against the input audio.
 The continuous family's own projection is fitted per prepared directory by ``python -m siren.data.latents``.
 
     python -m analysis.continuous_recon                          # the demo codec
@@ -24,9 +25,13 @@ from siren.errors import ConfigError
 from siren.model.continuous.latent import LATENT_DIM, LatentProjection, dac_latent, decode_latent, rvq_latent
 
 
-def fvu(approx: torch.Tensor, z: torch.Tensor, mean: torch.Tensor) -> float:
-    """Fraction of variance unexplained: ||z-hat - z||^2 / ||z - mean||^2 over all frames (0 = exact)."""
-    return float((approx - z).pow(2).sum() / (z - mean[:, None]).pow(2).sum())
+def fvu(approx: list[torch.Tensor], z: list[torch.Tensor]) -> float:
+    """Fraction of variance unexplained over all frames of all clips ([D, T] each): sum ||z-hat - z||^2 /
+    sum ||z - mean||^2, the mean the measured frames' own (0 = exact, 1 = no better than that mean; the train
+    mean would also count its offset from these clips as variance explained)."""
+    mean = torch.cat(z, 1).double().mean(1, keepdim=True)
+    return float(sum((a.double() - b.double()).pow(2).sum() for a, b in zip(approx, z))
+                 / sum((b.double() - mean).pow(2).sum() for b in z))
 
 
 def snr_db(ref: torch.Tensor, est: torch.Tensor) -> float:
@@ -43,7 +48,7 @@ def log_spec_l1(ref: torch.Tensor, est: torch.Tensor, n_fft: int = 1024) -> floa
 @dataclass
 class Reconstruction:
     name: str  # "RVQ-12", "PCA-k" or "latent-1024"
-    latent_fvu: float  # vs the continuous latent z
+    latent_fvu: float  # vs the continuous latent z, pooled over the test clips
     snr_db: float  # decoded waveform vs the decode of z itself (the codec's own ceiling)
     spec_l1_input: float  # log-spectrum L1 of the decoded waveform vs the input audio
 
@@ -54,6 +59,7 @@ def reconstruction(codec, train_wavs: list[torch.Tensor], test_wavs: list[torch.
     """Reconstruction error of PCA-reduced latents (fitted on train_wavs) and of the 12-layer RVQ, on test_wavs."""
     proj_full = LatentProjection.fit((dac_latent(codec, w) for w in train_wavs), LATENT_DIM, whiten=False)
     rows: dict[str, list] = {}
+    latents: dict[str, list] = {}  # name -> [z-hat of each test clip]; "latent-1024": z itself
     for wav in test_wavs:
         z = dac_latent(codec, wav)
         n = wav.shape[-1]
@@ -64,10 +70,11 @@ def reconstruction(codec, train_wavs: list[torch.Tensor], test_wavs: list[torch.
             cands[f"PCA-{k}"] = proj.decode(proj.encode(z))
         for name, zh in cands.items():
             out = decode_latent(codec, zh)[0, :n]
-            rows.setdefault(name, []).append((fvu(zh[0], z[0], proj_full.mean), snr_db(ref, out),
-                                              log_spec_l1(wav.reshape(-1)[:n].float(), out)))
+            latents.setdefault(name, []).append(zh[0])
+            rows.setdefault(name, []).append((snr_db(ref, out), log_spec_l1(wav.reshape(-1)[:n].float(), out)))
     order = ["latent-1024", "RVQ-12", *(f"PCA-{k}" for k in dims)]
-    return [Reconstruction(name, *(sum(col) / len(col) for col in zip(*rows[name]))) for name in order]
+    return [Reconstruction(name, fvu(latents[name], latents["latent-1024"]),
+                           *(sum(col) / len(col) for col in zip(*rows[name]))) for name in order]
 
 
 def _truncate(full: LatentProjection, k: int) -> LatentProjection:
