@@ -18,6 +18,7 @@ and makes ``weights_sha256`` read ``random-seed<k>``.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import sys
@@ -45,6 +46,9 @@ RESAMPLERS = {
     "resampy": "resampy.resample(float64, filter='kaiser_best') (audioldm_eval / frechet_audio_distance FAD)",
     "librosa": "librosa.resample(float32, res_type='soxr_hq') (librosa.load(sr=48000) in laion_clap)",
 }
+
+# The distributions whose code computes each resampler's output (their versions key the embedding cache)
+RESAMPLER_LIBRARIES = {"torchaudio": ("torchaudio",), "resampy": ("resampy",), "librosa": ("librosa", "soxr")}
 
 # The 16 kHz Cnn14 (Cnn14_16k_mAP=0.438.pth), as audioldm_eval builds it for sampling_rate=16000.
 PANNS_16K = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=64, fmin=50, fmax=8000,
@@ -82,6 +86,7 @@ class Backbone(ABC):
     sample_rate: int
     outputs: tuple[str, ...]
     asset: str  # siren.assets name of the pretrained weights
+    libraries: tuple[str, ...]  # the distributions whose code the network runs (besides torch and numpy)
     channel: str  # default: the reference code's (class attribute), overridable per instance
     resampler: str
 
@@ -133,8 +138,12 @@ class Backbone(ABC):
         return f"{self.name}-{weights_tag(self.weights_sha256)}"
 
     def protocol(self) -> dict:
-        """Everything besides the weights that shapes the outputs (recorded in the card, hashed into cache keys)."""
-        return {"channel": self.channel, "resampler": RESAMPLERS[self.resampler], **self.model_protocol()}
+        """Everything besides the weights that shapes the outputs (recorded in the card, hashed into cache keys):
+        with the versions of the libraries that compute them, so an upgrade computes embeddings afresh rather
+        than mixing in the former version's."""
+        libraries = ("torch", "numpy", *RESAMPLER_LIBRARIES[self.resampler], *self.libraries)
+        return {"channel": self.channel, "resampler": RESAMPLERS[self.resampler], **self.model_protocol(),
+                "versions": {d: importlib.metadata.version(d) for d in libraries}}
 
     @abstractmethod
     def model_protocol(self) -> dict:
@@ -192,6 +201,7 @@ class PannsCnn14(Backbone):
     by a hook before the sigmoid that forward applies.
     """
     name = "panns_cnn14_16k"
+    libraries = ("panns-inference",)
     sample_rate = 16000
     outputs = ("embedding", "logits")
     asset = "panns_cnn14_16k"
@@ -254,6 +264,7 @@ class VGGish(Backbone):
     harness's earlier behaviour); ``error``: refused.
     """
     name = "vggish"
+    libraries = ("torchvggish",)
     sample_rate = 16000
     outputs = ("frames",)
     asset = "vggish"
@@ -335,6 +346,7 @@ class ClapAudio(Backbone):
     laion_clap takes a random 10 s window (not reproducible).
     """
     name = "clap"
+    libraries = ("laion-clap", "transformers")
     sample_rate = 48000
     outputs = ("audio",)
     asset = "clap"

@@ -204,6 +204,25 @@ def test_cache_second_run_computes_nothing_and_a_changed_file_exactly_one(cli_ru
     assert cards.RANDOM_BANNER in capsys.readouterr().out
 
 
+def test_an_upgraded_library_computes_embeddings_afresh(cli_run, sets, monkeypatch):
+    # the cache key holds the versions of the code that computed an entry: another resampy or torchvggish
+    # can give other last bits, which a reused entry would mix into the new version's numbers
+    import importlib.metadata
+
+    import eval.backbones
+
+    root, manifest, _ = sets
+    assert main(_args(root, manifest, "gen", "out_same", "metrics=fad")) == 0
+    assert json.loads((root / "out_same" / "results.json").read_text())["cache"]["fad"]["computed"] == 0
+    real = importlib.metadata.version
+    monkeypatch.setattr(eval.backbones.importlib.metadata, "version",
+                        lambda d: "99.0" if d == "torchvggish" else real(d))
+    assert main(_args(root, manifest, "gen", "out_upgraded", "metrics=fad")) == 0
+    results = json.loads((root / "out_upgraded" / "results.json").read_text())
+    assert results["cache"]["fad"] == {"hits": 0, "computed": 8}
+    assert results["card"]["backbones"]["fad"]["versions"]["torchvggish"] == "99.0"
+
+
 def test_identical_folders_give_zero_distances_and_kl(cli_run, sets):
     root, manifest, ids = sets
     cfg = EvalConfig(gen_dir=str(root / "ref" / "audio"), ref=str(manifest), weights="random",
