@@ -71,7 +71,7 @@ from .spectral_loss import SpectralLoss
 log = logging.getLogger(__name__)
 
 # Narrow DAC: the paper's quantizer and 1024-d latent (the model's code embeddings read it), 16- and
-# 128-wide convolutions instead of 64 and 1536 (4.2M parameters instead of 74M).
+# 128-wide convolutions instead of 64 and 1536 (3.5M parameters instead of 74M).
 DEMO_KWARGS = dict(encoder_dim=16, encoder_rates=[2, 4, 5, 8], latent_dim=1024, decoder_dim=128,
                    decoder_rates=[8, 5, 4, 2], n_codebooks=N_LAYERS, codebook_size=CODEBOOK_SIZE,
                    codebook_dim=CODEBOOK_DIM, quantizer_dropout=0.5, sample_rate=SAMPLE_RATE)
