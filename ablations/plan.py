@@ -14,7 +14,7 @@ from ablations.grid import MANIFESTS, Grid, Row, cell_id, load_grid
 from ablations.pipeline import Job
 from ablations.scales import resolve
 from siren.config import check_numbers, load_config
-from siren.errors import ConfigError
+from siren.errors import ConfigError, DataError
 from siren.io import check_folder
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,28 @@ def check_manifests(cells: list[Cell]) -> None:
     if absent:
         raise ConfigError(f"no such file: {', '.join(absent)}; give the manifests' paths as the jobs will see them "
                           "(action=table writes the tables of finished jobs without reading them)")
+
+
+def check_prepared(jobs: list[Job]) -> None:
+    """Before anything is submitted, the audio of every finished prepare job is still the audio it encoded: a file
+    replaced under the same path would otherwise leave the former audio's codes, and the models trained and
+    evaluated on them, counted as this data's (cells are keyed by the manifests' contents, not the audio's)."""
+    from siren.data.prepare import changed_sources
+
+    for job in jobs:
+        if job.fn is not steps.prepare_step or not job.done.is_file():
+            continue
+        data_dir = job.done.parent
+        changed = [c for index in sorted((data_dir / "splits").glob("*.json")) for c in changed_sources(data_dir,
+                                                                                                         index.stem)]
+        if not changed:
+            continue
+        fix = ("to use the new audio, copy the manifest to a new name and point set.data.train (and set.data.test) "
+               "at it: new cells, trained afresh" if job.kwargs["cfg"]["data.source"] == "manifest" else
+               "the demo set is generated: run the grid with another out= to start from a fresh one")
+        raise DataError(f"{data_dir}: {len(changed)} audio file(s) changed since they were prepared, e.g. "
+                        f"{'; '.join(changed[:3])}. The codes there, and every model trained or evaluated on them, "
+                        f"are of the former audio. Restore the files to keep these results; {fix}.")
 
 
 def data_paths(cfg: dict, data_dir: Path) -> tuple[str, str, str | None]:

@@ -194,6 +194,43 @@ def test_demo_classes_are_distinct():
 
 # ---------------------------------------------------------------- prepare
 
+def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, codec, text_encoder):
+    # prepare's caches are keyed by content, but a finished grid does not run prepare again: the check is
+    # what stops a file replaced under the same path from keeping the former audio's codes (ablations.plan)
+    from siren.data.prepare import changed_sources
+
+    m = tiny_set(tmp_path / "src", n=3)
+    run(m, tmp_path / "out", codec, text_encoder)
+    assert changed_sources(tmp_path / "out", "manifest") == []
+    a0 = tmp_path / "src/a0.wav"
+    a0.write_bytes(a0.read_bytes())  # rewritten with the same bytes (a copy, a restore): another mtime only
+    x, _ = sf.read(tmp_path / "src/a2.wav")
+    write_wav(tmp_path / "src/a2.wav", 0.5 * x)
+    (tmp_path / "src/a1.wav").unlink()
+    assert changed_sources(tmp_path / "out", "manifest") == [f"{tmp_path / 'src/a1.wav'} (no such file or directory)",
+                                                              f"{tmp_path / 'src/a2.wav'} (other bytes)"]
+
+
+def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, text_encoder):
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, check_prepared, parse, plan
+    from siren import io
+
+    m = tiny_set(tmp_path / "src", n=2)
+    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}"]
+    run_cfg = parse([*args, *(f"set.data.{k}={m}" for k in ("train", "test", "prompts"))])
+    jobs = plan(cells_of(load_grid("table6"), run_cfg), run_cfg)
+    (prep,) = [j for j in jobs if j.key.startswith("data-")]
+    run(m, prep.kwargs["data_dir"], codec, text_encoder)  # what the prepare job did, then its done marker
+    io.write_json(prep.done, {})
+    check_prepared(jobs)
+    x, _ = sf.read(tmp_path / "src/a0.wav")
+    write_wav(tmp_path / "src/a0.wav", 0.5 * x)
+    with pytest.raises(DataError, match=r"1 audio file\(s\) changed since they were prepared, e\.g\. .*a0\.wav "
+                                        r"\(other bytes\).*copy the manifest to a new name"):
+        check_prepared(jobs)
+
+
 def test_prepare_caches_by_content(tmp_path, codec, text_encoder):
     m = tiny_set(tmp_path / "src", n=3)
     c, t = Counting(codec), Counting(text_encoder)

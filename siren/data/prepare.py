@@ -116,10 +116,11 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     shard_path(out, split, shard, num_shards).unlink(missing_ok=True)
 
     # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
-    sha, keys, todo, bad = {}, {}, {}, {}
+    sha, keys, todo, bad, source = {}, {}, {}, {}, {}
     for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
         try:
-            data = row.audio.read_bytes()
+            with open(row.audio, "rb") as fh:
+                data, st = fh.read(), os.fstat(fh.fileno())
         except FileNotFoundError:
             bad[i] = f"{row.audio}: audio file not found (id {row.id})"
             continue
@@ -129,6 +130,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         h = sha256(data)
         key = codes_key(h, audio.key(), codec.id)
         sha[key], keys[i] = h, key
+        source[i] = {"source_sha256": h, "source_stat": [st.st_size, st.st_mtime_ns]}  # for changed_sources
         if key in todo or cache_path(out, "codes", key).is_file():
             continue
         try:
@@ -188,7 +190,8 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
             real, chunks = f.get_tensor("real_frames").tolist(), f.get_tensor("chunks").tolist()
             frames = f.get_slice("codes").get_shape()[-1]
         entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
-                        "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real, "chunks": chunks})
+                        **source[i], "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real,
+                        "chunks": chunks})
         if i in crop_keys:
             c = load_file(cache_path(out, "crops", crop_keys[i]))
             entries[-1]["crop_filter"] = [{"crop_frames": crop, "offsets": c["offsets"].tolist(), "clap": cl.tolist(),
@@ -230,7 +233,9 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
         for s, (real, chunk) in enumerate(zip(e["real_frames"], e["chunks"])):
             # appendix A segmentation: chunk k of a split file (k * duration_s onwards) is item "<id>#<k>"
             items.append({"id": e["id"] if chunk < 0 else f"{e['id']}#{chunk}", "caption": e["caption"],
-                          "label": e["label"], "source": e["audio"], "codes": e["codes"], "segment": s,
+                          "label": e["label"], "source": e["audio"],
+                          **{k: e[k] for k in ("source_sha256", "source_stat") if k in e},
+                          "codes": e["codes"], "segment": s,
                           "text": e["text"], "frames": e["frames"], "real_frames": real,
                           **({"crop_filter": e["crop_filter"][s]} if "crop_filter" in e else {})})
     ids = [it["id"] for it in items]
@@ -240,6 +245,25 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
     dest = index_path(out, split)
     write_json(dest, {**head, "split": split, "num_items": len(items), "skipped": bad, "items": items})
     return dest
+
+
+def changed_sources(out: str | Path, split: str) -> list[str]:
+    """The audio files of a prepared split whose bytes are no longer the ones prepare encoded ("path (how)"):
+    a file whose size and mtime are as prepare recorded them is taken as unchanged; any other is hashed again.
+    Prepare's codes are keyed by content, but a finished grid does not run it again, so without this check
+    a file replaced under the same path kept the former audio's codes and the models trained on them."""
+    items = read_json(index_path(Path(out), split), "run prepare again").get("items", [])
+    changed = []
+    for it in {it["source"]: it for it in items if "source_stat" in it}.values():  # one check per file
+        try:
+            st = os.stat(it["source"])
+        except OSError as e:
+            changed.append(f"{it['source']} ({e.strerror.lower()})")
+            continue
+        if [st.st_size, st.st_mtime_ns] != it["source_stat"] and sha256(Path(it["source"]).read_bytes()) != it[
+                "source_sha256"]:
+            changed.append(f"{it['source']} (other bytes)")
+    return changed
 
 
 def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split: str | None = None,
