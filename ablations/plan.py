@@ -172,8 +172,13 @@ def check_prepared(jobs: list[Job]) -> None:
         if job.fn is not steps.prepare_step or not job.done.is_file():
             continue
         data_dir = job.done.parent
-        changed = [c for index in sorted((data_dir / "splits").glob("*.json")) for c in changed_sources(data_dir,
-                                                                                                         index.stem)]
+        changed, gone = [], []
+        for index in sorted((data_dir / "splits").glob("*.json")):
+            c, g = changed_sources(data_dir, index.stem)
+            changed, gone = changed + c, gone + g
+        if gone:  # moved or deleted (a quota, a moved out= folder): training reads the codes, not the files
+            log.warning("%s: %d audio file(s) prepared there are no longer where they were (e.g. %s); training "
+                        "goes on from their prepared codes", data_dir, len(gone), gone[0])
         if not changed:
             continue
         fix = ("to use the new audio, copy the manifest to a new name and point set.data.train (and set.data.test) "

@@ -35,7 +35,7 @@ from torch import nn
 from eval.audio import CHANNELS, Clip, mono
 from siren import assets, demo_weights
 from siren.errors import ConfigError, WeightsMismatchError
-from siren.io import load_hashed, load_torch_file, sha256_file, weights_tag
+from siren.io import load_hashed, load_torch_file, same_file, sha256_file, weights_tag
 
 log = logging.getLogger(__name__)
 
@@ -363,8 +363,7 @@ class ClapAudio(Backbone):
         from siren.clap import Clap, ClapConfig
 
         clap = Clap(ClapConfig(weights=self.weights_label, seed=self.seed))
-        if clap.weights_sha256 != self.weights_sha256:
-            raise RuntimeError(f"CLAP loaded weights {clap.weights_sha256}, expected {self.weights_sha256}")
+        same_file(self.weights_path or "the seeded CLAP", self.weights_sha256, clap.weights_sha256)
         return clap
 
     def model_protocol(self) -> dict:

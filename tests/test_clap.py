@@ -267,6 +267,16 @@ def test_pretrained_file_round_trip(clap, tmp_path, monkeypatch):
     ref = loaded.model.get_text_embedding({"input_ids": F.pad(ids, (0, 77 - ids.shape[1]), value=1),
                                            "attention_mask": F.pad(mask, (0, 77 - ids.shape[1]))})
     assert torch.allclose(loaded.embed_text(CAPTIONS), ref, atol=1e-5)
+    # the CLAP metric hashes the file into its id at __init__ and loads it at first use: a file replaced
+    # between them is one error naming it (it was a bare RuntimeError, a traceback at the command line)
+    from eval.backbones import ClapAudio
+
+    metric = ClapAudio("pretrained")
+    other = {f"module.{k}": v + 1 if k == "text_branch.embeddings.word_embeddings.weight" else v
+             for k, v in src.items()}
+    torch.save({"epoch": np.int64(46), "name": "other", "state_dict": other}, ckpt, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match="630k-audioset-best.pt changed while this run was using it"):
+        metric.net
 
 
 # roberta-base's published config.json (https://huggingface.co/roberta-base/resolve/main/config.json), the one

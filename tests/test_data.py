@@ -201,24 +201,26 @@ def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, co
 
     m = tiny_set(tmp_path / "src", n=3)
     run(m, tmp_path / "out", codec, text_encoder)
-    assert changed_sources(tmp_path / "out", "manifest") == []
+    assert changed_sources(tmp_path / "out", "manifest") == ([], [])
     a0 = tmp_path / "src/a0.wav"
     a0.write_bytes(a0.read_bytes())  # rewritten with the same bytes (a copy, a restore): another mtime only
     x, _ = sf.read(tmp_path / "src/a2.wav")
     write_wav(tmp_path / "src/a2.wav", 0.5 * x)
     (tmp_path / "src/a1.wav").unlink()
-    assert changed_sources(tmp_path / "out", "manifest") == [f"{tmp_path / 'src/a1.wav'} (no such file or directory)",
-                                                              f"{tmp_path / 'src/a2.wav'} (other bytes)"]
+    assert changed_sources(tmp_path / "out", "manifest") == ([str(tmp_path / "src/a2.wav")],
+                                                              [str(tmp_path / "src/a1.wav")])
 
 
-def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, text_encoder):
+def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, text_encoder, caplog):
     from ablations.grid import load_grid
     from ablations.plan import cells_of, check_prepared, parse, plan
+    from ablations.run import main
     from siren import io
 
     m = tiny_set(tmp_path / "src", n=2)
-    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}"]
-    run_cfg = parse([*args, *(f"set.data.{k}={m}" for k in ("train", "test", "prompts"))])
+    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "executor=local",
+            *(f"set.data.{k}={m}" for k in ("train", "test", "prompts"))]
+    run_cfg = parse(args)
     jobs = plan(cells_of(load_grid("table6"), run_cfg), run_cfg)
     (prep,) = [j for j in jobs if j.key.startswith("data-")]
     run(m, prep.kwargs["data_dir"], codec, text_encoder)  # what the prepare job did, then its done marker
@@ -226,9 +228,15 @@ def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, 
     check_prepared(jobs)
     x, _ = sf.read(tmp_path / "src/a0.wav")
     write_wav(tmp_path / "src/a0.wav", 0.5 * x)
-    with pytest.raises(DataError, match=r"1 audio file\(s\) changed since they were prepared, e\.g\. .*a0\.wav "
-                                        r"\(other bytes\).*copy the manifest to a new name"):
+    with pytest.raises(DataError, match=r"1 audio file\(s\) changed since they were prepared, e\.g\. .*a0\.wav\. "
+                                        r".*copy the manifest to a new name"):
+        main(args)  # before any job starts: the cells' folders are not even written
+    assert not list((tmp_path / "out").rglob("cell.json"))
+    # a file no longer there (moved, deleted) does not stop the grid: training reads the prepared codes
+    (tmp_path / "src/a0.wav").unlink()
+    with caplog.at_level("WARNING", logger="ablations.plan"):
         check_prepared(jobs)
+    assert "1 audio file(s) prepared there are no longer where they were" in caplog.text
 
 
 def test_prepare_caches_by_content(tmp_path, codec, text_encoder):

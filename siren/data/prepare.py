@@ -247,23 +247,23 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
     return dest
 
 
-def changed_sources(out: str | Path, split: str) -> list[str]:
-    """The audio files of a prepared split whose bytes are no longer the ones prepare encoded ("path (how)"):
-    a file whose size and mtime are as prepare recorded them is taken as unchanged; any other is hashed again.
-    Prepare's codes are keyed by content, but a finished grid does not run it again, so without this check
-    a file replaced under the same path kept the former audio's codes and the models trained on them."""
+def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """(the audio files of a prepared split whose bytes are no longer the ones prepare encoded, those no longer
+    there). A file whose size and mtime are as prepare recorded them is taken as unchanged; any other is hashed
+    again. Prepare's codes are keyed by content, but a finished grid does not run it again, so without this
+    check a file replaced under the same path kept the former audio's codes and the models trained on them."""
     items = read_json(index_path(Path(out), split), "run prepare again").get("items", [])
-    changed = []
+    changed, gone = [], []
     for it in {it["source"]: it for it in items if "source_stat" in it}.values():  # one check per file
         try:
             st = os.stat(it["source"])
-        except OSError as e:
-            changed.append(f"{it['source']} ({e.strerror.lower()})")
+        except FileNotFoundError:
+            gone.append(it["source"])
             continue
         if [st.st_size, st.st_mtime_ns] != it["source_stat"] and sha256(Path(it["source"]).read_bytes()) != it[
                 "source_sha256"]:
-            changed.append(f"{it['source']} (other bytes)")
-    return changed
+            changed.append(it["source"])
+    return changed, gone
 
 
 def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split: str | None = None,
