@@ -8,6 +8,7 @@ Files come out with the mode ``open()`` would give them (0o666 minus the umask),
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -51,9 +52,25 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, default_mode())  # mkstemp made it 0600
         os.replace(tmp, dest)
+    except Exception as e:
+        if _disk_full(e, tmp):  # one error naming the file (siren.cli), not the writer's own traceback
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _disk_full(e: Exception, tmp: str) -> bool:
+    """Whether a write failed for want of space. Python's own writes say so (ENOSPC, EDQUOT: without the file's
+    name); safetensors' and torch's writers raise their own errors, and libsndfile's says only "system error",
+    so for those the space left where the file was written decides (with the failed file still there)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(e, OSError) or not os.path.exists(tmp):
+        return False
+    st = os.statvfs(tmp)
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def check_folder(path: str | os.PathLike, key: str) -> None:
