@@ -1,18 +1,32 @@
 """The figure a grid draws beside its table, with the analysis probes' shared style."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ablations.grid import Grid
 from ablations.outcomes import METRIC_COLUMNS
 from ablations.plan import Cell, RunConfig, stage1_dir
 from ablations.tables import Outcome
+from siren.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: Path,
          outcomes: dict[str, Outcome]) -> list[Path]:
     """The grid's figure from the cells that got that far (none drawn yet is not an error); ``outcomes``:
-    the table's rows of ours, calibration rows included, by label."""
+    the table's rows of ours, calibration rows included, by label. A damaged run record (a training or stage-2
+    log, a results.json) leaves the figure out with a warning naming it; the tables are written by then."""
+    try:
+        return _draw(grid, cells, run, caption, out_dir, outcomes)
+    except DataError as e:
+        log.warning("the %s figure is not drawn: %s", grid.name, e)
+        return []
+
+
+def _draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: Path,
+          outcomes: dict[str, Outcome]) -> list[Path]:
     if grid.figure == "convergence":
         runs = {r.label: stage1_dir(c, run) for c in cells for r in c.rows
                 if all((stage1_dir(c, run) / f"expert_{k}.done").is_file() for k in range(c.n_experts))}

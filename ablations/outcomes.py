@@ -109,7 +109,7 @@ def _results(path: Path, done: Path) -> dict:
     """An evaluation's results.json; one that does not parse is an error saying how to evaluate again."""
     res = io.read_json(path, f"delete {done} and run the grid again: the evaluation runs again (its generated "
                              f"clips are kept)")
-    if not isinstance(res, dict) or not isinstance(res.get("metrics", {}), dict):
+    if not isinstance(res, dict) or not (res.get("status") == "itg" or isinstance(res.get("metrics"), dict)):
         raise DataError(f"{path}: not an evaluation's results.json; delete {done} and run the grid again")
     return res
 

@@ -470,11 +470,36 @@ def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(
     assert "failed" in row
     csv = (tmp_path / "demo" / "tables" / "table6.csv").read_text()
     assert "results.json: not readable JSON" in csv and f"delete {cell / 'eval.done'} and run the grid again" in csv
+    # valid JSON that is no results.json (no metrics): the row fails, not a KeyError traceback
+    (cell / "eval" / "results.json").write_text('{"status": "ok"}')
+    assert call(main, [*grid, "action=table"]) == 0
+    csv = (tmp_path / "demo" / "tables" / "table6.csv").read_text()
+    assert "results.json: not an evaluation's results.json" in csv
     ledger = pipeline.Ledger(tmp_path / "demo")
     ledger._path("some/job").parent.mkdir(parents=True)
     ledger._path("some/job").write_text('{"executor": "local"')
     with pytest.raises(DataError, match=r"some__job\.json: not readable JSON .*delete it and run again"):
         ledger.get("some/job")
+
+
+def test_a_damaged_training_log_leaves_the_figure_out_not_the_table(tmp_path, capsys, caplog):
+    # the figure is drawn after the tables; a corrupt log ended the command in an error, exit 2
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse, stage1_dir
+    from ablations.run import main
+    from siren.cli import call
+
+    grid = ["grid=table6", "rows=1-12", f"out={tmp_path}", "calibration=false"]
+    run_cfg = parse(grid)
+    (cell,) = cells_of(load_grid("table6"), run_cfg)
+    expert = stage1_dir(cell, run_cfg) / "expert_0"
+    expert.mkdir(parents=True)
+    (expert / "log.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    (expert.parent / "expert_0.done").write_text("{}")
+    with caplog.at_level("WARNING", logger="ablations.figures"):
+        assert call(main, [*grid, "action=table"]) == 0
+    assert (tmp_path / "demo" / "tables" / "table6.md").is_file()
+    assert "the table6 figure is not drawn" in caplog.text and "log.jsonl:2: not a JSON object" in caplog.text
 
 
 def test_a_damaged_prepared_index_is_named(tmp_path):
