@@ -185,12 +185,13 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str, fix: str = "")
                               + (fix or "The run diverged: lower the learning rate or check the data."))
 
 
-def check_finite_checkpoint(c: Checkpoint, tensors: Mapping[str, torch.Tensor]) -> None:
-    """A resume from non-finite weights is refused with the fix: fall back to an earlier step."""
+def check_finite_checkpoint(c: Checkpoint, tensors: Mapping[str, torch.Tensor], fix: str | None = None) -> None:
+    """A resume from non-finite weights is refused with the fix: fall back to an earlier step (stage 1: the expert's
+    ``latest``; stage 2 resumes from its own commit point and passes its ``fix``)."""
     earlier = sorted(p.name for p in c.path.parent.glob("step_*") if STEP_DIR.match(p.name) and p != c.path)
-    fix = (f"Delete {c.path} and point {c.path.parent / 'latest'} at an earlier checkpoint "
-           f"({', '.join(earlier)}) to resume from there." if earlier else
-           f"It has no earlier checkpoint: delete {c.path.parent} to start this expert again.")
+    fix = fix or (f"Delete {c.path} and point {c.path.parent / 'latest'} at an earlier checkpoint "
+                  f"({', '.join(earlier)}) to resume from there." if earlier else
+                  f"It has no earlier checkpoint: delete {c.path.parent} to start this expert again.")
     check_finite(tensors, f"checkpoint {c.path / 'model.safetensors'}", fix)
 
 

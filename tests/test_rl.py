@@ -326,6 +326,27 @@ def test_preempted_run_resumes_to_the_same_numbers(stage1, tmp_path, method):
     assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
 
 
+def test_a_resume_from_non_finite_weights_names_the_stage2_fix(stage1, tmp_path):
+    # stage 2 resumes from rl/state.json, not from an expert's `latest`: the stage-1 fix (point `latest` at an
+    # earlier step) led to "missing checkpoint file .../state.json"
+    out = tmp_path / "o"
+    run_align(stage1, out, "steps=2", "ckpt_every=1", "keep_last=3")
+    (k,) = [int(d.name.split("_")[1]) for d in out.glob("expert_*") if (d / ckpt.step_name(2)).is_dir()]
+    bad = ckpt.expert_dir(out, k) / ckpt.step_name(2) / "model.safetensors"
+    from safetensors.torch import load_file
+
+    from siren import io
+
+    weights = load_file(bad)
+    io.save_tensors(bad, {name: v.fill_(float("nan")) if i == 0 else v for i, (name, v) in enumerate(weights.items())})
+    with pytest.raises(ckpt.CheckpointError, match=r'Write an earlier step every trained expert has \(0, 1\) into '
+                                                   r'.*state\.json as \{"step": N\}'):
+        run_align(stage1, out, "steps=3", "ckpt_every=1", "keep_last=3")
+    (out / "rl" / "state.json").write_text('{"step": 1}')  # the fix, as the message gives it
+    result, _ = run_align(stage1, out, "steps=3", "ckpt_every=1", "keep_last=3")
+    assert result.status == "finished" and result.step == 3
+
+
 def test_resume_refuses_a_changed_objective(stage1, tmp_path):
     run_align(stage1, tmp_path / "o", "steps=1")
     with pytest.raises(ckpt.CheckpointError, match="gamma"):

@@ -144,10 +144,16 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
     state_file = out / "rl" / "state.json"
     if state_file.exists():
         start = int(ckpt.read_json(state_file)["step"])
+        # an earlier step is one every trained expert has a checkpoint of: the commit point names it, not `latest`
+        earlier = sorted(set.intersection(*({int(p.name[5:]) for p in ckpt.expert_dir(out, k).glob("step_*")
+                                             if ckpt.STEP_DIR.match(p.name)} for k in trainable)) - {start})
+        fix = (f"Write an earlier step every trained expert has ({', '.join(map(str, earlier))}) into {state_file} "
+               f'as {{"step": N}} to resume from there.' if earlier else
+               f"There is no earlier step: delete {out} to start stage 2 again.")
         for k, e, opt in zip(trainable, policy, opts):
             c = ckpt.Checkpoint(ckpt.expert_dir(out, k) / ckpt.step_name(start))
             weights = c.model_state()
-            ckpt.check_finite_checkpoint(c, weights)
+            ckpt.check_finite_checkpoint(c, weights, fix)
             ckpt.load_weights(e, weights, c.path / "model.safetensors")
             ckpt.load_optimizer(opt, c.trainer_state(), c.state["rl_optimizer"], c.path)
         log.info("resuming %s from step %d", out, start)
