@@ -171,24 +171,25 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
     from eval.reference import select
     from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS, SAMPLE_RATE, CodecConfig
     from siren.data.audio import load_audio
-    from siren.data.manifest import read_manifest
+    from siren.data.manifest import child_path, read_manifest
     from siren.frontends import build_codec
     from siren.io import atomic_path
     from siren.runtime import derive_seed
 
     if kind not in CALIBRATIONS:
         raise ConfigError(f"calibration kind must be one of {CALIBRATIONS}, got {kind!r}")
-    codec = build_codec(CodecConfig(weights=cfg["weights"]))
-    items = select(read_manifest(ref, unique_ids=False), ref, subset=subset)
+    items = select(read_manifest(ref, unique_ids=False), ref, subset=subset)  # a bad manifest before any weights
     gen_dir = Path(out) / "gen"
+    paths = [child_path(gen_dir, it.id, ".wav") for it in items]
+    codec = build_codec(CodecConfig(weights=cfg["weights"]))
     n_frames = max(1, round(float(cfg.get("eval.seconds", 10.0)) * FRAME_RATE))
     g = torch.Generator().manual_seed(derive_seed(0, CALIBRATIONS.index(kind)))
-    for it in items:
+    for it, path in zip(items, paths):
         if kind == "oracle":
             wav = codec.decode(codec.encode(load_audio(it.audio)))[0]
         else:
             wav = codec.decode(torch.randint(0, CODEBOOK_SIZE, (1, N_LAYERS, n_frames), generator=g))[0]
-        with atomic_path(gen_dir / f"{it.id}.wav") as tmp:
+        with atomic_path(path) as tmp:
             sf.write(tmp, wav.float().cpu().numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
     overrides = [*_keys(cfg, "eval."), *([f"subset={subset}"] if subset else [])]
     return evaluate_run(run_dir="", ref=ref, out=out, weights=cfg["weights"], overrides=overrides,

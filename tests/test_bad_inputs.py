@@ -153,6 +153,16 @@ def test_eval_names_a_bad_reference_before_looking_for_weights(tmp_path, monkeyp
     assert "R.csv:2:" in err and "never closed" in err and "pretrained weights" not in err
 
 
+def test_a_calibration_row_names_a_bad_reference_before_looking_for_weights(tmp_path, monkeypatch):
+    # the calibration job built the codec first: an empty cache's missing DAC hid the manifest's own error
+    from ablations.steps import calibration_step
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "empty_cache"))
+    ref = csv_file(tmp_path / "R.csv", 'id,audio,caption\na,a.wav,"unclosed\nb,b.wav,x\n')
+    with pytest.raises(ManifestError, match=r"R\.csv:2:.*never closed"):
+        calibration_step({"weights": "pretrained"}, "oracle", str(ref), str(tmp_path / "O"))
+
+
 @pytest.mark.parametrize("rows, words", [  # cases that already gave a clear error
     ("id,caption\na,x\n", r"missing column\(s\) audio"),
     ("id,audio,caption\na,a.wav,x\na,b.wav,y\n", r"duplicate id\(s\) a"),
