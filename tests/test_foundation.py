@@ -222,3 +222,14 @@ def test_derived_seeds_do_not_collide_past_the_layout():
     hashed = derive_seed(7, 0, 7919)
     assert all(0 <= derive_seed(hashed, 0, k) < 2**63 for k in range(3))
     torch.Generator().manual_seed(derive_seed(hashed, 0, 1))
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    from siren import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert cli.call(interrupted, []) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted (Ctrl-C): what was checkpointed or written is kept") and "Traceback" not in err

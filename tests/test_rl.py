@@ -326,6 +326,25 @@ def test_preempted_run_resumes_to_the_same_numbers(stage1, tmp_path, method):
     assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
 
 
+def test_a_non_finite_loss_stops_stage2_before_the_update(stage1, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    real, calls = obj.grpo_loss, []
+
+    def nan_at_step_2(*args, **kw):  # mu=1, one micro-batch: the second call is step 2's loss
+        loss, stats = real(*args, **kw)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 2 else loss), stats
+
+    monkeypatch.setattr(alignment.obj, "grpo_loss", nan_at_step_2)
+    with pytest.raises(alignment.NonFiniteError, match=r"stage 2, step 2.*non-finite loss \(nan\).*stopped before "
+                                                       r"the update, nothing saved"):
+        run_align(stage1, out, "steps=3", "ckpt_every=1", "mu=1", "micro_batch=64")
+    assert json.loads((out / "rl" / "state.json").read_text())["step"] == 1  # the last finite step is the newest
+    monkeypatch.setattr(alignment.obj, "grpo_loss", real)
+    result, _ = run_align(stage1, out, "steps=3", "ckpt_every=1", "mu=1", "micro_batch=64")
+    assert result.status == "finished" and result.step == 3
+
+
 def test_a_resume_from_non_finite_weights_names_the_stage2_fix(stage1, tmp_path):
     # stage 2 resumes from rl/state.json, not from an expert's `latest`: the stage-1 fix (point `latest` at an
     # earlier step) led to "missing checkpoint file .../state.json"
