@@ -523,6 +523,16 @@ def test_a_damaged_prepared_index_is_named(tmp_path):
     path.write_text('{"items": [')
     with pytest.raises(DataError, match=r"train\.json: not readable JSON .*siren\.data\.prepare for split 'train'"):
         load_index(tmp_path, "train")
+    # the index step reads each shard's record: a damaged one is named with the shard to prepare again
+    from siren.data.cache import shard_path
+    from siren.data.prepare import write_index
+
+    shard = shard_path(tmp_path, "train", 1, 2)
+    shard.parent.mkdir(parents=True)
+    shard_path(tmp_path, "train", 0, 2).write_text("{}")
+    shard.write_text('{"entries": [')
+    with pytest.raises(DataError, match=r"shard-1-of-2\.json: not readable JSON .*run prepare for shard 1 again"):
+        write_index(tmp_path, "train", num_shards=2)
 
 
 class _RunsCode:
