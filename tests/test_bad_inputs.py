@@ -339,6 +339,24 @@ def test_a_failed_local_job_is_reported_when_it_ends_with_its_own_error(tmp_path
     assert states["bad"].state == "FAILED" and not caplog.messages
 
 
+def fails_while(flag: str, name: str) -> None:
+    if Path(flag).exists():
+        raise ValueError(f"{name}: {flag} is there")
+
+
+def test_retry_runs_the_failed_job_and_the_jobs_that_waited_on_it(tmp_path):
+    root, flag = tmp_path / "out", tmp_path / "broken"
+    flag.touch()
+    jobs = [pipeline.Job("bad", fails_while, {"flag": str(flag), "name": "bad"}, root / "bad.done"),
+            pipeline.Job("after", fails_while, {"flag": str(tmp_path / "never"), "name": "after"}, root / "after.done",
+                         deps=["bad"])]
+    states = pipeline.run_local(jobs, root, "local", retry=False, max_parallel=1, warm=False)
+    assert (states["bad"].state, states["after"].state) == ("FAILED", "BLOCKED")
+    flag.unlink()  # the cause fixed
+    states = pipeline.run_local(jobs, root, "local", retry=True, max_parallel=1, warm=False)
+    assert (states["bad"].state, states["after"].state) == ("DONE", "DONE")
+
+
 def test_a_running_job_is_not_started_again(tmp_path):
     """A job left running (e.g. by a killed launcher) holds its lock: a new launcher reports it as
     RUNNING with its pid and does not start a second copy, nor anything after it."""
