@@ -366,6 +366,24 @@ def test_a_resume_from_non_finite_weights_names_the_stage2_fix(stage1, tmp_path)
     assert result.status == "finished" and result.step == 3
 
 
+def test_a_sigterm_inside_slurm_checkpoints_and_goes_on(stage1, tmp_path, monkeypatch):
+    # preemption and `scancel` send SIGTERM before SIGUSR2: stage 2 writes a checkpoint at the next step
+    # boundary and trains on (stopping would exit before submitit requeues), as stage 1 does
+    class TermAt(SignalAt):
+        def __call__(self, x, captions):
+            self.n += 1
+            if self.n == self.call:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.reward(x, captions)
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    args = ("steps=4", "ckpt_every=10", "keep_last=3")
+    result, _ = run_align(stage1, tmp_path / "o", *args, reward=TermAt(CodeMatchReward(0, 0, 256), call=2))
+    assert result.status == "finished" and result.step == 4
+    (expert,) = [d for d in (tmp_path / "o").glob("expert_*") if (d / ckpt.step_name(4)).is_dir()]
+    assert sorted(d.name for d in expert.glob("step_*")) == [ckpt.step_name(k) for k in (0, 2, 4)]
+
+
 def test_resume_refuses_a_changed_objective(stage1, tmp_path):
     run_align(stage1, tmp_path / "o", "steps=1")
     with pytest.raises(ckpt.CheckpointError, match="gamma"):
