@@ -424,6 +424,29 @@ def test_slurm_problems_end_in_one_error_line(tmp_path, monkeypatch, capsys):
     assert not list((tmp_path / "out" / "demo").glob("jobs/*.json"))
 
 
+def test_jobs_submitted_before_sbatch_refuses_are_recorded(tmp_path, monkeypatch, capsys):
+    # a controller that takes the first job and then refuses (a QOS limit reached part way): the job it took is
+    # in the ledger, so the next launch does not submit it a second time
+    from ablations.run import main
+    from siren.cli import call
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text(f"""#!/bin/sh
+if [ -e {tmp_path}/took ]; then echo 'sbatch: error: QOSMaxSubmitJobPerUserLimit' >&2; exit 1; fi
+touch {tmp_path}/took; echo 'Submitted batch job 4242'
+""")
+    (bin_ / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}{os.pathsep}{os.environ['PATH']}")
+    assert call(main, ["grid=table6", "rows=6-2", f"out={tmp_path / 'out'}", "executor=slurm", "profile=local"]) == 2
+    err = capsys.readouterr().err
+    assert "error: sbatch refused" in err and "QOSMaxSubmitJobPerUserLimit" in err
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "demo").glob("jobs/*.json")]
+    assert len(records) == 1 and records[0]["executor"] == "slurm" and str(records[0]["job_id"]) == "4242"
+
+
 def test_cancel_without_a_working_scancel_is_one_error_line(tmp_path, monkeypatch, capsys):
     """action=cancel ran scancel with check=True: with no scancel on PATH (the outputs copied off the cluster) it
     ended in FileNotFoundError's traceback, with one that fails in CalledProcessError's; now one error line each.
