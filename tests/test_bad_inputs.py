@@ -357,6 +357,21 @@ def test_retry_runs_the_failed_job_and_the_jobs_that_waited_on_it(tmp_path):
     assert (states["bad"].state, states["after"].state) == ("DONE", "DONE")
 
 
+def test_a_grid_with_a_failed_job_writes_its_table_and_exits_1(tmp_path, monkeypatch, capsys):
+    from ablations.run import main
+    from siren.cli import call
+    from tests.fixtures_data import tiny_set
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "empty_cache"))  # prepare's job fails: no pretrained DAC
+    m = tiny_set(tmp_path / "src", n=2)
+    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "executor=local", "calibration=false",
+            *(f"set.data.{k}={m}" for k in ("train", "test", "prompts"))]
+    assert call(main, args) == 1
+    out = capsys.readouterr().out
+    assert "1 job(s) failed; see the logs above; `retry=true` resubmits them" in out
+    assert (tmp_path / "out" / "paper" / "tables" / "table6.md").is_file()
+
+
 def test_a_running_job_is_not_started_again(tmp_path):
     """A job left running (e.g. by a killed launcher) holds its lock: a new launcher reports it as
     RUNNING with its pid and does not start a second copy, nor anything after it."""
