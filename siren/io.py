@@ -67,10 +67,11 @@ def _disk_full(e: Exception, tmp: str) -> bool:
     so for those the space left where the file was written decides (with the failed file still there)."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    if isinstance(e, OSError) or not os.path.exists(tmp):
+    try:
+        st = os.statvfs(tmp)
+    except OSError:
         return False
-    st = os.statvfs(tmp)
-    return st.f_bavail * st.f_frsize < 1 << 20
+    return not isinstance(e, OSError) and st.f_bavail * st.f_frsize < 1 << 20
 
 
 def check_folder(path: str | os.PathLike, key: str) -> None:

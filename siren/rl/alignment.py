@@ -145,8 +145,9 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
     if state_file.exists():
         start = int(ckpt.read_json(state_file)["step"])
         # an earlier step is one every trained expert has a checkpoint of: the commit point names it, not `latest`
-        earlier = sorted(set.intersection(*({int(p.name[5:]) for p in ckpt.expert_dir(out, k).glob("step_*")
-                                             if ckpt.STEP_DIR.match(p.name)} for k in trainable)) - {start})
+        saved = [{int(p.name[5:]) for p in ckpt.expert_dir(out, k).glob("step_*") if ckpt.STEP_DIR.match(p.name)}
+                 for k in trainable]
+        earlier = sorted(s for s in set.intersection(*saved) if s < start)
         fix = (f"Write an earlier step every trained expert has ({', '.join(map(str, earlier))}) into {state_file} "
                f'as {{"step": N}} to resume from there.' if earlier else
                f"There is no earlier step: delete {out} to start stage 2 again.")
