@@ -307,7 +307,9 @@ def evaluate(cfg: EvalConfig) -> dict:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
             write_json(out / "results.json", results)
             return results
-    gen_paths = match_generated(gen_dir, [it.id for it in items])
+    gen_paths, left_out = match_generated(gen_dir, [it.id for it in items], subset=bool(cfg.subset))
+    if left_out:
+        gen_card["left_out"] = f"{left_out} clip(s) of {gen_dir} outside subset={cfg.subset}"
     clips, errors = {}, []
     for what, paths in [("reference", {it.id: it.audio for it in items}), ("generated", gen_paths)]:
         try:

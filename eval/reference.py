@@ -63,14 +63,16 @@ def _show(ids: list[str], n: int = 20) -> str:
     return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
 
 
-def match_generated(gen_dir: str | Path, ids: list[str]) -> dict[str, Path]:
-    """``id -> gen_dir/<id>.wav`` for every reference id; missing or extra ``.wav`` files are an error listing them."""
+def match_generated(gen_dir: str | Path, ids: list[str], subset: bool = False) -> tuple[dict[str, Path], int]:
+    """(``id -> gen_dir/<id>.wav`` for every reference id, the files left out); missing or extra ``.wav`` files
+    are an error listing them. With ``subset`` (the reference restricted by subset=), files of the ids outside it
+    are left out, not extra: a folder generated for the whole test set is evaluated on the subset."""
     gen_dir = Path(gen_dir)
     if not gen_dir.is_dir():
         raise ManifestError(f"gen_dir {gen_dir} is not a folder")
     have = {p.stem: p for p in gen_dir.glob("*.wav")}
     missing = [i for i in ids if i not in have]
-    extra = sorted(set(have) - set(ids))
+    extra = [] if subset else sorted(set(have) - set(ids))
     if missing or extra:
         msg = [f"generated clips in {gen_dir} do not match the reference ids (KL pairs clips by id, <id>.wav):"]
         if missing:
@@ -79,7 +81,7 @@ def match_generated(gen_dir: str | Path, ids: list[str]) -> dict[str, Path]:
             msg.append(f"  extra {len(extra)} (not in the reference set): {_show(extra)}")
         msg.append("  generate the missing ones, remove the extra ones, or restrict the reference with subset=IDS.txt")
         raise ManifestError("\n".join(msg))
-    return {i: have[i] for i in ids}
+    return {i: have[i] for i in ids}, len(set(have) - set(ids))
 
 
 def set_hash(clips: list[Clip], captions: list[str] | None = None) -> str:

@@ -204,6 +204,20 @@ def test_cache_second_run_computes_nothing_and_a_changed_file_exactly_one(cli_ru
     assert cards.RANDOM_BANNER in capsys.readouterr().out
 
 
+def test_a_subset_is_evaluated_from_a_folder_generated_for_the_whole_set(cli_run, sets):
+    # AudioLDM's 964 of AudioCaps' 975 test clips: the folder holds all of them, subset= names the ones scored
+    # (the other files were an "extra" error whose advice was the subset= already given)
+    root, manifest, ids = sets
+    subset = root / "subset.txt"
+    subset.write_text("\n".join(ids[:2]) + "\n")
+    assert main(_args(root, manifest, "gen", "out_subset", f"subset={subset}", "metrics=fd")) == 0
+    card = json.loads((root / "out_subset" / "results.json").read_text())["card"]
+    assert card["n_clips"] == 2 and card["reference"]["subset_sha256"] == sha256_file(subset)
+    assert card["generated"]["left_out"].startswith(f"{len(ids) - 2} clip(s) of ")
+    assert main(_args(root, manifest, "gen", "out_all", "metrics=fd")) == 0  # without subset= nothing is left out
+    assert "left_out" not in json.loads((root / "out_all" / "results.json").read_text())["card"]["generated"]
+
+
 def test_an_upgraded_library_computes_embeddings_afresh(cli_run, sets, monkeypatch):
     # the cache key holds the versions of the code that computed an entry: another resampy or torchvggish
     # can give other last bits, which a reused entry would mix into the new version's numbers
