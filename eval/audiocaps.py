@@ -206,6 +206,11 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
         if "fad" in which:
             r, g = run(models["fad"], "fad")
             values["fad_frames_gen"], values["fad_frames_ref"] = (sum(len(e["frames"]) for e in s) for s in (g, r))
+            few = [f"{w} {values[f'fad_frames_{w}']}" for w in ("gen", "ref") if values[f"fad_frames_{w}"] < 2]
+            if few:  # every clip under one VGGish example (0.975 s), skipped: FAD has no covariance to compare
+                raise EvalError(f"FAD needs at least 2 VGGish examples (0.975 s each) per set; got {', '.join(few)} "
+                                f"(clips shorter than 0.975 s add none with vggish_short={cfg.vggish_short}): pass "
+                                f"vggish_short=pad, or metrics= without fad")
             values["fad"] = M.frechet_distance_from_embeddings(
                 np.concatenate([e["frames"] for e in g]), np.concatenate([e["frames"] for e in r]),
                 names=("FAD, generated", "FAD, reference"))

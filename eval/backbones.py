@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.audio import CHANNELS, Clip, mono
+from eval.audio import CHANNELS, BadAudioError, Clip, mono
 from siren import assets, demo_weights
 from siren.errors import ConfigError, WeightsMismatchError
 from siren.io import load_hashed, load_torch_file, same_file, sha256_file, weights_tag
@@ -310,7 +310,7 @@ class VGGish(Backbone):
         if x.shape[0] < self.MIN_SAMPLES:
             seconds = f"{x.shape[0] / self.sample_rate:.3f} s"
             if self.short == "error":
-                raise ValueError(f"{clip.path or clip.id}: {seconds} is shorter than one VGGish example (0.975 s); "
+                raise BadAudioError(f"{clip.path or clip.id}: {seconds} is shorter than one VGGish example (0.975 s); "
                                  "pass vggish_short=skip (as audioldm_eval) or vggish_short=pad")
             if self.short == "skip":
                 log.warning("%s: %s is shorter than one VGGish example (0.975 s): it adds no frames to FAD "

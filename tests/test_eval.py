@@ -12,7 +12,7 @@ import torch
 
 from eval import card as cards
 from eval.audio import BadAudioError, make_clip
-from eval.audiocaps import EvalConfig, evaluate, main
+from eval.audiocaps import EvalConfig, EvalError, evaluate, main
 from eval.backbones import PannsCnn14, VGGish
 from siren.config import ConfigError
 from siren.errors import ManifestError
@@ -395,8 +395,8 @@ def test_vggish_short_clip_policies():
     frames = {}
     for short in VGGish.SHORT:
         v = VGGish("random", seed=0, short=short)
-        if short == "error":
-            with pytest.raises(ValueError, match="0.975 s"):
+        if short == "error":  # an input error of the project's own (one error: line), not a bare ValueError
+            with pytest.raises(BadAudioError, match="0.975 s"):
                 v.prepare(clips[1])
             continue
         frames[short] = [f["frames"].shape[0] for f in v.embed_batch([v.prepare(c) for c in clips])]
@@ -404,6 +404,15 @@ def test_vggish_short_clip_policies():
     assert frames == {"skip": [2, 0], "pad": [2, 1]}
     skip = VGGish("random", seed=0)
     assert skip.embed_batch([skip.prepare(clips[1])])[0]["frames"].shape == (0, 128)  # no forward on nothing
+
+
+def test_fad_of_a_set_of_clips_all_under_one_vggish_example_is_one_error(tmp_path):
+    manifest, ids = make_reference(tmp_path / "ref", n=3, seconds=0.5)
+    write_set(tmp_path / "gen", ids, seed=2, seconds=0.5)
+    cfg = EvalConfig(gen_dir=str(tmp_path / "gen"), ref=str(manifest), weights="random", out=str(tmp_path / "out"),
+                     cache=False, metrics="fad")
+    with pytest.raises(EvalError, match=r"FAD needs at least 2 VGGish examples .*got gen 0, ref 0.*vggish_short=pad"):
+        evaluate(cfg)
 
 
 def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
