@@ -60,7 +60,9 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
     # batch_size too: a batch shares one generator, seeded by its first row, so it decides the draws
     settings = {"weights_sha256": tensors_sha256(model.state_dict()), "n_frames": n_frames, "seed": seed,
-                "sample": vars(sample), "candidates": candidates, "batch_size": batch_size}
+                "sample": vars(sample), "candidates": candidates, "batch_size": batch_size,
+                # a generator draws other numbers on another device type; the scorer picks among the candidates
+                "device": torch.device(device).type, "scorer": clap.id if candidates > 1 else None}
     check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
                  [i for i, p in zip(ids, paths) if p.is_file()])
     warn_if_past_trained(run_dir, n_frames, "eval")
@@ -119,6 +121,9 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}
 
 
+LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without them is taken to match
+
+
 def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
                  existing: list[str]) -> None:
     """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring); then record
@@ -130,8 +135,8 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
         raise ConfigError(f"{out_dir} holds {len(existing)} clip(s) (e.g. {existing[0]}.wav) but no {RECORD}, so "
                           f"how they were made is unknown; {fix}")
     if record is not None:
-        diff = [f"{k}={record['settings'].get(k)!r} there, {v!r} now" for k, v in settings.items()
-                if record["settings"].get(k) != v]
+        had = {k: v for k, v in settings.items() if k in LATER_KEYS} | record["settings"]  # older records lack them
+        diff = [f"{k}={had.get(k)!r} there, {v!r} now" for k, v in settings.items() if had.get(k) != v]
         changed = [i for i in existing if record["captions"].get(i) != captions[i]]
         if changed:
             diff.append(f"{len(changed)} clip(s) made for another caption (e.g. {changed[0]}: "

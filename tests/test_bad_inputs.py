@@ -806,6 +806,12 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
         with pytest.raises(ConfigError, match=words):
             generate(*args)
     assert {p.name: p.read_bytes() for p in gen.glob("*.wav")} == made  # nothing overwritten
+    record = json.loads((gen / "generation.json").read_text())
+    (gen / "generation.json").write_text(json.dumps({**record, "settings": {**record["settings"], "device": "cuda"}}))
+    with pytest.raises(ConfigError, match="device='cuda' there, 'cpu' now"):  # another device draws other clips
+        generate(runs[0])
+    older = {k: v for k, v in record["settings"].items() if k not in ("device", "scorer")}
+    (gen / "generation.json").write_text(json.dumps({**record, "settings": older}))  # recorded before 2026-12-06
     with mock.patch("eval.generate.run_frontends", side_effect=AssertionError("frontends built for nothing")):
         assert generate(runs[0])["generated_now"] == 0  # the same settings resume, with nothing to build
     (gen / "generation.json").unlink()  # clips of unknown origin
