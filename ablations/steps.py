@@ -113,7 +113,7 @@ def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     if cfg["data.source"] == "demo":
         source = ["manifest=demo", f"demo_train={cfg['data.demo_train']}", f"demo_test={cfg['data.demo_test']}"]
     else:
-        source = [f"manifest={cfg['data.train']}"]
+        source = [f"manifest={cfg['data.train']}", "split=train"]  # what training reads, whatever the file's name
     crops = [f"crop_s={cfg['train.crop_s']}"] if float(cfg.get("train.crop_min_clap", 0)) > 0 else []  # appendix B
     prepare.run(prepare.parse([*source, f"out={data_dir}", *_weights(cfg, "codec", "text"), *crops]))
     return {"data_dir": data_dir}

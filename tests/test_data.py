@@ -239,6 +239,17 @@ def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, 
     assert "1 audio file(s) prepared there are no longer where they were" in caplog.text
 
 
+def test_a_grid_prepares_its_training_manifest_as_the_split_training_reads(tmp_path):
+    # prepare names a split after its manifest's file; training reads split 'train': a paper-scale grid given
+    # set.data.train=.../audiocaps_train.csv failed in its first training job ("no prepared split 'train'")
+    from ablations.steps import prepare_step
+
+    m = tiny_set(tmp_path / "src", n=2)
+    named = m.rename(m.with_name("audiocaps_train.csv"))
+    prepare_step(str(tmp_path / "data"), {"data.source": "manifest", "data.train": str(named), "weights": "demo"})
+    assert PreparedDataset(tmp_path / "data", "train", crop_s=None).info["num_items"] == 2
+
+
 def test_prepare_caches_by_content(tmp_path, codec, text_encoder):
     m = tiny_set(tmp_path / "src", n=3)
     c, t = Counting(codec), Counting(text_encoder)
