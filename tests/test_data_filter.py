@@ -301,18 +301,24 @@ def test_segments_are_the_recording_cut_in_place(tmp_path):
     x = np.concatenate([sound[0], np.zeros(SR), sound[2], sound[1][:SR // 2]])  # 3.5 s: sound, silence, sound, half
     write_wav(tmp_path / "long.wav", x)
     write_wav(tmp_path / "silent.wav", np.zeros(SR))
+    write_wav(tmp_path / "short.wav", sound[0][: SR * 3 // 10])  # 0.3 s: shorter than one segment
     m = write_manifest(tmp_path / "raw.csv", [{"id": "rec1", "audio": "long.wav", "caption": "noise"},
-                                              {"id": "quiet", "audio": "silent.wav", "caption": "nothing"}])
+                                              {"id": "quiet", "audio": "silent.wav", "caption": "nothing"},
+                                              {"id": "brief", "audio": "short.wav", "caption": "a blip"}])
     dest, written, skipped = segment(m, tmp_path / "seg", duration_s=1.0, progress=False)
     rows = rows_of(dest)
-    assert [r["id"] for r in rows] == ["rec1#0", "rec1#2"]  # the silent second and the 0.5 s residual dropped
+    assert [r["id"] for r in rows] == ["rec1#0", "rec1#2", "brief"]  # the silent second, the 0.5 s residual dropped
+    # the short file at its own length: padded with zeros, it passed the activity filter and trained on the zeros
+    brief, _ = sf_read(dest.parent / rows[2]["audio"])
+    assert np.array_equal(brief, sf_read(tmp_path / "short.wav")[0])
+    rows = rows[:2]
     original, _ = sf_read(tmp_path / "long.wav")
     for r, k in zip(rows, (0, 2)):
         seg, sr = sf_read(dest.parent / r["audio"])
         assert sr == SR and np.array_equal(seg, original[k * SR:(k + 1) * SR])
-    assert written == 2 and [s["id"] for s in skipped] == ["quiet"]
+    assert written == 3 and [s["id"] for s in skipped] == ["quiet"]
     assert segment(m, tmp_path / "seg", duration_s=1.0, progress=False)[1] == 0  # a re-run writes nothing
-    assert [it.row.id for it in filt.read_items(dest)] == ["rec1#0", "rec1#2"]  # a manifest the filter reads
+    assert [it.row.id for it in filt.read_items(dest)] == ["rec1#0", "rec1#2", "brief"]  # a manifest the filter reads
 
 
 def sf_read(path):

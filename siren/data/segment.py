@@ -6,7 +6,8 @@ The paper segments its raw audio into 10 s clips, then captions each segment (Qw
 captions, LLM-polished) and filters the pairs (siren.data.filter). ``prepare audio.policy=segment``
 cuts the same way at encoding time, but captioning and the filter need one file per segment, so this
 writes them: ``siren.data.audio.standardize`` with ``policy=segment`` (non-overlapping ``duration_s``
-chunks, the residual dropped, silent chunks dropped, shorter files zero-padded), 16-bit PCM.
+chunks, the residual dropped, silent chunks dropped; a shorter file is kept at its length, for prepare's
+``pad`` policy to pad and mask), 16-bit PCM.
 ``segments.csv`` names segment k of row ``id`` ``id#k`` (as prepare does) and carries the row's
 caption and label, a placeholder for the captioner to replace or to add ``caption_2 ..`` columns to.
 Files already written with the same content are left alone, so a re-run writes nothing.
@@ -52,15 +53,17 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
     rows, skipped, n_new = [], [], 0
     for r in tqdm(read_manifest(manifest), desc="segment", disable=not progress, unit="file", dynamic_ncols=True):
         try:
-            chunks, _, index = standardize(load_audio(r.audio), audio, r.audio)
+            chunks, real, index = standardize(load_audio(r.audio), audio, r.audio)
         except AudioError as e:
             skipped.append({"id": r.id, "audio": str(r.audio), "reason": str(e)})
             continue
-        for x, k in zip(chunks, index):
+        for x, n, k in zip(chunks, real, index):
             seg_id = r.id if k < 0 else f"{r.id}#{k}"
             dest = out / "audio" / file_name(seg_id)
             buf = io.BytesIO()
-            sf.write(buf, x.numpy(), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+            # a file shorter than duration_s at its own length: zero padding written here would pass the filter's
+            # activity SNR and CLAP as audio, and prepare would train on it as real frames
+            sf.write(buf, x[:n].numpy(), SAMPLE_RATE, format="WAV", subtype="PCM_16")
             if not dest.is_file() or dest.read_bytes() != buf.getvalue():
                 with atomic_path(dest) as tmp:
                     tmp.write_bytes(buf.getvalue())
