@@ -40,3 +40,7 @@ class MissingWeightsError(SirenError, FileNotFoundError):
 
 class WeightsMismatchError(CheckpointError, ValueError):
     """A weights file that is not the model the config asks for (another codec, another size)."""
+
+
+class NonFiniteError(SirenError, FloatingPointError):
+    """A NaN/inf loss, gradient, logit or reward: the run stops before the update (or the clip) it would spoil."""

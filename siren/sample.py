@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from siren.codec import N_LAYERS
 from siren.config import ConfigError
+from siren.errors import NonFiniteError
 from siren.model.collaborative import CollaborativeModel
 from siren.model.expert import ExpertState
 
@@ -77,7 +78,7 @@ def sample_step(model: CollaborativeModel, run: list[ExpertState], codes: torch.
         for i, j in enumerate(expert.layers):
             logits = expert.layer_logits(state, h, codes_t, i)  # reads codes_t[:, :j] only
             if not torch.isfinite(logits).all():
-                raise FloatingPointError(f"non-finite logits at step t={t}, expert k={k}, RVQ layer {j} "
+                raise NonFiniteError(f"non-finite logits at step t={t}, expert k={k}, RVQ layer {j} "
                                          f"(check the checkpoint for NaN/inf weights)")
             codes_t[:, j] = sample_token(logits, cfg, generator)
 
@@ -122,7 +123,7 @@ def generate(model: CollaborativeModel, text, n_frames: int, cfg: SampleConfig =
     """Codes LongTensor [B, 12, n_frames] for text (TextStates or (states [B,L,768], mask [B,L])).
 
     Same model, text, config and seed -> same codes (seeded torch.Generator). Non-finite logits
-    raise FloatingPointError naming step, expert and layer; a collapsed sample (one code per
+    raise NonFiniteError (a FloatingPointError) naming step, expert and layer; a collapsed sample (one code per
     layer for all frames) is warned about (``generate_with_info`` returns the flags)."""
     codes, info = generate_with_info(model, text, n_frames, cfg, seed, progress)
     if info.collapsed.any():

@@ -33,7 +33,7 @@ from siren import checkpoint as ckpt
 from siren.config import to_dict
 from siren.data.sampler import epoch_loader
 from siren.data.stage1 import Stage1Data
-from siren.errors import ConfigError, SirenError
+from siren.errors import ConfigError, NonFiniteError
 from siren.io import save_tensors
 from siren.model import Expert, ExpertLoss
 from siren.model.continuous import ContinuousLM, ContinuousLoss
@@ -63,10 +63,6 @@ from siren.train_config import (
 
 __all__ = ["EXIT_PREEMPTED", "Stage1Config", "Stage1Data", "TrainConfig", "parse", "read_log", "train", "main"]
 log = logging.getLogger(__name__)
-
-class NonFiniteError(SirenError):
-    """The loss or gradient norm became NaN/inf: the run stops before the update that would spread it."""
-
 
 # ---------------------------------------------------------------------------- the model family
 

@@ -345,6 +345,19 @@ def test_a_non_finite_loss_stops_stage2_before_the_update(stage1, tmp_path, monk
     assert result.status == "finished" and result.step == 3
 
 
+def test_a_non_finite_reward_stops_stage2_with_one_error_line(stage1, tmp_path):
+    from siren.errors import SirenError
+
+    class NanReward(CodeMatchReward):
+        def __call__(self, x, captions):
+            r = super().__call__(x, captions)
+            r[1] = float("nan")
+            return r
+
+    with pytest.raises(SirenError, match=r"returned non-finite values for rollouts \[1\]"):  # siren.cli: one line
+        run_align(stage1, tmp_path / "o", "steps=1", reward=NanReward(0, 0, 256))
+
+
 def test_a_resume_from_non_finite_weights_names_the_stage2_fix(stage1, tmp_path):
     # stage 2 resumes from rl/state.json, not from an expert's `latest`: the stage-1 fix (point `latest` at an
     # earlier step) led to "missing checkpoint file .../state.json"

@@ -42,7 +42,7 @@ import torch
 from siren import checkpoint as ckpt
 from siren import io
 from siren.config import to_dict
-from siren.errors import ConfigError, SirenError
+from siren.errors import ConfigError, NonFiniteError
 from siren.model import CollaborativeModel, Expert
 from siren.rl import objective as obj
 from siren.rl.config import AlignConfig, parse, read_prompts
@@ -217,10 +217,6 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
         else:
             result = AlignResult("finished", cfg.steps, out)
     return result
-
-
-class NonFiniteError(SirenError):
-    """A NaN/inf loss or gradient in stage 2: stopped before the update, nothing saved."""
 
 
 def _step(params: list[torch.Tensor], opts: list[torch.optim.Optimizer], grad_clip: float, loss: float,

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from siren.errors import ConfigError
+from siren.errors import ConfigError, NonFiniteError
 from siren.model import CollaborativeModel, Expert
 from siren.rl.objective import token_logprobs
 from siren.runtime import derive_seed
@@ -97,7 +97,7 @@ def collect(model: CollaborativeModel, captions: Sequence[str], encode_text: Cal
         else:
             r = reward(codes, caps).float().cpu()
     if not torch.isfinite(r).all():
-        raise FloatingPointError(f"reward {reward.id} returned non-finite values for rollouts "
+        raise NonFiniteError(f"reward {reward.id} returned non-finite values for rollouts "
                                  f"{(~torch.isfinite(r)).nonzero().flatten().tolist()}")
     return Rollouts(codes, text, text_mask, caps, r.view(len(captions), group),
                     torch.ones(n, n_frames, dtype=torch.bool, device=device))
