@@ -204,6 +204,14 @@ def test_cache_second_run_computes_nothing_and_a_changed_file_exactly_one(cli_ru
     assert cards.RANDOM_BANNER in capsys.readouterr().out
 
 
+def test_embeddings_computed_on_another_device_type_are_not_reused():
+    from eval.cache import EmbeddingCache
+
+    keys = {dev: EmbeddingCache.key("content", b.id, b.weights_sha256, b.protocol())
+            for dev, b in (("cpu", VGGish("random")), ("cuda", VGGish("random", device="cuda")))}  # not built here
+    assert keys["cpu"] != keys["cuda"]
+
+
 def test_a_subset_is_evaluated_from_a_folder_generated_for_the_whole_set(cli_run, sets):
     # AudioLDM's 964 of AudioCaps' 975 test clips: the folder holds all of them, subset= names the ones scored
     # (the other files were an "extra" error whose advice was the subset= already given)
