@@ -261,13 +261,16 @@ def test_half_silent_item_never_yields_a_silent_crop(half_silent):
 
 def test_fallback_is_counted_and_logged(half_silent, caplog):
     root, _ = half_silent
-    ds = PreparedDataset(root / "out", "train", crop_s=0.5, crop_min_clap=0.99)  # cosines of random CLAP: none pass
-    table = ds.items[0]["crop_filter"]
     with caplog.at_level(logging.WARNING, logger="siren.data.dataset"):
+        ds = PreparedDataset(root / "out", "train", crop_s=0.5, crop_min_clap=0.99)  # random CLAP's cosines: none pass
+        table = ds.items[0]["crop_filter"]
         starts = {ds.crop_start(e, 0) for e in range(5)}
     loud = [(c, o) for o, c in zip(table["offsets"], table["clap"]) if crop_energy(root, o) > 0]
     assert starts == {max(loud)[1]} and ds.fallbacks == 5
-    assert sum("using its best offset" in r.message for r in caplog.records) == 1  # once per item
+    # logged once, when the dataset is built: a per-draw warning came back every epoch (workers made anew)
+    assert [r.message for r in caplog.records if "best offset" in r.message] == [
+        f"crop filter (CLAP > 0.99, not silent): 0 of {sum(len(it['crop_filter']['offsets']) for it in ds.items)} "
+        f"crop offsets pass; {len(ds.items)} of {len(ds.items)} items have none and use their best offset"]
 
 
 def test_crop_filter_needs_prepared_scores(half_silent):
@@ -289,6 +292,23 @@ def test_crop_filter_reaches_the_continuous_family_and_needs_crops(half_silent):
     assert [ds.crop_start(e, 0) for e in range(3)] and ds.fallbacks == 3  # filtered: nothing passes 0.99
     with pytest.raises(ConfigError, match="crop_min_clap=0.2 filters crops, but train.crop_s=0"):
         TrainConfig(crop_s=0, crop_min_clap=0.2)
+
+
+def test_filtered_crops_of_a_padded_item_end_in_its_real_audio():
+    # policy=pad: the crop table's offsets run over the whole padded item; a crop drawn past the real frames
+    # trained on fewer than crop_s frames (the zeros are masked), and the fallback could pick one there
+    from siren.data import PreparedDataset
+
+    ds = PreparedDataset.__new__(PreparedDataset)  # the drawing alone, on a hand-made index entry
+    offsets = list(range(0, 401, 25))
+    table = {"crop_frames": 100, "offsets": offsets, "clap": [0.5] * len(offsets), "energy_db": [0.0] * len(offsets)}
+    ds.items = [{"id": "a", "frames": 500, "real_frames": 200, "crop_filter": table}]
+    ds.crop, ds.seed, ds.crop_min_clap, ds.fallbacks = 100, 0, 0.2, 0
+    assert {ds.crop_start(e, 0) for e in range(60)} == {0, 25, 50, 75, 100}  # room: 200 real - 100 = 100
+    table["clap"] = [0.1] * len(offsets)
+    table["clap"][12] = 0.15  # the best offset (300) lies in the padding
+    table["clap"][2] = 0.12
+    assert ds.crop_start(0, 0) == 50 and ds.fallbacks == 1  # the best of those inside
 
 
 # ---------------------------------------------------------------- segments as files (appendix A, first step)

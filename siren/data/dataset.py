@@ -61,7 +61,6 @@ class PreparedDataset(Dataset):
         self.seed = seed
         self.crop_min_clap = crop_min_clap
         self.fallbacks = 0  # crops drawn by the fallback (no offset passed the filter), in this process
-        self._warned: set[int] = set()
         if crop_min_clap > 0 and self.crop is not None:
             self._check_crop_filter(prepared_dir, split)
 
@@ -117,17 +116,15 @@ class PreparedDataset(Dataset):
         from siren.data.crops import allowed, fallback
 
         table = self.items[i]["crop_filter"]
-        clap, loud = np.array(table["clap"]), np.array(table["energy_db"])
-        ok = np.flatnonzero(allowed(clap, loud, self.crop_min_clap))
+        clap, loud, offsets = np.array(table["clap"]), np.array(table["energy_db"]), np.array(table["offsets"])
+        inside = offsets <= room  # crops that end in real audio: policy=pad's zeros are masked, not trained on
+        ok = np.flatnonzero(allowed(clap, loud, self.crop_min_clap) & inside)
         if ok.size:
-            return table["offsets"][int(ok[rng.integers(0, ok.size)])]
+            return int(offsets[ok[rng.integers(0, ok.size)]])
+        # counted, not warned per item: loader workers are made anew each epoch, so a per-item warning came back
+        # every epoch; the items without a passing crop are logged once, when the dataset is built
         self.fallbacks += 1
-        if i not in self._warned:  # once per item: a fallback item repeats every epoch
-            self._warned.add(i)
-            log.warning("item %s: no crop offset has CLAP similarity > %g and sound; using its best offset "
-                        "(%d fallback(s) so far in this process)", self.items[i]["id"], self.crop_min_clap,
-                        self.fallbacks)
-        return table["offsets"][fallback(clap, loud)]
+        return int(offsets[fallback(np.where(inside, clap, -np.inf), loud)])
 
     def codes(self, i: int) -> torch.Tensor:
         """All codes of item i: LongTensor [12, frames]."""
