@@ -4,7 +4,6 @@ several tables need (the 1.6B single model is in Tables 3, 5 and 6) runs once.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import json
@@ -54,24 +53,18 @@ def load_grid(name: str) -> Grid:
 MANIFESTS = ("data.train", "data.test", "data.prompts", "data.subset")  # config values naming a user's files
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
-    from siren.io import sha256_file
-
-    return sha256_file(path)
-
-
 def cell_id(resolved: Mapping[str, Any]) -> str:
     """Identity of a cell: a hash of its fully resolved config (not of the table it came from), of the
     manifests it names by content (a manifest edited in place is other data: its cells run again, not
     reused), and, with weights=demo, of the demo weight files, so a rerun after they change retrains
     rather than reusing results made with the old ones."""
+    from siren.io import sha256_file_once
+
     resolved = dict(resolved)
     for key in MANIFESTS:
         path = Path(str(resolved.get(key) or ""))
         if resolved.get(key) and path.is_file():
-            st = path.stat()
-            resolved[f"{key}.sha256"] = _file_digest(str(path.resolve()), st.st_mtime_ns, st.st_size)
+            resolved[f"{key}.sha256"] = sha256_file_once(path)
     if resolved.get("weights") == "demo":
         from siren.demo_weights import files_id
 

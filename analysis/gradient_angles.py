@@ -73,7 +73,8 @@ def angle_matrix(vectors: torch.Tensor | np.ndarray) -> np.ndarray:
     no direction: its angles are NaN (a cosine of 0 would read as 90 degrees, "orthogonal")."""
     v = torch.as_tensor(vectors, dtype=torch.float64)
     norm = v.norm(dim=1, keepdim=True)
-    angles = torch.rad2deg(torch.arccos((v / norm.clamp_min(1e-300) @ (v / norm.clamp_min(1e-300)).T).clamp(-1, 1)))
+    unit = v / norm.clamp_min(1e-300)
+    angles = torch.rad2deg(torch.arccos((unit @ unit.T).clamp(-1.0, 1.0)))
     zero = norm[:, 0] == 0
     angles[zero], angles[:, zero] = float("nan"), float("nan")
     return angles.numpy()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from siren.errors import CheckpointError, MissingWeightsError
-from siren.io import load_hashed, same_file
+from siren.io import load_hashed, same_file, sha256_file_once
 
 log = logging.getLogger(__name__)
 
@@ -187,20 +187,12 @@ def _kept(key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
     return copy.deepcopy(_KEPT[key])
 
 
-@functools.cache
-def _sha256(path: str, mtime_ns: int, size: int) -> str:
-    """A file's sha256, once per version of it in a process (an eval job loads three backbones beside one codec)."""
-    from siren.io import sha256_file
-
-    return sha256_file(path)
-
-
 def _check_codec(path: Path, head: dict) -> None:
     """Warn when the demo codec beside ``path`` is not the one whose audio the file was trained on (a codec
     rebuilt alone, ``python -m siren.demo_assets.codec``): the metrics then read audio unlike their training's."""
     want = json.loads(head.get("meta", "{}")).get("codec_sha256")
     codec = Path(path).parent / CODEC_FILE
-    if want and codec.is_file() and _sha256(str(codec), (st := codec.stat()).st_mtime_ns, st.st_size) != want:
+    if want and codec.is_file() and sha256_file_once(codec) != want:
         log.warning("%s was trained on the audio of another demo codec (sha256 %s...) than %s: the numbers it gives "
                     "are not the ones measured for it; rebuild the backbones on this codec with `%s`",
                     path, want[:12], codec, REBUILD)

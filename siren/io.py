@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +110,17 @@ def sha256(data: bytes | str) -> str:
 def sha256_file(*paths: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes (of several files' bytes, concatenated), read in chunks."""
     return file_digest(*paths)
+
+
+def sha256_file_once(path: str | os.PathLike) -> str:
+    """``sha256_file`` of one file, computed once per version of it (path, mtime, size) in a process."""
+    st = os.stat(path)
+    return _sha256_of_version(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of_version(path: str, mtime_ns: int, size: int) -> str:
+    return file_digest(path)
 
 
 def weights_tag(weights_sha256: str) -> str:

@@ -58,15 +58,14 @@ def _latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> torc
     if path.is_file():
         return load_file(path)["z"]
     codes_file = cache_path(out, "codes", key)
-    with safe_open(codes_file, "pt") as f:  # the file as prepare read it, not as it is now
-        made_from = f.metadata().get("audio_sha256")
+    with safe_open(codes_file, "pt") as f:  # the file as prepare read it, not as it is now; and its length
+        made_from, frames = f.metadata().get("audio_sha256"), f.get_slice("codes").get_shape()[-1]
     data = Path(entry["source"]).read_bytes()  # read once: hashed, then decoded (as siren.data.encode)
     if made_from and sha256(data) != made_from:
         raise DataError(f"{entry['source']}: changed since prepare encoded it (sha256 differs from {codes_file}'s "
                         f"record): run prepare again, then the latents")
     items, _, _ = standardize(load_audio(entry["source"], data, warn=False), audio, entry["source"])
     z = dac_latent(codec, items).cpu()
-    frames = load_file(cache_path(out, "codes", key))["codes"].shape[-1]
     if z.shape[0] != items.shape[0] or z.shape[-1] != frames:
         raise DataError(f"{entry['source']}: latent {tuple(z.shape)} does not match its codes ({frames} frames); "
                         f"the audio changed since prepare: run prepare again")

@@ -38,7 +38,7 @@ from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score
 from siren.data.manifest import Row, read_manifest
 from siren.demo_weights import LABEL
 from siren.errors import DataError
-from siren.io import check_folder, read_json, sha256, write_json
+from siren.io import check_folder, read_json, sha256, sha256_file, write_json
 from siren.runtime import check_device
 from siren.text import TextConfig
 
@@ -260,8 +260,7 @@ def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
         except FileNotFoundError:
             gone.append(it["source"])
             continue
-        if [st.st_size, st.st_mtime_ns] != it["source_stat"] and sha256(Path(it["source"]).read_bytes()) != it[
-                "source_sha256"]:
+        if [st.st_size, st.st_mtime_ns] != it["source_stat"] and sha256_file(it["source"]) != it["source_sha256"]:
             changed.append(it["source"])
     return changed, gone
 

@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
            "text_id": text_encoder.id, "weights_labels": labels,
            # the prompts themselves: batches are drawn by step from this list, so a resume on an edited file
            # would train on other batches under one run's name
-           "prompts_sha256": io.sha256("\n".join(prompts).encode())}
+           "prompts_sha256": io.sha256("\n".join(prompts))}
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
     prepare_out(cfg, stage1, run_cfg, trainable, ids)
