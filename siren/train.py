@@ -116,6 +116,29 @@ class Stats:
         self.sums["_w"] = self.sums.get("_w", 0) + weight
         self.sums["_frames"] = self.sums.get("_frames", 0) + out.frames
 
+    def saved(self, ranks: Dist, device: torch.device) -> dict[str, torch.Tensor]:
+        """The sums since the last log entry, totalled over processes, for a checkpoint: the resumed run's first
+        entry then averages the same steps as an uninterrupted run's. Frames are left out: tokens/s counts the
+        time since the resume."""
+        keys = sorted(k for k in self.sums if k != "_frames")  # the same on every rank: each adds as many batches
+        if not keys:
+            return {}
+        vec = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64).to(device) for k in keys])
+        if ranks.world > 1:
+            dist.all_reduce(vec)
+        return {f"stats.{k}": v for k, v in zip(keys, vec.cpu())}
+
+    @classmethod
+    def resumed(cls, tensors: dict[str, torch.Tensor], ranks: Dist, device: torch.device) -> Stats:
+        """A checkpoint's totals, on rank 0 alone (the next log entry sums over ranks)."""
+        stats = cls()
+        if ranks.main:
+            for name, v in tensors.items():
+                if name.startswith("stats."):  # float32 sums as they were kept (exact through float64)
+                    k = name.removeprefix("stats.")
+                    stats.sums[k] = v.item() if k == "_w" else v.to(device, torch.float32)
+        return stats
+
     def reduce(self, ranks: Dist) -> dict[str, float]:
         """Weighted means across batches and processes; '_frames' stays a total."""
         keys = sorted(self.sums)
@@ -222,16 +245,17 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data) 
 
 
 def resume(last: ckpt.Checkpoint, model: Expert | ContinuousLM, opt: torch.optim.Optimizer, ranks: Dist,
-           device: torch.device, seed: int) -> dict:
-    """Weights, optimizer, RNG from ``last`` (refused when its weights are not finite); returns the
-    step / data position to continue from."""
+           device: torch.device, seed: int) -> tuple[dict, Stats]:
+    """Weights, optimizer, RNG and the log's running sums from ``last`` (refused when its weights are not
+    finite); returns the step / data position to continue from, and those sums."""
     weights = last.model_state()
     ckpt.check_finite_checkpoint(last, weights)
     ckpt.load_weights(model, weights, last.path / "model.safetensors")
     trainer = last.trainer_state()
     ckpt.load_optimizer(opt, trainer, last.state["optimizer"]["param_groups"], last.path)
     ckpt.restore_rng(trainer, ranks, device, reseed=derive_seed(seed, ranks.rank, last.step))
-    return {key: int(last.state[key]) for key in ("step", "epoch", "examples_in_epoch")}
+    position = {key: int(last.state[key]) for key in ("step", "epoch", "examples_in_epoch")}
+    return position, Stats.resumed(trainer, ranks, device)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -268,7 +292,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     torch.manual_seed(derive_seed(tc.seed, ranks.rank))  # own stream per rank; DDP broadcasts rank 0's init
     model = build_model(cfg, data).to(device)
     opt = optimizer(model, tc, device)
-    state = {"step": 0, "epoch": 0, "examples_in_epoch": 0}
+    state, stats = {"step": 0, "epoch": 0, "examples_in_epoch": 0}, Stats()
     last = ckpt.load_latest(edir)
     if last is not None:
         check_resumable(last, cfg, data)
@@ -279,7 +303,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     if last is not None and last.step >= tc.steps:
         return TrainResult("finished", last.step, last.path)  # a re-submitted finished job: nothing to do
     if last is not None:
-        state = resume(last, model, opt, ranks, device, tc.seed)
+        state, stats = resume(last, model, opt, ranks, device, tc.seed)
         if ranks.main:
             log.info("expert %d: resuming from %s (step %d)", k, last.path, last.step)
     start = state["step"]
@@ -310,6 +334,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     def save(step: int) -> Path | None:
         tensors, groups = ckpt.optimizer_tensors(opt)
         tensors.update(ckpt.rng_tensors(ranks, device))
+        tensors.update(stats.saved(ranks, device))
         if not ranks.main:
             return None
         meta = {**state, "expert": k, **run_config(cfg, data), "train": to_dict(tc), "trained_frames": trained,
@@ -320,7 +345,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     from tqdm import tqdm
 
     stream = batches()
-    stats, last_ckpt, result = Stats(), None, None
+    last_ckpt, result = None, None
     t0, paused = time.perf_counter(), 0.0  # tokens/s counts training time only (not validation, checkpoints)
     with stop_on_signal(handle_signals) as stop, RunLog(edir, start, ranks.main) as runlog, \
             tqdm(total=tc.steps, initial=start, desc=f"expert {k}", disable=not ranks.main, dynamic_ncols=True) as bar:

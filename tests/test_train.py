@@ -166,6 +166,26 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert got == want
 
 
+def test_a_resumed_log_entry_averages_the_same_steps(tmp_path):
+    """Entries every 3 steps, the checkpoint at step 4: the resumed run's step-6 entry averages steps 4..6, as the
+    uninterrupted run's does (the running sums travel in the checkpoint), not 5..6 alone."""
+    args = ("model.distribution=6-2", "expert=0", "train.log_every=3")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(straight, *args), synthetic_data(), handle_signals=False)
+    train(tiny_config(resumed, *args), synthetic_data(), handle_signals=False)
+    edir = resumed / "expert_0"
+    shutil.rmtree(edir / "step_00000008")
+    (edir / "latest").write_text("step_00000004\n")
+    train(tiny_config(resumed, *args), synthetic_data(), handle_signals=False)
+
+    def entries(d):
+        return [{k: v for k, v in e.items() if k != "tokens/s"} for e in read_log(d) if not e.get("val")]
+
+    want = entries(straight / "expert_0")
+    assert [e["step"] for e in want] == [3, 6, 8]
+    assert entries(edir) == want
+
+
 def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch):
     """SIGTERM arriving mid-step stops the loop after that step, with a checkpoint, and the run resumes exactly."""
     args = ("model.distribution=6-2", "expert=1", "model.dropout=0.1")  # dropout: the RNG is restored too
@@ -258,31 +278,47 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK=sys.arg
                   LOCAL_RANK=sys.argv[2])
 from tests.fixtures_train import synthetic_data, tiny_config
 from siren.train import train
-train(tiny_config(sys.argv[1], "model.distribution=6-2", "train.steps=4", "train.val_every=2"),
+train(tiny_config(sys.argv[1], "model.distribution=6-2", "train.steps=6", "train.val_every=2", "train.log_every=3"),
       synthetic_data(n_train=8, ragged=False), handle_signals=False)
 """
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     """2 ranks x batch 2 see the same global batches as 1 process x batch 4 (equal-length clips,
-    so the mean of the two halves' losses is the full batch's): same losses up to float sums."""
+    so the mean of the two halves' losses is the full batch's): same losses up to float sums. Then the DDP run
+    resumed from its step-4 checkpoint (both ranks' RNG states, the log's sums totalled over ranks) logs the
+    same entries again."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(tmp_path / "ddp"), str(r), port], cwd=ROOT,
-                              env=env, stderr=subprocess.PIPE) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-3000:]
-    train(tiny_config(tmp_path / "one", "model.distribution=6-2", "train.steps=4", "train.val_every=2",
-                      "train.batch_size=4"), synthetic_data(n_train=8, ragged=False), handle_signals=False)
+    def ddp_run(run_dir):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(run_dir), str(r), port], cwd=ROOT,
+                                  env=env, stderr=subprocess.PIPE) for r in range(2)]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()[-3000:]
+
+    ddp_run(tmp_path / "ddp")
+    train(tiny_config(tmp_path / "one", "model.distribution=6-2", "train.steps=6", "train.val_every=2",
+                      "train.log_every=3", "train.batch_size=4"), synthetic_data(n_train=8, ragged=False),
+          handle_signals=False)
     ddp, one = read_log(tmp_path / "ddp" / "expert_0"), read_log(tmp_path / "one" / "expert_0")
-    assert [e["step"] for e in ddp] == [e["step"] for e in one]
+    assert [e["step"] for e in ddp] == [e["step"] for e in one] == [2, 3, 4, 6, 6]
     for a, b in zip(ddp, one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5), (a, b)
+
+    edir = tmp_path / "ddp" / "expert_0"
+    shutil.rmtree(edir / "step_00000006")
+    (edir / "latest").write_text("step_00000004\n")
+    ddp_run(tmp_path / "ddp")
+    again = read_log(edir)
+    assert [e["step"] for e in again] == [2, 3, 4, 6, 6]
+    for a, b in zip(again, ddp):
+        assert {k: pytest.approx(v, rel=1e-6) for k, v in a.items() if k != "tokens/s"} == \
+            {k: v for k, v in b.items() if k != "tokens/s"}
     state = json.loads((tmp_path / "ddp" / "expert_0" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2
 
