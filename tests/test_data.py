@@ -194,7 +194,7 @@ def test_demo_classes_are_distinct():
 
 # ---------------------------------------------------------------- prepare
 
-def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, codec, text_encoder):
+def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, codec, text_encoder, monkeypatch):
     # prepare's caches are keyed by content, but a finished grid does not run prepare again: the check is
     # what stops a file replaced under the same path from keeping the former audio's codes (ablations.plan)
     from siren.data.prepare import changed_sources
@@ -209,6 +209,13 @@ def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, co
     (tmp_path / "src/a1.wav").unlink()
     assert changed_sources(tmp_path / "out", "manifest") == ([str(tmp_path / "src/a2.wav")],
                                                               [str(tmp_path / "src/a1.wav")])
+    # the copy with the same bytes had its new mtime recorded: it is not hashed again, the changed file is
+    import siren.data.prepare as P
+
+    hashed = []
+    monkeypatch.setattr(P, "sha256_file", lambda p: hashed.append(str(p)) or "other")
+    assert changed_sources(tmp_path / "out", "manifest")[0] == [str(tmp_path / "src/a2.wav")]
+    assert hashed == [str(tmp_path / "src/a2.wav")]
 
 
 def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, text_encoder, caplog):

@@ -250,18 +250,31 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
 def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
     """(the audio files of a prepared split whose bytes are no longer the ones prepare encoded, those no longer
     there). A file whose size and mtime are as prepare recorded them is taken as unchanged; any other is hashed
-    again. Prepare's codes are keyed by content, but a finished grid does not run it again, so without this
-    check a file replaced under the same path kept the former audio's codes and the models trained on them."""
-    items = read_json(index_path(Path(out), split), "run prepare again").get("items", [])
-    changed, gone = [], []
+    again, and one with the same bytes (a copy, a restore) gets its new size and mtime recorded in the index, so
+    the next check does not hash it again. Prepare's codes are keyed by content, but a finished grid does not run
+    it again, so without this check a file replaced under the same path kept the former audio's codes and the
+    models trained on them."""
+    path = index_path(Path(out), split)
+    index = read_json(path, "run prepare again")
+    items = index.get("items", [])
+    changed, gone, restat = [], [], {}
     for it in {it["source"]: it for it in items if "source_stat" in it}.values():  # one check per file
         try:
             st = os.stat(it["source"])
         except FileNotFoundError:
             gone.append(it["source"])
             continue
-        if [st.st_size, st.st_mtime_ns] != it["source_stat"] and sha256_file(it["source"]) != it["source_sha256"]:
+        if [st.st_size, st.st_mtime_ns] == it["source_stat"]:
+            continue
+        if sha256_file(it["source"]) != it["source_sha256"]:
             changed.append(it["source"])
+        else:
+            restat[it["source"]] = [st.st_size, st.st_mtime_ns]
+    if restat:
+        for it in items:
+            if it["source"] in restat:
+                it["source_stat"] = restat[it["source"]]
+        write_json(path, index)
     return changed, gone
 
 
