@@ -33,7 +33,7 @@ from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
 
 RECORD = "generation.json"  # in the clips' folder: how they were made (check_record)
-COLLAPSE_ITG = 0.5  # a set where at least this fraction of clips collapsed cannot generate (itg)
+COLLAPSE_ITG = 0.5  # a set where at least this fraction of its samples collapsed cannot generate (itg)
 
 
 class CannotGenerate(RuntimeError):
@@ -63,8 +63,18 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 "sample": vars(sample), "candidates": candidates, "batch_size": batch_size,
                 # a generator draws other numbers on another device type; the scorer picks among the candidates
                 "device": torch.device(device).type, "scorer": clap.id if candidates > 1 else None}
-    check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
-                 [i for i, p in zip(ids, paths) if p.is_file()])
+    collapsed = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
+                             [i for i, p in zip(ids, paths) if p.is_file()])
+    # itg once the samples collapsed reach COLLAPSE_ITG of the whole set's (counted with the clips written by an
+    # earlier call): decided as soon as it is certain, so on the same samples whatever the batches' order
+    samples = candidates * len(ids)
+
+    def check_collapse() -> None:
+        if sum(collapsed.values()) >= COLLAPSE_ITG * samples:
+            raise CannotGenerate(f"{sum(collapsed.values())} of the set's {samples} samples collapsed (every RVQ "
+                                 f"layer repeats one code for all {n_frames} frames)")
+
+    check_collapse()
     warn_if_past_trained(run_dir, n_frames, "eval")
     # The set's own batches, not those of the clips still missing: a run stopped part way through a batch
     # draws that batch again whole, with the same seed and companions, so every clip is the one the
@@ -73,12 +83,12 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     todo = [rows for rows in batches if not all(paths[i].is_file() for i in rows)]
     if todo:  # a resumed set with every clip there builds no codec or text encoder
         text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
-    batch_times, collapsed, total, written = [], 0, 0, 0
+    batch_times, written = [], 0
     for rows in tqdm(todo, desc="generate", unit="batch", disable=not todo):
         caps = [captions[i] for i in rows]
         states = text.encode(caps)
         t0 = time.perf_counter()
-        best_wav, best_score = None, None
+        best_wav, best_score, batch_collapsed = None, None, torch.zeros(len(rows), dtype=torch.long)
         for c in range(candidates):
             try:  # seeded by the batch's first row in the set (see ``batches``)
                 if isinstance(model, ContinuousLM):  # paper/003: tokens -> DAC latent -> the same DAC decoder
@@ -88,11 +98,10 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 else:
                     codes, info = generate_with_info(model, states, n_frames, sample,
                                                      seed=derive_seed(seed, c, rows[0]))
-                    collapsed += int(info.collapsed.sum())
+                    batch_collapsed += info.collapsed.cpu().long()
                     wav = codec.decode(codes).float().cpu()
             except FloatingPointError as e:
                 raise CannotGenerate(str(e)) from None
-            total += len(rows)
             if candidates == 1:
                 best_wav = wav
                 break
@@ -105,19 +114,20 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         batch_times.append(time.perf_counter() - t0)
-        if total and collapsed / total >= COLLAPSE_ITG:
-            raise CannotGenerate(f"{collapsed} of {total} samples collapsed (every RVQ layer repeats one code for "
-                                 f"all {n_frames} frames)")
+        collapsed.update({ids[i]: int(n) for i, n in zip(rows, batch_collapsed)})
+        check_collapse()
         for i, w in zip(rows, best_wav):
             if not paths[i].is_file():
                 with atomic_path(paths[i]) as tmp:
                     sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
                 written += 1
+        record = json.loads((out_dir / RECORD).read_text())  # the counts of the clips now there, for a resume
+        write_json(out_dir / RECORD, {**record, "collapsed": collapsed})
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),
             "batch_size": batch_size, "seed": seed, "sample": vars(sample), "candidates": candidates,
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
-            "generated_now": written, "collapsed": collapsed, "device": _device_name(device),
+            "generated_now": written, "collapsed": sum(collapsed.values()), "device": _device_name(device),
             "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}
 
 
@@ -125,9 +135,10 @@ LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without
 
 
 def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
-                 existing: list[str]) -> None:
+                 existing: list[str]) -> dict[str, int]:
     """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring); then record
-    how this call makes them (before any clip is written). ``existing``: the ids whose clip is there."""
+    how this call makes them (before any clip is written). ``existing``: the ids whose clip is there. Returns
+    how many of each existing clip's candidates collapsed, as recorded when it was written."""
     path = out_dir / RECORD
     record = json.loads(path.read_text()) if path.is_file() and existing else None
     fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
@@ -144,8 +155,10 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
         if diff:
             raise ConfigError(f"{out_dir} holds clips generated otherwise (by {record.get('run_dir')}): "
                               f"{'; '.join(diff)}; {fix}")
+    collapsed = {i: n for i, n in (record or {}).get("collapsed", {}).items() if i in existing}
     write_json(path, {"run_dir": str(Path(run_dir).resolve()), "settings": settings,
-                      "captions": {**(record or {}).get("captions", {}), **captions}})
+                      "captions": {**(record or {}).get("captions", {}), **captions}, "collapsed": collapsed})
+    return collapsed
 
 
 def _device_name(device: str) -> str:

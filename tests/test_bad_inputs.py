@@ -855,6 +855,45 @@ def test_a_generation_stopped_mid_batch_resumes_to_the_uninterrupted_clips(tmp_p
         generate(whole, batch_size=4)
 
 
+def test_collapse_is_decided_over_the_whole_set(tmp_path, monkeypatch):
+    """itg when at least half the set's samples collapse: it was decided on the batches generated so far, so a
+    first batch of collapsed clips (2 of 6 here) made the whole set itg. Now the count is the set's, carried over
+    a resume in generation.json; the real sampler runs, and collapse is marked for the captions saying 'hum'."""
+    import eval.generate as G
+    from siren.config import to_dict
+    from siren.sample import SampleConfig
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_rl import make_stage1_run
+
+    codec, text = demo_codec(), TextEncoder(TextConfig(weights="random"))
+    run = make_stage1_run(tmp_path / "run", "12-1", seed=0, tables=codec.code_tables(), codec_id=codec.id,
+                          text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
+    real, marked = G.generate_with_info, {}
+
+    def marking(model, states, n_frames, sample, seed):
+        codes, info = real(model, states, n_frames, sample, seed=seed)
+        info.collapsed = torch.tensor(marked["rows"].pop(0))
+        return codes, info
+
+    monkeypatch.setattr(G, "generate_with_info", marking)
+    ids = list("abcdef")
+
+    def generate(gen, caps):
+        marked["rows"] = [["hum" in caps[i] for i in rows] for rows in (range(0, 2), range(2, 4), range(4, 6))]
+        marked["rows"] = [r for r, done in zip(marked["rows"], [(gen / f"{ids[i]}.wav").is_file()
+                                                                 for i in (0, 2, 4)]) if not done]
+        return G.generate_set(run, ids, caps, gen, seconds=0.1, batch_size=2, seed=0, sample=SampleConfig())
+
+    card = generate(tmp_path / "two", ["hum", "hum", "rain", "wind", "dog", "bell"])
+    assert card["collapsed"] == 2 and len(list((tmp_path / "two").glob("*.wav"))) == 6
+    three = tmp_path / "three"
+    with pytest.raises(G.CannotGenerate, match="3 of the set's 6 samples collapsed"):
+        generate(three, ["hum", "hum", "rain", "wind", "hum", "bell"])
+    assert sorted(p.stem for p in three.glob("*.wav")) == list("abcd")  # the last batch is not written
+    with pytest.raises(G.CannotGenerate, match="3 of the set's 6"):  # resumed: a and b counted from the record
+        generate(three, ["hum", "hum", "rain", "wind", "hum", "bell"])
+
+
 def test_a_missing_or_empty_eval_subset_is_named(tmp_path, capsys):
     """subset= naming no file ended in a FileNotFoundError traceback; an empty one in 'the reference set has
     0 clip(s)', not naming the subset file."""
