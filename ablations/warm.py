@@ -242,13 +242,21 @@ def client(address: str, argv: list[str]) -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.connect("\0" + address)
-    except OSError:  # no server (it exited, or this platform has no abstract sockets): run it cold
+        # The address is in every job's command line: a listener of another user (one that bound the name
+        # first, or after the server died) would get this job's environment and stdio. Only our own server.
+        _, uid, _ = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        if uid != os.getuid():
+            raise PermissionError(f"warm start: {address} is served by uid {uid}, not this user; running cold")
+    except OSError as e:  # no server (it exited, or this platform has no abstract sockets), or not ours: cold
+        if isinstance(e, PermissionError):
+            print(e, file=sys.stderr, flush=True)
         conn.close()
         os.execv(sys.executable, [sys.executable, *argv])
     request = {"module": ENTRY, "args": argv[3:], "env": dict(os.environ), "cwd": os.getcwd()}
+    replies = conn.makefile("rb")  # the pid line and the status line may arrive in one read
     try:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
-        pid = int(_read_line(conn))
+        pid = int(replies.readline())
     except (OSError, ValueError):  # the server refused or died before forking: nothing ran, run it cold
         conn.close()
         os.execv(sys.executable, [sys.executable, *argv])
@@ -261,8 +269,8 @@ def client(address: str, argv: list[str]) -> int:
     for sig in RELAYED:
         signal.signal(sig, relay)
     try:
-        code = int(_read_line(conn))
-    except (ConnectionError, ValueError):
+        code = int(replies.readline())
+    except (OSError, ValueError):  # an empty line: the connection closed
         return 1  # the server went away before the child finished
     return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
 

@@ -151,3 +151,66 @@ def test_the_job_error_and_a_missing_server(server, tmp_path):
 def test_the_client_refuses_other_commands():
     with pytest.raises(SystemExit, match="runs only"):
         warm.client("x", ["-c", "print(1)"])
+
+
+def _client_proc(address: str, tmp_path: Path, **env):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "ablations.warm", address, "-u", "-m", warm.ENTRY,
+                           str(tmp_path / "no-job")], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="listening as another user needs root")
+def test_the_client_talks_only_to_a_server_of_its_own_user(tmp_path):
+    """The address is in every job's command line: another user's listener on it got the job's environment
+    (secrets included) and stdio, and its replies were taken as the job's pid and status. Now the client checks
+    the listener's uid and runs the job cold."""
+    import subprocess
+
+    address = f"siren-warm-test-{os.getpid()}"
+    impostor = subprocess.Popen([sys.executable, "-c", f"""
+import os, socket
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\\0{address}"); s.listen()
+print("ready", flush=True)
+c, _ = s.accept()
+print("received", len(c.recv(1 << 16)), flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert impostor.stdout.readline().strip() == "ready"
+        job = _client_proc(address, tmp_path, SECRET_TOKEN="hunter2")
+        assert impostor.communicate(timeout=30)[0].strip() == "received 0"
+    finally:
+        impostor.kill()
+    assert f"{address} is served by uid 65534, not this user; running cold" in job.stderr
+    assert "Known environments" in job.stderr  # submitit's own error (no job environment here): it ran cold
+
+
+def test_the_client_reads_the_pid_and_the_status_arriving_together(tmp_path):
+    """A server whose two lines (the child's pid, then its status) came in one read: int("123\\n0\\n") failed and
+    the finished job was run a second time, cold."""
+    import socket
+    import threading
+
+    address = f"siren-warm-test2-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + address)
+    listener.listen()
+
+    def serve_once():
+        conn, _ = listener.accept()
+        _, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(f"{os.getpid()}\n0\n".encode())
+        conn.close()
+
+    t = threading.Thread(target=serve_once, daemon=True)
+    t.start()
+    try:
+        job = _client_proc(address, tmp_path)
+    finally:
+        listener.close()
+    assert job.returncode == 0, job.stderr
