@@ -27,6 +27,7 @@ import submitit
 import yaml
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from siren import io
 from siren.errors import ConfigError, SchedulerError
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
@@ -252,7 +253,7 @@ class BoundedLocalExecutor(submitit.LocalExecutor):
         sys.stderr.flush()
         saved = os.dup(1), os.dup(2)
         try:
-            with open(self.controller_log, "ab") as f:
+            with io.open_append(self.controller_log, "ab") as f:
                 os.dup2(f.fileno(), 1)
                 os.dup2(f.fileno(), 2)
             job = super()._submit_command(command)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from siren.errors import SirenError
+from siren.io import open_no_link
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
     """Hold the lock at ``path`` for the ``with`` body; raise LockHeld naming the holder (and ``fix``) if taken."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = open_no_link(path, os.O_RDWR)  # it truncates the file: never one a link names
     try:
         deadline = time.monotonic() + PROBE_GRACE_S
         while True:

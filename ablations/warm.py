@@ -290,7 +290,9 @@ def server(log: Path, preload: tuple[str, ...] = PRELOAD, deferred: tuple[str, .
         return
     address = f"siren-warm-{os.getpid()}-{secrets.token_hex(6)}"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as err:
+    from siren.io import open_append  # here, in the launcher: the client imports the standard library only
+
+    with open_append(log) as err:
         proc = subprocess.Popen([sys.executable, "-m", "ablations.warm", "serve", address, *preload, "--", *deferred],
                                 stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     try:

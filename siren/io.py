@@ -78,11 +78,36 @@ def _disk_full(e: Exception, tmp: str) -> bool:
 def check_folder(path: str | os.PathLike, key: str) -> None:
     """``key=path`` names a folder a command writes into: its nearest existing part must be a folder. Checked
     when parsed; a file there ended in a NotADirectoryError / FileExistsError traceback at the first write,
-    after the models were built or everything was computed."""
+    after the models were built or everything was computed. A control character is refused: the folder goes
+    into SLURM scripts, where submitit's quoting does not stop a newline from starting a shell command."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(path)):
+        raise ConfigError(f"{key}={str(path)!r}: a control character (newline, tab, ...) in a folder name; give "
+                          f"{key}= a name without one")
     path = Path(path)
-    there = next(p for p in (path, *path.parents) if p.exists())  # "." (or "/") at the latest
+    there = next(p for p in (path, *path.parents) if os.path.lexists(p))  # "." (or "/") at the latest
+    if there.is_symlink() and not there.exists():
+        raise ConfigError(f"{key}={path}: {there} is a symbolic link to {os.readlink(there)}, which is not there; "
+                          f"remove the link or give another {key}=")
     if not there.is_dir():
         raise ConfigError(f"{key}={path}: {there} is a file, not a folder; give {key}=FOLDER")
+
+
+def open_no_link(path: str | os.PathLike, flags: int) -> int:
+    """``os.open`` (creating the file) that refuses a symbolic link at ``path``: logs and locks are opened in
+    place, and a link put in an output folder shared with a group would have them append to, or truncate,
+    whatever file it names."""
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symbolic link (to {os.readlink(path)}); the harness writes its logs "
+                              f"and locks only into plain files: remove the link") from None
+        raise
+
+
+def open_append(path: str | os.PathLike, mode: str = "a"):
+    """A log file opened for appending (``mode`` "a" or "ab"), never through a symbolic link."""
+    return os.fdopen(open_no_link(path, os.O_WRONLY | os.O_APPEND), mode)
 
 
 def write_text(dest: str | os.PathLike, text: str) -> None:

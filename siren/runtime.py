@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from siren import io
 from siren.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,6 @@ class RunLog:
         self.tb = None
         if not enabled:
             return
-        from siren import io
-
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _json_step(line) <= start_step]
@@ -218,7 +217,7 @@ class RunLog:
     def write(self, entry: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with io.open_append(self.path) as f:
             f.write(json.dumps(entry) + "\n")
         prefix = "val/" if entry.get("val") else "train/"
         for k, v in entry.items():

@@ -986,6 +986,50 @@ def test_an_output_folder_that_is_a_file_is_named_when_parsed(tmp_path, module, 
             importlib.import_module(module).parse([*args, f"{key}={where}"])
 
 
+@pytest.mark.parametrize("module, key, args", [
+    ("siren.train", "run_dir", []), ("siren.data.prepare", "out", ["manifest=m.csv"]),
+    ("siren.rl.config", "out", ["run_dir=r"]), ("ablations.plan", "out", ["grid=table6"])])
+def test_an_output_folder_with_a_newline_or_through_a_dangling_link_is_named_when_parsed(tmp_path, module, key,
+                                                                                            args):
+    """A newline in out= went into the sbatch script, where submitit's quoting does not stop it from starting a
+    shell command (and sbatch then ignores the directives after it: the time limit and USR2); a dangling link
+    was walked past and ended in a FileExistsError traceback at the first write."""
+    import importlib
+
+    from siren.errors import ConfigError
+
+    parse = importlib.import_module(module).parse
+    with pytest.raises(ConfigError, match=rf"{key}=.*: a control character"):
+        parse([*args, f"{key}={tmp_path}/o\ntouch {tmp_path}/PWNED #"])
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=rf"{key}=.*link is a symbolic link to .*gone, which is not there"):
+        parse([*args, f"{key}={tmp_path / 'link' / 'sub'}"])
+
+
+def test_locks_and_logs_are_not_written_through_a_link(tmp_path):
+    """A link put in a shared output folder in place of a lock or a log: the lock truncated the file it named,
+    the logs appended to it. Now each is an error naming the link (a training log replaces it)."""
+    from ablations.lock import hold
+    from siren.errors import ConfigError
+    from siren.io import open_append
+    from siren.runtime import RunLog
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (tmp_path / "launcher.lock").symlink_to(victim)
+    with pytest.raises(ConfigError, match="launcher.lock is a symbolic link .*victim.txt.*remove the link"):
+        with hold(tmp_path / "launcher.lock", "test", "fix"):
+            pass
+    (tmp_path / "controllers.log").symlink_to(victim)  # the local executor's and the warm server's logs
+    with pytest.raises(ConfigError, match="controllers.log is a symbolic link"):
+        open_append(tmp_path / "controllers.log", "ab")
+    (tmp_path / "expert_0").mkdir()  # a training log is rewritten (atomically) when opened: the link is replaced
+    (tmp_path / "expert_0" / "log.jsonl").symlink_to(victim)
+    RunLog(tmp_path / "expert_0", 0).write({"step": 1, "loss": 1.0})
+    assert not (tmp_path / "expert_0" / "log.jsonl").is_symlink()
+    assert victim.read_text() == "keep me\n"
+
+
 def test_eval_segment_and_probe_outputs_that_are_files_are_named(tmp_path, capsys):
     from analysis.cli import main as probe
     from analysis.convergence import ConvergenceConfig, run
