@@ -52,7 +52,13 @@ _KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "additional_parameters": dict,
 }
 _NUMBERS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
-_RESERVED = {"signal", "time", "requeue", "no-requeue", "no_requeue"}
+# sbatch options additional_parameters may not set ('-' and '_' spellings alike): those the harness sets itself
+# (the checkpoint signal and requeue, the time limit, the afterok chain between a grid's jobs, names, arrays,
+# logs) and those a profile key sets; either way the profile's value replaced the harness's without a word.
+_RESERVED = {"signal", "time", "requeue", "no_requeue", "dependency", "array", "output", "error", "open_mode",
+             "job_name", "wrap"}
+_OWN_KEY = {"partition": "partition", "account": "account", "qos": "qos", "cpus_per_task": "cpus_per_task",
+            "mem": "mem_gb", "gpus_per_node": "gpus_per_node", "gres": "gpus_per_node and gpu_type"}
 _TYPE_WORDS = {
     str: "a string",
     int: "an integer",
@@ -126,10 +132,16 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
     if key in _NUMBERS and value is not None and not (math.isfinite(value) and value >= low):
         raise ConfigError(f"{path}: key {key!r} must be a finite number {'>= 0' if low == 0 else '> 0'}, got {value!r}")
     if key == "additional_parameters" and value:
-        reserved = sorted(set(value) & _RESERVED)
+        names = {str(k).replace("-", "_"): k for k in value}
+        reserved = sorted(names[n] for n in names if n in _RESERVED)
         if reserved:
             raise ConfigError(f"{path}: additional_parameters may not set {', '.join(reserved)}: the harness sets them "
-                              "for checkpoint and requeue (timeout_min sets the time limit)")
+                              "(the checkpoint signal and requeue, timeout_min's time limit, the dependencies "
+                              "between a grid's jobs, job names, arrays and logs)")
+        own = sorted(f"{names[n]} (use {_OWN_KEY[n]})" for n in names if n in _OWN_KEY)
+        if own:
+            raise ConfigError(f"{path}: additional_parameters may not set {', '.join(own)}: the profile key of the "
+                              "same meaning sets it, beside what each job asks for")
     return value
 
 

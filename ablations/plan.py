@@ -85,7 +85,10 @@ class Cell:
 
 
 def parse(argv: list[str]) -> RunConfig:
-    sets = {a.split("=", 1)[0][4:]: a.split("=", 1)[1] for a in argv if a.startswith("set.") and "=" in a}
+    bare = [a for a in argv if a.startswith("set.") and "=" not in a]
+    if bare:  # it was dropped without a word, and the grid ran with the default
+        raise ConfigError(f"{bare[0]}: expected set.KEY=VALUE")
+    sets = {a.split("=", 1)[0][4:]: a.split("=", 1)[1] for a in argv if a.startswith("set.")}
     cfg = load_config(RunConfig, [a for a in argv if not a.startswith("set.")])
     cfg.set = sets
     if cfg.calibration not in ("auto", "true", "false"):

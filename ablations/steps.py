@@ -58,6 +58,12 @@ DATA_KEYS = ("data.source", "data.train", "data.test", "data.prompts", "data.sub
              "data.demo_test")
 
 
+# Keys each step sets itself: a cell's rl.out= or eval.ref= came after them and won, so results went outside the
+# cell's folder and the table looked for them where they were not, or another run was aligned under the row.
+STEP_KEYS = {"rl.": ("run_dir", "out", "prompts", "codec.weights", "text.weights", "reward.weights"),
+             "eval.": ("ckpt", "gen_dir", "ref", "out", "weights", "subset")}
+
+
 def validate(cfg: Mapping[str, Any], where: str) -> None:
     """Every key of a cell parsed by the schema of the stage that takes it (unknown keys, bad types
     and out-of-range values are errors now, not inside a job); nothing is built."""
@@ -74,6 +80,10 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
         if other:
             raise ConfigError(f"unknown cell key(s) {other}; cell keys start with model., train., rl., eval. or "
                               f"are one of {', '.join(DATA_KEYS)}, weights")
+        taken = [p + k for p, keys in STEP_KEYS.items() for k in keys if p + k in cfg]
+        if taken:
+            raise ConfigError(f"{', '.join(taken)}: set by the grid for each cell (its folders, data and weights); "
+                              f"use out=, data.test= / data.prompts= / data.subset= or weights= instead")
         if cfg["weights"] not in ("pretrained", "random", "demo"):
             raise ConfigError(f"weights must be pretrained, demo or random, got {cfg['weights']!r}")
         if cfg["data.source"] not in ("demo", "manifest"):

@@ -677,6 +677,23 @@ def test_a_grid_refuses_an_unknown_set_key_before_submitting(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing planned, written or submitted
 
 
+@pytest.mark.parametrize("arg", ["set.eval.out=/elsewhere", "set.eval.ref=other.csv", "set.eval.weights=random",
+                                 "set.rl.run_dir=/another/run", "set.rl.out=/elsewhere", "set.rl.codec.weights=random"])
+def test_a_grid_refuses_set_keys_its_steps_set_themselves(tmp_path, arg):
+    """set.eval.out= / set.rl.run_dir= came after the step's own keys and won: results written outside the cell's
+    folder (and looked for in it), another run aligned under this row."""
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse
+    from siren.errors import ConfigError
+
+    key = arg[len("set."):].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: set by the grid for each cell"):
+        cells_of(load_grid("table7"), parse(["grid=table7", f"out={tmp_path}", arg]))
+    with pytest.raises(ConfigError, match="set.train.steps: expected set.KEY=VALUE"):  # was dropped without a word
+        parse(["grid=table7", f"out={tmp_path}", "set.train.steps"])
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("arg, words", [
     ("set.data.demo_train=abc", "demo_train"), ("set.data.demo_test=0", "demo_test must be > 0"),
     ("set.data.source=frob", "data.source must be demo or manifest")])

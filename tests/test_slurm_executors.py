@@ -49,6 +49,12 @@ def test_profile_value_of_wrong_type_is_named(tmp_path):
     ("mem_gb: .inf\n", "'mem_gb' must be a finite number > 0"),  # an OverflowError traceback
     ("gpus_per_node: -1\n", "'gpus_per_node' must be a finite number >= 0"),
     ("additional_parameters:\n  signal: USR1@60\n", "may not set signal"),  # would undo the checkpoint signal
+    # each replaced the harness's own line in the sbatch script without a word: the afterok chain (training
+    # before prepare finished), the job's log files, what the job asked for
+    ("additional_parameters:\n  dependency: singleton\n", "may not set dependency: the harness sets them"),
+    ("additional_parameters:\n  output: /tmp/x.out\n", "may not set output"),
+    ("additional_parameters:\n  cpus-per-task: 1\n", "may not set cpus-per-task \\(use cpus_per_task\\)"),
+    ("additional_parameters:\n  mem: 1G\n", "may not set mem \\(use mem_gb\\)"),
 ])
 def test_profile_numbers_and_reserved_options_are_checked(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
