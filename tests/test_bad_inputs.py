@@ -174,6 +174,19 @@ def test_manifest_errors_that_already_behaved_well(tmp_path, rows, words):
         read_manifest(csv_file(tmp_path / "m.csv", rows))
 
 
+@pytest.mark.parametrize("name, text, words", [
+    # the last of two same-named columns was used without a word
+    ("m.csv", "id,audio,caption,audio\na,a.wav,x,other.wav\n", r"m\.csv:1: column\(s\) audio appear more than once"),
+    # str() made these captions "['a', 'dog']" and "{'k': 1}"
+    ("m.jsonl", '{"id": "a", "audio": "a.wav", "caption": ["a", "dog"]}\n', r'm\.jsonl:1: caption is \["a", "dog"\]'),
+    ("m.jsonl", '{"id": "a", "audio": "a.wav", "caption": "x"}\n{"id": "b", "audio": {"k": 1}, "caption": "y"}\n',
+     r'm\.jsonl:2: audio is \{"k": 1\}')])
+def test_a_manifest_with_a_repeated_column_or_a_nested_value_is_named(tmp_path, name, text, words):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ManifestError, match=words):
+        read_manifest(tmp_path / name)
+
+
 # ---------------------------------------------------------------- audio files
 
 def truncated_wav(path: Path, n: int = 16_000) -> Path:

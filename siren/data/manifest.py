@@ -80,6 +80,10 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
                 continue
             if header is None:
                 header = [c.strip() for c in fields]
+                twice = sorted({c for c in header if header.count(c) > 1})
+                if twice:  # dict(zip(...)) kept the last of them, without a word
+                    raise ManifestError(f"{path}:{line}: column(s) {', '.join(twice)} appear more than once in the "
+                                        f"header; keep one of each")
                 continue
             if len(fields) != len(header):
                 raise ManifestError(f"{path}:{line}: {len(fields)} fields, the header has {len(header)} "
@@ -106,6 +110,10 @@ def read_records(path: Path, required: tuple[str, ...] = REQUIRED) -> tuple[list
                 raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(r, dict):
                 raise ManifestError(f"{path}:{n}: expected a JSON object with keys {list(required)}")
+            nested = [k for k in (*REQUIRED, *OPTIONAL) if isinstance(r.get(k), (list, dict, bool))]
+            if nested:  # str() made "['a', 'b']" a caption
+                raise ManifestError(f"{path}:{n}: {nested[0]} is {json.dumps(r[nested[0]])[:60]}; ids, paths, "
+                                    f"captions and labels are strings (or numbers)")
             columns.update(dict.fromkeys(r))
             records.append((n, r))
     # A key no line has is a missing column (reported by the caller); one only some lines lack names them.
