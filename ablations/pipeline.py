@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -134,8 +135,16 @@ class Ledger:
 
     def get(self, key: str) -> dict | None:
         p = self._path(key)
+        if not p.is_file():
+            return None
         fix = "delete it and run again: the job then counts as never submitted (a finished one keeps its done marker)"
-        return io.read_json(p, fix) if p.is_file() else None
+        rec = io.read_json(p, fix)
+        # what record() wrote: a record damaged or edited into other shapes was a KeyError, and its job id goes
+        # to scancel (an id like --me would cancel every job of the user)
+        if not (isinstance(rec, dict) and isinstance(rec.get("executor"), str) and isinstance(rec.get("folder"), str)
+                and isinstance(rec.get("job_id"), str) and re.fullmatch(r"\w+", rec["job_id"], re.ASCII)):
+            raise DataError(f"{p}: not a job record (executor, job_id of letters, digits and _, folder); {fix}")
+        return rec
 
     def state(self, job: Job) -> JobState:
         if job.done.is_file():
@@ -427,7 +436,7 @@ def cancel_slurm(jobs: list[Job], root: Path) -> int:
     if not ids:
         return 0
     try:
-        out = subprocess.run(["scancel", *ids], capture_output=True, text=True)
+        out = subprocess.run(["scancel", "--", *ids], capture_output=True, text=True)
     except FileNotFoundError:
         raise SchedulerError("action=cancel needs scancel on PATH: run it where the jobs were submitted from "
                              "(the cluster's login node)") from None

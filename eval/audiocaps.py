@@ -16,7 +16,6 @@ the same clips again costs only reading them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from siren.checkpoint import read_run_config
 from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
-from siren.io import check_folder, sha256_file, write_json
+from siren.io import check_folder, read_json, sha256_file, write_json
 from siren.runtime import check_device, resolve_device
 from siren.sample import SampleConfig
 
@@ -271,7 +270,8 @@ def reward_equals_metric(run_dir: str | Path, models: dict[str, Backbone], compu
     meta = Path(run_dir) / "alignment.json"
     if not meta.is_file():
         return []
-    reward = json.loads(meta.read_text()).get("reward_model") or {}
+    reward = read_json(meta, "stage 2 wrote it: run the alignment again (it resumes), or evaluate another run"
+                       ).get("reward_model") or {}
     return [m for m in computed if (reward.get("name"), reward.get("weights_sha256")) ==
             (models[ROLE_OF[m]].name, models[ROLE_OF[m]].weights_sha256)]
 

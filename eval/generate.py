@@ -12,7 +12,6 @@ model's weights, length, seed, sampling and candidates, and each id's caption; c
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from siren.data.manifest import child_path
 from siren.demo_weights import tensors_sha256
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
-from siren.io import atomic_path, write_json
+from siren.io import atomic_path, read_json, write_json
 from siren.model.continuous import ContinuousLM, decode_latent
 from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
@@ -63,8 +62,9 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 "sample": vars(sample), "candidates": candidates, "batch_size": batch_size,
                 # a generator draws other numbers on another device type; the scorer picks among the candidates
                 "device": torch.device(device).type, "scorer": clap.id if candidates > 1 else None}
-    collapsed = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
-                             [i for i, p in zip(ids, paths) if p.is_file()])
+    record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
+                          [i for i, p in zip(ids, paths) if p.is_file()])
+    collapsed = record["collapsed"]
     # itg once the samples collapsed reach COLLAPSE_ITG of the whole set's (counted with the clips written by an
     # earlier call): decided as soon as it is certain, so on the same samples whatever the batches' order
     samples = candidates * len(ids)
@@ -121,8 +121,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 with atomic_path(paths[i]) as tmp:
                     sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
                 written += 1
-        record = json.loads((out_dir / RECORD).read_text())  # the counts of the clips now there, for a resume
-        write_json(out_dir / RECORD, {**record, "collapsed": collapsed})
+        write_json(out_dir / RECORD, record)  # with the counts of the clips now there, for a resume
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),
             "batch_size": batch_size, "seed": seed, "sample": vars(sample), "candidates": candidates,
@@ -135,13 +134,13 @@ LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without
 
 
 def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
-                 existing: list[str]) -> dict[str, int]:
+                 existing: list[str]) -> dict:
     """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring); then record
-    how this call makes them (before any clip is written). ``existing``: the ids whose clip is there. Returns
-    how many of each existing clip's candidates collapsed, as recorded when it was written."""
+    how this call makes them (before any clip is written), and return that record. ``existing``: the ids whose
+    clip is there; its "collapsed": how many of each one's candidates collapsed, as recorded when it was written."""
     path = out_dir / RECORD
-    record = json.loads(path.read_text()) if path.is_file() and existing else None
     fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
+    record = read_json(path, fix) if path.is_file() and existing else None
     if record is None and existing:
         raise ConfigError(f"{out_dir} holds {len(existing)} clip(s) (e.g. {existing[0]}.wav) but no {RECORD}, so "
                           f"how they were made is unknown; {fix}")
@@ -156,9 +155,10 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
             raise ConfigError(f"{out_dir} holds clips generated otherwise (by {record.get('run_dir')}): "
                               f"{'; '.join(diff)}; {fix}")
     collapsed = {i: n for i, n in (record or {}).get("collapsed", {}).items() if i in existing}
-    write_json(path, {"run_dir": str(Path(run_dir).resolve()), "settings": settings,
-                      "captions": {**(record or {}).get("captions", {}), **captions}, "collapsed": collapsed})
-    return collapsed
+    record = {"run_dir": str(Path(run_dir).resolve()), "settings": settings,
+              "captions": {**(record or {}).get("captions", {}), **captions}, "collapsed": collapsed}
+    write_json(path, record)
+    return record
 
 
 def _device_name(device: str) -> str:

@@ -83,8 +83,12 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = N
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"error: {e.strerror}{where}; free space or choose a writable folder (out=...), then run the same "
-              f"command again: completed work is kept", file=sys.stderr)
+        if e.errno == errno.EACCES:  # a file read (a manifest, weights) as much as one written
+            fix = (f": {e.filename}" if e.filename else "") + "; give this user access to it, or use your own folder"
+            fix += " (out=...)"
+        else:
+            fix = (f" writing {e.filename}" if e.filename else "") + "; free space or choose a writable folder"
+            fix += " (out=...)"
+        print(f"error: {e.strerror}{fix}, then run the same command again: completed work is kept", file=sys.stderr)
         code = EXIT_ERROR
     return code or 0

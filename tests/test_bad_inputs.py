@@ -559,6 +559,10 @@ def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(
     ledger._path("some/job").write_text('{"executor": "local"')
     with pytest.raises(DataError, match=r"some__job\.json: not readable JSON .*delete it and run again"):
         ledger.get("some/job")
+    for damaged in ('[]', '{"job_id": "1", "folder": "f"}', '{"executor": "slurm", "job_id": "--me", "folder": "f"}'):
+        ledger._path("some/job").write_text(damaged)  # a KeyError; the last went to scancel as an option
+        with pytest.raises(DataError, match=r"some__job\.json: not a job record .*delete it and run again"):
+            ledger.get("some/job")
 
 
 def test_a_damaged_training_log_leaves_the_figure_out_not_the_table(tmp_path, capsys, caplog):
@@ -844,6 +848,9 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     (gen / "generation.json").write_text(json.dumps({**record, "settings": older}))  # recorded before 2026-12-06
     with mock.patch("eval.generate.run_frontends", side_effect=AssertionError("frontends built for nothing")):
         assert generate(runs[0])["generated_now"] == 0  # the same settings resume, with nothing to build
+    (gen / "generation.json").write_text('{"run_dir": ')  # damaged: was a JSONDecodeError traceback
+    with pytest.raises(DataError, match=r"generation.json: not readable JSON .*delete .*gen"):
+        generate(runs[0])
     (gen / "generation.json").unlink()  # clips of unknown origin
     with pytest.raises(ConfigError, match="holds 2 clip.* no generation.json"):
         generate(runs[0])
@@ -1170,3 +1177,23 @@ def test_stage2_n_beyond_the_models_experts_is_named_before_anything_is_built(tm
         main([f"run_dir={run}", f"out={tmp_path / 'rl'}", f"prompts={tmp_path / 'p.txt'}", "n=2",
               "reward=code_match", "text.weights=random"])
     assert not (tmp_path / "rl").exists()
+
+
+def test_a_permission_error_is_one_line_that_does_not_assume_a_write(tmp_path, capsys):
+    """EACCES on reading a manifest or weights file said "Permission denied writing <file>; free space"."""
+    import errno
+
+    from siren import cli
+
+    def reading(_argv):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "m.csv"))
+
+    def full(_argv):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.wav"))
+
+    assert cli.call(reading, []) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Permission denied: {tmp_path / 'm.csv'}; give this user access to it, or use")
+    assert "writing" not in err and "free space" not in err
+    assert cli.call(full, []) == 2
+    assert f"No space left on device writing {tmp_path / 'o.wav'}; free space" in capsys.readouterr().err
