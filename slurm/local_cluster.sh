@@ -57,9 +57,15 @@ say() { echo "local_cluster: $*"; }
 pidfile() { echo "$RUN/$1.pid"; }
 
 is_up() {
-    local pid
+    local pid comm
     pid="$(cat "$(pidfile "$1")" 2>/dev/null)" || return 1
-    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null
+    [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    # a stale pidfile whose number now belongs to another process: that one is not ours to stop
+    comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
+    case "$1" in
+        mariadb) [[ "$comm" == mariadbd || "$comm" == mysqld ]] ;;
+        *) [[ "$comm" == "$1" ]] ;;
+    esac
 }
 
 install_packages() {
