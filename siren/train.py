@@ -7,9 +7,10 @@ loop of Algorithm 1 is the launcher's job array). The single ``1-12`` model is e
 K = 1. Loss: Eq. 6 as computed by ``Expert`` (frame-masked CE averaged over the owned layers as
 the official code, or summed as Eq. 6 writes it: ``train.loss_reduction``; ``train.loss_layers=n`` keeps
 only the expert's first n layers in it, an ablation of the paper's Influence 1).
-Optimiser and data follow appendix B: AdamW at 3e-4, 24 clips per GPU, random 6 s crops of
-the 10 s clips; warmup + cosine decay (or warmup-stable-decay, ``train.schedule=wsd``, the demo
-scale's) and clipping are ours (the paper does not say).
+Optimiser and data follow appendix B: AdamW at 3e-4, 24 clips per GPU; its 6 s crops of the 10 s clips
+are ``train.crop_s=6`` (``scale=paper`` trains on the whole 10 s: README, Length). Warmup + cosine decay to
+0.1 x lr and clipping at 1.0 are the authors' code's (the paper does not say); warmup-stable-decay
+(``train.schedule=wsd``) is the demo scale's.
 
 Preemption (siren.runtime): SIGUSR2 / SIGTERM checkpoint at the next step boundary and the
 command exits with ``EXIT_PREEMPTED`` (75); restarting the same command resumes from

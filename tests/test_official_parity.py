@@ -1,4 +1,5 @@
-"""Parity with the authors' code (wjc2830/Siren): the same weights give the same logits and loss.
+"""Parity with the authors' code (wjc2830/Siren): the same weights give the same logits and loss, and the
+cosine schedule the same learning rate at every step.
 
 Needs a checkout of https://github.com/wjc2830/Siren; skipped unless ``SIREN_OFFICIAL_SRC`` names
 it (its package is also called ``siren``, so it is imported under another name, never copied):
@@ -98,3 +99,18 @@ def test_official_expert_equals_ours(k):
     assert want.abs().max() > 1.0  # logits far from zero: the comparison is not vacuous
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("steps, warmup", [(1000, 100), (300, 0), (50, 49), (10, 10)])
+def test_official_learning_rate_schedule_equals_ours(steps, warmup):
+    """train.schedule=cosine against the authors' learning_rate_at, every step (ours ended on the floor one step
+    after the last until 2026-12-06)."""
+    from siren.runtime import lr_at
+    from siren.train_config import TrainConfig
+
+    sirn = official()
+    cfg = TrainConfig(steps=steps, warmup_steps=warmup, lr=3e-4, min_lr=3e-5)
+    for s in range(steps):
+        want = sirn.training.learning_rate_at(s, base_learning_rate=3e-4, total_steps=steps, warmup_steps=warmup,
+                                              min_ratio=0.1)
+        assert lr_at(s, cfg) == pytest.approx(want, rel=1e-12, abs=1e-15), s

@@ -75,11 +75,11 @@ def test_schedule_matches_closed_form():
     c = TrainConfig(steps=1000, warmup_steps=100, lr=1e-3, min_lr=1e-4)
     for s in range(100):  # linear warmup reaching lr at the last warmup step
         assert lr_at(s, c) == pytest.approx(1e-3 * (s + 1) / 100, rel=1e-12)
-    for s in (100, 250, 550, 999):  # cosine from lr (step 100) to min_lr (step 1000)
-        want = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 100) / 900))
+    for s in (100, 250, 550, 999):  # cosine from lr (step 100) to min_lr at the last step (999), as the authors'
+        want = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * (s - 100) / 899))
         assert lr_at(s, c) == pytest.approx(want, rel=1e-12)
-    assert lr_at(550, c) == pytest.approx(5.5e-4, rel=1e-12)  # halfway: mean of lr and min_lr
-    assert lr_at(100, TrainConfig(steps=1000, warmup_steps=0, lr=1e-3, min_lr=1e-4)) == pytest.approx(
+    assert lr_at(999, c) == pytest.approx(1e-4, rel=1e-12)
+    assert lr_at(100, TrainConfig(steps=1001, warmup_steps=0, lr=1e-3, min_lr=1e-4)) == pytest.approx(
         1e-4 + 0.45e-3 * (1 + math.cos(math.pi * 0.1)))
 
 

@@ -143,7 +143,8 @@ _PAPER = dict(dim=1024, attn_heads=16)  # Table 2: d = 1024; 16 heads of 64 (the
 # name -> {field: value}. Main-layer counts of the Table 3/6 presets are chosen so the totals
 # (official architecture) match the paper's names (checked by tests, printed by `python -m siren.model.params`).
 SCALES: dict[str, dict[str, Any]] = {
-    # The official architecture at toy sizes, without dropout (as the authors' configs/tiny.json):
+    # The official architecture at toy sizes, without dropout (as the authors' configs/tiny.json, which also has
+    # 2 KV heads and an MLP rounded to x32: not here, where every head has its own K/V and the rounding is x256):
     # demo runs train for minutes on a few clips, and tests compare train-mode forwards.
     "tiny": dict(dim=64, main_layers=2, decoder_layers=1, attn_heads=4, dropout=0.0),  # CPU tests, demo
     "small": dict(dim=256, main_layers=4, decoder_layers=1, attn_heads=4, dropout=0.0),  # CPU benchmarks
