@@ -110,7 +110,8 @@ def any_ranks(flags: list[bool], ranks: Dist, device: torch.device) -> list[bool
 
 def derive_seed(seed: int, a: int = 0, b: int = 0) -> int:
     """One integer seed from a base seed and up to two counters (epoch, rank, step, ...): the one
-    place the project mixes seeds, so two streams never collide by accident.
+    place the project mixes seeds, so two values of the same stream never collide by accident (two streams
+    given the same counters share a seed: stage 2's prompt order of epoch e and its rollouts of step e).
 
     ``seed * 1_000_003 + a * 7919 + b`` is one-to-one while 0 <= b < 7919 and a * 7919 + b < 1_000_003,
     which holds for every stream of the demo grids and the tests (kept, so their numbers stay). Past it,
@@ -233,6 +234,14 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def warn_other_device(saved: str | None, device: torch.device, what: str) -> None:
+    """A run resumed on another device type goes on, but not to the numbers it would have reached: bf16 autocast
+    (precision=auto) is CUDA's only, and the devices draw other random numbers."""
+    if saved and saved != device.type:
+        log.warning("%s: checkpointed on %s, resumed on %s: the run goes on, but its numbers from here are not those "
+                    "of an uninterrupted run (precision=auto, kernels, random draws)", what, saved, device.type)
 
 
 def _json_step(line: str) -> int:

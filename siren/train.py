@@ -52,6 +52,7 @@ from siren.runtime import (
     read_log,
     resolve_device,
     stop_on_signal,
+    warn_other_device,
 )
 from siren.train_config import (
     PAPER_GEN_FRAMES,
@@ -307,6 +308,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         state, stats = resume(last, model, opt, ranks, device, tc.seed)
         if ranks.main:
             log.info("expert %d: resuming from %s (step %d)", k, last.path, last.step)
+            warn_other_device(last.state.get("device_type"), device, f"expert {k}")
     start = state["step"]
     trained = getattr(data.train, "max_frames", None)  # the longest sequence this expert sees
     if ranks.main and trained is not None and trained < PAPER_GEN_FRAMES:
@@ -340,7 +342,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
             return None
         meta = {**state, "expert": k, **run_config(cfg, data), "train": to_dict(tc), "trained_frames": trained,
                 "optimizer": {"param_groups": groups}, "world_size": ranks.world,
-                "finished": step >= tc.steps, "torch": torch.__version__}
+                "finished": step >= tc.steps, "torch": torch.__version__, "device_type": device.type}
         return ckpt.save(edir, step, model.state_dict(), tensors, meta, tc.keep_last)
 
     from tqdm import tqdm

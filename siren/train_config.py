@@ -30,7 +30,8 @@ def saved_train(state: dict) -> dict:
 
 
 # Train-config keys that may change when a run resumes (bookkeeping only: they cannot
-# change the loss curve). Every other difference is an error.
+# change the loss curve; but another device type can, and a resume on one says so). Every other difference is an
+# error.
 RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
 
 

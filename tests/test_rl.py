@@ -326,6 +326,39 @@ def test_preempted_run_resumes_to_the_same_numbers(stage1, tmp_path, method):
     assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
 
 
+def test_fixed_prompt_points_survive_a_stop_and_a_crash(stage1, tmp_path):
+    """A stop request skips the fixed-prompt point of its step (the checkpoint comes first): it was never computed
+    afterwards, and a run that died before its first checkpoint logged step 0's point twice. Now the resumed run
+    computes a missing point at the step it resumes from, and only then."""
+    args = ("steps=4", "lr=1e-2", "gamma=0", "ckpt_every=10", "fixed_every=2", "fixed_prompts=2")
+
+    def points(out):
+        return [(e["step"], e["reward_fixed"]) for e in read_log(out) if "reward_fixed" in e]
+
+    run_align(stage1, tmp_path / "a", *args)
+    want = points(tmp_path / "a")
+    assert [s for s, _ in want] == [0, 2, 4]
+    # calls to the reward: 1 = step 0's point, 2 = step 1's rollouts, 3 = step 2's: the stop request comes there
+    result, _ = run_align(stage1, tmp_path / "b", *args, reward=SignalAt(CodeMatchReward(0, 0, 256), call=3))
+    assert result.status == "preempted" and result.step == 2 and [s for s, _ in points(tmp_path / "b")] == [0]
+    run_align(stage1, tmp_path / "b", *args)
+    assert points(tmp_path / "b") == want
+
+    class DiesAt(CodeMatchReward):  # a crash (no checkpoint) in step 1: the run resumes from step 0
+        calls = 0
+
+        def __call__(self, x, captions):
+            DiesAt.calls += 1
+            if DiesAt.calls == 2:
+                raise RuntimeError("node lost")
+            return super().__call__(x, captions)
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_align(stage1, tmp_path / "c", *args, reward=DiesAt(0, 0, 256))
+    run_align(stage1, tmp_path / "c", *args)
+    assert points(tmp_path / "c") == want
+
+
 def test_a_non_finite_loss_stops_stage2_before_the_update(stage1, tmp_path, monkeypatch):
     out = tmp_path / "o"
     real, calls = obj.grpo_loss, []

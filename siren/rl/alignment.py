@@ -48,7 +48,17 @@ from siren.rl import objective as obj
 from siren.rl.config import AlignConfig, parse, read_prompts
 from siren.rl.rollout import Rollouts, action_logprobs, collect, trainable_experts
 from siren.rl.run_dir import check_same, load_stage1, prepare_out
-from siren.runtime import EXIT_PREEMPTED, RunLog, autocast, derive_seed, param_groups, resolve_device, stop_on_signal
+from siren.runtime import (
+    EXIT_PREEMPTED,
+    RunLog,
+    autocast,
+    derive_seed,
+    param_groups,
+    read_log,
+    resolve_device,
+    stop_on_signal,
+    warn_other_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,8 @@ def prompt_batch(prompts: Sequence[str], step: int, batch: int, seed: int) -> li
     n, out = len(prompts), []
     for pos in range(step * batch, (step + 1) * batch):
         epoch, i = divmod(pos, n)
+        # the same seed number as step `epoch`'s rollouts (derive_seed(seed, 0, step)): a permutation of the prompts
+        # and a sampler's draws from one seed are not the same numbers; kept, so stage 2's demo results stay
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, 0, epoch)))
         out.append(prompts[int(order[i])])
     return out
@@ -136,7 +148,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             src = stage1[k].state
             state = {**{key: v for key, v in src.items() if key not in ("step", "format")}, "stage": 2,
                      "stage1_step": src.get("step"), "rl_step": step, "rl": to_dict(cfg), "rl_optimizer": groups,
-                     "finished": step >= cfg.steps}
+                     "finished": step >= cfg.steps, "device_type": device.type}
             ckpt.save(ckpt.expert_dir(out, k), step, e.state_dict(), tensors, state, cfg.keep_last)
         io.write_json(out / "rl" / "state.json", {"step": step})  # commit point: every expert has `step`
 
@@ -158,6 +170,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             ckpt.load_weights(e, weights, c.path / "model.safetensors")
             ckpt.load_optimizer(opt, c.trainer_state(), c.state["rl_optimizer"], c.path)
         log.info("resuming %s from step %d", out, start)
+        warn_other_device(c.state.get("device_type"), device, f"stage 2 in {out}")
     else:
         save(0)  # out/ is a loadable run from the start (step 0 = the stage-1 weights)
     if start >= cfg.steps:
@@ -176,8 +189,12 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
     with stop_on_signal(handle_signals) as stop, RunLog(out / "rl", start) as runlog, \
             tqdm(total=cfg.steps, initial=start, desc=f"align {cfg.method} experts {trainable}",
                  dynamic_ncols=True) as bar:
-        if cfg.fixed_every and start == 0:
-            runlog.write({"step": 0, "reward_fixed": reward_fixed()})
+        # the fixed prompts' reward at the step resumed from, unless the log kept it: step 0 at the start (a run
+        # stopped before its first checkpoint kept it), or a point skipped by a stop request at that step
+        kept = read_log(out / "rl") if (out / "rl" / "log.jsonl").is_file() else []  # cut back to `start` by now
+        if cfg.fixed_every and start % cfg.fixed_every == 0 and \
+                not any(e.get("step") == start and "reward_fixed" in e for e in kept):
+            runlog.write({"step": start, "reward_fixed": reward_fixed()})
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             captions = prompt_batch(prompts, step, cfg.batch, cfg.seed)  # Algorithm 3 line 2
@@ -276,7 +293,7 @@ def _dpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, 
     means, losses, norms = _Means(), [], []
     for _ in range(cfg.mu):
         total = 0.0
-        for sel in _chunks(torch.arange(pairs, device=device), max(1, cfg.micro_batch // 2)):
+        for sel in _chunks(torch.arange(pairs, device=device), max(1, cfg.micro_batch // 2) if cfg.micro_batch else 0):
             idx = torch.cat([chosen[sel], rejected[sel]])
             seq = obj.sequence_logp(_logprobs(policy, ro, idx, cfg, device), ro.mask[idx])
             loss, stats = obj.dpo_loss(seq[:len(sel)], seq[len(sel):], ref_seq[chosen[sel]], ref_seq[rejected[sel]],

@@ -25,7 +25,8 @@ from siren.text import TextConfig
 
 METHODS = ("grpo", "dpo")
 # Keys that may change when a run resumes: they cannot change the numbers of the steps already
-# taken (steps extends or shortens the run; the rest is bookkeeping or memory).
+# taken (steps extends or shortens the run; the rest is bookkeeping or memory). device too, but another device
+# type changes the numbers of the steps to come (bf16 autocast, random draws): a resume says so (a warning).
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_last", "device", "micro_batch", "decode_batch",
                      "link", "fixed_every", "fixed_prompts")
 
