@@ -160,6 +160,14 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     with pytest.raises(DataError, match="fitted on codec another-codec's latents"):
         load_projection(out, K, codec.id)
     assert prepare_latents(out, codec, K).id == proj.id and json.loads(pointer.read_text())["codec"] == codec.id
+    # nor one fitted on another train split (prepared again from another manifest, same codec): it was reused
+    other = tiny_set(tmp_path / "src2", n=2)
+    prepare(other, out, codec=codec, text_encoder=TextEncoder(TextConfig(weights="random", seed=0)), split="train",
+            audio=AudioConfig("pad", 0.4), progress=False)
+    with pytest.raises(DataError, match="fitted on another train split than .*prep's"):
+        load_projection(out, K, codec.id)
+    first, proj = proj, prepare_latents(out, codec, K)
+    assert proj.id != first.id
 
     from siren.data import latents as latents_cli
 

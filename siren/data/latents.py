@@ -52,6 +52,11 @@ def _entries(out: Path, split: str) -> dict[str, dict]:
     return entries
 
 
+def _train_digest(out: Path) -> str:
+    """What the projection is fitted on: the train split's codes (content-keyed) and their real frames."""
+    return sha256(json.dumps(_entries(out, "train"), sort_keys=True))[:16]
+
+
 def _latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> torch.Tensor:
     """z [S, 1024, T] of one codes entry, from the cache or encoded now (same items as its codes)."""
     path = cache_path(out, "latents", key)
@@ -91,16 +96,18 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
         for key, e in tqdm(entries[s].items(), desc=f"latents {s}", disable=not progress, unit="file"):
             z[key] = _latent(out, key, e, codec, audio)
     pointer = projection_path(out, dim)
-    if pointer.is_file() and json.loads(pointer.read_text()).get("codec") == codec.id:
+    record = json.loads(pointer.read_text()) if pointer.is_file() else {}
+    if record.get("codec") == codec.id and record.get("train") == _train_digest(out):
         proj = load_projection(out, dim, codec.id)
-    else:  # fitted once per prepared dir and codec (prepared again with another: fitted anew), on the real
-        # (unpadded) frames of the train split
+    else:  # fitted once per prepared train split and codec (prepared again, from another manifest or with another
+        # codec: fitted anew), on the real (unpadded) frames of the train split
         frames = (z[k][s, :, :n] for k, e in entries["train"].items() for s, n in e["real"].items())
         proj = LatentProjection.fit(frames, dim)
         digest = sha256(b"".join(t.contiguous().numpy().tobytes() for t in (proj.mean, proj.basis, proj.scale)))
         proj.id = f"pca{dim}-{digest[:16]}"
         proj.save(out / "latents" / f"projection-{proj.id}.safetensors", codec.id)
-        write_json(pointer, {"id": proj.id, "dim": dim, "codec": codec.id, "explained": proj.explained})
+        write_json(pointer, {"id": proj.id, "dim": dim, "codec": codec.id, "explained": proj.explained,
+                             "train": _train_digest(out)})
         log.info("latent projection %s: %d axes keep %.1f%% of the train latents' variance", proj.id, dim,
                  100 * proj.explained)
     for key, zk in z.items():
@@ -120,6 +127,9 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
     if record.get("codec") != codec_id:
         raise DataError(f"{pointer}: the projection was fitted on codec {record.get('codec')}'s latents, but {out} is "
                         f"now prepared with {codec_id}; {fix}")
+    if record.get("train", _train_digest(Path(out))) != _train_digest(Path(out)):  # recorded since 2026-12-06
+        raise DataError(f"{pointer}: the projection was fitted on another train split than {out}'s (prepared again "
+                        f"since); {fix}")
     pid = record["id"]
     proj = LatentProjection.load(Path(out) / "latents" / f"projection-{pid}.safetensors")
     proj.id = pid
