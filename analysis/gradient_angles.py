@@ -149,6 +149,10 @@ def load_expert(cfg: GradientAnglesConfig, data: Path, folder: Path, device: tor
         if model.cfg.n_experts != 1:
             raise ConfigError(f"{cfg.run}: distribution {model.cfg.distribution}; gradient angles need a single "
                               f"transformer (1-12) whose 12 heads share one backbone")
+        if model.cfg.conditioning != "none":
+            log.warning("%s: conditioning=%s; the paper's Fig. 2b is of AudioGen, whose 12 heads read only the "
+                        "backbone (a 1-12 run with model.conditioning=none, e.g. Table 5's Indpdt. cell)",
+                        cfg.run or "the fresh run", model.cfg.conditioning)
         return model.experts[0], f"{model.cfg.distribution}, {model.cfg.conditioning}"
     mcfg = load_config(ModelConfig, [f"scale={cfg.scale}", "distribution=1-12", f"conditioning={cfg.conditioning}"],
                        presets())
