@@ -76,6 +76,8 @@ def clipped_surrogate(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: 
         low = (aa < 0) & (r < 1.0 - eps_d)  # the clip binds on the lower side
         high = (aa > 0) & (r > 1.0 + eps_u)  # ... on the upper side
         n = max(r.numel(), 1)
+        # logged as the mean over a step's mu passes, the first included, where every ratio is 1 and nothing is
+        # clipped: with mu=2 the share among the updates that can clip is twice the logged one
         stats = {"clip_frac_low": low.sum() / n, "clip_frac_high": high.sum() / n,
                  "clip_frac": (low | high).sum() / n,
                  "ratio_mean": r.mean() if r.numel() else ratio.new_tensor(1.0),
