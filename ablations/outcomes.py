@@ -8,7 +8,7 @@ from pathlib import Path
 from ablations import pipeline, steps
 from ablations.grid import Grid
 from ablations.pipeline import Job, JobState
-from ablations.plan import Cell, RunConfig, data_id, stage1_dir
+from ablations.plan import Cell, RunConfig, data_dir, stage1_dir
 from ablations.tables import Outcome
 from siren import io
 from siren.errors import DataError
@@ -36,7 +36,7 @@ def _params(cell: Cell, column: str) -> str:
 
 
 def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState]) -> Outcome:
-    did = data_id(cell.cfg)  # its data's jobs too: a failed prepare leaves every row's own jobs waiting on it
+    did = data_dir(cell.cfg, run.root).name  # its data's jobs too: a failed prepare leaves every row's jobs waiting
     mine = {k: s for k, s in states.items()
             if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}", f"data-{did}", f"latents-{did}-"))}
     bad = [s for s in mine.values() if s.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}]

@@ -132,12 +132,40 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
     return list(cells.values())
 
 
-def data_id(cfg: dict) -> str:
-    """What prepare reads: data.*, the weights, and with appendix B's crop filter the crop length it scores."""
-    keys = {k: v for k, v in cfg.items() if k.startswith("data.") or k == "weights"}
+# A user's test set, eval subset and RL prompts are read by evaluation and stage 2 only (prepare reads the training
+# manifest; the demo source makes both splits from its clip counts): keeping them out of the data and stage-1 ids
+# means a new subset re-evaluates the trained models instead of preparing and training them all again.
+NOT_TRAINING = ("data.test", "data.prompts", "data.subset")
+
+
+def _training_keys(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if not (cfg["data.source"] == "manifest" and k in NOT_TRAINING)}
+
+
+def _folder(parent: Path, keys: dict, former: dict) -> Path:
+    """``parent/<id of keys>``; where only the folder of the id used before 2026-12-06 (``former``, every data key
+    in it) is there, that one: a grid made before goes on from its prepared data and trained models."""
+    new, old = parent / cell_id(keys), parent / cell_id(former)
+    return old if old != new and old.exists() and not new.exists() else new
+
+
+def _data_keys(cfg: dict, keep: tuple[str, ...] = ()) -> dict:
+    """What prepare reads: the training data keys, the weights, and with appendix B's crop filter the crop length
+    it scores (``keep``: data keys kept although prepare does not read them, as in the ids before 2026-12-06)."""
+    keys = {k: v for k, v in cfg.items()
+            if (k.startswith("data.") and (k in keep or k in _training_keys(cfg))) or k == "weights"}
     if float(cfg.get("train.crop_min_clap", 0)) > 0:  # steps.prepare_step: prepare crop_s=...
         keys["train.crop_s"] = cfg["train.crop_s"]
-    return cell_id(keys)
+    return keys
+
+
+def data_id(cfg: dict) -> str:
+    return cell_id(_data_keys(cfg))
+
+
+def data_dir(cfg: dict, root: Path) -> Path:
+    """Where a cell's data is prepared (its name is the data id, or the id it had before 2026-12-06)."""
+    return _folder(root / "data", _data_keys(cfg), _data_keys(cfg, NOT_TRAINING))
 
 
 def calibration_id(cfg: dict) -> str:
@@ -148,10 +176,10 @@ def calibration_id(cfg: dict) -> str:
 
 
 def stage1_dir(cell: Cell, run: RunConfig) -> Path:
-    """Stage 1 is keyed by the config without stage-2 and eval keys, so every alignment variant of a
-    model (Table 7, Figure 5) and the unaligned cell share one trained run."""
-    sid = cell_id({k: v for k, v in cell.cfg.items() if not k.startswith(("rl.", "eval."))})
-    return run.root / "stage1" / sid
+    """Stage 1 is keyed by the config without stage-2, eval and test-data keys, so every alignment variant of a
+    model (Table 7, Figure 5), the unaligned cell and its evaluations on other test sets share one trained run."""
+    former = {k: v for k, v in cell.cfg.items() if not k.startswith(("rl.", "eval."))}
+    return _folder(run.root / "stage1", _training_keys(former), former)
 
 
 def check_manifests(cells: list[Cell]) -> None:
@@ -174,30 +202,30 @@ def check_prepared(jobs: list[Job]) -> None:
     for job in jobs:
         if job.fn is not steps.prepare_step or not job.done.is_file():
             continue
-        data_dir = job.done.parent
+        folder = job.done.parent
         changed, gone = [], []
-        for index in sorted((data_dir / "splits").glob("*.json")):
-            c, g = changed_sources(data_dir, index.stem)
+        for index in sorted((folder / "splits").glob("*.json")):
+            c, g = changed_sources(folder, index.stem)
             changed, gone = changed + c, gone + g
         if gone:  # moved or deleted (a quota, a moved out= folder): training reads the codes, not the files
             log.warning("%s: %d audio file(s) prepared there are no longer where they were (e.g. %s); training "
-                        "goes on from their prepared codes", data_dir, len(gone), gone[0])
+                        "goes on from their prepared codes", folder, len(gone), gone[0])
         if not changed:
             continue
         fix = ("to use the new audio, copy the manifest to a new name and point set.data.train (and set.data.test) "
                "at it: new cells, trained afresh" if job.kwargs["cfg"]["data.source"] == "manifest" else
                "the demo set is generated: run the grid with another out= to start from a fresh one")
-        raise DataError(f"{data_dir}: {len(changed)} audio file(s) changed since they were prepared, e.g. "
+        raise DataError(f"{folder}: {len(changed)} audio file(s) changed since they were prepared, e.g. "
                         f"{'; '.join(changed[:3])}. The codes there, and every model trained or evaluated on them, "
                         f"are of the former audio. Restore the files to keep these results; {fix}.")
 
 
-def data_paths(cfg: dict, data_dir: Path) -> tuple[str, str, str | None]:
+def data_paths(cfg: dict, prepared: Path) -> tuple[str, str, str | None]:
     """(eval reference manifest, RL prompts, eval subset) of a cell."""
     if cfg["data.source"] == "demo":
         from siren.data.demo import DemoSet
 
-        demo = DemoSet.at(data_dir / "demo_source")  # made by prepare (and the calibration rows' source job)
+        demo = DemoSet.at(prepared / "demo_source")  # made by prepare (and the calibration rows' source job)
         return str(demo.test), str(demo.train), None  # every test clip (90): ISC over 10 splits needs them
     missing = [k for k in ("data.train", "data.test", "data.prompts") if k not in cfg]
     if missing:
@@ -211,12 +239,12 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
     jobs: dict[str, Job] = {}
     res = dict(gpus=run.gpus, cpus=run.cpus, mem_gb=run.mem_gb)
     for cell in cells:
-        did, rows = data_id(cell.cfg), ", ".join(r.label for r in cell.rows)
-        data_dir = run.root / "data" / did
-        ref, prompts, subset = data_paths(cell.cfg, data_dir)
+        prepared, rows = data_dir(cell.cfg, run.root), ", ".join(r.label for r in cell.rows)
+        did = prepared.name
+        ref, prompts, subset = data_paths(cell.cfg, prepared)
         prep = f"data-{did}"
-        jobs.setdefault(prep, Job(prep, steps.prepare_step, dict(data_dir=str(data_dir), cfg=cell.cfg),
-                                  data_dir / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
+        jobs.setdefault(prep, Job(prep, steps.prepare_step, dict(data_dir=str(prepared), cfg=cell.cfg),
+                                  prepared / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
         stage1 = stage1_dir(cell, run)
         trains = [f"stage1-{stage1.name}/expert_{k}" for k in range(cell.n_experts)]
         before_train = [prep]
@@ -224,12 +252,12 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             dim = steps.continuous_config(cell.cfg).token_dim
             before_train = [f"latents-{did}-{dim}"]
             jobs.setdefault(before_train[0], Job(before_train[0], steps.latents_step,
-                                                 dict(data_dir=str(data_dir), cfg=cell.cfg, dim=dim),
-                                                 data_dir / f"latents-{dim}.done", deps=[prep], cpus=2,
+                                                 dict(data_dir=str(prepared), cfg=cell.cfg, dim=dim),
+                                                 prepared / f"latents-{dim}.done", deps=[prep], cpus=2,
                                                  mem_gb=run.mem_gb, timeout_min=24 * 60))
         for k, key in enumerate(trains):
             jobs.setdefault(key, Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1),
-                                                                 data_dir=str(data_dir), expert=k),
+                                                                 data_dir=str(prepared), expert=k),
                                      stage1 / f"expert_{k}.done", deps=before_train,
                                      timeout_min=run.train_timeout_min,
                                      resumable=True, array=f"stage1-{stage1.name}", **res))
@@ -254,8 +282,8 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         # computed by two jobs at once (~35 s CPU).
         source = [f"source-{did}"] if run.calibrated and cell.cfg["data.source"] == "demo" else []
         for key in source:
-            jobs.setdefault(key, Job(key, steps.source_step, dict(data_dir=str(data_dir), cfg=cell.cfg),
-                                     data_dir / "demo_source.done", mem_gb=run.mem_gb))
+            jobs.setdefault(key, Job(key, steps.source_step, dict(data_dir=str(prepared), cfg=cell.cfg),
+                                     prepared / "demo_source.done", mem_gb=run.mem_gb))
         calib_deps = source
         for kind in steps.CALIBRATIONS if run.calibrated else ():
             key, folder = f"calib-{calibration_id(cell.cfg)}/{kind}", calibration_dir(run, cell, kind)

@@ -292,6 +292,40 @@ def test_a_manifest_edited_in_place_is_other_data(tmp_path):
     assert after[0] != before[0] and after[1] != before[1]
 
 
+def test_a_new_test_set_or_subset_reevaluates_without_training_again(tmp_path):
+    """data.test / data.subset / data.prompts were in the data and stage-1 ids: evaluating the trained grid on a
+    subset prepared and trained every model again (at paper scale, days). Now only the cells' evaluations are new;
+    a grid made before keeps its folders (the former ids' folders are used where only they exist)."""
+    from ablations.plan import data_dir
+
+    for name in ("train", "test", "prompts", "sub"):
+        (tmp_path / f"{name}.csv").write_text("id,audio,caption\na,a.wav,a dog barks\n")
+    (tmp_path / "sub.txt").write_text("a\n")
+
+    def where(*extra):
+        run = parse(["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'o'}",
+                     *(f"set.data.{n}={tmp_path / n}.csv" for n in ("train", "test", "prompts")), *extra])
+        cell = cells_of(load_grid("table6"), run)[0]
+        return cell.id, data_dir(cell.cfg, run.root), stage1_dir(cell, run)
+
+    base = where()
+    subset = where(f"set.data.subset={tmp_path / 'sub.txt'}")
+    other_test = where(f"set.data.test={tmp_path / 'sub.csv'}")
+    assert subset[0] != base[0] and other_test[0] != base[0]  # new evaluations ...
+    assert subset[1:] == other_test[1:] == base[1:]  # ... of the same prepared data and trained models
+    (tmp_path / "train.csv").write_text("id,audio,caption\na,a.wav,rain falls\n")
+    assert where()[1] != base[1] and where()[2] != base[2]
+    # a grid prepared and trained before the change: its folders are keyed by every data key, and are used
+    from ablations.grid import cell_id
+
+    run = parse(["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'o'}",
+                 *(f"set.data.{n}={tmp_path / n}.csv" for n in ("train", "test", "prompts"))])
+    cell = cells_of(load_grid("table6"), run)[0]
+    former = cell_id({k: v for k, v in cell.cfg.items() if not k.startswith(("rl.", "eval."))})
+    (run.root / "stage1" / former).mkdir(parents=True)
+    assert stage1_dir(cell, run).name == former
+
+
 def test_calibration_rows_follow_the_evaluation_protocol():
     """They are scored by the cells' eval.* settings: `set.eval.seconds=2` re-ran the model rows but kept
     the old protocol's calibration rows beside them. The model's generation batch is not theirs. And the data
