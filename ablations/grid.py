@@ -24,7 +24,7 @@ DESCRIPTIVE = {"#Parameter", "#Single Para.", "#Train Parameter"}
 class Row:
     label: str
     cell: Mapping[str, Any] | None  # dotted config delta; None: a row we cannot build (see `needs`)
-    paper: Mapping[str, Any] | str  # the paper's numbers, or "itg" (inability to generate)
+    paper: Mapping[str, Any] | str  # the paper's numbers, or "itg" (inability to generate; "itg": True beside sizes)
     needs: str = ""  # why a row has no cell (said plainly in the table instead of a faked row)
 
 

@@ -89,13 +89,19 @@ def _reward_note(df: pd.DataFrame) -> bool:
     return bool(df["Reward = metric"].fillna("").astype(str).str.len().gt(0).any())
 
 
+def _lead(grid: Grid) -> int:
+    """How many of the columns, from the first, describe the model (its size): a row without numbers still has
+    them (the paper prints 12-1's 140M beside its itg), and its status spans the rest."""
+    return next((i for i, c in enumerate(grid.columns) if c not in DESCRIPTIVE), len(grid.columns))
+
+
 def to_markdown(df: pd.DataFrame, grid: Grid, caption: str) -> str:
     mark = lambda s, rank: f"**{s}**" if rank == 0 else (f"<u>{s}</u>" if rank == 1 else s)
-    head = ["Setting", "Source", *grid.columns]
+    head, lead = ["Setting", "Source", *grid.columns], _lead(grid)
     lines = [f"**{grid.name}**: {grid.title}", "", f"_{caption}_", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, source, status, vals in _cells(df, grid, mark, REWARD_MARK):
-        vals = [status] + [""] * (len(vals) - 1) if status else vals
+        vals = vals[:lead] + [status] + [""] * (len(vals) - lead - 1) if status else vals
         lines.append("| " + " | ".join([label, source, *vals]) + " |")
     lines += ["", *[f"- {n}" for n in grid.notes], *([f"- {REWARD_MARK} {REWARD_NOTE}"] if _reward_note(df) else [])]
     return "\n".join(lines).rstrip() + "\n"
@@ -109,12 +115,13 @@ def _tex(s: str) -> str:
 def to_latex(df: pd.DataFrame, grid: Grid, caption: str) -> str:
     mark = lambda s, rank: rf"\textbf{{{s}}}" if rank == 0 else (rf"\underline{{{s}}}" if rank == 1 else s)
     rows = _cells(df, grid, mark, r"\textsuperscript{\dag}")
-    n = len(grid.columns)
+    n, lead = len(grid.columns), _lead(grid)
     lines = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{ll" + "c" * n + "}", r"\toprule",
              " & ".join(["Setting", "Source", *map(_tex, grid.columns)]) + r" \\", r"\midrule"]
     for label, source, status, vals in rows:
         # a row without numbers (itg, pending, failed) is one spanning cell, as the paper prints itg
-        body = rf"\multicolumn{{{n}}}{{c}}{{{_tex(status)}}}" if status else " & ".join(vals)
+        body = " & ".join([*vals[:lead], rf"\multicolumn{{{n - lead}}}{{c}}{{{_tex(status)}}}"]) if status else \
+            " & ".join(vals)
         lines.append(f"{_tex(label)} & {_tex(source)} & {body} " + r"\\")
     note = rf" \textsuperscript{{\dag}} {_tex(REWARD_NOTE)}." if _reward_note(df) else ""
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(grid.title)} {_tex(caption)}{note}}}",

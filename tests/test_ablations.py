@@ -193,7 +193,10 @@ def test_tables_rank_within_each_source_and_say_itg_and_weights():
     assert "RANDOM weights" in md
     tex = to_latex(df, grid, "scale=demo")
     assert r"\toprule" in tex and r"\textbf{1.00}" in tex and r"\underline{2.00}" in tex
-    assert r"\multicolumn{5}{c}{itg (non-finite logits at step 3)}" in tex
+    assert r"- & \multicolumn{4}{c}{itg (non-finite logits at step 3)}" in tex  # the size column stays its own
+    # the paper's 12-1 row: its 140M beside itg, as printed
+    assert lines[("12-1", "paper")].split("|")[3:5] == [" 140M ", " itg "]
+    assert r"12-1 & paper & 140M & \multicolumn{4}{c}{itg}" in tex
 
 
 def test_job_waves_follow_dependencies():
