@@ -308,6 +308,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                                     sample=cfg.sample, candidates=cfg.candidates,
                                     clap=models["clap"].net if "clap" in models else None, device=_device(cfg.device))
             gen_card["sample_source"] = SAMPLING_SOURCE
+            run_cfg = read_run_config(cfg.ckpt)  # the modes its codec and text encoder were loaded in
+            gen_card["frontends_weights"] = {k: w for k in ("codec", "text")
+                                             if (w := (run_cfg.get(k) or {}).get("weights"))}
         except CannotGenerate as e:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
             write_json(out / "results.json", results)

@@ -54,16 +54,19 @@ def code_version() -> str:
         return "unknown"
 
 
-def weights_label(backbone_cards: dict[str, dict]) -> str:
-    labels = {c["weights"] for c in backbone_cards.values()}
-    return (labels.pop() if len(labels) == 1
-            else "mixed: " + ", ".join(f"{k}={c['weights']}" for k, c in backbone_cards.items()))
+def weights_label(backbone_cards: dict[str, dict], generated: dict | None = None) -> str:
+    """One mode, or every part's: the metric networks' and, for clips generated here, the run's codec and text
+    encoder (a demo-trained run scored with the pretrained metrics is not a pretrained result)."""
+    parts = {k: c["weights"] for k, c in backbone_cards.items()}
+    parts.update({f"generation {k}": w for k, w in ((generated or {}).get("frontends_weights") or {}).items()})
+    labels = set(parts.values())
+    return labels.pop() if len(labels) == 1 else "mixed: " + ", ".join(f"{k}={w}" for k, w in parts.items())
 
 
 def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference: dict, generated: dict,
           n_clips: int, device: str) -> dict:
     """The card: ``backbone_cards`` maps a role (fd_kl_is, fad, clap) to ``Backbone.card()``."""
-    label = weights_label(backbone_cards)
+    label = weights_label(backbone_cards, generated)
     card = {
         "weights": label,
         "backbones": backbone_cards,
@@ -84,7 +87,7 @@ def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference
 
 def banner(label: str) -> str:
     """What a card or table with weights ``label`` (not pretrained) must say about its numbers."""
-    return DEMO_BANNER if label == "demo" else RANDOM_BANNER
+    return RANDOM_BANNER if "random" in label else DEMO_BANNER
 
 
 def is_random(card: dict) -> bool:

@@ -21,13 +21,13 @@ random_tables = code_tables  # the trainer tests' name for them
 
 def make_stage1_run(run_dir: Path, distribution: str = "6-2", seed: int = 0, tables: CodeTables | None = None,
                     codec_id: str = "test-random-tables", text_id: str = "test-hashed-text",
-                    step: int = 10, frontends: dict | None = None) -> Path:
+                    step: int = 10, frontends: dict | None = None, codec_weights: str = "random") -> Path:
     """A finished stage-1 run of randomly initialised experts, in the format siren.train writes.
     ``frontends``: {"codec": CodecConfig dict, "text": TextConfig dict}, recorded so eval can rebuild them."""
     cfg = tiny_model_config(distribution, codec_id)
     torch.manual_seed(seed)
     model = CollaborativeModel(cfg, tables if tables is not None else random_tables(seed))
-    shared = {"model": to_dict(cfg), "codec": {"id": codec_id, "weights": "random"},
+    shared = {"model": to_dict(cfg), "codec": {"id": codec_id, "weights": codec_weights},
               "text": {"id": text_id, "weights": "random"}}
     for what, conf in (frontends or {}).items():
         shared[what]["config"] = conf

@@ -467,6 +467,30 @@ def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
         EvalConfig(metrics="fd", candidates=3)
 
 
+def test_a_run_with_demo_frontends_scored_by_other_metrics_is_not_labelled_as_those(tmp_path):
+    """The card's weights came from the metric networks alone: a demo-trained run (demo codec and text encoder)
+    scored with weights=pretrained was labelled "pretrained", no banner. The generation's modes count too."""
+    from eval.audiocaps import main
+    from siren.config import to_dict
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_rl import make_stage1_run
+
+    codec, text = demo_codec(), TextEncoder(TextConfig(weights="random"))
+    run = make_stage1_run(tmp_path / "run", "12-1", seed=0, tables=codec.code_tables(), codec_id=codec.id,
+                          text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)},
+                          codec_weights="demo")
+    from tests.fixtures_data import write_wav
+
+    for i, f in zip("ab", (440.0, 660.0)):
+        write_wav(tmp_path / f"{i}.wav", 0.3 * np.sin(2 * np.pi * f * np.arange(8000) / 16_000))
+    (tmp_path / "R.csv").write_text("id,audio,caption\na,a.wav,a dog barks\nb,b.wav,rain\n")
+    assert main([f"ckpt={run}", f"ref={tmp_path / 'R.csv'}", f"out={tmp_path / 'o'}", "weights=random",
+                 "metrics=fd", "seconds=0.2"]) == 0
+    card = json.loads((tmp_path / "o" / "results.json").read_text())["card"]
+    assert card["weights"].startswith("mixed: ") and "generation codec=demo" in card["weights"]
+    assert "generation text=random" in card["weights"] and card["WARNING"].startswith("RANDOM WEIGHTS")
+
+
 def test_the_readmes_python_snippet_generates_audio(tmp_path):
     """README, "From Python": the block as written, on a small run (demo codec, random text) in place of ID."""
     import re
