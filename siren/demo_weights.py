@@ -216,8 +216,10 @@ def _load(path: Path, make: Callable[[], nn.Module], sha256: str | None) -> tupl
         if bad is not None:
             raise CheckpointError(
                 f"{path}: the seeded random init (seed {head['base_seed']}) regenerated here differs from the one "
-                f"the file was trained on (first at tensor '{bad}'): this torch version ({torch.__version__}) draws "
-                f"other numbers. Rebuild the demo weights with `{REBUILD}`.")
+                f"the file was trained on (first at tensor '{bad}'): this torch ({torch.__version__}), or the "
+                f"network's own library (panns_inference, torchvggish, laion_clap, transformers), builds or draws it "
+                f"otherwise. "
+                f"Install the versions of pyproject.toml, or rebuild the demo weights with `{REBUILD}`.")
         log.info("%s: the seeded init regenerated here is not bit-identical to the recorded one (sha256), but "
                  "matches its fingerprint within float rounding (largest sampled difference %.1e): another CPU's "
                  "vectorised kernels", path.name, worst)

@@ -19,12 +19,29 @@ from siren.text import TextConfig, TextEncoder, can_share
 
 
 def build_codec(cfg: CodecConfig, device: str | torch.device = "cpu") -> Codec:
-    """The frozen codec of ``cfg`` on ``device``; one per (weights, seed, device) per process."""
-    return _codec(cfg.weights, cfg.seed, str(device))
+    """The frozen codec of ``cfg`` on ``device``; one per (weights, seed, device) per process, built again when
+    its file changed (a warm-start server keeps one for every job it forks)."""
+    return _codec(cfg.weights, cfg.seed, str(device), _file_version(cfg.weights))
+
+
+def _file_version(weights: str) -> tuple | None:
+    from pathlib import Path
+
+    from siren import assets
+    from siren.codec import DEMO_FILE
+
+    if weights == "random":
+        return None
+    path = assets.path("dac_16khz") if weights == "pretrained" else DEMO_FILE if weights == "demo" else Path(weights)
+    try:
+        st = path.stat()
+    except OSError:  # missing: Codec names it
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=4)
-def _codec(weights: str, seed: int, device: str) -> Codec:
+def _codec(weights: str, seed: int, device: str, _version: tuple | None) -> Codec:
     return Codec(CodecConfig(weights=weights, seed=seed)).to(device)
 
 

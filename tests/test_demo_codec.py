@@ -1,6 +1,7 @@
 """The demo codec (weights=demo): its recipe's stages on tiny data, and the committed file through the loader."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -347,3 +348,20 @@ def test_train_command_routes_each_part_its_keys_and_checks_both_before_training
         with pytest.raises(ConfigError, match=words):
             train_all.main(["rebuild", *args] if words is None else ["train", *args])
     assert calls == []  # nothing was built
+
+
+def test_a_codec_file_replaced_while_a_process_runs_is_loaded_again(tmp_path, monkeypatch):
+    """The codec was cached per (weights, seed, device) for the process: a warm-start server kept the demo codec
+    it preloaded for every job it forked, whatever the file became. Its file's version is in the key now."""
+    import shutil
+
+    import siren.codec as C
+    from siren.frontends import build_codec
+
+    f = tmp_path / "dac16k_demo.pth"
+    shutil.copy(C.DEMO_FILE, f)
+    monkeypatch.setattr(C, "DEMO_FILE", f)
+    first = build_codec(C.CodecConfig(weights="demo"))
+    assert build_codec(C.CodecConfig(weights="demo")) is first  # unchanged: the same object
+    os.utime(f, ns=(1, 1))  # put in place again
+    assert build_codec(C.CodecConfig(weights="demo")) is not first
