@@ -113,7 +113,7 @@ def test_long_captions_are_truncated_keeping_end_token(clap):
 
 
 def test_bad_caption_input(text):
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="non-empty list of str, got 'a dog barks'"):  # a str, not a list of them
         text.encode("a dog barks")
     with pytest.raises(TypeError, match="non-empty list"):
         text.encode([])

@@ -44,15 +44,16 @@ def upstream_data(monkeypatch):
 
 
 def upstream_audio(data, wav: torch.Tensor) -> torch.Tensor:
-    """data.py's load_and_transform_audio_data on a waveform instead of a file (its body without torchaudio.load)."""
-    from pytorchvideo.data.clip_sampling import ConstantClipsPerVideoSampler
-    from torchvision import transforms
+    """data.py's own load_and_transform_audio_data, its torchaudio.load answering with ``wav`` (16 kHz, mono)."""
+    import torchaudio
 
-    sampler = ConstantClipsPerVideoSampler(clip_duration=2, clips_per_video=3)
-    norm = transforms.Normalize(mean=-4.268, std=9.138)
-    clips = [norm(data.waveform2melspec(wav[None, int(a * 16000):int(b * 16000)].clone(), 16000, 128, 204))
-             for a, b in data.get_clip_timepoints(sampler, wav.numel() / 16000)]
-    return torch.stack(clips)
+    real = data.torchaudio
+    data.torchaudio = types.SimpleNamespace(load=lambda path: (wav[None].clone(), 16000),
+                                            functional=torchaudio.functional, compliance=torchaudio.compliance)
+    try:
+        return data.load_and_transform_audio_data(["rollout.wav"], "cpu")[0]
+    finally:
+        data.torchaudio = real
 
 
 @needs_imagebind

@@ -84,15 +84,15 @@ def clip_bounds(n_samples: int, sample_rate: int = SAMPLE_RATE) -> list[tuple[in
 
 
 def fbank(segment: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
-    """One window [n] -> [1, 128, 204]: mean removed, kaldi fbank (htk, hanning, no dither), padded or cut
-    to 204 frames, then (x - mean) / std."""
+    """One window [n], its mean already removed (``audio_inputs``) -> [1, 128, 204]: kaldi fbank (htk, hanning,
+    no dither), padded or cut to 204 frames, then (x - mean) / std."""
     import torchaudio
 
     if segment.numel() < sample_rate * FRAME_MS // 1000:
         raise AudioError(f"ImageBind's fbank needs at least {FRAME_MS} ms of audio, got {segment.numel()} samples; "
                          f"use longer rollouts (rl.seconds)")
     feats = torchaudio.compliance.kaldi.fbank(
-        (segment - segment.mean())[None], htk_compat=True, sample_frequency=sample_rate, use_energy=False,
+        segment[None], htk_compat=True, sample_frequency=sample_rate, use_energy=False,
         window_type="hanning", num_mel_bins=MEL_BINS, dither=0.0, frame_length=FRAME_MS, frame_shift=SHIFT_MS).T
     feats = F.pad(feats, (0, max(0, TARGET_FRAMES - feats.shape[1])))[:, :TARGET_FRAMES]
     return ((feats - MEAN) / STD)[None]
@@ -100,9 +100,18 @@ def fbank(segment: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
 
 def audio_inputs(audio: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
     """Waveforms [B, N] (16 kHz) -> ImageBind's audio input [B, 3, 1, 128, 204], in float32."""
-    audio = audio.float()
-    return torch.stack([torch.stack([fbank(wav[a:b], sample_rate) for a, b in clip_bounds(wav.numel(), sample_rate)])
-                        for wav in audio])
+    out = []
+    for wav in audio.float():
+        # data.py removes each window's mean in place, on a view of the one waveform: where the windows overlap
+        # (audio under 6 s, as rollouts are) a later window starts from samples an earlier one centred. Kept, so
+        # the inputs are ImageBind's own to the bit (tests/test_reward.py runs its data.py)
+        wav, windows = wav.clone(), []
+        for a, b in clip_bounds(wav.numel(), sample_rate):
+            segment = wav[a:b]
+            segment -= segment.mean()
+            windows.append(fbank(segment, sample_rate))
+        out.append(torch.stack(windows))
+    return torch.stack(out)
 
 
 def huge_kwargs() -> dict:
