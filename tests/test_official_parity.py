@@ -114,3 +114,20 @@ def test_official_learning_rate_schedule_equals_ours(steps, warmup):
         want = sirn.training.learning_rate_at(s, base_learning_rate=3e-4, total_steps=steps, warmup_steps=warmup,
                                               min_ratio=0.1)
         assert lr_at(s, cfg) == pytest.approx(want, rel=1e-12, abs=1e-15), s
+
+
+@pytest.mark.parametrize("config, scale", [("siren_1_6b", "isolated-1.6b"), ("siren_3_1b", "isolated-3.1b")])
+def test_official_paper_configs_count_as_our_presets(config, scale):
+    """The authors' configs/siren_1_6b.json and siren_3_1b.json, built by their SirenExpert on the meta device,
+    have as many parameters per expert as our presets (test_model pins the numbers; this is where they come
+    from)."""
+    import json
+
+    from siren.model.params import model_params
+
+    sirn = official()
+    cfg = sirn.SirenConfig(**json.loads((Path(SRC) / "configs" / f"{config}.json").read_text()))
+    with torch.device("meta"):
+        theirs = sirn.SirenExpert(cfg, 0, allow_random_codebooks=True)
+    ours = model_params(load_config(ModelConfig, [f"scale={scale}"], presets()))
+    assert {e.total for e in ours} == {sum(p.numel() for p in theirs.parameters())}
