@@ -127,7 +127,8 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
     if record.get("codec") != codec_id:
         raise DataError(f"{pointer}: the projection was fitted on codec {record.get('codec')}'s latents, but {out} is "
                         f"now prepared with {codec_id}; {fix}")
-    if record.get("train", _train_digest(Path(out))) != _train_digest(Path(out)):  # recorded since 2026-12-06
+    digest = _train_digest(Path(out))
+    if record.get("train", digest) != digest:  # recorded since 2026-12-06
         raise DataError(f"{pointer}: the projection was fitted on another train split than {out}'s (prepared again "
                         f"since); {fix}")
     pid = record["id"]
