@@ -293,7 +293,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
     if cfg.ckpt:  # a wrong ckpt= is named before its default out=<ckpt>/eval is checked or made
-        read_run_config(cfg.ckpt)
+        run_cfg = read_run_config(cfg.ckpt)
     out = output_dir(cfg)
     check_folder(out, "out")
     models = backbones(cfg)
@@ -308,7 +308,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                     sample=cfg.sample, candidates=cfg.candidates,
                                     clap=models["clap"].net if "clap" in models else None, device=_device(cfg.device))
             gen_card["sample_source"] = SAMPLING_SOURCE
-            run_cfg = read_run_config(cfg.ckpt)  # the modes its codec and text encoder were loaded in
+            # the modes the run's codec and text encoder were loaded in
             gen_card["frontends_weights"] = {k: w for k in ("codec", "text")
                                              if (w := (run_cfg.get(k) or {}).get("weights"))}
         except CannotGenerate as e:

@@ -75,10 +75,9 @@ class Codec(nn.Module):
             self.dac = demo_weights.seeded(cfg.seed, make, key=("dac16k",))
             self.weights_label, self.weights_sha256 = "random", f"random-seed{cfg.seed}"
         else:
+            path = weights_file(cfg.weights)
             if cfg.weights == "pretrained":
-                path = assets.require("dac_16khz")
-            else:
-                path = DEMO_FILE if cfg.weights == "demo" else Path(cfg.weights)
+                assets.require("dac_16khz")  # missing: the error that says how to fetch it
             if not path.is_file():
                 raise assets.MissingWeightsError(
                     f"codec weights file {path} does not exist" + (
@@ -134,6 +133,11 @@ class Codec(nn.Module):
 def weights_arg(label: str) -> str:
     """A codec's ``weights_label`` (as prepared directories record it) -> the ``codec.weights`` value."""
     return "demo" if label == DEMO_LABEL else label
+
+
+def weights_file(weights: str) -> Path:
+    """The file a codec weights mode other than ``random`` loads: the published one, the demo one, or a path."""
+    return assets.path("dac_16khz") if weights == "pretrained" else DEMO_FILE if weights == "demo" else Path(weights)
 
 
 def load_dac(f: Path | BinaryIO):

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-from siren.codec import WEIGHTS, Codec, CodecConfig
+from siren.codec import WEIGHTS, Codec, CodecConfig, weights_file
 from siren.config import from_dict, to_dict
 from siren.errors import CheckpointError, ConfigError
 from siren.text import TextConfig, TextEncoder, can_share
@@ -25,16 +25,10 @@ def build_codec(cfg: CodecConfig, device: str | torch.device = "cpu") -> Codec:
 
 
 def _file_version(weights: str) -> tuple | None:
-    from pathlib import Path
-
-    from siren import assets
-    from siren.codec import DEMO_FILE
-
     if weights == "random":
         return None
-    path = assets.path("dac_16khz") if weights == "pretrained" else DEMO_FILE if weights == "demo" else Path(weights)
     try:
-        st = path.stat()
+        st = weights_file(weights).stat()
     except OSError:  # missing: Codec names it
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns

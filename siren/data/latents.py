@@ -52,9 +52,9 @@ def _entries(out: Path, split: str) -> dict[str, dict]:
     return entries
 
 
-def _train_digest(out: Path) -> str:
-    """What the projection is fitted on: the train split's codes (content-keyed) and their real frames."""
-    return sha256(json.dumps(_entries(out, "train"), sort_keys=True))[:16]
+def _train_digest(train: dict[str, dict]) -> str:
+    """What the projection is fitted on: the train split's ``_entries`` (content-keyed codes, their real frames)."""
+    return sha256(json.dumps(train, sort_keys=True))[:16]
 
 
 def _latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> torch.Tensor:
@@ -97,7 +97,8 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
             z[key] = _latent(out, key, e, codec, audio)
     pointer = projection_path(out, dim)
     record = json.loads(pointer.read_text()) if pointer.is_file() else {}
-    if record.get("codec") == codec.id and record.get("train") == _train_digest(out):
+    fitted_on = _train_digest(entries["train"])
+    if record.get("codec") == codec.id and record.get("train") == fitted_on:
         proj = load_projection(out, dim, codec.id)
     else:  # fitted once per prepared train split and codec (prepared again, from another manifest or with another
         # codec: fitted anew), on the real (unpadded) frames of the train split
@@ -107,7 +108,7 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
         proj.id = f"pca{dim}-{digest[:16]}"
         proj.save(out / "latents" / f"projection-{proj.id}.safetensors", codec.id)
         write_json(pointer, {"id": proj.id, "dim": dim, "codec": codec.id, "explained": proj.explained,
-                             "train": _train_digest(out)})
+                             "train": fitted_on})
         log.info("latent projection %s: %d axes keep %.1f%% of the train latents' variance", proj.id, dim,
                  100 * proj.explained)
     for key, zk in z.items():
@@ -127,7 +128,7 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
     if record.get("codec") != codec_id:
         raise DataError(f"{pointer}: the projection was fitted on codec {record.get('codec')}'s latents, but {out} is "
                         f"now prepared with {codec_id}; {fix}")
-    digest = _train_digest(Path(out))
+    digest = _train_digest(_entries(Path(out), "train"))
     if record.get("train", digest) != digest:  # recorded since 2026-12-06
         raise DataError(f"{pointer}: the projection was fitted on another train split than {out}'s (prepared again "
                         f"since); {fix}")
