@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -173,15 +173,14 @@ def load(path: Path, make: Callable[[], nn.Module], sha256: str | None = None) -
         return _load(path, make, sha256)
     stat = Path(path).stat()
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, make.__module__, make.__qualname__)
-    if key not in _KEPT:
-        _KEPT[key] = _load(path, make, sha256)
-    net, got = _KEPT[key]
+    net, got = _kept(key, lambda: _load(path, make, sha256))
     same_file(path, sha256, got)
-    return copy.deepcopy(net), got
+    return net, got
 
 
-def _kept(key: tuple, build: Callable[[], nn.Module]) -> nn.Module:
-    """A copy of the network kept under ``key``, built first if none is (each caller owns its copy)."""
+def _kept(key: tuple, build: Callable[[], Any]) -> Any:
+    """A copy of what is kept under ``key`` (a network, or a network and its file's hash), built first if nothing
+    is (each caller owns its copy)."""
     if key not in _KEPT:
         _KEPT[key] = build()
     return copy.deepcopy(_KEPT[key])
