@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from siren.errors import CheckpointError, MissingWeightsError
-from siren.io import load_hashed, same_file, sha256_file_once
+from siren.io import load_hashed, same_file, sha256_file_once, version
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def header(path: Path, data: bytes | None = None) -> dict:
     return head
 
 
-# Networks kept after loading, once ``keep_loaded()`` was called: (file, its size and mtime, maker) -> (network,
+# Networks kept after loading, once ``keep_loaded()`` was called: (file, its ``siren.io.version``, maker) -> (network,
 # the file's sha256), and ("seeded", key..., seed) -> network for the seeded random builds that name a key (``seeded``).
 # The warm-start server of local grid runs (ablations/warm.py) turns it on and loads the demo networks
 # once; every job it forks then gets a copy instead of regenerating and checking them (~8 s of an
@@ -171,8 +171,7 @@ def load(path: Path, make: Callable[[], nn.Module], sha256: str | None = None) -
         header(Path(path))  # the missing-file error
     if _KEPT is None:
         return _load(path, make, sha256)
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, make.__module__, make.__qualname__)
+    key = (str(Path(path).resolve()), *version(Path(path).stat()), make.__module__, make.__qualname__)
     net, got = _kept(key, lambda: _load(path, make, sha256))
     same_file(path, sha256, got)
     return net, got

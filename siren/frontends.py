@@ -15,6 +15,7 @@ import torch
 from siren.codec import WEIGHTS, Codec, CodecConfig, weights_file
 from siren.config import from_dict, to_dict
 from siren.errors import CheckpointError, ConfigError
+from siren.io import version
 from siren.text import TextConfig, TextEncoder, can_share
 
 
@@ -31,7 +32,7 @@ def _file_version(weights: str) -> tuple | None:
         st = weights_file(weights).stat()
     except OSError:  # missing: Codec names it
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_ino, *version(st)
 
 
 @functools.lru_cache(maxsize=4)

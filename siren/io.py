@@ -137,14 +137,20 @@ def sha256_file(*paths: str | os.PathLike) -> str:
     return file_digest(*paths)
 
 
+def version(st: os.stat_result) -> list[int]:
+    """A file's version as a cache can trust without reading it: size, mtime and ctime. The ctime is what a
+    same-size file put in place with its old mtime (``cp -p``, ``rsync -a``, ``touch -r``) cannot keep: the
+    kernel sets it on every write, rename or ``utime``, and no call sets it back."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def sha256_file_once(path: str | os.PathLike) -> str:
-    """``sha256_file`` of one file, computed once per version of it (path, mtime, size) in a process."""
-    st = os.stat(path)
-    return _sha256_of_version(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    """``sha256_file`` of one file, computed once per version of it (path, ``version``) in a process."""
+    return _sha256_of_version(str(Path(path).resolve()), *version(os.stat(path)))
 
 
 @functools.lru_cache(maxsize=256)
-def _sha256_of_version(path: str, mtime_ns: int, size: int) -> str:
+def _sha256_of_version(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
     return file_digest(path)
 
 

@@ -218,6 +218,23 @@ def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, co
     assert hashed == [str(tmp_path / "src/a2.wav")]
 
 
+def test_changed_sources_sees_a_same_size_file_put_in_place_with_the_old_mtime(tmp_path, codec, text_encoder):
+    # what `cp -p` or `rsync -a` of another recording does: same size, the old mtime; only the ctime tells
+    import os
+
+    from siren.data.prepare import changed_sources
+
+    m = tiny_set(tmp_path / "src", n=2)
+    run(m, tmp_path / "out", codec, text_encoder)
+    a1 = tmp_path / "src/a1.wav"
+    before = os.stat(a1)
+    x, _ = sf.read(a1)
+    write_wav(a1, 0.5 * x)
+    os.utime(a1, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(a1).st_size == before.st_size and os.stat(a1).st_mtime_ns == before.st_mtime_ns
+    assert changed_sources(tmp_path / "out", "manifest") == ([str(a1)], [])
+
+
 def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, text_encoder, caplog):
     from ablations.grid import load_grid
     from ablations.plan import cells_of, check_prepared, parse, plan

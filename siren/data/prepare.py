@@ -38,7 +38,7 @@ from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score
 from siren.data.manifest import Row, read_manifest
 from siren.demo_weights import LABEL
 from siren.errors import DataError
-from siren.io import check_folder, read_json, sha256, sha256_file, write_json
+from siren.io import check_folder, read_json, sha256, sha256_file, version, write_json
 from siren.runtime import check_device
 from siren.text import TextConfig
 
@@ -130,7 +130,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         h = sha256(data)
         key = codes_key(h, audio.key(), codec.id)
         sha[key], keys[i] = h, key
-        source[i] = {"source_sha256": h, "source_stat": [st.st_size, st.st_mtime_ns]}  # for changed_sources
+        source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources
         if key in todo or cache_path(out, "codes", key).is_file():
             continue
         try:
@@ -249,11 +249,11 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
 
 def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
     """(the audio files of a prepared split whose bytes are no longer the ones prepare encoded, those no longer
-    there). A file whose size and mtime are as prepare recorded them is taken as unchanged; any other is hashed
-    again, and one with the same bytes (a copy, a restore) gets its new size and mtime recorded in the index, so
-    the next check does not hash it again. Prepare's codes are keyed by content, but a finished grid does not run
-    it again, so without this check a file replaced under the same path kept the former audio's codes and the
-    models trained on them."""
+    there). A file whose size, mtime and ctime (``siren.io.version``) are as prepare recorded them is taken as
+    unchanged; any other is hashed again, and one with the same bytes (a copy, a restore) gets its new ones
+    recorded in the index, so the next check does not hash it again. Prepare's codes are keyed by content, but a
+    finished grid does not run it again, so without this check a file replaced under the same path kept the
+    former audio's codes and the models trained on them."""
     path = index_path(Path(out), split)
     index = read_json(path, "run prepare again")
     items = index.get("items", [])
@@ -264,12 +264,12 @@ def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
         except FileNotFoundError:
             gone.append(it["source"])
             continue
-        if [st.st_size, st.st_mtime_ns] == it["source_stat"]:
+        if version(st) == it["source_stat"]:  # indexes before 2026-12-06 hold [size, mtime]: hashed once
             continue
         if sha256_file(it["source"]) != it["source_sha256"]:
             changed.append(it["source"])
         else:
-            restat[it["source"]] = [st.st_size, st.st_mtime_ns]
+            restat[it["source"]] = version(st)
     if restat:
         for it in items:
             if it["source"] in restat:
