@@ -78,9 +78,11 @@ def weights_note(run_dir: str | Path) -> str:
 
 def weights_phrase(what: str, mode: str) -> str:
     """A figure note's words for one model's weights: "" (pretrained), "codec: demo weights (trained on
-    the embedded set)", "random codec weights"; ``mode`` is a weights mode or label."""
-    from siren.codec import DEMO_LABEL
+    the embedded set)", "random codec weights", "codec: weights from /x.pth"; ``mode`` is a weights mode or label."""
+    from siren.codec import DEMO_LABEL, weights_arg
 
     if mode == "pretrained":
         return ""
-    return f"{what}: {DEMO_LABEL}" if mode in ("demo", DEMO_LABEL) else f"{mode} {what} weights"
+    if mode in ("demo", DEMO_LABEL, "random"):
+        return f"{what}: {DEMO_LABEL}" if mode != "random" else f"random {what} weights"
+    return f"{what}: weights from {weights_arg(mode)}"  # a file given by path (the mode) or its label

@@ -21,6 +21,7 @@ REWARD_NOTE = "reward = metric: the stage-2 reward of this run is this metric's 
 # CLAP reject sampling (eval candidates=N) picks each clip by the CLAP metric's own model: marked the same way
 SELECTION_REASON = "each clip is the best of {n} candidates by this metric's checkpoint (inflated)"
 DEMO_BANNER = "demo weights (trained on the embedded set) - not comparable to published numbers"
+FILE_BANNER = "weights from files given by path, not the published ones - compare only with runs of the same files"
 TABLE_COLUMNS = (("FAD", "fad"), ("FD", "fd"), ("ISC", "isc"), ("KL", "kl"), ("CLAP", "clap"))
 PACKAGES = ("torch", "torchaudio", "numpy", "scipy", "panns-inference", "torchlibrosa", "torchvggish", "resampy",
             "librosa", "soxr", "laion-clap", "transformers", "soundfile", "safetensors")
@@ -87,7 +88,9 @@ def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference
 
 def banner(label: str) -> str:
     """What a card or table with weights ``label`` (not pretrained) must say about its numbers."""
-    return RANDOM_BANNER if "random" in label else DEMO_BANNER
+    from siren.assets import FILE_LABEL
+
+    return RANDOM_BANNER if "random" in label else FILE_BANNER if FILE_LABEL in label else DEMO_BANNER
 
 
 def is_random(card: dict) -> bool:

@@ -85,6 +85,21 @@ def path(name: str) -> Path:
     return cache_dir() / ASSETS[name].filename
 
 
+# The weights label of a file given by path that is not the published one (a fine-tuned or another checkpoint):
+# "file <absolute path>". Outputs never call it "pretrained"; siren.codec.weights_arg reads the path back.
+FILE_LABEL = "file "
+
+
+def label(name: str, file: str | os.PathLike, sha256: str) -> str:
+    """"pretrained" for asset ``name``'s file in the cache, or any file with the publisher's sha256; else
+    ``FILE_LABEL`` + its absolute path. Where the publisher gives no sha256 (the DAC, ImageBind), a copy of the
+    published file outside the cache is labelled by its path: put it in the cache to have it called pretrained."""
+    a, file = ASSETS[name], Path(file).resolve()
+    if file == path(name).resolve() or a.digest == f"sha256:{sha256}":
+        return "pretrained"
+    return f"{FILE_LABEL}{file}"
+
+
 def require(name: str) -> Path:
     """The local file of a pretrained asset, or an error that says how to get it."""
     p = path(name)

@@ -298,7 +298,7 @@ class Clap(nn.Module):
                 self.model.load_state_dict(sd, strict=True)
             except RuntimeError as e:
                 raise WeightsMismatchError(f"{arch}: {e}") from None
-            self.weights_label, self.weights_sha256 = "pretrained", sha
+            self.weights_label, self.weights_sha256 = assets.label("clap", path, sha), sha
         self.model.eval().requires_grad_(False)
 
     @property

@@ -83,7 +83,7 @@ class Codec(nn.Module):
                     f"codec weights file {path} does not exist" + (
                         "; rebuild it with python -m siren.demo_assets.codec" if cfg.weights == "demo" else ""))
             (self.dac, demo), self.weights_sha256 = load_hashed(path, load_dac)
-            self.weights_label = DEMO_LABEL if demo else "pretrained"
+            self.weights_label = DEMO_LABEL if demo else assets.label("dac_16khz", path, self.weights_sha256)
         self.dac.eval().requires_grad_(False)
 
     @property
@@ -132,6 +132,8 @@ class Codec(nn.Module):
 
 def weights_arg(label: str) -> str:
     """A codec's ``weights_label`` (as prepared directories record it) -> the ``codec.weights`` value."""
+    if label.startswith(assets.FILE_LABEL):
+        return label[len(assets.FILE_LABEL):]
     return "demo" if label == DEMO_LABEL else label
 
 

@@ -267,6 +267,17 @@ def test_pretrained_file_round_trip(clap, tmp_path, monkeypatch):
     ref = loaded.model.get_text_embedding({"input_ids": F.pad(ids, (0, 77 - ids.shape[1]), value=1),
                                            "attention_mask": F.pad(mask, (0, 77 - ids.shape[1]))})
     assert torch.allclose(loaded.embed_text(CAPTIONS), ref, atol=1e-5)
+    # the same bytes given by path are not called pretrained unless they are the publisher's (its sha256)
+    import shutil
+
+    copy = tmp_path / "mine" / "finetuned.pt"
+    copy.parent.mkdir()
+    shutil.copy(ckpt, copy)
+    by_path = Clap(ClapConfig(weights=str(copy)))
+    assert by_path.weights_label == f"file {copy}" and by_path.card()["weights"] == f"file {copy}"
+    published = dataclasses.replace(assets.ASSETS["clap"], digest=f"sha256:{sha256_file(copy)}")
+    monkeypatch.setitem(assets.ASSETS, "clap", published)
+    assert Clap(ClapConfig(weights=str(copy))).weights_label == "pretrained"
     # the CLAP metric hashes the file into its id at __init__ and loads it at first use: a file replaced
     # between them is one error naming it (it was a bare RuntimeError, a traceback at the command line)
     from eval.backbones import ClapAudio

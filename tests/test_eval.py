@@ -491,6 +491,21 @@ def test_a_run_with_demo_frontends_scored_by_other_metrics_is_not_labelled_as_th
     assert "generation text=random" in card["weights"] and card["WARNING"].startswith("RANDOM WEIGHTS")
 
 
+def test_a_card_with_a_codec_given_by_path_says_so_not_demo_or_pretrained():
+    # a run trained on a codec file given by path (a fine-tuned DAC) is labelled by that path; its banner is
+    # neither the demo's nor absent
+    from analysis.logs import weights_phrase
+    from eval.card import FILE_BANNER, build
+
+    cards = {"fd_kl_is": {"weights": "pretrained"}}
+    card = build(cards, {}, {}, {}, {"frontends_weights": {"codec": "file /x/dac.pth", "text": "pretrained"}}, 2, "cpu")
+    assert card["weights"] == "mixed: fd_kl_is=pretrained, generation codec=file /x/dac.pth, generation text=pretrained"
+    assert card["WARNING"] == FILE_BANNER
+    assert weights_phrase("codec", "file /x/dac.pth") == weights_phrase("codec", "/x/dac.pth") == \
+        "codec: weights from /x/dac.pth"
+    assert weights_phrase("text", "random") == "random text weights"
+
+
 def test_the_readmes_python_snippet_generates_audio(tmp_path):
     """README, "From Python": the block as written, on a small run (demo codec, random text) in place of ID."""
     import re

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from siren import assets, demo_weights
-from siren.codec import CODEBOOK_DIM, DAC_KWARGS, HOP, N_LAYERS, Codec, CodecConfig
+from siren.codec import CODEBOOK_DIM, DAC_KWARGS, HOP, N_LAYERS, Codec, CodecConfig, weights_arg
 from siren.config import ConfigError, from_dict, load_config, to_dict
 from siren.io import sha256_file
 
@@ -155,7 +155,10 @@ def test_pretrained_file_path_round_trip_and_wrong_model(codec, tmp_path):
     good = tmp_path / "dac.pth"
     torch.save({"state_dict": codec.dac.state_dict(), "metadata": {"kwargs": DAC_KWARGS}}, good)
     loaded = Codec(CodecConfig(weights=str(good)))
-    assert loaded.weights_label == "pretrained" and loaded.id != codec.id
+    # a DAC given by path is not the published file (no published digest to tell): labelled by its path, which
+    # the analyses read back from a prepared directory's label
+    assert loaded.weights_label == f"file {good}" and loaded.id != codec.id
+    assert weights_arg(loaded.weights_label) == str(good)
     wav = 0.1 * torch.randn(1, 8000, generator=torch.Generator().manual_seed(2))
     assert torch.equal(loaded.encode(wav), codec.encode(wav))
     bad = tmp_path / "dac44k.pth"

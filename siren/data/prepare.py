@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from siren.assets import FILE_LABEL
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
@@ -437,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         idx = json.loads(path.read_text())
         # a text entry records "demo", a codec entry the whole label: say the label for both
         shown = {k: LABEL if idx[k]["weights"] == "demo" else idx[k]["weights"] for k in ("codec", "text")}
-        warn = [f"{k} weights are {w.upper()}" for k, w in shown.items() if w != "pretrained"]
+        warn = [f"{k} weights are {w if w.startswith(FILE_LABEL) else w.upper()}" for k, w in shown.items()
+                if w != "pretrained"]
         print(f"{path}: {idx['num_items']} items, {len(idx['skipped'])} skipped; codec {idx['codec']['id']}, "
               f"text {idx['text']['id']}" + (f" ({'; '.join(warn)})" if warn else ""))
     return 0

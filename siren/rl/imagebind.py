@@ -167,7 +167,7 @@ class ImageBindReward:
                     f"path of imagebind_huge.pth; `{assets.PREFETCH} imagebind` fetches the default)")
             # mmap: the unused vision trunk's 2.5 GB of the 4.5 GB file are hashed but never held in memory
             state, self.weights_sha256 = load_hashed(path, load_torch_mmap)
-            self.weights_label = "pretrained"
+            self.weights_label = assets.label("imagebind", path, self.weights_sha256)
         self.device = torch.device(device)
         self.model = build(state, seed).to(self.device)
         self.tokenizer = tokenizer()
