@@ -59,16 +59,18 @@ def _fmt(v: Any) -> str:
 
 
 def _ranks(df: pd.DataFrame, col: str) -> dict[int, int]:
-    """Rank (0 best, 1 second) of each row index within its source block, for scored columns."""
+    """Rank (0 best, 1 second) of each row index within its source block, for scored columns. Ranked on the
+    values as printed (two decimals), so equal numbers (two rows of one cell, as Base and Large at scale=demo)
+    share their mark and the next value is second."""
     if col in DESCRIPTIVE:
         return {}
     out = {}
     for name, block in df.groupby("Source", sort=False):
         if name == CALIBRATION:
             continue
-        vals = pd.to_numeric(block[col], errors="coerce").dropna()
-        order = vals.sort_values(ascending=col in LOWER_IS_BETTER).index.tolist()
-        out.update({i: r for r, i in enumerate(order[:2])})
+        vals = pd.to_numeric(block[col], errors="coerce").dropna().round(2)
+        best = sorted(set(vals), reverse=col not in LOWER_IS_BETTER)[:2]
+        out.update({i: best.index(v) for i, v in vals.items() if v in best})
     return out
 
 

@@ -54,12 +54,21 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         raise ConfigError(f"sample.top_k={sample.top_k} / sample.top_p={sample.top_p}: {run_dir} is a "
                           f"continuous-token model (paper/003), whose diffusion head has no codes to filter; "
                           f"leave both 0 (sample.temperature scales its noise)")
+    if not isinstance(model, ContinuousLM) and sample.diffusion_steps:
+        raise ConfigError(f"sample.diffusion_steps={sample.diffusion_steps}: {run_dir} is an RVQ-code model; the "
+                          f"key is for continuous-token models (paper/003); leave it 0")
+    if isinstance(model, ContinuousLM) and sample.diffusion_steps > model.cfg.train_steps:
+        raise ConfigError(f"sample.diffusion_steps={sample.diffusion_steps} exceeds the {model.cfg.train_steps} "
+                          f"diffusion steps {run_dir} was trained with: sampling respaces them, it cannot add any")
+    sampled = {k: v for k, v in vars(sample).items() if k != "diffusion_steps"}
+    if isinstance(model, ContinuousLM):  # the steps it samples with: the model's own where the key is 0
+        sampled["diffusion_steps"] = sample.diffusion_steps or model.cfg.sample_steps
     n_frames = max(1, round(seconds * FRAME_RATE))
     if candidates > 1 and clap is None:
         raise ConfigError("candidates > 1 (CLAP reject sampling) needs a CLAP model to score the candidates")
     # batch_size too: a batch shares one generator, seeded by its first row, so it decides the draws
     settings = {"weights_sha256": tensors_sha256(model.state_dict()), "n_frames": n_frames, "seed": seed,
-                "sample": vars(sample), "candidates": candidates, "batch_size": batch_size,
+                "sample": sampled, "candidates": candidates, "batch_size": batch_size,
                 # a generator draws other numbers on another device type; the scorer picks among the candidates
                 "device": torch.device(device).type, "scorer": clap.id if candidates > 1 else None}
     record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
@@ -93,6 +102,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             try:  # seeded by the batch's first row in the set (see ``batches``)
                 if isinstance(model, ContinuousLM):  # paper/003: tokens -> DAC latent -> the same DAC decoder
                     tokens = model.generate(states.states, states.mask, n_frames, temperature=sample.temperature,
+                                            steps=sampled["diffusion_steps"],
                                             seed=derive_seed(seed, c, rows[0]), cached=sample.cached)
                     wav = decode_latent(codec, model.decode(tokens)).float().cpu()
                 else:
@@ -124,7 +134,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         write_json(out_dir / RECORD, record)  # with the counts of the clips now there, for a resume
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),
-            "batch_size": batch_size, "seed": seed, "sample": vars(sample), "candidates": candidates,
+            "batch_size": batch_size, "seed": seed, "sample": sampled, "candidates": candidates,
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
             "generated_now": written, "collapsed": sum(collapsed.values()), "device": _device_name(device),
             "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}

@@ -31,6 +31,8 @@ class SampleConfig:
     top_k: int = 0  # keep the k most likely codes; 0 = off
     top_p: float = 0.0  # nucleus: smallest set with probability >= top_p; 0 = off
     cached: bool = True  # KV caches; False recomputes the whole prefix every step (reference, slow)
+    # family=continuous (paper/003) only: respaced diffusion steps per token; 0 = the model's continuous.sample_steps
+    diffusion_steps: int = 0
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -39,6 +41,8 @@ class SampleConfig:
             raise ConfigError(f"sample.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ConfigError(f"sample.top_p must be in [0, 1] (0 = off), got {self.top_p}")
+        if self.diffusion_steps < 0:
+            raise ConfigError(f"sample.diffusion_steps must be >= 0 (0 = the model's own), got {self.diffusion_steps}")
 
 
 @dataclass

@@ -176,6 +176,19 @@ def test_bad_grid_key_profile_name_the_valid_ones(args, words):
         assert w in str(e.value)
 
 
+def test_tables_mark_equal_values_alike_and_the_next_one_second():
+    # two rows of one cell (Base and Large at scale=demo) print the same numbers: one was bold and the other
+    # underlined, and the real second value went unmarked
+    grid = load_grid("table6")
+    outcomes = {"1-12": Outcome({"FD": 3.0, "CLAP": 5.0}), "2-6": Outcome({"FD": 1.0, "CLAP": 9.0}),
+                "4-3": Outcome({"FD": 1.0, "CLAP": 9.001}), "6-2": Outcome({"FD": 2.0, "CLAP": 7.0})}
+    md = to_markdown(build_frame(grid, outcomes, "ours"), grid, "scale=demo")
+    lines = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| ") and "| ours |" in l}
+    assert "**1.00**" in lines["2-6"] and "**1.00**" in lines["4-3"] and "<u>2.00</u>" in lines["6-2"]
+    assert "**9.00**" in lines["2-6"] and "**9.00**" in lines["4-3"] and "<u>7.00</u>" in lines["6-2"]
+    assert "<u>" not in lines["1-12"] and "**" not in lines["1-12"]
+
+
 def test_tables_rank_within_each_source_and_say_itg_and_weights():
     grid = load_grid("table6")
     outcomes = {"1-12": Outcome({"FD": 3.0, "ISC": 2.0, "CLAP": 5.0, "Loss Ratio": 1.2}),

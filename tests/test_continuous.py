@@ -43,7 +43,8 @@ def token_batch(B=2, T=9, k=8, seed=0, lengths=None) -> dict:
 # ---- config and sizes ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arg, match", [("prediction=score", "eps, v, x0"), ("schedule=sigmoid", "cosine, linear"),
-                                        ("sample_steps=2000", "exceeds"), ("mask_ratio=1.0", r"\[0, 1\)"),
+                                        ("sample_steps=2000", "exceeds"),
+                                        ("mask_ratio=1.0", r"continuous\.mask_ratio must be in \[0, 1\)"),
                                         ("attn_heads=3", "divisible"),
                                         # a beta of 1 (T = 20) or more made abar 0 or negative: NaN samples
                                         ("schedule=linear train_steps=20 sample_steps=10", "train_steps > 20")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -199,3 +200,11 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
         generate_set(tmp_path / "run", ["y"], ["a cat"], tmp_path / "gen2", seconds=0.1, batch_size=1, seed=0,
                      sample=SampleConfig(top_k=250))
     assert not (tmp_path / "gen2" / "y.wav").exists()
+    # the diffusion steps are a sampling key (they were fixed at training time): fewer steps, other audio
+    few = generate_set(tmp_path / "run", ["x"], ["a dog barks"], tmp_path / "gen3", seconds=0.1, batch_size=1,
+                       seed=0, sample=SampleConfig(diffusion_steps=3))
+    assert card["sample"]["diffusion_steps"] == 5 and few["sample"]["diffusion_steps"] == 3  # 5: the model's own
+    assert not np.array_equal(sf.read(tmp_path / "gen3" / "x.wav")[0], wav)
+    with pytest.raises(ConfigError, match="exceeds the .* diffusion steps"):
+        generate_set(tmp_path / "run", ["x"], ["a dog barks"], tmp_path / "gen4", seconds=0.1, batch_size=1, seed=0,
+                     sample=SampleConfig(diffusion_steps=10**6))

@@ -44,25 +44,29 @@ class ContinuousConfig:
     latent: str = ""  # id of the latent projection whose tokens the model reads (checkpoint identity)
 
     def __post_init__(self):
+        def _key(k: str) -> str:  # siren.train's key (a grid cell's model.<k> becomes it: ablations.steps)
+            return f"continuous.{k}"
+
         for key in ("token_dim", "dim", "layers", "attn_heads", "mlp_ratio", "text_dim", "head_width",
                     "head_depth", "train_steps", "sample_steps", "diffusion_batch_mul"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+                raise ConfigError(f"{_key(key)} must be >= 1, got {getattr(self, key)}")
         if self.dim % self.attn_heads:
-            raise ConfigError(f"model.dim={self.dim} is not divisible by model.attn_heads={self.attn_heads}")
+            raise ConfigError(f"{_key('dim')}={self.dim} is not divisible by {_key('attn_heads')}={self.attn_heads}")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"model.schedule '{self.schedule}' is not allowed; allowed: {', '.join(SCHEDULES)}")
+            raise ConfigError(f"{_key('schedule')} '{self.schedule}' is not allowed; allowed: {', '.join(SCHEDULES)}")
         if self.prediction not in PREDICTIONS:
-            raise ConfigError(f"model.prediction '{self.prediction}' is not allowed; "
+            raise ConfigError(f"{_key('prediction')} '{self.prediction}' is not allowed; "
                               f"allowed: {', '.join(PREDICTIONS)}")
         if self.schedule == "linear" and self.train_steps <= 20:  # betas scaled by 1000/T reach 1 at T = 20
-            raise ConfigError(f"model.schedule=linear needs model.train_steps > 20 (got {self.train_steps}): Ho et "
-                              f"al.'s betas scaled to T steps end at 20/T, so abar reaches 0 (NaN); use cosine")
+            raise ConfigError(f"{_key('schedule')}=linear needs {_key('train_steps')} > 20 (got "
+                              f"{self.train_steps}): Ho et al.'s betas scaled to T steps end at 20/T, so abar "
+                              f"reaches 0 (NaN); use cosine")
         if self.sample_steps > self.train_steps:
-            raise ConfigError(f"model.sample_steps={self.sample_steps} exceeds model.train_steps="
+            raise ConfigError(f"{_key('sample_steps')}={self.sample_steps} exceeds {_key('train_steps')}="
                               f"{self.train_steps}: sampling respaces the training steps, it cannot add any")
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise ConfigError(f"{_key('mask_ratio')} must be in [0, 1), got {self.mask_ratio}")
 
 
 # name -> {field: value}. Base/Large: depth chosen so the totals land on the paper's sizes
