@@ -477,6 +477,8 @@ def test_unknown_key_lists_valid_keys():
         alignment.parse(["run_dir=a", "out=b", "eps_up=0.3"])
     with pytest.raises(ConfigError, match="method"):
         alignment.parse(["run_dir=a", "out=b", "method=ppo"])
+    with pytest.raises(ConfigError, match="no diffusion steps"):  # a key stage 2 would not use
+        alignment.parse(["run_dir=a", "out=b", "sample.diffusion_steps=10"])
 
 
 def test_imagebind_without_its_package_says_what_to_install(monkeypatch):

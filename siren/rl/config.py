@@ -105,6 +105,9 @@ class AlignConfig:
                               f"seconds={self.seconds}, beta1={self.beta1}, beta2={self.beta2}")
         if self.fixed_prompts < 1:
             raise ConfigError(f"fixed_prompts must be >= 1, got {self.fixed_prompts}")
+        if self.sample.diffusion_steps:  # stage 2 aligns RVQ-code experts (Algorithm 3): no diffusion head
+            raise ConfigError(f"sample.diffusion_steps={self.sample.diffusion_steps}: stage 2 samples RVQ-code "
+                              f"experts, which have no diffusion steps; leave it 0")
         for key in ("rollout_batch", "micro_batch", "seed", "fixed_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
