@@ -57,11 +57,16 @@ def _train_digest(train: dict[str, dict]) -> str:
     return sha256(json.dumps(train, sort_keys=True))[:16]
 
 
-def _latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> torch.Tensor:
-    """z [S, 1024, T] of one codes entry, from the cache or encoded now (same items as its codes)."""
+def _latent(out: Path, key: str) -> torch.Tensor:
+    """z [S, 1024, T] of one codes entry, from the cache (``_cache_latent``)."""
+    return load_file(cache_path(out, "latents", key))["z"]
+
+
+def _cache_latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> None:
+    """Encode one codes entry's z [S, 1024, T] into the cache unless it is there (same items as its codes)."""
     path = cache_path(out, "latents", key)
     if path.is_file():
-        return load_file(path)["z"]
+        return
     codes_file = cache_path(out, "codes", key)
     with safe_open(codes_file, "pt") as f:  # the file as prepare read it, not as it is now; and its length
         made_from, frames = f.metadata().get("audio_sha256"), f.get_slice("codes").get_shape()[-1]
@@ -75,7 +80,6 @@ def _latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> torc
         raise DataError(f"{entry['source']}: latent {tuple(z.shape)} does not match its codes ({frames} frames); "
                         f"the audio changed since prepare: run prepare again")
     save_tensors(path, {"z": z}, {"codec_id": codec.id, "codes": key})
-    return z
 
 
 def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) -> LatentProjection:
@@ -91,10 +95,11 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
         raise ConfigError(f"{out} was prepared with codec {info['codec']['id']}, this config builds {codec.id}")
     audio = AudioConfig(policy=info["audio"]["policy"], duration_s=info["audio"]["duration_s"])
     entries = {s: _entries(out, s) for s in splits}
-    z = {}
+    # cached first, then read back one file at a time: a paper-scale split's latents (about 2 MB per 10 s
+    # clip) do not fit in memory together
     for s in splits:
         for key, e in tqdm(entries[s].items(), desc=f"latents {s}", disable=not progress, unit="file"):
-            z[key] = _latent(out, key, e, codec, audio)
+            _cache_latent(out, key, e, codec, audio)
     pointer = projection_path(out, dim)
     record = json.loads(pointer.read_text()) if pointer.is_file() else {}
     fitted_on = _train_digest(entries["train"])
@@ -102,7 +107,8 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
         proj = load_projection(out, dim, codec.id)
     else:  # fitted once per prepared train split and codec (prepared again, from another manifest or with another
         # codec: fitted anew), on the real (unpadded) frames of the train split
-        frames = (z[k][s, :, :n] for k, e in entries["train"].items() for s, n in e["real"].items())
+        frames = (z[s, :, :n] for k, e in entries["train"].items() for z in [_latent(out, k)]
+                  for s, n in e["real"].items())
         proj = LatentProjection.fit(frames, dim)
         digest = sha256(b"".join(t.contiguous().numpy().tobytes() for t in (proj.mean, proj.basis, proj.scale)))
         proj.id = f"pca{dim}-{digest[:16]}"
@@ -111,10 +117,10 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
                              "train": fitted_on})
         log.info("latent projection %s: %d axes keep %.1f%% of the train latents' variance", proj.id, dim,
                  100 * proj.explained)
-    for key, zk in z.items():
+    for key in {k: None for s in splits for k in entries[s]}:
         path = cache_path(out, "tokens", tokens_key(key, proj.id))
         if not path.is_file():
-            save_tensors(path, {"tokens": proj.encode(zk)}, {"projection": proj.id, "codes": key})
+            save_tensors(path, {"tokens": proj.encode(_latent(out, key))}, {"projection": proj.id, "codes": key})
     return proj
 
 
