@@ -141,9 +141,13 @@ class Backbone(ABC):
         """Everything besides the weights that shapes the outputs (recorded in the card, hashed into cache keys):
         with the versions of the libraries that compute them and the device type, so an upgrade or a GPU job
         computes embeddings afresh rather than mixing in entries computed otherwise."""
-        libraries = ("torch", "numpy", *RESAMPLER_LIBRARIES[self.resampler], *self.libraries)
         return {"channel": self.channel, "resampler": RESAMPLERS[self.resampler], **self.model_protocol(),
-                "versions": {d: importlib.metadata.version(d) for d in libraries},
+                **self.runtime(RESAMPLER_LIBRARIES[self.resampler])}
+
+    def runtime(self, extra: tuple[str, ...] = ()) -> dict:
+        """The versions of the libraries the network runs on (with ``extra``'s) and the device type."""
+        libraries = ("torch", "numpy", *extra, *self.libraries)
+        return {"versions": {d: importlib.metadata.version(d) for d in libraries},
                 # cuDNN convolutions run in TF32 by default: a GPU's embeddings are not a CPU's to the last bits
                 "device_type": self.device.type}
 

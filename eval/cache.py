@@ -123,7 +123,9 @@ def embed_texts(clap: ClapAudio, captions: list[str], cache: EmbeddingCache | No
                 batch_size: int = 32) -> tuple[np.ndarray, CacheStats]:
     """CLAP text embeddings [N, 512] of ``captions``, cached like audio (keyed by the caption's sha256)."""
     stats = CacheStats()
-    bid, protocol = f"{clap.id}-text", {**clap.model_protocol(), "input": "text"}  # audio settings aside
+    # the audio key's protocol without the audio settings: texts computed under another transformers or on a GPU
+    # are not reused
+    bid, protocol = f"{clap.id}-text", {**clap.model_protocol(), "input": "text", **clap.runtime()}
     keys = [EmbeddingCache.key("text:" + hashlib.sha256(c.encode()).hexdigest(), bid, clap.weights_sha256, protocol)
             for c in captions]
     out: list[np.ndarray | None] = [None] * len(captions)

@@ -379,6 +379,22 @@ def test_metrics_are_wired_to_the_right_sets(cli_run, sets):
     assert results["metrics"]["isc"] != pytest.approx(M.inception_score(rl, 2, 2020)[0], rel=1e-12)
 
 
+def test_text_embeddings_are_not_reused_under_another_library_version(tmp_path, monkeypatch):
+    # the text key held the model's settings only: texts embedded under another transformers (tokenizer) or on a
+    # GPU were read back as if computed here; the audio key had the versions and the device type all along
+    import importlib.metadata
+
+    from eval.backbones import ClapAudio
+    from eval.cache import EmbeddingCache, embed_texts
+
+    clap, cache = ClapAudio("random", seed=0), EmbeddingCache(tmp_path / "cache")
+    assert embed_texts(clap, ["a dog barks"], cache)[1].computed == 1
+    assert embed_texts(clap, ["a dog barks"], cache)[1].hits == 1
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda d: "9.9" if d == "transformers" else real(d))
+    assert embed_texts(clap, ["a dog barks"], cache)[1].computed == 1
+
+
 def test_clips_keep_channels_and_crop_and_mono_choices():
     from eval.audio import mono
 
