@@ -30,6 +30,7 @@ from eval.backbones import RESAMPLERS, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
 from eval.reference import match_generated, select, set_hash
 from siren.checkpoint import read_run_config
+from siren.codec import DEMO_LABEL
 from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
@@ -308,8 +309,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                                     sample=cfg.sample, candidates=cfg.candidates,
                                     clap=models["clap"].net if "clap" in models else None, device=_device(cfg.device))
             gen_card["sample_source"] = SAMPLING_SOURCE
-            # the modes the run's codec and text encoder were loaded in
-            gen_card["frontends_weights"] = {k: w for k in ("codec", "text")
+            # the modes the run's codec and text encoder were loaded in (the demo codec records its long label)
+            gen_card["frontends_weights"] = {k: "demo" if w == DEMO_LABEL else w for k in ("codec", "text")
                                              if (w := (run_cfg.get(k) or {}).get("weights"))}
         except CannotGenerate as e:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}

@@ -503,8 +503,13 @@ def test_a_run_with_demo_frontends_scored_by_other_metrics_is_not_labelled_as_th
     assert main([f"ckpt={run}", f"ref={tmp_path / 'R.csv'}", f"out={tmp_path / 'o'}", "weights=random",
                  "metrics=fd", "seconds=0.2"]) == 0
     card = json.loads((tmp_path / "o" / "results.json").read_text())["card"]
-    assert card["weights"].startswith("mixed: ") and "generation codec=demo" in card["weights"]
+    assert card["weights"].startswith("mixed: ") and "generation codec=demo," in card["weights"]
     assert "generation text=random" in card["weights"] and card["WARNING"].startswith("RANDOM WEIGHTS")
+    # all demo: "demo" (the codec's long label made it "mixed")
+    assert main([f"ckpt={run}", f"ref={tmp_path / 'R.csv'}", f"out={tmp_path / 'o2'}", "weights=demo",
+                 "metrics=fd", "seconds=0.2", "gen_batch_size=2"]) == 0
+    card = json.loads((tmp_path / "o2" / "results.json").read_text())["card"]
+    assert card["weights"] == "mixed: fd_kl_is=demo, generation codec=demo, generation text=random"
 
 
 def test_a_card_with_a_codec_given_by_path_says_so_not_demo_or_pretrained():
