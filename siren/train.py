@@ -234,10 +234,24 @@ def run_config(cfg: Stage1Config, data: Stage1Data) -> dict:
     return {"model": model_entry(cfg, data), "codec": data.codec, "text": data.text}
 
 
-def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data) -> None:
-    """The checkpoint must be of this expert of this model, trained with this train config
-    (bookkeeping keys aside); the error names every differing key."""
+def train_digest(data: Stage1Data) -> str | None:
+    """The train split's ``PreparedDataset.digest`` (None for datasets made in code, as the tests' synthetic ones)."""
+    return getattr(data.train, "digest", None)
+
+
+def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, world: int) -> None:
+    """The checkpoint must be of this expert of this model, trained with this train config (bookkeeping keys
+    aside), on this train split and number of processes; the error names every differing key."""
     where = f"checkpoint {last.path}"
+    saved, now = last.state.get("data", {}).get("train"), train_digest(data)  # recorded since 2026-12-06
+    if None not in (saved, now) and saved != now:
+        raise ConfigError(f"{where} was trained on another train split (items {saved}) than {cfg.data_dir}'s "
+                          f"({now}): prepared again since, or another data_dir. Set data_dir back to the data it "
+                          f"trained on, or use another run_dir")
+    if last.state.get("world_size", world) != world:  # train.batch_size is per process: the global batch would change
+        raise ConfigError(f"{where} was trained on {last.state['world_size']} processes, this run has {world}: the "
+                          f"global batch (train.batch_size x processes) would change mid-run. Resume with "
+                          f"{last.state['world_size']} processes (torchrun --nproc_per_node), or use another run_dir")
     ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
                       {"model": model_entry(cfg, data), "expert": cfg.expert}, where,
                       fix="Use another run_dir, or set these keys back.")
@@ -297,7 +311,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     state, stats = {"step": 0, "epoch": 0, "examples_in_epoch": 0}, Stats()
     last = ckpt.load_latest(edir)
     if last is not None:
-        check_resumable(last, cfg, data)
+        check_resumable(last, cfg, data, ranks.world)
     if ranks.main:  # after the expert's own checkpoint check: its error is the more specific one
         ckpt.write_run_config(run_dir, run_config(cfg, data))
         if last is None:  # the shared initialisation (same seed for every expert): Figure 7's task vectors
@@ -342,6 +356,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
             return None
         meta = {**state, "expert": k, **run_config(cfg, data), "train": to_dict(tc), "trained_frames": trained,
                 "optimizer": {"param_groups": groups}, "world_size": ranks.world,
+                "data": {"train": train_digest(data)},
                 "finished": step >= tc.steps, "torch": torch.__version__, "device_type": device.type}
         return ckpt.save(edir, step, model.state_dict(), tensors, meta, tc.keep_last)
 

@@ -453,6 +453,35 @@ def test_batch_format_and_masks(prepared):
     assert full["codes"].shape[-1] == 30 and full["frame_mask"].sum(1).tolist() == [15, 25, 30, 30, 21, 30]
 
 
+def test_a_run_resumed_on_another_train_split_is_refused(prepared, tmp_path):
+    # the checkpoint recorded no data: a resume on a split prepared again (or another data_dir) trained on other
+    # items from the old position in the epoch; the same items in another folder are the same data
+    import json
+    import shutil
+
+    from siren.train import train
+    from tests.fixtures_train import tiny_config
+
+    moved, cut = tmp_path / "moved", tmp_path / "cut"
+    shutil.copytree(prepared, moved)
+    shutil.copytree(prepared, cut)
+    index = json.loads((cut / "splits" / "train.json").read_text())
+    index["items"], index["num_items"] = index["items"][:-1], index["num_items"] - 1
+    (cut / "splits" / "train.json").write_text(json.dumps(index))
+    args = ("codec.weights=demo", "train.steps=2", "train.ckpt_every=1", "train.batch_size=2")
+    edir = tmp_path / "run" / "expert_0"
+    assert train(tiny_config(tmp_path / "run", f"data_dir={prepared}", *args), handle_signals=False).step == 2
+    for data_dir, ok in ((cut, False), (moved, True)):
+        shutil.rmtree(edir / "step_00000002", ignore_errors=True)  # stopped after step 1
+        (edir / "latest").write_text("step_00000001\n")
+        cfg = tiny_config(tmp_path / "run", f"data_dir={data_dir}", *args)
+        if ok:
+            assert train(cfg, handle_signals=False).step == 2
+        else:
+            with pytest.raises(ConfigError, match="trained on another train split"):
+                train(cfg, handle_signals=False)
+
+
 def test_padding_of_policy_pad_is_not_trained_on(tmp_path, codec, text_encoder):
     """policy=pad zero-pads a short clip to the item length, and its codes were batched as real frames (crops
     could lie wholly in the padding). As the authors' code (each clip encoded at its own length, the batch's

@@ -321,6 +321,13 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
             {k: v for k, v in b.items() if k != "tokens/s"}
     state = json.loads((tmp_path / "ddp" / "expert_0" / "step_00000004" / "state.json").read_text())
     assert state["world_size"] == 2
+    # one process resuming it trained on half the global batch (train.batch_size is per process), with a warning
+    # about the RNG states only: refused
+    shutil.rmtree(edir / "step_00000006")
+    (edir / "latest").write_text("step_00000004\n")
+    with pytest.raises(ConfigError, match="trained on 2 processes, this run has 1"):
+        train(tiny_config(tmp_path / "ddp", "model.distribution=6-2", "train.steps=6", "train.val_every=2",
+                          "train.log_every=3"), synthetic_data(n_train=8, ragged=False), handle_signals=False)
 
 
 # ---------------------------------------------------------------------------- benchmark

@@ -21,6 +21,8 @@ run sets it with ``loader.batch_sampler.set_epoch(epoch, skip=examples_already_s
 """
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from siren.codec import FRAME_RATE, N_LAYERS
 from siren.data.cache import cache_path, index_path
 from siren.data.sampler import epoch_loader
 from siren.errors import DataError
-from siren.io import read_json
+from siren.io import read_json, sha256
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,15 @@ class PreparedDataset(Dataset):
     def max_frames(self) -> int:
         """The longest sequence a model trained on this split sees: the crop, or the longest item."""
         return self.crop or max((it["frames"] for it in self.items), default=0)
+
+    # what training reads of an item: content-keyed codes and text states, their frames, the crop scores; not
+    # where its audio sits or the file's stats (a moved or re-checked source is the same data)
+    READ = ("id", "caption", "label", "codes", "segment", "text", "frames", "real_frames", "crop_filter")
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """16 hex digits of the split's items as training reads them, in order: a resumed run checks them."""
+        return sha256(json.dumps([{k: it.get(k) for k in self.READ} for it in self.items], sort_keys=True))[:16]
 
     @property
     def ids(self) -> list[str]:
