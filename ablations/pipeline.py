@@ -52,7 +52,6 @@ class Job:
     cpus: int = 1
     mem_gb: float = 4
     timeout_min: int = 60
-    resumable: bool = False  # requeue on preemption/timeout (training); the job resumes from its checkpoint
     array: str = ""  # jobs of one name (with equal resources and dependencies) go to SLURM as one job array
     rows: str = ""  # the table rows whose outcome it is (evaluations, alignments), for the status lines
 
@@ -195,11 +194,13 @@ def _waited_on(jobs: list[Job]) -> dict[str, int]:
     return below
 
 
-def _callable(job: Job) -> tuple[Callable[..., Any], dict]:
+def _callable(job: Job) -> Callable[[], Any]:
     from ablations.executors import ResumableJob
 
-    kwargs = dict(step=job.fn, done=str(job.done), kwargs=job.kwargs, threads=job.cpus)
-    return (ResumableJob(run_marked, **kwargs), {}) if job.resumable else (run_marked, kwargs)
+    # Every step is requeued on preemption or a time limit and goes on from what it wrote: training and stage 2
+    # from their checkpoints, prepare and latents from their cached encodings, an evaluation from its clips
+    # (generation resumes batch by batch) and its embedding cache; a calibration row writes the same clips again.
+    return ResumableJob(run_marked, step=job.fn, done=str(job.done), kwargs=job.kwargs, threads=job.cpus)
 
 
 def _executor(kind: str, root: Path, profile, job: Job, max_parallel: int, python: str | None = None):
@@ -242,8 +243,7 @@ def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str
             try:
                 with ex.batch():  # one sbatch --array for the group (a plain job for a group of one)
                     for job in group:
-                        fn, kwargs = _callable(job)
-                        submitted.append((job, ex.submit(fn, **kwargs)))
+                        submitted.append((job, ex.submit(_callable(job))))
             except submitit.core.utils.FailedJobError as e:  # sbatch's own words; what went before is recorded
                 raise SchedulerError(f"sbatch refused {name} ({len(group)} job(s)): {' '.join(str(e).split())[:600]}. "
                                      f"The jobs submitted before it are recorded: once SLURM takes jobs, the same "
@@ -334,8 +334,7 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                         if bad_deps and st.state != "DONE" else st
                     pending.remove(job)
                 elif len(running) < max_parallel:
-                    fn, kwargs = _callable(job)
-                    sj = _executor(kind, root, None, job, max_parallel, python).submit(fn, **kwargs)
+                    sj = _executor(kind, root, None, job, max_parallel, python).submit(_callable(job))
                     ledger.record(job.key, kind, sj, root / "logs")
                     running.append((job, sj, time.time()))
                     pending.remove(job)

@@ -260,14 +260,14 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
                                                                  data_dir=str(prepared), expert=k),
                                      stage1 / f"expert_{k}.done", deps=before_train,
                                      timeout_min=run.train_timeout_min,
-                                     resumable=True, array=f"stage1-{stage1.name}", **res))
+                                     array=f"stage1-{stage1.name}", **res))
         model_dir, before_eval = stage1, trains
         if "rl.method" in cell.cfg:
             model_dir, key = cell.dir / "aligned", f"{cell.id}/align"
             jobs[key] = Job(key, steps.align_step, dict(cfg=cell.cfg, stage1_dir=str(stage1), out=str(model_dir),
                                                         prompts=prompts),
                             cell.dir / "aligned.done", deps=trains, timeout_min=run.train_timeout_min,
-                            resumable=True, rows=rows, **res)
+                            rows=rows, **res)
             before_eval = [key]
         key = f"{cell.id}/eval"
         ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg

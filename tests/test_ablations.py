@@ -176,6 +176,18 @@ def test_bad_grid_key_profile_name_the_valid_ones(args, words):
         assert w in str(e.value)
 
 
+def test_every_job_of_a_plan_is_requeued_on_a_time_limit(tmp_path):
+    # only training and stage 2 were submitted as Checkpointable: an evaluation (12 h asked) capped by a profile's
+    # timeout_min failed with "timed-out and not checkpointable", though its clips and embeddings are kept
+    from ablations.plan import plan
+
+    run_cfg = parse(["grid=table7", "scale=demo", f"out={tmp_path}"])
+    jobs = plan(cells_of(load_grid("table7"), run_cfg), run_cfg)
+    kinds = {j.fn.__name__ for j in jobs}
+    assert {"prepare_step", "train_step", "align_step", "eval_step", "calibration_step"} <= kinds
+    assert all(isinstance(pipeline._callable(j), submitit.helpers.Checkpointable) for j in jobs)
+
+
 def test_tables_mark_equal_values_alike_and_the_next_one_second():
     # two rows of one cell (Base and Large at scale=demo) print the same numbers: one was bold and the other
     # underlined, and the real second value went unmarked
