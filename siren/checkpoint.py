@@ -100,8 +100,17 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"missing checkpoint file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); delete this checkpoint directory "
-                              f"to fall back to an earlier one") from None
+        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
+
+
+def fall_back(path: Path) -> str:
+    """How to go back to an earlier checkpoint than the step directory holding ``path``."""
+    step_dir = path.parent
+    edir, run = step_dir.parent, step_dir.parent.parent
+    if (run / "rl" / "state.json").is_file():  # stage 2: its commit point names the step every expert has
+        return (f"delete {step_dir} and write an earlier step every trained expert has into "
+                f'{run / "rl" / "state.json"} as {{"step": N}}')
+    return f"delete {step_dir} and {edir / 'latest'} (the newest complete checkpoint is then used)"
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -113,8 +122,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); delete this checkpoint directory "
-                              f"to fall back to an earlier one") from None
+        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
 
 
 def step_dirs(edir: Path) -> list[tuple[int, Path]]:
@@ -365,8 +373,9 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
             problems.append(f"expert {k}: {c.path} was trained for another model: "
                             + ", ".join(f"{key}={b!r} (run config.json: {a!r})" for key, a, b in diff))
         elif not c.state["finished"] and not allow_unfinished:
+            of = c.state["rl"]["steps"] if c.state.get("stage") == 2 else c.state["train"]["steps"]
             problems.append(f"expert {k}: unfinished, latest checkpoint {c.path.name} is step {c.step} of "
-                            f"{c.state['train']['steps']} (resume its training, or pass allow_unfinished=True)")
+                            f"{of} (resume its training, or pass allow_unfinished=True)")
         found[k] = c
     if problems:
         raise CheckpointError(f"cannot assemble {cfg.distribution} model from {run_dir}:\n  " + "\n  ".join(problems))

@@ -153,11 +153,17 @@ def test_corrupt_or_missing_file_is_named(trained, tmp_path, victim):
     run = copy_at_step_4(trained, tmp_path)
     path = run / "expert_0" / "step_00000004" / victim
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # truncated (node died mid-copy)
-    with pytest.raises(CheckpointError, match=f"corrupt checkpoint file {path}"):
+    with pytest.raises(CheckpointError, match=f"corrupt checkpoint file {path}.*delete {path.parent} and "
+                                              f"{path.parent.parent / 'latest'}"):
         train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
     path.unlink()
     with pytest.raises(CheckpointError, match=f"missing checkpoint file {path}"):
         train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
+    # what the error says to do: that step and `latest` deleted, the run goes on from the newest complete one
+    # (it said "delete this checkpoint directory", and then `latest` named a missing step)
+    shutil.rmtree(path.parent)
+    (run / "expert_0" / "latest").unlink()
+    assert train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False).step == 8
 
 
 def test_run_config_is_readable_as_the_other_files(trained):

@@ -3,6 +3,7 @@ Eq. 9-11, DPO against its closed form, then the trainer on tiny models."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -436,6 +437,35 @@ def test_resume_refuses_a_changed_objective(stage1, tmp_path):
         run_align(stage1, tmp_path / "o", "steps=2", "gamma=0.5")
     result, _ = run_align(stage1, tmp_path / "o", "steps=2")  # steps may grow
     assert result.step == 2
+
+
+def test_a_corrupt_stage2_checkpoint_names_the_commit_point_to_rewrite(stage1, tmp_path):
+    # the error said "delete this checkpoint directory"; then stage 2 looked for the step its rl/state.json names
+    args = ("steps=2", "lr=1e-2", "gamma=0", "ckpt_every=1", "keep_last=3")
+    run_align(stage1, tmp_path / "o", *args)
+    (f,) = [f for f in (tmp_path / "o").glob("expert_*/step_00000002/model.safetensors")]
+    f.write_bytes(f.read_bytes()[:100])
+    state = tmp_path / "o" / "rl" / "state.json"
+    with pytest.raises(ckpt.CheckpointError, match=f"delete {f.parent} and write an earlier step .* into {state}"):
+        run_align(stage1, tmp_path / "o", "steps=3", *args[1:])
+    shutil.rmtree(f.parent)
+    state.write_text('{"step": 1}')
+    assert run_align(stage1, tmp_path / "o", "steps=3", *args[1:])[0].step == 3
+
+
+def test_steps_shortened_to_a_stopped_runs_step_loads_and_below_it_is_refused(stage1, tmp_path):
+    # stopped at step 2 of 4, then steps=2: it said finished but its checkpoint said unfinished, and siren.load
+    # refused it ("step 2 of <stage 1's train.steps>")
+    import siren
+
+    args = ("steps=4", "lr=1e-2", "gamma=0", "ckpt_every=10")
+    result, _ = run_align(stage1, tmp_path / "b", *args, reward=SignalAt(CodeMatchReward(0, 0, 256), call=2))
+    assert result.status == "preempted" and result.step == 2
+    with pytest.raises(ConfigError, match="has trained 2 stage-2 steps, more than steps=1"):
+        run_align(stage1, tmp_path / "b", "steps=1", "lr=1e-2", "gamma=0", "ckpt_every=10")
+    result, _ = run_align(stage1, tmp_path / "b", "steps=2", "lr=1e-2", "gamma=0", "ckpt_every=10")
+    assert result.status == "finished" and result.step == 2
+    siren.load(tmp_path / "b")
 
 
 def test_resume_refuses_other_prompts(stage1, tmp_path):

@@ -171,6 +171,11 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             ckpt.load_optimizer(opt, c.trainer_state(), c.state["rl_optimizer"], c.path)
         log.info("resuming %s from step %d", out, start)
         warn_other_device(c.state.get("device_type"), device, f"stage 2 in {out}")
+        if start > cfg.steps:  # `steps` may shorten a run, not below what it has trained
+            raise ConfigError(f"{out} has trained {start} stage-2 steps, more than steps={cfg.steps}: set "
+                              f"steps={start} or more. {fix}")
+        if start == cfg.steps and not c.state["finished"]:  # stopped at what is now the last step: it loads as done
+            save(start)
     else:
         save(0)  # out/ is a loadable run from the start (step 0 = the stage-1 weights)
     if start >= cfg.steps:
