@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -286,7 +287,24 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
     for s, p in olds[:-keep_last] if keep_last > 0 else []:
         if s != step:
             shutil.rmtree(p, ignore_errors=True)
+    _remove_stale(edir)
     return final
+
+
+STALE_S = 3600  # a half-written step of another process this old is a killed job's (writing one takes minutes)
+
+
+def _remove_stale(edir: Path) -> None:
+    """Remove the temporary step folders a killed job left (``kill -9``, a node lost mid-save): at paper scale
+    each is a whole checkpoint. A live writer's are at most minutes old; this process's own are gone already."""
+    now = time.time()
+    for p in list(edir.glob(".step_*.tmp-*")) + list(edir.glob(".step_*.old-*")):
+        try:
+            if now - p.lstat().st_mtime > STALE_S:
+                shutil.rmtree(p)
+                log.info("removed %s, a half-written checkpoint left by a killed job", p)
+        except OSError:  # removed by another process meanwhile
+            pass
 
 
 def _fsync(path: Path) -> None:

@@ -166,6 +166,23 @@ def test_corrupt_or_missing_file_is_named(trained, tmp_path, victim):
     assert train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False).step == 8
 
 
+def test_a_killed_jobs_half_written_step_is_removed_by_a_later_save(tmp_path):
+    # `kill -9` mid-save leaves .step_N.tmp-<pid>: only this process's own were removed, so at paper scale each
+    # such leftover kept a whole checkpoint's disk for good; a live writer's (young) one stays
+    import os
+    import time
+
+    edir = tmp_path / "expert_0"
+    stale, young = edir / ".step_00000002.tmp-99999", edir / ".step_00000004.tmp-99998"
+    for d in (stale, young):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"x" * 10)
+    old = time.time() - ckpt.STALE_S - 60
+    os.utime(stale, (old, old))
+    ckpt.save(edir, 6, {"w": torch.zeros(2)}, {}, {}, keep_last=2)
+    assert not stale.exists() and young.is_dir() and (edir / "step_00000006").is_dir()
+
+
 def test_run_config_is_readable_as_the_other_files(trained):
     """config.json was created by mkstemp and linked into place with its mode, 0600: in a group-shared run
     folder another member's expert job could not read it. It now has the mode every other file gets."""
