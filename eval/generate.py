@@ -7,8 +7,9 @@ A model that cannot generate (non-finite logits, or most samples collapsing onto
 layer) is reported as `itg` with the reason, as the paper prints it, never written as audio.
 
 A resumed run keeps only clips made as it would make them: ``<out_dir>/generation.json`` records the
-model's weights, length, seed, sampling and candidates, and each id's caption; clips made otherwise
-(another run, ``seconds=``, ``caption_index=``, ...) are an error naming the difference, never reused.
+model's weights, length, seed, sampling and candidates, and each id's caption and clip sha256; clips made
+otherwise (another run, ``seconds=``, ``caption_index=``, a file replaced by hand, ...) are an error naming
+the difference, never reused.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from siren.data.manifest import child_path
 from siren.demo_weights import tensors_sha256
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
-from siren.io import atomic_path, read_json, write_json
+from siren.io import atomic_path, read_json, sha256_file, write_json
 from siren.model.continuous import ContinuousLM, decode_latent
 from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
@@ -72,7 +73,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 # a generator draws other numbers on another device type; the scorer picks among the candidates
                 "device": torch.device(device).type, "scorer": clap.id if candidates > 1 else None}
     record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
-                          [i for i, p in zip(ids, paths) if p.is_file()])
+                          {i: p for i, p in zip(ids, paths) if p.is_file()})
     collapsed = record["collapsed"]
     # itg once the samples collapsed reach COLLAPSE_ITG of the whole set's (counted with the clips written by an
     # earlier call): decided as soon as it is certain, so on the same samples whatever the batches' order
@@ -130,6 +131,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
             if not paths[i].is_file():
                 with atomic_path(paths[i]) as tmp:
                     sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+                    record["sha256"][ids[i]] = sha256_file(tmp)
                 written += 1
         write_json(out_dir / RECORD, record)  # with the counts of the clips now there, for a resume
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
@@ -144,15 +146,16 @@ LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without
 
 
 def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
-                 existing: list[str]) -> dict:
-    """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring); then record
-    how this call makes them (before any clip is written), and return that record. ``existing``: the ids whose
-    clip is there; its "collapsed": how many of each one's candidates collapsed, as recorded when it was written."""
+                 existing: dict[str, Path]) -> dict:
+    """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring) or are not the
+    bytes written (replaced or edited since: each clip's sha256 is recorded); then record how this call makes
+    them (before any clip is written), and return that record. ``existing``: the clips there, by id; the record's
+    "collapsed": how many of each one's candidates collapsed, as recorded when it was written."""
     path = out_dir / RECORD
     fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
     record = read_json(path, fix) if path.is_file() and existing else None
     if record is None and existing:
-        raise ConfigError(f"{out_dir} holds {len(existing)} clip(s) (e.g. {existing[0]}.wav) but no {RECORD}, so "
+        raise ConfigError(f"{out_dir} holds {len(existing)} clip(s) (e.g. {next(iter(existing.values()))}) but no {RECORD}, so "
                           f"how they were made is unknown; {fix}")
     if record is not None:
         had = {k: v for k, v in settings.items() if k in LATER_KEYS} | record["settings"]  # older records lack them
@@ -161,12 +164,19 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
         if changed:
             diff.append(f"{len(changed)} clip(s) made for another caption (e.g. {changed[0]}: "
                         f"{record['captions'].get(changed[0])!r} there, {captions[changed[0]]!r} now)")
+        if "sha256" in record:  # recorded since 2026-12-06
+            edited = [i for i, p in existing.items() if record["sha256"].get(i) != sha256_file(p)]
+            if edited:
+                diff.append(f"{len(edited)} clip(s) not the bytes generated (e.g. {existing[edited[0]]}: replaced or "
+                            f"edited since, or put there by hand)")
         if diff:
             raise ConfigError(f"{out_dir} holds clips generated otherwise (by {record.get('run_dir')}): "
                               f"{'; '.join(diff)}; {fix}")
     collapsed = {i: n for i, n in (record or {}).get("collapsed", {}).items() if i in existing}
+    kept = (record or {}).get("sha256") or {i: sha256_file(p) for i, p in existing.items()}  # older records: as found
     record = {"run_dir": str(Path(run_dir).resolve()), "settings": settings,
-              "captions": {**(record or {}).get("captions", {}), **captions}, "collapsed": collapsed}
+              "captions": {**(record or {}).get("captions", {}), **captions}, "collapsed": collapsed,
+              "sha256": {i: h for i, h in kept.items() if i in existing}}
     write_json(path, record)
     return record
 

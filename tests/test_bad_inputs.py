@@ -848,6 +848,13 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     (gen / "generation.json").write_text(json.dumps({**record, "settings": older}))  # recorded before 2026-12-06
     with mock.patch("eval.generate.run_frontends", side_effect=AssertionError("frontends built for nothing")):
         assert generate(runs[0])["generated_now"] == 0  # the same settings resume, with nothing to build
+    # a clip replaced by hand (other bytes, same name): it was scored as the model's own
+    a = (gen / "a.wav").read_bytes()
+    sf.write(gen / "a.wav", np.zeros(5 * HOP, dtype=np.float32), 16_000, subtype="FLOAT")
+    with pytest.raises(ConfigError, match=r"1 clip\(s\) not the bytes generated \(e.g. .*a.wav"):
+        generate(runs[0])
+    (gen / "a.wav").write_bytes(a)
+    assert generate(runs[0])["generated_now"] == 0
     (gen / "generation.json").write_text('{"run_dir": ')  # damaged: was a JSONDecodeError traceback
     with pytest.raises(DataError, match=r"generation.json: not readable JSON .*delete .*gen"):
         generate(runs[0])
