@@ -155,8 +155,8 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
     fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
     record = read_json(path, fix) if path.is_file() and existing else None
     if record is None and existing:
-        raise ConfigError(f"{out_dir} holds {len(existing)} clip(s) (e.g. {next(iter(existing.values()))}) but no {RECORD}, so "
-                          f"how they were made is unknown; {fix}")
+        raise ConfigError(f"{out_dir} holds {len(existing)} clip(s) (e.g. {next(iter(existing.values()))}) but no "
+                          f"{RECORD}, so how they were made is unknown; {fix}")
     if record is not None:
         had = {k: v for k, v in settings.items() if k in LATER_KEYS} | record["settings"]  # older records lack them
         diff = [f"{k}={had.get(k)!r} there, {v!r} now" for k, v in settings.items() if had.get(k) != v]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.audio import Clip
-from siren.data.manifest import Row
+from siren.data.manifest import Row, read_text
 from siren.errors import ManifestError
 from siren.io import sha256
 
@@ -39,7 +39,7 @@ def select(rows: list[Row], manifest: str | Path, caption_index: int = 0,
     if subset:
         if not Path(subset).is_file():
             raise ManifestError(f"subset={subset} is not a file; give a text file of reference ids, one per line")
-        wanted = [line.strip() for line in Path(subset).read_text().splitlines() if line.strip()]
+        wanted = [line.strip() for line in read_text(subset).splitlines() if line.strip()]
         if not wanted:
             raise ManifestError(f"subset {subset} lists no id; give one reference id per line")
         unknown = [i for i in wanted if i not in by_id]
@@ -70,13 +70,23 @@ def match_generated(gen_dir: str | Path, ids: list[str], subset: bool = False) -
     gen_dir = Path(gen_dir)
     if not gen_dir.is_dir():
         raise ManifestError(f"gen_dir {gen_dir} is not a folder")
-    have = {p.stem: p for p in gen_dir.glob("*.wav")}
+    wavs = [p for p in gen_dir.iterdir() if p.suffix == ".wav"]
+    odd = [p.name for p in wavs if not p.is_file()]  # read, a folder fails in libsndfile and a pipe blocks
+    if odd:
+        raise ManifestError(f"{gen_dir}: {len(odd)} .wav name(s) that are not files (a folder, a pipe, a link to "
+                            f"nothing): {_show(sorted(odd))}; remove them")
+    have = {p.stem: p for p in wavs}
     missing = [i for i in ids if i not in have]
     extra = [] if subset else sorted(set(have) - set(ids))
     if missing or extra:
         msg = [f"generated clips in {gen_dir} do not match the reference ids (KL pairs clips by id, <id>.wav):"]
         if missing:
             msg.append(f"  missing {len(missing)}: {_show(missing)}")
+            lost = {i.lower() for i in missing}  # the same name in another case or format: say so
+            near = sorted(p.name for p in gen_dir.iterdir() if p.suffix != ".wav" and p.stem.lower() in lost)
+            if near:
+                msg.append(f"  under other names there: {_show(near)} (clips are read as <id>.wav: rename or "
+                           f"convert them)")
         if extra:
             msg.append(f"  extra {len(extra)} (not in the reference set): {_show(extra)}")
         msg.append("  generate the missing ones, remove the extra ones, or restrict the reference with subset=IDS.txt")

@@ -187,6 +187,33 @@ def test_a_manifest_with_a_repeated_column_or_a_nested_value_is_named(tmp_path, 
         read_manifest(tmp_path / name)
 
 
+@pytest.mark.parametrize("name, data, words", [
+    # a UnicodeDecodeError traceback (exit 1) for each, from the manifest, subset and captions readers alike
+    ("m.csv", "id,audio,caption\na,a.wav,caf\u00e9 noise\n".encode("latin-1"), r"m\.csv:2: not UTF-8 text"),
+    ("m.jsonl", '{"id": "a", "audio": "a.wav", "caption": "x"}\n{"id": "b", "audio": "b.wav", "caption": "\u00e9"}\n'
+     .encode("latin-1"), r"m\.jsonl:2: not UTF-8 text"),
+    ("m.csv", "id,audio,caption\na,a.wav,x\n".encode("utf-16"), r"m\.csv:1: not UTF-8 text.*save the file as UTF-8"),
+])
+def test_a_manifest_in_another_encoding_names_the_line(tmp_path, name, data, words):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ManifestError, match=words):
+        read_manifest(tmp_path / name)
+
+
+def test_a_bom_is_not_part_of_a_jsonl_manifest_or_a_subset_file(tmp_path):
+    # CSV took a BOM and JSONL refused it; a subset file kept it in its first id ("not in the reference: \ufeffa")
+    from eval.reference import select
+
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(b'\xef\xbb\xbf{"id": "a", "audio": "a.wav", "caption": "x"}\r\n{"id": "b", "audio": "b.wav", '
+                  b'"caption": "y"}\r\n')
+    rows = read_manifest(m)
+    assert [r.id for r in rows] == ["a", "b"]
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"\xef\xbb\xbfb\r\n")
+    assert [it.id for it in select(rows, m, subset=ids)] == ["b"]
+
+
 # ---------------------------------------------------------------- audio files
 
 def truncated_wav(path: Path, n: int = 16_000) -> Path:

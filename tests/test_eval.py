@@ -262,6 +262,19 @@ def test_mismatched_ids_are_listed(sets, tmp_path):
     with pytest.raises(ManifestError) as e:
         evaluate(cfg)
     assert f"missing 1: {ids[0]}" in str(e.value) and "extra 1 (not in the reference set): stranger" in str(e.value)
+    # the missing clip under another case or format is named (it was "missing" only)
+    (tmp_path / "stranger.wav").rename(tmp_path / f"{ids[0].upper()}.WAV")
+    with pytest.raises(ManifestError, match=rf"under other names there: {ids[0].upper()}\.WAV"):
+        evaluate(cfg)
+    # a folder or a pipe named <id>.wav: one error, not a libsndfile message or a read that never returns
+    import os
+
+    (tmp_path / f"{ids[0].upper()}.WAV").unlink()
+    (tmp_path / f"{ids[0]}.wav").mkdir()
+    os.mkfifo(tmp_path / f"{ids[1]}.wav.tmp")
+    os.replace(tmp_path / f"{ids[1]}.wav.tmp", tmp_path / f"{ids[1]}.wav")
+    with pytest.raises(ManifestError, match=rf"2 \.wav name\(s\) that are not files .*{ids[0]}\.wav, {ids[1]}\.wav"):
+        evaluate(cfg)
 
 
 def test_bad_wavs_are_all_named_in_one_error(sets, tmp_path):

@@ -12,6 +12,7 @@ built from one stays in its folder.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import unicodedata
@@ -57,10 +58,22 @@ def child_path(folder: str | Path, id: str, suffix: str = "") -> Path:
     return path
 
 
+def read_text(path: str | Path) -> str:
+    """A text file the user wrote (manifest, ids, captions) as UTF-8, without a leading BOM (Excel writes one); other
+    encodings are an error naming the line, not a UnicodeDecodeError traceback."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") \
+            from None
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(line number, record)]); a malformed line is an error naming it."""
     records = []
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel) is not part of "id"
+    with io.StringIO(read_text(path), newline="") as f:  # a BOM (Excel) is not part of "id"
         reader = csv.reader(f, strict=True)
         start, header = 1, None
         while True:
@@ -100,7 +113,7 @@ def read_records(path: Path, required: tuple[str, ...] = REQUIRED) -> tuple[list
     if path.suffix == ".csv":
         return _read_csv(path)
     records, columns = [], {}
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline=None) as f:  # universal newlines, as open() reads
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -188,7 +201,7 @@ def read_captions(path: str | Path) -> list[str]:
             raise ManifestError(f"{path}:{empty[0]}: empty caption ({len(empty)} record(s) in all); "
                                 "fill them in or remove those records")
     else:
-        caps = path.read_text(encoding="utf-8").splitlines()
+        caps = read_text(path).splitlines()
     caps = [c.strip() for c in caps if c and c.strip()]
     if not caps:
         raise ManifestError(f"{path} holds no caption")
