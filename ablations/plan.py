@@ -197,7 +197,7 @@ def check_prepared(jobs: list[Job]) -> None:
     """Before anything is submitted, the audio of every finished prepare job is still the audio it encoded: a file
     replaced under the same path would otherwise leave the former audio's codes, and the models trained and
     evaluated on them, counted as this data's (cells are keyed by the manifests' contents, not the audio's)."""
-    from siren.data.prepare import changed_sources
+    from siren.data.index import changed_sources
 
     for job in jobs:
         if job.fn is not steps.prepare_step or not job.done.is_file():

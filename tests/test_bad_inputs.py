@@ -625,7 +625,7 @@ def test_a_damaged_prepared_index_is_named(tmp_path):
         load_index(tmp_path, "train")
     # the index step reads each shard's record: a damaged one is named with the shard to prepare again
     from siren.data.cache import shard_path
-    from siren.data.prepare import write_index
+    from siren.data.index import write_index
 
     shard = shard_path(tmp_path, "train", 1, 2)
     shard.parent.mkdir(parents=True)

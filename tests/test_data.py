@@ -18,9 +18,10 @@ from siren.config import ConfigError
 from siren.data import DataError, PreparedDataset, demo, make_loader
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize, to_mono
 from siren.data.cache import cache_path, index_path
+from siren.data.index import write_index
 from siren.data.manifest import read_manifest
 from siren.data.prepare import main as prepare_main
-from siren.data.prepare import prepare, write_index
+from siren.data.prepare import prepare
 from siren.errors import ManifestError
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_data import Counting, tiny_set, write_manifest, write_wav
@@ -197,7 +198,7 @@ def test_demo_classes_are_distinct():
 def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, codec, text_encoder, monkeypatch):
     # prepare's caches are keyed by content, but a finished grid does not run prepare again: the check is
     # what stops a file replaced under the same path from keeping the former audio's codes (ablations.plan)
-    from siren.data.prepare import changed_sources
+    from siren.data.index import changed_sources
 
     m = tiny_set(tmp_path / "src", n=3)
     run(m, tmp_path / "out", codec, text_encoder)
@@ -210,7 +211,7 @@ def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, co
     assert changed_sources(tmp_path / "out", "manifest") == ([str(tmp_path / "src/a2.wav")],
                                                               [str(tmp_path / "src/a1.wav")])
     # the copy with the same bytes had its new mtime recorded: it is not hashed again, the changed file is
-    import siren.data.prepare as P
+    import siren.data.index as P
 
     hashed = []
     monkeypatch.setattr(P, "sha256_file", lambda p: hashed.append(str(p)) or "other")
@@ -222,7 +223,7 @@ def test_changed_sources_sees_a_same_size_file_put_in_place_with_the_old_mtime(t
     # what `cp -p` or `rsync -a` of another recording does: same size, the old mtime; only the ctime tells
     import os
 
-    from siren.data.prepare import changed_sources
+    from siren.data.index import changed_sources
 
     m = tiny_set(tmp_path / "src", n=2)
     run(m, tmp_path / "out", codec, text_encoder)

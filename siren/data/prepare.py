@@ -12,7 +12,7 @@ text by (caption, text-encoder id, storage dtype). Every file is written atomica
 stopped. Before encoding anything, every uncached file of the shard is read and checked, and
 all bad ones are reported in one error (or left out and listed, with ``on_error=skip``).
 
-On-disk layout and cache keys: siren/data/cache.py.
+On-disk layout and cache keys: siren/data/cache.py; the index and its audio check: siren/data/index.py.
 """
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ from siren.assets import FILE_LABEL
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
-from siren.data.cache import cache_path, codes_key, crops_key, index_path, shard_path, text_key
+from siren.data.cache import cache_path, codes_key, crops_key, shard_path, text_key
 from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
+from siren.data.index import write_index
 from siren.data.manifest import Row, read_manifest
 from siren.demo_weights import LABEL
 from siren.errors import DataError
-from siren.io import check_folder, read_json, sha256, sha256_file, version, write_json
+from siren.io import check_folder, sha256, version, write_json
 from siren.runtime import check_device
 from siren.text import TextConfig
 
@@ -203,80 +204,6 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
                 "bad": [{"row": i, "id": mine_row.id, "reason": bad[i]} for i, mine_row in mine if i in bad]})
     rep.seconds = time.perf_counter() - t0
     return rep
-
-
-def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path | None = None) -> Path:
-    """Merge the shards' records into ``splits/<split>.json`` (item ids -> cache keys); with ``manifest``,
-    only shards prepared from its current bytes."""
-    out = Path(out)
-    parts, missing = [], []
-    for s in range(num_shards):
-        p = shard_path(out, split, s, num_shards)
-        (parts.append(read_json(p, f"delete it and run prepare for shard {s} again (its encodings are cached)"))
-         if p.is_file() else missing.append(s))
-    if missing:
-        raise DataError(f"{out}: split '{split}' shard(s) {missing} of {num_shards} are not prepared yet "
-                        f"(no {shard_path(out, split, missing[0], num_shards).name}); run prepare with shard=<i> "
-                        f"num_shards={num_shards} for each, then the index step again")
-    head = {k: v for k, v in parts[0].items() if k not in ("shard", "entries", "bad")}
-    if manifest is not None and head.get("manifest_sha256") != sha256(manifest.read_bytes()):
-        raise DataError(f"{out}: the shards of split '{split}' were prepared from another version of {manifest} "
-                        f"(edited since); run prepare again with num_shards={num_shards} (unchanged files' "
-                        f"encodings are cached), then the index step")
-    for p in parts[1:]:
-        other = {k: v for k, v in p.items() if k not in ("shard", "entries", "bad")}
-        if other != head:
-            diff = sorted(k for k in head if head[k] != other.get(k))
-            raise DataError(f"{out}: shard {p['shard']} of split '{split}' was prepared with a different {diff} "
-                            f"than shard 0; re-run the shards with one config")
-    items = []
-    for e in sorted((e for p in parts for e in p["entries"]), key=lambda e: e["row"]):
-        for s, (real, chunk) in enumerate(zip(e["real_frames"], e["chunks"])):
-            # appendix A segmentation: chunk k of a split file (k * duration_s onwards) is item "<id>#<k>"
-            items.append({"id": e["id"] if chunk < 0 else f"{e['id']}#{chunk}", "caption": e["caption"],
-                          "label": e["label"], "source": e["audio"],
-                          **{k: e[k] for k in ("source_sha256", "source_stat") if k in e},
-                          "codes": e["codes"], "segment": s,
-                          "text": e["text"], "frames": e["frames"], "real_frames": real,
-                          **({"crop_filter": e["crop_filter"][s]} if "crop_filter" in e else {})})
-    ids = [it["id"] for it in items]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{out}: split '{split}' has duplicate item ids after segmentation; rename the manifest ids")
-    bad = sorted((b for p in parts for b in p["bad"]), key=lambda b: b["row"])
-    dest = index_path(out, split)
-    write_json(dest, {**head, "split": split, "num_items": len(items), "skipped": bad, "items": items})
-    return dest
-
-
-def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
-    """(the audio files of a prepared split whose bytes are no longer the ones prepare encoded, those no longer
-    there). A file whose size, mtime and ctime (``siren.io.version``) are as prepare recorded them is taken as
-    unchanged; any other is hashed again, and one with the same bytes (a copy, a restore) gets its new ones
-    recorded in the index, so the next check does not hash it again. Prepare's codes are keyed by content, but a
-    finished grid does not run it again, so without this check a file replaced under the same path kept the
-    former audio's codes and the models trained on them."""
-    path = index_path(Path(out), split)
-    index = read_json(path, "run prepare again")
-    items = index.get("items", [])
-    changed, gone, restat = [], [], {}
-    for it in {it["source"]: it for it in items if "source_stat" in it}.values():  # one check per file
-        try:
-            st = os.stat(it["source"])
-        except FileNotFoundError:
-            gone.append(it["source"])
-            continue
-        if version(st) == it["source_stat"]:  # indexes before 2026-12-06 hold [size, mtime]: hashed once
-            continue
-        if sha256_file(it["source"]) != it["source_sha256"]:
-            changed.append(it["source"])
-        else:
-            restat[it["source"]] = version(st)
-    if restat:
-        for it in items:
-            if it["source"] in restat:
-                it["source_stat"] = restat[it["source"]]
-        write_json(path, index)
-    return changed, gone
 
 
 def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split: str | None = None,
