@@ -5,24 +5,28 @@
     python -m benchmarks.cuda device=cpu scale=tiny train_batch=2 train_s=1 train_steps=2 gen_batch=2 gen_s=1 \\
         eval_clips=2 eval_batch=2                                         # CPU check of the script, < 1 minute
 
-Every network has random weights (timing only). Each section runs on its own: one that fails is logged,
-recorded as ``{"error": ...}`` in the JSON and the next one runs (exit code 1 if any failed).
+The model and codec have random weights (timing only); the eval backbones ``eval_weights``'. Each section runs
+on its own: one that fails is logged, recorded as ``{"error": ...}`` in the JSON and the next one runs (exit code
+1 if any failed). Each times the code path the harness runs, with its settings (no TF32, which neither training
+nor evaluation turns on).
 
-1. ``train``: one expert of ``scale`` (6-2; default ``isolated-1.6b``, 1/6 of its 1.6B) timed by
-   ``benchmarks.train.time_steps``: ``siren.train.train_step`` (forward, Eq. 6 loss, backward, clipping,
-   fused AdamW) in bf16 autocast on random codes, median of ``train_steps`` after one warm-up step.
-   MFU = 6 * params * frames / step time / peak bf16 FLOP/s (the 6ND rule, as benchmarks.train: attention
-   scores and the residual decoder's m+1 positions per frame are not counted). tokens = frames x 12 codes.
-2. ``generate``: the whole 6-2 CollaborativeModel at ``scale`` cast to bf16 (``siren.sample.generate_with_info``
-   feeds the text in the model's dtype; logits are sampled in fp32), batch ``gen_batch`` x ``gen_s`` seconds,
-   KV caches, random text states [B, text_tokens, 768]; then ``siren.codec.Codec`` (weights=random: the full
-   DAC 16 kHz architecture, fp32) decodes the codes. One short untimed run of each first (lazy CUDA init).
-   Real-time factor = audio seconds / wall seconds. Without the ``dac`` package the model gets zero code
-   tables and decoding is skipped.
-3. ``eval``: ``eval.backbones.PannsCnn14`` and ``ClapAudio`` built with their own ``device`` option (the eval
-   code path: ``embed_batch`` on CPU tensors, copy in, results back to numpy) on ``eval_clips`` clips of
-   ``eval_clip_s`` seconds of noise at each backbone's rate, ``eval_batch`` per call (CLAP's embed_audio splits a
-   call into chunks of 16 itself). Per-clip ``prepare`` (CPU resampling) is not timed. One warm-up call, then
+1. ``train``: one expert of ``scale`` (6-2; default ``isolated-1.6b``, 1/6 of its 1.6B) at appendix B's batch
+   (24 clips of 6 s crops per GPU) timed by ``benchmarks.train.time_steps``: ``siren.train.train_step``
+   (forward, Eq. 6 loss, backward, clipping, fused AdamW) in bf16 autocast on random codes, median of
+   ``train_steps`` after one warm-up step. MFU = the model FLOPs of a step, counted over the warm-up step by
+   torch's FlopCounterMode (benchmarks.train), / step time / peak bf16 FLOP/s. Code tokens/s = frames/s x the
+   m RVQ layers the expert predicts (2 for 6-2).
+2. ``generate``: the whole 6-2 CollaborativeModel at ``scale`` in fp32, as ``siren.load`` gives it to eval's
+   sampler (``siren.sample.generate_with_info``; bf16 weights here until 2026-12-06), batch ``gen_batch`` x
+   ``gen_s`` seconds, KV caches, random text states [B, text_tokens, 768]; then ``siren.codec.Codec``
+   (weights=random: the full DAC 16 kHz architecture, fp32) decodes the codes. One untimed run of each first
+   (lazy CUDA init; the decoder's at the timed shape). Real-time factor = audio seconds / wall seconds. Without
+   the ``dac`` package the model gets zero code tables and decoding is skipped.
+3. ``eval``: the three metric networks (``eval.backbones.PannsCnn14`` for FD/KL/IS, ``VGGish`` for FAD,
+   ``ClapAudio`` for CLAP) built with their own ``device`` option (the eval code path: ``embed_batch`` on the
+   prepared CPU tensors, copy in, results back to numpy) on ``eval_clips`` clips of ``eval_clip_s`` seconds of
+   noise at each backbone's rate, ``eval_batch`` per call; and CLAP's text tower on ``eval_clips`` captions.
+   Per-clip ``prepare`` (CPU resampling; VGGish's log-mel examples) is not timed. One warm-up call, then
    ``eval_repeats`` timed passes over the clips; the median pass is reported (all of them in the JSON).
 """
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 from benchmarks.train import peak_flops, random_batch, scale_config, time_steps
 from siren import cli
-from siren.codec import FRAME_RATE, N_LAYERS
+from siren.codec import FRAME_RATE
 from siren.config import ConfigError, check_numbers, load_config
 from siren.io import write_json
 from siren.runtime import resolve_device
@@ -55,8 +59,8 @@ class CudaBenchConfig:
     out: str = ""  # JSON file for all results (written after each section); empty = none
     seed: int = 0
     text_tokens: int = 32  # L of the random text states [B, L, 768]
-    train_batch: int = 16
-    train_s: float = 10.0  # clip length of a training row: frames = 50 * train_s
+    train_batch: int = 24  # appendix B: 24 clips per GPU (16 x 10 s until 2026-12-06)
+    train_s: float = 6.0  # crop length of a training row (appendix B: 6 s): frames = 50 * train_s
     train_steps: int = 10  # timed steps, after one warm-up step
     peak_tflops: float = 0.0  # 0: $SIREN_PEAK_TFLOPS, else benchmarks.train's table by GPU name
     gen_batch: int = 16
@@ -101,26 +105,29 @@ def table(title: str, rows: list[tuple[str, object]]) -> str:
 
 
 def bench_train(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, str]:
-    torch.backends.cuda.matmul.allow_tf32 = True  # as benchmarks.train's GPU row (fp32 leftovers outside autocast)
     frames = round(cfg.train_s * FRAME_RATE)
     batch = random_batch(cfg.train_batch, frames, cfg.text_tokens, device, cfg.seed)
     expert_cfg = scale_config(cfg.scale, "6-2")
     log.info("train: one %s expert, batch %d x %d frames, %d steps", cfg.scale, cfg.train_batch, frames,
              cfg.train_steps)
     row, = time_steps({"expert 0": expert_cfg}, batch, cfg.train_steps, TrainConfig(precision="bf16"), device)
-    flops = 6 * row.params * row.frames / row.seconds
+    flops = row.flops_per_s
     peak, source = peak_flops(cfg, device) if device.type == "cuda" else (None, "no peak on CPU")
+    m = expert_cfg.layers_per_expert
     r = dict(scale=cfg.scale, params=row.params, batch=cfg.train_batch, frames_per_step=row.frames,
              step_s=row.seconds, cpu_s_per_step=row.cpu_seconds, frames_per_s=row.frames_per_s,
-             tokens_per_s=row.frames_per_s * N_LAYERS, achieved_tflops=flops / 1e12,
+             code_tokens_per_s=row.frames_per_s * m, flops_per_step=row.flops, achieved_tflops=flops / 1e12,
+             flops_rule="counted (torch FlopCounterMode; attention as full T x T)",
              peak_tflops=peak / 1e12 if peak else None, peak_source=source, mfu=flops / peak if peak else None,
              peak_memory_gb=row.memory_gb)
     title = (f"1. train step, one {cfg.scale} expert (6-2), bf16 autocast, fused AdamW on CUDA; "
              f"median of {cfg.train_steps} steps")
     return r, table(title, [("params", f"{row.params / 1e6:.1f}M"), ("batch x frames", f"{cfg.train_batch} x {frames}"),
                             ("frames/step", row.frames), ("step time s", row.seconds),
-                            ("frames/s", round(r["frames_per_s"])), ("tokens/s (x12 codes)", round(r["tokens_per_s"])),
-                            ("achieved TFLOP/s (6ND)", r["achieved_tflops"]),
+                            ("frames/s", round(r["frames_per_s"])),
+                            (f"code tokens/s (x{m} layers predicted)", round(r["code_tokens_per_s"])),
+                            ("model FLOPs per step (counted)", f"{row.flops / 1e12:.2f} T"),
+                            ("achieved TFLOP/s", r["achieved_tflops"]),
                             ("MFU", f"{r['mfu']:.1%} of {r['peak_tflops']:.0f} TFLOP/s ({source})" if peak
                              else f"n/a ({source})"),
                             ("peak memory GB", row.memory_gb)])
@@ -142,7 +149,7 @@ def bench_generate(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, st
     torch.manual_seed(cfg.seed)
     with torch.device(device):  # initialised in place: no 1.6B-parameter copy from the CPU
         model = CollaborativeModel.from_codec(model_cfg, codec) if codec else CollaborativeModel(model_cfg)
-    model = model.to(device, torch.bfloat16).eval()
+    model = model.to(device).eval()  # fp32, as siren.load gives it to eval's sampler
     params = sum(p.numel() for p in model.parameters())
     frames = round(cfg.gen_s * FRAME_RATE)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -158,7 +165,7 @@ def bench_generate(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, st
     del model
     decode_s = decode_mem = None
     if codec is not None:
-        codec.decode(codes[:1, :, :min(frames, FRAME_RATE)])  # warm-up
+        codec.decode(codes)  # warm-up at the timed shape (allocation, kernel choice)
         sync(device)
         reset_peak(device)
         t0 = time.perf_counter()
@@ -171,7 +178,7 @@ def bench_generate(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, st
              ms_per_frame_step=1e3 * sample_s / frames, decode_s=decode_s, decode=decode_note,
              rtf_sampling=audio_s / sample_s, rtf_total=audio_s / total_s, collapsed=int(info.collapsed.sum()),
              peak_memory_gb_sampling=sample_mem, peak_memory_gb_decode=decode_mem)
-    title = (f"2. generation, {cfg.scale} 6-2 ({params / 1e6:.0f}M params, bf16, KV cache), batch {cfg.gen_batch} "
+    title = (f"2. generation, {cfg.scale} 6-2 ({params / 1e6:.0f}M params, fp32, KV cache), batch {cfg.gen_batch} "
              f"x {cfg.gen_s:g} s")
     return r, table(title, [("sampling s", sample_s), ("ms per frame step", r["ms_per_frame_step"]),
                             ("decoding s", decode_s if codec else decode_note), ("decoder", decode_note),
@@ -181,10 +188,12 @@ def bench_generate(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, st
 
 
 def bench_eval(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, str]:
-    from eval.backbones import ClapAudio, PannsCnn14
+    from eval.audio import make_clip
+    from eval.backbones import ClapAudio, PannsCnn14, VGGish
+    from eval.cache import embed_texts
 
     results, rows = {}, []
-    for name, cls in (("panns_cnn14", PannsCnn14), ("clap_audio", ClapAudio)):
+    for name, cls in (("panns_cnn14", PannsCnn14), ("vggish", VGGish), ("clap_audio", ClapAudio)):
         try:
             t0 = time.perf_counter()
             backbone = cls(cfg.eval_weights, cfg.seed, device)
@@ -192,7 +201,8 @@ def bench_eval(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, str]:
             build_s = time.perf_counter() - t0
             n = round(cfg.eval_clip_s * backbone.sample_rate)
             g = torch.Generator().manual_seed(cfg.seed)
-            xs = list(0.1 * torch.randn(cfg.eval_batch, n, generator=g))  # one batch of noise, reused
+            noise = (0.1 * torch.randn(cfg.eval_batch, n, generator=g)).numpy()  # one batch of noise, reused
+            xs = [backbone.prepare(make_clip(str(i), x, backbone.sample_rate)) for i, x in enumerate(noise)]
             backbone.embed_batch(xs[:min(cfg.eval_batch, cfg.eval_clips)])  # warm-up
             sync(device)
             reset_peak(device)
@@ -213,7 +223,18 @@ def bench_eval(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, str]:
             rows += [(f"{name}: clips/s", results[name]["clips_per_s"]),
                      (f"{name}: audio s/s", results[name]["audio_s_per_s"]),
                      (f"{name}: peak memory GB", results[name]["peak_memory_gb"])]
-        except Exception as e:  # a missing package (panns_inference, laion_clap, ...) must not lose the other one
+            if cls is ClapAudio:  # the CLAP score's other half: one text embedding per caption (uncached)
+                captions = [f"caption {i}: a dog barks while rain falls on a tin roof" for i in range(cfg.eval_clips)]
+                embed_texts(backbone, captions[:4])  # warm-up
+                sync(device)
+                t0 = time.perf_counter()
+                embed_texts(backbone, captions)
+                sync(device)
+                results["clap_text"] = dict(weights=cfg.eval_weights, captions=cfg.eval_clips,
+                                            seconds=time.perf_counter() - t0)
+                results["clap_text"]["captions_per_s"] = cfg.eval_clips / results["clap_text"]["seconds"]
+                rows.append(("clap_text: captions/s", results["clap_text"]["captions_per_s"]))
+        except Exception as e:  # a missing package (panns_inference, laion_clap, ...) must not lose the other ones
             log.exception("eval: %s failed", name)
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             rows.append((f"{name}", f"skipped: {type(e).__name__}: {e}"))
@@ -223,14 +244,40 @@ def bench_eval(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, str]:
     return results, table(title, rows)
 
 
+def environment(device: torch.device) -> dict:
+    """What the numbers depend on besides the config, for the JSON: device, driver, library and code versions."""
+    from eval.card import code_version
+
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "code_version": code_version(), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(capability=f"{props.major}.{props.minor}", memory_gb=props.total_memory / 2**30,
+                   driver=_driver())
+    return env
+
+
+def _driver() -> str | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=20)
+        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def main(argv: list[str]) -> int:
     cfg = load_config(CudaBenchConfig, argv)
     device = resolve_device(cfg.device)
     where = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}" if device.type == "cuda"
              else f"CPU ({torch.get_num_threads()} threads)")
-    header = f"{where}, torch {torch.__version__}; random weights (timing only)"
+    header = (f"{where}, torch {torch.__version__}; model and codec random weights (timing only), eval backbones "
+              f"{cfg.eval_weights} weights")
     print(f"## benchmarks.cuda: {header}", flush=True)
-    results = {"header": header, "config": dataclasses.asdict(cfg)}
+    results = {"header": header, "config": dataclasses.asdict(cfg), "environment": environment(device)}
     failed = False
     for name in cfg.section_list:
         try:

@@ -20,6 +20,11 @@ def test_tiny_cpu_train_row(tmp_path):
     cfg = bench.scale_config("tiny", "6-2")  # one expert, frozen DAC tables counted (as the official code)
     assert r["train"]["params"] == closed_form_params(cfg) // cfg.n_experts
     assert r["train"]["step_s"] > 0 and r["train"]["mfu"] is None  # no peak FLOP/s on the CPU
+    # the model FLOPs are counted over a step (forward and backward), not 6 x params: at tiny the embedding tables
+    # (applied once per step) are most of the parameters, so the 6ND rule overstated the FLOPs 3x
+    assert 0 < r["train"]["flops_per_step"] < 6 * r["train"]["params"] * r["train"]["frames_per_step"]
+    assert r["train"]["code_tokens_per_s"] == 2 * r["train"]["frames_per_s"]  # a 6-2 expert predicts 2 codes
+    assert r["environment"]["torch"] and r["environment"]["code_version"]
 
 
 def test_a_failing_section_does_not_lose_the_next(tmp_path, monkeypatch):
@@ -36,3 +41,13 @@ def test_a_failing_section_does_not_lose_the_next(tmp_path, monkeypatch):
     assert "error" not in gen and gen["frames"] == 1 and gen["decode_s"] > 0 and gen["sample_s"] > 0
     cfg = bench.scale_config("tiny", "6-2")  # every expert's parameters; the frozen DAC tables are buffers
     assert gen["params"] == closed_form_params(cfg) - cfg.n_experts * FROZEN_DAC_TABLES
+
+
+def test_the_eval_section_times_all_three_metric_networks_and_the_clap_text(tmp_path):
+    # VGGish (FAD) and the CLAP text tower were not timed; each network gets its own prepared inputs
+    out = tmp_path / "bench.json"
+    assert bench.main([*TINY, "sections=eval", "eval_clips=2", "eval_batch=2", "eval_clip_s=1", "eval_repeats=1",
+                       f"out={out}"]) == 0
+    r = json.loads(out.read_text())["eval"]
+    assert set(r) == {"panns_cnn14", "vggish", "clap_audio", "clap_text"}
+    assert all("error" not in v for v in r.values()) and r["vggish"]["clips_per_s"] > 0
