@@ -219,6 +219,24 @@ def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, co
     assert hashed == [str(tmp_path / "src/a2.wav")]
 
 
+def test_crop_tables_are_scored_from_the_bytes_whose_codes_they_filter(tmp_path):
+    # the crop filter read the file again unchecked: one changed after its codes were made got a table of other
+    # audio, cached under the former codes' key
+    from siren.data.encode import score_crop_tables
+    from siren.data.manifest import Row
+    from siren.io import sha256_file
+
+    m = tiny_set(tmp_path / "src", n=1)
+    wav = tmp_path / "src/a0.wav"
+    checked = sha256_file(wav)
+    x, _ = sf.read(wav)
+    write_wav(wav, 0.5 * x)  # changed after the check pass hashed it
+    todo = {"k": (Row("a0", wav, "a dog barks"), "codes-key", checked)}
+    with pytest.raises(DataError, match="a0.wav: file changed while prepare was running"):
+        score_crop_tables(todo, tmp_path / "out", None, TINY, 10, 5, progress=False)
+    assert m.is_file() and not (tmp_path / "out").exists()
+
+
 def test_changed_sources_sees_a_same_size_file_put_in_place_with_the_old_mtime(tmp_path, codec, text_encoder):
     # what `cp -p` or `rsync -a` of another recording does: same size, the old mtime; only the ctime tells
     import os

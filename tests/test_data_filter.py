@@ -196,6 +196,19 @@ def test_demo_clap_keeps_each_clips_own_caption_and_rejects_other_classes(tmp_pa
     assert report["counts"]["rejected_by"]["clap"] == sum(float(r["clap"]) < 0.4 for r in scores)
 
 
+def test_a_nan_clap_score_is_rejected_not_ranked_among_the_rl_prompts():
+    # `score < tau` is False for NaN: the pair was kept and broke the top-k sort (a 0.5 went to train)
+    from siren.data.filter_select import select
+
+    recs = [{"id": f"c{i}", "audio": f"{i}.wav", "label": "", "captions": {"caption": f"x{i}", "caption_2": "y"},
+             "clap": {"caption": s, "caption_2": float("nan")}, "snr_db": 20.0}
+            for i, s in enumerate([0.5, float("nan"), 0.45, 0.6])]
+    rl, train, rejected = select(recs, tau=0.4, min_snr_db=6.0, rl_top=2, train_n=0, seed=0)
+    assert [r["id"] for r in rl] == ["c3", "c0"] and [r["id"] for r in train] == ["c2"]
+    assert [(r["id"], r["reason"]) for r in rejected] == [("c1", "clap score is not a number")]
+    assert rl[1]["caption_column"] == "caption"  # the NaN column never wins over a number
+
+
 def test_candidate_captions_csv_and_jsonl(tmp_path):
     rows = [{"id": "a", "audio": "a.wav", "caption": "one", "caption_10": "ten", "caption_2": "two"},
             {"id": "b", "audio": "b.wav", "caption": "only", "caption_10": "", "caption_2": ""}]
@@ -299,7 +312,7 @@ def test_crop_filter_reaches_the_continuous_family_and_needs_crops(half_silent):
         TrainConfig(crop_s=0, crop_min_clap=0.2)
 
 
-def test_filtered_crops_of_a_padded_item_end_in_its_real_audio():
+def test_filtered_crops_of_a_padded_item_end_in_its_real_audio(caplog):
     # policy=pad: the crop table's offsets run over the whole padded item; a crop drawn past the real frames
     # trained on fewer than crop_s frames (the zeros are masked), and the fallback could pick one there
     from siren.data import PreparedDataset
@@ -314,6 +327,12 @@ def test_filtered_crops_of_a_padded_item_end_in_its_real_audio():
     table["clap"][12] = 0.15  # the best offset (300) lies in the padding
     table["clap"][2] = 0.12
     assert ds.crop_start(0, 0) == 50 and ds.fallbacks == 1  # the best of those inside
+    # the log at build counts the offsets crop_start can draw: with every passing one in the padding, the item has
+    # none (it said "0 items have none", and the item fell back every epoch)
+    table["clap"] = [0.1] * 5 + [0.5] * (len(offsets) - 5)  # pass only from offset 125 on, past the room of 100
+    with caplog.at_level(logging.WARNING, logger="siren.data.dataset"):
+        ds._check_crop_filter("prep", "train")
+    assert "0 of 5 crop offsets pass; 1 of 1 items have none" in caplog.text
 
 
 # ---------------------------------------------------------------- segments as files (appendix A, first step)
@@ -344,6 +363,13 @@ def test_segments_are_the_recording_cut_in_place(tmp_path):
     assert written == 3 and [s["id"] for s in skipped] == ["quiet"]
     assert segment(m, tmp_path / "seg", duration_s=1.0, progress=False)[1] == 0  # a re-run writes nothing
     assert [it.row.id for it in filt.read_items(dest)] == ["rec1#0", "rec1#2", "brief"]  # a manifest the filter reads
+    # a row id that is another row's segment id: the second overwrote the first's file, in silence
+    first = (dest.parent / rows[0]["audio"]).read_bytes()
+    m2 = write_manifest(tmp_path / "raw2.csv", [{"id": "rec1", "audio": "long.wav", "caption": "noise"},
+                                                {"id": "rec1#0", "audio": "short.wav", "caption": "a blip"}])
+    with pytest.raises(DataError, match="segment id rec1#0 is both segment 0 of row rec1 and row rec1#0"):
+        segment(m2, tmp_path / "seg", duration_s=1.0, progress=False)
+    assert (dest.parent / rows[0]["audio"]).read_bytes() == first
 
 
 def sf_read(path):

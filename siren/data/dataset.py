@@ -74,8 +74,11 @@ class PreparedDataset(Dataset):
             raise DataError(f"{index_path(Path(prepared_dir), split)}: crop_min_clap={self.crop_min_clap} needs CLAP "
                             f"scores of {self.crop}-frame crops, missing for {len(bad)} item(s) (e.g. {bad[0]}); "
                             f"run prepare again with crop_s={self.crop / FRAME_RATE:g}")
+        # the offsets crop_start can draw: those ending in real audio, of items longer than the crop (a shorter one is
+        # taken whole)
         ok = [allowed(np.array(it["crop_filter"]["clap"]), np.array(it["crop_filter"]["energy_db"]),
-                      self.crop_min_clap) for it in self.items]
+                      self.crop_min_clap)[np.array(it["crop_filter"]["offsets"]) <= room]
+              for i, it in enumerate(self.items) if (room := self.real_frames(i) - self.crop) > 0]
         none = sum(not m.any() for m in ok)
         log.log(logging.WARNING if none else logging.INFO,
                 "crop filter (CLAP > %g, not silent): %d of %d crop offsets pass; %d of %d items have none and use "

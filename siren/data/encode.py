@@ -82,12 +82,16 @@ def encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, au
     return total
 
 
-def score_crop_tables(todo: dict[str, tuple[Row, str]], out: Path, clap, audio: AudioConfig, crop: int, step: int,
-                 progress: bool) -> None:
-    """Appendix B crop filter: {crops key: (row, codes key)} -> the CLAP table of each item's crops (crops.py)."""
+def score_crop_tables(todo: dict[str, tuple[Row, str, str]], out: Path, clap, audio: AudioConfig, crop: int,
+                      step: int, progress: bool) -> None:
+    """Appendix B crop filter: {crops key: (row, codes key, the audio's sha256 as checked)} -> the CLAP table of each
+    item's crops (crops.py), from the bytes whose codes they filter (a file changed meanwhile is an error)."""
     from siren.data.crops import score_crops
 
-    for key, (row, ckey) in bar(todo.items(), progress, "crops", len(todo)):
-        items, _, _ = standardize(load_audio(row.audio), audio, row.audio)
+    for key, (row, ckey, sha) in bar(todo.items(), progress, "crops", len(todo)):
+        data = row.audio.read_bytes()
+        if sha256(data) != sha:
+            raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
+        items, _, _ = standardize(load_audio(row.audio, data, warn=False), audio, row.audio)
         save_tensors(cache_path(out, "crops", key), score_crops(clap, items, row.caption, crop, step),
                      {"clap_id": clap.id, "codes": ckey, "crop_frames": str(crop), "step_frames": str(step)})

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,9 @@ def merge(out: str | Path, num_shards: int) -> tuple[dict, list[dict]]:
 
 
 def best_caption(rec: dict) -> tuple[str, float]:
-    """The candidate column with the highest score (the first such column on ties)."""
-    col = max(rec["clap"], key=lambda c: (rec["clap"][c], -list(rec["clap"]).index(c)))
+    """The candidate column with the highest score (the first such column on ties; a NaN score never wins)."""
+    col = max(rec["clap"], key=lambda c: (rec["clap"][c] if rec["clap"][c] == rec["clap"][c] else -math.inf,
+                                          -list(rec["clap"]).index(c)))
     return col, rec["clap"][col]
 
 
@@ -66,8 +68,11 @@ def select(records: list[dict], *, tau: float, min_snr_db: float, rl_top: int, t
             continue
         col, score = best_caption(r)
         row.update(caption=r["captions"][col], clap=score, snr_db=r["snr_db"], caption_column=col)
+        # `not x >= t`: a NaN score (an embedding that overflowed) fails the test instead of passing it and
+        # breaking the top-k sort
         why = ([f"snr {r['snr_db']:.2f} dB <= {min_snr_db:g}"] if not r["snr_db"] > min_snr_db else []) + \
-              ([f"clap {score:.4f} < tau {tau:g}"] if score < tau else [])
+              ([f"clap {score:.6f} < tau {tau:g}" if score == score else "clap score is not a number"]
+               if not score >= tau else [])
         (rejected.append({**row, "reason": "; ".join(why)}) if why else kept.append(row))
     kept.sort(key=lambda r: -r["clap"])  # stable: manifest order among equal scores
     rl, rest = kept[:rl_top], kept[rl_top:]

@@ -178,7 +178,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
             raise DataError("crop_s > 0 needs the text encoder's CLAP model (siren.text.TextEncoder.clap)")
         crop, step = frames_of(crop_s), frames_of(crop_step_s)
         crop_keys = {i: crops_key(keys[i], r.caption, clap.id, crop, step) for i, r in good}
-        crop_todo = {crop_keys[i]: (r, keys[i]) for i, r in good
+        crop_todo = {crop_keys[i]: (r, keys[i], sha[keys[i]]) for i, r in good
                      if not cache_path(out, "crops", crop_keys[i]).is_file()}
         if crop_todo:
             t = time.perf_counter()

@@ -50,7 +50,7 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
     """Write the segments of every row; returns (segments.csv, segments written or kept, skipped rows)."""
     out, audio = Path(out), AudioConfig("segment", duration_s)
     audio.validate()
-    rows, skipped, n_new = [], [], 0
+    rows, skipped, n_new, made_by = [], [], 0, {}
     for r in tqdm(read_manifest(manifest), desc="segment", disable=not progress, unit="file", dynamic_ncols=True):
         try:
             chunks, real, index = standardize(load_audio(r.audio), audio, r.audio)
@@ -59,6 +59,11 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
             continue
         for x, n, k in zip(chunks, real, index):
             seg_id = r.id if k < 0 else f"{r.id}#{k}"
+            what = f"row {r.id}" if k < 0 else f"segment {k} of row {r.id}"
+            if seg_id in made_by:  # a row id "a#0" beside a long "a": the second overwrote the first's file
+                raise DataError(f"{manifest}: segment id {seg_id} is both {made_by[seg_id]} and {what} (segment k of "
+                                f"row ID is named ID#k); rename one of those ids")
+            made_by[seg_id] = what
             dest = out / "audio" / file_name(seg_id)
             buf = io.BytesIO()
             # a file shorter than duration_s at its own length: zero padding written here would pass the filter's
