@@ -105,6 +105,11 @@ def test_epoch_batches_partition_and_skip():
     two = [list(EpochBatches(n, B, seed=3, epoch=1, rank=r, world=2)) for r in range(2)]
     glob = list(EpochBatches(n, 2 * B, seed=3, epoch=1))
     assert [a + b for a, b in zip(*two)] == glob  # ranks split each global batch
+    # len() is each rank's count of batches: with drop_last=False the last short global batch may leave a rank none
+    for n, w, skip, drop in [(10, 2, 0, False), (11, 3, 1, False), (9, 2, 3, True), (12, 3, 0, False)]:
+        for r in range(w):
+            s = EpochBatches(n, 4, rank=r, world=w, skip=skip, drop_last=drop, shuffle=False)
+            assert len(s) == len(list(s)), (n, w, skip, drop, r)
 
 
 # ---------------------------------------------------------------------------- learning

@@ -7,7 +7,6 @@ was consumed sees exactly the batches and crops the uninterrupted job would have
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterator
 
 import torch
@@ -49,8 +48,12 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
                 yield [(epoch, i) for i in part]
 
     def __len__(self) -> int:
+        """This rank's batches (``__iter__``'s count: the last global batch may leave a rank nothing)."""
         step = self.batch_size * self.world
-        return (self.n - self.skip) // step if self.drop_last else math.ceil((self.n - self.skip) / step)
+        if self.drop_last:
+            return max(0, self.n - self.skip) // step
+        last = (self.n - self.skip) % step  # examples of the last, short global batch
+        return (self.n - self.skip) // step + (last > self.rank * self.batch_size)
 
 
 def epoch_loader(dataset: Dataset, collate: Callable, batch_size: int, *, seed: int = 0, shuffle: bool = True,
