@@ -83,6 +83,8 @@ def weights_phrase(what: str, mode: str) -> str:
 
     if mode == "pretrained":
         return ""
-    if mode in ("demo", DEMO_LABEL, "random"):
-        return f"{what}: {DEMO_LABEL}" if mode != "random" else f"random {what} weights"
+    if mode == "random":
+        return f"random {what} weights"
+    if mode in ("demo", DEMO_LABEL):
+        return f"{what}: {DEMO_LABEL}"
     return f"{what}: weights from {weights_arg(mode)}"  # a file given by path (the mode) or its label
