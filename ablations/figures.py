@@ -33,7 +33,7 @@ def _draw(grid: Grid, cells: list[Cell], run: RunConfig, caption: str, out_dir: 
         return layer_losses(grid, runs, caption, out_dir) if runs else []
     if grid.figure == "reward_curves":
         runs = {r.label: c.dir / "aligned" for c in cells for r in c.rows if (c.dir / "aligned.done").is_file()}
-        return reward_curves(runs, out_dir) if runs else []
+        return reward_curves(runs, caption, out_dir) if runs else []
     if grid.figure == "metrics":
         return metric_bars(grid, outcomes, caption, out_dir)
     return []
@@ -80,11 +80,12 @@ def layer_losses(grid: Grid, runs: dict[str, Path], caption: str, out_dir: Path)
     return style.save_figure(fig, out_dir, grid.name)
 
 
-def reward_curves(runs: dict[str, Path], out_dir: Path) -> list[Path]:
-    """Figure 5: stage-2 reward curves, each labelled with its (FD, CLAP) when evaluated (the figure's note
-    names the runs' weights itself)."""
+def reward_curves(runs: dict[str, Path], caption: str, out_dir: Path) -> list[Path]:
+    """Figure 5: stage-2 reward curves, each labelled with its (FD, CLAP) when evaluated; the note says the scale
+    (``caption``) and the runs' weights."""
     from analysis.reward_curves import draw_curves
 
-    # a run whose evaluation is pending or failed is drawn without its (FD, CLAP), not an error for the figure
-    results = [r.parent / "eval" / "results.json" for r in runs.values()]
-    return draw_curves(list(runs.values()), list(runs), [p if p.is_file() else "" for p in results], out_dir)
+    # a run whose evaluation is pending or failed is drawn without its (FD, CLAP), not an error for the figure; a
+    # results.json without the done marker is an earlier evaluation's
+    results = [r.parent / "eval" / "results.json" if (r.parent / "eval.done").is_file() else "" for r in runs.values()]
+    return draw_curves(list(runs.values()), list(runs), results, out_dir, caption=caption)

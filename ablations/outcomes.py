@@ -40,17 +40,21 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
     mine = {k: s for k, s in states.items()
             if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}", f"data-{did}", f"latents-{did}-"))}
     bad = [s for s in mine.values() if s.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}]
-    results = steps.result_path(cell.dir)
-    if not results.is_file():
+    results, done = steps.result_path(cell.dir), cell.dir / "eval.done"
+    # the done marker is written last: a results.json without it is an earlier evaluation's, of a cell whose
+    # evaluation runs again now (or failed again)
+    if not (results.is_file() and done.is_file()):
         if bad:
             return Outcome({}, "failed", f"{bad[0].key}: {bad[0].log}")
         return Outcome({}, "pending")
+    sizes = {col: _params(cell, col) for col in ("#Parameter", "#Single Para.", "#Train Parameter")
+             if col in grid.columns}
     try:
-        out = from_results(_results(results, cell.dir / "eval.done"), grid)
+        out = from_results(_results(results, done), grid)
     except DataError as e:  # this row only: the table keeps the others
-        return Outcome({}, "failed", str(e))
-    if out.status != "ok":
-        return out
+        return Outcome(sizes, "failed", str(e))
+    if out.status != "ok":  # itg: its size still printed beside it, as the paper prints 12-1's
+        return Outcome(sizes, out.status, out.reason)
     values = dict(out.values)
     if {"Loss Mean", "Loss Ratio"} & set(grid.columns):
         from analysis.convergence import loss_stats
@@ -60,10 +64,7 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
         except DataError as e:  # a training log without a layer's CE: this row only, as above
             return Outcome({}, "failed", str(e))
         values.update({"Loss Mean": stats["loss_mean"], "Loss Ratio": stats["loss_ratio"]})
-    for col in ("#Parameter", "#Single Para.", "#Train Parameter"):
-        if col in grid.columns:
-            values[col] = _params(cell, col)
-    return Outcome(values, reward_metric=out.reward_metric)
+    return Outcome({**values, **sizes}, reward_metric=out.reward_metric)
 
 
 def from_results(res: dict, grid: Grid) -> Outcome:
@@ -92,7 +93,7 @@ def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
         folder = calibration_dir(run, cells[0], kind)
         results = folder / "results.json"
         state = states.get(f"calib-{calibration_id(cells[0].cfg)}/{kind}")
-        if not results.is_file():
+        if not (results.is_file() and folder.with_suffix(".done").is_file()):  # as a cell's: done marker last
             failed = state is not None and state.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}
             out[label] = Outcome({}, "failed", f"{state.key}: {state.log}") if failed else Outcome({}, "pending")
             continue

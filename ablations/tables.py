@@ -60,15 +60,15 @@ def _fmt(v: Any) -> str:
 
 def _ranks(df: pd.DataFrame, col: str) -> dict[int, int]:
     """Rank (0 best, 1 second) of each row index within its source block, for scored columns. Ranked on the
-    values as printed (two decimals), so equal numbers (two rows of one cell, as Base and Large at scale=demo)
-    share their mark and the next value is second."""
+    values as printed (``_fmt``'s two decimals; pandas' round() differs at halves), so equal numbers (two rows of
+    one cell, as Base and Large at scale=demo) share their mark and the next value is second."""
     if col in DESCRIPTIVE:
         return {}
     out = {}
     for name, block in df.groupby("Source", sort=False):
         if name == CALIBRATION:
             continue
-        vals = pd.to_numeric(block[col], errors="coerce").dropna().round(2)
+        vals = pd.to_numeric(block[col], errors="coerce").dropna().map(lambda v: float(_fmt(float(v))))
         best = sorted(set(vals), reverse=col not in LOWER_IS_BETTER)[:2]
         out.update({i: best.index(v) for i, v in vals.items() if v in best})
     return out
@@ -80,7 +80,8 @@ def _cells(df: pd.DataFrame, grid: Grid, mark, dagger: str) -> list[tuple[str, s
     ranks = {c: _ranks(df, c) for c in grid.columns}
     out = []
     for i, r in df.iterrows():
-        status = None if r["Status"] == "ok" else r["Status"] + (f" ({r['Note']})" if r["Note"] else "")
+        note = f" ({r['Note']})" if r["Note"] else ""
+        status = None if r["Status"] == "ok" else " ".join((r["Status"] + note).split())  # one line: a Markdown row
         marked = set(str(r["Reward = metric"] or "").split(","))
         out.append((r["Setting"], r["Source"], status,
                     [mark(_fmt(r[c]), ranks[c].get(i)) + (dagger if c in marked else "") for c in grid.columns]))
@@ -103,15 +104,23 @@ def to_markdown(df: pd.DataFrame, grid: Grid, caption: str) -> str:
     lines = [f"**{grid.name}**: {grid.title}", "", f"_{caption}_", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, source, status, vals in _cells(df, grid, mark, REWARD_MARK):
-        vals = vals[:lead] + [status] + [""] * (len(vals) - lead - 1) if status else vals
-        lines.append("| " + " | ".join([label, source, *vals]) + " |")
+        vals = vals[:lead] + [_md(status)] + [""] * (len(vals) - lead - 1) if status else vals
+        lines.append("| " + " | ".join([_md(label), source, *vals]) + " |")
     lines += ["", *[f"- {n}" for n in grid.notes], *([f"- {REWARD_MARK} {REWARD_NOTE}"] if _reward_note(df) else [])]
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _md(s: str) -> str:
+    """A table cell's text (a failure note may hold a '|', which ends the cell)."""
+    return str(s).replace("|", r"\|")
+
+
+TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
+       "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
 def _tex(s: str) -> str:
-    return s.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_") \
-        .replace("#", r"\#")
+    return "".join(TEX.get(ch, ch) for ch in s)
 
 
 def to_latex(df: pd.DataFrame, grid: Grid, caption: str) -> str:

@@ -12,6 +12,7 @@ CLAP already x100).
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,8 @@ def _spread(ys: list[float], gap: float) -> list[float]:
 
 
 def plot(curves: list[dict], smooth: float, note: str = ""):
+    """The curves as drawn: each run's reward smoothed by a bias-corrected EMA of weight ``smooth`` (the axis says
+    so; rewards.csv has the raw and smoothed values)."""
     fig, ax = style.figure(style.COLUMN, 0.75)
     colors = style.class_colors(max(len(curves), 1))
     ends = []
@@ -109,7 +112,7 @@ def plot(curves: list[dict], smooth: float, note: str = ""):
         ax.annotate(text, xy, xytext=(3, dy), textcoords="offset points", fontsize=5, color=color, va="center")
     ax.set_xlabel("RL step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 ticks on a 4-step run
-    ax.set_ylabel("Reward (mean cosine)")
+    ax.set_ylabel(f"Reward (mean cosine, EMA {smooth:g})" if smooth else "Reward (mean cosine)")
     ax.legend()
     style.note(fig, note)
     return fig
@@ -129,15 +132,17 @@ def run(cfg: RewardCurvesConfig) -> list:
 
 def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | Path], folder: Path,
                 reward_key: str = "reward_mean", fd_key: str = "fd", clap_key: str = "clap",
-                smooth: float = 0.9) -> list[Path]:
-    """Figure 5 from stage-2 runs (one label and optional results.json each): CSVs and the figure."""
+                smooth: float = 0.9, caption: str = "") -> list[Path]:
+    """Figure 5 from stage-2 runs (one label and optional results.json each): CSVs and the figure, whose note is
+    ``caption`` (a grid's scale and weights) and the runs' weights."""
     curves, rows, summary = [], [], []
     for r, label, res in zip(runs, labels, results):
         steps, reward = reward_curve(r, reward_key)
         path = find_results(r, str(res) if res else "")
         fd = read_metric(path, fd_key) if path else None
         clap = read_metric(path, clap_key) if path else None
-        pair = f"({fd:.2f}, {clap:.2f})" if fd is not None and clap is not None else ""
+        itg = bool(path) and json.loads(Path(path).read_text()).get("status") == "itg"  # no audio, no metrics
+        pair = "(itg)" if itg else f"({fd:.2f}, {clap:.2f})" if fd is not None and clap is not None else ""
         if path and not pair:
             log.warning("%s has no '%s'/'%s' metric; adjust fd_key= / clap_key=", path, fd_key, clap_key)
         curves.append(dict(label=label, steps=steps, reward=reward, pair=pair))
@@ -147,9 +152,9 @@ def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | P
                             mean_last_10pct=float(reward[-max(1, len(reward) // 10):].mean()),
                             FD=fd, CLAP=clap, results=str(path or "")))
         log.info("%s: %d steps, last reward %+.4f%s", label, len(steps), reward[-1],
-                 f", (FD, CLAP) = {pair}" if pair else ", no results.json")
+                 f", (FD, CLAP) = {pair}" if pair else ", no (FD, CLAP)" if path else ", no results.json")
     written = [write_csv(folder / "rewards.csv", rows), write_csv(folder / "summary.csv", summary)]
-    note = "; ".join(sorted({weights_note(r) for r in runs if Path(r).is_dir()} - {""}))
+    note = "; ".join([caption] * bool(caption) + sorted({weights_note(r) for r in runs if Path(r).is_dir()} - {""}))
     written += style.save_figure(plot(curves, smooth, note), folder, "fig5_rewards")
     return written
 

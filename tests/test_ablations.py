@@ -279,6 +279,45 @@ def test_a_row_names_its_failed_data_job_and_a_bad_training_log(tmp_path):
     assert got.status == "failed" and "layers" in got.reason, got
 
 
+def test_a_results_json_without_its_done_marker_is_not_the_rows_result(tmp_path):
+    # an evaluation run again (its eval.done deleted, as the fix messages say) that fails or is still running left
+    # the former results.json, and the table printed and ranked those numbers as the row's result
+    from ablations.outcomes import outcome
+    from ablations.pipeline import JobState
+
+    run = parse(["grid=table6", "rows=12-1", f"out={tmp_path}"])
+    grid, cell = load_grid("table6"), cells_of(load_grid("table6"), run)[0]
+    (cell.dir / "eval").mkdir(parents=True)
+    (cell.dir / "eval" / "results.json").write_text(json.dumps({"metrics": {"fd": 1.0, "isc": 1.0, "clap": 1.0}}))
+    failed = {f"{cell.id}/eval": JobState(f"{cell.id}/eval", "FAILED", log="eval.log")}
+    assert outcome(cell, grid, run, failed).status == "failed"
+    assert outcome(cell, grid, run, {f"{cell.id}/eval": JobState(f"{cell.id}/eval", "RUNNING")}).status == "pending"
+    # an itg row keeps its size beside the status, as the paper prints 12-1's 140M
+    (cell.dir / "eval" / "results.json").write_text(json.dumps({"status": "itg", "reason": "non-finite logits"}))
+    (cell.dir / "eval.done").touch()
+    got = outcome(cell, grid, run, {})
+    size = got.values[grid.columns[0]]  # "#Single Para."
+    assert got.status == "itg" and size.endswith("M")
+    line = next(l for l in to_markdown(build_frame(grid, {"12-1": got}, "ours"), grid, "c").splitlines()
+                if l.startswith("| 12-1 | ours"))
+    assert line.split("|")[3].strip() == size and "itg (non-finite logits)" in line
+
+
+def test_tables_escape_notes_and_rank_on_the_printed_digits():
+    # a failure note with '|' or a line break broke its Markdown row, and '$', '{', '^' its LaTeX; pandas' round()
+    # ranks 2.675 above 2.67 though both print 2.67 (f"{2.675:.2f}" is "2.67")
+    grid = load_grid("table6")
+    outcomes = {"1-12": Outcome({"FD": 2.675}), "2-6": Outcome({"FD": 2.67}), "4-3": Outcome({"FD": 3.0}),
+                "6-2": Outcome({}, "failed", "a | b\nc $x^2$ {d} ~")}
+    df = build_frame(grid, outcomes, "ours")
+    md = to_markdown(df, grid, "c")
+    rows = {l.split("|")[1].strip(): l for l in md.splitlines() if "| ours |" in l}
+    assert "**2.67**" in rows["1-12"] and "**2.67**" in rows["2-6"] and "<u>3.00</u>" in rows["4-3"]
+    assert r"failed (a \| b c $x^2$ {d} ~)" in rows["6-2"]
+    tex = to_latex(df, grid, "c")
+    assert r"failed (a | b c \$x\textasciicircum{}2\$ \{d\} \textasciitilde{})" in tex
+
+
 def _preempted_step():
     from ablations.steps import Preempted
 

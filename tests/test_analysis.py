@@ -641,20 +641,30 @@ def test_reward_curves_command(tmp_path, figure_texts):
                    [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
 
 
-def test_figure5_draws_a_run_whose_evaluation_is_pending(tmp_path):
+def test_figure5_draws_a_run_whose_evaluation_is_pending(tmp_path, figure_texts):
     """The grid's Figure 5 passed each aligned run's eval/results.json by name, so a run aligned but not yet
-    (or never) evaluated made the whole figure an error instead of a curve without its (FD, CLAP)."""
+    (or never) evaluated made the whole figure an error instead of a curve without its (FD, CLAP). A results.json
+    without its done marker (an earlier evaluation, the cell evaluated again now) is not this run's; an itg run is
+    labelled itg (it was "no 'fd'/'clap' metric; adjust fd_key="), and the note says the grid's scale."""
     from ablations.figures import reward_curves as grid_curves
 
     runs = {}
-    for name in ("evaluated", "pending"):
+    for name in ("evaluated", "pending", "stale", "itg"):
         write_jsonl(tmp_path / name / "aligned" / "rl" / "log.jsonl", [{"step": s, "reward_mean": 0.1 * s}
                                                                         for s in range(1, 4)])
         runs[name] = tmp_path / name / "aligned"
-    (tmp_path / "evaluated" / "eval").mkdir()
-    (tmp_path / "evaluated" / "eval" / "results.json").write_text(json.dumps({"metrics": {"fd": 1.5, "clap": 2.5}}))
-    grid_curves(runs, tmp_path / "fig")
-    assert pd.read_csv(tmp_path / "fig" / "summary.csv")["FD"].isna().tolist() == [False, True]
+        if name != "pending":
+            (tmp_path / name / "eval").mkdir()
+            res = {"status": "itg", "reason": "x", "metrics": {}} if name == "itg" else \
+                {"metrics": {"fd": 1.5, "clap": 2.5}}
+            (tmp_path / name / "eval" / "results.json").write_text(json.dumps(res))
+        if name in ("evaluated", "itg"):
+            (tmp_path / name / "eval.done").write_text("{}")
+    written = grid_curves(runs, "scale=demo; demo weights (trained on the embedded set)", tmp_path / "fig")
+    assert pd.read_csv(tmp_path / "fig" / "summary.csv")["FD"].isna().tolist() == [False, True, True, True]
+    texts = figure_texts["fig5_rewards"]
+    assert written and "(itg)" in texts and "scale=demo" in texts and "EMA 0.9" in texts
+    assert texts.count("(1.50, 2.50)") == 1  # the evaluated run's pair; not the stale one's
 
 
 def test_reward_curves_end_labels_do_not_overprint():

@@ -7,7 +7,7 @@ _SIREN = {"model.size": "isolated-1.6b", "model.distribution": "6-2", "model.con
 
 GRID = Grid(
     name="figure5",
-    title="Rewards changing curves among different reinforcement learning strategies.",
+    title="Rewards (ImageBind Cosine) changing curves among different reinforcement learning strategies.",
     columns=("FD", "CLAP"),
     rows=(
         Row("RL (anti-causal)", {**_SIREN, "rl.method": "grpo", "rl.align": "anti_causal", "rl.n": 1},
@@ -17,4 +17,6 @@ GRID = Grid(
             {"FD": 12.27, "CLAP": 18.31}),
     ),
     figure="reward_curves",
+    notes=("The paper's text prints no (FD, CLAP) pairs for Figure 5: its RL rows here are Table 7's for the same "
+           "settings (Anti-Causal, 1 model; Causal, 1 model); DPO's has none.",),
 )
