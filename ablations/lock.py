@@ -61,8 +61,9 @@ def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                # no details: `holder`'s brief shared lock (action=status asking), or a holder about to write them
-                if _read(fd) or time.monotonic() > deadline:
+                # held by `holder`'s brief shared lock (action=status asking: the details then are a dead holder's,
+                # if any), or by a holder, who has written its details or is about to: refused after the grace
+                if time.monotonic() > deadline:
                     raise LockHeld(f"{path}: held by {describe(_read(fd))}; {fix}") from None
                 time.sleep(0.05)
                 continue

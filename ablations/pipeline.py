@@ -53,6 +53,7 @@ class Job:
     mem_gb: float = 4
     timeout_min: int = 60
     array: str = ""  # jobs of one name (with equal resources and dependencies) go to SLURM as one job array
+    output: Path | None = None  # what the done marker vouches for (a folder or file): deleted, the job is not done
     rows: str = ""  # the table rows whose outcome it is (evaluations, alignments), for the status lines
 
 
@@ -148,6 +149,10 @@ class Ledger:
     def state(self, job: Job) -> JobState:
         if job.done.is_file():
             rec = self.get(job.key) or {}
+            if job.output is not None and not job.output.exists():  # the marker alone would be DONE for good
+                return JobState(job.key, "FAILED", rec.get("job_id", ""),
+                                f"{job.done} exists but its output {job.output} is gone: delete {job.done} and run "
+                                f"the grid again")
             return JobState(job.key, "DONE", rec.get("job_id", ""), "")
         rec = self.get(job.key)
         running = lock.holder(_job_lock(job.done))
@@ -347,8 +352,13 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                     sj.result()
                     states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
                 except Exception as e:  # the job's own error; its log has the traceback
-                    states[job.key] = JobState(job.key, "FAILED", str(sj.job_id),
-                                               f"{sj.paths.stderr} ({_job_error(job, e, started)})", submitted=True)
+                    other = lock.holder(_job_lock(job.done))
+                    if other:  # refused its lock: a copy started by a launcher killed before this one (its jobs go on)
+                        states[job.key] = JobState(job.key, "RUNNING", str(sj.job_id),
+                                                   f"running: {lock.describe(other)}", submitted=True)
+                    else:
+                        states[job.key] = JobState(job.key, "FAILED", str(sj.job_id),
+                                                   f"{sj.paths.stderr} ({_job_error(job, e, started)})", submitted=True)
                 progress.finished(job, states[job.key], time.time() - started, below[job.key])
             if running and not finished:
                 time.sleep(0.1)  # at 0.5 s a freed slot idled ~0.25 s on average, per job (33 in the demo Table 6)
@@ -410,6 +420,10 @@ class _Progress:
         name = f"{job.key} ({job.rows})" if job.rows else job.key
         if st.state == "DONE":
             log.info("[%d/%d] %s done in %.0f s", self.ended, self.todo, name, seconds)
+            return
+        if st.state == "RUNNING":
+            log.warning("[%d/%d] %s is already %s; this run does not wait for it (run the grid again when it ends)",
+                        self.ended, self.todo, name, st.log)
             return
         after = " the jobs that need it will not start;" if waited_on else ""
         log.error("[%d/%d] %s failed after %.0f s:%s retry=true runs it again. %s", self.ended, self.todo, name,

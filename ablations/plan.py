@@ -100,6 +100,7 @@ def parse(argv: list[str]) -> RunConfig:
     if cfg.executor == "slurm":
         load_profile(cfg.profile)  # a missing profile names the available ones before anything runs
     check_folder(cfg.out, "out")  # action=status and table write there too
+    check_folder(cfg.root, "out")  # <out>/<scale>: a file there was a NotADirectoryError
     grid = load_grid(cfg.grid)  # names the valid grids if this one does not exist
     labels = [r.label for r in grid.rows]
     unknown = pick_rows(cfg.rows, labels)[1]
@@ -244,7 +245,8 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         ref, prompts, subset = data_paths(cell.cfg, prepared)
         prep = f"data-{did}"
         jobs.setdefault(prep, Job(prep, steps.prepare_step, dict(data_dir=str(prepared), cfg=cell.cfg),
-                                  prepared / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60))
+                                  prepared / "prepared.done", cpus=2, mem_gb=run.mem_gb, timeout_min=24 * 60,
+                                  output=prepared / "splits"))
         stage1 = stage1_dir(cell, run)
         trains = [f"stage1-{stage1.name}/expert_{k}" for k in range(cell.n_experts)]
         before_train = [prep]
@@ -254,26 +256,28 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             jobs.setdefault(before_train[0], Job(before_train[0], steps.latents_step,
                                                  dict(data_dir=str(prepared), cfg=cell.cfg, dim=dim),
                                                  prepared / f"latents-{dim}.done", deps=[prep], cpus=2,
-                                                 mem_gb=run.mem_gb, timeout_min=24 * 60))
+                                                 mem_gb=run.mem_gb, timeout_min=24 * 60,
+                                                 output=prepared / "latents" / f"pca{dim}.json"))
         for k, key in enumerate(trains):
             jobs.setdefault(key, Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1),
                                                                  data_dir=str(prepared), expert=k),
                                      stage1 / f"expert_{k}.done", deps=before_train,
-                                     timeout_min=run.train_timeout_min,
+                                     timeout_min=run.train_timeout_min, output=stage1 / f"expert_{k}",
                                      array=f"stage1-{stage1.name}", **res))
         model_dir, before_eval = stage1, trains
         if "rl.method" in cell.cfg:
             model_dir, key = cell.dir / "aligned", f"{cell.id}/align"
             jobs[key] = Job(key, steps.align_step, dict(cfg=cell.cfg, stage1_dir=str(stage1), out=str(model_dir),
                                                         prompts=prompts),
-                            cell.dir / "aligned.done", deps=trains, timeout_min=run.train_timeout_min,
+                            cell.dir / "aligned.done", deps=trains, timeout_min=run.train_timeout_min, output=model_dir,
                             rows=rows, **res)
             before_eval = [key]
         key = f"{cell.id}/eval"
         ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg
         jobs[key] = Job(key, steps.eval_step,
                         dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
-                        cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, rows=rows, **res)
+                        cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, rows=rows,
+                        output=cell.dir / "eval" / "results.json", **res)
         # Calibration rows, once per data config (codec, test set). They read only the test clips (or a user's
         # test manifest) and the codec, so they need not wait for prepare: at demo scale a job of seconds writes
         # the demo set for them, beside prepare, which writes the same files itself (siren.data.demo: identical
@@ -289,7 +293,8 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
             key, folder = f"calib-{calibration_id(cell.cfg)}/{kind}", calibration_dir(run, cell, kind)
             jobs.setdefault(key, Job(key, steps.calibration_step, dict(cfg=cell.cfg, kind=kind, ref=ref, subset=subset,
                                                                        out=str(folder)),
-                                     folder.with_suffix(".done"), deps=calib_deps, timeout_min=12 * 60, **res))
+                                     folder.with_suffix(".done"), deps=calib_deps, timeout_min=12 * 60,
+                                     output=folder / "results.json", **res))
             calib_deps = [*source, key]
     return list(jobs.values())
 

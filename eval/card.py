@@ -8,6 +8,7 @@ printed table say so in capitals.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -43,8 +44,10 @@ def code_version() -> str:
     """``git describe --always --dirty`` of the checkout this code runs from, else the installed package version."""
     root = Path(__file__).resolve().parents[1]
     try:
+        # GIT_OPTIONAL_LOCKS=0: --dirty refreshes the index under .git/index.lock otherwise, a write into the
+        # checkout that a git command of the user's at that moment fails on
         r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
-                           capture_output=True, text=True, timeout=10)
+                           capture_output=True, text=True, timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
         if r.returncode == 0 and r.stdout.strip():
             return f"git {r.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):

@@ -353,6 +353,48 @@ def test_a_job_starting_while_its_lock_is_probed_waits_for_the_probe(tmp_path, m
     with pytest.raises(lock.LockHeld), lock.hold(path, "job x", "wait"):  # a lock that stays: still refused
         pass
     os.close(probe)
+    # the same probe on a lock file that still names a dead holder (kill -9 leaves its details): the job was refused
+    # at once, "held by ... pid 999999", instead of waiting the probe out
+    path.write_text(json.dumps({"what": "job x", "pid": 999999, "host": "othernode", "started": "then"}))
+    probe = os.open(path, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.1, os.close, [probe]).start()
+    with lock.hold(path, "job x", "wait"):
+        assert lock.holder(path)["pid"] == os.getpid()
+
+
+def quick_job() -> None:
+    pass
+
+
+def test_a_job_a_killed_launcher_left_running_is_reported_running_not_failed(tmp_path, caplog, monkeypatch):
+    # a launcher killed and run again at once started a second copy of a job whose first copy (the killed
+    # launcher's, still starting) took the lock first: the copy refused its lock was reported FAILED
+    from ablations import lock
+
+    job = pipeline.Job("x", quick_job, {}, tmp_path / "x.done")
+    real, asked = lock.holder, []
+
+    def holder(path):  # the launcher's first look: the other copy had not taken its lock yet
+        asked.append(path)
+        return None if len(asked) <= 2 else real(path)
+
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 0.1)
+    monkeypatch.setattr(lock, "holder", holder)
+    with lock.hold(pipeline._job_lock(job.done), "job x.done", "wait"), \
+            caplog.at_level(logging.INFO, logger="ablations.pipeline"):
+        states = pipeline.run_local([job], tmp_path, "debug", retry=False, max_parallel=1)
+    assert states["x"].state == "RUNNING" and f"pid {os.getpid()}" in states["x"].log
+    assert "is already running" in caplog.text and "failed" not in caplog.text
+    assert not pipeline._failed_marker(job.done).exists()
+
+
+def test_a_done_marker_whose_output_is_gone_is_not_done(tmp_path):
+    # results.json deleted, eval.done kept: DONE for good, and the table's row "pending" forever
+    job = pipeline.Job("e", quick_job, {}, tmp_path / "eval.done", output=tmp_path / "eval" / "results.json")
+    job.done.write_text("{}")
+    st = pipeline.Ledger(tmp_path).state(job)
+    assert st.state == "FAILED" and f"delete {job.done} and run the grid again" in st.log
 
 
 def failing_job(value: int) -> None:
@@ -571,6 +613,7 @@ def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(
     cell = cells_of(load_grid("table6"), parse(grid))[0].dir
     (cell / "eval").mkdir(parents=True)
     (cell / "eval" / "results.json").write_text('{"metrics": {"fd": 1.0')  # cut off
+    (cell / "eval.done").write_text("{}")  # a finished evaluation's file, damaged since
     assert call(main, [*grid, "action=table"]) == 0
     row = next(l for l in (tmp_path / "demo" / "tables" / "table6.md").read_text().splitlines() if "| 1-12 | ours" in l)
     assert "failed" in row
