@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +298,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         run_cfg = read_run_config(cfg.ckpt)
     out = output_dir(cfg)
     check_folder(out, "out")
+    # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
+    # them in results.json, read as its own
+    if (out / "results.json").is_file():
+        os.replace(out / "results.json", out / "results.previous.json")
     models = backbones(cfg)
     gen_card, gen_dir = {}, cfg.gen_dir
     if cfg.ckpt:

@@ -258,9 +258,15 @@ def test_identical_folders_give_zero_distances_and_kl(cli_run, sets):
 def test_mismatched_ids_are_listed(sets, tmp_path):
     root, manifest, ids = sets
     write_set(tmp_path, ids[1:] + ["stranger"], seed=5)
-    cfg = EvalConfig(gen_dir=str(tmp_path), ref=str(manifest), weights="random", metrics="kl")
+    cfg = EvalConfig(gen_dir=str(tmp_path), ref=str(manifest), weights="random", metrics="kl",
+                     out=str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text('{"metrics": {"kl": 1.0}}')  # an earlier evaluation's
     with pytest.raises(ManifestError) as e:
         evaluate(cfg)
+    # the failed run does not leave the earlier results as its own; they are kept beside
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert (tmp_path / "out" / "results.previous.json").read_text() == '{"metrics": {"kl": 1.0}}'
     assert f"missing 1: {ids[0]}" in str(e.value) and "extra 1 (not in the reference set): stranger" in str(e.value)
     # the missing clip under another case or format is named (it was "missing" only)
     (tmp_path / "stranger.wav").rename(tmp_path / f"{ids[0].upper()}.WAV")
