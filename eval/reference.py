@@ -70,7 +70,7 @@ def match_generated(gen_dir: str | Path, ids: list[str], subset: bool = False) -
     gen_dir = Path(gen_dir)
     if not gen_dir.is_dir():
         raise ManifestError(f"gen_dir {gen_dir} is not a folder")
-    wavs = [p for p in gen_dir.iterdir() if p.suffix == ".wav"]
+    wavs = [p for p in gen_dir.iterdir() if p.suffix == ".wav" and not p.name.startswith(".")]  # as glob("*.wav")
     odd = [p.name for p in wavs if not p.is_file()]  # read, a folder fails in libsndfile and a pipe blocks
     if odd:
         raise ManifestError(f"{gen_dir}: {len(odd)} .wav name(s) that are not files (a folder, a pipe, a link to "
@@ -83,7 +83,8 @@ def match_generated(gen_dir: str | Path, ids: list[str], subset: bool = False) -
         if missing:
             msg.append(f"  missing {len(missing)}: {_show(missing)}")
             lost = {i.lower() for i in missing}  # the same name in another case or format: say so
-            near = sorted(p.name for p in gen_dir.iterdir() if p.suffix != ".wav" and p.stem.lower() in lost)
+            near = sorted(p.name for p in gen_dir.iterdir() if p.suffix != ".wav" and p.stem.lower() in lost
+                          and not p.name.startswith("."))
             if near:
                 msg.append(f"  under other names there: {_show(near)} (clips are read as <id>.wav: rename or "
                            f"convert them)")

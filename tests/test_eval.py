@@ -262,6 +262,7 @@ def test_mismatched_ids_are_listed(sets, tmp_path):
                      out=str(tmp_path / "out"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.json").write_text('{"metrics": {"kl": 1.0}}')  # an earlier evaluation's
+    (tmp_path / f"._{ids[1]}.wav").write_bytes(b"\0")  # macOS's AppleDouble file: hidden, not a clip (glob's rule)
     with pytest.raises(ManifestError) as e:
         evaluate(cfg)
     # the failed run does not leave the earlier results as its own; they are kept beside
