@@ -15,8 +15,9 @@ MFU = model FLOPs of a step / time / peak. The model FLOPs are counted, not esti
 ``FlopCounterMode`` over the warm-up step (forward and backward: every matmul, convolution and attention as
 executed, the residual decoder's m+1 positions per frame, the text keys and values on the text tokens, the
 embedding projections once per step; attention as a full T x T product, PaLM's convention, though the causal
-mask halves what a kernel needs). The 6ND rule (6 x parameters x frames) it replaces was 8-11% low for this
-expert and up to 3x high for small presets, whose parameters are mostly the 12 x d x 1024 embedding tables.
+mask halves what a kernel needs). The 6ND rule (6 x parameters x frames) it replaces was 11.7% low for this
+expert at 16 x 500 frames (9% with attention counted causal) and up to 3x high for small presets, whose
+parameters are mostly the 12 x d x 1024 embedding tables.
 Peak bf16 dense FLOP/s comes from ``peak_tflops=``, else $SIREN_PEAK_TFLOPS, else the table below by GPU name.
 """
 from __future__ import annotations
