@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ablations import pipeline, steps
+from ablations import steps
 from ablations.grid import Grid
-from ablations.pipeline import Job, JobState
+from ablations.ledger import LIVE, Job, JobState
 from ablations.plan import Cell, RunConfig, data_dir, stage1_dir
 from ablations.tables import Outcome
 from siren import io
@@ -39,7 +39,7 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
     did = data_dir(cell.cfg, run.root).name  # its data's jobs too: a failed prepare leaves every row's jobs waiting
     mine = {k: s for k, s in states.items()
             if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}", f"data-{did}", f"latents-{did}-"))}
-    bad = [s for s in mine.values() if s.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}]
+    bad = [s for s in mine.values() if s.state not in LIVE | {"DONE", "MISSING", "BLOCKED"}]
     results, done = steps.result_path(cell.dir), cell.dir / "eval.done"
     # the done marker is written last: a results.json without it is an earlier evaluation's, of a cell whose
     # evaluation runs again now (or failed again)
@@ -94,7 +94,7 @@ def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
         results = folder / "results.json"
         state = states.get(f"calib-{calibration_id(cells[0].cfg)}/{kind}")
         if not (results.is_file() and folder.with_suffix(".done").is_file()):  # as a cell's: done marker last
-            failed = state is not None and state.state not in pipeline.LIVE | {"DONE", "MISSING", "BLOCKED"}
+            failed = state is not None and state.state not in LIVE | {"DONE", "MISSING", "BLOCKED"}
             out[label] = Outcome({}, "failed", f"{state.key}: {state.log}") if failed else Outcome({}, "pending")
             continue
         try:

@@ -20,58 +20,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import submitit
 
 from ablations import lock
+from ablations.ledger import (
+    LIVE,
+    RESUBMITTABLE,
+    Job,
+    JobState,
+    Ledger,
+    failed_marker,
+    job_lock,
+    marker_error,
+)
 from ablations.steps import Preempted
 from siren import cli, io
-from siren.errors import DataError, SchedulerError
+from siren.errors import SchedulerError
 
 log = logging.getLogger(__name__)
 
-FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
-LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "QUEUED"}
-RESUBMITTABLE = FINAL_BAD | {"COMPLETED", "PREEMPTED"}  # ended (a done marker would read DONE), per sacct
-
-
-@dataclass
-class Job:
-    key: str  # unique and stable, e.g. "cell-3f2a9c1d0b7e/train/expert_2"
-    fn: Callable[..., Any]  # module-level function (picklable by reference)
-    kwargs: dict
-    done: Path  # marker the job writes last, on success
-    deps: list[str] = field(default_factory=list)
-    gpus: int = 0
-    cpus: int = 1
-    mem_gb: float = 4
-    timeout_min: int = 60
-    array: str = ""  # jobs of one name (with equal resources and dependencies) go to SLURM as one job array
-    output: Path | None = None  # what the done marker vouches for (a folder or file): deleted, the job is not done
-    rows: str = ""  # the table rows whose outcome it is (evaluations, alignments), for the status lines
-
-
-@dataclass
-class JobState:
-    key: str
-    state: str  # DONE | PENDING | RUNNING | FAILED ... | MISSING (never submitted)
-    job_id: str = ""
-    log: str = ""
-    submitted: bool = False  # by this launcher call
-
-
-def _failed_marker(done: str | Path) -> Path:
-    return Path(f"{done}.failed")
-
-
-def _job_lock(done: str | Path) -> Path:
-    return Path(f"{done}.lock")
 
 
 def _launcher_lock(root: Path):
@@ -88,8 +59,8 @@ def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) 
 
     cli.setup_logging()  # every job's lines in the one format, also steps that call no command's main()
     torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", threads)))
-    failed = _failed_marker(done)
-    with lock.hold(_job_lock(done), f"job {done}", "this job is already running; wait for it or stop it"):
+    failed = failed_marker(done)
+    with lock.hold(job_lock(done), f"job {done}", "this job is already running; wait for it or stop it"):
         if Path(done).is_file():  # a second copy (resubmitted while this one ran) finds the work done
             log.info("%s exists: nothing to do", done)
             return None
@@ -105,73 +76,6 @@ def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) 
         io.write_json(done, {"finished": time.time(),
                              "result": result if isinstance(result, (dict, str, int, float)) else None})
     return result
-
-
-class Ledger:
-    """Where submissions are recorded: <root>/jobs/<key>.json holds executor, job id and folder."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self._slurm: dict[str, submitit.SlurmJob] = {}  # by job id, registered with submitit's sacct watcher
-
-    def track(self, jobs: list[Job]) -> None:
-        """Register every recorded, unfinished SLURM job with submitit's watcher before any state is asked, so one
-        sacct call answers for all (asked one at a time, each newly registered job forced a call: up to one per job)."""
-        for job in jobs:
-            if not job.done.is_file() and (rec := self.get(job.key)) and rec["executor"] == "slurm":
-                self._slurm_job(rec)
-
-    def _slurm_job(self, rec: dict) -> submitit.SlurmJob:
-        if rec["job_id"] not in self._slurm:
-            self._slurm[rec["job_id"]] = submitit.SlurmJob(folder=Path(rec["folder"]), job_id=rec["job_id"])
-        return self._slurm[rec["job_id"]]
-
-    def _path(self, key: str) -> Path:
-        return self.root / "jobs" / f"{key.replace('/', '__')}.json"
-
-    def record(self, key: str, executor: str, job: submitit.Job, folder: Path) -> None:
-        io.write_json(self._path(key), {"executor": executor, "job_id": str(job.job_id), "folder": str(folder),
-                                        "submitted": time.time()})
-
-    def get(self, key: str) -> dict | None:
-        p = self._path(key)
-        if not p.is_file():
-            return None
-        fix = "delete it and run again: the job then counts as never submitted (a finished one keeps its done marker)"
-        rec = io.read_json(p, fix)
-        # what record() wrote: a record damaged or edited into other shapes was a KeyError, and its job id goes
-        # to scancel (an id like --me would cancel every job of the user)
-        if not (isinstance(rec, dict) and isinstance(rec.get("executor"), str) and isinstance(rec.get("folder"), str)
-                and isinstance(rec.get("job_id"), str) and re.fullmatch(r"\w+", rec["job_id"], re.ASCII)):
-            raise DataError(f"{p}: not a job record (executor, job_id of letters, digits and _, folder); {fix}")
-        return rec
-
-    def state(self, job: Job) -> JobState:
-        if job.done.is_file():
-            rec = self.get(job.key) or {}
-            if job.output is not None and not job.output.exists():  # the marker alone would be DONE for good
-                return JobState(job.key, "FAILED", rec.get("job_id", ""),
-                                f"{job.done} exists but its output {job.output} is gone: delete {job.done} and run "
-                                f"the grid again")
-            return JobState(job.key, "DONE", rec.get("job_id", ""), "")
-        rec = self.get(job.key)
-        running = lock.holder(_job_lock(job.done))
-        if running is not None:  # e.g. left running by a launcher that was killed
-            return JobState(job.key, "RUNNING", (rec or {}).get("job_id", ""), f"running: {lock.describe(running)}")
-        if rec is None:
-            return JobState(job.key, "MISSING")
-        jid = rec["job_id"]
-        if rec["executor"] == "slurm":
-            if shutil.which("sacct") is None:  # submitit would warn once per job and answer UNKNOWN
-                return JobState(job.key, "UNKNOWN", jid, "no sacct on PATH: ask from the cluster's login node")
-            sj = self._slurm_job(rec)
-            return JobState(job.key, (sj.state or "UNKNOWN").split()[0], jid, str(sj.paths.stderr))
-        # local/debug jobs do not outlive their launcher (a left-over one holds its lock, above):
-        # a job with no outcome was interrupted
-        failed = _failed_marker(job.done)
-        if failed.is_file():
-            return JobState(job.key, "FAILED", jid, _marker_error(failed))
-        return JobState(job.key, "MISSING", jid, "interrupted; will run again")
 
 
 def _levels(jobs: list[Job]) -> list[list[Job]]:
@@ -352,7 +256,7 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                     sj.result()
                     states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
                 except Exception as e:  # the job's own error; its log has the traceback
-                    other = lock.holder(_job_lock(job.done))
+                    other = lock.holder(job_lock(job.done))
                     if other:  # refused its lock: a copy started by a launcher killed before this one (its jobs go on)
                         states[job.key] = JobState(job.key, "RUNNING", str(sj.job_id),
                                                    f"running: {lock.describe(other)}", submitted=True)
@@ -386,21 +290,13 @@ def _to_start(jobs: list[Job], ledger: Ledger, retry: bool) -> int:
     return sum(v == "start" for v in will.values())
 
 
-def _marker_error(failed: Path) -> str:
-    """The error a failed job wrote in its marker (or that the marker is unreadable: the job still failed)."""
-    try:
-        return str(io.read_json(failed, "")["error"])
-    except (DataError, KeyError, TypeError):
-        return f"failed; its failure marker {failed} is unreadable, see the job's log"
-
-
 def _job_error(job: Job, e: Exception, started: float) -> str:
     """The step's own error, one line: from its failure marker (submitit's error for a local job ends in its log
     paths, not in what went wrong), else the last line of what the executor raised (a job killed before it could
     write the marker)."""
-    failed = _failed_marker(job.done)
+    failed = failed_marker(job.done)
     if failed.is_file() and failed.stat().st_mtime >= started - 1:  # written by this run, not a stale one
-        text = _marker_error(failed)
+        text = marker_error(failed)
     else:
         text = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
     return " ".join(text.split())[:300]
@@ -428,32 +324,3 @@ class _Progress:
         after = " the jobs that need it will not start;" if waited_on else ""
         log.error("[%d/%d] %s failed after %.0f s:%s retry=true runs it again. %s", self.ended, self.todo, name,
                   seconds, after, st.log)
-
-
-def current_states(jobs: list[Job], root: Path) -> dict[str, JobState]:
-    ledger = Ledger(root)
-    ledger.track(jobs)
-    return {j.key: ledger.state(j) for j in jobs}
-
-
-def cancel_slurm(jobs: list[Job], root: Path) -> int:
-    """scancel every recorded SLURM job that may still run: not done and not in a final state (one that sacct
-    does not list yet counts as running); returns how many. A second call, or one after the jobs ended, cancels
-    nothing and says so."""
-    import subprocess
-
-    ledger = Ledger(root)
-    ledger.track(jobs)
-    ids = [rec["job_id"] for j in jobs if (rec := ledger.get(j.key)) and rec["executor"] == "slurm"
-           and ledger.state(j).state not in FINAL_BAD | {"DONE", "COMPLETED"}]
-    if not ids:
-        return 0
-    try:
-        out = subprocess.run(["scancel", "--", *ids], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise SchedulerError("action=cancel needs scancel on PATH: run it where the jobs were submitted from "
-                             "(the cluster's login node)") from None
-    if out.returncode:
-        raise SchedulerError(f"scancel refused to cancel {len(ids)} job(s): "
-                             f"{' '.join((out.stderr or out.stdout).split())[:600]}")
-    return len(ids)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ablations import steps
 from ablations.executors import KINDS, load_profile
 from ablations.grid import MANIFESTS, Grid, Row, cell_id, load_grid
-from ablations.pipeline import Job
+from ablations.ledger import Job
 from ablations.scales import resolve
 from siren.config import check_numbers, load_config
 from siren.errors import ConfigError, DataError

@@ -14,7 +14,7 @@ submitted at once, chained by afterok dependencies; the launcher does not wait.
 """
 from __future__ import annotations
 
-from ablations import figures, outcomes, pipeline
+from ablations import figures, ledger, outcomes, pipeline
 from ablations.grid import load_grid
 from ablations.plan import RunConfig, cells_of, check_manifests, check_prepared, parse, plan
 from ablations.tables import Outcome, build_frame, write_tables
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{grid.name}: {len(grid.rows)} rows -> {len(cells)} cells, {len(jobs)} jobs; scale={run.scale}, "
           f"executor={run.executor}; results under {run.root}")
     if run.action == "cancel":
-        n = pipeline.cancel_slurm(jobs, run.root)
+        n = ledger.cancel_slurm(jobs, run.root)
         print(f"cancelled {n} job(s)" + ("" if n else " (no job recorded on SLURM is pending or running)"))
         return 0
     if run.action == "run":
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             states = pipeline.run_local(jobs, run.root, run.executor, run.retry, run.max_parallel, run.warm)
     else:
-        states = pipeline.current_states(jobs, run.root)
+        states = ledger.current_states(jobs, run.root)
     print("\n".join(outcomes.status_lines(jobs, states)))
     if run.action == "run":
         print(f"submitted {sum(s.submitted for s in states.values())} job(s) in this call")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{grid.name}.{ext}: {p}")
     for p in figures.draw(grid, cells, run, caption, run.root / "figures", {**rows, **calibration}):
         print(f"figure: {p}")
-    failed = [s for s in states.values() if s.state in pipeline.FINAL_BAD | {"FAILED"}]
+    failed = [s for s in states.values() if s.state in ledger.FINAL_BAD | {"FAILED"}]
     if failed:
         print(f"{len(failed)} job(s) failed; see the logs above; `retry=true` resubmits them")
     return 1 if failed else 0

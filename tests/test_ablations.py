@@ -260,8 +260,8 @@ def test_a_row_names_its_failed_data_job_and_a_bad_training_log(tmp_path):
     """A failed prepare left every row's own jobs BLOCKED, and the table said "pending"; a training log
     without a layer's CE (Loss Ratio) raised out of the table builder, losing every row. Both are now the
     row's own "failed" with the reason."""
+    from ablations.ledger import JobState
     from ablations.outcomes import outcome
-    from ablations.pipeline import JobState
     from ablations.plan import data_id, stage1_dir
 
     run = parse(["grid=table6", "rows=1-12", f"out={tmp_path}"])
@@ -282,8 +282,8 @@ def test_a_row_names_its_failed_data_job_and_a_bad_training_log(tmp_path):
 def test_a_results_json_without_its_done_marker_is_not_the_rows_result(tmp_path):
     # an evaluation run again (its eval.done deleted, as the fix messages say) that fails or is still running left
     # the former results.json, and the table printed and ranked those numbers as the row's result
+    from ablations.ledger import JobState
     from ablations.outcomes import outcome
-    from ablations.pipeline import JobState
 
     run = parse(["grid=table6", "rows=12-1", f"out={tmp_path}"])
     grid, cell = load_grid("table6"), cells_of(load_grid("table6"), run)[0]
@@ -328,13 +328,14 @@ def test_a_job_stopped_after_checkpointing_is_interrupted_not_failed(tmp_path):
     """Outside SLURM a SIGTERM makes training checkpoint and the step raise Preempted; the job then wrote a
     failure marker, so a plain re-run skipped it (FAILED wants retry=true). A second copy of a finished job
     (resubmitted while the first ran) found no done check and ran the work again."""
-    from ablations.pipeline import _failed_marker, run_marked
+    from ablations.ledger import failed_marker
+    from ablations.pipeline import run_marked
     from ablations.steps import Preempted
 
     done = tmp_path / "train.done"
     with pytest.raises(Preempted):
         run_marked(_preempted_step, str(done), {}, 1)
-    assert not _failed_marker(done).exists() and not done.exists()
+    assert not failed_marker(done).exists() and not done.exists()
     done.write_text("{}")
     assert run_marked(_preempted_step, str(done), {}, 1) is None  # done: the step is not run again
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ablations import pipeline
+from ablations import ledger, pipeline
 from ablations.lock import LockHeld, hold
 from eval.audio import load_clips
 from siren.codec import HOP
@@ -381,19 +381,19 @@ def test_a_job_a_killed_launcher_left_running_is_reported_running_not_failed(tmp
 
     monkeypatch.setattr(lock, "PROBE_GRACE_S", 0.1)
     monkeypatch.setattr(lock, "holder", holder)
-    with lock.hold(pipeline._job_lock(job.done), "job x.done", "wait"), \
+    with lock.hold(ledger.job_lock(job.done), "job x.done", "wait"), \
             caplog.at_level(logging.INFO, logger="ablations.pipeline"):
         states = pipeline.run_local([job], tmp_path, "debug", retry=False, max_parallel=1)
     assert states["x"].state == "RUNNING" and f"pid {os.getpid()}" in states["x"].log
     assert "is already running" in caplog.text and "failed" not in caplog.text
-    assert not pipeline._failed_marker(job.done).exists()
+    assert not ledger.failed_marker(job.done).exists()
 
 
 def test_a_done_marker_whose_output_is_gone_is_not_done(tmp_path):
     # results.json deleted, eval.done kept: DONE for good, and the table's row "pending" forever
     job = pipeline.Job("e", quick_job, {}, tmp_path / "eval.done", output=tmp_path / "eval" / "results.json")
     job.done.write_text("{}")
-    st = pipeline.Ledger(tmp_path).state(job)
+    st = ledger.Ledger(tmp_path).state(job)
     assert st.state == "FAILED" and f"delete {job.done} and run the grid again" in st.log
 
 
@@ -624,7 +624,9 @@ def test_damaged_grid_records_are_named_and_a_damaged_result_fails_only_its_row(
     assert call(main, [*grid, "action=table"]) == 0
     csv = (tmp_path / "demo" / "tables" / "table6.csv").read_text()
     assert "results.json: not an evaluation's results.json" in csv
-    ledger = pipeline.Ledger(tmp_path / "demo")
+    from ablations.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "demo")
     ledger._path("some/job").parent.mkdir(parents=True)
     ledger._path("some/job").write_text('{"executor": "local"')
     with pytest.raises(DataError, match=r"some__job\.json: not readable JSON .*delete it and run again"):
