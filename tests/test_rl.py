@@ -468,6 +468,27 @@ def test_steps_shortened_to_a_stopped_runs_step_loads_and_below_it_is_refused(st
     siren.load(tmp_path / "b")
 
 
+def test_a_moved_out_resumes_where_it_is(stage1, tmp_path, monkeypatch):
+    """out= was part of the recorded config: a run moved (or resumed through another relative path) was refused.
+    Where things are may change on resume; what they are (the source run, the prompts' digest) may not."""
+    import shutil
+
+    args = ("lr=1e-2", "gamma=0", "ckpt_every=1")
+    run_align(stage1, tmp_path / "a", "steps=1", *args)
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(stage1.parent)  # and the stage-1 run given by a relative path
+    cfg = alignment.parse([f"run_dir={stage1.name}", f"out={tmp_path / 'b'}", "batch=2", "group=4",
+                           "seconds=0.08", "device=cpu", "steps=2", *args])
+    model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
+    trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)
+    alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": CodeMatchReward(0, 0, 256).id})
+    result = alignment.align(cfg, model, s1, PROMPTS, HashedText(), CodeMatchReward(0, 0, 256))
+    assert result.status == "finished" and result.step == 2
+    assert [e["step"] for e in read_log(tmp_path / "b")] == [1, 2]
+    with pytest.raises(ckpt.CheckpointError, match="config.lr"):  # what it trains with still may not change
+        run_align(stage1, tmp_path / "b", "steps=3", "lr=1e-3", "gamma=0", "ckpt_every=1")
+
+
 def test_resume_refuses_other_prompts(stage1, tmp_path):
     """Batches are drawn by step from the prompts list, and only its path was recorded: a resume on an edited
     file trained on other batches under one run's name. The list's digest is recorded and compared (a run set

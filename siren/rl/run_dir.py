@@ -8,6 +8,7 @@ and text-encoder ids, and a second start with another source or reward is refuse
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,8 @@ from siren.config import to_dict
 from siren.errors import ConfigError, SirenError
 from siren.model import CollaborativeModel
 from siren.rl.config import RESUMABLE_CHANGES, AlignConfig
+
+log = logging.getLogger(__name__)
 
 
 def load_stage1(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
@@ -65,9 +68,15 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
         ckpt.check_config({k: v for k, v in saved.items() if k != "config"}, mine, f"{path}",
                           fix="This out= directory belongs to another stage-1 run, reward or prompts file; "
                               "use another out= (or the prompts it was started with).")
+        # where things are may change (a moved or copied out=, another working directory): what they are is
+        # checked above, by the resolved source run, its checkpoints and the prompts' digest
+        moved = ("out", "run_dir") + (("prompts",) if "prompts_sha256" in saved else ())
         ckpt.check_config({"config": saved["config"]}, {"config": json.loads(json.dumps(to_dict(cfg)))}, f"{path}",
-                          ignore=tuple(f"config.{k}" for k in RESUMABLE_CHANGES),
-                          fix="Only these keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
+                          ignore=tuple(f"config.{k}" for k in RESUMABLE_CHANGES + moved),
+                          fix="Only these keys may change on resume: " + ", ".join(RESUMABLE_CHANGES)
+                              + " (and the paths of out=, run_dir= and prompts=, not what they hold).")
+        if saved["config"].get("out") != cfg.out:
+            log.info("%s was set up as out=%s; resuming it here", out, saved["config"].get("out"))
         return
     # what this setup writes before alignment.json: a setup stopped part way leaves only these, and runs again
     ours = {"config.json", *(ckpt.expert_dir(out, k).name for k in range(len(stage1)) if k not in trainable)}
