@@ -164,9 +164,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     (edir / "latest").write_text("step_00000004\n")
     with open(edir / "log.jsonl", "a") as f:
         f.write('{"step": 9, "loss": 0.0}\n{"step": 10, "lo')  # a half-written line from the dead job
+    resumed = shutil.move(resumed, tmp_path / "moved")  # and the run folder moved before the restart
     result = train(tiny_config(resumed, *args), synthetic_data(), handle_signals=False)
     assert result.status == "finished" and result.step == 8
-    got = losses(edir)
+    got = losses(resumed / "expert_0")
     assert [s for s, _ in got] == list(range(1, 9))
     assert got == want
 
