@@ -114,14 +114,23 @@ def fall_back(path: Path) -> str:
     return f"delete {step_dir} and {edir / 'latest'} (the newest complete checkpoint is then used)"
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensor file; with ``sha256`` (recorded at save) its bytes are checked first: safetensors
+    has no checksum of its own, so a flipped byte inside a tensor would load as a slightly other model."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
-        return load_file(str(path))
+        if sha256 is None:  # a checkpoint written before the digests were recorded
+            return load_file(str(path))
+        data = path.read_bytes()
+        if (got := io.sha256(data)) != sha256:
+            raise CheckpointError(f"corrupt checkpoint file {path}: its sha256 is {got[:16]}..., state.json "
+                                  f"recorded {sha256[:16]}... when it was written (a damaged disk or copy, or an "
+                                  f"edit); {fall_back(path)}")
+        return load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
 
@@ -162,10 +171,13 @@ class Checkpoint:
         return int(self.state["step"])
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path / "model.safetensors")
+        return self._tensors("model.safetensors")
 
     def trainer_state(self) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path / "trainer.safetensors")
+        return self._tensors("trainer.safetensors")
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return read_tensors(self.path / name, self.state.get("sha256", {}).get(name))
 
 
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -269,7 +281,8 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
     try:
         io.save_tensors(tmp / "model.safetensors", dict(model_state), {"format": "pt"})
         io.save_tensors(tmp / "trainer.safetensors", dict(trainer_tensors), {"format": "pt"})
-        io.write_json(tmp / "state.json", {**state, "format": FORMAT_VERSION, "step": step})
+        digests = {f: io.sha256_file(tmp / f) for f in ("model.safetensors", "trainer.safetensors")}
+        io.write_json(tmp / "state.json", {**state, "format": FORMAT_VERSION, "step": step, "sha256": digests})
         for f in tmp.iterdir():  # the files' bytes too: the renames below must not outlive them in a node crash
             _fsync(f)
         _fsync(tmp)
