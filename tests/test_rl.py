@@ -471,6 +471,22 @@ def test_steps_shortened_to_a_stopped_runs_step_loads_and_below_it_is_refused(st
     siren.load(tmp_path / "b")
 
 
+def test_a_run_that_aligns_nothing_says_so(stage1, tmp_path, caplog):
+    """A constant reward (every group degenerate) or a gamma no |A| can reach filtered out every rollout of
+    every step: the run ended "finished" with the stage-1 weights, its only trace 'skipped' in the log."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="siren.rl.alignment"):
+        result, _ = run_align(stage1, tmp_path / "o", "steps=2", reward=CodeMatchReward(0, -5, 1))  # always 0
+    assert result.status == "finished"
+    assert "2 of the 2 stage-2 steps run now updated nothing" in caplog.text
+    # with the population std, |A| <= sqrt(G - 1): gamma above it can never be met
+    alignment.parse(["run_dir=a", "out=b", "group=4", f"gamma={3 ** 0.5}"])
+    with pytest.raises(ConfigError, match=r"gamma=1.8 can never be met with group=4: .* sqrt\(group - 1\) = 1.732"):
+        alignment.parse(["run_dir=a", "out=b", "group=4", "gamma=1.8"])
+    alignment.parse(["run_dir=a", "out=b", "group=4", "gamma=1.8", "method=dpo"])  # DPO has no gamma filter
+
+
 def test_a_moved_out_resumes_where_it_is(stage1, tmp_path, monkeypatch):
     """out= was part of the recorded config: a run moved (or resumed through another relative path) was refused.
     Where things are may change on resume; what they are (the source run, the prompts' digest) may not."""

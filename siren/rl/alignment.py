@@ -200,6 +200,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
         if cfg.fixed_every and start % cfg.fixed_every == 0 and \
                 not any(e.get("step") == start and "reward_fixed" in e for e in kept):
             runlog.write({"step": start, "reward_fixed": reward_fixed()})
+        skipped = 0
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             captions = prompt_batch(prompts, step, cfg.batch, cfg.seed)  # Algorithm 3 line 2
@@ -224,6 +225,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             entry.update(update(cfg, policy, opts, params, ro, logp_old, logp_ref, device, where=f"step {step + 1}"))
             entry["time_rollout_s"], entry["time_update_s"] = t1 - t0, time.perf_counter() - t1
             done = step + 1
+            skipped += entry["skipped"]
             if cfg.fixed_every and done % cfg.fixed_every == 0 and stop.signum is None:  # a stop request
                 entry["reward_fixed"] = reward_fixed()  # checkpoints first: the point is skipped, not worth the grace
             bar.update(1)
@@ -238,6 +240,10 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
                 break
         else:
             result = AlignResult("finished", cfg.steps, out)
+        if skipped:  # a constant reward (every group degenerate) or a gamma no rollout meets aligns nothing
+            log.warning("%d of the %d stage-2 steps run now updated nothing: every rollout was left out (every "
+                        "group's rewards equal, or no |A| >= gamma=%g); see 'skipped' and 'degenerate_groups' in %s",
+                        skipped, result.step - start, cfg.gamma, out / "rl" / "log.jsonl")
     return result
 
 

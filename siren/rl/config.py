@@ -39,7 +39,7 @@ class AlignConfig:
     align: str = "anti_causal"  # anti_causal: train the first n experts | causal: the last n (Table 7)
     n: int = 1  # experts trained (1 = Siren, 2 = Table 7 row 2)
     method: str = "grpo"  # grpo (Eq. 10) | dpo (Figure 5)
-    steps: int = 2000  # section 5.1: the first transformer is fine-tuned for 2K more steps
+    steps: int = 2000  # section 5.1: "2K more steps", read as rollout batches (x mu optimiser updates)
     batch: int = 8  # B prompts per step (Algorithm 3 line 2)
     group: int = 8  # G rollouts per prompt (line 4)
     mu: int = 2  # policy updates per rollout batch (line 7); the paper gives none. >= 2 so that the
@@ -96,6 +96,11 @@ class AlignConfig:
         if self.gamma < 0 or self.eps_d <= 0 or self.eps_d >= 1 or self.eps_u <= 0:
             raise ConfigError(f"need gamma >= 0, 0 < eps_d < 1, eps_u > 0; got gamma={self.gamma}, "
                               f"eps_d={self.eps_d}, eps_u={self.eps_u}")
+        if self.method == "grpo" and self.gamma > math.sqrt(self.group - 1):
+            # Eq. 9 with the population std: one rollout apart from G-1 equal ones has the largest |A|, sqrt(G-1)
+            raise ConfigError(f"gamma={self.gamma} can never be met with group={self.group}: |A| is at most "
+                              f"sqrt(group - 1) = {math.sqrt(self.group - 1):.4g}, so every rollout would be "
+                              f"filtered out and nothing aligned. Lower gamma or raise group")
         for key in ("lr", "beta", "kl_coef", "weight_decay", "grad_clip", "seconds", "beta1", "beta2"):
             v = getattr(self, key)
             if not math.isfinite(v) or v < 0:
