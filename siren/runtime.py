@@ -279,15 +279,17 @@ def lr_at(step: int, cfg) -> float:
     """Learning rate of optimiser step ``step`` (0-based) for a config with lr, min_lr, warmup_steps,
     steps, schedule and decay_frac: linear warmup to lr, then either a cosine over all remaining steps that
     lands on min_lr at the last step (``steps - 1``), as the authors' code does, or (wsd) held at lr until the
-    last decay_frac of the steps, then linearly towards min_lr at ``steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    last decay_frac of the steps, then linearly towards min_lr at ``steps``. A warmup longer than the run is
+    cut to it, as the authors' train command does (``min(warmup_steps, total_steps)``): the run reaches lr."""
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "wsd":
-        start = max(cfg.warmup_steps, cfg.steps * (1.0 - cfg.decay_frac))
+        start = max(warmup, cfg.steps * (1.0 - cfg.decay_frac))
         progress = max(0.0, step - start) / max(1.0, cfg.steps - start)
         return cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, progress)
-    decay_steps = cfg.steps - cfg.warmup_steps
+    decay_steps = cfg.steps - warmup
     if decay_steps <= 1:
         return cfg.min_lr
-    progress = min(1.0, (step - cfg.warmup_steps) / (decay_steps - 1))
+    progress = min(1.0, (step - warmup) / (decay_steps - 1))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))

@@ -329,9 +329,9 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         log.warning("expert %d trains on sequences of at most %d frames (%.1f s); generating the paper's 10 s (%d "
                     "frames) runs past the trained positions (README: Length)", k, trained, trained / 50,
                     PAPER_GEN_FRAMES)
-    if tc.warmup_steps >= tc.steps and ranks.main:
-        log.warning("train.warmup_steps=%d >= train.steps=%d: the learning rate only ramps up (peak %.2e)",
-                    tc.warmup_steps, tc.steps, lr_at(tc.steps - 1, tc))
+    if tc.warmup_steps > tc.steps and ranks.main:
+        log.warning("train.warmup_steps=%d > train.steps=%d: the warmup is cut to %d steps (as the authors' code), "
+                    "so the run reaches train.lr only at its last step", tc.warmup_steps, tc.steps, tc.steps)
 
     net = LossOf(model, tc.loss_reduction, tc.loss_layers)
     if ranks.world > 1:

@@ -472,6 +472,23 @@ def test_batch_format_and_masks(prepared):
     assert full["codes"].shape[-1] == 30 and full["frame_mask"].sum(1).tolist() == [15, 25, 30, 30, 21, 30]
 
 
+def test_validation_reads_whole_items_while_training_crops(prepared, tmp_path):
+    # the test split was cut with the training crop: each validation scored one random window of every item
+    # (at the CLI's 6 s crops never positions 300-499); the authors' code validates on whole items
+    import shutil
+
+    from siren.data.stage1 import Stage1Data
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(prepared, data_dir)
+    shutil.copy(data_dir / "splits" / "train.json", data_dir / "splits" / "test.json")
+    data = Stage1Data.from_prepared(data_dir, 0.2, 0, CodecConfig(weights="demo"))
+    whole = PreparedDataset(data_dir, "test", crop_s=None)
+    assert [data.val[i]["codes"].shape[-1] for i in range(6)] == [whole.real_frames(i) for i in range(6)] \
+        == [15, 25, 30, 30, 21, 30]
+    assert {data.train[i]["codes"].shape[-1] for i in range(6)} == {10}
+
+
 def test_a_run_resumed_on_another_train_split_is_refused(prepared, tmp_path):
     # the checkpoint recorded no data: a resume on a split prepared again (or another data_dir) trained on other
     # items from the old position in the epoch; the same items in another folder are the same data

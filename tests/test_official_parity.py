@@ -101,18 +101,19 @@ def test_official_expert_equals_ours(k):
     torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("steps, warmup", [(1000, 100), (300, 0), (50, 49), (10, 10)])
+@pytest.mark.parametrize("steps, warmup", [(1000, 100), (300, 0), (50, 49), (10, 10), (300, 2000)])
 def test_official_learning_rate_schedule_equals_ours(steps, warmup):
     """train.schedule=cosine against the authors' learning_rate_at, every step (ours ended on the floor one step
-    after the last until 2026-12-06)."""
+    after the last until 2026-12-06), with the warmup their train command passes it: min(warmup, steps) (a longer
+    warmup here ramped to only steps/warmup of lr)."""
     from siren.runtime import lr_at
     from siren.train_config import TrainConfig
 
     sirn = official()
     cfg = TrainConfig(steps=steps, warmup_steps=warmup, lr=3e-4, min_lr=3e-5)
     for s in range(steps):
-        want = sirn.training.learning_rate_at(s, base_learning_rate=3e-4, total_steps=steps, warmup_steps=warmup,
-                                              min_ratio=0.1)
+        want = sirn.training.learning_rate_at(s, base_learning_rate=3e-4, total_steps=steps,
+                                              warmup_steps=min(warmup, steps), min_ratio=0.1)
         assert lr_at(s, cfg) == pytest.approx(want, rel=1e-12, abs=1e-15), s
 
 

@@ -84,6 +84,9 @@ def test_schedule_matches_closed_form():
 
 
 def test_wsd_schedule_holds_then_decays_linearly():
+    # a warmup longer than the run is cut to it, as the authors' train command does: the last step reaches lr
+    long = TrainConfig(steps=300, warmup_steps=2000, lr=3e-4, min_lr=3e-5)
+    assert [lr_at(s, long) for s in (0, 299)] == pytest.approx([3e-4 / 300, 3e-4], rel=1e-12)
     c = TrainConfig(steps=300, warmup_steps=20, lr=3e-3, min_lr=3e-4, schedule="wsd", decay_frac=0.2)
     assert [lr_at(s, c) for s in (0, 19)] == pytest.approx([3e-3 / 20, 3e-3], rel=1e-12)  # warmup as the cosine's
     assert all(lr_at(s, c) == 3e-3 for s in range(20, 241))  # held until the last 60 steps

@@ -44,12 +44,12 @@ class Stage1Data:
             from siren.data.latents import LatentDataset, load_projection
 
             proj = load_projection(data_dir, latent_dim, load_index(data_dir, "train")["codec"]["id"])
-            split = lambda name, clap=0.0: LatentDataset(data_dir, name, crop_s, seed, proj.id, clap)
+            split = lambda name, crop, clap=0.0: LatentDataset(data_dir, name, crop, seed, proj.id, clap)
         else:
-            split = lambda name, clap=0.0: PreparedDataset(data_dir, name, crop_s, seed, clap)
-        train = split("train", crop_min_clap)
-        try:
-            val = split("test")
+            split = lambda name, crop, clap=0.0: PreparedDataset(data_dir, name, crop, seed, clap)
+        train = split("train", crop_s, crop_min_clap)
+        try:  # validation on whole items, as the authors' code: a crop would score one random window of each
+            val = split("test", None)
         except DataError as e:
             log.warning("no validation: %s", e)
             val = None
