@@ -472,6 +472,23 @@ def test_batch_format_and_masks(prepared):
     assert full["codes"].shape[-1] == 30 and full["frame_mask"].sum(1).tolist() == [15, 25, 30, 30, 21, 30]
 
 
+def test_a_short_clip_under_pad_is_encoded_at_its_own_length(tmp_path, codec, text_encoder):
+    # DAC's encoder is not causal: the 10 s pad's zeros changed the codes of a short clip's last frames; the
+    # authors' code encodes each clip at its own length. Its real frames are now those codes; the pad frames 0.
+    x, caption = demo.clip(0, "train", 0)
+    clip = x[: int(0.3 * 16000)]
+    write_wav(tmp_path / "a.wav", clip)
+    m = write_manifest(tmp_path / "m.csv", [{"id": "a", "audio": "a.wav", "caption": caption, "label": "x"}])
+    run(m, tmp_path / "out", codec, text_encoder, audio=AudioConfig("pad", 0.6))
+    ds = PreparedDataset(tmp_path / "out", "m", crop_s=None)
+    stored, real = ds.codes(0), ds.real_frames(0)
+    own = codec.encode(torch.as_tensor(load_audio(tmp_path / "a.wav"))[None]).cpu()[0]
+    assert stored.shape[-1] == 30 and real == own.shape[-1] == 15
+    assert torch.equal(stored[:, :real].long(), own.long()) and not stored[:, real:].any()
+    padded = codec.encode(torch.nn.functional.pad(torch.as_tensor(load_audio(tmp_path / "a.wav")), (0, 4800))[None])
+    assert not torch.equal(padded.cpu()[0, :, :real].long(), own.long())  # the zeros did change the last frames
+
+
 def test_validation_reads_whole_items_while_training_crops(prepared, tmp_path):
     # the test split was cut with the training crop: each validation scored one random window of every item
     # (at the CLI's 6 s crops never positions 300-499); the authors' code validates on whole items

@@ -4,7 +4,8 @@ Load with soundfile, mix to mono (mean over channels), resample to 16 kHz with
 torchaudio's windowed-sinc resampler, then cut to fixed-length items:
 
 - ``pad`` (default): the first ``duration_s`` seconds, zero-padded to exactly ``duration_s``
-  (appendix A: "shorter clips are zero-padded to 10 s"; AudioCaps clips are 10 s).
+  (appendix A: "shorter clips are zero-padded to 10 s"; AudioCaps clips are 10 s). The codec encodes the
+  clip without the zeros (``unpadded``), as the authors' code; the pad frames' codes are 0 and masked.
 - ``segment``: appendix A in full: clips longer than ``duration_s`` are split into
   non-overlapping ``duration_s`` chunks (stride = duration) and the residual (< duration)
   is dropped; shorter clips are zero-padded. One file can give several items.
@@ -147,6 +148,13 @@ def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio"
     if cfg.policy == "crop":
         return wav[None, :d], [n], [-1]
     return torch.nn.functional.pad(wav[:d], (0, d - n))[None], [n], [-1]
+
+
+def unpadded(item: torch.Tensor, real: int) -> torch.Tensor:
+    """What the codec encodes of one standardised item: its real samples (rounded up to a hop), not
+    ``policy=pad``'s zeros. DAC's encoder is not causal, so zeros after a short clip changed the codes of its last
+    ~0.1 s; the authors' code encodes each clip at its own length. Callers pad the frames back (masked)."""
+    return item[..., : math.ceil(real / HOP) * HOP]
 
 
 def n_frames(n_samples: int) -> int:

@@ -24,6 +24,8 @@ FORMAT = 1  # layout of the cached files; part of every key, so a new layout nev
 
 
 def codes_key(audio_sha256: str, policy: dict, codec_id: str) -> str:
+    if policy.get("policy") == "pad":  # since 2026-12-06 encoded without the pad's zeros (audio.unpadded)
+        policy = {**policy, "codec_input": "unpadded"}
     return sha256(json.dumps({"audio": audio_sha256, "policy": policy, "codec": codec_id, "format": FORMAT},
                              sort_keys=True))
 

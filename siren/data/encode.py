@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from siren.codec import SAMPLE_RATE
-from siren.data.audio import AudioConfig, load_audio, n_frames, standardize
+from siren.data.audio import AudioConfig, load_audio, n_frames, standardize, unpadded
 from siren.data.cache import cache_path
 from siren.data.manifest import Row
 from siren.errors import DataError
@@ -49,13 +49,13 @@ def encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, au
     """Encode {key: row} in codec calls of up to ``batch_size`` standardised items of one shape; a long file's
     segments are spread over several calls, so memory is bounded by the batch, not the file. Each file is
     saved as soon as its last item is encoded; returns the seconds of audio encoded."""
-    pending: list[tuple[dict, torch.Tensor]] = []  # (file, item) for the next codec call
+    pending: list[tuple[dict, torch.Tensor, int]] = []  # (file, codec input, item's frames) for the next call
     total = 0.0
 
     def flush():
-        codes = codec.encode(torch.stack([item for _, item in pending])).cpu().to(torch.int16)
-        for (f, _), c in zip(pending, codes):
-            f["codes"].append(c)
+        codes = codec.encode(torch.stack([x for _, x, _ in pending])).cpu().to(torch.int16)
+        for (f, _, frames), c in zip(pending, codes):
+            f["codes"].append(torch.nn.functional.pad(c, (0, frames - c.shape[-1])))  # pad frames: 0, masked
             if len(f["codes"]) == len(f["real"]):  # its last item: save the file's entry
                 save_tensors(cache_path(out, "codes", f["key"]),
                              {"codes": torch.stack(f["codes"]),
@@ -72,10 +72,11 @@ def encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, au
         # warn=False: the check pass has already warned about this file
         items, real, chunks = standardize(load_audio(row.audio, data, warn=False), audio, row.audio)
         f = {"key": key, "row": row, "real": real, "chunks": chunks, "codes": []}
-        for item in items:
-            if pending and (pending[0][1].shape != item.shape or len(pending) >= batch_size):
+        for item, r in zip(items, real):
+            x = unpadded(item, r)
+            if pending and (pending[0][1].shape != x.shape or len(pending) >= batch_size):
                 flush()
-            pending.append((f, item))
+            pending.append((f, x, n_frames(item.shape[-1])))
         total += items.numel() / SAMPLE_RATE
     if pending:
         flush()

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from siren.codec import CodecConfig
-from siren.data.audio import AudioConfig, load_audio, standardize
+from siren.data.audio import AudioConfig, load_audio, n_frames, standardize, unpadded
 from siren.data.cache import FORMAT, cache_path, index_path
 from siren.data.dataset import PreparedDataset, load_index
 from siren.errors import ConfigError, DataError
@@ -74,8 +74,10 @@ def _cache_latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -
     if made_from and sha256(data) != made_from:
         raise DataError(f"{entry['source']}: changed since prepare encoded it (sha256 differs from {codes_file}'s "
                         f"record): run prepare again, then the latents")
-    items, _, _ = standardize(load_audio(entry["source"], data, warn=False), audio, entry["source"])
-    z = dac_latent(codec, items).cpu()
+    items, real, _ = standardize(load_audio(entry["source"], data, warn=False), audio, entry["source"])
+    full = n_frames(items.shape[-1])  # as its codes: encoded without policy=pad's zeros, the pad frames 0 (masked)
+    z = torch.cat([torch.nn.functional.pad(dac_latent(codec, unpadded(x, r)).cpu(), (0, full - n_frames(r)))
+                   for x, r in zip(items, real)])
     if z.shape[0] != items.shape[0] or z.shape[-1] != frames:
         raise DataError(f"{entry['source']}: latent {tuple(z.shape)} does not match its codes ({frames} frames); "
                         f"the audio changed since prepare: run prepare again")
