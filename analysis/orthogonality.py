@@ -4,6 +4,10 @@ Appendix D.1: each layer's quantized feature f-hat^j is average-pooled over time
 then cos(f-hat^{j1}, f-hat^{j2}) for every pair of layers. Fig. 2a groups the cosines by
 layer interval |j1 - j2|, Fig. 8 shows every pair; ``matrix`` is the 12 x 12 mean.
 
+Beside them a baseline the paper does not draw: the same pairs of layers, but of two different samples (a seeded
+pairing). Cosines near 0 mean orthogonality only where they are nearer 0 than these: high-dimensional vectors
+that share nothing are near-orthogonal too.
+
 - ``features=projected`` (default): f-hat^j as in Eq. 1, the 1024-d vector DAC sums before
   decoding (codebook vector through DAC's out-projection, bias included); ``codebook``: the
   8-d codebook vector Z^j[q] itself.
@@ -42,11 +46,22 @@ class OrthogonalityConfig:
         check_numbers(self, positive=("max_frames",), nonneg=("max_clips",))
 
 
-def cosine_matrix(x: np.ndarray) -> np.ndarray:
-    """[N, J, D] -> [N, J, J] cosine between every pair of layers of each sample."""
-    x = np.asarray(x, dtype=np.float64)
-    unit = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    return np.einsum("njd,nkd->njk", unit, unit)
+def cosine_matrix(x: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
+    """[N, J, D] -> [N, J, J] cosine between every pair of layers of each sample (of x[n] against other[n])."""
+    def unit(v):
+        v = np.asarray(v, dtype=np.float64)
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+    u = unit(x)
+    return np.einsum("njd,nkd->njk", u, u if other is None else unit(other))
+
+
+def unrelated(n: int, seed: int) -> np.ndarray:
+    """A seeded pairing of every sample with another one (no sample with itself): the baseline's partners."""
+    order = np.random.default_rng(seed).permutation(n)
+    partner = np.empty(n, dtype=int)
+    partner[order] = np.roll(order, 1)
+    return partner
 
 
 def by_interval(cos: np.ndarray) -> dict[int, np.ndarray]:
@@ -61,14 +76,20 @@ def summary(values: np.ndarray) -> dict:
                 q75=float(q[2]), n=int(values.size))
 
 
-def plot_intervals(groups: dict[int, np.ndarray], note: str):
-    """Fig. 2a: one violin per layer interval."""
+def plot_intervals(groups: dict[int, np.ndarray], note: str, baseline: dict[int, np.ndarray] | None = None):
+    """Fig. 2a: one violin per layer interval; the baseline (the same layers of two different samples) as grey
+    quartile bars beside them: what 'near 0' is worth for vectors that share nothing."""
     fig, ax = style.figure(style.COLUMN, 0.6)
     ks = sorted(groups)
     parts = ax.violinplot([groups[k] for k in ks], positions=ks, widths=0.8, showmedians=True, showextrema=False)
     for body, c in zip(parts["bodies"], style.layer_colors(len(ks))):
         body.set_facecolor(c)
         body.set_alpha(0.7)
+    if baseline:
+        q = np.array([np.quantile(baseline[k], [0.25, 0.5, 0.75]) for k in ks])
+        ax.errorbar(np.array(ks) + 0.3, q[:, 1], yerr=[q[:, 1] - q[:, 0], q[:, 2] - q[:, 1]], fmt="_", color="0.4",
+                    lw=0.8, ms=4, label="other sample (baseline, quartiles)")
+        ax.legend(loc="upper right", fontsize="small")
     ax.axhline(0.0, color="0.5", lw=0.5, ls="--")
     ax.set_xticks(ks)
     ax.set_xlabel("Interval $|j_1 - j_2|$")
@@ -135,6 +156,8 @@ def run(cfg: OrthogonalityConfig) -> list:
             keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(feats))[: cfg.max_frames])
             feats, names = feats[keep], [names[i] for i in keep]
     cos = cosine_matrix(feats)
+    # the same pairs of layers, each of another sample: vectors in different layers' subspaces that share nothing
+    base = cosine_matrix(feats, feats[unrelated(len(feats), cfg.seed)]) if len(feats) > 1 else None
     J = cos.shape[-1]
     note = prepared.weights_note(codec)
     prov = dict(codec=codec.id, weights=codec.weights_label, features=cfg.features, pool=cfg.pool)
@@ -144,19 +167,28 @@ def run(cfg: OrthogonalityConfig) -> list:
         dict(sample=n, j1=a + 1, j2=b + 1, interval=b - a, cosine=float(cos[i, a, b]), **prov)
         for i, n in enumerate(names) for a, b in pairs))]
     groups = by_interval(cos)
+    baseline = by_interval(base) if base is not None else {}
+
+    def base_cols(k):
+        b = baseline.get(k)
+        return {} if b is None else dict(baseline_mean=float(b.mean()), baseline_abs_mean=float(np.abs(b).mean()))
+
     written.append(write_csv(folder / "by_interval.csv",
-                             [dict(interval=k, **summary(v), **prov) for k, v in sorted(groups.items())]))
+                             [dict(interval=k, **summary(v), abs_mean=float(np.abs(v).mean()), **base_cols(k), **prov)
+                              for k, v in sorted(groups.items())]))
     mean = cos.mean(0)
     written.append(write_csv(folder / "matrix.csv", [
         dict(j1=a + 1, j2=b + 1, mean=float(mean[a, b]), std=float(cos[:, a, b].std()), n=len(cos), **prov)
         for a in range(J) for b in range(J)]))
-    written += style.save_figure(plot_intervals(groups, note), folder, "fig2a_interval")
+    written += style.save_figure(plot_intervals(groups, note, baseline), folder, "fig2a_interval")
     written += style.save_figure(plot_pairs(cos, note), folder, "fig8_pairs")
     written += style.save_figure(plot_matrix(mean, note), folder, "matrix")
     off = np.abs(cos[:, ~np.eye(J, dtype=bool)])
     print(f"{len(cos)} samples ({cfg.pool}-pooled {cfg.features} features, {prepared.codec_words(codec)}): "
-          f"mean |cos| between different layers {off.mean():.3f}; mean cos by interval "
-          + ", ".join(f"{k}:{groups[k].mean():+.3f}" for k in sorted(groups)))
+          f"mean |cos| between different layers {off.mean():.3f}"
+          + (f" (the same layers of two different samples: {np.abs(base[:, ~np.eye(J, dtype=bool)]).mean():.3f})"
+             if base is not None else "")
+          + "; mean cos by interval " + ", ".join(f"{k}:{groups[k].mean():+.3f}" for k in sorted(groups)))
     return written
 
 

@@ -63,6 +63,12 @@ def test_cosines_of_orthogonal_layers_are_zero_and_grouped_by_interval():
     assert all(len(groups[k]) == N * (J - k) for k in groups)  # every pair j1 < j2 exactly once
     assert np.isclose(groups[1].sum(), N * 0.5 + N * math.cos(math.pi / 6) * 1)  # (0,1) and (1,2) pairs
     np.testing.assert_allclose(groups[5], 0.0, atol=1e-12)
+    # the baseline pairs each sample with another one, never itself, and compares across the pair
+    partner = orthogonality.unrelated(N, seed=0)
+    assert sorted(partner) == list(range(N)) and all(partner != np.arange(N))
+    same = np.stack([base] * N)  # every sample the same: across a pair layer j vs j is 1, j vs k 0
+    np.testing.assert_allclose(orthogonality.cosine_matrix(same, same[partner]), np.broadcast_to(np.eye(J), (N, J, J)),
+                               atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- gradient angles
@@ -411,6 +417,9 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     assert len(pairs) == 45 * 66 and set(pairs["weights"]) == {"random"}  # 30 train + 15 test clips
     printed = capsys.readouterr().out
     assert f"wrote {len(written)} files to {out}" in printed and "random weights)" in printed
+    assert "(the same layers of two different samples: " in printed  # the baseline the figure draws in grey
+    by = pd.read_csv(out / "by_interval.csv")
+    assert by["baseline_abs_mean"].between(0, 1).all() and by["abs_mean"].between(0, 1).all()
     written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
                          [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
     assert len(pd.read_csv(out / "cosines.csv")) == 15 * 10 * 66  # 15 clips x 10 frames
