@@ -45,6 +45,17 @@ def read_metric(results: str | Path, key: str) -> float | None:
     return None
 
 
+def read_eval_config(results: str | Path) -> dict:
+    """The "config" an eval results.json (a file, or a folder holding one) records; {} when it has none."""
+    path = Path(results)
+    path = path / "results.json" if path.is_dir() else path
+    try:
+        cfg = json.loads(path.read_text()).get("config") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}  # read_metric names a broken file
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def weights_note(run_dir: str | Path) -> str:
     """A figure's note on the weights a run was made with (run_dir/config.json): "codec and text: demo weights
     (trained on the embedded set)", "random codec weights", ... naming each model that is not pretrained once;

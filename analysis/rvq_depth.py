@@ -18,10 +18,16 @@ By default every clip of the split is decoded whole (the 90 demo test clips take
 2 CPU cores): on 4 clips of 1 s, the former default, the rebuilt seed-0 demo codecs' mean rose with r
 while it fell on the 90 (docs/demo/codec.md, Rebuilt codecs).
 
+The decoder's own limit is drawn beside the curve: the unquantized latent (the encoder's output, no RVQ)
+decoded by the same decoder (``ceiling.csv``, the dotted line). Reconstruction from r layers cannot be expected
+to come nearer the reference than that.
+
 Generation quality at depth r comes from runs trained with r layers, when given:
 ``gen_runs=[a,b] gen_r=[4,12]`` reads each run's eval ``results.json`` (metric ``gen_metric``,
-default fd; results.json's keys are lower case, so FD reads the same). Without them the figure says that
-no generation results were given.
+default fd; results.json's keys are lower case, so FD reads the same). The harness trains 12-layer models
+only, so an r below 12 is of audio generated elsewhere and scored with ``eval/audiocaps.py gen_dir=``; a
+results.json of a ``ckpt=`` evaluation (a harness run) with another r is refused. Without them the figure
+says that no generation results were given.
 
     python -m analysis.rvq_depth data=demo
     python -m analysis.rvq_depth data=PREP max_clips=64 seconds=1 device=cuda   # the real DAC: a sample
@@ -36,7 +42,7 @@ import torch
 
 from analysis import prepared, style
 from analysis.cli import as_list, command, int_list, out_dir, write_csv
-from analysis.logs import read_metric
+from analysis.logs import read_eval_config, read_metric
 from siren.codec import N_LAYERS, SAMPLE_RATE
 from siren.config import check_numbers
 from siren.errors import ConfigError
@@ -75,6 +81,15 @@ def decode_depths(codec, codes: torch.Tensor, depths: list[int]) -> torch.Tensor
         wav = codec.dac.decode(z.transpose(1, 2).to(codec.device))[:, 0]
     n = codes.shape[-1] * 320
     return torch.nn.functional.pad(wav, (0, max(0, n - wav.shape[-1])))[:, :n].cpu()
+
+
+def decode_latent(codec, wav: torch.Tensor) -> torch.Tensor:
+    """wav [N] -> the decoder's output for the encoder's unquantized latent (no RVQ): the decoder's ceiling."""
+    from siren.model.continuous.latent import dac_latent
+
+    with torch.no_grad():
+        out = codec.dac.decode(dac_latent(codec, wav))[0, 0].cpu()
+    return torch.nn.functional.pad(out, (0, max(0, wav.shape[-1] - out.shape[-1])))[: wav.shape[-1]]
 
 
 def _power_spec(x: torch.Tensor) -> torch.Tensor:
@@ -125,11 +140,14 @@ def depth_change(per_clip: list[dict], r_from: int, r_to: int) -> list[dict]:
     return out
 
 
-def plot(rows: list[dict], gen: list[tuple[int, float]], gen_metric: str, note: str):
+def plot(rows: list[dict], gen: list[tuple[int, float]], gen_metric: str, note: str, ceiling: float | None = None):
     fig, ax = style.figure(style.COLUMN, 0.7)
     rs = [r["r"] for r in rows]
     c = style.layer_colors(3)
     ax.plot(rs, [r["lsd_db"] for r in rows], marker="o", color=c[0], label="reconstruction LSD (dB)")
+    if ceiling is not None:
+        ax.axhline(ceiling, color=c[0], lw=0.8, ls=":", label="decoder ceiling (no RVQ)")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("RVQ layers used $r$")
     ax.set_ylabel("Log-spectral distance (dB) $\\downarrow$", color=c[0])
     ax.set_xticks(rs)
@@ -156,6 +174,12 @@ def run(cfg: RvqDepthConfig) -> list:
         raise ConfigError(f"gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
     gen, missing = [], []  # read before the decoding: a bad results.json is named at once
     for run_dir, r in zip(runs, rs):
+        made_by = read_eval_config(run_dir).get("ckpt")
+        if made_by and r != N_LAYERS:
+            raise ConfigError(f"gen_r={r} for {run_dir}: its results.json is an evaluation of the harness run "
+                              f"{made_by}, whose models decode all {N_LAYERS} layers. The harness trains "
+                              f"{N_LAYERS}-layer models only: give r = {N_LAYERS} for it, and for other r the results "
+                              f"of audio generated with r layers elsewhere (eval/audiocaps.py gen_dir=)")
         v = read_metric(run_dir, cfg.gen_metric.lower())
         (gen.append((r, v)) if v is not None else missing.append(run_dir))
     if missing:
@@ -165,20 +189,25 @@ def run(cfg: RvqDepthConfig) -> list:
     codec = prepared.open_codec(data, [cfg.split], cfg.codec)
     codec.to(resolve_device(cfg.device))
     keep = int(round(cfg.seconds * 50)) if cfg.seconds > 0 else None  # frames (50 per second)
-    per_clip = []
+    per_clip, ceiling = [], []
     from tqdm import tqdm
+
+    def measures(ref, est):
+        return dict(lsd_db=log_spectral_distance(ref, est), mel_l1=mel_l1(ref, est), si_snr_db=si_snr(ref, est),
+                    rms_ratio=rms_ratio(ref, est))
 
     for n, codes in enumerate(tqdm(items.codes, desc="decode clips", unit="clip")):
         codes = codes[:, :keep]
         ref = items.waveform(n)[: codes.shape[-1] * 320]
         for r, est in zip(depths, decode_depths(codec, codes, depths)[:, : ref.shape[-1]]):
-            per_clip.append(dict(id=items.ids[n], r=r, lsd_db=log_spectral_distance(ref, est),
-                                 mel_l1=mel_l1(ref, est), si_snr_db=si_snr(ref, est),
-                                 rms_ratio=rms_ratio(ref, est)))
+            per_clip.append(dict(id=items.ids[n], r=r, **measures(ref, est)))
+        ceiling.append(measures(ref, decode_latent(codec, ref)))
     prov = dict(codec=codec.id, weights=codec.weights_label, n_clips=len(items.codes))
     rows = [dict(r=r, **{m: float(np.mean([p[m] for p in per_clip if p["r"] == r]))
                          for m in LOWER_IS_BETTER}, **prov) for r in depths]
-    written = [write_csv(folder / "reconstruction.csv", rows), write_csv(folder / "per_clip.csv", per_clip)]
+    top = {m: float(np.mean([p[m] for p in ceiling])) for m in LOWER_IS_BETTER}
+    written = [write_csv(folder / "reconstruction.csv", rows), write_csv(folder / "per_clip.csv", per_clip),
+               write_csv(folder / "ceiling.csv", [dict(decoded_from="unquantized latent (no RVQ)", **top, **prov)])]
     change = depth_change(per_clip, min(depths), max(depths)) if len(depths) > 1 else []
     written.append(write_csv(folder / "depth_change.csv", change,
                              columns=["metric", "r_from", "r_to", "mean_change", "se", "clips_better", "n_clips"]))
@@ -186,10 +215,11 @@ def run(cfg: RvqDepthConfig) -> list:
                              [dict(r=r, metric=cfg.gen_metric, value=v) for r, v in sorted(gen)],
                              columns=["r", "metric", "value"]))
     note = prepared.weights_note(codec)
-    written += style.save_figure(plot(rows, sorted(gen), cfg.gen_metric, note), folder, "fig1b_rvq_depth")
+    written += style.save_figure(plot(rows, sorted(gen), cfg.gen_metric, note, top["lsd_db"]), folder,
+                                 "fig1b_rvq_depth")
     print(f"reconstruction from the first r layers of {len(items.codes)} clips; {prepared.codec_words(codec)}")
-    for row in rows:
-        print(f"r={row['r']:2d}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  "
+    for row in [*rows, dict(r="no RVQ", **top)]:
+        print(f"r={row['r']:>2}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  "
               f"SI-SNR {row['si_snr_db']:6.2f} dB")
     for c in change:
         print(f"r={c['r_from']} -> r={c['r_to']}: {c['metric']} {c['mean_change']:+.4f} +- {c['se']:.4f} "

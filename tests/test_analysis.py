@@ -244,6 +244,13 @@ def test_rvq_depth_reads_generation_fd_by_default(tmp_path, caplog):
                                                    gen_r="12", out=str(tmp_path / "out"),
                                                    **({} if metric == "fd" else {"gen_metric": metric})))
         assert ("left out of the figure" in caplog.text) == (metric == "clap"), metric
+    # an evaluation of a harness run (ckpt=) is of a 12-layer model: another r was plotted as given
+    (tmp_path / "run" / "results.json").write_text(json.dumps({"metrics": {"fd": 12.5},
+                                                               "config": {"ckpt": "runs/x", "gen_dir": ""}}))
+    with pytest.raises(ConfigError, match=r"gen_r=4 for .*run: its results.json is an evaluation of the harness "
+                                          r"run runs/x, whose models decode all 12 layers"):
+        rvq_depth.run(rvq_depth.RvqDepthConfig(data=str(tmp_path / "none"), gen_runs=str(tmp_path / "run"),
+                                               gen_r="4", out=str(tmp_path / "out")))
 
 
 def test_probe_commands_run_under_the_one_shell(tmp_path):
@@ -458,6 +465,9 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     assert change.loc["mel_l1", "mean_change"] == pytest.approx((per[12] - per[1]).mean())
     assert "r=1 -> r=12: mel_l1" in printed
     assert (pd.read_csv(out / "per_clip.csv")["rms_ratio"] > 0).all()
+    ceiling = pd.read_csv(out / "ceiling.csv")  # the decoder's limit: the unquantized latent decoded
+    assert len(ceiling) == 1 and np.isfinite(ceiling[["lsd_db", "mel_l1", "si_snr_db"]]).all().all()
+    assert "decoder ceiling (no RVQ)" in figure_texts["fig1b_rvq_depth"] and "r=no RVQ: LSD" in printed
 
 
 def test_depth_change_is_paired_per_clip():
