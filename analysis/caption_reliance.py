@@ -26,7 +26,7 @@ import torch
 
 from analysis import prepared, style
 from analysis.cli import as_list, command, out_dir, write_csv
-from analysis.logs import weights_note
+from analysis.logs import provenance, weights_note
 from siren.checkpoint import expert_dir, load_latest
 from siren.codec import FRAME_RATE, N_LAYERS
 from siren.config import check_numbers
@@ -190,7 +190,8 @@ def run(cfg: CaptionRelianceConfig) -> list:
         rows += [dict(run=run_dir, distribution=model.cfg.distribution, blocks=model.cfg.main_layers, model=words,
                       train=how, seed=train.get("seed"), loss_layers=train.get("loss_layers", 0),
                       layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]),
-                      gap=float(gap[j]), frames=frames, split=cfg.split, clips=len(ds)) for j in range(N_LAYERS)]
+                      gap=float(gap[j]), frames=frames, split=cfg.split, clips=len(ds),
+                      weights=provenance(run_dir)["weights"]) for j in range(N_LAYERS)]
         summary.append(f"  {words}: layer 1 CE {ce_own[0]:.3f} own caption, {ce_other[0]:.3f} another's "
                        f"({gap[0]:+.3f}); mean over layers {gap.mean():+.3f}  ({run_dir})")
     written = [write_csv(folder / "reliance.csv", rows)]

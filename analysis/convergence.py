@@ -27,7 +27,7 @@ import numpy as np
 
 from analysis import style
 from analysis.cli import command, int_list, out_dir, write_csv
-from analysis.logs import read_jsonl, weights_note
+from analysis.logs import provenance, read_jsonl, weights_note
 from siren.codec import N_LAYERS
 from siren.errors import ConfigError, DataError
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LAYER_KEY = re.compile(r"^ce/L(\d+)$")
 EXPERT_DIR = re.compile(r"^expert_(\d+)$")
+AUDIOGEN = "1-12, conditioning=none"  # the model of the paper's Fig. 2d / 6 (analysis.logs.provenance's words)
 
 
 @dataclass
@@ -137,19 +138,26 @@ def run(cfg: ConvergenceConfig) -> list:
     curves = layer_curves(cfg.run, cfg.split)
     if not curves:
         raise DataError(f"{cfg.run}: no {cfg.split} 'ce/L<j>' entries in any expert log")
-    written = [write_csv(folder / "curves.csv", [dict(layer=j, step=int(s), ce=float(v))
+    prov = provenance(cfg.run)
+    if prov["model"] != AUDIOGEN:  # Table 5's rows use loss_stats on every model; the figures are of AudioGen
+        log.warning("%s is %s; the paper's Fig. 2d / 6 are of AudioGen, one transformer whose 12 heads read only "
+                    "the backbone (%s, e.g. Table 5's Indpdt. cell)", cfg.run, prov["model"], AUDIOGEN)
+    written = [write_csv(folder / "curves.csv", [dict(layer=j, step=int(s), ce=float(v), **prov)
                                                  for j, (st, vs) in curves.items() for s, v in zip(st, vs)])]
     try:
         stats = loss_stats(cfg.run, cfg.tail, cfg.split)
         written.append(write_csv(folder / "loss_stats.csv", [
             dict(loss_mean=stats["loss_mean"], loss_ratio=stats["loss_ratio"], tail=cfg.tail, split=cfg.split,
-                 **{f"final_L{j}": v for j, v in stats["final"].items()})]))
+                 **{f"final_L{j}": v for j, v in stats["final"].items()}, **prov)]))
         print(f"Table 5: loss mean {stats['loss_mean']:.4f}, loss ratio (L12/L1) {stats['loss_ratio']:.4f} "
               f"(final = mean of the last {100 * cfg.tail:g}% of logged {cfg.split} entries)")
     except ValueError as e:
         log.warning("no Table 5 numbers: %s", e)
     panels = [j for j in asked if j in curves]
-    note = weights_note(cfg.run)
+    if len(panels) < len(asked):
+        log.warning("%s: no %s CE of layers %s: left out of Fig. 2d", cfg.run, cfg.split,
+                    [j for j in asked if j not in curves])
+    note = "; ".join(n for n in (prov["model"], weights_note(cfg.run)) if n and n != "unknown")
     written += style.save_figure(plot(curves, panels, cfg.smooth, cfg.split, style.COLUMN, note), folder,
                                  "fig2d_convergence")
     written += style.save_figure(plot(curves, sorted(curves), cfg.smooth, cfg.split, style.TWO_COLUMN, note), folder,

@@ -61,9 +61,25 @@ def weights_note(run_dir: str | Path) -> str:
     (trained on the embedded set)", "random codec weights", ... naming each model that is not pretrained once;
     '' for pretrained ones or when the run does not say. A stage-2 run (alignment.json) adds its reward model,
     named even when pretrained: the reward is what Figure 5 draws."""
+    modes = weights_modes(run_dir)
+    if modes is None:
+        return ""
+    by_mode: dict[str, list[str]] = {}
+    for what, mode in modes.items():
+        by_mode.setdefault(mode, []).append(what)
+    notes = [weights_phrase(", ".join(w[:-1]) + " and " + w[-1] if len(w) > 1 else w[0], mode)
+             for mode, w in by_mode.items()]
+    notes += [f"pretrained {what}" for what, mode in modes.items()
+              if what.startswith("reward") and mode == "pretrained"]
+    return "; ".join(n for n in notes if n)
+
+
+def weights_modes(run_dir: str | Path) -> dict[str, str] | None:
+    """{"codec": mode, "text": mode[, "reward (<name>)": mode]} as run_dir/config.json (and a stage-2 run's
+    alignment.json) record them; None when the run has no config.json."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
-        return ""
+        return None
     from siren.codec import weights_arg
 
     cfg = json.loads(path.read_text())
@@ -71,20 +87,24 @@ def weights_note(run_dir: str | Path) -> str:
     for k in ("codec", "text"):
         # the mode sits in config.weights; the top-level "weights" is a label ("demo" or DEMO_LABEL)
         entry = cfg.get(k) if isinstance(cfg.get(k), dict) else {}
-        modes[k] = (entry.get("config") or {}).get("weights", entry.get("weights", "pretrained"))
-    align, reward = Path(run_dir) / "alignment.json", {}
-    if align.is_file():
-        reward = (json.loads(align.read_text()).get("config") or {}).get("reward") or {}
+        modes[k] = weights_arg((entry.get("config") or {}).get("weights", entry.get("weights", "pretrained")))
+    align = Path(run_dir) / "alignment.json"
+    reward = ((json.loads(align.read_text()).get("config") or {}).get("reward") or {}) if align.is_file() else {}
     if reward.get("name"):
-        modes[f"reward ({reward['name']})"] = reward.get("weights", "pretrained")
-    by_mode: dict[str, list[str]] = {}
-    for what, mode in modes.items():
-        by_mode.setdefault(weights_arg(mode), []).append(what)  # the codec records its label, not "demo"
-    notes = [weights_phrase(", ".join(w[:-1]) + " and " + w[-1] if len(w) > 1 else w[0], mode)
-             for mode, w in by_mode.items()]
-    if reward.get("name") and reward.get("weights", "pretrained") == "pretrained":
-        notes.append(f"pretrained reward ({reward['name']})")
-    return "; ".join(n for n in notes if n)
+        modes[f"reward ({reward['name']})"] = weights_arg(reward.get("weights", "pretrained"))
+    return modes
+
+
+def provenance(run_dir: str | Path) -> dict[str, str]:
+    """CSV columns saying what a run's numbers were made with: ``weights`` ("codec=demo, text=demo", or
+    "unknown (no config.json)") and ``model`` (distribution and conditioning, as its config.json records)."""
+    modes = weights_modes(run_dir)
+    if modes is None:
+        return {"weights": "unknown (no config.json)", "model": "unknown"}
+    model = json.loads((Path(run_dir) / "config.json").read_text()).get("model") or {}
+    words = ("continuous" if model.get("family") == "continuous" else
+             f"{model.get('distribution', '?')}, conditioning={model.get('conditioning', '?')}")
+    return {"weights": ", ".join(f"{k}={v}" for k, v in modes.items()), "model": words}
 
 
 def weights_phrase(what: str, mode: str) -> str:

@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis import style
 from analysis.cli import as_list, command, out_dir, write_csv
-from analysis.logs import read_jsonl, read_metric, weights_note
+from analysis.logs import provenance, read_jsonl, read_metric, weights_note
 from siren.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | P
                  for s, v, e in zip(steps, reward, style.ema(reward, smooth))]
         summary.append(dict(label=label, run=str(r), steps=int(steps[-1]), final_reward=float(reward[-1]),
                             mean_last_10pct=float(reward[-max(1, len(reward) // 10):].mean()),
-                            FD=fd, CLAP=clap, results=str(path or "")))
+                            FD=fd, CLAP=clap, results=str(path or ""),
+                            weights=provenance(r)["weights"] if Path(r).is_dir() else "unknown (a log file)"))
         log.info("%s: %d steps, last reward %+.4f%s", label, len(steps), reward[-1],
                  f", (FD, CLAP) = {pair}" if pair else ", no (FD, CLAP)" if path else ", no results.json")
     written = [write_csv(folder / "rewards.csv", rows), write_csv(folder / "summary.csv", summary)]

@@ -28,7 +28,7 @@ import torch
 
 from analysis import style
 from analysis.cli import command, out_dir, write_csv
-from analysis.logs import weights_note
+from analysis.logs import provenance, weights_note
 from siren import checkpoint as ckpt
 from siren.errors import CheckpointError, ConfigError, MissingWeightsError, WeightsMismatchError
 
@@ -190,12 +190,13 @@ def run(cfg: TaskVectorsConfig) -> list:
     # red reference: cos(tau_k(step N), tau_k(final)) per module, mean over experts k
     own = [module_cosines([e, t]) for e, t in zip(early, taus)]
     reference = {m: float(np.mean([c[m][0, 1] for c in own if m in c])) for m in mods if any(m in c for c in own)}
-    rows = [dict(group=m[0], layer=m[1], module=_label(m), expert_a=a, expert_b=b, cosine=float(cos[m][a, b]))
-            for m in mods for a, b in pairs]
+    prov = provenance(cfg.run)
+    rows = [dict(group=m[0], layer=m[1], module=_label(m), expert_a=a, expert_b=b, cosine=float(cos[m][a, b]),
+                 **prov) for m in mods for a, b in pairs]
     summary = [dict(group=m[0], layer=m[1], module=_label(m), mean=float(values[m].mean()),
                     min=float(values[m].min()), q25=float(np.quantile(values[m], 0.25)),
                     median=float(np.median(values[m])), q75=float(np.quantile(values[m], 0.75)),
-                    max=float(values[m].max()), n_pairs=len(pairs), reference=reference.get(m, ""))
+                    max=float(values[m].max()), n_pairs=len(pairs), reference=reference.get(m, ""), **prov)
                for m in mods]
     written = [write_csv(folder / "pairs.csv", rows), write_csv(folder / "modules.csv", summary)]
     written += style.save_figure(plot(mods, values, reference, weights_note(cfg.run)), folder, "fig7_task_vectors")

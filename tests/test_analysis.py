@@ -542,13 +542,19 @@ def run_6_2(demo, tmp_path_factory):
     return tiny_run(tmp_path_factory.mktemp("runs") / "siren-6-2", demo, "6-2", steps=3)
 
 
-def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
+def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts, caplog):
     out = tmp_path / "conv"
-    written = probe_main("convergence", convergence.ConvergenceConfig, convergence.run,
-                         [f"run={run_6_2}", f"out={out}"])
+    with caplog.at_level(logging.WARNING):
+        written = probe_main("convergence", convergence.ConvergenceConfig, convergence.run,
+                             [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig2d_convergence", "fig6_convergence"])
     assert "random codec and text weights" in figure_texts["fig6_convergence"]
+    # which model and weights made the curves is in the files and the note, and a non-AudioGen model is said
+    assert "6-2, conditioning=accumulated" in figure_texts["fig6_convergence"]
+    assert "the paper's Fig. 2d / 6 are of AudioGen" in caplog.text
     curves = pd.read_csv(out / "curves.csv")
+    assert set(curves["weights"]) == {"codec=random, text=random"}
+    assert set(pd.read_csv(out / "loss_stats.csv")["model"]) == {"6-2, conditioning=accumulated"}
     assert sorted(set(curves["layer"])) == list(range(1, 13)) and set(curves["step"]) == {1, 2, 3}
     stats = convergence.loss_stats(run_6_2)
     # independent: the last training entry of each expert's log (tail 10% of 3 entries = 1 entry;
@@ -568,6 +574,7 @@ def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     assert "random codec and text weights" in figure_texts["fig7_task_vectors"]
     pairs = pd.read_csv(out / "pairs.csv")
     assert set(pairs.groupby("module").size()) == {15}  # 6 experts -> 15 pairs per module
+    assert set(pd.read_csv(out / "modules.csv")["weights"]) == {"codec=random, text=random"}
     assert {"Embedding", "Classifier", "RVQ Decoder L1", "Backbone L1", "Backbone L2"} <= set(pairs["module"])
     assert pairs["cosine"].between(-1 - 1e-9, 1 + 1e-9).all()
     # the trainer gives every expert the same initialisation (one seed): the recorded inits agree
@@ -655,6 +662,7 @@ def test_reward_curves_command(tmp_path, figure_texts):
     summary = pd.read_csv(out / "summary.csv")
     assert summary["final_reward"].tolist() == pytest.approx([0.2, 0.1, 0.0])
     assert summary["FD"].isna().tolist() == [False, True, True]
+    assert set(summary["weights"]) == {"unknown (no config.json)"}  # said, not left blank as if pretrained
     with pytest.raises(ConfigError, match="3 runs but 2 labels"):
         probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
                    [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
