@@ -145,7 +145,8 @@ def load_expert(cfg: GradientAnglesConfig, data: Path, folder: Path, device: tor
     if cfg.run or cfg.train_steps > 0:
         import siren
 
-        model = siren.load(cfg.run or fresh_run(cfg, data, folder), device, allow_unfinished=True)
+        run_dir = cfg.run or fresh_run(cfg, data, folder)
+        model = siren.load(run_dir, device, allow_unfinished=True)
         if model.cfg.n_experts != 1:
             raise ConfigError(f"{cfg.run}: distribution {model.cfg.distribution}; gradient angles need a single "
                               f"transformer (1-12) whose 12 heads share one backbone")
@@ -153,7 +154,10 @@ def load_expert(cfg: GradientAnglesConfig, data: Path, folder: Path, device: tor
             log.warning("%s: conditioning=%s; the paper's Fig. 2b is of AudioGen, whose 12 heads read only the "
                         "backbone (a 1-12 run with model.conditioning=none, e.g. Table 5's Indpdt. cell)",
                         cfg.run or "the fresh run", model.cfg.conditioning)
-        return model.experts[0], f"{model.cfg.distribution}, {model.cfg.conditioning}"
+        from siren import checkpoint as ckpt
+
+        step = ckpt.load_latest(ckpt.expert_dir(run_dir, 0)).step  # a 20-step probe must not read as trained
+        return model.experts[0], f"{model.cfg.distribution}, {model.cfg.conditioning}, {step} training steps"
     mcfg = load_config(ModelConfig, [f"scale={cfg.scale}", "distribution=1-12", f"conditioning={cfg.conditioning}"],
                        presets())
     codec = prepared.open_codec(data, [cfg.split], cfg.codec)

@@ -20,7 +20,8 @@ from analysis import prepared, style
 from analysis.cli import command, int_list, out_dir, write_csv
 from siren.codec import N_LAYERS
 from siren.config import check_numbers
-from siren.errors import ConfigError
+from siren.data.cache import index_path
+from siren.errors import ConfigError, DataError
 
 EXACT_TSNE_MAX = 2000
 
@@ -58,6 +59,22 @@ def probe_accuracy(x_train: np.ndarray, y_train, x_test: np.ndarray, y_test, hid
         warnings.simplefilter("ignore", ConvergenceWarning)  # small sets: max_iter is the budget, not an error
         clf.fit(x_train, y_train)
     return float((clf.predict(x_test) == np.asarray(y_test)).mean())
+
+
+def check_split(train: prepared.Items, test: prepared.Items, where) -> None:
+    """A probe can only be read against chance if every test class was trained on and no test clip is a train
+    clip: a class missing from train is never predicted; a shared file is scored on what the probe memorised."""
+    unseen = sorted(set(test.labels) - set(train.labels))
+    if unseen:
+        drawn = " among the max_clips drawn" if len(train.index) < len(train.dataset) else ""
+        raise DataError(f"{where}: test classes {unseen[:5]} have no train clip{drawn}; the probe cannot predict "
+                        f"them. Use splits that share their classes")
+    sha = {train.dataset.items[i].get("source_sha256") for i in train.index} - {None}
+    shared = [test.dataset.items[i]["id"] for i in test.index if test.dataset.items[i].get("source_sha256") in sha]
+    if shared:
+        raise DataError(f"{where}: {len(shared)} test clip(s) have the same audio file as a train clip (e.g. "
+                        f"{shared[:3]}): the probe would be scored on clips it was trained on. Prepare a test split "
+                        f"without them")
 
 
 def tsne(x: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
@@ -109,6 +126,7 @@ def run(cfg: SemanticProbeConfig) -> list:
     data = prepared.resolve(cfg.data, cfg.codec)
     train = prepared.load(data, "train", cfg.max_clips, cfg.seed, need_labels=True)
     test = prepared.load(data, "test", cfg.max_clips, cfg.seed, need_labels=True)
+    check_split(train, test, index_path(data, "test"))
     codec = prepared.open_codec(data, ["train", "test"], cfg.codec)
     feats = prepared.pooled_features(codec, train.codes + test.codes, cfg.features)  # [N, 12, D]
     y = np.array(train.labels + test.labels)

@@ -448,6 +448,20 @@ def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
     assert "tested on 15, 15 classes (chance 6.7%); codec dac16k-random-seed0, random weights" in printed
 
 
+def test_semantic_probe_refuses_a_split_it_cannot_be_read_against_chance(demo):
+    # a test class absent from train (never predictable; chance came from train) or test clips that are train clips
+    # (scored on what the probe memorised) gave a number without a word
+    from analysis import prepared
+
+    train, test = prepared.load(demo, "train"), prepared.load(demo, "test")
+    semantic_probe.check_split(train, test, "test.json")  # the demo splits: every class in both, no file shared
+    one_class = [i for i in train.index if train.dataset.items[i]["label"] == train.labels[0]]
+    with pytest.raises(DataError, match="test.json: test classes .* have no train clip among the max_clips drawn"):
+        semantic_probe.check_split(prepared.Items(train.dataset, one_class, []), test, "test.json")
+    with pytest.raises(DataError, match=r"test.json: 30 test clip\(s\) have the same audio file as a train clip"):
+        semantic_probe.check_split(train, train, "test.json")
+
+
 def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     out = tmp_path / "depth"
     written = probe_main("rvq_depth", rvq_depth.RvqDepthConfig, rvq_depth.run,
@@ -502,7 +516,7 @@ def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path
     probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
                [f"run={run}", f"data={demo}", f"out={out}", "batches=1", "batch_size=2", "device=cpu"])
     angles = pd.read_csv(out / "angles.csv")
-    assert len(angles) == 66 and set(angles["model"]) == {"1-12, accumulated"}
+    assert len(angles) == 66 and set(angles["model"]) == {"1-12, accumulated, 2 training steps"}
     with pytest.raises(ConfigError, match="distribution 6-2; gradient angles need a single transformer"):
         probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
                    [f"run={run_6_2}", f"data={demo}", f"out={out}"])
