@@ -380,10 +380,12 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", allow_unfinished: bool = False):
-    """The K trained experts of ``run_dir`` assembled into a ``CollaborativeModel`` (eval mode).
+    """The K trained experts of ``run_dir`` assembled into a ``CollaborativeModel`` (eval mode); a continuous
+    run's ``ContinuousLM`` (``load_continuous``).
 
     Raises one error listing every expert that is missing, unfinished (its latest checkpoint is
-    before train.steps; ``allow_unfinished=True`` takes it anyway) or built for another model."""
+    before train.steps; ``allow_unfinished=True`` takes it anyway), built for another model or another
+    expert's (a folder moved)."""
     from siren.model import CollaborativeModel
     from siren.model.config import from_saved
 
@@ -403,6 +405,9 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
         if diff:
             problems.append(f"expert {k}: {c.path} was trained for another model: "
                             + ", ".join(f"{key}={b!r} (run config.json: {a!r})" for key, a, b in diff))
+        elif c.state.get("expert", k) != k:  # every expert has the same shapes: a swapped folder loads silently
+            problems.append(f"expert {k}: {c.path} is expert {c.state['expert']}'s checkpoint (its state.json), "
+                            f"not expert {k}'s: were expert_<k> folders moved or swapped? Put each in its own")
         elif not c.state["finished"] and not allow_unfinished:
             of = c.state["rl"]["steps"] if c.state.get("stage") == 2 else c.state["train"]["steps"]
             problems.append(f"expert {k}: unfinished, latest checkpoint {c.path.name} is step {c.step} of "

@@ -288,6 +288,15 @@ def test_load_rejects_expert_of_another_model(tmp_path):
     with pytest.raises(CheckpointError, match=r"expert 1: .* model.conditioning='residual' \(run config.json: "
                                               r"'accumulated'\)"):
         siren.load(run)
+    # expert folders swapped: every expert has the same shapes, so each loaded into the other's slot silently
+    s["model"]["conditioning"] = "accumulated"
+    state.write_text(json.dumps(s))
+    siren.load(run)
+    (run / "expert_0").rename(run / "x")
+    (run / "expert_1").rename(run / "expert_0")
+    (run / "x").rename(run / "expert_1")
+    with pytest.raises(CheckpointError, match=r"expert 0: .*expert_0/step_00000001 is expert 1's checkpoint"):
+        siren.load(run)
     with pytest.raises(CheckpointError, match="is not a run directory"):
         siren.load(tmp_path / "nothing")
 
