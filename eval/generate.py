@@ -72,16 +72,22 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 "sample": sampled, "candidates": candidates, "batch_size": batch_size,
                 # a generator draws other numbers on another device type; the scorer picks among the candidates
                 "device": torch.device(device).type, "scorer": clap.id if candidates > 1 else None}
+    # The set's own batches: a clip's draws depend on its batch's first position (the seed) and on its companions
+    # (one generator per batch), so a kept clip must have been made in the batch it is in now
+    batches = [range(s, min(s + batch_size, len(ids))) for s in range(0, len(ids), batch_size)]
+    batch_of = {ids[i]: [rows[0], *(ids[j] for j in rows)] for rows in batches for i in rows}
     record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
-                          {i: p for i, p in zip(ids, paths) if p.is_file()})
-    collapsed = record["collapsed"]
+                          {i: p for i, p in zip(ids, paths) if p.is_file()}, batch_of)
+    collapsed = record["collapsed"]  # written back with the record; may hold other sets' ids (counted below: not)
+    in_set = set(ids)
     # itg once the samples collapsed reach COLLAPSE_ITG of the whole set's (counted with the clips written by an
     # earlier call): decided as soon as it is certain, so on the same samples whatever the batches' order
     samples = candidates * len(ids)
 
     def check_collapse() -> None:
-        if sum(collapsed.values()) >= COLLAPSE_ITG * samples:
-            raise CannotGenerate(f"{sum(collapsed.values())} of the set's {samples} samples collapsed (every RVQ "
+        n = sum(v for i, v in collapsed.items() if i in in_set)
+        if n >= COLLAPSE_ITG * samples:
+            raise CannotGenerate(f"{n} of the set's {samples} samples collapsed (every RVQ "
                                  f"layer repeats one code for all {n_frames} frames)")
 
     check_collapse()
@@ -89,7 +95,6 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     # The set's own batches, not those of the clips still missing: a run stopped part way through a batch
     # draws that batch again whole, with the same seed and companions, so every clip is the one the
     # uninterrupted run writes (only the missing ones are written).
-    batches = [range(s, min(s + batch_size, len(ids))) for s in range(0, len(ids), batch_size)]
     todo = [rows for rows in batches if not all(paths[i].is_file() for i in rows)]
     if todo:  # a resumed set with every clip there builds no codec or text encoder
         text, codec = run_frontends(read_run_config(run_dir), device, where=str(run_dir), clap=clap)
@@ -132,25 +137,34 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 with atomic_path(paths[i]) as tmp:
                     sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
                     record["sha256"][ids[i]] = sha256_file(tmp)
+                    # recorded before the clip is renamed into place: a job killed between the two leaves a
+                    # recorded clip missing (made again, to the same bytes), never a clip there unrecorded
+                    write_json(out_dir / RECORD, record)
                 written += 1
         write_json(out_dir / RECORD, record)  # with the counts of the clips now there, for a resume
     return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),
             "batch_size": batch_size, "seed": seed, "sample": sampled, "candidates": candidates,
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",
-            "generated_now": written, "collapsed": sum(collapsed.values()), "device": _device_name(device),
-            "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None}
+            "generated_now": written, "collapsed": sum(v for i, v in collapsed.items() if i in in_set),
+            "device": _device_name(device),
+            "gen_time_s_per_batch": (sum(batch_times) / len(batch_times)) if batch_times else None,
+            # not Table 1's #Gen. Time when reranking: each batch is generated, decoded and scored N times
+            "gen_time_includes": (f"{candidates} candidates each generated, decoded and CLAP-scored"
+                                  if candidates > 1 else "generation and decoding")}
 
 
 LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without them is taken to match
 
 
 def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
-                 existing: dict[str, Path]) -> dict:
+                 existing: dict[str, Path], batch_of: dict[str, list] | None = None) -> dict:
     """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring) or are not the
     bytes written (replaced or edited since: each clip's sha256 is recorded); then record how this call makes
     them (before any clip is written), and return that record. ``existing``: the clips there, by id; the record's
-    "collapsed": how many of each one's candidates collapsed, as recorded when it was written."""
+    "collapsed": how many of each one's candidates collapsed, as recorded when it was written. ``batch_of``: each
+    id's batch now (its first position in the set, then its ids): a clip made in another batch (a ``subset=``
+    run, or a manifest reordered or extended since) was drawn with another seed or companions."""
     path = out_dir / RECORD
     fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
     record = read_json(path, fix) if path.is_file() and existing else None
@@ -164,6 +178,12 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
         if changed:
             diff.append(f"{len(changed)} clip(s) made for another caption (e.g. {changed[0]}: "
                         f"{record['captions'].get(changed[0])!r} there, {captions[changed[0]]!r} now)")
+        moved = [i for i in existing if batch_of and i in record.get("batch_of", {})
+                 and record["batch_of"][i] != batch_of[i]]
+        if moved:  # recorded since 2026-12-07
+            was, now = record["batch_of"][moved[0]], batch_of[moved[0]]
+            diff.append(f"{len(moved)} clip(s) made in another batch of the set (e.g. {moved[0]}: at position "
+                        f"{was[0]} with {was[1:]} there, {now[0]} with {now[1:]} now: another subset= or order)")
         if "sha256" in record:  # recorded since 2026-12-06
             edited = [i for i, p in existing.items() if record["sha256"].get(i) != sha256_file(p)]
             if edited:
@@ -172,11 +192,16 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
         if diff:
             raise ConfigError(f"{out_dir} holds clips generated otherwise (by {record.get('run_dir')}): "
                               f"{'; '.join(diff)}; {fix}")
-    collapsed = {i: n for i, n in (record or {}).get("collapsed", {}).items() if i in existing}
-    kept = (record or {}).get("sha256") or {i: sha256_file(p) for i, p in existing.items()}  # older records: as found
+    # what is recorded of this set's clips that are gone is dropped (they are made again); other ids' entries stay,
+    # for a later call on them (a subset= run into the folder of a whole set)
+    def still(entries: dict) -> dict:
+        return {i: v for i, v in entries.items() if i in existing or i not in captions}
+
+    old = record or {}
+    kept = old.get("sha256") or {i: sha256_file(p) for i, p in existing.items()}  # older records: as found
     record = {"run_dir": str(Path(run_dir).resolve()), "settings": settings,
-              "captions": {**(record or {}).get("captions", {}), **captions}, "collapsed": collapsed,
-              "sha256": {i: h for i, h in kept.items() if i in existing}}
+              "captions": {**old.get("captions", {}), **captions}, "collapsed": still(old.get("collapsed", {})),
+              "sha256": still(kept), "batch_of": {**still(old.get("batch_of", {})), **(batch_of or {})}}
     write_json(path, record)
     return record
 

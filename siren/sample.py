@@ -12,6 +12,7 @@ stage-1 trainer has no condition dropout to train an unconditional branch.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -35,8 +36,8 @@ class SampleConfig:
     diffusion_steps: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ConfigError(f"sample.temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN passed '< 0'; inf drew uniformly
+            raise ConfigError(f"sample.temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ConfigError(f"sample.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:

@@ -941,6 +941,48 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     assert generate(runs[1])["generated_now"] == 2 and sf.info(gen / "a.wav").frames == 5 * HOP
 
 
+def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_while_writing(tmp_path):
+    """A clip's draws depend on its batch (the seed of its first position, the companions sharing the generator):
+    clips of a subset= run were kept by a later whole-set run into the same folder. And a job killed after a
+    clip was renamed into place but before the record was written was refused on resume as 'put there by hand'."""
+    import soundfile as sf
+
+    from eval.generate import generate_set
+    from siren.config import to_dict
+    from siren.errors import ConfigError
+    from siren.sample import SampleConfig
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_rl import make_stage1_run
+
+    codec, text = demo_codec(), TextEncoder(TextConfig(weights="random"))
+    run = make_stage1_run(tmp_path / "run", "12-1", seed=0, tables=codec.code_tables(), codec_id=codec.id,
+                          text_id=text.id, frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
+
+    def generate(gen, ids, captions):
+        return generate_set(run, ids, captions, gen, seconds=0.1, batch_size=2, seed=0, sample=SampleConfig())
+
+    assert generate(tmp_path / "sub", ["b"], ["rain"])["generated_now"] == 1  # b alone, at position 0
+    with pytest.raises(ConfigError, match=r"1 clip\(s\) made in another batch of the set \(e.g. b: at position 0 "
+                                          r"with \['b'\] there, 0 with \['a', 'b'\] now"):
+        generate(tmp_path / "sub", ["a", "b"], ["a dog barks", "rain"])
+    real, calls = sf.write, []
+
+    def killed_at_the_second_clip(path, *args, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *args, **kw)
+
+    with mock.patch("eval.generate.sf.write", killed_at_the_second_clip), pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "gen", ["a", "b"], ["a dog barks", "rain"])
+    assert (tmp_path / "gen" / "a.wav").is_file() and not (tmp_path / "gen" / "b.wav").is_file()
+    assert generate(tmp_path / "gen", ["a", "b"], ["a dog barks", "rain"])["generated_now"] == 1
+    whole = tmp_path / "whole"
+    generate(whole, ["a", "b"], ["a dog barks", "rain"])
+    # the uninterrupted clip's samples (a float WAV's PEAK chunk holds the time it was written)
+    assert np.array_equal(sf.read(whole / "b.wav")[0], sf.read(tmp_path / "gen" / "b.wav")[0])
+
+
 def test_a_generation_stopped_mid_batch_resumes_to_the_uninterrupted_clips(tmp_path):
     """A batch shares one generator seeded by its first row. Resumed, the missing clips were batched anew
     (b and d together, seeded by b's row), so they came out other than the uninterrupted run's; now the set's

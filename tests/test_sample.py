@@ -118,7 +118,9 @@ def test_sample_token_matches_closed_forms():
 
 
 def test_bad_sample_config():
-    for kwargs in (dict(temperature=-1), dict(top_k=-2), dict(top_p=1.5)):
+    # NaN passed 'temperature < 0' and crashed mid-sampling; inf sampled uniformly without a word
+    for kwargs in (dict(temperature=-1), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                   dict(top_k=-2), dict(top_p=1.5)):
         with pytest.raises(ConfigError):
             SampleConfig(**kwargs)
     with pytest.raises(ValueError, match="n_frames"):
