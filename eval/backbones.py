@@ -107,7 +107,11 @@ class Backbone(ABC):
             self.weights_sha256 = sha256_file(self.weights_path)
         else:
             raise ConfigError(f"weights must be 'pretrained', 'demo' or 'random', got {weights!r}")
-        self.weights_label, self.seed, self.device = weights, seed, torch.device(device)
+        # a file in the cache that is not the publisher's (its digest) is labelled by its path, not "pretrained"
+        self.weights = weights
+        self.weights_label = (assets.label(self.asset, self.weights_path, self.weights_sha256)
+                              if weights == "pretrained" else weights)
+        self.seed, self.device = seed, torch.device(device)
 
     @cached_property
     def net(self) -> nn.Module:
@@ -121,7 +125,7 @@ class Backbone(ABC):
         if self.weights_path is None:  # ``make`` builds the same network for every instance of a class
             return demo_weights.seeded(self.seed, make, key=(type(self).__name__,))
         # the file hashed into this backbone's id at __init__ must be the one loaded now (siren.io.load_hashed)
-        if self.weights_label == "demo":
+        if self.weights == "demo":
             return demo_weights.load(self.weights_path, make, self.weights_sha256)[0]
         ckpt, _ = load_hashed(self.weights_path, load_torch_file, self.weights_sha256)
         state, net = state_of(ckpt), make()
@@ -156,7 +160,7 @@ class Backbone(ABC):
         """The network's and the preprocessing's settings."""
 
     def card(self) -> dict:
-        note = {"weights_note": demo_weights.LABEL} if self.weights_label == "demo" else {}
+        note = {"weights_note": demo_weights.LABEL} if self.weights == "demo" else {}
         return {"id": self.id, "weights": self.weights_label, **note, "weights_sha256": self.weights_sha256,
                 "sample_rate": self.sample_rate, **self.protocol()}
 
@@ -368,7 +372,7 @@ class ClapAudio(Backbone):
     def build(self) -> nn.Module:
         from siren.clap import Clap, ClapConfig
 
-        clap = Clap(ClapConfig(weights=self.weights_label, seed=self.seed))
+        clap = Clap(ClapConfig(weights=self.weights, seed=self.seed))
         same_file(self.weights_path or "the seeded CLAP", self.weights_sha256, clap.weights_sha256)
         return clap
 
@@ -376,7 +380,7 @@ class ClapAudio(Backbone):
         from siren import clap as C
 
         tokenizer = ("RoBERTa BPE, sha256 " + ", ".join(f"{p.name} {sha256_file(p)[:16]}" for p in self.tokenizer_files)
-                     if self.tokenizer_files else f"laion_clap's bundled CLIP BPE ({self.weights_label}-weights mode)")
+                     if self.tokenizer_files else f"laion_clap's bundled CLIP BPE ({self.weights}-weights mode)")
         return {"model": "laion_clap CLAP, HTSAT-tiny audio + RoBERTa text, non-fusion (siren.clap.Clap)",
                 "clap_sample_rate": C.CLAP_SAMPLE_RATE, "audio": C.AUDIO_PROTOCOL, "text_tokenizer": tokenizer,
                 "max_text_tokens": C.MAX_TEXT_LENGTH, "embedding_dim": C.EMBED_DIM, "normalised": True,

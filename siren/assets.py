@@ -91,13 +91,17 @@ FILE_LABEL = "file "
 
 
 def label(name: str, file: str | os.PathLike, sha256: str) -> str:
-    """"pretrained" for asset ``name``'s file in the cache, or any file with the publisher's sha256; else
-    ``FILE_LABEL`` + its absolute path. Where the publisher gives no sha256 (the DAC, ImageBind), a copy of the
-    published file outside the cache is labelled by its path: put it in the cache to have it called pretrained."""
+    """"pretrained" for a file with the publisher's digest, wherever it is; where the publisher gives none (the
+    DAC, ImageBind), for asset ``name``'s file in the cache. Else ``FILE_LABEL`` + its absolute path: a file put
+    in the cache by hand that is not the publisher's (another checkpoint under its name) is not called pretrained."""
     a, file = ASSETS[name], Path(file).resolve()
-    if file == path(name).resolve() or a.digest == f"sha256:{sha256}":
-        return "pretrained"
-    return f"{FILE_LABEL}{file}"
+    if a.digest:
+        algo, want = a.digest.split(":", 1)
+        got = sha256 if algo in ("sha256", "sha256-prefix") else file_digest(file, algorithm=algo)
+        published = (got[:len(want)] if algo == "sha256-prefix" else got) == want
+    else:
+        published = file == path(name).resolve()
+    return "pretrained" if published else f"{FILE_LABEL}{file}"
 
 
 def require(name: str) -> Path:

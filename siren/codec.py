@@ -16,7 +16,7 @@ from torch import nn
 
 from siren import assets, demo_weights
 from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
-from siren.io import load_hashed, load_torch_file, weights_tag
+from siren.io import load_hashed, load_torch_file, sha256_file_once, weights_tag
 
 SAMPLE_RATE = 16_000
 N_LAYERS = 12
@@ -83,8 +83,17 @@ class Codec(nn.Module):
                     f"codec weights file {path} does not exist" + (
                         "; rebuild it with python -m siren.demo_assets.codec" if cfg.weights == "demo" else ""))
             (self.dac, demo), self.weights_sha256 = load_hashed(path, load_dac)
-            self.weights_label = DEMO_LABEL if demo else assets.label("dac_16khz", path, self.weights_sha256)
+            self.weights_label = self._label(path, demo)
         self.dac.eval().requires_grad_(False)
+
+    def _label(self, path: Path, demo: bool) -> str:
+        """The demo label only for the committed demo codec (by content: any build of the recipe marks its file
+        demo, a smoke build's too), "pretrained" only for the published architecture in the cache, else the path."""
+        if demo and DEMO_FILE.is_file() and self.weights_sha256 == sha256_file_once(DEMO_FILE):
+            return DEMO_LABEL
+        label = assets.label("dac_16khz", path, self.weights_sha256)
+        published = all(getattr(self.dac, k, None) == DAC_KWARGS[k] for k in ("encoder_dim", "decoder_dim"))
+        return label if label != "pretrained" or published else f"{assets.FILE_LABEL}{Path(path).resolve()}"
 
     @property
     def id(self) -> str:

@@ -254,7 +254,11 @@ def test_pretrained_file_round_trip(clap, tmp_path, monkeypatch):
     torch.save({"epoch": np.int64(45), "name": "test", "state_dict": sd}, ckpt, pickle_protocol=4)
     del sd
 
-    loaded = Clap(ClapConfig(weights="pretrained"))
+    # in the cache but not the publisher's file (its sha256): labelled by its path, not "pretrained"
+    assert Clap(ClapConfig(weights="pretrained")).weights_label == f"file {ckpt.resolve()}"
+    monkeypatch.setitem(assets.ASSETS, "clap", dataclasses.replace(assets.ASSETS["clap"],
+                                                                   digest=f"sha256:{sha256_file(ckpt)}"))
+    loaded = Clap(ClapConfig(weights="pretrained"))  # as if it were the publisher's
     assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == sha256_file(ckpt)
     assert loaded.tokenizer.id == tok.id and tok.id in loaded.id and loaded.id != clap.id
     assert loaded.card()["checkpoint"] == "630k-audioset-best.pt"
@@ -273,11 +277,11 @@ def test_pretrained_file_round_trip(clap, tmp_path, monkeypatch):
     copy = tmp_path / "mine" / "finetuned.pt"
     copy.parent.mkdir()
     shutil.copy(ckpt, copy)
-    by_path = Clap(ClapConfig(weights=str(copy)))
-    assert by_path.weights_label == f"file {copy}" and by_path.card()["weights"] == f"file {copy}"
-    published = dataclasses.replace(assets.ASSETS["clap"], digest=f"sha256:{sha256_file(copy)}")
-    monkeypatch.setitem(assets.ASSETS, "clap", published)
-    assert Clap(ClapConfig(weights=str(copy))).weights_label == "pretrained"
+    assert Clap(ClapConfig(weights=str(copy))).weights_label == "pretrained"  # the publisher's bytes, anywhere
+    (tmp_path / "mine" / "other.pt").write_bytes(copy.read_bytes() + b"\0")
+    by_path = Clap(ClapConfig(weights=str(tmp_path / "mine" / "other.pt")))
+    want = f"file {tmp_path / 'mine' / 'other.pt'}"
+    assert by_path.weights_label == want and by_path.card()["weights"] == want
     # the CLAP metric hashes the file into its id at __init__ and loads it at first use: a file replaced
     # between them is one error naming it (it was a bare RuntimeError, a traceback at the command line)
     from eval.backbones import ClapAudio

@@ -336,7 +336,15 @@ def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, mo
     dest = assets.path("panns_cnn14_16k")
     dest.parent.mkdir(parents=True)
     torch.save({"model": panns.net.state_dict(), "iteration": 0}, dest)
-    loaded = PannsCnn14("pretrained")
+    # in the cache but not the publisher's file (Zenodo's md5): labelled by its path, not "pretrained"
+    assert PannsCnn14("pretrained").weights_label == f"file {dest.resolve()}"
+    import dataclasses
+
+    from siren.io import file_digest
+
+    monkeypatch.setitem(assets.ASSETS, "panns_cnn14_16k", dataclasses.replace(
+        assets.ASSETS["panns_cnn14_16k"], digest=f"md5:{file_digest(dest, algorithm='md5')}"))
+    loaded = PannsCnn14("pretrained")  # as if it were the publisher's
     assert loaded.weights_label == "pretrained" and loaded.weights_sha256 == sha256_file(dest)
     x = torch.from_numpy(synth(3, 2.0))[None]
     torch.testing.assert_close(loaded.forward(x)["logits"], panns.forward(x)["logits"])
