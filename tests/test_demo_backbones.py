@@ -137,6 +137,19 @@ def test_an_init_that_differs_only_in_float_rounding_loads(tmp_path, fresh_build
     assert torch.allclose(net[0].weight, base[0].weight, rtol=1e-6, atol=0)
     with pytest.raises(CheckpointError, match="first at tensor '0.bias'"):
         demo_weights.load(path, _nudged(1e-3))
+    # a region of a tensor changed away from the fingerprint's sampled values: the moments refuse it (the 16
+    # sampled values alone let a base with every other value zeroed load)
+    def zeroed_between_samples():
+        net = demo_weights._seeded(3, _mlp)
+        w = net[0].weight.data.view(-1)
+        keep = torch.arange(16) * (w.numel() - 1) // 15
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        mask[keep] = True
+        w[~mask] = 0.0
+        return net
+
+    with pytest.raises(CheckpointError, match="first at tensor '0.weight'"):
+        demo_weights.load(path, zeroed_between_samples)
 
 
 # ------------------------------------------------------------------------------------------- recipes
@@ -249,6 +262,8 @@ def test_committed_files_are_demo_overlays(asset):
 
     head = demo_weights.header(demo_weights.demo_file(asset))
     assert head["label"] == demo_weights.LABEL and len(head["base_sha256"]) == 64
+    # every tensor of the seeded base has its moments, for the check where the exact hash differs (another CPU)
+    assert set(json.loads(head["base_moments"])) == set(json.loads(head["base_fingerprint"]))
     # trained on the committed codec's resynthesis (by content): a codec rebuilt without its backbones fails here
     assert json.loads(head["meta"])["codec_sha256"] == sha256_file(DEMO_FILE)
 
