@@ -227,6 +227,9 @@ def test_another_recipes_stage_file_or_checkpoint_is_redone_not_used(tmp_path, c
     with caplog.at_level("WARNING"):
         assert not finished(path, other)
     assert "stage2.pth was written by another recipe" in caplog.text and "'ae_steps': 5" in caplog.text
+    # nor is a stage written on another machine kind kept (its CPU's kernels train the same seed to other bits)
+    elsewhere = {**stage_key(cfg, 2), "machine": {"torch": "2.13.0+cpu", "cpu": "AMD EPYC, family 23 model 1"}}
+    assert stage_key(cfg, 2)["machine"] != elsewhere["machine"] and not finished(path, elsewhere)
     model = _tiny_dac()
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -62,6 +62,7 @@ from siren.config import check_numbers, load_config
 from siren.data.demo import CLASSES
 from siren.demo_assets.data import Split, demo_data
 from siren.demo_assets.fit import _batches, fit
+from siren.demo_assets.resume import machine
 from siren.errors import ConfigError
 from siren.io import sha256_file
 
@@ -288,7 +289,7 @@ def build(cfg: BuildConfig) -> dict:
             trained, meta = recipe(data, seed=cfg.seed, **kw)
             meta.update(seconds=round(time.perf_counter() - t, 1), cpu_seconds=round(time.process_time() - c, 1),
                         codec=report["codec"], codec_sha256=report["codec_sha256"],
-                        n_train=cfg.n_train, n_test=cfg.n_test, torch=torch.__version__)
+                        n_train=cfg.n_train, n_test=cfg.n_test, threads=cfg.threads, **machine())
             path = Path(cfg.out) / demo_weights.DEMO_FILES[asset]
             demo_weights.save(path, demo_weights.seeded(cfg.seed, make), trained, cfg.seed, meta)
             meta["file_bytes"] = path.stat().st_size

@@ -64,7 +64,7 @@ from siren.errors import ConfigError
 from siren.io import atomic_path, sha256_file
 from siren.runtime import check_device, derive_seed, resolve_device
 
-from .resume import Checkpoint, finished, run_steps, stage_key, work_dir
+from .resume import Checkpoint, finished, machine, run_steps, stage_key, work_dir
 from .rvq_fit import fit_quantizers
 from .spectral_loss import SpectralLoss
 
@@ -244,6 +244,7 @@ def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = No
     ``init`` records the file the kept stages came from; ``build_key`` marks a stage file of the work folder."""
     state = _stored(model.state_dict(), fp16)
     meta = {"kwargs": DEMO_KWARGS, "demo": True, "label": DEMO_LABEL, "recipe": recorded_recipe(cfg),
+            "built_on": machine(),
             "trained_on": f"siren.data.demo train split, {cfg.n_train} clips per class, seed {cfg.seed}"}
     if init:
         meta["init_from"] = init

@@ -5,8 +5,8 @@ that was never stopped (``tests/test_demo_codec.py``).
 
 Everything lives in one work folder beside the output file (``<out>.build/``), removed when the file
 is written. A stage file or checkpoint is used only when its key (the stage, the recipe keys that
-shape it, the sha256 of the file it started from) equals this run's; another recipe's is replaced,
-with a warning naming it."""
+shape it, the sha256 of the file it started from, the torch version and CPU) equals this run's; another
+recipe's (or machine's) is replaced, with a warning naming it."""
 from __future__ import annotations
 
 import logging
@@ -39,8 +39,24 @@ def work_dir(out: Path, init: str = "") -> Path:
     return out.parent / f"{out.name}.build{'-init' if init else ''}"
 
 
+def machine() -> dict:
+    """What besides the recipe decides a stage's bits: the torch version and the CPU (its vectorised kernels); a
+    build stopped on one machine and resumed on another kind redoes its stages rather than mix them."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux: "AMD EPYC, family 25 model 17" (the model name alone does not tell the AMD kinds apart)
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = f"{info.get('model name', cpu)}, family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    except OSError:
+        pass
+    return {"torch": str(torch.__version__), "cpu": cpu}  # str: torch.load(weights_only) refuses TorchVersion
+
+
 def stage_key(cfg, stage: int, start_sha256: str | None = None) -> dict:
-    return {"stage": stage, "recipe": {k: getattr(cfg, k) for k in STAGE_KEYS[stage]}, "from": start_sha256}
+    return {"stage": stage, "recipe": {k: getattr(cfg, k) for k in STAGE_KEYS[stage]}, "from": start_sha256,
+            "machine": machine()}
 
 
 def finished(path: Path, key: dict) -> bool:
