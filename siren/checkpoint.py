@@ -395,9 +395,18 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
         return load_continuous(run_dir, shared, device, allow_unfinished)
     cfg = from_saved(shared["model"], f"{run_dir / 'config.json'}: model")  # older configs: arch=legacy
     found, problems = {}, []
+    # a stage-2 run: its trained experts are read at the step its commit point names (each expert's `latest` moves
+    # first, so a run killed between two experts' saves holds them at different steps)
+    commit = run_dir / "rl" / "state.json"
+    committed = int(read_json(commit)["step"]) if commit.is_file() else None
     for k in range(cfg.n_experts):
         edir = expert_dir(run_dir, k)
         c = load_latest(edir) if edir.is_dir() else None
+        if c is not None and committed is not None and c.state.get("stage") == 2 and c.step != committed:
+            if not (edir / step_name(committed)).is_dir():
+                problems.append(f"expert {k}: {commit} names step {committed}, which {edir} does not have")
+                continue
+            c = Checkpoint(edir / step_name(committed))
         if c is None:
             problems.append(f"expert {k}: missing (no checkpoint in {edir})")
             continue

@@ -578,6 +578,25 @@ def test_aligned_run_directory_loads_like_a_stage1_run(stage1, tmp_path):
     assert meta["trainable_experts"] == [0] and meta["source_run"] == str(stage1.resolve())
 
 
+def test_a_stage2_run_killed_between_two_experts_saves_loads_at_its_commit_point(stage1, tmp_path):
+    # each trained expert's `latest` moves before rl/state.json: killed between the two experts' step-2 saves,
+    # siren.load(allow_unfinished=True) read expert 0 at step 2 and expert 1 at step 1
+    import shutil
+
+    import siren
+
+    out = tmp_path / "out"
+    run_align(stage1, out, "align=anti_causal", "n=2", "steps=2", "lr=1e-2", "gamma=0", "ckpt_every=1",
+              "keep_last=3")
+    shutil.rmtree(ckpt.expert_dir(out, 1) / ckpt.step_name(2))
+    (ckpt.expert_dir(out, 1) / "latest").write_text(ckpt.step_name(1) + "\n")
+    (out / "rl" / "state.json").write_text('{"step": 1}')
+    loaded = siren.load(out, allow_unfinished=True)
+    for k in (0, 1):
+        at_1 = ckpt.Checkpoint(ckpt.expert_dir(out, k) / ckpt.step_name(1)).model_state()
+        assert all(torch.equal(v, at_1[key]) for key, v in loaded.experts[k].state_dict().items()), k
+
+
 def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     """python -m siren.rl at demo scale: random DAC decodes the rollouts, random CLAP scores them."""
     import siren
