@@ -199,7 +199,7 @@ def run(cfg: GradientAnglesConfig) -> list:
     device = resolve_device(cfg.device)
     codec = cfg.codec
     if cfg.run:  # the run's model reads codes of one codec: probe it with data of that codec
-        from siren.checkpoint import read_run_config
+        from siren.run_dir import read_run_config
 
         codec = codec or weights_arg(read_run_config(cfg.run)["codec"]["weights"])  # the label -> the key
     data = prepared.resolve(cfg.data, codec)

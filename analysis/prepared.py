@@ -21,13 +21,13 @@ import torch
 
 from analysis.logs import weights_phrase
 from siren import assets
-from siren.checkpoint import read_run_config
 from siren.codec import DEMO_FILE, N_LAYERS, Codec, CodecConfig, weights_arg
 from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import index_path
 from siren.errors import ConfigError, DataError
 from siren.io import sha256_file
+from siren.run_dir import read_run_config
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from eval.audio import CHANNELS, CROPS, BadAudioError, Clip, load_clips
 from eval.backbones import RESAMPLERS, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
 from eval.reference import match_generated, select, set_hash
-from siren.checkpoint import read_run_config
 from siren.codec import DEMO_LABEL
 from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
 from siren.io import check_folder, read_json, sha256_file, write_json
+from siren.run_dir import read_run_config
 from siren.runtime import check_device, resolve_device
 from siren.sample import SampleConfig
 

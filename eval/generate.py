@@ -21,7 +21,6 @@ import torch
 from tqdm import tqdm
 
 import siren
-from siren.checkpoint import read_run_config, trained_frames, warn_if_past_trained
 from siren.codec import FRAME_RATE, SAMPLE_RATE
 from siren.data.manifest import child_path
 from siren.demo_weights import tensors_sha256
@@ -29,6 +28,7 @@ from siren.errors import ConfigError
 from siren.frontends import run_frontends
 from siren.io import atomic_path, read_json, sha256_file, write_json
 from siren.model.continuous import ContinuousLM, decode_latent
+from siren.run_dir import read_run_config, trained_frames, warn_if_past_trained
 from siren.runtime import derive_seed
 from siren.sample import SampleConfig, generate_with_info
 

@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def load(run_dir, device="cpu", allow_unfinished: bool = False):
     """The trained K experts of a run directory as a ``CollaborativeModel``, ready to sample.
 
-    See ``siren.checkpoint.load_run``; imported lazily so ``import siren`` stays light."""
-    from siren.checkpoint import load_run
+    See ``siren.run_dir.load_run``; imported lazily so ``import siren`` stays light."""
+    from siren.run_dir import load_run
 
     return load_run(run_dir, device, allow_unfinished)

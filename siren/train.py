@@ -38,6 +38,7 @@ from siren.errors import ConfigError, NonFiniteError
 from siren.io import save_tensors
 from siren.model import Expert, ExpertLoss
 from siren.model.continuous import ContinuousLM, ContinuousLoss
+from siren.run_dir import write_run_config
 from siren.runtime import (
     EXIT_PREEMPTED,
     Dist,
@@ -313,7 +314,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     if last is not None:
         check_resumable(last, cfg, data, ranks.world)
     if ranks.main:  # after the expert's own checkpoint check: its error is the more specific one
-        ckpt.write_run_config(run_dir, run_config(cfg, data))
+        write_run_config(run_dir, run_config(cfg, data))
         if last is None:  # the shared initialisation (same seed for every expert): Figure 7's task vectors
             save_tensors(edir / "init.safetensors", model.state_dict())
     if last is not None and last.step >= tc.steps:

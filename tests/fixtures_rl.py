@@ -11,6 +11,7 @@ from siren import checkpoint as ckpt
 from siren.codec import CodeTables
 from siren.config import to_dict
 from siren.model import CollaborativeModel
+from siren.run_dir import write_run_config
 from tests.helpers import code_tables, tiny_model_config  # noqa: F401 (re-exported to the RL tests)
 
 TEXT_DIM = 768
@@ -31,7 +32,7 @@ def make_stage1_run(run_dir: Path, distribution: str = "6-2", seed: int = 0, tab
               "text": {"id": text_id, "weights": "random"}}
     for what, conf in (frontends or {}).items():
         shared[what]["config"] = conf
-    ckpt.write_run_config(run_dir, shared)
+    write_run_config(run_dir, shared)
     for k, e in enumerate(model.experts):
         ckpt.save(ckpt.expert_dir(run_dir, k), step, e.state_dict(), {},
                   {**shared, "expert": k, "train": {"steps": step}, "finished": True}, keep_last=1)

@@ -9,7 +9,7 @@ import torch
 
 import siren
 from siren import checkpoint as ckpt
-from siren import io
+from siren import io, run_dir
 from siren.checkpoint import CheckpointError
 from siren.model import CollaborativeModel
 from siren.train import train
@@ -312,9 +312,9 @@ def test_trained_length_is_read_beside_the_launchers_done_markers(tmp_path, capl
         (run / f"expert_{k}.done").write_text("")  # the launcher's markers (ablations/plan.py)
         (run / f"expert_{k}.done.lock").write_text("")
     assert [p.name for p in ckpt.expert_dirs(run)] == ["expert_0", "expert_1"]
-    assert ckpt.trained_frames(run) == 12
+    assert run_dir.trained_frames(run) == 12
     with caplog.at_level("WARNING", logger="siren.checkpoint"):
-        ckpt.warn_if_past_trained(run, 500, "eval")
+        run_dir.warn_if_past_trained(run, 500, "eval")
     assert "eval generates 500 frames (10.0 s)" in caplog.text and "at most 12 frames" in caplog.text
 
 

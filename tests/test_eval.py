@@ -474,11 +474,11 @@ def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
     run's codec is the small demo one: decoding 21 clips with the paper-size random DAC was half this test."""
     import siren
     from eval.generate import generate_set
-    from siren.checkpoint import read_run_config
     from siren.clap import Clap, ClapConfig
     from siren.codec import FRAME_RATE, SAMPLE_RATE
     from siren.config import to_dict
     from siren.frontends import run_frontends
+    from siren.run_dir import read_run_config
     from siren.runtime import derive_seed
     from siren.sample import SampleConfig, generate_with_info
     from siren.text import TextConfig, TextEncoder

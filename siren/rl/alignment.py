@@ -48,6 +48,7 @@ from siren.rl import objective as obj
 from siren.rl.config import AlignConfig, parse, read_prompts
 from siren.rl.rollout import Rollouts, action_logprobs, collect, trainable_experts
 from siren.rl.run_dir import check_same, load_stage1, prepare_out
+from siren.run_dir import warn_if_past_trained
 from siren.runtime import (
     EXIT_PREEMPTED,
     RunLog,
@@ -337,7 +338,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     device = resolve_device(cfg.device)
     model, stage1, run_cfg = load_stage1(cfg.run_dir, device)
     trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)  # before the frontends are built
-    ckpt.warn_if_past_trained(cfg.run_dir, cfg.n_frames, "stage 2 (rollouts)")
+    warn_if_past_trained(cfg.run_dir, cfg.n_frames, "stage 2 (rollouts)")
 
     audio = cfg.reward.name != "code_match"  # rewards on audio: decode with the stage-1 run's codec
     check_keys({w: (run_cfg.get(w) or {}).get("config") for w in ("codec", "text")},

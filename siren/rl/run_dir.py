@@ -21,6 +21,7 @@ from siren.config import to_dict
 from siren.errors import ConfigError, SirenError
 from siren.model import CollaborativeModel
 from siren.rl.config import RESUMABLE_CHANGES, AlignConfig
+from siren.run_dir import read_run_config
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def load_stage1(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
 
     model = load(run_dir, device)
     stage1 = [ckpt.load_latest(ckpt.expert_dir(run_dir, k)) for k in range(model.cfg.n_experts)]
-    return model, stage1, ckpt.read_run_config(run_dir)
+    return model, stage1, read_run_config(run_dir)
 
 
 def _link_tree(src: Path, dest: Path, how: str) -> None:
