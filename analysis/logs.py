@@ -6,6 +6,8 @@ from pathlib import Path
 
 from siren.errors import DataError
 
+UNRECORDED = "not recorded"  # a run config without a model's weights entry (not taken for "pretrained")
+
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """One object per line; a half-written last line (a job killed mid-write) is skipped."""
@@ -87,7 +89,7 @@ def weights_modes(run_dir: str | Path) -> dict[str, str] | None:
     for k in ("codec", "text"):
         # the mode sits in config.weights; the top-level "weights" is a label ("demo" or DEMO_LABEL)
         entry = cfg.get(k) if isinstance(cfg.get(k), dict) else {}
-        modes[k] = weights_arg((entry.get("config") or {}).get("weights", entry.get("weights", "pretrained")))
+        modes[k] = weights_arg((entry.get("config") or {}).get("weights", entry.get("weights", UNRECORDED)))
     align = Path(run_dir) / "alignment.json"
     reward = ((json.loads(align.read_text()).get("config") or {}).get("reward") or {}) if align.is_file() else {}
     if reward.get("name"):
@@ -114,6 +116,8 @@ def weights_phrase(what: str, mode: str) -> str:
 
     if mode == "pretrained":
         return ""
+    if mode == UNRECORDED:  # said, not left blank as if pretrained
+        return f"{what}: weights not recorded by the run"
     if mode == "random":
         return f"random {what} weights"
     if mode in ("demo", DEMO_LABEL):

@@ -295,6 +295,9 @@ def test_weights_note_says_demo_weights_once_per_model(tmp_path):
     (tmp_path / "alignment.json").write_text(json.dumps({"config": {"reward": reward}}))
     assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; random text weights; pretrained reward (clap)"
     assert weights_note(tmp_path / "missing") == ""
+    del cfg["text"]  # a run config without the text encoder's entry: not taken for pretrained
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert "text: weights not recorded by the run" in weights_note(tmp_path)
 
 
 # ---------------------------------------------------------------------------- task vectors
