@@ -22,5 +22,6 @@ GRID = Grid(
         Row("12-1", _dist("12-1"), {"#Single Para.": "140M", "itg": True}),
     ),
     figure="convergence",
-    notes=("The paper's 1-12 row reports CLAP 11.43 here and 7.79 in Table 3 for the same model.",),
+    notes=("The paper's 1-12 row reports CLAP 11.43 here and 7.79 in Table 3 for the same model (7.79 is this "
+           "row's ISC: likely a column slip in Table 3).",),
 )
