@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,8 +56,10 @@ _NUMBERS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 # sbatch options additional_parameters may not set ('-' and '_' spellings alike): those the harness sets itself
 # (the checkpoint signal and requeue, the time limit, the afterok chain between a grid's jobs, names, arrays,
 # logs) and those a profile key sets; either way the profile's value replaced the harness's without a word.
-_RESERVED = {"signal", "time", "requeue", "no_requeue", "dependency", "array", "output", "error", "open_mode",
-             "job_name", "wrap"}
+_RESERVED = {"signal", "time", "requeue", "no_requeue", "kill_on_invalid_dep", "dependency", "array", "output",
+             "error", "open_mode", "job_name", "wrap", "nodes", "ntasks", "ntasks_per_node", "ntasks_per_gpu", "gpus",
+             "gpus_per_task", "chdir"}
+SBATCH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _OWN_KEY = {"partition": "partition", "account": "account", "qos": "qos", "cpus_per_task": "cpus_per_task",
             "mem": "mem_gb", "gpus_per_node": "gpus_per_node", "gres": "gpus_per_node and gpu_type"}
 _TYPE_WORDS = {
@@ -132,12 +135,21 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
     if key in _NUMBERS and value is not None and not (math.isfinite(value) and value >= low):
         raise ConfigError(f"{path}: key {key!r} must be a finite number {'>= 0' if low == 0 else '> 0'}, got {value!r}")
     if key == "additional_parameters" and value:
+        # written into the sbatch script as '#SBATCH --key=value': a key is a bare option name and a value one line
+        bad = [f"{k!r}: {v!r}" for k, v in value.items()
+               if not (isinstance(k, str) and SBATCH_OPTION.match(k)) or v is None or v is False
+               or (isinstance(v, str) and any(c in v for c in "\n\r\0"))]
+        if bad:
+            raise ConfigError(f"{path}: additional_parameters entries {', '.join(bad)}: each must be an sbatch option "
+                              "name (letters, digits, '-', '_') with a one-line value, or true for a bare flag "
+                              "(leave an option out rather than set it null or false)")
         names = {str(k).replace("-", "_"): k for k in value}
         reserved = sorted(names[n] for n in names if n in _RESERVED)
         if reserved:
             raise ConfigError(f"{path}: additional_parameters may not set {', '.join(reserved)}: the harness sets them "
-                              "(the checkpoint signal and requeue, timeout_min's time limit, the dependencies "
-                              "between a grid's jobs, job names, arrays and logs)")
+                              "(the checkpoint signal, requeue and cancelling a job whose dependency failed, "
+                              "timeout_min's time limit, the dependencies between a grid's jobs, job names, arrays, "
+                              "logs, and one task on one node: a grid job is one process)")
         own = sorted(f"{names[n]} (use {_OWN_KEY[n]})" for n in names if n in _OWN_KEY)
         if own:
             raise ConfigError(f"{path}: additional_parameters may not set {', '.join(own)}: the profile key of the "
@@ -223,7 +235,10 @@ def _slurm_executor(
         account=profile.account,
         qos=profile.qos,
         setup=list(profile.setup) or None,
-        additional_parameters=dict(profile.additional_parameters) or None,
+        # requeue: submitit's `scontrol requeue` on the checkpoint signal fails where the cluster default is
+        # JobRequeue=0; kill-on-invalid-dep: a job whose afterok dependency failed is cancelled (SLURM's default
+        # keeps it PENDING for good), so the ledger sees it failed and retry=true submits it again
+        additional_parameters={**profile.additional_parameters, "requeue": True, "kill_on_invalid_dep": "yes"},
     )
     if gpus:
         params["gres"] = f"gpu:{profile.gpu_type}:{gpus}" if profile.gpu_type else f"gpu:{gpus}"

@@ -17,8 +17,12 @@ from ablations import lock
 from siren import io
 from siren.errors import DataError, SchedulerError
 
-FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED"}
-LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "QUEUED"}
+# PREEMPTED is final where PreemptMode=CANCEL (with REQUEUE the job shows REQUEUED/PENDING); held and stopped
+# jobs are live (a person releases them)
+FINAL_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "INTERRUPTED",
+             "PREEMPTED", "REVOKED"}
+LIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "QUEUED",
+        "REQUEUE_HOLD", "REQUEUE_FED", "SPECIAL_EXIT", "STOPPED", "SIGNALING", "STAGE_OUT"}
 RESUBMITTABLE = FINAL_BAD | {"COMPLETED", "PREEMPTED"}  # ended (a done marker would read DONE), per sacct
 
 

@@ -43,6 +43,9 @@ class RunConfig:
 
     def __post_init__(self):
         check_numbers(self, positive=("max_parallel", "cpus", "mem_gb", "train_timeout_min"), nonneg=("gpus",))
+        if self.gpus > 1:  # a grid job is one process: N GPUs were reserved and N - 1 sat idle
+            raise ConfigError(f"gpus={self.gpus}: a grid job runs one process on one GPU; set gpus=1 (one expert on "
+                              f"several GPUs: torchrun --nproc_per_node=N -m siren.train ..., outside the grid)")
 
     @property
     def root(self) -> Path:

@@ -46,6 +46,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "rl.steps": 2000,  # section 5.1: the first transformer is fine-tuned 2K more steps
         "rl.reward.name": "imagebind",  # Eq. 8's phi: ImageBind, not the CLAP checkpoint behind the CLAP metric
         "eval.seconds": 10.0, "eval.gen_batch_size": 16,
+        # the job's GPU where it has one (gpus=1): eval's own default is the CPU, which left it idle
+        "eval.device": "auto",
     },
 }
 

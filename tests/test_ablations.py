@@ -167,6 +167,8 @@ def test_demo_identity_follows_the_demo_weight_files(tmp_path, monkeypatch):
     (["grid=table6", "executor=cloud"], ["cloud", "slurm", "local", "debug"]),
     (["grid=table6", "rows=7-1"], ["7-1", "6-2"]),
     (["grid=table6", "scale=huge"], ["huge", "demo", "paper"]),
+    # a grid job is one process: 8 GPUs were reserved and 7 sat idle
+    (["grid=table6", "gpus=8"], ["gpus=8", "one process on one GPU", "torchrun"]),
 ])
 def test_bad_grid_key_profile_name_the_valid_ones(args, words):
     with pytest.raises((ConfigError, ValueError, FileNotFoundError)) as e:
@@ -593,3 +595,12 @@ def test_metric_bars_figure_draws_the_evaluated_rows(tmp_path):
     paths = draw(grid, [], parse(["grid=continuous", f"out={tmp_path}"]), "cap", tmp_path, rows)
     assert {p.suffix for p in paths} == {".pdf", ".png"} and all(p.stat().st_size > 0 for p in paths)
     assert draw(grid, [], parse(["grid=continuous"]), "cap", tmp_path / "none", {"b": Outcome({}, "pending")}) == []
+
+
+def test_slurm_states_of_jobs_that_will_not_finish_are_failed_and_held_ones_live():
+    # PREEMPTED (PreemptMode=CANCEL) counted as neither, so the run exited 0 with no retry=true hint; held jobs
+    # (REQUEUE_HOLD, SPECIAL_EXIT) and stopped ones counted as failed, so retry=true submitted a second copy
+    from ablations.ledger import FINAL_BAD, LIVE
+
+    assert {"PREEMPTED", "REVOKED", "NODE_FAIL", "CANCELLED"} <= FINAL_BAD
+    assert {"REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "PENDING"} <= LIVE and not FINAL_BAD & LIVE

@@ -55,6 +55,13 @@ def test_profile_value_of_wrong_type_is_named(tmp_path):
     ("additional_parameters:\n  output: /tmp/x.out\n", "may not set output"),
     ("additional_parameters:\n  cpus-per-task: 1\n", "may not set cpus-per-task \\(use cpus_per_task\\)"),
     ("additional_parameters:\n  mem: 1G\n", "may not set mem \\(use mem_gb\\)"),
+    # a grid job is one process: more tasks deadlocked on the job's lock, another folder lost its outputs
+    ("additional_parameters:\n  ntasks-per-node: 8\n", "may not set ntasks-per-node"),
+    ("additional_parameters:\n  chdir: /scratch\n", "may not set chdir"),
+    # written into the sbatch script: a line break became a shell line, null/false reached sbatch as None/False
+    ("additional_parameters:\n  constraint: \"a100\\necho injected\"\n", "each must be an sbatch option name"),
+    ("additional_parameters:\n  \"key\\necho x\": 1\n", "each must be an sbatch option name"),
+    ("additional_parameters:\n  exclusive: false\n", "leave an option out rather than set it null or false"),
 ])
 def test_profile_numbers_and_reserved_options_are_checked(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
@@ -165,6 +172,10 @@ def test_profile_maps_to_sbatch_flags(slurm_cluster, tmp_path):
         "#SBATCH --signal=USR2@120",
         "#SBATCH --constraint=a100_80g",
         "#SBATCH --mail-type=FAIL",
+        # always: submitit's requeue needs it where JobRequeue=0, and a job whose dependency failed is cancelled
+        # (SLURM's default keeps it PENDING for good, where retry=true never resubmitted it)
+        "#SBATCH --requeue",
+        "#SBATCH --kill-on-invalid-dep=yes",
         "module load cuda/12.4",
     ]:
         assert line in script.splitlines(), line
