@@ -26,7 +26,7 @@ from siren.data.manifest import child_path
 from siren.demo_weights import tensors_sha256
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
-from siren.io import atomic_path, read_json, sha256_file, write_json
+from siren.io import atomic_path, read_json, sha256, sha256_file, write_json
 from siren.model.continuous import ContinuousLM, decode_latent
 from siren.run_dir import read_run_config, trained_frames, warn_if_past_trained
 from siren.runtime import derive_seed
@@ -75,7 +75,10 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
     # The set's own batches: a clip's draws depend on its batch's first position (the seed) and on its companions
     # (one generator per batch), so a kept clip must have been made in the batch it is in now
     batches = [range(s, min(s + batch_size, len(ids))) for s in range(0, len(ids), batch_size)]
-    batch_of = {ids[i]: [rows[0], *(ids[j] for j in rows)] for rows in batches for i in rows}
+    batch_of = {}
+    for rows in batches:  # [first position, size, digest of its ids]: a record line per clip stays short
+        key = [rows[0], len(rows), sha256("\n".join(ids[j] for j in rows))[:16]]
+        batch_of.update({ids[i]: key for i in rows})
     record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
                           {i: p for i, p in zip(ids, paths) if p.is_file()}, batch_of)
     collapsed = record["collapsed"]  # written back with the record; may hold other sets' ids (counted below: not)
@@ -163,8 +166,8 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
     bytes written (replaced or edited since: each clip's sha256 is recorded); then record how this call makes
     them (before any clip is written), and return that record. ``existing``: the clips there, by id; the record's
     "collapsed": how many of each one's candidates collapsed, as recorded when it was written. ``batch_of``: each
-    id's batch now (its first position in the set, then its ids): a clip made in another batch (a ``subset=``
-    run, or a manifest reordered or extended since) was drawn with another seed or companions."""
+    id's batch now (its first position in the set, its size, a digest of its ids): a clip made in another batch
+    (a ``subset=`` run, or a manifest reordered or extended since) was drawn with another seed or companions."""
     path = out_dir / RECORD
     fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
     record = read_json(path, fix) if path.is_file() and existing else None
@@ -182,8 +185,9 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
                  and record["batch_of"][i] != batch_of[i]]
         if moved:  # recorded since 2026-12-07
             was, now = record["batch_of"][moved[0]], batch_of[moved[0]]
-            diff.append(f"{len(moved)} clip(s) made in another batch of the set (e.g. {moved[0]}: at position "
-                        f"{was[0]} with {was[1:]} there, {now[0]} with {now[1:]} now: another subset= or order)")
+            diff.append(f"{len(moved)} clip(s) made in another batch of the set (e.g. {moved[0]}: in the batch at "
+                        f"position {was[0]} of {was[1]} clip(s) there, at {now[0]} of {now[1]} now, or with other "
+                        f"companions: another subset= or order)")
         if "sha256" in record:  # recorded since 2026-12-06
             edited = [i for i, p in existing.items() if record["sha256"].get(i) != sha256_file(p)]
             if edited:

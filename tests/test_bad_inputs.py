@@ -962,8 +962,8 @@ def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_whi
         return generate_set(run, ids, captions, gen, seconds=0.1, batch_size=2, seed=0, sample=SampleConfig())
 
     assert generate(tmp_path / "sub", ["b"], ["rain"])["generated_now"] == 1  # b alone, at position 0
-    with pytest.raises(ConfigError, match=r"1 clip\(s\) made in another batch of the set \(e.g. b: at position 0 "
-                                          r"with \['b'\] there, 0 with \['a', 'b'\] now"):
+    with pytest.raises(ConfigError, match=r"1 clip\(s\) made in another batch of the set \(e.g. b: in the batch at "
+                                          r"position 0 of 1 clip\(s\) there, at 0 of 2 now"):
         generate(tmp_path / "sub", ["a", "b"], ["a dog barks", "rain"])
     real, calls = sf.write, []
 
