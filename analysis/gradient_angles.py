@@ -6,7 +6,9 @@ frame-masked mean) is back-propagated alone to the weight matrix of the backbone
 layer. Appendix D.1: that gradient [out, in] is averaged over the output dimension, leaving
 one vector over the input neurons per head; the angle between two heads' vectors is
 arccos(cos) in degrees (90 = orthogonal). Every batch gives the 66 pairwise angles; the
-figure shows their distribution over batches and the 12 x 12 mean.
+figure shows their distribution over batches and the 12 x 12 mean. Beside it a baseline the paper does not draw:
+the angles between two heads' gradients taken on two different batches (``baseline.csv``, the grey outline), what
+"about 90 degrees" is worth for gradients that share no batch (high-dimensional vectors are near-orthogonal too).
 
 Model: ``run=`` a stage-1 run of a 1-12 model (its latest checkpoint), or, without ``run``,
 a fresh one of ``scale`` (default AudioGen's parallel heads, conditioning=none) trained for
@@ -166,9 +168,14 @@ def load_expert(cfg: GradientAnglesConfig, data: Path, folder: Path, device: tor
     return expert, f"1-12, {cfg.conditioning}, at initialisation"
 
 
-def plot_distribution(angles: np.ndarray, note: str):
+def plot_distribution(angles: np.ndarray, note: str, baseline: np.ndarray | None = None):
     fig, ax = style.figure(style.COLUMN, 0.6)
-    ax.hist(angles, bins=np.linspace(0, 180, 37), color=style.layer_colors(3)[1], alpha=0.85)
+    bins = np.linspace(0, 180, 37)
+    ax.hist(angles, bins=bins, color=style.layer_colors(3)[1], alpha=0.85, label="same batch")
+    if baseline is not None and len(baseline):
+        ax.hist(baseline, bins=bins, histtype="step", color="0.3", lw=0.8, weights=np.full(len(baseline),
+                len(angles) / len(baseline)), label="two batches (baseline, scaled)")
+        ax.legend(loc="upper left", fontsize="small")
     ax.axvline(90.0, color="0.4", lw=0.6, ls="--")
     ax.set_xlim(0, 180)
     ax.set_xticks(range(0, 181, 30))
@@ -210,7 +217,7 @@ def run(cfg: GradientAnglesConfig) -> list:
     loader = make_loader(data, cfg.split, cfg.batch_size, crop_s=cfg.crop_s or None, shuffle=True, seed=cfg.seed)
     if len(loader) == 0:
         raise DataError(f"{data}: split '{cfg.split}' has no items")
-    mats, rows = [], []
+    mats, rows, grads = [], [], []
     H = len(expert.layers)
     b = 0
     while b < cfg.batches:
@@ -218,10 +225,17 @@ def run(cfg: GradientAnglesConfig) -> list:
             if b >= cfg.batches:
                 break
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            mats.append(angle_matrix(head_gradients(expert, batch, weight)))
+            grads.append(head_gradients(expert, batch, weight))
+            mats.append(angle_matrix(grads[-1]))
             rows += [dict(batch=b, head_a=i + 1, head_b=j + 1, angle_deg=float(mats[-1][i, j]))
                      for i in range(H) for j in range(i + 1, H)]
             b += 1
+    # baseline: head i's gradient on batch b against head j's on batch b + 1 (i != j), no batch in common
+    base = [dict(batch_a=b, batch_b=(b + 1) % len(grads), head_a=i + 1, head_b=j + 1,
+                 angle_deg=float(angle_matrix(torch.stack([grads[b][i], grads[(b + 1) % len(grads)][j]]))[0, 1]))
+            for b in range(len(grads) if len(grads) > 1 else 0) for i in range(H) for j in range(H) if i != j]
+    base_angles = np.array([r["angle_deg"] for r in base])
+    base_angles = base_angles[~np.isnan(base_angles)]
     angles = np.array([r["angle_deg"] for r in rows])
     if np.isnan(angles).any():  # a head whose loss did not reach the parameter, or was exactly 0
         log.warning("%d of %d angles are NaN (a head's gradient on %s was zero); the CSVs keep them, the summary "
@@ -237,13 +251,17 @@ def run(cfg: GradientAnglesConfig) -> list:
     note = "; ".join(p for k, v in weights.items() if (p := weights_phrase(k, v)))
     prov = dict(model=what, param=name, codec_weights=weights["codec"], text_weights=weights["text"])
     written = [write_csv(folder / "angles.csv", [dict(**r, **prov) for r in rows]),
+               write_csv(folder / "baseline.csv", [dict(**r, **prov) for r in base],
+                         columns=["batch_a", "batch_b", "head_a", "head_b", "angle_deg", *prov]),
                write_csv(folder / "matrix.csv", [dict(head_a=i + 1, head_b=j + 1, mean_angle_deg=float(mean[i, j]))
                                                  for i in range(H) for j in range(H)])]
-    written += style.save_figure(plot_distribution(angles, note), folder, "fig2b_gradient_angles")
+    written += style.save_figure(plot_distribution(angles, note, base_angles), folder, "fig2b_gradient_angles")
     written += style.save_figure(plot_matrix(mean, note), folder, "matrix")
     q = np.quantile(angles, [0.25, 0.5, 0.75])
     print(f"{what}; gradients of {H} heads on {name} ({weight.shape[1] if weight.dim() > 1 else 1} input neurons), "
-          f"{len(mats)} batches: angle median {q[1]:.1f} deg (IQR {q[0]:.1f}-{q[2]:.1f}), mean {angles.mean():.1f}")
+          f"{len(mats)} batches: angle median {q[1]:.1f} deg (IQR {q[0]:.1f}-{q[2]:.1f}), mean {angles.mean():.1f}"
+          + (f"; two heads on two different batches (baseline): median {np.median(base_angles):.1f} deg"
+             if len(base_angles) else ""))
     return written
 
 

@@ -511,6 +511,11 @@ def test_gradient_angles_command(demo, tmp_path, figure_texts):
     angles = pd.read_csv(out / "angles.csv")
     assert len(angles) == 2 * 66 and angles["angle_deg"].between(0, 180).all()
     assert "random codec weights" in figure_texts["fig2b_gradient_angles"]
+    # the baseline: two heads' gradients on two different batches (2 batches x 132 ordered pairs of heads)
+    base = pd.read_csv(out / "baseline.csv")
+    assert len(base) == 2 * 132 and (base["batch_a"] != base["batch_b"]).all()
+    assert (base["head_a"] != base["head_b"]).all()
+    assert "two batches (baseline, scaled)" in figure_texts["fig2b_gradient_angles"]
 
 
 def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path):
@@ -520,6 +525,7 @@ def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path
                [f"run={run}", f"data={demo}", f"out={out}", "batches=1", "batch_size=2", "device=cpu"])
     angles = pd.read_csv(out / "angles.csv")
     assert len(angles) == 66 and set(angles["model"]) == {"1-12, accumulated, 2 training steps"}
+    assert len(pd.read_csv(out / "baseline.csv")) == 0  # one batch: no pair of batches, no baseline
     with pytest.raises(ConfigError, match="distribution 6-2; gradient angles need a single transformer"):
         probe_main("gradient_angles", gradient_angles.GradientAnglesConfig, gradient_angles.run,
                    [f"run={run_6_2}", f"data={demo}", f"out={out}"])
