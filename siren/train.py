@@ -291,7 +291,10 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     device = resolve_device(tc.device, ranks.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    data = data or Stage1Data.from_prepared(cfg.data_dir, tc.crop_s or None, tc.seed, cfg.codec, tc.crop_min_clap,
+    # train.expert_seed=offset: the authors' seed + the expert's first layer, for everything this job draws
+    first = cfg.expert * cfg.model.layers_per_expert if cfg.family == "discrete" else 0
+    seed = tc.seed + (first if tc.expert_seed == "offset" else 0)
+    data = data or Stage1Data.from_prepared(cfg.data_dir, tc.crop_s or None, seed, cfg.codec, tc.crop_min_clap,
                                             latent_dim=cfg.continuous.token_dim if cfg.family == "continuous" else 0)
     if cfg.family == "discrete" and cfg.model.codec and cfg.model.codec != data.codec["id"]:
         raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec "
@@ -306,7 +309,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         raise ConfigError(f"the train split has {n_train} examples, fewer than one batch "
                           f"(train.batch_size={tc.batch_size} x {ranks.world} processes)")
 
-    torch.manual_seed(derive_seed(tc.seed, ranks.rank))  # own stream per rank; DDP broadcasts rank 0's init
+    torch.manual_seed(derive_seed(seed, ranks.rank))  # own stream per rank; DDP broadcasts rank 0's init
     model = build_model(cfg, data).to(device)
     opt = optimizer(model, tc, device)
     state, stats = {"step": 0, "epoch": 0, "examples_in_epoch": 0}, Stats()
@@ -315,12 +318,12 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         check_resumable(last, cfg, data, ranks.world)
     if ranks.main:  # after the expert's own checkpoint check: its error is the more specific one
         write_run_config(run_dir, run_config(cfg, data))
-        if last is None:  # the shared initialisation (same seed for every expert): Figure 7's task vectors
+        if last is None:  # the initialisation (with expert_seed=shared, every expert's): Figure 7's task vectors
             save_tensors(edir / "init.safetensors", model.state_dict())
     if last is not None and last.step >= tc.steps:
         return TrainResult("finished", last.step, last.path)  # a re-submitted finished job: nothing to do
     if last is not None:
-        state, stats = resume(last, model, opt, ranks, device, tc.seed)
+        state, stats = resume(last, model, opt, ranks, device, seed)
         if ranks.main:
             log.info("expert %d: resuming from %s (step %d)", k, last.path, last.step)
             warn_other_device(last.state.get("device_type"), device, f"expert {k}")
@@ -338,7 +341,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = epoch_loader(data.train, data.collate, tc.batch_size, seed=tc.seed, rank=ranks.rank, world=ranks.world,
+    loader = epoch_loader(data.train, data.collate, tc.batch_size, seed=seed, rank=ranks.rank, world=ranks.world,
                           drop_last=True, num_workers=tc.num_workers)
     loader.batch_sampler.set_epoch(state["epoch"], state["examples_in_epoch"])
 

@@ -21,7 +21,8 @@ PAPER_GEN_FRAMES = 500  # the paper generates 10 s clips (50 frames/s)
 # Keys added after runs were saved without them, with the value those runs used: a checkpoint
 # saved before 2026-12-02 trained with the cosine schedule and resumes as such; one saved before
 # 2026-12-03 took every owned layer's CE into its loss.
-TRAIN_KEYS_ADDED = {"schedule": "cosine", "decay_frac": 0.2, "loss_layers": 0}
+TRAIN_KEYS_ADDED = {"schedule": "cosine", "decay_frac": 0.2, "loss_layers": 0, "expert_seed": "shared"}
+EXPERT_SEEDS = ("shared", "offset")
 
 
 def saved_train(state: dict) -> dict:
@@ -52,6 +53,9 @@ class TrainConfig:
     decay_frac: float = 0.2  # wsd only
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     seed: int = 0
+    # shared: every expert drawn from `seed` (App. D.3: "the same initialization weights"; init, batch order, crops,
+    # dropout) | offset: seed + the expert's first layer, as the authors' train command seeds each expert
+    expert_seed: str = "shared"
     log_every: int = 50
     val_every: int = 2000  # 0 = only at the end
     val_batches: int = 0  # batches of the test split per validation; 0 = all
@@ -72,6 +76,8 @@ class TrainConfig:
             raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
         if not 0 < self.decay_frac <= 1:
             raise ConfigError(f"train.decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.expert_seed not in EXPERT_SEEDS:
+            raise ConfigError(f"train.expert_seed must be one of {', '.join(EXPERT_SEEDS)}, got '{self.expert_seed}'")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ConfigError(f"train.loss_reduction must be mean or sum, got '{self.loss_reduction}'")
         check_precision(self.precision, "train.precision")

@@ -355,3 +355,23 @@ def test_bench_matches_parameters_and_prints_table(capsys):
     main(["scale=tiny", "batch_size=1", "crop_s=0.2", "steps=1"])
     out = capsys.readouterr().out
     assert "| 6-2 expert (tiny" in out and "| 1-12 single" in out and "frames/s" in out
+
+
+def test_expert_seed_shared_or_offset_as_the_authors(tmp_path):
+    """shared (App. D.3): every expert starts from the same weights; offset: seed + the expert's first layer, as the
+    authors' train command seeds each expert (init, batches and dropout of its own)."""
+    from safetensors.torch import load_file
+
+    def inits(mode):
+        run = tmp_path / mode
+        for k in (0, 1):
+            train(tiny_config(run, "model.distribution=2-6", f"expert={k}", "train.steps=1", "train.ckpt_every=1",
+                              f"train.expert_seed={mode}"), synthetic_data(), handle_signals=False)
+        a, b = (load_file(run / f"expert_{k}" / "init.safetensors") for k in (0, 1))
+        return a["heads.0.weight"], b["heads.0.weight"]
+
+    assert torch.equal(*inits("shared"))
+    offset = inits("offset")
+    assert not torch.equal(*offset) and torch.equal(offset[0], inits("shared")[0])  # expert 0: seed + 0
+    with pytest.raises(ConfigError, match="train.expert_seed must be one of shared, offset"):
+        tiny_config(tmp_path / "x", "train.expert_seed=own")
