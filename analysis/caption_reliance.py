@@ -187,11 +187,12 @@ def run(cfg: CaptionRelianceConfig) -> list:
         ce_other = layer_ce(model, clips, other, frames, cfg.batch_size, device)
         how = train_words(train)
         words, gap = f"{model_words(model)}; {how}", ce_other - ce_own
+        weights = provenance(run_dir)["weights"]
         rows += [dict(run=run_dir, distribution=model.cfg.distribution, blocks=model.cfg.main_layers, model=words,
                       train=how, seed=train.get("seed"), loss_layers=train.get("loss_layers", 0),
                       layer=j + 1, ce_own=float(ce_own[j]), ce_other=float(ce_other[j]),
                       gap=float(gap[j]), frames=frames, split=cfg.split, clips=len(ds),
-                      weights=provenance(run_dir)["weights"]) for j in range(N_LAYERS)]
+                      weights=weights) for j in range(N_LAYERS)]
         summary.append(f"  {words}: layer 1 CE {ce_own[0]:.3f} own caption, {ce_other[0]:.3f} another's "
                        f"({gap[0]:+.3f}); mean over layers {gap.mean():+.3f}  ({run_dir})")
     written = [write_csv(folder / "reliance.csv", rows)]

@@ -231,9 +231,10 @@ def run(cfg: GradientAnglesConfig) -> list:
                      for i in range(H) for j in range(i + 1, H)]
             b += 1
     # baseline: head i's gradient on batch b against head j's on batch b + 1 (i != j), no batch in common
-    base = [dict(batch_a=b, batch_b=(b + 1) % len(grads), head_a=i + 1, head_b=j + 1,
-                 angle_deg=float(angle_matrix(torch.stack([grads[b][i], grads[(b + 1) % len(grads)][j]]))[0, 1]))
-            for b in range(len(grads) if len(grads) > 1 else 0) for i in range(H) for j in range(H) if i != j]
+    pairs = [(b, (b + 1) % len(grads)) for b in range(len(grads) if len(grads) > 1 else 0)]
+    cross = [angle_matrix(torch.cat([grads[a], grads[c]]))[:H, H:] for a, c in pairs]  # [H, H]: a's heads vs c's
+    base = [dict(batch_a=a, batch_b=c, head_a=i + 1, head_b=j + 1, angle_deg=float(m[i, j]))
+            for (a, c), m in zip(pairs, cross) for i in range(H) for j in range(H) if i != j]
     base_angles = np.array([r["angle_deg"] for r in base])
     base_angles = base_angles[~np.isnan(base_angles)]
     angles = np.array([r["angle_deg"] for r in rows])

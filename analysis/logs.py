@@ -26,9 +26,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def read_metric(results: str | Path, key: str) -> float | None:
-    """``key`` of a results.json (a file, or a folder holding one): its "metrics" object, else top level;
-    None when the file or the key is absent."""
+def read_results(results: str | Path) -> dict | None:
+    """An eval results.json (a file, or a folder holding one); None when there is none."""
     path = Path(results)
     path = path / "results.json" if path.is_dir() else path
     if not path.is_file():
@@ -40,6 +39,11 @@ def read_metric(results: str | Path, key: str) -> float | None:
         raise DataError(f"{path}: not an eval results.json ({e}); {fix}") from None
     if not isinstance(res, dict):
         raise DataError(f"{path}: not an eval results.json (a JSON {type(res).__name__}, not an object); {fix}")
+    return res
+
+
+def metric_of(res: dict, key: str) -> float | None:
+    """``key`` of a read results.json: its "metrics" object, else top level; None when absent."""
     for src in (res.get("metrics", {}), res):
         if isinstance(src, dict) and key in src and src[key] is not None:
             v = src[key]
@@ -47,15 +51,10 @@ def read_metric(results: str | Path, key: str) -> float | None:
     return None
 
 
-def read_eval_config(results: str | Path) -> dict:
-    """The "config" an eval results.json (a file, or a folder holding one) records; {} when it has none."""
-    path = Path(results)
-    path = path / "results.json" if path.is_dir() else path
-    try:
-        cfg = json.loads(path.read_text()).get("config") if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return {}  # read_metric names a broken file
-    return cfg if isinstance(cfg, dict) else {}
+def read_metric(results: str | Path, key: str) -> float | None:
+    """``key`` of a results.json (a file, or a folder holding one); None when the file or the key is absent."""
+    res = read_results(results)
+    return None if res is None else metric_of(res, key)
 
 
 def weights_note(run_dir: str | Path) -> str:
@@ -79,12 +78,18 @@ def weights_note(run_dir: str | Path) -> str:
 def weights_modes(run_dir: str | Path) -> dict[str, str] | None:
     """{"codec": mode, "text": mode[, "reward (<name>)": mode]} as run_dir/config.json (and a stage-2 run's
     alignment.json) record them; None when the run has no config.json."""
+    cfg = _run_config(run_dir)
+    return None if cfg is None else _modes(run_dir, cfg)
+
+
+def _run_config(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return None
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _modes(run_dir: str | Path, cfg: dict) -> dict[str, str]:
     from siren.codec import weights_arg
 
-    cfg = json.loads(path.read_text())
     modes = {}
     for k in ("codec", "text"):
         # the mode sits in config.weights; the top-level "weights" is a label ("demo" or DEMO_LABEL)
@@ -100,13 +105,13 @@ def weights_modes(run_dir: str | Path) -> dict[str, str] | None:
 def provenance(run_dir: str | Path) -> dict[str, str]:
     """CSV columns saying what a run's numbers were made with: ``weights`` ("codec=demo, text=demo", or
     "unknown (no config.json)") and ``model`` (distribution and conditioning, as its config.json records)."""
-    modes = weights_modes(run_dir)
-    if modes is None:
+    cfg = _run_config(run_dir)
+    if cfg is None:
         return {"weights": "unknown (no config.json)", "model": "unknown"}
-    model = json.loads((Path(run_dir) / "config.json").read_text()).get("model") or {}
+    model = cfg.get("model") or {}
     words = ("continuous" if model.get("family") == "continuous" else
              f"{model.get('distribution', '?')}, conditioning={model.get('conditioning', '?')}")
-    return {"weights": ", ".join(f"{k}={v}" for k, v in modes.items()), "model": words}
+    return {"weights": ", ".join(f"{k}={v}" for k, v in _modes(run_dir, cfg).items()), "model": words}
 
 
 def weights_phrase(what: str, mode: str) -> str:

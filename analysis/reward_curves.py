@@ -12,7 +12,6 @@ CLAP already x100).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis import style
 from analysis.cli import as_list, command, out_dir, write_csv
-from analysis.logs import provenance, read_jsonl, read_metric, weights_note
+from analysis.logs import metric_of, provenance, read_jsonl, read_results, weights_note
 from siren.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -139,9 +138,10 @@ def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | P
     for r, label, res in zip(runs, labels, results):
         steps, reward = reward_curve(r, reward_key)
         path = find_results(r, str(res) if res else "")
-        fd = read_metric(path, fd_key) if path else None
-        clap = read_metric(path, clap_key) if path else None
-        itg = bool(path) and json.loads(Path(path).read_text()).get("status") == "itg"  # no audio, no metrics
+        res = read_results(path) if path else None
+        fd = metric_of(res, fd_key) if res else None
+        clap = metric_of(res, clap_key) if res else None
+        itg = bool(res) and res.get("status") == "itg"  # no audio, no metrics
         pair = "(itg)" if itg else f"({fd:.2f}, {clap:.2f})" if fd is not None and clap is not None else ""
         if path and not pair:
             log.warning("%s has no '%s'/'%s' metric; adjust fd_key= / clap_key=", path, fd_key, clap_key)

@@ -42,7 +42,7 @@ import torch
 
 from analysis import prepared, style
 from analysis.cli import as_list, command, int_list, out_dir, write_csv
-from analysis.logs import read_eval_config, read_metric
+from analysis.logs import metric_of, read_results
 from siren.codec import N_LAYERS, SAMPLE_RATE
 from siren.config import check_numbers
 from siren.errors import ConfigError
@@ -174,13 +174,14 @@ def run(cfg: RvqDepthConfig) -> list:
         raise ConfigError(f"gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
     gen, missing = [], []  # read before the decoding: a bad results.json is named at once
     for run_dir, r in zip(runs, rs):
-        made_by = read_eval_config(run_dir).get("ckpt")
+        res = read_results(run_dir)
+        made_by = ((res or {}).get("config") or {}).get("ckpt")
         if made_by and r != N_LAYERS:
             raise ConfigError(f"gen_r={r} for {run_dir}: its results.json is an evaluation of the harness run "
                               f"{made_by}, whose models decode all {N_LAYERS} layers. The harness trains "
                               f"{N_LAYERS}-layer models only: give r = {N_LAYERS} for it, and for other r the results "
                               f"of audio generated with r layers elsewhere (eval/audiocaps.py gen_dir=)")
-        v = read_metric(run_dir, cfg.gen_metric.lower())
+        v = metric_of(res, cfg.gen_metric.lower()) if res is not None else None
         (gen.append((r, v)) if v is not None else missing.append(run_dir))
     if missing:
         log.warning("no '%s' in results.json of %s; left out of the figure", cfg.gen_metric, missing)

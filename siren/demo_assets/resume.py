@@ -51,7 +51,7 @@ def machine() -> dict:
         cpu = f"{info.get('model name', cpu)}, family {info.get('cpu family', '?')} model {info.get('model', '?')}"
     except OSError:
         pass
-    return {"torch": str(torch.__version__), "cpu": cpu}  # str: torch.load(weights_only) refuses TorchVersion
+    return {"torch": str(torch.__version__), "cpu": cpu}  # str: the stage files' safe loader refuses TorchVersion
 
 
 def stage_key(cfg, stage: int, start_sha256: str | None = None) -> dict:
