@@ -266,6 +266,32 @@ def test_mu_default_lets_the_clip_act(stage1, tmp_path):
         assert moved or e["ratio_min"] == e["ratio_max"] == 1.0
 
 
+@pytest.mark.parametrize("method,args", [("grpo", ("gamma=0.6", "micro_batch=3")), ("dpo", ("micro_batch=2",))])
+def test_old_policy_logprobs_are_computed_in_the_first_updates_micro_batches(stage1, tmp_path, monkeypatch,
+                                                                              method, args):
+    """On a GPU in bf16 a rollout's log-probs can depend on the rollouts batched with it: the old policy's (and
+    the reference's) are computed in the very micro-batches of the update's first pass, so that pass's Eq. 11
+    ratios (DPO's margins) are exactly 1 (0). Every batch the update runs with gradients was first run without."""
+    calls, real = [], alignment._logprobs
+
+    def spy(experts, ro, idx, cfg, device):
+        calls.append((torch.is_grad_enabled(), tuple(idx.tolist())))
+        return real(experts, ro, idx, cfg, device)
+
+    monkeypatch.setattr(alignment, "_logprobs", spy)
+    run_align(stage1, tmp_path / method, f"method={method}", "steps=2", "mu=1", "lr=1e-2", *args)
+    steps = []  # per step: (the batches run without gradients, then those of the update's one pass)
+    for grad, batch in calls:
+        if not grad and (not steps or steps[-1][1]):
+            steps.append((set(), []))
+        steps[-1][1].append(batch) if grad else steps[-1][0].add(batch)
+    assert steps and all(first for _, first in steps), calls
+    for old, first in steps:
+        assert set(first) <= old, (first, old)
+        assert set().union(*old) == set(range(8))  # every rollout's (the KL log's)
+    assert any(len(first[0]) < 8 and first[0] != tuple(range(len(first[0]))) for _, first in steps), calls
+
+
 def test_fixed_prompt_reward_follows_the_policy_and_leaves_training_alone(stage1, tmp_path):
     """fixed_every: the same prompts and seed at step 0 and every N steps. On the synthetic reward above it
     rises with the policy; the run's weights and its per-step log are those of a run without it."""

@@ -95,6 +95,43 @@ def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(idx.split(size or max(1, len(idx)))) if len(idx) else []
 
 
+def _grpo_kept(cfg: AlignConfig, rewards: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 9 advantages [B*G], the gamma filter's mask [B*G] and the degenerate groups [B]."""
+    adv, degenerate = obj.group_advantages(rewards)
+    adv = adv.flatten().to(device)
+    return adv, obj.keep_mask(adv, cfg.gamma), degenerate
+
+
+def _dpo_chunks(cfg: AlignConfig, pairs: int, device) -> list[torch.Tensor]:
+    """Positions into the kept pairs, half a micro-batch of pairs at a time (each pair is two rollouts)."""
+    return _chunks(torch.arange(pairs, device=device), max(1, cfg.micro_batch // 2) if cfg.micro_batch else 0)
+
+
+def _first_pass_chunks(cfg: AlignConfig, rewards: torch.Tensor, device) -> list[torch.Tensor]:
+    """The rollout indices of each micro-batch of the update's first pass, then the rest's (for the KL log)."""
+    if cfg.method == "grpo":
+        _, keep, _ = _grpo_kept(cfg, rewards, device)
+        chunks = _chunks(keep.nonzero().flatten(), cfg.micro_batch)
+    else:
+        chosen, rejected, valid = (t.to(device) for t in obj.dpo_pairs(rewards))
+        chosen, rejected = chosen[valid], rejected[valid]
+        chunks = [torch.cat([chosen[sel], rejected[sel]]) for sel in _dpo_chunks(cfg, len(chosen), device)]
+    rest = torch.ones(rewards.numel(), dtype=torch.bool, device=device)
+    for idx in chunks:
+        rest[idx] = False
+    return chunks + _chunks(rest.nonzero().flatten(), cfg.micro_batch)
+
+
+def _logprobs_in(experts: list[Expert], ro: Rollouts, chunks: list[torch.Tensor], cfg: AlignConfig,
+                 device) -> torch.Tensor:
+    """Every rollout's log-probs [N, L, T], computed chunk by chunk in the order given."""
+    parts = [_logprobs(experts, ro, idx, cfg, device) for idx in chunks]
+    out = parts[0].new_empty((len(ro.captions), *parts[0].shape[1:]))
+    for idx, part in zip(chunks, parts):
+        out[idx] = part
+    return out
+
+
 class _Means:
     """Token-weighted means of per-micro-batch statistics (min/max kept as such)."""
 
@@ -215,11 +252,12 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             entry = {"step": step + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std(correction=0)),
                      "reward_min": float(r.min()), "reward_max": float(r.max()),
                      "reward_group_std": float(r.std(dim=1, correction=0).mean()), "lr": cfg.lr}
-            every = torch.arange(len(ro.captions), device=device)
+            # in the micro-batches of the update's first pass: on a GPU in bf16 a rollout's log-probs can depend
+            # on the rollouts batched with it, and Eq. 11's first ratios (DPO's first margins) must be exactly 1 (0)
+            chunks = _first_pass_chunks(cfg, ro.rewards, device)
             with torch.no_grad():
-                logp_old = torch.cat([_logprobs(policy, ro, i, cfg, device) for i in _chunks(every, cfg.micro_batch)])
-                logp_ref = (torch.cat([_logprobs(reference, ro, i, cfg, device)
-                                       for i in _chunks(every, cfg.micro_batch)]) if reference else None)
+                logp_old = _logprobs_in(policy, ro, chunks, cfg, device)
+                logp_ref = _logprobs_in(reference, ro, chunks, cfg, device) if reference else None
             if logp_ref is not None:  # KL(pi_old || stage-1) on the rollouts just sampled
                 entry["kl"] = float(obj.kl_to_reference(logp_old, logp_ref, ro.mask).mean())
             update = _grpo_update if cfg.method == "grpo" else _dpo_update
@@ -265,9 +303,7 @@ def _step(params: list[torch.Tensor], opts: list[torch.optim.Optimizer], grad_cl
 def _grpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, logp_ref, device,
                  where: str) -> dict:
     """Algorithm 3 lines 6-9: Eq. 9 advantages, the gamma filter, mu steps on -J (Eq. 10)."""
-    adv, degenerate = obj.group_advantages(ro.rewards)  # Eq. 9, [B, G]
-    adv = adv.flatten().to(device)
-    keep = obj.keep_mask(adv, cfg.gamma)
+    adv, keep, degenerate = _grpo_kept(cfg, ro.rewards, device)  # Eq. 9 and the gamma filter
     kept = keep.nonzero().flatten()
     n = len(ro.captions)
     entry = {"kept": len(kept), "filtered_frac": 1.0 - len(kept) / n, "degenerate_groups": int(degenerate.sum()),
@@ -305,7 +341,7 @@ def _dpo_update(cfg: AlignConfig, policy, opts, params, ro: Rollouts, logp_old, 
     means, losses, norms = _Means(), [], []
     for _ in range(cfg.mu):
         total = 0.0
-        for sel in _chunks(torch.arange(pairs, device=device), max(1, cfg.micro_batch // 2) if cfg.micro_batch else 0):
+        for sel in _dpo_chunks(cfg, pairs, device):
             idx = torch.cat([chosen[sel], rejected[sel]])
             seq = obj.sequence_logp(_logprobs(policy, ro, idx, cfg, device), ro.mask[idx])
             loss, stats = obj.dpo_loss(seq[:len(sel)], seq[len(sel):], ref_seq[chosen[sel]], ref_seq[rejected[sel]],
