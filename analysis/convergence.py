@@ -43,7 +43,7 @@ class ConvergenceConfig:
     run: str = ""  # stage-1 run directory (holds expert_<k>/log.jsonl)
     split: str = "train"  # train | val (validation entries)
     tail: float = 0.1  # fraction of the last logged entries averaged into the "final" loss
-    smooth: float = 0.0  # EMA weight of the past for the plotted curves (0 = raw; CSV is always raw)
+    smooth: float = 0.0  # EMA weight of the past per training step for the plotted curves (0 = raw; CSV is always raw)
     panels: str = "1,4,8,12"  # layers drawn in Fig. 2d (all 12 go to Fig. 6)
     out: str = ""
 
@@ -119,7 +119,7 @@ def plot(curves: dict, layers: list[int], smooth: float, split: str, width: floa
     colors = style.layer_colors(N_LAYERS)
     for j in layers:
         steps, v = curves[j]
-        ax.plot(steps, style.ema(v, smooth), color=colors[j - 1], label=f"layer {j}")
+        ax.plot(steps, style.ema(v, smooth, steps), color=colors[j - 1], label=f"layer {j}")
     ax.set_xlabel("Training step")
     ax.set_ylabel(f"{'Validation' if split == 'val' else 'Training'} CE loss")
     ax.legend(ncol=2 if len(layers) > 6 else 1)

@@ -35,7 +35,7 @@ class RewardCurvesConfig:
     reward_key: str = "reward_mean"
     fd_key: str = "fd"  # key of FD in results.json's "metrics"
     clap_key: str = "clap"  # key of the CLAP score in results.json's "metrics"
-    smooth: float = 0.9  # EMA weight of the past (0 = raw)
+    smooth: float = 0.9  # EMA weight of the past per RL step (0 = raw)
     out: str = ""
 
     def __post_init__(self):
@@ -100,7 +100,7 @@ def plot(curves: list[dict], smooth: float, note: str = ""):
     colors = style.class_colors(max(len(curves), 1))
     ends = []
     for c, color in zip(curves, colors):
-        y = style.ema(c["reward"], smooth)
+        y = style.ema(c["reward"], smooth, c["steps"])
         ax.plot(c["steps"], y, color=color, label=c["label"])
         if c["pair"]:
             ends.append((c["pair"], (c["steps"][-1], y[-1]), color))
@@ -147,7 +147,7 @@ def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | P
             log.warning("%s has no '%s'/'%s' metric; adjust fd_key= / clap_key=", path, fd_key, clap_key)
         curves.append(dict(label=label, steps=steps, reward=reward, pair=pair))
         rows += [dict(label=label, step=int(s), reward=float(v), smoothed=float(e))
-                 for s, v, e in zip(steps, reward, style.ema(reward, smooth))]
+                 for s, v, e in zip(steps, reward, style.ema(reward, smooth, steps))]
         summary.append(dict(label=label, run=str(r), steps=int(steps[-1]), final_reward=float(reward[-1]),
                             mean_last_10pct=float(reward[-max(1, len(reward) // 10):].mean()),
                             FD=fd, CLAP=clap, results=str(path or ""),

@@ -76,14 +76,19 @@ def note(fig, text: str) -> None:
         fig.text(0.005, 0.002, text, ha="left", va="bottom", fontsize=5, color="0.35", style="italic")
 
 
-def ema(values: np.ndarray, weight: float) -> np.ndarray:
-    """Exponential moving average, bias-corrected (TensorBoard's smoothing)."""
+def ema(values: np.ndarray, weight: float, steps: np.ndarray | None = None) -> np.ndarray:
+    """Exponential moving average, bias-corrected (TensorBoard's smoothing); ``weight`` is the past's per step.
+    With ``steps`` (steps done, from 0), an entry logged d steps after the one before stands for those d steps
+    (the past decays by weight**d), the first for max(step, 1): logs written every N steps, plus the steps a run
+    always logs, are not taken as evenly spaced."""
     if weight <= 0:
         return values
-    out, acc = np.empty_like(values, dtype=float), 0.0
-    for i, v in enumerate(values):
-        acc = weight * acc + (1 - weight) * v
-        out[i] = acc / (1 - weight ** (i + 1))
+    gaps = np.ones(len(values)) if steps is None else np.diff(np.asarray(steps), prepend=0).clip(min=1)
+    out, acc, norm = np.empty_like(values, dtype=float), 0.0, 0.0
+    for i, (v, d) in enumerate(zip(values, gaps)):
+        decay = weight ** d
+        acc, norm = decay * acc + (1 - decay) * v, decay * norm + (1 - decay)
+        out[i] = acc / norm
     return out
 
 

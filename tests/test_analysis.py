@@ -189,6 +189,12 @@ def test_ema_and_as_list():
     assert style.ema(np.full(5, 2.0), 0.9) == pytest.approx(np.full(5, 2.0))  # bias-corrected: no warm-up dip
     # by hand: acc = 0.5, 0.25; divided by 1 - 0.5^t = 0.5, 0.75
     assert style.ema(np.array([1.0, 0.0]), 0.5) == pytest.approx([1.0, 1 / 3])
+    assert style.ema(np.array([1.0, 0.0]), 0.5, np.array([1, 2])) == pytest.approx([1.0, 1 / 3])
+    # the weight is per step: an entry 10 steps on stands for 10 steps of its value (as if logged at each one),
+    # so entries logged every 10 steps, plus a step logged between, are not taken as evenly spaced
+    sparse = style.ema(np.array([1.0, 0.0, 0.0]), 0.9, np.array([10, 13, 20]))
+    dense = style.ema(np.repeat([1.0, 0.0, 0.0], [10, 3, 7]), 0.9)
+    assert sparse == pytest.approx(dense[[9, 12, 19]])
     assert as_list("[a, b/c ,d]") == ["a", "b/c", "d"] and as_list("x,y") == ["x", "y"] and as_list("") == []
 
 
