@@ -34,7 +34,8 @@ from siren.errors import ConfigError, SchedulerError
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
 KINDS = ("slurm", "local", "debug")
 # SLURM sends SIGUSR2 this long before the time limit (up to 60 s earlier still: its event
-# resolution), leaving time to write a checkpoint of a large model to a network filesystem.
+# resolution), leaving time to write a checkpoint of a large model to a network filesystem
+# (a profile's signal_delay_s sets another: a 3.3B model's checkpoint on a slow filesystem).
 SIGNAL_DELAY_S = 120
 # submitit's default number of timeouts a checkpointable job survives.
 SPARE_TIMEOUTS = 3
@@ -49,19 +50,21 @@ _KEY_TYPES: dict[str, type | tuple[type, ...]] = {
     "cpus_per_task": int,
     "mem_gb": (int, float),
     "timeout_min": int,
+    "signal_delay_s": int,
     "setup": list,
     "additional_parameters": dict,
 }
-_NUMBERS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
+_NUMBERS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "signal_delay_s")
 # sbatch options additional_parameters may not set ('-' and '_' spellings alike): those the harness sets itself
-# (the checkpoint signal and requeue, the time limit, the afterok chain between a grid's jobs, names, arrays,
+# (requeue, the time limit, the afterok chain between a grid's jobs, names, arrays,
 # logs) and those a profile key sets; either way the profile's value replaced the harness's without a word.
-_RESERVED = {"signal", "time", "requeue", "no_requeue", "kill_on_invalid_dep", "dependency", "array", "output",
+_RESERVED = {"time", "requeue", "no_requeue", "kill_on_invalid_dep", "dependency", "array", "output",
              "error", "open_mode", "job_name", "wrap", "nodes", "ntasks", "ntasks_per_node", "ntasks_per_gpu", "gpus",
              "gpus_per_task", "chdir"}
 SBATCH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _OWN_KEY = {"partition": "partition", "account": "account", "qos": "qos", "cpus_per_task": "cpus_per_task",
-            "mem": "mem_gb", "gpus_per_node": "gpus_per_node", "gres": "gpus_per_node and gpu_type"}
+            "mem": "mem_gb", "gpus_per_node": "gpus_per_node", "gres": "gpus_per_node and gpu_type",
+            "signal": "signal_delay_s"}
 _TYPE_WORDS = {
     str: "a string",
     int: "an integer",
@@ -85,6 +88,7 @@ class Profile:
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     timeout_min: int | None = None
+    signal_delay_s: int | None = None
     setup: tuple[str, ...] = ()
     additional_parameters: dict[str, Any] = field(default_factory=dict)
 
@@ -147,7 +151,7 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
         reserved = sorted(names[n] for n in names if n in _RESERVED)
         if reserved:
             raise ConfigError(f"{path}: additional_parameters may not set {', '.join(reserved)}: the harness sets them "
-                              "(the checkpoint signal, requeue and cancelling a job whose dependency failed, "
+                              "(requeue and cancelling a job whose dependency failed, "
                               "timeout_min's time limit, the dependencies between a grid's jobs, job names, arrays, "
                               "logs, and one task on one node: a grid job is one process)")
         own = sorted(f"{names[n]} (use {_OWN_KEY[n]})" for n in names if n in _OWN_KEY)
@@ -230,7 +234,7 @@ def _slurm_executor(
         time=limit,
         cpus_per_task=max(cpus, profile.cpus_per_task or 0),
         mem=f"{math.ceil(max(mem_gb, profile.mem_gb or 0) * 1024)}M",
-        signal_delay_s=_signal_delay_s(limit),
+        signal_delay_s=_signal_delay_s(limit, profile),
         partition=profile.partition,
         account=profile.account,
         qos=profile.qos,
@@ -248,7 +252,13 @@ def _slurm_executor(
     return executor
 
 
-def _signal_delay_s(timeout_min: float) -> int:
+def _signal_delay_s(timeout_min: float, profile: Profile | None = None) -> int:
+    if profile is not None and profile.signal_delay_s is not None:
+        if profile.signal_delay_s * 2 > timeout_min * 60:
+            raise ConfigError(f"{profile.path or profile.name}: signal_delay_s={profile.signal_delay_s} is more than "
+                              f"half of a job's {timeout_min:g}-minute time limit (each piece of the job would spend "
+                              "most of its time after the checkpoint signal); lower it or raise timeout_min")
+        return profile.signal_delay_s
     # A delay longer than the job makes SLURM signal it at once: use a quarter of short jobs.
     return min(SIGNAL_DELAY_S, int(timeout_min * 60) // 4)
 

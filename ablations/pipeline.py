@@ -51,13 +51,20 @@ def _launcher_lock(root: Path):
                      f"shows progress) or stop it: a re-run continues where it stopped")
 
 
-def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int) -> Any:
+def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int, cwd: str) -> Any:
     """What every submitted job runs: the step, then its done marker (only on success). A step
     that raises leaves a failure marker instead, so a re-run can tell failed from interrupted.
-    torch gets the job's CPU share (a scheduler without cgroups would let it take every core)."""
+    torch gets the job's CPU share (a scheduler without cgroups would let it take every core).
+    ``cwd`` is the launcher's folder: a grid's paths are relative to it, wherever a profile's setup lines went."""
     import torch
 
     cli.setup_logging()  # every job's lines in the one format, also steps that call no command's main()
+    try:
+        os.chdir(cwd)
+    except OSError as e:
+        raise SchedulerError(f"this job's paths are relative to the folder its launcher ran in, {cwd}, which this "
+                             f"node cannot enter ({e.strerror}); launch from a folder every node mounts at the "
+                             "same path") from None
     torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK", threads)))
     failed = failed_marker(done)
     with lock.hold(job_lock(done), f"job {done}", "this job is already running; wait for it or stop it"):
@@ -109,7 +116,8 @@ def _callable(job: Job) -> Callable[[], Any]:
     # Every step is requeued on preemption or a time limit and goes on from what it wrote: training and stage 2
     # from their checkpoints, prepare and latents from their cached encodings, an evaluation from its clips
     # (generation resumes batch by batch) and its embedding cache; a calibration row writes the same clips again.
-    return ResumableJob(run_marked, step=job.fn, done=str(job.done), kwargs=job.kwargs, threads=job.cpus)
+    return ResumableJob(run_marked, step=job.fn, done=str(job.done), kwargs=job.kwargs, threads=job.cpus,
+                        cwd=os.getcwd())
 
 
 def _executor(kind: str, root: Path, profile, job: Job, max_parallel: int, python: str | None = None):

@@ -3,6 +3,7 @@ the local executor and through a real single-node SLURM (preempted and resumed m
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -336,10 +337,10 @@ def test_a_job_stopped_after_checkpointing_is_interrupted_not_failed(tmp_path):
 
     done = tmp_path / "train.done"
     with pytest.raises(Preempted):
-        run_marked(_preempted_step, str(done), {}, 1)
+        run_marked(_preempted_step, str(done), {}, 1, os.getcwd())
     assert not failed_marker(done).exists() and not done.exists()
     done.write_text("{}")
-    assert run_marked(_preempted_step, str(done), {}, 1) is None  # done: the step is not run again
+    assert run_marked(_preempted_step, str(done), {}, 1, os.getcwd()) is None  # done: the step is not run again
 
 
 def test_a_manifest_edited_in_place_is_other_data(tmp_path):

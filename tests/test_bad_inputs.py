@@ -460,7 +460,8 @@ def test_a_running_job_is_not_started_again(tmp_path):
     root, log = tmp_path / "out", tmp_path / "out" / "log.txt"
     root.mkdir()
     job = _start("from ablations.pipeline import run_marked; from tests.test_bad_inputs import slow_job; "
-                 f"run_marked(slow_job, {str(root / 'a.done')!r}, dict(log={str(log)!r}, name='a', seconds=120), 1)")
+                 f"run_marked(slow_job, {str(root / 'a.done')!r}, dict(log={str(log)!r}, name='a', seconds=120), 1, "
+                 "'.')")
     try:
         _wait_for(log, "start a", job)
         jobs = [pipeline.Job("a", slow_job, {"log": str(log), "name": "a", "seconds": 0}, root / "a.done"),

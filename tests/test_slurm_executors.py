@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import subprocess
@@ -48,7 +49,8 @@ def test_profile_value_of_wrong_type_is_named(tmp_path):
     ("timeout_min: -150\n", "'timeout_min' must be a finite number > 0"),  # reached sbatch
     ("mem_gb: .inf\n", "'mem_gb' must be a finite number > 0"),  # an OverflowError traceback
     ("gpus_per_node: -1\n", "'gpus_per_node' must be a finite number >= 0"),
-    ("additional_parameters:\n  signal: USR1@60\n", "may not set signal"),  # would undo the checkpoint signal
+    ("additional_parameters:\n  signal: USR1@60\n", "may not set signal \\(use signal_delay_s\\)"),  # USR2 checkpoints
+    ("signal_delay_s: 0\n", "'signal_delay_s' must be a finite number > 0"),
     # each replaced the harness's own line in the sbatch script without a word: the afterok chain (training
     # before prepare finished), the job's log files, what the job asked for
     ("additional_parameters:\n  dependency: singleton\n", "may not set dependency: the harness sets them"),
@@ -180,6 +182,34 @@ def test_profile_maps_to_sbatch_flags(slurm_cluster, tmp_path):
     ]:
         assert line in script.splitlines(), line
     assert ex.max_num_timeout == 2 + 3  # ... so the 3000-minute job runs in 3 pieces: 2 more timeouts
+
+
+def test_a_profile_sets_the_checkpoint_signals_margin(slurm_cluster, tmp_path):
+    """120 s may be short for a 3.3B model's checkpoint on a slow filesystem: signal_delay_s sets the margin, up
+    to half the time limit (a job's piece would otherwise spend most of its time after the signal)."""
+    path = tmp_path / "slow_fs.yaml"
+    path.write_text("timeout_min: 60\nsignal_delay_s: 900\n")
+    ex = make_executor("slurm", tmp_path, load_profile(path), name="train", timeout_min=3000)
+    assert "#SBATCH --signal=USR2@900" in ex._make_submission_file_text("python -m job", "uid").splitlines()
+    path.write_text("timeout_min: 20\nsignal_delay_s: 900\n")
+    with pytest.raises(ValueError, match=r"slow_fs.yaml: signal_delay_s=900 is more than half of a job's 20-minute"):
+        make_executor("slurm", tmp_path, load_profile(path), name="train", timeout_min=3000)
+
+
+def test_a_grid_job_runs_in_its_launchers_folder_wherever_the_setup_lines_go(slurm_cluster, tmp_path, monkeypatch):
+    """A grid's paths (outputs/..., its done markers) are relative to the folder the launcher ran in: a profile
+    whose setup lines cd'd to a scratch folder had every job write there, and the launcher never saw it done."""
+    from ablations import pipeline
+    from ablations.ledger import Job
+
+    launch, scratch = tmp_path / "launch", tmp_path / "scratch"
+    launch.mkdir(), scratch.mkdir()
+    monkeypatch.chdir(launch)
+    profile = dataclasses.replace(load_profile(slurm_cluster.profile), setup=(f"cd {scratch}",))
+    ex = make_executor("slurm", tmp_path / "jobs", profile, name="cell", timeout_min=10, mem_gb=1)
+    job = ex.submit(pipeline._callable(Job("cell", square, {"x": 3}, Path("cell.done"))))
+    assert job.result() == 9
+    assert (launch / "cell.done").is_file() and not (scratch / "cell.done").exists()
 
 
 @pytest.mark.parametrize("save_every_step", [True, False], ids=["saves-every-step", "saves-on-SIGUSR2"])

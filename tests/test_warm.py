@@ -116,7 +116,8 @@ def test_a_job_logs_each_line_once_in_the_one_format(tmp_path):
 
     with warm.server(tmp_path / "warm.log", preload=("torch", "tests.test_warm:log_on_root")) as address:
         job = _executor(tmp_path, address).submit(pipeline.run_marked, step=log_a_warning,
-                                                  done=str(tmp_path / "done.json"), kwargs={}, threads=1)
+                                                  done=str(tmp_path / "done.json"), kwargs={}, threads=1,
+                                                  cwd=os.getcwd())
         job.result()
     err = Path(job.paths.stderr).read_text()
     assert err.count("a line the job logs once") == 1, err
