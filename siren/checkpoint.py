@@ -116,19 +116,25 @@ def read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tenso
     """A checkpoint's tensor file; with ``sha256`` (recorded at save) its bytes are checked first: safetensors
     has no checksum of its own, so a flipped byte inside a tensor would load as a slightly other model."""
     from safetensors import SafetensorError
-    from safetensors.torch import load, load_file
+    from safetensors.torch import load_file
 
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
         if sha256 is None:  # a checkpoint written before the digests were recorded
             return load_file(str(path))
-        data = path.read_bytes()
-        if (got := io.sha256(data)) != sha256:
+        # hashed in chunks, then loaded, then the file's version checked again: a 3.3B model's AdamW state read
+        # into memory whole to hash it, then loaded beside it, held twice its size at once
+        before = io.version(path.stat())
+        if (got := io.sha256_file(path)) != sha256:
             raise CheckpointError(f"corrupt checkpoint file {path}: its sha256 is {got[:16]}..., state.json "
                                   f"recorded {sha256[:16]}... when it was written (a damaged disk or copy, or an "
                                   f"edit); {fall_back(path)}")
-        return load(data)
+        tensors = load_file(str(path))
+        if io.version(path.stat()) != before:
+            raise CheckpointError(f"checkpoint file {path} changed while it was read (another process writing "
+                                  "it?); load it again once nothing writes there")
+        return tensors
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
 
