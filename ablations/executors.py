@@ -61,7 +61,7 @@ _NUMBERS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "signal_d
 _RESERVED = {"time", "requeue", "no_requeue", "kill_on_invalid_dep", "dependency", "array", "output",
              "error", "open_mode", "job_name", "wrap", "nodes", "ntasks", "ntasks_per_node", "ntasks_per_gpu", "gpus",
              "gpus_per_task", "chdir"}
-SBATCH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # fullmatch: '$' also matches before a final line break
 _OWN_KEY = {"partition": "partition", "account": "account", "qos": "qos", "cpus_per_task": "cpus_per_task",
             "mem": "mem_gb", "gpus_per_node": "gpus_per_node", "gres": "gpus_per_node and gpu_type",
             "signal": "signal_delay_s"}
@@ -134,6 +134,10 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
         ok = all(isinstance(line, str) for line in value)
     if not ok:
         raise ConfigError(f"{path}: key {key!r} must be {_TYPE_WORDS[expected]}, got {value!r}")
+    # written into the sbatch script as '#SBATCH --partition=...': a line break there began a shell line (run on
+    # the node) and ended the #SBATCH block, so sbatch ignored every option after it (dependency, signal, time)
+    if isinstance(value, str) and any(c in value for c in "\n\r\0"):
+        raise ConfigError(f"{path}: key {key!r} must be one line, got {value!r}")
     # numbers in range: timeout_min 0 was ignored, a negative one reached sbatch, mem_gb .inf a traceback
     low = 0 if key == "gpus_per_node" else 1e-9
     if key in _NUMBERS and value is not None and not (math.isfinite(value) and value >= low):
@@ -141,7 +145,7 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
     if key == "additional_parameters" and value:
         # written into the sbatch script as '#SBATCH --key=value': a key is a bare option name and a value one line
         bad = [f"{k!r}: {v!r}" for k, v in value.items()
-               if not (isinstance(k, str) and SBATCH_OPTION.match(k)) or v is None or v is False
+               if not (isinstance(k, str) and SBATCH_OPTION.fullmatch(k)) or v is None or v is False
                or (isinstance(v, str) and any(c in v for c in "\n\r\0"))]
         if bad:
             raise ConfigError(f"{path}: additional_parameters entries {', '.join(bad)}: each must be an sbatch option "

@@ -63,6 +63,12 @@ def test_profile_value_of_wrong_type_is_named(tmp_path):
     # written into the sbatch script: a line break became a shell line, null/false reached sbatch as None/False
     ("additional_parameters:\n  constraint: \"a100\\necho injected\"\n", "each must be an sbatch option name"),
     ("additional_parameters:\n  \"key\\necho x\": 1\n", "each must be an sbatch option name"),
+    # a final line break passed '^...$': '#SBATCH --comment' then '=x' ended the #SBATCH block, and sbatch ignored
+    # the options after it (the afterok dependency, the checkpoint signal, the time limit)
+    ("additional_parameters:\n  \"comment\\n\": x\n", "each must be an sbatch option name"),
+    # a line break in a plain key's value became a shell line of the batch script, run on the node
+    ("partition: \"gpu\\ntouch /tmp/pwned #\"\n", "key 'partition' must be one line"),
+    ("gpu_type: \"a100\\r\"\n", "key 'gpu_type' must be one line"),
     ("additional_parameters:\n  exclusive: false\n", "leave an option out rather than set it null or false"),
 ])
 def test_profile_numbers_and_reserved_options_are_checked(tmp_path, text, words):
