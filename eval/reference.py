@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.audio import Clip
-from siren.data.manifest import Row, read_text
+from siren.data.manifest import Row, read_text, text_lines
 from siren.errors import ManifestError
 from siren.io import sha256
 
@@ -39,7 +39,7 @@ def select(rows: list[Row], manifest: str | Path, caption_index: int = 0,
     if subset:
         if not Path(subset).is_file():
             raise ManifestError(f"subset={subset} is not a file; give a text file of reference ids, one per line")
-        wanted = [line.strip() for line in read_text(subset).splitlines() if line.strip()]
+        wanted = [line.strip() for line in text_lines(read_text(subset)) if line.strip()]
         if not wanted:
             raise ManifestError(f"subset {subset} lists no id; give one reference id per line")
         unknown = [i for i in wanted if i not in by_id]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from siren.codec import HOP
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, sha256
 from siren.data.encode import encode_codes as _encode_codes
-from siren.data.manifest import Row, child_path, read_manifest
+from siren.data.manifest import Row, child_path, read_captions, read_manifest
 from siren.errors import DataError, ManifestError
 from tests.fixtures_data import Counting, write_wav
 from tests.fixtures_model import demo_codec
@@ -45,7 +46,8 @@ def csv_file(path: Path, text: str) -> Path:
 
 # ---------------------------------------------------------------- ids and paths built from them
 
-BAD_IDS = ["../../ESCAPED", "a/b", "a\\b", "..", "x..y", "bell\x07", "tab\tid", "nul\x00"]
+BAD_IDS = ["../../ESCAPED", "a/b", "a\\b", "..", "x..y", "bell\x07", "tab\tid", "nul\x00",
+           ".hidden", "."]  # a hidden file: written, then never matched as a generated clip ("missing .hidden")
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
@@ -161,6 +163,44 @@ def test_a_calibration_row_names_a_bad_reference_before_looking_for_weights(tmp_
     ref = csv_file(tmp_path / "R.csv", 'id,audio,caption\na,a.wav,"unclosed\nb,b.wav,x\n')
     with pytest.raises(ManifestError, match=r"R\.csv:2:.*never closed"):
         calibration_step({"weights": "pretrained"}, "oracle", str(ref), str(tmp_path / "O"))
+
+
+@pytest.mark.parametrize("unique", [True, False])
+def test_ids_that_name_one_file_on_a_case_insensitive_file_system_are_refused(tmp_path, unique):
+    """'Dog1' and 'dog1' (or 'café' composed and decomposed) are one file on macOS, SMB or exFAT: generation found
+    the second's clip already there and never wrote it, a calibration row overwrote the first's."""
+    m = tmp_path / "m.jsonl"
+    ids = ["Dog1", "x", "dog1", "caf\u00e9", "cafe\u0301"]
+    m.write_text("".join(json.dumps({"id": i, "audio": "a.wav", "caption": "c"}) + "\n" for i in ids))
+    words = f"differ only in letter case or Unicode form: 'Dog1' (line 1) and 'dog1' (line 3); {ids[3]!r} (line 4) and "
+    with pytest.raises(ManifestError, match=re.escape(words + f"{ids[4]!r} (line 5)")):
+        read_manifest(m, unique_ids=unique)
+
+
+@pytest.mark.parametrize("name, text, words", [
+    # what json.dumps writes for a missing pandas value: read as the caption "nan"
+    ("m.jsonl", '{"id": "a", "audio": "a.wav", "caption": NaN}\n', r"m\.jsonl:1: a value is NaN"),
+    ("m.jsonl", '{"id": "a", "audio": "a.wav", "caption": "x", "label": Infinity}\n', r"m\.jsonl:1: a value is Inf"),
+    # passed here, then broke segments.csv / train.csv written from it (and the segment count)
+    ("m.jsonl", '{"id": "a", "audio": "a.wav", "caption": "x"}\n{"id": "b", "audio": "a.wav", "caption": "a\\nb"}\n',
+     r"m\.jsonl:2: caption 'a\\nb' contains a line break"),
+])
+def test_a_missing_value_or_a_line_break_in_a_caption_is_named(tmp_path, name, text, words):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ManifestError, match=words):
+        read_manifest(tmp_path / name)
+    with pytest.raises(ManifestError, match=words):
+        read_captions(tmp_path / name)
+
+
+def test_a_prompts_file_has_the_lines_wc_counts(tmp_path):
+    """str.splitlines broke a line at U+2028 (text copied from a web page or PDF): 2 prompts became 4."""
+    txt = tmp_path / "p.txt"
+    txt.write_text("a dog barks\u2028loudly\r\nrain on a roof\n", encoding="utf-8")
+    assert read_captions(txt) == ["a dog barks\u2028loudly", "rain on a roof"]
+    txt.write_text("a dog barks\nrain\x85at night\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"p\.txt:2: caption 'rain\\x85at night' contains a line break"):
+        read_captions(txt)
 
 
 @pytest.mark.parametrize("rows, words", [  # cases that already gave a clear error

@@ -38,13 +38,23 @@ class Row:
 def check_id(id: str, where: str) -> None:
     """Raise ManifestError (naming ``where``, e.g. "file:line") unless ``id`` is safe as a file name."""
     bad = [why for why, hit in [("'/'", "/" in id), ("'\\'", "\\" in id), ("'..'", ".." in id),
-                                ("a control character", any(unicodedata.category(c) == "Cc" for c in id))] if hit]
+                                ("a control character", any(unicodedata.category(c) == "Cc" for c in id)),
+                                ("a leading '.'", id.startswith("."))] if hit]  # a hidden file: never matched
     if bad:
         raise ManifestError(f"{where}: id {id!r} contains {' and '.join(bad)}; ids name output files "
-                            f"(<out>/<id>.wav): rename it without path separators, '..' or control characters")
+                            f"(<out>/<id>.wav): rename it without path separators, '..', control characters or a "
+                            f"leading '.'")
     if len(id.encode()) > MAX_ID_BYTES:  # with a suffix and atomic_path's temp name, over the 255-byte file name
         raise ManifestError(f"{where}: id {id[:40]!r}... is {len(id.encode())} bytes; ids name output files "
                             f"(<out>/<id>.wav): shorten it to at most {MAX_ID_BYTES} bytes")
+
+
+def check_one_line(text: str, where: str) -> None:
+    """Captions and labels are one line: a line break inside one passed a JSONL manifest, then broke every CSV
+    written from it (segments.csv, train.csv) and the line numbers of every error after it."""
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in text):
+        raise ManifestError(f"{where} {text[:60]!r} contains a line break or another control character; "
+                            "write it on one line")
 
 
 def child_path(folder: str | Path, id: str, suffix: str = "") -> Path:
@@ -56,6 +66,16 @@ def child_path(folder: str | Path, id: str, suffix: str = "") -> Path:
         raise DataError(f"id {id!r} would write {where}, outside {os.path.abspath(folder)}; ids must be plain "
                         f"file names (no '/', '\\', '..')")
     return path
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines as `wc -l` counts them (\\n, \\r\\n or \\r): str.splitlines also breaks at U+2028, U+0085 and other
+    separators that text copied from web pages or PDFs carries inside a line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} (what json.dumps writes for a missing value)")
 
 
 def read_text(path: str | Path) -> str:
@@ -118,9 +138,11 @@ def read_records(path: Path, required: tuple[str, ...] = REQUIRED) -> tuple[list
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                r = json.loads(line, parse_constant=_no_constant)  # NaN became the caption "nan"
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except ValueError as e:
+                raise ManifestError(f"{path}:{n}: a value is {e}; fill it in or leave the record out") from None
             if not isinstance(r, dict):
                 raise ManifestError(f"{path}:{n}: expected a JSON object with keys {list(required)}")
             nested = [k for k in (*REQUIRED, *OPTIONAL) if isinstance(r.get(k), (list, dict, bool))]
@@ -155,7 +177,7 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; required columns are "
                             f"{', '.join(REQUIRED)} (optional: {', '.join(OPTIONAL)}); "
                             f"found: {', '.join(columns) or 'none'}")
-    rows, blank, lines = [], [], {}
+    rows, blank, lines, folded = [], [], {}, {}
     for n, r in records:
         vals = {c: ("" if r.get(c) is None else str(r[c]).strip()) for c in (*REQUIRED, *OPTIONAL)}
         empty = [c for c in REQUIRED if not vals[c]]
@@ -163,7 +185,10 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
             blank.append(f"line {n}: empty {', '.join(empty)}")
             continue
         check_id(vals["id"], f"{path}:{n}")
+        check_one_line(vals["caption"], f"{path}:{n}: caption")
+        check_one_line(vals["label"], f"{path}:{n}: label")
         lines.setdefault(vals["id"], []).append(n)
+        folded.setdefault(unicodedata.normalize("NFC", vals["id"]).casefold(), {}).setdefault(vals["id"], n)
         audio = Path(vals["audio"]).expanduser()
         rows.append(Row(vals["id"], audio if audio.is_absolute() else path.parent / audio, vals["caption"],
                         vals["label"] or None))
@@ -173,6 +198,12 @@ def read_manifest(path: str | Path, unique_ids: bool = True) -> list[Row]:
     if dups:
         problems.append(f"duplicate id(s) {', '.join(f'{i} (lines {_lines(lines[i])})' for i in dups[:20])}"
                         f"{' ...' if len(dups) > 20 else ''}; ids must be unique: rename or remove the repeats")
+    # on a case-insensitive or normalising file system (macOS, SMB, exFAT) they name one output file
+    clash = [ids for ids in folded.values() if len(ids) > 1]
+    if clash:
+        problems.append("ids that differ only in letter case or Unicode form: " +
+                        "; ".join(" and ".join(f"{i!r} (line {n})" for i, n in ids.items()) for ids in clash[:20]) +
+                        " (each names the same output file on a case-insensitive file system): rename one of each")
     if problems:
         raise ManifestError(f"{path}: " + "; and ".join(problems))
     return rows
@@ -196,12 +227,16 @@ def read_captions(path: str | Path) -> list[str]:
         if missing:
             raise ManifestError(f"{path}:{missing[0]}: no 'caption' in this record")
         caps = ["" if r["caption"] is None else str(r["caption"]) for _, r in records]
+        for (n, _), c in zip(records, caps):
+            check_one_line(c.strip(), f"{path}:{n}: caption")
         empty = [n for (n, _), c in zip(records, caps) if not c.strip()]
         if empty:  # dropping them would train on fewer prompts than the file lists, in silence
             raise ManifestError(f"{path}:{empty[0]}: empty caption ({len(empty)} record(s) in all); "
                                 "fill them in or remove those records")
     else:
-        caps = read_text(path).splitlines()
+        caps = text_lines(read_text(path))
+        for n, c in enumerate(caps, 1):
+            check_one_line(c.strip(), f"{path}:{n}: caption")
     caps = [c.strip() for c in caps if c and c.strip()]
     if not caps:
         raise ManifestError(f"{path} holds no caption")

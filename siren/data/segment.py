@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise ConfigError("manifest=<raw recordings .csv/.jsonl> and out=<segment directory> are required")
     check_folder(cfg.out, "out")
     dest, n_new, skipped = segment(cfg.manifest, cfg.out, cfg.duration_s)
-    n = sum(1 for _ in dest.open()) - 1
+    n = len(read_manifest(dest))
     print(f"{dest}: {n} segments of {cfg.duration_s:g} s ({n_new} written, {n - n_new} unchanged); "
           f"{len(skipped)} unusable file(s)" + (f" listed in {dest.with_name('skipped.csv')}" if skipped else ""))
 
