@@ -26,7 +26,7 @@ from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import index_path
 from siren.errors import ConfigError, DataError
-from siren.io import sha256_file
+from siren.io import sha256, sha256_file
 from siren.run_dir import read_run_config
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,12 @@ class Items:
         """The audio item ``n`` was encoded from: its source file through the same preprocessing, real samples only."""
         it = self.dataset.items[self.index[n]]
         pol = self.dataset.info["audio"]
-        items, real, _ = standardize(load_audio(it["source"]), AudioConfig(pol["policy"], pol["duration_s"]),
-                                     it["source"])
+        data = Path(it["source"]).read_bytes()  # read once: hashed, then decoded
+        if "source_sha256" in it and sha256(data) != it["source_sha256"]:  # a replaced file scored other audio
+            raise DataError(f"{it['source']}: changed since prepare encoded it (its sha256 differs from the index's "
+                            f"record); prepare {self.dataset.dir} again")
+        items, real, _ = standardize(load_audio(it["source"], data, warn=False),
+                                     AudioConfig(pol["policy"], pol["duration_s"]), it["source"])
         return items[it["segment"], : real[it["segment"]]]  # "segment": the item's row among the kept chunks
 
 

@@ -45,7 +45,7 @@ from analysis.cli import as_list, command, int_list, out_dir, write_csv
 from analysis.logs import metric_of, read_results
 from siren.codec import N_LAYERS, SAMPLE_RATE
 from siren.config import check_numbers
-from siren.errors import ConfigError
+from siren.errors import ConfigError, DataError
 from siren.runtime import resolve_device
 
 N_FFT, HOP_STFT, N_MELS = 512, 128, 64
@@ -197,13 +197,22 @@ def run(cfg: RvqDepthConfig) -> list:
         return dict(lsd_db=log_spectral_distance(ref, est), mel_l1=mel_l1(ref, est), si_snr_db=si_snr(ref, est),
                     rms_ratio=rms_ratio(ref, est))
 
+    short = []  # clips prepare kept with a warning, too short for the STFT's reflect padding (a traceback, all lost)
     for n, codes in enumerate(tqdm(items.codes, desc="decode clips", unit="clip")):
         codes = codes[:, :keep]
         ref = items.waveform(n)[: codes.shape[-1] * 320]
+        if ref.shape[-1] <= N_FFT // 2:
+            short.append(items.ids[n])
+            continue
         for r, est in zip(depths, decode_depths(codec, codes, depths)[:, : ref.shape[-1]]):
             per_clip.append(dict(id=items.ids[n], r=r, **measures(ref, est)))
         ceiling.append(measures(ref, decode_latent(codec, ref)))
-    prov = dict(codec=codec.id, weights=codec.weights_label, n_clips=len(items.codes))
+    if short:
+        log.warning("%d clip(s) of %d left out: at most %d samples of audio, too short for the %d-point STFT: %s",
+                    len(short), len(items.codes), N_FFT // 2, N_FFT, ", ".join(short[:10]))
+    if not ceiling:
+        raise DataError(f"{data} split {cfg.split}: no clip longer than {N_FFT // 2} samples to measure")
+    prov = dict(codec=codec.id, weights=codec.weights_label, n_clips=len(ceiling))
     rows = [dict(r=r, **{m: float(np.mean([p[m] for p in per_clip if p["r"] == r]))
                          for m in LOWER_IS_BETTER}, **prov) for r in depths]
     top = {m: float(np.mean([p[m] for p in ceiling])) for m in LOWER_IS_BETTER}

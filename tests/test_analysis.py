@@ -493,6 +493,31 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     assert "decoder ceiling (no RVQ)" in figure_texts["fig1b_rvq_depth"] and "r=no RVQ: LSD" in printed
 
 
+def test_rvq_depth_leaves_out_a_clip_too_short_for_its_stft(demo, tmp_path, monkeypatch, caplog):
+    """prepare keeps a clip shorter than a codec frame with a warning; its 100 samples broke the STFT's reflect
+    padding with a traceback after the clips before it were decoded, and nothing was written."""
+    from analysis import prepared
+
+    real = prepared.Items.waveform
+    monkeypatch.setattr(prepared.Items, "waveform", lambda self, n: real(self, n)[:100] if n == 0 else real(self, n))
+    with caplog.at_level(logging.WARNING, logger="analysis.rvq_depth"):
+        rvq_depth.run(rvq_depth.RvqDepthConfig(data=str(demo), out=str(tmp_path / "d"), max_clips=2, depths="[1,12]",
+                                               seconds=0.2))
+    assert "1 clip(s) of 2 left out: at most 256 samples of audio" in caplog.text
+    assert (pd.read_csv(tmp_path / "d" / "reconstruction.csv")["n_clips"] == 1).all()
+
+
+def test_rvq_depth_refuses_audio_changed_since_prepare(demo):
+    """The reference was read from the source file as it is now: a file replaced after prepare was scored against
+    the codes of the old one (LSD 62 -> 27 dB at r=1, the trend over r reversed), without a word."""
+    from analysis import prepared
+
+    items = prepared.load(demo, "test", max_items=1)
+    items.dataset.items[items.index[0]]["source_sha256"] = "0" * 64  # as a replaced file hashes
+    with pytest.raises(DataError, match=r"changed since prepare encoded it .* prepare .* again"):
+        items.waveform(0)
+
+
 def test_depth_change_is_paired_per_clip():
     # clip a improves a lot, b a little, c gets worse: the change is per clip, not of the means
     rows = [dict(id=i, r=r, lsd_db=v, mel_l1=v, si_snr_db=-v)
