@@ -358,6 +358,17 @@ def test_pretrained_weights_load_from_the_assets_cache(panns, sets, tmp_path, mo
     assert cards.RANDOM_BANNER not in cards.table([("x", results["metrics"])], card)
 
 
+def test_isc_refuses_splits_of_one_clip(sets, tmp_path):
+    """A split of one clip scores exactly 1, whatever the audio: 4 clips at is_splits=4 printed ISC 1.00 +- 0 (and
+    the error for is_splits above the clip count advised it). Every split needs 2 clips."""
+    root, manifest, ids = sets
+    n = len(ids)
+    with pytest.raises(EvalError, match=rf"needs at least 2 clips a split \({2 * n}\), got {n}; pass is_splits=K "
+                                        rf"\(K <= {n // 2}\)"):
+        evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), weights="random", metrics="isc",
+                            is_splits=n, out=str(tmp_path / "out"), cache=False))
+
+
 def test_isc_splits_the_generated_folder_in_file_name_order(sets, tmp_path):
     """audioldm_eval reads the generated folder sorted by file name, then shuffles (seed 2020) and splits: the
     harness shuffled the manifest's order instead, so the same clips fell into other splits and the ISC moved
