@@ -412,6 +412,18 @@ def test_segment_policy_gives_one_item_per_chunk(tmp_path, codec, text_encoder):
     assert all(torch.equal(ds.codes(i), direct[i]) for i in range(2)) and direct.shape[-1] == 25
 
 
+@pytest.mark.parametrize("seconds", ["0.00001", "0.01", "inf"])
+def test_an_item_shorter_than_a_codec_frame_is_refused_before_the_models_load(tmp_path, seconds, monkeypatch):
+    """0.00001 s built the models, then a traceback; 0.01 s made 160-sample items (segment: 100 a second)."""
+    from siren import frontends
+
+    monkeypatch.setattr(frontends, "build_codec", lambda *a: pytest.fail("a model was built"))
+    with pytest.raises(DataError, match=rf"audio.duration_s must be at least one codec frame \(0.02 s\) and finite, "
+                                        rf"got {seconds.replace('0.00001', '1e-05')}"):
+        prepare_main([f"manifest={tiny_set(tmp_path / 'src', n=1)}", f"out={tmp_path / 'out'}",
+                      f"audio.duration_s={seconds}"])
+
+
 def test_cli(tmp_path, capsys):
     m = tiny_set(tmp_path / "src", n=2)
     args = [f"manifest={m}", f"out={tmp_path / 'out'}", "codec.weights=random", "text.weights=random",

@@ -46,8 +46,9 @@ class AudioConfig:
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise DataError(f"audio.policy must be one of {', '.join(POLICIES)}, got '{self.policy}'")
-        if not self.duration_s > 0:
-            raise DataError(f"audio.duration_s must be > 0, got {self.duration_s}")
+        if not (math.isfinite(self.duration_s) and self.duration_s >= HOP / SAMPLE_RATE):  # 0.00001 s: a traceback
+            raise DataError(f"audio.duration_s must be at least one codec frame ({HOP / SAMPLE_RATE:g} s) and finite, "
+                            f"got {self.duration_s}")
 
     @property
     def n_samples(self) -> int:

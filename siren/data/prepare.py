@@ -272,6 +272,7 @@ class PrepareConfig:
             raise DataError(f"text_dtype must be one of {list(TEXT_DTYPES)} and on_error one of {list(ON_ERROR)}; "
                             f"got {self.text_dtype!r}, {self.on_error!r}")
         check_device(self.device)
+        self.audio.validate()  # before the models load (minutes at paper scale)
 
 
 def _models(cfg: PrepareConfig):
