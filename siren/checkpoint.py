@@ -102,6 +102,17 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
 
 
+def read_commit_step(path: Path) -> int:
+    """A stage-2 run's commit point (rl/state.json, which its fixes ask users to edit): the step every trained
+    expert has a checkpoint of."""
+    data = read_json(path)
+    step = data.get("step") if isinstance(data, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:  # {"Step": 4}: a KeyError traceback
+        raise CheckpointError(f'{path}: a commit point reads {{"step": N}}, N a step every trained expert has a '
+                              f'checkpoint of (its step_<N> folder), got {json.dumps(data)[:80]}')
+    return step
+
+
 def fall_back(path: Path) -> str:
     """How to go back to an earlier checkpoint than the step directory holding ``path``."""
     step_dir = path.parent

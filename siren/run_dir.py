@@ -22,6 +22,7 @@ from siren.checkpoint import (
     expert_dirs,
     load_latest,
     load_weights,
+    read_commit_step,
     read_json,
     step_name,
 )
@@ -99,7 +100,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
     # a stage-2 run: its trained experts are read at the step its commit point names (each expert's `latest` moves
     # first, so a run killed between two experts' saves holds them at different steps)
     commit = run_dir / "rl" / "state.json"
-    committed = int(read_json(commit)["step"]) if commit.is_file() else None
+    committed = read_commit_step(commit) if commit.is_file() else None
     for k in range(cfg.n_experts):
         edir = expert_dir(run_dir, k)
         c = load_latest(edir) if edir.is_dir() else None

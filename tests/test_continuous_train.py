@@ -169,6 +169,14 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
         load_projection(out, K, codec.id)
     first, proj = proj, prepare_latents(out, codec, K)
     assert proj.id != first.id
+    # a damaged or hand-edited record: a bare JSONDecodeError, and its id went into a file name unchecked
+    saved = pointer.read_text()
+    for text, words in (("{", "not readable JSON"), (json.dumps({**json.loads(saved), "id": "../../x"}),
+                                                       f"not a projection record of width {K}")):
+        pointer.write_text(text)
+        with pytest.raises(DataError, match=f"{pointer.name}: {words}.*delete it and run python -m siren.data.latents"):
+            load_projection(out, K, codec.id)
+    pointer.write_text(saved)
 
     from siren.data import latents as latents_cli
 

@@ -482,6 +482,20 @@ def test_a_corrupt_stage2_checkpoint_names_the_commit_point_to_rewrite(stage1, t
     assert run_align(stage1, tmp_path / "o", "steps=3", *args[1:])[0].step == 3
 
 
+@pytest.mark.parametrize("text", ['{"Step": 4}', '{"step": "4"}', '{"step": -1}', '[4]'])
+def test_a_hand_edited_commit_point_is_named(stage1, tmp_path, text):
+    """The fixes tell users to write {"step": N} into rl/state.json by hand: a typo was a KeyError traceback."""
+    import siren
+
+    out = tmp_path / "out"
+    run_align(stage1, out, "steps=2")
+    (out / "rl" / "state.json").write_text(text)
+    with pytest.raises(ckpt.CheckpointError, match=r'state.json: a commit point reads \{"step": N\}'):
+        run_align(stage1, out, "steps=4")
+    with pytest.raises(ckpt.CheckpointError, match=r'state.json: a commit point reads \{"step": N\}'):
+        siren.load(out)
+
+
 def test_steps_shortened_to_a_stopped_runs_step_loads_and_below_it_is_refused(stage1, tmp_path):
     # stopped at step 2 of 4, then steps=2: it said finished but its checkpoint said unfinished, and siren.load
     # refused it ("step 2 of <stage 1's train.steps>")
@@ -566,6 +580,15 @@ def test_a_setup_stopped_part_way_runs_again(stage1, tmp_path):
     (out / "notes.txt").write_text("someone else's")
     with pytest.raises(SirenError, match="is not a stage-2 run"):
         alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r"})
+    # a frozen expert's folder left as a link to another folder: the setup wrote through it, outside out=
+    (out / "notes.txt").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    frozen = ckpt.expert_dir(out, next(k for k in range(len(s1)) if k not in trainable))
+    shutil.rmtree(frozen)
+    frozen.symlink_to(elsewhere, target_is_directory=True)
+    alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r"})
+    assert not any(elsewhere.iterdir()) and frozen.is_dir() and not frozen.is_symlink()
 
 
 def test_unknown_key_lists_valid_keys():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from siren.data.audio import AudioConfig, load_audio, n_frames, standardize, unp
 from siren.data.cache import FORMAT, cache_path, index_path
 from siren.data.dataset import PreparedDataset, load_index
 from siren.errors import ConfigError, DataError
-from siren.io import save_tensors, sha256, write_json
+from siren.io import read_json, save_tensors, sha256, write_json
 from siren.model.continuous.latent import LatentProjection, dac_latent
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,19 @@ def tokens_key(codes_key: str, projection_id: str) -> str:
 
 def projection_path(out: str | Path, dim: int) -> Path:
     return Path(out) / "latents" / f"pca{dim}.json"
+
+
+def _read_pointer(out: str | Path, dim: int) -> dict:
+    """The fit's record for width ``dim`` ({} when none); its id names a file beside it, so it is checked."""
+    pointer = projection_path(out, dim)
+    if not pointer.is_file():
+        return {}
+    fix = f"delete it and run python -m siren.data.latents data={out} dim={dim}"
+    record = read_json(pointer, fix)
+    if not (isinstance(record, dict) and re.fullmatch(rf"pca{dim}-[0-9a-f]{{16}}", str(record.get("id")))):
+        raise DataError(f"{pointer}: not a projection record of width {dim} (its id must read pca{dim}-<16 hex "
+                        f"digits>); {fix}")
+    return record
 
 
 def _entries(out: Path, split: str) -> dict[str, dict]:
@@ -103,7 +117,7 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
         for key, e in tqdm(entries[s].items(), desc=f"latents {s}", disable=not progress, unit="file"):
             _cache_latent(out, key, e, codec, audio)
     pointer = projection_path(out, dim)
-    record = json.loads(pointer.read_text()) if pointer.is_file() else {}
+    record = _read_pointer(out, dim)
     fitted_on = _train_digest(entries["train"])
     if record.get("codec") == codec.id and record.get("train") == fitted_on:
         proj = load_projection(out, dim, codec.id)
@@ -130,9 +144,9 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
     """The ``dim``-axis projection fitted on ``out``'s latents of codec ``codec_id`` (the one it is prepared with)."""
     pointer = projection_path(out, dim)
     fix = f"run python -m siren.data.latents data={out} dim={dim}"
-    if not pointer.is_file():
+    record = _read_pointer(out, dim)
+    if not record:
         raise DataError(f"{out}: no latents of width {dim} ({pointer} missing); {fix}")
-    record = json.loads(pointer.read_text())
     if record.get("codec") != codec_id:
         raise DataError(f"{pointer}: the projection was fitted on codec {record.get('codec')}'s latents, but {out} is "
                         f"now prepared with {codec_id}; {fix}")

@@ -193,7 +193,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
     start = 0
     state_file = out / "rl" / "state.json"
     if state_file.exists():
-        start = int(ckpt.read_json(state_file)["step"])
+        start = ckpt.read_commit_step(state_file)
         # an earlier step is one every trained expert has a checkpoint of: the commit point names it, not `latest`
         saved = [{int(p.name[5:]) for p in ckpt.expert_dir(out, k).glob("step_*") if ckpt.STEP_DIR.match(p.name)}
                  for k in trainable]
