@@ -17,6 +17,7 @@ import torch
 import siren  # noqa: F401  (HF offline)
 from siren.codec import HOP
 from siren.config import ConfigError
+from siren.errors import ManifestError
 from siren.data import DataError, PreparedDataset, activity, demo
 from siren.data import filter as filt
 from siren.data.audio import AudioConfig, load_audio, standardize
@@ -218,6 +219,29 @@ def test_candidate_captions_csv_and_jsonl(tmp_path):
     for items in (csv_items, filt.read_items(tmp_path / "m.jsonl")):
         assert [it.captions for it in items] == [(("caption", "one"), ("caption_2", "two"), ("caption_10", "ten")),
                                                  (("caption", "only"),)]
+
+
+def test_the_activity_filter_applies_to_video_derived_rows_where_a_video_column_says_which(tmp_path):
+    """Appendix A: "for video-derived audio ... SNR > 6 dB". It dropped every steady clip (rain, engines, sirens)
+    of every source; a video column limits it to the rows marked true (without one, every row, as before)."""
+    from siren.data.filter_select import select
+
+    rows = [{"id": "yt", "audio": "a.wav", "caption": "rain", "video": "true"},
+            {"id": "clotho", "audio": "b.wav", "caption": "rain", "video": "no"}]
+    items = filt.read_items(write_manifest(tmp_path / "m.csv", rows, ("id", "audio", "caption", "video")))
+    assert [it.video for it in items] == [True, False]
+    assert [it.video for it in filt.read_items(write_manifest(tmp_path / "n.csv", rows, ("id", "audio", "caption")))
+            ] == [True, True]
+    recs = [{"id": it.row.id, "audio": "x.wav", "label": "", "captions": {"caption": "rain"}, "clap": {"caption": 0.5},
+             "snr_db": 1.0, "video": it.video} for it in items]
+    _, train, rejected = select(recs, tau=0.4, min_snr_db=6.0, rl_top=0, train_n=0, seed=0)
+    assert [r["id"] for r in train] == ["clotho"] and [r["reason"] for r in rejected] == ["snr 1.00 dB <= 6"]
+    write_manifest(tmp_path / "m.csv", [{**rows[0], "video": "maybe"}], ("id", "audio", "caption", "video"))
+    with pytest.raises(ManifestError, match=r"m\.csv:2: video='maybe'; .* true/false, 1/0 or yes/no"):
+        filt.read_items(tmp_path / "m.csv")
+    (tmp_path / "m.jsonl").write_text(json.dumps({**rows[0], "caption_2": "a\nb"}) + "\n")  # broke train.csv
+    with pytest.raises(ManifestError, match=r"m\.jsonl:1: caption_2 'a\\nb' contains a line break"):
+        filt.read_items(tmp_path / "m.jsonl")
 
 
 def test_config_errors():

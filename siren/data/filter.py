@@ -13,7 +13,9 @@ The score of a caption is the cosine of the two embeddings; the best candidate i
 
 Several captions per clip (the paper generates five with Qwen2-Audio and polishes them with an LLM):
 the manifest's ``caption`` column plus any number of ``caption_<k>`` columns (``caption_2 .. caption_5``);
-an empty cell means no candidate. ``train.csv`` and ``rl_prompts.csv`` carry the chosen caption in
+an empty cell means no candidate. The activity filter is the paper's "for video-derived audio": with an
+optional ``video`` column (true/false, 1/0, yes/no) it applies to the rows marked true only; without one,
+to every row. ``train.csv`` and ``rl_prompts.csv`` carry the chosen caption in
 ``caption`` and its column in ``caption_column``, so they are manifests for ``prepare`` and ``siren.rl``.
 
 Caches (content-addressed, like prepare; keys in siren/data/cache.py): the audio entry (embedding +
@@ -38,9 +40,9 @@ from siren.config import load_config
 from siren.data import activity
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import cache_path, clap_audio_key, clap_text_key, filter_shard_path, sha256
-from siren.data.manifest import Row, read_manifest, read_records
+from siren.data.manifest import Row, check_one_line, read_manifest, read_records
 from siren.data.prepare import shard_rows
-from siren.errors import AudioError, ConfigError
+from siren.errors import AudioError, ConfigError, ManifestError
 from siren.io import check_folder, save_tensors, write_json
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,10 @@ class FilterConfig:
 class Item:
     row: Row
     captions: tuple[tuple[str, str], ...]  # (column, caption) candidates, `caption` first
+    video: bool = True  # video-derived audio: the activity (SNR) filter applies (appendix A)
+
+
+VIDEO_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def caption_columns(columns: Sequence[str]) -> list[str]:
@@ -112,9 +118,15 @@ def read_items(path: str | Path) -> list[Item]:
     columns, records = read_records(Path(path).expanduser().resolve())
     cols = caption_columns(columns if Path(path).suffix == ".csv" else {k for _, r in records for k in r})
     items = []
-    for row, (_, rec) in zip(rows, records):
+    for row, (n, rec) in zip(rows, records):
         cands = [(c, str(rec.get(c) or "").strip()) for c in cols]
-        items.append(Item(row, tuple((c, t) for c, t in cands if t)))
+        for c, t in cands:
+            check_one_line(t, f"{path}:{n}: {c}")
+        video = str(rec.get("video", "true")).strip().lower()
+        if video not in VIDEO_VALUES:
+            raise ManifestError(f"{path}:{n}: video={rec.get('video')!r}; the video column marks video-derived "
+                                f"audio (the activity filter applies to it): true/false, 1/0 or yes/no")
+        items.append(Item(row, tuple((c, t) for c, t in cands if t), VIDEO_VALUES[video]))
     return items
 
 
@@ -207,7 +219,7 @@ def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioCon
     # 3. the shard's record: SNR and every candidate's score per row
     records = []
     for i, it in mine:
-        rec = {"row": i, "id": it.row.id, "audio": str(it.row.audio), "label": it.row.label}
+        rec = {"row": i, "id": it.row.id, "audio": str(it.row.audio), "label": it.row.label, "video": it.video}
         if i in bad:
             records.append({**rec, "error": bad[i]})
             continue

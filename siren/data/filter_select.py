@@ -70,7 +70,8 @@ def select(records: list[dict], *, tau: float, min_snr_db: float, rl_top: int, t
         row.update(caption=r["captions"][col], clap=score, snr_db=r["snr_db"], caption_column=col)
         # `not x >= t`: a NaN score (an embedding that overflowed) fails the test instead of passing it and
         # breaking the top-k sort
-        why = ([f"snr {r['snr_db']:.2f} dB <= {min_snr_db:g}"] if not r["snr_db"] > min_snr_db else []) + \
+        active = r["snr_db"] > min_snr_db or not r.get("video", True)  # appendix A: video-derived audio only
+        why = ([f"snr {r['snr_db']:.2f} dB <= {min_snr_db:g}"] if not active else []) + \
               ([f"clap {score:.6f} < tau {tau:g}" if score == score else "clap score is not a number"]
                if not score >= tau else [])
         (rejected.append({**row, "reason": "; ".join(why)}) if why else kept.append(row))
