@@ -278,7 +278,8 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         key = f"{cell.id}/eval"
         ecfg = {**cell.cfg, "eval.subset": subset} if subset else cell.cfg
         jobs[key] = Job(key, steps.eval_step,
-                        dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval")),
+                        dict(cfg=ecfg, run_dir=str(model_dir), ref=ref, out=str(cell.dir / "eval"),
+                             data_dir=str(prepared)),
                         cell.dir / "eval.done", deps=before_eval, timeout_min=12 * 60, rows=rows,
                         output=cell.dir / "eval" / "results.json", **res)
         # Calibration rows, once per data config (codec, test set). They read only the test clips (or a user's

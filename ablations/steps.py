@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from siren.errors import ConfigError
+from siren.errors import ConfigError, DataError
 from siren.runtime import EXIT_PREEMPTED
 
 
@@ -67,7 +67,7 @@ STEP_KEYS = {"rl.": ("run_dir", "out", "prompts", "codec.weights", "text.weights
 def validate(cfg: Mapping[str, Any], where: str) -> None:
     """Every key of a cell parsed by the schema of the stage that takes it (unknown keys, bad types
     and out-of-range values are errors now, not inside a job); nothing is built."""
-    from eval.audiocaps import EvalConfig
+    from eval.audiocaps import EvalConfig, metric_list
     from siren.config import load_config
     from siren.data.prepare import PrepareConfig
     from siren.rl.config import parse as align_parse
@@ -96,7 +96,15 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
             # rl.n=7 on 6-2 failed in the align job, after stage 1 trained; a row without stage 2 never reads it
             if stage1.family == "discrete" and "rl.method" in cfg:
                 trainable_experts(stage1.model.n_experts, align.align, align.n)
-        load_config(EvalConfig, _keys(cfg, "eval."))
+        ecfg = load_config(EvalConfig, _keys(cfg, "eval."))
+        if cfg["data.source"] == "demo" and "isc" in metric_list(ecfg):  # the eval jobs' own check, after training
+            from siren.data.demo import CLASSES
+
+            n = len(CLASSES) * int(cfg["data.demo_test"])
+            if n < 2 * ecfg.is_splits:
+                raise ConfigError(f"data.demo_test={cfg['data.demo_test']} gives {n} test clips: IS with "
+                                  f"eval.is_splits={ecfg.is_splits} needs 2 a split; set set.eval.is_splits=K "
+                                  f"(K <= {max(1, n // 2)}) or more test clips")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e} (set.KEY=VALUE overrides reach every cell)") from None
 
@@ -154,10 +162,19 @@ def align_step(cfg: Mapping[str, Any], stage1_dir: str, out: str, prompts: str) 
     return {"run_dir": out}
 
 
-def eval_step(cfg: Mapping[str, Any], run_dir: str, ref: str, out: str) -> dict:
+def eval_step(cfg: Mapping[str, Any], run_dir: str, ref: str, out: str, data_dir: str = "") -> dict:
     """Generate for every reference caption, score, write results.json; a model that cannot generate
-    (non-finite logits, collapse) is recorded as itg with the reason, as the paper prints it."""
+    (non-finite logits, collapse) is recorded as itg with the reason, as the paper prints it. First, no test
+    clip may be a clip the model trained on (``data_dir``'s train split)."""
     from eval.audiocaps import evaluate_run
+    from siren.data.index import clips_shared_with_training
+
+    shared = clips_shared_with_training(data_dir, ref) if data_dir else []
+    if shared:
+        raise DataError(f"{len(shared)} test clip(s) of {ref} have the same audio bytes as training items of "
+                        f"{data_dir} (test id -> train id: {', '.join(f'{a} -> {b}' for a, b in shared[:5])}"
+                        f"{' ...' if len(shared) > 5 else ''}): the model trained on them. Remove them from the "
+                        f"training manifest (set.data.train) and run the grid again")
 
     return evaluate_run(run_dir=run_dir, ref=ref, out=out, weights=cfg["weights"],
                         overrides=[*_keys(cfg, "eval.")])

@@ -93,7 +93,7 @@ class EvalConfig:
         if self.is_seed >= 2**32:
             raise ConfigError(f"is_seed must be < 2**32 (numpy RandomState, as audioldm_eval), got {self.is_seed}")
         check_device(self.device)
-        metrics = _metric_list(self)  # an unknown metric is named now (a grid: before any job), not after generating
+        metrics = metric_list(self)  # an unknown metric is named now (a grid: before any job), not after generating
         if self.candidates > 1 and "clap" not in metrics:  # the CLAP metric's model scores the candidates
             raise ConfigError(f"candidates={self.candidates} (CLAP reject sampling) needs the CLAP model: add clap "
                               f"to metrics={self.metrics}")
@@ -110,7 +110,7 @@ class EvalError(SirenError):
     """An evaluation that cannot be computed as asked (too few clips, unpaired sets)."""
 
 
-def _metric_list(cfg: EvalConfig) -> list[str]:
+def metric_list(cfg: EvalConfig) -> list[str]:
     want = [m.strip().lower() for m in cfg.metrics.split(",") if m.strip()]
     bad = [m for m in want if m not in METRICS]
     if bad or not want:
@@ -141,7 +141,7 @@ def backbones(cfg: EvalConfig) -> dict[str, Backbone]:
     """
     if cfg.weights not in ("pretrained", "demo", "random"):
         raise ConfigError(f"weights must be pretrained, demo or random, got {cfg.weights!r}")
-    which, device = _metric_list(cfg), _device(cfg.device)
+    which, device = metric_list(cfg), _device(cfg.device)
     roles = {"fd_kl_is": ({"fd", "kl", "isc"}, PannsCnn14, dict(channel=cfg.channel, resampler=cfg.resampler)),
              "fad": ({"fad"}, VGGish, dict(channel=cfg.fad_channel, resampler=cfg.fad_resampler,
                                            short=cfg.vggish_short)),
@@ -166,7 +166,7 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
     ``gen[i]`` and ``ref[i]`` must have the same id; ``captions[i]`` is the prompt of clip i.
     This is the entry for any producer of clips: a folder (``evaluate``) or a sampler writing wavs.
     """
-    which = _metric_list(cfg)
+    which = metric_list(cfg)
     n = len(gen)
     if n < 2:
         raise EvalError(f"need at least 2 clips to evaluate, got {n}")

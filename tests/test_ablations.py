@@ -491,7 +491,7 @@ def test_local_jobs_start_cold_where_cuda_is_visible(tmp_path, monkeypatch, capl
 
 
 # A small demo set (2 + 1 clips per class) keeps the end-to-end runs below in CI's budget.
-SMALL = ["set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=6"]
+SMALL = ["set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=6", "set.eval.is_splits=7"]  # 15 clips
 
 
 @pytest.mark.slow  # six demo jobs, three of them evaluations: ~1.5 min on 2 busy cores
@@ -565,7 +565,7 @@ def test_slurm_cancel_stops_the_queued_grid_and_counts_only_live_jobs(slurm_clus
     marker, so a second cancel, or one after the jobs had failed, reported them all as cancelled again. The states
     come from one sacct call for the whole grid."""
     args = ["grid=table5", "rows=Indpdt.", f"out={tmp_path}", "executor=slurm", f"profile={slurm_cluster.profile}",
-            "set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=4"]
+            "set.data.demo_train=2", "set.data.demo_test=1", "set.train.steps=4", "set.eval.is_splits=7"]
     assert main(args) == 0
     n = int(capsys.readouterr().out.split("submitted ")[-1].split()[0])
     assert n > 1

@@ -826,7 +826,10 @@ def test_a_grid_refuses_set_keys_its_steps_set_themselves(tmp_path, arg):
 
 @pytest.mark.parametrize("arg, words", [
     ("set.data.demo_train=abc", "demo_train"), ("set.data.demo_test=0", "demo_test must be > 0"),
-    ("set.data.source=frob", "data.source must be demo or manifest")])
+    ("set.data.source=frob", "data.source must be demo or manifest"),
+    # 15 test clips: IS splits of one clip score exactly 1, refused by the eval jobs after training
+    ("set.data.demo_test=1", r"gives 15 test clips: IS with eval.is_splits=10 needs 2 a split; set "
+                             r"set.eval.is_splits=K \(K <= 7\)")])
 def test_a_grid_refuses_bad_data_keys_before_submitting(tmp_path, arg, words):
     # these were accepted, then failed inside the prepare job (data.source=frob: "scale=paper needs your manifests")
     from ablations.grid import load_grid

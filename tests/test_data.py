@@ -282,6 +282,31 @@ def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, 
     assert "1 audio file(s) prepared there are no longer where they were" in caplog.text
 
 
+def test_a_grid_refuses_to_evaluate_on_clips_its_model_trained_on(tmp_path, codec, text_encoder):
+    """AudioSet holds AudioCaps' test clips: a training set gathered from it trained on the test audio, and the
+    table printed the better FD and KL that gives. The eval job compares the audio bytes first."""
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse, plan
+    from ablations.steps import eval_step
+    from siren.data.index import clips_shared_with_training
+
+    m = tiny_set(tmp_path / "src", n=2)
+    other = tiny_set(tmp_path / "other", n=2)
+    for wav in ("a0.wav", "a1.wav"):  # the same captions and ids, other audio
+        x, sr = sf.read(tmp_path / "other" / wav)
+        write_wav(tmp_path / "other" / wav, 0.5 * x, sr)
+    run_cfg = parse(["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "executor=local",
+                     *(f"set.data.{k}={m}" for k in ("train", "test", "prompts"))])
+    jobs = plan(cells_of(load_grid("table6"), run_cfg), run_cfg)
+    (prep,) = [j for j in jobs if j.key.startswith("data-")]
+    run(m, prep.kwargs["data_dir"], codec, text_encoder, split="train")  # as the prepare job does
+    (ev,) = [j for j in jobs if j.key.endswith("/eval")]
+    with pytest.raises(DataError, match=r"2 test clip\(s\) of .*manifest.csv have the same audio bytes as training "
+                                        r"items .*\(test id -> train id: c0 -> c0, c1 -> c1\)"):
+        eval_step(**ev.kwargs)  # before any weights are looked for
+    assert clips_shared_with_training(prep.kwargs["data_dir"], other) == []
+
+
 def test_a_grid_prepares_its_training_manifest_as_the_split_training_reads(tmp_path):
     # prepare names a split after its manifest's file; training reads split 'train': a paper-scale grid given
     # set.data.train=.../audiocaps_train.csv failed in its first training job ("no prepared split 'train'")

@@ -17,11 +17,11 @@ import torch
 import siren  # noqa: F401  (HF offline)
 from siren.codec import HOP
 from siren.config import ConfigError
-from siren.errors import ManifestError
 from siren.data import DataError, PreparedDataset, activity, demo
 from siren.data import filter as filt
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.prepare import prepare
+from siren.errors import ManifestError
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_clap import random_clap
 from tests.fixtures_data import write_manifest, write_wav

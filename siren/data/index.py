@@ -85,3 +85,15 @@ def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
                 it["source_stat"] = restat[it["source"]]
         write_json(path, index)
     return changed, gone
+
+
+def clips_shared_with_training(out: str | Path, test_manifest: str | Path) -> list[tuple[str, str]]:
+    """(test id, train id) of every test clip whose audio file has the same bytes as a training item's source.
+    AudioSet holds AudioCaps' test clips: a training set gathered from it can hold the test audio, and FD or KL
+    then read better than they are. A clip downloaded twice (other bytes) is not seen."""
+    from siren.data.manifest import read_manifest
+
+    index = read_json(index_path(Path(out), "train"), "run prepare again")
+    train = {it["source_sha256"]: it["id"] for it in index.get("items", []) if "source_sha256" in it}
+    test = {r.id: r.audio for r in read_manifest(test_manifest, unique_ids=False)}  # 5 rows per AudioCaps clip
+    return [(i, train[h]) for i, a in test.items() if a.is_file() and (h := sha256_file(a)) in train]
