@@ -159,7 +159,7 @@ import signal  # noqa: E402
 
 from siren import checkpoint as ckpt  # noqa: E402
 from siren.config import ConfigError  # noqa: E402
-from siren.errors import SirenError  # noqa: E402
+from siren.errors import NonFiniteError, SirenError  # noqa: E402
 from siren.rl import alignment  # noqa: E402
 from siren.rl.reward import CodeMatchReward  # noqa: E402
 from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
@@ -272,13 +272,15 @@ def test_old_policy_logprobs_are_computed_in_the_first_updates_micro_batches(sta
     """On a GPU in bf16 a rollout's log-probs can depend on the rollouts batched with it: the old policy's (and
     the reference's) are computed in the very micro-batches of the update's first pass, so that pass's Eq. 11
     ratios (DPO's margins) are exactly 1 (0). Every batch the update runs with gradients was first run without."""
-    calls, real = [], alignment._logprobs
+    from siren.rl import update
+
+    calls, real = [], update.logprobs
 
     def spy(experts, ro, idx, cfg, device):
         calls.append((torch.is_grad_enabled(), tuple(idx.tolist())))
         return real(experts, ro, idx, cfg, device)
 
-    monkeypatch.setattr(alignment, "_logprobs", spy)
+    monkeypatch.setattr(update, "logprobs", spy)
     run_align(stage1, tmp_path / method, f"method={method}", "steps=2", "mu=1", "lr=1e-2", *args)
     steps = []  # per step: (the batches run without gradients, then those of the update's one pass)
     for grad, batch in calls:
@@ -396,7 +398,7 @@ def test_a_non_finite_loss_stops_stage2_before_the_update(stage1, tmp_path, monk
         return (loss * float("nan") if len(calls) == 2 else loss), stats
 
     monkeypatch.setattr(alignment.obj, "grpo_loss", nan_at_step_2)
-    with pytest.raises(alignment.NonFiniteError, match=r"stage 2, step 2.*non-finite loss \(nan\).*stopped before "
+    with pytest.raises(NonFiniteError, match=r"stage 2, step 2.*non-finite loss \(nan\).*stopped before "
                                                        r"the update, nothing saved"):
         run_align(stage1, out, "steps=3", "ckpt_every=1", "mu=1", "micro_batch=64")
     assert json.loads((out / "rl" / "state.json").read_text())["step"] == 1  # the last finite step is the newest
