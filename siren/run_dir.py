@@ -124,6 +124,11 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
             problems.append(f"expert {k}: unfinished, latest checkpoint {c.path.name} is step {c.step} of "
                             f"{of} (resume its training, or pass allow_unfinished=True)")
         found[k] = c
+    data = {k: c.state.get("data", {}).get("train") for k, c in found.items()}  # recorded since 2026-12-06
+    if len({d for d in data.values() if d}) > 1:  # one expert trained again on another data_dir loaded silently
+        problems.append("the experts were trained on different train splits (digest of the items each read): "
+                        + ", ".join(f"expert {k} {d}" for k, d in data.items() if d)
+                        + "; train every expert of a run on one data_dir")
     if problems:
         raise CheckpointError(f"cannot assemble {cfg.distribution} model from {run_dir}:\n  " + "\n  ".join(problems))
     model = CollaborativeModel(cfg)  # zero code tables: every expert's checkpoint holds them

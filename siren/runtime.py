@@ -130,6 +130,8 @@ def derive_seed(seed: int, a: int = 0, b: int = 0) -> int:
 
 class StopRequest:
     """SIGUSR2/SIGTERM handler: remembers the signal; the loop checkpoints at the next step boundary.
+    Outside SLURM a first Ctrl-C (SIGINT) does the same, then ends the command as an interrupt once the checkpoint
+    is written (a second Ctrl-C stops at once): it lost every step since the last periodic checkpoint.
 
     A handler installed before ours (submitit's requeue handler) is called after the
     checkpoint is safely written, so submitit still requeues a job it launched. Inside a SLURM
@@ -146,10 +148,16 @@ class StopRequest:
         self._answered = 0
         self.previous: dict[int, Any] = {}
         self.in_slurm = "SLURM_JOB_ID" in os.environ
-        self.signals = (signal.SIGUSR2, signal.SIGTERM)
+        self.signals = (signal.SIGUSR2, signal.SIGTERM) + (() if self.in_slurm else (signal.SIGINT,))
 
     def __call__(self, signum, frame) -> None:
-        if self.in_slurm and signum == signal.SIGTERM:
+        if signum == signal.SIGINT:
+            if self.signum is not None:  # asked twice: now
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: stopping after this step's checkpoint (Ctrl-C again stops at once, losing the steps "
+                        "since the last checkpoint)")
+            self.signum = signum
+        elif self.in_slurm and signum == signal.SIGTERM:
             self.save_requests += 1
             previous = self.previous.get(signum)
             if callable(previous):  # submitit's, which logs the SIGTERM and lets the job go on

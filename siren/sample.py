@@ -25,6 +25,8 @@ from siren.errors import NonFiniteError
 from siren.model.collaborative import CollaborativeModel
 from siren.model.expert import ExpertState
 
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass
 class SampleConfig:
@@ -38,6 +40,9 @@ class SampleConfig:
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN passed '< 0'; inf drew uniformly
             raise ConfigError(f"sample.temperature must be a finite number >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # 1e-39: logits / T overflowed, a torch.multinomial traceback
+            raise ConfigError(f"sample.temperature={self.temperature:g}: below {MIN_TEMPERATURE:g} sampling is argmax "
+                              f"up to float overflow; give 0 for greedy decoding")
         if self.top_k < 0:
             raise ConfigError(f"sample.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:

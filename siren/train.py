@@ -329,6 +329,11 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
             warn_other_device(last.state.get("device_type"), device, f"expert {k}")
     start = state["step"]
     trained = getattr(data.train, "max_frames", None)  # the longest sequence this expert sees
+    crop = getattr(data.train, "crop", None)
+    if ranks.main and crop and trained is not None and crop > trained:
+        log.warning("train.crop_s=%g (%d frames) is longer than every item of the split (at most %d frames): each "
+                    "batch is padded to %d frames, %d of them masked in every row", tc.crop_s, crop, trained, crop,
+                    crop - trained)
     if ranks.main and trained is not None and trained < PAPER_GEN_FRAMES:
         log.warning("expert %d trains on sequences of at most %d frames (%.1f s); generating the paper's 10 s (%d "
                     "frames) runs past the trained positions (README: Length)", k, trained, trained / 50,

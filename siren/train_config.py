@@ -120,10 +120,24 @@ class Stage1Config:
 def parse(args: list[str]) -> Stage1Config:
     # scale=tiny/small/base/... set model.*; scale=cont-tiny/cont-base/... set continuous.*
     groups = presets("model.")
-    groups["scale"] = {**groups["scale"], **continuous_presets("continuous.")["scale"]}
+    cont = continuous_presets("continuous.")["scale"]
+    groups["scale"] = {**groups["scale"], **cont}
     cfg = load_config(Stage1Config, args, presets=groups)
     if cfg.family not in FAMILIES:
         raise ConfigError(f"family '{cfg.family}' is not allowed; allowed: {', '.join(FAMILIES)}")
+    # the other family's preset or keys were read into the group this family never builds: scale=cont-tiny alone
+    # trained the paper-size discrete model, family=continuous scale=tiny the continuous default
+    scale = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("scale=")), None)
+    if scale is not None and (scale in cont) != (cfg.family == "continuous"):
+        names = sorted(cont) if cfg.family == "continuous" else sorted(set(groups["scale"]) - set(cont))
+        raise ConfigError(f"scale={scale} is a preset of the {'continuous' if scale in cont else 'discrete'} family, "
+                          f"but family={cfg.family}: give family={'continuous' if scale in cont else 'discrete'}, or "
+                          f"one of {', '.join(names)}")
+    other = "model." if cfg.family == "continuous" else "continuous."
+    stray = [a.split("=", 1)[0] for a in args if a.startswith(other)]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: keys of the other family's model, which family={cfg.family} does not "
+                          f"build; use {'continuous.' if other == 'model.' else 'model.'}* keys")
     if cfg.family == "continuous" and cfg.expert != 0:
         raise ConfigError(f"expert={cfg.expert}: the continuous family is one model (expert 0)")
     if cfg.family == "discrete" and not 0 <= cfg.expert < cfg.model.n_experts:

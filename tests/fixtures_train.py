@@ -52,11 +52,13 @@ def synthetic_data(n_train: int = 6, n_val: int = 3, frames: int = 12, seed: int
 
 
 def tiny_args(run_dir, *extra: str) -> list[str]:
-    """A CPU-second-sized stage-1 config."""
-    return [f"run_dir={run_dir}", "scale=tiny", "model.dim=32", "model.attn_heads=2", "model.main_layers=1",
-            "train.batch_size=2", "train.steps=8", "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4",
-            "train.log_every=1", "train.val_every=0", "train.ckpt_every=4", "train.num_workers=0",
-            "train.device=cpu", "train.precision=fp32", "train.crop_s=0", *extra]
+    """A CPU-second-sized stage-1 config (the discrete model's keys left out for ``family=continuous``, whose
+    model keys ``extra`` gives)."""
+    model = [] if "family=continuous" in extra else ["scale=tiny", "model.dim=32", "model.attn_heads=2",
+                                                     "model.main_layers=1"]
+    return [f"run_dir={run_dir}", *model, "train.batch_size=2", "train.steps=8", "train.warmup_steps=2",
+            "train.lr=3e-3", "train.min_lr=3e-4", "train.log_every=1", "train.val_every=0", "train.ckpt_every=4",
+            "train.num_workers=0", "train.device=cpu", "train.precision=fp32", "train.crop_s=0", *extra]
 
 
 def tiny_config(run_dir, *extra: str):

@@ -307,6 +307,13 @@ def test_load_rejects_expert_of_another_model(tmp_path):
     s["model"]["conditioning"] = "accumulated"
     state.write_text(json.dumps(s))
     siren.load(run)
+    # one expert trained again on another data_dir (each checkpoint records its split's digest): loaded silently
+    for k, digest in ((0, "aaaa"), (1, "bbbb")):
+        f = run / f"expert_{k}" / "step_00000001" / "state.json"
+        f.write_text(json.dumps({**json.loads(f.read_text()), "data": {"train": digest}}))
+    with pytest.raises(CheckpointError, match="trained on different train splits .*: expert 0 aaaa, expert 1 bbbb"):
+        siren.load(run)
+    state.write_text(json.dumps(s))
     (run / "expert_0").rename(run / "x")
     (run / "expert_1").rename(run / "expert_0")
     (run / "x").rename(run / "expert_1")

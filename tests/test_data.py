@@ -543,6 +543,25 @@ def test_validation_reads_whole_items_while_training_crops(prepared, tmp_path):
     assert {data.train[i]["codes"].shape[-1] for i in range(6)} == {10}
 
 
+def test_an_empty_test_split_is_no_validation_said_so(prepared, tmp_path, caplog):
+    # every validation logged {"val": true, "frames": 0}: no loss and no word
+    import json
+    import shutil
+
+    from siren.data.stage1 import Stage1Data
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(prepared, data_dir)
+    index = json.loads((data_dir / "splits" / "train.json").read_text())
+    (data_dir / "splits" / "test.json").write_text(json.dumps({**index, "split": "test", "num_items": 0, "items": []}))
+    with caplog.at_level("WARNING", logger="siren.data.stage1"):
+        data = Stage1Data.from_prepared(data_dir, 0.2, 0, CodecConfig(weights="demo"))
+    assert data.val is None and "no validation: the test split of" in caplog.text and "holds no item" in caplog.text
+    # a crop longer than every item: the positions past the longest are never trained, and the run records that
+    train = PreparedDataset(data_dir, "train", crop_s=3.0)
+    assert (train.crop, train.longest, train.max_frames) == (150, 30, 30)
+
+
 def test_a_run_resumed_on_another_train_split_is_refused(prepared, tmp_path):
     # the checkpoint recorded no data: a resume on a split prepared again (or another data_dir) trained on other
     # items from the old position in the epoch; the same items in another folder are the same data

@@ -600,6 +600,9 @@ def test_unknown_key_lists_valid_keys():
         alignment.parse(["run_dir=a", "out=b", "method=ppo"])
     with pytest.raises(ConfigError, match="no diffusion steps"):  # a key stage 2 would not use
         alignment.parse(["run_dir=a", "out=b", "sample.diffusion_steps=10"])
+    # a traceback in the first rollout, after out/ was set up with it (then a resume refused the fixed value)
+    with pytest.raises(ConfigError, match="sample.temperature=0: stage 2 samples its rollouts"):
+        alignment.parse(["run_dir=a", "out=b", "sample.temperature=0"])
 
 
 def test_imagebind_without_its_package_says_what_to_install(monkeypatch):

@@ -123,5 +123,7 @@ def test_bad_sample_config():
                    dict(top_k=-2), dict(top_p=1.5)):
         with pytest.raises(ConfigError):
             SampleConfig(**kwargs)
+    with pytest.raises(ConfigError, match="below 0.0001 sampling is argmax .* give 0 for greedy"):
+        SampleConfig(temperature=1e-39)  # logits / T overflowed: a torch.multinomial traceback
     with pytest.raises(ValueError, match="n_frames"):
         generate(tiny_model(), text_batch(), 0, progress=False)

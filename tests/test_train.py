@@ -47,6 +47,16 @@ def test_cli_composes_model_and_train_config(tmp_path):
         parse(["train.loss_layers=-1"])
     with pytest.raises(ConfigError, match="continuous family has no RVQ layers"):
         parse(["family=continuous", "train.loss_layers=1"])
+    # the other family's preset or keys: scale=cont-tiny alone trained the paper-size discrete model (4.1 GB of
+    # checkpoints), family=continuous with scale=tiny or model.* keys the continuous default
+    with pytest.raises(ConfigError, match="scale=cont-tiny is a preset of the continuous family, but family=discrete"):
+        parse(["scale=cont-tiny"])
+    with pytest.raises(ConfigError, match="scale=tiny is a preset of the discrete family, but family=continuous"):
+        parse(["family=continuous", "scale=tiny"])
+    with pytest.raises(ConfigError, match="model.dim: keys of the other family's model, which family=continuous"):
+        parse(["family=continuous", "scale=cont-tiny", "model.dim=32"])
+    with pytest.raises(ConfigError, match="continuous.layers: keys of the other family's model"):
+        parse(["scale=tiny", "continuous.layers=2"])
 
 
 # ---------------------------------------------------------------------------- optimiser
@@ -193,6 +203,42 @@ def test_a_resumed_log_entry_averages_the_same_steps(tmp_path):
     want = entries(straight / "expert_0")
     assert [e["step"] for e in want] == [3, 6, 8]
     assert entries(edir) == want
+
+
+def test_a_first_ctrl_c_checkpoints_at_the_step_boundary_then_interrupts(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) stopped training at once: every step since the last periodic checkpoint was lost, under a
+    message saying to run again to continue. Now the first one checkpoints at the step boundary, then the
+    interrupt goes on to the handler before ours (the CLI's: exit 130); a second one stops at once."""
+    import siren.train as T
+
+    seen, real_lr_at = [], T.lr_at
+
+    def lr_then_ctrl_c(step, cfg):  # Ctrl-C during optimiser step 2 (0-based); ckpt_every is 4
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, cfg)
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(T, "lr_at", lr_then_ctrl_c)
+    before = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # as the CLI's handler
+    try:
+        run = tmp_path / "run"
+        result = train(tiny_config(run, "model.distribution=6-2", "train.ckpt_every=4"), synthetic_data(),
+                       handle_signals=True)
+        assert seen == [signal.SIGINT]  # handed on once the checkpoint was written
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert result.status == "preempted" and result.checkpoint.name == "step_00000003"
+    from siren.runtime import StopRequest
+
+    stop = StopRequest()
+    stop.install()
+    try:
+        stop(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):  # asked twice: now
+            stop(signal.SIGINT, None)
+    finally:
+        stop.restore()
 
 
 def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch):

@@ -88,10 +88,16 @@ class PreparedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    @functools.cached_property
+    def longest(self) -> int:
+        """The most frames of audio of any item (``policy=pad``'s zeros left out, as training leaves them)."""
+        return max((self.real_frames(i) for i in range(len(self.items))), default=0)
+
     @property
     def max_frames(self) -> int:
-        """The longest sequence a model trained on this split sees: the crop, or the longest item."""
-        return self.crop or max((it["frames"] for it in self.items), default=0)
+        """The last position a model trained on this split has a loss at: the crop, or the longest item if shorter
+        (a crop longer than every item is padded and masked: its last positions are never trained)."""
+        return min(self.crop, self.longest) if self.crop else self.longest
 
     # what training reads of an item: content-keyed codes and text states, their frames, the crop scores; not
     # where its audio sits or the file's stats (a moved or re-checked source is the same data)

@@ -53,6 +53,9 @@ class Stage1Data:
         except DataError as e:
             log.warning("no validation: %s", e)
             val = None
+        if val is not None and not len(val):  # logged {"val": true, "frames": 0}, no loss, no word
+            log.warning("no validation: the test split of %s holds no item", data_dir)
+            val = None
         check_keys({"codec": train.info.get("frontends", {}).get("codec")}, {"codec": codec_cfg},
                    f"{data_dir} was prepared")
         codec = build_codec(codec_cfg)

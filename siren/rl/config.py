@@ -110,6 +110,9 @@ class AlignConfig:
                               f"seconds={self.seconds}, beta1={self.beta1}, beta2={self.beta2}")
         if self.fixed_prompts < 1:
             raise ConfigError(f"fixed_prompts must be >= 1, got {self.fixed_prompts}")
+        if self.sample.temperature == 0:  # a traceback in the first rollout, after out/ was set up with it
+            raise ConfigError("sample.temperature=0: stage 2 samples its rollouts and scores their log-probs at the "
+                              "sampling temperature; greedy rollouts have neither. Give a temperature > 0 (default 1)")
         if self.sample.diffusion_steps:  # stage 2 aligns RVQ-code experts (Algorithm 3): no diffusion head
             raise ConfigError(f"sample.diffusion_steps={self.sample.diffusion_steps}: stage 2 samples RVQ-code "
                               f"experts, which have no diffusion steps; leave it 0")
