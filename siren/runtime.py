@@ -131,7 +131,7 @@ def derive_seed(seed: int, a: int = 0, b: int = 0) -> int:
 class StopRequest:
     """SIGUSR2/SIGTERM handler: remembers the signal; the loop checkpoints at the next step boundary.
     Outside SLURM a first Ctrl-C (SIGINT) does the same, then ends the command as an interrupt once the checkpoint
-    is written (a second Ctrl-C stops at once): it lost every step since the last periodic checkpoint.
+    is written (a second Ctrl-C stops at once): stopping at once lost every step since the last periodic checkpoint.
 
     A handler installed before ours (submitit's requeue handler) is called after the
     checkpoint is safely written, so submitit still requeues a job it launched. Inside a SLURM
