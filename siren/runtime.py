@@ -173,6 +173,8 @@ class StopRequest:
 
     def install(self) -> None:
         for s in self.signals:
+            if s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN:  # a background job's: it stays ignored
+                continue
             self.previous[s] = signal.signal(s, self)
 
     def restore(self) -> None:

@@ -239,6 +239,14 @@ def test_a_first_ctrl_c_checkpoints_at_the_step_boundary_then_interrupts(tmp_pat
             stop(signal.SIGINT, None)
     finally:
         stop.restore()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's: a `kill -INT` stays ignored
+    try:
+        stop = StopRequest()
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stop.restore()
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch):
