@@ -67,7 +67,7 @@ STEP_KEYS = {"rl.": ("run_dir", "out", "prompts", "codec.weights", "text.weights
 def validate(cfg: Mapping[str, Any], where: str) -> None:
     """Every key of a cell parsed by the schema of the stage that takes it (unknown keys, bad types
     and out-of-range values are errors now, not inside a job); nothing is built."""
-    from eval.audiocaps import EvalConfig, metric_list
+    from eval.audiocaps import EvalConfig, max_is_splits, metric_list
     from siren.config import load_config
     from siren.data.prepare import PrepareConfig
     from siren.rl.config import parse as align_parse
@@ -101,10 +101,10 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
             from siren.data.demo import CLASSES
 
             n = len(CLASSES) * int(cfg["data.demo_test"])
-            if n < 2 * ecfg.is_splits:
+            if ecfg.is_splits > max_is_splits(n):
                 raise ConfigError(f"data.demo_test={cfg['data.demo_test']} gives {n} test clips: IS with "
                                   f"eval.is_splits={ecfg.is_splits} needs 2 a split; set set.eval.is_splits=K "
-                                  f"(K <= {max(1, n // 2)}) or more test clips")
+                                  f"(K <= {max(1, max_is_splits(n))}) or more test clips")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e} (set.KEY=VALUE overrides reach every cell)") from None
 

@@ -25,8 +25,9 @@ from siren.codec import DEMO_FILE, N_LAYERS, Codec, CodecConfig, weights_arg
 from siren.data import PreparedDataset
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.cache import index_path
+from siren.data.index import read_source
 from siren.errors import ConfigError, DataError
-from siren.io import sha256, sha256_file
+from siren.io import sha256_file
 from siren.run_dir import read_run_config
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,7 @@ class Items:
         """The audio item ``n`` was encoded from: its source file through the same preprocessing, real samples only."""
         it = self.dataset.items[self.index[n]]
         pol = self.dataset.info["audio"]
-        data = Path(it["source"]).read_bytes()  # read once: hashed, then decoded
-        if "source_sha256" in it and sha256(data) != it["source_sha256"]:  # a replaced file scored other audio
-            raise DataError(f"{it['source']}: changed since prepare encoded it (its sha256 differs from the index's "
-                            f"record); prepare {self.dataset.dir} again")
+        data = read_source(it["source"], it.get("source_sha256"), f"prepare {self.dataset.dir} again")
         items, real, _ = standardize(load_audio(it["source"], data, warn=False),
                                      AudioConfig(pol["policy"], pol["duration_s"]), it["source"])
         return items[it["segment"], : real[it["segment"]]]  # "segment": the item's row among the kept chunks

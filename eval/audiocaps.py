@@ -110,6 +110,11 @@ class EvalError(SirenError):
     """An evaluation that cannot be computed as asked (too few clips, unpaired sets)."""
 
 
+def max_is_splits(n_clips: int) -> int:
+    """The most IS splits of ``n_clips``: 2 clips a split (a split of one clip scores exactly 1 whatever the audio)."""
+    return n_clips // 2
+
+
 def metric_list(cfg: EvalConfig) -> list[str]:
     want = [m.strip().lower() for m in cfg.metrics.split(",") if m.strip()]
     bad = [m for m in want if m not in METRICS]
@@ -172,9 +177,9 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
         raise EvalError(f"need at least 2 clips to evaluate, got {n}")
     if [c.id for c in gen] != [c.id for c in ref] or len(captions) != n:
         raise EvalError("generated and reference clips must be paired by id, in the same order, with one caption each")
-    if "isc" in which and n < 2 * cfg.is_splits:  # a split of one clip scores exactly 1 whatever the audio
+    if "isc" in which and cfg.is_splits > max_is_splits(n):
         raise EvalError(f"IS with is_splits={cfg.is_splits} needs at least 2 clips a split ({2 * cfg.is_splits}), got "
-                        f"{n}; pass is_splits=K (K <= {max(1, n // 2)}) or leave isc out of metrics=")
+                        f"{n}; pass is_splits=K (K <= {max(1, max_is_splits(n))}) or leave isc out of metrics=")
     models = models if models is not None else backbones(cfg)
     cache = EmbeddingCache(cfg.cache_dir or None) if cfg.cache else None
     bb_cards, cache_stats, per_clip = {}, {}, {"id": [c.id for c in gen], "caption": list(captions)}

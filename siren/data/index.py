@@ -97,3 +97,12 @@ def clips_shared_with_training(out: str | Path, test_manifest: str | Path) -> li
     train = {it["source_sha256"]: it["id"] for it in index.get("items", []) if "source_sha256" in it}
     test = {r.id: r.audio for r in read_manifest(test_manifest, unique_ids=False)}  # 5 rows per AudioCaps clip
     return [(i, train[h]) for i, a in test.items() if a.is_file() and (h := sha256_file(a)) in train]
+
+
+def read_source(path: str | Path, recorded: str | None, fix: str) -> bytes:
+    """A prepared item's audio file, read once, its bytes checked against the sha256 prepare recorded (None: not
+    recorded, unchecked): a file replaced under the same path would be read as the audio its codes came from."""
+    data = Path(path).read_bytes()
+    if recorded and sha256(data) != recorded:
+        raise DataError(f"{path}: changed since prepare encoded it (its sha256 is not the one prepare recorded); {fix}")
+    return data

@@ -29,6 +29,7 @@ from siren.codec import CodecConfig
 from siren.data.audio import AudioConfig, load_audio, n_frames, standardize, unpadded
 from siren.data.cache import FORMAT, cache_path, index_path
 from siren.data.dataset import PreparedDataset, load_index
+from siren.data.index import read_source
 from siren.errors import ConfigError, DataError
 from siren.io import read_json, save_tensors, sha256, write_json
 from siren.model.continuous.latent import LatentProjection, dac_latent
@@ -84,10 +85,7 @@ def _cache_latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -
     codes_file = cache_path(out, "codes", key)
     with safe_open(codes_file, "pt") as f:  # the file as prepare read it, not as it is now; and its length
         made_from, frames = f.metadata().get("audio_sha256"), f.get_slice("codes").get_shape()[-1]
-    data = Path(entry["source"]).read_bytes()  # read once: hashed, then decoded (as siren.data.encode)
-    if made_from and sha256(data) != made_from:
-        raise DataError(f"{entry['source']}: changed since prepare encoded it (sha256 differs from {codes_file}'s "
-                        f"record): run prepare again, then the latents")
+    data = read_source(entry["source"], made_from, f"run prepare again, then the latents ({codes_file})")
     items, real, _ = standardize(load_audio(entry["source"], data, warn=False), audio, entry["source"])
     full = n_frames(items.shape[-1])  # as its codes: encoded without policy=pad's zeros, the pad frames 0 (masked)
     z = torch.cat([torch.nn.functional.pad(dac_latent(codec, unpadded(x, r)).cpu(), (0, full - n_frames(r)))
