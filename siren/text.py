@@ -1,9 +1,10 @@
 """The frozen text encoder that conditions every model: LAION-CLAP's RoBERTa text branch.
 
 Every backbone block cross-attends to ``TextStates.states`` (RoBERTa's last hidden states, 768-d,
-``mask`` True at real tokens); ``pooled`` is the CLAP text embedding (512-d, L2-normalised), the
-same vector the CLAP score and the stage-2 reward compare audio against. One CLAP model serves
-both: pass an existing ``siren.clap.Clap`` to share its weights.
+``mask`` True at real tokens), of up to 128 tokens as in the authors' code; ``pooled`` is the CLAP
+text embedding (512-d, L2-normalised) of those tokens. The CLAP score and the stage-2 reward embed
+captions at laion-clap's own 77 tokens (``Clap.embed_text``): the same vector for every caption of
+at most 77 tokens. One CLAP model serves both: pass an existing ``siren.clap.Clap`` to share its weights.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Sequence
 
 import torch
 
-from siren.clap import MAX_TEXT_LENGTH, TEXT_DIM, Clap, ClapConfig
+from siren.clap import TEXT_DIM, Clap, ClapConfig
+
+PROMPT_TOKENS = 128  # the authors' max_prompt_len (their config.py); laion-clap's own 77 stays for score and reward
+ROBERTA_POSITIONS = 512  # RoBERTa's 514 position rows less its padding offset of 2
 
 
 @dataclass
@@ -20,7 +24,7 @@ class TextConfig:
     # "pretrained", "demo" (trained on the embedded set), "random" (explicit smoke-test mode) or a laion-clap .pt path
     weights: str = "pretrained"
     seed: int = 0  # random-init seed for weights=random
-    max_length: int = MAX_TEXT_LENGTH  # tokens per caption, specials included (laion-clap: 77)
+    max_length: int = PROMPT_TOKENS  # tokens per caption, specials included
 
 
 @dataclass
@@ -46,8 +50,9 @@ class TextEncoder(torch.nn.Module):
 
     def __init__(self, cfg: TextConfig = TextConfig(), clap: Clap | None = None):
         super().__init__()
-        if not 2 < cfg.max_length <= MAX_TEXT_LENGTH:
-            raise ValueError(f"text max_length={cfg.max_length}: must be in 3..{MAX_TEXT_LENGTH}")
+        if not 2 < cfg.max_length <= ROBERTA_POSITIONS:
+            raise ValueError(f"text.max_length={cfg.max_length}: must be in 3..{ROBERTA_POSITIONS} "
+                             f"(RoBERTa's positions; the authors' is {PROMPT_TOKENS})")
         if clap is not None and not can_share(clap, cfg):
             raise ValueError(f"TextConfig(weights={cfg.weights!r}, seed={cfg.seed}) does not match the shared "
                              f"Clap(weights={clap.cfg.weights!r}, seed={clap.cfg.seed})")

@@ -112,6 +112,21 @@ def test_long_captions_are_truncated_keeping_end_token(clap):
     assert ids[0, -1].item() == clap.tokenizer.eot and ids[0, 0].item() == clap.tokenizer.sot
 
 
+def test_conditioning_keeps_the_authors_128_tokens_while_score_keeps_77(text, clap):
+    """The authors condition on up to 128 tokens (their max_prompt_len); laion-clap embeds at 77."""
+    long = " ".join(["a very loud engine revs"] * 40)
+    ts = text.encode([long, "a dog"])
+    assert ts.mask.shape == (2, 128) and ts.mask[0].all() and text.cfg.max_length == 128
+    ids77, _ = clap.tokenizer([long])
+    assert ids77.shape == (1, 77)
+    # the score's embedding is the 77-token one, not the conditioning's pooled vector
+    assert torch.allclose(clap.embed_text([long]), clap.text_forward([long], 77)[2], atol=1e-6)
+    assert not torch.allclose(clap.embed_text([long]), ts.pooled[:1], atol=1e-4)
+    assert torch.allclose(clap.embed_text(["a dog"]), ts.pooled[1:], atol=1e-5)
+    with pytest.raises(ValueError, match=r"text\.max_length=513: must be in 3\.\.512"):
+        TextEncoder(TextConfig(weights="random", seed=0, max_length=513), clap=clap)
+
+
 def test_bad_caption_input(text):
     with pytest.raises(TypeError, match="non-empty list of str, got 'a dog barks'"):  # a str, not a list of them
         text.encode("a dog barks")
