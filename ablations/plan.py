@@ -15,7 +15,7 @@ from ablations.ledger import Job
 from ablations.scales import resolve
 from siren.config import check_numbers, load_config
 from siren.errors import ConfigError, DataError
-from siren.io import check_folder
+from siren.io import check_folder, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -197,31 +197,46 @@ def check_manifests(cells: list[Cell]) -> None:
                           "(action=table writes the tables of finished jobs without reading them)")
 
 
-def check_prepared(jobs: list[Job]) -> None:
-    """Before anything is submitted, the audio of every finished prepare job is still the audio it encoded: a file
-    replaced under the same path would otherwise leave the former audio's codes, and the models trained and
-    evaluated on them, counted as this data's (cells are keyed by the manifests' contents, not the audio's)."""
-    from siren.data.index import changed_sources
+def check_sources(jobs: list[Job]) -> None:
+    """Before anything is submitted, the audio of every finished prepare job is still the audio it encoded, and
+    that of every finished evaluation the reference audio it scored: a file replaced under the same path would
+    otherwise leave the former audio's codes, and the models trained and evaluated on them, or the former
+    references' scores, counted as this data's (cells are keyed by the manifests' contents, not the audio's)."""
+    from siren.data.index import changed_files, changed_sources
 
     for job in jobs:
-        if job.fn is not steps.prepare_step or not job.done.is_file():
+        if job.fn is steps.prepare_step and job.done.is_file():
+            folder = job.done.parent
+            changed, gone = [], []
+            for index in sorted((folder / "splits").glob("*.json")):
+                c, g = changed_sources(folder, index.stem)
+                changed, gone = changed + c, gone + g
+            what, kept = "prepared", "training goes on from their prepared codes"
+            cost = "The codes there, and every model trained or evaluated on them, are of the former audio"
+        elif job.fn in (steps.eval_step, steps.calibration_step) and job.done.is_file():
+            folder = Path(job.kwargs["out"])
+            path = folder / steps.REFERENCES  # evaluations before 2026-12-07 wrote none: not checked
+            records = read_json(path, "delete it to skip this check") if path.is_file() else []
+            changed, gone, restat = changed_files(records)
+            if restat:  # the same bytes (a copy, a restore): not hashed again next time
+                write_json(path, [{**r, "source_stat": restat.get(r["source"], r["source_stat"])} for r in records])
+            what, kept = "scored as references", "the results stand"
+            cost = "The results there are of the former audio"
+        else:
             continue
-        folder = job.done.parent
-        changed, gone = [], []
-        for index in sorted((folder / "splits").glob("*.json")):
-            c, g = changed_sources(folder, index.stem)
-            changed, gone = changed + c, gone + g
-        if gone:  # moved or deleted (a quota, a moved out= folder): training reads the codes, not the files
-            log.warning("%s: %d audio file(s) prepared there are no longer where they were (e.g. %s); training "
-                        "goes on from their prepared codes", folder, len(gone), gone[0])
+        if gone:  # moved or deleted (a quota, a moved out= folder)
+            log.warning("%s: %d audio file(s) %s there are no longer where they were (e.g. %s); %s", folder,
+                        len(gone), what, gone[0], kept)
         if not changed:
             continue
-        fix = ("to use the new audio, copy the manifest to a new name and point set.data.train (and set.data.test) "
-               "at it: new cells, trained afresh" if job.kwargs["cfg"]["data.source"] == "manifest" else
-               "the demo set is generated: run the grid with another out= to start from a fresh one")
-        raise DataError(f"{folder}: {len(changed)} audio file(s) changed since they were prepared, e.g. "
-                        f"{'; '.join(changed[:3])}. The codes there, and every model trained or evaluated on them, "
-                        f"are of the former audio. Restore the files to keep these results; {fix}.")
+        demo = job.kwargs["cfg"]["data.source"] == "demo"
+        fix = ("the demo set is generated: run the grid with another out= to start from a fresh one" if demo else
+               "to use the new audio, copy the manifest to a new name and point set.data.train (and set.data.test) "
+               "at it: new cells, trained afresh" if what == "prepared" else
+               "to score the new audio, copy the test manifest to a new name and point set.data.test at it: the "
+               "same models, evaluated afresh")
+        raise DataError(f"{folder}: {len(changed)} audio file(s) changed since they were {what}, e.g. "
+                        f"{'; '.join(changed[:3])}. {cost}. Restore the files to keep these results; {fix}.")
 
 
 def data_paths(cfg: dict, prepared: Path) -> tuple[str, str, str | None]:

@@ -169,7 +169,8 @@ def eval_step(cfg: Mapping[str, Any], run_dir: str, ref: str, out: str, data_dir
     from eval.audiocaps import evaluate_run
     from siren.data.index import clips_shared_with_training
 
-    shared = clips_shared_with_training(data_dir, ref) if data_dir else []
+    test = record_references(ref, out)
+    shared = clips_shared_with_training(data_dir, test) if data_dir else []
     if shared:
         raise DataError(f"{len(shared)} test clip(s) of {ref} have the same audio bytes as training items of "
                         f"{data_dir} (test id -> train id: {', '.join(f'{a} -> {b}' for a, b in shared[:5])}"
@@ -178,6 +179,22 @@ def eval_step(cfg: Mapping[str, Any], run_dir: str, ref: str, out: str, data_dir
 
     return evaluate_run(run_dir=run_dir, ref=ref, out=out, weights=cfg["weights"],
                         overrides=[*_keys(cfg, "eval.")])
+
+
+def record_references(ref: str, out: str) -> dict[str, dict]:
+    """The reference clips' files as this evaluation reads them (sha256 and version, ``<out>/references.json``):
+    a grid run again checks them (``ablations.plan.check_sources``), since a finished evaluation is not redone
+    and would otherwise stand for audio no longer there under those paths."""
+    from siren.data.index import reference_sources
+    from siren.io import write_json
+
+    test = reference_sources(ref)
+    write_json(Path(out) / REFERENCES, sorted({r["source"]: r for r in test.values()}.values(),
+                                             key=lambda r: r["source"]))
+    return test
+
+
+REFERENCES = "references.json"
 
 
 def result_path(cell_dir: Path) -> Path:
@@ -206,6 +223,7 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
     if kind not in CALIBRATIONS:
         raise ConfigError(f"calibration kind must be one of {CALIBRATIONS}, got {kind!r}")
     items = select(read_manifest(ref, unique_ids=False), ref, subset=subset)  # a bad manifest before any weights
+    record_references(ref, out)
     gen_dir = Path(out) / "gen"
     paths = [child_path(gen_dir, it.id, ".wav") for it in items]
     codec = build_codec(CodecConfig(weights=cfg["weights"]))

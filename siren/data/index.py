@@ -10,7 +10,7 @@ from pathlib import Path
 
 from siren.data.cache import index_path, shard_path
 from siren.errors import DataError
-from siren.io import read_json, sha256, sha256_file, version, write_json
+from siren.io import load_hashed, read_json, sha256, sha256_file, version, write_json
 
 
 def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path | None = None) -> Path:
@@ -56,18 +56,12 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
     return dest
 
 
-def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
-    """(the audio files of a prepared split whose bytes are no longer the ones prepare encoded, those no longer
-    there). A file whose size, mtime and ctime (``siren.io.version``) are as prepare recorded them is taken as
-    unchanged; any other is hashed again, and one with the same bytes (a copy, a restore) gets its new ones
-    recorded in the index, so the next check does not hash it again. Prepare's codes are keyed by content, but a
-    finished grid does not run it again, so without this check a file replaced under the same path kept the
-    former audio's codes and the models trained on them."""
-    path = index_path(Path(out), split)
-    index = read_json(path, "run prepare again")
-    items = index.get("items", [])
+def changed_files(records: list[dict]) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """(files whose bytes are no longer the recorded ones, files no longer there, {file: new version} of those
+    with the same bytes) for records {"source", "source_sha256", "source_stat"}. A file whose size, mtime and
+    ctime (``siren.io.version``) are as recorded is taken as unchanged; any other is hashed again."""
     changed, gone, restat = [], [], {}
-    for it in {it["source"]: it for it in items if "source_stat" in it}.values():  # one check per file
+    for it in {it["source"]: it for it in records if "source_stat" in it}.values():  # one check per file
         try:
             st = os.stat(it["source"])
         except FileNotFoundError:
@@ -79,24 +73,49 @@ def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
             changed.append(it["source"])
         else:
             restat[it["source"]] = version(st)
+    return changed, gone, restat
+
+
+def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
+    """(the audio files of a prepared split whose bytes are no longer the ones prepare encoded, those no longer
+    there); a file with the same bytes (a copy, a restore) gets its new version recorded in the index, so the next
+    check does not hash it again. Prepare's codes are keyed by content, but a finished grid does not run it
+    again, so without this check a file replaced under the same path kept the former audio's codes and the
+    models trained on them."""
+    path = index_path(Path(out), split)
+    index = read_json(path, "run prepare again")
+    changed, gone, restat = changed_files(index.get("items", []))
     if restat:
-        for it in items:
+        for it in index["items"]:
             if it["source"] in restat:
                 it["source_stat"] = restat[it["source"]]
         write_json(path, index)
     return changed, gone
 
 
-def clips_shared_with_training(out: str | Path, test_manifest: str | Path) -> list[tuple[str, str]]:
-    """(test id, train id) of every test clip whose audio file has the same bytes as a training item's source.
-    AudioSet holds AudioCaps' test clips: a training set gathered from it can hold the test audio, and FD or KL
-    then read better than they are. A clip downloaded twice (other bytes) is not seen."""
+def source_record(path: str | Path) -> dict:
+    """{"source", "source_sha256", "source_stat"} of one audio file, as prepare records its sources."""
+    st, h = load_hashed(path, lambda fh: os.fstat(fh.fileno()))  # the version of the bytes hashed
+    return {"source": str(path), "source_sha256": h, "source_stat": version(st)}
+
+
+def reference_sources(manifest: str | Path) -> dict[str, dict]:
+    """id -> ``source_record`` of every clip of an evaluation's reference manifest that exists (a missing one is
+    the evaluation's to report), hashed once per file."""
     from siren.data.manifest import read_manifest
 
+    rows = {r.id: r.audio for r in read_manifest(manifest, unique_ids=False)}  # 5 rows per AudioCaps clip
+    records = {str(a): source_record(a) for a in set(rows.values()) if a.is_file()}
+    return {i: records[str(a)] for i, a in rows.items() if str(a) in records}
+
+
+def clips_shared_with_training(out: str | Path, test: dict[str, dict]) -> list[tuple[str, str]]:
+    """(test id, train id) of every test clip (``reference_sources``) whose audio file has the same bytes as a
+    training item's source. AudioSet holds AudioCaps' test clips: a training set gathered from it can hold the
+    test audio, and FD or KL then read better than they are. A clip downloaded twice (other bytes) is not seen."""
     index = read_json(index_path(Path(out), "train"), "run prepare again")
     train = {it["source_sha256"]: it["id"] for it in index.get("items", []) if "source_sha256" in it}
-    test = {r.id: r.audio for r in read_manifest(test_manifest, unique_ids=False)}  # 5 rows per AudioCaps clip
-    return [(i, train[h]) for i, a in test.items() if a.is_file() and (h := sha256_file(a)) in train]
+    return [(i, train[r["source_sha256"]]) for i, r in test.items() if r["source_sha256"] in train]
 
 
 def read_source(path: str | Path, recorded: str | None, fix: str) -> bytes:
