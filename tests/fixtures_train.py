@@ -64,3 +64,19 @@ def tiny_args(run_dir, *extra: str) -> list[str]:
 def tiny_config(run_dir, *extra: str):
     return parse(tiny_args(run_dir, *extra))
 
+
+
+def count_steps(monkeypatch) -> list[int]:
+    """Spy on ``siren.train.train_step``: one entry per optimiser step run from now on. Training is deterministic
+    from its seed, so a restart that ignored its checkpoint and trained from step 0 would log the same losses and
+    end at the same weights as a resumed one: a resume test counts the steps the restart ran too."""
+    import siren.train as T
+
+    ran, real = [], T.train_step
+
+    def spy(*args, **kwargs):
+        ran.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_step", spy)
+    return ran

@@ -15,7 +15,7 @@ from siren import io, run_dir
 from siren.checkpoint import CheckpointError
 from siren.model import CollaborativeModel
 from siren.train import train
-from tests.fixtures_train import synthetic_data, tiny_config  # noqa: F401
+from tests.fixtures_train import count_steps, synthetic_data, tiny_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_resume_with_other_model_config_names_keys(trained, tmp_path):
     assert result.status == "finished"
 
 
-def test_checkpoint_saved_before_the_schedule_key_resumes_as_cosine(trained, tmp_path):
+def test_checkpoint_saved_before_the_schedule_key_resumes_as_cosine(trained, tmp_path, monkeypatch):
     """Runs saved before train.schedule existed trained with the cosine (and before train.loss_layers,
     with every layer in the loss): they resume under it, to the same weights as the uninterrupted run,
     and are refused under wsd or loss_layers=1, naming the key."""
@@ -136,8 +136,9 @@ def test_checkpoint_saved_before_the_schedule_key_resumes_as_cosine(trained, tmp
         train(tiny_config(run, "model.distribution=6-2", "train.schedule=wsd"), synthetic_data(), handle_signals=False)
     with pytest.raises(CheckpointError, match=r"train.loss_layers=0.*train.loss_layers=1"):
         train(tiny_config(run, "model.distribution=6-2", "train.loss_layers=1"), synthetic_data(), handle_signals=False)
+    ran = count_steps(monkeypatch)
     result = train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
-    assert result.status == "finished" and result.step == 8
+    assert result.status == "finished" and result.step == 8 and len(ran) == 4
     want, got = ckpt.load_latest(trained / "expert_0").model_state(), ckpt.load_latest(edir).model_state()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 

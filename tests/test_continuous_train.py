@@ -14,7 +14,7 @@ from siren.errors import ConfigError, DataError
 from siren.model.continuous import LatentProjection
 from siren.train import Stage1Data, read_log, train
 from tests.fixtures_model import demo_codec
-from tests.fixtures_train import TEXT_DIM, tiny_config
+from tests.fixtures_train import TEXT_DIM, count_steps, tiny_config
 from tests.helpers import code_tables
 
 K = 4  # token width
@@ -55,7 +55,7 @@ def losses(edir) -> list[tuple[int, float]]:
     return [(e["step"], e["loss"]) for e in read_log(edir) if not e.get("val")]
 
 
-def test_continuous_resume_reproduces_uninterrupted_run(tmp_path):
+def test_continuous_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     """As test_train's discrete test: kill after the step-4 checkpoint, restart; steps 5..8 give the same losses
     bit for bit (CPU, fp32), MNTP masks and diffusion noise included (they draw from the restored RNG)."""
     args = (*ARGS, "continuous.mntp=true")
@@ -66,8 +66,9 @@ def test_continuous_resume_reproduces_uninterrupted_run(tmp_path):
     edir = resumed / "expert_0"
     shutil.rmtree(edir / "step_00000008")
     (edir / "latest").write_text("step_00000004\n")
+    ran = count_steps(monkeypatch)
     result = train(tiny_config(resumed, *args), latent_data(), handle_signals=False)
-    assert result.status == "finished" and result.step == 8
+    assert result.status == "finished" and result.step == 8 and len(ran) == 4
     got = losses(edir)
     assert [s for s, _ in got] == list(range(1, 9)) and got == want
     assert not any(k.startswith("ce/") for e in read_log(edir) for k in e)  # no per-layer CE for this family

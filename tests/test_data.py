@@ -256,7 +256,7 @@ def test_changed_sources_sees_a_same_size_file_put_in_place_with_the_old_mtime(t
 
 def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, text_encoder, caplog):
     from ablations.grid import load_grid
-    from ablations.plan import cells_of, check_prepared, parse, plan
+    from ablations.plan import cells_of, check_sources, parse, plan
     from ablations.run import main
     from siren import io
 
@@ -268,7 +268,7 @@ def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, 
     (prep,) = [j for j in jobs if j.key.startswith("data-")]
     run(m, prep.kwargs["data_dir"], codec, text_encoder)  # what the prepare job did, then its done marker
     io.write_json(prep.done, {})
-    check_prepared(jobs)
+    check_sources(jobs)
     x, _ = sf.read(tmp_path / "src/a0.wav")
     write_wav(tmp_path / "src/a0.wav", 0.5 * x)
     with pytest.raises(DataError, match=r"1 audio file\(s\) changed since they were prepared, e\.g\. .*a0\.wav\. "
@@ -278,7 +278,7 @@ def test_a_grid_refuses_to_go_on_from_data_whose_audio_changed(tmp_path, codec, 
     # a file no longer there (moved, deleted) does not stop the grid: training reads the prepared codes
     (tmp_path / "src/a0.wav").unlink()
     with caplog.at_level("WARNING", logger="ablations.plan"):
-        check_prepared(jobs)
+        check_sources(jobs)
     assert "1 audio file(s) prepared there are no longer where they were" in caplog.text
 
 
@@ -288,7 +288,7 @@ def test_a_grid_refuses_to_evaluate_on_clips_its_model_trained_on(tmp_path, code
     from ablations.grid import load_grid
     from ablations.plan import cells_of, parse, plan
     from ablations.steps import eval_step
-    from siren.data.index import clips_shared_with_training
+    from siren.data.index import clips_shared_with_training, reference_sources
 
     m = tiny_set(tmp_path / "src", n=2)
     other = tiny_set(tmp_path / "other", n=2)
@@ -304,7 +304,44 @@ def test_a_grid_refuses_to_evaluate_on_clips_its_model_trained_on(tmp_path, code
     with pytest.raises(DataError, match=r"2 test clip\(s\) of .*manifest.csv have the same audio bytes as training "
                                         r"items .*\(test id -> train id: c0 -> c0, c1 -> c1\)"):
         eval_step(**ev.kwargs)  # before any weights are looked for
-    assert clips_shared_with_training(prep.kwargs["data_dir"], other) == []
+    assert clips_shared_with_training(prep.kwargs["data_dir"], reference_sources(other)) == []
+
+
+def test_a_grid_refuses_to_go_on_from_evaluations_whose_reference_audio_changed(tmp_path, caplog):
+    """A finished evaluation is not run again, so a test clip replaced under the same path (a re-download, a
+    fixed resampling) left the table showing scores against the former audio. The eval job records the files it
+    scored; the grid checks them before anything is submitted."""
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, check_sources, parse, plan
+    from ablations.run import main
+    from ablations.steps import REFERENCES, record_references
+    from siren import io
+
+    m = tiny_set(tmp_path / "src", n=2)
+    test = tiny_set(tmp_path / "test", n=2)
+    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "executor=local",
+            f"set.data.train={m}", f"set.data.test={test}", f"set.data.prompts={m}"]
+    run_cfg = parse(args)
+    jobs = plan(cells_of(load_grid("table6"), run_cfg), run_cfg)
+    (ev,) = [j for j in jobs if j.key.endswith("/eval")]
+    recorded = record_references(ev.kwargs["ref"], ev.kwargs["out"])  # what the eval job does first
+    assert sorted(recorded) == ["c0", "c1"]
+    io.write_json(ev.done, {})
+    check_sources(jobs)
+    a0 = tmp_path / "test/a0.wav"
+    x, sr = sf.read(a0)
+    write_wav(a0, x, sr)  # the same bytes written again: a new mtime, not hashed again next time
+    check_sources(jobs)
+    assert io.read_json(ev.done.parent / "eval" / REFERENCES, "")[0]["source_stat"] == io.version(a0.stat())
+    write_wav(a0, 0.5 * x, sr)
+    with pytest.raises(DataError, match=r"eval: 1 audio file\(s\) changed since they were scored as references, "
+                                        r"e\.g\. .*a0\.wav\. The results there are of the former audio\. .*copy the "
+                                        r"test manifest to a new name and point set\.data\.test at it"):
+        main(args)
+    a0.unlink()
+    with caplog.at_level("WARNING", logger="ablations.plan"):
+        check_sources(jobs)
+    assert "1 audio file(s) scored as references there are no longer where they were" in caplog.text
 
 
 def test_a_grid_prepares_its_training_manifest_as_the_split_training_reads(tmp_path):

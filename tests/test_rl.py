@@ -347,8 +347,10 @@ def test_preempted_run_resumes_to_the_same_numbers(stage1, tmp_path, method):
     result, _ = run_align(stage1, tmp_path / "b", *args, reward=SignalAt(CodeMatchReward(0, 0, 256), call=2))
     assert result.status == "preempted" and result.step == 2
     assert json.loads((tmp_path / "b" / "rl" / "state.json").read_text())["step"] == 2
-    result, resumed = run_align(stage1, tmp_path / "b", *args)
-    assert result.status == "finished" and result.step == 4
+    # a restart from step 0 would end at the same weights (rollouts are seeded by step): count the steps it ran
+    counted = SignalAt(CodeMatchReward(0, 0, 256), call=0)  # never signals; one reward call per step's rollouts
+    result, resumed = run_align(stage1, tmp_path / "b", *args, reward=counted)
+    assert result.status == "finished" and result.step == 4 and counted.n == 2  # steps 3 and 4
     for key, v in straight.experts[0].state_dict().items():
         assert torch.equal(v, resumed.experts[0].state_dict()[key]), key
     strip = lambda log: [{k: v for k, v in e.items() if k not in TIME_KEYS} for e in log]  # noqa: E731
@@ -729,3 +731,20 @@ def test_prompts_files_and_their_errors(tmp_path):
     # drawn from the step alone (a resumed run draws it the same)
     order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(alignment.derive_seed(0, 0, 1)))
     assert len(PROMPTS) == 6 and alignment.prompt_batch(PROMPTS, 4, 2, seed=0) == [PROMPTS[int(i)] for i in order[2:4]]
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.0])
+def test_stage2_update_clips_the_global_gradient_norm(clip):
+    """rl grad_clip over every trained expert's parameters together (0: unclipped): plain SGD at lr 1 makes the
+    update the gradient the optimisers got."""
+    from siren.rl.update import _step
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(5)), torch.nn.Parameter(torch.zeros(3, 2))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    full = torch.cat([p.grad.flatten() for p in params]).norm()
+    assert _step(params, [torch.optim.SGD(params[:1], lr=1.0), torch.optim.SGD(params[1:], lr=1.0)], clip, 0.1,
+                 "test") == pytest.approx(float(full))
+    moved = torch.cat([p.detach().flatten() for p in params]).norm()
+    assert float(moved) == pytest.approx(clip if clip else float(full), rel=1e-5) and float(full) > 1

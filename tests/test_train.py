@@ -20,7 +20,7 @@ from siren.data.sampler import EpochBatches
 from siren.model import Expert
 from siren.runtime import lr_at, param_groups
 from siren.train import EXIT_PREEMPTED, TrainConfig, parse, read_log, train
-from tests.fixtures_train import random_tables, synthetic_data, tiny_config  # noqa: F401
+from tests.fixtures_train import count_steps, random_tables, synthetic_data, tiny_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,6 +137,26 @@ def test_tiny_expert_overfits_fixed_batches(tmp_path):
     assert last < 0.5 * first, curve
 
 
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_train_step_clips_the_global_gradient_norm(tmp_path, clip):
+    """train.grad_clip: the optimiser gets the gradient scaled to norm grad_clip where it is longer (0: unclipped);
+    plain SGD at lr 1 makes the update that gradient. The norm returned (logged) is the one before clipping."""
+    from siren.data.dataset import collate
+    from siren.train import LossOf, Stats, build_model, train_step
+
+    cfg = tiny_config(tmp_path, "model.distribution=6-2", "expert=0", f"train.grad_clip={clip}")
+    data = synthetic_data()
+    model = build_model(cfg, data)
+    batch = collate([data.train[(0, i)] for i in range(2)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    norm = train_step(LossOf(model), torch.optim.SGD(params, lr=1.0), [batch], cfg.train, torch.device("cpu"),
+                      Stats())
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)]).norm()
+    assert float(norm) > 0.5  # a fresh model's gradient is far longer than the clip
+    assert float(step) == pytest.approx(clip if clip else float(norm), rel=1e-4)
+
+
 @pytest.mark.parametrize("reduction,loss_layers", [("mean", 0), ("sum", 0), ("mean", 2)])
 def test_log_records_every_owned_layer_and_schedule(tmp_path, reduction, loss_layers):
     cfg = tiny_config(tmp_path, "model.distribution=4-3", "expert=2", "train.steps=3", "train.val_every=2",
@@ -157,7 +177,7 @@ def test_log_records_every_owned_layer_and_schedule(tmp_path, reduction, loss_la
 
 # ---------------------------------------------------------------------------- resume
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     """Kill after the step-4 checkpoint, restart: steps 5..8 give the same losses, bit for bit.
 
     Tolerance: exact equality (CPU, fp32, one thread order). 6 clips / batch 2 = 3 batches per
@@ -178,14 +198,15 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     with open(edir / "log.jsonl", "a") as f:
         f.write('{"step": 9, "loss": 0.0}\n{"step": 10, "lo')  # a half-written line from the dead job
     resumed = shutil.move(resumed, tmp_path / "moved")  # and the run folder moved before the restart
+    ran = count_steps(monkeypatch)
     result = train(tiny_config(resumed, *args), synthetic_data(), handle_signals=False)
-    assert result.status == "finished" and result.step == 8
+    assert result.status == "finished" and result.step == 8 and len(ran) == 4  # steps 5..8 only
     got = losses(resumed / "expert_0")
     assert [s for s, _ in got] == list(range(1, 9))
     assert got == want
 
 
-def test_a_resumed_log_entry_averages_the_same_steps(tmp_path):
+def test_a_resumed_log_entry_averages_the_same_steps(tmp_path, monkeypatch):
     """Entries every 3 steps, the checkpoint at step 4: the resumed run's step-6 entry averages steps 4..6, as the
     uninterrupted run's does (the running sums travel in the checkpoint), not 5..6 alone."""
     args = ("model.distribution=6-2", "expert=0", "train.log_every=3")
@@ -195,7 +216,9 @@ def test_a_resumed_log_entry_averages_the_same_steps(tmp_path):
     edir = resumed / "expert_0"
     shutil.rmtree(edir / "step_00000008")
     (edir / "latest").write_text("step_00000004\n")
+    ran = count_steps(monkeypatch)
     train(tiny_config(resumed, *args), synthetic_data(), handle_signals=False)
+    assert len(ran) == 4
 
     def entries(d):
         return [{k: v for k, v in e.items() if k != "tokens/s"} for e in read_log(d) if not e.get("val")]
@@ -273,8 +296,9 @@ def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
     state = json.loads((run / "expert_1" / "step_00000004" / "state.json").read_text())
     assert state["finished"] is False and state["step"] == 4
+    ran = count_steps(monkeypatch)
     train(tiny_config(run, *args), synthetic_data(), handle_signals=False)
-    assert losses(run / "expert_1") == losses(straight / "expert_1")
+    assert len(ran) == 4 and losses(run / "expert_1") == losses(straight / "expert_1")
 
 
 def test_sigterm_inside_slurm_checkpoints_and_goes_on(tmp_path, monkeypatch):
