@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -290,7 +291,8 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
     check_finite(model_state, f"the weights of {edir.name} at step {step}",
                  "Nothing was saved; the newest checkpoint stays the last finite one.")
     final = edir / step_name(step)
-    tmp = edir / f".{final.name}.tmp-{os.getpid()}"
+    writer = f"{socket.gethostname()}-{os.getpid()}"  # pids repeat across the nodes of a shared filesystem
+    tmp = edir / f".{final.name}.tmp-{writer}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -301,11 +303,13 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
         for f in tmp.iterdir():  # the files' bytes too: the renames below must not outlive them in a node crash
             _fsync(f)
         _fsync(tmp)
+        trash = edir / f".{final.name}.old-{writer}"
+        shutil.rmtree(trash, ignore_errors=True)  # a former writer's of this name (a reused pid)
         if final.exists():  # same step written again (e.g. a fresh run over a directory without `latest`)
-            trash = edir / f".{final.name}.old-{os.getpid()}"
             os.replace(final, trash)
-            shutil.rmtree(trash)
         os.replace(tmp, final)
+        _fsync(edir)
+        shutil.rmtree(trash, ignore_errors=True)  # only now: killed while deleting, `latest` still names a step
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     io.write_text(edir / "latest", final.name + "\n")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -217,6 +218,28 @@ def test_a_killed_jobs_half_written_step_is_removed_by_a_later_save(tmp_path):
     os.utime(stale, (old, old))
     ckpt.save(edir, 6, {"w": torch.zeros(2)}, {}, {}, keep_last=2)
     assert not stale.exists() and young.is_dir() and (edir / "step_00000006").is_dir()
+
+
+def test_a_kill_while_a_rewritten_step_is_deleted_keeps_a_loadable_step(tmp_path, monkeypatch):
+    """A step written again (stage 2 re-saving its start, a resume replaying a step whose `latest` was never
+    written) moved the old folder aside and deleted it before moving the new one in: killed during that delete
+    (minutes for a paper-scale checkpoint), `latest` named a folder that was not there and the run restarted
+    from step 0. Now the new folder is in place first."""
+    edir = tmp_path / "expert_0"
+    ckpt.save(edir, 10, {"w": torch.zeros(2)}, {}, {}, keep_last=2)
+    real = shutil.rmtree
+
+    def killed_deleting_the_old_one(path, *args, **kwargs):
+        if ".old-" in str(path) and os.path.exists(path):
+            raise KeyboardInterrupt  # the job killed here
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_deleting_the_old_one)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(edir, 10, {"w": torch.ones(2)}, {}, {}, keep_last=2)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    last = ckpt.load_latest(edir)
+    assert last.step == 10 and torch.equal(last.model_state()["w"], torch.ones(2))
 
 
 def test_run_config_is_readable_as_the_other_files(trained):
