@@ -323,6 +323,18 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
     return final
 
 
+def drop_after(edir: Path, step: int) -> None:
+    """Delete an expert's step folders newer than ``step`` and point ``latest`` at it: stage 2 resumes from its
+    commit point, and a newer step of one expert (a save killed before the others') would otherwise count among
+    the next save's ``keep_last`` and push the committed step out."""
+    newer = [p for p in edir.glob("step_*") if (m := STEP_DIR.match(p.name)) and int(m.group(1)) > step]
+    for p in newer:
+        log.info("removing %s, a step saved after the commit point %d (not by every expert)", p, step)
+        shutil.rmtree(p)
+    if newer:
+        io.write_text(edir / "latest", step_name(step) + "\n")
+
+
 STALE_S = 3600  # a half-written step of another process this old is a killed job's (writing one takes minutes)
 
 

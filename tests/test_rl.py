@@ -357,6 +357,34 @@ def test_preempted_run_resumes_to_the_same_numbers(stage1, tmp_path, method):
     assert strip(read_log(tmp_path / "a")) == strip(read_log(tmp_path / "b"))
 
 
+def test_a_save_killed_between_experts_twice_still_leaves_a_common_step(stage1, tmp_path, monkeypatch):
+    """A save killed after expert 0 leaves it an uncommitted newer step. After a resume from the commit point,
+    expert 0's next save counted that step among its keep_last and deleted the committed one: killed again
+    before expert 1's save, no step was common to both, and the run could only start over. Now a resume deletes
+    the uncommitted steps first."""
+    real = alignment.ckpt.save
+
+    def killed_after_expert_0_at(step):
+        def save(edir, s, *args, **kwargs):
+            if edir.name == "expert_1" and s == step:
+                raise RuntimeError("node lost")
+            return real(edir, s, *args, **kwargs)
+        return save
+
+    out, args = tmp_path / "o", ("n=2", "steps=6", "gamma=0", "lr=1e-2")
+    monkeypatch.setattr(alignment.ckpt, "save", killed_after_expert_0_at(3))
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_align(stage1, out, *args, "ckpt_every=1")
+    assert ckpt.read_commit_step(out / "rl" / "state.json") == 2 and (out / "expert_0" / "step_00000003").is_dir()
+    monkeypatch.setattr(alignment.ckpt, "save", killed_after_expert_0_at(4))
+    with pytest.raises(RuntimeError, match="node lost"):
+        run_align(stage1, out, *args, "ckpt_every=2")  # resumes from 2, killed again in step 4's save
+    assert ckpt.read_commit_step(out / "rl" / "state.json") == 2 and (out / "expert_0" / "step_00000002").is_dir()
+    monkeypatch.setattr(alignment.ckpt, "save", real)
+    result, _ = run_align(stage1, out, *args, "ckpt_every=2")
+    assert result.status == "finished" and result.step == 6
+
+
 def test_fixed_prompt_points_survive_a_stop_and_a_crash(stage1, tmp_path):
     """A stop request skips the fixed-prompt point of its step (the checkpoint comes first): it was never computed
     afterwards, and a run that died before its first checkpoint logged step 0's point twice. Now the resumed run

@@ -135,6 +135,8 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             ckpt.check_finite_checkpoint(c, weights, fix)
             ckpt.load_weights(e, weights, c.path / "model.safetensors")
             ckpt.load_optimizer(opt, c.trainer_state(), c.state["rl_optimizer"], c.path)
+        for k in trainable:  # a save killed between experts left these: the next save's keep_last would count them
+            ckpt.drop_after(ckpt.expert_dir(out, k), start)
         log.info("resuming %s from step %d", out, start)
         warn_other_device(c.state.get("device_type"), device, f"stage 2 in {out}")
         if start > cfg.steps:  # `steps` may shorten a run, not below what it has trained
