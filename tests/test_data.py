@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -377,6 +378,33 @@ def test_prepare_caches_by_content(tmp_path, codec, text_encoder):
     assert [it["id"] for it in index["items"]] == ["c0", "c1", "c2"]
     assert index["codec"] == {"id": codec.id, "weights": demo_weights.LABEL} and index["text"]["weights"] == "random"
     assert not tmp_files(tmp_path / "out")
+
+
+def test_a_damaged_cache_entry_is_encoded_again_and_named_where_read(tmp_path, codec, text_encoder, caplog):
+    """A cached file cut short (a node lost after the rename, a half-copied cache) counted as cached because it
+    existed; the next read failed with safetensors' own error, naming no file. Now prepare encodes it again, and
+    a dataset reading one names it and the fix."""
+    m = tiny_set(tmp_path / "src", n=2)
+    c, t = Counting(codec), Counting(text_encoder)
+    run(m, tmp_path / "out", c, t)
+    index = json.loads(index_path(tmp_path / "out", "manifest").read_text())
+    codes, text = (cache_path(tmp_path / "out", kind, index["items"][0][kind]) for kind in ("codes", "text"))
+    whole = codes.read_bytes(), text.read_bytes()
+    tensors = load_file(codes), load_file(text)
+    codes.write_bytes(whole[0][: len(whole[0]) // 2])
+    text.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="siren.data.cache"):
+        r = run(m, tmp_path / "out", c, t)
+    assert (r.codes_encoded, r.codes_cached, r.text_encoded) == (1, 1, 1) and (c.items, t.items) == (3, 3)
+    assert f"{codes}: a damaged cache entry" in caplog.text and f"{text}: a damaged cache entry" in caplog.text
+    for path, want in zip((codes, text), tensors):  # whole again (encoded alone, not in a batch of 2: other bits)
+        got = load_file(path)
+        assert got.keys() == want.keys() and all(got[k].shape == want[k].shape for k in want)
+    text.write_bytes(whole[1][:100])
+    ds = PreparedDataset(tmp_path / "out", "manifest", crop_s=None)
+    with pytest.raises(DataError, match=rf"{re.escape(str(text))}: a damaged or missing prepared file .*run prepare "
+                                        r"again"):
+        ds.text(0)
 
 
 def test_codec_change_reencodes_everything(tmp_path, codec, text_encoder):

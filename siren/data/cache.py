@@ -16,9 +16,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from siren.errors import DataError
 from siren.io import sha256
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1  # layout of the cached files; part of every key, so a new layout never reads an old file
 
@@ -64,3 +68,32 @@ def shard_path(out: str | Path, split: str, shard: int, num_shards: int) -> Path
 def filter_shard_path(out: str | Path, shard: int, num_shards: int) -> Path:
     """What shard ``shard`` of the data engine's filter scored (siren.data.filter), for its select step."""
     return Path(out) / "shards" / f"shard-{shard}-of-{num_shards}.json"
+
+
+def cached(path: Path) -> bool:
+    """Whether a cache entry is there and whole (safetensors checks that its header covers the file): one cut short
+    (a node lost after the rename, a half-copied cache) is removed with a warning, to be encoded again; as a
+    mere existence check, it was trusted, and the next read failed without naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(path, "pt"):
+            return True
+    except (SafetensorError, OSError) as e:
+        log.warning("%s: a damaged cache entry (%s); encoding it again", path, e)
+        path.unlink(missing_ok=True)
+        return False
+
+
+def open_entry(path: Path):
+    """``safe_open`` of a prepared entry; a damaged one is a DataError naming it and the fix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as e:
+        raise DataError(f"{path}: a damaged or missing prepared file ({e}); run prepare again with the same "
+                        f"arguments: it encodes damaged entries again") from None
+

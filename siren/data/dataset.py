@@ -28,12 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from siren.codec import FRAME_RATE, N_LAYERS
-from siren.data.cache import cache_path, index_path
+from siren.data.cache import cache_path, index_path, open_entry
 from siren.data.sampler import epoch_loader
 from siren.errors import DataError
 from siren.io import read_json, sha256
@@ -149,12 +147,13 @@ class PreparedDataset(Dataset):
     def codes(self, i: int) -> torch.Tensor:
         """All codes of item i: LongTensor [12, frames]."""
         it = self.items[i]
-        with safe_open(cache_path(self.dir, "codes", it["codes"]), "pt") as f:
+        with open_entry(cache_path(self.dir, "codes", it["codes"])) as f:
             return f.get_slice("codes")[it["segment"]].long()
 
     def text(self, i: int) -> dict[str, torch.Tensor]:
         """states [L, 768] float32, mask [L], pooled [512] of item i's caption."""
-        t = load_file(cache_path(self.dir, "text", self.items[i]["text"]))
+        with open_entry(cache_path(self.dir, "text", self.items[i]["text"])) as f:
+            t = {k: f.get_tensor(k) for k in ("states", "mask", "pooled")}
         return {"states": t["states"].float(), "mask": t["mask"], "pooled": t["pooled"]}
 
     def collate(self, items: list[dict]) -> dict:

@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from siren.assets import FILE_LABEL
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
-from siren.data.cache import cache_path, codes_key, crops_key, shard_path, text_key
+from siren.data.cache import cache_path, cached, codes_key, crops_key, open_entry, shard_path, text_key
 from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.index import write_index
@@ -133,7 +132,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         key = codes_key(h, audio.key(), codec.id)
         sha[key], keys[i] = h, key
         source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources
-        if key in todo or cache_path(out, "codes", key).is_file():
+        if key in todo or cached(cache_path(out, "codes", key)):
             continue
         try:
             standardize(load_audio(row.audio, data), audio, row.audio)
@@ -151,7 +150,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     # 2. text states of the captions not cached yet.
     tkeys = {i: text_key(r.caption, text_encoder.id, text_dtype) for i, r in good}
     captions = {tkeys[i]: r.caption for i, r in good}
-    text_todo = {k: c for k, c in captions.items() if not cache_path(out, "text", k).is_file()}
+    text_todo = {k: c for k, c in captions.items() if not cached(cache_path(out, "text", k))}
     rep.text_encoded, rep.text_cached = len(text_todo), len(captions) - len(text_todo)
     rep.codes_encoded, rep.codes_cached = len(todo), len({keys[i] for i, _ in good}) - len(todo)
     if progress:
@@ -179,7 +178,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         crop, step = frames_of(crop_s), frames_of(crop_step_s)
         crop_keys = {i: crops_key(keys[i], r.caption, clap.id, crop, step) for i, r in good}
         crop_todo = {crop_keys[i]: (r, keys[i], sha[keys[i]]) for i, r in good
-                     if not cache_path(out, "crops", crop_keys[i]).is_file()}
+                     if not cached(cache_path(out, "crops", crop_keys[i]))}
         if crop_todo:
             t = time.perf_counter()
             score_crop_tables(crop_todo, out, clap, audio, crop, step, progress)
@@ -188,7 +187,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     # 4. what this shard holds, for the index step.
     entries = []
     for i, r in good:
-        with safe_open(cache_path(out, "codes", keys[i]), "pt") as f:
+        with open_entry(cache_path(out, "codes", keys[i])) as f:
             real, chunks = f.get_tensor("real_frames").tolist(), f.get_tensor("chunks").tolist()
             frames = f.get_slice("codes").get_shape()[-1]
         entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
