@@ -13,8 +13,7 @@ from typing import Any, Callable
 
 import submitit
 
-from ablations import lock
-from siren import io
+from siren import io, lock
 from siren.errors import DataError, SchedulerError
 
 # PREEMPTED is final where PreemptMode=CANCEL (with REQUEUE the job shows REQUEUED/PENDING); held and stopped

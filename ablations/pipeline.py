@@ -13,7 +13,7 @@ dependencies are done.
 Two launchers never run or submit the same job: a launcher holds `<root>/launcher.lock` while it
 runs or submits (a second one is refused, naming the first), and a job holds `<done>.lock` while
 it runs, so a copy of it (an orphan of a killed launcher, a duplicate submission) cannot start;
-see ablations/lock.py.
+see siren/lock.py.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 import submitit
 
-from ablations import lock
 from ablations.ledger import (
     LIVE,
     RESUBMITTABLE,
@@ -38,7 +37,7 @@ from ablations.ledger import (
     marker_error,
 )
 from ablations.steps import Preempted
-from siren import cli, io
+from siren import cli, io, lock
 from siren.errors import SchedulerError
 
 log = logging.getLogger(__name__)

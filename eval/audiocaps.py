@@ -35,6 +35,7 @@ from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
 from siren.io import check_folder, read_json, sha256_file, write_json
+from siren.lock import hold
 from siren.run_dir import read_run_config
 from siren.runtime import check_device, resolve_device
 from siren.sample import SampleConfig
@@ -299,10 +300,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     items, ref_card = load_reference(cfg, ref)  # a bad manifest is named before any weights are looked for
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
-    if cfg.ckpt:  # a wrong ckpt= is named before its default out=<ckpt>/eval is checked or made
-        run_cfg = read_run_config(cfg.ckpt)
+    run_cfg = read_run_config(cfg.ckpt) if cfg.ckpt else {}  # a wrong ckpt= named before its out=<ckpt>/eval is made
     out = output_dir(cfg)
     check_folder(out, "out")
+    # two evaluations into one folder each skipped the clips the other had written and scored the mix as its own
+    with hold(out / "eval.lock", f"an evaluation of {cfg.ckpt or cfg.gen_dir}",
+              "wait for it to finish, or give this one another out="):
+        return _evaluate_in(out, cfg, items, ref_card, run_cfg)
+
+
+def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict, run_cfg: dict) -> dict:
     # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
     # them in results.json, read as its own
     if (out / "results.json").is_file():

@@ -36,6 +36,7 @@ from siren.data.sampler import epoch_loader
 from siren.data.stage1 import Stage1Data
 from siren.errors import ConfigError, NonFiniteError
 from siren.io import save_tensors
+from siren.lock import hold
 from siren.model import Expert, ExpertLoss
 from siren.model.continuous import ContinuousLM, ContinuousLoss
 from siren.run_dir import write_run_config
@@ -374,7 +375,10 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     stream = batches()
     last_ckpt, result = None, None
     t0, paused = time.perf_counter(), 0.0  # tokens/s counts training time only (not validation, checkpoints)
-    with stop_on_signal(handle_signals) as stop, RunLog(edir, start, ranks.main) as runlog, \
+    # a second copy (the same job submitted twice) would append to this log and race this expert's saves
+    owner = hold(edir / "train.lock", f"training of expert {k}", "wait for it to finish") if ranks.main \
+        else contextlib.nullcontext()
+    with owner, stop_on_signal(handle_signals) as stop, RunLog(edir, start, ranks.main) as runlog, \
             tqdm(total=tc.steps, initial=start, desc=f"expert {k}", disable=not ranks.main, dynamic_ncols=True) as bar:
         model.train()
         for step in range(start, tc.steps):

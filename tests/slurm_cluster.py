@@ -60,7 +60,7 @@ def _shared(state_dir: Path):
     its own session fixtures): the first starts it, the last one out stops it if a test process started it.
 
     Each user holds a shared flock on ``<state>.users``; the kernel drops it however the process ends (as
-    ablations/lock.py relies on), so "nobody else uses it" is an exclusive flock that succeeds. Starting and
+    siren/lock.py relies on), so "nobody else uses it" is an exclusive flock that succeeds. Starting and
     stopping happen under ``<state>.lock``; ``<state>.started`` marks a cluster the tests started."""
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     base = state_dir.parent / state_dir.name

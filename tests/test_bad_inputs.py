@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from ablations import ledger, pipeline
-from ablations.lock import LockHeld, hold
 from eval.audio import load_clips
 from siren.codec import HOP
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
@@ -29,6 +28,7 @@ from siren.data.cache import cache_path, sha256
 from siren.data.encode import encode_codes as _encode_codes
 from siren.data.manifest import Row, child_path, read_captions, read_manifest
 from siren.errors import DataError, ManifestError
+from siren.lock import LockHeld, hold
 from tests.fixtures_data import Counting, write_wav
 from tests.fixtures_model import demo_codec
 
@@ -379,7 +379,7 @@ def test_a_job_starting_while_its_lock_is_probed_waits_for_the_probe(tmp_path, m
     import fcntl
     import threading
 
-    from ablations import lock
+    from siren import lock
 
     path = tmp_path / "job.lock"
     probe = os.open(path, os.O_RDWR | os.O_CREAT)
@@ -410,7 +410,7 @@ def quick_job() -> None:
 def test_a_job_a_killed_launcher_left_running_is_reported_running_not_failed(tmp_path, caplog, monkeypatch):
     # a launcher killed and run again at once started a second copy of a job whose first copy (the killed
     # launcher's, still starting) took the lock first: the copy refused its lock was reported FAILED
-    from ablations import lock
+    from siren import lock
 
     job = pipeline.Job("x", quick_job, {}, tmp_path / "x.done")
     real, asked = lock.holder, []
@@ -1215,9 +1215,9 @@ def test_an_output_folder_with_a_newline_or_through_a_dangling_link_is_named_whe
 def test_locks_and_logs_are_not_written_through_a_link(tmp_path):
     """A link put in a shared output folder in place of a lock or a log: the lock truncated the file it named,
     the logs appended to it. Now each is an error naming the link (a training log replaces it)."""
-    from ablations.lock import hold
     from siren.errors import ConfigError
     from siren.io import open_append
+    from siren.lock import hold
     from siren.runtime import RunLog
 
     victim = tmp_path / "victim.txt"

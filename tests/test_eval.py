@@ -315,6 +315,19 @@ def test_too_few_clips_and_bad_config_are_errors(sets, tmp_path, capsys):
         evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), metrics="fd,isk"))
 
 
+def test_a_second_evaluation_into_one_folder_is_refused(sets, tmp_path):
+    """Two evaluations of one checkpoint started together (say gen_seed=0 and 1) each skipped the clips the other
+    had written into out/gen and scored the mix under its own settings."""
+    from siren.lock import LockHeld, hold
+
+    root, manifest, ids = sets
+    with hold(tmp_path / "out" / "eval.lock", "an evaluation of RUN", "wait"):
+        with pytest.raises(LockHeld, match=r"eval\.lock: held by an evaluation of RUN .*give this one another out="):
+            evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), out=str(tmp_path / "out"),
+                                weights="random", metrics="fd"))
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_caption_index_selects_the_kth_caption(sets):
     from eval.reference import select
     from siren.data.manifest import read_manifest

@@ -714,6 +714,14 @@ def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
     # `python -m siren.rl` with a mistyped key: the module's __main__, run here rather than in a new interpreter
     code, _, err = run_as_main("siren.rl", f"run_dir={run}", f"out={out}", "gamme=0")
     assert code == 2 and "Did you mean gamma" in err and "Valid keys" in err
+    # the same job submitted twice: the second copy is refused before it sets up out= (it rmtree'd the frozen
+    # experts the first was reading) or appends to its log
+    from siren.lock import LockHeld, hold
+
+    with hold(out / "align.lock", "a stage-2 alignment", "wait"):
+        with pytest.raises(LockHeld, match=r"align\.lock: held by a stage-2 alignment .*another out="):
+            alignment.main([*args, "steps=3"], clap=text.clap)
+    assert [e["step"] for e in read_log(out)] == [1, 2]
 
 
 def test_frontend_keys_other_than_the_runs_are_named_before_anything_is_built(tmp_path):

@@ -272,6 +272,17 @@ def test_a_first_ctrl_c_checkpoints_at_the_step_boundary_then_interrupts(tmp_pat
         signal.signal(signal.SIGINT, before)
 
 
+def test_a_second_copy_of_a_training_job_is_refused(tmp_path):
+    """The same job submitted twice appended to one log and raced the same step's checkpoint."""
+    from siren.lock import LockHeld, hold
+
+    edir = tmp_path / "run" / "expert_0"
+    with hold(edir / "train.lock", "training of expert 0", "wait"):
+        with pytest.raises(LockHeld, match=r"train\.lock: held by training of expert 0 .*wait for it to finish"):
+            train(tiny_config(tmp_path / "run", "model.distribution=6-2"), synthetic_data(), handle_signals=False)
+    assert not list(edir.glob("step_*")) and not (edir / "log.jsonl").exists()
+
+
 def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch):
     """SIGTERM arriving mid-step stops the loop after that step, with a checkpoint, and the run resumes exactly."""
     args = ("model.distribution=6-2", "expert=1", "model.dropout=0.1")  # dropout: the RNG is restored too

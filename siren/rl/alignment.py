@@ -42,12 +42,13 @@ from siren import checkpoint as ckpt
 from siren import io
 from siren.config import to_dict
 from siren.errors import ConfigError
+from siren.lock import hold
 from siren.model import CollaborativeModel
 from siren.rl import objective as obj
 from siren.rl import update
 from siren.rl.config import AlignConfig, parse, read_prompts
 from siren.rl.rollout import collect, trainable_experts
-from siren.rl.run_dir import check_same, load_stage1, prepare_out
+from siren.rl.run_dir import LOCK, check_same, load_stage1, prepare_out
 from siren.run_dir import warn_if_past_trained
 from siren.runtime import (
     EXIT_PREEMPTED,
@@ -259,12 +260,14 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
            "prompts_sha256": io.sha256("\n".join(prompts))}
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
-    prepare_out(cfg, stage1, run_cfg, trainable, ids)
 
     def encode_text(caps: list[str]):
         return text_encoder.encode(caps)
 
-    result = align(cfg, model, stage1, prompts, encode_text, reward, codec)
+    # a second copy (the same job submitted twice) would set up out= under the first: rmtree its frozen experts
+    with hold(Path(cfg.out) / LOCK, "a stage-2 alignment", "wait for it to finish, or give this one another out="):
+        prepare_out(cfg, stage1, run_cfg, trainable, ids)
+        result = align(cfg, model, stage1, prompts, encode_text, reward, codec)
     if result.status == "preempted":
         log.info("stopped by signal at step %d; checkpoint in %s; exit %d (requeue)", result.step, result.out,
                  EXIT_PREEMPTED)

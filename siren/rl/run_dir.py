@@ -53,6 +53,9 @@ def _link_tree(src: Path, dest: Path, how: str) -> None:
         shutil.copy2(f, dest / f.name)
 
 
+LOCK = "align.lock"  # held by the run that sets up and trains in out= (siren.lock)
+
+
 def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, trainable: list[int],
                 ids: dict) -> None:
     """Create ``out`` (config.json, frozen experts, alignment.json) or check it belongs to this config."""
@@ -80,7 +83,7 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
             log.info("%s was set up as out=%s; resuming it here", out, saved["config"].get("out"))
         return
     # what this setup writes before alignment.json: a setup stopped part way leaves only these, and runs again
-    ours = {"config.json", *(ckpt.expert_dir(out, k).name for k in range(len(stage1)) if k not in trainable)}
+    ours = {"config.json", LOCK, *(ckpt.expert_dir(out, k).name for k in range(len(stage1)) if k not in trainable)}
     if out.exists() and any(p.name not in ours and not p.name.endswith(".tmp") for p in out.iterdir()):
         raise SirenError(f"out={out} exists and is not a stage-2 run (no alignment.json); choose a new out=")
     out.mkdir(parents=True, exist_ok=True)
