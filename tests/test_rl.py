@@ -633,6 +633,10 @@ def test_unknown_key_lists_valid_keys():
     # a traceback in the first rollout, after out/ was set up with it (then a resume refused the fixed value)
     with pytest.raises(ConfigError, match="sample.temperature=0: stage 2 samples its rollouts"):
         alignment.parse(["run_dir=a", "out=b", "sample.temperature=0"])
+    for truncated in ("sample.top_k=50", "sample.top_p=0.9"):  # rollouts from another policy than Eq. 7's
+        with pytest.raises(ConfigError, match=r"sample.top_k=\d+ sample.top_p=[\d.]+: stage 2's policy is Eq. 7's"):
+            alignment.parse(["run_dir=a", "out=b", truncated])
+    assert alignment.parse(["run_dir=a", "out=b", "sample.top_p=1.0"]).sample.top_p == 1.0  # 1 = off
 
 
 def test_imagebind_without_its_package_says_what_to_install(monkeypatch):

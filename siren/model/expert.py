@@ -165,8 +165,8 @@ class Expert(nn.Module):
         fused = self.embedding.fused()
         prev = self.embedding(codes[:, :, :-1].transpose(1, 2), fused=fused, summed=True)  # sum_j e_j(q_{t-1}^j)
         x = torch.cat([self.backbone.sos.expand(B, 1, -1), prev], 1)
-        h = self.backbone(x, self.backbone.text_kv(text, text_mask))  # h_{k,t} [B, T, d]
-        if self.decoder is None:
+        h = self.backbone(x, self.backbone.text_kv(text, text_mask))  # h_{k,t} [B, T, d] (Eq. 2)
+        if self.decoder is None:  # Eq. 3: the heads read h_t
             return self.logits(h, None, None)
         upto = range(self.layers.stop - 1)  # cond_j reads layers < j only
         return self.logits(h, self.embedding(codes[:, : upto.stop].transpose(1, 2), upto, fused),
@@ -196,7 +196,7 @@ class Expert(nn.Module):
         if self.decoder is None:  # parallel heads: every owned layer reads h_t
             out = h[:, :, None].expand(B, T, m, d)
         else:
-            seq = torch.cat([h[:, :, None], self.conditions(emb, start)], 2)  # [B, T, m+1, d]
+            seq = torch.cat([h[:, :, None], self.conditions(emb, start)], 2)  # [B, T, m+1, d]: Eq. 4's input
             out = self.decoder(seq.flatten(0, 1)).view(B, T, m + 1, d)[:, :, 1:]  # position i+1 -> layer s+i
         return torch.stack([head(out[:, :, i]) for i, head in enumerate(self.heads)], 1)
 

@@ -113,6 +113,10 @@ class AlignConfig:
         if self.sample.temperature == 0:  # a traceback in the first rollout, after out/ was set up with it
             raise ConfigError("sample.temperature=0: stage 2 samples its rollouts and scores their log-probs at the "
                               "sampling temperature; greedy rollouts have neither. Give a temperature > 0 (default 1)")
+        if self.sample.top_k or 0.0 < self.sample.top_p < 1.0:  # rollouts from a truncated policy, ratios of the full
+            raise ConfigError(f"sample.top_k={self.sample.top_k} sample.top_p={self.sample.top_p}: stage 2's policy is "
+                              f"Eq. 7's full softmax (at sample.temperature), whose log-probs Eq. 11's ratio and the "
+                              f"KL read; truncated sampling would draw from another policy. Leave both at 0")
         if self.sample.diffusion_steps:  # stage 2 aligns RVQ-code experts (Algorithm 3): no diffusion head
             raise ConfigError(f"sample.diffusion_steps={self.sample.diffusion_steps}: stage 2 samples RVQ-code "
                               f"experts, which have no diffusion steps; leave it 0")

@@ -1,4 +1,4 @@
-"""Rollouts of stage 2 (Algorithm 3, lines 2-5) and the action log-probabilities (Eq. 7, 11).
+"""Rollouts of stage 2 (Algorithm 3, lines 4-5) and the action log-probabilities (Eq. 7, 11).
 
 All K experts sample together (Algorithm 2); the codes of the trainable expert(s)' layers
 are the actions, every other expert's codes are proxy tokens (Eq. 8's q_prox): sampled,
