@@ -28,6 +28,7 @@ from siren.data.cache import index_path
 from siren.data.index import read_source
 from siren.errors import ConfigError, DataError
 from siren.io import sha256_file
+from siren.lock import hold
 from siren.run_dir import read_run_config
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,14 @@ def resolve(data: str, codec: str = "") -> Path:
         text_tag = sha256_file(demo_weights.demo_file("clap"))[:16]  # a rebuilt demo CLAP prepares afresh too
         # and the demo set's generators (VERSION): otherwise a changed set was probed through the old one's codes
         out = assets.cache_dir() / "analysis" / f"demo-v{VERSION}-{tag}-text-{text_tag}"
-        if not all(index_path(out, s).is_file() for s in ("train", "test")):
-            from siren.data import prepare
+        if all(index_path(out, s).is_file() for s in ("train", "test")):
+            return out
+        from siren.data import prepare
 
+        # two probes started together prepared into one folder: one's shard record was deleted under the other
+        with hold(out / "prepare.lock", "the demo set's preparation for the probes", "", wait=True):
+            if all(index_path(out, s).is_file() for s in ("train", "test")):  # the other probe prepared it
+                return out
             log.info("preparing the demo set into %s (once) ...", out)
             try:
                 prepare.run(prepare.parse(["manifest=demo", f"out={out}", f"codec.weights={weights}",

@@ -50,8 +50,9 @@ def _read(fd: int) -> dict:
 
 
 @contextmanager
-def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
-    """Hold the lock at ``path`` for the ``with`` body; raise LockHeld naming the holder (and ``fix``) if taken."""
+def hold(path: str | os.PathLike, what: str, fix: str, wait: bool = False) -> Iterator[None]:
+    """Hold the lock at ``path`` for the ``with`` body; raise LockHeld naming the holder (and ``fix``) if taken,
+    or with ``wait``, wait for it (saying once who holds it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = open_no_link(path, os.O_RDWR)  # it truncates the file: never one a link names
@@ -64,7 +65,10 @@ def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
                 # held by `holder`'s brief shared lock (action=status asking: the details then are a dead holder's,
                 # if any), or by a holder, who has written its details or is about to: refused after the grace
                 if time.monotonic() > deadline:
-                    raise LockHeld(f"{path}: held by {describe(_read(fd))}; {fix}") from None
+                    if not wait:
+                        raise LockHeld(f"{path}: held by {describe(_read(fd))}; {fix}") from None
+                    log.info("%s: waiting for %s", path, describe(_read(fd)))
+                    deadline = float("inf")
                 time.sleep(0.05)
                 continue
             except OSError as e:  # ENOLCK / ENOSYS / EOPNOTSUPP: this filesystem has no flock

@@ -373,6 +373,33 @@ def test_a_second_launcher_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
                                                f"start b {third.pid}", f"end b {third.pid}"]
 
 
+def test_a_waiting_lock_waits_for_its_holder_and_says_who(tmp_path, monkeypatch, caplog):
+    """The probes' one-time preparation of the demo set (analysis.prepared.resolve) waits for another probe
+    preparing it, rather than preparing into the same folder at once or refusing."""
+    import threading
+
+    from siren import lock
+
+    monkeypatch.setattr(lock, "PROBE_GRACE_S", 0.1)
+    path, order = tmp_path / "prepare.lock", []
+    held = threading.Event()
+
+    def other_probe():
+        with hold(path, "another probe", ""):
+            held.set()
+            time.sleep(0.5)
+            order.append("other done")
+
+    t = threading.Thread(target=other_probe)
+    t.start()
+    held.wait()
+    with caplog.at_level("INFO", logger="siren.lock"):
+        with hold(path, "this probe", "", wait=True):
+            order.append("this one")
+    t.join()
+    assert order == ["other done", "this one"] and "waiting for another probe (pid" in caplog.text
+
+
 def test_a_job_starting_while_its_lock_is_probed_waits_for_the_probe(tmp_path, monkeypatch):
     """`action=status` asks who holds a job's lock with a brief shared lock: a job starting at that moment
     found the lock taken with no holder's details and died (no failure marker, its dependents stuck)."""
