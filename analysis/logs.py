@@ -51,6 +51,17 @@ def metric_of(res: dict, key: str) -> float | None:
     return None
 
 
+def results_weights(res: dict | None) -> str:
+    """The weights label of the evaluation that wrote a read results.json (its card's "weights")."""
+    return ((res or {}).get("card") or {}).get("weights") or UNRECORDED
+
+
+def metrics_phrase(label: str) -> str:
+    """A figure note's words on the weights of the metric networks behind plotted numbers (``results_weights``):
+    a curve of RANDOM-backbone FDs must not pass for pretrained numbers."""
+    return weights_phrase("metric", "random" if label.startswith("random") else label)
+
+
 def read_metric(results: str | Path, key: str) -> float | None:
     """``key`` of a results.json (a file, or a folder holding one); None when the file or the key is absent."""
     res = read_results(results)
@@ -59,19 +70,16 @@ def read_metric(results: str | Path, key: str) -> float | None:
 
 def weights_note(run_dir: str | Path) -> str:
     """A figure's note on the weights a run was made with (run_dir/config.json): "codec and text: demo weights
-    (trained on the embedded set)", "random codec weights", ... naming each model that is not pretrained once;
-    '' for pretrained ones or when the run does not say. A stage-2 run (alignment.json) adds its reward model,
-    named even when pretrained: the reward is what Figure 5 draws."""
+    (trained on the embedded set)", "RANDOM codec weights", ... naming each mode once; "weights unknown (...)"
+    when the run does not say. A stage-2 run (alignment.json) adds its reward model: what Figure 5 draws."""
     modes = weights_modes(run_dir)
     if modes is None:
-        return ""
+        return f"weights unknown ({Path(run_dir).name} has no config.json)"
     by_mode: dict[str, list[str]] = {}
     for what, mode in modes.items():
         by_mode.setdefault(mode, []).append(what)
     notes = [weights_phrase(", ".join(w[:-1]) + " and " + w[-1] if len(w) > 1 else w[0], mode)
              for mode, w in by_mode.items()]
-    notes += [f"pretrained {what}" for what, mode in modes.items()
-              if what.startswith("reward") and mode == "pretrained"]
     return "; ".join(n for n in notes if n)
 
 
@@ -115,16 +123,17 @@ def provenance(run_dir: str | Path) -> dict[str, str]:
 
 
 def weights_phrase(what: str, mode: str) -> str:
-    """A figure note's words for one model's weights: "" (pretrained), "codec: demo weights (trained on
-    the embedded set)", "random codec weights", "codec: weights from /x.pth"; ``mode`` is a weights mode or label."""
+    """A figure note's words for one model's weights: "pretrained codec weights", "codec: demo weights (trained on
+    the embedded set)", "RANDOM codec weights", "codec: weights from /x.pth"; ``mode`` is a weights mode or label.
+    Pretrained is said too: a figure is copied alone into a paper."""
     from siren.codec import DEMO_LABEL, weights_arg
 
     if mode == "pretrained":
-        return ""
+        return f"pretrained {what} weights"
     if mode == UNRECORDED:  # said, not left blank as if pretrained
         return f"{what}: weights not recorded by the run"
     if mode == "random":
-        return f"random {what} weights"
+        return f"RANDOM {what} weights"
     if mode in ("demo", DEMO_LABEL):
         return f"{what}: {DEMO_LABEL}"
     return f"{what}: weights from {weights_arg(mode)}"  # a file given by path (the mode) or its label

@@ -134,11 +134,11 @@ def open_codec(prepared: Path, splits: list[str], weights: str = "") -> Codec:
 def codec_words(codec: Codec) -> str:
     """The printed results' words on whose codec made the codes (the figures carry ``weights_note``)."""
     label = codec.weights_label
-    return f"codec {codec.id}, {'random weights' if label == 'random' else label}"
+    return f"codec {codec.id}, {'RANDOM weights' if label == 'random' else label}"
 
 
 def weights_note(codec: Codec) -> str:
-    """The figure note on whose weights made the codes ("" for the pretrained codec)."""
+    """The figure note on whose weights made the codes."""
     return weights_phrase("codec", codec.weights_label)
 
 

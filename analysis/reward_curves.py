@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis import style
 from analysis.cli import as_list, command, out_dir, write_csv
-from analysis.logs import metric_of, provenance, read_jsonl, read_results, weights_note
+from analysis.logs import metric_of, metrics_phrase, provenance, read_jsonl, read_results, results_weights, weights_note
 from siren.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -151,11 +151,15 @@ def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | P
         summary.append(dict(label=label, run=str(r), steps=int(steps[-1]), final_reward=float(reward[-1]),
                             mean_last_10pct=float(reward[-max(1, len(reward) // 10):].mean()),
                             FD=fd, CLAP=clap, results=str(path or ""),
-                            weights=provenance(r)["weights"] if Path(r).is_dir() else "unknown (a log file)"))
+                            weights=provenance(r)["weights"] if Path(r).is_dir() else "unknown (a log file)",
+                            metrics_weights=results_weights(res) if res else ""))
         log.info("%s: %d steps, last reward %+.4f%s", label, len(steps), reward[-1],
                  f", (FD, CLAP) = {pair}" if pair else ", no (FD, CLAP)" if path else ", no results.json")
     written = [write_csv(folder / "rewards.csv", rows), write_csv(folder / "summary.csv", summary)]
-    note = "; ".join([caption] * bool(caption) + sorted({weights_note(r) for r in runs if Path(r).is_dir()} - {""}))
+    # a grid's caption states the weights its evaluations used; alone, each (FD, CLAP)'s evaluation says its own
+    scored = [] if caption else [metrics_phrase(s["metrics_weights"]) for s in summary if s["metrics_weights"]]
+    notes = {weights_note(r) if Path(r).is_dir() else "weights unknown (a log file)" for r in runs}
+    note = "; ".join([caption] * bool(caption) + sorted(notes - {""}) + sorted(set(scored)))
     written += style.save_figure(plot(curves, smooth, note), folder, "fig5_rewards")
     return written
 

@@ -42,7 +42,7 @@ import torch
 
 from analysis import prepared, style
 from analysis.cli import as_list, command, int_list, out_dir, write_csv
-from analysis.logs import metric_of, read_results
+from analysis.logs import metric_of, metrics_phrase, read_results, results_weights
 from siren.codec import N_LAYERS, SAMPLE_RATE
 from siren.config import check_numbers
 from siren.errors import ConfigError, DataError
@@ -182,7 +182,7 @@ def run(cfg: RvqDepthConfig) -> list:
                               f"{N_LAYERS}-layer models only: give r = {N_LAYERS} for it, and for other r the results "
                               f"of audio generated with r layers elsewhere (eval/audiocaps.py gen_dir=)")
         v = metric_of(res, cfg.gen_metric.lower()) if res is not None else None
-        (gen.append((r, v)) if v is not None else missing.append(run_dir))
+        (gen.append((r, v, results_weights(res))) if v is not None else missing.append(run_dir))
     if missing:
         log.warning("no '%s' in results.json of %s; left out of the figure", cfg.gen_metric, missing)
     data = prepared.resolve(cfg.data, cfg.codec)
@@ -222,11 +222,11 @@ def run(cfg: RvqDepthConfig) -> list:
     written.append(write_csv(folder / "depth_change.csv", change,
                              columns=["metric", "r_from", "r_to", "mean_change", "se", "clips_better", "n_clips"]))
     written.append(write_csv(folder / "generation.csv",
-                             [dict(r=r, metric=cfg.gen_metric, value=v) for r, v in sorted(gen)],
-                             columns=["r", "metric", "value"]))
-    note = prepared.weights_note(codec)
-    written += style.save_figure(plot(rows, sorted(gen), cfg.gen_metric, note, top["lsd_db"]), folder,
-                                 "fig1b_rvq_depth")
+                             [dict(r=r, metric=cfg.gen_metric, value=v, weights=w) for r, v, w in sorted(gen)],
+                             columns=["r", "metric", "value", "weights"]))
+    note = "; ".join([prepared.weights_note(codec), *sorted({metrics_phrase(w) for _, _, w in gen})])
+    written += style.save_figure(plot(rows, sorted((r, v) for r, v, _ in gen), cfg.gen_metric, note, top["lsd_db"]),
+                                 folder, "fig1b_rvq_depth")
     print(f"reconstruction from the first r layers of {len(items.codes)} clips; {prepared.codec_words(codec)}")
     for row in [*rows, dict(r="no RVQ", **top)]:
         print(f"r={row['r']:>2}: LSD {row['lsd_db']:6.2f} dB  mel-L1 {row['mel_l1']:.3f}  "

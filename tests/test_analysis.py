@@ -296,11 +296,11 @@ def test_weights_note_says_demo_weights_once_per_model(tmp_path):
     assert weights_note(tmp_path) == f"codec, text and reward (clap): {DEMO_LABEL}"
     cfg["text"]["config"]["weights"] = cfg["text"]["weights"] = "random"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert weights_note(tmp_path) == f"codec and reward (clap): {DEMO_LABEL}; random text weights"
+    assert weights_note(tmp_path) == f"codec and reward (clap): {DEMO_LABEL}; RANDOM text weights"
     reward["weights"] = "pretrained"
     (tmp_path / "alignment.json").write_text(json.dumps({"config": {"reward": reward}}))
-    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; random text weights; pretrained reward (clap)"
-    assert weights_note(tmp_path / "missing") == ""
+    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; RANDOM text weights; pretrained reward (clap) weights"
+    assert weights_note(tmp_path / "missing") == "weights unknown (missing has no config.json)"
     del cfg["text"]  # a run config without the text encoder's entry: not taken for pretrained
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert "text: weights not recorded by the run" in weights_note(tmp_path)
@@ -426,13 +426,13 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
                          [f"data={demo}", f"out={out}"])
     check_outputs(written, ["fig2a_interval", "fig8_pairs", "matrix"])
-    assert "random codec weights" in figure_texts["fig2a_interval"]
+    assert "RANDOM codec weights" in figure_texts["fig2a_interval"]
     m = pd.read_csv(out / "matrix.csv")
     assert len(m) == 144 and np.allclose(m.query("j1 == j2")["mean"], 1.0)
     pairs = pd.read_csv(out / "cosines.csv")
     assert len(pairs) == 45 * 66 and set(pairs["weights"]) == {"random"}  # 30 train + 15 test clips
     printed = capsys.readouterr().out
-    assert f"wrote {len(written)} files to {out}" in printed and "random weights)" in printed
+    assert f"wrote {len(written)} files to {out}" in printed and "RANDOM weights)" in printed
     assert "(the same layers of two different samples: " in printed  # the baseline the figure draws in grey
     by = pd.read_csv(out / "by_interval.csv")
     assert by["baseline_abs_mean"].between(0, 1).all() and by["abs_mean"].between(0, 1).all()
@@ -451,10 +451,10 @@ def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
     acc = pd.read_csv(out / "accuracy.csv")
     assert acc["layer"].tolist() == list(range(1, 13)) and acc["top1"].between(0, 1).all()
     assert set(acc["n_classes"]) == {15} and set(acc["n_test"]) == {15}
-    assert "random codec weights" in figure_texts["fig9_tsne"] and "layer 12:" in figure_texts["fig9_tsne"]
+    assert "RANDOM codec weights" in figure_texts["fig9_tsne"] and "layer 12:" in figure_texts["fig9_tsne"]
     assert len(pd.read_csv(out / "tsne.csv")) == 12 * 15
     printed = capsys.readouterr().out
-    assert "tested on 15, 15 classes (chance 6.7%); codec dac16k-random-seed0, random weights" in printed
+    assert "tested on 15, 15 classes (chance 6.7%); codec dac16k-random-seed0, RANDOM weights" in printed
 
 
 def test_semantic_probe_refuses_a_split_it_cannot_be_read_against_chance(demo):
@@ -479,15 +479,25 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     rec = pd.read_csv(out / "reconstruction.csv")
     assert rec["r"].tolist() == [1, 12] and np.isfinite(rec[["lsd_db", "mel_l1", "si_snr_db"]]).all().all()
     assert "generation quality: no results given" in figure_texts["fig1b_rvq_depth"]
-    assert "random codec weights" in figure_texts["fig1b_rvq_depth"]
+    assert "RANDOM codec weights" in figure_texts["fig1b_rvq_depth"]
     printed = capsys.readouterr().out
-    assert "no results given" in printed and "of 2 clips; codec dac16k-random-seed0, random weights" in printed
+    assert "no results given" in printed and "of 2 clips; codec dac16k-random-seed0, RANDOM weights" in printed
     change = pd.read_csv(out / "depth_change.csv").set_index("metric")
     assert set(change.index) == {"lsd_db", "mel_l1", "si_snr_db"} and (change["n_clips"] == 2).all()
     per = pd.read_csv(out / "per_clip.csv").pivot(index="id", columns="r", values="mel_l1")
     assert change.loc["mel_l1", "mean_change"] == pytest.approx((per[12] - per[1]).mean())
     assert "r=1 -> r=12: mel_l1" in printed
     assert (pd.read_csv(out / "per_clip.csv")["rms_ratio"] > 0).all()
+    # generation quality read from an evaluation with RANDOM metric networks: the curve says so
+    (tmp_path / "gen12").mkdir()
+    (tmp_path / "gen12" / "results.json").write_text(json.dumps({"metrics": {"fd": 900.0},
+                                                                  "card": {"weights": "random"}}))
+    probe_main("rvq_depth", rvq_depth.RvqDepthConfig, rvq_depth.run,
+               [f"data={demo}", f"out={out}", "max_clips=2", "depths=[1,12]", "seconds=0.2",
+                f"gen_runs=[{tmp_path / 'gen12'}]", "gen_r=[12]"])
+    assert pd.read_csv(out / "generation.csv").to_dict("records") == [{"r": 12, "metric": "fd", "value": 900.0,
+                                                                       "weights": "random"}]
+    assert "RANDOM metric weights" in figure_texts["fig1b_rvq_depth"]
     ceiling = pd.read_csv(out / "ceiling.csv")  # the decoder's limit: the unquantized latent decoded
     assert len(ceiling) == 1 and np.isfinite(ceiling[["lsd_db", "mel_l1", "si_snr_db"]]).all().all()
     assert "decoder ceiling (no RVQ)" in figure_texts["fig1b_rvq_depth"] and "r=no RVQ: LSD" in printed
@@ -541,7 +551,7 @@ def test_gradient_angles_command(demo, tmp_path, figure_texts):
     check_outputs(written, ["fig2b_gradient_angles", "matrix"])
     angles = pd.read_csv(out / "angles.csv")
     assert len(angles) == 2 * 66 and angles["angle_deg"].between(0, 180).all()
-    assert "random codec weights" in figure_texts["fig2b_gradient_angles"]
+    assert "RANDOM codec weights" in figure_texts["fig2b_gradient_angles"]
     # the baseline: two heads' gradients on two different batches (2 batches x 132 ordered pairs of heads)
     base = pd.read_csv(out / "baseline.csv")
     assert len(base) == 2 * 132 and (base["batch_a"] != base["batch_b"]).all()
@@ -602,7 +612,7 @@ def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts, c
         written = probe_main("convergence", convergence.ConvergenceConfig, convergence.run,
                              [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig2d_convergence", "fig6_convergence"])
-    assert "random codec and text weights" in figure_texts["fig6_convergence"]
+    assert "RANDOM codec and text weights" in figure_texts["fig6_convergence"]
     # which model and weights made the curves is in the files and the note, and a non-AudioGen model is said
     assert "6-2, conditioning=accumulated" in figure_texts["fig6_convergence"]
     assert "the paper's Fig. 2d / 6 are of AudioGen" in caplog.text
@@ -625,7 +635,7 @@ def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):
     written = probe_main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
                          [f"run={run_6_2}", f"out={out}"])
     check_outputs(written, ["fig7_task_vectors"])
-    assert "random codec and text weights" in figure_texts["fig7_task_vectors"]
+    assert "RANDOM codec and text weights" in figure_texts["fig7_task_vectors"]
     pairs = pd.read_csv(out / "pairs.csv")
     assert set(pairs.groupby("module").size()) == {15}  # 6 experts -> 15 pairs per module
     assert set(pd.read_csv(out / "modules.csv")["weights"]) == {"codec=random, text=random"}
@@ -658,7 +668,7 @@ def test_caption_reliance_command(demo, run_6_2, tmp_path, figure_texts, capsys)
     written = probe_main("caption_reliance", caption_reliance.CaptionRelianceConfig, caption_reliance.run,
                          [f"run={run_6_2}", f"data={demo}", f"out={out}", "batch_size=4", "device=cpu"])
     check_outputs(written, ["caption_reliance"])
-    assert "random codec and text weights" in figure_texts["caption_reliance"]
+    assert "RANDOM codec and text weights" in figure_texts["caption_reliance"]
     assert "6-2, accumulated, 2 blocks per expert" in capsys.readouterr().out
     rows = pd.read_csv(out / "reliance.csv")
     assert set(rows["train"]) == {"seed 0"}  # a run trained on every layer's CE (train.loss_layers=0)
@@ -707,13 +717,17 @@ def test_reward_curves_command(tmp_path, figure_texts):
         write_jsonl(d / "rl" / "log.jsonl", [{"step": s, "reward_mean": 0.01 * s * (2 - i), "loss": 0.0}
                                              for s in range(1, 11)])
         runs.append(str(d))
-    (tmp_path / "rl" / "results.json").write_text(json.dumps({"metrics": {"fd": 10.65, "clap": 24.18}}))
+    (tmp_path / "rl" / "results.json").write_text(json.dumps({"metrics": {"fd": 10.65, "clap": 24.18},
+                                                               "card": {"weights": "random"}}))
     out = tmp_path / "fig5"
     written = probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
                          [f"runs=[{','.join(runs)}]", "labels=[RL,DPO,Causal]", f"out={out}"])
     check_outputs(written, ["fig5_rewards"])
-    assert "(10.65, 24.18)" in figure_texts["fig5_rewards"]
+    # the (FD, CLAP) of a RANDOM-backbone evaluation says so on the figure (it read as the reward's pretrained)
+    assert "(10.65, 24.18)" in figure_texts["fig5_rewards"] and "RANDOM metric weights" in figure_texts["fig5_rewards"]
+    assert "weights unknown (rl has no config.json)" in figure_texts["fig5_rewards"]
     summary = pd.read_csv(out / "summary.csv")
+    assert summary["metrics_weights"].fillna("").tolist() == ["random", "", ""]
     assert summary["final_reward"].tolist() == pytest.approx([0.2, 0.1, 0.0])
     assert summary["FD"].isna().tolist() == [False, True, True]
     assert set(summary["weights"]) == {"unknown (no config.json)"}  # said, not left blank as if pretrained

@@ -175,7 +175,7 @@ def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeyp
                     assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5)
 
 
-def test_demo_clap_keeps_each_clips_own_caption_and_rejects_other_classes(tmp_path):
+def test_demo_clap_keeps_each_clips_own_caption_and_rejects_other_classes(tmp_path, capsys):
     """With the demo CLAP the filter does the data engine's job on held-out clips: offered another class's caption
     and its own, it keeps its own, and the other class's caption alone would fall under tau 0.4 (measured on
     2026-12-06: 14 of 15 and 15 of 15; the demo CLAP's class top-1 over all 15 captions is 0.90-0.94)."""
@@ -194,6 +194,7 @@ def test_demo_clap_keeps_each_clips_own_caption_and_rejects_other_classes(tmp_pa
     assert picked_own >= n - 2 and other_under_tau >= n - 2, (picked_own, other_under_tau)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["weights"] == "demo"
+    assert "CLAP: demo weights (trained on the embedded set)" in capsys.readouterr().out  # the demo's full label
     assert report["counts"]["rejected_by"]["clap"] == sum(float(r["clap"]) < 0.4 for r in scores)
 
 

@@ -598,3 +598,12 @@ def test_the_readmes_python_snippet_generates_audio(tmp_path):
     exec(compile(source, "README.md (From Python)", "exec"), scope)  # noqa: S102 (the project's own README)
     assert scope["codes"].shape == (1, 12, 50) and scope["wav"].shape == (1, 16000)
     assert scope["wav"].dtype == torch.float32 and torch.isfinite(scope["wav"]).all()
+
+
+def test_the_eval_benchmark_labels_demo_weights_as_demo(capsys):
+    """benchmarks.eval printed the RANDOM banner for weights=demo (any mode but pretrained)."""
+    from benchmarks import eval as bench
+
+    assert bench.main(["weights=demo", "n=2", "seconds=1", "metrics=fd"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(cards.DEMO_BANNER) == 2 and "RANDOM" not in out

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from siren import demo_weights
 from siren.data.cache import filter_shard_path
 from siren.errors import DataError
 from siren.io import atomic_path, write_json, write_text
@@ -155,8 +156,9 @@ def run_select(cfg, manifest: Path) -> str:
     write_csv(out / "rejected.csv", rejected, [*COLUMNS, "reason"])
     write_csv(out / "scores.csv", *scores_table(records))
     weights = head["weights"]
+    words = demo_weights.LABEL if weights == "demo" else f"{weights} weights"  # the demo's full label, as elsewhere
     note = (f"CLAP {head['clap']['id']}, " + ("RANDOM weights: scores carry no signal" if weights == "random"
-                                                else f"{weights} weights") + f"; {len(records)} clips")
+                                                else words) + f"; {len(records)} clips")
     figs = figure(out, records, cfg.tau, cfg.min_snr_db, note)
     reasons = {"unreadable": sum(r["reason"].startswith(("unreadable", "unusable")) for r in rejected),
                "snr": sum("snr " in r["reason"] for r in rejected),
@@ -174,4 +176,4 @@ def run_select(cfg, manifest: Path) -> str:
     warn = " (CLAP weights are RANDOM: the selection is mechanics only)" if weights == "random" else ""
     return (f"{out}: {len(records)} clips -> {len(rl)} RL prompts, {len(train)} train, {len(rejected)} rejected "
             f"(unreadable {reasons['unreadable']}, snr {reasons['snr']}, clap {reasons['clap']}, not drawn "
-            f"{reasons['not_drawn']}); tau {cfg.tau:g}, min_snr_db {cfg.min_snr_db:g}, {weights} CLAP{warn}")
+            f"{reasons['not_drawn']}); tau {cfg.tau:g}, min_snr_db {cfg.min_snr_db:g}, CLAP: {words}{warn}")
