@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Mapping
 
 from ablations import steps
 from ablations.grid import Grid
@@ -64,7 +65,7 @@ def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState])
         except DataError as e:  # a training log without a layer's CE: this row only, as above
             return Outcome({}, "failed", str(e))
         values.update({"Loss Mean": stats["loss_mean"], "Loss Ratio": stats["loss_ratio"]})
-    return Outcome({**values, **sizes}, reward_metric=out.reward_metric)
+    return Outcome({**values, **sizes}, reward_metric=out.reward_metric, weights=out.weights)
 
 
 def from_results(res: dict, grid: Grid) -> Outcome:
@@ -75,7 +76,8 @@ def from_results(res: dict, grid: Grid) -> Outcome:
     marked = res.get("card", {}).get("reward_equals_metric", [])
     cols = [col for col in METRIC_COLUMNS if col in grid.columns]
     return Outcome({col: res["metrics"].get(METRIC_COLUMNS[col]) for col in cols},
-                   reward_metric=tuple(col for col in cols if METRIC_COLUMNS[col] in marked))
+                   reward_metric=tuple(col for col in cols if METRIC_COLUMNS[col] in marked),
+                   weights=(res.get("card") or {}).get("weights", ""))
 
 
 CALIBRATION_LABELS = {"oracle": "oracle (references through the codec)", "chance": "chance (random codes)"}
@@ -98,11 +100,12 @@ def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
             out[label] = Outcome({}, "failed", f"{state.key}: {state.log}") if failed else Outcome({}, "pending")
             continue
         try:
-            metrics = _results(results, folder.with_suffix(".done"))["metrics"]
+            res = _results(results, folder.with_suffix(".done"))
         except DataError as e:
             out[label] = Outcome({}, "failed", str(e))
             continue
-        out[label] = Outcome({col: metrics.get(key) for col, key in METRIC_COLUMNS.items() if col in grid.columns})
+        out[label] = Outcome({col: res["metrics"].get(key) for col, key in METRIC_COLUMNS.items()
+                              if col in grid.columns}, weights=(res.get("card") or {}).get("weights", ""))
     return out
 
 
@@ -120,8 +123,15 @@ def weights_of(cells: list[Cell]) -> str:
     return next(iter({c.cfg["weights"] for c in cells}), "pretrained")
 
 
-def caption(run: RunConfig, cells: list[Cell]) -> str:
-    return f"scale={run.scale}; {WEIGHTS_WORDS[weights_of(cells)]}"
+def caption(run: RunConfig, cells: list[Cell], rows: Mapping[str, Outcome]) -> str:
+    """The scale and weights mode the grid ran with; the evaluations' own labels where they say otherwise (a file
+    put in place of a pretrained one, a mixed card); the `set.` overrides, which change what the table shows."""
+    mode = weights_of(cells)
+    other = sorted({o.weights for o in rows.values() if o.weights and o.weights != mode})
+    words = [f"scale={run.scale}", WEIGHTS_WORDS[mode]]
+    words += [f"evaluated with: {' | '.join(other)}"] * bool(other)
+    words += [f"set: {', '.join(f'{k}={v}' for k, v in sorted(run.set.items()))}"] * bool(run.set)
+    return "; ".join(words)
 
 
 def source(run: RunConfig, cells: list[Cell]) -> str:

@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {row.label: outcomes.outcome(cell, grid, run, states) for cell in cells for row in cell.rows}
     # a row that rows= left out was not asked for, so it is not pending either
     rows.update({r.label: Outcome({}, "not selected") for r in grid.rows if r.cell is not None and r.label not in rows})
-    caption = outcomes.caption(run, cells)
     calibration = outcomes.calibration_outcomes(cells, grid, run, states)
+    caption = outcomes.caption(run, cells, {**rows, **calibration})
     df = build_frame(grid, rows, outcomes.source(run, cells), calibration)
     paths = write_tables(df, grid, caption, run.root / "tables")
     print("\n" + paths["md"].read_text())  # the table itself, as written: what the run is for

@@ -22,6 +22,7 @@ class Outcome:
     status: str = "ok"  # ok | itg (ran, could not generate audio) | pending | failed | not built | not selected
     reason: str = ""
     reward_metric: tuple[str, ...] = ()  # columns whose metric checkpoint is this row's stage-2 reward model
+    weights: str = ""  # its evaluation card's weights label (eval.card.weights_label); "" without one
 
 
 REWARD_NOTE = ("reward = metric: this row's model was aligned in stage 2 with, or its clips picked by reject sampling "

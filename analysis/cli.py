@@ -11,6 +11,7 @@ from siren import cli
 from siren.config import load_config, to_dict
 from siren.errors import ConfigError
 from siren.io import atomic_path, check_folder, write_json
+from siren.runtime import code_version
 
 T = TypeVar("T")
 
@@ -59,7 +60,7 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
     check_folder(out_dir(getattr(cfg, "out", ""), probe), "out")  # before the probe computes
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
-    write_json(folder / "config.json", {"probe": probe, **to_dict(cfg)})
+    write_json(folder / "config.json", {"probe": probe, **to_dict(cfg), "code_version": code_version()})
     print(f"analysis.{probe}: wrote {len(written)} file{'s' * (len(written) != 1)} to {folder}/")
     for p in written:
         print(f"  {p}")

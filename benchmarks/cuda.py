@@ -246,7 +246,7 @@ def bench_eval(cfg: CudaBenchConfig, device: torch.device) -> tuple[dict, str]:
 
 def environment(device: torch.device) -> dict:
     """What the numbers depend on besides the config, for the JSON: device, driver, library and code versions."""
-    from eval.card import code_version
+    from siren.runtime import code_version
 
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),

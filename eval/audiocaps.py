@@ -30,7 +30,6 @@ from eval.audio import CHANNELS, CROPS, BadAudioError, Clip, load_clips
 from eval.backbones import RESAMPLERS, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
 from eval.reference import match_generated, select, set_hash
-from siren.codec import DEMO_LABEL
 from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
@@ -300,16 +299,31 @@ def evaluate(cfg: EvalConfig) -> dict:
     items, ref_card = load_reference(cfg, ref)  # a bad manifest is named before any weights are looked for
     if len(items) < 2:
         raise EvalError(f"the reference set has {len(items)} clip(s); at least 2 are needed")
-    run_cfg = read_run_config(cfg.ckpt) if cfg.ckpt else {}  # a wrong ckpt= named before its out=<ckpt>/eval is made
+    if cfg.ckpt:  # a wrong ckpt= is named before its default out=<ckpt>/eval is checked or made
+        read_run_config(cfg.ckpt)
     out = output_dir(cfg)
     check_folder(out, "out")
     # two evaluations into one folder each skipped the clips the other had written and scored the mix as its own
     with hold(out / "eval.lock", f"an evaluation of {cfg.ckpt or cfg.gen_dir}",
               "wait for it to finish, or give this one another out="):
-        return _evaluate_in(out, cfg, items, ref_card, run_cfg)
+        return _evaluate_in(out, cfg, items, ref_card)
 
 
-def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict, run_cfg: dict) -> dict:
+def made_elsewhere(gen_dir: Path) -> dict:
+    """A gen_dir= folder's card entries from the record the harness's generation left there (none for clips made
+    otherwise): the run, its weights' hash and the modes of its codec, text encoder and reward."""
+    from eval.generate import RECORD
+
+    if not (gen_dir / RECORD).is_file():
+        return {}
+    record = read_json(gen_dir / RECORD, f"delete it if {gen_dir}'s clips were not made by this harness")
+    return {k: v for k, v in {"run_dir": record.get("run_dir"),
+                              "weights_sha256": (record.get("settings") or {}).get("weights_sha256"),
+                              "frontends_weights": record.get("frontends_weights"),
+                              "code_version": record.get("code_version")}.items() if v}
+
+
+def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dict:
     # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
     # them in results.json, read as its own
     if (out / "results.json").is_file():
@@ -326,13 +340,12 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict, run_cf
                                     sample=cfg.sample, candidates=cfg.candidates,
                                     clap=models["clap"].net if "clap" in models else None, device=_device(cfg.device))
             gen_card["sample_source"] = SAMPLING_SOURCE
-            # the modes the run's codec and text encoder were loaded in (the demo codec records its long label)
-            gen_card["frontends_weights"] = {k: "demo" if w == DEMO_LABEL else w for k in ("codec", "text")
-                                             if (w := (run_cfg.get(k) or {}).get("weights"))}
         except CannotGenerate as e:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
             write_json(out / "results.json", results)
             return results
+    else:  # clips this harness generated carry their record: the card says what made them (else: made elsewhere)
+        gen_card = made_elsewhere(Path(gen_dir))
     gen_paths, left_out = match_generated(gen_dir, [it.id for it in items], subset=bool(cfg.subset))
     if left_out:
         gen_card["left_out"] = f"{left_out} clip(s) of {gen_dir} outside subset={cfg.subset}"

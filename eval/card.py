@@ -8,11 +8,10 @@ printed table say so in capitals.
 from __future__ import annotations
 
 import datetime
-import os
 import platform
-import subprocess
 from importlib import metadata
-from pathlib import Path
+
+from siren.runtime import code_version
 
 RANDOM_BANNER = "RANDOM WEIGHTS - NOT COMPARABLE TO PUBLISHED NUMBERS"
 # A metric whose checkpoint is the one the evaluated run was aligned with in stage 2 (card key
@@ -38,24 +37,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[p] = "not installed"
     return out
-
-
-def code_version() -> str:
-    """``git describe --always --dirty`` of the checkout this code runs from, else the installed package version."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        # GIT_OPTIONAL_LOCKS=0: --dirty refreshes the index under .git/index.lock otherwise, a write into the
-        # checkout that a git command of the user's at that moment fails on
-        r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
-                           capture_output=True, text=True, timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
-        if r.returncode == 0 and r.stdout.strip():
-            return f"git {r.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        return f"siren-harness {metadata.version('siren-harness')}"
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def weights_label(backbone_cards: dict[str, dict], generated: dict | None = None) -> str:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import siren
-from siren.codec import FRAME_RATE, SAMPLE_RATE
+from siren.codec import DEMO_LABEL, FRAME_RATE, SAMPLE_RATE
 from siren.data.manifest import child_path
 from siren.demo_weights import tensors_sha256
 from siren.errors import ConfigError
@@ -29,7 +29,7 @@ from siren.frontends import run_frontends
 from siren.io import atomic_path, read_json, sha256, sha256_file, write_json
 from siren.model.continuous import ContinuousLM, decode_latent
 from siren.run_dir import read_run_config, trained_frames, warn_if_past_trained
-from siren.runtime import derive_seed
+from siren.runtime import code_version, derive_seed
 from siren.sample import SampleConfig, generate_with_info
 
 RECORD = "generation.json"  # in the clips' folder: how they were made (check_record)
@@ -38,6 +38,20 @@ COLLAPSE_ITG = 0.5  # a set where at least this fraction of its samples collapse
 
 class CannotGenerate(RuntimeError):
     """The paper's `itg`: the model produced no usable audio; the message says why."""
+
+
+def made_with(run_dir: str | Path) -> dict[str, str]:
+    """The weights modes of what made a run's clips besides the model itself: its codec and text encoder (the run
+    config) and, for a stage-2 run, its reward model (alignment.json). Scored by pretrained metric networks, clips
+    of a demo- or RANDOM-weights part are not a pretrained result (eval.card.weights_label)."""
+    cfg = read_run_config(run_dir)
+    modes = {k: w for k in ("codec", "text") if (w := (cfg.get(k) or {}).get("weights"))}
+    align = Path(run_dir) / "alignment.json"
+    if align.is_file():
+        reward = (read_json(align, "run stage 2 again").get("weights_labels") or {}).get("reward")
+        if reward and reward != "synthetic":  # a code-matching test reward has no weights
+            modes["reward"] = reward
+    return {k: "demo" if w == DEMO_LABEL else w for k, w in modes.items()}  # the demo's long label, as its mode
 
 
 def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_dir: str | Path, *, seconds: float,
@@ -81,6 +95,9 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         batch_of.update({ids[i]: key for i in rows})
     record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
                           {i: p for i, p in zip(ids, paths) if p.is_file()}, batch_of)
+    # what made them, for a later gen_dir= evaluation of this folder (its card says so)
+    record.update(frontends_weights=made_with(run_dir), code_version=code_version())
+    write_json(out_dir / RECORD, record)
     collapsed = record["collapsed"]  # written back with the record; may hold other sets' ids (counted below: not)
     in_set = set(ids)
     # itg once the samples collapsed reach COLLAPSE_ITG of the whole set's (counted with the clips written by an
@@ -145,7 +162,8 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                     write_json(out_dir / RECORD, record)
                 written += 1
         write_json(out_dir / RECORD, record)  # with the counts of the clips now there, for a resume
-    return {"run_dir": str(Path(run_dir).resolve()), "seconds": seconds, "n_frames": n_frames,
+    return {"run_dir": str(Path(run_dir).resolve()), "weights_sha256": settings["weights_sha256"],
+            "frontends_weights": record["frontends_weights"], "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),
             "batch_size": batch_size, "seed": seed, "sample": sampled, "candidates": candidates,
             "reject_sampling": "CLAP score, best of candidates" if candidates > 1 else "none",

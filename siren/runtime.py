@@ -16,7 +16,9 @@ import math
 import os
 import re
 import signal
+import subprocess
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -303,3 +305,21 @@ def lr_at(step: int, cfg) -> float:
         return cfg.min_lr
     progress = min(1.0, (step - warmup) / (decay_steps - 1))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of the checkout this code runs from, else the installed package version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        # GIT_OPTIONAL_LOCKS=0: --dirty refreshes the index under .git/index.lock otherwise, a write into the
+        # checkout that a git command of the user's at that moment fails on
+        r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
+                           capture_output=True, text=True, timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+        if r.returncode == 0 and r.stdout.strip():
+            return f"git {r.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"siren-harness {metadata.version('siren-harness')}"
+    except metadata.PackageNotFoundError:
+        return "unknown"

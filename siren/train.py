@@ -47,6 +47,7 @@ from siren.runtime import (
     any_rank,
     any_ranks,
     autocast,
+    code_version,
     derive_seed,
     init_distributed,
     lr_at,
@@ -329,6 +330,10 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
             log.info("expert %d: resuming from %s (step %d)", k, last.path, last.step)
             warn_other_device(last.state.get("device_type"), device, f"expert {k}")
     start = state["step"]
+    if ranks.main:  # what the log of a run says it was made with (its config.json says so too)
+        modes = {w: (getattr(data, w) or {}).get("weights", "not recorded") for w in ("codec", "text")}
+        log.info("expert %d: codec %s, text %s weights; code %s", k, *(
+            "RANDOM" if m == "random" else m for m in modes.values()), code_version())
     trained = getattr(data.train, "max_frames", None)  # the longest sequence this expert sees
     crop = getattr(data.train, "crop", None)
     if ranks.main and crop and trained is not None and crop > trained:

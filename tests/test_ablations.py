@@ -204,6 +204,23 @@ def test_tables_mark_equal_values_alike_and_the_next_one_second():
     assert "<u>" not in lines["1-12"] and "**" not in lines["1-12"]
 
 
+def test_the_caption_says_overrides_and_evaluations_labelled_otherwise(tmp_path):
+    """The caption came from the grid's `weights` key alone: a pretrained file replaced by one given by path (its
+    cards say "file ...") printed as "pretrained weights", and `set.train.seed=1` overwrote the table with nothing
+    saying seed 1."""
+    from ablations.outcomes import caption
+
+    run = parse(["grid=table6", f"out={tmp_path}"])
+    cells = cells_of(load_grid("table6"), run)
+    same = {"1-12": Outcome({"FD": 1.0}, weights="demo")}
+    assert caption(run, cells, same) == "scale=demo; demo weights (trained on the embedded set)"
+    seeded = parse(["grid=table6", f"out={tmp_path}", "set.train.seed=1"])
+    other = {**same, "2-6": Outcome({"FD": 1.0}, weights="mixed: fd_kl_is=demo, generation codec=random")}
+    assert caption(seeded, cells_of(load_grid("table6"), seeded), other) == (
+        "scale=demo; demo weights (trained on the embedded set); evaluated with: mixed: fd_kl_is=demo, generation "
+        "codec=random; set: train.seed=1")
+
+
 def test_tables_rank_within_each_source_and_say_itg_and_weights():
     grid = load_grid("table6")
     outcomes = {"1-12": Outcome({"FD": 3.0, "ISC": 2.0, "CLAP": 5.0, "Loss Ratio": 1.2}),

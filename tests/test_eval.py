@@ -562,6 +562,18 @@ def test_a_run_with_demo_frontends_scored_by_other_metrics_is_not_labelled_as_th
                  "metrics=fd", "seconds=0.2", "gen_batch_size=2"]) == 0
     card = json.loads((tmp_path / "o2" / "results.json").read_text())["card"]
     assert card["weights"] == "mixed: fd_kl_is=demo, generation codec=demo, generation text=random"
+    # the same clips scored again from their folder (gen_dir=): the folder's record says what made them (the card
+    # was the metric networks' alone, so demo-codec clips scored with demo metrics read "demo")
+    assert main([f"gen_dir={tmp_path / 'o2' / 'gen'}", f"ref={tmp_path / 'R.csv'}", f"out={tmp_path / 'o3'}",
+                 "weights=demo", "metrics=fd"]) == 0
+    again = json.loads((tmp_path / "o3" / "results.json").read_text())["card"]
+    assert again["weights"] == card["weights"] and again["generated"]["run_dir"] == str(run.resolve())
+    assert again["generated"]["weights_sha256"] == card["generated"]["weights_sha256"]
+    # a stage-2 run's reward counts too: a model aligned on a RANDOM reward is a smoke test, whatever scores it
+    from eval.generate import made_with
+
+    (run / "alignment.json").write_text(json.dumps({"weights_labels": {"reward": "random"}}))
+    assert made_with(run) == {"codec": "demo", "text": "random", "reward": "random"}
 
 
 def test_a_card_with_a_codec_given_by_path_says_so_not_demo_or_pretrained():
@@ -576,7 +588,7 @@ def test_a_card_with_a_codec_given_by_path_says_so_not_demo_or_pretrained():
     assert card["WARNING"] == FILE_BANNER
     assert weights_phrase("codec", "file /x/dac.pth") == weights_phrase("codec", "/x/dac.pth") == \
         "codec: weights from /x/dac.pth"
-    assert weights_phrase("text", "random") == "random text weights"
+    assert weights_phrase("text", "random") == "RANDOM text weights"
 
 
 def test_the_readmes_python_snippet_generates_audio(tmp_path):
