@@ -249,7 +249,7 @@ def run(cfg: GradientAnglesConfig) -> list:
         mean = np.nanmean(mats, 0)
     info = PreparedDataset(data, cfg.split, crop_s=None).info
     weights = {"codec": info["codec"]["weights"], "text": info["text"]["weights"]}
-    note = "; ".join(p for k, v in weights.items() if (p := weights_phrase(k, v)))
+    note = "; ".join([f"model {what}", *(p for k, v in weights.items() if (p := weights_phrase(k, v)))])
     prov = dict(model=what, param=name, codec_weights=weights["codec"], text_weights=weights["text"])
     written = [write_csv(folder / "angles.csv", [dict(**r, **prov) for r in rows]),
                write_csv(folder / "baseline.csv", [dict(**r, **prov) for r in base],

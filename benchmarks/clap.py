@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             (f"text: embed {args.captions} captions (all)", best(lambda: clap.embed_text(captions))),
             ("audio: 10 s clip, batch 1 (per clip)", best(lambda: clap.embed_audio(wav[:1]))),
             (f"audio: 10 s clips, batch {args.clips} (per clip)", best(lambda: clap.embed_audio(wav), args.clips))]
-    print(f"LAION-CLAP {clap.id} on {clap.device}, torch threads {torch.get_num_threads()}, "
+    mode = "RANDOM weights (timings only)" if clap.weights_label == "random" else f"{clap.weights_label} weights"
+    print(f"LAION-CLAP {clap.id} ({mode}) on {clap.device}, torch threads {torch.get_num_threads()}, "
           f"best of {args.repeats} (CPU s = process CPU time: compare it on a shared machine)")
     print(f"| {'what':46s} | wall s | CPU s |\n|{'-' * 48}|--------|-------|")
     for what, (w, c) in rows:

@@ -552,6 +552,7 @@ def test_gradient_angles_command(demo, tmp_path, figure_texts):
     angles = pd.read_csv(out / "angles.csv")
     assert len(angles) == 2 * 66 and angles["angle_deg"].between(0, 180).all()
     assert "RANDOM codec weights" in figure_texts["fig2b_gradient_angles"]
+    assert "model 1-12, none, at initialisation" in figure_texts["fig2b_gradient_angles"]  # not a trained model
     # the baseline: two heads' gradients on two different batches (2 batches x 132 ordered pairs of heads)
     base = pd.read_csv(out / "baseline.csv")
     assert len(base) == 2 * 132 and (base["batch_a"] != base["batch_b"]).all()
