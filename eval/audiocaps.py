@@ -309,20 +309,6 @@ def evaluate(cfg: EvalConfig) -> dict:
         return _evaluate_in(out, cfg, items, ref_card)
 
 
-def made_elsewhere(gen_dir: Path) -> dict:
-    """A gen_dir= folder's card entries from the record the harness's generation left there (none for clips made
-    otherwise): the run, its weights' hash and the modes of its codec, text encoder and reward."""
-    from eval.generate import RECORD
-
-    if not (gen_dir / RECORD).is_file():
-        return {}
-    record = read_json(gen_dir / RECORD, f"delete it if {gen_dir}'s clips were not made by this harness")
-    return {k: v for k, v in {"run_dir": record.get("run_dir"),
-                              "weights_sha256": (record.get("settings") or {}).get("weights_sha256"),
-                              "frontends_weights": record.get("frontends_weights"),
-                              "code_version": record.get("code_version")}.items() if v}
-
-
 def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dict:
     # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
     # them in results.json, read as its own
@@ -345,7 +331,9 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dic
             write_json(out / "results.json", results)
             return results
     else:  # clips this harness generated carry their record: the card says what made them (else: made elsewhere)
-        gen_card = made_elsewhere(Path(gen_dir))
+        from eval.generate import record_card
+
+        gen_card = record_card(Path(gen_dir))
     gen_paths, left_out = match_generated(gen_dir, [it.id for it in items], subset=bool(cfg.subset))
     if left_out:
         gen_card["left_out"] = f"{left_out} clip(s) of {gen_dir} outside subset={cfg.subset}"

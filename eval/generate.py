@@ -175,6 +175,18 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                                   if candidates > 1 else "generation and decoding")}
 
 
+def record_card(gen_dir: Path) -> dict:
+    """A gen_dir= folder's card entries from the record the harness's generation left there (none for clips made
+    otherwise): the run, its weights' hash and the modes of its codec, text encoder and reward."""
+    if not (gen_dir / RECORD).is_file():
+        return {}
+    record = read_json(gen_dir / RECORD, f"delete it if {gen_dir}'s clips were not made by this harness")
+    return {k: v for k, v in {"run_dir": record.get("run_dir"),
+                              "weights_sha256": (record.get("settings") or {}).get("weights_sha256"),
+                              "frontends_weights": record.get("frontends_weights"),
+                              "code_version": record.get("code_version")}.items() if v}
+
+
 LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without them is taken to match
 
 
