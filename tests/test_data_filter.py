@@ -173,6 +173,21 @@ def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeyp
             for k in ra:
                 if k.startswith(("clap", "snr")) and ra[k]:
                     assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5)
+    # a select killed part way leaves no report.json: the one there described the former selection's CSVs
+    from siren.data import filter_select
+
+    real = filter_select.write_csv
+
+    def killed_at_train_csv(dest, *a, **kw):
+        if str(dest).endswith("train.csv"):
+            raise KeyboardInterrupt
+        return real(dest, *a, **kw)
+
+    assert (out / "report.json").is_file()
+    monkeypatch.setattr(filter_select, "write_csv", killed_at_train_csv)
+    with pytest.raises(KeyboardInterrupt):
+        cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", "tau=0.5")
+    assert not (out / "report.json").exists()
 
 
 def test_demo_clap_keeps_each_clips_own_caption_and_rejects_other_classes(tmp_path, capsys):

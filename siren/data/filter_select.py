@@ -6,7 +6,8 @@ Every manifest row ends in exactly one of three files:
   rejected.csv    the rest, with the reason: unreadable audio, activity SNR <= min_snr_db, CLAP score
                   < tau (both listed when both fail), or kept but not drawn (train_n)
 A pair is kept when SNR > min_snr_db and its best candidate caption scores >= tau. ``scores.csv`` has every
-row's SNR and every candidate's score; ``report.json`` the counts, thresholds and the CLAP card;
+row's SNR and every candidate's score; ``report.json`` (written last: the selection is whole when it is there)
+the counts, thresholds and the CLAP card;
 ``scores.pdf/.png`` the score and SNR histograms with the thresholds.
 """
 from __future__ import annotations
@@ -151,6 +152,9 @@ def run_select(cfg, manifest: Path) -> str:
     rl, train, rejected = select(records, tau=cfg.tau, min_snr_db=cfg.min_snr_db, rl_top=cfg.rl_top,
                                  train_n=cfg.train_n, seed=cfg.seed)
     assert len(rl) + len(train) + len(rejected) == len(records)
+    # report.json is written last and vouches for the CSVs beside it: gone while they are rewritten, so a kill
+    # part way leaves no report that describes the former selection beside a new train.csv
+    (out / "report.json").unlink(missing_ok=True)
     write_csv(out / "rl_prompts.csv", rl, COLUMNS)
     write_csv(out / "train.csv", train, COLUMNS)
     write_csv(out / "rejected.csv", rejected, [*COLUMNS, "reason"])
