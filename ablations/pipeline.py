@@ -79,8 +79,8 @@ def run_marked(step: Callable[..., Any], done: str, kwargs: dict, threads: int, 
             io.write_json(failed, {"error": f"{type(e).__name__}: {e}", "time": time.time()})
             raise
         failed.unlink(missing_ok=True)
-        io.write_json(done, {"finished": time.time(),
-                             "result": result if isinstance(result, (dict, str, int, float)) else None})
+        io.write_json(done, {"finished": time.time(),  # durable: it vouches for the step's outputs
+                             "result": result if isinstance(result, (dict, str, int, float)) else None}, durable=True)
     return result
 
 

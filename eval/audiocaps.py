@@ -328,7 +328,7 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dic
             gen_card["sample_source"] = SAMPLING_SOURCE
         except CannotGenerate as e:
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
-            write_json(out / "results.json", results)
+            write_json(out / "results.json", results, durable=True)
             return results
     else:  # clips this harness generated carry their record: the card says what made them (else: made elsewhere)
         from eval.generate import record_card
@@ -357,7 +357,7 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dic
         for m, why in notes.items():
             results["card"]["metrics"][m]["reward_equals_metric"] = why
     results["status"] = "ok"
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", results, durable=True)
     return results
 
 

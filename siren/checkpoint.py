@@ -301,20 +301,20 @@ def save(edir: Path, step: int, model_state: Mapping[str, torch.Tensor], trainer
         digests = {f: io.sha256_file(tmp / f) for f in ("model.safetensors", "trainer.safetensors")}
         io.write_json(tmp / "state.json", {**state, "format": FORMAT_VERSION, "step": step, "sha256": digests})
         for f in tmp.iterdir():  # the files' bytes too: the renames below must not outlive them in a node crash
-            _fsync(f)
-        _fsync(tmp)
+            io.fsync(f)
+        io.fsync(tmp)
         trash = edir / f".{final.name}.old-{writer}"
         shutil.rmtree(trash, ignore_errors=True)  # a former writer's of this name (a reused pid)
         if final.exists():  # same step written again (e.g. a fresh run over a directory without `latest`)
             os.replace(final, trash)
         os.replace(tmp, final)
-        _fsync(edir)
+        io.fsync(edir)
         shutil.rmtree(trash, ignore_errors=True)  # only now: killed while deleting, `latest` still names a step
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     io.write_text(edir / "latest", final.name + "\n")
-    _fsync(edir / "latest")
-    _fsync(edir)  # before the older steps go
+    io.fsync(edir / "latest")
+    io.fsync(edir)  # before the older steps go
     olds = sorted((int(m.group(1)), p) for p in edir.glob("step_*") if (m := STEP_DIR.match(p.name)))
     for s, p in olds[:-keep_last] if keep_last > 0 else []:
         if s != step:
@@ -349,12 +349,3 @@ def _remove_stale(edir: Path) -> None:
                 log.info("removed %s, a half-written checkpoint left by a killed job", p)
         except OSError:  # removed by another process meanwhile
             pass
-
-
-def _fsync(path: Path) -> None:
-    """Make a file's bytes, or the renames in a folder, durable (a node crash right after must not lose them)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

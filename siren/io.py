@@ -42,9 +42,20 @@ def default_mode() -> int:
     return 0o666 & ~umask()
 
 
+def fsync(path: str | os.PathLike) -> None:
+    """Make a file's bytes, or the renames in a folder, durable (a node crash right after must not lose them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``dest``; on success it is renamed onto ``dest``, else removed."""
+def atomic_path(dest: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside ``dest``; on success it is renamed onto ``dest``, else removed. ``durable``: the
+    bytes are on disk before the rename and the rename after it, for records that vouch for other files (done
+    markers, results, commit points): delayed allocation could otherwise keep the name and lose the bytes."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
@@ -52,7 +63,11 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, default_mode())  # mkstemp made it 0600
+        if durable:
+            fsync(tmp)
         os.replace(tmp, dest)
+        if durable:
+            fsync(dest.parent)
     except Exception as e:
         if _disk_full(e, tmp):  # one error naming the file (siren.cli), not the writer's own traceback
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from e
@@ -110,13 +125,13 @@ def open_append(path: str | os.PathLike, mode: str = "a"):
     return os.fdopen(open_no_link(path, os.O_WRONLY | os.O_APPEND), mode)
 
 
-def write_text(dest: str | os.PathLike, text: str) -> None:
-    with atomic_path(dest) as tmp:
+def write_text(dest: str | os.PathLike, text: str, durable: bool = False) -> None:
+    with atomic_path(dest, durable) as tmp:
         tmp.write_text(text)
 
 
-def write_json(dest: str | os.PathLike, obj: Any) -> None:
-    write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def write_json(dest: str | os.PathLike, obj: Any, durable: bool = False) -> None:
+    write_text(dest, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", durable)
 
 
 def save_tensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:

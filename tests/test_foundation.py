@@ -236,3 +236,28 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert cli.call(interrupted, []) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted (Ctrl-C): what was checkpointed or written is kept") and "Traceback" not in err
+
+
+def test_a_durable_record_is_on_disk_before_its_name(tmp_path, monkeypatch):
+    """Done markers, results and commit points vouch for other files: without fsync, delayed allocation could keep
+    a renamed record and lose its bytes in a node crash. A plain write stays without (cache entries, clips)."""
+    from siren import io
+
+    calls, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(a, b):
+        calls.append(("replace", str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    io.write_json(tmp_path / "x.done", {"finished": 1}, durable=True)
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert calls[0][1].startswith(str(tmp_path / ".x.done.")) and calls[2][1] == str(tmp_path)
+    calls.clear()
+    io.write_json(tmp_path / "plain.json", {})
+    assert calls == [("replace", str(tmp_path / "plain.json"))]

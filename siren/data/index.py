@@ -52,7 +52,7 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
         raise DataError(f"{out}: split '{split}' has duplicate item ids after segmentation; rename the manifest ids")
     bad = sorted((b for p in parts for b in p["bad"]), key=lambda b: b["row"])
     dest = index_path(out, split)
-    write_json(dest, {**head, "split": split, "num_items": len(items), "skipped": bad, "items": items})
+    write_json(dest, {**head, "split": split, "num_items": len(items), "skipped": bad, "items": items}, durable=True)
     return dest
 
 

@@ -118,7 +118,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
                      "stage1_step": src.get("step"), "rl_step": step, "rl": to_dict(cfg), "rl_optimizer": groups,
                      "finished": step >= cfg.steps, "device_type": device.type}
             ckpt.save(ckpt.expert_dir(out, k), step, e.state_dict(), tensors, state, cfg.keep_last)
-        io.write_json(out / "rl" / "state.json", {"step": step})  # commit point: every expert has `step`
+        io.write_json(out / "rl" / "state.json", {"step": step}, durable=True)  # commit point: every expert has `step`
 
     start = 0
     state_file = out / "rl" / "state.json"
