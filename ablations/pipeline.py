@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -156,18 +158,40 @@ def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str
             if live:
                 ex.update_parameters(dependency="afterok:" + ":".join(live))
             submitted = []
-            try:
-                with ex.batch():  # one sbatch --array for the group (a plain job for a group of one)
-                    for job in group:
-                        submitted.append((job, ex.submit(_callable(job))))
-            except submitit.core.utils.FailedJobError as e:  # sbatch's own words; what went before is recorded
-                raise SchedulerError(f"sbatch refused {name} ({len(group)} job(s)): {' '.join(str(e).split())[:600]}. "
-                                     f"The jobs submitted before it are recorded: once SLURM takes jobs, the same "
-                                     f"command submits only the rest") from None
-            for job, sj in submitted:
-                ledger.record(job.key, "slurm", sj, root / "logs")
-                states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr), submitted=True)
+            with held_signals():  # sbatch and the record of what it took, whole
+                try:
+                    with ex.batch():  # one sbatch --array for the group (a plain job for a group of one)
+                        for job in group:
+                            submitted.append((job, ex.submit(_callable(job))))
+                except submitit.core.utils.FailedJobError as e:  # sbatch's own words; what went before is recorded
+                    raise SchedulerError(f"sbatch refused {name} ({len(group)} job(s)): "
+                                         f"{' '.join(str(e).split())[:600]}. The jobs submitted before it are "
+                                         f"recorded: once SLURM takes jobs, the same command submits only the "
+                                         f"rest") from None
+                for job, sj in submitted:
+                    ledger.record(job.key, "slurm", sj, root / "logs")
+                    states[job.key] = JobState(job.key, "PENDING", str(sj.job_id), str(sj.paths.stderr),
+                                               submitted=True)
     return states
+
+
+@contextlib.contextmanager
+def held_signals(signums=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+    """Ctrl-C, SIGTERM and a lost login session (SIGHUP) wait until the body is done, then act as before: a launcher
+    stopped between sbatch and the ledger's record left jobs SLURM runs but no one knows of, submitted again by
+    the next launcher. (sbatch itself, a new program, gets them as usual: stopped, it submits nothing.)"""
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's to set
+        yield
+        return
+    got = []
+    before = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if got:
+            signal.raise_signal(got[0])
 
 
 def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel: int,

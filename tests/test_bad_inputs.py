@@ -373,6 +373,23 @@ def test_a_second_launcher_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
                                                f"start b {third.pid}", f"end b {third.pid}"]
 
 
+def test_a_stop_waits_for_the_submission_and_its_record():
+    """A launcher stopped between sbatch and the ledger's record left jobs SLURM runs that no one knew of: the next
+    launcher submitted them again. The signal now acts once the record is written."""
+    from ablations.pipeline import held_signals
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with held_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            seen.append("recorded")
+        assert seen == ["recorded", signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_waiting_lock_waits_for_its_holder_and_says_who(tmp_path, monkeypatch, caplog):
     """The probes' one-time preparation of the demo set (analysis.prepared.resolve) waits for another probe
     preparing it, rather than preparing into the same folder at once or refusing."""
