@@ -181,7 +181,7 @@ def record_card(gen_dir: Path) -> dict:
     if not (gen_dir / RECORD).is_file():
         return {}
     record = read_json(gen_dir / RECORD, f"delete it if {gen_dir}'s clips were not made by this harness")
-    return {k: v for k, v in {"run_dir": record.get("run_dir"),
+    return {k: v for k, v in {"run_dir": record.get("run_dir"), "made_by": record.get("made_by"),
                               "weights_sha256": (record.get("settings") or {}).get("weights_sha256"),
                               "frontends_weights": record.get("frontends_weights"),
                               "code_version": record.get("code_version")}.items() if v}

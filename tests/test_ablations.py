@@ -530,6 +530,10 @@ def test_demo_table_runs_end_to_end_with_calibration_rows_then_submits_nothing(g
         assert "pending" not in calib and "failed" not in calib
         assert all(math.isfinite(float(v)) for v in calib.split("|")[4:7])  # FD, ISC, CLAP computed
     assert (grid_out / "demo" / "figures" / "table6.png").stat().st_size > 0
+    for kind in ("oracle", "chance"):  # each calibration card says what made its clips
+        (res,) = (grid_out / "demo" / "calibration").glob(f"*/{kind}/results.json")
+        made = json.loads(res.read_text())["card"]["generated"]
+        assert made["made_by"] == f"calibration row {kind}" and made["frontends_weights"] == {"codec": "demo"}
     assert main(args) == 0  # idempotent: everything is done
     assert "submitted 0 job(s)" in capsys.readouterr().out
     md = (grid_out / "demo" / "tables" / "table6.md").read_text()  # as the second run rewrote it
