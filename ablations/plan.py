@@ -163,10 +163,6 @@ def _data_keys(cfg: dict, keep: tuple[str, ...] = ()) -> dict:
     return keys
 
 
-def data_id(cfg: dict) -> str:
-    return cell_id(_data_keys(cfg))
-
-
 def data_dir(cfg: dict, root: Path) -> Path:
     """Where a cell's data is prepared (its name is the data id, or the id it had before 2026-12-06)."""
     return _folder(root / "data", _data_keys(cfg), _data_keys(cfg, NOT_TRAINING))

@@ -27,10 +27,9 @@ SCALES: dict[str, dict[str, Any]] = {
         "weights": "demo",
         "data.source": "demo", "data.demo_train": N_TRAIN, "data.demo_test": N_TEST,  # clips per class
         # 300 steps at a tiny model's learning rate, held (wsd) until the last 60 steps: a cosine lowers it
-        # while layer 1's CE is still leaving its plateau (docs/demo/notes.md, The schedule). Batch 6: with the
-        # demo files committed on 2026-12-05 it brings every row's layer-1 CE 2 nats below ln 1024 in three
-        # seeds, where batch 4 left the single 1-12 model at 1.89-1.96; the grid took 4-16% longer by the kind;
-        # batch 8 took the README's command over 10 minutes on CI's slower kind (docs/demo/notes.md, Batch 6).
+        # while layer 1's CE is still leaving its plateau (docs/demo/notes.md, The schedule). Batch 6: of 4, 6
+        # and 8 the smallest that brings every row's layer-1 CE 2 nats below ln 1024 in three seeds; batch 8
+        # takes the README's command over 10 minutes on slower kinds (docs/demo/notes.md, Batch 6).
         "train.steps": 300, "train.batch_size": 6, "train.crop_s": 1.0, "train.warmup_steps": 20,
         "train.lr": 3e-3, "train.min_lr": 3e-4, "train.schedule": "wsd",
         "train.log_every": 10, "train.val_every": 0, "train.ckpt_every": 100, "train.num_workers": 0,

@@ -91,8 +91,7 @@ def demo_networks() -> None:
 def cuda_visible() -> bool:
     """Whether torch sees a CUDA device here. Then no server runs (``server``): a process forked after its
     parent initialised CUDA cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess"), and the
-    server's preload does (on an H200, 2026-12-04, every job that moved a network to the GPU failed so,
-    prepare with its default device=auto among them). Asked in the launcher, which starts the server and the
+    server's preload does. Asked in the launcher, which starts the server and the
     cold jobs with fork + exec, never a bare fork."""
     import torch
 

@@ -62,12 +62,6 @@ def metrics_phrase(label: str) -> str:
     return weights_phrase("metric", "random" if label.startswith("random") else label)
 
 
-def read_metric(results: str | Path, key: str) -> float | None:
-    """``key`` of a results.json (a file, or a folder holding one); None when the file or the key is absent."""
-    res = read_results(results)
-    return None if res is None else metric_of(res, key)
-
-
 def weights_note(run_dir: str | Path) -> str:
     """A figure's note on the weights a run was made with (run_dir/config.json): "codec and text: demo weights
     (trained on the embedded set)", "RANDOM codec weights", ... naming each mode once; "weights unknown (...)"

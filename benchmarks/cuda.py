@@ -17,7 +17,7 @@ nor evaluation turns on).
    torch's FlopCounterMode (benchmarks.train), / step time / peak bf16 FLOP/s. Code tokens/s = frames/s x the
    m RVQ layers the expert predicts (2 for 6-2).
 2. ``generate``: the whole 6-2 CollaborativeModel at ``scale`` in fp32, as ``siren.load`` gives it to eval's
-   sampler (``siren.sample.generate_with_info``; bf16 weights here until 2026-12-06), batch ``gen_batch`` x
+   sampler (``siren.sample.generate_with_info``), batch ``gen_batch`` x
    ``gen_s`` seconds, KV caches, random text states [B, text_tokens, 768]; then ``siren.codec.Codec``
    (weights=random: the full DAC 16 kHz architecture, fp32) decodes the codes. One untimed run of each first
    (lazy CUDA init; the decoder's at the timed shape). Real-time factor = audio seconds / wall seconds. Without
@@ -59,7 +59,7 @@ class CudaBenchConfig:
     out: str = ""  # JSON file for all results (written after each section); empty = none
     seed: int = 0
     text_tokens: int = 32  # L of the random text states [B, L, 768]
-    train_batch: int = 24  # appendix B: 24 clips per GPU (16 x 10 s until 2026-12-06)
+    train_batch: int = 24  # appendix B: 24 clips per GPU
     train_s: float = 6.0  # crop length of a training row (appendix B: 6 s): frames = 50 * train_s
     train_steps: int = 10  # timed steps, after one warm-up step
     peak_tflops: float = 0.0  # 0: $SIREN_PEAK_TFLOPS, else benchmarks.train's table by GPU name

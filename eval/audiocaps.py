@@ -54,8 +54,8 @@ class EvalConfig:
     ckpt: str = ""  # a run directory (siren.load): generate for every reference caption, then evaluate
     gen_dir: str = ""  # folder of generated <id>.wav
     ref: str = ""  # reference manifest, CSV or JSONL with columns id,audio,caption; "demo": the demo test split
-    out: str = ""  # results folder; default: <gen_dir>_eval beside gen_dir
-    name: str = ""  # system name in the printed row; default: the gen_dir folder name
+    out: str = ""  # results folder; default: <ckpt>/eval, or <gen_dir>_eval beside gen_dir
+    name: str = ""  # system name in the printed row; default: the ckpt's or gen_dir's folder name
     # pretrained | demo (trained on the embedded set, siren.demo_assets) | random (seeded smoke-test backbones);
     # anything but pretrained is flagged in every card and table
     weights: str = "pretrained"
@@ -226,9 +226,9 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
             g, sg = embed_clips(clap, gen, cache, cfg.batch_size, "clap gen")
             text, st = embed_texts(clap, captions, cache)
             cache_stats["clap"] = {"hits": sg.hits + st.hits, "computed": sg.computed + st.computed}
-            cos = M.clap_cosine(text, np.stack([e["audio"] for e in g]))
-            values["clap"] = float(100.0 * cos.mean())
-            per_clip["clap_cosine"] = cos.tolist()
+            audio = np.stack([e["audio"] for e in g])
+            values["clap"] = M.clap_score(text, audio)
+            per_clip["clap_cosine"] = M.clap_cosine(text, audio).tolist()
     caught = sorted({str(x.message) for x in w if issubclass(x.category, M.FewSamplesWarning)})
     for msg in caught:  # kept in results.json too
         log.warning(msg)

@@ -109,7 +109,7 @@ def frechet_distance_from_embeddings(a: np.ndarray, b: np.ndarray, rtol: float =
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"embedding dimensions differ: {a.shape[1]} vs {b.shape[1]}")
     if min(a.shape[0], b.shape[0]) > a.shape[1]:
-        return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False), rtol)
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b), rtol)
     mu1, mu2 = a.mean(0), b.mean(0)
     x, y = (a - mu1) / np.sqrt(a.shape[0] - 1), (b - mu2) / np.sqrt(b.shape[0] - 1)
     s = np.linalg.svd(x @ y.T, compute_uv=False)

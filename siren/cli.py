@@ -38,8 +38,8 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler._siren = True
         root.addHandler(handler)
     root.setLevel(logging.WARNING)  # other libraries (matplotlib's font subsetting, ...): warnings only
-    # submitit gives its logger two handlers of its own when imported (stdout, and stderr for warnings): with ours
-    # its warnings came three times (once per job on a status without sacct); now once, in the one format
+    # submitit gives its logger two handlers of its own when imported (stdout, and stderr for warnings): cleared,
+    # so each of its warnings prints once, in our format
     logging.getLogger("submitit").handlers.clear()
     # "__main__": the module run by `python -m siren.x` logs under that name, not under its package's
     for name in (*PACKAGES, "__main__"):

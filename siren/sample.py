@@ -38,9 +38,9 @@ class SampleConfig:
     diffusion_steps: int = 0
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN passed '< 0'; inf drew uniformly
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails no '< 0' test; inf: uniform
             raise ConfigError(f"sample.temperature must be a finite number >= 0, got {self.temperature}")
-        if 0 < self.temperature < MIN_TEMPERATURE:  # 1e-39: logits / T overflowed, a torch.multinomial traceback
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows float32 (inf, NaN probabilities)
             raise ConfigError(f"sample.temperature={self.temperature:g}: below {MIN_TEMPERATURE:g} sampling is argmax "
                               f"up to float overflow; give 0 for greedy decoding")
         if self.top_k < 0:

@@ -282,11 +282,12 @@ def test_a_row_names_its_failed_data_job_and_a_bad_training_log(tmp_path):
     row's own "failed" with the reason."""
     from ablations.ledger import JobState
     from ablations.outcomes import outcome
-    from ablations.plan import data_id, stage1_dir
+    from ablations.plan import data_dir, stage1_dir
 
     run = parse(["grid=table6", "rows=1-12", f"out={tmp_path}"])
     grid, cell = load_grid("table6"), cells_of(load_grid("table6"), run)[0]
-    states = {f"data-{data_id(cell.cfg)}": JobState(f"data-{data_id(cell.cfg)}", "FAILED", log="prepare.log"),
+    did = data_dir(cell.cfg, run.root).name
+    states = {f"data-{did}": JobState(f"data-{did}", "FAILED", log="prepare.log"),
               f"{cell.id}/eval": JobState(f"{cell.id}/eval", "BLOCKED")}
     got = outcome(cell, grid, run, states)
     assert got.status == "failed" and "prepare.log" in got.reason
@@ -363,7 +364,7 @@ def test_a_job_stopped_after_checkpointing_is_interrupted_not_failed(tmp_path):
 def test_a_manifest_edited_in_place_is_other_data(tmp_path):
     """Cells were identified by the manifests' paths: after an edit of train.csv a re-run found prepare's and
     every cell's done markers and reused the old data's results. The manifests' contents are in the ids now."""
-    from ablations.plan import data_id
+    from ablations.plan import data_dir
 
     for name in ("train", "test", "prompts"):
         (tmp_path / f"{name}.csv").write_text("id,audio,caption\na,a.wav,a dog barks\n")
@@ -371,7 +372,7 @@ def test_a_manifest_edited_in_place_is_other_data(tmp_path):
 
     def ids():
         cell = cells_of(load_grid("table6"), parse(["grid=table6", "scale=paper", "rows=1-12", *sets]))[0]
-        return cell.id, data_id(cell.cfg)
+        return cell.id, data_dir(cell.cfg, tmp_path).name
 
     before = ids()
     assert ids() == before
@@ -414,15 +415,15 @@ def test_a_new_test_set_or_subset_reevaluates_without_training_again(tmp_path):
     assert stage1_dir(cell, run).name == former
 
 
-def test_calibration_rows_follow_the_evaluation_protocol():
+def test_calibration_rows_follow_the_evaluation_protocol(tmp_path):
     """They are scored by the cells' eval.* settings: `set.eval.seconds=2` re-ran the model rows but kept
     the old protocol's calibration rows beside them. The model's generation batch is not theirs. And the data
     id covers the crop length prepare scores (a filtered run reused a prepare without those scores)."""
-    from ablations.plan import calibration_id, data_id
+    from ablations.plan import calibration_id, data_dir
 
     def ids(*sets):
         cell = cells_of(load_grid("table6"), parse(["grid=table6", "rows=1-12", *sets]))[0]
-        return data_id(cell.cfg), calibration_id(cell.cfg)
+        return data_dir(cell.cfg, tmp_path).name, calibration_id(cell.cfg)
 
     base = ids()
     assert ids("set.eval.gen_batch_size=8") == base

@@ -28,7 +28,7 @@ from analysis import (
 )
 from analysis.cli import as_list, int_list
 from analysis.cli import main as probe_main  # what python -m analysis.<probe> runs
-from analysis.logs import read_jsonl, read_metric, weights_note
+from analysis.logs import metric_of, read_jsonl, read_results, weights_note
 from siren.config import load_config
 from siren.errors import ConfigError, DataError
 from tests.fixtures_analysis import prepare_demo, tiny_run  # noqa: F401
@@ -234,8 +234,8 @@ def test_corrupt_log_line_is_named(tmp_path):
     with pytest.raises(DataError, match="log.jsonl:2"):
         read_jsonl(p)
     (tmp_path / "results.json").write_text(json.dumps({"metrics": {"fd": 12.5, "clap": 24.1}, "fd": 99}))
-    assert read_metric(tmp_path, "fd") == 12.5 and read_metric(tmp_path, "FD") is None
-    assert read_metric(tmp_path / "nothing", "fd") is None
+    assert metric_of(read_results(tmp_path), "fd") == 12.5 and metric_of(read_results(tmp_path), "FD") is None
+    assert read_results(tmp_path / "nothing") is None
 
 
 def test_rvq_depth_reads_generation_fd_by_default(tmp_path, caplog):

@@ -1348,14 +1348,14 @@ def test_task_vectors_reference_step_without_a_checkpoint_lists_the_steps_kept(t
 def test_a_results_json_that_is_not_json_is_named(tmp_path):
     """reward_curves results=FILE (or rvq_depth gen_runs=, after decoding every clip) with a file that is not a
     JSON object ended in a JSONDecodeError (or AttributeError) traceback."""
-    from analysis.logs import read_metric
+    from analysis.logs import read_results
 
     for name, text in (("results.json", "FD 1.2\n"), ("list.json", "[1, 2]\n"), ("half.json", '{"metrics": {')):
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=rf"{name}: not an eval results\.json"):
-            read_metric(tmp_path / name, "fd")
+            read_results(tmp_path / name)
     with pytest.raises(DataError, match=r"results\.json: not an eval results\.json"):
-        read_metric(tmp_path, "fd")  # a folder: its results.json
+        read_results(tmp_path)  # a folder: its results.json
     from analysis.rvq_depth import RvqDepthConfig, run
     from siren.config import load_config
 

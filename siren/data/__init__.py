@@ -2,7 +2,7 @@
 
     python -m siren.data.demo out=DIR                  # the embedded demo set (15 synthetic classes)
     python -m siren.data.prepare manifest=... out=...  # cache codes + text states, index per split
-    siren.data.make_loader(prepared_dir, "train", batch_size=8, crop_s=6.0, shuffle=True, seed=0)
+    siren.data.PreparedDataset(prepared_dir, "train", crop_s=6.0)  # what training reads (siren.data.stage1)
 """
 from siren.data.dataset import PreparedDataset, make_loader
 from siren.errors import DataError

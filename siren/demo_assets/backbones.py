@@ -19,9 +19,8 @@ trains or measures only small parts, the ones committed under ``files/``:
   init, 200 steps left the embedding mostly the init's random projection. Measured on the test
   split, seeds 0/1/2 of freshly drawn fc1 and head (not Cnn14's own seeded ones, hence the
   file's other number below) trained on cached trunk features of this recipe's clips (FD ratio =
-  FD(references, oracle) / FD(references, chance), on the Table 6 calibration rows' audio; all with
-  the codec committed until 2026-12-05 before its stage 4, whose annealed decoder then brought that file's ratio
-  to 0.454; the files of 5f709ff gave 0.363, those committed since (dropout seeded in ``fit``) 0.334):
+  FD(references, oracle) / FD(references, chance), on the Table 6 calibration rows' audio; all with an earlier
+  demo codec, so the ratios are above the committed files' 0.334; docs/demo/codec.md has each file's):
 
   | fc1 init | steps | accuracy original | accuracy resynthesised | FD ratio |
   |---|---|---|---|---|

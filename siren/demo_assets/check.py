@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from eval.audio import make_clip
-from eval.metrics import clap_cosine, frechet_distance_from_embeddings, inception_score
+from eval.metrics import clap_score, frechet_distance_from_embeddings, inception_score
 from siren import demo_weights
 from siren.codec import DEMO_FILE
 from siren.config import check_numbers, load_config
@@ -80,7 +80,7 @@ def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0, only: str
         audio, text = np.stack(_embed(clap, d.wavs, "audio")), clap.embed_text(d.captions)
         other = d.labels[:, None] != d.labels[None]
         unit = [e / np.linalg.norm(e, axis=1, keepdims=True) for e in (audio, text)]
-        out[f"clap_test_{src}"] = {"clap_score_matched": 100 * float(clap_cosine(text, audio).mean()),
+        out[f"clap_test_{src}"] = {"clap_score_matched": clap_score(text, audio),
                                    "clap_score_other_class": 100 * float((unit[0] @ unit[1].T)[other].mean())}
     return out
 

@@ -262,7 +262,7 @@ def build(cfg: CodecRecipe) -> dict:
 
     Stages 3 and 4 always start from a stored file, the stage-2 and stage-3 files of the work folder
     (or ``init=``): so one run from scratch, a run stopped and resumed, and a chain of separate runs
-    (as the codec committed until 2026-12-05 was built, docs/demo/codec.md) run the same code on the same bits."""
+    (docs/demo/codec.md) run the same code on the same bits."""
     import dac
 
     torch.set_num_threads(cfg.threads)

@@ -94,7 +94,7 @@ class AlignResult:
 
 
 def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpoint], prompts: Sequence[str],
-          encode_text: Callable, reward, codec=None, handle_signals: bool = True) -> AlignResult:
+          encode_text: Callable, reward, codec=None) -> AlignResult:
     """Run stage 2 from the stage-1 ``model`` into ``cfg.out`` (prepared by ``prepare_out``),
     resuming from ``out/rl/state.json`` when present."""
     out = Path(cfg.out)
@@ -161,7 +161,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
         return float(ro.rewards.mean())
 
     result = None
-    with stop_on_signal(handle_signals) as stop, RunLog(out / "rl", start) as runlog, \
+    with stop_on_signal() as stop, RunLog(out / "rl", start) as runlog, \
             tqdm(total=cfg.steps, initial=start, desc=f"align {cfg.method} experts {trainable}",
                  dynamic_ncols=True) as bar:
         # the fixed prompts' reward at the step resumed from, unless the log kept it: step 0 at the start (a run

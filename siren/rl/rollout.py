@@ -35,11 +35,6 @@ def trainable_experts(n_experts: int, align: str, n: int) -> list[int]:
     return list(range(n)) if align == "anti_causal" else list(range(n_experts - n, n_experts))
 
 
-def action_layers(model: CollaborativeModel, experts: Sequence[int]) -> list[int]:
-    """The RVQ layers whose codes are actions: those owned by the trainable experts, in order."""
-    return [j for k in experts for j in model.experts[k].layers]
-
-
 def action_logprobs(experts: Sequence[Expert], codes: Tensor, text: Tensor, text_mask: Tensor,
                     temperature: float) -> Tensor:
     """log pi(q_t^j | q_<t, c, q_t^<j) of the codes in ``codes`` for every layer owned by

@@ -92,7 +92,7 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
         if k in trainable:
             continue
         edir = ckpt.expert_dir(out, k)
-        if edir.is_symlink():  # rmtree left it, and the frozen expert was then written into the link's target
+        if edir.is_symlink():  # rmtree refuses a link: unlinked, or the frozen expert is written into its target
             edir.unlink()
         shutil.rmtree(edir, ignore_errors=True)
         _link_tree(c.path, edir / c.path.name, cfg.link)
