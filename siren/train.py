@@ -40,6 +40,7 @@ from siren.lock import hold
 from siren.model import Expert, ExpertLoss
 from siren.model.continuous import ContinuousLM, ContinuousLoss
 from siren.run_dir import write_run_config
+from siren.run_record import check_resumable, run_config, train_digest
 from siren.runtime import (
     EXIT_PREEMPTED,
     Dist,
@@ -59,31 +60,15 @@ from siren.runtime import (
 )
 from siren.train_config import (
     PAPER_GEN_FRAMES,
-    RESUMABLE_CHANGES,
     Stage1Config,
     TrainConfig,
     parse,
-    saved_train,
 )
 
 __all__ = ["EXIT_PREEMPTED", "Stage1Config", "Stage1Data", "TrainConfig", "parse", "read_log", "train", "main"]
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- the model family
-
-def model_entry(cfg: Stage1Config, data: Stage1Data) -> dict:
-    """The model's config as a run records it; a continuous model's token width and latent id come from the data."""
-    if cfg.family == "discrete":
-        return to_dict(cfg.model)
-    proj, c = data.projection, cfg.continuous
-    if proj is None:
-        raise ConfigError("family=continuous needs data with a latent projection (python -m siren.data.latents)")
-    if c.token_dim != proj.dim or (c.latent and c.latent != proj.id):
-        raise ConfigError(f"continuous.token_dim={c.token_dim}, continuous.latent='{c.latent}' but the data's "
-                          f"latent projection is {proj.id} of width {proj.dim}; set continuous.token_dim={proj.dim} "
-                          f"or prepare latents of width {c.token_dim}")
-    return {"family": "continuous", **to_dict(dataclasses.replace(c, latent=proj.id))}
-
 
 def build_model(cfg: Stage1Config, data: Stage1Data) -> Expert | ContinuousLM:
     if cfg.family == "discrete":
@@ -230,37 +215,6 @@ class TrainResult:
     status: str  # "finished" | "preempted"
     step: int
     checkpoint: Path | None
-
-
-def run_config(cfg: Stage1Config, data: Stage1Data) -> dict:
-    """What every expert of a run shares: run_dir/config.json (model, codec and text encoder with their configs)."""
-    return {"model": model_entry(cfg, data), "codec": data.codec, "text": data.text}
-
-
-def train_digest(data: Stage1Data) -> str | None:
-    """The train split's ``PreparedDataset.digest`` (None for datasets made in code, as the tests' synthetic ones)."""
-    return getattr(data.train, "digest", None)
-
-
-def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, world: int) -> None:
-    """The checkpoint must be of this expert of this model, trained with this train config (bookkeeping keys
-    aside), on this train split and number of processes; the error names every differing key."""
-    where = f"checkpoint {last.path}"
-    saved, now = last.state.get("data", {}).get("train"), train_digest(data)  # recorded since 2026-12-06
-    if None not in (saved, now) and saved != now:
-        raise ConfigError(f"{where} was trained on another train split (items {saved}) than {cfg.data_dir}'s "
-                          f"({now}): prepared again since, or another data_dir. Set data_dir back to the data it "
-                          f"trained on, or use another run_dir")
-    if last.state.get("world_size", world) != world:  # train.batch_size is per process: the global batch would change
-        raise ConfigError(f"{where} was trained on {last.state['world_size']} processes, this run has {world}: the "
-                          f"global batch (train.batch_size x processes) would change mid-run. Resume with "
-                          f"{last.state['world_size']} processes (torchrun --nproc_per_node), or use another run_dir")
-    ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
-                      {"model": model_entry(cfg, data), "expert": cfg.expert}, where,
-                      fix="Use another run_dir, or set these keys back.")
-    ckpt.check_config({"train": saved_train(last.state)}, {"train": to_dict(cfg.train)}, where,
-                      ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
-                      fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
 
 
 def resume(last: ckpt.Checkpoint, model: Expert | ContinuousLM, opt: torch.optim.Optimizer, ranks: Dist,
