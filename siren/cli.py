@@ -63,6 +63,21 @@ def run(main: Callable[[list[str]], int | None], schema: type | None = None, doc
     sys.exit(call(main, argv, schema, doc))
 
 
+def own_words(e: Exception) -> str:
+    """An error's message; one raised in a DataLoader worker comes back re-raised by type with the worker's
+    traceback as its message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."): its own
+    words are those after the traceback's last "<module>.<Class>: "."""
+    text = str(e)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        head, sep, rest = lines[i].partition(": ")
+        if sep and head.rsplit(".", 1)[-1] == type(e).__name__:
+            return "\n".join([rest, *lines[i + 1:]])
+    return text
+
+
 def call(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, schema: type | None = None,
          doc: str | None = None) -> int:
     """``run`` without the exit: the command's exit code (for entry points that return one)."""
@@ -74,7 +89,7 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = N
     try:
         code = main(argv)
     except SirenError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {own_words(e)}", file=sys.stderr)
         code = EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): what was checkpointed or written is kept; run the same command again to "

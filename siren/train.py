@@ -34,6 +34,7 @@ from siren import checkpoint as ckpt
 from siren.config import to_dict
 from siren.data.sampler import epoch_loader
 from siren.data.stage1 import Stage1Data
+from siren.demo_weights import mode_words
 from siren.errors import ConfigError, NonFiniteError
 from siren.io import save_tensors
 from siren.lock import hold
@@ -285,9 +286,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
             warn_other_device(last.state.get("device_type"), device, f"expert {k}")
     start = state["step"]
     if ranks.main:  # what the log of a run says it was made with (its config.json says so too)
-        modes = {w: (getattr(data, w) or {}).get("weights", "not recorded") for w in ("codec", "text")}
-        log.info("expert %d: codec %s, text %s weights; code %s", k, *(
-            "RANDOM" if m == "random" else m for m in modes.values()), code_version())
+        modes = {w: (getattr(data, w) or {}).get("weights", "weights not recorded") for w in ("codec", "text")}
+        log.info("expert %d: codec: %s; text: %s; code %s", k, *map(mode_words, modes.values()), code_version())
     trained = getattr(data.train, "max_frames", None)  # the longest sequence this expert sees
     crop = getattr(data.train, "crop", None)
     if ranks.main and crop and trained is not None and crop > trained:

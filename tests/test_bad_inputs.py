@@ -1410,3 +1410,22 @@ def test_a_permission_error_is_one_line_that_does_not_assume_a_write(tmp_path, c
     assert "writing" not in err and "free space" not in err
     assert cli.call(full, []) == 2
     assert f"No space left on device writing {tmp_path / 'o.wav'}; free space" in capsys.readouterr().err
+
+
+def test_an_error_from_a_dataloader_worker_is_one_line(capsys):
+    """A damaged prepared file read in a DataLoader worker came back as torch re-raises it: the same DataError
+    class with the worker's whole traceback as its message, 20 lines under "error:". Now its own words."""
+    from torch._utils import ExceptionWrapper
+
+    from siren import cli
+
+    def main(argv):
+        try:
+            raise DataError("/x/codes.safetensors: a damaged or missing prepared file; run prepare again")
+        except DataError:
+            wrapped = ExceptionWrapper(where="in DataLoader worker process 0")  # what a worker sends back
+        wrapped.reraise()
+
+    assert cli.call(main, []) == 2
+    assert capsys.readouterr().err == ("error: /x/codes.safetensors: a damaged or missing prepared file; run "
+                                       "prepare again\n")

@@ -41,6 +41,7 @@ import torch
 from siren import checkpoint as ckpt
 from siren import io
 from siren.config import to_dict
+from siren.demo_weights import mode_words
 from siren.errors import ConfigError
 from siren.lock import hold
 from siren.model import CollaborativeModel
@@ -259,8 +260,8 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
            # the prompts themselves: batches are drawn by step from this list, so a resume on an edited file
            # would train on other batches under one run's name
            "prompts_sha256": io.sha256("\n".join(prompts))}
-    log.info("stage 2 into %s: %s weights; code %s", cfg.out,
-             ", ".join(f"{k} {'RANDOM' if v == 'random' else v}" for k, v in labels.items()), code_version())
+    log.info("stage 2 into %s: %s; code %s", cfg.out,
+             "; ".join(f"{k}: {mode_words(v)}" for k, v in labels.items()), code_version())
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
 
