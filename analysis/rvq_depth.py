@@ -83,7 +83,7 @@ def decode_depths(codec, codes: torch.Tensor, depths: list[int]) -> torch.Tensor
     return torch.nn.functional.pad(wav, (0, max(0, n - wav.shape[-1])))[:, :n].cpu()
 
 
-def decode_latent(codec, wav: torch.Tensor) -> torch.Tensor:
+def decode_unquantized(codec, wav: torch.Tensor) -> torch.Tensor:
     """wav [N] -> the decoder's output for the encoder's unquantized latent (no RVQ): the decoder's ceiling."""
     from siren.model.continuous.latent import dac_latent
 
@@ -206,7 +206,7 @@ def run(cfg: RvqDepthConfig) -> list:
             continue
         for r, est in zip(depths, decode_depths(codec, codes, depths)[:, : ref.shape[-1]]):
             per_clip.append(dict(id=items.ids[n], r=r, **measures(ref, est)))
-        ceiling.append(measures(ref, decode_latent(codec, ref)))
+        ceiling.append(measures(ref, decode_unquantized(codec, ref)))
     if short:
         log.warning("%d clip(s) of %d left out: at most %d samples of audio, too short for the %d-point STFT: %s",
                     len(short), len(items.codes), N_FFT // 2, N_FFT, ", ".join(short[:10]))

@@ -213,12 +213,12 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
                         f"{record['captions'].get(changed[0])!r} there, {captions[changed[0]]!r} now)")
         moved = [i for i in existing if batch_of and i in record.get("batch_of", {})
                  and record["batch_of"][i] != batch_of[i]]
-        if moved:  # recorded since 2026-12-07
+        if moved:  # a record before 2026-12-07 has no batch_of: nothing moved
             was, now = record["batch_of"][moved[0]], batch_of[moved[0]]
             diff.append(f"{len(moved)} clip(s) made in another batch of the set (e.g. {moved[0]}: in the batch at "
                         f"position {was[0]} of {was[1]} clip(s) there, at {now[0]} of {now[1]} now, or with other "
                         f"companions: another subset= or order)")
-        if "sha256" in record:  # recorded since 2026-12-06
+        if "sha256" in record:  # a record before 2026-12-06 has none: its clips are taken as found
             edited = [i for i, p in existing.items() if record["sha256"].get(i) != sha256_file(p)]
             if edited:
                 diff.append(f"{len(edited)} clip(s) not the bytes generated (e.g. {existing[edited[0]]}: replaced or "

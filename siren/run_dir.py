@@ -124,7 +124,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
             problems.append(f"expert {k}: unfinished, latest checkpoint {c.path.name} is step {c.step} of "
                             f"{of} (resume its training, or pass allow_unfinished=True)")
         found[k] = c
-    data = {k: c.state.get("data", {}).get("train") for k, c in found.items()}  # recorded since 2026-12-06
+    data = {k: c.state.get("data", {}).get("train") for k, c in found.items()}  # None before 2026-12-06: skipped
     if len({d for d in data.values() if d}) > 1:  # one expert trained again on another data_dir loaded silently
         problems.append("the experts were trained on different train splits (digest of the items each read): "
                         + ", ".join(f"expert {k} {d}" for k, d in data.items() if d)

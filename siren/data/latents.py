@@ -149,7 +149,7 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
         raise DataError(f"{pointer}: the projection was fitted on codec {record.get('codec')}'s latents, but {out} is "
                         f"now prepared with {codec_id}; {fix}")
     digest = _train_digest(_entries(Path(out), "train"))
-    if record.get("train", digest) != digest:  # recorded since 2026-12-06
+    if record.get("train", digest) != digest:  # a record before 2026-12-06 has none: taken to match
         raise DataError(f"{pointer}: the projection was fitted on another train split than {out}'s (prepared again "
                         f"since); {fix}")
     pid = record["id"]
