@@ -407,6 +407,19 @@ def test_a_damaged_cache_entry_is_encoded_again_and_named_where_read(tmp_path, c
         ds.text(0)
 
 
+def test_a_second_prepare_of_one_shard_is_refused(tmp_path, codec, text_encoder):
+    """Two prepares of one shard (the same job submitted twice, a wrong shard= on an array) each deleted and
+    rewrote the shard's record under the other; now the second is refused, naming the first."""
+    from siren.lock import LockHeld, hold
+
+    m = tiny_set(tmp_path / "src", n=2)
+    lock = tmp_path / "out" / "splits" / "manifest.shards" / "shard-0-of-1.lock"
+    with hold(lock, "prepare of manifest shard 0 of 1", "wait"):
+        with pytest.raises(LockHeld, match=r"shard-0-of-1\.lock: held by prepare of manifest shard 0 of 1 "):
+            run(m, tmp_path / "out", codec, text_encoder)
+    assert run(m, tmp_path / "out", codec, text_encoder).codes_encoded == 2  # then it runs
+
+
 def test_codec_change_reencodes_everything(tmp_path, codec, text_encoder):
     m = tiny_set(tmp_path / "src", n=2)
     run(m, tmp_path / "out", codec, text_encoder)

@@ -40,6 +40,7 @@ from siren.data.manifest import Row, read_manifest
 from siren.demo_weights import LABEL
 from siren.errors import DataError
 from siren.io import check_folder, sha256, version, write_json
+from siren.lock import hold
 from siren.runtime import check_device
 from siren.text import TextConfig
 
@@ -113,96 +114,100 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
     t0, out = time.perf_counter(), Path(out)
     mine = shard_rows(rows, num_shards, shard)
     rep = PrepareReport(split, rows=len(mine))
-    # A failed run must not leave an older record of this shard for the index step to merge.
-    shard_path(out, split, shard, num_shards).unlink(missing_ok=True)
+    # one writer per shard: a second (the same job twice, a wrong shard= on an array) deleted this one's record
+    with hold(shard_path(out, split, shard, num_shards).with_suffix(".lock"), f"prepare of {split} shard {shard} of "
+              f"{num_shards}", "wait for it to finish (the shards of one run take shard=0..num_shards-1)"):
+        # A failed run must not leave an older record of this shard for the index step to merge.
+        shard_path(out, split, shard, num_shards).unlink(missing_ok=True)
 
-    # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
-    sha, keys, todo, bad, source = {}, {}, {}, {}, {}
-    for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
-        try:
-            with open(row.audio, "rb") as fh:
-                data, st = fh.read(), os.fstat(fh.fileno())
-        except FileNotFoundError:
-            bad[i] = f"{row.audio}: audio file not found (id {row.id})"
-            continue
-        except OSError as e:
-            bad[i] = f"{row.audio}: cannot read ({e.strerror}) (id {row.id})"
-            continue
-        h = sha256(data)
-        key = codes_key(h, audio.key(), codec.id)
-        sha[key], keys[i] = h, key
-        source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources
-        if key in todo or cached(cache_path(out, "codes", key)):
-            continue
-        try:
-            standardize(load_audio(row.audio, data), audio, row.audio)
-            todo[key] = row
-        except AudioError as e:
-            bad[i] = f"{e} (id {row.id})"
-    if bad and on_error == "stop":
-        raise DataError(f"{manifest or split}: {len(bad)} bad audio file(s) in shard {shard} of {num_shards} "
-                        f"(nothing encoded by this run; cached items kept). Fix or remove them, or pass "
-                        f"on_error=skip to leave them out (they are listed in the index):\n  "
-                        + "\n  ".join(bad.values()))
-    rep.bad = list(bad.values())
-    good = [(i, r) for i, r in mine if i not in bad]
+        # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
+        sha, keys, todo, bad, source = {}, {}, {}, {}, {}
+        for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
+            try:
+                with open(row.audio, "rb") as fh:
+                    data, st = fh.read(), os.fstat(fh.fileno())
+            except FileNotFoundError:
+                bad[i] = f"{row.audio}: audio file not found (id {row.id})"
+                continue
+            except OSError as e:
+                bad[i] = f"{row.audio}: cannot read ({e.strerror}) (id {row.id})"
+                continue
+            h = sha256(data)
+            key = codes_key(h, audio.key(), codec.id)
+            sha[key], keys[i] = h, key
+            source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources
+            if key in todo or cached(cache_path(out, "codes", key)):
+                continue
+            try:
+                standardize(load_audio(row.audio, data), audio, row.audio)
+                todo[key] = row
+            except AudioError as e:
+                bad[i] = f"{e} (id {row.id})"
+        if bad and on_error == "stop":
+            raise DataError(f"{manifest or split}: {len(bad)} bad audio file(s) in shard {shard} of {num_shards} "
+                            f"(nothing encoded by this run; cached items kept). Fix or remove them, or pass "
+                            f"on_error=skip to leave them out (they are listed in the index):\n  "
+                            + "\n  ".join(bad.values()))
+        rep.bad = list(bad.values())
+        good = [(i, r) for i, r in mine if i not in bad]
 
-    # 2. text states of the captions not cached yet.
-    tkeys = {i: text_key(r.caption, text_encoder.id, text_dtype) for i, r in good}
-    captions = {tkeys[i]: r.caption for i, r in good}
-    text_todo = {k: c for k, c in captions.items() if not cached(cache_path(out, "text", k))}
-    rep.text_encoded, rep.text_cached = len(text_todo), len(captions) - len(text_todo)
-    rep.codes_encoded, rep.codes_cached = len(todo), len({keys[i] for i, _ in good}) - len(todo)
-    if progress:
-        log.info("%s shard %d of %d: audio %d to encode, %d cached; captions %d to encode, %d cached", split, shard,
-                 num_shards, rep.codes_encoded, rep.codes_cached, rep.text_encoded, rep.text_cached)
-    t = time.perf_counter()
-    if text_todo:
-        encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
-    rep.text_seconds = time.perf_counter() - t
+        # 2. text states of the captions not cached yet.
+        tkeys = {i: text_key(r.caption, text_encoder.id, text_dtype) for i, r in good}
+        captions = {tkeys[i]: r.caption for i, r in good}
+        text_todo = {k: c for k, c in captions.items() if not cached(cache_path(out, "text", k))}
+        rep.text_encoded, rep.text_cached = len(text_todo), len(captions) - len(text_todo)
+        rep.codes_encoded, rep.codes_cached = len(todo), len({keys[i] for i, _ in good}) - len(todo)
+        if progress:
+            log.info("%s shard %d of %d: audio %d to encode, %d cached; captions %d to encode, %d cached", split, shard,
+                     num_shards, rep.codes_encoded, rep.codes_cached, rep.text_encoded, rep.text_cached)
+        t = time.perf_counter()
+        if text_todo:
+            encode_text(text_todo, out, text_encoder, text_dtype, text_batch_size, progress)
+        rep.text_seconds = time.perf_counter() - t
 
-    # 3. codes of the audio not cached yet (each file saved as soon as it is encoded).
-    t = time.perf_counter()
-    if todo:
-        rep.audio_seconds = encode_codes(todo, sha, out, codec, audio, batch_size, progress)
-    rep.codes_seconds = time.perf_counter() - t
+        # 3. codes of the audio not cached yet (each file saved as soon as it is encoded).
+        t = time.perf_counter()
+        if todo:
+            rep.audio_seconds = encode_codes(todo, sha, out, codec, audio, batch_size, progress)
+        rep.codes_seconds = time.perf_counter() - t
 
-    # 3b. the crop filter's table of CLAP similarities (appendix B), not cached yet.
-    crop_keys = {}
-    if crop_s > 0:
-        from siren.data.crops import frames_of
+        # 3b. the crop filter's table of CLAP similarities (appendix B), not cached yet.
+        crop_keys = {}
+        if crop_s > 0:
+            from siren.data.crops import frames_of
 
-        clap = getattr(text_encoder, "clap", None)
-        if clap is None:
-            raise DataError("crop_s > 0 needs the text encoder's CLAP model (siren.text.TextEncoder.clap)")
-        crop, step = frames_of(crop_s), frames_of(crop_step_s)
-        crop_keys = {i: crops_key(keys[i], r.caption, clap.id, crop, step) for i, r in good}
-        crop_todo = {crop_keys[i]: (r, keys[i], sha[keys[i]]) for i, r in good
-                     if not cached(cache_path(out, "crops", crop_keys[i]))}
-        if crop_todo:
-            t = time.perf_counter()
-            score_crop_tables(crop_todo, out, clap, audio, crop, step, progress)
-            rep.crops_scored, rep.crops_seconds = len(crop_todo), time.perf_counter() - t
+            clap = getattr(text_encoder, "clap", None)
+            if clap is None:
+                raise DataError("crop_s > 0 needs the text encoder's CLAP model (siren.text.TextEncoder.clap)")
+            crop, step = frames_of(crop_s), frames_of(crop_step_s)
+            crop_keys = {i: crops_key(keys[i], r.caption, clap.id, crop, step) for i, r in good}
+            crop_todo = {crop_keys[i]: (r, keys[i], sha[keys[i]]) for i, r in good
+                         if not cached(cache_path(out, "crops", crop_keys[i]))}
+            if crop_todo:
+                t = time.perf_counter()
+                score_crop_tables(crop_todo, out, clap, audio, crop, step, progress)
+                rep.crops_scored, rep.crops_seconds = len(crop_todo), time.perf_counter() - t
 
-    # 4. what this shard holds, for the index step.
-    entries = []
-    for i, r in good:
-        with open_entry(cache_path(out, "codes", keys[i])) as f:
-            real, chunks = f.get_tensor("real_frames").tolist(), f.get_tensor("chunks").tolist()
-            frames = f.get_slice("codes").get_shape()[-1]
-        entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
-                        **source[i], "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real,
-                        "chunks": chunks})
-        if i in crop_keys:
-            c = load_file(cache_path(out, "crops", crop_keys[i]))
-            entries[-1]["crop_filter"] = [{"crop_frames": crop, "offsets": c["offsets"].tolist(), "clap": cl.tolist(),
-                                           "energy_db": db.tolist()} for cl, db in zip(c["clap"], c["energy_db"])]
-    write_json(shard_path(out, split, shard, num_shards),
-               {**_header(codec, text_encoder, audio, text_dtype, manifest, manifest_sha),
-                "shard": shard, "num_shards": num_shards, "entries": entries,
-                "bad": [{"row": i, "id": mine_row.id, "reason": bad[i]} for i, mine_row in mine if i in bad]})
-    rep.seconds = time.perf_counter() - t0
-    return rep
+        # 4. what this shard holds, for the index step.
+        entries = []
+        for i, r in good:
+            with open_entry(cache_path(out, "codes", keys[i])) as f:
+                real, chunks = f.get_tensor("real_frames").tolist(), f.get_tensor("chunks").tolist()
+                frames = f.get_slice("codes").get_shape()[-1]
+            entries.append({"row": i, "id": r.id, "caption": r.caption, "label": r.label, "audio": str(r.audio),
+                            **source[i], "codes": keys[i], "text": tkeys[i], "frames": frames, "real_frames": real,
+                            "chunks": chunks})
+            if i in crop_keys:
+                c = load_file(cache_path(out, "crops", crop_keys[i]))
+                entries[-1]["crop_filter"] = [{"crop_frames": crop, "offsets": c["offsets"].tolist(),
+                                               "clap": cl.tolist(), "energy_db": db.tolist()}
+                                              for cl, db in zip(c["clap"], c["energy_db"])]
+        write_json(shard_path(out, split, shard, num_shards),
+                   {**_header(codec, text_encoder, audio, text_dtype, manifest, manifest_sha),
+                    "shard": shard, "num_shards": num_shards, "entries": entries,
+                    "bad": [{"row": i, "id": mine_row.id, "reason": bad[i]} for i, mine_row in mine if i in bad]})
+        rep.seconds = time.perf_counter() - t0
+        return rep
 
 
 def prepare(manifest: str | Path, out: str | Path, *, codec, text_encoder, split: str | None = None,
