@@ -214,9 +214,10 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
     from eval.audiocaps import evaluate_run
     from eval.generate import RECORD
     from eval.reference import select
-    from siren.codec import CODEBOOK_SIZE, DEMO_LABEL, FRAME_RATE, N_LAYERS, SAMPLE_RATE, CodecConfig
+    from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS, SAMPLE_RATE, CodecConfig
     from siren.data.audio import load_audio
     from siren.data.manifest import child_path, read_manifest
+    from siren.demo_weights import mode_of
     from siren.frontends import build_codec
     from siren.io import atomic_path, write_json
     from siren.runtime import code_version, derive_seed
@@ -239,8 +240,7 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
             sf.write(tmp, wav.float().cpu().numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
     # what made the clips, for their card (eval.generate.record_card): the codec's weights mode
     write_json(gen_dir / RECORD, {"made_by": f"calibration row {kind}", "code_version": code_version(),
-                                  "frontends_weights": {"codec": "demo" if codec.weights_label == DEMO_LABEL
-                                                        else codec.weights_label}})
+                                  "frontends_weights": {"codec": mode_of(codec.weights_label)}})
     overrides = [*_keys(cfg, "eval."), *([f"subset={subset}"] if subset else [])]
     return evaluate_run(run_dir="", ref=ref, out=out, weights=cfg["weights"], overrides=overrides,
                         gen_dir=str(gen_dir))

@@ -12,6 +12,7 @@ import torch
 from siren import cli
 from siren.clap import Clap, ClapConfig
 from siren.config import check_numbers, load_config
+from siren.demo_weights import mode_words
 
 
 @dataclass
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"text: embed {args.captions} captions (all)", best(lambda: clap.embed_text(captions))),
             ("audio: 10 s clip, batch 1 (per clip)", best(lambda: clap.embed_audio(wav[:1]))),
             (f"audio: 10 s clips, batch {args.clips} (per clip)", best(lambda: clap.embed_audio(wav), args.clips))]
-    mode = "RANDOM weights (timings only)" if clap.weights_label == "random" else f"{clap.weights_label} weights"
+    mode = mode_words(clap.weights_label) + " (timings only)" * (clap.weights_label == "random")
     print(f"LAION-CLAP {clap.id} ({mode}) on {clap.device}, torch threads {torch.get_num_threads()}, "
           f"best of {args.repeats} (CPU s = process CPU time: compare it on a shared machine)")
     print(f"| {'what':46s} | wall s | CPU s |\n|{'-' * 48}|--------|-------|")

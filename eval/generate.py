@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 import siren
-from siren.codec import DEMO_LABEL, FRAME_RATE, SAMPLE_RATE
+from siren.codec import FRAME_RATE, SAMPLE_RATE
 from siren.data.manifest import child_path
-from siren.demo_weights import tensors_sha256
+from siren.demo_weights import mode_of, tensors_sha256
 from siren.errors import ConfigError
 from siren.frontends import run_frontends
 from siren.io import atomic_path, read_json, sha256, sha256_file, write_json
@@ -51,7 +51,7 @@ def made_with(run_dir: str | Path) -> dict[str, str]:
         reward = (read_json(align, "run stage 2 again").get("weights_labels") or {}).get("reward")
         if reward and reward != "synthetic":  # a code-matching test reward has no weights
             modes["reward"] = reward
-    return {k: "demo" if w == DEMO_LABEL else w for k, w in modes.items()}  # the demo's long label, as its mode
+    return {k: mode_of(w) for k, w in modes.items()}
 
 
 def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_dir: str | Path, *, seconds: float,

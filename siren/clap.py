@@ -42,6 +42,7 @@ CLIP_SAMPLES = 480_000  # 10 s at 48 kHz: HTSAT-tiny's fixed input length
 MAX_TEXT_LENGTH = 77  # laion-clap's tokenizer max_length (specials included)
 EMBED_DIM = 512
 TEXT_DIM = 768
+POSITION_ROWS = 514  # RoBERTa's position embedding rows (roberta-base), the first 2 below its padding offset
 RESAMPLER = "torchaudio.functional.resample(sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
 AUDIO_PROTOCOL = "16-bit quantised, first 10 s, repeat-pad (laion-clap repeatpad), HTSAT-tiny non-fusion"
 
@@ -248,7 +249,7 @@ def build_model(tokenizer: BpeTokenizer) -> nn.Module:
     cm = _clap_module()
     rcfg = RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=TEXT_DIM, num_hidden_layers=12,
                          num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
-                         max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                         max_position_embeddings=POSITION_ROWS, type_vocab_size=1, layer_norm_eps=1e-5,
                          initializer_range=0.02, pad_token_id=tokenizer.pad_id, bos_token_id=0, eos_token_id=2)
     with _roberta_from_config(cm.model, rcfg):
         model, model_cfg = cm.create_model("HTSAT-tiny", "roberta", precision="fp32", device=torch.device("cpu"),

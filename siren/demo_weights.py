@@ -58,6 +58,11 @@ def files_id() -> str:
     return hashlib.sha256(json.dumps([(f.name, sha256_file(f)) for f in files]).encode()).hexdigest()[:12]
 
 
+def mode_of(label: str) -> str:
+    """A weights label as its mode: the demo codec records the long label where the others record "demo"."""
+    return "demo" if label == LABEL else label
+
+
 def mode_words(mode: str) -> str:
     """A weights mode as logs say it: the demo's full label, RANDOM in capitals, a file's own label as it is."""
     return {"demo": LABEL, "random": "RANDOM weights", "pretrained": "pretrained weights"}.get(mode, mode)

@@ -13,10 +13,10 @@ from typing import Sequence
 
 import torch
 
-from siren.clap import TEXT_DIM, Clap, ClapConfig
+from siren.clap import POSITION_ROWS, TEXT_DIM, Clap, ClapConfig
 
 PROMPT_TOKENS = 128  # the authors' max_prompt_len (their config.py); laion-clap's own 77 stays for score and reward
-ROBERTA_POSITIONS = 512  # RoBERTa's 514 position rows less its padding offset of 2
+ROBERTA_POSITIONS = POSITION_ROWS - 2  # tokens a caption can have: the rows less RoBERTa's padding offset
 
 
 @dataclass

@@ -160,7 +160,7 @@ def run_select(cfg, manifest: Path) -> str:
     write_csv(out / "rejected.csv", rejected, [*COLUMNS, "reason"])
     write_csv(out / "scores.csv", *scores_table(records))
     weights = head["weights"]
-    words = demo_weights.LABEL if weights == "demo" else f"{weights} weights"  # the demo's full label, as elsewhere
+    words = demo_weights.mode_words(weights)
     note = (f"CLAP {head['clap']['id']}, " + ("RANDOM weights: scores carry no signal" if weights == "random"
                                                 else words) + f"; {len(records)} clips")
     figs = figure(out, records, cfg.tau, cfg.min_snr_db, note)
