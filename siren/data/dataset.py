@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from siren.codec import FRAME_RATE, N_LAYERS
+from siren.codec import FRAME_RATE
 from siren.data.cache import cache_path, index_path, open_entry
 from siren.data.sampler import epoch_loader
 from siren.errors import DataError
@@ -156,43 +156,51 @@ class PreparedDataset(Dataset):
             t = {k: f.get_tensor(k) for k in ("states", "mask", "pooled")}
         return {"states": t["states"].float(), "mask": t["mask"], "pooled": t["pooled"]}
 
+    FRAMES = ("codes", -1)  # the batch key of an item's frames and their time axis: codes [12, T]
+
+    def frames(self, i: int) -> torch.Tensor:
+        return self.codes(i)
+
     def collate(self, items: list[dict]) -> dict:
-        return collate(items, n_frames=self.crop)
+        return collate(items, self.crop, *self.FRAMES)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        codes = self.codes(i)[:, :self.real_frames(i)]
+        name, axis = self.FRAMES
+        x = self.frames(i).movedim(axis, 0)[:self.real_frames(i)]  # time first
         if self.crop is not None:
             s = self.crop_start(epoch, i)
-            codes = codes[:, s:s + self.crop]
+            x = x[s:s + self.crop]
         t = self.text(i)
-        return {"codes": codes, "text": t["states"], "text_mask": t["mask"], "id": self.items[i]["id"],
+        return {name: x.movedim(0, axis), "text": t["states"], "text_mask": t["mask"], "id": self.items[i]["id"],
                 "caption": self.items[i]["caption"]}
 
 
-def collate(items: list[dict], n_frames: int | None = None) -> dict:
-    """Pad codes to ``n_frames`` (default: the longest) and text to the longest caption, with masks."""
-    T = n_frames or max(it["codes"].shape[-1] for it in items)
+def collate(items: list[dict], n_frames: int | None = None, key: str = "codes", axis: int = -1) -> dict:
+    """Pad each item's ``key`` along its time ``axis`` to ``n_frames`` (default: the longest; 0 past an item's end,
+    frame_mask False) and text to the longest caption, with masks. codes [12, T] -> [B, 12, T]; a continuous
+    family's latents [T, k] (``axis=0``) -> [B, T, k]."""
+    frames = [it[key].movedim(axis, 0) for it in items]  # time first
+    T = n_frames or max(len(f) for f in frames)
     L = max(it["text"].shape[0] for it in items)
     B, D = len(items), items[0]["text"].shape[-1]
-    batch = {"codes": torch.zeros(B, N_LAYERS, T, dtype=torch.long), "frame_mask": torch.zeros(B, T, dtype=torch.bool),
+    x = torch.zeros(B, T, *frames[0].shape[1:], dtype=frames[0].dtype)
+    batch = {"frame_mask": torch.zeros(B, T, dtype=torch.bool),
              "text": torch.zeros(B, L, D), "text_mask": torch.zeros(B, L, dtype=torch.bool),
              "ids": [it["id"] for it in items], "captions": [it["caption"] for it in items]}
-    for b, it in enumerate(items):
-        t, n = min(it["codes"].shape[-1], T), it["text"].shape[0]
-        batch["codes"][b, :, :t] = it["codes"][:, :t]
+    for b, (f, it) in enumerate(zip(frames, items)):
+        t, n = min(len(f), T), it["text"].shape[0]
+        x[b, :t] = f[:t]
         batch["frame_mask"][b, :t] = True
         batch["text"][b, :n] = it["text"]
         batch["text_mask"][b, :n] = it["text_mask"]
-    return batch
+    return {key: x.movedim(1, axis + 1 if axis >= 0 else axis).contiguous(), **batch}
 
 
 def make_loader(prepared_dir: str | Path, split: str = "train", batch_size: int = 8, crop_s: float | None = 6.0,
-                shuffle: bool = True, seed: int = 0, num_workers: int = 0, drop_last: bool = False,
-                crop_min_clap: float = 0.0) -> DataLoader:
+                shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> DataLoader:
     """Batches of a prepared split, in ``EpochBatches`` order (each pass is the next epoch). With
     ``crop_s`` every batch has T = crop_s * 50 frames (shorter items padded, frame_mask False);
     with ``crop_s=None`` whole items padded to the batch's longest."""
-    ds = PreparedDataset(prepared_dir, split, crop_s, seed, crop_min_clap)
-    return epoch_loader(ds, ds.collate, batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
-                        num_workers=num_workers)
+    ds = PreparedDataset(prepared_dir, split, crop_s, seed)
+    return epoch_loader(ds, ds.collate, batch_size, seed=seed, shuffle=shuffle, num_workers=num_workers)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from siren.codec import CodecConfig
 from siren.data.audio import AudioConfig, load_audio, n_frames, standardize, unpadded
 from siren.data.cache import FORMAT, cache_path, index_path
-from siren.data.dataset import PreparedDataset, load_index
+from siren.data.dataset import PreparedDataset, collate, load_index
 from siren.data.index import read_source
 from siren.errors import ConfigError, DataError
 from siren.io import read_json, save_tensors, sha256, write_json
@@ -161,6 +161,8 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
 class LatentDataset(PreparedDataset):
     """A prepared split's items as continuous tokens [T, k] (the same crops as its codes would get)."""
 
+    FRAMES = ("latents", 0)  # tokens [T, k]
+
     def __init__(self, prepared_dir, split: str, crop_s: float | None, seed: int, projection_id: str,
                  crop_min_clap: float = 0.0):
         super().__init__(prepared_dir, split, crop_s, seed, crop_min_clap)
@@ -174,35 +176,13 @@ class LatentDataset(PreparedDataset):
                             f"python -m siren.data.latents data={self.dir}")
         return load_file(path)["tokens"][it["segment"]]
 
-    def collate(self, items: list[dict]) -> dict:
-        return collate_latents(items, n_frames=self.crop)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        epoch, i = key if isinstance(key, tuple) else (0, key)
-        tokens = self.tokens(i)[:self.real_frames(i)]
-        if self.crop is not None:
-            s = self.crop_start(epoch, i)
-            tokens = tokens[s:s + self.crop]
-        t = self.text(i)
-        return {"latents": tokens, "text": t["states"], "text_mask": t["mask"], "id": self.items[i]["id"],
-                "caption": self.items[i]["caption"]}
+    def frames(self, i: int) -> torch.Tensor:
+        return self.tokens(i)
 
 
 def collate_latents(items: list[dict], n_frames: int | None = None) -> dict:
     """latents [B, T, k] (0 past each item's end) + frame_mask [B, T], text and text_mask padded to the longest."""
-    T = n_frames or max(it["latents"].shape[0] for it in items)
-    L = max(it["text"].shape[0] for it in items)
-    B, k, D = len(items), items[0]["latents"].shape[-1], items[0]["text"].shape[-1]
-    batch = {"latents": torch.zeros(B, T, k), "frame_mask": torch.zeros(B, T, dtype=torch.bool),
-             "text": torch.zeros(B, L, D), "text_mask": torch.zeros(B, L, dtype=torch.bool),
-             "ids": [it["id"] for it in items], "captions": [it["caption"] for it in items]}
-    for b, it in enumerate(items):
-        t, n = min(it["latents"].shape[0], T), it["text"].shape[0]
-        batch["latents"][b, :t] = it["latents"][:t]
-        batch["frame_mask"][b, :t] = True
-        batch["text"][b, :n] = it["text"]
-        batch["text_mask"][b, :n] = it["text_mask"]
-    return batch
+    return collate(items, n_frames, *LatentDataset.FRAMES)
 
 
 @dataclass
