@@ -94,7 +94,9 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
 
 # ---------------------------------------------------------------------------- reading
 
-def read_json(path: Path) -> dict:
+def read_run_json(path: Path) -> dict:
+    """A JSON file of a run directory or checkpoint (siren.io.read_json's rules, as a CheckpointError whose fix is
+    the previous checkpoint)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -106,7 +108,7 @@ def read_json(path: Path) -> dict:
 def read_commit_step(path: Path) -> int:
     """A stage-2 run's commit point (rl/state.json, which its fixes ask users to edit): the step every trained
     expert has a checkpoint of."""
-    data = read_json(path)
+    data = read_run_json(path)
     step = data.get("step") if isinstance(data, dict) else None
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:  # {"Step": 4}: a KeyError traceback
         raise CheckpointError(f'{path}: a commit point reads {{"step": N}}, N a step every trained expert has a '
@@ -177,7 +179,7 @@ class Checkpoint:
 
     def __init__(self, path: Path):
         self.path = path
-        self.state = read_json(path / "state.json")
+        self.state = read_run_json(path / "state.json")
         if self.state.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{path / 'state.json'} has format {self.state.get('format')!r}, "
                                   f"this code reads format {FORMAT_VERSION}")

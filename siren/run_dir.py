@@ -23,7 +23,7 @@ from siren.checkpoint import (
     load_latest,
     load_weights,
     read_commit_step,
-    read_json,
+    read_run_json,
     step_name,
 )
 from siren.errors import CheckpointError
@@ -48,7 +48,7 @@ def write_run_config(run_dir: Path, run_config: Mapping[str, Any]) -> None:
             pass
         finally:
             os.unlink(tmp)
-    check_config(read_json(path), json.loads(json.dumps(run_config)), f"run directory {run_dir} (config.json)",
+    check_config(read_run_json(path), json.loads(json.dumps(run_config)), f"run directory {run_dir} (config.json)",
                  fix="Experts of one run must share the model, codec and text encoder: use another run_dir.")
 
 
@@ -78,7 +78,7 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: {path} is missing "
                               f"(python -m siren.train run_dir={run_dir} expert=K ... writes it)")
-    return read_json(path)
+    return read_run_json(path)
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", allow_unfinished: bool = False):

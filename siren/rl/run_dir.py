@@ -65,7 +65,7 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
             "trainable_experts": trainable, **ids}
     path = out / "alignment.json"
     if path.exists():
-        saved = ckpt.read_json(path)
+        saved = ckpt.read_run_json(path)
         mine = {k: v for k, v in json.loads(json.dumps(meta)).items() if k != "config"}
         if "prompts_sha256" not in saved:  # a run set up before the prompts were recorded
             mine.pop("prompts_sha256", None)
