@@ -2,10 +2,11 @@
 
 Every clip is read with soundfile at its own sample rate, keeping all its channels, and cropped
 as ``crop`` says: ``whole`` (audioldm_eval, frechet_audio_distance and laion_clap read whole
-files) or ``10s`` (the first 10 s). Each backbone then makes it mono (``channel``) and
-resamples it to the rate it needs. A clip's identity for the embedding cache is the hash of
-exactly these samples and their rate. Bad files are collected and reported together, naming
-every one, before anything is computed.
+files) or ``10s`` (the first 10 s). Each backbone then makes it mono (``channel``: ``mono``) and
+resamples it to the rate it needs (``resampler``: ``resample``, as each metric's reference code
+does). A clip's identity for the embedding cache is the hash of exactly these samples and their
+rate. Bad files are collected and reported together, naming every one, before anything is
+computed.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from tqdm import tqdm
 
 from siren.codec import HOP, SAMPLE_RATE
 from siren.errors import AudioError, ConfigError
+
+log = logging.getLogger(__name__)
 
 CROPS = {"whole": None, "10s": 10.0}  # crop name -> seconds kept from the start (None: the whole file)
 CHANNELS = ("first", "mean")  # audioldm_eval's WaveDataset keeps channel 0; its FAD and laion_clap average
@@ -40,7 +43,38 @@ def mono(wav: np.ndarray, channel: str) -> np.ndarray:
     raise ConfigError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
 
 
-log = logging.getLogger(__name__)
+# How each resampler is called (and so what it computes): recorded on the card, hashed into cache keys.
+RESAMPLERS = {
+    "torchaudio": "torchaudio.functional.resample(float32, sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
+                  " (audioldm_eval WaveDataset)",
+    "resampy": "resampy.resample(float64, filter='kaiser_best') (audioldm_eval / frechet_audio_distance FAD)",
+    "librosa": "librosa.resample(float32, res_type='soxr_hq') (librosa.load(sr=48000) in laion_clap)",
+}
+
+# The distributions whose code computes each resampler's output (their versions key the embedding cache)
+RESAMPLER_LIBRARIES = {"torchaudio": ("torchaudio",), "resampy": ("resampy",), "librosa": ("librosa", "soxr")}
+
+
+def resample(wav: np.ndarray, sr: int, target: int, method: str = "torchaudio") -> np.ndarray:
+    """Mono float32 samples [N] from ``sr`` to ``target`` with one of ``RESAMPLERS``; float32 out."""
+    if method not in RESAMPLERS:
+        raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, got {method!r}")
+    if sr == target:
+        return wav
+    if method == "torchaudio":
+        import torch
+        import torchaudio.functional as AF
+
+        return AF.resample(torch.from_numpy(wav), sr, target, lowpass_filter_width=6, rolloff=0.99,
+                           resampling_method="sinc_interp_hann").numpy()
+    if method == "resampy":
+        import resampy
+
+        return resampy.resample(wav.astype(np.float64), sr, target, filter="kaiser_best").astype(np.float32)
+    import librosa
+
+    return librosa.resample(wav, orig_sr=sr, target_sr=target, res_type="soxr_hq").astype(np.float32)
+
 
 MIN_SECONDS = HOP / SAMPLE_RATE  # one codec frame (20 ms): shorter clips are warned about
 

@@ -1,7 +1,7 @@
 """Metric backbones behind one interface: PANNs Cnn14 (FD, KL, IS), VGGish (FAD), LAION-CLAP (CLAP score).
 
 Each backbone takes clips at their own sample rate, makes them mono (``channel``: first or mean)
-and resamples them (``resampler``, one of ``RESAMPLERS``) to the rate its network was trained at.
+and resamples them (``resampler``, one of eval.audio's ``RESAMPLERS``) to the rate its network was trained at.
 The defaults are each metric's reference code: PANNs as audioldm_eval (first channel,
 torchaudio), VGGish as audioldm_eval's and frechet_audio_distance's FAD (mean, resampy), CLAP as
 laion_clap's ``get_audio_embedding_from_filelist`` (mean, librosa via ``librosa.load``).
@@ -32,47 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.audio import CHANNELS, BadAudioError, Clip, mono
+from eval.audio import CHANNELS, RESAMPLER_LIBRARIES, RESAMPLERS, BadAudioError, Clip, mono, resample
 from siren import assets, demo_weights
 from siren.errors import ConfigError, WeightsMismatchError
 from siren.io import load_hashed, load_torch_file, same_file, sha256_file, weights_tag
 
 log = logging.getLogger(__name__)
 
-# How each resampler is called (and so what it computes): recorded on the card, hashed into cache keys.
-RESAMPLERS = {
-    "torchaudio": "torchaudio.functional.resample(float32, sinc_interp_hann, lowpass_filter_width=6, rolloff=0.99)"
-                  " (audioldm_eval WaveDataset)",
-    "resampy": "resampy.resample(float64, filter='kaiser_best') (audioldm_eval / frechet_audio_distance FAD)",
-    "librosa": "librosa.resample(float32, res_type='soxr_hq') (librosa.load(sr=48000) in laion_clap)",
-}
-
-# The distributions whose code computes each resampler's output (their versions key the embedding cache)
-RESAMPLER_LIBRARIES = {"torchaudio": ("torchaudio",), "resampy": ("resampy",), "librosa": ("librosa", "soxr")}
-
 # The 16 kHz Cnn14 (Cnn14_16k_mAP=0.438.pth), as audioldm_eval builds it for sampling_rate=16000.
 PANNS_16K = dict(sample_rate=16000, window_size=512, hop_size=160, mel_bins=64, fmin=50, fmax=8000,
                  classes_num=527)
-
-
-def resample(wav: np.ndarray, sr: int, target: int, method: str = "torchaudio") -> np.ndarray:
-    """Mono float32 samples [N] from ``sr`` to ``target`` with one of ``RESAMPLERS``; float32 out."""
-    if method not in RESAMPLERS:
-        raise ValueError(f"resampler must be one of {', '.join(RESAMPLERS)}, got {method!r}")
-    if sr == target:
-        return wav
-    if method == "torchaudio":
-        import torchaudio.functional as AF
-
-        return AF.resample(torch.from_numpy(wav), sr, target, lowpass_filter_width=6, rolloff=0.99,
-                           resampling_method="sinc_interp_hann").numpy()
-    if method == "resampy":
-        import resampy
-
-        return resampy.resample(wav.astype(np.float64), sr, target, filter="kaiser_best").astype(np.float32)
-    import librosa
-
-    return librosa.resample(wav, orig_sr=sr, target_sr=target, res_type="soxr_hq").astype(np.float32)
 
 
 class Backbone(ABC):

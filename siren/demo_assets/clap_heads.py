@@ -49,7 +49,7 @@ def _pcm16_file(x: np.ndarray, sr: int) -> np.ndarray:
 
 def view(how: str, wav: np.ndarray) -> np.ndarray:
     """One 16 kHz clip as HTSAT gets it in view ``how`` (see the module docstring), at 48 kHz."""
-    from eval.backbones import resample
+    from eval.audio import resample
     from siren.clap import CLAP_SAMPLE_RATE
 
     if how == "first_1s":
