@@ -236,34 +236,8 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
         if not issubclass(x.category, M.FewSamplesWarning):
             warnings.warn_explicit(x.message, x.category, x.filename, x.lineno)
 
-    metric_card = {
-        "computed": which,
-        "fd": {"backbone": "fd_kl_is", "feature": "embedding (2048-d, one per clip)",
-               "gaussian": "mean and unbiased covariance (np.cov) of each set, float64",
-               "sqrtm": ("N > D: Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2) by eigh, roundoff negatives clipped; "
-                         "N <= D: the same trace as the nuclear norm of X Y' (centred sets / sqrt(N-1)), by SVD")},
-        "fad": {"backbone": "fad", "feature": "VGGish 128-d per 0.96 s example, all examples of a set pooled",
-                "gaussian": "as fd", "sqrtm": "as fd", "short_clips": f"vggish_short={cfg.vggish_short}",
-                "frames_keys": "fad_frames_gen, fad_frames_ref (VGGish examples per set)"},
-        "kl": {"direction": "KL(ref||gen)", "value_key": "kl", "other_direction_key": "kl_gen_ref (KL(gen||ref))",
-               "probabilities": "softmax over the 527 PANNs logits (pre-sigmoid)", "pairing": "by clip id",
-               "reduction": "sum over classes, mean over clips",
-               "eps": cfg.kl_eps, "eps_use": "sum p_ref * (log p_ref - log(p_gen + eps)) as audioldm_eval (0 = exact)",
-               "sigmoid_keys": "kl_sigmoid, kl_sigmoid_gen_ref: the same sum with per-class sigmoid probabilities "
-                               "(audioldm_eval kullback_leibler_divergence_sigmoid; not a divergence: they do "
-                               "not sum to 1)"},
-        "isc": {"on": "softmax over the PANNs logits of the generated clips", "splits": cfg.is_splits,
-                "shuffle_seed": cfg.is_seed, "shuffle": "numpy RandomState(seed).permutation, as audioldm_eval",
-                "value_key": "isc (mean over splits)", "std_key": "isc_std"},
-        "clap": {"checkpoint": bb_cards.get("clap", {}).get("weights_sha256", "not computed"),
-                 "score": "mean cosine(text(caption), audio(generated clip)) x 100",
-                 "caption": f"caption_index={cfg.caption_index}"},
-    }
-    audio_card = {"loader": "soundfile, float32, all channels", "crop": cfg.crop,
-                  "crop_rule": "whole file" if CROPS[cfg.crop] is None else f"first {CROPS[cfg.crop]:g} s of each file",
-                  "channel": {role: bb_cards[role]["channel"] for role in bb_cards},
-                  "resampler": {role: bb_cards[role]["resampler"] for role in bb_cards},
-                  "pad": "per backbone, see backbones.*.min_samples and backbones.fad.short"}
+    metric_card = cards.metric_descriptions(cfg, which, bb_cards.get("clap", {}).get("weights_sha256", "not computed"))
+    audio_card = cards.audio_description(cfg.crop, CROPS[cfg.crop], bb_cards)
     ref_card = {**(ref_card or {}), "n_clips": n, "set_sha256": set_hash(ref, captions)}
     gen_card = {**(gen_card or {}), "n_clips": n, "set_sha256": set_hash(gen)}
     card = cards.build(bb_cards, audio_card, metric_card, ref_card, gen_card, n, _device(cfg.device))

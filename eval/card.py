@@ -48,6 +48,42 @@ def weights_label(backbone_cards: dict[str, dict], generated: dict | None = None
     return labels.pop() if len(labels) == 1 else "mixed: " + ", ".join(f"{k}={w}" for k, w in parts.items())
 
 
+def metric_descriptions(cfg, computed: list[str], clap_checkpoint: str) -> dict:
+    """How each metric of an evaluation with ``cfg`` (eval.audiocaps.EvalConfig) is computed: the card's "metrics"."""
+    return {
+        "computed": computed,
+        "fd": {"backbone": "fd_kl_is", "feature": "embedding (2048-d, one per clip)",
+               "gaussian": "mean and unbiased covariance (np.cov) of each set, float64",
+               "sqrtm": ("N > D: Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2) by eigh, roundoff negatives clipped; "
+                         "N <= D: the same trace as the nuclear norm of X Y' (centred sets / sqrt(N-1)), by SVD")},
+        "fad": {"backbone": "fad", "feature": "VGGish 128-d per 0.96 s example, all examples of a set pooled",
+                "gaussian": "as fd", "sqrtm": "as fd", "short_clips": f"vggish_short={cfg.vggish_short}",
+                "frames_keys": "fad_frames_gen, fad_frames_ref (VGGish examples per set)"},
+        "kl": {"direction": "KL(ref||gen)", "value_key": "kl", "other_direction_key": "kl_gen_ref (KL(gen||ref))",
+               "probabilities": "softmax over the 527 PANNs logits (pre-sigmoid)", "pairing": "by clip id",
+               "reduction": "sum over classes, mean over clips",
+               "eps": cfg.kl_eps, "eps_use": "sum p_ref * (log p_ref - log(p_gen + eps)) as audioldm_eval (0 = exact)",
+               "sigmoid_keys": "kl_sigmoid, kl_sigmoid_gen_ref: the same sum with per-class sigmoid probabilities "
+                               "(audioldm_eval kullback_leibler_divergence_sigmoid; not a divergence: they do "
+                               "not sum to 1)"},
+        "isc": {"on": "softmax over the PANNs logits of the generated clips", "splits": cfg.is_splits,
+                "shuffle_seed": cfg.is_seed, "shuffle": "numpy RandomState(seed).permutation, as audioldm_eval",
+                "value_key": "isc (mean over splits)", "std_key": "isc_std"},
+        "clap": {"checkpoint": clap_checkpoint,
+                 "score": "mean cosine(text(caption), audio(generated clip)) x 100",
+                 "caption": f"caption_index={cfg.caption_index}"},
+    }
+
+
+def audio_description(crop: str, crop_s: float | None, backbone_cards: dict[str, dict]) -> dict:
+    """How the clips were read and fed to each backbone: the card's "audio"."""
+    return {"loader": "soundfile, float32, all channels", "crop": crop,
+            "crop_rule": "whole file" if crop_s is None else f"first {crop_s:g} s of each file",
+            "channel": {role: c["channel"] for role, c in backbone_cards.items()},
+            "resampler": {role: c["resampler"] for role, c in backbone_cards.items()},
+            "pad": "per backbone, see backbones.*.min_samples and backbones.fad.short"}
+
+
 def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference: dict, generated: dict,
           n_clips: int, device: str) -> dict:
     """The card: ``backbone_cards`` maps a role (fd_kl_is, fad, clap) to ``Backbone.card()``."""
