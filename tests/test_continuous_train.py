@@ -150,10 +150,19 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     torch.testing.assert_close(real.var(0), torch.ones(K), atol=1e-3, rtol=0)
     for i in range(len(ds)):
         assert ds.tokens(i).shape[0] == ds.codes(i).shape[-1]
-    stamps = {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*") if p.is_file()}
+    def stamps():  # the data written (the fit's lock file is written by every run)
+        return {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
+                if p.is_file() and p.suffix != ".lock"}
+
+    before = stamps()
     assert prepare_latents(out, codec, K).id == proj.id  # a re-run writes nothing: no encode, no refit
-    assert stamps == {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
-                      if p.is_file()}
+    assert stamps() == before
+    # two fits of one width at once: the second is refused, naming the first
+    from siren.lock import LockHeld, hold
+
+    with hold(out / "latents" / f"pca{K}.lock", f"the latent projection of width {K}", "wait"):
+        with pytest.raises(LockHeld, match=rf"pca{K}\.lock: held by the latent projection of width {K} "):
+            prepare_latents(out, codec, K)
     # a projection fitted on another codec's latents (the folder prepared again since) is not reused
     from siren.data.latents import load_projection, projection_path
 

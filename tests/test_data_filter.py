@@ -163,7 +163,16 @@ def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeyp
         if k == 0:
             with pytest.raises(DataError, match=r"shard\(s\) \[1, 2\] of 3 are not scored yet"):
                 cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select")
+    # a second copy of a shard (a wrong shard= on an array), or of a selection into one folder: refused
+    from siren.lock import LockHeld, hold
+
+    with hold(out / "shards" / "shard-1-of-3.lock", "the filter's shard 1 of 3", "wait"):
+        with pytest.raises(LockHeld, match=r"shard-1-of-3\.lock: held by the filter's shard 1 of 3 "):
+            cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "shard=1")
     args = ["tau=-1", "rl_top=2", "train_n=2", "seed=5"]
+    with hold(out / "select.lock", "the filter's select step", "wait"):
+        with pytest.raises(LockHeld, match=r"select\.lock: held by the filter's select step .*give this one select_"):
+            cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", *args)
     cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", *args)
     cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}", "step=select", *args)
     for f in ("rl_prompts.csv", "train.csv", "rejected.csv", "scores.csv"):

@@ -44,6 +44,7 @@ from siren.data.manifest import Row, check_one_line, read_manifest, read_records
 from siren.data.prepare import shard_rows
 from siren.errors import AudioError, ConfigError, ManifestError
 from siren.io import check_folder, save_tensors, write_json
+from siren.lock import hold
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,16 @@ def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioCon
 
     ``clap`` is a ``siren.clap.Clap`` (``embed_audio``, ``embed_text``, ``id``, ``card``, ``weights_label``).
     """
-    t0, out, audio = time.perf_counter(), Path(out), audio or AudioConfig()
+    # one writer per shard, as prepare: a second copy (a wrong shard= on an array) deleted this one's record
+    with hold(filter_shard_path(out, shard, num_shards).with_suffix(".lock"), f"the filter's shard {shard} of "
+              f"{num_shards}", "wait for it to finish (the shards of one run take shard=0..num_shards-1)"):
+        return _score_shard(items, Path(out), clap, audio or AudioConfig(), num_shards, shard, batch_size, manifest,
+                            manifest_sha, progress)
+
+
+def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, shard: int, batch_size: int,
+                 manifest: Path | None, manifest_sha: str, progress: bool) -> ScoreReport:
+    t0 = time.perf_counter()
     mine = shard_rows(items, num_shards, shard)
     rep = ScoreReport(rows=len(mine))
     filter_shard_path(out, shard, num_shards).unlink(missing_ok=True)  # a failed run leaves no stale record

@@ -25,6 +25,7 @@ from siren import demo_weights
 from siren.data.cache import filter_shard_path
 from siren.errors import DataError
 from siren.io import atomic_path, write_json, write_text
+from siren.lock import hold
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,14 @@ def figure(dest_dir: Path, records: list[dict], tau: float, min_snr_db: float, n
 
 def run_select(cfg, manifest: Path) -> str:
     """Merge the shards, select, write every output; returns the summary line."""
-    head, records = merge(cfg.out, cfg.num_shards)
     out = Path(cfg.select_out or cfg.out)
+    # two selections into one folder (say two tau=) wrote their CSVs in turn: a train.csv of one beside the other's
+    with hold(out / "select.lock", "the filter's select step", "wait for it to finish, or give this one select_out="):
+        return _select(cfg, manifest, out)
+
+
+def _select(cfg, manifest: Path, out: Path) -> str:
+    head, records = merge(cfg.out, cfg.num_shards)
     rl, train, rejected = select(records, tau=cfg.tau, min_snr_db=cfg.min_snr_db, rl_top=cfg.rl_top,
                                  train_n=cfg.train_n, seed=cfg.seed)
     assert len(rl) + len(train) + len(rejected) == len(records)

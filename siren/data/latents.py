@@ -32,6 +32,7 @@ from siren.data.dataset import PreparedDataset, collate, load_index
 from siren.data.index import read_source
 from siren.errors import ConfigError, DataError
 from siren.io import read_json, save_tensors, sha256, write_json
+from siren.lock import hold
 from siren.model.continuous.latent import LatentProjection, dac_latent
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,16 @@ def _cache_latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -
 
 def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) -> LatentProjection:
     """Cache the latents of every split, fit (or reuse) the ``dim``-axis projection, cache the tokens."""
+    # two fits of one width at once could each write their own record (a fit on two threads need not equal one on
+    # one): tokens of the one, the pointer of the other
+    with hold(projection_path(out, dim).with_suffix(".lock"), f"the latent projection of width {dim}",
+              "wait for it to finish"):
+        return _prepare_latents(Path(out), codec, dim, progress)
+
+
+def _prepare_latents(out: Path, codec, dim: int, progress: bool) -> LatentProjection:
     from tqdm import tqdm
 
-    out = Path(out)
     splits = [s for s in ("train", "test") if (out / "splits" / f"{s}.json").is_file()]
     if "train" not in splits:
         raise DataError(f"{out}: no prepared train split to fit the latent projection on; run siren.data.prepare")
