@@ -4,8 +4,8 @@ keeps, and what the decoded audio loses, beside the RVQ's own loss on the same c
 The PCA is fitted on demo train clips (``train_per_class`` per class) and measured on one test clip per
 class (decoding is slow); every candidate latent is decoded by the same DAC decoder. Columns: FVU =
 ||z-hat - z||^2 / ||z - mean||^2 over the test clips' frames, the mean theirs (0 = exact), SNR of the
-decoded waveform against the decode of z itself (the codec's own ceiling), log-spectrum L1 of the
-decoded waveform against the input audio.
+decoded waveform against the decode of z itself (the codec's own ceiling), mel L1 of the decoded
+waveform against the input audio (``analysis.rvq_depth``'s measure, so its RVQ-12 row reads on Figure 1b's scale).
 The continuous family's own projection is fitted per prepared directory by ``python -m siren.data.latents``.
 
     python -m analysis.continuous_recon                          # the demo codec
@@ -20,6 +20,7 @@ import torch
 
 from analysis import prepared
 from analysis.cli import command, int_list, out_dir, write_csv
+from analysis.rvq_depth import mel_l1
 from siren.config import check_numbers
 from siren.errors import ConfigError
 from siren.model.continuous.latent import LATENT_DIM, LatentProjection, dac_latent, decode_latent, rvq_latent
@@ -38,19 +39,12 @@ def snr_db(ref: torch.Tensor, est: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (est - ref).pow(2).sum().clamp(min=1e-20)))
 
 
-def log_spec_l1(ref: torch.Tensor, est: torch.Tensor, n_fft: int = 1024) -> float:
-    """Mean |log(|STFT ref| + 1e-5) - log(|STFT est| + 1e-5)| (hop n_fft/4, Hann)."""
-    win = torch.hann_window(n_fft)
-    spec = lambda x: torch.stft(x, n_fft, n_fft // 4, window=win, return_complex=True).abs()  # noqa: E731
-    return float((torch.log(spec(ref) + 1e-5) - torch.log(spec(est) + 1e-5)).abs().mean())
-
-
 @dataclass
 class Reconstruction:
     name: str  # "RVQ-12", "PCA-k" or "latent-1024"
     latent_fvu: float  # vs the continuous latent z, pooled over the test clips
     snr_db: float  # decoded waveform vs the decode of z itself (the codec's own ceiling)
-    spec_l1_input: float  # log-spectrum L1 of the decoded waveform vs the input audio
+    mel_l1_input: float  # mel L1 of the decoded waveform vs the input audio (rvq_depth.mel_l1)
 
 
 @torch.no_grad()
@@ -71,7 +65,7 @@ def reconstruction(codec, train_wavs: list[torch.Tensor], test_wavs: list[torch.
         for name, zh in cands.items():
             out = decode_latent(codec, zh)[0, :n]
             latents.setdefault(name, []).append(zh[0])
-            rows.setdefault(name, []).append((snr_db(ref, out), log_spec_l1(wav.reshape(-1)[:n].float(), out)))
+            rows.setdefault(name, []).append((snr_db(ref, out), mel_l1(wav.reshape(-1)[:n].float(), out)))
     order = ["latent-1024", "RVQ-12", *(f"PCA-{k}" for k in dims)]
     return [Reconstruction(name, fvu(latents[name], latents["latent-1024"]),
                            *(sum(col) / len(col) for col in zip(*rows[name]))) for name in order]
@@ -108,10 +102,10 @@ def run(cfg: ContinuousReconConfig) -> list[Path]:
     test = [torch.from_numpy(clip(c, "test", 0)[0]) for c in range(len(CLASSES))]
     print(f"PCA fitted on {len(train)} demo train clips, measured on {len(test)} test clips; "
           f"{prepared.codec_words(codec)}")
-    print(f"{'latent':<14}{'FVU':>12}{'SNR dB':>10}{'specL1':>10}")
+    print(f"{'latent':<14}{'FVU':>12}{'SNR dB':>10}{'melL1':>10}")
     rows = reconstruction(codec, train, test, dims)
     for r in rows:
-        print(f"{r.name:<14}{r.latent_fvu:>12.4f}{r.snr_db:>10.2f}{r.spec_l1_input:>10.3f}")
+        print(f"{r.name:<14}{r.latent_fvu:>12.4f}{r.snr_db:>10.2f}{r.mel_l1_input:>10.3f}")
     prov = dict(codec=codec.id, weights=codec.weights_label, n_train=len(train), n_test=len(test))
     return [write_csv(out_dir(cfg.out, "continuous_recon") / "reconstruction.csv",
                       [dict(asdict(r), **prov) for r in rows])]

@@ -792,6 +792,8 @@ def test_continuous_recon_command_on_the_demo_codec(tmp_path):
     assert set(rows["weights"]) == {"demo weights (trained on the embedded set)"} and set(rows["n_test"]) == {15}
     assert rows.loc["PCA-1024", "latent_fvu"] < 1e-4 < rows.loc["PCA-4", "latent_fvu"]
     assert rows.loc["PCA-1024", "snr_db"] > rows.loc["PCA-4", "snr_db"]
+    # against the input audio on rvq_depth's scale: the lossless fit decodes as the latent itself does
+    assert rows.loc["PCA-1024", "mel_l1_input"] == pytest.approx(rows.loc["latent-1024", "mel_l1_input"], abs=1e-3)
     assert (out / "config.json").is_file()
     for bad in ("dims=0", "dims=2048"):
         with pytest.raises(ConfigError, match="dims="):
