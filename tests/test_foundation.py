@@ -31,10 +31,13 @@ PRESETS = {"scale": {"tiny": {"model.dim": 4, "model.name": "tiny"}}}
 
 
 def test_overrides_presets_then_explicit_keys():
+    # an explicit key wins over a preset wherever it stands (it silently lost when it came before the preset)
     cfg = load_config(_Outer, ["model.dim=16", "scale=tiny", "flag=true"], PRESETS)
-    # the preset is applied where it stands, so a later explicit key wins and an earlier one loses
-    assert (cfg.model.dim, cfg.model.name, cfg.flag) == (4, "tiny", True)
+    assert (cfg.model.dim, cfg.model.name, cfg.flag) == (16, "tiny", True)
     assert load_config(_Outer, ["scale=tiny", "model.dim=16"], PRESETS).model.dim == 16
+    # a command's defaults (presets or keys) give way to anything on the command line
+    assert load_config(_Outer, ["scale=tiny"], PRESETS, defaults=["model.dim=16"]).model.dim == 4
+    assert load_config(_Outer, ["model.dim=8"], PRESETS, defaults=["scale=tiny"]).model.dim == 8
 
 
 @pytest.mark.parametrize("args, words", [
