@@ -1,5 +1,5 @@
 """The jobs of a grid as records: each job, where it stands (its done and failure markers, its lock, the ledger of
-its submission: <root>/jobs/<key>.json) and the cancelling of those SLURM may still run. ablations.pipeline
+its submission: <root>/jobs/<key, '/' as '__'>.json) and the cancelling of those SLURM may still run. ablations.pipeline
 submits and runs them.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ RESUBMITTABLE = FINAL_BAD | {"COMPLETED", "PREEMPTED"}  # ended (a done marker w
 
 @dataclass
 class Job:
-    key: str  # unique and stable, e.g. "cell-3f2a9c1d0b7e/train/expert_2"
+    key: str  # unique and stable: "data-<id>", "stage1-<id>/expert_<k>", "<cell>/align", "<cell>/eval", ...
     fn: Callable[..., Any]  # module-level function (picklable by reference)
     kwargs: dict
     done: Path  # marker the job writes last, on success
@@ -67,7 +67,7 @@ def marker_error(failed: Path) -> str:
 
 
 class Ledger:
-    """Where submissions are recorded: <root>/jobs/<key>.json holds executor, job id and folder."""
+    """Where submissions are recorded: <root>/jobs/<key, '/' as '__'>.json holds executor, job id and folder."""
 
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -49,7 +49,7 @@ class RunConfig:
 
     @property
     def root(self) -> Path:
-        """Where this scale's results go: <out>/<scale>/{cells,data,stage1,jobs,logs,tables,figures}."""
+        """Where this scale's results go: <out>/<scale>/{cells,data,stage1,calibration,jobs,logs,tables,figures}."""
         return Path(self.out) / self.scale
 
     @property

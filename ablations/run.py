@@ -6,7 +6,7 @@
     warm=true|false         local: fork each job from a process that imported torch once (default true)
     action=run|status|table|cancel    retry=true resubmits failed jobs
     rows=LABEL,LABEL        only these rows of the grid (default: all; a label may hold a comma)
-    out=outputs             results: <out>/<scale>/{cells,data,jobs,logs,tables,figures}
+    out=outputs             results: <out>/<scale>/{cells,data,stage1,calibration,jobs,logs,tables,figures}
     set.KEY=VALUE           override any cell key for every cell (e.g. set.train.steps=100)
 
 Running the same grid again submits nothing that is done or running. On SLURM, every job is

@@ -2,9 +2,10 @@
 (``python -m siren.data.prepare``) holds every clip's RVQ codes, its label and its source file.
 
 ``data=demo`` prepares the embedded demo set (15 labelled classes, 1-2 s clips) once, under
-``$SIREN_CACHE/analysis/demo-<codec weights>-text-<demo CLAP>``, with the codec the probe asks for and the
-demo text encoder, the one the demo runs (a grid's ``outputs/demo/stage1/<id>``) train with, so the probes
-that read a run's conditioning (gradient_angles, caption_reliance) take them on ``data=demo`` too.
+``$SIREN_CACHE/analysis/demo-v<demo set version>-<codec weights>-text-<demo CLAP's sha256>``, with the codec
+the probe asks for and the demo text encoder, the one the demo runs (a grid's ``outputs/demo/stage1/<id>``)
+train with, so the probes that read a run's conditioning (gradient_angles, caption_reliance) take them on
+``data=demo`` too.
 
 The codec that made the codes must be the codec the probe builds (its code tables turn codes
 into features): ``codec=`` empty takes the weights the directory was prepared with, and a

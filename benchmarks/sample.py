@@ -3,6 +3,9 @@
     python -m benchmarks.sample                       # small preset, 6-2, T = 500, batch 1 and 8, CPU
     python -m benchmarks.sample frames=200 batches=4 full=true model.distribution=4-3
 
+It starts from ``scale=small model.distribution=6-2`` (the model keys listed by ``--help`` are the bare
+defaults those replace); any key given on the command line wins.
+
 At batch 1 a cached step is a chain of matrix-vector products that reads every weight from
 memory, and a recomputed step is a matrix product over the prefix; the speed-up is therefore
 about (T/2) x (time of one token in a matrix product) / (time of a matrix-vector product),

@@ -1,14 +1,15 @@
 """Metric backbones behind one interface: PANNs Cnn14 (FD, KL, IS), VGGish (FAD), LAION-CLAP (CLAP score).
 
-Each backbone takes clips at their own sample rate, makes them mono (``channel``: first or mean)
-and resamples them (``resampler``, one of eval.audio's ``RESAMPLERS``) to the rate its network was trained at.
-The defaults are each metric's reference code: PANNs as audioldm_eval (first channel,
-torchaudio), VGGish as audioldm_eval's and frechet_audio_distance's FAD (mean, resampy), CLAP as
-laion_clap's ``get_audio_embedding_from_filelist`` (mean, librosa via ``librosa.load``).
-``prepare`` turns one clip into the network's input, ``embed_batch`` runs a batch of prepared
-inputs that share ``batch_key`` (equal shapes, so batching never pads: a batched result equals
-the one-clip result). ``protocol()`` lists everything that shapes the numbers; it goes into
-the protocol card and into the embedding cache key with ``id`` (name + weight hash).
+Each backbone takes clips at their own sample rate, makes them mono (``channel``: first or mean) and resamples
+them (``resampler``, one of eval.audio's ``RESAMPLERS``) to the rate its network was trained at. The defaults
+are each metric's reference code: PANNs as audioldm_eval (first channel, torchaudio), VGGish as
+audioldm_eval's and frechet_audio_distance's FAD (mean, resampy), CLAP as laion_clap's
+``get_audio_embedding_from_filelist`` (mean, librosa via ``librosa.load``). ``prepare`` turns one clip into
+the network's input, ``embed_batch`` runs a batch of prepared inputs that share ``batch_key``, so batching
+never pads one clip to another's length (a batched result equals the one-clip result): PANNs batches equal
+shapes, VGGish concatenates the clips' 0.96 s examples, CLAP brings every clip to its 10 s input itself.
+``protocol()`` lists everything that shapes the numbers; it goes into the protocol card and into the embedding
+cache key with ``id`` (name + weight hash).
 
 Weights: ``pretrained`` loads the file from the assets cache (``siren.assets.require``) with
 ``torch.load(weights_only=True)``; ``demo`` loads the project's own weights trained on the embedded

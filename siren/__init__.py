@@ -1,7 +1,8 @@
 """Siren: anti-causally aligned collaborative residual transformers for text-to-audio.
 
 Core package: codec (RVQ tokenizer), text encoder, data, model, stage-1 training,
-sampling and stage-2 alignment. Imports none of eval/, ablations/, analysis/.
+sampling and stage-2 alignment. Imports none of eval/, ablations/, analysis/, except
+siren.demo_assets: the builders of the demo weights train eval's metric networks (eval.backbones).
 """
 import os
 
@@ -13,7 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def load(run_dir, device="cpu", allow_unfinished: bool = False):
-    """The trained K experts of a run directory as a ``CollaborativeModel``, ready to sample.
+    """The trained K experts of a run directory as a ``CollaborativeModel`` (a ``ContinuousLM`` for a
+    ``family=continuous`` run), ready to sample.
 
     See ``siren.run_dir.load_run``; imported lazily so ``import siren`` stays light."""
     from siren.run_dir import load_run

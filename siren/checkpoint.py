@@ -2,8 +2,10 @@
 
     run_dir/
       config.json                  what every expert of the run shares: model config, codec and
-                                   text encoder ({id, weights}) (written by the first expert to start)
+                                   text encoder ({id, weights, config}) (written by the first expert to start)
       expert_<k>/
+        init.safetensors           the expert's weights at step 0 (task vectors are measured from them)
+        train.lock                 held by the expert's training (rank 0) while it runs
         latest                     name of the newest complete checkpoint, e.g. "step_00001000"
         step_00001000/
           model.safetensors        the expert's weights (state_dict)

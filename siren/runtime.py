@@ -2,9 +2,10 @@
 the run log, parameter groups and the learning-rate schedule. Stage 1 (siren.train) and stage 2
 (siren.rl.alignment) both use these; neither imports the other.
 
-Preemption protocol: SIGUSR2 (and SIGTERM outside SLURM) sets a flag; the loop writes a checkpoint
-at the next step boundary and the command exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL) so the
-launcher requeues it. Restarting the same command resumes from the checkpoint.
+Preemption protocol (``StopRequest``): SIGUSR2 (and SIGTERM outside SLURM) sets a flag; the loop writes a
+checkpoint at the next step boundary and the command exits with ``EXIT_PREEMPTED`` (75, EX_TEMPFAIL) so the
+launcher requeues it; a first Ctrl-C does the same but exits as an interrupt. Restarting the same command
+resumes from the checkpoint.
 """
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ are ``train.crop_s=6`` (``scale=paper`` trains on the whole 10 s: README, Length
 0.1 x lr and clipping at 1.0 are the authors' code's (the paper does not say); warmup-stable-decay
 (``train.schedule=wsd``) is the demo scale's.
 
-Preemption (siren.runtime): SIGUSR2 / SIGTERM checkpoint at the next step boundary and the
-command exits with ``EXIT_PREEMPTED`` (75); restarting the same command resumes from
+Preemption (siren.runtime.StopRequest): SIGUSR2 (and SIGTERM outside SLURM) checkpoints at the next step
+boundary and the command exits with ``EXIT_PREEMPTED`` (75); inside SLURM a SIGTERM only asks for a checkpoint
+and training goes on; a first Ctrl-C checkpoints, then exits 130. Restarting the same command resumes from
 ``run_dir/expert_<k>/latest`` and reproduces the uninterrupted run. A non-finite loss or
 gradient norm stops the run before the optimiser step, so the last checkpoint stays good.
 """

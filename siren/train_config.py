@@ -118,7 +118,7 @@ class Stage1Config:
 
 
 def parse(args: list[str]) -> Stage1Config:
-    # scale=tiny/small/base/... set model.*; scale=cont-tiny/cont-base/... set continuous.*
+    # scale=tiny/small/isolated-*/single-*/... set model.*; scale=cont-tiny/cont-base/... set continuous.*
     groups = presets("model.")
     cont = continuous_presets("continuous.")["scale"]
     groups["scale"] = {**groups["scale"], **cont}

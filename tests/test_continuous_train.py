@@ -150,6 +150,16 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     torch.testing.assert_close(real.var(0), torch.ones(K), atol=1e-3, rtol=0)
     for i in range(len(ds)):
         assert ds.tokens(i).shape[0] == ds.codes(i).shape[-1]
+    # a missing tokens file names the command with this projection's width (the default, 64, fits another)
+    from siren.data.cache import cache_path
+    from siren.data.latents import tokens_key
+
+    gone = cache_path(out, "tokens", tokens_key(ds.items[0]["codes"], proj.id))
+    saved_tokens = gone.read_bytes()
+    gone.unlink()
+    with pytest.raises(DataError, match=rf"no tokens of projection {proj.id} .*siren\.data\.latents data=.* dim={K}$"):
+        ds.tokens(0)
+    gone.write_bytes(saved_tokens)
     def stamps():  # the data written (the fit's lock file is written by every run)
         return {p: p.stat().st_mtime_ns for d in ("latents", "tokens") for p in (out / d).rglob("*")
                 if p.is_file() and p.suffix != ".lock"}

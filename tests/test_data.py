@@ -707,5 +707,6 @@ def test_crops_and_order_are_deterministic(prepared):
 
 
 def test_missing_split_names_the_prepare_command(prepared):
-    with pytest.raises(DataError, match=r"no prepared split 'test'.*python -m siren\.data\.prepare"):
+    # the split named: prepare names a split after its manifest's file unless split= is given
+    with pytest.raises(DataError, match=r"no prepared split 'test'.*python -m siren\.data\.prepare .* split=test"):
         make_loader(prepared, "test", batch_size=2)

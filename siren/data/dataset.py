@@ -43,7 +43,7 @@ def load_index(prepared_dir: str | Path, split: str) -> dict:
     p = index_path(Path(prepared_dir), split)
     if not p.is_file():
         raise DataError(f"{p}: no prepared split '{split}' in {prepared_dir}; run "
-                        f"python -m siren.data.prepare manifest=<{split} manifest> out={prepared_dir}")
+                        f"python -m siren.data.prepare manifest=<{split} manifest> out={prepared_dir} split={split}")
     return read_json(p, f"run python -m siren.data.prepare for split '{split}' into {prepared_dir} again: it "
                         f"rewrites the index and reuses every encoding it cached")
 

@@ -4,6 +4,7 @@
     python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 shard=$SLURM_ARRAY_TASK_ID
     python -m siren.data.filter manifest=clips.csv out=FILT num_shards=64 step=select select=siren-3.1b select_out=S31
     python -m siren.data.filter manifest=demo out=FILT select=siren-1.6b rl_top=10 weights=demo
+    (``manifest=demo`` also sets ``audio.policy=crop audio.duration_s=2.0`` unless given.)
 
 Per manifest row: the clip is loaded and cut as ``prepare`` cuts it (``audio.*``, one item per row), its
 activity SNR is estimated (siren/data/activity.py) and its CLAP audio embedding and every candidate

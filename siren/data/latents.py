@@ -180,8 +180,9 @@ class LatentDataset(PreparedDataset):
         it = self.items[i]
         path = cache_path(self.dir, "tokens", tokens_key(it["codes"], self.projection_id))
         if not path.is_file():
+            width = self.projection_id.split("-")[0].removeprefix("pca")
             raise DataError(f"{path}: no tokens of projection {self.projection_id} for item {it['id']}; run "
-                            f"python -m siren.data.latents data={self.dir}")
+                            f"python -m siren.data.latents data={self.dir} dim={width}")
         return load_file(path)["tokens"][it["segment"]]
 
     def frames(self, i: int) -> torch.Tensor:

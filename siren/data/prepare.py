@@ -5,6 +5,8 @@
     python -m siren.data.prepare manifest=... out=... num_shards=8 shard=3          # one job-array element
     python -m siren.data.prepare manifest=... out=... num_shards=8 step=index       # merge, after all shards
 
+``manifest=demo`` also sets ``audio.policy=crop audio.duration_s=2.0`` (the demo clips' length) unless given.
+
 Caches are content-addressed, so a changed file or model never reuses a stale entry:
 codes by (sha256 of the audio file's bytes, preprocessing policy incl. resampler, codec id),
 text by (caption, text-encoder id, storage dtype). Every file is written atomically

@@ -10,7 +10,8 @@ code embeddings, backbone, residual decoder, heads), so each can train in its ow
 - Residual decoder R_k (Eq. 4-5): a short causal transformer over
   [h_t, cond_s, ..., cond_{s+m-1}], run per time step; the output at position i+1 (which
   reads cond_{s+i}) predicts layer s+i. cond_j = P(c) + sum_{i<j} e_i(q_t^i) ("accumulated",
-  Eq. 5 with its off-by-one fixed: never layer j itself), P(c) + e_{j-1}(q_t^{j-1})
+  Eq. 5's rule: never layer j itself; the paper numbers expert k's layers 2k, 2k+1, here 0-based
+  k*m .. k*m+m-1), P(c) + e_{j-1}(q_t^{j-1})
   ("residual"); "none" has no decoder and the heads read h_t (AudioGen parallel heads).
   The start P(c) is, as in the official code, a Linear(768, d) of the masked mean of the text
   states (``decoder_start=text``), or Eq. 5's learnable ``sos`` (``decoder_start=learned``).

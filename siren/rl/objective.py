@@ -18,8 +18,8 @@ STD_TOL = 1e-6
 def token_logprobs(logits: Tensor, actions: Tensor, temperature: float = 1.0) -> Tensor:
     """log pi(a | context) per token; logits [..., V], actions [...] -> [...] (float32).
 
-    The policy of Eq. 7 as sampled: softmax(logits / temperature). (top-k / top-p
-    truncation is not part of the ratio, as in common PPO/GRPO practice.)
+    The policy of Eq. 7 as sampled: softmax(logits / temperature), the full softmax (stage 2 refuses
+    sample.top_k / top_p, which would draw from a truncated policy).
     """
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
@@ -104,7 +104,7 @@ def grpo_loss(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, 
               eps_d: float, eps_u: float, n_kept: int | None = None, logp_ref: Tensor | None = None,
               kl_coef: float = 0.0, normalize: str = "kept", n_total: int | None = None
               ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss = -J(theta) (Eq. 10), minus kl_coef * KL, with the sum over kept rollouts divided by
+    """Loss = -(J(theta) (Eq. 10) - kl_coef * KL), each a sum over the kept rollouts divided by
     ``normalize``: "kept", the number of kept rollouts (a step's size does not shrink as the gamma
     filter drops more), or "group", all B*G rollouts: Eq. 10's 1/G per group, averaged over the B prompts.
 

@@ -25,7 +25,7 @@ from siren.errors import ConfigError
 @dataclass
 class RewardConfig:
     name: str = "clap"  # clap | imagebind | code_match (tests only)
-    weights: str = "pretrained"  # pretrained | random (smoke tests, labelled) | a checkpoint path
+    weights: str = "pretrained"  # pretrained | demo | random (smoke tests, labelled) | a checkpoint path
     seed: int = 0  # random-init seed for weights=random
     code_layer: int = 0  # code_match: which RVQ layer (0-based) ...
     code_value: int = 0  # ... must lie in [code_value, code_value + code_width)
