@@ -205,8 +205,11 @@ def evaluate(model: Expert | ContinuousLM, data: Stage1Data, cfg: TrainConfig, d
                 out = loss_of(model, _to_device(batch, device), cfg.loss_reduction, cfg.loss_layers)
             stats.add(out, out.frames)
     model.train(was_training)
-    if not stats.sums:  # this rank got no batch (tiny split, many ranks): contribute zeros
-        stats.sums = {"_w": 0.0, "_frames": 0.0}
+    if not stats.sums:  # this rank got no batch (tiny split, many ranks): zeros under the keys the others reduce,
+        # on the device they reduce on (a short list on the CPU aborted the all-reduce: gloo, and NCCL refuses it)
+        layers = model.layers if isinstance(model, Expert) else ()
+        keys = ["loss", *(f"{m}/L{j + 1}" for j in layers for m in ("ce", "acc")), "_w", "_frames"]
+        stats.sums = {k: torch.zeros((), device=device) for k in keys}
     return stats.reduce(ranks)
 
 

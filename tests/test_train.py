@@ -377,13 +377,15 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK=sys.arg
 from tests.fixtures_train import synthetic_data, tiny_config
 from siren.train import train
 train(tiny_config(sys.argv[1], "model.distribution=6-2", "train.steps=6", "train.val_every=2", "train.log_every=3"),
-      synthetic_data(n_train=8, ragged=False), handle_signals=False)
+      synthetic_data(n_train=8, n_val=2, ragged=False), handle_signals=False)
 """
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     """2 ranks x batch 2 see the same global batches as 1 process x batch 4 (equal-length clips,
-    so the mean of the two halves' losses is the full batch's): same losses up to float sums. Then the DDP run
+    so the mean of the two halves' losses is the full batch's): same losses up to float sums. The 2 validation
+    clips are rank 0's alone: rank 1's empty validation reduces zeros under the same keys (its short list on the
+    CPU aborted the all-reduce). Then the DDP run
     resumed from its step-4 checkpoint (both ranks' RNG states, the log's sums totalled over ranks) logs the
     same entries again."""
     import socket
@@ -401,10 +403,11 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
 
     ddp_run(tmp_path / "ddp")
     train(tiny_config(tmp_path / "one", "model.distribution=6-2", "train.steps=6", "train.val_every=2",
-                      "train.log_every=3", "train.batch_size=4"), synthetic_data(n_train=8, ragged=False),
+                      "train.log_every=3", "train.batch_size=4"), synthetic_data(n_train=8, n_val=2, ragged=False),
           handle_signals=False)
     ddp, one = read_log(tmp_path / "ddp" / "expert_0"), read_log(tmp_path / "one" / "expert_0")
     assert [e["step"] for e in ddp] == [e["step"] for e in one] == [2, 3, 4, 6, 6]
+    assert [sorted(e) for e in ddp] == [sorted(e) for e in one] and sum(bool(e.get("val")) for e in ddp) == 3
     for a, b in zip(ddp, one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-5), (a, b)
 
@@ -425,7 +428,7 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     (edir / "latest").write_text("step_00000004\n")
     with pytest.raises(ConfigError, match="trained on 2 processes, this run has 1"):
         train(tiny_config(tmp_path / "ddp", "model.distribution=6-2", "train.steps=6", "train.val_every=2",
-                          "train.log_every=3"), synthetic_data(n_train=8, ragged=False), handle_signals=False)
+                          "train.log_every=3"), synthetic_data(n_train=8, n_val=2, ragged=False), handle_signals=False)
 
 
 # ---------------------------------------------------------------------------- benchmark
