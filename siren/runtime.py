@@ -93,7 +93,8 @@ def init_distributed() -> Dist:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return Dist()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # collectives follow their tensors' device: a train.device=cpu run on a GPU node sent CPU tensors to NCCL
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
