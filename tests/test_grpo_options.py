@@ -1,5 +1,5 @@
 """Stage-2 options of issue 12: rl.normalize (kept vs the paper's 1/G) in closed form and
-rewards computed in fp32 outside the caller's autocast."""
+rewards (and the captions' text states) computed in fp32 outside the caller's autocast."""
 from __future__ import annotations
 
 import math
@@ -61,18 +61,27 @@ class _ProbeReward(_Probe):
         return wav.mean(-1)
 
 
-def test_rewards_are_computed_outside_autocast():
+def test_text_and_rewards_are_computed_outside_autocast():
+    """The captions' states too: encoded under stage 2's bf16 autocast, the policy sampled (and its ratio was
+    computed) on text states that differ from the fp32 ones stage 1 trained on and eval conditions with."""
     import tempfile
     from pathlib import Path
 
     from siren.rl import alignment
     from tests.fixtures_rl import HashedText, make_stage1_run
 
+    class ProbeText(HashedText):
+        autocast = []
+
+        def __call__(self, captions):
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+            return super().__call__(captions)
+
     with tempfile.TemporaryDirectory() as d:
         model, _, _ = alignment.load_stage1(make_stage1_run(Path(d) / "run"))
-    codec, reward = _ProbeCodec(), _ProbeReward()
+    codec, reward, text = _ProbeCodec(), _ProbeReward(), ProbeText()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ro = collect(model, ["a dog barks", "rain"], HashedText(), group=2, n_frames=3, sample=SampleConfig(),
+        ro = collect(model, ["a dog barks", "rain"], text, group=2, n_frames=3, sample=SampleConfig(),
                      seed=0, reward=reward, codec=codec, decode_batch=2)
-    assert codec.autocast == [False, False] and reward.autocast == [False, False]
+    assert codec.autocast == [False, False] and reward.autocast == [False, False] and text.autocast == [False]
     assert ro.rewards.dtype == torch.float32 and ro.rewards.shape == (2, 2)

@@ -65,14 +65,15 @@ class Rollouts:
 def collect(model: CollaborativeModel, captions: Sequence[str], encode_text: Callable, group: int, n_frames: int,
             sample: SampleConfig, seed: int, reward, codec=None, rollout_batch: int = 0,
             decode_batch: int = 8) -> Rollouts:
-    """Sample ``group`` full generations per caption with all experts, decode, score (decode and reward in fp32,
-    outside any autocast of the caller)."""
+    """Sample ``group`` full generations per caption with all experts, decode, score (the text encoder, decode and
+    reward in fp32, outside any autocast of the caller)."""
     if sample.temperature <= 0:
         raise ValueError("stage 2 samples from the policy: sample.temperature must be > 0 (0 is greedy)")
     if reward.needs_audio and codec is None:
         raise ValueError(f"reward {reward.id} scores audio: a codec is needed to decode the rollouts")
     device = next(model.parameters()).device
-    ts = encode_text(list(captions))
+    with torch.autocast(device.type, enabled=False):  # the states stage 1 trained on and eval conditions with
+        ts = encode_text(list(captions))
     text = ts.states.to(device).repeat_interleave(group, 0)
     text_mask = ts.mask.to(device).repeat_interleave(group, 0)
     caps = [c for c in captions for _ in range(group)]
