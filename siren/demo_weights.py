@@ -134,17 +134,20 @@ def fingerprint_error(got: dict[str, list], want: dict[str, list]) -> tuple[str 
 
 
 def seeded(seed: int, make: Callable[[], nn.Module], key: tuple | None = None) -> nn.Module:
-    """``make()`` under ``torch.manual_seed(seed)``, leaving the caller's RNG state alone. ``key`` names what
-    ``make`` builds (the same key: the same network): after ``keep_loaded()`` that network is built once per
-    seed and copied (a random CLAP is ~3.4 s to build on a 2-core CPU, its copy ~0.3 s)."""
+    """``make()`` (on the CPU) with torch's CPU generator seeded by ``seed``, leaving the caller's RNG state alone,
+    the GPUs' too. ``key`` names what ``make`` builds (the same key: the same network): after ``keep_loaded()`` that
+    network is built once per seed and copied (a random CLAP is ~3.4 s to build on a 2-core CPU, its copy ~0.3
+    s)."""
     if _KEPT is None or key is None:
         return _seeded(seed, make)
     return _kept(("seeded", *key, seed), lambda: _seeded(seed, make))
 
 
 def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    # the CPU generator alone, which the build (on the CPU) draws from: torch.manual_seed also reseeded every GPU's
+    # generator (or queued it, before CUDA starts), which the fork does not give back
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return make()
 
 

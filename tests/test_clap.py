@@ -41,7 +41,9 @@ def text(clap) -> TextEncoder:
 
 # --- identity, determinism --------------------------------------------------------------------
 
-def test_random_mode_is_labelled_seeded_and_leaves_global_rng_alone(clap, fresh_builds):
+def test_random_mode_is_labelled_seeded_and_leaves_global_rng_alone(clap, fresh_builds, monkeypatch):
+    gpu_seeds = []  # torch.manual_seed reseeds (or queues a reseed of) every GPU's generator: not given back
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", gpu_seeds.append)
     assert clap.weights_label == "random" and "random-seed0" in clap.id and clap.card()["weights"] == "random"
     wav = 0.1 * torch.randn(1, 16_000, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(123)
@@ -49,6 +51,7 @@ def test_random_mode_is_labelled_seeded_and_leaves_global_rng_alone(clap, fresh_
     torch.manual_seed(123)
     same = random_clap(0)
     assert torch.equal(torch.rand(3), expected_draw)  # the seeded build forked the RNG
+    assert gpu_seeds == [123, 123]  # the test's own seeds only
     other = random_clap(1)
     assert all(torch.equal(v, clap.model.state_dict()[k]) for k, v in same.model.state_dict().items())
     assert torch.equal(same.embed_text(CAPTIONS), clap.embed_text(CAPTIONS))

@@ -139,7 +139,7 @@ def build(state: dict[str, Tensor] | None, seed: int = 0) -> torch.nn.Module:
     when given, is then loaded strictly: every tensor of the two branches must be in it, with its shape."""
     ib = models()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # built on the CPU; the GPUs' generators stay the caller's
         model = ib.ImageBindModel(**{**huge_kwargs(), **{f"{m}_num_blocks": 0 for m in UNUSED}})
     for part in (model.modality_preprocessors, model.modality_trunks, model.modality_heads,
                  model.modality_postprocessors):
