@@ -7,8 +7,9 @@
 
 The model and codec have random weights (timing only); the eval backbones ``eval_weights``'. Each section runs
 on its own: one that fails is logged, recorded as ``{"error": ...}`` in the JSON and the next one runs (exit code
-1 if any failed). Each times the code path the harness runs, with its settings (no TF32, which neither training
-nor evaluation turns on).
+1 if any failed). Each times the code path the harness runs, with its settings: torch's defaults, which the harness
+leaves as they are (fp32 matrix products without TF32; cuDNN convolutions, the codec's and the metric networks',
+in TF32 on Ampere and later GPUs, as in the peers' own code, so GPU numbers differ from CPU ones at about 1e-3).
 
 1. ``train``: one expert of ``scale`` (6-2; default ``isolated-1.6b``, 1/6 of its 1.6B) at appendix B's batch
    (24 clips of 6 s crops per GPU) timed by ``benchmarks.train.time_steps``: ``siren.train.train_step``

@@ -123,7 +123,7 @@ def time_steps(configs: dict[str, ModelConfig], batch: dict, steps: int, tc: Tra
         expert = Expert(cfg, 0).to(device)
         opt = optimizer(expert, tc, device)
         runs[name] = (expert, LossOf(expert), opt, [], [])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # this GPU's queue
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for name, (expert, net, opt, wall, cpu) in runs.items():

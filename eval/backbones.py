@@ -365,7 +365,9 @@ class ClapAudio(Backbone):
 
     def embed_batch(self, xs: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         with torch.inference_mode():
-            out = self.net.embed_audio([x.to(self.device) for x in xs], sample_rate=self.sample_rate)
+            # one HTSAT call per batch of eval's batch_size (embed_audio's own default, 16, split larger ones)
+            out = self.net.embed_audio([x.to(self.device) for x in xs], sample_rate=self.sample_rate,
+                                       batch_size=len(xs))
         return [{"audio": o} for o in out.float().cpu().numpy()]
 
     def embed_text(self, captions: list[str]) -> np.ndarray:

@@ -148,7 +148,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                 better = score > best_score
                 best_wav[better], best_score[better] = wav[better], score[better]
         if device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         batch_times.append(time.perf_counter() - t0)
         collapsed.update({ids[i]: int(n) for i, n in zip(rows, batch_collapsed)})
         check_collapse()

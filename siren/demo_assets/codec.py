@@ -102,7 +102,9 @@ class CodecRecipe:
     threads: int = 2
     fp16: bool = True
     checkpoint_every: int = 500  # steps between a stage's checkpoints (a stopped build resumes: resume.py)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto: the same recipe on a GPU (the file is stored from the CPU)
+    # cpu | cuda | cuda:N | auto: the same recipe on a GPU (the file is stored from the CPU); a GPU build does not
+    # give the same bits twice (the k-means' index_add_ and cuDNN's kernels are not deterministic there)
+    device: str = "cpu"
 
     def __post_init__(self):
         check_numbers(self, positive=("n_train", "batch", "threads", "kmeans_iters", "ae_lr", "ft_lr",
