@@ -467,3 +467,23 @@ def test_expert_seed_shared_or_offset_as_the_authors(tmp_path):
     assert not torch.equal(*offset) and torch.equal(offset[0], inits("shared")[0])  # expert 0: seed + 0
     with pytest.raises(ConfigError, match="train.expert_seed must be one of shared, offset"):
         tiny_config(tmp_path / "x", "train.expert_seed=own")
+
+
+@pytest.mark.parametrize("cuda, backend", [(False, "gloo"), (True, "cpu:gloo,cuda:nccl")])
+def test_process_group_sends_cpu_tensors_to_gloo_where_cuda_exists(monkeypatch, cuda, backend):
+    """A train.device=cpu run with several processes on a GPU node: its collectives carry CPU tensors, which NCCL
+    refuses; the group maps each device to its backend (torch parses the string as below)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from siren import runtime
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(dist, "init_process_group", asked.append)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert runtime.init_distributed().world == 2 and asked == [backend]
+    assert BackendConfig(Backend(backend)).get_device_backend_map()["cpu"] == "gloo"
