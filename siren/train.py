@@ -141,7 +141,7 @@ class Stats:
         tot = dict(zip(keys, vec.tolist()))
         w = tot.pop("_w")
         frames = tot.pop("_frames")
-        return {**{k: v / w for k, v in tot.items()}, "_frames": frames}
+        return {**({k: v / w for k, v in tot.items()} if w else {}), "_frames": frames}  # w = 0: no batch anywhere
 
 
 class LossOf(torch.nn.Module):
