@@ -191,6 +191,18 @@ def test_every_job_of_a_plan_is_requeued_on_a_time_limit(tmp_path):
     assert all(isinstance(pipeline._callable(j), submitit.helpers.Checkpointable) for j in jobs)
 
 
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_the_codec_passes_over_the_training_set_get_the_grids_gpus(tmp_path, gpus):
+    """prepare (and the continuous family's latents) ran the codec over the whole training set on 2 CPU cores:
+    ~70 h for 100k clips at scale=paper, over the requeues' ceiling; they take the GPU the other jobs get (the plan is
+    the same at either scale)."""
+    from ablations.plan import plan
+
+    run_cfg = parse(["grid=continuous", f"out={tmp_path}", f"gpus={gpus}"])
+    jobs = {j.fn.__name__: j for j in plan(cells_of(load_grid("continuous"), run_cfg), run_cfg)}
+    assert jobs["prepare_step"].gpus == jobs["latents_step"].gpus == jobs["train_step"].gpus == gpus
+
+
 def test_tables_mark_equal_values_alike_and_the_next_one_second():
     # two rows of one cell (Base and Large at scale=demo) print the same numbers: one was bold and the other
     # underlined, and the real second value went unmarked

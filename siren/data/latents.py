@@ -34,6 +34,7 @@ from siren.errors import ConfigError, DataError
 from siren.io import read_json, save_tensors, sha256, write_json
 from siren.lock import hold
 from siren.model.continuous.latent import LatentProjection, dac_latent
+from siren.runtime import check_device
 
 log = logging.getLogger(__name__)
 
@@ -199,16 +200,19 @@ class LatentsConfig:
     data: str = ""  # a prepared directory (siren.data.prepare)
     dim: int = 64  # axes kept by the PCA (1024 = the full latent, rotated and whitened)
     codec: CodecConfig = field(default_factory=CodecConfig)  # the codec the directory was prepared with
+    device: str = "auto"  # the encoder's: auto = cuda when available, else cpu (the cached latents are the same)
 
     def __post_init__(self):
         if not 1 <= self.dim <= 1024:
             raise ConfigError(f"dim must be in [1, 1024], got {self.dim}")
+        check_device(self.device)
 
 
 def main(argv: list[str] | None = None) -> int:
     from siren import cli
     from siren.config import load_config
     from siren.frontends import build_codec, check_keys
+    from siren.runtime import resolve_device
 
     cfg = load_config(LatentsConfig, cli.start(argv))
     if not cfg.data:
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if index_path(cfg.data, "train").is_file():  # other codec keys than the directory's: named before a build
         check_keys({"codec": load_index(cfg.data, "train").get("frontends", {}).get("codec")}, {"codec": cfg.codec},
                    f"{cfg.data} was prepared")
-    proj = prepare_latents(cfg.data, build_codec(cfg.codec), cfg.dim, progress=True)
+    proj = prepare_latents(cfg.data, build_codec(cfg.codec, resolve_device(cfg.device)), cfg.dim, progress=True)
     print(json.dumps({"projection": proj.id, "dim": proj.dim}))
     return 0
 
