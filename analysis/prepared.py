@@ -14,6 +14,7 @@ mismatch of codec ids is an error naming both.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,16 +170,18 @@ def load(prepared: Path, split: str, max_items: int = 0, seed: int = 0, need_lab
 
 def pooled_features(codec: Codec, codes: list[torch.Tensor], space: str = "projected") -> np.ndarray:
     """Appendix D.1: f-hat^j = pool(f-hat^j_1..l), the mean over a clip's frames -> [N, 12, D]."""
-    return np.stack([f.mean(0) for f in _features(codec, codes, space)])
+    # pooled as each chunk comes: every clip's frames kept until the end were ~49 MB per 10 s clip
+    return np.stack(_features(codec, codes, space, lambda f: f.mean(0)))
 
 
 def frame_features(codec: Codec, codes: list[torch.Tensor], space: str = "projected") -> np.ndarray:
     """Section 3's per-time-step variant: every frame of every clip -> [sum T_i, 12, D]."""
-    return np.concatenate(_features(codec, codes, space))
+    return np.concatenate(_features(codec, codes, space, lambda f: f))
 
 
-def _features(codec: Codec, codes: list[torch.Tensor], space: str, max_frames: int = 2048) -> list[np.ndarray]:
-    """Per clip [T, 12, D]: ``projected`` = f-hat^j of Eq. 1 (1024-d), ``codebook`` = Z^j[q] (8-d).
+def _features(codec: Codec, codes: list[torch.Tensor], space: str, per_clip: Callable[[np.ndarray], np.ndarray],
+              max_frames: int = 2048) -> list[np.ndarray]:
+    """``per_clip`` of each clip's [T, 12, D]: ``projected`` = f-hat^j of Eq. 1 (1024-d), ``codebook`` = Z^j[q] (8-d).
 
     Clips go through ``codec.layer_features`` in zero-padded chunks of <= ``max_frames`` frames
     (features are per frame, so padding never leaks into a clip's own frames)."""
@@ -194,6 +197,6 @@ def _features(codec: Codec, codes: list[torch.Tensor], space: str, max_frames: i
             chunk[i, :, : c.shape[-1]] = c
         vec, proj = codec.layer_features(chunk)
         feats = (proj if space == "projected" else vec).transpose(1, 2).double().cpu().numpy()  # [n, T, 12, D]
-        out += [feats[i, : c.shape[-1]] for i, c in enumerate(codes[start:end])]
+        out += [per_clip(feats[i, : c.shape[-1]]) for i, c in enumerate(codes[start:end])]
         start = end
     return out
