@@ -13,6 +13,7 @@ the difference, never reused.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -152,16 +153,18 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         batch_times.append(time.perf_counter() - t0)
         collapsed.update({ids[i]: int(n) for i, n in zip(rows, batch_collapsed)})
         check_collapse()
-        for i, w in zip(rows, best_wav):
-            if not paths[i].is_file():
-                with atomic_path(paths[i]) as tmp:
-                    sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
-                    record["sha256"][ids[i]] = sha256_file(tmp)
-                    # recorded before the clip is renamed into place: a job killed between the two leaves a
-                    # recorded clip missing (made again, to the same bytes), never a clip there unrecorded
-                    write_json(out_dir / RECORD, record)
-                written += 1
-        write_json(out_dir / RECORD, record)  # with the counts of the clips now there, for a resume
+        # the batch's clips are recorded before any is renamed into place: a job killed between the two leaves
+        # recorded clips missing (their batch is drawn again whole, to the same bytes), never a clip there
+        # unrecorded. Once per batch: the record holds every clip's hash, and written once per clip it was
+        # rewritten N times over (~110 s for 4.9k clips)
+        fresh = [(i, w) for i, w in zip(rows, best_wav) if not paths[i].is_file()]
+        with contextlib.ExitStack() as renames:
+            for i, w in fresh:
+                tmp = renames.enter_context(atomic_path(paths[i]))
+                sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+                record["sha256"][ids[i]] = sha256_file(tmp)
+            write_json(out_dir / RECORD, record)  # with the collapse counts of this batch, for a resume
+        written += len(fresh)
     return {"run_dir": str(Path(run_dir).resolve()), "weights_sha256": settings["weights_sha256"],
             "frontends_weights": record["frontends_weights"], "seconds": seconds, "n_frames": n_frames,
             "trained_frames": trained_frames(run_dir),

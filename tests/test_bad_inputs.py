@@ -1033,7 +1033,8 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
 def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_while_writing(tmp_path):
     """A clip's draws depend on its batch (the seed of its first position, the companions sharing the generator):
     clips of a subset= run were kept by a later whole-set run into the same folder. And a job killed after a
-    clip was renamed into place but before the record was written was refused on resume as 'put there by hand'."""
+    clip was renamed into place but before the record was written was refused on resume as 'put there by hand':
+    a batch's clips are recorded first, then renamed into place, so a kill while writing them leaves none."""
     import soundfile as sf
 
     from eval.generate import generate_set
@@ -1064,8 +1065,8 @@ def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_whi
 
     with mock.patch("eval.generate.sf.write", killed_at_the_second_clip), pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "gen", ["a", "b"], ["a dog barks", "rain"])
-    assert (tmp_path / "gen" / "a.wav").is_file() and not (tmp_path / "gen" / "b.wav").is_file()
-    assert generate(tmp_path / "gen", ["a", "b"], ["a dog barks", "rain"])["generated_now"] == 1
+    assert not list((tmp_path / "gen").glob("*.wav")) and not list((tmp_path / "gen").glob(".*.tmp"))
+    assert generate(tmp_path / "gen", ["a", "b"], ["a dog barks", "rain"])["generated_now"] == 2
     whole = tmp_path / "whole"
     generate(whole, ["a", "b"], ["a dog barks", "rain"])
     # the uninterrupted clip's samples (a float WAV's PEAK chunk holds the time it was written)
