@@ -200,7 +200,9 @@ class LatentsConfig:
     data: str = ""  # a prepared directory (siren.data.prepare)
     dim: int = 64  # axes kept by the PCA (1024 = the full latent, rotated and whitened)
     codec: CodecConfig = field(default_factory=CodecConfig)  # the codec the directory was prepared with
-    device: str = "auto"  # the encoder's: auto = cuda when available, else cpu (the cached latents are the same)
+    # the encoder's: auto = cuda when available, else cpu. A GPU's latents differ from the CPU's in rounding (cuDNN
+    # convolutions in TF32), as prepare's codes may: one directory is best made on one kind of device
+    device: str = "auto"
 
     def __post_init__(self):
         if not 1 <= self.dim <= 1024:
