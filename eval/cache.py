@@ -84,7 +84,8 @@ def embed_clips(backbone: Backbone, clips: list[Clip], cache: EmbeddingCache | N
     """Per clip {output: array} from ``backbone``, reading what the cache has and computing (and storing) the rest.
 
     Misses are batched among clips whose prepared inputs have the same shape (``Backbone.batch_key``),
-    so no clip is padded to another's length. Clips with identical content are computed once.
+    so no clip is padded to another's length; a backbone whose inputs all share one key has them prepared
+    batch by batch. Clips with identical content are computed once.
     """
     stats = CacheStats()
     protocol = backbone.protocol()
@@ -99,15 +100,19 @@ def embed_clips(backbone: Backbone, clips: list[Clip], cache: EmbeddingCache | N
             results[i] = hit
             stats.hits += 1
     if todo:
-        groups: dict[object, list[tuple[str, torch.Tensor]]] = defaultdict(list)
+        groups: dict[object, list[tuple[str, torch.Tensor | None]]] = defaultdict(list)
         for k, idx in todo.items():
-            x = backbone.prepare(clips[idx[0]])
-            groups[backbone.batch_key(x)].append((k, x))
+            if backbone.SHARED_BATCH_KEY is None:  # the key is the prepared input's shape
+                x = backbone.prepare(clips[idx[0]])
+                groups[backbone.batch_key(x)].append((k, x))
+            else:  # prepared with its batch below
+                groups[backbone.SHARED_BATCH_KEY].append((k, None))
         with tqdm(total=len(todo), desc=desc or backbone.name, unit="clip") as bar:
             for items in groups.values():
                 for s in range(0, len(items), batch_size):
                     chunk = items[s:s + batch_size]
-                    for (k, _), out in zip(chunk, backbone.embed_batch([x for _, x in chunk])):
+                    xs = [backbone.prepare(clips[todo[k][0]]) if x is None else x for k, x in chunk]
+                    for (k, _), out in zip(chunk, backbone.embed_batch(xs)):
                         for i in todo[k]:
                             results[i] = out
                         if cache:

@@ -74,6 +74,24 @@ def test_embed_clips_groups_lengths_and_computes_duplicates_once(panns):
     np.testing.assert_array_equal(out[0]["embedding"], out[3]["embedding"])
 
 
+def test_a_shared_batch_key_prepares_each_batch_as_it_goes(vggish, monkeypatch):
+    """VGGish and CLAP batch every input together: their inputs (CLAP's at 48 kHz, 1.9 MB per 10 s clip) were all
+    prepared before the first batch ran, a whole evaluation set's at once; now each batch's as it goes, with the
+    same results as preparing them first."""
+    from eval.cache import embed_clips
+
+    clips = [make_clip(f"c{i}", synth(i, 1.5 + 0.5 * i), 16000) for i in range(5)]
+    calls = []
+    prepare, embed_batch = vggish.prepare, vggish.embed_batch
+    monkeypatch.setattr(vggish, "prepare", lambda c: (calls.append("p"), prepare(c))[1])
+    monkeypatch.setattr(vggish, "embed_batch", lambda xs: (calls.append("e"), embed_batch(xs))[1])
+    out, _ = embed_clips(vggish, clips, cache=None, batch_size=2)
+    assert "".join(calls) == "ppeppepe"
+    first = embed_batch([prepare(c) for c in clips[:2]])
+    for o, f in zip(out, first):
+        np.testing.assert_array_equal(o["frames"], f["frames"])
+
+
 def test_random_weights_are_seeded(fresh_builds):
     a, b = PannsCnn14("random", seed=3), PannsCnn14("random", seed=4)
     wa, wb = a.net.fc1.weight, b.net.fc1.weight
