@@ -213,9 +213,9 @@ def check_sources(jobs: list[Job]) -> None:
             folder = Path(job.kwargs["out"])
             path = folder / steps.REFERENCES  # evaluations before 2026-12-07 wrote none: not checked
             records = read_json(path, "delete it to skip this check") if path.is_file() else []
-            changed, gone, restat = changed_files(records)
-            if restat:  # the same bytes (a copy, a restore): not hashed again next time
-                write_json(path, [{**r, "source_stat": restat.get(r["source"], r["source_stat"])} for r in records])
+            changed, gone, restated = changed_files(records)
+            if restated:  # the same bytes (a copy, a restore): not hashed again next time
+                write_json(path, records)
             what, kept = "scored as references", "the results stand"
             cost = "The results there are of the former audio"
         else:

@@ -56,10 +56,12 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
     return dest
 
 
-def changed_files(records: list[dict]) -> tuple[list[str], list[str], dict[str, list[int]]]:
-    """(files whose bytes are no longer the recorded ones, files no longer there, {file: new version} of those
-    with the same bytes) for records {"source", "source_sha256", "source_stat"}. A file whose size, mtime and
-    ctime (``siren.io.version``) are as recorded is taken as unchanged; any other is hashed again."""
+def changed_files(records: list[dict]) -> tuple[list[str], list[str], bool]:
+    """(files whose bytes are no longer the recorded ones, files no longer there, whether ``records`` were updated)
+    for records {"source", "source_sha256", "source_stat"}. A file whose size, mtime and ctime
+    (``siren.io.version``) are as recorded is taken as unchanged; any other is hashed again, and one with the same
+    bytes (a copy, a restore) gets its new version in ``records``: the caller writes them back, so the next check
+    does not hash it again."""
     changed, gone, restat = [], [], {}
     for it in {it["source"]: it for it in records if "source_stat" in it}.values():  # one check per file
         try:
@@ -73,7 +75,10 @@ def changed_files(records: list[dict]) -> tuple[list[str], list[str], dict[str, 
             changed.append(it["source"])
         else:
             restat[it["source"]] = version(st)
-    return changed, gone, restat
+    for it in records:
+        if it.get("source") in restat:
+            it["source_stat"] = restat[it["source"]]
+    return changed, gone, bool(restat)
 
 
 def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
@@ -84,11 +89,8 @@ def changed_sources(out: str | Path, split: str) -> tuple[list[str], list[str]]:
     models trained on them."""
     path = index_path(Path(out), split)
     index = read_json(path, "run prepare again")
-    changed, gone, restat = changed_files(index.get("items", []))
-    if restat:
-        for it in index["items"]:
-            if it["source"] in restat:
-                it["source_stat"] = restat[it["source"]]
+    changed, gone, restated = changed_files(index.get("items", []))
+    if restated:
         write_json(path, index)
     return changed, gone
 
