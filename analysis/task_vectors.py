@@ -18,8 +18,10 @@ cos(tau_k at checkpoint step N, tau_k final) (needs that checkpoint kept).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,25 +66,33 @@ def module_of(name: str) -> tuple[str, str] | None:
     return None
 
 
-def task_vector(final: dict[str, torch.Tensor], init: dict[str, torch.Tensor], where: str = "") -> dict:
-    """tau = final - init per tensor (float64); the two state dicts must hold the same tensors."""
-    if set(final) != set(init):
-        diff = sorted(set(final) ^ set(init))
-        raise WeightsMismatchError(f"{where}: final and initial weights hold different tensors (e.g. {diff[:5]})")
-    bad = [k for k in final if final[k].shape != init[k].shape]
+def check_same_tensors(final, init, where: str) -> None:
+    """The two open weight files (``siren.checkpoint.open_tensors``) hold the same tensors, of the same shapes."""
+    if set(final.keys()) != set(init.keys()):
+        diff = sorted(set(final.keys()) ^ set(init.keys()))
+        raise WeightsMismatchError(f"{where}: the weights compared hold different tensors (e.g. {diff[:5]})")
+    bad = [k for k in final.keys() if final.get_slice(k).get_shape() != init.get_slice(k).get_shape()]
     if bad:
-        raise WeightsMismatchError(f"{where}: shapes differ between final and initial weights for {bad[:5]}")
-    return {k: final[k].double() - init[k].double() for k in final}
+        raise WeightsMismatchError(f"{where}: shapes differ between the weights compared for {bad[:5]}")
 
 
-def module_cosines(taus: list[dict[str, torch.Tensor]]) -> dict[tuple[str, str], np.ndarray]:
-    """(group, layer) -> [K, K] cosine matrix of the experts' flattened module task vectors.
+def task_vectors(finals: list, inits: list) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensor by tensor: (name, [K, n] float64), the K experts' tau_k = final_k - init_k of that tensor, flattened.
+
+    One tensor of each expert is in memory at a time: a 1.6B-parameter expert's whole task vector is 13 GB in
+    float64, and Fig. 7 compares six."""
+    for name in finals[0].keys():
+        yield name, torch.stack([f.get_tensor(name).double().flatten() - i.get_tensor(name).double().flatten()
+                                 for f, i in zip(finals, inits)])
+
+
+def module_cosines(stacks: Iterable[tuple[str, torch.Tensor]]) -> dict[tuple[str, str], np.ndarray]:
+    """(group, layer) -> [K, K] cosine matrix of the experts' flattened module task vectors (``task_vectors``).
 
     Accumulates the Gram matrix tensor by tensor, so no module is ever concatenated."""
     grams: dict[tuple[str, str], torch.Tensor] = {}
-    for name in taus[0]:
+    for name, stack in stacks:
         mod = module_of(name)
-        stack = torch.stack([t[name].flatten() for t in taus])  # [K, n]
         if mod is None or not stack.abs().max() > 0:  # ungrouped, or frozen in every expert
             continue
         grams[mod] = grams.get(mod, 0) + stack @ stack.T
@@ -93,17 +103,20 @@ def module_cosines(taus: list[dict[str, torch.Tensor]]) -> dict[tuple[str, str],
     return out
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+@contextlib.contextmanager
+def _open_file(path: Path) -> Iterator:
+    """A safetensors file of initial weights, open tensor by tensor (never unpickled: a .pt is named)."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise MissingWeightsError(f"missing weights file {path}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:  # a .pt, a truncated copy: never unpickled, named
+        f = safe_open(str(path), "pt")
+    except (SafetensorError, OSError, ValueError) as e:  # a .pt, a truncated copy: named
         raise WeightsMismatchError(f"{path}: not a safetensors state dict ({e}); give init=<file.safetensors> "
                                    f"(the experts' shared initial weights, saved with safetensors)") from None
+    with f:
+        yield f
 
 
 def expert_dirs(run_dir: Path) -> list[Path]:
@@ -114,28 +127,31 @@ def expert_dirs(run_dir: Path) -> list[Path]:
     return dirs
 
 
-def initial_weights(edir: Path, init: str) -> dict[str, torch.Tensor]:
+def initial_weights(edir: Path, init: str):
+    """The initial weights' file, to open (``with``): ``init``, else the expert's init.safetensors or step 0."""
     if init:
-        return _load(Path(init))
-    for cand in (edir / "init.safetensors", edir / "step_00000000" / "model.safetensors"):
-        if cand.is_file():
-            return _load(cand)
+        return _open_file(Path(init))
+    if (edir / "init.safetensors").is_file():
+        return _open_file(edir / "init.safetensors")
+    if (edir / ckpt.step_name(0)).is_dir():
+        return ckpt.Checkpoint(edir / ckpt.step_name(0)).open_model()
     raise CheckpointError(f"{edir}: no initial weights (init.safetensors or step_00000000/); give the shared "
                           f"initialisation with init=<file.safetensors>")
 
 
-def final_weights(edir: Path, step: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
+def final_weights(edir: Path, step: int | None = None) -> ckpt.Checkpoint:
+    """The expert's last checkpoint, or the one at ``step``."""
     if step is None:
         last = ckpt.load_latest(edir)
         if last is None:
             raise CheckpointError(f"{edir}: no checkpoint (step_*/model.safetensors)")
-        return last.model_state(), last.step
+        return last
     path = edir / ckpt.step_name(step)
     if not path.is_dir():
         kept = [s for s, _ in ckpt.step_dirs(edir)]
         raise CheckpointError(f"reference_step={step}: {edir} has no checkpoint at that step; its steps: "
                               f"{', '.join(map(str, kept)) or 'none'} (train.ckpt_every sets which are kept)")
-    return ckpt.Checkpoint(path).model_state(), step
+    return ckpt.Checkpoint(path)
 
 
 def _label(mod: tuple[str, str]) -> str:
@@ -173,22 +189,28 @@ def run(cfg: TaskVectorsConfig) -> list:
         raise ConfigError("run=<stage-1 run directory> is required")
     folder = out_dir(cfg.out, "task_vectors")
     dirs = expert_dirs(Path(cfg.run))
-    shared = initial_weights(dirs[0], cfg.init) if cfg.init else None
-    taus, steps, early = [], [], []
-    for edir in dirs:
-        init = shared if shared is not None else initial_weights(edir, "")
-        final, step = final_weights(edir)
-        taus.append(task_vector(final, init, str(edir)))
-        steps.append(step)
-        if cfg.reference_step >= 0:
-            early.append(task_vector(final_weights(edir, cfg.reference_step)[0], init, str(edir)))
-    cos = module_cosines(taus)
+    with contextlib.ExitStack() as files:  # every file open tensor by tensor (task_vectors)
+        shared = files.enter_context(initial_weights(dirs[0], cfg.init)) if cfg.init else None
+        inits, finals, steps, early = [], [], [], []
+        for edir in dirs:
+            inits.append(shared if shared is not None else files.enter_context(initial_weights(edir, "")))
+            last = final_weights(edir)
+            finals.append(files.enter_context(last.open_model()))
+            steps.append(last.step)
+            if cfg.reference_step >= 0:
+                early.append(files.enter_context(final_weights(edir, cfg.reference_step).open_model()))
+        for k, edir in enumerate(dirs):
+            check_same_tensors(finals[k], inits[k], f"{edir} (final vs initial)")
+            check_same_tensors(finals[k], finals[0], f"{edir} vs {dirs[0]}")
+            if early:
+                check_same_tensors(early[k], inits[k], f"{edir} (step {cfg.reference_step} vs initial)")
+        cos = module_cosines(task_vectors(finals, inits))
+        # red reference: cos(tau_k(step N), tau_k(final)) per module, mean over experts k
+        own = [module_cosines(task_vectors([e, f], [i, i])) for e, f, i in zip(early, finals, inits)]
     mods = sorted(cos, key=_order)
-    K = len(taus)
+    K = len(dirs)
     pairs = list(itertools.combinations(range(K), 2))
     values = {m: np.array([cos[m][a, b] for a, b in pairs]) for m in mods}
-    # red reference: cos(tau_k(step N), tau_k(final)) per module, mean over experts k
-    own = [module_cosines([e, t]) for e, t in zip(early, taus)]
     reference = {m: float(np.mean([c[m][0, 1] for c in own if m in c])) for m in mods if any(m in c for c in own)}
     prov = provenance(cfg.run)
     rows = [dict(group=m[0], layer=m[1], module=_label(m), expert_a=a, expert_b=b, cosine=float(cos[m][a, b]),

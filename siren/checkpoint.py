@@ -21,6 +21,7 @@ everything else JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -129,30 +130,38 @@ def fall_back(path: Path) -> str:
 
 
 def read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensor file; with ``sha256`` (recorded at save) its bytes are checked first: safetensors
-    has no checksum of its own, so a flipped byte inside a tensor would load as a slightly other model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """A checkpoint's tensor file, every tensor (``open_tensors``'s checks)."""
+    with open_tensors(path, sha256) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@contextlib.contextmanager
+def open_tensors(path: Path, sha256: str | None = None) -> Iterator:
+    """A checkpoint's tensor file open to read tensor by tensor (safetensors' ``safe_open``: ``keys()``,
+    ``get_tensor(name)``, ``get_slice(name).get_shape()``), for readers of several experts' weights that do not fit
+    in memory whole. With ``sha256`` (recorded at save) its bytes are checked first: safetensors has no checksum of
+    its own, so a flipped byte inside a tensor would load as a slightly other model. The file's version is checked
+    again on leaving."""
+    from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
-        if sha256 is None:  # a checkpoint written before the digests were recorded
-            return load_file(str(path))
-        # hashed in chunks, then loaded, then the file's version checked again: a 3.3B model's AdamW state read
-        # into memory whole to hash it, then loaded beside it, held twice its size at once
+        # hashed in chunks, then opened: a 3.3B model's AdamW state read into memory whole to hash it, then loaded
+        # beside it, held twice its size at once
         before = io.version(path.stat())
-        if (got := io.sha256_file(path)) != sha256:
+        if sha256 is not None and (got := io.sha256_file(path)) != sha256:  # None: written before digests were
             raise CheckpointError(f"corrupt checkpoint file {path}: its sha256 is {got[:16]}..., state.json "
                                   f"recorded {sha256[:16]}... when it was written (a damaged disk or copy, or an "
                                   f"edit); {fall_back(path)}")
-        tensors = load_file(str(path))
-        if io.version(path.stat()) != before:
-            raise CheckpointError(f"checkpoint file {path} changed while it was read (another process writing "
-                                  "it?); load it again once nothing writes there")
-        return tensors
+        f = safe_open(str(path), "pt")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
+    with f:
+        yield f
+    if io.version(path.stat()) != before:
+        raise CheckpointError(f"checkpoint file {path} changed while it was read (another process writing "
+                              "it?); load it again once nothing writes there")
 
 
 def step_dirs(edir: Path) -> list[tuple[int, Path]]:
@@ -196,8 +205,15 @@ class Checkpoint:
     def trainer_state(self) -> dict[str, torch.Tensor]:
         return self._tensors("trainer.safetensors")
 
+    def open_model(self):
+        """``model.safetensors`` open to read tensor by tensor (``open_tensors``)."""
+        return open_tensors(self.path / "model.safetensors", self._sha256("model.safetensors"))
+
     def _tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path / name, self.state.get("sha256", {}).get(name))
+        return read_tensors(self.path / name, self._sha256(name))
+
+    def _sha256(self, name: str) -> str | None:
+        return self.state.get("sha256", {}).get(name)
 
 
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:

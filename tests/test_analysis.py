@@ -2,6 +2,7 @@
 command end to end on the (small, prepared) demo set with random weights."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from analysis import (
     caption_reliance,
@@ -308,7 +311,7 @@ def test_weights_note_says_demo_weights_once_per_model(tmp_path):
 
 # ---------------------------------------------------------------------------- task vectors
 
-def test_task_vector_cosines_identical_orthogonal_and_grouping():
+def test_task_vector_cosines_identical_orthogonal_and_grouping(tmp_path):
     shapes = {"embedding.weight": (12, 4, 6), "heads.0.weight": (8, 4), "backbone.blocks.0.mlp.up.weight": (5, 4),
               "backbone.blocks.1.mlp.up.weight": (5, 4), "backbone.norm.weight": (4,),
               "embedding.codebooks": (12, 3, 2)}
@@ -326,11 +329,18 @@ def test_task_vector_cosines_identical_orthogonal_and_grouping():
             o += t.numel()
         return out
 
+    def cosines(finals: list[dict], inits: list[dict]) -> dict:  # through safetensors files, as the command reads
+        with contextlib.ExitStack() as files:
+            opened = []
+            for i, sd in enumerate(finals + inits):
+                save_file(sd, tmp_path / f"{i}.safetensors")
+                opened.append(files.enter_context(safe_open(str(tmp_path / f"{i}.safetensors"), "pt")))
+            return task_vectors.module_cosines(task_vectors.task_vectors(opened[:len(finals)], opened[len(finals):]))
+
     # experts 0 and 1: the same update direction (other length); expert 2: an orthogonal one
-    taus = [task_vectors.task_vector(finals(basis[0], 1.0), init),
-            task_vectors.task_vector(finals(basis[0], 5.0), init),
-            task_vectors.task_vector(finals(basis[1], 1.0), init)]
-    cos = task_vectors.module_cosines(taus)
+    ends = [finals(basis[0], 1.0), finals(basis[0], 5.0), finals(basis[1], 1.0)]
+    taus = [{k: f[k].double() - init[k].double() for k in init} for f in ends]  # independent of the command's
+    cos = cosines(ends, [init] * 3)
     # The orthogonality of basis[0] and basis[1] holds over ALL tensors, not per module: check the
     # per-module values against an independent concatenation instead, and the identical pair against 1.
     assert set(cos) == {("embedding", "all"), ("classifier", "all"), ("backbone", "0"), ("backbone", "1"),
@@ -346,7 +356,7 @@ def test_task_vector_cosines_identical_orthogonal_and_grouping():
     b = {k: torch.zeros(shapes[k], dtype=torch.float64) for k in per_module}
     for k in per_module:
         a[k].view(-1)[0], b[k].view(-1)[1] = 1.0, 2.0
-    cos = task_vectors.module_cosines([a, b])
+    cos = cosines([a, b], [{k: torch.zeros_like(v) for k, v in a.items()}] * 2)
     assert cos[("embedding", "all")][0, 1] == 0.0 and cos[("classifier", "all")][0, 1] == 0.0
     assert task_vectors.module_of("decoder.blocks.3.mlp.down.weight") == ("decoder", "3")
     assert task_vectors.module_of("decoder.pos") == ("decoder", "io")

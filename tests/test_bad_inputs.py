@@ -1332,7 +1332,8 @@ def test_task_vectors_init_that_is_not_safetensors_is_named(tmp_path):
     for name, data in (("init.pt", b"\x80\x02}q\x00."), ("empty.safetensors", b"")):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(SirenError, match=rf"{name}: not a safetensors state dict .*give init=<file\.safetensors>"):
-            initial_weights(tmp_path, str(tmp_path / name))
+            with initial_weights(tmp_path, str(tmp_path / name)):
+                pass
 
 
 def test_task_vectors_reference_step_without_a_checkpoint_lists_the_steps_kept(tmp_path):
