@@ -142,12 +142,9 @@ class Backbone(ABC):
     def prepare(self, clip: Clip) -> torch.Tensor:
         """One clip -> the network's input for it (resampled, padded)."""
 
-    # a key every prepared input shares (set where batching never depends on the input's shape): its inputs are then
-    # prepared batch by batch, not a whole set's at once (CLAP's 48 kHz inputs were 9.4 GB for 4.9k clips)
-    SHARED_BATCH_KEY: Hashable | None = None
-
     def batch_key(self, x: torch.Tensor) -> Hashable:
-        return self.SHARED_BATCH_KEY if self.SHARED_BATCH_KEY is not None else tuple(x.shape)
+        """Prepared inputs with the same key run in one batch: by default those of one shape."""
+        return tuple(x.shape)
 
     @abstractmethod
     def embed_batch(self, xs: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
@@ -304,7 +301,8 @@ class VGGish(Backbone):
         ex = vggish_input.waveform_to_examples(x.astype(np.float64), self.sample_rate, return_tensor=False)
         return torch.from_numpy(ex).float()[:, None]  # [n_examples, 1, 96, 64]
 
-    SHARED_BATCH_KEY = "examples"  # clips batch by concatenating their examples
+    def batch_key(self, x: torch.Tensor) -> Hashable:
+        return "examples"  # clips batch by concatenating their examples
 
     @torch.inference_mode()
     def forward(self, examples: torch.Tensor) -> torch.Tensor:
@@ -363,7 +361,8 @@ class ClapAudio(Backbone):
     def prepare(self, clip: Clip) -> torch.Tensor:
         return torch.from_numpy(self.mono_at_rate(clip))
 
-    SHARED_BATCH_KEY = "clips"  # embed_audio brings every clip to the same 10 s input itself
+    def batch_key(self, x: torch.Tensor) -> Hashable:
+        return "clips"  # embed_audio brings every clip to the same 10 s input itself
 
     def embed_batch(self, xs: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         with torch.inference_mode():

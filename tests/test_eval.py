@@ -74,22 +74,26 @@ def test_embed_clips_groups_lengths_and_computes_duplicates_once(panns):
     np.testing.assert_array_equal(out[0]["embedding"], out[3]["embedding"])
 
 
-def test_a_shared_batch_key_prepares_each_batch_as_it_goes(vggish, monkeypatch):
-    """VGGish and CLAP batch every input together: their inputs (CLAP's at 48 kHz, 1.9 MB per 10 s clip) were all
-    prepared before the first batch ran, a whole evaluation set's at once; now each batch's as it goes, with the
-    same results as preparing them first."""
+def test_each_batch_is_prepared_as_it_goes(vggish, panns, monkeypatch):
+    """Every input of an evaluation set (PANNs' 640 kB per 10 s clip, CLAP's 1.9 MB at 48 kHz) was prepared before
+    the first batch ran; now a batch runs as soon as it is full, with the batches and results of before: VGGish
+    batches every clip together, PANNs the clips of one prepared shape."""
     from eval.cache import embed_clips
 
-    clips = [make_clip(f"c{i}", synth(i, 1.5 + 0.5 * i), 16000) for i in range(5)]
-    calls = []
-    prepare, embed_batch = vggish.prepare, vggish.embed_batch
-    monkeypatch.setattr(vggish, "prepare", lambda c: (calls.append("p"), prepare(c))[1])
-    monkeypatch.setattr(vggish, "embed_batch", lambda xs: (calls.append("e"), embed_batch(xs))[1])
-    out, _ = embed_clips(vggish, clips, cache=None, batch_size=2)
-    assert "".join(calls) == "ppeppepe"
-    first = embed_batch([prepare(c) for c in clips[:2]])
-    for o, f in zip(out, first):
-        np.testing.assert_array_equal(o["frames"], f["frames"])
+    for net, seconds, order in ((vggish, [1.5, 2, 2.5, 3, 3.5], "ppeppepe"),
+                                (panns, [2.5, 3, 2.5, 3, 2.5], "pppepepe")):
+        clips = [make_clip(f"c{i}", synth(i, s), 16000) for i, s in enumerate(seconds)]
+        calls = []
+        prepare, embed_batch = net.prepare, net.embed_batch
+        monkeypatch.setattr(net, "prepare", lambda c: (calls.append("p"), prepare(c))[1])
+        monkeypatch.setattr(net, "embed_batch", lambda xs: (calls.append("e"), embed_batch(xs))[1])
+        out, _ = embed_clips(net, clips, cache=None, batch_size=2)
+        assert "".join(calls) == order
+        batches = [[0, 1], [2, 3], [4]] if net is vggish else [[0, 2], [1, 3], [4]]  # as when all were prepared first
+        for batch in batches:
+            for i, o in zip(batch, embed_batch([prepare(clips[i]) for i in batch])):
+                for name in net.outputs:
+                    np.testing.assert_array_equal(out[i][name], o[name])
 
 
 def test_random_weights_are_seeded(fresh_builds):
