@@ -11,6 +11,8 @@
                                  key = sha256(audio file bytes, preprocessing policy, CLAP id, SNR estimator)
     clap_text/../<key>           (siren.data.filter) CLAP text embedding [512]; key = sha256(caption, CLAP id)
     splits/<split>.shards/shard-<i>-of-<n>.json   what shard i encoded
+    splits/<split>.shards/sources-<i>-of-<n>.jsonl   the sha256 shard i read of each audio file, at the file's version
+                                 (size, mtime, ctime): a later prepare reads a file again only if it changed
     splits/<split>.json          the index: item ids -> cache keys, plus the models and policy used
 """
 from __future__ import annotations
@@ -63,6 +65,26 @@ def index_path(out: str | Path, split: str) -> Path:
 
 def shard_path(out: str | Path, split: str, shard: int, num_shards: int) -> Path:
     return Path(out) / "splits" / f"{split}.shards" / f"shard-{shard}-of-{num_shards}.json"
+
+
+def hashes_path(out: str | Path, split: str, shard: int, num_shards: int) -> Path:
+    return Path(out) / "splits" / f"{split}.shards" / f"sources-{shard}-of-{num_shards}.jsonl"
+
+
+def known_hashes(out: str | Path, split: str) -> dict[tuple[str, tuple[int, ...]], str]:
+    """(audio path, version) -> sha256 from every earlier prepare of ``split`` (any sharding, finished or killed):
+    at 436k files, reading and hashing every source again took each run 0.2-2 h. A line cut short by a kill is
+    skipped."""
+    known = {}
+    for path in sorted((Path(out) / "splits" / f"{split}.shards").glob("sources-*.jsonl")):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    e = json.loads(line)
+                    known[e["source"], tuple(e["version"])] = e["sha256"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return known
 
 
 def filter_shard_path(out: str | Path, shard: int, num_shards: int) -> Path:

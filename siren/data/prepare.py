@@ -12,7 +12,8 @@ codes by (sha256 of the audio file's bytes, preprocessing policy incl. resampler
 text by (caption, text-encoder id, storage dtype). Every file is written atomically
 (siren.io), so a killed run leaves no half-written entry and a re-run continues where it
 stopped. Before encoding anything, every uncached file of the shard is read and checked, and
-all bad ones are reported in one error (or left out and listed, with ``on_error=skip``).
+all bad ones are reported in one error (or left out and listed, with ``on_error=skip``). A file an
+earlier run hashed, at the same size, mtime and ctime, is not read again unless it is to be encoded.
 
 On-disk layout and cache keys: siren/data/cache.py; the index and its audio check: siren/data/index.py.
 """
@@ -34,7 +35,17 @@ from siren.assets import FILE_LABEL
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
-from siren.data.cache import cache_path, cached, codes_key, crops_key, open_entry, shard_path, text_key
+from siren.data.cache import (
+    cache_path,
+    cached,
+    codes_key,
+    crops_key,
+    hashes_path,
+    known_hashes,
+    open_entry,
+    shard_path,
+    text_key,
+)
 from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.index import write_index
@@ -122,29 +133,46 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         # A failed run must not leave an older record of this shard for the index step to merge.
         shard_path(out, split, shard, num_shards).unlink(missing_ok=True)
 
-        # 1. hash every file; read and check the ones not cached yet; report all bad ones at once.
+        # 1. hash every file (one hashed at its version by an earlier run is not read again); read and check the
+        # ones not cached yet; report all bad ones at once.
         sha, keys, todo, bad, source = {}, {}, {}, {}, {}
-        for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
-            try:
-                with open(row.audio, "rb") as fh:
-                    data, st = fh.read(), os.fstat(fh.fileno())
-            except FileNotFoundError:
-                bad[i] = f"{row.audio}: audio file not found (id {row.id})"
-                continue
-            except OSError as e:
-                bad[i] = f"{row.audio}: cannot read ({e.strerror}) (id {row.id})"
-                continue
-            h = sha256(data)
-            key = codes_key(h, audio.key(), codec.id)
-            sha[key], keys[i] = h, key
-            source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources
-            if key in todo or cached(cache_path(out, "codes", key)):
-                continue
-            try:
-                standardize(load_audio(row.audio, data), audio, row.audio)
-                todo[key] = row
-            except AudioError as e:
-                bad[i] = f"{e} (id {row.id})"
+        known = known_hashes(out, split)
+        hashes = hashes_path(out, split, shard, num_shards)
+        hashes.parent.mkdir(parents=True, exist_ok=True)
+
+        def key_of(h: str) -> str:
+            return codes_key(h, audio.key(), codec.id)
+
+        def encoded(key: str) -> bool:
+            return key in todo or cached(cache_path(out, "codes", key))
+
+        with open(hashes, "a", encoding="utf-8", buffering=1) as ledger:  # line-buffered: a kill keeps each line
+            for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
+                try:
+                    st, data = os.stat(row.audio), None
+                    h = was = known.get((str(row.audio), tuple(version(st))))
+                    if h is None or not encoded(key_of(h)):  # to hash, or to encode (the bytes hashed are encoded)
+                        with open(row.audio, "rb") as fh:
+                            data, st = fh.read(), os.fstat(fh.fileno())
+                        if (h := sha256(data)) != was:
+                            ledger.write(json.dumps({"source": str(row.audio), "version": version(st), "sha256": h})
+                                         + "\n")
+                except FileNotFoundError:
+                    bad[i] = f"{row.audio}: audio file not found (id {row.id})"
+                    continue
+                except OSError as e:
+                    bad[i] = f"{row.audio}: cannot read ({e.strerror}) (id {row.id})"
+                    continue
+                key = key_of(h)
+                sha[key], keys[i] = h, key
+                source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources
+                if data is None or encoded(key):  # data None: found encoded above
+                    continue
+                try:
+                    standardize(load_audio(row.audio, data), audio, row.audio)
+                    todo[key] = row
+                except AudioError as e:
+                    bad[i] = f"{e} (id {row.id})"
         if bad and on_error == "stop":
             raise DataError(f"{manifest or split}: {len(bad)} bad audio file(s) in shard {shard} of {num_shards} "
                             f"(nothing encoded by this run; cached items kept). Fix or remove them, or pass "
