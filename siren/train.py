@@ -192,7 +192,7 @@ def evaluate(model: Expert | ContinuousLM, data: Stage1Data, cfg: TrainConfig, d
     The continuous family's loss draws diffusion noise and timesteps: from a stream of its own, the same at
     every validation, so training draws what it would without one (``val_every`` is a resumable change)."""
     loader = epoch_loader(data.val, data.collate, cfg.batch_size, shuffle=False, rank=ranks.rank, world=ranks.world,
-                          num_workers=cfg.num_workers)
+                          num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     stats = Stats()
@@ -311,7 +311,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     loader = epoch_loader(data.train, data.collate, tc.batch_size, seed=seed, rank=ranks.rank, world=ranks.world,
-                          drop_last=True, num_workers=tc.num_workers)
+                          drop_last=True, num_workers=tc.num_workers, pin_memory=device.type == "cuda")
     loader.batch_sampler.set_epoch(state["epoch"], state["examples_in_epoch"])
 
     def batches() -> Iterator[dict]:

@@ -487,3 +487,18 @@ def test_process_group_sends_cpu_tensors_to_gloo_where_cuda_exists(monkeypatch, 
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
     assert runtime.init_distributed().world == 2 and asked == [backend]
     assert BackendConfig(Backend(backend)).get_device_backend_map()["cpu"] == "gloo"
+
+
+def test_a_cpu_run_on_a_gpu_node_does_not_pin_its_batches(tmp_path, monkeypatch):
+    """The loaders pinned batches wherever CUDA existed: a train.device=cpu run on a GPU node copied every batch
+    into page-locked memory for nothing (and held the pinning thread). Now only a run on a GPU pins them."""
+    from siren import train as trainer
+
+    made = []
+    real = trainer.epoch_loader
+    monkeypatch.setattr(trainer, "epoch_loader", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = tiny_config(tmp_path, "model.distribution=6-2", "expert=0", "train.steps=2", "train.val_every=2",
+                      "train.device=cpu")
+    train(cfg, synthetic_data(n_train=4, frames=10), handle_signals=False)
+    assert len(made) == 2 and not any(loader.pin_memory for loader in made)  # training's and validation's

@@ -57,13 +57,15 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
 
 
 def epoch_loader(dataset: Dataset, collate: Callable, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world: int = 1, drop_last: bool = False, num_workers: int = 0) -> DataLoader:
-    """``dataset`` (indexed by (epoch, index)) read in ``EpochBatches`` order.
+                 rank: int = 0, world: int = 1, drop_last: bool = False, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """``dataset`` (indexed by (epoch, index)) read in ``EpochBatches`` order; ``pin_memory`` for a run on a GPU
+    (it followed whether CUDA existed: a CPU run on a GPU node pinned every batch for nothing).
 
     The DataLoader gets its own generator so iterating never draws from the global torch RNG
     (which the model's dropout uses): a resumed run stays on the uninterrupted run's stream."""
     sampler = EpochBatches(len(dataset), batch_size, seed, shuffle=shuffle, rank=rank, world=world,
                            drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0),
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
                       persistent_workers=False)
