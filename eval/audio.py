@@ -6,14 +6,15 @@ files) or ``10s`` (the first 10 s). Each backbone then makes it mono (``channel`
 resamples it to the rate it needs (``resampler``: ``resample``, as each metric's reference code
 does). A clip's identity for the embedding cache is the hash of exactly these samples and their
 rate. Bad files are collected and reported together, naming every one, before anything is
-computed.
+computed. A file's samples are not kept: each network's pass reads the file again (``Clip.wav``,
+checked against that hash).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,10 +83,29 @@ MIN_SECONDS = HOP / SAMPLE_RATE  # one codec frame (20 ms): shorter clips are wa
 @dataclass(frozen=True)
 class Clip:
     id: str
-    wav: np.ndarray  # [N, C] float32, every channel of the file, at ``sr``
     sr: int
     content_hash: str  # sha256 of (sr, samples): the cache key's audio part
     path: str = ""
+    crop: str = "whole"
+    samples: np.ndarray | None = field(default=None, repr=False)  # [N, C] float32: held by a clip made from samples
+
+    @property
+    def wav(self) -> np.ndarray:
+        """[N, C] float32 at ``sr``, every channel: the clip's own samples, or its file read again. A clip read from
+        a file holds none of its samples between uses: an evaluation held every clip's, 6-20 GB at 4.9k clips."""
+        if self.samples is not None:
+            return self.samples
+        from siren.data.audio import read_sound
+
+        try:
+            now = make_clip(self.id, *read_sound(self.path, self.path, warn=False), self.crop)
+        except Exception as e:  # noqa: BLE001 - it was read and checked when the evaluation began
+            raise BadAudioError(f"{self.path} (id {self.id}) cannot be read again ({type(e).__name__}: {e}); it was "
+                                f"read when the evaluation began: run it again once nothing writes there") from None
+        if now.content_hash != self.content_hash:
+            raise BadAudioError(f"{self.path} (id {self.id}) changed while it was evaluated: run the evaluation "
+                                f"again once nothing writes there (what it computed is cached)")
+        return now.samples
 
 
 class BadAudioError(AudioError):
@@ -115,7 +135,7 @@ def make_clip(id: str, wav: np.ndarray, sr: int, crop: str = "whole", path: str 
     if not np.isfinite(wav).all():
         raise ValueError(f"{int((~np.isfinite(wav)).sum())} NaN/inf samples")
     wav = np.ascontiguousarray(wav)
-    return Clip(id=id, wav=wav, sr=int(sr), content_hash=content_hash(wav, sr), path=path)
+    return Clip(id=id, sr=int(sr), content_hash=content_hash(wav, sr), path=path, crop=crop, samples=wav)
 
 
 def _read(id: str, path: Path, crop: str) -> Clip:
@@ -125,7 +145,7 @@ def _read(id: str, path: Path, crop: str) -> Clip:
     if clip.wav.shape[0] < MIN_SECONDS * clip.sr:
         log.warning("%s (id %s): %d sample(s) at %d Hz, shorter than %g ms (one codec frame); scored as it is",
                     path, id, clip.wav.shape[0], clip.sr, 1000 * MIN_SECONDS)
-    return clip
+    return replace(clip, samples=None)  # read again where used (Clip.wav)
 
 
 def load_clips(paths: dict[str, Path], crop: str = "whole", what: str = "audio", workers: int = 4) -> list[Clip]:
