@@ -241,6 +241,28 @@ def test_another_recipes_stage_file_or_checkpoint_is_redone_not_used(tmp_path, c
     assert "another recipe's checkpoint" in caplog.text
 
 
+def test_the_machine_kind_names_an_apple_cpu_without_proc_cpuinfo(monkeypatch):
+    """Without /proc/cpuinfo the build's machine kind was platform.processor(): "arm" on every Apple Silicon Mac,
+    so a build stopped on an M1 resumed on an M3 and mixed their kernels' bits. macOS names its CPU to sysctl."""
+    import subprocess
+
+    from siren.demo_assets import resume
+
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(FileNotFoundError(self))
+                        if str(self) == "/proc/cpuinfo" else real_read(self, *a, **k))
+    real_run = subprocess.run
+
+    def sysctl(argv, **kwargs):  # platform.processor() runs `uname -p`: the real one
+        if argv[0] != "sysctl":
+            return real_run(argv, **kwargs)
+        assert argv == ["sysctl", "-n", "machdep.cpu.brand_string"]
+        return subprocess.CompletedProcess(argv, 0, stdout="Apple M3 Pro\n")
+
+    monkeypatch.setattr(subprocess, "run", sysctl)
+    assert resume.machine()["cpu"] == "Apple M3 Pro"
+
+
 def test_stage_3_refuses_an_init_file_with_other_encoder_widths(tmp_path):
     import dac
 

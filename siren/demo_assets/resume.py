@@ -10,6 +10,7 @@ recipe's (or machine's) is replaced, with a warning naming it."""
 from __future__ import annotations
 
 import logging
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -49,8 +50,12 @@ def machine() -> dict:
         info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
         info = {k.strip(): v.strip() for k, v in info.items()}
         cpu = f"{info.get('model name', cpu)}, family {info.get('cpu family', '?')} model {info.get('model', '?')}"
-    except OSError:
-        pass
+    except OSError:  # macOS: platform.processor() is "arm" on every Apple Silicon Mac
+        try:
+            cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                 check=True, timeout=10).stdout.strip() or cpu  # "Apple M1", "Apple M3 Pro"
+        except (OSError, subprocess.SubprocessError):
+            pass
     return {"torch": str(torch.__version__), "cpu": cpu}  # str: the stage files' safe loader refuses TorchVersion
 
 
