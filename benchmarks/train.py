@@ -33,9 +33,10 @@ import torch
 from siren import cli
 from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS
 from siren.config import check_numbers, load_config
+from siren.loss_stats import Stats
 from siren.model import Expert, ModelConfig, presets
 from siren.model.params import expert_params, model_params
-from siren.train import LossOf, Stats, TrainConfig, optimizer, train_step
+from siren.train import LossOf, TrainConfig, optimizer, train_step
 
 # bf16 dense tensor-core peaks (vendor datasheets; where a sheet gives the 2:4-sparsity figure only, half of it),
 # matched in order against torch's device name: the NVL and PCIe cards before the SXM ones whose names they contain.

@@ -142,7 +142,8 @@ def test_train_step_clips_the_global_gradient_norm(tmp_path, clip):
     """train.grad_clip: the optimiser gets the gradient scaled to norm grad_clip where it is longer (0: unclipped);
     plain SGD at lr 1 makes the update that gradient. The norm returned (logged) is the one before clipping."""
     from siren.data.dataset import collate
-    from siren.train import LossOf, Stats, build_model, train_step
+    from siren.loss_stats import Stats
+    from siren.train import LossOf, build_model, train_step
 
     cfg = tiny_config(tmp_path, "model.distribution=6-2", "expert=0", f"train.grad_clip={clip}")
     data = synthetic_data()
