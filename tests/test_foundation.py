@@ -1,5 +1,6 @@
 """Config overrides, the assets registry, the CPU install fix-up and the DAC codec wrapper."""
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -118,6 +119,32 @@ def test_cpu_fixup_is_idempotent_and_packages_import():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == "None", proc
+
+
+def test_setup_names_a_python_too_old_or_a_venv_without_pip(tmp_path):
+    """.ci/setup made its venv with whatever python3 was (3.9 on a macOS with only the Command Line Tools) and kept
+    any .venv on later runs, PYTHON=... or not; the pip steps then failed. Now both are one line naming the fix,
+    before anything is installed."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / ".ci").mkdir()
+    for name in (".ci/setup", ".ci/cpu_fixup.py", "pyproject.toml"):
+        shutil.copy(root / name, tmp_path / name)
+    old = tmp_path / "python3.9"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.9.6"\nexit 1\n')
+    old.chmod(0o755)
+
+    def setup(**env):
+        return subprocess.run(["bash", str(tmp_path / ".ci" / "setup")], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+
+    proc = setup(PYTHON=str(old))
+    assert proc.returncode == 2 and not (tmp_path / ".venv").exists()
+    assert f"error: {old} is not a Python >= 3.10 (Python 3.9.6); run again with PYTHON=" in proc.stderr, proc.stderr
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").symlink_to(old)  # a venv of that python: kept before, whatever PYTHON
+    proc = setup(PYTHON=sys.executable)
+    assert proc.returncode == 2 and "error: .venv has no Python >= 3.10 with pip; delete it (rm -rf .venv)" in \
+        proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")
