@@ -104,7 +104,8 @@ class Clip:
                                 f"read when the evaluation began: run it again once nothing writes there") from None
         if now.content_hash != self.content_hash:
             raise BadAudioError(f"{self.path} (id {self.id}) changed while it was evaluated: run the evaluation "
-                                f"again once nothing writes there (what it computed is cached)")
+                                f"again once nothing writes there (with the embedding cache on, what it computed is "
+                                f"kept)")
         return now.samples
 
 

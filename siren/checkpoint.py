@@ -22,6 +22,7 @@ everything else JSON.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -140,28 +141,42 @@ def open_tensors(path: Path, sha256: str | None = None) -> Iterator:
     """A checkpoint's tensor file open to read tensor by tensor (safetensors' ``safe_open``: ``keys()``,
     ``get_tensor(name)``, ``get_slice(name).get_shape()``), for readers of several experts' weights that do not fit
     in memory whole. With ``sha256`` (recorded at save) its bytes are checked first: safetensors has no checksum of
-    its own, so a flipped byte inside a tensor would load as a slightly other model. The file's version is checked
-    again on leaving."""
+    its own, so a flipped byte inside a tensor would load as a slightly other model. One file is hashed and read,
+    even if another is renamed into its place or it is deleted meanwhile (a run pruning its checkpoints); one
+    written in place while open is an error on leaving."""
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
-        # hashed in chunks, then opened: a 3.3B model's AdamW state read into memory whole to hash it, then loaded
-        # beside it, held twice its size at once
-        before = io.version(path.stat())
-        if sha256 is not None and (got := io.sha256_file(path)) != sha256:  # None: written before digests were
-            raise CheckpointError(f"corrupt checkpoint file {path}: its sha256 is {got[:16]}..., state.json "
-                                  f"recorded {sha256[:16]}... when it was written (a damaged disk or copy, or an "
-                                  f"edit); {fall_back(path)}")
-        f = safe_open(str(path), "pt")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
-    with f:
-        yield f
-    if io.version(path.stat()) != before:
-        raise CheckpointError(f"checkpoint file {path} changed while it was read (another process writing "
-                              "it?); load it again once nothing writes there")
+        fh = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint file {path} ({e.strerror})") from None
+    with fh:
+        # size and mtime of the open file, not io.version: its ctime moves when it is merely deleted
+        before = (os.fstat(fh.fileno()).st_size, os.fstat(fh.fileno()).st_mtime_ns)
+        try:
+            # hashed in chunks, then mapped: a 3.3B model's AdamW state read into memory whole to hash it, then
+            # loaded beside it, held twice its size at once
+            if sha256 is not None:  # None: a checkpoint written before the digests were recorded
+                h = hashlib.sha256()
+                while block := fh.read(1 << 20):
+                    h.update(block)
+                if (got := h.hexdigest()) != sha256:
+                    raise CheckpointError(f"corrupt checkpoint file {path}: its sha256 is {got[:16]}..., state.json "
+                                          f"recorded {sha256[:16]}... when it was written (a damaged disk or copy, "
+                                          f"or an edit); {fall_back(path)}")
+            f = safe_open(str(path), "pt")
+            if os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino:  # another file renamed in since the hash
+                raise CheckpointError(f"checkpoint file {path} was replaced while it was read (another process "
+                                      "writing it?); load it again once nothing writes there")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
+        with f:
+            yield f
+        if (os.fstat(fh.fileno()).st_size, os.fstat(fh.fileno()).st_mtime_ns) != before:
+            raise CheckpointError(f"checkpoint file {path} changed while it was read (another process writing "
+                                  "it?); load it again once nothing writes there")
 
 
 def step_dirs(edir: Path) -> list[tuple[int, Path]]:

@@ -386,3 +386,37 @@ def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path, monkeypatch, ca
     monkeypatch.setattr(io.os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=1 << 20, f_frsize=4096))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left, another cause: passed on as it is
         torch_like_writer([])
+
+
+def test_a_checkpoint_open_tensor_by_tensor_outlives_its_deletion_and_names_a_write_in_place(tmp_path, monkeypatch):
+    """Task vectors keep every expert's checkpoint open while they compute; a training run pruning its checkpoints
+    meanwhile deleted one, and the reader ended in a bare FileNotFoundError after its work (its version check
+    took the path's stat, and a deletion moves a file's ctime). The file read is the one hashed and mapped: a
+    deleted one is read to the end as it was, one written in place is named, one renamed in before the map too."""
+    import safetensors
+
+    path, other = tmp_path / "model.safetensors", tmp_path / "other.safetensors"
+    want = {"a": torch.arange(6.0), "b": torch.ones(2, 3)}
+    io.save_tensors(path, want)
+    digest = io.sha256_file(path)
+    with ckpt.open_tensors(path, digest) as f:
+        path.unlink()
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in want.items())
+    io.save_tensors(path, want)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors changed while it was read"):
+        with ckpt.open_tensors(path, digest) as f:
+            f.get_tensor("a")
+            with open(path, "ab") as w:  # another process writing it
+                w.write(b"\0")
+    io.save_tensors(path, want)
+    io.save_tensors(other, {k: torch.zeros_like(v) for k, v in want.items()})
+    real = safetensors.safe_open
+
+    def renamed_in_then_mapped(p, *args):  # another checkpoint renamed into place between the hash and the map
+        os.replace(other, path)
+        return real(p, *args)
+
+    monkeypatch.setattr(safetensors, "safe_open", renamed_in_then_mapped)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors was replaced while it was read"):
+        with ckpt.open_tensors(path, digest):
+            pass

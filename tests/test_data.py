@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +421,77 @@ def test_a_prepare_reads_again_only_the_files_changed_or_still_to_encode(tmp_pat
         assert it["source_stat"] == version(os.stat(it["source"]))
     reads.clear()
     assert run(m, out, codec, text_encoder).codes_cached == 3 and reads == []
+
+
+def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_not_bad_audio(tmp_path, codec,
+                                                                                                text_encoder,
+                                                                                                monkeypatch):
+    """The ledger keeps a file's hash under the version it had before the read: recorded under the version after
+    it, a file rewritten in between kept the former bytes' hash, trusted by every later prepare. And a ledger line
+    that cannot be written (a full disk) was reported as each audio file being unreadable."""
+    from siren.data import prepare as prep
+
+    m, out = tiny_set(tmp_path / "src", n=2), tmp_path / "out"
+    x, _ = sf.read(tmp_path / "src/a0.wav")
+
+    class RewrittenAfterRead:  # the file object prepare reads a0.wav through; a writer replaces it meanwhile
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def read(self):
+            data = self.f.read()
+            time.sleep(0.01)  # a tick of the file system's clock
+            write_wav(tmp_path / "src/a0.wav", 0.5 * x)  # same length, other samples
+            return data
+
+    assert run(m, out, codec, text_encoder).codes_encoded == 2
+    (tmp_path / "src/a0.wav").write_bytes((tmp_path / "src/a0.wav").read_bytes())  # same bytes: read to hash again
+    wrapped = []
+
+    def spy(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        if str(path).endswith("a0.wav") and not wrapped:
+            wrapped.append(path)
+            return RewrittenAfterRead(f)
+        return f
+
+    monkeypatch.setattr(prep, "open", spy, raising=False)
+    r = run(m, out, codec, text_encoder)
+    assert wrapped and (r.codes_encoded, r.codes_cached) == (0, 2)  # the bytes it read are the ones encoded before
+    monkeypatch.undo()
+    r = run(m, out, codec, text_encoder)
+    assert (r.codes_encoded, r.codes_cached) == (1, 1)  # the rewritten file read and encoded
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def write(self, line):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return Full(f) if str(path).endswith(".jsonl") else f
+
+    monkeypatch.setattr(prep, "open", full, raising=False)
+    write_wav(tmp_path / "src/a1.wav", 0.25 * x)  # to hash again
+    with pytest.raises(OSError, match="No space left on device"):
+        run(m, out, codec, text_encoder, on_error="skip")
 
 
 def test_a_damaged_cache_entry_is_encoded_again_and_named_where_read(tmp_path, codec, text_encoder, caplog):

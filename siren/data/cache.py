@@ -71,17 +71,18 @@ def hashes_path(out: str | Path, split: str, shard: int, num_shards: int) -> Pat
     return Path(out) / "splits" / f"{split}.shards" / f"sources-{shard}-of-{num_shards}.jsonl"
 
 
-def known_hashes(out: str | Path, split: str) -> dict[tuple[str, tuple[int, ...]], str]:
-    """(audio path, version) -> sha256 from every earlier prepare of ``split`` (any sharding, finished or killed):
-    at 436k files, reading and hashing every source again took each run 0.2-2 h. A line cut short by a kill is
-    skipped."""
+def known_hashes(out: str | Path, split: str, paths: set[str]) -> dict[tuple[str, tuple[int, ...]], str]:
+    """(audio path, version) -> sha256 of ``paths`` from every earlier prepare of ``split`` (any sharding, finished
+    or killed): at 436k files, reading and hashing every source again took each run 0.2-2 h. A line cut short by a
+    kill is skipped."""
     known = {}
     for path in sorted((Path(out) / "splits" / f"{split}.shards").glob("sources-*.jsonl")):
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     e = json.loads(line)
-                    known[e["source"], tuple(e["version"])] = e["sha256"]
+                    if e["source"] in paths:
+                        known[e["source"], tuple(e["version"])] = e["sha256"]
                 except (ValueError, KeyError, TypeError):
                     continue
     return known

@@ -136,7 +136,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         # 1. hash every file (one hashed at its version by an earlier run is not read again); read and check the
         # ones not cached yet; report all bad ones at once.
         sha, keys, todo, bad, source = {}, {}, {}, {}, {}
-        known = known_hashes(out, split)
+        known = known_hashes(out, split, {str(r.audio) for _, r in mine})
         hashes = hashes_path(out, split, shard, num_shards)
         hashes.parent.mkdir(parents=True, exist_ok=True)
 
@@ -153,16 +153,19 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
                     h = was = known.get((str(row.audio), tuple(version(st))))
                     if h is None or not encoded(key_of(h)):  # to hash, or to encode (the bytes hashed are encoded)
                         with open(row.audio, "rb") as fh:
-                            data, st = fh.read(), os.fstat(fh.fileno())
-                        if (h := sha256(data)) != was:
-                            ledger.write(json.dumps({"source": str(row.audio), "version": version(st), "sha256": h})
-                                         + "\n")
+                            # the version before the read: a write during or after it moves the file past it
+                            st = os.fstat(fh.fileno())
+                            data = fh.read()
+                        h = sha256(data)
                 except FileNotFoundError:
                     bad[i] = f"{row.audio}: audio file not found (id {row.id})"
                     continue
                 except OSError as e:
                     bad[i] = f"{row.audio}: cannot read ({e.strerror}) (id {row.id})"
                     continue
+                if h != was:  # a full disk here is an error of its own, not a bad audio file
+                    ledger.write(json.dumps({"source": str(row.audio), "version": version(st), "sha256": h}) + "\n")
+                    known[str(row.audio), tuple(version(st))] = h
                 key = key_of(h)
                 sha[key], keys[i] = h, key
                 source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources

@@ -33,7 +33,8 @@ from siren.codec import SAMPLE_RATE
 from siren.errors import AudioError
 from siren.io import load_hashed, load_torch_mmap
 
-INSTALL = 'pip install -e ".[imagebind]"  (the PyPI package imagebind-unofficial)'
+INSTALL = ('pip install -e ".[imagebind]"  (the PyPI package imagebind-unofficial; Linux only: its decord has no '
+           'macOS arm64 package)')
 BPE = Path("bpe") / "bpe_simple_vocab_16e6.txt.gz"
 # imagebind/data.py load_and_transform_audio_data: 3 clips of 2 s, 128-bin kaldi fbank, 204 frames,
 # normalised with the AudioSet statistics ImageBind was trained with.
