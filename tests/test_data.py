@@ -471,24 +471,23 @@ def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_n
     r = run(m, out, codec, text_encoder)
     assert (r.codes_encoded, r.codes_cached) == (1, 1)  # the rewritten file read and encoded
 
-    class Full:
+    class Full:  # the ledger's file on a full disk
         def __init__(self, f):
             self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
 
         def write(self, line):
             raise OSError(errno.ENOSPC, "No space left on device")
 
+        def close(self):
+            self.f.close()
+
     def full(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
-        return Full(f) if str(path).endswith(".jsonl") else f
+        return Full(f) if str(path).endswith(".jsonl") and "a" in mode else f
 
-    monkeypatch.setattr(prep, "open", full, raising=False)
+    from siren.data import cache as layout
+
+    monkeypatch.setattr(layout, "open", full, raising=False)  # where the ledger is opened
     write_wav(tmp_path / "src/a1.wav", 0.25 * x)  # to hash again
     with pytest.raises(OSError, match="No space left on device"):
         run(m, out, codec, text_encoder, on_error="skip")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,10 +151,29 @@ def test_presets(scored, clips, clap, monkeypatch, tmp_path):
         filt.parse(["select=siren-9b"])
 
 
-def test_second_run_computes_nothing(scored, clips, clap, monkeypatch, capsys):
+def test_second_run_computes_nothing_and_reads_no_audio_file(scored, clips, clap, monkeypatch, capsys):
+    """...nor reads an audio file it hashed before, unchanged since (each run read and hashed them all: hours over
+    the data engine's millions of clips); the ledger of its first run says which (siren.data.cache.HashLedger)."""
+    reads = []
+
+    def spy(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".wav"):
+            reads.append(path)
+        return open(path, mode, *args, **kwargs)
+
+    read_bytes = Path.read_bytes
+
+    def spy_path(self):
+        if self.suffix == ".wav":
+            reads.append(self)
+        return read_bytes(self)
+
+    monkeypatch.setattr(filt, "open", spy, raising=False)
+    monkeypatch.setattr(Path, "read_bytes", spy_path)  # how it read them before
     cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}")
     out = capsys.readouterr().out
     assert "audio 0 embedded, 8 cached; captions 0 embedded," in out and "1 unreadable" in out
+    assert reads == []
 
 
 def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeypatch):

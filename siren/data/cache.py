@@ -13,16 +13,18 @@
     splits/<split>.shards/shard-<i>-of-<n>.json   what shard i encoded
     splits/<split>.shards/sources-<i>-of-<n>.jsonl   the sha256 shard i read of each audio file, at the file's version
                                  (size, mtime, ctime): a later prepare reads a file again only if it changed
+                                 (``HashLedger``; the filter keeps its own beside its shards)
     splits/<split>.json          the index: item ids -> cache keys, plus the models and policy used
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from siren.errors import DataError
-from siren.io import sha256
+from siren.io import sha256, version
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +69,43 @@ def shard_path(out: str | Path, split: str, shard: int, num_shards: int) -> Path
     return Path(out) / "splits" / f"{split}.shards" / f"shard-{shard}-of-{num_shards}.json"
 
 
-def hashes_path(out: str | Path, split: str, shard: int, num_shards: int) -> Path:
-    return Path(out) / "splits" / f"{split}.shards" / f"sources-{shard}-of-{num_shards}.jsonl"
+class HashLedger:
+    """sha256 of source audio files by path and version (size, mtime, ctime: ``siren.io.version``), kept in
+    ``sources-<shard>-of-<n>.jsonl`` beside a step's shard records: a later run (any sharding, finished or killed)
+    does not read a file again unless it changed or is to be encoded. At 436k files, reading and hashing every
+    source again took each prepare 0.2-2 h. Only ``paths``' lines are kept in memory; a line cut short by a kill is
+    skipped; this shard's lines are appended line by line, so a kill keeps each one."""
 
+    def __init__(self, folder: Path, shard: int, num_shards: int, paths: set[str]):
+        self.known: dict[tuple[str, tuple[int, ...]], str] = {}
+        for path in sorted(folder.glob("sources-*.jsonl")):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                        if e["source"] in paths:
+                            self.known[e["source"], tuple(e["version"])] = e["sha256"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / f"sources-{shard}-of-{num_shards}.jsonl", "a", encoding="utf-8", buffering=1)
 
-def known_hashes(out: str | Path, split: str, paths: set[str]) -> dict[tuple[str, tuple[int, ...]], str]:
-    """(audio path, version) -> sha256 of ``paths`` from every earlier prepare of ``split`` (any sharding, finished
-    or killed): at 436k files, reading and hashing every source again took each run 0.2-2 h. A line cut short by a
-    kill is skipped."""
-    known = {}
-    for path in sorted((Path(out) / "splits" / f"{split}.shards").glob("sources-*.jsonl")):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    e = json.loads(line)
-                    if e["source"] in paths:
-                        known[e["source"], tuple(e["version"])] = e["sha256"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return known
+    def get(self, path: str | Path, st: os.stat_result) -> str | None:
+        """The sha256 recorded for the file at ``path`` as ``st`` says it is now, if any."""
+        return self.known.get((str(path), tuple(version(st))))
+
+    def put(self, path: str | Path, st: os.stat_result, sha256: str) -> None:
+        """Record the hash of the bytes read after ``st`` was taken (the version before the read: a write during or
+        after it moves the file past it)."""
+        if self.get(path, st) != sha256:
+            self.file.write(json.dumps({"source": str(path), "version": version(st), "sha256": sha256}) + "\n")
+            self.known[str(path), tuple(version(st))] = sha256
+
+    def __enter__(self) -> HashLedger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 def filter_shard_path(out: str | Path, shard: int, num_shards: int) -> Path:

@@ -27,6 +27,7 @@ Selection and outputs: siren/data/filter_select.py.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import time
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from tqdm import tqdm
 from siren.config import load_config
 from siren.data import activity
 from siren.data.audio import AudioConfig, load_audio, standardize
-from siren.data.cache import cache_path, clap_audio_key, clap_text_key, filter_shard_path, sha256
+from siren.data.cache import HashLedger, cache_path, clap_audio_key, clap_text_key, filter_shard_path, sha256
 from siren.data.manifest import Row, check_one_line, read_manifest, read_records
 from siren.data.prepare import shard_rows
 from siren.errors import AudioError, ConfigError, ManifestError
@@ -185,32 +186,46 @@ def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, sh
 
     # 1. audio: hash, then (uncached only) load, cut, SNR, embed in batches; unreadable files are rejections
     akeys, bad, pending = {}, {}, []
+
+    def key_of(h: str) -> str:
+        return clap_audio_key(h, audio.key(), clap.id, activity.ESTIMATOR)
+
+    def embedded(key: str) -> bool:
+        return cache_path(out, "clap_audio", key).is_file() or any(p[0] == key for p in pending)
+
     bar = tqdm(mine, desc=f"audio shard {shard} of {num_shards}", disable=not progress, unit="clip", dynamic_ncols=True)
-    for i, it in bar:
-        try:
-            data = it.row.audio.read_bytes()
-        except OSError as e:
-            bad[i] = f"unreadable: {it.row.audio}: {e.strerror or 'cannot read'}"
-            continue
-        h = sha256(data)
-        akeys[i] = key = clap_audio_key(h, audio.key(), clap.id, activity.ESTIMATOR)
-        if cache_path(out, "clap_audio", key).is_file() or any(p[0] == key for p in pending):
-            rep.audio_cached += 1
-            continue
-        t = time.perf_counter()
-        try:
-            wav, real, _ = standardize(load_audio(it.row.audio, data), audio, it.row.audio)
-        except AudioError as e:
-            bad[i] = f"unusable audio: {e}"
-            del akeys[i]
-            continue
-        clip = wav[0, :real[0]]  # what prepare keeps, without its zero padding (CLAP repeat-pads, as in eval)
-        pending.append((key, clip, activity.snr_db(clip),
-                        {"clap_id": clap.id, "audio_sha256": h, "source": str(it.row.audio)}))
-        if len(pending) >= batch_size:
-            _embed_audio(pending, out, clap)
-        rep.audio_embedded += 1
-        rep.audio_seconds += time.perf_counter() - t
+    with HashLedger(filter_shard_path(out, shard, num_shards).parent, shard, num_shards,
+                    {str(it.row.audio) for _, it in mine}) as ledger:
+        for i, it in bar:
+            try:
+                st, data = os.stat(it.row.audio), None
+                h = ledger.get(it.row.audio, st)
+                if h is None or not embedded(key_of(h)):  # an unchanged file already embedded is not read again
+                    with open(it.row.audio, "rb") as fh:
+                        st, data = os.fstat(fh.fileno()), fh.read()  # the version before the read
+                    h = sha256(data)
+            except OSError as e:
+                bad[i] = f"unreadable: {it.row.audio}: {e.strerror or 'cannot read'}"
+                continue
+            ledger.put(it.row.audio, st, h)
+            akeys[i] = key = key_of(h)
+            if data is None or embedded(key):
+                rep.audio_cached += 1
+                continue
+            t = time.perf_counter()
+            try:
+                wav, real, _ = standardize(load_audio(it.row.audio, data), audio, it.row.audio)
+            except AudioError as e:
+                bad[i] = f"unusable audio: {e}"
+                del akeys[i]
+                continue
+            clip = wav[0, :real[0]]  # what prepare keeps, without its zero padding (CLAP repeat-pads, as in eval)
+            pending.append((key, clip, activity.snr_db(clip),
+                            {"clap_id": clap.id, "audio_sha256": h, "source": str(it.row.audio)}))
+            if len(pending) >= batch_size:
+                _embed_audio(pending, out, clap)
+            rep.audio_embedded += 1
+            rep.audio_seconds += time.perf_counter() - t
     if pending:
         t = time.perf_counter()
         _embed_audio(pending, out, clap)

@@ -35,17 +35,7 @@ from siren.assets import FILE_LABEL
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
 from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
-from siren.data.cache import (
-    cache_path,
-    cached,
-    codes_key,
-    crops_key,
-    hashes_path,
-    known_hashes,
-    open_entry,
-    shard_path,
-    text_key,
-)
+from siren.data.cache import HashLedger, cache_path, cached, codes_key, crops_key, open_entry, shard_path, text_key
 from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.index import write_index
@@ -136,9 +126,6 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         # 1. hash every file (one hashed at its version by an earlier run is not read again); read and check the
         # ones not cached yet; report all bad ones at once.
         sha, keys, todo, bad, source = {}, {}, {}, {}, {}
-        known = known_hashes(out, split, {str(r.audio) for _, r in mine})
-        hashes = hashes_path(out, split, shard, num_shards)
-        hashes.parent.mkdir(parents=True, exist_ok=True)
 
         def key_of(h: str) -> str:
             return codes_key(h, audio.key(), codec.id)
@@ -146,16 +133,15 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         def encoded(key: str) -> bool:
             return key in todo or cached(cache_path(out, "codes", key))
 
-        with open(hashes, "a", encoding="utf-8", buffering=1) as ledger:  # line-buffered: a kill keeps each line
+        with HashLedger(shard_path(out, split, shard, num_shards).parent, shard, num_shards,
+                        {str(r.audio) for _, r in mine}) as ledger:
             for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
                 try:
                     st, data = os.stat(row.audio), None
-                    h = was = known.get((str(row.audio), tuple(version(st))))
+                    h = ledger.get(row.audio, st)
                     if h is None or not encoded(key_of(h)):  # to hash, or to encode (the bytes hashed are encoded)
                         with open(row.audio, "rb") as fh:
-                            # the version before the read: a write during or after it moves the file past it
-                            st = os.fstat(fh.fileno())
-                            data = fh.read()
+                            st, data = os.fstat(fh.fileno()), fh.read()  # the version before the read
                         h = sha256(data)
                 except FileNotFoundError:
                     bad[i] = f"{row.audio}: audio file not found (id {row.id})"
@@ -163,9 +149,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
                 except OSError as e:
                     bad[i] = f"{row.audio}: cannot read ({e.strerror}) (id {row.id})"
                     continue
-                if h != was:  # a full disk here is an error of its own, not a bad audio file
-                    ledger.write(json.dumps({"source": str(row.audio), "version": version(st), "sha256": h}) + "\n")
-                    known[str(row.audio), tuple(version(st))] = h
+                ledger.put(row.audio, st, h)  # a full disk here is an error of its own, not a bad audio file
                 key = key_of(h)
                 sha[key], keys[i] = h, key
                 source[i] = {"source_sha256": h, "source_stat": version(st)}  # for changed_sources
