@@ -214,7 +214,8 @@ def run(cfg: GradientAnglesConfig) -> list:
         prepared.check_run_data(cfg.run, PreparedDataset(data, cfg.split, crop_s=None), index_path(data, cfg.split))
     expert, what = load_expert(cfg, data, folder, device)
     name, weight = resolve_param(expert, cfg.param)
-    loader = make_loader(data, cfg.split, cfg.batch_size, crop_s=cfg.crop_s or None, shuffle=True, seed=cfg.seed)
+    loader = make_loader(data, cfg.split, cfg.batch_size, crop_s=cfg.crop_s or None, shuffle=True, seed=cfg.seed,
+                         pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise DataError(f"{data}: split '{cfg.split}' has no items")
     mats, rows, grads = [], [], []

@@ -198,9 +198,10 @@ def collate(items: list[dict], n_frames: int | None = None, key: str = "codes", 
 
 
 def make_loader(prepared_dir: str | Path, split: str = "train", batch_size: int = 8, crop_s: float | None = 6.0,
-                shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> DataLoader:
+                shuffle: bool = True, seed: int = 0, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """Batches of a prepared split, in ``EpochBatches`` order (each pass is the next epoch). With
     ``crop_s`` every batch has T = crop_s * 50 frames (shorter items padded, frame_mask False);
     with ``crop_s=None`` whole items padded to the batch's longest."""
     ds = PreparedDataset(prepared_dir, split, crop_s, seed)
-    return epoch_loader(ds, ds.collate, batch_size, seed=seed, shuffle=shuffle, num_workers=num_workers)
+    return epoch_loader(ds, ds.collate, batch_size, seed=seed, shuffle=shuffle, num_workers=num_workers,
+                        pin_memory=pin_memory)
