@@ -483,7 +483,7 @@ def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_n
 
     def full(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
-        return Full(f) if str(path).endswith(".jsonl") and "a" in mode else f
+        return Full(f) if str(path).endswith(".jsonl") and mode == "a" else f
 
     from siren.data import cache as layout
 
@@ -491,6 +491,31 @@ def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_n
     write_wav(tmp_path / "src/a1.wav", 0.25 * x)  # to hash again
     with pytest.raises(OSError, match="No space left on device"):
         run(m, out, codec, text_encoder, on_error="skip")
+
+
+def test_the_hash_ledger_skips_a_line_cut_by_a_kill_and_records_a_file_once(tmp_path):
+    from siren.data.cache import HashLedger
+
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(b"RIFF")
+    st = os.stat(audio)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = {"source": str(audio), "version": version(st), "sha256": "ab" * 32}
+    (folder / "sources-0-of-2.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(good)[:30])  # a kill mid-line
+    (folder / "sources-1-of-2.jsonl").write_text("\0\0\0\n{not json}\n[1, 2]\n")  # a page lost, other junk
+    with HashLedger(folder, 0, 1, {str(audio)}) as ledger:
+        assert ledger.get(audio, st) == "ab" * 32 and ledger.get(tmp_path / "other.wav", st) is None
+        ledger.put(audio, st, "ab" * 32)  # known: not written again
+        ledger.put(tmp_path / "b.wav", st, "cd" * 32)
+        ledger.put(tmp_path / "b.wav", st, "cd" * 32)  # the same file in two rows: one line
+    assert (folder / "sources-0-of-1.jsonl").read_text().count("\n") == 1
+    with HashLedger(folder, 0, 1, {str(tmp_path / "b.wav")}) as ledger:  # only the paths asked for are kept
+        assert ledger.get(tmp_path / "b.wav", st) == "cd" * 32 and ledger.get(audio, st) is None
+    with HashLedger(folder, 0, 2, {str(audio)}) as ledger:  # shard 0 of 2 again, after the kill: its next line
+        ledger.put(tmp_path / "c.wav", st, "ef" * 32)       # does not run on from the cut one
+    with HashLedger(folder, 0, 2, {str(tmp_path / "c.wav")}) as ledger:
+        assert ledger.get(tmp_path / "c.wav", st) == "ef" * 32
 
 
 def test_a_damaged_cache_entry_is_encoded_again_and_named_where_read(tmp_path, codec, text_encoder, caplog):

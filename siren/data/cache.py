@@ -88,7 +88,13 @@ class HashLedger:
                     except (ValueError, KeyError, TypeError):
                         continue
         folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / f"sources-{shard}-of-{num_shards}.jsonl", "a", encoding="utf-8", buffering=1)
+        own = folder / f"sources-{shard}-of-{num_shards}.jsonl"
+        with open(own, "ab+") as f:
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line a kill cut short: the next one starts on a line of its own
+                    f.write(b"\n")
+        self.file = open(own, "a", encoding="utf-8", buffering=1)
 
     def get(self, path: str | Path, st: os.stat_result) -> str | None:
         """The sha256 recorded for the file at ``path`` as ``st`` says it is now, if any."""
