@@ -277,6 +277,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         read_run_config(cfg.ckpt)
     out = output_dir(cfg)
     check_folder(out, "out")
+    if cfg.gen_dir:  # a wrong gen_dir= made <gen_dir>_eval/, or set an earlier results.json aside, before it was named
+        match_generated(cfg.gen_dir, [it.id for it in items], subset=bool(cfg.subset))
     # two evaluations into one folder each skipped the clips the other had written and scored the mix as its own
     with hold(out / "eval.lock", f"an evaluation of {cfg.ckpt or cfg.gen_dir}",
               "wait for it to finish, or give this one another out="):
@@ -286,9 +288,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dict:
     # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
     # them in results.json, read as its own
+    models = backbones(cfg)  # missing weights are named before an earlier results.json is set aside
     if (out / "results.json").is_file():
         os.replace(out / "results.json", out / "results.previous.json")
-    models = backbones(cfg)
     gen_card, gen_dir = {}, cfg.gen_dir
     if cfg.ckpt:
         from eval.generate import CannotGenerate, generate_set

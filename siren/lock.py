@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from siren.errors import SirenError
+from siren.errors import ConfigError, SirenError
 from siren.io import open_no_link
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,10 @@ def hold(path: str | os.PathLike, what: str, fix: str, wait: bool = False) -> It
     """Hold the lock at ``path`` for the ``with`` body; raise LockHeld naming the holder (and ``fix``) if taken,
     or with ``wait``, wait for it (saying once who holds it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only, no permission: the folder is the user's to change, not a traceback
+        raise ConfigError(f"{path.parent}: cannot make this folder ({e.strerror}); give one you can write to") from None
     fd = open_no_link(path, os.O_RDWR)  # it truncates the file: never one a link names
     try:
         deadline = time.monotonic() + PROBE_GRACE_S

@@ -27,7 +27,7 @@ from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, sha256
 from siren.data.encode import encode_codes as _encode_codes
 from siren.data.manifest import Row, child_path, read_captions, read_manifest
-from siren.errors import DataError, ManifestError
+from siren.errors import DataError, ManifestError, SirenError
 from siren.lock import LockHeld, hold
 from tests.fixtures_data import Counting, write_wav
 from tests.fixtures_model import demo_codec
@@ -153,6 +153,29 @@ def test_eval_names_a_bad_reference_before_looking_for_weights(tmp_path, monkeyp
     assert main([f"gen_dir={tmp_path}", f"ref={ref}", f"out={tmp_path / 'O'}", "weights=pretrained"]) == 2
     err = capsys.readouterr().err
     assert "R.csv:2:" in err and "never closed" in err and "pretrained weights" not in err
+
+
+def test_eval_names_a_wrong_gen_dir_before_it_writes_anything(tmp_path, monkeypatch, capsys):
+    """A typo in gen_dir= made <gen_dir>_eval/ (its lock) or, with out= an earlier evaluation's folder, set its
+    results.json aside as results.previous.json, and with the default pretrained weights the error was three
+    paragraphs about missing weight files, not the folder."""
+    from eval.audiocaps import main
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "empty_cache"))
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}")
+    for out in ([], [f"out={earlier}"]):
+        assert main(["ref=demo", f"gen_dir={tmp_path / 'typo'}", *out]) == 2
+        err = capsys.readouterr().err
+        assert f"gen_dir {tmp_path / 'typo'} is not a folder" in err and "pretrained weights" not in err
+    assert not (tmp_path / "typo_eval").exists() and (earlier / "results.json").is_file()  # (the demo set: cached)
+    assert not (earlier / "results.previous.json").exists()
+    with pytest.raises(SirenError, match=r"cannot make this folder \(.*\); give one you can write to"):
+        from siren.lock import hold
+
+        with hold(Path("/proc/siren-test/x.lock"), "a test", "none"):
+            pass
 
 
 def test_a_calibration_row_names_a_bad_reference_before_looking_for_weights(tmp_path, monkeypatch):

@@ -302,6 +302,19 @@ def test_identical_folders_give_zero_distances_and_kl(cli_run, sets):
     assert cli_run[1]["metrics"]["fd"] > 1e3 * max(m["fd"], 1e-12)
 
 
+def test_a_run_that_fails_once_begun_sets_the_earlier_results_aside(sets, tmp_path):
+    root, manifest, ids = sets
+    write_set(tmp_path, ids, seed=5)
+    (tmp_path / f"{ids[0]}.wav").write_bytes(b"not audio" * 100)  # found when read, after the run began
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text('{"metrics": {"kl": 1.0}}')  # an earlier evaluation's
+    with pytest.raises(BadAudioError, match=rf"{ids[0]}\.wav"):
+        evaluate(EvalConfig(gen_dir=str(tmp_path), ref=str(manifest), weights="random", metrics="kl",
+                            out=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "results.json").exists()  # never read as this run's
+    assert (tmp_path / "out" / "results.previous.json").read_text() == '{"metrics": {"kl": 1.0}}'
+
+
 def test_mismatched_ids_are_listed(sets, tmp_path):
     root, manifest, ids = sets
     write_set(tmp_path, ids[1:] + ["stranger"], seed=5)
@@ -312,9 +325,10 @@ def test_mismatched_ids_are_listed(sets, tmp_path):
     (tmp_path / f"._{ids[1]}.wav").write_bytes(b"\0")  # macOS's AppleDouble file: hidden, not a clip (glob's rule)
     with pytest.raises(ManifestError) as e:
         evaluate(cfg)
-    # the failed run does not leave the earlier results as its own; they are kept beside
-    assert not (tmp_path / "out" / "results.json").exists()
-    assert (tmp_path / "out" / "results.previous.json").read_text() == '{"metrics": {"kl": 1.0}}'
+    # named before anything is written: the earlier results are where they were (a run that fails once it has
+    # begun sets them aside as results.previous.json, so they are never read as its own)
+    assert (tmp_path / "out" / "results.json").read_text() == '{"metrics": {"kl": 1.0}}'
+    assert not (tmp_path / "out" / "results.previous.json").exists()
     assert f"missing 1: {ids[0]}" in str(e.value) and "extra 1 (not in the reference set): stranger" in str(e.value)
     # the missing clip under another case or format is named (it was "missing" only)
     (tmp_path / "stranger.wav").rename(tmp_path / f"{ids[0].upper()}.WAV")
