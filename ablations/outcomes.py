@@ -147,4 +147,5 @@ def status_lines(jobs: list[Job], states: dict[str, JobState]) -> list[str]:
         detail = st.log if st.state != "DONE" and st.log else job.rows
         lines.append(f"{job.key:34s} {st.state:10s} {st.job_id:>10s}  {detail}")
     counts = Counter(states[j.key].state for j in jobs)  # a run on SLURM is followed with action=status
-    return lines + [f"{len(jobs)} job(s): " + ", ".join(f"{n} {state}" for state, n in counts.most_common())]
+    missing = ["MISSING: not submitted yet (the same command without action= runs them)"] if counts["MISSING"] else []
+    return lines + [f"{len(jobs)} job(s): " + ", ".join(f"{n} {state}" for state, n in counts.most_common())] + missing

@@ -60,7 +60,8 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
     check_folder(out_dir(getattr(cfg, "out", ""), probe), "out")  # before the probe computes
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
-    write_json(folder / "config.json", {"probe": probe, **to_dict(cfg), "code_version": code_version()})
+    written = [*written, folder / "config.json"]  # the probe's settings and commit: listed with its outputs
+    write_json(written[-1], {"probe": probe, **to_dict(cfg), "code_version": code_version()})
     print(f"analysis.{probe}: wrote {len(written)} file{'s' * (len(written) != 1)} to {folder}/")
     for p in written:
         print(f"  {p}")

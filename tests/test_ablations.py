@@ -42,8 +42,9 @@ def test_status_lists_every_cell_without_submitting(name, tmp_path, capsys):
     out = capsys.readouterr().out
     for cell in _cells(name, "demo"):
         assert cell.id in out
-    n_jobs = len(out.splitlines()) - 3  # the plan line, the header, the count line
-    assert out.splitlines()[-1] == f"{n_jobs} job(s): {n_jobs} MISSING"
+    n_jobs = len(out.splitlines()) - 4  # the plan line, the header, the count line, what MISSING means
+    assert out.splitlines()[-2:] == [f"{n_jobs} job(s): {n_jobs} MISSING",
+                                     "MISSING: not submitted yet (the same command without action= runs them)"]
     assert not (tmp_path / "demo" / "jobs").exists()
 
 
