@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Mapping, NoReturn, Sequence
 
 from siren.errors import SirenError
 
@@ -46,21 +46,24 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def help_text(schema: type | None, doc: str | None) -> str:
-    """The docstring, then every settable key of ``schema`` with its default."""
+def help_text(schema: type | None, doc: str | None, presets: Mapping[str, Mapping] | None = None) -> str:
+    """The docstring, then every settable key of ``schema`` with its default, then the presets' names."""
     lines = [(doc or "").strip(), ""]
     if schema is not None:
         from siren.config import defaults
 
         lines.append("keys (key=value; dotted for nested groups):")
         lines += [f"  {k}={v!r}" for k, v in defaults(schema).items()]
+    if presets:
+        lines.append("presets (group=name: sets of the keys above, applied before the keys given):")
+        lines += [f"  {group}=" + "|".join(names) for group, names in presets.items()]
     return "\n".join(lines).strip() + "\n"
 
 
 def run(main: Callable[[list[str]], int | None], schema: type | None = None, doc: str | None = None,
-        argv: Sequence[str] | None = None) -> NoReturn:
+        argv: Sequence[str] | None = None, presets: Mapping[str, Mapping] | None = None) -> NoReturn:
     """Run a command's ``main(argv)`` under the shell's help, logging and error handling, then exit."""
-    sys.exit(call(main, argv, schema, doc))
+    sys.exit(call(main, argv, schema, doc, presets))
 
 
 def own_words(e: Exception) -> str:
@@ -79,11 +82,11 @@ def own_words(e: Exception) -> str:
 
 
 def call(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, schema: type | None = None,
-         doc: str | None = None) -> int:
+         doc: str | None = None, presets: Mapping[str, Mapping] | None = None) -> int:
     """``run`` without the exit: the command's exit code (for entry points that return one)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in argv):
-        sys.stdout.write(help_text(schema, doc))
+        sys.stdout.write(help_text(schema, doc, presets))
         return 0
     setup_logging()
     try:

@@ -343,5 +343,6 @@ def main(argv: list[str] | None = None, data: Stage1Data | None = None) -> int:
 
 if __name__ == "__main__":
     from siren.cli import run
+    from siren.train_config import preset_groups
 
-    run(main, Stage1Config, __doc__)
+    run(main, Stage1Config, __doc__, presets=preset_groups())

@@ -117,11 +117,16 @@ class Stage1Config:
     codec: CodecConfig = field(default_factory=CodecConfig)  # supplies the frozen code tables
 
 
-def parse(args: list[str]) -> Stage1Config:
-    # scale=tiny/small/isolated-*/single-*/... set model.*; scale=cont-tiny/cont-base/... set continuous.*
+def preset_groups() -> dict:
+    """scale=tiny/small/isolated-*/single-*/... set model.*; scale=cont-tiny/cont-base/... set continuous.*"""
     groups = presets("model.")
+    groups["scale"] = {**groups["scale"], **continuous_presets("continuous.")["scale"]}
+    return groups
+
+
+def parse(args: list[str]) -> Stage1Config:
+    groups = preset_groups()
     cont = continuous_presets("continuous.")["scale"]
-    groups["scale"] = {**groups["scale"], **cont}
     cfg = load_config(Stage1Config, args, presets=groups)
     if cfg.family not in FAMILIES:
         raise ConfigError(f"family '{cfg.family}' is not allowed; allowed: {', '.join(FAMILIES)}")

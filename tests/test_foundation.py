@@ -291,3 +291,18 @@ def test_a_durable_record_is_on_disk_before_its_name(tmp_path, monkeypatch):
     calls.clear()
     io.write_json(tmp_path / "plain.json", {})
     assert calls == [("replace", str(tmp_path / "plain.json"))]
+
+
+def test_help_lists_the_presets_a_command_takes(capsys):
+    """`python -m siren.train --help` showed `scale=tiny` in its example but listed no scale= or arch= among the
+    keys (the presets are sets of keys); now each command with presets lists their names."""
+    from siren import cli
+    from siren.rl.config import PRESETS as RL
+    from siren.train_config import Stage1Config, preset_groups
+
+    assert cli.call(lambda argv: 0, ["--help"], Stage1Config, "doc", preset_groups()) == 0
+    shown = capsys.readouterr().out
+    assert "\n  model.dim=1024\n" in shown and "presets (group=name" in shown
+    assert "\n  scale=tiny|small|" in shown and "|cont-tiny|" in shown and "\n  arch=official|legacy" in shown
+    cli.call(lambda argv: 0, ["--help"], None, "doc", RL)
+    assert "reward=clap|imagebind|code_match" in capsys.readouterr().out

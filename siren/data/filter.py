@@ -321,4 +321,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     from siren import cli
 
-    cli.run(main, FilterConfig, __doc__)
+    cli.run(main, FilterConfig, __doc__, presets=PRESETS)

@@ -1,7 +1,7 @@
 """prepare: a manifest -> cached codec codes and text-encoder states, plus an index per split.
 
     python -m siren.data.prepare manifest=data/train.csv out=data/prep             # pretrained DAC + CLAP
-    python -m siren.data.prepare manifest=demo out=data/demo codec.weights=random text.weights=random
+    python -m siren.data.prepare manifest=demo out=data/demo codec.weights=demo text.weights=demo
     python -m siren.data.prepare manifest=... out=... num_shards=8 shard=3          # one job-array element
     python -m siren.data.prepare manifest=... out=... num_shards=8 step=index       # merge, after all shards
 
