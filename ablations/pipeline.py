@@ -221,9 +221,9 @@ def run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel:
         return _run_local(jobs, root, kind, retry, max_parallel, warm_start.python_prefix(address))
 
 
-# Process settings for the local jobs. The warm server and cold jobs inherit the launcher's environment, and glibc
-# and libgomp read these once, at process start; only where memory comes from and how idle threads wait change,
-# not any number computed. A user's own values win.
+# Process settings for the local jobs. The warm server and cold jobs inherit the launcher's environment, and glibc,
+# libgomp and tqdm read these once, at process start; only where memory comes from, how idle threads wait and how
+# often a progress bar is drawn change, not any number computed. A user's own values win.
 JOB_ENV = {
     # glibc malloc. By default big blocks are mmapped and the heap's top is trimmed (thresholds from 128 KB, raised
     # dynamically), so a step's next 10 MB logits or gradient can fault in fresh zeroed pages (halved minor faults
@@ -235,6 +235,9 @@ JOB_ENV = {
     # thread held a core the other needed (prepare 113 s beside a busy thread, 68 s alone); sleeping, prepare took
     # 93 s and the busy thread kept its full core. Alone, the same 68 s and the same codes (README, Measured).
     "OMP_WAIT_POLICY": "PASSIVE",
+    # tqdm (read when it is imported): a job's log is a file, where every redraw of a progress bar stays, 132-332
+    # of them per demo expert on one line; here at most one every 30 s.
+    "TQDM_MININTERVAL": "30",
 }
 
 
