@@ -470,20 +470,22 @@ def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path, caplog):
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
 @pytest.mark.parametrize("own", [None, "65536"])
 def test_local_jobs_get_the_job_settings_and_the_launcher_keeps_its_own(tmp_path, monkeypatch, own):
-    """A real local job (a process of its own) starts with the malloc and OpenMP settings; a value the user set
-    wins; the launcher's environment is as it was afterwards."""
+    """A real local job (a process of its own) starts with the malloc, OpenMP and tqdm settings; a value the user
+    set wins; the launcher's environment is as it was afterwards."""
     if own is None:
         monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     else:
         monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", own)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     seen = tmp_path / "env.json"
     job = pipeline.Job("env", startup_env, {"path": str(seen)}, tmp_path / "env.done")
     states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1, warm=False)
     assert states["env"].state == "DONE"
     assert json.loads(seen.read_text()) == {"MALLOC_MMAP_THRESHOLD_": own or str(32 << 20),
-                                            "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "OMP_WAIT_POLICY": "PASSIVE"}
+                                            "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "OMP_WAIT_POLICY": "PASSIVE",
+                                            "TQDM_MININTERVAL": "30"}
     assert pipeline.os.environ.get("MALLOC_MMAP_THRESHOLD_") == own
     assert "OMP_WAIT_POLICY" not in pipeline.os.environ
     assert "MALLOC_TRIM_THRESHOLD_" not in pipeline.os.environ
