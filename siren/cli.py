@@ -29,11 +29,25 @@ def start(argv: Sequence[str] | None) -> list[str]:
     return list(sys.argv[1:] if argv is None else argv)
 
 
+class _BetweenBars(logging.StreamHandler):
+    """A log line between progress bars, not inside one: tqdm.write clears the bars on the stream, writes the line
+    and draws them again (a warning logged while a bar was drawn ended up in the middle of its line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own rule: a failing handler reports, never raises
+            self.handleError(record)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """The one log format; idempotent (a job that runs several commands in one process sets it once)."""
     root = logging.getLogger()
     if not any(getattr(h, "_siren", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BetweenBars(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         handler._siren = True
         root.addHandler(handler)
