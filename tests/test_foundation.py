@@ -306,3 +306,30 @@ def test_help_lists_the_presets_a_command_takes(capsys):
     assert "\n  scale=tiny|small|" in shown and "|cont-tiny|" in shown and "\n  arch=official|legacy" in shown
     cli.call(lambda argv: 0, ["--help"], None, "doc", RL)
     assert "reward=clap|imagebind|code_match" in capsys.readouterr().out
+
+
+def test_a_log_line_is_written_between_progress_bars_not_inside_one():
+    """A warning logged while a bar was drawn (the demo CLAP's, built inside the first batch's bar) was written
+    after the bar's text on the same line; now the bar is cleared, the line written, the bar drawn again."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from siren import cli
+
+    stream = io.StringIO()
+    handler = cli._BetweenBars(stream)
+    handler.setFormatter(logging.Formatter(cli.LOG_FORMAT, datefmt="%H:%M:%S"))
+    log = logging.getLogger("siren.test_bars")
+    log.addHandler(handler)
+    try:
+        with tqdm(total=2, desc="clap gen", file=stream, mininterval=0, disable=False) as bar:
+            bar.update(1)
+            log.warning("built the network")
+            bar.update(1)
+    finally:
+        log.removeHandler(handler)
+    line = next(x for x in stream.getvalue().split("\n") if "built the network" in x)
+    assert line.rsplit("\r", 1)[-1].endswith("W siren.test_bars: built the network")
+    assert "clap gen" not in line.rsplit("\r", 1)[-1]
