@@ -390,7 +390,7 @@ def test_a_prepare_reads_again_only_the_files_changed_or_still_to_encode(tmp_pat
     """Every prepare read and hashed every source file again (0.2-2 h at 436k files on a local disk); now a file
     hashed at its version (size, mtime, ctime) by an earlier run, finished or killed, is read again only when it
     changed or its codes are still to be encoded."""
-    from siren.data import prepare as prep
+    from siren.data import cache as layout
 
     m, out = tiny_set(tmp_path / "src", n=3), tmp_path / "out"
     reads = []
@@ -400,7 +400,7 @@ def test_a_prepare_reads_again_only_the_files_changed_or_still_to_encode(tmp_pat
             reads.append(Path(path).name)
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(prep, "open", spy, raising=False)
+    monkeypatch.setattr(layout, "open", spy, raising=False)  # where sources are read
     with pytest.raises(KeyboardInterrupt):
         run(m, out, Counting(codec, fail_after=1), text_encoder)  # killed after the first file's codes
     assert sorted(reads) == ["a0.wav", "a1.wav", "a2.wav"]
@@ -429,7 +429,7 @@ def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_n
     """The ledger keeps a file's hash under the version it had before the read: recorded under the version after
     it, a file rewritten in between kept the former bytes' hash, trusted by every later prepare. And a ledger line
     that cannot be written (a full disk) was reported as each audio file being unreadable."""
-    from siren.data import prepare as prep
+    from siren.data import cache as layout
 
     m, out = tiny_set(tmp_path / "src", n=2), tmp_path / "out"
     x, _ = sf.read(tmp_path / "src/a0.wav")
@@ -464,7 +464,7 @@ def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_n
             return RewrittenAfterRead(f)
         return f
 
-    monkeypatch.setattr(prep, "open", spy, raising=False)
+    monkeypatch.setattr(layout, "open", spy, raising=False)  # where sources are read
     r = run(m, out, codec, text_encoder)
     assert wrapped and (r.codes_encoded, r.codes_cached) == (0, 2)  # the bytes it read are the ones encoded before
     monkeypatch.undo()
@@ -484,8 +484,6 @@ def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_n
     def full(path, mode="r", *args, **kwargs):
         f = open(path, mode, *args, **kwargs)
         return Full(f) if str(path).endswith(".jsonl") and mode == "a" else f
-
-    from siren.data import cache as layout
 
     monkeypatch.setattr(layout, "open", full, raising=False)  # where the ledger is opened
     write_wav(tmp_path / "src/a1.wav", 0.25 * x)  # to hash again

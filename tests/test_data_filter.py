@@ -154,6 +154,8 @@ def test_presets(scored, clips, clap, monkeypatch, tmp_path):
 def test_second_run_computes_nothing_and_reads_no_audio_file(scored, clips, clap, monkeypatch, capsys):
     """...nor reads an audio file it hashed before, unchanged since (each run read and hashed them all: hours over
     the data engine's millions of clips); the ledger of its first run says which (siren.data.cache.HashLedger)."""
+    from siren.data import cache as layout
+
     reads = []
 
     def spy(path, mode="r", *args, **kwargs):
@@ -168,7 +170,7 @@ def test_second_run_computes_nothing_and_reads_no_audio_file(scored, clips, clap
             reads.append(self)
         return read_bytes(self)
 
-    monkeypatch.setattr(filt, "open", spy, raising=False)
+    monkeypatch.setattr(layout, "open", spy, raising=False)  # where sources are read
     monkeypatch.setattr(Path, "read_bytes", spy_path)  # how it read them before
     cli(clap, monkeypatch, f"manifest={clips}", f"out={scored}")
     out = capsys.readouterr().out

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from siren.errors import DataError
@@ -99,6 +100,18 @@ class HashLedger:
     def get(self, path: str | Path, st: os.stat_result) -> str | None:
         """The sha256 recorded for the file at ``path`` as ``st`` says it is now, if any."""
         return self.known.get((str(path), tuple(version(st))))
+
+    def lookup(self, path: str | Path, needed: Callable[[str], bool]) -> tuple[str, os.stat_result, bytes | None]:
+        """(the file's sha256, the version it is of, its bytes where they were read): a file recorded at its current
+        version is read only if ``needed(sha256)`` (its cached result is missing). Record the answer with ``put``:
+        an error writing the ledger is then not taken for one reading the audio."""
+        st = os.stat(path)
+        h = self.get(path, st)
+        if h is not None and not needed(h):
+            return h, st, None
+        with open(path, "rb") as fh:
+            st, data = os.fstat(fh.fileno()), fh.read()  # the version before the read
+        return sha256(data), st, data
 
     def put(self, path: str | Path, st: os.stat_result, sha256: str) -> None:
         """Record the hash of the bytes read after ``st`` was taken (the version before the read: a write during or

@@ -27,7 +27,6 @@ Selection and outputs: siren/data/filter_select.py.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import time
 from collections.abc import Sequence
@@ -197,13 +196,8 @@ def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, sh
     with HashLedger(filter_shard_path(out, shard, num_shards).parent, shard, num_shards,
                     {str(it.row.audio) for _, it in mine}) as ledger:
         for i, it in bar:
-            try:
-                st, data = os.stat(it.row.audio), None
-                h = ledger.get(it.row.audio, st)
-                if h is None or not embedded(key_of(h)):  # an unchanged file already embedded is not read again
-                    with open(it.row.audio, "rb") as fh:
-                        st, data = os.fstat(fh.fileno()), fh.read()  # the version before the read
-                    h = sha256(data)
+            try:  # an unchanged file already embedded is not read again
+                h, st, data = ledger.lookup(it.row.audio, lambda h: not embedded(key_of(h)))
             except OSError as e:
                 bad[i] = f"unreadable: {it.row.audio}: {e.strerror or 'cannot read'}"
                 continue

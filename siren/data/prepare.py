@@ -136,13 +136,8 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         with HashLedger(shard_path(out, split, shard, num_shards).parent, shard, num_shards,
                         {str(r.audio) for _, r in mine}) as ledger:
             for i, row in bar(mine, progress, f"check {split} shard {shard} of {num_shards}"):
-                try:
-                    st, data = os.stat(row.audio), None
-                    h = ledger.get(row.audio, st)
-                    if h is None or not encoded(key_of(h)):  # to hash, or to encode (the bytes hashed are encoded)
-                        with open(row.audio, "rb") as fh:
-                            st, data = os.fstat(fh.fileno()), fh.read()  # the version before the read
-                        h = sha256(data)
+                try:  # read to hash it, or to encode it (the bytes hashed are the ones encoded)
+                    h, st, data = ledger.lookup(row.audio, lambda h: not encoded(key_of(h)))
                 except FileNotFoundError:
                     bad[i] = f"{row.audio}: audio file not found (id {row.id})"
                     continue
