@@ -277,15 +277,16 @@ def evaluate(cfg: EvalConfig) -> dict:
         read_run_config(cfg.ckpt)
     out = output_dir(cfg)
     check_folder(out, "out")
-    if cfg.gen_dir:  # a wrong gen_dir= made <gen_dir>_eval/, or set an earlier results.json aside, before it was named
-        match_generated(cfg.gen_dir, [it.id for it in items], subset=bool(cfg.subset))
+    # a wrong gen_dir= made <gen_dir>_eval/, or set an earlier results.json aside, before it was named
+    matched = match_generated(cfg.gen_dir, [it.id for it in items], subset=bool(cfg.subset)) if cfg.gen_dir else None
     # two evaluations into one folder each skipped the clips the other had written and scored the mix as its own
     with hold(out / "eval.lock", f"an evaluation of {cfg.ckpt or cfg.gen_dir}",
               "wait for it to finish, or give this one another out="):
-        return _evaluate_in(out, cfg, items, ref_card)
+        return _evaluate_in(out, cfg, items, ref_card, matched)
 
 
-def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dict:
+def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
+                 matched: tuple[dict[str, Path], int] | None) -> dict:
     # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
     # them in results.json, read as its own
     models = backbones(cfg)  # missing weights are named before an earlier results.json is set aside
@@ -310,7 +311,7 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict) -> dic
         from eval.generate import record_card
 
         gen_card = record_card(Path(gen_dir))
-    gen_paths, left_out = match_generated(gen_dir, [it.id for it in items], subset=bool(cfg.subset))
+    gen_paths, left_out = matched or match_generated(gen_dir, [it.id for it in items], subset=bool(cfg.subset))
     if left_out:
         gen_card["left_out"] = f"{left_out} clip(s) of {gen_dir} outside subset={cfg.subset}"
     clips, errors = {}, []

@@ -153,16 +153,16 @@ def open_tensors(path: Path, sha256: str | None = None) -> Iterator:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint file {path} ({e.strerror})") from None
     with fh:
-        # size and mtime of the open file, not io.version: its ctime moves when it is merely deleted
-        before = (os.fstat(fh.fileno()).st_size, os.fstat(fh.fileno()).st_mtime_ns)
+        def written() -> tuple[int, int]:  # size and mtime of the open file, not io.version: a deletion moves ctime
+            st = os.fstat(fh.fileno())
+            return st.st_size, st.st_mtime_ns
+
+        before = written()
         try:
             # hashed in chunks, then mapped: a 3.3B model's AdamW state read into memory whole to hash it, then
             # loaded beside it, held twice its size at once
             if sha256 is not None:  # None: a checkpoint written before the digests were recorded
-                h = hashlib.sha256()
-                while block := fh.read(1 << 20):
-                    h.update(block)
-                if (got := h.hexdigest()) != sha256:
+                if (got := io.hash_rest(hashlib.sha256(), fh).hexdigest()) != sha256:
                     raise CheckpointError(f"corrupt checkpoint file {path}: its sha256 is {got[:16]}..., state.json "
                                           f"recorded {sha256[:16]}... when it was written (a damaged disk or copy, "
                                           f"or an edit); {fall_back(path)}")
@@ -174,7 +174,7 @@ def open_tensors(path: Path, sha256: str | None = None) -> Iterator:
             raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
         with f:
             yield f
-        if (os.fstat(fh.fileno()).st_size, os.fstat(fh.fileno()).st_mtime_ns) != before:
+        if written() != before:
             raise CheckpointError(f"checkpoint file {path} changed while it was read (another process writing "
                                   "it?); load it again once nothing writes there")
 

@@ -180,13 +180,15 @@ def file_digest(*paths: str | os.PathLike, algorithm: str = "sha256") -> str:
     h = hashlib.new(algorithm)
     for p in paths:
         with open(p, "rb") as f:
-            _update(h, f)
+            hash_rest(h, f)
     return h.hexdigest()
 
 
-def _update(h, f, chunk: int = 1 << 20) -> None:
+def hash_rest(h, f, chunk: int = 1 << 20):
+    """``h`` updated with the rest of the open file ``f``, read in chunks; returns ``h``."""
     while block := f.read(chunk):
         h.update(block)
+    return h
 
 
 def load_hashed(path: str | os.PathLike, load: Callable[[BinaryIO], Any], sha256: str | None = None) -> tuple[Any, str]:
@@ -196,7 +198,7 @@ def load_hashed(path: str | os.PathLike, load: Callable[[BinaryIO], Any], sha256
     other's hash). ``sha256``: the hash the run recorded before a lazy load; another is a CheckpointError."""
     with open(path, "rb") as f:
         h = hashlib.sha256()
-        _update(h, f)
+        hash_rest(h, f)
         same_file(path, sha256, h.hexdigest())
         f.seek(0)
         return load(f), h.hexdigest()
