@@ -137,7 +137,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
             weights = c.model_state()
             ckpt.check_finite_checkpoint(c, weights, fix)
             ckpt.load_weights(e, weights, c.path / "model.safetensors")
-            ckpt.load_optimizer(opt, c.trainer_state(), c.state["rl_optimizer"], c.path)
+            ckpt.load_optimizer(opt, c.trainer_state(device), c.state["rl_optimizer"], c.path)
         for k in trainable:  # a save killed between experts left these: the next save's keep_last would count them
             ckpt.drop_after(ckpt.expert_dir(out, k), start)
         log.info("resuming %s from step %d", out, start)
