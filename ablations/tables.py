@@ -89,8 +89,16 @@ def _cells(df: pd.DataFrame, grid: Grid, mark, dagger: str) -> list[tuple[str, s
     return out
 
 
+ITG_NOTE = ("itg: inability to generate, the paper's mark for a model that produced no usable audio (for our rows "
+            "the reason follows it; results.json holds it)")
+
+
 def _reward_note(df: pd.DataFrame) -> bool:
     return bool(df["Reward = metric"].fillna("").astype(str).str.len().gt(0).any())
+
+
+def _itg_note(df: pd.DataFrame) -> bool:  # what the mark means, beside the table that prints it
+    return bool(df["Status"].eq("itg").any())
 
 
 def _lead(grid: Grid) -> int:
@@ -107,7 +115,8 @@ def to_markdown(df: pd.DataFrame, grid: Grid, caption: str) -> str:
     for label, source, status, vals in _cells(df, grid, mark, REWARD_MARK):
         vals = vals[:lead] + [_md(status)] + [""] * (len(vals) - lead - 1) if status else vals
         lines.append("| " + " | ".join([_md(label), source, *vals]) + " |")
-    lines += ["", *[f"- {n}" for n in grid.notes], *([f"- {REWARD_MARK} {REWARD_NOTE}"] if _reward_note(df) else [])]
+    lines += ["", *[f"- {n}" for n in grid.notes], *([f"- {REWARD_MARK} {REWARD_NOTE}"] if _reward_note(df) else []),
+              *([f"- {ITG_NOTE}"] if _itg_note(df) else [])]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -135,7 +144,8 @@ def to_latex(df: pd.DataFrame, grid: Grid, caption: str) -> str:
         body = " & ".join([*vals[:lead], rf"\multicolumn{{{n - lead}}}{{c}}{{{_tex(status)}}}"]) if status else \
             " & ".join(vals)
         lines.append(f"{_tex(label)} & {_tex(source)} & {body} " + r"\\")
-    note = rf" \textsuperscript{{\dag}} {_tex(REWARD_NOTE)}." if _reward_note(df) else ""
+    note = (rf" \textsuperscript{{\dag}} {_tex(REWARD_NOTE)}." if _reward_note(df) else "") + \
+        (f" {_tex(ITG_NOTE)}." if _itg_note(df) else "")
     lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex(grid.title)} {_tex(caption)}{note}}}",
               rf"\label{{tab:{grid.name}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"

@@ -229,9 +229,13 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
             audio = np.stack([e["audio"] for e in g])
             values["clap"] = M.clap_score(text, audio)
             per_clip["clap_cosine"] = M.clap_cosine(text, audio).tolist()
-    caught = sorted({str(x.message) for x in w if issubclass(x.category, M.FewSamplesWarning)})
-    for msg in caught:  # kept in results.json too
-        log.warning(msg)
+    few = [x.message for x in w if issubclass(x.category, M.FewSamplesWarning)]
+    caught = sorted({str(m) for m in few})  # each in results.json; one line in the log (it printed four per run)
+    if few:
+        log.warning("Frechet distances from fewer samples than embedding dimensions (%s): each covariance has a "
+                    "lower rank than its dimension, so each distance carries a large bias that depends on the number "
+                    "of samples; compare only numbers computed on the same number of clips",
+                    "; ".join(sorted({f"{m.what}: {m.n} x {m.d}-d" for m in few})))
     for x in w:  # everything else goes on as usual
         if not issubclass(x.category, M.FewSamplesWarning):
             warnings.warn_explicit(x.message, x.category, x.filename, x.lineno)

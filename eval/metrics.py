@@ -29,6 +29,12 @@ IS_SEED = 2020
 class FewSamplesWarning(UserWarning):
     """Fewer samples than embedding dimensions: the covariance is rank-deficient and FD is biased."""
 
+    def __init__(self, what: str, n: int, d: int):
+        self.what, self.n, self.d = what, n, d
+        super().__init__(f"Frechet distance from {n} samples of {d}-d embeddings ({what}): the covariance has rank "
+                         f"<= {n - 1} < {d}, so the distance carries a large bias that depends on N; compare only "
+                         "numbers computed on the same number of clips")
+
 
 def _check_embeddings(x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
@@ -37,10 +43,7 @@ def _check_embeddings(x: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{what}: embeddings contain NaN or inf")
     if x.shape[0] <= x.shape[1]:
-        warnings.warn(f"Frechet distance from {x.shape[0]} samples of {x.shape[1]}-d embeddings ({what}): the "
-                      f"covariance has rank <= {x.shape[0] - 1} < {x.shape[1]}, so the distance carries a large "
-                      "bias that depends on N; compare only numbers computed on the same number of clips",
-                      FewSamplesWarning, stacklevel=3)
+        warnings.warn(FewSamplesWarning(what, *x.shape), stacklevel=3)
     return x
 
 

@@ -255,6 +255,10 @@ def test_tables_rank_within_each_source_and_say_itg_and_weights():
     # the paper's 12-1 row: its 140M beside itg, as printed
     assert lines[("12-1", "paper")].split("|")[3:5] == [" 140M ", " itg "]
     assert r"12-1 & paper & 140M & \multicolumn{4}{c}{itg}" in tex
+    # what itg means is said beside the table (it was in the README only); not under a table without one
+    assert md.count("- itg: inability to generate") == 1 and "itg: inability to generate" in tex
+    plain = load_grid("table5")
+    assert "inability to generate" not in to_markdown(build_frame(plain, {}, "ours"), plain, "scale=demo")
 
 
 def test_job_waves_follow_dependencies():

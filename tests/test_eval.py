@@ -96,6 +96,20 @@ def test_each_batch_is_prepared_as_it_goes(vggish, panns, monkeypatch):
                     np.testing.assert_array_equal(out[i][name], o[name])
 
 
+def test_an_evaluation_of_few_clips_logs_one_frechet_warning_and_records_each(panns, vggish, caplog):
+    # four log lines per demo evaluation before (FD and FAD, each set); results.json keeps each message
+    from eval.audiocaps import evaluate_sets
+
+    gen = [make_clip(f"c{i}", synth(i, 2.0), 16000) for i in range(3)]
+    ref = [make_clip(f"c{i}", synth(i + 7, 2.0), 16000) for i in range(3)]
+    cfg = EvalConfig(weights="random", metrics="fd,fad", cache=False)
+    with caplog.at_level("WARNING", logger="eval.audiocaps"):
+        out = evaluate_sets(gen, ref, ["a", "b", "c"], cfg, models={"fd_kl_is": panns, "fad": vggish})
+    lines = [r.getMessage() for r in caplog.records if "Frechet" in r.getMessage()]
+    assert len(lines) == 1 and "FD, generated: 3 x 2048-d" in lines[0] and "FAD, reference: 6 x 128-d" in lines[0]
+    assert len(out["warnings"]) == 4 and all("compare only numbers" in w for w in out["warnings"])
+
+
 def test_clips_read_from_files_hold_no_samples_and_a_file_changed_meanwhile_is_named(panns, tmp_path):
     """An evaluation held every clip's samples from reading to its end (6-20 GB at 4.9k clips); now each network's
     pass reads the file again, checked against the hash taken when the evaluation began, with the same results."""
