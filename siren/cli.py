@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+import warnings
 from typing import Callable, Mapping, NoReturn, Sequence
 
 from siren.errors import SirenError
@@ -20,6 +21,12 @@ LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
 EXIT_ERROR = 2  # bad input (as argparse)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 PACKAGES = ("siren", "eval", "ablations", "analysis", "benchmarks")  # whose INFO lines are shown
+# The pinned libraries' notices about their own internals, which nothing a user sets here changes (the DAC's
+# weight_norm, laion_clap's timm import and HTSAT's meshgrid): printed by every command that built the codec or
+# CLAP. Matched by category and the message's start, so any other warning still prints.
+LIBRARY_NOTICES = ((FutureWarning, r"`torch\.nn\.utils\.weight_norm` is deprecated"),
+                   (FutureWarning, r"Importing from timm\.models\.layers is deprecated"),
+                   (UserWarning, r"torch\.meshgrid: in an upcoming release, it will be required to pass the indexing"))
 
 
 def start(argv: Sequence[str] | None) -> list[str]:
@@ -58,6 +65,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     # "__main__": the module run by `python -m siren.x` logs under that name, not under its package's
     for name in (*PACKAGES, "__main__"):
         logging.getLogger(name).setLevel(level)
+    for category, message in LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message, category)
 
 
 def help_text(schema: type | None, doc: str | None, presets: Mapping[str, Mapping] | None = None) -> str:

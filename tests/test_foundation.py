@@ -333,3 +333,24 @@ def test_a_log_line_is_written_between_progress_bars_not_inside_one():
     line = next(x for x in stream.getvalue().split("\n") if "built the network" in x)
     assert line.rsplit("\r", 1)[-1].endswith("W siren.test_bars: built the network")
     assert "clap gen" not in line.rsplit("\r", 1)[-1]
+
+
+def test_commands_hide_the_pinned_libraries_notices_about_their_internals_only():
+    # every command that built the codec or CLAP printed three deprecation notices no user setting changes
+    import warnings
+
+    import dac
+    import torch
+
+    from siren import cli
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cli.setup_logging()
+        dac.DAC(encoder_dim=4, encoder_rates=[2], decoder_dim=8, decoder_rates=[2], latent_dim=8, n_codebooks=2,
+                codebook_size=4, codebook_dim=2)
+        torch.meshgrid(torch.arange(2), torch.arange(3))
+        warnings.warn("Importing from timm.models.layers is deprecated, please import via timm.layers", FutureWarning)
+        warnings.warn("some other deprecation", FutureWarning)
+        warnings.warn("torch.meshgrid: a notice in other words", UserWarning)
+    assert [str(w.message) for w in seen] == ["some other deprecation", "torch.meshgrid: a notice in other words"]
