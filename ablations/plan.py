@@ -38,11 +38,13 @@ class RunConfig:
     cpus: int = 1  # per training/alignment/eval job (a profile may raise it); prepare takes 2
     mem_gb: float = 8  # per job (a profile may raise it)
     train_timeout_min: int = 60 * 24
+    prepare_shards: int = 1  # > 1: a user's training set is encoded by this many jobs (one job array), then indexed
     calibration: str = "auto"  # oracle + chance rows: auto (on at scale=demo) | true | false
     set: dict = field(default_factory=dict)  # cell overrides, dotted keys
 
     def __post_init__(self):
-        check_numbers(self, positive=("max_parallel", "cpus", "mem_gb", "train_timeout_min"), nonneg=("gpus",))
+        check_numbers(self, positive=("max_parallel", "cpus", "mem_gb", "train_timeout_min", "prepare_shards"),
+                      nonneg=("gpus",))
         if self.gpus > 1:  # a grid job is one process: N GPUs were reserved and N - 1 sat idle
             raise ConfigError(f"gpus={self.gpus}: a grid job runs one process on one GPU; set gpus=1 (one expert on "
                               f"several GPUs: torchrun --nproc_per_node=N -m siren.train ..., outside the grid)")
@@ -201,7 +203,7 @@ def check_sources(jobs: list[Job]) -> None:
     from siren.data.index import changed_files, changed_sources
 
     for job in jobs:
-        if job.fn is steps.prepare_step and job.done.is_file():
+        if job.fn is steps.prepare_step and job.kwargs.get("shard") is None and job.done.is_file():
             folder = job.done.parent
             changed, gone = [], []
             for index in sorted((folder / "splits").glob("*.json")):
@@ -260,9 +262,21 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         prep = f"data-{did}"
         # prepare and latents run the codec over the whole training set: on the GPU the other jobs get (2.5 s a
         # 10 s clip on 2 CPU cores: 100k clips were ~70 h, over the requeues' ceiling at the paper's sizes)
-        jobs.setdefault(prep, Job(prep, steps.prepare_step, dict(data_dir=str(prepared), cfg=cell.cfg),
-                                  prepared / "prepared.done", gpus=run.gpus, cpus=2, mem_gb=run.mem_gb,
-                                  timeout_min=24 * 60, output=prepared / "splits"))
+        # a user's training set in shards (the demo set is made by prepare itself: one job); the index job keeps
+        # the key and marker of the one prepare job, so a grid prepared either way goes on from its data
+        sharded = run.prepare_shards > 1 and cell.cfg["data.source"] != "demo" and \
+            not (prepared / "prepared.done").is_file()
+        n = run.prepare_shards if sharded else 1
+        parts = [f"{prep}/shard_{i}" for i in range(n)] if sharded else []
+        for i, key in enumerate(parts):
+            jobs.setdefault(key, Job(key, steps.prepare_step, dict(data_dir=str(prepared), cfg=cell.cfg, shard=i,
+                                                                 num_shards=n),
+                                     prepared / f"shard_{i}_of_{n}.done", gpus=run.gpus, cpus=2, mem_gb=run.mem_gb,
+                                     timeout_min=24 * 60, array=f"{prep}/shards"))
+        jobs.setdefault(prep, Job(prep, steps.prepare_step,
+                                  dict(data_dir=str(prepared), cfg=cell.cfg, **({"num_shards": n} if sharded else {})),
+                                  prepared / "prepared.done", deps=parts, gpus=0 if sharded else run.gpus, cpus=2,
+                                  mem_gb=run.mem_gb, timeout_min=24 * 60, output=prepared / "splits"))
         stage1 = stage1_dir(cell, run)
         trains = [f"stage1-{stage1.name}/expert_{k}" for k in range(cell.n_experts)]
         before_train = [prep]

@@ -125,7 +125,9 @@ def source_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     return {"train": str(demo.train), "test": str(demo.test)}
 
 
-def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
+def prepare_step(data_dir: str, cfg: Mapping[str, Any], shard: int | None = None, num_shards: int = 1) -> dict:
+    """siren.data.prepare of the training data: all of it (``num_shards=1``), or one of ``num_shards`` shard jobs
+    (``shard=i``), or, after them, their index (``shard=None``)."""
     from siren.data import prepare
 
     if cfg["data.source"] == "demo":
@@ -133,8 +135,10 @@ def prepare_step(data_dir: str, cfg: Mapping[str, Any]) -> dict:
     else:
         source = [f"manifest={cfg['data.train']}", "split=train"]  # what training reads, whatever the file's name
     crops = [f"crop_s={cfg['train.crop_s']}"] if float(cfg.get("train.crop_min_clap", 0)) > 0 else []  # appendix B
-    prepare.run(prepare.parse([*source, f"out={data_dir}", *_weights(cfg, "codec", "text"), *crops]))
-    return {"data_dir": data_dir}
+    sharding = [] if num_shards == 1 else [f"num_shards={num_shards}",
+                                           f"shard={shard}" if shard is not None else "step=index"]
+    prepare.run(prepare.parse([*source, f"out={data_dir}", *_weights(cfg, "codec", "text"), *crops, *sharding]))
+    return {"data_dir": data_dir, "shard": shard}
 
 
 def latents_step(data_dir: str, cfg: Mapping[str, Any], dim: int) -> dict:

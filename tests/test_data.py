@@ -362,6 +362,37 @@ def test_a_grid_prepares_its_training_manifest_as_the_split_training_reads(tmp_p
     assert PreparedDataset(tmp_path / "data", "train", crop_s=None).info["num_items"] == 2
 
 
+def test_a_grid_prepares_a_user_training_set_in_shard_jobs_then_indexes_it(tmp_path):
+    # prepare_shards=N: N encoding jobs (one SLURM job array), then the index, which training waits for; the
+    # items are those of one prepare job. A folder already prepared, and the demo set, stay one job.
+    import json
+
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, parse, plan
+    from ablations.steps import prepare_step
+
+    m = tiny_set(tmp_path / "src", n=3)
+    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "set.weights=demo",
+            *(f"set.data.{k}={m}" for k in ("train", "test", "prompts"))]
+    run_cfg = parse([*args, "prepare_shards=2"])
+    jobs = {j.key: j for j in plan(cells_of(load_grid("table6"), run_cfg), run_cfg)}
+    prep = next(k for k in jobs if k.startswith("data-") and "/" not in k)
+    parts = [f"{prep}/shard_0", f"{prep}/shard_1"]
+    assert jobs[prep].deps == parts and {jobs[k].array for k in parts} == {f"{prep}/shards"}
+    assert all(prep in j.deps for k, j in jobs.items() if "/expert_" in k) and jobs[prep].gpus == 0
+    for key in [*parts, prep]:  # as the jobs run them
+        prepare_step(**jobs[key].kwargs)
+        jobs[key].done.write_text("{}")
+    one = tmp_path / "one"
+    prepare_step(str(one), jobs[prep].kwargs["cfg"])
+    items = lambda d: json.loads((Path(d) / "splits" / "train.json").read_text())["items"]
+    assert items(jobs[prep].kwargs["data_dir"]) == items(one) and len(items(one)) == 3
+    again = plan(cells_of(load_grid("table6"), run_cfg), run_cfg)  # prepared: nothing more to shard
+    assert not [j for j in again if j.key.startswith(f"{prep}/")]
+    demo = parse(["grid=table6", "scale=demo", "rows=6-2", f"out={tmp_path / 'out'}", "prepare_shards=2"])
+    assert len([j for j in plan(cells_of(load_grid("table6"), demo), demo) if j.key.startswith("data-")]) == 1
+
+
 def test_prepare_caches_by_content(tmp_path, codec, text_encoder):
     m = tiny_set(tmp_path / "src", n=3)
     c, t = Counting(codec), Counting(text_encoder)
