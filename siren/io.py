@@ -145,8 +145,9 @@ _SAFETENSORS_RANK = {name: i for i, name in enumerate(_SAFETENSORS_DTYPES.values
 def save_tensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> str:
     """Write tensors as a safetensors file, atomically; returns its sha256. The bytes are those of safetensors'
     own ``save_file`` (tests/test_checkpoint.py compares them), written one tensor at a time and hashed as they
-    go: ``save_file`` holds a bytes copy of every tensor at once (a 3.3B model's AdamW state: 26 GB of host
-    memory per rank at each checkpoint) and the digest then read the file back."""
+    go: ``save_file`` takes host tensors, so a GPU run's whole state was copied to the host before the first byte
+    was written (a 3.3B model's AdamW state: 26 GB per rank at each checkpoint), and the digest read the file
+    back. Unlike ``save_file`` it does not refuse tensors sharing memory: each is written whole."""
     import torch
 
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
