@@ -154,9 +154,7 @@ def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
 def save(path: Path, base: nn.Module, trained: dict[str, torch.Tensor], seed: int, meta: dict) -> None:
     """Write ``trained`` (keys of ``base.state_dict()``) and the hash of every other tensor of ``base``,
     which must be the seeded init ``seeded(seed, make)`` of the loader's ``make``."""
-    from safetensors.torch import save_file
-
-    from siren.io import atomic_path
+    from siren.io import save_tensors
 
     full = base.state_dict()
     unknown = sorted(set(trained) - set(full))
@@ -166,8 +164,9 @@ def save(path: Path, base: nn.Module, trained: dict[str, torch.Tensor], seed: in
     header = {"format": FORMAT, "label": LABEL, "base_seed": str(seed), "base_sha256": tensors_sha256(rest),
               "base_fingerprint": json.dumps(fingerprint(rest)), "base_moments": json.dumps(moments(rest)),
               "meta": json.dumps(meta, sort_keys=True)}
-    with atomic_path(path) as tmp:  # a unique temp name: two builders at once, or a failed one, leave none behind
-        save_file({k: v.detach().cpu().contiguous() for k, v in trained.items()}, str(tmp), metadata=header)
+    # atomically (two builders at once, or a failed one, leave no part behind), the metadata in one order: the same
+    # training gives the same file, byte for byte
+    save_tensors(path, trained, header)
 
 
 def header(path: Path, data: bytes | None = None) -> dict:

@@ -147,7 +147,8 @@ def save_tensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str
     own ``save_file`` (tests/test_checkpoint.py compares them), written one tensor at a time and hashed as they
     go: ``save_file`` takes host tensors, so a GPU run's whole state was copied to the host before the first byte
     was written (a 3.3B model's AdamW state: 26 GB per rank at each checkpoint), and the digest read the file
-    back. Unlike ``save_file`` it does not refuse tensors sharing memory: each is written whole."""
+    back. Unlike ``save_file`` it does not refuse tensors sharing memory (each is written whole), and it writes
+    the metadata's keys in one order."""
     import torch
 
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -158,7 +159,9 @@ def save_tensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str
             raise TypeError(f"tensor {name!r} is {t.dtype}, which safetensors cannot store")
         entries.append((name, t, _SAFETENSORS_DTYPES[str(t.dtype)]))
     entries.sort(key=lambda e: (-_SAFETENSORS_RANK[e[2]], e[0]))
-    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    # metadata keys sorted: safetensors' writer orders them as its hash map iterates, another order in each process
+    # (its files of two or more keys differ from run to run); with one key, its bytes
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
     for name, t, dtype in entries:
         size = t.numel() * t.element_size()
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}

@@ -226,6 +226,13 @@ def test_tensor_files_are_safetensors_own_bytes(tmp_path):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(theirs), metadata=metadata)
         assert ours.read_bytes() == theirs.read_bytes()
         assert digest == io.sha256_file(ours)
+    # several metadata keys: safetensors writes them in another order in each process; here in one (sorted)
+    many = {"zeta": "1", "alpha": "2", "format": "pt"}
+    io.save_tensors(ours, tensors, many)
+    assert ours.read_bytes()[8:].startswith(b'{"__metadata__":{"alpha":"2","format":"pt","zeta":"1"}')
+    from safetensors import safe_open
+    with safe_open(str(ours), "pt") as f:
+        assert f.metadata() == many and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
     with pytest.raises(TypeError, match="complex64"):
         io.save_tensors(tmp_path / "c.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
 

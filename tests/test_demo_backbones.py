@@ -47,6 +47,22 @@ def test_overlay_round_trip_and_hash_check(tmp_path, fresh_builds):
         demo_weights.load(tmp_path / "absent.safetensors", _mlp)
 
 
+def test_the_same_training_writes_the_same_file_in_any_process(tmp_path):
+    # safetensors' own writer put the header's seven metadata keys in another order in each process, so a rebuild
+    # of the same tensors gave a file of another sha256 (the hash the cards and embedding caches record)
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from torch import nn; from siren import demo_weights\n"
+            "mlp = lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))\n"
+            "trained = {'2.bias': torch.arange(3.0)}\n"
+            "demo_weights.save(sys.argv[1], demo_weights.seeded(3, mlp), trained, seed=3, meta={'x': 1})")
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    assert len({sha256_file(p) for p in paths}) == 1
+
+
 def test_a_file_replaced_after_its_hash_was_recorded_is_refused(tmp_path, fresh_builds, monkeypatch):
     # a backbone hashes its file into its id (cache keys) at __init__ and loads it at first use: a file
     # replaced between them would give features filed under the first file's hash
