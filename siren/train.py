@@ -247,10 +247,10 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
                     "batch is padded to %d frames, %d of them masked in every row", tc.crop_s, crop, trained, crop,
                     crop - trained)
     if ranks.main and trained is not None and trained < PAPER_GEN_FRAMES:
-        # a warning where a crop shorter than the items is the bound (a choice: appendix B's 6 s); items that are
-        # all shorter (the demo's 1 s) leave none, and generation warns if it runs past them (every demo expert's
-        # log warned, though the demo generates 1 s)
-        cut = crop is not None and crop < getattr(data.train, "longest", 0)
+        # a warning where the items hold 10 s but the crop trains fewer positions (a choice: appendix B's 6 s);
+        # shorter items leave nothing to choose, and generation warns if it runs past them (every demo expert's
+        # log warned, its 2 s items cut to 1 s, though the demo generates 1 s)
+        cut = crop is not None and getattr(data.train, "longest", 0) >= PAPER_GEN_FRAMES
         log.log(logging.WARNING if cut else logging.INFO, "expert %d trains on sequences of at most %d frames "
                 "(%.1f s); generating the paper's 10 s (%d frames) would run past the trained positions (README: "
                 "Length)", k, trained, trained / 50, PAPER_GEN_FRAMES)
