@@ -226,6 +226,34 @@ def test_changed_sources_names_an_audio_file_replaced_since_prepare(tmp_path, co
     assert hashed == [str(tmp_path / "src/a2.wav")]
 
 
+def test_the_source_check_runs_in_threads_and_keeps_each_files_answer(tmp_path):
+    # the launcher checks every source of a training set from the login node, one call at a time before (a
+    # network filesystem's latency each; a chmod -R hashed them all in one thread); files of every outcome,
+    # more than one task's worth, in the order given
+    import os
+
+    from siren.data.index import changed_files
+    from siren.io import sha256_file, version
+
+    paths = [tmp_path / f"f{i:03d}.wav" for i in range(150)]
+    for i, p in enumerate(paths):
+        p.write_bytes(bytes([i]) * 100)
+    records = [{"source": str(p), "source_sha256": sha256_file(p), "source_stat": version(p.stat())} for p in paths]
+    records.append(dict(records[0]))  # a file two items came from: one answer for both
+    for i, p in enumerate(paths):
+        if i % 3 == 1:
+            os.chmod(p, 0o600)  # the same bytes, a moved ctime: hashed, its new version recorded
+        elif i % 3 == 2 and i % 2:
+            p.write_bytes(b"other")
+        elif i % 3 == 2:
+            p.unlink()
+    changed, gone, restated = changed_files(records, threads=4)
+    assert changed == [str(p) for i, p in enumerate(paths) if i % 3 == 2 and i % 2]
+    assert gone == [str(p) for i, p in enumerate(paths) if i % 3 == 2 and not i % 2] and restated
+    assert all(r["source_stat"] == version(paths[i].stat()) for i, r in enumerate(records[:150]) if i % 3 == 1)
+    assert records[-1]["source_stat"] == records[0]["source_stat"]
+
+
 def test_crop_tables_are_scored_from_the_bytes_whose_codes_they_filter(tmp_path):
     # the crop filter read the file again unchecked: one changed after its codes were made got a table of other
     # audio, cached under the former codes' key
