@@ -533,6 +533,7 @@ def test_rvq_depth_refuses_audio_changed_since_prepare(demo):
     from analysis import prepared
 
     items = prepared.load(demo, "test", max_items=1)
+    items.dataset.items = list(items.dataset.items)  # its dicts, to edit one (the dataset decodes each read anew)
     items.dataset.items[items.index[0]]["source_sha256"] = "0" * 64  # as a replaced file hashes
     with pytest.raises(DataError, match=r"changed since prepare encoded it .* prepare .* again"):
         items.waveform(0)

@@ -782,6 +782,23 @@ def test_batch_format_and_masks(prepared):
     assert full["codes"].shape[-1] == 30 and full["frame_mask"].sum(1).tolist() == [15, 25, 30, 30, 21, 30]
 
 
+def test_the_dataset_holds_its_items_as_json_and_reads_them_as_the_index_has_them(prepared):
+    # held as Python objects, a 450k-item index was 0.8 GB per training process, and loader workers copied what
+    # they touched; the digest a resumed run checks must stay the one computed from the index's dicts
+    import json
+
+    from siren.data.dataset import PreparedDataset
+    from siren.io import sha256
+
+    raw = json.loads((prepared / "splits" / "train.json").read_text())["items"]
+    ds = PreparedDataset(prepared, "train", crop_s=None)
+    assert [ds.items[i] for i in range(len(raw))] == list(ds.items) == raw and ds.items[-1] == raw[-1]
+    with pytest.raises(IndexError):
+        ds.items[len(raw)]
+    assert ds.digest == sha256(json.dumps([{k: it.get(k) for k in ds.READ} for it in raw], sort_keys=True))[:16]
+    assert [ds.real_frames(i) for i in range(len(raw))] == [15, 25, 30, 30, 21, 30] and ds.longest == 30
+
+
 def test_a_short_clip_under_pad_is_encoded_at_its_own_length(tmp_path, codec, text_encoder):
     # DAC's encoder is not causal: the 10 s pad's zeros changed the codes of a short clip's last frames; the
     # authors' code encodes each clip at its own length. Its real frames are now those codes; the pad frames 0.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,25 @@ def load_index(prepared_dir: str | Path, split: str) -> dict:
                         f"rewrites the index and reuses every encoding it cached")
 
 
+class IndexItems(Sequence):
+    """A split's items, held as their JSON in one bytes object with offsets and decoded when read (``items[i]`` is
+    a new dict): as Python objects, a 450k-item index took 0.8 GB in each training process, and each loader worker
+    copied the pages it touched, as reading an object writes its reference count (measured: docs/measurements.md,
+    "The prepared index in memory")."""
+
+    def __init__(self, items: list[dict]):
+        rows = [json.dumps(it, separators=(",", ":")).encode() for it in items]
+        self._ends = np.cumsum([len(r) for r in rows], dtype=np.int64)
+        self._blob = b"".join(rows)
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> dict:
+        i = range(len(self))[i]  # negative indexes as a list's; IndexError past the end
+        return json.loads(self._blob[int(self._ends[i - 1]) if i else 0:int(self._ends[i])])
+
+
 class PreparedDataset(Dataset):
     """Items of one prepared split; ``ds[i]`` or ``ds[(epoch, i)]`` (the epoch only moves the crop)."""
 
@@ -55,19 +75,23 @@ class PreparedDataset(Dataset):
                  crop_min_clap: float = 0.0):
         self.dir = Path(prepared_dir)
         index = load_index(prepared_dir, split)
-        self.items: list[dict] = index.pop("items")
+        items = index.pop("items")
+        self.items = IndexItems(items)
+        # what every draw reads, as an array (each item's decode is microseconds, its frames needed by the sampler)
+        self._real_frames = np.array([min(it["frames"], it.get("real_frames", it["frames"])) for it in items],
+                                     dtype=np.int64)
         self.info = index  # models (ids, weight labels), preprocessing policy, manifest hash, skipped files
         self.crop = None if crop_s is None else max(1, round(crop_s * FRAME_RATE))
         self.seed = seed
         self.crop_min_clap = crop_min_clap
         self.fallbacks = 0  # crops drawn by the fallback (no offset passed the filter), in this process
         if crop_min_clap > 0 and self.crop is not None:
-            self._check_crop_filter(prepared_dir, split)
+            self._check_crop_filter(items, prepared_dir, split)
 
-    def _check_crop_filter(self, prepared_dir, split: str) -> None:
+    def _check_crop_filter(self, items: list[dict], prepared_dir, split: str) -> None:
         from siren.data.crops import allowed
 
-        bad = [it["id"] for it in self.items if it.get("crop_filter", {}).get("crop_frames") != self.crop]
+        bad = [it["id"] for it in items if it.get("crop_filter", {}).get("crop_frames") != self.crop]
         if bad:
             raise DataError(f"{index_path(Path(prepared_dir), split)}: crop_min_clap={self.crop_min_clap} needs CLAP "
                             f"scores of {self.crop}-frame crops, missing for {len(bad)} item(s) (e.g. {bad[0]}); "
@@ -76,7 +100,7 @@ class PreparedDataset(Dataset):
         # taken whole)
         ok = [allowed(np.array(it["crop_filter"]["clap"]), np.array(it["crop_filter"]["energy_db"]),
                       self.crop_min_clap)[np.array(it["crop_filter"]["offsets"]) <= room]
-              for i, it in enumerate(self.items) if (room := self.real_frames(i) - self.crop) > 0]
+              for i, it in enumerate(items) if (room := self.real_frames(i) - self.crop) > 0]
         none = sum(not m.any() for m in ok)
         log.log(logging.WARNING if none else logging.INFO,
                 "crop filter (CLAP > %g, not silent): %d of %d crop offsets pass; %d of %d items have none and use "
@@ -89,7 +113,7 @@ class PreparedDataset(Dataset):
     @functools.cached_property
     def longest(self) -> int:
         """The most frames of audio of any item (``policy=pad``'s zeros left out, as training leaves them)."""
-        return max((self.real_frames(i) for i in range(len(self.items))), default=0)
+        return int(self._real_frames.max(initial=0))
 
     @property
     def max_frames(self) -> int:
@@ -120,8 +144,7 @@ class PreparedDataset(Dataset):
 
     def real_frames(self, i: int) -> int:
         """Item i's frames of audio, before ``policy=pad``'s zeros (indexes older than the key: all its frames)."""
-        it = self.items[i]
-        return min(it["frames"], it.get("real_frames", it["frames"]))
+        return int(self._real_frames[i])
 
     def crop_start(self, epoch: int, i: int) -> int:
         """First frame of item i's crop in ``epoch`` (0 when its real frames are not more than the crop)."""
@@ -171,9 +194,9 @@ class PreparedDataset(Dataset):
         if self.crop is not None:
             s = self.crop_start(epoch, i)
             x = x[s:s + self.crop]
-        t = self.text(i)
-        return {name: x.movedim(0, axis), "text": t["states"], "text_mask": t["mask"], "id": self.items[i]["id"],
-                "caption": self.items[i]["caption"]}
+        t, it = self.text(i), self.items[i]
+        return {name: x.movedim(0, axis), "text": t["states"], "text_mask": t["mask"], "id": it["id"],
+                "caption": it["caption"]}
 
 
 def collate(items: list[dict], n_frames: int | None = None, key: str = "codes", axis: int = -1) -> dict:
