@@ -51,9 +51,8 @@ def load_index(prepared_dir: str | Path, split: str) -> dict:
 
 class IndexItems(Sequence):
     """A split's items, held as their JSON in one bytes object with offsets and decoded when read (``items[i]`` is
-    a new dict): as Python objects, a 450k-item index took 0.8 GB in each training process, and each loader worker
-    copied the pages it touched, as reading an object writes its reference count (measured: docs/measurements.md,
-    "The prepared index in memory")."""
+    a new dict): as Python objects, 450k items took 590 MB in each training process, and each loader worker copied
+    the pages it touched, as reading an object writes its reference count (``benchmarks/index_memory.py``)."""
 
     def __init__(self, items: list[dict]):
         rows = [json.dumps(it, separators=(",", ":")).encode() for it in items]
