@@ -833,7 +833,8 @@ def test_bad_train_values_fail_when_parsed(arg, key):
 @pytest.mark.parametrize("module, schema, arg", [
     ("benchmarks.train", "BenchConfig", "steps=-1"), ("benchmarks.eval", "BenchConfig", "n=-1"),
     ("benchmarks.sample", "BenchConfig", "probes=0"), ("benchmarks.clap", "ClapBenchConfig", "clips=0"),
-    ("benchmarks.prepare_memory", "MemoryConfig", "minutes=0")])
+    ("benchmarks.prepare_memory", "MemoryConfig", "minutes=0"),
+    ("benchmarks.index_memory", "IndexMemoryConfig", "items=0")])
 def test_bad_benchmark_values_fail_when_parsed(module, schema, arg):
     """benchmarks.train steps=-1 ended in a StatisticsError traceback, benchmarks.eval n=-1 in a ValueError."""
     import importlib

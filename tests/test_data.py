@@ -799,6 +799,13 @@ def test_the_dataset_holds_its_items_as_json_and_reads_them_as_the_index_has_the
     assert [ds.real_frames(i) for i in range(len(raw))] == [15, 25, 30, 30, 21, 30] and ds.longest == 30
 
 
+def test_the_index_memory_benchmark_runs(capsys):
+    from benchmarks.index_memory import main
+
+    main(["items=300", "workers=1"])
+    assert "300 items" in capsys.readouterr().out
+
+
 def test_a_short_clip_under_pad_is_encoded_at_its_own_length(tmp_path, codec, text_encoder):
     # DAC's encoder is not causal: the 10 s pad's zeros changed the codes of a short clip's last frames; the
     # authors' code encodes each clip at its own length. Its real frames are now those codes; the pad frames 0.
