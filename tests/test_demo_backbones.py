@@ -57,7 +57,7 @@ def test_the_same_training_writes_the_same_file_in_any_process(tmp_path):
             "mlp = lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))\n"
             "trained = {'2.bias': torch.arange(3.0)}\n"
             "demo_weights.save(sys.argv[1], demo_weights.seeded(3, mlp), trained, seed=3, meta={'x': 1})")
-    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]  # 7 keys: two orders agree 1 time in 5040
     for p in paths:
         subprocess.run([sys.executable, "-c", code, str(p)], check=True)
     assert len({sha256_file(p) for p in paths}) == 1
