@@ -392,6 +392,7 @@ def test_filtered_crops_of_a_padded_item_end_in_its_real_audio(caplog):
     offsets = list(range(0, 401, 25))
     table = {"crop_frames": 100, "offsets": offsets, "clap": [0.5] * len(offsets), "energy_db": [0.0] * len(offsets)}
     ds.items = [{"id": "a", "frames": 500, "real_frames": 200, "crop_filter": table}]
+    ds._real_frames = np.array([200])  # as the constructor reads it from the items
     ds.crop, ds.seed, ds.crop_min_clap, ds.fallbacks = 100, 0, 0.2, 0
     assert {ds.crop_start(e, 0) for e in range(60)} == {0, 25, 50, 75, 100}  # room: 200 real - 100 = 100
     table["clap"] = [0.1] * len(offsets)
@@ -402,7 +403,7 @@ def test_filtered_crops_of_a_padded_item_end_in_its_real_audio(caplog):
     # none (it said "0 items have none", and the item fell back every epoch)
     table["clap"] = [0.1] * 5 + [0.5] * (len(offsets) - 5)  # pass only from offset 125 on, past the room of 100
     with caplog.at_level(logging.WARNING, logger="siren.data.dataset"):
-        ds._check_crop_filter("prep", "train")
+        ds._check_crop_filter(ds.items, "prep", "train")
     assert "0 of 5 crop offsets pass; 1 of 1 items have none" in caplog.text
 
 
