@@ -215,7 +215,8 @@ def test_tensor_files_are_safetensors_own_bytes(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     tensors = {"w": torch.randn(3, 5, generator=g), "w.T": torch.randn(4, 3, generator=g).t(), "é": torch.ones(2),
-               "scalar": torch.tensor(7), "empty": torch.zeros(0, 4, dtype=torch.bool)}
+               "scalar": torch.tensor(7), "empty": torch.zeros(0, 4, dtype=torch.bool),
+               "offset": torch.arange(20.0)[5:9], "rows": torch.arange(20).view(4, 5)[1:3]}  # views inside storage
     tensors |= {f"x.{t}": torch.randn(6, generator=g).mul(9).to(t)
                 for t in (torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int16, torch.int8,
                           torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn,
