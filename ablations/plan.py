@@ -267,7 +267,8 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         sharded = run.prepare_shards > 1 and cell.cfg["data.source"] != "demo" and \
             not (prepared / "prepared.done").is_file()
         n = run.prepare_shards if sharded else 1
-        parts = [f"{prep}/shard_{i}" for i in range(n)] if sharded else []
+        # N in the key as in the marker: another prepare_shards= is other jobs, not a ledger record of the former
+        parts = [f"{prep}/shard_{i}_of_{n}" for i in range(n)] if sharded else []
         for i, key in enumerate(parts):
             jobs.setdefault(key, Job(key, steps.prepare_step, dict(data_dir=str(prepared), cfg=cell.cfg, shard=i,
                                                                  num_shards=n),

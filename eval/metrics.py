@@ -35,6 +35,9 @@ class FewSamplesWarning(UserWarning):
                          f"<= {n - 1} < {d}, so the distance carries a large bias that depends on N; compare only "
                          "numbers computed on the same number of clips")
 
+    def __reduce__(self):  # pickled or copied (an error under -W error crossing a process): rebuilt from its fields
+        return type(self), (self.what, self.n, self.d)
+
 
 def _check_embeddings(x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)

@@ -156,7 +156,8 @@ def save_tensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str
     entries, offset = [], 0
     for name, t in tensors.items():
         if str(t.dtype) not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"tensor {name!r} is {t.dtype}, which safetensors cannot store")
+            raise TypeError(f"tensor {name!r} is {t.dtype}, which siren.io.save_tensors does not write (it writes "
+                            f"{', '.join(_SAFETENSORS_DTYPES)})")
         entries.append((name, t, _SAFETENSORS_DTYPES[str(t.dtype)]))
     entries.sort(key=lambda e: (-_SAFETENSORS_RANK[e[2]], e[0]))
     # metadata keys sorted: safetensors' writer orders them as its hash map iterates, another order in each process

@@ -239,7 +239,7 @@ def test_the_source_check_runs_in_threads_and_keeps_each_files_answer(tmp_path):
     for i, p in enumerate(paths):
         p.write_bytes(bytes([i]) * 100)
     records = [{"source": str(p), "source_sha256": sha256_file(p), "source_stat": version(p.stat())} for p in paths]
-    records.append(dict(records[0]))  # a file two items came from: one answer for both
+    records.append(dict(records[1]))  # a file two items came from (its ctime moved below): one answer for both
     for i, p in enumerate(paths):
         if i % 3 == 1:
             os.chmod(p, 0o600)  # the same bytes, a moved ctime: hashed, its new version recorded
@@ -251,7 +251,7 @@ def test_the_source_check_runs_in_threads_and_keeps_each_files_answer(tmp_path):
     assert changed == [str(p) for i, p in enumerate(paths) if i % 3 == 2 and i % 2]
     assert gone == [str(p) for i, p in enumerate(paths) if i % 3 == 2 and not i % 2] and restated
     assert all(r["source_stat"] == version(paths[i].stat()) for i, r in enumerate(records[:150]) if i % 3 == 1)
-    assert records[-1]["source_stat"] == records[0]["source_stat"]
+    assert records[-1]["source_stat"] == records[1]["source_stat"] == version(paths[1].stat())
 
 
 def test_crop_tables_are_scored_from_the_bytes_whose_codes_they_filter(tmp_path):
@@ -405,7 +405,7 @@ def test_a_grid_prepares_a_user_training_set_in_shard_jobs_then_indexes_it(tmp_p
     run_cfg = parse([*args, "prepare_shards=2"])
     jobs = {j.key: j for j in plan(cells_of(load_grid("table6"), run_cfg), run_cfg)}
     prep = next(k for k in jobs if k.startswith("data-") and "/" not in k)
-    parts = [f"{prep}/shard_0", f"{prep}/shard_1"]
+    parts = [f"{prep}/shard_0_of_2", f"{prep}/shard_1_of_2"]
     assert jobs[prep].deps == parts and {jobs[k].array for k in parts} == {f"{prep}/shards"}
     assert all(prep in j.deps for k, j in jobs.items() if "/expert_" in k) and jobs[prep].gpus == 0
     for key in [*parts, prep]:  # as the jobs run them

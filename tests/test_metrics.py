@@ -58,8 +58,12 @@ def test_identical_sets_give_zero(n, d):
 def test_few_samples_path_equals_covariance_path_and_warns():
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((20, 64)), rng.standard_normal((30, 64)) * 1.5 + 0.3
-    with pytest.warns(M.FewSamplesWarning, match="20 samples of 64-d"):
+    with pytest.warns(M.FewSamplesWarning, match="20 samples of 64-d") as caught:
         fast = M.frechet_distance_from_embeddings(x, y)
+    import pickle  # a warning turned error under -W error crosses a job's process boundary pickled
+
+    w = caught[0].message
+    assert str(pickle.loads(pickle.dumps(w))) == str(w) and pickle.loads(pickle.dumps(w)).n == 20
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", M.FewSamplesWarning)
         full = M.frechet_distance(*M.gaussian_stats(x), *M.gaussian_stats(y))

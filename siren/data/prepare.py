@@ -313,7 +313,10 @@ def _splits(cfg: PrepareConfig) -> list[tuple[Path, str]]:
 def _worker(cfg: PrepareConfig, splits: list[tuple[Path, str]], shards: list[int], num_shards: int,
             threads: int | None = None) -> list[str]:
     """Encode ``shards`` of every split with one codec and text encoder; report lines."""
-    if threads:
+    if threads:  # a spawned worker process (workers > 1): the command's log format and warning filters too
+        from siren import cli
+
+        cli.setup_logging()
         torch.set_num_threads(threads)
     codec, text_encoder = _models(cfg)
     return [f"shard {s} of {num_shards}: {_run_shard(cfg, m, split, codec, text_encoder, s, num_shards)}"
