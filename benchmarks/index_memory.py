@@ -1,7 +1,7 @@
 """Memory of a prepared training index at the paper's size, in the training process and its loader workers.
 
-    python benchmarks/index_memory.py                    # 450k synthetic items, 2 workers, one epoch
-    python benchmarks/index_memory.py items=100000 workers=4
+    python -m benchmarks.index_memory                    # 450k synthetic items, 2 workers, one epoch
+    python -m benchmarks.index_memory items=100000 workers=4
 
 Writes a synthetic ``splits/train.json`` (the fields prepare writes for a 10 s clip, no crop tables), builds
 ``PreparedDataset`` from it and runs one epoch of a ``DataLoader`` whose items read what a training draw reads
@@ -14,14 +14,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python benchmarks/index_memory.py`: import from the repo root
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from siren import cli
 from siren.config import check_numbers, load_config

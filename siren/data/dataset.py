@@ -52,7 +52,7 @@ def load_index(prepared_dir: str | Path, split: str) -> dict:
 class IndexItems(Sequence):
     """A split's items, held as their JSON in one bytes object with offsets and decoded when read (``items[i]`` is
     a new dict): as Python objects, 450k items took 590 MB in each training process, and each loader worker copied
-    the pages it touched, as reading an object writes its reference count (``benchmarks/index_memory.py``)."""
+    the pages it touched, as reading an object writes its reference count (``python -m benchmarks.index_memory``)."""
 
     def __init__(self, items: list[dict]):
         rows = [json.dumps(it, separators=(",", ":")).encode() for it in items]
