@@ -133,7 +133,7 @@ def fall_back(path: Path) -> str:
 def read_tensors(path: Path, sha256: str | None = None,
                  device_of: Callable[[str], str | torch.device] = lambda name: "cpu") -> dict[str, torch.Tensor]:
     """A checkpoint's tensor file, every tensor (``open_tensors``'s checks), each moved to ``device_of(name)`` as it
-    is read: host memory holds one tensor of those bound for a GPU at a time."""
+    is read; those left on the CPU are views of safetensors' mapping of the file."""
     with open_tensors(path, sha256) as f:
         return {k: f.get_tensor(k).to(device_of(k)) for k in f.keys()}
 
@@ -222,8 +222,9 @@ class Checkpoint:
     def trainer_state(self, optimizer_device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """trainer.safetensors; the optimizer's moments on ``optimizer_device`` (its parameters'), its step counts,
         the RNG states and the log's sums on the CPU, where a fresh run keeps them (a non-fused AdamW reads a step
-        on a GPU with one wait per parameter). Read whole to the host first, a 3.3B model's AdamW state took 26 GB
-        of host memory per rank at each resume."""
+        on a GPU with one wait per parameter). safetensors maps the file and its tensors are views of the mapping:
+        what a resume reads stays the file's page cache, which the kernel may drop, not the process's own memory
+        (docs/measurements.md, "What a resume holds in host memory")."""
         return read_tensors(self.path / "trainer.safetensors", self._sha256("trainer.safetensors"),
                             lambda k: optimizer_device if k.startswith("optim.") and not k.endswith(".step")
                             else "cpu")

@@ -19,6 +19,22 @@ from siren.train import train
 from tests.fixtures_train import count_steps, synthetic_data, tiny_config  # noqa: F401
 
 
+def memory_growth_mb(setup: str, measured: str) -> tuple[float, float, str]:
+    """Runs ``setup``, then ``measured``, in a fresh Python; returns by how many MB its resident memory peaked above
+    where ``measured`` began (the kernel's high-water mark, reset by ``/proc/self/clear_refs``; mapped file pages
+    read count), by how many MB its anonymous memory (the process's own, no file's pages) grew by the end, and what
+    it printed. ``ru_maxrss`` could not measure this: a child starts with its parent's peak (Linux keeps it over
+    fork and exec), so inside a pytest worker that had trained a model a child's 300 MB went unseen."""
+    code = (f"{setup}\n"
+            "def mb(key): return int(next(x for x in open('/proc/self/status') if x.startswith(key)).split()[1]) / 2**10\n"
+            "open('/proc/self/clear_refs', 'w').write('5'); before, anon = mb('VmRSS:'), mb('RssAnon:')\n"
+            f"{measured}\n"
+            "print(mb('VmHWM:') - before, mb('RssAnon:') - anon)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    peak, anon = map(float, out[-2].split())
+    return peak, anon, "\n".join(out[:-2])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Expert 0 of a 6-2 tiny model trained 8 steps (checkpoints at 4 and 8)."""
@@ -203,12 +219,11 @@ def test_a_checked_read_holds_no_second_copy_of_the_file(tmp_path):
     state (about 27 GB) held twice at once. Now hashed in chunks, then loaded; measured in a fresh process."""
     path = tmp_path / "trainer.safetensors"
     io.save_tensors(path, {"exp_avg": torch.randn(50_000_000)}, {"format": "pt"})  # 200 MB
-    code = ("import resource, torch; from siren import checkpoint\n"
-            "def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-            f"a = peak(); t = checkpoint.read_tensors(checkpoint.Path({str(path)!r}), {io.sha256_file(path)!r})\n"
-            "print(peak() - a, float(t['exp_avg'][-1]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert float(out[0]) < 50 and float(out[1]) == pytest.approx(0, abs=6)  # peak MB: 0 here, before 167
+    peak, _, out = memory_growth_mb(
+        "import torch; from siren import checkpoint",
+        f"t = checkpoint.read_tensors(checkpoint.Path({str(path)!r}), {io.sha256_file(path)!r})\n"
+        "print(float(t['exp_avg'][-1]))")
+    assert peak < 50 and float(out) == pytest.approx(0, abs=6)  # MB: 4 here (the file is mapped), 383 before
 
 
 def test_tensor_files_are_safetensors_own_bytes(tmp_path):
@@ -245,17 +260,29 @@ def test_a_save_holds_one_tensors_host_copy_at_a_time(tmp_path):
     """Saving a GPU run's state copied every tensor to the host before writing the first (a 3.3B model's AdamW
     state: 26 GB of host memory per rank at each checkpoint). A CPU tensor's ``.cpu()`` is itself, so here it
     returns a copy, as a GPU tensor's does; measured in a fresh process."""
-    code = ("import resource, torch; from pathlib import Path; from siren import checkpoint\n"
-            "def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-            "torch.Tensor.cpu = lambda self: self.clone()  # what a GPU tensor's .cpu() gives: a new host tensor\n"
-            "t = {f'optim.{i}.exp_avg': torch.randn(12_500_000) for i in range(6)}\n"  # 6 x 50 MB
-            "checkpoint.check_finite(t, 'warm-up')\n"  # its temporaries before the baseline
-            f"a = peak(); checkpoint.save(Path({str(tmp_path)!r}), 3, t, t, {{}}, keep_last=1)\n"
-            "print(peak() - a)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert float(out) < 80  # peak MB over the tensors' own: one 50 MB copy at a time here, all 300 MB before
+    peak, _, _ = memory_growth_mb(
+        "import torch; from pathlib import Path; from siren import checkpoint\n"
+        "torch.Tensor.cpu = lambda self: self.clone()  # what a GPU tensor's .cpu() gives: a new host tensor\n"
+        "t = {f'optim.{i}.exp_avg': torch.randn(12_500_000) for i in range(6)}\n"  # 6 x 50 MB
+        "checkpoint.check_finite(t, 'warm-up')",  # its temporaries before the measure
+        f"checkpoint.save(Path({str(tmp_path)!r}), 3, t, t, {{}}, keep_last=1)")
+    assert peak < 120  # MB over the tensors' own: 83 here (one 50 MB copy at a time), 287 before
     c = ckpt.load_latest(tmp_path)
     assert set(c.model_state()) == set(c.trainer_state()) == {f"optim.{i}.exp_avg" for i in range(6)}
+
+
+def test_a_resumes_reads_hold_no_host_copy_of_the_state(tmp_path):
+    """A resume reads its weights and optimizer state as views of safetensors' mapping of the files: their pages
+    are the page cache's, which the kernel may drop, not the process's own memory (a copy of a 3.3B model's AdamW
+    state would be 26 GB per rank). Every page is read here, as a copy to the GPU would."""
+    w = {f"w{i}": torch.randn(6_250_000) for i in range(4)}  # 4 x 25 MB, and their moments: 200 MB
+    t = {f"optim.{i}.{m}": v for i, v in enumerate(w.values()) for m in ("exp_avg", "exp_avg_sq")}
+    ckpt.save(tmp_path, 3, w, t, {}, keep_last=1)
+    peak, anon, out = memory_growth_mb(
+        f"from pathlib import Path; from siren import checkpoint; c = checkpoint.load_latest(Path({str(tmp_path)!r}))",
+        "s = [c.model_state(), c.trainer_state()]\nprint(sum(float(v.double().sum()) for d in s for v in d.values()))")
+    assert float(out) == pytest.approx(sum(float(v.double().sum()) for d in (w, t) for v in d.values()))
+    assert peak > 250 and anon < 60  # MB: the 300 MB of the files resident; 0.2 MB own here, 286 if the reads copied
 
 
 def test_a_killed_jobs_half_written_step_is_removed_by_a_later_save(tmp_path):
