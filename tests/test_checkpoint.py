@@ -26,7 +26,8 @@ def memory_growth_mb(setup: str, measured: str) -> tuple[float, float, str]:
     it printed. ``ru_maxrss`` could not measure this: a child starts with its parent's peak (Linux keeps it over
     fork and exec), so inside a pytest worker that had trained a model a child's 300 MB went unseen."""
     code = (f"{setup}\n"
-            "def mb(key): return int(next(x for x in open('/proc/self/status') if x.startswith(key)).split()[1]) / 2**10\n"
+            "def mb(key):\n"
+            "    return int(next(x for x in open('/proc/self/status') if x.startswith(key)).split()[1]) / 1024\n"
             "open('/proc/self/clear_refs', 'w').write('5'); before, anon = mb('VmRSS:'), mb('RssAnon:')\n"
             f"{measured}\n"
             "print(mb('VmHWM:') - before, mb('RssAnon:') - anon)")
