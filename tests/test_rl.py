@@ -573,8 +573,10 @@ def test_a_moved_out_resumes_where_it_is(stage1, tmp_path, monkeypatch):
     model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
     trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)
     alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": CodeMatchReward(0, 0, 256).id})
-    result = alignment.align(cfg, model, s1, PROMPTS, HashedText(), CodeMatchReward(0, 0, 256))
-    assert result.status == "finished" and result.step == 2
+    counted = SignalAt(CodeMatchReward(0, 0, 256), call=0)  # never signals; one reward call per step's rollouts
+    result = alignment.align(cfg, model, s1, PROMPTS, HashedText(), counted)
+    # counted: a run that ignored its commit point and started over ends at step 2 with the same log
+    assert result.status == "finished" and result.step == 2 and counted.n == 1
     assert [e["step"] for e in read_log(tmp_path / "b")] == [1, 2]
     with pytest.raises(ckpt.CheckpointError, match="config.lr"):  # what it trains with still may not change
         run_align(stage1, tmp_path / "b", "steps=3", "lr=1e-3", "gamma=0", "ckpt_every=1")
