@@ -217,6 +217,31 @@ def load(path: Path, make: Callable[[], nn.Module], sha256: str | None = None) -
     return net, got
 
 
+def _first_on_this_machine(recorded: str, regenerated: str) -> bool:
+    """Whether a seeded base regenerated with other last bits (``regenerated``, its sha256, accepted against the
+    ``recorded`` one) is new here: each later load on this machine (the same bits, hence the same CPU's kernels)
+    then says so at INFO, not as a warning in every job's log. Noted in the assets cache; checked every time."""
+    from siren import assets
+    from siren.io import write_json
+
+    note = assets.cache_dir() / "demo_weights_accepted.json"
+    try:
+        seen = json.loads(note.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: warn, and write it afresh
+        seen = {}
+    if not isinstance(seen, dict) or not isinstance(seen.get(recorded), list):
+        seen = seen if isinstance(seen, dict) else {}
+        seen[recorded] = []
+    if regenerated in seen[recorded]:
+        return False
+    seen[recorded].append(regenerated)
+    try:
+        write_json(note, seen)
+    except OSError as e:  # a read-only cache: the warning then repeats, nothing else changes
+        log.debug("cannot note the accepted demo base in %s (%s)", note, e)
+    return True
+
+
 def _kept(key: tuple, build: Callable[[], Any]) -> Any:
     """A copy of what is kept under ``key`` (a network, or a network and its file's hash), built first if nothing
     is (each caller owns its copy)."""
@@ -249,7 +274,7 @@ def _load(path: Path, make: Callable[[], nn.Module], sha256: str | None) -> tupl
     if unknown:
         raise CheckpointError(f"{path} holds tensors this network does not have: {unknown[:5]}")
     rest = {k: v for k, v in full.items() if k not in trained}
-    if tensors_sha256(rest) != head["base_sha256"]:
+    if (regenerated := tensors_sha256(rest)) != head["base_sha256"]:
         bad, worst = fingerprint_error(fingerprint(rest), json.loads(head.get("base_fingerprint", "{}")))
         if bad is None and "base_moments" in head:
             bad = moments_error(moments(rest), json.loads(head["base_moments"]))
@@ -260,9 +285,12 @@ def _load(path: Path, make: Callable[[], nn.Module], sha256: str | None) -> tupl
                 f"network's own library (panns_inference, torchvggish, laion_clap, transformers), builds or draws it "
                 f"otherwise. "
                 f"Install the versions of pyproject.toml, or rebuild the demo weights with `{REBUILD}`.")
-        log.warning("%s: the seeded init regenerated here is not bit-identical to the recorded one (sha256), but "
-                    "matches %s within float rounding (largest sampled difference %.1e), as another CPU's vectorised "
-                    "kernels draw it", path.name, "its fingerprint and every tensor's moments" if "base_moments" in head
-                    else "its fingerprint (16 values a tensor; the file records no moments)", worst)
+        first = _first_on_this_machine(head["base_sha256"], regenerated)
+        log.log(logging.WARNING if first else logging.INFO,
+                "%s: the seeded init regenerated here is not bit-identical to the recorded one (sha256), but matches "
+                "%s within float rounding (largest sampled difference %.1e), as another CPU's vectorised kernels draw "
+                "it%s", path.name, "its fingerprint and every tensor's moments" if "base_moments" in head
+                else "its fingerprint (16 values a tensor; the file records no moments)", worst,
+                "" if first else " (warned once on this machine: the same regenerated tensors as then)")
     net.load_state_dict({**full, **{k: v.to(full[k].dtype) for k, v in trained.items()}}, strict=True)
     return net, sha256
