@@ -23,6 +23,7 @@ from siren.data import filter as filt
 from siren.data.audio import AudioConfig, load_audio, standardize
 from siren.data.prepare import prepare
 from siren.errors import ManifestError
+from siren.io import sha256_file
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_clap import random_clap
 from tests.fixtures_data import write_manifest, write_wav
@@ -204,21 +205,28 @@ def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeyp
             for k in ra:
                 if k.startswith(("clap", "snr")) and ra[k]:
                     assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5)
-    # a select killed part way leaves no report.json: the one there described the former selection's CSVs
+    # a select killed part way leaves no report.json (the one there described the former selection's CSVs) and
+    # the former four CSVs whole: they were written in turn, so a kill at train.csv left a new rl_prompts.csv
     from siren.data import filter_select
 
     real = filter_select.write_csv
 
     def killed_at_train_csv(dest, *a, **kw):
-        if str(dest).endswith("train.csv"):
+        if ".train.csv." in dest.name or dest.name == "train.csv":  # its temp name (the name before 2026-12-07)
             raise KeyboardInterrupt
         return real(dest, *a, **kw)
 
-    assert (out / "report.json").is_file()
+    names = ("rl_prompts.csv", "train.csv", "rejected.csv", "scores.csv")
+    former = {f: (out / f).read_bytes() for f in names}
+    assert json.loads((out / "report.json").read_text())["sha256"] == {f: sha256_file(out / f) for f in names}
     monkeypatch.setattr(filter_select, "write_csv", killed_at_train_csv)
     with pytest.raises(KeyboardInterrupt):
-        cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", "tau=0.5")
+        cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", "tau=0.99")
     assert not (out / "report.json").exists()
+    assert {f: (out / f).read_bytes() for f in former} == former and not list(out.glob(".*.tmp"))
+    monkeypatch.setattr(filter_select, "write_csv", real)  # tau=0.99 selects otherwise: the test can tell
+    cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", "tau=0.99")
+    assert (out / "rl_prompts.csv").read_bytes() != former["rl_prompts.csv"]
 
 
 def test_demo_clap_keeps_each_clips_own_caption_and_rejects_other_classes(tmp_path, capsys):

@@ -6,12 +6,14 @@ Every manifest row ends in exactly one of three files:
   rejected.csv    the rest, with the reason: unreadable audio, activity SNR <= min_snr_db, CLAP score
                   < tau (both listed when both fail), or kept but not drawn (train_n)
 A pair is kept when SNR > min_snr_db and its best candidate caption scores >= tau. ``scores.csv`` has every
-row's SNR and every candidate's score; ``report.json`` (written last: the selection is whole when it is there)
-the counts, thresholds and the CLAP card;
+row's SNR and every candidate's score (the four written under temp names, then renamed together); ``report.json``
+(deleted first, written last: the selection is whole when it is there) the counts, thresholds, the CLAP card and
+each CSV's sha256;
 ``scores.pdf/.png`` the score and SNR histograms with the thresholds.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,7 +26,7 @@ import numpy as np
 from siren import demo_weights
 from siren.data.cache import filter_shard_path
 from siren.errors import DataError
-from siren.io import atomic_path, write_json, write_text
+from siren.io import atomic_path, sha256, write_json
 from siren.lock import hold
 
 log = logging.getLogger(__name__)
@@ -94,12 +96,14 @@ def select(records: list[dict], *, tau: float, min_snr_db: float, rl_top: int, t
     return rl, rest, rejected
 
 
-def write_csv(dest: Path, rows: list[dict], columns: list[str]) -> None:
+def write_csv(dest: Path, rows: list[dict], columns: list[str]) -> str:
+    """Writes the table to ``dest`` (a path of its own: the caller renames it into place); returns its sha256."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    write_text(dest, buf.getvalue())
+    dest.write_text(buf.getvalue(), encoding="utf-8")
+    return sha256(buf.getvalue())
 
 
 def scores_table(records: list[dict]) -> tuple[list[dict], list[str]]:
@@ -162,10 +166,13 @@ def _select(cfg, manifest: Path, out: Path) -> str:
     # report.json is written last and vouches for the CSVs beside it: gone while they are rewritten, so a kill
     # part way leaves no report that describes the former selection beside a new train.csv
     (out / "report.json").unlink(missing_ok=True)
-    write_csv(out / "rl_prompts.csv", rl, COLUMNS)
-    write_csv(out / "train.csv", train, COLUMNS)
-    write_csv(out / "rejected.csv", rejected, [*COLUMNS, "reason"])
-    write_csv(out / "scores.csv", *scores_table(records))
+    tables = {"rl_prompts.csv": (rl, COLUMNS), "train.csv": (train, COLUMNS),
+              "rejected.csv": (rejected, [*COLUMNS, "reason"]), "scores.csv": scores_table(records)}
+    # each written under a temp name, then the four renamed together on leaving: written in turn, a kill part way
+    # left a new train.csv beside the former selection's rl_prompts.csv for seconds at AudioSet's size
+    with contextlib.ExitStack() as renames:
+        digests = {name: write_csv(renames.enter_context(atomic_path(out / name)), rows, columns)
+                   for name, (rows, columns) in tables.items()}
     weights = head["weights"]
     words = demo_weights.mode_words(weights)
     note = (f"CLAP {head['clap']['id']}, " + ("RANDOM weights: scores carry no signal" if weights == "random"
@@ -183,6 +190,7 @@ def _select(cfg, manifest: Path, out: Path) -> str:
                    "kept": len(rl) + len(train) + reasons["not_drawn"], "rejected_by": reasons},
         "files": {k: str(out / f) for k, f in (("train", "train.csv"), ("rl_prompts", "rl_prompts.csv"),
                                                ("rejected", "rejected.csv"), ("scores", "scores.csv"))},
+        "sha256": digests,  # of the CSVs this report vouches for
         "figure": [str(p) for p in figs]})
     warn = " (CLAP weights are RANDOM: the selection is mechanics only)" if weights == "random" else ""
     return (f"{out}: {len(records)} clips -> {len(rl)} RL prompts, {len(train)} train, {len(rejected)} rejected "
