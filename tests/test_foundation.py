@@ -210,12 +210,13 @@ def test_a_codec_file_replaced_while_loading_is_recorded_under_the_hash_of_what_
     want = sha256_file(first)
     load_dac = siren.codec.load_dac
 
-    def load_then_replace(f):
-        out = load_dac(f)
-        os.replace(second, first)  # a new version lands while this run reads the old one
-        return out
+    def replace_then_load(f):
+        # a new version lands after the hash's read, before the load's: one read serves both, so the first file
+        # loads under its hash; a load by path after the hash (or before it, the original bug) gets the second
+        os.replace(second, first)
+        return load_dac(f)
 
-    monkeypatch.setattr(siren.codec, "load_dac", load_then_replace)
+    monkeypatch.setattr(siren.codec, "load_dac", replace_then_load)
     loaded = Codec(CodecConfig(weights=str(first)))
     assert loaded.weights_sha256 == want and sha256_file(first) != want
     wav = 0.1 * torch.randn(1, 8000, generator=torch.Generator().manual_seed(2))
