@@ -297,8 +297,7 @@ def _models(cfg: PrepareConfig):
 
     device = resolve_device(cfg.device)
     # the demo CLAP's text tower regenerates and checks its seeded base: ~7 s on 2 cores before the first bar
-    log.info("building the codec (%s weights) and the text encoder (%s weights) on %s ...", cfg.codec.weights,
-             cfg.text.weights, device)
+    log.info("building the codec (%s) and text encoder (%s) on %s ...", cfg.codec.weights, cfg.text.weights, device)
     return build_codec(cfg.codec, device), build_text(cfg.text, device)
 
 
