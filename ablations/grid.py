@@ -56,7 +56,7 @@ MANIFESTS = ("data.train", "data.test", "data.prompts", "data.subset")  # config
 def cell_id(resolved: Mapping[str, Any]) -> str:
     """Identity of a cell: a hash of its fully resolved config (not of the table it came from), of the
     manifests it names by content (a manifest edited in place is other data: its cells run again, not
-    reused), and, with weights=demo, of the demo weight files, so a rerun after they change retrains
+    reused), and, with weights=demo or pretrained, of the weight files, so a rerun after they change retrains
     rather than reusing results made with the old ones."""
     from siren.io import sha256_file_once
 
@@ -69,5 +69,11 @@ def cell_id(resolved: Mapping[str, Any]) -> str:
         from siren.demo_weights import files_id
 
         resolved["weights.demo_files"] = files_id()
+    elif resolved.get("weights") == "pretrained":  # ImageBind only where a stage 2 uses it as the reward
+        from siren import assets
+
+        resolved["weights.pretrained_files"] = assets.files_id(
+            [n for n, a in assets.ASSETS.items() if a.demo or ("rl.method" in resolved
+                                                              and resolved.get("rl.reward.name") == n)])
     blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -104,6 +104,46 @@ def label(name: str, file: str | os.PathLike, sha256: str) -> str:
     return "pretrained" if published else f"{FILE_LABEL}{file}"
 
 
+def files_id(names: list[str]) -> str:
+    """Identity of the assets ``names`` in the cache by content (a missing one as missing), for a grid cell made with
+    them (ablations.grid.cell_id): one replaced by hand (another checkpoint under the published name) runs its cells
+    again rather than reusing their results. Each file's sha256 is kept in ``<cache>/sha256.json`` by version (size,
+    mtime, ctime: ``siren.io.version``), so a file is read again only when it changed."""
+    import hashlib
+    import json
+    import logging
+
+    from siren.io import hash_rest, version, write_json
+
+    record_path = cache_dir() / "sha256.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: hashed again
+        record = {}
+    record = record if isinstance(record, dict) else {}
+    got, changed = [], False
+    for name in sorted(names):
+        p, known = path(name), record.get(ASSETS[name].filename)
+        try:
+            st = p.stat()
+        except OSError:
+            got.append((name, None))
+            continue
+        if not (isinstance(known, dict) and known.get("version") == version(st)):
+            logging.getLogger(__name__).info("hashing %s (%.1f GB; once per version of the file) ...", p,
+                                             st.st_size / 1e9)
+            with open(p, "rb") as f:  # the version of the bytes read, not of a later replacement
+                known = {"version": version(os.fstat(f.fileno())), "sha256": hash_rest(hashlib.sha256(), f).hexdigest()}
+            record[ASSETS[name].filename], changed = known, True
+        got.append((name, known["sha256"]))
+    if changed:
+        try:
+            write_json(record_path, record)
+        except OSError:  # a read-only cache: hashed again next time, nothing else changes
+            pass
+    return hashlib.sha256(json.dumps(got).encode()).hexdigest()[:12]
+
+
 def require(name: str) -> Path:
     """The local file of a pretrained asset, or an error that says how to get it."""
     p = path(name)

@@ -162,6 +162,37 @@ def test_demo_identity_follows_the_demo_weight_files(tmp_path, monkeypatch):
         demo_weights.files_id.cache_clear()
 
 
+def test_pretrained_identity_follows_the_pretrained_files(tmp_path, monkeypatch, caplog):
+    """A pretrained file replaced by hand in the assets cache (another checkpoint under the published name): the
+    cells made with the former file were reused (the ids named the weights mode, not the files); now they run
+    again. A file touched but not changed keeps them; ImageBind's file moves only the rows that align with it."""
+    from siren import assets
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path))
+    for a in assets.ASSETS.values():
+        assets.path(a.name).parent.mkdir(parents=True, exist_ok=True)
+        assets.path(a.name).write_bytes(a.name.encode())
+
+    def ids():
+        return {c.rows[0].label: c.id for c in _cells("table4", "paper")}
+
+    base = ids()
+    os.chmod(assets.path("clap"), 0o600)  # a new ctime, the same bytes: hashed again, the same identity
+    with caplog.at_level(logging.INFO, logger="siren.assets"):
+        assert ids() == base
+    assert caplog.text.count("hashing") == 1 and "630k-audioset-best.pt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="siren.assets"):
+        ids()
+    assert "hashing" not in caplog.text  # each file's version unchanged: stat only
+    assets.path("clap").write_bytes(b"another checkpoint")
+    replaced = ids()
+    assert all(replaced[r] != base[r] for r in base)
+    assets.path("imagebind").write_bytes(b"another ImageBind")
+    aligned = {c.rows[0].label for c in _cells("table4", "paper") if "rl.method" in c.cfg}
+    assert aligned and {r for r, i in ids().items() if i != replaced[r]} == aligned
+
+
 @pytest.mark.parametrize("args, words", [
     (["grid=table9"], ["table9", "table6", "figure5"]),
     (["grid=table6", "executr=slurm"], ["executr", "executor"]),
