@@ -150,11 +150,11 @@ def run(cfg: OrthogonalityConfig) -> list:
     if cfg.pool == "time":
         feats, names = prepared.pooled_features(codec, codes, cfg.features), names_
     else:
-        feats = prepared.frame_features(codec, codes, cfg.features)
         names = [f"{n}@{t}" for n, c in zip(names_, codes) for t in range(c.shape[-1])]
-        if len(feats) > cfg.max_frames:
-            keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(feats))[: cfg.max_frames])
-            feats, names = feats[keep], [names[i] for i in keep]
+        keep = np.arange(len(names))
+        if len(names) > cfg.max_frames:
+            keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(names))[: cfg.max_frames])
+        feats, names = prepared.frame_features(codec, codes, cfg.features, keep), [names[i] for i in keep]
     cos = cosine_matrix(feats)
     # the same pairs of layers, each of another sample: vectors in different layers' subspaces that share nothing
     base = cosine_matrix(feats, feats[unrelated(len(feats), cfg.seed)]) if len(feats) > 1 else None

@@ -146,9 +146,9 @@ def save_tensors(dest: str | os.PathLike, tensors: dict, metadata: dict[str, str
     """Write tensors as a safetensors file, atomically; returns its sha256. The bytes are those of safetensors'
     own ``save_file`` (tests/test_checkpoint.py compares them), written one tensor at a time and hashed as they
     go: ``save_file`` takes host tensors, so a GPU run's whole state was copied to the host before the first byte
-    was written (a 3.3B model's AdamW state: 26 GB per rank at each checkpoint), and the digest read the file
-    back. Unlike ``save_file`` it does not refuse tensors sharing memory (each is written whole), and it writes
-    the metadata's keys in one order."""
+    was written (a 3.3B model's AdamW state: 26 GB in the saving process, rank 0, at each checkpoint), and the
+    digest read the file back. Unlike ``save_file`` it does not refuse tensors sharing memory (each is written
+    whole), and it writes the metadata's keys in one order."""
     import torch
 
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
