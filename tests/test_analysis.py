@@ -23,6 +23,7 @@ from analysis import (
     convergence,
     gradient_angles,
     orthogonality,
+    prepared,
     reward_curves,
     rvq_depth,
     semantic_probe,
@@ -449,6 +450,11 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     written = probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
                          [f"data={demo}", f"out={out}", "pool=frame", "features=codebook", "splits=test"])
     assert len(pd.read_csv(out / "cosines.csv")) == 15 * 10 * 66  # 15 clips x 10 frames
+    # a draw of max_frames takes each clip's chosen frames as they are computed: the frames of the whole draw
+    codec, codes = prepared.open_codec(demo, ["test"], "random"), prepared.load(demo, "test").codes
+    every = prepared.frame_features(codec, codes, "codebook")
+    keep = np.sort(np.random.default_rng(3).permutation(len(every))[:37])
+    assert np.array_equal(prepared.frame_features(codec, codes, "codebook", keep), every[keep])
     with pytest.raises(ConfigError, match="unknown config key 'pooling'.*Valid keys: codec, data"):
         probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
 
