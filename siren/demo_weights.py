@@ -30,12 +30,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from siren import assets
 from siren.errors import CheckpointError, MissingWeightsError
 from siren.io import load_hashed, same_file, sha256_file_once, version
 
 log = logging.getLogger(__name__)
 
-FILES = Path(__file__).parent / "demo_assets" / "files"  # written by siren.demo_assets' builders
+FILES = assets.DEMO_DIR  # written by siren.demo_assets' builders
 CODEC_FILE = "dac16k_demo.pth"  # the demo codec (siren.codec.DEMO_FILE), whose resynthesis the backbones train on
 FORMAT = "siren-demo-overlay-1"
 LABEL = "demo weights (trained on the embedded set)"
@@ -221,7 +222,6 @@ def _first_on_this_machine(recorded: str, regenerated: str) -> bool:
     """Whether a seeded base regenerated with other last bits (``regenerated``, its sha256, accepted against the
     ``recorded`` one) is new here: each later load on this machine (the same bits, hence the same CPU's kernels)
     then says so at INFO, not as a warning in every job's log. Noted in the assets cache; checked every time."""
-    from siren import assets
     from siren.io import write_json
 
     note = assets.cache_dir() / "demo_weights_accepted.json"
