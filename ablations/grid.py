@@ -53,7 +53,7 @@ def load_grid(name: str) -> Grid:
 MANIFESTS = ("data.train", "data.test", "data.prompts", "data.subset")  # config values naming a user's files
 
 
-def cell_id(resolved: Mapping[str, Any]) -> str:
+def cell_id(resolved: Mapping[str, Any], pretrained_files: bool = True) -> str:
     """Identity of a cell: a hash of its fully resolved config (not of the table it came from), of the
     manifests it names by content (a manifest edited in place is other data: its cells run again, not
     reused), and, with weights=demo or pretrained, of the weight files, so a rerun after they change retrains
@@ -69,11 +69,14 @@ def cell_id(resolved: Mapping[str, Any]) -> str:
         from siren.demo_weights import files_id
 
         resolved["weights.demo_files"] = files_id()
-    elif resolved.get("weights") == "pretrained":  # ImageBind only where a stage 2 uses it as the reward
+    elif resolved.get("weights") == "pretrained" and pretrained_files:
         from siren import assets
 
-        resolved["weights.pretrained_files"] = assets.files_id(
-            [n for n, a in assets.ASSETS.items() if a.demo or ("rl.method" in resolved
-                                                              and resolved.get("rl.reward.name") == n)])
+        # the files the keys reach: the codec and the CLAP text encoder make the data every later step reads; the
+        # metric networks only where the keys hold the evaluation's; ImageBind where a stage 2 rewards with it
+        names = ["dac_16khz", "clap", "roberta_vocab", "roberta_merges"]
+        names += ["panns_cnn14_16k", "vggish"] if any(k.startswith("eval.") for k in resolved) else []
+        names += ["imagebind"] if "rl.method" in resolved and resolved.get("rl.reward.name") == "imagebind" else []
+        resolved["weights.pretrained_files"] = assets.files_id(names)
     blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -149,10 +149,17 @@ def _training_keys(cfg: dict) -> dict:
 
 
 def _folder(parent: Path, keys: dict, former: dict) -> Path:
-    """``parent/<id of keys>``; where only the folder of the id used before 2026-12-06 (``former``, every data key
-    in it) is there, that one: a grid made before goes on from its prepared data and trained models."""
-    new, old = parent / cell_id(keys), parent / cell_id(former)
-    return old if old != new and old.exists() and not new.exists() else new
+    """``parent/<id of keys>``; where only the folder of an id used before is there, that one: a grid made before
+    goes on from its prepared data and trained models. Before 2026-12-06 the ids held every data key (``former``),
+    before da29cc7 not the pretrained files' hashes (such a folder is not checked against the files: the index's
+    codec id still is, at training)."""
+    new = parent / cell_id(keys)
+    if new.exists():
+        return new
+    for old in (parent / cell_id(keys, pretrained_files=False), parent / cell_id(former, pretrained_files=False)):
+        if old.exists():
+            return old
+    return new
 
 
 def _data_keys(cfg: dict, keep: tuple[str, ...] = ()) -> dict:

@@ -180,7 +180,9 @@ def frame_features(codec: Codec, codes: list[torch.Tensor], space: str = "projec
     (sorted indices into that concatenation), each clip's taken as it comes: every frame of every clip held in
     float64 and then subsampled was ~94 MB per 10 s clip."""
     offsets = np.cumsum([0] + [c.shape[-1] for c in codes])
-    keep = np.arange(offsets[-1]) if keep is None else keep
+    keep = np.arange(offsets[-1]) if keep is None else np.asarray(keep)
+    if len(keep) and (np.any(np.diff(keep) < 0) or keep[0] < 0 or keep[-1] >= offsets[-1]):
+        raise ValueError(f"keep: sorted frame indices in [0, {offsets[-1]}) are needed")
     bounds = np.searchsorted(keep, offsets)
     local = iter([keep[bounds[i]:bounds[i + 1]] - offsets[i] for i in range(len(codes))])
     return np.concatenate(_features(codec, codes, space, lambda f: f[next(local)]))

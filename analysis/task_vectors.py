@@ -87,7 +87,8 @@ def task_vectors(finals: list, inits: list) -> Iterator[tuple[str, torch.Tensor]
         stack = torch.empty(len(finals), math.prod(finals[0].get_slice(name).get_shape()), dtype=torch.float64)
         for k, (f, i) in enumerate(zip(finals, inits)):  # in float64 as (final - init) of the two cast, no copies
             stack[k].copy_(f.get_tensor(name).flatten())
-            stack[k].sub_(i.get_tensor(name).flatten())
+            init = i.get_tensor(name).flatten()
+            stack[k].sub_(init.double() if init.dtype == torch.bool else init)  # a bool is not subtracted
         yield name, stack
         del stack  # with the caller's reference gone, freed before the next is made
 
@@ -99,7 +100,9 @@ def module_cosines(stacks: Iterable[tuple[str, torch.Tensor]]) -> dict[tuple[str
     grams: dict[tuple[str, str], torch.Tensor] = {}
     for name, stack in stacks:
         mod = module_of(name)
-        if mod is not None and bool(stack.any()):  # not ungrouped, nor frozen in every expert (no |stack| copy)
+        # not ungrouped, nor frozen in every expert (no |stack| copy); a NaN stack is kept, its cosines NaN (until
+        # 7f75a4b `abs().max() > 0` took it for a frozen one)
+        if mod is not None and bool(stack.any()):
             grams[mod] = grams.get(mod, 0) + stack @ stack.T
         del stack  # before the generator builds the next one
     out = {}

@@ -130,7 +130,8 @@ def files_id(names: list[str]) -> str:
         except OSError:
             got.append((name, None))
             continue
-        if not (isinstance(known, dict) and known.get("version") == version(st)):
+        if not (isinstance(known, dict) and known.get("version") == version(st)
+                and isinstance(known.get("sha256"), str)):
             logging.getLogger(__name__).info("hashing %s (%.1f GB; once per version of the file) ...", p,
                                              st.st_size / 1e9)
             with open(p, "rb") as f:  # the version of the bytes read, not of a later replacement

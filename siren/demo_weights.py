@@ -218,10 +218,11 @@ def load(path: Path, make: Callable[[], nn.Module], sha256: str | None = None) -
     return net, got
 
 
-def _first_on_this_machine(recorded: str, regenerated: str) -> bool:
+def _first_in_this_cache(recorded: str, regenerated: str) -> bool:
     """Whether a seeded base regenerated with other last bits (``regenerated``, its sha256, accepted against the
-    ``recorded`` one) is new here: each later load on this machine (the same bits, hence the same CPU's kernels)
-    then says so at INFO, not as a warning in every job's log. Noted in the assets cache; checked every time."""
+    ``recorded`` one) is new to this assets cache (``$SIREN_CACHE``: one machine's, or a cluster's shared one):
+    each later load of the same bits (the same CPU kernels) then says so at INFO, not as a warning in every job's
+    log. Checked every time all the same."""
     from siren.io import write_json
 
     note = assets.cache_dir() / "demo_weights_accepted.json"
@@ -285,12 +286,12 @@ def _load(path: Path, make: Callable[[], nn.Module], sha256: str | None) -> tupl
                 f"network's own library (panns_inference, torchvggish, laion_clap, transformers), builds or draws it "
                 f"otherwise. "
                 f"Install the versions of pyproject.toml, or rebuild the demo weights with `{REBUILD}`.")
-        first = _first_on_this_machine(head["base_sha256"], regenerated)
+        first = _first_in_this_cache(head["base_sha256"], regenerated)
         log.log(logging.WARNING if first else logging.INFO,
                 "%s: the seeded init regenerated here is not bit-identical to the recorded one (sha256), but matches "
                 "%s within float rounding (largest sampled difference %.1e), as another CPU's vectorised kernels draw "
                 "it%s", path.name, "its fingerprint and every tensor's moments" if "base_moments" in head
                 else "its fingerprint (16 values a tensor; the file records no moments)", worst,
-                "" if first else " (warned once on this machine: the same regenerated tensors as then)")
+                "" if first else " (warned of once in this assets cache: the same regenerated tensors as then)")
     net.load_state_dict({**full, **{k: v.to(full[k].dtype) for k, v in trained.items()}}, strict=True)
     return net, sha256

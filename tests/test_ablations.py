@@ -191,6 +191,20 @@ def test_pretrained_identity_follows_the_pretrained_files(tmp_path, monkeypatch,
     assets.path("imagebind").write_bytes(b"another ImageBind")
     aligned = {c.rows[0].label for c in _cells("table4", "paper") if "rl.method" in c.cfg}
     assert aligned and {r for r, i in ids().items() if i != replaced[r]} == aligned
+    # a metric network's file moves the evaluations, not the prepared data (made by the codec and CLAP alone)
+    from ablations.plan import data_dir
+
+    cell, before = _cells("table4", "paper")[0], ids()
+    data = data_dir(cell.cfg, tmp_path / "grid")
+    assets.path("vggish").write_bytes(b"another VGGish")
+    assert data_dir(cell.cfg, tmp_path / "grid") == data and all(i != before[r] for r, i in ids().items())
+    # data prepared before the ids held the files' hashes is found under the id it had
+    from ablations.grid import cell_id
+    from ablations.plan import _data_keys
+
+    legacy = tmp_path / "grid" / "data" / cell_id(_data_keys(cell.cfg), pretrained_files=False)
+    legacy.mkdir(parents=True)
+    assert legacy != data and data_dir(cell.cfg, tmp_path / "grid") == legacy
 
 
 @pytest.mark.parametrize("args, words", [

@@ -455,6 +455,9 @@ def test_orthogonality_command(demo, tmp_path, figure_texts, capsys):
     every = prepared.frame_features(codec, codes, "codebook")
     keep = np.sort(np.random.default_rng(3).permutation(len(every))[:37])
     assert np.array_equal(prepared.frame_features(codec, codes, "codebook", keep), every[keep])
+    for bad in (keep[::-1], np.array([0, len(every)])):  # unsorted, or past the end: named, not misassigned
+        with pytest.raises(ValueError, match="sorted frame indices"):
+            prepared.frame_features(codec, codes, "codebook", bad)
     with pytest.raises(ConfigError, match="unknown config key 'pooling'.*Valid keys: codec, data"):
         probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run, ["pooling=time"])
 

@@ -99,10 +99,10 @@ def test_continuous_loss_falls_and_mntp_changes_it(tmp_path):
           latent_data(), handle_signals=False)
     frozen = [v for _, v in losses(tmp_path / "frozen" / "expert_0")]
     assert sum(la[-8:]) < 0.98 * sum(frozen[-8:]), (la[-8:], frozen[-8:])  # 0.935 here; 1.000 with a no-op step
-    train(tiny_config(tmp_path / "b", *ARGS, "train.steps=16", "continuous.mntp=true"), latent_data(),
+    train(tiny_config(tmp_path / "b", *ARGS, "train.steps=40", "continuous.mntp=true"), latent_data(),
           handle_signals=False)
     lb = [v for _, v in losses(tmp_path / "b" / "expert_0")]
-    assert la[:16] != lb
+    assert la != lb  # the same run but for MNTP (the schedule follows train.steps)
 
 
 def test_token_width_must_match_the_data(tmp_path):

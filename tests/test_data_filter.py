@@ -206,25 +206,25 @@ def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeyp
                 if k.startswith(("clap", "snr")) and ra[k]:
                     assert float(ra[k]) == pytest.approx(float(rb[k]), abs=1e-5)
     # a select killed part way leaves no report.json (the one there described the former selection's CSVs) and
-    # the former four CSVs whole: they were written in turn, so a kill at train.csv left a new rl_prompts.csv
+    # the former four CSVs whole: they were written in turn, so a kill at the third left two new ones beside them
     from siren.data import filter_select
 
-    real = filter_select.write_csv
+    real = filter_select.csv_text
 
-    def killed_at_train_csv(dest, *a, **kw):
-        if ".train.csv." in dest.name or dest.name == "train.csv":  # its temp name (the name before 2026-12-07)
+    def killed_at_train_csv(rows, columns):  # the third table (train.csv, then rejected.csv) is not written
+        if columns == [*filter_select.COLUMNS, "reason"]:
             raise KeyboardInterrupt
-        return real(dest, *a, **kw)
+        return real(rows, columns)
 
     names = ("rl_prompts.csv", "train.csv", "rejected.csv", "scores.csv")
     former = {f: (out / f).read_bytes() for f in names}
     assert json.loads((out / "report.json").read_text())["sha256"] == {f: sha256_file(out / f) for f in names}
-    monkeypatch.setattr(filter_select, "write_csv", killed_at_train_csv)
+    monkeypatch.setattr(filter_select, "csv_text", killed_at_train_csv)
     with pytest.raises(KeyboardInterrupt):
         cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", "tau=0.99")
     assert not (out / "report.json").exists()
     assert {f: (out / f).read_bytes() for f in former} == former and not list(out.glob(".*.tmp"))
-    monkeypatch.setattr(filter_select, "write_csv", real)  # tau=0.99 selects otherwise: the test can tell
+    monkeypatch.setattr(filter_select, "csv_text", real)  # tau=0.99 selects otherwise: the test can tell
     cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "num_shards=3", "step=select", "tau=0.99")
     assert (out / "rl_prompts.csv").read_bytes() != former["rl_prompts.csv"]
 

@@ -168,9 +168,9 @@ def test_an_init_that_differs_only_in_float_rounding_loads(tmp_path, fresh_build
         demo_weights.load(path, zeroed_between_samples)
 
 
-def test_a_base_with_other_last_bits_is_warned_of_once_per_machine(tmp_path, fresh_builds, monkeypatch, caplog):
+def test_a_base_with_other_last_bits_is_warned_of_once_per_assets_cache(tmp_path, fresh_builds, monkeypatch, caplog):
     """On a CPU kind other than the builder's, every load of the demo CLAP warned (every job's log); the warning is
-    now given once per regenerated base on a machine (noted in the assets cache), then INFO, checked every time."""
+    now given once per regenerated base in an assets cache (noted there), then INFO, checked every time."""
     monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "m.safetensors"
     demo_weights.save(path, demo_weights.seeded(3, _mlp), {"2.bias": torch.randn(3)}, seed=3, meta={})
@@ -179,7 +179,7 @@ def test_a_base_with_other_last_bits_is_warned_of_once_per_machine(tmp_path, fre
         caplog.clear()
         with caplog.at_level("INFO", logger="siren.demo_weights"):
             demo_weights.load(path, make)
-        levels.append([(r.levelname, "warned once on this machine" in r.getMessage()) for r in caplog.records
+        levels.append([(r.levelname, "warned of once in this assets cache" in r.getMessage()) for r in caplog.records
                        if "not bit-identical" in r.getMessage()])
     assert levels == [[("WARNING", False)], [("INFO", True)], [("WARNING", False)]]
     with pytest.raises(CheckpointError, match="first at tensor"):  # a base noted as seen is still checked

@@ -26,7 +26,7 @@ import numpy as np
 from siren import demo_weights
 from siren.data.cache import filter_shard_path
 from siren.errors import DataError
-from siren.io import atomic_path, sha256, write_json
+from siren.io import atomic_path, sha256, write_json, write_text
 from siren.lock import hold
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,16 @@ def select(records: list[dict], *, tau: float, min_snr_db: float, rl_top: int, t
     return rl, rest, rejected
 
 
-def write_csv(dest: Path, rows: list[dict], columns: list[str]) -> str:
-    """Writes the table to ``dest`` (a path of its own: the caller renames it into place); returns its sha256."""
+def csv_text(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-    dest.write_text(buf.getvalue(), encoding="utf-8")
-    return sha256(buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv(dest: Path, rows: list[dict], columns: list[str]) -> None:
+    write_text(dest, csv_text(rows, columns))
 
 
 def scores_table(records: list[dict]) -> tuple[list[dict], list[str]]:
@@ -170,9 +172,12 @@ def _select(cfg, manifest: Path, out: Path) -> str:
               "rejected.csv": (rejected, [*COLUMNS, "reason"]), "scores.csv": scores_table(records)}
     # each written under a temp name, then the four renamed together on leaving: written in turn, a kill part way
     # left a new train.csv beside the former selection's rl_prompts.csv for seconds at AudioSet's size
+    digests = {}
     with contextlib.ExitStack() as renames:
-        digests = {name: write_csv(renames.enter_context(atomic_path(out / name)), rows, columns)
-                   for name, (rows, columns) in tables.items()}
+        for name, (rows, columns) in tables.items():
+            text = csv_text(rows, columns)
+            renames.enter_context(atomic_path(out / name)).write_text(text, encoding="utf-8")
+            digests[name] = sha256(text)
     weights = head["weights"]
     words = demo_weights.mode_words(weights)
     note = (f"CLAP {head['clap']['id']}, " + ("RANDOM weights: scores carry no signal" if weights == "random"
