@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import logging
 import os
 import sys
 import urllib.request
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from siren.errors import MissingWeightsError, SirenError
-from siren.io import atomic_path, file_digest
+from siren.io import atomic_path, file_digest, hash_rest, version, write_json
+
+log = logging.getLogger(__name__)
 
 PREFETCH = "python -m siren.assets prefetch"
 DEMO_DIR = Path(__file__).parent / "demo_assets" / "files"  # the committed demo weights (siren.demo_weights)
@@ -110,18 +114,7 @@ def files_id(names: list[str]) -> str:
     them (ablations.grid.cell_id): one replaced by hand (another checkpoint under the published name) runs its cells
     again rather than reusing their results. Each file's sha256 is kept in ``<cache>/sha256.json`` by version (size,
     mtime, ctime: ``siren.io.version``), so a file is read again only when it changed."""
-    import hashlib
-    import json
-    import logging
-
-    from siren.io import hash_rest, version, write_json
-
-    record_path = cache_dir() / "sha256.json"
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: hashed again
-        record = {}
-    record = record if isinstance(record, dict) else {}
+    record = read_note("sha256.json")
     got, changed = [], False
     for name in sorted(names):
         p, known = path(name), record.get(ASSETS[name].filename)
@@ -132,18 +125,33 @@ def files_id(names: list[str]) -> str:
             continue
         if not (isinstance(known, dict) and known.get("version") == version(st)
                 and isinstance(known.get("sha256"), str)):
-            logging.getLogger(__name__).info("hashing %s (%.1f GB; once per version of the file) ...", p,
-                                             st.st_size / 1e9)
+            log.info("hashing %s (%.1f GB; once per version of the file) ...", p, st.st_size / 1e9)
             with open(p, "rb") as f:  # the version of the bytes read, not of a later replacement
                 known = {"version": version(os.fstat(f.fileno())), "sha256": hash_rest(hashlib.sha256(), f).hexdigest()}
             record[ASSETS[name].filename], changed = known, True
         got.append((name, known["sha256"]))
     if changed:
-        try:
-            write_json(record_path, record)
-        except OSError:  # a read-only cache: hashed again next time, nothing else changes
-            pass
+        write_note("sha256.json", record)
     return hashlib.sha256(json.dumps(got).encode()).hexdigest()[:12]
+
+
+def read_note(name: str) -> dict:
+    """A JSON object the project keeps for itself in the cache (``files_id``'s hashes, the demo bases accepted by
+    ``siren.demo_weights``): {} where it is missing, unreadable or not an object, so its owner rebuilds it."""
+    try:
+        note = json.loads((cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def write_note(name: str, note: dict) -> None:
+    """``read_note``'s counterpart, written atomically; not at all in a read-only cache (a hash or a warning is then
+    repeated next time, nothing else changes)."""
+    try:
+        write_json(cache_dir() / name, note)
+    except OSError as e:
+        log.debug("cannot write %s in the assets cache (%s)", name, e)
 
 
 def require(name: str) -> Path:

@@ -223,23 +223,13 @@ def _first_in_this_cache(recorded: str, regenerated: str) -> bool:
     ``recorded`` one) is new to this assets cache (``$SIREN_CACHE``: one machine's, or a cluster's shared one):
     each later load of the same bits (the same CPU kernels) then says so at INFO, not as a warning in every job's
     log. Checked every time all the same."""
-    from siren.io import write_json
-
-    note = assets.cache_dir() / "demo_weights_accepted.json"
-    try:
-        seen = json.loads(note.read_text())
-    except (OSError, ValueError):  # none yet, or unreadable: warn, and write it afresh
-        seen = {}
-    if not isinstance(seen, dict) or not isinstance(seen.get(recorded), list):
-        seen = seen if isinstance(seen, dict) else {}
+    seen = assets.read_note("demo_weights_accepted.json")
+    if not isinstance(seen.get(recorded), list):
         seen[recorded] = []
     if regenerated in seen[recorded]:
         return False
     seen[recorded].append(regenerated)
-    try:
-        write_json(note, seen)
-    except OSError as e:  # a read-only cache: the warning then repeats, nothing else changes
-        log.debug("cannot note the accepted demo base in %s (%s)", note, e)
+    assets.write_note("demo_weights_accepted.json", seen)
     return True
 
 
