@@ -18,6 +18,7 @@ Ctrl-C, and gets the umask's mode, so one cache serves a whole group.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,9 +27,10 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from siren.errors import MissingWeightsError, SirenError
-from siren.io import atomic_path, file_digest, hash_rest, version, write_json
+from siren.errors import ConfigError, MissingWeightsError, SirenError
+from siren.io import atomic_path, file_digest, hash_rest, open_no_link, version, write_json
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,7 @@ def files_id(names: list[str]) -> str:
     them (ablations.grid.cell_id): one replaced by hand (another checkpoint under the published name) runs its cells
     again rather than reusing their results. Each file's sha256 is kept in ``<cache>/sha256.json`` by version (size,
     mtime, ctime: ``siren.io.version``), so a file is read again only when it changed."""
-    record = read_note("sha256.json")
-    got, changed = [], False
+    record, new, got = read_note("sha256.json"), {}, []
     for name in sorted(names):
         p, known = path(name), record.get(ASSETS[name].filename)
         try:
@@ -128,10 +129,10 @@ def files_id(names: list[str]) -> str:
             log.info("hashing %s (%.1f GB; once per version of the file) ...", p, st.st_size / 1e9)
             with open(p, "rb") as f:  # the version of the bytes read, not of a later replacement
                 known = {"version": version(os.fstat(f.fileno())), "sha256": hash_rest(hashlib.sha256(), f).hexdigest()}
-            record[ASSETS[name].filename], changed = known, True
+            new[ASSETS[name].filename] = known
         got.append((name, known["sha256"]))
-    if changed:
-        write_note("sha256.json", record)
+    if new:  # merged into the note as it is now: another launcher may have added its own hashes meanwhile
+        update_note("sha256.json", lambda note: note.update(new))
     return hashlib.sha256(json.dumps(got).encode()).hexdigest()[:12]
 
 
@@ -145,13 +146,29 @@ def read_note(name: str) -> dict:
     return note if isinstance(note, dict) else {}
 
 
-def write_note(name: str, note: dict) -> None:
-    """``read_note``'s counterpart, written atomically; not at all in a read-only cache (a hash or a warning is then
-    repeated next time, nothing else changes)."""
+def update_note(name: str, change: Callable[[dict], None]) -> None:
+    """Apply ``change`` to ``read_note(name)`` and write the result atomically, under an flock on a lock file
+    beside it: two jobs noting at once (a grid's launchers, a SLURM array's tasks sharing one cache) each keep
+    their entry, where a plain read and write let the later writer drop the earlier one's. Nothing is written in
+    a read-only cache (a hash or a warning is then repeated next time, nothing else changes)."""
     try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        fd = open_no_link(cache_dir() / f".{name}.lock", os.O_RDWR)
+    except (OSError, ConfigError) as e:
+        log.debug("cannot note %s in the assets cache (%s)", name, e)
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held for a read and a small write
+        except OSError:  # a filesystem without flock: the plain read and write
+            pass
+        note = read_note(name)
+        change(note)
         write_json(cache_dir() / name, note)
     except OSError as e:
         log.debug("cannot write %s in the assets cache (%s)", name, e)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def require(name: str) -> Path:

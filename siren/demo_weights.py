@@ -223,13 +223,17 @@ def _first_in_this_cache(recorded: str, regenerated: str) -> bool:
     ``recorded`` one) is new to this assets cache (``$SIREN_CACHE``: one machine's, or a cluster's shared one):
     each later load of the same bits (the same CPU kernels) then says so at INFO, not as a warning in every job's
     log. Checked every time all the same."""
-    seen = assets.read_note("demo_weights_accepted.json")
-    if not isinstance(seen.get(recorded), list):
-        seen[recorded] = []
-    if regenerated in seen[recorded]:
+    seen = assets.read_note("demo_weights_accepted.json").get(recorded)
+    if isinstance(seen, list) and regenerated in seen:
         return False
-    seen[recorded].append(regenerated)
-    assets.write_note("demo_weights_accepted.json", seen)
+
+    def note(accepted: dict) -> None:  # merged into the note as it is when written (siren.assets.update_note)
+        if not isinstance(accepted.get(recorded), list):
+            accepted[recorded] = []
+        if regenerated not in accepted[recorded]:
+            accepted[recorded].append(regenerated)
+
+    assets.update_note("demo_weights_accepted.json", note)
     return True
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import urllib.request
@@ -126,3 +127,40 @@ def test_atomic_writes_respect_the_umask(tmp_path, mask, mode):
         (tmp_path / "plain.txt").write_text("x")  # what open() does, for comparison
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == mode
     assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == mode
+
+
+def _note_many(cache: str, who: int, n: int) -> None:
+    os.environ["SIREN_CACHE"] = cache
+    from siren import demo_weights
+    for i in range(n):
+        demo_weights._first_in_this_cache("base", f"{who}-{i}")
+
+
+def test_notes_written_at_once_keep_every_entry(tmp_path):
+    """The assets cache's notes (sha256.json, demo_weights_accepted.json) were read, changed and written whole:
+    two jobs sharing a cache dropped each other's entries (then one more hash or warning each). Four processes
+    noting 40 entries each at once now leave all 160."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_note_many, args=(str(tmp_path), who, 40)) for who in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    os.environ.pop("SIREN_CACHE", None)
+    seen = json.loads((tmp_path / "demo_weights_accepted.json").read_text())["base"]
+    assert sorted(seen) == sorted(f"{who}-{i}" for who in range(4) for i in range(40))
+
+
+def test_a_read_only_cache_notes_nothing_and_fails_nothing(tmp_path, monkeypatch):
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    cache.chmod(0o555)
+    monkeypatch.setenv("SIREN_CACHE", str(cache))
+    try:
+        assets.update_note("n.json", lambda note: note.update(a=1))
+        assert assets.read_note("n.json") == ({"a": 1} if os.access(cache, os.W_OK) else {})  # root writes anyway
+    finally:
+        cache.chmod(0o755)
