@@ -53,6 +53,16 @@ def load_grid(name: str) -> Grid:
 MANIFESTS = ("data.train", "data.test", "data.prompts", "data.subset")  # config values naming a user's files
 
 
+def pretrained_assets(resolved: Mapping[str, Any]) -> list[str]:
+    """The assets a weights=pretrained cell's jobs read (``siren.assets`` names): the codec and the CLAP text
+    encoder make the data every later step reads; the metric networks only where the keys hold the evaluation's;
+    ImageBind where a stage 2 rewards with it."""
+    names = ["dac_16khz", "clap", "roberta_vocab", "roberta_merges"]
+    names += ["panns_cnn14_16k", "vggish"] if any(k.startswith("eval.") for k in resolved) else []
+    names += ["imagebind"] if "rl.method" in resolved and resolved.get("rl.reward.name") == "imagebind" else []
+    return names
+
+
 def cell_id(resolved: Mapping[str, Any], pretrained_files: bool = True) -> str:
     """Identity of a cell: a hash of its fully resolved config (not of the table it came from), of the
     manifests it names by content (a manifest edited in place is other data: its cells run again, not
@@ -72,11 +82,6 @@ def cell_id(resolved: Mapping[str, Any], pretrained_files: bool = True) -> str:
     elif resolved.get("weights") == "pretrained" and pretrained_files:
         from siren import assets
 
-        # the files the keys reach: the codec and the CLAP text encoder make the data every later step reads; the
-        # metric networks only where the keys hold the evaluation's; ImageBind where a stage 2 rewards with it
-        names = ["dac_16khz", "clap", "roberta_vocab", "roberta_merges"]
-        names += ["panns_cnn14_16k", "vggish"] if any(k.startswith("eval.") for k in resolved) else []
-        names += ["imagebind"] if "rl.method" in resolved and resolved.get("rl.reward.name") == "imagebind" else []
-        resolved["weights.pretrained_files"] = assets.files_id(names)
+        resolved["weights.pretrained_files"] = assets.files_id(pretrained_assets(resolved))
     blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from ablations import steps
 from ablations.executors import KINDS, load_profile
-from ablations.grid import MANIFESTS, Grid, Row, cell_id, load_grid
+from ablations.grid import MANIFESTS, Grid, Row, cell_id, load_grid, pretrained_assets
 from ablations.ledger import Job
 from ablations.scales import resolve
 from siren.config import check_numbers, load_config
-from siren.errors import ConfigError, DataError
+from siren.errors import ConfigError, DataError, MissingWeightsError
 from siren.io import check_folder, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,22 @@ def check_manifests(cells: list[Cell]) -> None:
     if absent:
         raise ConfigError(f"no such file: {', '.join(absent)}; give the manifests' paths as the jobs will see them "
                           "(action=table writes the tables of finished jobs without reading them)")
+
+
+def check_assets(cells: list[Cell]) -> None:
+    """Before anything is submitted, every pretrained file a ``weights=pretrained`` cell's jobs read is in the
+    assets cache: each job would otherwise fail on its node, after the queue wait, and the cells' ids (which hash
+    the files) would name a missing file rather than the one a later prefetch brings."""
+    from siren import assets
+
+    needed = sorted({n for c in cells if c.cfg.get("weights") == "pretrained" for n in pretrained_assets(c.cfg)})
+    missing = [n for n in needed if not assets.path(n).is_file() or assets.path(n).stat().st_size == 0]
+    if missing:
+        raise MissingWeightsError(
+            f"weights=pretrained: {len(missing)} file(s) the jobs read are not in the assets cache "
+            f"{assets.cache_dir()}: " + ", ".join(f"{n} ({assets.ASSETS[n].filename})" for n in missing)
+            + f". On a machine with internet run `{assets.PREFETCH} {' '.join(missing)}` (SIREN_CACHE on storage "
+            "the compute nodes share), or copy the files there; weights=demo runs on the demo weights offline")
 
 
 def check_sources(jobs: list[Job]) -> None:

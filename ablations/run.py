@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ablations import figures, ledger, outcomes, pipeline
 from ablations.grid import load_grid
-from ablations.plan import RunConfig, cells_of, check_manifests, check_sources, parse, plan
+from ablations.plan import RunConfig, cells_of, check_assets, check_manifests, check_sources, parse, plan
 from ablations.tables import Outcome, build_frame, write_tables
 from siren import io
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if run.action == "run":
         check_manifests(cells)
+        check_assets(cells)
         check_sources(jobs)
         for cell in cells:  # what each cell directory is, for a reader browsing results
             io.write_json(cell.dir / "cell.json",

@@ -548,10 +548,14 @@ def test_retry_runs_the_failed_job_and_the_jobs_that_waited_on_it(tmp_path):
 
 def test_a_grid_with_a_failed_job_writes_its_table_and_exits_1(tmp_path, monkeypatch, capsys):
     from ablations.run import main
+    from siren import assets
     from siren.cli import call
     from tests.fixtures_data import tiny_set
 
-    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "empty_cache"))  # prepare's job fails: no pretrained DAC
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "cache"))  # prepare's job fails: a DAC file that is not one
+    for a in assets.ASSETS.values():
+        assets.path(a.name).parent.mkdir(parents=True, exist_ok=True)
+        assets.path(a.name).write_bytes(b"not a checkpoint")
     m = tiny_set(tmp_path / "src", n=2)
     args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "executor=local", "calibration=false",
             *(f"set.data.{k}={m}" for k in ("train", "test", "prompts"))]
@@ -923,6 +927,27 @@ def test_a_paper_grid_names_a_missing_manifest_before_submitting(tmp_path):
         main(args)
     assert not (tmp_path / "out").exists()
     assert main([*args, "action=status"]) == 0  # status reads no manifest
+
+
+def test_a_pretrained_grid_names_missing_weights_before_submitting(tmp_path, monkeypatch):
+    # every job failed on its node after the queue wait, and the cells' ids hashed the files as missing, so a
+    # grid launched again after the prefetch had other ids
+    from ablations.run import main
+    from siren import assets
+    from siren.errors import MissingWeightsError
+
+    monkeypatch.setenv("SIREN_CACHE", str(tmp_path / "cache"))
+    assets.path("clap").parent.mkdir(parents=True)
+    assets.path("clap").write_bytes(b"x")
+    for name in ("train.csv", "test.csv", "prompts.csv"):
+        (tmp_path / name).write_text("id,audio,caption\n")
+    args = ["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'out'}", "executor=local",
+            *(f"set.data.{k}={tmp_path / k}.csv" for k in ("train", "test", "prompts"))]
+    with pytest.raises(MissingWeightsError) as e:
+        main(args)
+    assert "prefetch dac_16khz panns_cnn14_16k roberta_merges roberta_vocab vggish`" in str(e.value)
+    assert "clap (" not in str(e.value) and not (tmp_path / "out").exists()
+    assert main([*args, "action=status"]) == 0  # status and table need no weights
 
 
 def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
