@@ -216,6 +216,21 @@ def test_a_missing_value_or_a_line_break_in_a_caption_is_named(tmp_path, name, t
         read_captions(tmp_path / name)
 
 
+def test_a_jsonl_key_given_twice_and_a_prompts_file_of_another_suffix_are_named(tmp_path):
+    # json kept the last of a repeated key: 'a dog barks' became 'a cat meows' and an id another id, in silence;
+    # a prompts file named .CSV or .json was read one prompt per line, its header and brackets prompts
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "a", "audio": "a.wav", "caption": "a dog barks"}\n'
+                 '{"id": "b", "audio": "b.wav", "caption": "rain", "caption": "a cat meows"}\n')
+    for read in (read_manifest, read_captions):
+        with pytest.raises(ManifestError, match=r"m\.jsonl:2: caption given more than once in this record"):
+            read(m)
+    for name in ("prompts.CSV", "prompts.json", "prompts"):
+        (tmp_path / name).write_text("id,audio,caption\na,a.wav,a dog barks\n")
+        with pytest.raises(ManifestError, match=rf"{re.escape(name)}: captions are read by suffix from a \.txt"):
+            read_captions(tmp_path / name)
+
+
 def test_a_prompts_file_has_the_lines_wc_counts(tmp_path):
     """str.splitlines broke a line at U+2028 (text copied from a web page or PDF): 2 prompts became 4."""
     txt = tmp_path / "p.txt"

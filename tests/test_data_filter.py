@@ -456,3 +456,25 @@ def sf_read(path):
     import soundfile as sf
 
     return sf.read(str(path), dtype="int16")
+
+
+def test_select_refuses_shards_scored_from_another_manifest_and_names_a_damaged_one(tmp_path, clips, clap,
+                                                                                    monkeypatch):
+    """step=select wrote the shards' captions and scores under an edited manifest's name (a caption fixed after
+    scoring came out as the former one); a damaged shard record was a traceback."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(clips.parent, src)
+    manifest, out = src / clips.name, tmp_path / "out"
+    cli(clap, monkeypatch, f"manifest={manifest}", f"out={out}", "tau=-1", "rl_top=2")
+    manifest.write_text(manifest.read_text().replace("static noise", "static hiss"))
+    with pytest.raises(DataError, match=r"shards were scored from another manifest .* run the filter on it without "
+                                        r"step=select"):
+        cli(clap, monkeypatch, f"manifest={manifest}", f"out={out}", "step=select", "tau=-1", "rl_top=2")
+    cli(clap, monkeypatch, f"manifest={manifest}", f"out={out}", "tau=-1", "rl_top=2")  # scored again: selected
+    assert "static hiss" in (out / "rejected.csv").read_text() + (out / "train.csv").read_text()
+    shard = out / "shards" / "shard-0-of-1.json"
+    shard.write_text(shard.read_text()[:200])
+    with pytest.raises(DataError, match=r"shard-0-of-1\.json: not readable JSON .*score shard 0 again"):
+        cli(clap, monkeypatch, f"manifest={manifest}", f"out={out}", "step=select", "tau=-1", "rl_top=2")

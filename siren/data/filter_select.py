@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from siren import demo_weights
 from siren.data.cache import filter_shard_path
 from siren.errors import DataError
-from siren.io import atomic_path, sha256, write_json, write_text
+from siren.io import atomic_path, read_json, sha256, write_json, write_text
 from siren.lock import hold
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,8 @@ def merge(out: str | Path, num_shards: int) -> tuple[dict, list[dict]]:
     parts, missing = [], []
     for s in range(num_shards):
         p = filter_shard_path(out, s, num_shards)
-        (parts.append(json.loads(p.read_text())) if p.is_file() else missing.append(s))
+        (parts.append(read_json(p, f"delete it and score shard {s} again (shard={s} num_shards={num_shards})"))
+         if p.is_file() else missing.append(s))
     if missing:
         raise DataError(f"{out}: shard(s) {missing} of {num_shards} are not scored yet (no "
                         f"{filter_shard_path(out, missing[0], num_shards).name}); run the filter with shard=<i> "
@@ -162,6 +162,13 @@ def run_select(cfg, manifest: Path) -> str:
 
 def _select(cfg, manifest: Path, out: Path) -> str:
     head, records = merge(cfg.out, cfg.num_shards)
+    # the shards hold each row's caption and score: selected for a manifest edited since (a caption fixed) they
+    # wrote the former captions and scores under the new file's name
+    now = sha256(manifest.read_bytes())
+    if head.get("manifest_sha256") != now:
+        raise DataError(f"{cfg.out}: its shards were scored from another manifest ({head.get('manifest')}, sha256 "
+                        f"{str(head.get('manifest_sha256'))[:12]}) than {manifest} as it is now ({now[:12]}); run "
+                        f"the filter on it without step=select to score it again (audio already embedded is not)")
     rl, train, rejected = select(records, tau=cfg.tau, min_snr_db=cfg.min_snr_db, rl_top=cfg.rl_top,
                                  train_n=cfg.train_n, seed=cfg.seed)
     assert len(rl) + len(train) + len(rejected) == len(records)

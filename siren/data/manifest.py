@@ -128,6 +128,19 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     return header or [], records
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique (json keeps the last of a repeated key, without a word; the CSV reader
+    refuses a repeated column)."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise _RepeatedKey(", ".join(sorted({k for k in keys if keys.count(k) > 1})))
+    return dict(pairs)
+
+
 def read_records(path: Path, required: tuple[str, ...] = REQUIRED) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(line number, record)]) of a CSV (by suffix) or JSONL file, strictly parsed; no value checks."""
     if path.suffix == ".csv":
@@ -138,9 +151,12 @@ def read_records(path: Path, required: tuple[str, ...] = REQUIRED) -> tuple[list
             if not line.strip():
                 continue
             try:
-                r = json.loads(line, parse_constant=_no_constant)  # NaN became the caption "nan"
+                r = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_no_repeats)  # NaN: "nan"
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            except _RepeatedKey as e:
+                raise ManifestError(f"{path}:{n}: {e} given more than once in this record (JSON keeps the last); "
+                                    f"give each key once") from None
             except ValueError as e:
                 raise ManifestError(f"{path}:{n}: a value is {e}; fill it in or leave the record out") from None
             if not isinstance(r, dict):
@@ -219,6 +235,9 @@ def read_captions(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ManifestError(f"{path}: captions file does not exist (a .txt, .csv or .jsonl of captions)")
+    if path.suffix not in (*EXTENSIONS, ".txt"):  # read line by line, a prompts.CSV's header was a prompt
+        raise ManifestError(f"{path}: captions are read by suffix from a .txt (one per line), .csv or .jsonl (a "
+                            f"'caption' column); give the file one of those")
     if path.suffix in EXTENSIONS:
         columns, records = read_records(path, required=())  # the caption check below names the line
         if "caption" not in columns and not any("caption" in r for _, r in records):
@@ -233,7 +252,7 @@ def read_captions(path: str | Path) -> list[str]:
         if empty:  # dropping them would train on fewer prompts than the file lists, in silence
             raise ManifestError(f"{path}:{empty[0]}: empty caption ({len(empty)} record(s) in all); "
                                 "fill them in or remove those records")
-    else:
+    elif path.suffix == ".txt":
         caps = text_lines(read_text(path))
         for n, c in enumerate(caps, 1):
             check_one_line(c.strip(), f"{path}:{n}: caption")
