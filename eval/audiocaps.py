@@ -311,11 +311,11 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
             write_json(out / "results.json", results, durable=True)
             return results
-    else:  # clips this harness generated carry their record: the card says what made them (else: made elsewhere)
+    gen_paths, left_out = matched or match_generated(gen_dir, [it.id for it in items], subset=bool(cfg.subset))
+    if not cfg.ckpt:  # clips this harness generated carry their record: the card says what made them
         from eval.generate import record_card
 
-        gen_card = record_card(Path(gen_dir))
-    gen_paths, left_out = matched or match_generated(gen_dir, [it.id for it in items], subset=bool(cfg.subset))
+        gen_card = record_card(Path(gen_dir), gen_paths)
     if left_out:
         gen_card["left_out"] = f"{left_out} clip(s) of {gen_dir} outside subset={cfg.subset}"
     clips, errors = {}, []

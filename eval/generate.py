@@ -14,6 +14,7 @@ the difference, never reused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from siren.model.continuous import ContinuousLM, decode_latent
 from siren.run_dir import read_run_config, trained_frames, warn_if_past_trained
 from siren.runtime import code_version, derive_seed
 from siren.sample import SampleConfig, generate_with_info
+
+log = logging.getLogger(__name__)
 
 RECORD = "generation.json"  # in the clips' folder: how they were made (check_record)
 COLLAPSE_ITG = 0.5  # a set where at least this fraction of its samples collapsed cannot generate (itg)
@@ -178,12 +181,21 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                                   if candidates > 1 else "generation and decoding")}
 
 
-def record_card(gen_dir: Path) -> dict:
+def record_card(gen_dir: Path, clips: dict[str, Path]) -> dict:
     """A gen_dir= folder's card entries from the record the harness's generation left there (none for clips made
-    otherwise): the run, its weights' hash and the modes of its codec, text encoder and reward."""
+    otherwise): the run, its weights' hash and the modes of its codec, text encoder and reward; or, where a clip
+    scored (``clips``, by id) is not the bytes the record lists (replaced, edited, or put there by hand since),
+    a note saying the record does not apply: it credited a run with clips that were no longer its own."""
     if not (gen_dir / RECORD).is_file():
         return {}
     record = read_json(gen_dir / RECORD, f"delete it if {gen_dir}'s clips were not made by this harness")
+    if "sha256" in record:  # a record before 2026-12-06 has none: its clips are taken as found (as check_record)
+        other = [i for i, p in clips.items() if record["sha256"].get(i) != sha256_file(p)]
+        if other:
+            note = (f"{len(other)} of {len(clips)} clip(s) are not the bytes {RECORD} records (e.g. {other[0]}): "
+                    f"replaced or edited since, or not made by {record.get('run_dir')}; its run is not credited")
+            log.warning("%s: %s", gen_dir, note)
+            return {"record": note}
     return {k: v for k, v in {"run_dir": record.get("run_dir"), "made_by": record.get("made_by"),
                               "weights_sha256": (record.get("settings") or {}).get("weights_sha256"),
                               "frontends_weights": record.get("frontends_weights"),

@@ -644,6 +644,14 @@ def test_a_run_with_demo_frontends_scored_by_other_metrics_is_not_labelled_as_th
     again = json.loads((tmp_path / "o3" / "results.json").read_text())["card"]
     assert again["weights"] == card["weights"] and again["generated"]["run_dir"] == str(run.resolve())
     assert again["generated"]["weights_sha256"] == card["generated"]["weights_sha256"]
+    # a clip replaced since (another system's, noise): the record credited the run with it, its modes in the label
+    sf.write(tmp_path / "o2" / "gen" / "b.wav", np.zeros(3200, dtype=np.float32), 16_000)
+    assert main([f"gen_dir={tmp_path / 'o2' / 'gen'}", f"ref={tmp_path / 'R.csv'}", f"out={tmp_path / 'o4'}",
+                 "weights=demo", "metrics=fd"]) == 0
+    replaced = json.loads((tmp_path / "o4" / "results.json").read_text())["card"]
+    assert replaced["weights"] == "demo" and "run_dir" not in replaced["generated"]
+    assert replaced["generated"]["record"].startswith("1 of 2 clip(s) are not the bytes generation.json records "
+                                                      "(e.g. b)")
     # a stage-2 run's reward counts too: a model aligned on a RANDOM reward is a smoke test, whatever scores it
     from eval.generate import made_with
 
