@@ -13,6 +13,7 @@ missing or extra files are an error that lists them, never a silent intersection
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def match_generated(gen_dir: str | Path, ids: list[str], subset: bool = False) -
             if near:
                 msg.append(f"  under other names there: {_show(near)} (clips are read as <id>.wav: rename or "
                            f"convert them)")
+            nfc = {unicodedata.normalize("NFC", i) for i in missing}  # looks the same on screen: say why it is not
+            forms = sorted(f"{n!a}" for n in set(have) - set(ids) if unicodedata.normalize("NFC", n) in nfc)
+            if forms:
+                msg.append(f"  the same names in another Unicode form there (as a Mac's HFS+ or a copy from it "
+                           f"writes them): {_show(forms)}; rename them to the ids' exact form")
         if extra:
             msg.append(f"  extra {len(extra)} (not in the reference set): {_show(extra)}")
         msg.append("  generate the missing ones, remove the extra ones, or restrict the reference with subset=IDS.txt")

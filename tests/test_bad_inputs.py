@@ -337,6 +337,16 @@ def test_audio_errors_that_already_behaved_well(tmp_path, content, words):
         load_audio(p)
 
 
+def test_stereo_whose_channels_cancel_is_said_to(tmp_path):
+    # refused as "all-silent" only: the user opened the file and heard a loud tone
+    x = tone(8000)
+    p = tmp_path / "antiphase.wav"
+    write_wav(p, np.stack([x, -x], 1), subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"all-silent audio \(peak -inf dBFS < -80 dBFS\); its 2 channels cancel in "
+                                         r"the mono mix \(their own peak -\d+\.\d dBFS\): one channel is inverted"):
+        load_audio(p)
+
+
 # ---------------------------------------------------------------- long files: memory bounded by the batch
 
 def test_a_long_file_is_encoded_batch_by_batch(tmp_path):

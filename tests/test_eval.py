@@ -702,3 +702,14 @@ def test_the_eval_benchmark_labels_demo_weights_as_demo(capsys):
     assert bench.main(["weights=demo", "n=2", "seconds=1", "metrics=fd"]) == 0
     out = capsys.readouterr().out
     assert out.count(cards.DEMO_BANNER) == 2 and "RANDOM" not in out
+
+
+def test_a_clip_named_in_another_unicode_form_is_said_to_be_one(tmp_path):
+    # 'café' missing and 'café' extra looked identical on screen: one name is NFC, the other NFD (a Mac's)
+    from eval.reference import match_generated
+
+    write_set(tmp_path, ["cafe\u0301", "b"], seed=1)
+    with pytest.raises(ManifestError) as e:
+        match_generated(tmp_path, ["caf\u00e9", "b"])
+    assert "the same names in another Unicode form there (as a Mac's HFS+ or a copy from it writes them): " \
+           "'cafe\\u0301'; rename them to the ids' exact form" in str(e.value)

@@ -113,7 +113,7 @@ def load_audio(path: str | Path, data: bytes | None = None, warn: bool = True) -
         raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {str(e).strip() or 'no detail'})") from None
     if sr < MIN_SAMPLE_RATE:
         raise AudioError(f"{path}: unsupported sample rate {sr} Hz (need >= {MIN_SAMPLE_RATE} Hz)")
-    x = to_mono(x, path)
+    channels, x = x, to_mono(x, path)
     if x.size == 0:
         raise AudioError(f"{path}: empty audio (0 samples)")
     if not np.isfinite(x).all():
@@ -121,7 +121,10 @@ def load_audio(path: str | Path, data: bytes | None = None, warn: bool = True) -
     peak = float(np.abs(x).max())
     if peak < SILENCE_PEAK:
         db = "-inf" if peak == 0 else f"{20 * math.log10(peak):.1f}"
-        raise AudioError(f"{path}: all-silent audio (peak {db} dBFS < {20 * math.log10(SILENCE_PEAK):.0f} dBFS)")
+        each = float(np.abs(channels).max())  # channels in antiphase cancel in the mix: a file that plays loud
+        why = (f"; its {channels.shape[1]} channels cancel in the mono mix (their own peak {20 * math.log10(each):.1f}"
+               f" dBFS): one channel is inverted, fix its polarity") if each >= SILENCE_PEAK else ""
+        raise AudioError(f"{path}: all-silent audio (peak {db} dBFS < {20 * math.log10(SILENCE_PEAK):.0f} dBFS){why}")
     wav = resample(torch.from_numpy(np.ascontiguousarray(x)), sr)
     if warn and wav.shape[-1] < HOP:
         log.warning("%s: %d sample(s) at %d Hz, shorter than one codec frame (%d samples, %g ms): nearly no "
