@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if run.action == "run":
         check_manifests(cells)
-        check_assets(cells)
         check_sources(jobs)
+        check_assets(cells)
         for cell in cells:  # what each cell directory is, for a reader browsing results
             io.write_json(cell.dir / "cell.json",
                           {"id": cell.id, "config": cell.cfg, "rows": [r.label for r in cell.rows]})
