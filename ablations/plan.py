@@ -13,7 +13,7 @@ from ablations.executors import KINDS, load_profile
 from ablations.grid import MANIFESTS, Grid, Row, cell_id, load_grid, pretrained_assets
 from ablations.ledger import Job
 from ablations.scales import resolve
-from siren.config import check_numbers, load_config
+from siren.config import check_numbers, given_once, load_config
 from siren.errors import ConfigError, DataError, MissingWeightsError
 from siren.io import check_folder, read_json, write_json
 
@@ -93,7 +93,7 @@ def parse(argv: list[str]) -> RunConfig:
     bare = [a for a in argv if a.startswith("set.") and "=" not in a]
     if bare:  # it was dropped without a word, and the grid ran with the default
         raise ConfigError(f"{bare[0]}: expected set.KEY=VALUE")
-    sets = {a.split("=", 1)[0][4:]: a.split("=", 1)[1] for a in argv if a.startswith("set.")}
+    sets = {k[4:]: v for k, v in given_once([a for a in argv if a.startswith("set.")])}
     cfg = load_config(RunConfig, [a for a in argv if not a.startswith("set.")])
     cfg.set = sets
     if cfg.calibration not in ("auto", "true", "false"):

@@ -74,6 +74,17 @@ def split_args(args: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def given_once(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``split_args`` of a command line whose keys each have one value: the later silently won
+    (`is_splits=2 ... is_splits=3` ran with 3, `scale=tiny scale=small` trained small)."""
+    pairs = split_args(args)
+    for i, (key, value) in enumerate(pairs):
+        was = next((v for k, v in pairs[:i] if k == key and v != value), None)
+        if was is not None:
+            raise ConfigError(f"'{key}' given twice, as {was!r} and as {value!r}: give it once")
+    return pairs
+
+
 def expand(pairs: Sequence[tuple[str, str]], presets: Presets) -> list[tuple[str, Any]]:
     """The presets' key=value pairs (each group=name, in order), then the explicit pairs (in order): an explicit
     key wins over a preset wherever it stands (``model.dim=32 scale=tiny`` silently trained tiny's dim 64)."""
@@ -96,7 +107,7 @@ def load_config(schema: type[T], args: Sequence[str] = (), presets: Presets | No
     presets = presets or {}
     valid = field_paths(schema)
     cfg = copy.deepcopy(_structured(schema))
-    for key, value in [*expand(split_args(defaults), presets), *expand(split_args(args), presets)]:
+    for key, value in [*expand(split_args(defaults), presets), *expand(given_once(args), presets)]:
         if key not in valid:
             raise _unknown(key, [*valid, *presets])
         if isinstance(value, str) and ("${" in value or value.strip() == "???"):

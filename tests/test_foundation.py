@@ -41,6 +41,10 @@ def test_overrides_presets_then_explicit_keys():
     assert load_config(_Outer, ["model.dim=8"], PRESETS, defaults=["scale=tiny"]).model.dim == 8
 
 
+def test_a_key_given_twice_with_one_value_is_that_value():
+    assert load_config(_Outer, ["seed=3", "scale=tiny", "seed=3"], PRESETS).seed == 3
+
+
 @pytest.mark.parametrize("args, words", [
     (["model.dimm=3"], ["model.dimm", "model.dim", "seed"]),
     (["scale=huge"], ["huge", "tiny"]),
@@ -50,6 +54,9 @@ def test_overrides_presets_then_explicit_keys():
     (["model.name=${oc.env:HOME}"], ["model.name", "interpolations"]),
     (["model.name=a${b"], ["model.name", "interpolations"]),
     (["seed=???"], ["seed", "'???'"]),
+    # the later of a key given twice silently won (also a preset group: scale=tiny scale=small trained small)
+    (["seed=1", "flag=true", "seed=2"], ["'seed' given twice, as '1' and as '2': give it once"]),
+    (["scale=tiny", "scale=other"], ["'scale' given twice"]),
 ])
 def test_bad_keys_and_values_are_named(args, words):
     with pytest.raises(ConfigError) as e:
