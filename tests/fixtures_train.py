@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from siren.codec import CODEBOOK_SIZE, N_LAYERS
 from siren.data.dataset import collate
 from siren.train import Stage1Data, parse
-from tests.helpers import code_tables
+from tests.helpers import code_tables, overridden
 
 TEXT_DIM = 768
 
@@ -56,9 +56,10 @@ def tiny_args(run_dir, *extra: str) -> list[str]:
     model keys ``extra`` gives)."""
     model = [] if "family=continuous" in extra else ["scale=tiny", "model.dim=32", "model.attn_heads=2",
                                                      "model.main_layers=1"]
-    return [f"run_dir={run_dir}", *model, "train.batch_size=2", "train.steps=8", "train.warmup_steps=2",
-            "train.lr=3e-3", "train.min_lr=3e-4", "train.log_every=1", "train.val_every=0", "train.ckpt_every=4",
-            "train.num_workers=0", "train.device=cpu", "train.precision=fp32", "train.crop_s=0", *extra]
+    return overridden([f"run_dir={run_dir}", *model, "train.batch_size=2", "train.steps=8", "train.warmup_steps=2",
+                       "train.lr=3e-3", "train.min_lr=3e-4", "train.log_every=1", "train.val_every=0",
+                       "train.ckpt_every=4", "train.num_workers=0", "train.device=cpu", "train.precision=fp32",
+                       "train.crop_s=0"], extra)
 
 
 def tiny_config(run_dir, *extra: str):

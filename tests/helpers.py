@@ -22,6 +22,13 @@ from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, N_LAYERS, CodeTables
 from siren.model.config import ModelConfig
 
 
+def overridden(defaults: list[str], extra: tuple[str, ...] | list[str]) -> list[str]:
+    """A test's key=value command line: ``defaults`` less the keys ``extra`` gives, then ``extra`` (a command line
+    may not give one key two values: siren.config.given_once)."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(extra)
+
+
 def code_tables(seed: int = 0, proj_scale: float = 0.1) -> CodeTables:
     """Random stand-in codec tables (codebooks, out-projection, a non-zero out-projection bias)."""
     g = torch.Generator().manual_seed(seed)

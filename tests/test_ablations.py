@@ -18,7 +18,7 @@ from ablations.scales import resolve
 from ablations.tables import Outcome, build_frame, to_latex, to_markdown
 from siren.checkpoint import load_latest
 from siren.config import ConfigError
-from tests.helpers import startup_env
+from tests.helpers import overridden, startup_env
 from tests.slurm_cluster import preempt, slurm_cluster  # noqa: F401
 
 PAPER_GRIDS = ["table3", "table4", "table5", "table6", "table7"]
@@ -455,8 +455,8 @@ def test_a_new_test_set_or_subset_reevaluates_without_training_again(tmp_path):
     (tmp_path / "sub.txt").write_text("a\n")
 
     def where(*extra):
-        run = parse(["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'o'}",
-                     *(f"set.data.{n}={tmp_path / n}.csv" for n in ("train", "test", "prompts")), *extra])
+        run = parse(overridden(["grid=table6", "scale=paper", "rows=6-2", f"out={tmp_path / 'o'}",
+                                *(f"set.data.{n}={tmp_path / n}.csv" for n in ("train", "test", "prompts"))], extra))
         cell = cells_of(load_grid("table6"), run)[0]
         return cell.id, data_dir(cell.cfg, run.root), stage1_dir(cell, run)
 

@@ -6,7 +6,7 @@ import json
 
 import benchmarks.cuda as bench
 from siren.codec import FRAME_RATE
-from tests.helpers import FROZEN_DAC_TABLES, closed_form_params
+from tests.helpers import FROZEN_DAC_TABLES, closed_form_params, overridden
 
 TINY = ["device=cpu", "scale=tiny", "train_batch=2", "train_s=0.2", "train_steps=1",
         "gen_batch=2", "gen_s=0.1", "text_tokens=4"]
@@ -34,7 +34,7 @@ def test_a_failing_section_does_not_lose_the_next(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "bench_train", broken)
     out = tmp_path / "bench.json"
-    assert bench.main([*TINY, "sections=train,generate", "gen_s=0.02", f"out={out}"]) == 1
+    assert bench.main(overridden(TINY, ["sections=train,generate", "gen_s=0.02", f"out={out}"])) == 1
     r = json.loads(out.read_text())
     assert "out of memory" in r["train"]["error"]
     gen = r["generate"]

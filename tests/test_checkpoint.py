@@ -377,7 +377,8 @@ def test_load_assembles_all_experts_and_reports_missing(tmp_path):
         siren.load(run)
     assert "expert 1" not in str(e.value)
 
-    train(tiny_config(run, *args, "expert=0", "train.steps=3"), data, handle_signals=False)
+    train(tiny_config(run, "model.distribution=2-6", "train.ckpt_every=1", "expert=0", "train.steps=3"), data,
+          handle_signals=False)
     # expert 0 is finished under its own train.steps=3; make expert 1 look interrupted at step 1
     (run / "expert_1" / "latest").write_text("step_00000001\n")
     with pytest.raises(CheckpointError, match=r"expert 1: unfinished, latest checkpoint step_00000001 is step 1 of 2"):

@@ -19,7 +19,7 @@ from siren.errors import ManifestError
 from siren.io import sha256_file
 from tests.fixtures_eval import make_reference, synth, write_set
 from tests.fixtures_model import demo_codec
-from tests.helpers import run_as_main
+from tests.helpers import overridden, run_as_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAP = "clap" if (ROOT / "siren" / "clap.py").is_file() else ""
@@ -176,8 +176,8 @@ def sets(tmp_path_factory):
 
 
 def _args(root, manifest, gen="gen", out="out", *extra):
-    return [f"gen_dir={root / gen}", f"ref={manifest}", "weights=random", f"out={root / out}",
-            f"cache_dir={root / 'cache'}", "is_splits=2", f"metrics={METRICS}", *extra]
+    return overridden([f"gen_dir={root / gen}", f"ref={manifest}", "weights=random", f"out={root / out}",
+                       f"cache_dir={root / 'cache'}", "is_splits=2", f"metrics={METRICS}"], extra)
 
 
 @pytest.fixture(scope="module")

@@ -165,7 +165,7 @@ from siren.rl.reward import CodeMatchReward  # noqa: E402
 from siren.rl.rollout import action_logprobs, trainable_experts  # noqa: E402
 from siren.sample import SampleConfig, generate  # noqa: E402
 from tests.fixtures_rl import PROMPTS, HashedText, make_stage1_run  # noqa: E402
-from tests.helpers import run_as_main  # noqa: E402
+from tests.helpers import overridden, run_as_main  # noqa: E402
 
 TIME_KEYS = ("time_rollout_s", "time_update_s")
 
@@ -176,8 +176,8 @@ def stage1(tmp_path_factory):
 
 
 def run_align(stage1_dir, out, *args, reward=None, prompts=PROMPTS):
-    cfg = alignment.parse([f"run_dir={stage1_dir}", f"out={out}", "batch=2", "group=4", "seconds=0.08",
-                           "device=cpu", "ckpt_every=2", *args])
+    cfg = alignment.parse(overridden([f"run_dir={stage1_dir}", f"out={out}", "batch=2", "group=4", "seconds=0.08",
+                                      "device=cpu", "ckpt_every=2"], args))
     model, s1, run_cfg = alignment.load_stage1(cfg.run_dir)
     reward = reward or CodeMatchReward(0, 0, 256)
     alignment.prepare_out(cfg, s1, run_cfg, trainable_experts(model.cfg.n_experts, cfg.align, cfg.n),
@@ -726,7 +726,7 @@ def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
 
     with hold(out / "align.lock", "a stage-2 alignment", "wait"):
         with pytest.raises(LockHeld, match=r"align\.lock: held by a stage-2 alignment .*another out="):
-            alignment.main([*args, "steps=3"], clap=text.clap)
+            alignment.main(overridden(args, ["steps=3"]), clap=text.clap)
     assert [e["step"] for e in read_log(out)] == [1, 2]
 
 
