@@ -44,6 +44,8 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, 
     """The checkpoint must be of this expert of this model, trained with this train config (bookkeeping keys
     aside), on this train split and number of processes; the error names every differing key."""
     where = f"checkpoint {last.path}"
+    if last.state.get("stage") == 2:
+        raise ConfigError(f"{where} is a stage-2 (alignment) checkpoint; train stage 1 in a run_dir of its own")
     saved, now = last.state.get("data", {}).get("train"), train_digest(data)  # None before 2026-12-06: not compared
     if None not in (saved, now) and saved != now:
         raise ConfigError(f"{where} was trained on another train split (items {saved}) than {cfg.data_dir}'s "

@@ -790,3 +790,23 @@ def test_stage2_update_clips_the_global_gradient_norm(clip):
                  "test") == pytest.approx(float(full))
     moved = torch.cat([p.detach().flatten() for p in params]).norm()
     assert float(moved) == pytest.approx(clip if clip else float(full), rel=1e-5) and float(full) > 1
+
+
+def test_stage1_training_refuses_a_stage2_run_folder(stage1, tmp_path):
+    """`siren.train run_dir=<a stage-2 out=>` resumed its expert from stage 2's checkpoint (another optimiser state),
+    trained stage-1 steps on it and moved `latest` past stage 2's commit point: siren.load gave the mix."""
+    from siren.train import train
+    from tests.fixtures_train import synthetic_data, tiny_config
+
+    out = tmp_path / "rl"
+    run_align(stage1, out, "steps=1", "ckpt_every=1")
+    before = sorted(p.name for p in (out / "expert_0").iterdir())
+    with pytest.raises(ConfigError, match=r"rl is a stage-2 run \(alignment\.json\); train stage 1 in a run_dir of "):
+        train(tiny_config(out, "model.distribution=6-2", "expert=0"), synthetic_data(), handle_signals=False)
+    assert sorted(p.name for p in (out / "expert_0").iterdir()) == before
+    # a stage-2 checkpoint copied into a stage-1 folder (no alignment.json beside it) is refused by what it is
+    from siren import checkpoint as ckpt
+    from siren.run_record import check_resumable
+
+    with pytest.raises(ConfigError, match=r"is a stage-2 \(alignment\) checkpoint"):
+        check_resumable(ckpt.load_latest(ckpt.expert_dir(out, 0)), None, None, 1)
