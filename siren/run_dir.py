@@ -26,7 +26,7 @@ from siren.checkpoint import (
     read_run_json,
     step_name,
 )
-from siren.errors import CheckpointError
+from siren.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,20 @@ def write_run_config(run_dir: Path, run_config: Mapping[str, Any]) -> None:
             pass
         finally:
             os.unlink(tmp)
-    check_config(read_run_json(path), json.loads(json.dumps(run_config)), f"run directory {run_dir} (config.json)",
+    saved = read_run_json(path)
+    check_family(saved.get("model", {}), run_config.get("model", {}), f"run directory {run_dir}")
+    check_config(saved, json.loads(json.dumps(run_config)), f"run directory {run_dir} (config.json)",
                  fix="Experts of one run must share the model, codec and text encoder: use another run_dir.")
+
+
+def check_family(saved: Mapping[str, Any], now: Mapping[str, Any], where: str) -> None:
+    """One sentence where a run of one model family meets the other's config (every model key differs: the
+    key-by-key list said nothing of why)."""
+    was, want = saved.get("family", "discrete"), now.get("family", "discrete")
+    if was != want:
+        tokens = "RVQ codes" if was == "discrete" else "continuous tokens"
+        raise ConfigError(f"{where} holds a family={was} model ({tokens}); this run asks for family={want}: use "
+                          f"another run_dir")
 
 
 def trained_frames(run_dir: str | os.PathLike) -> int | None:

@@ -13,6 +13,7 @@ from siren import checkpoint as ckpt
 from siren.config import to_dict
 from siren.data.stage1 import Stage1Data
 from siren.errors import ConfigError
+from siren.run_dir import check_family
 from siren.train_config import RESUMABLE_CHANGES, Stage1Config, saved_train
 
 
@@ -55,6 +56,7 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, 
         raise ConfigError(f"{where} was trained on {last.state['world_size']} processes, this run has {world}: the "
                           f"global batch (train.batch_size x processes) would change mid-run. Resume with "
                           f"{last.state['world_size']} processes (torchrun --nproc_per_node), or use another run_dir")
+    check_family(last.state["model"], model_entry(cfg, data), where)
     ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
                       {"model": model_entry(cfg, data), "expert": cfg.expert}, where,
                       fix="Use another run_dir, or set these keys back.")

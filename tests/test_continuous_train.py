@@ -241,3 +241,15 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     with pytest.raises(ConfigError, match="exceeds the .* diffusion steps"):
         generate_set(tmp_path / "run", ["x"], ["a dog barks"], tmp_path / "gen4", seconds=0.1, batch_size=1, seed=0,
                      sample=SampleConfig(diffusion_steps=10**6))
+
+
+def test_a_run_folder_of_the_other_family_is_named_in_one_sentence(tmp_path):
+    # refused, but with every model key listed as differing ('<absent>' on one side): nothing said why
+    from tests.fixtures_train import synthetic_data
+
+    train(tiny_config(tmp_path, *ARGS, "train.steps=2", "train.ckpt_every=2"), latent_data(), handle_signals=False)
+    for expert in (0, 1):  # its checkpoint, then the run's config.json (an expert not trained yet)
+        with pytest.raises(ConfigError, match=r"holds a family=continuous model \(continuous tokens\); this run asks "
+                                              r"for family=discrete: use another run_dir$"):
+            train(tiny_config(tmp_path, "model.distribution=6-2", f"expert={expert}"), synthetic_data(),
+                  handle_signals=False)

@@ -810,3 +810,20 @@ def test_stage1_training_refuses_a_stage2_run_folder(stage1, tmp_path):
 
     with pytest.raises(ConfigError, match=r"is a stage-2 \(alignment\) checkpoint"):
         check_resumable(ckpt.load_latest(ckpt.expert_dir(out, 0)), None, None, 1)
+
+
+def test_a_resume_with_another_micro_or_decode_batch_says_its_numbers_move(stage1, tmp_path, caplog):
+    # allowed on resume (a smaller GPU), but the steps that follow match neither run to the last bits: said now
+    import logging
+
+    args = ("steps=4", "lr=1e-2", "gamma=0", "ckpt_every=10")
+    result, _ = run_align(stage1, tmp_path / "b", *args, reward=SignalAt(CodeMatchReward(0, 0, 256), call=2))
+    assert result.status == "preempted"
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="siren.rl.run_dir"):
+        result, _ = run_align(stage1, tmp_path / "b", *args, "micro_batch=1", "decode_batch=1")
+    assert result.status == "finished"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("micro_batch=1, set up with 16: the update's gradients are summed in other groups" in m for m in said)
+    assert any("decode_batch=1, set up with 8: the rollouts are decoded and scored in other batches" in m
+               for m in said)

@@ -53,6 +53,15 @@ def _link_tree(src: Path, dest: Path, how: str) -> None:
         shutil.copy2(f, dest / f.name)
 
 
+# Resumable keys (RESUMABLE_CHANGES) that move the numbers of the steps to come: allowed (a smaller GPU's
+# micro_batch), said (a resume otherwise reproduces the uninterrupted run).
+CHANGES_THAT_MOVE_NUMBERS = {
+    "micro_batch": "the update's gradients are summed in other groups, so the steps from here differ in their last "
+                   "bits from an uninterrupted run's",
+    "decode_batch": "the rollouts are decoded and scored in other batches, so rewards and the steps from here differ "
+                    "in their last bits from an uninterrupted run's",
+    "fixed_prompts": "the fixed-prompt reward (Figure 5's curve) is measured on another set of prompts from here on"}
+
 LOCK = "align.lock"  # held by the run that sets up and trains in out= (siren.lock)
 
 
@@ -81,6 +90,10 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
                               + " (and the paths of out=, run_dir= and prompts=, not what they hold).")
         if saved["config"].get("out") != cfg.out:
             log.info("%s was set up as out=%s; resuming it here", out, saved["config"].get("out"))
+        now = to_dict(cfg)
+        for key, why in CHANGES_THAT_MOVE_NUMBERS.items():
+            if key in saved["config"] and saved["config"][key] != now[key]:
+                log.warning("%s: %s=%s, set up with %s: %s", out, key, now[key], saved["config"][key], why)
         return
     # what this setup writes before alignment.json: a setup stopped part way leaves only these, and runs again
     ours = {"config.json", LOCK, *(ckpt.expert_dir(out, k).name for k in range(len(stage1)) if k not in trainable)}
