@@ -28,6 +28,7 @@ import numpy as np
 from analysis import style
 from analysis.cli import command, int_list, out_dir, write_csv
 from analysis.logs import provenance, read_jsonl, weights_note
+from siren.checkpoint import load_latest
 from siren.codec import N_LAYERS
 from siren.errors import ConfigError, DataError
 
@@ -109,9 +110,33 @@ def loss_stats(run_dir: str | Path, tail: float = 0.1, split: str = "train") -> 
     if missing:
         raise DataError(f"{run_dir}: no {split} 'ce/L<j>' entries for layers {missing}; are all experts' "
                         f"logs there (expert_<k>/log.jsonl)?")
+    ends: dict[int, list[int]] = {}  # last logged step -> layers
+    for j in range(1, N_LAYERS + 1):
+        ends.setdefault(int(curves[j][0][-1]), []).append(j)
+    unfinished = _unfinished(run_dir)
+    if unfinished or len(ends) > 1:  # an unfinished expert's "final" CE is of another step than the others'
+        where = ", ".join(f"step {s} for layers {_span(js)}" for s, js in sorted(ends.items()))
+        why = "; ".join(unfinished) or "the experts' logs end at different steps"
+        raise DataError(f"{run_dir}: {why} ({split} logs end at {where}): Table 5's final CEs compare finished "
+                        f"experts; finish the run (its siren.train commands again) first")
     final = {j: final_loss(curves[j][1], tail) for j in range(1, N_LAYERS + 1)}
     return {"loss_mean": float(np.mean(list(final.values()))), "loss_ratio": final[N_LAYERS] / final[1],
             "final": final}
+
+
+def _unfinished(run_dir: str | Path) -> list[str]:
+    """"expert k is unfinished (step s of n)" for each expert whose latest checkpoint says so."""
+    out = []
+    for k in expert_logs(run_dir):
+        c = load_latest(Path(run_dir) / f"expert_{k}")
+        if c is not None and c.state.get("finished") is False:
+            out.append(f"expert {k} is unfinished (step {c.step} of {c.state.get('train', {}).get('steps', '?')})")
+    return out
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 and layers[-1] - layers[0] == len(layers) - 1 else \
+        ", ".join(map(str, layers))
 
 
 def plot(curves: dict, layers: list[int], smooth: float, split: str, width: float, note: str = ""):

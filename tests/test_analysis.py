@@ -168,6 +168,21 @@ def test_loss_stats_equal_hand_computation(tmp_path):
     # a fractional tail rounds up: ceil(0.12 * 20) = 3 entries
     assert convergence.loss_stats(run, tail=0.12)["final"][3] == pytest.approx((318 + 319 + 330) / 3)
     assert convergence.loss_stats(run, split="val")["loss_mean"] == pytest.approx(-1.0)
+    # an expert stopped early (its log ends at step 5) printed Table 5's numbers from its step 5 beside step 20's
+    full = (run / "expert_1" / "log.jsonl").read_text()
+    (run / "expert_1" / "log.jsonl").write_text("".join(full.splitlines(True)[:10]))
+    with pytest.raises(DataError, match=r"the experts' logs end at different steps \(train logs end at step 5 for "
+                                        r"layers 7-12, step 20 for layers 1-6\): Table 5's final CEs"):
+        convergence.loss_stats(run)
+    (run / "expert_1" / "log.jsonl").write_text(full)
+    from siren import checkpoint as ckpt  # logs ending together, but an expert's checkpoint says it is unfinished
+
+    ckpt.save(run / "expert_0", 20, {"w": torch.zeros(1)}, {}, {"train": {"steps": 200}, "finished": False}, 2)
+    with pytest.raises(DataError, match=r"expert 0 is unfinished \(step 20 of 200\) \(train logs end at step 20 for "
+                                        r"layers 1-12\)"):
+        convergence.loss_stats(run)
+    ckpt.save(run / "expert_0", 200, {"w": torch.zeros(1)}, {}, {"train": {"steps": 200}, "finished": True}, 2)
+    assert convergence.loss_stats(run)["final"] == pytest.approx(final)
     # a layer owned by two experts, and a missing layer, are errors naming the problem
     write_jsonl(run / "expert_2" / "log.jsonl", [{"step": 1, "ce/L12": 1.0}])
     with pytest.raises(DataError, match="layer 12 is logged by expert_1 and expert_2"):
