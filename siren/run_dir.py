@@ -143,10 +143,25 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
                         + "; train every expert of a run on one data_dir")
     if problems:
         raise CheckpointError(f"cannot assemble {cfg.distribution} model from {run_dir}:\n  " + "\n  ".join(problems))
+    warn_other_train_keys(run_dir, {k: c for k, c in found.items() if c.state.get("stage") != 2})
     model = CollaborativeModel(cfg)  # zero code tables: every expert's checkpoint holds them
     for k, c in found.items():
         load_weights(model.experts[k], c.model_state(), c.path / "model.safetensors")
     return model.to(device).eval()
+
+
+def warn_other_train_keys(run_dir: Path, stage1: dict[int, Checkpoint]) -> None:
+    """The experts of one run trained with other train keys (each job takes its own command line: another lr, seed
+    or crop for expert 1) load as one model, and the cards and probes describe it by expert 0's: said."""
+    from siren.train_config import RESUMABLE_CHANGES, saved_train
+
+    trains = {k: saved_train(c.state) for k, c in stage1.items()}
+    keys = sorted({key for t in trains.values() for key in t} - set(RESUMABLE_CHANGES))
+    differ = [key for key in keys if len({json.dumps(t.get(key)) for t in trains.values()}) > 1]
+    if differ:
+        log.warning("%s: its experts were trained with other train keys: %s; its cards and probes describe it by "
+                    "expert %d's", run_dir, "; ".join(f"train.{key}: " + ", ".join(
+                        f"expert {k} {t.get(key)!r}" for k, t in trains.items()) for key in differ), min(trains))
 
 
 def load_continuous(run_dir: Path, shared: dict, device: str | torch.device = "cpu", allow_unfinished: bool = False):

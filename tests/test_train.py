@@ -503,3 +503,21 @@ def test_a_cpu_run_on_a_gpu_node_does_not_pin_its_batches(tmp_path, monkeypatch)
                       "train.device=cpu")
     train(cfg, synthetic_data(n_train=4, frames=10), handle_signals=False)
     assert len(made) == 2 and not any(loader.pin_memory for loader in made)  # training's and validation's
+
+
+def test_experts_of_one_run_trained_with_other_train_keys_are_said_to_be(tmp_path, caplog):
+    # each expert is its own job with its own command line: expert 1 at another lr and seed loaded as one model
+    # with the others, and the cards and probes described it by expert 0's keys, without a word
+    import logging
+
+    import siren
+
+    data = synthetic_data()
+    train(tiny_config(tmp_path, "model.distribution=2-6", "train.steps=2", "expert=0"), data, handle_signals=False)
+    train(tiny_config(tmp_path, "model.distribution=2-6", "train.steps=2", "expert=1", "train.lr=1e-2",
+                      "train.seed=7", "train.log_every=2"), data, handle_signals=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="siren.run_dir"):
+        siren.load(tmp_path)
+    assert "its experts were trained with other train keys: train.lr: expert 0 0.003, expert 1 0.01; train.seed: " \
+           "expert 0 0, expert 1 7; its cards and probes describe it by expert 0's" in caplog.text  # not log_every
