@@ -132,6 +132,11 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
             resolved = resolve(row.cell, cfg.scale, {k: v for k, v in cfg.set.items() if not k.startswith("rl.")})
         cid = cell_id(resolved)
         cells.setdefault(cid, Cell(cid, cfg.root / "cells" / cid, resolved, [])).rows.append(row)
+    for cell in cells.values():  # `set.model.distribution=6-2` made every row of Table 6 one 6-2 cell, said nowhere
+        if cfg.set and len({cell_id(resolve(r.cell, cfg.scale, {})) for r in cell.rows}) > 1:
+            log.warning("%s: rows %s are one cell under %s (the keys that tell them apart are set for all): each "
+                        "shows that one run's numbers", grid.name, ", ".join(repr(r.label) for r in cell.rows),
+                        " ".join(f"set.{k}={v}" for k, v in cfg.set.items()))
     unused = sorted(k for k in cfg.set if k.startswith("rl."))
     if unused and not any("rl.method" in c.cfg for c in cells.values()):
         log.warning("%s ignored: no row of %s runs stage 2", ", ".join(f"set.{k}" for k in unused), grid.name)

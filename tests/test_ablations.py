@@ -693,3 +693,18 @@ def test_slurm_states_of_jobs_that_will_not_finish_are_failed_and_held_ones_live
 
     assert {"PREEMPTED", "REVOKED", "NODE_FAIL", "CANCELLED"} <= FINAL_BAD
     assert {"REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "PENDING"} <= LIVE and not FINAL_BAD & LIVE
+
+
+def test_set_keys_that_make_rows_one_cell_are_said_to(caplog):
+    # set.rl.n=1 set.rl.align=anti_causal made Table 7 one cell under three row labels, each printing its numbers
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ablations.plan"):
+        assert len(_cells("table7", "demo", "set.rl.n=1", "set.rl.align=anti_causal")) == 1
+    assert "table7: rows 'Anti-Causal, 1 model', 'Anti-Causal, 2 models', 'Causal, 1 model' are one cell under " \
+           "set.rl.n=1 set.rl.align=anti_causal" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ablations.plan"):  # rows one cell by design: nothing to say
+        _cells("continuous", "demo")
+        _cells("table6", "demo", "set.train.steps=10")
+    assert "one cell" not in caplog.text
