@@ -11,6 +11,8 @@ metric's: its tables mark that column "reward = metric").
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import MISSING
 from typing import Any, Mapping
 
 from siren.config import ConfigError
@@ -92,8 +94,32 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
     size = cell.pop("model.size")
     common = COMMON if cell.get("model.family", "discrete") == "discrete" else {}  # RVQ-expert keys only
     out = {**common, **SCALES[scale], **model_keys(scale, size, cell.get("model.distribution", "")), **cell}
-    out.update({k: typed(v, out.get(k)) for k, v in dict(overrides).items()})
+    for k, v in dict(overrides).items():
+        like = out[k] if k in out else stage_default(k)
+        value = typed(v, None if like is MISSING else like)
+        if k not in out and value == like and type(value) is type(like):
+            continue  # the stage's own default, spelled out: the cell it is without the key (not retrained)
+        out[k] = value
     return dict(sorted(out.items()))
+
+
+def stage_default(key: str) -> Any:
+    """The value the stage reading ``key`` gives it when a cell leaves it out (train.*: siren.train, rl.*: stage 2,
+    eval.*: the evaluation), or MISSING (another key, or one these schemas do not have)."""
+    from eval.audiocaps import EvalConfig
+    from siren.rl.config import AlignConfig
+    from siren.train_config import TrainConfig
+
+    head, _, rest = key.partition(".")
+    node: Any = {"train": TrainConfig, "rl": AlignConfig, "eval": EvalConfig}.get(head, MISSING)
+    for part in rest.split("."):
+        f = next((f for f in dataclasses.fields(node) if f.name == part), None) if dataclasses.is_dataclass(node) \
+            else None
+        if f is None:
+            return MISSING
+        node = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
+    return node
 
 
 def typed(value: Any, like: Any) -> Any:

@@ -987,6 +987,9 @@ def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
     default = ids()
     assert ids("set.train.steps=300", "set.train.lr=3e-3", "set.data.demo_train=20", "set.model.dropout=0") == default
     assert ids("set.train.lr=0.0030") == default
+    # keys the scale leaves to the stage's own default: spelled out, they made new cells (everything retrained)
+    assert ids("set.train.grad_clip=1.0", "set.train.seed=0", "set.eval.candidates=1") == default
+    assert ids("set.train.grad_clip=1") == default and ids("set.train.grad_clip=2") != default
     assert ids("set.train.steps=301") != default
 
 
