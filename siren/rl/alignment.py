@@ -233,6 +233,9 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
         raise ConfigError("prompts= is required: a .txt/.csv/.jsonl of captions (the paper: the top 1k pairs by "
                           "CLAP score)")
     prompts = read_prompts(cfg.prompts)
+    if len(prompts) < cfg.batch:  # the stream of permutations fills each batch: some prompts twice in one step
+        log.warning("%s holds %d prompt(s), fewer than batch=%d: each step's batch holds some of them more than once",
+                    cfg.prompts, len(prompts), cfg.batch)
     device = resolve_device(cfg.device)
     model, stage1, run_cfg = load_stage1(cfg.run_dir, device)
     trainable = trainable_experts(model.cfg.n_experts, cfg.align, cfg.n)  # before the frontends are built
