@@ -132,7 +132,7 @@ def cells_of(grid: Grid, cfg: RunConfig) -> list[Cell]:
             resolved = resolve(row.cell, cfg.scale, {k: v for k, v in cfg.set.items() if not k.startswith("rl.")})
         cid = cell_id(resolved)
         cells.setdefault(cid, Cell(cid, cfg.root / "cells" / cid, resolved, [])).rows.append(row)
-    for cell in cells.values():  # `set.model.distribution=6-2` made every row of Table 6 one 6-2 cell, said nowhere
+    for cell in cells.values():  # `set.rl.n=1 set.rl.align=anti_causal` made Table 7 one cell, said nowhere
         if cfg.set and len({cell_id(resolve(r.cell, cfg.scale, {})) for r in cell.rows}) > 1:
             log.warning("%s: rows %s are one cell under %s (the keys that tell them apart are set for all): each "
                         "shows that one run's numbers", grid.name, ", ".join(repr(r.label) for r in cell.rows),
