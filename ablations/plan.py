@@ -94,6 +94,7 @@ def parse(argv: list[str]) -> RunConfig:
     if bare:  # it was dropped without a word, and the grid ran with the default
         raise ConfigError(f"{bare[0]}: expected set.KEY=VALUE")
     sets = {k[4:]: v for k, v in given_once([a for a in argv if a.startswith("set.")])}
+    steps.refuse_step_keys(sets)  # here, not only per cell: one at the stage's default is dropped as it resolves
     cfg = load_config(RunConfig, [a for a in argv if not a.startswith("set.")])
     cfg.set = sets
     if cfg.calibration not in ("auto", "true", "false"):
@@ -207,13 +208,17 @@ def check_manifests(cells: list[Cell]) -> None:
                           "(action=table writes the tables of finished jobs without reading them)")
 
 
+METRIC_ASSETS = {"panns_cnn14_16k": {"fd", "kl", "isc"}, "vggish": {"fad"}}  # read only by these metrics
+
+
 def check_assets(cells: list[Cell]) -> None:
     """Before anything is submitted, every pretrained file a ``weights=pretrained`` cell's jobs read is in the
     assets cache: each job would otherwise fail on its node, after the queue wait, and the cells' ids (which hash
     the files) would name a missing file rather than the one a later prefetch brings."""
     from siren import assets
 
-    needed = sorted({n for c in cells if c.cfg.get("weights") == "pretrained" for n in pretrained_assets(c.cfg)})
+    needed = sorted({n for c in cells if c.cfg.get("weights") == "pretrained" for n in pretrained_assets(c.cfg)
+                     if n not in METRIC_ASSETS or METRIC_ASSETS[n] & set(steps.metrics_of(c.cfg))})
     missing = [n for n in needed if not assets.path(n).is_file() or assets.path(n).stat().st_size == 0]
     if missing:
         raise MissingWeightsError(

@@ -64,6 +64,22 @@ STEP_KEYS = {"rl.": ("run_dir", "out", "prompts", "codec.weights", "text.weights
              "eval.": ("ckpt", "gen_dir", "ref", "out", "weights", "subset")}
 
 
+def metrics_of(cfg: Mapping[str, Any]) -> list[str]:
+    """The metrics a cell's evaluation computes (its ``eval.metrics``, or the evaluation's default)."""
+    from eval.audiocaps import EvalConfig, metric_list
+    from siren.config import load_config
+
+    return metric_list(load_config(EvalConfig, _keys(cfg, "eval.")))
+
+
+def refuse_step_keys(keys) -> None:
+    """A cell key that a step sets itself (STEP_KEYS) is an error naming what to use instead."""
+    taken = [p + k for p, names in STEP_KEYS.items() for k in names if p + k in keys]
+    if taken:
+        raise ConfigError(f"{', '.join(taken)}: set by the grid for each cell (its folders, data and weights); "
+                          f"use out=, data.test= / data.prompts= / data.subset= or weights= instead")
+
+
 def validate(cfg: Mapping[str, Any], where: str) -> None:
     """Every key of a cell parsed by the schema of the stage that takes it (unknown keys, bad types
     and out-of-range values are errors now, not inside a job); nothing is built."""
@@ -80,10 +96,7 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
         if other:
             raise ConfigError(f"unknown cell key(s) {other}; cell keys start with model., train., rl., eval. or "
                               f"are one of {', '.join(DATA_KEYS)}, weights")
-        taken = [p + k for p, keys in STEP_KEYS.items() for k in keys if p + k in cfg]
-        if taken:
-            raise ConfigError(f"{', '.join(taken)}: set by the grid for each cell (its folders, data and weights); "
-                              f"use out=, data.test= / data.prompts= / data.subset= or weights= instead")
+        refuse_step_keys(cfg)
         if cfg["weights"] not in ("pretrained", "random", "demo"):
             raise ConfigError(f"weights must be pretrained, demo or random, got {cfg['weights']!r}")
         if cfg["data.source"] not in ("demo", "manifest"):

@@ -30,7 +30,7 @@ from analysis.cli import command, int_list, out_dir, write_csv
 from analysis.logs import provenance, read_jsonl, weights_note
 from siren.checkpoint import load_latest
 from siren.codec import N_LAYERS
-from siren.errors import ConfigError, DataError
+from siren.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,11 @@ def _unfinished(run_dir: str | Path) -> list[str]:
     """"expert k is unfinished (step s of n)" for each expert whose latest checkpoint says so."""
     out = []
     for k in expert_logs(run_dir):
-        c = load_latest(Path(run_dir) / f"expert_{k}")
+        try:
+            c = load_latest(Path(run_dir) / f"expert_{k}")
+        except CheckpointError as e:  # a `latest` naming a missing folder: said in the DataError, as a row's failure
+            out.append(f"expert {k}: {e}")
+            continue
         if c is not None and c.state.get("finished") is False:
             out.append(f"expert {k} is unfinished (step {c.step} of {c.state.get('train', {}).get('steps', '?')})")
     return out

@@ -153,7 +153,7 @@ def update_note(name: str, change: Callable[[dict], None]) -> None:
     a read-only cache (a hash or a warning is then repeated next time, nothing else changes)."""
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
-        fd = open_no_link(cache_dir() / f".{name}.lock", os.O_RDWR)
+        fd = open_no_link(cache_dir() / f".{name}.lock", os.O_RDONLY)  # flock needs no write: another user's file
     except (OSError, ConfigError) as e:
         log.debug("cannot note %s in the assets cache (%s)", name, e)
         return

@@ -196,6 +196,9 @@ def optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> 
 def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: bool = True) -> TrainResult:
     """Train expert ``cfg.expert`` until ``cfg.train.steps`` or a stop signal; resume from its latest checkpoint."""
     tc = cfg.train
+    if (Path(cfg.run_dir) / "alignment.json").exists():  # its checkpoints are stage 2's: resumed as stage 1's, a mix
+        raise ConfigError(f"{cfg.run_dir} is a stage-2 run (alignment.json); train stage 1 in a run_dir of its own "
+                          f"(stage 2 starts from it: python -m siren.rl run_dir=<stage-1 run> out=<another folder>)")
     ranks = init_distributed()
     device = resolve_device(tc.device, ranks.local_rank)
     if device.type == "cuda":
@@ -222,9 +225,6 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     model = build_model(cfg, data).to(device)
     opt = optimizer(model, tc, device)
     state, stats = {"step": 0, "epoch": 0, "examples_in_epoch": 0}, Stats()
-    if (run_dir / "alignment.json").exists():  # its checkpoints are stage 2's: resumed as stage 1's, a mix of both
-        raise ConfigError(f"{run_dir} is a stage-2 run (alignment.json); train stage 1 in a run_dir of its own (stage "
-                          f"2 starts from it: python -m siren.rl run_dir=<stage-1 run> out=<another folder>)")
     last = ckpt.load_latest(edir)
     if last is not None:
         check_resumable(last, cfg, data, ranks.world)

@@ -183,6 +183,11 @@ def test_loss_stats_equal_hand_computation(tmp_path):
         convergence.loss_stats(run)
     ckpt.save(run / "expert_0", 200, {"w": torch.zeros(1)}, {}, {"train": {"steps": 200}, "finished": True}, 2)
     assert convergence.loss_stats(run)["final"] == pytest.approx(final)
+    latest = (run / "expert_0" / "latest").read_text()
+    (run / "expert_0" / "latest").write_text("step_00000999\n")  # names a missing folder: a DataError, not a crash
+    with pytest.raises(DataError, match=r"expert 0: .*step_00000999"):
+        convergence.loss_stats(run)
+    (run / "expert_0" / "latest").write_text(latest)
     # a layer owned by two experts, and a missing layer, are errors naming the problem
     write_jsonl(run / "expert_2" / "log.jsonl", [{"step": 1, "ce/L12": 1.0}])
     with pytest.raises(DataError, match="layer 12 is logged by expert_1 and expert_2"):

@@ -27,7 +27,7 @@ from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
 from siren.data.cache import cache_path, sha256
 from siren.data.encode import encode_codes as _encode_codes
 from siren.data.manifest import Row, child_path, read_captions, read_manifest
-from siren.errors import DataError, ManifestError, SirenError
+from siren.errors import ConfigError, DataError, ManifestError, SirenError
 from siren.lock import LockHeld, hold
 from tests.fixtures_data import Counting, write_wav
 from tests.fixtures_model import demo_codec
@@ -345,6 +345,11 @@ def test_stereo_whose_channels_cancel_is_said_to(tmp_path):
     with pytest.raises(AudioError, match=r"all-silent audio \(peak -inf dBFS < -80 dBFS\); its 2 channels cancel in "
                                          r"the mono mix \(their own peak -\d+\.\d dBFS\): one channel is inverted"):
         load_audio(p)
+    # one quiet channel beside a silent one: the mean is half of it, nothing cancels, nothing is inverted
+    write_wav(p, np.stack([1.4e-4 * np.sign(x), 0 * x], 1), subtype="FLOAT")
+    with pytest.raises(AudioError) as e:
+        load_audio(p)
+    assert str(e.value).endswith("all-silent audio (peak -83.1 dBFS < -80 dBFS)")
 
 
 # ---------------------------------------------------------------- long files: memory bounded by the batch
@@ -973,6 +978,16 @@ def test_a_pretrained_grid_names_missing_weights_before_submitting(tmp_path, mon
     assert "prefetch dac_16khz panns_cnn14_16k roberta_merges roberta_vocab vggish`" in str(e.value)
     assert "clap (" not in str(e.value) and not (tmp_path / "out").exists()
     assert main([*args, "action=status"]) == 0  # status and table need no weights
+    # the metric networks only where the evaluation's metrics= reads them (CLAP's file is the text encoder's)
+    from ablations.grid import load_grid
+    from ablations.plan import cells_of, check_assets, parse
+
+    for name in ("dac_16khz", "roberta_vocab", "roberta_merges"):
+        assets.path(name).parent.mkdir(parents=True, exist_ok=True)
+        assets.path(name).write_bytes(b"x")
+    check_assets(cells_of(load_grid("table6"), parse([*args, "set.eval.metrics=clap"])))
+    with pytest.raises(MissingWeightsError, match=r"2 file\(s\) .*prefetch panns_cnn14_16k vggish`"):
+        check_assets(cells_of(load_grid("table6"), parse(args)))
 
 
 def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
@@ -990,6 +1005,13 @@ def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
     # keys the scale leaves to the stage's own default: spelled out, they made new cells (everything retrained)
     assert ids("set.train.grad_clip=1.0", "set.train.seed=0", "set.eval.candidates=1") == default
     assert ids("set.train.grad_clip=1") == default and ids("set.train.grad_clip=2") != default
+    # ... but a key the grid sets itself is refused at any value (at its stage default it was dropped in silence)
+    from ablations.plan import parse
+
+    with pytest.raises(ConfigError, match=r"eval\.weights: set by the grid for each cell"):
+        ids("set.eval.weights=pretrained")
+    with pytest.raises(ConfigError, match=r"'set\.train\.steps' given twice, as '3' and as '4'"):
+        parse(["grid=table6", f"out={tmp_path}", "set.train.steps=3", "set.train.steps=4"])
     assert ids("set.train.steps=301") != default
 
 

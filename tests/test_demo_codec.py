@@ -361,7 +361,7 @@ def test_recipe_refuses_negative_steps_and_rates():
         recipe.CodecRecipe(ae_lr=0.0)
 
 
-def test_train_command_routes_each_part_its_keys_and_checks_both_before_training(monkeypatch):
+def test_train_command_routes_each_part_its_keys_and_checks_both_before_training(monkeypatch, tmp_path):
     """`python -m siren.demo_assets train codec.K=V backbones.K=V`: every key reaches its builder (none is
     dropped), the backbones train on the codec just built, and a bad key of either part stops it at once."""
     from siren.demo_assets import __main__ as train_all
@@ -377,6 +377,15 @@ def test_train_command_routes_each_part_its_keys_and_checks_both_before_training
     calls.clear()
     train_all.main(["train", "codec.out=/tmp/c.pth", "backbones.out=/tmp/b"])
     assert calls[-1] == ("backbones", ["codec=/tmp/c.pth", "out=/tmp/b"])
+    # backbones.codec= trains them on another codec: it was added after the built one's codec= (a key given twice,
+    # an error once given_once came, after the hour of the codec's build)
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"")
+    train_all.main(["train", "codec.out=/tmp/c.pth", f"backbones.codec={other}"])
+    assert calls[-1] == ("backbones", ["out=/tmp", f"codec={other}"])
+    from siren.config import load_config
+
+    assert load_config(backbones.BuildConfig, calls[-1][1]).codec == str(other)
     calls.clear()
     for args, words in ((["ft_steps=5"], "codec.KEY=VALUE or backbones.KEY=VALUE"),
                         (["codec.ft_steps=-1"], "codec.* keys: ft_steps must be >= 0"),

@@ -827,3 +827,29 @@ def test_a_resume_with_another_micro_or_decode_batch_says_its_numbers_move(stage
     assert any("micro_batch=1, set up with 16: the update's gradients are summed in other groups" in m for m in said)
     assert any("decode_batch=1, set up with 8: the rollouts are decoded and scored in other batches" in m
                for m in said)
+    # what does not move the numbers is not warned of: 16 and 32 both take a step's 8 rollouts at once, and
+    # fixed_prompts without fixed_every measures nothing
+    result, _ = run_align(stage1, tmp_path / "c", *args, reward=SignalAt(CodeMatchReward(0, 0, 256), call=2))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="siren.rl.run_dir"):
+        run_align(stage1, tmp_path / "c", *args, "micro_batch=32", "fixed_prompts=3")
+    assert not caplog.records
+    # fixed_prompts where the fixed-prompt reward is measured (fixed_every > 0): its curve changes prompts
+    fixed = (*args, "fixed_every=10")
+    run_align(stage1, tmp_path / "d", *fixed, reward=SignalAt(CodeMatchReward(0, 0, 256), call=3))
+    with caplog.at_level(logging.WARNING, logger="siren.rl.run_dir"):
+        run_align(stage1, tmp_path / "d", *fixed, "fixed_prompts=3")
+    assert "fixed_prompts=3, set up with 8: the fixed-prompt reward (Figure 5's curve) is measured on another set" \
+        in caplog.text
+
+
+def test_fewer_prompts_than_batch_is_said(tmp_path, caplog):
+    # the stream of permutations fills each batch: some prompts twice in one step, in silence
+    import logging
+
+    (tmp_path / "p.txt").write_text("a dog barks\nrain\n")
+    with caplog.at_level(logging.WARNING, logger="siren.rl.alignment"), pytest.raises(SirenError):
+        alignment.main([f"run_dir={tmp_path / 'none'}", f"out={tmp_path / 'o'}", f"prompts={tmp_path / 'p.txt'}",
+                        "batch=3"])
+    assert "p.txt holds 2 prompt(s), fewer than batch=3: each step's batch holds some of them more than once" \
+        in caplog.text

@@ -121,9 +121,12 @@ def load_audio(path: str | Path, data: bytes | None = None, warn: bool = True) -
     peak = float(np.abs(x).max())
     if peak < SILENCE_PEAK:
         db = "-inf" if peak == 0 else f"{20 * math.log10(peak):.1f}"
-        each = float(np.abs(channels).max())  # channels in antiphase cancel in the mix: a file that plays loud
+        # channels in antiphase cancel in the mix: a file that plays loud. Averaging alone takes the mix down to
+        # 1/C of the loudest channel (one channel, the others silent); "cancel" only far below that
+        each = float(np.abs(channels).max())
+        cancel = channels.ndim == 2 and each >= SILENCE_PEAK and peak * channels.shape[1] < 0.1 * each
         why = (f"; its {channels.shape[1]} channels cancel in the mono mix (their own peak {20 * math.log10(each):.1f}"
-               f" dBFS): one channel is inverted, fix its polarity") if each >= SILENCE_PEAK else ""
+               f" dBFS): one channel is inverted, fix its polarity") if cancel else ""
         raise AudioError(f"{path}: all-silent audio (peak {db} dBFS < {20 * math.log10(SILENCE_PEAK):.0f} dBFS){why}")
     wav = resample(torch.from_numpy(np.ascontiguousarray(x)), sr)
     if warn and wav.shape[-1] < HOP:

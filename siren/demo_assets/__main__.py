@@ -48,8 +48,10 @@ def main(argv: list[str]) -> int:
     codec.run(cfgs["codec"])
     # the backbones train on the codec just built (its out=) and are written beside it, unless backbones.codec= /
     # backbones.out= say otherwise: a scratch build (codec.out=/tmp/c.pth) replaced the committed backbones
-    beside = [] if any(k.startswith("out=") for k in keys["backbones"]) else [f"out={Path(cfgs['codec'].out).parent}"]
-    return backbones.main([f"codec={cfgs['codec'].out}", *beside, *keys["backbones"]])
+    given = {k.split("=", 1)[0] for k in keys["backbones"]}  # a command line gives each key once (given_once)
+    built = [] if "codec" in given else [f"codec={cfgs['codec'].out}"]
+    beside = [] if "out" in given else [f"out={Path(cfgs['codec'].out).parent}"]
+    return backbones.main([*built, *beside, *keys["backbones"]])
 
 
 if __name__ == "__main__":

@@ -90,9 +90,15 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
                               + " (and the paths of out=, run_dir= and prompts=, not what they hold).")
         if saved["config"].get("out") != cfg.out:
             log.info("%s was set up as out=%s; resuming it here", out, saved["config"].get("out"))
-        now = to_dict(cfg)
+        now, rollouts = to_dict(cfg), cfg.batch * cfg.group
+
+        def takes(key: str, value):  # what the value does: a group as large as a step's rollouts is all at once
+            return min(value or rollouts, rollouts) if key in ("micro_batch", "decode_batch") else value
+
         for key, why in CHANGES_THAT_MOVE_NUMBERS.items():
-            if key in saved["config"] and saved["config"][key] != now[key]:
+            if key == "fixed_prompts" and not cfg.fixed_every:  # no fixed-prompt reward is measured
+                continue
+            if key in saved["config"] and takes(key, saved["config"][key]) != takes(key, now[key]):
                 log.warning("%s: %s=%s, set up with %s: %s", out, key, now[key], saved["config"][key], why)
         return
     # what this setup writes before alignment.json: a setup stopped part way leaves only these, and runs again
