@@ -219,7 +219,7 @@ def check_assets(cells: list[Cell]) -> None:
 
     needed = sorted({n for c in cells if c.cfg.get("weights") == "pretrained" for n in pretrained_assets(c.cfg)
                      if n not in METRIC_ASSETS or METRIC_ASSETS[n] & set(steps.metrics_of(c.cfg))})
-    missing = [n for n in needed if not assets.path(n).is_file() or assets.path(n).stat().st_size == 0]
+    missing = [n for n in needed if not assets.present(n)]
     if missing:
         raise MissingWeightsError(
             f"weights=pretrained: {len(missing)} file(s) the jobs read are not in the assets cache "

@@ -11,11 +11,10 @@ metric's: its tables mark that column "reward = metric").
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import MISSING
 from typing import Any, Mapping
 
-from siren.config import ConfigError
+from siren.config import ConfigError, default_of
 from siren.data.demo import N_TEST, N_TRAIN
 from siren.model.config import SCALES as MODEL_PRESETS
 
@@ -111,15 +110,8 @@ def stage_default(key: str) -> Any:
     from siren.train_config import TrainConfig
 
     head, _, rest = key.partition(".")
-    node: Any = {"train": TrainConfig, "rl": AlignConfig, "eval": EvalConfig}.get(head, MISSING)
-    for part in rest.split("."):
-        f = next((f for f in dataclasses.fields(node) if f.name == part), None) if dataclasses.is_dataclass(node) \
-            else None
-        if f is None:
-            return MISSING
-        node = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else MISSING)
-    return node
+    schema = {"train": TrainConfig, "rl": AlignConfig, "eval": EvalConfig}.get(head)
+    return default_of(schema, rest) if schema else MISSING
 
 
 def typed(value: Any, like: Any) -> Any:

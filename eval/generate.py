@@ -181,6 +181,11 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
                                   if candidates > 1 else "generation and decoding")}
 
 
+def not_as_recorded(record: dict, clips: dict[str, Path]) -> list[str]:
+    """The ids of ``clips`` whose file is not the bytes ``record`` (a generation.json) lists for them."""
+    return [i for i, p in clips.items() if record["sha256"].get(i) != sha256_file(p)]
+
+
 def record_card(gen_dir: Path, clips: dict[str, Path]) -> dict:
     """A gen_dir= folder's card entries from the record the harness's generation left there (none for clips made
     otherwise): the run, its weights' hash and the modes of its codec, text encoder and reward; or, where a clip
@@ -190,7 +195,7 @@ def record_card(gen_dir: Path, clips: dict[str, Path]) -> dict:
         return {}
     record = read_json(gen_dir / RECORD, f"delete it if {gen_dir}'s clips were not made by this harness")
     if "sha256" in record:  # a record before 2026-12-06 has none: its clips are taken as found (as check_record)
-        other = [i for i, p in clips.items() if record["sha256"].get(i) != sha256_file(p)]
+        other = not_as_recorded(record, clips)
         if other:
             note = (f"{len(other)} of {len(clips)} clip(s) are not the bytes {RECORD} records (e.g. {other[0]}): "
                     f"replaced or edited since, or not made by {record.get('run_dir')}; its run is not credited")
@@ -234,7 +239,7 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
                         f"position {was[0]} of {was[1]} clip(s) there, at {now[0]} of {now[1]} now, or with other "
                         f"companions: another subset= or order)")
         if "sha256" in record:  # a record before 2026-12-06 has none: its clips are taken as found
-            edited = [i for i, p in existing.items() if record["sha256"].get(i) != sha256_file(p)]
+            edited = not_as_recorded(record, existing)
             if edited:
                 diff.append(f"{len(edited)} clip(s) not the bytes generated (e.g. {existing[edited[0]]}: replaced or "
                             f"edited since, or put there by hand)")

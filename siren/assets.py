@@ -171,10 +171,16 @@ def update_note(name: str, change: Callable[[dict], None]) -> None:
         os.close(fd)  # releases the flock
 
 
+def present(name: str) -> bool:
+    """Whether asset ``name`` is in the cache (a file, not empty)."""
+    p = path(name)
+    return p.is_file() and p.stat().st_size > 0
+
+
 def require(name: str) -> Path:
     """The local file of a pretrained asset, or an error that says how to get it."""
     p = path(name)
-    if not p.is_file() or p.stat().st_size == 0:
+    if not present(name):
         a = ASSETS[name]
         raise MissingWeightsError(
             f"pretrained weights '{a.filename}' ({a.what}) not found at {p}. On a machine with "

@@ -58,6 +58,11 @@ def _structured(schema: type):
     return OmegaConf.structured(schema)
 
 
+def default_of(schema: type, key: str) -> Any:
+    """The default of dotted ``key`` in ``schema`` (``dataclasses.MISSING`` where the schema has no such key)."""
+    return OmegaConf.select(_structured(schema), key) if key in field_paths(schema) else dataclasses.MISSING
+
+
 def _unknown(key: str, valid: Sequence[str]) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
