@@ -14,7 +14,7 @@ from siren.config import to_dict
 from siren.data.stage1 import Stage1Data
 from siren.errors import ConfigError
 from siren.run_dir import check_family
-from siren.train_config import RESUMABLE_CHANGES, Stage1Config, saved_train
+from siren.train_config import FORMER_DEFAULTS, RESUMABLE_CHANGES, Stage1Config, TrainConfig, saved_train
 
 
 def model_entry(cfg: Stage1Config, data: Stage1Data) -> dict:
@@ -60,6 +60,11 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, 
     ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
                       {"model": model_entry(cfg, data), "expert": cfg.expert}, where,
                       fix="Use another run_dir, or set these keys back.")
-    ckpt.check_config({"train": saved_train(last.state)}, {"train": to_dict(cfg.train)}, where,
+    train = saved_train(last.state)
+    former = [f"train.{k}={v}" for k, v in FORMER_DEFAULTS.items()
+              if train.get(k) == v != getattr(cfg.train, k) == getattr(TrainConfig, k)]
+    ckpt.check_config({"train": train}, {"train": to_dict(cfg.train)}, where,
                       ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
-                      fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ".")
+                      fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + "."
+                          + (f" The default changed since this run began: resume it with {' '.join(former)}."
+                             if former else ""))

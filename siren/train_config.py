@@ -34,6 +34,8 @@ def saved_train(state: dict) -> dict:
 # change the loss curve; but another device type can, and a resume on one says so). Every other difference is an
 # error.
 RESUMABLE_CHANGES = ("log_every", "val_every", "val_batches", "ckpt_every", "keep_last", "num_workers", "device")
+# Defaults that changed (key: the former default): a run saved under it resumes with the key given
+FORMER_DEFAULTS = {"weight_decay": 0.1}  # until 2026-12-07; the authors' 0.05 since
 
 
 @dataclass
@@ -44,7 +46,7 @@ class TrainConfig:
     lr: float = 3e-4  # appendix B
     beta1: float = 0.9
     beta2: float = 0.95
-    weight_decay: float = 0.1  # on matrices only (siren.runtime.param_groups)
+    weight_decay: float = 0.05  # the authors' (their training.py); on matrices only (siren.runtime.param_groups)
     warmup_steps: int = 2000  # linear warmup, then the schedule's decay to min_lr at `steps`
     min_lr: float = 3e-5
     # cosine: decay over all steps after warmup | wsd: warmup-stable-decay, lr held until the last

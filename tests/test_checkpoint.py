@@ -169,6 +169,27 @@ def test_checkpoint_saved_before_the_schedule_key_resumes_as_cosine(trained, tmp
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_checkpoint_under_the_former_weight_decay_default_names_the_key_to_resume_with(trained, tmp_path):
+    """train.weight_decay's default was 0.1 until 2026-12-07 (the authors' 0.05 since): a run saved under it is
+    refused on resume with the key that resumes it; given it, it resumes. Another value given is only the diff."""
+    run = copy_at_step_4(trained, tmp_path)
+    state_file = run / "expert_0" / "step_00000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["train"]["weight_decay"] == 0.05  # the default the fixture trained with
+    state["train"]["weight_decay"] = 0.1
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"train.weight_decay=0.1.*train.weight_decay=0.05\. .*default changed"
+                                              r".*resume it with train.weight_decay=0.1\."):
+        train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
+    with pytest.raises(CheckpointError) as e:
+        train(tiny_config(run, "model.distribution=6-2", "train.weight_decay=0.2"), synthetic_data(),
+              handle_signals=False)
+    assert "default changed" not in str(e.value)
+    result = train(tiny_config(run, "model.distribution=6-2", "train.weight_decay=0.1"), synthetic_data(),
+                   handle_signals=False)
+    assert result.status == "finished" and result.step == 8
+
+
 def test_second_expert_with_other_model_rejected_by_run_config(trained, tmp_path):
     run = fresh_copy(trained, tmp_path)
     with pytest.raises(CheckpointError, match=r"config.json.*model.dim=32.*model.dim=48"):

@@ -117,6 +117,19 @@ def test_official_learning_rate_schedule_equals_ours(steps, warmup):
         assert lr_at(s, cfg) == pytest.approx(want, rel=1e-12, abs=1e-15), s
 
 
+def test_official_optimiser_defaults_equal_ours():
+    """AdamW's lr, betas and weight decay: the authors' configure_optimizer defaults are TrainConfig's (the weight
+    decay was 0.1 here until 2026-12-07; scale=demo keeps 0.1, with which its tables were made)."""
+    import inspect
+
+    from siren.train_config import TrainConfig
+
+    want = {k: p.default for k, p in
+            inspect.signature(official().training.Stage1Module.configure_optimizer).parameters.items() if k != "self"}
+    cfg = TrainConfig()
+    assert want == {"learning_rate": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (cfg.beta1, cfg.beta2)}
+
+
 @pytest.mark.parametrize("config, scale", [("siren_1_6b", "isolated-1.6b"), ("siren_3_1b", "isolated-3.1b")])
 def test_official_paper_configs_count_as_our_presets(config, scale):
     """The authors' configs/siren_1_6b.json and siren_3_1b.json, built by their SirenExpert on the meta device,

@@ -67,8 +67,8 @@ def test_cli_composes_model_and_train_config(tmp_path):
 def test_weight_decay_only_on_matrices(arch, no_decay_names):
     cfg = parse(["scale=tiny", "model.distribution=6-2", f"arch={arch}"]).model
     model = Expert(cfg, 1, random_tables())
-    decay, no_decay = param_groups(model, 0.1)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
     names = {id(p): n for n, p in model.named_parameters()}
     assert ids(decay) | ids(no_decay) == set(names) and not ids(decay) & ids(no_decay)
