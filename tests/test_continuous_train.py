@@ -131,6 +131,56 @@ def test_latents_of_a_file_changed_since_prepare_are_refused(tmp_path):
         prepare_latents(tmp_path / "prep", codec, K)
 
 
+def test_damaged_or_missing_latent_files_are_made_again_and_found_before_training(tmp_path, caplog):
+    """A latent, tokens or projection file cut short (a node lost mid-write) or deleted: a re-run of the latents
+    command encodes (or fits) it again, to the same bytes, where it said success and left it; reading one is an
+    error naming it, not a SafetensorError. A test split without its tokens is refused before training (it was
+    found by the final validation, which runs before the last checkpoint: those steps were lost). Splits prepared
+    with other audio settings each get their own (the train split's were applied to both)."""
+    from siren.data.audio import AudioConfig
+    from siren.data.cache import cache_path
+    from siren.data.latents import LatentDataset, prepare_latents, tokens_key
+    from siren.data.prepare import prepare
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_data import tiny_set
+
+    codec = demo_codec()
+    m = tiny_set(tmp_path / "src", n=3)
+    out = tmp_path / "prep"
+    prepare(m, out, codec=codec, text_encoder=TextEncoder(TextConfig(weights="random", seed=0)), split="train",
+            audio=AudioConfig("pad", 0.4), progress=False)
+    proj = prepare_latents(out, codec, K)  # the train split only: the test split is prepared after the latents
+    prepare(m, out, codec=codec, text_encoder=TextEncoder(TextConfig(weights="random", seed=0)), split="test",
+            audio=AudioConfig("pad", 0.2), progress=False)
+    args = (*ARGS, f"data_dir={out}", "codec.weights=demo", "train.steps=2", "train.ckpt_every=2")
+    with pytest.raises(DataError, match=rf"file\(s\) of its test split have no tokens of projection {proj.id}"):
+        train(tiny_config(tmp_path / "run", *args), handle_signals=False)
+    assert not (tmp_path / "run" / "expert_0").exists()  # before the first step
+    assert prepare_latents(out, codec, K).id == proj.id  # the test split's at its own 0.2 s (0.4 s: refused)
+    test = LatentDataset(out, "test", None, 0, proj.id)
+    assert [test.tokens(i).shape[0] for i in range(len(test))] == [10] * len(test)  # 0.2 s at 50 frames/s
+
+    train_ds = LatentDataset(out, "train", None, 0, proj.id)
+    files = {"latent": cache_path(out, "latents", train_ds.items[0]["codes"]),
+             "tokens": cache_path(out, "tokens", tokens_key(train_ds.items[0]["codes"], proj.id)),
+             "projection": out / "latents" / f"projection-{proj.id}.safetensors"}
+    saved = {k: f.read_bytes() for k, f in files.items()}
+    files["tokens"].write_bytes(saved["tokens"][:40])
+    with pytest.raises(DataError, match=rf"{files['tokens'].name}: a damaged or missing cache file"):
+        train_ds.tokens(0)
+    for name, f in files.items():
+        f.write_bytes(saved[name][:40])
+        assert prepare_latents(out, codec, K).id == proj.id, name
+        assert f.read_bytes() == saved[name], name
+    files["projection"].unlink()
+    assert prepare_latents(out, codec, K).id == proj.id and files["projection"].read_bytes() == saved["projection"]
+    assert "a damaged cache entry" in caplog.text
+    # a mistyped data= makes no folder (the fit's lock made <typo>/latents/)
+    with pytest.raises(DataError, match="no prepared train split"):
+        prepare_latents(tmp_path / "typo", codec, K)
+    assert not (tmp_path / "typo").exists()
+
+
 def test_prepared_latents_match_codes_and_train(tmp_path):
     """siren.data.latents on a prepared dir: tokens have the codes' frames and crops, the whitened PCA gives the
     train split's real frames zero mean and unit variance per axis, a re-run encodes nothing, and the one loop
@@ -162,7 +212,8 @@ def test_prepared_latents_match_codes_and_train(tmp_path):
     gone = cache_path(out, "tokens", tokens_key(ds.items[0]["codes"], proj.id))
     saved_tokens = gone.read_bytes()
     gone.unlink()
-    with pytest.raises(DataError, match=rf"no tokens of projection {proj.id} .*siren\.data\.latents data=.* dim={K}$"):
+    with pytest.raises(DataError, match=rf"{gone.name}: a damaged or missing cache file .*siren\.data\.latents data=.* "
+                                        rf"dim={K} again"):
         ds.tokens(0)
     gone.write_bytes(saved_tokens)
     def stamps():  # the data written (the fit's lock file is written by every run)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from siren.codec import CodecConfig
 from siren.data.audio import AudioConfig, load_audio, n_frames, standardize, unpadded
-from siren.data.cache import FORMAT, cache_path, index_path
+from siren.data.cache import FORMAT, cache_path, cached, index_path
 from siren.data.dataset import PreparedDataset, collate, load_index
 from siren.data.index import read_source
 from siren.errors import ConfigError, DataError
@@ -74,15 +74,29 @@ def _train_digest(train: dict[str, dict]) -> str:
     return sha256(json.dumps(train, sort_keys=True))[:16]
 
 
-def _latent(out: Path, key: str) -> torch.Tensor:
+def _read(path: Path, name: str, fix: str) -> torch.Tensor:
+    """Tensor ``name`` of a cache file; a missing or damaged one is a DataError naming it and the fix."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(path)[name]
+    except (SafetensorError, OSError, KeyError) as e:
+        raise DataError(f"{path}: a damaged or missing cache file ({e!r:.80}); {fix}") from None
+
+
+def _again(out: Path, dim: int | str) -> str:
+    return f"run python -m siren.data.latents data={out} dim={dim} again: it encodes damaged files again"
+
+
+def _latent(out: Path, key: str, dim: int) -> torch.Tensor:
     """z [S, 1024, T] of one codes entry, from the cache (``_cache_latent``)."""
-    return load_file(cache_path(out, "latents", key))["z"]
+    return _read(cache_path(out, "latents", key), "z", _again(out, dim))
 
 
 def _cache_latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -> None:
     """Encode one codes entry's z [S, 1024, T] into the cache unless it is there (same items as its codes)."""
     path = cache_path(out, "latents", key)
-    if path.is_file():
+    if cached(path):  # a file cut short is removed (with a warning) and encoded again
         return
     codes_file = cache_path(out, "codes", key)
     with safe_open(codes_file, "pt") as f:  # the file as prepare read it, not as it is now; and its length
@@ -100,6 +114,9 @@ def _cache_latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -
 
 def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) -> LatentProjection:
     """Cache the latents of every split, fit (or reuse) the ``dim``-axis projection, cache the tokens."""
+    if not index_path(out, "train").is_file():  # before the lock, which would make a folder of a mistyped data=
+        raise DataError(f"{out}: no prepared train split to fit the latent projection on ({index_path(out, 'train')} "
+                        f"missing); run siren.data.prepare first")
     # two fits of one width at once could each write their own record (a fit on two threads need not equal one on
     # one): tokens of the one, the pointer of the other
     with hold(projection_path(out, dim).with_suffix(".lock"), f"the latent projection of width {dim}",
@@ -110,27 +127,28 @@ def prepare_latents(out: str | Path, codec, dim: int, progress: bool = False) ->
 def _prepare_latents(out: Path, codec, dim: int, progress: bool) -> LatentProjection:
     from tqdm import tqdm
 
-    splits = [s for s in ("train", "test") if (out / "splits" / f"{s}.json").is_file()]
-    if "train" not in splits:
-        raise DataError(f"{out}: no prepared train split to fit the latent projection on; run siren.data.prepare")
+    splits = [s for s in ("train", "test") if index_path(out, s).is_file()]
     info = load_index(out, "train")
     if info["codec"]["id"] != codec.id:
         raise ConfigError(f"{out} was prepared with codec {info['codec']['id']}, this config builds {codec.id}")
-    audio = AudioConfig(policy=info["audio"]["policy"], duration_s=info["audio"]["duration_s"])
     entries = {s: _entries(out, s) for s in splits}
     # cached first, then read back one file at a time: a paper-scale split's latents (about 2 MB per 10 s
     # clip) do not fit in memory together
-    for s in splits:
+    for s in splits:  # each split read as it was prepared (prepare takes an audio policy per split)
+        policy = load_index(out, s)["audio"]
+        audio = AudioConfig(policy=policy["policy"], duration_s=policy["duration_s"])
         for key, e in tqdm(entries[s].items(), desc=f"latents {s}", disable=not progress, unit="file"):
             _cache_latent(out, key, e, codec, audio)
     pointer = projection_path(out, dim)
     record = _read_pointer(out, dim)
     fitted_on = _train_digest(entries["train"])
-    if record.get("codec") == codec.id and record.get("train") == fitted_on:
+    file = out / "latents" / f"projection-{record.get('id')}.safetensors"
+    if record.get("codec") == codec.id and record.get("train") == fitted_on and cached(file):
         proj = load_projection(out, dim, codec.id)
-    else:  # fitted once per prepared train split and codec (prepared again, from another manifest or with another
+    else:  # also when the record's projection file is missing or damaged: the same fit gives the same file
+  # fitted once per prepared train split and codec (prepared again, from another manifest or with another
         # codec: fitted anew), on the real (unpadded) frames of the train split
-        frames = (z[s, :, :n] for k, e in entries["train"].items() for z in [_latent(out, k)]
+        frames = (z[s, :, :n] for k, e in entries["train"].items() for z in [_latent(out, k, dim)]
                   for s, n in e["real"].items())
         proj = LatentProjection.fit(frames, dim)
         digest = sha256(b"".join(t.contiguous().numpy().tobytes() for t in (proj.mean, proj.basis, proj.scale)))
@@ -142,8 +160,8 @@ def _prepare_latents(out: Path, codec, dim: int, progress: bool) -> LatentProjec
                  100 * proj.explained)
     for key in {k: None for s in splits for k in entries[s]}:
         path = cache_path(out, "tokens", tokens_key(key, proj.id))
-        if not path.is_file():
-            save_tensors(path, {"tokens": proj.encode(_latent(out, key))}, {"projection": proj.id, "codes": key})
+        if not cached(path):
+            save_tensors(path, {"tokens": proj.encode(_latent(out, key, dim))}, {"projection": proj.id, "codes": key})
     return proj
 
 
@@ -162,7 +180,10 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
         raise DataError(f"{pointer}: the projection was fitted on another train split than {out}'s (prepared again "
                         f"since); {fix}")
     pid = record["id"]
-    proj = LatentProjection.load(Path(out) / "latents" / f"projection-{pid}.safetensors")
+    file = Path(out) / "latents" / f"projection-{pid}.safetensors"
+    if not cached(file):
+        raise DataError(f"{pointer}: its projection file {file.name} is missing or damaged; {fix} (it fits it again)")
+    proj = LatentProjection.load(file)
     proj.id = pid
     return proj
 
@@ -177,14 +198,23 @@ class LatentDataset(PreparedDataset):
         super().__init__(prepared_dir, split, crop_s, seed, crop_min_clap)
         self.projection_id = projection_id
 
+    def _path(self, it: dict) -> Path:
+        return cache_path(self.dir, "tokens", tokens_key(it["codes"], self.projection_id))
+
+    def _fix(self) -> str:
+        return _again(self.dir, self.projection_id.split("-")[0].removeprefix("pca"))
+
+    def check_tokens(self, split: str) -> None:
+        """Every item's tokens are there: said before training, not at the batch (or the final validation, before
+        the last checkpoint) that first reads a missing file, losing the steps since the last checkpoint."""
+        missing = [it["id"] for it in {it["codes"]: it for it in self.items}.values() if not self._path(it).is_file()]
+        if missing:
+            raise DataError(f"{self.dir}: {len(missing)} file(s) of its {split} split have no tokens of projection "
+                            f"{self.projection_id} (items {missing[:3]}); {self._fix()}")
+
     def tokens(self, i: int) -> torch.Tensor:
         it = self.items[i]
-        path = cache_path(self.dir, "tokens", tokens_key(it["codes"], self.projection_id))
-        if not path.is_file():
-            width = self.projection_id.split("-")[0].removeprefix("pca")
-            raise DataError(f"{path}: no tokens of projection {self.projection_id} for item {it['id']}; run "
-                            f"python -m siren.data.latents data={self.dir} dim={width}")
-        return load_file(path)["tokens"][it["segment"]]
+        return _read(self._path(it), "tokens", self._fix())[it["segment"]]
 
     def frames(self, i: int) -> torch.Tensor:
         return self.tokens(i)
@@ -219,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(LatentsConfig, cli.start(argv))
     if not cfg.data:
         raise ConfigError("data= (a prepared directory) is required")
-    if index_path(cfg.data, "train").is_file():  # other codec keys than the directory's: named before a build
-        check_keys({"codec": load_index(cfg.data, "train").get("frontends", {}).get("codec")}, {"codec": cfg.codec},
-                   f"{cfg.data} was prepared")
+    if not index_path(cfg.data, "train").is_file():  # said before the codec's build
+        raise DataError(f"data={cfg.data}: no prepared train split ({index_path(cfg.data, 'train')} missing); run "
+                        f"siren.data.prepare first")
+    # other codec keys than the directory's: named before a build
+    check_keys({"codec": load_index(cfg.data, "train").get("frontends", {}).get("codec")}, {"codec": cfg.codec},
+               f"{cfg.data} was prepared")
     proj = prepare_latents(cfg.data, build_codec(cfg.codec, resolve_device(cfg.device)), cfg.dim, progress=True)
     print(json.dumps({"projection": proj.id, "dim": proj.dim}))
     return 0

@@ -56,6 +56,9 @@ class Stage1Data:
         if val is not None and not len(val):  # logged {"val": true, "frames": 0}, no loss, no word
             log.warning("no validation: the test split of %s holds no item", data_dir)
             val = None
+        for name, ds in (("train", train), ("test", val)) if latent_dim else ():
+            if ds is not None:
+                ds.check_tokens(name)
         check_keys({"codec": train.info.get("frontends", {}).get("codec")}, {"codec": codec_cfg},
                    f"{data_dir} was prepared")
         codec = build_codec(codec_cfg)
