@@ -225,13 +225,12 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
     """A table's calibration row, through the same eval protocol as the model rows: ``oracle`` = every
     reference clip resynthesised by the codec (encode -> decode: the codec's upper bound), ``chance`` =
     uniformly random codes of the generation length decoded by the same codec (a floor)."""
-    import soundfile as sf
     import torch
 
     from eval.audiocaps import evaluate_run
-    from eval.generate import RECORD
+    from eval.generate import RECORD, write_clip
     from eval.reference import select
-    from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS, SAMPLE_RATE, CodecConfig
+    from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS, CodecConfig
     from siren.data.audio import load_audio
     from siren.data.manifest import child_path, read_manifest
     from siren.demo_weights import mode_of
@@ -254,7 +253,7 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
         else:
             wav = codec.decode(torch.randint(0, CODEBOOK_SIZE, (1, N_LAYERS, n_frames), generator=g))[0]
         with atomic_path(path) as tmp:
-            sf.write(tmp, wav.float().cpu().numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+            write_clip(tmp, wav.float().cpu().numpy())
     # what made the clips, for their card (eval.generate.record_card): the codec's weights mode
     write_json(gen_dir / RECORD, {"made_by": f"calibration row {kind}", "code_version": code_version(),
                                   "frontends_weights": {"codec": mode_of(codec.weights_label)}})

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import time
 from pathlib import Path
 
-import soundfile as sf
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -42,6 +43,17 @@ COLLAPSE_ITG = 0.5  # a set where at least this fraction of its samples collapse
 
 class CannotGenerate(RuntimeError):
     """The paper's `itg`: the model produced no usable audio; the message says why."""
+
+
+def write_clip(path: str | Path, wav) -> None:
+    """A mono clip [samples] as a 32-bit float WAV at 16 kHz: soundfile's FLOAT subtype's chunks (fmt, fact, data)
+    without the PEAK chunk libsndfile adds, whose time stamp gave the same samples other bytes (and another sha256
+    in the record) on every run."""
+    data = np.ascontiguousarray(np.asarray(wav, dtype=np.float32).reshape(-1), dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, SAMPLE_RATE, 4 * SAMPLE_RATE, 4, 32)  # IEEE float, 1 channel, 4-byte frames
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"fact" + struct.pack("<II", 4, len(data) // 4)
+            + b"data" + struct.pack("<I", len(data)) + data)
+    Path(path).write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
 
 
 def made_with(run_dir: str | Path) -> dict[str, str]:
@@ -157,14 +169,14 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         collapsed.update({ids[i]: int(n) for i, n in zip(rows, batch_collapsed)})
         check_collapse()
         # the batch's clips are recorded before any is renamed into place: a job killed between the two leaves
-        # recorded clips missing (their batch is drawn again whole, to the same bytes), never a clip there
-        # unrecorded. Once per batch: the record holds every clip's hash, and written once per clip it was
-        # rewritten N times over (~110 s for 4.9k clips)
+        # recorded clips missing (their batch is drawn again whole, to the same bytes: write_clip has no time
+        # stamp), never a clip there unrecorded. Once per batch: the record holds every clip's hash, and written
+        # once per clip it was rewritten N times over (~110 s for 4.9k clips)
         fresh = [(i, w) for i, w in zip(rows, best_wav) if not paths[i].is_file()]
         with contextlib.ExitStack() as renames:
             for i, w in fresh:
                 tmp = renames.enter_context(atomic_path(paths[i]))
-                sf.write(tmp, w.numpy(), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+                write_clip(tmp, w.numpy())
                 record["sha256"][ids[i]] = sha256_file(tmp)
             write_json(out_dir / RECORD, record)  # with the collapse counts of this batch, for a resume
         written += len(fresh)

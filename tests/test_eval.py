@@ -566,6 +566,26 @@ def test_fad_of_a_set_of_clips_all_under_one_vggish_example_is_one_error(tmp_pat
         evaluate(cfg)
 
 
+def test_a_generated_clip_is_soundfiles_float_wav_without_its_time_stamped_peak_chunk(tmp_path):
+    """libsndfile's float WAV carries a PEAK chunk with the time of writing: the same samples were other bytes, and
+    another sha256 in generation.json, on every run. The clip is the same file less that chunk, read back exactly."""
+    import io
+
+    from eval.generate import write_clip
+
+    x = np.random.default_rng(0).standard_normal(1600).astype(np.float32)
+    x[3] = 1.7  # past full scale: a float file keeps it
+    write_clip(tmp_path / "a.wav", x)
+    ours, buf = (tmp_path / "a.wav").read_bytes(), io.BytesIO()
+    sf.write(buf, x, 16_000, format="WAV", subtype="FLOAT")
+    theirs = buf.getvalue()
+    at = theirs.index(b"PEAK")
+    less = theirs[:at] + theirs[at + 8 + int.from_bytes(theirs[at + 4:at + 8], "little"):]
+    assert b"PEAK" not in ours and ours == less[:4] + (len(less) - 8).to_bytes(4, "little") + less[8:]
+    y, sr = sf.read(tmp_path / "a.wav", dtype="float32")
+    assert sr == 16_000 and np.array_equal(x, y) and sf.info(tmp_path / "a.wav").subtype == "FLOAT"
+
+
 def test_reject_sampling_keeps_each_captions_best_clap_candidate(tmp_path):
     """candidates=N (the paper's CLAP reject sampling): each caption's clip is, of its N seeded candidates, the one
     the CLAP model scores highest; candidates=1 writes candidate 0. The candidates are drawn here with the
