@@ -3,6 +3,8 @@ folder, CSV writing, and the closing line that says where things went."""
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence, TypeVar
@@ -14,6 +16,7 @@ from siren.io import atomic_path, check_folder, write_json
 from siren.runtime import code_version
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 OUTPUT_ROOT = Path("outputs") / "analysis"
 
@@ -53,6 +56,23 @@ def write_csv(dest: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
     return Path(dest)
 
 
+def remove_stale(folder: Path, written: Sequence[Path]) -> None:
+    """Remove what the folder's previous run wrote (its config.json's "files") and this one did not: a Table 5
+    loss_stats.csv of another run stayed beside this run's curves when this run had none. Nothing else is touched."""
+    try:
+        before = json.loads((folder / "config.json").read_text()).get("files") or []
+    except (OSError, ValueError, AttributeError):  # none (a first run, one before 2026-12-07) or unreadable
+        return
+    now = {p.name for p in written}
+    stale = [folder / n for n in before if isinstance(n, str) and n == Path(n).name and n not in now | {"config.json"}
+             and (folder / n).is_file()]
+    for p in stale:
+        p.unlink()
+    if stale:
+        log.warning("%s: removed %s, written by the previous run into this folder and not by this one",
+                    folder, ", ".join(p.name for p in stale))
+
+
 def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequence[str] | None = None) -> list[Path]:
     """Parse ``argv``, run the probe, write its resolved config beside the outputs, print where. Bad input
     raises a ``SirenError`` naming the key or file and the fix (``command`` turns it into one line)."""
@@ -60,8 +80,10 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
     check_folder(out_dir(getattr(cfg, "out", ""), probe), "out")  # before the probe computes
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
+    remove_stale(folder, written)
     written = [*written, folder / "config.json"]  # the probe's settings and commit: listed with its outputs
-    write_json(written[-1], {"probe": probe, **to_dict(cfg), "code_version": code_version()})
+    write_json(written[-1], {"probe": probe, **to_dict(cfg), "code_version": code_version(),
+                             "files": [p.name for p in written if p.parent == folder]})
     print(f"analysis.{probe}: wrote {len(written)} file{'s' * (len(written) != 1)} to {folder}/")
     for p in written:
         print(f"  {p}")

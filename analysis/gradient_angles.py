@@ -38,7 +38,7 @@ from siren.codec import weights_arg
 from siren.config import check_numbers
 from siren.data import PreparedDataset
 from siren.data.cache import index_path
-from siren.errors import ConfigError, DataError
+from siren.errors import CheckpointError, ConfigError, DataError
 from siren.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,14 @@ def fresh_run(cfg: GradientAnglesConfig, data: Path, folder: Path) -> Path:
             f"train.log_every={max(1, cfg.train_steps // 20)}", f"train.ckpt_every={cfg.train_steps}",
             "train.val_every=0", f"train.crop_s={cfg.crop_s}", f"train.seed={cfg.seed}", "train.num_workers=0",
             f"train.device={cfg.device}"]
-    train.train(train.parse(args), handle_signals=False)
+    cfg_train, earlier = train.parse(args), run_dir.exists()
+    try:
+        train.train(cfg_train, handle_signals=False)
+    except (CheckpointError, ConfigError) as e:  # its fix names siren.train's keys; this probe's are data= and out=
+        if not earlier:
+            raise
+        raise ConfigError(f"{e}\nHere: {run_dir} is this probe's fresh run from an earlier call with other settings "
+                          f"(data= or batch_size=); give another out=, or delete that folder") from None
     return run_dir
 
 

@@ -85,11 +85,14 @@ def weights_modes(run_dir: str | Path) -> dict[str, str] | None:
 
 
 def _run_config(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The run's config.json (None without one); a damaged one is a CheckpointError naming it."""
+    from siren.run_dir import read_run_config
+
+    return read_run_config(run_dir) if (Path(run_dir) / "config.json").is_file() else None
 
 
 def _modes(run_dir: str | Path, cfg: dict) -> dict[str, str]:
+    from siren.checkpoint import read_run_json
     from siren.codec import weights_arg
 
     modes = {}
@@ -98,7 +101,7 @@ def _modes(run_dir: str | Path, cfg: dict) -> dict[str, str]:
         entry = cfg.get(k) if isinstance(cfg.get(k), dict) else {}
         modes[k] = weights_arg((entry.get("config") or {}).get("weights", entry.get("weights", UNRECORDED)))
     align = Path(run_dir) / "alignment.json"
-    reward = ((json.loads(align.read_text()).get("config") or {}).get("reward") or {}) if align.is_file() else {}
+    reward = ((read_run_json(align).get("config") or {}).get("reward") or {}) if align.is_file() else {}
     if reward.get("name"):
         modes[f"reward ({reward['name']})"] = weights_arg(reward.get("weights", "pretrained"))
     return modes

@@ -139,14 +139,17 @@ def plot_matrix(mean: np.ndarray, note: str, title: str = "Mean cosine between R
 def run(cfg: OrthogonalityConfig) -> list:
     if cfg.pool not in POOLS:
         raise ConfigError(f"pool must be one of {', '.join(POOLS)}, got '{cfg.pool}'")
+    splits = as_list(cfg.splits)
+    if not splits or len(set(splits)) < len(splits):  # a split given twice paired clips with their own copies
+        raise ConfigError(f"splits={cfg.splits}: give each prepared split to pool once, e.g. splits=train,test")
     folder = out_dir(cfg.out, "orthogonality")
     data = prepared.resolve(cfg.data, cfg.codec)
     names_, codes = [], []
-    for split in as_list(cfg.splits):
+    for split in splits:
         items = prepared.load(data, split, cfg.max_clips, cfg.seed)
         names_ += items.ids
         codes += items.codes
-    codec = prepared.open_codec(data, as_list(cfg.splits), cfg.codec)
+    codec = prepared.open_codec(data, splits, cfg.codec)
     if cfg.pool == "time":
         feats, names = prepared.pooled_features(codec, codes, cfg.features), names_
     else:

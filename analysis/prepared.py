@@ -53,6 +53,15 @@ class Items:
     def labels(self) -> list[str | None]:
         return [self.dataset.items[i]["label"] for i in self.index]
 
+    def check_sources(self) -> None:
+        """Every item's audio file is there: found before a probe decodes, not at the clip (and after the work) that
+        reads it."""
+        gone = sorted({it["source"] for it in map(self.dataset.items.__getitem__, self.index)
+                       if not Path(it["source"]).is_file()})
+        if gone:
+            raise DataError(f"{self.dataset.dir}: {len(gone)} audio file(s) its items were prepared from are gone "
+                            f"(e.g. {gone[0]}); put them back, or prepare {self.dataset.dir} again")
+
     def waveform(self, n: int) -> torch.Tensor:
         """The audio item ``n`` was encoded from: its source file through the same preprocessing, real samples only."""
         it = self.dataset.items[self.index[n]]

@@ -172,21 +172,27 @@ def run(cfg: RvqDepthConfig) -> list:
     runs, rs = as_list(cfg.gen_runs), int_list(cfg.gen_r, "gen_r")
     if len(runs) != len(rs):
         raise ConfigError(f"gen_runs has {len(runs)} entries but gen_r has {len(rs)}; give one r per run")
+    if any(not 1 <= r <= N_LAYERS for r in rs):  # an r = 0 point was drawn on Fig. 1b
+        raise ConfigError(f"gen_r={cfg.gen_r}: each r must be in 1..{N_LAYERS}")
     gen, missing = [], []  # read before the decoding: a bad results.json is named at once
     for run_dir, r in zip(runs, rs):
         res = read_results(run_dir)
+        if res is None:  # was a warning that the metric was missing, and a figure without the point
+            raise DataError(f"gen_runs: {run_dir} holds no results.json; give the folder (or file) that "
+                            f"eval/audiocaps.py out= wrote")
         made_by = ((res or {}).get("config") or {}).get("ckpt")
         if made_by and r != N_LAYERS:
             raise ConfigError(f"gen_r={r} for {run_dir}: its results.json is an evaluation of the harness run "
                               f"{made_by}, whose models decode all {N_LAYERS} layers. The harness trains "
                               f"{N_LAYERS}-layer models only: give r = {N_LAYERS} for it, and for other r the results "
                               f"of audio generated with r layers elsewhere (eval/audiocaps.py gen_dir=)")
-        v = metric_of(res, cfg.gen_metric.lower()) if res is not None else None
+        v = metric_of(res, cfg.gen_metric.lower())
         (gen.append((r, v, results_weights(res))) if v is not None else missing.append(run_dir))
     if missing:
         log.warning("no '%s' in results.json of %s; left out of the figure", cfg.gen_metric, missing)
     data = prepared.resolve(cfg.data, cfg.codec)
     items = prepared.load(data, cfg.split, cfg.max_clips, cfg.seed)
+    items.check_sources()
     codec = prepared.open_codec(data, [cfg.split], cfg.codec)
     codec.to(resolve_device(cfg.device))
     keep = int(round(cfg.seconds * 50)) if cfg.seconds > 0 else None  # frames (50 per second)

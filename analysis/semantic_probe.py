@@ -120,8 +120,9 @@ def plot_accuracy(acc: dict[int, float], n_classes: int, note: str):
 def run(cfg: SemanticProbeConfig) -> list:
     panels = int_list(cfg.panels, "panels")  # checked before minutes of probing, not after
     bad = [j for j in panels if not 1 <= j <= N_LAYERS]
-    if bad:
-        raise ConfigError(f"panels={cfg.panels}: layers {bad} do not exist (1..{N_LAYERS})")
+    if bad or not panels:
+        raise ConfigError(f"panels={cfg.panels}: give the layers of the Fig. 2c panel, each in 1..{N_LAYERS}"
+                          + (f" ({bad} do not exist)" if bad else ""))
     folder = out_dir(cfg.out, "semantic_probe")
     data = prepared.resolve(cfg.data, cfg.codec)
     train = prepared.load(data, "train", cfg.max_clips, cfg.seed, need_labels=True)

@@ -128,11 +128,34 @@ def _open_file(path: Path) -> Iterator:
         yield f
 
 
-def expert_dirs(run_dir: Path) -> list[Path]:
-    dirs = ckpt.expert_dirs(run_dir)
-    if len(dirs) < 2:
-        raise ConfigError(f"{run_dir}: task vectors compare experts; found {len(dirs)} expert_<k>/ folders "
-                          f"(a 1-12 run has only one)")
+def expert_dirs(run_dir: Path, init: str) -> dict[int, Path]:
+    """expert k -> its folder: every expert of the run's distribution, each finished. A stage-2 folder only with
+    ``init``: its experts' first checkpoints are the stage-1 weights, so its task vectors would be the RL updates."""
+    from siren.model.config import from_saved
+    from siren.run_dir import read_run_config
+
+    shared = read_run_config(run_dir)
+    if shared.get("model", {}).get("family") == "continuous":
+        raise ConfigError(f"{run_dir}: a continuous-family run has one model, no experts to compare")
+    n = from_saved(shared["model"], f"{run_dir / 'config.json'}: model").n_experts
+    if (run_dir / "alignment.json").is_file() and not init:
+        raise ConfigError(f"{run_dir} is a stage-2 run: its experts start from the stage-1 weights, so these task "
+                          f"vectors would be the alignment's updates; run it on the stage-1 run, or give "
+                          f"init=<the shared initial weights (a stage-1 expert's init.safetensors)>")
+    if n < 2:
+        raise ConfigError(f"{run_dir}: task vectors compare experts; its model has {n} (a 1-12 run has only one)")
+    dirs = {k: ckpt.expert_dir(run_dir, k) for k in range(n)}
+    problems = [f"expert {k}: missing ({d} has no checkpoint)" for k, d in dirs.items()
+                if not d.is_dir() or ckpt.latest(d) is None]
+    for k, d in dirs.items():
+        last = None if problems else ckpt.load_latest(d)
+        if last is not None and last.state.get("finished") is False:
+            of = (last.state.get("rl") if last.state.get("stage") == 2 else last.state.get("train")) or {}
+            problems.append(f"expert {k}: unfinished (step {last.step} of {of.get('steps', '?')})")
+    if problems:
+        raise CheckpointError(f"{run_dir}: the paper's task vectors are of the finished experts of one run "
+                              f"(App. D.3):\n  " + "\n  ".join(problems) + "\nTrain (or resume) each of them: "
+                              f"python -m siren.train run_dir={run_dir} expert=K with the run's keys")
     return dirs
 
 
@@ -197,7 +220,8 @@ def run(cfg: TaskVectorsConfig) -> list:
     if not cfg.run:
         raise ConfigError("run=<stage-1 run directory> is required")
     folder = out_dir(cfg.out, "task_vectors")
-    dirs = expert_dirs(Path(cfg.run))
+    experts = expert_dirs(Path(cfg.run), cfg.init)
+    ks, dirs = list(experts), list(experts.values())
     with contextlib.ExitStack() as files:  # every file open tensor by tensor (task_vectors)
         shared = files.enter_context(initial_weights(dirs[0], cfg.init)) if cfg.init else None
         inits, finals, steps, early = [], [], [], []
@@ -222,7 +246,7 @@ def run(cfg: TaskVectorsConfig) -> list:
     values = {m: np.array([cos[m][a, b] for a, b in pairs]) for m in mods}
     reference = {m: float(np.mean([c[m][0, 1] for c in own if m in c])) for m in mods if any(m in c for c in own)}
     prov = provenance(cfg.run)
-    rows = [dict(group=m[0], layer=m[1], module=_label(m), expert_a=a, expert_b=b, cosine=float(cos[m][a, b]),
+    rows = [dict(group=m[0], layer=m[1], module=_label(m), expert_a=ks[a], expert_b=ks[b], cosine=float(cos[m][a, b]),
                  **prov) for m in mods for a, b in pairs]
     summary = [dict(group=m[0], layer=m[1], module=_label(m), mean=float(values[m].mean()),
                     min=float(values[m].min()), q25=float(np.quantile(values[m], 0.25)),

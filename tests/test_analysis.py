@@ -248,9 +248,21 @@ def test_out_of_range_numbers_are_refused_by_key(probe, arg):
 
 
 def test_semantic_probe_refuses_a_panel_past_layer_12_before_probing(tmp_path):
-    with pytest.raises(ConfigError, match=r"panels=1,13: layers \[13\] do not exist"):
+    with pytest.raises(ConfigError, match=r"panels=1,13: give the layers .* each in 1..12 \(\[13\] do not exist\)"):
         probe_main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
                    ["panels=1,13", "data=/nonexistent", f"out={tmp_path}"])  # the data is never opened
+    with pytest.raises(ConfigError, match=r"panels=: give the layers of the Fig. 2c panel"):  # crashed after probing
+        probe_main("semantic_probe", semantic_probe.SemanticProbeConfig, semantic_probe.run,
+                   ["panels=", "data=/nonexistent", f"out={tmp_path}"])
+
+
+@pytest.mark.parametrize("splits", ["", "train,train"])
+def test_orthogonality_refuses_no_split_or_one_given_twice(splits, tmp_path):
+    """splits= was a StopIteration traceback; train,train pooled every clip twice (and could pair a clip with its
+    own copy as the 'other sample' baseline)."""
+    with pytest.raises(ConfigError, match=f"splits={splits}: give each prepared split to pool once"):
+        probe_main("orthogonality", orthogonality.OrthogonalityConfig, orthogonality.run,
+                   [f"splits={splits}", "data=/nonexistent", f"out={tmp_path}"])
 
 
 def test_corrupt_log_line_is_named(tmp_path):
@@ -281,6 +293,13 @@ def test_rvq_depth_reads_generation_fd_by_default(tmp_path, caplog):
                                           r"run runs/x, whose models decode all 12 layers"):
         rvq_depth.run(rvq_depth.RvqDepthConfig(data=str(tmp_path / "none"), gen_runs=str(tmp_path / "run"),
                                                gen_r="4", out=str(tmp_path / "out")))
+    # a mistyped run was a warning ("no 'fd' in results.json") and a figure without it; r = 0 was drawn at 0
+    with pytest.raises(DataError, match=r"gen_runs: .*nowhere holds no results.json"):
+        rvq_depth.run(rvq_depth.RvqDepthConfig(data=str(tmp_path / "none"), gen_runs=str(tmp_path / "nowhere"),
+                                               gen_r="12", out=str(tmp_path / "out")))
+    with pytest.raises(ConfigError, match=r"gen_r=0: each r must be in 1..12"):
+        rvq_depth.run(rvq_depth.RvqDepthConfig(data=str(tmp_path / "none"), gen_runs=str(tmp_path / "run"),
+                                               gen_r="0", out=str(tmp_path / "out")))
 
 
 def test_probe_commands_run_under_the_one_shell(tmp_path):
@@ -568,6 +587,26 @@ def test_rvq_depth_refuses_audio_changed_since_prepare(demo):
         items.waveform(0)
 
 
+def test_rvq_depth_refuses_a_moved_source_before_decoding(demo, tmp_path, monkeypatch):
+    """A source file moved since prepare was a FileNotFoundError traceback at its clip, the clips decoded before it
+    lost; now one error naming it before any decoding."""
+    from analysis import prepared
+
+    items = prepared.load(demo, "test")
+    src = Path(items.dataset.items[items.index[-1]]["source"])
+    decoded = []
+    monkeypatch.setattr(rvq_depth, "decode_depths", lambda *a: decoded.append(1))
+    moved = src.rename(src.with_suffix(".moved"))
+    try:
+        with pytest.raises(DataError, match=rf"1 audio file\(s\) its items were prepared from are gone \(e.g. {src}\)"):
+            rvq_depth.run(rvq_depth.RvqDepthConfig(data=str(demo), out=str(tmp_path / "d"), depths="[1,12]"))
+        with pytest.raises(DataError, match=rf"{src}: the audio prepare encoded cannot be read .*put it back"):
+            items.waveform(len(items.index) - 1)
+    finally:
+        moved.rename(src)
+    assert not decoded
+
+
 def test_depth_change_is_paired_per_clip():
     # clip a improves a lot, b a little, c gets worse: the change is per clip, not of the means
     rows = [dict(id=i, r=r, lsd_db=v, mel_l1=v, si_snr_db=-v)
@@ -669,6 +708,54 @@ def test_convergence_command_on_a_trained_run(run_6_2, tmp_path, figure_texts, c
     assert stats["loss_ratio"] == pytest.approx(last[12] / last[1])
     assert stats["loss_mean"] == pytest.approx(np.mean(list(last.values())))
     assert pd.read_csv(out / "loss_stats.csv")["loss_mean"][0] == pytest.approx(stats["loss_mean"])
+
+
+def test_convergence_leaves_no_other_runs_table5_numbers_in_its_folder(run_6_2, tmp_path, caplog):
+    """A second run into the same out= (every run's default is outputs/analysis/convergence) that computes no Table
+    5 numbers left the first run's loss_stats.csv beside its curves; a damaged config.json was a JSONDecodeError."""
+    out, unfinished = tmp_path / "conv", shutil.copytree(run_6_2, tmp_path / "unfinished")
+    state = unfinished / "expert_3" / "step_00000003" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "finished": False}))
+    probe_main("convergence", convergence.ConvergenceConfig, convergence.run, [f"run={run_6_2}", f"out={out}"])
+    assert (out / "loss_stats.csv").is_file() and (out / "curves.csv").is_file()
+    mine = out / "notes.txt"  # a file of the user's: never touched
+    mine.write_text("mine")
+    with caplog.at_level(logging.WARNING):
+        written = probe_main("convergence", convergence.ConvergenceConfig, convergence.run,
+                             [f"run={unfinished}", f"out={out}"])
+    assert "no Table 5 numbers" in caplog.text and "removed loss_stats.csv, written by the previous run" in caplog.text
+    assert not (out / "loss_stats.csv").exists() and mine.read_text() == "mine"
+    assert {p.name for p in written} == set(json.loads((out / "config.json").read_text())["files"])
+    (unfinished / "config.json").write_text('{"model": ')
+    with pytest.raises(Exception, match=r"corrupt checkpoint file .*unfinished/config.json") as e:
+        probe_main("convergence", convergence.ConvergenceConfig, convergence.run, [f"run={unfinished}", f"out={out}"])
+    assert not isinstance(e.value, json.JSONDecodeError)
+
+
+def test_task_vectors_refuses_unfinished_missing_or_stage2_experts(run_6_2, tmp_path):
+    """App. D.3's task vectors are of one run's finished experts from their shared initialisation: an unfinished
+    expert was mixed in, missing ones skipped (and the rest numbered by position in pairs.csv), and a stage-2
+    folder's RL updates reported as task vectors."""
+    def tv(run, *extra):
+        return probe_main("task_vectors", task_vectors.TaskVectorsConfig, task_vectors.run,
+                          [f"run={run}", f"out={tmp_path / 'tv'}", *extra])
+
+    run = shutil.copytree(run_6_2, tmp_path / "run")
+    state = run / "expert_3" / "step_00000003" / "state.json"
+    saved = state.read_text()
+    state.write_text(json.dumps({**json.loads(saved), "finished": False}))
+    with pytest.raises(Exception, match=r"finished experts of one run .*\n  expert 3: unfinished \(step 3 of 3\)"):
+        tv(run)
+    state.write_text(saved)
+    shutil.rmtree(run / "expert_1")
+    with pytest.raises(Exception, match=r"expert 1: missing"):
+        tv(run)
+    shutil.copytree(run_6_2 / "expert_1", run / "expert_1")
+    (run / "alignment.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"is a stage-2 run: .* give init="):
+        tv(run)
+    tv(run, f"init={run / 'expert_0' / 'init.safetensors'}")  # with the shared initialisation it runs
+    assert set(pd.read_csv(tmp_path / "tv" / "pairs.csv")["expert_b"]) == {1, 2, 3, 4, 5}
 
 
 def test_task_vectors_command_on_a_trained_run(run_6_2, tmp_path, figure_texts):

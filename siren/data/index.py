@@ -137,7 +137,11 @@ def clips_shared_with_training(out: str | Path, test: dict[str, dict]) -> list[t
 def read_source(path: str | Path, recorded: str | None, fix: str) -> bytes:
     """A prepared item's audio file, read once, its bytes checked against the sha256 prepare recorded (None: not
     recorded, unchecked): a file replaced under the same path would be read as the audio its codes came from."""
-    data = Path(path).read_bytes()
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:  # moved or deleted since prepare: named, not a traceback
+        raise DataError(f"{path}: the audio prepare encoded cannot be read ({e.strerror or e}); put it back, or "
+                        f"{fix}") from None
     if recorded and sha256(data) != recorded:
         raise DataError(f"{path}: changed since prepare encoded it (its sha256 is not the one prepare recorded); {fix}")
     return data
