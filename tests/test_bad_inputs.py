@@ -1136,6 +1136,7 @@ def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_whi
     a batch's clips are recorded first, then renamed into place, so a kill while writing them leaves none."""
     import soundfile as sf
 
+    from eval import generate as generate_module
     from eval.generate import generate_set
     from siren.config import to_dict
     from siren.errors import ConfigError
@@ -1154,7 +1155,7 @@ def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_whi
     with pytest.raises(ConfigError, match=r"1 clip\(s\) made in another batch of the set \(e.g. b: in the batch at "
                                           r"position 0 of 1 clip\(s\) there, at 0 of 2 now"):
         generate(tmp_path / "sub", ["a", "b"], ["a dog barks", "rain"])
-    real, calls = sf.write, []
+    real, calls = generate_module.write_clip, []
 
     def killed_at_the_second_clip(path, *args, **kw):
         calls.append(path)
@@ -1162,13 +1163,14 @@ def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_whi
             raise KeyboardInterrupt
         return real(path, *args, **kw)
 
-    with mock.patch("eval.generate.sf.write", killed_at_the_second_clip), pytest.raises(KeyboardInterrupt):
+    with mock.patch("eval.generate.write_clip", killed_at_the_second_clip), pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "gen", ["a", "b"], ["a dog barks", "rain"])
     assert not list((tmp_path / "gen").glob("*.wav")) and not list((tmp_path / "gen").glob(".*.tmp"))
     assert generate(tmp_path / "gen", ["a", "b"], ["a dog barks", "rain"])["generated_now"] == 2
     whole = tmp_path / "whole"
     generate(whole, ["a", "b"], ["a dog barks", "rain"])
-    # the uninterrupted clip's samples (a float WAV's PEAK chunk holds the time it was written)
+    # the uninterrupted clip, byte for byte (libsndfile's float WAV had a PEAK chunk holding the time it was written)
+    assert (whole / "b.wav").read_bytes() == (tmp_path / "gen" / "b.wav").read_bytes()
     assert np.array_equal(sf.read(whole / "b.wav")[0], sf.read(tmp_path / "gen" / "b.wav")[0])
 
 
