@@ -97,13 +97,15 @@ def _modes(run_dir: str | Path, cfg: dict) -> dict[str, str]:
 
     modes = {}
     for k in ("codec", "text"):
-        # the mode sits in config.weights; the top-level "weights" is a label ("demo" or DEMO_LABEL)
+        # what was loaded: the top-level "weights" label ("pretrained" only for the published file, "file <path>"
+        # for another one at its place); config.weights is what was asked (a run recorded before labels: that)
         entry = cfg.get(k) if isinstance(cfg.get(k), dict) else {}
-        modes[k] = weights_arg((entry.get("config") or {}).get("weights", entry.get("weights", UNRECORDED)))
-    align = Path(run_dir) / "alignment.json"
-    reward = ((read_run_json(align).get("config") or {}).get("reward") or {}) if align.is_file() else {}
+        modes[k] = weights_arg(entry.get("weights", (entry.get("config") or {}).get("weights", UNRECORDED)))
+    align = read_run_json(Path(run_dir) / "alignment.json") if (Path(run_dir) / "alignment.json").is_file() else {}
+    reward = (align.get("config") or {}).get("reward") or {}
     if reward.get("name"):
-        modes[f"reward ({reward['name']})"] = weights_arg(reward.get("weights", "pretrained"))
+        label = (align.get("weights_labels") or {}).get("reward", reward.get("weights", "pretrained"))
+        modes[f"reward ({reward['name']})"] = weights_arg(label)
     return modes
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 from importlib import metadata
 
 from siren.runtime import code_version
@@ -107,10 +108,18 @@ def build(backbone_cards: dict[str, dict], audio: dict, metrics: dict, reference
 
 
 def banner(label: str) -> str:
-    """What a card or table with weights ``label`` (not pretrained) must say about its numbers."""
+    """What a card or table with weights ``label`` (not pretrained) must say about its numbers: decided by each
+    part's mode (``weights_label``), not by words inside a path ("file /x/randomized/clap.pt" is not RANDOM)."""
     from siren.assets import FILE_LABEL
+    from siren.demo_weights import LABEL
 
-    return RANDOM_BANNER if "random" in label else FILE_BANNER if FILE_LABEL in label else DEMO_BANNER
+    parts = [label] if not label.startswith("mixed: ") else \
+        [p.split("=", 1)[1] for p in re.split(r", (?=[a-z_ ]+=)", label[len("mixed: "):])]
+    if "random" in parts:
+        return RANDOM_BANNER
+    said = [FILE_BANNER] * any(p.startswith(FILE_LABEL) for p in parts) + [DEMO_BANNER] * any(
+        p in ("demo", LABEL) for p in parts)
+    return "; ".join(said) or DEMO_BANNER
 
 
 def is_random(card: dict) -> bool:

@@ -347,6 +347,15 @@ def test_weights_note_says_demo_weights_once_per_model(tmp_path):
     del cfg["text"]  # a run config without the text encoder's entry: not taken for pretrained
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert "text: weights not recorded by the run" in weights_note(tmp_path)
+    # asked for pretrained, loaded another file put at its place: the run records the file's label, and the note
+    # said "pretrained codec weights" (config.weights, what was asked); the reward's recorded label likewise
+    cfg["codec"] = {**cfg["codec"], "weights": "file /x/weights_16khz.pth", "config": {"weights": "pretrained"}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    labels = {"reward": "file /x/clap.pt", "text": "random", "codec": "file /x/weights_16khz.pth"}
+    (tmp_path / "alignment.json").write_text(json.dumps({"config": {"reward": reward}, "weights_labels": labels}))
+    note = weights_note(tmp_path)
+    assert "codec: weights from /x/weights_16khz.pth" in note and "reward (clap): weights from /x/clap.pt" in note
+    assert "pretrained" not in note
 
 
 # ---------------------------------------------------------------------------- task vectors

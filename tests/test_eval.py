@@ -692,6 +692,15 @@ def test_a_card_with_a_codec_given_by_path_says_so_not_demo_or_pretrained():
     assert weights_phrase("codec", "file /x/dac.pth") == weights_phrase("codec", "/x/dac.pth") == \
         "codec: weights from /x/dac.pth"
     assert weights_phrase("text", "random") == "RANDOM text weights"
+    # the banner comes from each part's mode, not from words in the label: a path with "random" in it was the
+    # RANDOM banner; demo metrics beside a file codec said only the file's
+    from eval.card import DEMO_BANNER, RANDOM_BANNER, banner
+
+    assert banner("file /home/u/randomized_trials/clap.pt") == FILE_BANNER
+    assert banner("mixed: fd_kl_is=pretrained, generation text=file /scratch/randomx/clap.pt") == FILE_BANNER
+    assert banner("mixed: fd_kl_is=demo, generation codec=file /x/dac.pth") == f"{FILE_BANNER}; {DEMO_BANNER}"
+    assert banner("mixed: fd_kl_is=demo, generation text=random") == RANDOM_BANNER
+    assert banner("demo") == DEMO_BANNER and banner("random") == RANDOM_BANNER
 
 
 def test_the_readmes_python_snippet_generates_audio(tmp_path):
