@@ -276,6 +276,29 @@ def test_check_command_refuses_what_it_would_not_measure(arg, match):
         load_config(CheckConfig, [arg])
 
 
+def test_a_rebuild_writes_the_same_file_and_a_bad_out_is_refused_before_training(tmp_path):
+    """The builder wrote its wall and CPU seconds into the file's header: the same tensors rebuilt were another
+    file (another sha256: every demo cell's id and embedding-cache key). And out= (a file, for the backbones; a
+    folder, for the codec) failed at the write, after the training: now when the keys are read."""
+    from siren.config import load_config
+    from siren.demo_assets.backbones import BuildConfig, build
+    from siren.demo_assets.codec import CodecRecipe
+    from siren.errors import ConfigError
+
+    args = dict(only="vggish", codec="none", n_train=1, n_test=1, vggish_steps=2, threads=1)
+    reports = [build(BuildConfig(out=str(tmp_path / d), **args)) for d in ("a", "b")]
+    name = demo_weights.DEMO_FILES["vggish"]
+    assert sha256_file(tmp_path / "a" / name) == sha256_file(tmp_path / "b" / name)
+    assert "seconds" in reports[0]["vggish"] and "seconds" not in demo_weights.header(tmp_path / "a" / name)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"out=.*afile: .*afile is a file, not a folder"):
+        load_config(BuildConfig, [f"out={tmp_path / 'afile'}", "codec=none"])
+    with pytest.raises(ConfigError, match=r"out=.*a is a folder; give the path of the DAC file"):
+        load_config(CodecRecipe, [f"out={tmp_path / 'a'}"])
+    with pytest.raises(ConfigError, match=r"afile is a file, not a folder"):
+        load_config(CodecRecipe, [f"out={tmp_path / 'afile' / 'c.pth'}"])
+
+
 # ------------------------------------------------------------------------------------------- committed files
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ from siren.demo_assets.data import Split, demo_data
 from siren.demo_assets.fit import _batches, fit
 from siren.demo_assets.resume import machine
 from siren.errors import ConfigError
-from siren.io import sha256_file
+from siren.io import check_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,7 @@ class BuildConfig:
             self.codec = str(DEMO_FILE) if DEMO_FILE.is_file() else "none"
         if self.codec != "none" and not Path(self.codec).is_file():
             raise ConfigError(f"codec={self.codec}: no such file (give a DAC file, auto or none)")
+        check_folder(self.out, "out")  # before the training: a file there failed at the end
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -286,14 +287,15 @@ def build(cfg: BuildConfig) -> dict:
             recipe, asset, make, kw = parts[name]
             t, c = time.perf_counter(), time.process_time()
             trained, meta = recipe(data, seed=cfg.seed, **kw)
-            meta.update(seconds=round(time.perf_counter() - t, 1), cpu_seconds=round(time.process_time() - c, 1),
-                        codec=report["codec"], codec_sha256=report["codec_sha256"],
+            meta.update(codec=report["codec"], codec_sha256=report["codec_sha256"],
                         n_train=cfg.n_train, n_test=cfg.n_test, threads=cfg.threads, **machine())
             path = Path(cfg.out) / demo_weights.DEMO_FILES[asset]
             demo_weights.save(path, demo_weights.seeded(cfg.seed, make), trained, cfg.seed, meta)
-            meta["file_bytes"] = path.stat().st_size
-            report[name] = meta
-            log.info("%s: %s", name, json.dumps(meta))
+            # the times are reported, not written into the file: the same tensors give the same bytes (the file's
+            # sha256 is part of every demo cell's id and embedding-cache key)
+            report[name] = {**meta, "seconds": round(time.perf_counter() - t, 1),
+                            "cpu_seconds": round(time.process_time() - c, 1), "file_bytes": path.stat().st_size}
+            log.info("%s: %s", name, json.dumps(report[name]))
     return report
 
 

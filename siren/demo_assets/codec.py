@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, HOP, N_LAYERS, SAMPLE_RATE
 from siren.config import check_numbers, load_config
 from siren.errors import ConfigError
-from siren.io import atomic_path, sha256_file
+from siren.io import atomic_path, check_folder, sha256_file
 from siren.runtime import check_device, derive_seed, resolve_device
 
 from .resume import Checkpoint, finished, machine, run_steps, stage_key, work_dir
@@ -117,6 +117,9 @@ class CodecRecipe:
             raise ConfigError("init_stage=3 keeps every stage the file has and decay_steps=0 skips stage 4: "
                               "nothing would train; give decay_steps > 0")
         check_device(self.device)
+        check_folder(Path(self.out).parent, "out")  # before the stages: a bad out= failed after all four
+        if Path(self.out).is_dir():
+            raise ConfigError(f"out={self.out} is a folder; give the path of the DAC file to write (a .pth)")
         if self.segment_s * SAMPLE_RATE < 4 * HOP:
             raise ConfigError(f"segment_s={self.segment_s}: crops need at least {4 * HOP / SAMPLE_RATE} s")
 
