@@ -265,7 +265,8 @@ def test_audioset_targets_are_distinct_named_classes():
 
 
 @pytest.mark.parametrize("arg, match", [("only=frob", r"unknown \['frob'\]"), ("only=fd,", r"unknown \[''\]"),
-                                        ("per_half=0", "per_half must be > 0"), ("per_half=11", "at most 10")])
+                                        ("per_half=0", "per_half must be > 0"), ("per_half=11", "at most 10"),
+                                        ("codec=/nonexistent.pth", "codec=/nonexistent.pth: no such file")])
 def test_check_command_refuses_what_it_would_not_measure(arg, match):
     """``only=frob`` measured none of fd, fad and clap and said nothing: it is refused, by key, before any work."""
     from siren.config import load_config

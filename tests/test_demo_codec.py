@@ -239,6 +239,15 @@ def test_another_recipes_stage_file_or_checkpoint_is_redone_not_used(tmp_path, c
     assert Checkpoint(tmp_path / "s1.ckpt", stage_key(recipe.CodecRecipe(ae_steps=5), 1), 2).restore(
         model, opt, sched, gen) == (0, [])
     assert "another recipe's checkpoint" in caplog.text
+    # cut short by a host crash (written atomically, not durably): a torch traceback; now redone with a warning
+    path.write_bytes(path.read_bytes()[:100])
+    (tmp_path / "s1.ckpt").write_bytes(b"")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert not finished(path, stage_key(cfg, 2))
+        assert Checkpoint(tmp_path / "s1.ckpt", stage_key(cfg, 1), 2).restore(model, opt, sched, gen) == (0, [])
+    assert "stage2.pth: not a readable torch file" in caplog.text and "redoing the stage" in caplog.text
+    assert "s1.ckpt: not a readable torch file" in caplog.text and "the stage starts afresh" in caplog.text
 
 
 def test_the_machine_kind_names_an_apple_cpu_without_proc_cpuinfo(monkeypatch):

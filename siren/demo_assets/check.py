@@ -100,6 +100,8 @@ class CheckConfig:
         bad = set(self.only.split(",")) - {"fd", "fad", "clap"}
         if bad:
             raise ConfigError(f"only={self.only}: unknown {sorted(bad)}; give some of fd,fad,clap")
+        if self.codec not in ("auto", "none") and not Path(self.codec).is_file():  # found after the demo set was made
+            raise ConfigError(f"codec={self.codec}: no such file (give a DAC file, auto or none)")
 
 
 def main(argv: list[str] | None = None) -> int:

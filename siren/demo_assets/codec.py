@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from siren.codec import CODEBOOK_DIM, CODEBOOK_SIZE, DEMO_FILE, DEMO_LABEL, HOP, N_LAYERS, SAMPLE_RATE
 from siren.config import check_numbers, load_config
 from siren.errors import ConfigError
-from siren.io import atomic_path, check_folder, sha256_file
+from siren.io import atomic_path, check_folder, load_torch_file, sha256_file
 from siren.runtime import check_device, derive_seed, resolve_device
 
 from .resume import Checkpoint, finished, machine, run_steps, stage_key, work_dir
@@ -345,7 +345,7 @@ def load_init(path: Path, stage: int):
 
 def init_record(path: Path, stage: int) -> dict:
     """What a file built on ``path`` records about it (``metadata.init_from``)."""
-    meta = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {})
+    meta = load_torch_file(path).get("metadata", {})
     # files built before stage 4 existed name their init "stages_1_2_from"
     return {"sha256": sha256_file(path), "stages_kept": list(range(1, stage + 1)), "recipe": meta.get("recipe"),
             "init_from": meta.get("init_from", meta.get("stages_1_2_from"))}

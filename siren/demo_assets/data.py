@@ -7,7 +7,6 @@ file is given, each training clip is also encoded and decoded through it and bot
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,25 +60,11 @@ def read_split(root: Path, split: str) -> Split:
 
 
 def load_codec(path: Path):
-    """The demo codec as a ``dac.DAC`` built from the kwargs its file records (DAC's own save layout:
-    {"state_dict", "metadata": {"kwargs"}}, read with weights_only=True), in eval mode."""
-    import dac
+    """The DAC of a codec file (siren.codec.load_dac: its recorded kwargs, weights_only=True; a file it cannot read is
+    an error naming it), in eval mode."""
+    from siren.codec import load_dac
 
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), "pt") as f:
-            kwargs = json.loads((f.metadata() or {}).get("kwargs", "{}"))
-        state = load_file(str(path))
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        kwargs, state = ckpt.get("metadata", {}).get("kwargs", {}), ckpt["state_dict"]
-    if not kwargs:
-        raise ValueError(f"{path}: no DAC kwargs in its metadata, cannot build the codec")
-    net = dac.DAC(**kwargs)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
-    return net.eval().requires_grad_(False)
+    return load_dac(path)[0].eval().requires_grad_(False)
 
 
 @torch.no_grad()

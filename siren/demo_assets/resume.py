@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from siren.io import atomic_path
+from siren.errors import CheckpointError
+from siren.io import atomic_path, load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ def finished(path: Path, key: dict) -> bool:
     """Whether ``path`` is a stage file this run would write (its metadata's ``build_key``)."""
     if not path.is_file():
         return False
-    found = torch.load(path, map_location="cpu", weights_only=True).get("metadata", {}).get("build_key")
+    try:
+        found = load_torch_file(path).get("metadata", {}).get("build_key")
+    except CheckpointError as e:  # cut short by a crash (its write is atomic, not durable): done again
+        log.warning("stage %d: %s; redoing the stage", key["stage"], e)
+        return False
     if found == key:
         log.info("stage %d: kept %s, written by an earlier run of this recipe", key["stage"], path)
         return True
@@ -88,7 +93,11 @@ class Checkpoint:
     def restore(self, model, opt, sched, gen: torch.Generator) -> tuple[int, list[float]]:
         if not self.path.is_file():
             return 0, []
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = load_torch_file(self.path)
+        except CheckpointError as e:
+            log.warning("stage %d: %s; the stage starts afresh", self.key["stage"], e)
+            return 0, []
         if state.get("key") != self.key:
             log.warning("%s is another recipe's checkpoint (%s, this run %s); the stage starts afresh",
                         self.path, state.get("key"), self.key)
