@@ -170,18 +170,26 @@ def save(path: Path, base: nn.Module, trained: dict[str, torch.Tensor], seed: in
     save_tensors(path, trained, header)
 
 
+def damaged(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path}: a damaged demo weights file ({str(e)[:120]}); restore it (`git checkout -- "
+                           f"{path}` in a clone, or reinstall) or rebuild it with `{REBUILD}`")
+
+
 def header(path: Path, data: bytes | None = None) -> dict:
     """The file's metadata, checked to be a demo weights file's (from ``data``, the file's bytes, when read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    if data is not None:  # safetensors: an 8-byte little-endian length, then the JSON header
-        head = dict(json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {})
-    elif not path.is_file():
+    if data is None and not path.is_file():
         raise MissingWeightsError(f"demo weights file {path} is missing: it is part of the package "
                                   f"(reinstall, or rebuild it with `{REBUILD}`)")
-    else:
-        with safe_open(str(path), "pt") as f:
-            head = dict(f.metadata() or {})
+    try:
+        if data is not None:  # safetensors: an 8-byte little-endian length, then the JSON header
+            head = dict(json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {})
+        else:
+            with safe_open(str(path), "pt") as f:
+                head = dict(f.metadata() or {})
+    except (SafetensorError, ValueError, AttributeError) as e:  # cut short, or not safetensors
+        raise damaged(path, e) from None
     if head.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a demo weights file (format {head.get('format')!r}, "
                               f"expected {FORMAT!r}); rebuild it with `{REBUILD}`")
@@ -257,13 +265,17 @@ def _check_codec(path: Path, head: dict) -> None:
 
 
 def _load(path: Path, make: Callable[[], nn.Module], sha256: str | None) -> tuple[nn.Module, str]:
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     data, sha256 = load_hashed(path, lambda f: f.read(), sha256)  # the tensors loaded are the ones hashed
     head = header(path, data)
     _check_codec(path, head)
     net = _seeded(int(head["base_seed"]), make)
-    trained = load(data)
+    try:
+        trained = load(data)
+    except (SafetensorError, ValueError) as e:
+        raise damaged(path, e) from None
     full = net.state_dict()
     unknown = sorted(set(trained) - set(full))
     if unknown:
@@ -287,5 +299,8 @@ def _load(path: Path, make: Callable[[], nn.Module], sha256: str | None) -> tupl
                 "it%s", path.name, "its fingerprint and every tensor's moments" if "base_moments" in head
                 else "its fingerprint (16 values a tensor; the file records no moments)", worst,
                 "" if first else " (warned of once in this assets cache: the same regenerated tensors as then)")
-    net.load_state_dict({**full, **{k: v.to(full[k].dtype) for k, v in trained.items()}}, strict=True)
+    try:
+        net.load_state_dict({**full, **{k: v.to(full[k].dtype) for k, v in trained.items()}}, strict=True)
+    except RuntimeError as e:  # a tensor of another shape
+        raise damaged(path, e) from None
     return net, sha256

@@ -45,6 +45,17 @@ def test_overlay_round_trip_and_hash_check(tmp_path, fresh_builds):
             lambda m: nn.init.zeros_(m.weight) if isinstance(m, nn.Linear) else None))
     with pytest.raises(MissingWeightsError, match="rebuild"):
         demo_weights.load(tmp_path / "absent.safetensors", _mlp)
+    # a file cut short, or a trained tensor of another shape: a SafetensorError / RuntimeError traceback
+    good = path.read_bytes()
+    path.write_bytes(good[:60])
+    with pytest.raises(CheckpointError, match=r"m.safetensors: a damaged demo weights file .*restore it"):
+        demo_weights.load(path, _mlp)
+    path.write_bytes(good[:-8])
+    with pytest.raises(CheckpointError, match=r"m.safetensors: a damaged demo weights file"):
+        demo_weights.load(path, _mlp)
+    demo_weights.save(path, base, {"2.bias": torch.randn(4)}, seed=3, meta={"x": 1})
+    with pytest.raises(CheckpointError, match=r"m.safetensors: a damaged demo weights file \(Error\(s\) in loading"):
+        demo_weights.load(path, _mlp)
 
 
 def test_the_same_training_writes_the_same_file_in_any_process(tmp_path):
