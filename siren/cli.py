@@ -13,6 +13,7 @@ import errno
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable, Mapping, NoReturn, Sequence
 
 from siren.errors import SirenError
@@ -83,6 +84,19 @@ def help_text(schema: type | None, doc: str | None, presets: Mapping[str, Mappin
     return "\n".join(lines).strip() + "\n"
 
 
+def folder_keys(filename) -> str:
+    """Which setting moves the write that failed: the assets cache's is not out= (SIREN_CACHE, or an evaluation's
+    cache_dir= / cache=false), every other the command's out=."""
+    from siren.assets import cache_dir
+
+    try:
+        cached = filename is not None and Path(filename).resolve().is_relative_to(cache_dir().resolve())
+    except (OSError, ValueError, TypeError):
+        cached = False
+    return (f" (the assets cache {cache_dir()}: set SIREN_CACHE=, or for an evaluation's embeddings cache_dir= or "
+            f"cache=false)" if cached else " (out=...)")
+
+
 def run(main: Callable[[list[str]], int | None], schema: type | None = None, doc: str | None = None,
         argv: Sequence[str] | None = None, presets: Mapping[str, Mapping] | None = None) -> NoReturn:
     """Run a command's ``main(argv)`` under the shell's help, logging and error handling, then exit."""
@@ -126,10 +140,9 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = N
             raise
         if e.errno == errno.EACCES:  # a file read (a manifest, weights) as much as one written
             fix = (f": {e.filename}" if e.filename else "") + "; give this user access to it, or use your own folder"
-            fix += " (out=...)"
         else:
             fix = (f" writing {e.filename}" if e.filename else "") + "; free space or choose a writable folder"
-            fix += " (out=...)"
+        fix += folder_keys(e.filename)
         print(f"error: {e.strerror}{fix}, then run the same command again: completed work is kept", file=sys.stderr)
         code = EXIT_ERROR
     return code or 0

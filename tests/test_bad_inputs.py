@@ -1512,7 +1512,17 @@ def test_a_permission_error_is_one_line_that_does_not_assume_a_write(tmp_path, c
     assert err.startswith(f"error: Permission denied: {tmp_path / 'm.csv'}; give this user access to it, or use")
     assert "writing" not in err and "free space" not in err
     assert cli.call(full, []) == 2
-    assert f"No space left on device writing {tmp_path / 'o.wav'}; free space" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"No space left on device writing {tmp_path / 'o.wav'}; free space" in err and "(out=...)" in err
+
+    def cache_read_only(_argv):  # the assets cache's embeddings: out= does not move them
+        from siren.assets import cache_dir
+
+        raise OSError(errno.EROFS, "Read-only file system", str(cache_dir() / "embeddings" / "x.safetensors"))
+
+    assert cli.call(cache_read_only, []) == 2
+    err = capsys.readouterr().err
+    assert "(the assets cache " in err and "SIREN_CACHE=" in err and "cache=false" in err and "out=" not in err
 
 
 def test_an_error_from_a_dataloader_worker_is_one_line(capsys):
