@@ -193,6 +193,19 @@ def require(name: str) -> Path:
     return p
 
 
+WEIGHTS_MODES = ("pretrained", "demo", "random")
+
+
+def no_weights_file(what: str, key: str, value: str, path: Path, fix: str = "") -> MissingWeightsError:
+    """The error for a ``key=value`` weights setting whose file is not there: a folder, a missing file, or a
+    mistyped mode (``Demo``, ``demoo``: taken for a path) are each said as such."""
+    why = f"{path} is a folder, not a {what} weights file" if path.is_dir() else \
+        f"{what} weights file {path} does not exist"
+    modes = "" if value in WEIGHTS_MODES else (f"; {key}= takes one of {', '.join(WEIGHTS_MODES)} (lower case) or "
+                                                f"the path of a {what} weights file")
+    return MissingWeightsError(why + modes + (f"; {fix}" if fix else ""))
+
+
 class DownloadError(SirenError, OSError):
     """A download that failed or whose bytes are not the publisher's file; nothing was kept."""
 

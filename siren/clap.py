@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from siren import assets, demo_weights
-from siren.errors import CheckpointError, WeightsMismatchError
+from siren.errors import CheckpointError, ConfigError, WeightsMismatchError
 from siren.io import load_hashed, load_torch_weights, sha256_file, weights_tag
 
 CLAP_SAMPLE_RATE = 48_000
@@ -278,9 +278,10 @@ class Clap(nn.Module):
         else:
             path = assets.require("clap") if cfg.weights == "pretrained" else Path(cfg.weights)
             if not path.is_file():
-                raise assets.MissingWeightsError(
-                    f"CLAP weights file {path} does not exist (weights= takes 'pretrained', 'random' or "
-                    f"the path of a laion-clap checkpoint; `{assets.PREFETCH} clap` fetches the default)")
+                raise assets.no_weights_file("CLAP", "weights", cfg.weights, path,
+                                             f"`{assets.PREFETCH} clap` fetches the pretrained one")
+            if path.resolve() == demo_weights.demo_file("clap").resolve():  # an overlay, not a laion-clap checkpoint
+                raise ConfigError(f"weights={cfg.weights} is the demo CLAP file: give weights=demo")
             self.tokenizer = RobertaBpe(assets.require("roberta_vocab"), assets.require("roberta_merges"))
             try:
                 sd, sha = load_hashed(path, load_torch_weights)

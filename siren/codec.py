@@ -79,9 +79,8 @@ class Codec(nn.Module):
             if cfg.weights == "pretrained":
                 assets.require("dac_16khz")  # missing: the error that says how to fetch it
             if not path.is_file():
-                raise assets.MissingWeightsError(
-                    f"codec weights file {path} does not exist" + (
-                        "; rebuild it with python -m siren.demo_assets.codec" if cfg.weights == "demo" else ""))
+                raise assets.no_weights_file("codec", "codec.weights", cfg.weights, path, (
+                    "rebuild it with python -m siren.demo_assets.codec" if cfg.weights == "demo" else ""))
             (self.dac, demo), self.weights_sha256 = load_hashed(path, load_dac)
             self.weights_label = self._label(path, demo)
         self.dac.eval().requires_grad_(False)

@@ -163,3 +163,25 @@ def test_a_read_only_cache_notes_nothing_and_fails_nothing(tmp_path, monkeypatch
     monkeypatch.setattr(assets, "open_no_link", refused)
     assets.update_note("n.json", lambda note: note.update(a=1))
     assert assets.read_note("n.json") == {} and not (tmp_path / "n.json").exists()
+
+
+def test_a_mistyped_weights_mode_or_a_folder_is_said_as_such(tmp_path):
+    """codec.weights=Demo or demoo was "codec weights file Demo does not exist", with no word of the modes (text's
+    listed two of three); a folder was "does not exist"; the demo CLAP overlay given by path asked for RoBERTa's
+    vocabulary download."""
+    from siren import demo_weights
+    from siren.clap import Clap, ClapConfig
+    from siren.codec import Codec, CodecConfig
+    from siren.errors import ConfigError, MissingWeightsError
+
+    for value in ("Demo", "demoo"):
+        with pytest.raises(MissingWeightsError, match=rf"weights file {value} does not exist; codec.weights= takes "
+                                                      r"one of pretrained, demo, random \(lower case\)"):
+            Codec(CodecConfig(weights=value))
+    with pytest.raises(MissingWeightsError, match=rf"{tmp_path} is a folder, not a codec weights file"):
+        Codec(CodecConfig(weights=str(tmp_path)))
+    with pytest.raises(MissingWeightsError, match=r"CLAP weights file Demo does not exist; weights= takes one of "
+                                                  r"pretrained, demo, random"):
+        Clap(ClapConfig(weights="Demo"))
+    with pytest.raises(ConfigError, match="is the demo CLAP file: give weights=demo"):
+        Clap(ClapConfig(weights=str(demo_weights.demo_file("clap"))))
