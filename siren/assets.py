@@ -257,7 +257,9 @@ def prefetch(names: list[str], opener=urllib.request.urlopen) -> None:
     """Download each missing asset (verified where the publisher gives a digest); check present ones too."""
     for name in names:
         asset, dest = ASSETS[name], path(name)
-        if dest.is_file() and dest.stat().st_size > 0:
+        if os.path.lexists(dest) and not dest.is_file():  # a folder (or a dangling link) in the way: not the network
+            raise DownloadError(f"{name}: {dest} is there and is not a file; move it away and run the prefetch again")
+        if present(name):
             status = check_digest(asset, lambda algo: file_digest(dest, algorithm=algo), f"the file already at {dest}")
             print(f"{name}: present at {dest} ({status})")
             continue
@@ -290,7 +292,7 @@ def _main(argv: list[str]) -> int:
     if args.cmd == "list":
         for a in ASSETS.values():
             p = path(a.name)
-            print(f"{a.name:16s} {'present' if p.is_file() else 'MISSING':8s} {p}  ({a.what})")
+            print(f"{a.name:16s} {'present' if present(a.name) else 'MISSING':8s} {p}  ({a.what})")
         print(f"Offline, weights=demo needs none of these: it uses the committed demo weights in "
               f"{DEMO_DIR} (numbers comparable with other demo runs only); "
               f"no demo stand-in for {', '.join(a.name for a in ASSETS.values() if not a.demo)}")

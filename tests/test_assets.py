@@ -185,3 +185,20 @@ def test_a_mistyped_weights_mode_or_a_folder_is_said_as_such(tmp_path):
         Clap(ClapConfig(weights="Demo"))
     with pytest.raises(ConfigError, match="is the demo CLAP file: give weights=demo"):
         Clap(ClapConfig(weights=str(demo_weights.demo_file("clap"))))
+
+
+def test_list_and_prefetch_agree_with_require_on_an_empty_file_or_a_folder(published, monkeypatch, capsys):
+    """An empty file was 'present' in `list` but missing to the loaders; a folder where the file goes made
+    prefetch blame the network ("Retry on a machine with internet")."""
+    src, cache = published
+    _register(monkeypatch, src, "sha256:" + hashlib.sha256(src.read_bytes()).hexdigest())
+    dest = cache / "sub" / "weights.bin"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"")
+    assert assets.main(["list"]) == 0
+    assert any(line.startswith("test_asset") and "MISSING" in line for line in capsys.readouterr().out.splitlines())
+    dest.unlink()
+    dest.mkdir()
+    assert assets.main(["prefetch", "test_asset"]) == 2
+    err = capsys.readouterr().err
+    assert f"{dest} is there and is not a file; move it away" in err and "internet" not in err
