@@ -69,8 +69,13 @@ def cell_id(resolved: Mapping[str, Any], pretrained_files: bool = True) -> str:
     reused), and, with weights=demo or pretrained, of the weight files, so a rerun after they change retrains
     rather than reusing results made with the old ones."""
     from siren.io import sha256_file_once
+    from siren.train_config import FORMER_DEFAULTS
 
-    resolved = dict(resolved)
+    # a key at the default it had before the default changed hashes as absent, as the cells made then (where absent
+    # meant that value) did: their ids stay theirs. Every resolved cell spells these keys out (ablations.scales), so
+    # absent never means the new default here
+    resolved = {k: v for k, v in resolved.items()
+                if not (k.startswith("train.") and FORMER_DEFAULTS.get(k[len("train."):], object()) == v)}
     for key in MANIFESTS:
         path = Path(str(resolved.get(key) or ""))
         if resolved.get(key) and path.is_file():

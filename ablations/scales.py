@@ -33,7 +33,8 @@ SCALES: dict[str, dict[str, Any]] = {
         # takes the README's command over 10 minutes on slower kinds (docs/demo/notes.md, Batch 6).
         "train.steps": 300, "train.batch_size": 6, "train.crop_s": 1.0, "train.warmup_steps": 20,
         "train.lr": 3e-3, "train.min_lr": 3e-4, "train.schedule": "wsd",
-        # the first wave's default, with which every demo table in docs/demo was made (the CLI's is the authors' 0.05)
+        # the first wave's default, with which every demo table in docs/demo was made (the CLI's is the authors' 0.05);
+        # hashed as absent (ablations.grid.cell_id), so the demo cells keep the ids they had
         "train.weight_decay": 0.1,
         "train.log_every": 10, "train.val_every": 0, "train.ckpt_every": 100, "train.num_workers": 0,
         "rl.steps": 4, "rl.group": 4, "rl.batch": 2, "rl.seconds": 1.0, "rl.lr": 1e-4, "rl.ckpt_every": 2,
@@ -46,7 +47,7 @@ SCALES: dict[str, dict[str, Any]] = {
         # appendix B's 6 s crops: set.train.crop_s=6 (then train, eval and stage 2 warn)
         "train.crop_s": 10.0,
         # the authors' (the CLI default since 2026-12-07), spelled out so a paper cell trained with the former
-        # default 0.1 has another identity and is not reused
+        # default 0.1 has another identity and is not reused (set.train.weight_decay=0.1 finds those)
         "train.weight_decay": 0.05,
         "rl.steps": 2000,  # section 5.1: the first transformer is fine-tuned 2K more steps
         "rl.reward.name": "imagebind",  # Eq. 8's phi: ImageBind, not the CLAP checkpoint behind the CLAP metric

@@ -56,13 +56,17 @@ def write_csv(dest: str | os.PathLike, rows: Iterable[Mapping[str, Any]], column
     return Path(dest)
 
 
-def remove_stale(folder: Path, written: Sequence[Path]) -> None:
-    """Remove what the folder's previous run wrote (its config.json's "files") and this one did not: a Table 5
-    loss_stats.csv of another run stayed beside this run's curves when this run had none. Nothing else is touched."""
+def remove_stale(folder: Path, probe: str, written: Sequence[Path]) -> None:
+    """Remove what this probe's previous run into the folder wrote (its config.json's "files") and this one did not:
+    a Table 5 loss_stats.csv of another run stayed beside this run's curves when this run had none. Only a
+    config.json this probe wrote is read; nothing it does not list is touched."""
     try:
-        before = json.loads((folder / "config.json").read_text()).get("files") or []
-    except (OSError, ValueError, AttributeError):  # none (a first run, one before 2026-12-07) or unreadable
+        before = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):  # none (a first run) or unreadable
         return
+    if not isinstance(before, dict) or before.get("probe") != probe or "code_version" not in before:
+        return  # another probe's, another tool's, or one before 2026-12-07 (no "files")
+    before = before.get("files") or []
     now = {p.name for p in written}
     stale = [folder / n for n in before if isinstance(n, str) and n == Path(n).name and n not in now | {"config.json"}
              and (folder / n).is_file()]
@@ -80,7 +84,7 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
     check_folder(out_dir(getattr(cfg, "out", ""), probe), "out")  # before the probe computes
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
-    remove_stale(folder, written)
+    remove_stale(folder, probe, written)
     written = [*written, folder / "config.json"]  # the probe's settings and commit: listed with its outputs
     write_json(written[-1], {"probe": probe, **to_dict(cfg), "code_version": code_version(),
                              "files": [p.name for p in written if p.parent == folder]})

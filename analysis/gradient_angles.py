@@ -134,14 +134,14 @@ def fresh_run(cfg: GradientAnglesConfig, data: Path, folder: Path) -> Path:
             f"train.log_every={max(1, cfg.train_steps // 20)}", f"train.ckpt_every={cfg.train_steps}",
             "train.val_every=0", f"train.crop_s={cfg.crop_s}", f"train.seed={cfg.seed}", "train.num_workers=0",
             f"train.device={cfg.device}"]
-    cfg_train, earlier = train.parse(args), run_dir.exists()
+    cfg_train, earlier = train.parse(args), (run_dir / "expert_0" / "latest").is_file()
     try:
         train.train(cfg_train, handle_signals=False)
     except (CheckpointError, ConfigError) as e:  # its fix names siren.train's keys; this probe's are data= and out=
         if not earlier:
             raise
-        raise ConfigError(f"{e}\nHere: {run_dir} is this probe's fresh run from an earlier call with other settings "
-                          f"(data= or batch_size=); give another out=, or delete that folder") from None
+        raise ConfigError(f"{e}\nHere: {run_dir} is this probe's fresh run from an earlier call, which this call "
+                          f"cannot go on with (above: why); give another out=, or delete that folder") from None
     return run_dir
 
 

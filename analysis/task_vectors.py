@@ -150,12 +150,14 @@ def expert_dirs(run_dir: Path, init: str) -> dict[int, Path]:
     for k, d in dirs.items():
         last = None if problems else ckpt.load_latest(d)
         if last is not None and last.state.get("finished") is False:
-            of = (last.state.get("rl") if last.state.get("stage") == 2 else last.state.get("train")) or {}
-            problems.append(f"expert {k}: unfinished (step {last.step} of {of.get('steps', '?')})")
+            stage2 = last.state.get("stage") == 2
+            of = (last.state.get("rl") if stage2 else last.state.get("train")) or {}
+            problems.append(f"expert {k}: unfinished (step {last.step} of {of.get('steps', '?')}); resume it: "
+                            + (f"python -m siren.rl out={run_dir} with its keys" if stage2 else
+                               f"python -m siren.train run_dir={run_dir} expert={k} with the run's keys"))
     if problems:
         raise CheckpointError(f"{run_dir}: the paper's task vectors are of the finished experts of one run "
-                              f"(App. D.3):\n  " + "\n  ".join(problems) + "\nTrain (or resume) each of them: "
-                              f"python -m siren.train run_dir={run_dir} expert=K with the run's keys")
+                              f"(App. D.3):\n  " + "\n  ".join(problems))
     return dirs
 
 

@@ -99,14 +99,18 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
 # ---------------------------------------------------------------------------- reading
 
 def read_run_json(path: Path) -> dict:
-    """A JSON file of a run directory or checkpoint (siren.io.read_json's rules, as a CheckpointError whose fix is
-    the previous checkpoint)."""
+    """A JSON file of a run directory or checkpoint (siren.io.read_json's rules, as a CheckpointError whose fix is,
+    in a checkpoint, the previous checkpoint)."""
+    in_step = path.parent.name.startswith("step_")
+    what = "checkpoint file" if in_step else "run file"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"missing checkpoint file {path}") from None
+        raise CheckpointError(f"missing {what} {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {path} ({e}); {fall_back(path)}") from None
+        # a run's own file (config.json, alignment.json): fall_back's advice would delete the run's folder
+        fix = fall_back(path) if in_step else "restore it from a copy, or start a new run folder"
+        raise CheckpointError(f"corrupt {what} {path} ({e}); {fix}") from None
 
 
 def read_commit_step(path: Path) -> int:

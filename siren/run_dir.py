@@ -90,7 +90,11 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory: {path} is missing "
                               f"(python -m siren.train run_dir={run_dir} expert=K ... writes it)")
-    return read_run_json(path)
+    cfg = read_run_json(path)
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):  # a KeyError / AttributeError later
+        raise CheckpointError(f"{path} is not a run's config (a JSON object with a 'model' entry): restore it, or "
+                              f"train into a new run_dir")
+    return cfg
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", allow_unfinished: bool = False):
@@ -143,24 +147,43 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
                         + "; train every expert of a run on one data_dir")
     if problems:
         raise CheckpointError(f"cannot assemble {cfg.distribution} model from {run_dir}:\n  " + "\n  ".join(problems))
-    warn_other_train_keys(run_dir, {k: c for k, c in found.items() if c.state.get("stage") != 2})
+    from siren.train_config import saved_train
+
+    warn_other_train_keys(run_dir, {k: saved_train(c.state) for k, c in found.items() if c.state.get("stage") != 2})
     model = CollaborativeModel(cfg)  # zero code tables: every expert's checkpoint holds them
     for k, c in found.items():
         load_weights(model.experts[k], c.model_state(), c.path / "model.safetensors")
     return model.to(device).eval()
 
 
-def warn_other_train_keys(run_dir: Path, stage1: dict[int, Checkpoint]) -> None:
-    """The experts of one run trained with other train keys (each job takes its own command line: another lr, seed
-    or crop for expert 1) load as one model, and the cards and probes describe it by expert 0's: said."""
-    from siren.train_config import RESUMABLE_CHANGES, saved_train
+def others_train(run_dir: Path, k: int) -> dict[int, dict]:
+    """The train configs of the run's other stage-1 experts that have a checkpoint (expert -> config)."""
+    from siren.train_config import saved_train
 
-    trains = {k: saved_train(c.state) for k, c in stage1.items()}
+    out = {}
+    for edir in expert_dirs(run_dir):
+        j = int(edir.name[len("expert_"):])
+        try:
+            last = load_latest(edir) if j != k else None
+        except CheckpointError:  # that expert's own job says so; this one trains on
+            continue
+        if last is not None and last.state.get("stage") != 2:
+            out[j] = saved_train(last.state)
+    return out
+
+
+def warn_other_train_keys(run_dir: Path, trains: dict[int, dict], when: str = "") -> None:
+    """The experts of one run trained with other train keys (each job takes its own command line: another lr, seed
+    or crop for expert 1, or another default: train.weight_decay's changed on 2026-12-07) load as one model, and the
+    cards and probes describe it by expert 0's: said, when loaded and when an expert starts (``trains``: expert ->
+    its train config)."""
+    from siren.train_config import RESUMABLE_CHANGES
+
     keys = sorted({key for t in trains.values() for key in t} - set(RESUMABLE_CHANGES))
     differ = [key for key in keys if len({json.dumps(t.get(key)) for t in trains.values()}) > 1]
     if differ:
-        log.warning("%s: its experts were trained with other train keys: %s; its cards and probes describe it by "
-                    "expert %d's", run_dir, "; ".join(f"train.{key}: " + ", ".join(
+        log.warning("%s: its experts %s with other train keys: %s; its cards and probes describe it by "
+                    "expert %d's", run_dir, when or "were trained", "; ".join(f"train.{key}: " + ", ".join(
                         f"expert {k} {t.get(key)!r}" for k, t in trains.items()) for key in differ), min(trains))
 
 

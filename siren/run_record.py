@@ -66,5 +66,5 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, 
     ckpt.check_config({"train": train}, {"train": to_dict(cfg.train)}, where,
                       ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
                       fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + "."
-                          + (f" The default changed since this run began: resume it with {' '.join(former)}."
-                             if former else ""))
+                          + (f" {' '.join(former)} was the default until 2026-12-07: if this run used it, resume "
+                             f"with {' '.join(former)}." if former else ""))

@@ -42,7 +42,7 @@ from siren.lock import hold
 from siren.loss_stats import Stats
 from siren.model import Expert, ExpertLoss
 from siren.model.continuous import ContinuousLM, ContinuousLoss
-from siren.run_dir import write_run_config
+from siren.run_dir import others_train, warn_other_train_keys, write_run_config
 from siren.run_record import check_resumable, run_config, train_digest
 from siren.runtime import (
     EXIT_PREEMPTED,
@@ -232,6 +232,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         write_run_config(run_dir, run_config(cfg, data))
         if last is None:  # the initialisation (with expert_seed=shared, every expert's): Figure 7's task vectors
             save_tensors(edir / "init.safetensors", model.state_dict())
+            warn_other_train_keys(run_dir, {**others_train(run_dir, k), k: to_dict(tc)}, "are trained")
     if last is not None and last.step >= tc.steps:
         return TrainResult("finished", last.step, last.path)  # a re-submitted finished job: nothing to do
     if last is not None:

@@ -140,6 +140,22 @@ def test_stage2_overrides_reach_only_the_rows_that_align(caplog):
     assert {c.rows[0].label for c in dpo if "rl.method" in c.cfg} == set(aligned)
     assert all(c.cfg["rl.method"] == "dpo" for c in dpo if "rl.method" in c.cfg)
 
+def test_the_weight_decay_default_moved_no_demo_id_and_every_paper_id():
+    """train.weight_decay's default went from 0.1 to the authors' 0.05 (2026-12-07). The demo keeps 0.1 and its cells
+    their ids (their runs and evaluations are reused: the same training); paper cells, now 0.05, get new ones (a cell
+    trained under 0.1 is not reused), and set.train.weight_decay=0.1 finds those again."""
+    from ablations.grid import cell_id
+
+    demo = _cells("table6", "demo")
+    assert all(c.cfg["train.weight_decay"] == 0.1 for c in demo)
+    before = {k: v for k, v in demo[0].cfg.items() if k != "train.weight_decay"}  # the resolved cell until then
+    assert demo[0].id == cell_id(before)
+    paper, former = _cells("table6", "paper"), _cells("table6", "paper", "set.train.weight_decay=0.1")
+    for now, then in zip(paper, former):
+        assert now.cfg["train.weight_decay"] == 0.05 and then.cfg["train.weight_decay"] == 0.1
+        assert now.id != then.id == cell_id({k: v for k, v in now.cfg.items() if k != "train.weight_decay"})
+
+
 def test_demo_identity_follows_the_demo_weight_files(tmp_path, monkeypatch):
     """Outputs made with older demo weights (an earlier checkout) are not reused: every id changes."""
     import shutil

@@ -736,7 +736,7 @@ def test_convergence_leaves_no_other_runs_table5_numbers_in_its_folder(run_6_2, 
     assert not (out / "loss_stats.csv").exists() and mine.read_text() == "mine"
     assert {p.name for p in written} == set(json.loads((out / "config.json").read_text())["files"])
     (unfinished / "config.json").write_text('{"model": ')
-    with pytest.raises(Exception, match=r"corrupt checkpoint file .*unfinished/config.json") as e:
+    with pytest.raises(Exception, match=r"corrupt run file .*unfinished/config.json .*restore it from a copy") as e:
         probe_main("convergence", convergence.ConvergenceConfig, convergence.run, [f"run={unfinished}", f"out={out}"])
     assert not isinstance(e.value, json.JSONDecodeError)
 

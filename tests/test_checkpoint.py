@@ -178,16 +178,29 @@ def test_checkpoint_under_the_former_weight_decay_default_names_the_key_to_resum
     assert state["train"]["weight_decay"] == 0.05  # the default the fixture trained with
     state["train"]["weight_decay"] = 0.1
     state_file.write_text(json.dumps(state))
-    with pytest.raises(CheckpointError, match=r"train.weight_decay=0.1.*train.weight_decay=0.05\. .*default changed"
-                                              r".*resume it with train.weight_decay=0.1\."):
+    with pytest.raises(CheckpointError, match=r"train.weight_decay=0.1.*train.weight_decay=0.05\. .*was the default "
+                                              r"until 2026-12-07: .* resume with train.weight_decay=0.1\."):
         train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
     with pytest.raises(CheckpointError) as e:
         train(tiny_config(run, "model.distribution=6-2", "train.weight_decay=0.2"), synthetic_data(),
               handle_signals=False)
-    assert "default changed" not in str(e.value)
+    assert "was the default" not in str(e.value)
     result = train(tiny_config(run, "model.distribution=6-2", "train.weight_decay=0.1"), synthetic_data(),
                    handle_signals=False)
     assert result.status == "finished" and result.step == 8
+
+
+def test_an_expert_started_with_other_train_keys_than_its_siblings_is_warned_of(trained, tmp_path, caplog):
+    """Each expert's job takes its own command line: one started after train.weight_decay's default changed (or with
+    another lr) trained beside the others without a word, and the run loaded as one model."""
+    import logging
+
+    run = fresh_copy(trained, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="siren.run_dir"):
+        train(tiny_config(run, "model.distribution=6-2", "expert=1", "train.weight_decay=0.2"), synthetic_data(),
+              handle_signals=False)
+    assert "its experts are trained with other train keys: train.weight_decay: expert 0 0.05, expert 1 0.2;" in \
+        caplog.text
 
 
 def test_second_expert_with_other_model_rejected_by_run_config(trained, tmp_path):
@@ -196,6 +209,22 @@ def test_second_expert_with_other_model_rejected_by_run_config(trained, tmp_path
         train(tiny_config(run, "model.distribution=6-2", "expert=1", "model.dim=48"), synthetic_data(),
               handle_signals=False)
     assert not (run / "expert_1").exists()
+
+
+def test_a_damaged_run_config_is_not_answered_with_deleting_the_run(tmp_path):
+    """A run's own config.json that does not parse was answered with the checkpoint fix, which named the run's folder
+    and its parent's `latest`: "delete <run> and <parent>/latest". Not a JSON object, or without its model: a
+    KeyError / AttributeError in the probes."""
+    from siren.run_dir import read_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for text, words in (('{"model": ', "corrupt run file"), ("[1]", "is not a run's config"),
+                        ('{"codec": {}}', "is not a run's config")):
+        (run / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=rf"{words}.*restore it") as e:
+            read_run_config(run)
+        assert "delete" not in str(e.value) and str(run / "config.json") in str(e.value)
 
 
 @pytest.mark.parametrize("victim", ["model.safetensors", "trainer.safetensors", "state.json"])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from siren.codec import CodecConfig
@@ -30,7 +30,7 @@ from siren.data.audio import AudioConfig, load_audio, n_frames, standardize, unp
 from siren.data.cache import FORMAT, cache_path, cached, index_path
 from siren.data.dataset import PreparedDataset, collate, load_index
 from siren.data.index import read_source
-from siren.errors import ConfigError, DataError
+from siren.errors import CheckpointError, ConfigError, DataError
 from siren.io import read_json, save_tensors, sha256, write_json
 from siren.lock import hold
 from siren.model.continuous.latent import LatentProjection, dac_latent
@@ -76,8 +76,6 @@ def _train_digest(train: dict[str, dict]) -> str:
 
 def _read(path: Path, name: str, fix: str) -> torch.Tensor:
     """Tensor ``name`` of a cache file; a missing or damaged one is a DataError naming it and the fix."""
-    from safetensors import SafetensorError
-
     try:
         return load_file(path)[name]
     except (SafetensorError, OSError, KeyError) as e:
@@ -145,9 +143,10 @@ def _prepare_latents(out: Path, codec, dim: int, progress: bool) -> LatentProjec
     file = out / "latents" / f"projection-{record.get('id')}.safetensors"
     if record.get("codec") == codec.id and record.get("train") == fitted_on and cached(file):
         proj = load_projection(out, dim, codec.id)
-    else:  # also when the record's projection file is missing or damaged: the same fit gives the same file
-  # fitted once per prepared train split and codec (prepared again, from another manifest or with another
-        # codec: fitted anew), on the real (unpadded) frames of the train split
+    else:  # fitted once per prepared train split and codec (prepared again, from another manifest or with another
+        # codec: fitted anew), on the real (unpadded) frames of the train split; also when the record's projection
+        # file is missing or damaged (on one machine and thread count the same projection and id again; otherwise
+        # another id, whose tokens are made below)
         frames = (z[s, :, :n] for k, e in entries["train"].items() for z in [_latent(out, k, dim)]
                   for s, n in e["real"].items())
         proj = LatentProjection.fit(frames, dim)
@@ -181,9 +180,11 @@ def load_projection(out: str | Path, dim: int, codec_id: str) -> LatentProjectio
                         f"since); {fix}")
     pid = record["id"]
     file = Path(out) / "latents" / f"projection-{pid}.safetensors"
-    if not cached(file):
-        raise DataError(f"{pointer}: its projection file {file.name} is missing or damaged; {fix} (it fits it again)")
-    proj = LatentProjection.load(file)
+    try:
+        proj = LatentProjection.load(file)
+    except (CheckpointError, SafetensorError, OSError) as e:
+        raise DataError(f"{pointer}: its projection file {file.name} is missing or damaged ({str(e)[:80]}); {fix} "
+                        f"(it fits it again)") from None
     proj.id = pid
     return proj
 
