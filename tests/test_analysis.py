@@ -741,6 +741,26 @@ def test_convergence_leaves_no_other_runs_table5_numbers_in_its_folder(run_6_2, 
     assert not isinstance(e.value, json.JSONDecodeError)
 
 
+def test_a_probe_removes_only_what_its_own_previous_run_listed(tmp_path):
+    """remove_stale read the "files" of any config.json in out=: another tool's (or another probe's) listed files
+    were deleted."""
+    from analysis.cli import remove_stale
+
+    for i, cfg in enumerate(({"name": "my-site", "files": ["index.html"]},
+                             {"probe": "rvq_depth", "code_version": "x", "files": ["index.html"]})):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(cfg))
+        (folder / "index.html").write_text("mine")
+        remove_stale(folder, "convergence", [folder / "curves.csv"])
+        assert (folder / "index.html").read_text() == "mine"
+    (folder / "config.json").write_text(json.dumps({"probe": "convergence", "code_version": "x",
+                                                    "files": ["index.html", "../outside.txt", "curves.csv"]}))
+    (tmp_path / "outside.txt").write_text("mine")
+    remove_stale(folder, "convergence", [folder / "curves.csv"])
+    assert not (folder / "index.html").exists() and (tmp_path / "outside.txt").read_text() == "mine"
+
+
 def test_task_vectors_refuses_unfinished_missing_or_stage2_experts(run_6_2, tmp_path):
     """App. D.3's task vectors are of one run's finished experts from their shared initialisation: an unfinished
     expert was mixed in, missing ones skipped (and the rest numbered by position in pairs.csv), and a stage-2
