@@ -179,6 +179,27 @@ def test_second_run_computes_nothing_and_reads_no_audio_file(scored, clips, clap
     assert reads == []
 
 
+def test_a_run_stopped_part_way_scores_every_clip_as_the_uninterrupted_one(tmp_path, scored, clips, clap,
+                                                                           monkeypatch):
+    """CLAP's embedding of a clip moves in its last bits with its batch: a rerun after a kill embedded only the
+    missing clips, batched anew, and scored them otherwise (1e-7), changing scores.csv's bytes. A cache entry cut
+    short was a SafetensorError traceback. Now the batches are the shard's rows by position, each embedded whole."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(scored, out)
+    audio = sorted((out / "clap_audio").rglob("*.safetensors"))
+    for p in audio[:5]:  # as a kill part way through leaves them (which ones: any)
+        p.unlink()
+    audio[5].write_bytes(audio[5].read_bytes()[:100])  # and one cut short by a node crash
+    text = sorted((out / "clap_text").rglob("*.safetensors"))
+    text[0].unlink()
+    text[1].write_bytes(b"")
+    cli(clap, monkeypatch, f"manifest={clips}", f"out={out}", "tau=-1", "rl_top=2")
+    for f in ("shards/shard-0-of-1.json", "scores.csv"):
+        assert (out / f).read_bytes() == (scored / f).read_bytes(), f
+
+
 def test_shards_then_select_equal_one_run(tmp_path, scored, clips, clap, monkeypatch):
     out = tmp_path / "sharded"
     for k in (0, 1, 2):

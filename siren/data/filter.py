@@ -40,10 +40,10 @@ from tqdm import tqdm
 from siren.config import load_config
 from siren.data import activity
 from siren.data.audio import AudioConfig, load_audio, standardize
-from siren.data.cache import HashLedger, cache_path, clap_audio_key, clap_text_key, filter_shard_path, sha256
+from siren.data.cache import HashLedger, cache_path, cached, clap_audio_key, clap_text_key, filter_shard_path, sha256
 from siren.data.manifest import Row, check_one_line, read_manifest, read_records
 from siren.data.prepare import shard_rows
-from siren.errors import AudioError, ConfigError, ManifestError
+from siren.errors import AudioError, ConfigError, DataError, ManifestError
 from siren.io import check_folder, save_tensors, write_json
 from siren.lock import hold
 
@@ -155,13 +155,6 @@ def header(clap, audio: AudioConfig, manifest: Path, manifest_sha: str) -> dict:
             "weights": clap.weights_label, "audio": audio.key(), "snr_estimator": activity.ESTIMATOR}
 
 
-def _embed_audio(pending: list, out: Path, clap) -> None:
-    embs = clap.embed_audio([p[1] for p in pending], batch_size=len(pending)).float().cpu()
-    for (key, _, snr, meta), e in zip(pending, embs):
-        save_tensors(cache_path(out, "clap_audio", key), {"embedding": e, "snr_db": torch.tensor(snr)}, meta)
-    pending.clear()
-
-
 def score_shard(items: Sequence[Item], out: str | Path, *, clap, audio: AudioConfig | None = None,
                 num_shards: int = 1, shard: int = 0, batch_size: int = 16, manifest: Path | None = None,
                 manifest_sha: str = "", progress: bool = True) -> ScoreReport:
@@ -183,58 +176,81 @@ def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, sh
     rep = ScoreReport(rows=len(mine))
     filter_shard_path(out, shard, num_shards).unlink(missing_ok=True)  # a failed run leaves no stale record
 
-    # 1. audio: hash, then (uncached only) load, cut, SNR, embed in batches; unreadable files are rejections
-    akeys, bad, pending = {}, {}, []
+    # 1. audio: hash, then (uncached only) load, cut, SNR, embed; unreadable files are rejections. CLAP's embedding
+    # of a clip moves in its last bits with the batch it is in: the batches are the shard's rows by position
+    # (batch_size at a time), and one with any clip not cached is embedded whole, so a run stopped part way and run
+    # again scores every clip as the uninterrupted run (it embedded only the missing ones, batched anew)
+    akeys, hashes, bad = {}, {}, {}
 
     def key_of(h: str) -> str:
         return clap_audio_key(h, audio.key(), clap.id, activity.ESTIMATOR)
 
-    def embedded(key: str) -> bool:
-        return cache_path(out, "clap_audio", key).is_file() or any(p[0] == key for p in pending)
+    def clip_of(i: int, it: Item, data: bytes):
+        try:
+            wav, real, _ = standardize(load_audio(it.row.audio, data), audio, it.row.audio)
+        except AudioError as e:
+            bad[i] = f"unusable audio: {e}"
+            del akeys[i]
+            return None
+        return wav[0, :real[0]]  # what prepare keeps, without its zero padding (CLAP repeat-pads, as in eval)
 
-    bar = tqdm(mine, desc=f"audio shard {shard} of {num_shards}", disable=not progress, unit="clip", dynamic_ncols=True)
+    bar = tqdm(total=len(mine), desc=f"audio shard {shard} of {num_shards}", disable=not progress, unit="clip",
+               dynamic_ncols=True)
     with HashLedger(filter_shard_path(out, shard, num_shards).parent, shard, num_shards,
                     {str(it.row.audio) for _, it in mine}) as ledger:
-        for i, it in bar:
-            try:  # an unchanged file already embedded is not read again
-                h, st, data = ledger.lookup(it.row.audio, lambda h: not embedded(key_of(h)))
-            except OSError as e:
-                bad[i] = f"unreadable: {it.row.audio}: {e.strerror or 'cannot read'}"
-                continue
-            ledger.put(it.row.audio, st, h)
-            akeys[i] = key = key_of(h)
-            if data is None or embedded(key):
-                rep.audio_cached += 1
+        for b in range(0, len(mine), batch_size):
+            batch, read = mine[b:b + batch_size], {}
+            for i, it in batch:  # an unchanged file already embedded is not read again
+                try:
+                    h, st, read[i] = ledger.lookup(it.row.audio, lambda h: not cached(cache_path(out, "clap_audio",
+                                                                                                 key_of(h))))
+                except OSError as e:
+                    bad[i] = f"unreadable: {it.row.audio}: {e.strerror or 'cannot read'}"
+                    continue
+                ledger.put(it.row.audio, st, h)
+                akeys[i], hashes[i] = key_of(h), h
+            bar.update(len(batch))
+            todo = [i for i, _ in batch if i in akeys and not cached(cache_path(out, "clap_audio", akeys[i]))]
+            if not todo:
+                rep.audio_cached += sum(i in akeys for i, _ in batch)
                 continue
             t = time.perf_counter()
-            try:
-                wav, real, _ = standardize(load_audio(it.row.audio, data), audio, it.row.audio)
-            except AudioError as e:
-                bad[i] = f"unusable audio: {e}"
-                del akeys[i]
-                continue
-            clip = wav[0, :real[0]]  # what prepare keeps, without its zero padding (CLAP repeat-pads, as in eval)
-            pending.append((key, clip, activity.snr_db(clip),
-                            {"clap_id": clap.id, "audio_sha256": h, "source": str(it.row.audio)}))
-            if len(pending) >= batch_size:
-                _embed_audio(pending, out, clap)
-            rep.audio_embedded += 1
+            members = {}  # key -> (clip, its meta): the batch's clips, each once
+            for i, it in batch:
+                if i not in akeys or akeys[i] in members:
+                    continue
+                if read[i] is None:  # cached, but in a batch embedded again: read for the batch's sake
+                    h, st, read[i] = ledger.lookup(it.row.audio, lambda h: True)
+                    if key_of(h) != akeys[i]:
+                        raise DataError(f"{it.row.audio}: changed while this shard was scored; run it again")
+                clip = clip_of(i, it, read[i])
+                if clip is not None:
+                    members[akeys[i]] = (clip, {"clap_id": clap.id, "audio_sha256": hashes[i],
+                                                "source": str(it.row.audio)})
+            if members:
+                embs = clap.embed_audio([c for c, _ in members.values()], batch_size=len(members)).float().cpu()
+                for (key, (clip, meta)), e in zip(members.items(), embs):
+                    path = cache_path(out, "clap_audio", key)
+                    if not cached(path):
+                        save_tensors(path, {"embedding": e, "snr_db": torch.tensor(activity.snr_db(clip))}, meta)
+            rep.audio_embedded += len(members)  # run through CLAP's audio branch (a cached one again for its batch)
+            rep.audio_cached += sum(i in akeys for i, _ in batch) - len(members)
             rep.audio_seconds += time.perf_counter() - t
-    if pending:
-        t = time.perf_counter()
-        _embed_audio(pending, out, clap)
-        rep.audio_seconds += time.perf_counter() - t
+    bar.close()
     rep.bad = len(bad)
 
-    # 2. text: every distinct candidate caption not cached yet
+    # 2. text: every distinct candidate caption, embedded 64 at a time by position in the same way
     captions = {clap_text_key(c, clap.id): c for i, it in mine if i not in bad for _, c in it.captions}
-    todo = [k for k in captions if not cache_path(out, "clap_text", k).is_file()]
-    rep.text_embedded, rep.text_cached = len(todo), len(captions) - len(todo)
-    for s in tqdm(range(0, len(todo), 64), desc="captions", disable=not progress or not todo, unit="batch"):
-        chunk = todo[s:s + 64]
+    keys = list(captions)
+    chunks = [keys[s:s + 64] for s in range(0, len(keys), 64)]
+    todo = [c for c in chunks if not all(cached(cache_path(out, "clap_text", k)) for k in c)]  # cut short: again
+    missing = sum(not cache_path(out, "clap_text", k).is_file() for c in todo for k in c)
+    rep.text_embedded, rep.text_cached = missing, len(captions) - missing
+    for chunk in tqdm(todo, desc="captions", disable=not progress or not todo, unit="batch"):
         for k, e in zip(chunk, clap.embed_text([captions[k] for k in chunk]).float().cpu()):
-            save_tensors(cache_path(out, "clap_text", k), {"embedding": e},
-                         {"clap_id": clap.id, "caption": captions[k]})
+            if not cached(cache_path(out, "clap_text", k)):  # the chunk's others are kept as they are
+                save_tensors(cache_path(out, "clap_text", k), {"embedding": e},
+                             {"clap_id": clap.id, "caption": captions[k]})
 
     # 3. the shard's record: SNR and every candidate's score per row
     records = []
