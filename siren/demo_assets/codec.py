@@ -256,8 +256,8 @@ def save(model, path: Path, cfg: CodecRecipe, fp16: bool, init: dict | None = No
     if build_key:
         meta["build_key"] = build_key
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "metadata": meta}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: torch names the zip's records "archive/",
+        torch.save({"state_dict": state, "metadata": meta}, f)  # by a path after its random temporary name
     return path
 
 

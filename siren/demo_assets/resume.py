@@ -113,8 +113,8 @@ class Checkpoint:
     def save(self, step: int, model, opt, sched, gen: torch.Generator, losses: list[float]) -> None:
         state = {"key": self.key, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                  "sched": sched.state_dict(), "gen": gen.get_state(), "rng": torch.get_rng_state(), "losses": losses}
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:  # records named "archive/", not after tmp's name
+            torch.save(state, f)
 
 
 def run_steps(step: Callable[[], float], steps: int, ckpt: Checkpoint, model, opt, sched, gen: torch.Generator,
