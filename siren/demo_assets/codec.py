@@ -26,9 +26,9 @@ real codec's properties in four stages instead:
     python -m siren.demo_assets.codec out=/tmp/c.pth ae_steps=10 ft_steps=10 decay_steps=10
 
 Stopped part way, the same command resumes: finished stages and a checkpoint every ``checkpoint_every``
-steps are kept in ``<out>.build/`` until the file is written, and a resumed build ends with the same
-bits as one never stopped (resume.py). Stages 3 and 4 always start from a stored file (the work
-folder's stage-2 and stage-3 files, or ``init=``), so a build split into separate runs gives the same bits.
+steps are kept in ``<out>.build/`` until the file is written (resume.py: in a new process not to the same bits as
+a build never stopped). Stages 3 and 4 always start from a stored file (the work folder's stage-2 and stage-3
+files, or ``init=``).
 
 The file is DAC's own layout (``state_dict`` + ``metadata.kwargs``, 6.7 MiB) and loads with
 ``CodecConfig(weights="demo")``. Tensors are stored in fp16: perturbing a build's weights by half

@@ -1,7 +1,9 @@
 """Resuming the demo codec's build. ``python -m siren.demo_assets train`` runs for one to two hours on
 a 2-core CPU; stopped part way (Ctrl-C, preemption, a crash), the same command restarts from the last
-finished stage and, inside a stage, from its last checkpoint, and ends with the same bits as a run
-that was never stopped (``tests/test_demo_codec.py``).
+finished stage and, inside a stage, from its last checkpoint. Resumed in the same process it ends with the
+same bits as a run never stopped (``tests/test_demo_codec.py``); in a new process, after stage 2 or inside
+stages 3-4, with other last bits, which training then grows (README, Known gaps: the stage's inputs hash the
+same in both; a process's earlier work moves some kernel's rounding).
 
 Everything lives in one work folder beside the output file (``<out>.build/``), removed when the file
 is written. A stage file or checkpoint is used only when its key (the stage, the recipe keys that
