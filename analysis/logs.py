@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from siren.errors import DataError
+from siren.errors import CheckpointError, DataError
 
 UNRECORDED = "not recorded"  # a run config without a model's weights entry (not taken for "pretrained")
 
@@ -85,10 +85,17 @@ def weights_modes(run_dir: str | Path) -> dict[str, str] | None:
 
 
 def _run_config(run_dir: str | Path) -> dict | None:
-    """The run's config.json (None without one); a damaged one is a CheckpointError naming it."""
-    from siren.run_dir import read_run_config
+    """The run's config.json (None without one); a damaged one is a CheckpointError naming it. Only its frontends'
+    entries are read here (siren.run_dir.read_run_config also needs the model's)."""
+    from siren.checkpoint import read_run_json
 
-    return read_run_config(run_dir) if (Path(run_dir) / "config.json").is_file() else None
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    cfg = read_run_json(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a run's config (a JSON object): restore it, or train into a new run_dir")
+    return cfg
 
 
 def _modes(run_dir: str | Path, cfg: dict) -> dict[str, str]:
