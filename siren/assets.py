@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from siren.errors import ConfigError, MissingWeightsError, SirenError
-from siren.io import atomic_path, file_digest, hash_rest, open_no_link, version, write_json
+from siren.io import atomic_path, cache_dir, file_digest, hash_rest, open_no_link, version, write_json
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,6 @@ ASSETS: dict[str, Asset] = {a.name: a for a in [
     Asset("imagebind", "imagebind_huge.pth", "https://dl.fbaipublicfiles.com/imagebind/imagebind_huge.pth",
           "ImageBind-Huge (stage-2 reward at paper scale, reward=imagebind; ~4.5 GB)", demo=False),
 ]}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SIREN_CACHE", Path.home() / ".cache" / "siren")).expanduser()
 
 
 def path(name: str) -> Path:

@@ -87,7 +87,7 @@ def help_text(schema: type | None, doc: str | None, presets: Mapping[str, Mappin
 def folder_keys(filename) -> str:
     """Which setting moves the write that failed: the assets cache's is not out= (SIREN_CACHE, or an evaluation's
     cache_dir= / cache=false), every other the command's out=."""
-    from siren.assets import cache_dir
+    from siren.io import cache_dir
 
     try:
         cached = filename is not None and Path(filename).resolve().is_relative_to(cache_dir().resolve())
