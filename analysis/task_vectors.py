@@ -135,7 +135,7 @@ def expert_dirs(run_dir: Path, init: str) -> dict[int, Path]:
     from siren.run_dir import read_run_config
 
     shared = read_run_config(run_dir)
-    if shared.get("model", {}).get("family") == "continuous":
+    if shared["model"].get("family") == "continuous":
         raise ConfigError(f"{run_dir}: a continuous-family run has one model, no experts to compare")
     n = from_saved(shared["model"], f"{run_dir / 'config.json'}: model").n_experts
     if (run_dir / "alignment.json").is_file() and not init:
@@ -144,12 +144,12 @@ def expert_dirs(run_dir: Path, init: str) -> dict[int, Path]:
                           f"init=<the shared initial weights (a stage-1 expert's init.safetensors)>")
     if n < 2:
         raise ConfigError(f"{run_dir}: task vectors compare experts; its model has {n} (a 1-12 run has only one)")
-    dirs = {k: ckpt.expert_dir(run_dir, k) for k in range(n)}
-    problems = [f"expert {k}: missing ({d} has no checkpoint)" for k, d in dirs.items()
-                if not d.is_dir() or ckpt.latest(d) is None]
+    dirs, problems = {k: ckpt.expert_dir(run_dir, k) for k in range(n)}, []
     for k, d in dirs.items():
-        last = None if problems else ckpt.load_latest(d)
-        if last is not None and last.state.get("finished") is False:
+        last = ckpt.load_latest(d) if d.is_dir() else None
+        if last is None:
+            problems.append(f"expert {k}: missing ({d} has no checkpoint)")
+        elif last.state.get("finished") is False:
             stage2 = last.state.get("stage") == 2
             of = (last.state.get("rl") if stage2 else last.state.get("train")) or {}
             problems.append(f"expert {k}: unfinished (step {last.step} of {of.get('steps', '?')}); resume it: "

@@ -180,10 +180,15 @@ def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, sh
     # of a clip moves in its last bits with the batch it is in: the batches are the shard's rows by position
     # (batch_size at a time), and one with any clip not cached is embedded whole, so a run stopped part way and run
     # again scores every clip as the uninterrupted run (it embedded only the missing ones, batched anew)
-    akeys, hashes, bad = {}, {}, {}
+    akeys, hashes, bad, have = {}, {}, {}, {}
 
     def key_of(h: str) -> str:
         return clap_audio_key(h, audio.key(), clap.id, activity.ESTIMATOR)
+
+    def is_cached(key: str) -> bool:  # one header read per entry (cached() opens it)
+        if key not in have:
+            have[key] = cached(cache_path(out, "clap_audio", key))
+        return have[key]
 
     def clip_of(i: int, it: Item, data: bytes):
         try:
@@ -202,15 +207,14 @@ def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, sh
             batch, read = mine[b:b + batch_size], {}
             for i, it in batch:  # an unchanged file already embedded is not read again
                 try:
-                    h, st, read[i] = ledger.lookup(it.row.audio, lambda h: not cached(cache_path(out, "clap_audio",
-                                                                                                 key_of(h))))
+                    h, st, read[i] = ledger.lookup(it.row.audio, lambda h: not is_cached(key_of(h)))
                 except OSError as e:
                     bad[i] = f"unreadable: {it.row.audio}: {e.strerror or 'cannot read'}"
                     continue
                 ledger.put(it.row.audio, st, h)
                 akeys[i], hashes[i] = key_of(h), h
             bar.update(len(batch))
-            todo = [i for i, _ in batch if i in akeys and not cached(cache_path(out, "clap_audio", akeys[i]))]
+            todo = [i for i, _ in batch if i in akeys and not is_cached(akeys[i])]
             if not todo:
                 rep.audio_cached += sum(i in akeys for i, _ in batch)
                 continue
@@ -230,9 +234,10 @@ def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, sh
             if members:
                 embs = clap.embed_audio([c for c, _ in members.values()], batch_size=len(members)).float().cpu()
                 for (key, (clip, meta)), e in zip(members.items(), embs):
-                    path = cache_path(out, "clap_audio", key)
-                    if not cached(path):
-                        save_tensors(path, {"embedding": e, "snr_db": torch.tensor(activity.snr_db(clip))}, meta)
+                    if not is_cached(key):
+                        have[key] = True
+                        save_tensors(cache_path(out, "clap_audio", key),
+                                     {"embedding": e, "snr_db": torch.tensor(activity.snr_db(clip))}, meta)
             rep.audio_embedded += len(members)  # run through CLAP's audio branch (a cached one again for its batch)
             rep.audio_cached += sum(i in akeys for i, _ in batch) - len(members)
             rep.audio_seconds += time.perf_counter() - t
