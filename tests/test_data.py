@@ -859,6 +859,24 @@ def test_an_empty_test_split_is_no_validation_said_so(prepared, tmp_path, caplog
     assert (train.crop, train.longest, train.max_frames) == (150, 30, 30)
 
 
+def test_a_test_split_of_another_codec_or_text_encoder_is_refused(prepared, tmp_path):
+    # validation CE was logged on codes of another codec (or captions of another text encoder) without a word
+    import json
+    import shutil
+
+    from siren.data.stage1 import Stage1Data
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(prepared, data_dir)
+    index = json.loads((data_dir / "splits" / "train.json").read_text())
+    other = {**index, "split": "test", "codec": {**index["codec"], "id": "dac16k-random-seed0"},
+             "text": {**index["text"], "id": "clap-random"}}
+    (data_dir / "splits" / "test.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"test split was prepared with another codec and text .*dac16k-random-seed0 "
+                                          r"vs dac16k-.*prepare the test manifest again"):
+        Stage1Data.from_prepared(data_dir, 0.2, 0, CodecConfig(weights="demo"))
+
+
 def test_a_run_resumed_on_another_train_split_is_refused(prepared, tmp_path):
     # the checkpoint recorded no data: a resume on a split prepared again (or another data_dir) trained on other
     # items from the old position in the epoch; the same items in another folder are the same data
