@@ -68,7 +68,7 @@ class Items:
         pol = self.dataset.info["audio"]
         data = read_source(it["source"], it.get("source_sha256"), f"prepare {self.dataset.dir} again")
         items, real, _ = standardize(load_audio(it["source"], data, warn=False),
-                                     AudioConfig(pol["policy"], pol["duration_s"]), it["source"])
+                                     AudioConfig(pol["policy"], pol["duration_s"]), it["source"], warn=False)
         return items[it["segment"], : real[it["segment"]]]  # "segment": the item's row among the kept chunks
 
 

@@ -68,6 +68,11 @@ class TextEncoder(torch.nn.Module):
     def weights_label(self) -> str:
         return self.clap.weights_label
 
+    def too_long(self, captions: Sequence[str]) -> list[str]:
+        """The captions of more than ``max_length`` tokens: ``encode`` keeps their first ``max_length`` - 1 and the
+        end-of-text token, as the authors' tokenizer (truncation=True)."""
+        return [c for c in captions if len(self.clap.tokenizer.encode(c)) > self.cfg.max_length]
+
     @torch.no_grad()
     def encode(self, captions: Sequence[str], batch_size: int = 64) -> TextStates:
         """captions -> TextStates, L = the longest caption's token count (<= max_length)."""

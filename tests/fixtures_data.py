@@ -48,6 +48,9 @@ class Counting:
     def __init__(self, inner, fail_after: int | None = None):
         self.inner, self.fail_after, self.items, self.calls, self.sizes = inner, fail_after, 0, 0, []
 
+    def __getattr__(self, name):  # everything but encode: the wrapped model's
+        return getattr(self.inner, name)
+
     @property
     def id(self) -> str:
         return self.inner.id

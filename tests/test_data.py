@@ -70,6 +70,16 @@ def test_manifest_csv_and_jsonl(tmp_path):
     assert (str(r.audio), r.label) == ("/abs/b.flac", "rain")
 
 
+def test_a_jsonl_id_that_is_a_fraction_or_exponent_is_refused(tmp_path):
+    # str() made 1e400 the id "inf" and 1.0 the id "1.0" (a CSV's 1 stays "1"); whole numbers stay ids
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": 7, "audio": "a.wav", "caption": "x"}) + "\n"
+                                      + '{"id": 1e400, "audio": "b.wav", "caption": "y"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: id is the number Infinity; give ids as strings"):
+        read_manifest(tmp_path / "m.jsonl")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": 7, "audio": "a.wav", "caption": "x"}) + "\n")
+    assert read_manifest(tmp_path / "m.jsonl")[0].id == "7"
+
+
 def test_manifest_errors_name_the_file(tmp_path):
     m = write_manifest(tmp_path / "m.csv", [{"id": "a", "caption": "x"}], columns=("id", "caption"))
     with pytest.raises(ManifestError,
@@ -113,8 +123,9 @@ def test_audio_errors_name_the_file(tmp_path):
             p.write_bytes(content)
         elif content is not None:
             write_wav(p, content, subtype="FLOAT")
-        with pytest.raises(AudioError, match=f"{name}: {reason}"):
+        with pytest.raises(AudioError, match=f"{name}: {reason}") as e:
             load_audio(p)
+        assert "0x" not in str(e.value)  # libsndfile named the in-memory buffer by address: other bytes each run
     write_wav(tmp_path / "lowrate.wav", np.full(400, 0.1), 4000)
     with pytest.raises(AudioError, match=r"lowrate\.wav: unsupported sample rate 4000 Hz"):
         load_audio(tmp_path / "lowrate.wav")
@@ -708,6 +719,28 @@ def test_segment_policy_gives_one_item_per_chunk(tmp_path, codec, text_encoder):
     chunks, _, _ = standardize(load_audio(tmp_path / "long.wav"), AudioConfig("segment", 0.5))
     direct = codec.encode(chunks)
     assert all(torch.equal(ds.codes(i), direct[i]) for i in range(2)) and direct.shape[-1] == 25
+
+
+def test_segments_left_out_ids_clashing_and_captions_cut_are_said(tmp_path, codec, text_encoder, caplog):
+    # a silent chunk was dropped, a caption over text.max_length tokens cut, without a word; a duplicate item id
+    # was said without naming it
+    x, caption = demo.clip(0, "train", 0)
+    gap = np.tile(x, 3)[:24_000].copy()
+    gap[8_000:16_000] = 0  # 1.5 s -> three 0.5 s chunks, the middle one silent
+    write_wav(tmp_path / "gap.wav", gap)
+    long_caption = " ".join(["a dog barks"] * 60)  # > 128 tokens
+    m = write_manifest(tmp_path / "m.csv", [{"id": "g", "audio": "gap.wav", "caption": long_caption}])
+    with caplog.at_level("WARNING"):
+        run(m, tmp_path / "out", codec, text_encoder, audio=AudioConfig("segment", 0.5))
+    assert "gap.wav: 1 silent 0.5 s segment(s) left out: #1" in caplog.text
+    assert "1 caption(s) are longer than text.max_length=128 tokens and were cut" in caplog.text
+    assert PreparedDataset(tmp_path / "out", "m", crop_s=None).ids == ["g#0", "g#2"]
+    write_wav(tmp_path / "short.wav", x[:4_000])  # one item, not split: its id is the row's
+    m = write_manifest(tmp_path / "d.csv", [{"id": "g#0", "audio": "short.wav", "caption": caption},
+                                            {"id": "g", "audio": "gap.wav", "caption": caption}])
+    with pytest.raises(DataError, match=r"1 duplicate item id\(s\) after segmentation .*: g#0 from rows g#0, g; "
+                                        r"rename those manifest ids"):
+        run(m, tmp_path / "out", codec, text_encoder, audio=AudioConfig("segment", 0.5))
 
 
 @pytest.mark.parametrize("seconds", ["0.00001", "0.01", "inf"])

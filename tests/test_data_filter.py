@@ -461,7 +461,9 @@ def test_segments_are_the_recording_cut_in_place(tmp_path):
     for r, k in zip(rows, (0, 2)):
         seg, sr = sf_read(dest.parent / r["audio"])
         assert sr == SR and np.array_equal(seg, original[k * SR:(k + 1) * SR])
-    assert written == 3 and [s["id"] for s in skipped] == ["quiet"]
+    # the silent second was left out without a word: it is listed beside the unusable file
+    assert written == 3 and [(s["id"], s["reason"]) for s in skipped][0] == ("rec1#1", "silent segment (left out)")
+    assert [s["id"] for s in skipped][1:] == ["quiet"]
     assert segment(m, tmp_path / "seg", duration_s=1.0, progress=False)[1] == 0  # a re-run writes nothing
     assert [it.row.id for it in filt.read_items(dest)] == ["rec1#0", "rec1#2", "brief"]  # a manifest the filter reads
     # a row id that is another row's segment id: the second overwrote the first's file, in silence
@@ -471,6 +473,11 @@ def test_segments_are_the_recording_cut_in_place(tmp_path):
     with pytest.raises(DataError, match="segment id rec1#0 is both segment 0 of row rec1 and row rec1#0"):
         segment(m2, tmp_path / "seg", duration_s=1.0, progress=False)
     assert (dest.parent / rows[0]["audio"]).read_bytes() == first
+    # a rerun with nothing to list: the former run's skipped.csv named files since mended
+    mended = write_manifest(tmp_path / "mended.csv", [{"id": "brief", "audio": "short.wav", "caption": "a blip"}])
+    assert (tmp_path / "seg" / "skipped.csv").is_file()
+    assert segment(mended, tmp_path / "seg", duration_s=1.0, progress=False)[2] == []
+    assert not (tmp_path / "seg" / "skipped.csv").exists()
 
 
 def sf_read(path):

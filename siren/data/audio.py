@@ -110,7 +110,9 @@ def load_audio(path: str | Path, data: bytes | None = None, warn: bool = True) -
     try:
         x, sr = read_sound(io.BytesIO(data), path, warn)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError / TypeError by format
-        raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {str(e).strip() or 'no detail'})") from None
+        # libsndfile names the in-memory buffer by its address: the same file gave other bytes in the index each run
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(e)).strip() or "no detail"
+        raise AudioError(f"{path}: unreadable audio ({type(e).__name__}: {detail})") from None
     if sr < MIN_SAMPLE_RATE:
         raise AudioError(f"{path}: unsupported sample rate {sr} Hz (need >= {MIN_SAMPLE_RATE} Hz)")
     channels, x = x, to_mono(x, path)
@@ -135,12 +137,13 @@ def load_audio(path: str | Path, data: bytes | None = None, warn: bool = True) -
     return wav
 
 
-def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio"
+def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio", warn: bool = True
                 ) -> tuple[torch.Tensor, list[int], list[int]]:
     """[N] 16 kHz -> (items [S, n], real (unpadded) samples per item, chunk index per item) under
     ``cfg.policy``; the chunk index is the item's position in time (k * duration_s), -1 if the file was not split.
 
-    ``segment`` drops silent chunks; with ``pad``/``crop`` a silent first ``duration_s`` is an error.
+    ``segment`` drops silent chunks, with a warning (``warn``: callers reading a file again pass False); with
+    ``pad``/``crop`` a silent first ``duration_s`` is an error.
     """
     d = cfg.n_samples
     if cfg.policy == "segment" and wav.shape[-1] > d:
@@ -148,6 +151,9 @@ def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio"
         keep = (chunks.abs().amax(-1) >= SILENCE_PEAK).nonzero()[:, 0].tolist()
         if not keep:
             raise AudioError(f"{where}: every {cfg.duration_s:g} s segment is silent")
+        if warn and len(keep) < len(chunks):
+            log.warning("%s: %d silent %g s segment(s) left out: %s", where, len(chunks) - len(keep), cfg.duration_s,
+                        ", ".join(f"#{k}" for k in range(len(chunks)) if k not in keep))
         return chunks[keep], [d] * len(keep), keep
     if wav[:d].abs().max() < SILENCE_PEAK:
         raise AudioError(f"{where}: the first {cfg.duration_s:g} s are silent (policy '{cfg.policy}' keeps only those)")

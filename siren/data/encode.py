@@ -5,6 +5,7 @@ so a killed run keeps what it finished.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from siren.data.manifest import Row
 from siren.errors import DataError
 from siren.io import save_tensors, sha256
 
+log = logging.getLogger(__name__)
+
 TEXT_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -27,6 +30,10 @@ def bar(it, progress: bool, desc: str, total: int | None = None):
 def encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, batch: int, progress: bool) -> None:
     """Encode {key: caption} and store each caption's states trimmed after its last real token."""
     keys = list(captions)
+    cut = text_encoder.too_long(list(captions.values()))
+    if cut:  # the conditioning loses their tails: say so once, not per batch
+        log.warning("%d caption(s) are longer than text.max_length=%d tokens and were cut to it (as the authors' "
+                    "tokenizer does), e.g. %r", len(cut), text_encoder.cfg.max_length, cut[0][:80] + "...")
     bar = tqdm(total=len(keys), desc="text", disable=not progress, unit="caption", dynamic_ncols=True)
     for s in range(0, len(keys), batch):
         chunk = keys[s:s + batch]
@@ -70,7 +77,7 @@ def encode_codes(todo: dict[str, Row], sha: dict[str, str], out: Path, codec, au
         if sha256(data) != sha[key]:
             raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
         # warn=False: the check pass has already warned about this file
-        items, real, chunks = standardize(load_audio(row.audio, data, warn=False), audio, row.audio)
+        items, real, chunks = standardize(load_audio(row.audio, data, warn=False), audio, row.audio, warn=False)
         f = {"key": key, "row": row, "real": real, "chunks": chunks, "codes": []}
         for item, r in zip(items, real):
             x = unpadded(item, r)
@@ -93,6 +100,6 @@ def score_crop_tables(todo: dict[str, tuple[Row, str, str]], out: Path, clap, au
         data = row.audio.read_bytes()
         if sha256(data) != sha:
             raise DataError(f"{row.audio}: file changed while prepare was running; run prepare again")
-        items, _, _ = standardize(load_audio(row.audio, data, warn=False), audio, row.audio)
+        items, _, _ = standardize(load_audio(row.audio, data, warn=False), audio, row.audio, warn=False)
         save_tensors(cache_path(out, "crops", key), score_crops(clap, items, row.caption, crop, step),
                      {"clap_id": clap.id, "codes": ckey, "crop_frames": str(crop), "step_frames": str(step)})

@@ -37,19 +37,24 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
             diff = sorted(k for k in head if head[k] != other.get(k))
             raise DataError(f"{out}: shard {p['shard']} of split '{split}' was prepared with a different {diff} "
                             f"than shard 0; re-run the shards with one config")
-    items = []
+    items, rows = [], {}  # rows: item id -> the manifest ids of the rows it came from
     for e in sorted((e for p in parts for e in p["entries"]), key=lambda e: e["row"]):
         for s, (real, chunk) in enumerate(zip(e["real_frames"], e["chunks"])):
             # appendix A segmentation: chunk k of a split file (k * duration_s onwards) is item "<id>#<k>"
-            items.append({"id": e["id"] if chunk < 0 else f"{e['id']}#{chunk}", "caption": e["caption"],
+            item_id = e["id"] if chunk < 0 else f"{e['id']}#{chunk}"
+            rows.setdefault(item_id, []).append(e["id"])
+            items.append({"id": item_id, "caption": e["caption"],
                           "label": e["label"], "source": e["audio"],
                           **{k: e[k] for k in ("source_sha256", "source_stat") if k in e},
                           "codes": e["codes"], "segment": s,
                           "text": e["text"], "frames": e["frames"], "real_frames": real,
                           **({"crop_filter": e["crop_filter"][s]} if "crop_filter" in e else {})})
-    ids = [it["id"] for it in items]
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{out}: split '{split}' has duplicate item ids after segmentation; rename the manifest ids")
+    dupes = {i: r for i, r in rows.items() if len(r) > 1}
+    if dupes:
+        raise DataError(f"{out}: split '{split}' has {len(dupes)} duplicate item id(s) after segmentation (segment k of "
+                        f"row ID is named ID#k): " + "; ".join(f"{i} from rows {', '.join(r)}"
+                                                                for i, r in list(dupes.items())[:10])
+                        + "; rename those manifest ids")
     bad = sorted((b for p in parts for b in p["bad"]), key=lambda b: b["row"])
     dest = index_path(out, split)
     write_json(dest, {**head, "split": split, "num_items": len(items), "skipped": bad, "items": items}, durable=True)

@@ -100,7 +100,7 @@ def _cache_latent(out: Path, key: str, entry: dict, codec, audio: AudioConfig) -
     with safe_open(codes_file, "pt") as f:  # the file as prepare read it, not as it is now; and its length
         made_from, frames = f.metadata().get("audio_sha256"), f.get_slice("codes").get_shape()[-1]
     data = read_source(entry["source"], made_from, f"run prepare again, then the latents ({codes_file})")
-    items, real, _ = standardize(load_audio(entry["source"], data, warn=False), audio, entry["source"])
+    items, real, _ = standardize(load_audio(entry["source"], data, warn=False), audio, entry["source"], warn=False)
     full = n_frames(items.shape[-1])  # as its codes: encoded without policy=pad's zeros, the pad frames 0 (masked)
     z = torch.cat([torch.nn.functional.pad(dac_latent(codec, unpadded(x, r)).cpu(), (0, full - n_frames(r)))
                    for x, r in zip(items, real)])

@@ -165,6 +165,9 @@ def read_records(path: Path, required: tuple[str, ...] = REQUIRED) -> tuple[list
             if nested:  # str() made "['a', 'b']" a caption
                 raise ManifestError(f"{path}:{n}: {nested[0]} is {json.dumps(r[nested[0]])[:60]}; ids, paths, "
                                     f"captions and labels are strings (or numbers)")
+            if isinstance(r.get("id"), float):  # str() made 1e400 "inf" and 1.0 "1.0" (a CSV's 1 stays "1")
+                raise ManifestError(f"{path}:{n}: id is the number {json.dumps(r['id'])}; give ids as strings "
+                                    f"(\"id\": \"...\") or whole numbers")
             columns.update(dict.fromkeys(r))
             records.append((n, r))
     # A key no line has is a missing column (reported by the caller); one only some lines lack names them.

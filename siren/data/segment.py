@@ -36,8 +36,11 @@ from siren.io import atomic_path, check_folder
 @dataclass
 class SegmentConfig:
     manifest: str = ""  # CSV/JSONL: id, audio, caption[, label] of the raw recordings
-    out: str = ""  # audio/<name>.wav per segment + segments.csv (+ skipped.csv when files are unusable)
+    out: str = ""  # audio/<name>.wav per segment + segments.csv (+ skipped.csv: unusable files, silent segments)
     duration_s: float = 10.0  # appendix A: 10 s segments
+
+
+SILENT = "silent segment (left out)"
 
 
 def file_name(item_id: str) -> str:
@@ -53,10 +56,14 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
     rows, skipped, n_new, made_by = [], [], 0, {}
     for r in tqdm(read_manifest(manifest), desc="segment", disable=not progress, unit="file", dynamic_ncols=True):
         try:
-            chunks, real, index = standardize(load_audio(r.audio), audio, r.audio)
+            wav = load_audio(r.audio)
+            chunks, real, index = standardize(wav, audio, r.audio, warn=False)
         except AudioError as e:
             skipped.append({"id": r.id, "audio": str(r.audio), "reason": str(e)})
             continue
+        if index[0] >= 0:  # split: its silent chunks are left out, and listed
+            skipped += [{"id": f"{r.id}#{k}", "audio": str(r.audio), "reason": SILENT}
+                        for k in range(wav.shape[-1] // audio.n_samples) if k not in index]
         for x, n, k in zip(chunks, real, index):
             seg_id = r.id if k < 0 else f"{r.id}#{k}"
             what = f"row {r.id}" if k < 0 else f"segment {k} of row {r.id}"
@@ -79,6 +86,8 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
     write_csv(out / "segments.csv", rows, ["id", "audio", "caption", "label"])
     if skipped:
         write_csv(out / "skipped.csv", skipped, ["id", "audio", "reason"])
+    else:  # a rerun's folder is this run's: a former run's list would name files since mended
+        (out / "skipped.csv").unlink(missing_ok=True)
     return out / "segments.csv", n_new, skipped
 
 
@@ -91,8 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_folder(cfg.out, "out")
     dest, n_new, skipped = segment(cfg.manifest, cfg.out, cfg.duration_s)
     n = len(read_manifest(dest))
+    silent = sum(s["reason"] == SILENT for s in skipped)
     print(f"{dest}: {n} segments of {cfg.duration_s:g} s ({n_new} written, {n - n_new} unchanged); "
-          f"{len(skipped)} unusable file(s)" + (f" listed in {dest.with_name('skipped.csv')}" if skipped else ""))
+          f"{len(skipped) - silent} unusable file(s), {silent} silent segment(s) left out"
+          + (f", listed in {dest.with_name('skipped.csv')}" if skipped else ""))
 
 
 if __name__ == "__main__":
