@@ -227,7 +227,7 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
     uniformly random codes of the generation length decoded by the same codec (a floor)."""
     import torch
 
-    from eval.audiocaps import evaluate_run
+    from eval.audiocaps import GENERATION_KEYS, evaluate_run
     from eval.generate import RECORD, write_clip
     from eval.reference import select
     from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS, CodecConfig
@@ -257,6 +257,8 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
     # what made the clips, for their card (eval.generate.record_card): the codec's weights mode
     write_json(gen_dir / RECORD, {"made_by": f"calibration row {kind}", "code_version": code_version(),
                                   "frontends_weights": {"codec": mode_of(codec.weights_label)}})
-    overrides = [*_keys(cfg, "eval."), *([f"subset={subset}"] if subset else [])]
+    # the clips are made above: the keys of generating would be recorded as if the evaluation had applied them
+    overrides = [*(k for k in _keys(cfg, "eval.") if k.split("=")[0].split(".")[0] not in GENERATION_KEYS),
+                 *([f"subset={subset}"] if subset else [])]
     return evaluate_run(run_dir="", ref=ref, out=out, weights=cfg["weights"], overrides=overrides,
                         gen_dir=str(gen_dir))

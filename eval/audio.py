@@ -71,6 +71,9 @@ def resample(wav: np.ndarray, sr: int, target: int, method: str = "torchaudio") 
     if method == "resampy":
         import resampy
 
+        if int(wav.shape[0] * float(target) / float(sr)) < 1:  # its own output length: no sample; it raises there
+            return np.zeros(0, np.float32)
+
         return resampy.resample(wav.astype(np.float64), sr, target, filter="kaiser_best").astype(np.float32)
     import librosa
 

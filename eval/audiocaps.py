@@ -46,6 +46,9 @@ METRICS = ("fad", "fd", "isc", "kl", "clap")
 SAMPLING_SOURCE = ("the paper states no temperature, top-k or top-p; the defaults (temperature 1, top-k and top-p "
                    "off) sample the model's full distribution. AudioGen and MusicGen sample with top-k 250 "
                    "(sample.top_k=250 to compare)")
+# the keys of generating (ckpt=); a gen_dir= evaluation generates nothing, so one given there would be recorded as
+# if applied (candidates=4 on clips no one reject-sampled)
+GENERATION_KEYS = ("seconds", "gen_batch_size", "gen_seed", "candidates", "sample")
 ROLE_OF = {"fd": "fd_kl_is", "kl": "fd_kl_is", "isc": "fd_kl_is", "fad": "fad", "clap": "clap"}  # backbone per metric
 
 
@@ -93,6 +96,12 @@ class EvalConfig:
         if self.is_seed >= 2**32:
             raise ConfigError(f"is_seed must be < 2**32 (numpy RandomState, as audioldm_eval), got {self.is_seed}")
         check_device(self.device)
+        if self.gen_dir and not self.ckpt:
+            given = [k for k in GENERATION_KEYS if getattr(self, k) != getattr(EvalConfig, k, None)
+                     and not (k == "sample" and self.sample == SampleConfig())]
+            if given:
+                raise ConfigError(f"{', '.join(given)}: key(s) of generating (ckpt=); gen_dir={self.gen_dir} is "
+                                  f"evaluated as found: leave them out")
         metrics = metric_list(self)  # an unknown metric is named now (a grid: before any job), not after generating
         if self.candidates > 1 and "clap" not in metrics:  # the CLAP metric's model scores the candidates
             raise ConfigError(f"candidates={self.candidates} (CLAP reject sampling) needs the CLAP model: add clap "
@@ -280,6 +289,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.ckpt:  # a wrong ckpt= is named before its default out=<ckpt>/eval is checked or made
         read_run_config(cfg.ckpt)
     out = output_dir(cfg)
+    if cfg.gen_dir and out.suffix == ".wav" and out.resolve().parent == Path(cfg.gen_dir).resolve():
+        raise ConfigError(f"out={cfg.out}: a folder named like a clip in gen_dir={cfg.gen_dir} would be read as one "
+                          f"by every later evaluation of it; give another out=")
     check_folder(out, "out")
     # a wrong gen_dir= made <gen_dir>_eval/, or set an earlier results.json aside, before it was named
     matched = match_generated(cfg.gen_dir, [it.id for it in items], subset=bool(cfg.subset)) if cfg.gen_dir else None
@@ -328,11 +340,16 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
         raise BadAudioError("\n".join(errors))
     results = evaluate_sets(clips["generated"], clips["reference"], [it.caption for it in items], cfg, ref_card,
                             {"dir": str(Path(gen_dir).resolve()), **gen_card}, models)
-    if cfg.ckpt:  # a metric's own checkpoint steered the clips: say so on the card and next to that metric
+    # a metric's own checkpoint steered the clips: say so on the card and next to that metric; for a gen_dir= folder
+    # this harness generated, from its record (the same clips got the mark only when made by ckpt=)
+    run_dir = cfg.ckpt or gen_card.get("run_dir")
+    if run_dir:
         computed = results["card"]["metrics"]["computed"]
-        notes = {m: cards.REWARD_NOTE for m in reward_equals_metric(cfg.ckpt, models, computed)}
-        if cfg.candidates > 1 and "clap" in computed:  # reject sampling scores with the CLAP metric's model
-            picked = cards.SELECTION_REASON.format(n=cfg.candidates)
+        notes = {m: cards.REWARD_NOTE for m in reward_equals_metric(run_dir, models, computed)}
+        n = cfg.candidates if cfg.ckpt else gen_card.get("candidates", 1)
+        # reject sampling scores with the CLAP metric's model (ckpt=), or with the recorded scorer
+        if n > 1 and "clap" in computed and (cfg.ckpt or gen_card.get("scorer") == models["clap"].net.id):
+            picked = cards.SELECTION_REASON.format(n=n)
             notes["clap"] = f"{notes['clap']}; and {picked}" if "clap" in notes else f"reward = metric: {picked}"
         results["card"]["reward_equals_metric"] = sorted(notes)
         for m, why in notes.items():

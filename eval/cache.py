@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.audio import Clip
+from eval.audio import BadAudioError, Clip
 from eval.backbones import Backbone, ClapAudio
 from siren import assets
 from siren.errors import ConfigError
@@ -105,6 +105,11 @@ def embed_clips(backbone: Backbone, clips: list[Clip], cache: EmbeddingCache | N
         def run(batch_key: Hashable) -> None:
             chunk = pending.pop(batch_key)
             for (k, _), out in zip(chunk, backbone.embed_batch([x for _, x in chunk])):
+                if not all(np.isfinite(v).all() for v in out.values()):  # not cached, not averaged into a metric
+                    c = clips[todo[k][0]]
+                    raise BadAudioError(f"{c.path or c.id}: {backbone.name} gave NaN/inf for this clip (clips computed "
+                                        f"before it are cached); check its samples (a float file far outside "
+                                        f"[-1, 1]?), then evaluate again")
                 for i in todo[k]:
                     results[i] = out
                 if cache:

@@ -213,8 +213,12 @@ def record_card(gen_dir: Path, clips: dict[str, Path]) -> dict:
                     f"replaced or edited since, or not made by {record.get('run_dir')}; its run is not credited")
             log.warning("%s: %s", gen_dir, note)
             return {"record": note}
+    settings = record.get("settings") or {}
+    picked = (settings.get("candidates") or 1) > 1  # reject-sampled: by which model, for the reward = metric mark
     return {k: v for k, v in {"run_dir": record.get("run_dir"), "made_by": record.get("made_by"),
-                              "weights_sha256": (record.get("settings") or {}).get("weights_sha256"),
+                              "weights_sha256": settings.get("weights_sha256"),
+                              "candidates": settings.get("candidates") if picked else None,
+                              "scorer": settings.get("scorer") if picked else None,
                               "frontends_weights": record.get("frontends_weights"),
                               "code_version": record.get("code_version")}.items() if v}
 

@@ -61,6 +61,8 @@ def select(rows: list[Row], manifest: str | Path, caption_index: int = 0,
 
 
 def _show(ids: list[str], n: int = 20) -> str:
+    # a name with spaces at an end is quoted: the manifest's ids are stripped, so " a" and "a" printed alike
+    ids = [repr(i) if i != i.strip() else i for i in ids]
     return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
 
 

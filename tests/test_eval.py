@@ -14,7 +14,7 @@ from eval import card as cards
 from eval.audio import BadAudioError, make_clip
 from eval.audiocaps import EvalConfig, EvalError, evaluate, main
 from eval.backbones import PannsCnn14, VGGish
-from siren.config import ConfigError
+from siren.config import ConfigError, load_config
 from siren.errors import ManifestError
 from siren.io import sha256_file
 from tests.fixtures_eval import make_reference, synth, write_set
@@ -557,6 +557,46 @@ def test_vggish_short_clip_policies():
     assert skip.embed_batch([skip.prepare(clips[1])])[0]["frames"].shape == (0, 128)  # no forward on nothing
 
 
+def test_a_clip_of_one_sample_at_another_rate_adds_no_vggish_frame(tmp_path):
+    # resampy raises on a clip that resamples to no sample at all: FAD ended in a traceback after PANNs had run
+    clip = make_clip("one", np.full(1, 0.1, np.float32), 44100)
+    for short, frames in (("skip", 0), ("pad", 1)):
+        v = VGGish("random", seed=0, short=short)
+        assert v.embed_batch([v.prepare(clip)])[0]["frames"].shape == (frames, 128)
+    with pytest.raises(BadAudioError, match="0.000 s is shorter than one VGGish example"):
+        VGGish("random", seed=0, short="error").prepare(clip)
+
+
+def test_a_clip_a_backbone_scores_as_nan_is_named_and_not_cached(panns, tmp_path):
+    # float samples of 1e20 made PANNs' outputs NaN: KL and IS were NaN with status ok (invalid JSON in results.json),
+    # FD a traceback naming no file, and the NaN embeddings were cached
+    from eval.cache import EmbeddingCache, embed_clips
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    good, huge = make_clip("good", synth(1, 2.0), 16000), make_clip("huge", synth(2, 2.0) * 1e20, 16000)
+    with pytest.raises(BadAudioError, match=r"huge: panns_cnn14_16k gave NaN/inf for this clip .*far outside \[-1, 1\]"):
+        embed_clips(panns, [good, huge], cache, batch_size=1)
+    _, stats = embed_clips(panns, [good], cache, batch_size=1)
+    assert stats.hits == 1  # the clip computed before it is kept
+    from safetensors.numpy import load_file
+
+    stored = [load_file(p) for p in (tmp_path / "cache").rglob("*.safetensors")]
+    assert len(stored) == 1 and all(np.isfinite(v).all() for s in stored for v in s.values())
+
+
+def test_generation_keys_with_gen_dir_and_an_out_named_like_a_clip_are_refused(sets, tmp_path):
+    # candidates=4 was recorded in results.json as if applied to clips no one reject-sampled; out=<gen_dir>/x.wav
+    # made a folder every later evaluation of gen_dir failed on
+    root, manifest, ids = sets
+    for key in ("candidates=4", "seconds=3", "sample.top_k=250", "gen_seed=1"):
+        with pytest.raises(ConfigError, match=rf"{key.split('=')[0].split('.')[0]}: key\(s\) of generating"):
+            load_config(EvalConfig, [f"gen_dir={root / 'gen'}", f"ref={manifest}", key])
+    with pytest.raises(ConfigError, match=r"x\.wav: a folder named like a clip in gen_dir"):
+        evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), out=str(root / "gen" / "x.wav"),
+                            weights="random", cache=False))
+    assert not (root / "gen" / "x.wav").exists()
+
+
 def test_fad_of_a_set_of_clips_all_under_one_vggish_example_is_one_error(tmp_path):
     manifest, ids = make_reference(tmp_path / "ref", n=3, seconds=0.5)
     write_set(tmp_path / "gen", ids, seed=2, seconds=0.5)
@@ -742,3 +782,7 @@ def test_a_clip_named_in_another_unicode_form_is_said_to_be_one(tmp_path):
         match_generated(tmp_path, ["caf\u00e9", "b"])
     assert "the same names in another Unicode form there (as a Mac's HFS+ or a copy from it writes them): " \
            "'cafe\\u0301'; rename them to the ids' exact form" in str(e.value)
+    # a name with a space at an end: the manifest's ids are stripped, and "missing: lead" / "extra:  lead" looked alike
+    write_set(tmp_path / "s", [" lead", "b"], seed=1)
+    with pytest.raises(ManifestError, match=r"missing 1: lead\n.*extra 1 \(not in the reference set\): ' lead'"):
+        match_generated(tmp_path / "s", ["lead", "b"])

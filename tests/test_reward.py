@@ -152,6 +152,11 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     card = json.loads((tmp_path / "eval" / "results.json").read_text())["card"]
     assert card["reward_equals_metric"] == ["clap"] == res["card"]["reward_equals_metric"]
     assert "reward = metric" in card["metrics"]["clap"]["reward_equals_metric"]
+    # the same clips evaluated as a folder (gen_dir=): they lost the mark; their record names the run
+    again = evaluate(load_config(EvalConfig, [f"gen_dir={tmp_path / 'eval' / 'gen'}", f"ref={ref}",
+                                              f"out={tmp_path / 'again'}", "weights=random", "metrics=clap",
+                                              "cache=false"]))
+    assert again["card"]["reward_equals_metric"] == ["clap"] and again["metrics"]["clap"] == res["metrics"]["clap"]
     row = cards.table([("aligned", res["metrics"])], card)
     assert f"{res['metrics']['clap']:.2f}{cards.REWARD_MARK}" in row and "reward = metric" in row
     grid = load_grid("table7")
@@ -167,6 +172,18 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     assert res["card"]["reward_equals_metric"] == ["clap"]
     row = cards.table([("best of 2", res["metrics"])], res["card"])
     assert f"{res['metrics']['clap']:.2f}{cards.REWARD_MARK}" in row and "best of 2 candidates" in row
+    again = evaluate(load_config(EvalConfig, [f"gen_dir={tmp_path / 'best2' / 'gen'}", f"ref={few}",
+                                              f"out={tmp_path / 'again2'}", "weights=random", "metrics=clap",
+                                              "cache=false"]))
+    assert "best of 2 candidates" in again["card"]["metrics"]["clap"]["reward_equals_metric"]
+    # ... unless another CLAP picked them (the record's scorer): a reject-sampled set, not by this metric's model
+    record = json.loads((tmp_path / "best2" / "gen" / "generation.json").read_text())
+    record["settings"]["scorer"] = "laion-clap-htsat-tiny-other"
+    (tmp_path / "best2" / "gen" / "generation.json").write_text(json.dumps(record))
+    again = evaluate(load_config(EvalConfig, [f"gen_dir={tmp_path / 'best2' / 'gen'}", f"ref={few}",
+                                              f"out={tmp_path / 'again2'}", "weights=random", "metrics=clap",
+                                              "cache=false"]))
+    assert again["card"]["reward_equals_metric"] == [] and again["card"]["generated"]["candidates"] == 2
     # the same CLAP backbone against another reward model or another seed: not marked
     models = backbones(load_config(EvalConfig, ["weights=random", "metrics=clap"]))
     for other in ({"name": "imagebind", "weights_sha256": "random-seed0"},
