@@ -574,7 +574,7 @@ def test_a_clip_a_backbone_scores_as_nan_is_named_and_not_cached(panns, tmp_path
 
     cache = EmbeddingCache(tmp_path / "cache")
     good, huge = make_clip("good", synth(1, 2.0), 16000), make_clip("huge", synth(2, 2.0) * 1e20, 16000)
-    with pytest.raises(BadAudioError, match=r"huge: panns_cnn14_16k gave NaN/inf for this clip .*far outside \[-1, 1\]"):
+    with pytest.raises(BadAudioError, match=r"huge: panns_cnn14_16k gave NaN/inf for this clip .*outside \[-1, 1\]"):
         embed_clips(panns, [good, huge], cache, batch_size=1)
     _, stats = embed_clips(panns, [good], cache, batch_size=1)
     assert stats.hits == 1  # the clip computed before it is kept

@@ -51,10 +51,9 @@ def write_index(out: str | Path, split: str, num_shards: int = 1, manifest: Path
                           **({"crop_filter": e["crop_filter"][s]} if "crop_filter" in e else {})})
     dupes = {i: r for i, r in rows.items() if len(r) > 1}
     if dupes:
-        raise DataError(f"{out}: split '{split}' has {len(dupes)} duplicate item id(s) after segmentation (segment k of "
-                        f"row ID is named ID#k): " + "; ".join(f"{i} from rows {', '.join(r)}"
-                                                                for i, r in list(dupes.items())[:10])
-                        + "; rename those manifest ids")
+        named = "; ".join(f"{i} from rows {', '.join(r)}" for i, r in list(dupes.items())[:10])
+        raise DataError(f"{out}: split '{split}' has {len(dupes)} duplicate item id(s) after segmentation (segment k "
+                        f"of row ID is named ID#k): {named}; rename those manifest ids")
     bad = sorted((b for p in parts for b in p["bad"]), key=lambda b: b["row"])
     dest = index_path(out, split)
     write_json(dest, {**head, "split": split, "num_items": len(items), "skipped": bad, "items": items}, durable=True)

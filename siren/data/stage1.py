@@ -59,9 +59,10 @@ class Stage1Data:
         if val is not None:  # validation CE on codes of another codec, or captions of another encoder, means nothing
             diff = [k for k in ("codec", "text") if val.info[k]["id"] != train.info[k]["id"]]
             if diff:
+                ids = ", ".join(f"{val.info[k]['id']} vs {train.info[k]['id']}" for k in diff)
                 raise ConfigError(f"{data_dir}: the test split was prepared with another {' and '.join(diff)} than the "
-                                  f"train split ({', '.join(val.info[k]['id'] + ' vs ' + train.info[k]['id'] for k in diff)}"
-                                  f"); prepare the test manifest again with the train split's codec.* and text.* keys")
+                                  f"train split ({ids}); prepare the test manifest again with the train split's "
+                                  f"codec.* and text.* keys")
         for name, ds in (("train", train), ("test", val)) if latent_dim else ():
             if ds is not None:
                 ds.check_tokens(name)
