@@ -613,7 +613,7 @@ def test_a_setup_stopped_part_way_runs_again(stage1, tmp_path):
     (out / "alignment.json").unlink()
     (out / "notes.txt").write_text("someone else's")
     with pytest.raises(SirenError, match="is not a stage-2 run"):
-        alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r"})
+        alignment.check_out(out, len(s1), trainable)
     # a frozen expert's folder left as a link to another folder: the setup wrote through it, outside out=
     (out / "notes.txt").unlink()
     elsewhere = tmp_path / "elsewhere"
@@ -623,6 +623,33 @@ def test_a_setup_stopped_part_way_runs_again(stage1, tmp_path):
     frozen.symlink_to(elsewhere, target_is_directory=True)
     alignment.prepare_out(cfg, s1, run_cfg, trainable, {"reward_id": "r"})
     assert not any(elsewhere.iterdir()) and frozen.is_dir() and not frozen.is_symlink()
+
+
+def test_steps_between_log_entries_are_averaged_into_them(stage1, tmp_path):
+    # log_every=3 logged steps 3 and 4 with only their own values: the rewards and losses of steps 1-2 were lost,
+    # and reward_curves drew every third step
+    _, _ = run_align(stage1, tmp_path / "each", "steps=4", "ckpt_every=4", "lr=1e-2")
+    _, _ = run_align(stage1, tmp_path / "few", "steps=4", "ckpt_every=4", "lr=1e-2", "log_every=3")
+    each, few = read_log(tmp_path / "each"), read_log(tmp_path / "few")
+    assert [e["step"] for e in few] == [3, 4] and few[0]["steps"] == 3 and "steps" not in few[1]
+    assert few[0]["reward_mean"] == pytest.approx(sum(e["reward_mean"] for e in each[:3]) / 3, abs=1e-12)
+    assert few[0]["reward_min"] == min(e["reward_min"] for e in each[:3])
+    assert few[0]["degenerate_groups"] == sum(e["degenerate_groups"] for e in each[:3])
+    assert few[1] == {**each[3], **{k: few[1][k] for k in ("time_rollout_s", "time_update_s")}}
+
+
+def test_stage2_refuses_a_continuous_run_and_bad_reward_and_dpo_values(tmp_path):
+    run = tmp_path / "cont"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"family": "continuous"}}))
+    with pytest.raises(ConfigError, match="is a family=continuous run: stage 2 aligns RVQ-code experts"):
+        alignment.load_stage1(run)  # was: AttributeError 'ContinuousConfig' object has no attribute 'n_experts'
+    with pytest.raises(ConfigError, match="method=dpo needs beta > 0"):  # "finished" with grad_norm 0, nothing aligned
+        alignment.parse(["run_dir=a", "out=b", "method=dpo", "beta=0"])
+    with pytest.raises(ConfigError, match=r"reward.code_layer=12 .*a layer 0..11"):  # an IndexError after the setup
+        alignment.parse(["run_dir=a", "out=b", "reward=code_match", "reward.code_layer=12"])
+    with pytest.raises(ConfigError, match="is inside the stage-1 run: stage 2 writes a new run directory"):
+        alignment.parse([f"run_dir={run}", f"out={run / 'sub'}"])
 
 
 def test_unknown_key_lists_valid_keys():
@@ -728,6 +755,19 @@ def test_cli_end_to_end_with_random_clap_and_codec(tmp_path):
         with pytest.raises(LockHeld, match=r"align\.lock: held by a stage-2 alignment .*another out="):
             alignment.main(overridden(args, ["steps=3"]), clap=text.clap)
     assert [e["step"] for e in read_log(out)] == [1, 2]
+    # a folder of other things is refused before the lock is taken in it (align.lock was left in the user's folder)
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "notes.txt").write_text("someone else's")
+    with pytest.raises(SirenError, match="is not a stage-2 run"):
+        alignment.main(overridden(args, [f"out={other}"]), clap=text.clap)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    # a stage-2 run as the source: its reward and its stage-1 step were lost from the new record, its aligned expert
+    # taken as the stage-1 reference
+    with pytest.raises(ConfigError, match=rf"run_dir={out} is a stage-2 run .*here {run.resolve()}; to train this "
+                                          rf"one further, resume it"):
+        alignment.main(overridden(args, [f"run_dir={out}", f"out={tmp_path / 'y'}"]), clap=text.clap)
+    assert not (tmp_path / "y").exists()
 
 
 def test_frontend_keys_other_than_the_runs_are_named_before_anything_is_built(tmp_path):

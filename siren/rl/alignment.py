@@ -49,7 +49,7 @@ from siren.rl import objective as obj
 from siren.rl import update
 from siren.rl.config import AlignConfig, parse, read_prompts
 from siren.rl.rollout import collect, trainable_experts
-from siren.rl.run_dir import LOCK, check_same, load_stage1, prepare_out
+from siren.rl.run_dir import LOCK, check_out, check_same, load_stage1, prepare_out
 from siren.run_dir import warn_if_past_trained
 from siren.runtime import (
     EXIT_PREEMPTED,
@@ -171,7 +171,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
         if cfg.fixed_every and start % cfg.fixed_every == 0 and \
                 not any(e.get("step") == start and "reward_fixed" in e for e in kept):
             runlog.write({"step": start, "reward_fixed": reward_fixed()})
-        skipped = 0
+        skipped, since = 0, []  # since: the entries of the steps not logged yet (log_every > 1)
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             captions = prompt_batch(prompts, step, cfg.batch, cfg.seed)  # Algorithm 3 line 2
@@ -202,10 +202,13 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
                 entry["reward_fixed"] = reward_fixed()  # checkpoints first: the point is skipped, not worth the grace
             bar.update(1)
             bar.set_postfix(reward=f"{entry['reward_mean']:.4f}", skipped=entry["skipped"])
-            if done % cfg.log_every == 0 or done == cfg.steps or entry["skipped"] or "reward_fixed" in entry:
-                runlog.write(entry)
             stop.preempted = stop.signum is not None
-            if stop.preempted or stop.save_due() or done % cfg.ckpt_every == 0 or done == cfg.steps:
+            saving = stop.preempted or stop.save_due() or done % cfg.ckpt_every == 0 or done == cfg.steps
+            since.append(entry)
+            if done % cfg.log_every == 0 or saving or entry["skipped"] or "reward_fixed" in entry:
+                runlog.write(merge_steps(since))  # at each checkpoint too: a resume starts after those steps
+                since = []
+            if saving:
                 save(done)
             if stop.preempted:
                 result = AlignResult("preempted", done, out)
@@ -217,6 +220,23 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
                         "group's rewards equal, or no |A| >= gamma=%g); see 'skipped' and 'degenerate_groups' in %s",
                         skipped, result.step - start, cfg.gamma, out / "rl" / "log.jsonl")
     return result
+
+
+SUMMED = ("skipped", "degenerate_groups", "time_rollout_s", "time_update_s")
+
+
+def merge_steps(entries: list[dict]) -> dict:
+    """One log entry for the steps since the last (``log_every`` > 1), as stage 1 logs: the last step's number, lr
+    and fixed-prompt reward; the extremes of reward_min / reward_max; sums of counts and times; means of the rest
+    (of the steps that have the key: a skipped step has no loss); ``steps``: how many."""
+    if len(entries) == 1:
+        return entries[0]
+    out = {**entries[-1], "steps": len(entries)}
+    for key in {k for e in entries for k in e} - {"step", "lr", "reward_fixed"}:
+        vals = [e[key] for e in entries if key in e]
+        out[key] = (min(vals) if key == "reward_min" else max(vals) if key == "reward_max" else
+                    sum(vals) if key in SUMMED else sum(vals) / len(vals))
+    return out
 
 
 def main(argv: Sequence[str] | None = None, clap=None) -> int:
@@ -271,6 +291,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
     def encode_text(caps: list[str]):
         return text_encoder.encode(caps)
 
+    check_out(cfg.out, len(stage1), trainable)
     # a second copy (the same job submitted twice) would set up out= under the first: rmtree its frozen experts
     with hold(Path(cfg.out) / LOCK, "a stage-2 alignment", "wait for it to finish, or give this one another out="):
         prepare_out(cfg, stage1, run_cfg, trainable, ids)

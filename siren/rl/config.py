@@ -108,6 +108,8 @@ class AlignConfig:
         if self.lr == 0 or self.seconds == 0 or not (self.beta1 < 1 and self.beta2 < 1):
             raise ConfigError(f"need lr > 0, seconds > 0, beta1 < 1, beta2 < 1; got lr={self.lr}, "
                               f"seconds={self.seconds}, beta1={self.beta1}, beta2={self.beta2}")
+        if self.method == "dpo" and self.beta == 0:  # its loss is log 2 with no gradient: "finished", nothing aligned
+            raise ConfigError("method=dpo needs beta > 0: at beta=0 the DPO loss is constant and nothing is aligned")
         if self.fixed_prompts < 1:
             raise ConfigError(f"fixed_prompts must be >= 1, got {self.fixed_prompts}")
         if self.sample.temperature == 0:  # a traceback in the first rollout, after out/ was set up with it
@@ -142,8 +144,10 @@ def parse(args: Sequence[str]) -> AlignConfig:
     for key in ("run_dir", "out"):
         if not getattr(cfg, key):
             raise ConfigError(f"{key}= is required (python -m siren.rl run_dir=RUN out=NEW_RUN prompts=FILE ...)")
-    if Path(cfg.out).resolve() == Path(cfg.run_dir).resolve():
-        raise ConfigError(f"out={cfg.out} is the stage-1 run itself: stage 2 writes a new run directory")
+    out, run_dir = Path(cfg.out).resolve(), Path(cfg.run_dir).resolve()
+    if out == run_dir or run_dir in out.parents:  # the stage-1 run is read, never written
+        raise ConfigError(f"out={cfg.out} is {'the stage-1 run itself' if out == run_dir else 'inside the stage-1 run'}"
+                          f": stage 2 writes a new run directory; give a folder outside {cfg.run_dir}")
     check_folder(cfg.out, "out")
     return cfg
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from siren.codec import CODEBOOK_SIZE, N_LAYERS
 from siren.config import check_numbers
 from siren.errors import ConfigError
 
@@ -35,6 +36,9 @@ class RewardConfig:
         if self.name not in ("clap", "imagebind", "code_match"):
             raise ConfigError(f"reward.name must be clap, imagebind or code_match, got {self.name!r}")
         check_numbers(self, "reward.", positive=("code_width",), nonneg=("seed", "code_layer", "code_value"))
+        if self.code_layer >= N_LAYERS or self.code_value >= CODEBOOK_SIZE:  # an IndexError after out= was set up
+            raise ConfigError(f"reward.code_layer={self.code_layer} reward.code_value={self.code_value}: a layer "
+                              f"0..{N_LAYERS - 1} and a code 0..{CODEBOOK_SIZE - 1}")
 
 
 class ClapReward:

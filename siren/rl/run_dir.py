@@ -31,9 +31,18 @@ def load_stage1(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
     """The finished stage-1 model (``siren.load``), each expert's checkpoint and run_dir/config.json."""
     from siren import load
 
+    run_cfg = read_run_config(run_dir)
+    if (Path(run_dir) / "alignment.json").is_file():  # its reward and true stage-1 step would be lost from the record,
+        # its aligned experts taken as the stage-1 reference
+        raise ConfigError(f"run_dir={run_dir} is a stage-2 run (alignment.json): stage 2 starts from a stage-1 run, "
+                          f"here {ckpt.read_run_json(Path(run_dir) / 'alignment.json').get('source_run')}; to train "
+                          f"this one further, resume it (out={run_dir}) with a larger steps=")
+    if run_cfg["model"].get("family") == "continuous":
+        raise ConfigError(f"run_dir={run_dir} is a family=continuous run: stage 2 aligns RVQ-code experts "
+                          f"(Algorithm 3); give a stage-1 run of the code family")
     model = load(run_dir, device)
     stage1 = [ckpt.load_latest(ckpt.expert_dir(run_dir, k)) for k in range(model.cfg.n_experts)]
-    return model, stage1, read_run_config(run_dir)
+    return model, stage1, run_cfg
 
 
 def _link_tree(src: Path, dest: Path, how: str) -> None:
@@ -63,6 +72,17 @@ CHANGES_THAT_MOVE_NUMBERS = {
     "fixed_prompts": "the fixed-prompt reward (Figure 5's curve) is measured on another set of prompts from here on"}
 
 LOCK = "align.lock"  # held by the run that sets up and trains in out= (siren.lock)
+
+
+def check_out(out: str | os.PathLike, n_experts: int, trainable: list[int]) -> None:
+    """Refuse an ``out`` that holds anything but a stage-2 run (or a setup of one stopped part way), before the
+    lock is taken in it: a refused folder is not written to."""
+    out = Path(out)
+    # what a setup writes before alignment.json: a setup stopped part way leaves only these, and runs again
+    ours = {"config.json", LOCK, *(ckpt.expert_dir(out, k).name for k in range(n_experts) if k not in trainable)}
+    if out.is_dir() and not (out / "alignment.json").exists() and \
+            any(p.name not in ours and not p.name.endswith(".tmp") for p in out.iterdir()):
+        raise SirenError(f"out={out} exists and is not a stage-2 run (no alignment.json); choose a new out=")
 
 
 def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, trainable: list[int],
@@ -101,10 +121,6 @@ def prepare_out(cfg: AlignConfig, stage1: list[ckpt.Checkpoint], run_cfg: dict, 
             if key in saved["config"] and takes(key, saved["config"][key]) != takes(key, now[key]):
                 log.warning("%s: %s=%s, set up with %s: %s", out, key, now[key], saved["config"][key], why)
         return
-    # what this setup writes before alignment.json: a setup stopped part way leaves only these, and runs again
-    ours = {"config.json", LOCK, *(ckpt.expert_dir(out, k).name for k in range(len(stage1)) if k not in trainable)}
-    if out.exists() and any(p.name not in ours and not p.name.endswith(".tmp") for p in out.iterdir()):
-        raise SirenError(f"out={out} exists and is not a stage-2 run (no alignment.json); choose a new out=")
     out.mkdir(parents=True, exist_ok=True)
     io.write_json(out / "config.json", run_cfg)
     for k, c in enumerate(stage1):
