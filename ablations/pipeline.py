@@ -288,6 +288,11 @@ def _run_local(jobs: list[Job], root: Path, kind: str, retry: bool, max_parallel
                 running.remove((job, sj, started))
                 try:
                     sj.result()
+                    # local job ids are PIDs, and a killed job's result is read from <pid>_0_result.pkl: an earlier
+                    # job of the same PID left one there. Done is the marker the job writes last, nothing else
+                    if not job.done.is_file():
+                        raise RuntimeError(f"the job ended without writing {job.done} (killed: by the kernel's "
+                                           f"out-of-memory killer?); the result read was an earlier job's")
                     states[job.key] = JobState(job.key, "DONE", str(sj.job_id), submitted=True)
                 except Exception as e:  # the job's own error; its log has the traceback
                     other = lock.holder(job_lock(job.done))

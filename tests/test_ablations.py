@@ -558,6 +558,19 @@ def test_local_jobs_get_the_job_settings_and_the_launcher_keeps_its_own(tmp_path
     assert "MALLOC_TRIM_THRESHOLD_" not in pipeline.os.environ
 
 
+def test_a_killed_local_job_is_failed_though_an_earlier_job_of_its_pid_left_a_result(tmp_path):
+    """Local job ids are PIDs, and submitit reads a killed job's result from <pid>_0_result.pkl: one an earlier job
+    of the same PID left in the shared logs folder made the killed job DONE, and the jobs after it started."""
+    import pickle
+
+    (tmp_path / "logs").mkdir()
+    for pid in range(os.getpid() + 1, os.getpid() + 3000):  # the PIDs handed out next
+        (tmp_path / "logs" / f"{pid}_0_result.pkl").write_bytes(pickle.dumps(("success", None)))
+    job = pipeline.Job("victim", os.abort, {}, tmp_path / "victim.done")  # dies without a result, as when OOM-killed
+    states = pipeline.run_local([job], tmp_path, "local", retry=False, max_parallel=1, warm=False)
+    assert states["victim"].state == "FAILED" and not job.done.exists()
+
+
 @pytest.fixture(scope="module")
 def grid_out(tmp_path_factory):
     """One results folder for the runs below, so the demo set is prepared once."""
