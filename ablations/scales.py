@@ -100,7 +100,7 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
     common = COMMON if cell.get("model.family", "discrete") == "discrete" else {}  # RVQ-expert keys only
     out = {**common, **SCALES[scale], **model_keys(scale, size, cell.get("model.distribution", "")), **cell}
     for k, v in dict(overrides).items():
-        like = out[k] if k in out else stage_default(k)
+        like = out[k] if k in out else stage_default(k, out)
         value = typed(v, None if like is MISSING else like)
         if k not in out and value == like and type(value) is type(like):
             continue  # the stage's own default, spelled out: the cell it is without the key (not retrained)
@@ -108,14 +108,25 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
     return dict(sorted(out.items()))
 
 
-def stage_default(key: str) -> Any:
+def stage_default(key: str, cell: Mapping[str, Any] = ()) -> Any:
     """The value the stage reading ``key`` gives it when a cell leaves it out (train.*: siren.train, rl.*: stage 2,
-    eval.*: the evaluation), or MISSING (another key, or one these schemas do not have)."""
+    eval.*: the evaluation; model.*: the ``cell``'s model preset, for an RVQ-expert cell), or MISSING (another key,
+    or one these schemas do not have)."""
     from eval.audiocaps import EvalConfig
     from siren.rl.config import AlignConfig
     from siren.train_config import TrainConfig
 
     head, _, rest = key.partition(".")
+    cell = dict(cell)
+    if head == "model":  # set.model.dim=64 on a d=64 preset is that cell, not another to train
+        if cell.get("model.family", "discrete") != "discrete" or "model.scale" not in cell:
+            return MISSING
+        from siren.config import load_config
+        from siren.model.config import ModelConfig, presets
+
+        preset = load_config(ModelConfig, [f"scale={cell['model.scale']}", f"arch={cell.get('model.arch', 'official')}"],
+                             presets())
+        return getattr(preset, rest, MISSING)
     schema = {"train": TrainConfig, "rl": AlignConfig, "eval": EvalConfig}.get(head)
     return default_of(schema, rest) if schema else MISSING
 

@@ -1005,6 +1005,9 @@ def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
     # keys the scale leaves to the stage's own default: spelled out, they made new cells (everything retrained)
     assert ids("set.train.grad_clip=1.0", "set.train.seed=0", "set.eval.candidates=1") == default
     assert ids("set.train.grad_clip=1") == default and ids("set.train.grad_clip=2") != default
+    # a model key at the preset's value (d=64 in the demo's tiny preset), a boolean spelled either way: new cells
+    assert ids("set.model.dim=64", "set.model.head_bias=false") == default
+    assert ids("set.model.head_bias=true") == ids("set.model.head_bias=True") != default
     # ... but a key the grid sets itself is refused at any value (at its stage default it was dropped in silence)
     from ablations.plan import parse
 
