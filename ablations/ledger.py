@@ -39,6 +39,9 @@ class Job:
     array: str = ""  # jobs of one name (with equal resources and dependencies) go to SLURM as one job array
     output: Path | None = None  # what the done marker vouches for (a folder or file): deleted, the job is not done
     rows: str = ""  # the table rows whose outcome it is (evaluations, alignments), for the status lines
+    # prepare, latents: a retry runs it again when a job reading its files failed (it re-encodes a damaged entry,
+    # which its done marker would otherwise vouch for until someone deleted the marker by hand)
+    recheck: bool = False
 
 
 @dataclass
@@ -137,6 +140,18 @@ def current_states(jobs: list[Job], root: Path) -> dict[str, JobState]:
     ledger = Ledger(root)
     ledger.track(jobs)
     return {j.key: ledger.state(j) for j in jobs}
+
+
+def reopen_for_retry(jobs: list[Job], root: Path) -> list[str]:
+    """``retry=true``: the done ``recheck`` jobs with a failed job depending on them, their markers deleted so they
+    run again before it (cached work is read, not redone); returns their keys."""
+    states = current_states(jobs, root)
+    failed = {k for k, s in states.items() if s.state in FINAL_BAD | {"FAILED"}}
+    again = [j for j in jobs if j.recheck and states[j.key].state == "DONE"
+             and any(j.key in d.deps for d in jobs if d.key in failed)]
+    for j in again:
+        j.done.unlink()
+    return [j.key for j in again]
 
 
 def cancel_slurm(jobs: list[Job], root: Path) -> int:

@@ -310,7 +310,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
         jobs.setdefault(prep, Job(prep, steps.prepare_step,
                                   dict(data_dir=str(prepared), cfg=cell.cfg, **({"num_shards": n} if sharded else {})),
                                   prepared / "prepared.done", deps=parts, gpus=0 if sharded else run.gpus, cpus=2,
-                                  mem_gb=run.mem_gb, timeout_min=24 * 60, output=prepared / "splits"))
+                                  mem_gb=run.mem_gb, timeout_min=24 * 60, output=prepared / "splits", recheck=True))
         stage1 = stage1_dir(cell, run)
         trains = [f"stage1-{stage1.name}/expert_{k}" for k in range(cell.n_experts)]
         before_train = [prep]
@@ -321,7 +321,7 @@ def plan(cells: list[Cell], run: RunConfig) -> list[Job]:
                                                  dict(data_dir=str(prepared), cfg=cell.cfg, dim=dim),
                                                  prepared / f"latents-{dim}.done", deps=[prep], gpus=run.gpus, cpus=2,
                                                  mem_gb=run.mem_gb, timeout_min=24 * 60,
-                                                 output=prepared / "latents" / f"pca{dim}.json"))
+                                                 output=prepared / "latents" / f"pca{dim}.json", recheck=True))
         for k, key in enumerate(trains):
             jobs.setdefault(key, Job(key, steps.train_step, dict(cfg=cell.cfg, run_dir=str(stage1),
                                                                  data_dir=str(prepared), expert=k),

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         for cell in cells:  # what each cell directory is, for a reader browsing results
             io.write_json(cell.dir / "cell.json",
                           {"id": cell.id, "config": cell.cfg, "rows": [r.label for r in cell.rows]})
+        for key in ledger.reopen_for_retry(jobs, run.root) if run.retry else ():
+            print(f"retry: {key} runs again first, as a job reading its files failed (it remakes a damaged one)")
         if run.executor == "slurm":
             from ablations.executors import load_profile
 

@@ -124,8 +124,8 @@ def stage_default(key: str, cell: Mapping[str, Any] = ()) -> Any:
         from siren.config import load_config
         from siren.model.config import ModelConfig, presets
 
-        preset = load_config(ModelConfig, [f"scale={cell['model.scale']}", f"arch={cell.get('model.arch', 'official')}"],
-                             presets())
+        arch = cell.get("model.arch", "official")
+        preset = load_config(ModelConfig, [f"scale={cell['model.scale']}", f"arch={arch}"], presets())
         return getattr(preset, rest, MISSING)
     schema = {"train": TrainConfig, "rl": AlignConfig, "eval": EvalConfig}.get(head)
     return default_of(schema, rest) if schema else MISSING

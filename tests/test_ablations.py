@@ -264,6 +264,8 @@ def test_the_codec_passes_over_the_training_set_get_the_grids_gpus(tmp_path, gpu
     run_cfg = parse(["grid=continuous", f"out={tmp_path}", f"gpus={gpus}"])
     jobs = {j.fn.__name__: j for j in plan(cells_of(load_grid("continuous"), run_cfg), run_cfg)}
     assert jobs["prepare_step"].gpus == jobs["latents_step"].gpus == jobs["train_step"].gpus == gpus
+    # the two a retry runs again when a job reading their files failed (ledger.reopen_for_retry)
+    assert [n for n, j in sorted(jobs.items()) if j.recheck] == ["latents_step", "prepare_step"]
 
 
 def test_tables_mark_equal_values_alike_and_the_next_one_second():
@@ -532,6 +534,37 @@ def test_local_runs_jobs_others_wait_on_before_leaves(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ablations.pipeline"):  # all done: nothing to run, no lines
         pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)
     assert not caplog.messages
+
+
+def _make_file(path: str) -> None:  # a prepare: remakes its file only when it is not whole
+    if not Path(path).exists() or Path(path).read_text() != "whole":
+        Path(path).write_text("whole")
+
+
+def _read_file(path: str) -> None:
+    if Path(path).read_text() != "whole":
+        from siren.errors import DataError
+
+        raise DataError(f"{path}: a damaged prepared file; run prepare again")
+
+
+def test_a_retry_runs_a_done_prepare_again_when_a_job_reading_its_files_failed(tmp_path, capsys):
+    """A prepared file damaged after prepare: every training failed on it, and retry=true submitted them again
+    while prepare's done marker kept it done; only deleting that marker by hand (said nowhere) repaired it."""
+    from ablations import ledger
+
+    data = str(tmp_path / "codes")
+    jobs = [pipeline.Job("data-x", _make_file, {"path": data}, tmp_path / "prepared.done", recheck=True),
+            pipeline.Job("train", _read_file, {"path": data}, tmp_path / "train.done", deps=["data-x"])]
+    assert {s.state for s in pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1).values()} \
+        == {"DONE"}
+    Path(data).write_text("dam")
+    (tmp_path / "train.done").unlink()
+    assert pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)["train"].state == "FAILED"
+    assert ledger.reopen_for_retry(jobs, tmp_path) == ["data-x"]
+    states = pipeline.run_local(jobs, tmp_path, "debug", retry=True, max_parallel=1)
+    assert {s.state for s in states.values()} == {"DONE"} and Path(data).read_text() == "whole"
+    assert ledger.reopen_for_retry(jobs, tmp_path) == []  # nothing failed: nothing runs again
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
