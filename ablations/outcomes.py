@@ -36,11 +36,15 @@ def _params(cell: Cell, column: str) -> str:
     return f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M"
 
 
+# UNKNOWN: sacct has no row (yet, or slurmdbd is down); the launcher takes such a job as possibly running, not failed
+NOT_FAILED = LIVE | {"DONE", "MISSING", "BLOCKED", "UNKNOWN"}
+
+
 def outcome(cell: Cell, grid: Grid, run: RunConfig, states: dict[str, JobState]) -> Outcome:
     did = data_dir(cell.cfg, run.root).name  # its data's jobs too: a failed prepare leaves every row's jobs waiting
     mine = {k: s for k, s in states.items()
             if k.startswith((cell.id, f"stage1-{stage1_dir(cell, run).name}", f"data-{did}", f"latents-{did}-"))}
-    bad = [s for s in mine.values() if s.state not in LIVE | {"DONE", "MISSING", "BLOCKED"}]
+    bad = [s for s in mine.values() if s.state not in NOT_FAILED]
     results, done = steps.result_path(cell.dir), cell.dir / "eval.done"
     # the done marker is written last: a results.json without it is an earlier evaluation's, of a cell whose
     # evaluation runs again now (or failed again)
@@ -96,7 +100,7 @@ def calibration_outcomes(cells: list[Cell], grid: Grid, run: RunConfig,
         results = folder / "results.json"
         state = states.get(f"calib-{calibration_id(cells[0].cfg)}/{kind}")
         if not (results.is_file() and folder.with_suffix(".done").is_file()):  # as a cell's: done marker last
-            failed = state is not None and state.state not in LIVE | {"DONE", "MISSING", "BLOCKED"}
+            failed = state is not None and state.state not in NOT_FAILED
             out[label] = Outcome({}, "failed", f"{state.key}: {state.log}") if failed else Outcome({}, "pending")
             continue
         try:

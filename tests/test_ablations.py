@@ -394,6 +394,8 @@ def test_a_results_json_without_its_done_marker_is_not_the_rows_result(tmp_path)
     failed = {f"{cell.id}/eval": JobState(f"{cell.id}/eval", "FAILED", log="eval.log")}
     assert outcome(cell, grid, run, failed).status == "failed"
     assert outcome(cell, grid, run, {f"{cell.id}/eval": JobState(f"{cell.id}/eval", "RUNNING")}).status == "pending"
+    # no sacct row (yet, or slurmdbd down): the launcher takes it as possibly running; the table said "failed"
+    assert outcome(cell, grid, run, {f"{cell.id}/eval": JobState(f"{cell.id}/eval", "UNKNOWN")}).status == "pending"
     # an itg row keeps its size beside the status, as the paper prints 12-1's 140M
     (cell.dir / "eval" / "results.json").write_text(json.dumps({"status": "itg", "reason": "non-finite logits"}))
     (cell.dir / "eval.done").touch()
