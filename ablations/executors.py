@@ -256,12 +256,20 @@ def _slurm_executor(
     return executor
 
 
+def check_limits(profile: Profile, timeouts: list[int]) -> None:
+    """Every job's time limit against the profile's signal_delay_s, before the first sbatch: checked per submission,
+    a short limit stopped the grid part way, with the jobs before it submitted."""
+    for t in sorted(set(timeouts)):
+        _signal_delay_s(min(t, profile.timeout_min or t), profile)
+
+
 def _signal_delay_s(timeout_min: float, profile: Profile | None = None) -> int:
     if profile is not None and profile.signal_delay_s is not None:
         if profile.signal_delay_s * 2 > timeout_min * 60:
             raise ConfigError(f"{profile.path or profile.name}: signal_delay_s={profile.signal_delay_s} is more than "
                               f"half of a job's {timeout_min:g}-minute time limit (each piece of the job would spend "
-                              "most of its time after the checkpoint signal); lower it or raise timeout_min")
+                              "most of its time after the checkpoint signal); lower it, or raise that limit: the "
+                              "profile's timeout_min, or train_timeout_min= for training and stage-2 jobs")
         return profile.signal_delay_s
     # A delay longer than the job makes SLURM signal it at once: use a quarter of short jobs.
     return min(SIGNAL_DELAY_S, int(timeout_min * 60) // 4)

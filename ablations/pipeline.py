@@ -136,6 +136,9 @@ def submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str,
 
 
 def _submit_slurm(jobs: list[Job], root: Path, profile, retry: bool) -> dict[str, JobState]:
+    from ablations.executors import check_limits
+
+    check_limits(profile, [j.timeout_min for j in jobs])
     ledger, states = Ledger(root), {}
     ledger.track(jobs)
     for wave in _levels(jobs):

@@ -200,6 +200,17 @@ def test_a_profile_sets_the_checkpoint_signals_margin(slurm_cluster, tmp_path):
     path.write_text("timeout_min: 20\nsignal_delay_s: 900\n")
     with pytest.raises(ValueError, match=r"slow_fs.yaml: signal_delay_s=900 is more than half of a job's 20-minute"):
         make_executor("slurm", tmp_path, load_profile(path), name="train", timeout_min=3000)
+    # a grid checks every job's limit before its first sbatch: checked per submission, the jobs before the first
+    # short one were submitted when the grid stopped, and the fix named only the profile's timeout_min
+    from ablations import pipeline
+    from ablations.ledger import Job
+
+    path.write_text("signal_delay_s: 1000\n")
+    jobs = [Job("data", print, {}, tmp_path / "data.done", timeout_min=24 * 60),
+            Job("train", print, {}, tmp_path / "train.done", deps=["data"], timeout_min=30)]
+    with pytest.raises(ValueError, match=r"30-minute time limit .*train_timeout_min= for training"):
+        pipeline.submit_slurm(jobs, tmp_path / "grid", load_profile(path), retry=False)
+    assert not (tmp_path / "grid" / "jobs").exists()
 
 
 def test_a_grid_job_runs_in_its_launchers_folder_wherever_the_setup_lines_go(slurm_cluster, tmp_path, monkeypatch):
