@@ -97,6 +97,19 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
+class _OnceLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it keeps the last: `partition: gpu` then
+    `partition: cpu` submitted to cpu, in silence)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"key(s) {', '.join(twice)} given twice; give each "
+                                                    f"once", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
     """Reads slurm/profiles/NAME.yaml, or the YAML file at a path (anything with a / or .yaml)."""
     text = str(name_or_path)
@@ -108,7 +121,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
             f"{', '.join(available_profiles()) or '(none)'}; or pass the path of a YAML file."
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_OnceLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):

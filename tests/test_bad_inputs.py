@@ -644,12 +644,14 @@ def test_slurm_problems_end_in_one_error_line(tmp_path, monkeypatch, capsys):
     from ablations.run import main
     from siren.cli import call
 
-    bad_yaml = tmp_path / "broken.yaml"
+    bad_yaml, twice = tmp_path / "broken.yaml", tmp_path / "twice.yaml"
     bad_yaml.write_text("partition: [gpu\n")
+    twice.write_text("partition: gpu\ntimeout_min: 30\npartition: cpu\n")  # YAML keeps the last, in silence
     grid = ["grid=table6", "rows=6-2", f"out={tmp_path / 'out'}", "executor=slurm"]
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     for extra, words in [(["profile=nope"], "no SLURM profile 'nope'"),
                          ([f"profile={bad_yaml}"], f"{bad_yaml}: not valid YAML"),
+                         ([f"profile={twice}"], f"{twice}: not valid YAML (key(s) partition given twice"),
                          (["profile=local"], "executor=slurm needs sbatch and srun on PATH")]:
         assert call(main, [*grid, *extra]) == 2
         err = capsys.readouterr().err
