@@ -279,7 +279,8 @@ def data_paths(cfg: dict, prepared: Path) -> tuple[str, str, str | None]:
         return str(demo.test), str(demo.train), None  # every test clip (90): ISC over 10 splits needs them
     missing = [k for k in ("data.train", "data.test", "data.prompts") if k not in cfg]
     if missing:
-        raise ConfigError(f"scale=paper needs your manifests: {', '.join(f'set.{k}=FILE' for k in missing)} "
+        raise ConfigError(f"data.source={cfg['data.source']} (scale=paper's) needs your manifests: "
+                          f"{', '.join(f'set.{k}=FILE' for k in missing)} "
                           "(id,audio,caption CSV/JSONL: training set, AudioCaps test set, RL prompts)")
     return cfg["data.test"], cfg["data.prompts"], cfg.get("data.subset")
 

@@ -958,6 +958,10 @@ def test_a_paper_grid_names_a_missing_manifest_before_submitting(tmp_path):
     with pytest.raises(ConfigError, match=r"no such file: set\.data\.test=.*tset\.csv; give"):
         main(args)
     assert not (tmp_path / "out").exists()
+    # manifests asked for at scale=demo: the error said "scale=paper needs your manifests"
+    with pytest.raises(ConfigError, match=r"^data\.source=manifest \(scale=paper's\) needs your manifests: "
+                                          r"set\.data\.train=FILE"):
+        main(["grid=table6", "rows=6-2", f"out={tmp_path / 'out'}", "set.data.source=manifest"])
     assert main([*args, "action=status"]) == 0  # status reads no manifest
 
 
