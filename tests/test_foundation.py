@@ -362,3 +362,27 @@ def test_commands_hide_the_pinned_libraries_notices_about_their_internals_only()
         warnings.warn("some other deprecation", FutureWarning)
         warnings.warn("torch.meshgrid: a notice in other words", UserWarning)
     assert [str(w.message) for w in seen] == ["some other deprecation", "torch.meshgrid: a notice in other words"]
+
+
+def test_code_version_of_an_installed_copy_inside_another_checkout_is_not_that_checkouts(tmp_path, monkeypatch):
+    # site-packages in a project's own .venv: `git -C <package root>` described the project's commit on every card
+    import importlib.util
+
+    repo = tmp_path / "project"
+    site = repo / ".venv" / "site" / "siren"
+    site.mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "siren" / "runtime.py", site / "runtime.py")
+    env = {**os.environ, "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b", "GIT_COMMITTER_NAME": "a",
+           "GIT_COMMITTER_EMAIL": "a@b"}
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "unrelated"], check=True, env=env)
+    theirs = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    spec = importlib.util.spec_from_file_location("installed_runtime", site / "runtime.py")
+    installed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "installed_runtime", installed)  # its dataclasses look their module up
+    spec.loader.exec_module(installed)
+    assert theirs not in installed.code_version()
+    from siren.runtime import code_version
+
+    assert code_version().startswith("git ")  # this checkout's own
