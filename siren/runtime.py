@@ -317,8 +317,9 @@ def code_version() -> str:
         try:
             # GIT_OPTIONAL_LOCKS=0: --dirty refreshes the index under .git/index.lock otherwise, a write into the
             # checkout that a git command of the user's at that moment fails on
-            r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"], capture_output=True,
-                               text=True, timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+            r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
+                               capture_output=True, text=True, timeout=10,
+                               env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
             if r.returncode == 0 and r.stdout.strip():
                 return f"git {r.stdout.strip()}"
         except (OSError, subprocess.SubprocessError):

@@ -1,5 +1,6 @@
 """Test-wide settings: an isolated weights/embedding cache, so tests never read or write ~/.cache."""
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -10,8 +11,15 @@ from siren.clap import numba_cache_dir_kept
 
 # Each pytest process (and each pytest-xdist worker, which inherits the controller's environment) gets
 # its own cache: tests assert what a run computes and what it reads from the cache.
+MADE_CACHE = None  # the cache this process made, removed as it ends (each run left up to 21 MB in /tmp)
 if os.environ.get("SIREN_CACHE", "") in ("", os.environ.get("SIREN_TEST_CACHE")):
-    os.environ["SIREN_CACHE"] = os.environ["SIREN_TEST_CACHE"] = tempfile.mkdtemp(prefix="siren-test-cache-")
+    MADE_CACHE = tempfile.mkdtemp(prefix="siren-test-cache-")
+    os.environ["SIREN_CACHE"] = os.environ["SIREN_TEST_CACHE"] = MADE_CACHE
+
+
+def pytest_unconfigure(config):
+    if MADE_CACHE:
+        shutil.rmtree(MADE_CACHE, ignore_errors=True)
 
 # pytest-xdist hands out whole files (--dist loadfile) in collection order (--no-loadscope-reorder: by default it
 # orders them by their number of tests), so the files that take longest go first and the two workers end
