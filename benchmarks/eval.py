@@ -21,12 +21,12 @@ import soundfile as sf
 import torch
 
 from eval.audio import load_clips
-from eval.audiocaps import EvalConfig, evaluate
+from eval.audiocaps import EvalConfig, evaluate, max_is_splits, metric_list
 from eval.backbones import PannsCnn14
 from eval.cache import embed_clips
 from eval.card import banner
 from siren import cli
-from siren.config import check_numbers, load_config
+from siren.config import ConfigError, check_numbers, load_config
 
 
 @dataclass
@@ -38,8 +38,13 @@ class BenchConfig:
     metrics: str = "fad,fd,isc,kl,clap"
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self):  # named before the first table's minutes, not after them
         check_numbers(self, positive=("n", "seconds", "batch_size"))
+        if self.n < 2:
+            raise ConfigError(f"n={self.n}: the evaluation needs at least 2 clips a set")
+        if self.weights not in ("pretrained", "demo", "random"):
+            raise ConfigError(f"weights must be pretrained, demo or random, got {self.weights!r}")
+        metric_list(self)
 
 
 def _write_clips(folder: Path, n: int, seconds: float, seed: int) -> dict[str, Path]:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                             + "".join(f"{i},audio/{p.name},a tone number {i}\n" for i, p in ref.items()))
         ecfg = EvalConfig(gen_dir=str(tmp / "gen"), ref=str(manifest), out=str(tmp / "out"), weights=cfg.weights,
                           seed=cfg.seed, metrics=cfg.metrics, batch_size=cfg.batch_size, cache_dir=str(tmp / "cache"),
-                          is_splits=min(10, cfg.n))
+                          is_splits=min(10, max_is_splits(cfg.n)))  # 2 clips a split at least
         times, stats = [], []
         for _ in range(2):
             t0 = time.perf_counter()

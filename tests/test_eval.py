@@ -771,6 +771,13 @@ def test_the_eval_benchmark_labels_demo_weights_as_demo(capsys):
     assert bench.main(["weights=demo", "n=2", "seconds=1", "metrics=fd"]) == 0
     out = capsys.readouterr().out
     assert out.count(cards.DEMO_BANNER) == 2 and "RANDOM" not in out
+    # n < 20 with isc: IS splits of 1 clip were refused after the first table; bad values named after it
+    assert bench.main(["n=4", "seconds=1", "metrics=isc"]) == 0
+    capsys.readouterr()
+    for bad, words in (("metrics=fd,isk", "unknown \\['isk'\\]"), ("weights=bogus", "weights must be pretrained")):
+        with pytest.raises(ConfigError, match=words):
+            bench.main([bad])
+    assert "eval.bench" not in capsys.readouterr().out
 
 
 def test_a_clip_named_in_another_unicode_form_is_said_to_be_one(tmp_path):
