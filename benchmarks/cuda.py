@@ -44,6 +44,7 @@ from benchmarks.train import peak_flops, random_batch, scale_config, time_steps
 from siren import cli
 from siren.codec import FRAME_RATE
 from siren.config import ConfigError, check_numbers, load_config
+from siren.errors import SirenError
 from siren.io import write_json
 from siren.runtime import resolve_device
 from siren.train import TrainConfig
@@ -79,6 +80,10 @@ class CudaBenchConfig:
         unknown = set(self.section_list) - set(SECTIONS)
         if unknown or not self.section_list:
             raise ConfigError(f"sections={self.sections!r}: give a comma-separated subset of {', '.join(SECTIONS)}")
+        # named now, in one line: inside a section they were a traceback per section, on lent GPU time
+        scale_config(self.scale, "6-2")
+        if self.eval_weights not in ("random", "demo", "pretrained"):
+            raise ConfigError(f"eval_weights must be random, demo or pretrained, got {self.eval_weights!r}")
 
     @property
     def section_list(self) -> list[str]:
@@ -285,6 +290,8 @@ def main(argv: list[str]) -> int:
             results[name], text = {"train": bench_train, "generate": bench_generate, "eval": bench_eval}[name](
                 cfg, device)
             print(f"\n{text}", flush=True)
+        except SirenError:  # the user's input (a missing weights file, ...): one error line, exit 2
+            raise
         except Exception as e:  # record and go on: one failing section must not lose the others
             log.exception("section %s failed", name)
             results[name], failed = {"error": f"{type(e).__name__}: {e}"}, True

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                     batch_size=cfg.batch_size, progress=False)
         except _Stop:
             pass
-        print(f"{cfg.minutes:g} min, {cfg.sample_rate} Hz x {cfg.channels} ch, batch_size={cfg.batch_size}: "
+        print(f"{cfg.minutes:g} min, {cfg.sample_rate} Hz x {cfg.channels} ch, batch_size={cfg.batch_size}, "
+              f"random codec and text weights (memory only): "
               f"{len(calls)} codec calls ({sum(calls)} segments"
               f"{', stopped early' if cfg.max_calls and len(calls) == cfg.max_calls else ''}) in "
               f"{time.perf_counter() - t0:.0f} s; peak RSS {models_mb:.0f} MB with the models built, "

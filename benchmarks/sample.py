@@ -43,11 +43,13 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1  # torch intra-op threads (1: stable timings on a shared machine)
     check_steps: int = 30  # leading steps sampled without cache, codes compared with the cached run
-    probes: int = 5  # later steps timed without cache, spread up to frames-1
+    probes: int = 5  # later steps timed without cache, spread up to frames-1 (>= 2: the first and the last)
     full: bool = False  # run every step without cache instead of interpolating
 
     def __post_init__(self):
         check_numbers(self, positive=("frames", "text_tokens", "threads", "probes"), nonneg=("check_steps",))
+        if self.probes < 2:  # one probe (at check_steps) held every later step at that early, cheaper cost
+            raise ConfigError(f"probes={self.probes}: at least 2, so the interpolation reaches the last step")
         try:
             sizes = self.batch_sizes
         except ValueError:

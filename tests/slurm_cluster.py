@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import in_ci
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 
@@ -36,10 +38,6 @@ class SlurmCluster:
     slurm_conf: Path
     partition: str
     profile: str  # the slurm/profiles entry that targets this cluster
-
-
-def _ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _cannot_run_reason() -> str | None:
@@ -93,7 +91,7 @@ def _shared(state_dir: Path):
 def slurm_cluster():
     reason = _cannot_run_reason()
     if reason:
-        if _ci():
+        if in_ci():
             pytest.fail(f"{reason}; CI is set, so the SLURM tests must run, not skip")
         pytest.skip(reason)
 

@@ -51,3 +51,15 @@ def test_the_eval_section_times_all_three_metric_networks_and_the_clap_text(tmp_
     r = json.loads(out.read_text())["eval"]
     assert set(r) == {"panns_cnn14", "vggish", "clap_audio", "clap_text"}
     assert all("error" not in v for v in r.values()) and r["vggish"]["clips_per_s"] > 0
+
+
+def test_a_bad_value_is_one_error_before_any_section(capsys):
+    # scale=nope was a traceback inside the train section (exit 1), eval_weights=bogus a header and "skipped" rows
+    import pytest
+
+    from siren.errors import ConfigError
+
+    for bad, words in (("scale=nope", "nope"), ("eval_weights=bogus", "eval_weights must be random, demo")):
+        with pytest.raises(ConfigError, match=words):
+            bench.main(overridden(TINY, [bad]))
+    assert "benchmarks.cuda" not in capsys.readouterr().out

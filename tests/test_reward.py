@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 import time
 import types
@@ -15,6 +14,7 @@ import torch
 from siren.errors import MissingWeightsError
 from siren.rl import imagebind as ib
 from tests.fixtures_model import demo_codec
+from tests.helpers import in_ci
 
 try:
     ib.package_dir()
@@ -23,7 +23,7 @@ except ImportError:
     HAVE_IMAGEBIND = False
 # CI installs the [imagebind] extra (.ci/setup): there a missing package fails instead of skipping, on Linux (the
 # extra installs nothing elsewhere: its decord has no macOS arm64 package).
-needs_imagebind = pytest.mark.skipif(not HAVE_IMAGEBIND and not (os.environ.get("CI") and sys.platform == "linux"),
+needs_imagebind = pytest.mark.skipif(not HAVE_IMAGEBIND and not (in_ci() and sys.platform == "linux"),
                                      reason='needs pip install -e ".[imagebind]" (Linux)')
 
 
