@@ -40,6 +40,9 @@ FILES = assets.DEMO_DIR  # written by siren.demo_assets' builders
 CODEC_FILE = "dac16k_demo.pth"  # the demo codec (siren.codec.DEMO_FILE), whose resynthesis the backbones train on
 FORMAT = "siren-demo-overlay-1"
 LABEL = "demo weights (trained on the embedded set)"
+# the text encoder's demo mode conditions the models with the demo CLAP's RoBERTa states, a seeded random trunk: only
+# CLAP's projection heads (the CLAP score's, the reward's) are trained, so "trained" would be wrong for this part
+TEXT_LABEL = "demo weights (the demo CLAP's RoBERTa at its seeded random init: untrained text states)"
 REBUILD = "python -m siren.demo_assets.backbones"
 FINGERPRINT_VALUES = 16  # values per tensor, at evenly spaced positions
 ROUNDING = dict(rtol=1e-5, atol=1e-7)  # what last-bit differences of a random draw stay within
@@ -64,9 +67,11 @@ def mode_of(label: str) -> str:
     return "demo" if label == LABEL else label
 
 
-def mode_words(mode: str) -> str:
-    """A weights mode as logs say it: the demo's full label, RANDOM in capitals, a file's own label as it is."""
-    return {"demo": LABEL, "random": "RANDOM weights", "pretrained": "pretrained weights"}.get(mode, mode)
+def mode_words(mode: str, part: str = "") -> str:
+    """A weights mode as logs say it: the demo's full label (the text encoder's own, ``part="text"``), RANDOM in
+    capitals, a file's own label as it is."""
+    demo = TEXT_LABEL if part == "text" else LABEL
+    return {"demo": demo, "random": "RANDOM weights", "pretrained": "pretrained weights"}.get(mode, mode)
 
 
 def demo_file(asset: str) -> Path:

@@ -243,7 +243,8 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     start = state["step"]
     if ranks.main:  # what the log of a run says it was made with (its config.json says so too)
         modes = {w: (getattr(data, w) or {}).get("weights", "weights not recorded") for w in ("codec", "text")}
-        log.info("expert %d: codec: %s; text: %s; code %s", k, *map(mode_words, modes.values()), code_version())
+        log.info("expert %d: codec: %s; text: %s; code %s", k, *(mode_words(v, w) for w, v in modes.items()),
+                 code_version())
     trained = getattr(data.train, "max_frames", None)  # the longest sequence this expert sees
     crop = getattr(data.train, "crop", None)
     if ranks.main and crop and trained is not None and crop > trained:

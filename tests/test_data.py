@@ -770,8 +770,9 @@ def test_cli(tmp_path, capsys):
     m.write_text("".join(m.read_text().splitlines(keepends=True)[:-1]))
     demo = [a for a in args if not a.startswith(("codec.", "text.", "out="))]
     prepare_main(demo + [f"out={tmp_path / 'demo'}", "codec.weights=demo", "text.weights=demo"])
-    label = "DEMO WEIGHTS (TRAINED ON THE EMBEDDED SET)"  # both, though a text entry records just "demo"
-    assert f"codec weights are {label}; text weights are {label}" in capsys.readouterr().out
+    # each part's own label, though a text entry records just "demo"; the text encoder's trunk is not trained
+    assert ("codec weights are DEMO WEIGHTS (TRAINED ON THE EMBEDDED SET); text weights are DEMO WEIGHTS (THE DEMO "
+            "CLAP'S ROBERTA AT ITS SEEDED RANDOM INIT: UNTRAINED TEXT STATES)") in capsys.readouterr().out
     with pytest.raises(ConfigError, match="unknown config key 'shards'"):
         prepare_main(args + ["shards=3"])
     # a bad manifest is named before any model loads: here the pretrained codec is not there either

@@ -40,7 +40,7 @@ from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
 from siren.data.index import write_index
 from siren.data.manifest import Row, read_manifest
-from siren.demo_weights import LABEL
+from siren.demo_weights import mode_of, mode_words
 from siren.errors import DataError
 from siren.io import check_folder, sha256, version, write_json
 from siren.lock import hold
@@ -385,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for path in run(parse(cli.start(argv))):
         idx = json.loads(path.read_text())
-        # a text entry records "demo", a codec entry the whole label: say the label for both
-        shown = {k: LABEL if idx[k]["weights"] == "demo" else idx[k]["weights"] for k in ("codec", "text")}
+        # a text entry records "demo", a codec entry the whole label: say each part's label
+        shown = {k: mode_words("demo", k) if mode_of(idx[k]["weights"]) == "demo" else idx[k]["weights"]
+                 for k in ("codec", "text")}
         warn = [f"{k} weights are {w if w.startswith(FILE_LABEL) else w.upper()}" for k, w in shown.items()
                 if w != "pretrained"]
         print(f"{path}: {idx['num_items']} items, {len(idx['skipped'])} skipped; codec {idx['codec']['id']}, "

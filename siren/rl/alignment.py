@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None, clap=None) -> int:
            # would train on other batches under one run's name
            "prompts_sha256": io.sha256("\n".join(prompts))}
     log.info("stage 2 into %s: %s; code %s", cfg.out,
-             "; ".join(f"{k}: {mode_words(v)}" for k, v in labels.items()), code_version())
+             "; ".join(f"{k}: {mode_words(v, k)}" for k, v in labels.items()), code_version())
     if any(v == "random" for v in labels.values()):
         log.warning("random weights (%s): rewards and the aligned model are smoke-test outputs, not results", labels)
 
