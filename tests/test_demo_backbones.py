@@ -420,13 +420,17 @@ def test_committed_clap_scores_a_44k_pcm16_file_as_the_16k_one(held_out):
     assert float(moved.mean()) < 0.04, moved
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # Frechet distances of 3-4 clips: the few-samples warning
-def test_check_command_measures_signal_with_the_committed_files():
+def test_check_command_measures_signal_with_the_committed_files(caplog, recwarn):
     """`python -m siren.demo_assets.check`'s measurements, on a few clips: real vs real sets closer than real vs
     noise in FD and FAD, and CLAP higher for a clip's own caption than for other classes' captions."""
+    from eval.metrics import FewSamplesWarning
     from siren.demo_assets.check import measure
 
-    out = measure({"train": tiny_split("train", per_class=2), "test": tiny_split("test", per_class=4)}, per_half=1)
+    with caplog.at_level("INFO", logger="siren.demo_assets.check"):
+        out = measure({"train": tiny_split("train", per_class=2), "test": tiny_split("test", per_class=4)}, per_half=1)
+    # Frechet distances of 3 clips: one log line per metric, not four raw warning blocks
+    assert not [w for w in recwarn if issubclass(w.category, FewSamplesWarning)]
+    assert "FD from 3 samples of 2048-d embeddings a set: biased" in caplog.text
     assert out["label"] == demo_weights.LABEL and out["clips_per_set"] == 3
     for name in ("fd", "fad"):
         assert 0 < out[name]["real_vs_real"] < out[name]["real_vs_noise"] / 3, (name, out[name])

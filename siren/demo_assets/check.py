@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from eval.audio import make_clip
-from eval.metrics import clap_score, frechet_distance_from_embeddings, inception_score
+from eval.metrics import FewSamplesWarning, clap_score, frechet_distance_from_embeddings, inception_score
 from siren import demo_weights
 from siren.codec import DEMO_FILE
 from siren.config import check_numbers, load_config
@@ -67,8 +68,13 @@ def measure(data: dict[str, Split], per_half: int = 10, seed: int = 0, only: str
         t, bb = time.perf_counter(), cls("demo")
         emb = [_embed(bb, s, key) for s in (*halves, noisy)]
         emb = [np.concatenate(e) if pool else np.stack(e) for e in emb]  # FAD pools the frames of a set
-        out[name] = {"real_vs_real": frechet_distance_from_embeddings(emb[0], emb[1]),
-                     "real_vs_noise": frechet_distance_from_embeddings(emb[0], emb[2]), "seconds": 0.0}
+        with warnings.catch_warnings():  # said once below, in one line, not as four warning blocks
+            warnings.simplefilter("ignore", FewSamplesWarning)
+            out[name] = {"real_vs_real": frechet_distance_from_embeddings(emb[0], emb[1]),
+                         "real_vs_noise": frechet_distance_from_embeddings(emb[0], emb[2]), "seconds": 0.0}
+        if len(emb[0]) < emb[0].shape[1]:
+            log.info("%s from %d samples of %d-d embeddings a set: biased by the number of samples; compare only "
+                     "with this check's own numbers", name.upper(), len(emb[0]), emb[0].shape[1])
         if name == "fd":
             for src in sorted(set(test.source)):
                 logits = np.stack(_embed(bb, test.subset(src).wavs, "logits"))
