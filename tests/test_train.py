@@ -343,23 +343,27 @@ import sys
 from tests.fixtures_train import synthetic_data, tiny_args
 from siren.train import main
 sys.exit(main(tiny_args(sys.argv[1], "model.distribution=1-12", "train.steps=100000", "train.ckpt_every=100000",
-                        "train.log_every=1"), synthetic_data()))
+                        "train.log_every=1", f"train.num_workers={sys.argv[2]}"), synthetic_data(int(sys.argv[3]))))
 """
 
 
-def test_slurm_signal_checkpoints_and_exits_for_requeue(tmp_path):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGUSR2, 0), (signal.SIGTERM, 2)])
+def test_slurm_signal_checkpoints_and_exits_for_requeue(tmp_path, sig, workers):  # workers: of an epoch of 1000 steps
     """A real training process receives SIGUSR2 (SLURM's warning before a time limit): it checkpoints
-    at the next step boundary and exits with EXIT_PREEMPTED so the launcher requeues it."""
+    at the next step boundary and exits with EXIT_PREEMPTED so the launcher requeues it. SIGTERM to the whole
+    process group (as SLURM and a terminal send it) with loader workers: torch's handler ended the workers and the
+    step failed ("DataLoader worker ... is killed by signal: Terminated", exit 1, no checkpoint)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, str(tmp_path), str(workers), "2000" if workers
+                             else "6"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     log = tmp_path / "expert_0" / "log.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and log.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
         assert time.time() < deadline, "training never logged a step"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGUSR2)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err.decode()[-2000:]
     latest = (tmp_path / "expert_0" / "latest").read_text().strip()

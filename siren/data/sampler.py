@@ -7,6 +7,7 @@ was consumed sees exactly the batches and crops the uninterrupted job would have
 """
 from __future__ import annotations
 
+import signal
 from typing import Callable, Iterator
 
 import torch
@@ -68,4 +69,12 @@ def epoch_loader(dataset: Dataset, collate: Callable, batch_size: int, *, seed: 
                            drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=signals_to_the_main_process)
+
+
+def signals_to_the_main_process(_: int) -> None:
+    """In each loader worker: SLURM (scancel, preemption, a time limit) and a terminal's Ctrl-C signal every process
+    of the job, and torch's handler ended a worker on SIGTERM, so the main process failed inside its step, without
+    the checkpoint it was about to write. The main process stops at the step boundary and ends its workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
