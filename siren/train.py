@@ -212,9 +212,20 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
         raise ConfigError(f"model.codec={cfg.model.codec} but the data and code tables come from codec "
                           f"{data.codec['id']}")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codec=data.codec["id"]))
-    run_dir, k = Path(cfg.run_dir), cfg.expert
-    edir = ckpt.expert_dir(run_dir, k)
+    # a second copy (the same job submitted twice, or another seed into the same run) would overwrite
+    # init.safetensors (Figure 7's task vectors), append to this log and race this expert's saves: refused before
+    # it writes or reads anything of the expert's
+    owner = hold(ckpt.expert_dir(cfg.run_dir, cfg.expert) / "train.lock", f"training of expert {cfg.expert}",
+                 "wait for it to finish") if ranks.main else contextlib.nullcontext()
+    with owner:
+        return _train(cfg, data, ranks, device, seed, handle_signals)
 
+
+def _train(cfg: Stage1Config, data: Stage1Data, ranks: Dist, device: torch.device, seed: int,
+           handle_signals: bool) -> TrainResult:
+    """``train`` with the expert's lock held."""
+    tc, run_dir, k = cfg.train, Path(cfg.run_dir), cfg.expert
+    edir = ckpt.expert_dir(run_dir, k)
     n_train = len(data.train)
     global_batch = tc.batch_size * ranks.world
     if n_train < global_batch:
@@ -295,10 +306,7 @@ def train(cfg: Stage1Config, data: Stage1Data | None = None, handle_signals: boo
     stream = batches()
     last_ckpt, result = None, None
     t0, paused = time.perf_counter(), 0.0  # tokens/s counts training time only (not validation, checkpoints)
-    # a second copy (the same job submitted twice) would append to this log and race this expert's saves
-    owner = hold(edir / "train.lock", f"training of expert {k}", "wait for it to finish") if ranks.main \
-        else contextlib.nullcontext()
-    with owner, stop_on_signal(handle_signals) as stop, RunLog(edir, start, ranks.main) as runlog, \
+    with stop_on_signal(handle_signals) as stop, RunLog(edir, start, ranks.main) as runlog, \
             tqdm(total=tc.steps, initial=start, desc=f"expert {k}", disable=not ranks.main, dynamic_ncols=True) as bar:
         model.train()
         for step in range(start, tc.steps):

@@ -282,6 +282,9 @@ def test_a_second_copy_of_a_training_job_is_refused(tmp_path):
         with pytest.raises(LockHeld, match=r"train\.lock: held by training of expert 0 .*wait for it to finish"):
             train(tiny_config(tmp_path / "run", "model.distribution=6-2"), synthetic_data(), handle_signals=False)
     assert not list(edir.glob("step_*")) and not (edir / "log.jsonl").exists()
+    # ... before it writes anything: another seed's copy overwrote init.safetensors (Figure 7's task vectors) and
+    # config.json of the run that went on training
+    assert sorted(p.name for p in edir.iterdir()) == ["train.lock"] and not (tmp_path / "run" / "config.json").exists()
 
 
 def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch):
