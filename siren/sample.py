@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from siren.codec import N_LAYERS
+from siren.codec import CODEBOOK_SIZE, N_LAYERS
 from siren.config import ConfigError
 from siren.errors import NonFiniteError
 from siren.model.collaborative import CollaborativeModel
@@ -43,8 +43,8 @@ class SampleConfig:
         if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflows float32 (inf, NaN probabilities)
             raise ConfigError(f"sample.temperature={self.temperature:g}: below {MIN_TEMPERATURE:g} sampling is argmax "
                               f"up to float overflow; give 0 for greedy decoding")
-        if self.top_k < 0:
-            raise ConfigError(f"sample.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_k <= CODEBOOK_SIZE:  # above the codebook it was off, and recorded on cards as given
+            raise ConfigError(f"sample.top_k must be in 0..{CODEBOOK_SIZE} (0 = off), got {self.top_k}")
         if not 0.0 <= self.top_p <= 1.0:
             raise ConfigError(f"sample.top_p must be in [0, 1] (0 = off), got {self.top_p}")
         if self.diffusion_steps < 0:

@@ -335,7 +335,7 @@ def _train(cfg: Stage1Config, data: Stage1Data, ranks: Dist, device: torch.devic
             if stop.preempted or save_now or done % tc.ckpt_every == 0 or done == tc.steps:
                 last_ckpt = save(done) or last_ckpt
             paused += time.perf_counter() - t1
-            if stop.preempted:
+            if stop.preempted and done < tc.steps:  # a signal in the last step: finished, not to be requeued
                 result = TrainResult("preempted", done, last_ckpt)
                 break
         else:

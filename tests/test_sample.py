@@ -123,6 +123,8 @@ def test_bad_sample_config():
                    dict(top_k=-2), dict(top_p=1.5)):
         with pytest.raises(ConfigError):
             SampleConfig(**kwargs)
+    with pytest.raises(ConfigError, match=r"sample.top_k must be in 0..1024 \(0 = off\), got 5000"):
+        SampleConfig(top_k=5000)  # above the codebook: off, and recorded on the card as 5000
     with pytest.raises(ConfigError, match="below 0.0001 sampling is argmax .* give 0 for greedy"):
         SampleConfig(temperature=1e-39)  # logits / T overflowed: a torch.multinomial traceback
     with pytest.raises(ValueError, match="n_frames"):

@@ -314,6 +314,11 @@ def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path, monkeypatch)
     ran = count_steps(monkeypatch)
     train(tiny_config(run, *args), synthetic_data(), handle_signals=False)
     assert len(ran) == 4 and losses(run / "expert_1") == losses(straight / "expert_1")
+    # a signal in the last step: the run is finished, not preempted (exit 75 requeued a job that had nothing left)
+    monkeypatch.setattr(T, "lr_at", lambda step, cfg: (step == 7 and os.kill(os.getpid(), signal.SIGTERM))
+                        or real_lr_at(step, cfg))
+    result = train(tiny_config(tmp_path / "last", *args), synthetic_data(), handle_signals=True)
+    assert (result.status, result.step) == ("finished", 8)
 
 
 def test_sigterm_inside_slurm_checkpoints_and_goes_on(tmp_path, monkeypatch):

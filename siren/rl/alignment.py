@@ -210,7 +210,7 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
                 since = []
             if saving:
                 save(done)
-            if stop.preempted:
+            if stop.preempted and done < cfg.steps:  # a signal in the last step: finished, not to be requeued
                 result = AlignResult("preempted", done, out)
                 break
         else:
