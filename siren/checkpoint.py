@@ -212,9 +212,19 @@ class Checkpoint:
     def __init__(self, path: Path):
         self.path = path
         self.state = read_run_json(path / "state.json")
+        if not isinstance(self.state, dict):  # valid JSON of another shape ([1]): an AttributeError traceback
+            self.state = {}
+        self.require("format", "step")
         if self.state.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{path / 'state.json'} has format {self.state.get('format')!r}, "
                                   f"this code reads format {FORMAT_VERSION}")
+
+    def require(self, *keys: str) -> None:
+        """Refuse a state.json without ``keys`` (a hand-edited or foreign file): its readers' KeyError tracebacks."""
+        missing = [k for k in keys if k not in self.state]
+        if missing:
+            raise CheckpointError(f"{self.path / 'state.json'}: not a checkpoint's state (no {', '.join(missing)}); "
+                                  f"{fall_back(self.path / 'state.json')}")
 
     @property
     def step(self) -> int:

@@ -128,6 +128,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", all
         if c is None:
             problems.append(f"expert {k}: missing (no checkpoint in {edir})")
             continue
+        c.require(*RUN_KEYS, "finished", "rl" if c.state.get("stage") == 2 else "train")
         diff = config_diff({key: shared[key] for key in RUN_KEYS}, {key: c.state[key] for key in RUN_KEYS})
         if diff:
             problems.append(f"expert {k}: {c.path} was trained for another model: "
@@ -199,6 +200,7 @@ def load_continuous(run_dir: Path, shared: dict, device: str | torch.device = "c
     if c is None:
         raise CheckpointError(f"cannot load the continuous model of {run_dir}: no checkpoint in "
                               f"{expert_dir(run_dir, 0)}")
+    c.require(*RUN_KEYS, "finished", "train")
     diff = config_diff({key: shared[key] for key in RUN_KEYS}, {key: c.state[key] for key in RUN_KEYS})
     if diff:
         raise CheckpointError(f"{c.path} was trained for another model: "

@@ -56,6 +56,7 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, 
         raise ConfigError(f"{where} was trained on {last.state['world_size']} processes, this run has {world}: the "
                           f"global batch (train.batch_size x processes) would change mid-run. Resume with "
                           f"{last.state['world_size']} processes (torchrun --nproc_per_node), or use another run_dir")
+    last.require("model", "expert", "train")
     check_family(last.state["model"], model_entry(cfg, data), where)
     ckpt.check_config({"model": last.state["model"], "expert": last.state["expert"]},
                       {"model": model_entry(cfg, data), "expert": cfg.expert}, where,

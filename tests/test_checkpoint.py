@@ -227,6 +227,23 @@ def test_a_damaged_run_config_is_not_answered_with_deleting_the_run(tmp_path):
         assert "delete" not in str(e.value) and str(run / "config.json") in str(e.value)
 
 
+def test_a_state_json_of_another_shape_is_named(trained, tmp_path):
+    # valid JSON, not a checkpoint's state: an AttributeError ([1]) or KeyError ('model', 'finished') traceback
+    run = copy_at_step_4(trained, tmp_path)
+    path = run / "expert_0" / "step_00000004" / "state.json"
+    state = json.loads(path.read_text())
+    for text, words in (("[1]", "no format, step"), (json.dumps({"format": state["format"], "step": 4}),
+                                                     "no model, expert, train")):
+        path.write_text(text)
+        with pytest.raises(CheckpointError, match=rf"state.json: not a checkpoint's state \({words}\); delete "):
+            train(tiny_config(run, "model.distribution=6-2"), synthetic_data(), handle_signals=False)
+    run = fresh_copy(trained, tmp_path / "b")
+    path = run / "expert_0" / "step_00000008" / "state.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "finished"}))
+    with pytest.raises(CheckpointError, match=r"not a checkpoint's state \(no finished\)"):
+        siren.load(run, allow_unfinished=True)
+
+
 @pytest.mark.parametrize("victim", ["model.safetensors", "trainer.safetensors", "state.json"])
 def test_corrupt_or_missing_file_is_named(trained, tmp_path, victim):
     run = copy_at_step_4(trained, tmp_path)
