@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import sys
@@ -84,17 +85,20 @@ def help_text(schema: type | None, doc: str | None, presets: Mapping[str, Mappin
     return "\n".join(lines).strip() + "\n"
 
 
-def folder_keys(filename) -> str:
+def folder_keys(filename, schema: type | None = None) -> str:
     """Which setting moves the write that failed: the assets cache's is not out= (SIREN_CACHE, or an evaluation's
-    cache_dir= / cache=false), every other the command's out=."""
+    cache_dir= / cache=false), every other the command's own folder key (out=, or siren.train's run_dir=)."""
     from siren.io import cache_dir
 
     try:
         cached = filename is not None and Path(filename).resolve().is_relative_to(cache_dir().resolve())
     except (OSError, ValueError, TypeError):
         cached = False
-    return (f" (the assets cache {cache_dir()}: set SIREN_CACHE=, or for an evaluation's embeddings cache_dir= or "
-            f"cache=false)" if cached else " (out=...)")
+    if cached:
+        return (f" (the assets cache {cache_dir()}: set SIREN_CACHE=, or for an evaluation's embeddings cache_dir= or "
+                f"cache=false)")
+    keys = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else set()
+    return next((f" ({k}=...)" for k in ("out", "run_dir") if k in keys), " (the command's output folder)")
 
 
 def run(main: Callable[[list[str]], int | None], schema: type | None = None, doc: str | None = None,
@@ -142,7 +146,7 @@ def call(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = N
             fix = (f": {e.filename}" if e.filename else "") + "; give this user access to it, or use your own folder"
         else:
             fix = (f" writing {e.filename}" if e.filename else "") + "; free space or choose a writable folder"
-        fix += folder_keys(e.filename)
+        fix += folder_keys(e.filename, schema)
         print(f"error: {e.strerror}{fix}, then run the same command again: completed work is kept", file=sys.stderr)
         code = EXIT_ERROR
     return code or 0

@@ -548,6 +548,10 @@ def test_a_full_disk_is_one_error_line_naming_the_file(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert err.startswith(f"error: No space left on device writing {tmp_path / 'run' / 'model.pt'}; free space")
     assert "Traceback" not in err and not list((tmp_path / "run").iterdir())  # the partial file is gone
+    # the command's own folder key: siren.train has run_dir=, no out= (the fix named a key it refuses)
+    from siren.train_config import Stage1Config
+
+    assert cli.call(torch_like_writer, [], Stage1Config) == 2 and "(run_dir=...)" in capsys.readouterr().err
     monkeypatch.setattr(io.os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=1 << 20, f_frsize=4096))
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left, another cause: passed on as it is
         torch_like_writer([])
