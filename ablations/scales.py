@@ -11,6 +11,7 @@ metric's: its tables mark that column "reward = metric").
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import MISSING
 from typing import Any, Mapping
 
@@ -99,34 +100,42 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
     size = cell.pop("model.size")
     common = COMMON if cell.get("model.family", "discrete") == "discrete" else {}  # RVQ-expert keys only
     out = {**common, **SCALES[scale], **model_keys(scale, size, cell.get("model.distribution", "")), **cell}
-    for k, v in dict(overrides).items():
-        like = out[k] if k in out else stage_default(k, out)
+    given, base = dict(overrides), set(out)
+    for k, v in given.items():
+        like = out[k] if k in out else stage_default(k)
         value = typed(v, None if like is MISSING else like)
         if k not in out and value == like and type(value) is type(like):
             continue  # the stage's own default, spelled out: the cell it is without the key (not retrained)
         out[k] = value
+    preset = model_preset(out)  # the model.scale / model.arch the overrides end with: their order does not matter
+    for k in [k for k in given if k.startswith("model.") and k not in base and k.partition(".")[2] in preset]:
+        like = preset[k.partition(".")[2]]
+        value = typed(given[k], like)
+        if value == like and type(value) is type(like):  # set.model.dim=64 on a d=64 preset: that cell, not another
+            del out[k]
     return dict(sorted(out.items()))
 
 
-def stage_default(key: str, cell: Mapping[str, Any] = ()) -> Any:
+def model_preset(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of an RVQ-expert cell's model preset (its model.scale and model.arch), {} for another family."""
+    if cfg.get("model.family", "discrete") != "discrete" or "model.scale" not in cfg:
+        return {}
+    from siren.config import load_config
+    from siren.model.config import ModelConfig, presets
+
+    preset = load_config(ModelConfig, [f"scale={cfg['model.scale']}", f"arch={cfg.get('model.arch', 'official')}"],
+                         presets())
+    return {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
+
+
+def stage_default(key: str) -> Any:
     """The value the stage reading ``key`` gives it when a cell leaves it out (train.*: siren.train, rl.*: stage 2,
-    eval.*: the evaluation; model.*: the ``cell``'s model preset, for an RVQ-expert cell), or MISSING (another key,
-    or one these schemas do not have)."""
+    eval.*: the evaluation), or MISSING (another key, or one these schemas do not have)."""
     from eval.audiocaps import EvalConfig
     from siren.rl.config import AlignConfig
     from siren.train_config import TrainConfig
 
     head, _, rest = key.partition(".")
-    cell = dict(cell)
-    if head == "model":  # set.model.dim=64 on a d=64 preset is that cell, not another to train
-        if cell.get("model.family", "discrete") != "discrete" or "model.scale" not in cell:
-            return MISSING
-        from siren.config import load_config
-        from siren.model.config import ModelConfig, presets
-
-        arch = cell.get("model.arch", "official")
-        preset = load_config(ModelConfig, [f"scale={cell['model.scale']}", f"arch={arch}"], presets())
-        return getattr(preset, rest, MISSING)
     schema = {"train": TrainConfig, "rl": AlignConfig, "eval": EvalConfig}.get(head)
     return default_of(schema, rest) if schema else MISSING
 

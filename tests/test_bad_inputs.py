@@ -1011,9 +1011,11 @@ def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
     # keys the scale leaves to the stage's own default: spelled out, they made new cells (everything retrained)
     assert ids("set.train.grad_clip=1.0", "set.train.seed=0", "set.eval.candidates=1") == default
     assert ids("set.train.grad_clip=1") == default and ids("set.train.grad_clip=2") != default
-    # a model key at the preset's value (d=64 in the demo's tiny preset), a boolean spelled either way: new cells
-    assert ids("set.model.dim=64", "set.model.head_bias=false") == default
-    assert ids("set.model.head_bias=true") == ids("set.model.head_bias=True") != default
+    # a model key at the preset's value (d=64 in the demo's tiny preset) made a new cell; judged against the preset
+    # the overrides end with, in any order (the legacy arch has head biases); other values keep their former ids
+    assert ids("set.model.dim=64", "set.model.head_bias=false") == default != ids("set.model.head_bias=true")
+    assert ids("set.model.arch=legacy", "set.model.head_bias=false") == \
+        ids("set.model.head_bias=false", "set.model.arch=legacy") != ids("set.model.arch=legacy")
     # ... but a key the grid sets itself is refused at any value (at its stage default it was dropped in silence)
     from ablations.plan import parse
 
