@@ -143,10 +143,12 @@ def current_states(jobs: list[Job], root: Path) -> dict[str, JobState]:
 
 
 def reopen_for_retry(jobs: list[Job], root: Path) -> list[str]:
-    """``retry=true``: the done ``recheck`` jobs with a failed job depending on them, their markers deleted so they
-    run again before it (cached work is read, not redone); returns their keys."""
+    """``retry=true``: the done ``recheck`` jobs with a job depending on them that failed on its data (a DataError in
+    its failure marker: a damaged prepared file; not a time limit, a cancel or an out-of-memory kill), their markers
+    deleted so they run again before it (cached work is read, not redone); returns their keys."""
     states = current_states(jobs, root)
-    failed = {k for k, s in states.items() if s.state in FINAL_BAD | {"FAILED"}}
+    failed = {j.key for j in jobs if states[j.key].state in FINAL_BAD | {"FAILED"}
+              and failed_marker(j.done).is_file() and marker_error(failed_marker(j.done)).startswith("DataError")}
     again = [j for j in jobs if j.recheck and states[j.key].state == "DONE"
              and any(j.key in d.deps for d in jobs if d.key in failed)]
     for j in again:

@@ -563,6 +563,9 @@ def test_a_retry_runs_a_done_prepare_again_when_a_job_reading_its_files_failed(t
     Path(data).write_text("dam")
     (tmp_path / "train.done").unlink()
     assert pipeline.run_local(jobs, tmp_path, "debug", retry=False, max_parallel=1)["train"].state == "FAILED"
+    (tmp_path / "train.done.failed").write_text(json.dumps({"error": "TIMEOUT"}))  # not its data: not reopened
+    assert ledger.reopen_for_retry(jobs, tmp_path) == []
+    (tmp_path / "train.done.failed").write_text(json.dumps({"error": "DataError: a damaged prepared file"}))
     assert ledger.reopen_for_retry(jobs, tmp_path) == ["data-x"]
     states = pipeline.run_local(jobs, tmp_path, "debug", retry=True, max_parallel=1)
     assert {s.state for s in states.values()} == {"DONE"} and Path(data).read_text() == "whole"

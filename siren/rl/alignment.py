@@ -222,19 +222,19 @@ def align(cfg: AlignConfig, model: CollaborativeModel, stage1: list[ckpt.Checkpo
     return result
 
 
-SUMMED = ("skipped", "degenerate_groups", "time_rollout_s", "time_update_s")
+SUMMED = ("skipped", "kept", "pairs", "degenerate_groups", "time_rollout_s", "time_update_s")  # counts and times
 
 
 def merge_steps(entries: list[dict]) -> dict:
     """One log entry for the steps since the last (``log_every`` > 1), as stage 1 logs: the last step's number, lr
-    and fixed-prompt reward; the extremes of reward_min / reward_max; sums of counts and times; means of the rest
-    (of the steps that have the key: a skipped step has no loss); ``steps``: how many."""
+    and fixed-prompt reward; the extremes of the *_min / *_max keys (rewards, Eq. 11's ratios); sums of counts and
+    times; means of the rest (of the steps that have the key: a skipped step has no loss); ``steps``: how many."""
     if len(entries) == 1:
         return entries[0]
     out = {**entries[-1], "steps": len(entries)}
     for key in {k for e in entries for k in e} - {"step", "lr", "reward_fixed"}:
         vals = [e[key] for e in entries if key in e]
-        out[key] = (min(vals) if key == "reward_min" else max(vals) if key == "reward_max" else
+        out[key] = (min(vals) if key.endswith("_min") else max(vals) if key.endswith("_max") else
                     sum(vals) if key in SUMMED else sum(vals) / len(vals))
     return out
 
