@@ -254,7 +254,9 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
     ref_card = {**(ref_card or {}), "n_clips": n, "set_sha256": set_hash(ref, captions)}
     gen_card = {**(gen_card or {}), "n_clips": n, "set_sha256": set_hash(gen)}
     card = cards.build(bb_cards, audio_card, metric_card, ref_card, gen_card, n, _device(cfg.device))
-    return {"metrics": values, "card": card, "config": to_dict(cfg), "warnings": caught, "cache": cache_stats,
+    # a gen_dir= evaluation generated nothing: its generation keys (defaults) would read as the clips' settings
+    config = {k: v for k, v in to_dict(cfg).items() if cfg.ckpt or k not in GENERATION_KEYS}
+    return {"metrics": values, "card": card, "config": config, "warnings": caught, "cache": cache_stats,
             "per_clip": per_clip}
 
 

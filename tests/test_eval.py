@@ -595,6 +595,10 @@ def test_generation_keys_with_gen_dir_and_an_out_named_like_a_clip_are_refused(s
         evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), out=str(root / "gen" / "x.wav"),
                             weights="random", cache=False))
     assert not (root / "gen" / "x.wav").exists()
+    # nor are their defaults recorded as the clips' settings (a calibration row's 1 s clips read "seconds": 10.0)
+    res = evaluate(EvalConfig(gen_dir=str(root / "gen"), ref=str(manifest), out=str(tmp_path / "o"), weights="random",
+                              cache=False, metrics="fd"))
+    assert not set(res["config"]) & {"seconds", "gen_batch_size", "gen_seed", "candidates", "sample"}
 
 
 def test_fad_of_a_set_of_clips_all_under_one_vggish_example_is_one_error(tmp_path):
