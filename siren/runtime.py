@@ -312,18 +312,19 @@ def lr_at(step: int, cfg) -> float:
 def code_version() -> str:
     """``git describe --always --dirty`` of the checkout this code runs from, else the installed package version."""
     root = Path(__file__).resolve().parents[1]
-    # installed (site-packages) inside another project's checkout, git would describe that project
-    if (root / ".git").exists():
-        try:
-            # GIT_OPTIONAL_LOCKS=0: --dirty refreshes the index under .git/index.lock otherwise, a write into the
-            # checkout that a git command of the user's at that moment fails on
-            r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"],
-                               capture_output=True, text=True, timeout=10,
-                               env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    # GIT_OPTIONAL_LOCKS=0: --dirty refreshes the index under .git/index.lock otherwise, a write into the checkout
+    # that a git command of the user's at that moment fails on
+    git = dict(capture_output=True, text=True, timeout=10, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    try:
+        # this code's own checkout (also as a folder of a larger repository); installed into site-packages inside
+        # another project's checkout, the files are not tracked there and git would describe that project
+        if subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", "--", "siren/runtime.py"],
+                          **git).returncode == 0:
+            r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--tags"], **git)
             if r.returncode == 0 and r.stdout.strip():
                 return f"git {r.stdout.strip()}"
-        except (OSError, subprocess.SubprocessError):
-            pass
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         return f"siren-harness {metadata.version('siren-harness')}"
     except metadata.PackageNotFoundError:

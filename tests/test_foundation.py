@@ -383,6 +383,12 @@ def test_code_version_of_an_installed_copy_inside_another_checkout_is_not_that_c
     monkeypatch.setitem(sys.modules, "installed_runtime", installed)  # its dataclasses look their module up
     spec.loader.exec_module(installed)
     assert theirs not in installed.code_version()
+    # the harness as a tracked folder of a larger repository: that repository's commit is this code's
+    subprocess.run(["git", "-C", str(repo), "add", "-f", "."], check=True, env=env)
+    subprocess.run(["git", "-C", str(repo), "commit", "-q", "-m", "vendored"], check=True, env=env)
+    ours = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert installed.code_version() == f"git {ours}"
     from siren.runtime import code_version
 
     assert code_version().startswith("git ")  # this checkout's own
