@@ -42,6 +42,7 @@ import torch
 
 from benchmarks.train import peak_flops, random_batch, scale_config, time_steps
 from siren import cli
+from siren.assets import WEIGHTS_MODES
 from siren.codec import FRAME_RATE
 from siren.config import ConfigError, check_numbers, load_config
 from siren.errors import SirenError
@@ -82,7 +83,7 @@ class CudaBenchConfig:
             raise ConfigError(f"sections={self.sections!r}: give a comma-separated subset of {', '.join(SECTIONS)}")
         # named now, in one line: inside a section they were a traceback per section, on lent GPU time
         scale_config(self.scale, "6-2")
-        if self.eval_weights not in ("random", "demo", "pretrained"):
+        if self.eval_weights not in WEIGHTS_MODES:
             raise ConfigError(f"eval_weights must be random, demo or pretrained, got {self.eval_weights!r}")
 
     @property

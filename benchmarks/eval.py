@@ -26,6 +26,7 @@ from eval.backbones import PannsCnn14
 from eval.cache import embed_clips
 from eval.card import banner
 from siren import cli
+from siren.assets import WEIGHTS_MODES
 from siren.config import ConfigError, check_numbers, load_config
 
 
@@ -42,7 +43,7 @@ class BenchConfig:
         check_numbers(self, positive=("n", "seconds", "batch_size"))
         if self.n < 2:
             raise ConfigError(f"n={self.n}: the evaluation needs at least 2 clips a set")
-        if self.weights not in ("pretrained", "demo", "random"):
+        if self.weights not in WEIGHTS_MODES:
             raise ConfigError(f"weights must be pretrained, demo or random, got {self.weights!r}")
         metric_list(self)
 

@@ -33,7 +33,8 @@ def encode_text(captions: dict[str, str], out: Path, text_encoder, dtype: str, b
     cut = text_encoder.too_long(list(captions.values()))
     if cut:  # the conditioning loses their tails: say so once, not per batch
         log.warning("%d caption(s) are longer than text.max_length=%d tokens and were cut to it (as the authors' "
-                    "tokenizer does), e.g. %r", len(cut), text_encoder.cfg.max_length, cut[0][:80] + "...")
+                    "tokenizer does), e.g. %r", len(cut), text_encoder.cfg.max_length,
+                    cut[0] if len(cut[0]) <= 80 else cut[0][:80] + "...")
     bar = tqdm(total=len(keys), desc="text", disable=not progress, unit="caption", dynamic_ncols=True)
     for s in range(0, len(keys), batch):
         chunk = keys[s:s + batch]
