@@ -97,7 +97,9 @@ def folder_keys(filename, schema: type | None = None) -> str:
     if cached:
         return (f" (the assets cache {cache_dir()}: set SIREN_CACHE=, or for an evaluation's embeddings cache_dir= or "
                 f"cache=false)")
-    keys = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else set()
+    if not dataclasses.is_dataclass(schema):  # a command of subcommands (siren.demo_assets): theirs is out=
+        return " (out=...)"
+    keys = {f.name for f in dataclasses.fields(schema)}
     return next((f" ({k}=...)" for k in ("out", "run_dir") if k in keys), " (the command's output folder)")
 
 
