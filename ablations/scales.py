@@ -107,8 +107,9 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
         if k not in out and value == like and type(value) is type(like):
             continue  # the stage's own default, spelled out: the cell it is without the key (not retrained)
         out[k] = value
-    preset = model_preset(out)  # the model.scale / model.arch the overrides end with: their order does not matter
-    for k in [k for k in given if k.startswith("model.") and k not in base and k.partition(".")[2] in preset]:
+    added = [k for k in given if k.startswith("model.") and k not in base]
+    preset = model_preset(out) if added else {}  # of the scale / arch the overrides end with: in any order
+    for k in [k for k in added if k.partition(".")[2] in preset]:
         like = preset[k.partition(".")[2]]
         value = typed(given[k], like)
         if value == like and type(value) is type(like):  # set.model.dim=64 on a d=64 preset: that cell, not another

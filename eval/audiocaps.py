@@ -30,6 +30,7 @@ from eval.audio import CHANNELS, CROPS, BadAudioError, Clip, load_clips
 from eval.backbones import RESAMPLERS, Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
 from eval.reference import match_generated, select, set_hash
+from siren.assets import WEIGHTS_MODES
 from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
@@ -153,7 +154,7 @@ def backbones(cfg: EvalConfig) -> dict[str, Backbone]:
 
     With weights=pretrained this checks the weight files first, so a missing one fails at once.
     """
-    if cfg.weights not in ("pretrained", "demo", "random"):
+    if cfg.weights not in WEIGHTS_MODES:
         raise ConfigError(f"weights must be pretrained, demo or random, got {cfg.weights!r}")
     which, device = metric_list(cfg), _device(cfg.device)
     roles = {"fd_kl_is": ({"fd", "kl", "isc"}, PannsCnn14, dict(channel=cfg.channel, resampler=cfg.resampler)),

@@ -90,10 +90,10 @@ def _disk_full(e: Exception, tmp: str) -> bool:
     return not isinstance(e, OSError) and st.f_bavail * st.f_frsize < 1 << 20
 
 
-
 def cache_dir() -> Path:
     """The assets cache (``SIREN_CACHE``, default ~/.cache/siren): pretrained files, embeddings, prepared demo data."""
     return Path(os.environ.get("SIREN_CACHE", Path.home() / ".cache" / "siren")).expanduser()
+
 
 def check_folder(path: str | os.PathLike, key: str) -> None:
     """``key=path`` names a folder a command writes into: its nearest existing part must be a folder. Checked

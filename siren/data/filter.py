@@ -248,12 +248,13 @@ def _score_shard(items, out: Path, clap, audio: AudioConfig, num_shards: int, sh
     captions = {clap_text_key(c, clap.id): c for i, it in mine if i not in bad for _, c in it.captions}
     keys = list(captions)
     chunks = [keys[s:s + 64] for s in range(0, len(keys), 64)]
-    todo = [c for c in chunks if not all(cached(cache_path(out, "clap_text", k)) for k in c)]  # cut short: again
+    whole = {k: cached(cache_path(out, "clap_text", k)) for k in keys}  # one header read per entry
+    todo = [c for c in chunks if not all(whole[k] for k in c)]  # a chunk with one missing or cut short: again
     missing = sum(not cache_path(out, "clap_text", k).is_file() for c in todo for k in c)
     rep.text_embedded, rep.text_cached = missing, len(captions) - missing
     for chunk in tqdm(todo, desc="captions", disable=not progress or not todo, unit="batch"):
         for k, e in zip(chunk, clap.embed_text([captions[k] for k in chunk]).float().cpu()):
-            if not cached(cache_path(out, "clap_text", k)):  # the chunk's others are kept as they are
+            if not whole[k]:  # the chunk's others are kept as they are
                 save_tensors(cache_path(out, "clap_text", k), {"embedding": e},
                              {"clap_id": clap.id, "caption": captions[k]})
 
