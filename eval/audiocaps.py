@@ -34,9 +34,9 @@ from siren.assets import WEIGHTS_MODES
 from siren.config import check_numbers, load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
-from siren.io import check_folder, read_json, sha256_file, write_json
+from siren.io import check_folder, sha256_file, write_json
 from siren.lock import hold
-from siren.run_dir import read_run_config
+from siren.run_dir import read_run_config, reward_model
 from siren.runtime import check_device, resolve_device
 from siren.sample import SampleConfig
 
@@ -261,15 +261,10 @@ def evaluate_sets(gen: list[Clip], ref: list[Clip], captions: list[str], cfg: Ev
             "per_clip": per_clip}
 
 
-def reward_equals_metric(run_dir: str | Path, models: dict[str, Backbone], computed: list[str]) -> list[str]:
-    """The metrics whose backbone is the very model a stage-2 run was aligned with: same model name and same
-    weights (sha256, or the same random seed), from the run's alignment.json. Empty for a stage-1 run."""
-    meta = Path(run_dir) / "alignment.json"
-    if not meta.is_file():
-        return []
-    reward = read_json(meta, "stage 2 wrote it: run the alignment again (it resumes), or evaluate another run"
-                       ).get("reward_model") or {}
-    return [m for m in computed if (reward.get("name"), reward.get("weights_sha256")) ==
+def reward_equals_metric(reward: dict, models: dict[str, Backbone], computed: list[str]) -> list[str]:
+    """The metrics whose backbone is the very model a stage-2 run was aligned with (``reward``, as
+    ``reward_model`` gives it): same model name and same weights (sha256, or the same random seed)."""
+    return [m for m in computed if reward and (reward.get("name"), reward.get("weights_sha256")) ==
             (models[ROLE_OF[m]].name, models[ROLE_OF[m]].weights_sha256)]
 
 
@@ -348,7 +343,9 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
     run_dir = cfg.ckpt or gen_card.get("run_dir")
     if run_dir:
         computed = results["card"]["metrics"]["computed"]
-        notes = {m: cards.REWARD_NOTE for m in reward_equals_metric(run_dir, models, computed)}
+        # a record before 2026-12-08 has no reward_model: read from its run, where that is still there
+        reward = gen_card["reward_model"] if "reward_model" in gen_card else reward_model(run_dir)
+        notes = {m: cards.REWARD_NOTE for m in reward_equals_metric(reward, models, computed)}
         n = cfg.candidates if cfg.ckpt else gen_card.get("candidates", 1)
         # reject sampling scores with the CLAP metric's model (ckpt=), or with the recorded scorer
         if n > 1 and "clap" in computed and (cfg.ckpt or gen_card.get("scorer") == models["clap"].net.id):

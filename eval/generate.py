@@ -31,7 +31,7 @@ from siren.errors import ConfigError
 from siren.frontends import run_frontends
 from siren.io import atomic_path, read_json, sha256, sha256_file, write_json
 from siren.model.continuous import ContinuousLM, decode_latent
-from siren.run_dir import read_run_config, trained_frames, warn_if_past_trained
+from siren.run_dir import read_run_config, reward_model, trained_frames, warn_if_past_trained
 from siren.runtime import code_version, derive_seed
 from siren.sample import SampleConfig, generate_with_info
 
@@ -111,8 +111,9 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         batch_of.update({ids[i]: key for i in rows})
     record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
                           {i: p for i, p in zip(ids, paths) if p.is_file()}, batch_of)
-    # what made them, for a later gen_dir= evaluation of this folder (its card says so)
-    record.update(frontends_weights=made_with(run_dir), code_version=code_version())
+    # what made them, for a later gen_dir= evaluation of this folder (its card says so; the reward model marks
+    # "reward = metric" even once the run is moved or deleted)
+    record.update(frontends_weights=made_with(run_dir), reward_model=reward_model(run_dir), code_version=code_version())
     write_json(out_dir / RECORD, record)
     collapsed = record["collapsed"]  # written back with the record; may hold other sets' ids (counted below: not)
     in_set = set(ids)
@@ -220,7 +221,8 @@ def record_card(gen_dir: Path, clips: dict[str, Path]) -> dict:
                               "candidates": settings.get("candidates") if picked else None,
                               "scorer": settings.get("scorer") if picked else None,
                               "frontends_weights": record.get("frontends_weights"),
-                              "code_version": record.get("code_version")}.items() if v}
+                              "code_version": record.get("code_version")}.items() if v} | (
+        {"reward_model": record["reward_model"]} if "reward_model" in record else {})  # {}: a stage-1 run's clips
 
 
 LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without them is taken to match

@@ -97,6 +97,16 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     return cfg
 
 
+def reward_model(run_dir: str | os.PathLike) -> dict:
+    """The model a stage-2 run was aligned with (name, weights_sha256), from its alignment.json; {} for a
+    stage-1 run. Generation records it beside the clips, so a gen_dir= evaluation does not need the run."""
+    meta = Path(run_dir) / "alignment.json"
+    if not meta.is_file():
+        return {}
+    return io.read_json(meta, "stage 2 wrote it: run the alignment again (it resumes), or evaluate another run"
+                        ).get("reward_model") or {}
+
+
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu", allow_unfinished: bool = False):
     """The K trained experts of ``run_dir`` assembled into a ``CollaborativeModel`` (eval mode); a continuous
     run's ``ContinuousLM`` (``load_continuous``).

@@ -152,11 +152,26 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     card = json.loads((tmp_path / "eval" / "results.json").read_text())["card"]
     assert card["reward_equals_metric"] == ["clap"] == res["card"]["reward_equals_metric"]
     assert "reward = metric" in card["metrics"]["clap"]["reward_equals_metric"]
-    # the same clips evaluated as a folder (gen_dir=): they lost the mark; their record names the run
+    # the same clips evaluated as a folder (gen_dir=): marked too, from their record
     again = evaluate(load_config(EvalConfig, [f"gen_dir={tmp_path / 'eval' / 'gen'}", f"ref={ref}",
                                               f"out={tmp_path / 'again'}", "weights=random", "metrics=clap",
                                               "cache=false"]))
     assert again["card"]["reward_equals_metric"] == ["clap"] and again["metrics"]["clap"] == res["metrics"]["clap"]
+    # ... from the reward model the record keeps, so also once the run is moved away (it was read from the run);
+    # a record without it (before 2026-12-08) is read from its run where that is still there
+    gen_args = [f"gen_dir={tmp_path / 'eval' / 'gen'}", f"ref={ref}", "weights=random", "metrics=clap", "cache=false"]
+    out.rename(tmp_path / "moved")
+    moved = evaluate(load_config(EvalConfig, [*gen_args, f"out={tmp_path / 'again_moved'}"]))
+    assert moved["card"]["reward_equals_metric"] == ["clap"]
+    assert moved["card"]["generated"]["reward_model"] == {"name": "clap", "weights_sha256": "random-seed0"}
+    record_path = tmp_path / "eval" / "gen" / "generation.json"
+    old_record = {k: v for k, v in json.loads(record_path.read_text()).items() if k != "reward_model"}
+    record_path.write_text(json.dumps(old_record))
+    assert evaluate(load_config(EvalConfig, [*gen_args, f"out={tmp_path / 'old_gone'}"]))["card"][
+        "reward_equals_metric"] == []  # the run is gone: nothing says what it was aligned with
+    (tmp_path / "moved").rename(out)
+    assert evaluate(load_config(EvalConfig, [*gen_args, f"out={tmp_path / 'old_there'}"]))["card"][
+        "reward_equals_metric"] == ["clap"]
     row = cards.table([("aligned", res["metrics"])], card)
     assert f"{res['metrics']['clap']:.2f}{cards.REWARD_MARK}" in row and "reward = metric" in row
     grid = load_grid("table7")
@@ -188,6 +203,6 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     models = backbones(load_config(EvalConfig, ["weights=random", "metrics=clap"]))
     for other in ({"name": "imagebind", "weights_sha256": "random-seed0"},
                   {"name": "clap", "weights_sha256": "random-seed1"}):
-        (tmp_path / "x").mkdir(exist_ok=True)
-        (tmp_path / "x" / "alignment.json").write_text(json.dumps({"reward_model": other}))
-        assert reward_equals_metric(tmp_path / "x", models, ["clap"]) == []
+        assert reward_equals_metric(other, models, ["clap"]) == []
+    assert reward_equals_metric({"name": "clap", "weights_sha256": "random-seed0"}, models, ["clap"]) == ["clap"]
+    assert reward_equals_metric({}, models, ["clap"]) == []  # a stage-1 run
