@@ -729,12 +729,16 @@ def test_segments_left_out_ids_clashing_and_captions_cut_are_said(tmp_path, code
     gap[8_000:16_000] = 0  # 1.5 s -> three 0.5 s chunks, the middle one silent
     write_wav(tmp_path / "gap.wav", gap)
     long_caption = " ".join(["a dog barks"] * 60)  # > 128 tokens
-    m = write_manifest(tmp_path / "m.csv", [{"id": "g", "audio": "gap.wav", "caption": long_caption}])
+    write_wav(tmp_path / "gap2.wav", gap[::-1].copy())
+    m = write_manifest(tmp_path / "m.csv", [{"id": "g", "audio": "gap.wav", "caption": long_caption},
+                                            {"id": "h", "audio": "gap2.wav", "caption": caption}])
     with caplog.at_level("WARNING"):
         run(m, tmp_path / "out", codec, text_encoder, audio=AudioConfig("segment", 0.5))
-    assert "gap.wav: 1 silent 0.5 s segment(s) left out: #1" in caplog.text
+    # one line for the shard (thousands on a large set when each file had its own), with examples
+    assert "m shard 0 of 1: 2 silent 0.5 s segment(s) of 2 file(s) left out, e.g. " in caplog.text
+    assert "gap.wav: #1; " in caplog.text and "gap2.wav: #1" in caplog.text and caplog.text.count("silent") == 1
     assert "1 caption(s) are longer than text.max_length=128 tokens and were cut" in caplog.text
-    assert PreparedDataset(tmp_path / "out", "m", crop_s=None).ids == ["g#0", "g#2"]
+    assert PreparedDataset(tmp_path / "out", "m", crop_s=None).ids == ["g#0", "g#2", "h#0", "h#2"]
     write_wav(tmp_path / "short.wav", x[:4_000])  # one item, not split: its id is the row's
     m = write_manifest(tmp_path / "d.csv", [{"id": "g#0", "audio": "short.wav", "caption": caption},
                                             {"id": "g", "audio": "gap.wav", "caption": caption}])

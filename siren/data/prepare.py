@@ -126,6 +126,7 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
         # 1. hash every file (one hashed at its version by an earlier run is not read again); read and check the
         # ones not cached yet; report all bad ones at once.
         sha, keys, todo, bad, source = {}, {}, {}, {}, {}
+        silent = {}  # file -> its silent segments left out (policy segment): said once, not in a line per file
 
         def key_of(h: str) -> str:
             return codes_key(h, audio.key(), codec.id)
@@ -151,10 +152,17 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
                 if data is None or encoded(key):  # data None: found encoded above
                     continue
                 try:
-                    standardize(load_audio(row.audio, data), audio, row.audio)
+                    wav = load_audio(row.audio, data)
+                    index = standardize(wav, audio, row.audio, warn=False)[2]
+                    if index[0] >= 0 and len(index) < (n := wav.shape[-1] // audio.n_samples):
+                        silent[row.audio] = [k for k in range(n) if k not in index]
                     todo[key] = row
                 except AudioError as e:
                     bad[i] = f"{e} (id {row.id})"
+        if silent:
+            log.warning("%s shard %d of %d: %d silent %g s segment(s) of %d file(s) left out, e.g. %s", split, shard,
+                        num_shards, sum(map(len, silent.values())), audio.duration_s, len(silent),
+                        "; ".join(f"{f}: {', '.join(f'#{k}' for k in ks)}" for f, ks in list(silent.items())[:3]))
         if bad and on_error == "stop":
             raise DataError(f"{manifest or split}: {len(bad)} bad audio file(s) in shard {shard} of {num_shards} "
                             f"(nothing encoded by this run; cached items kept). Fix or remove them, or pass "
