@@ -165,6 +165,14 @@ def _checked(path: Path, key: Any, value: Any) -> Any:
                               "name (letters, digits, '-', '_') with a one-line value, or true for a bare flag "
                               "(leave an option out rather than set it null or false)")
         names = {str(k).replace("-", "_"): k for k in value}
+        # sbatch reads an abbreviated long option as the option it begins (--arr as --array, --dep as --dependency)
+        cut = sorted(f"{names[n]} (sbatch reads it as --{full[0].replace('_', '-')})" for n in names
+                     if n not in _RESERVED and n not in _OWN_KEY
+                     and (full := sorted(o for o in (*_RESERVED, *_OWN_KEY) if o.startswith(n))))
+        if cut:
+            raise ConfigError(f"{path}: additional_parameters {', '.join(cut)}: sbatch takes an abbreviated option "
+                              "for the option it begins, and these begin ones the harness or a profile key sets; "
+                              "spell each option out in full (the rules below then say which may be set)")
         reserved = sorted(names[n] for n in names if n in _RESERVED)
         if reserved:
             raise ConfigError(f"{path}: additional_parameters may not set {', '.join(reserved)}: the harness sets them "

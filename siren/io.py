@@ -125,9 +125,10 @@ def open_no_link(path: str | os.PathLike, flags: int) -> int:
         raise
 
 
-def open_append(path: str | os.PathLike, mode: str = "a"):
-    """A log file opened for appending (``mode`` "a" or "ab"), never through a symbolic link."""
-    return os.fdopen(open_no_link(path, os.O_WRONLY | os.O_APPEND), mode)
+def open_append(path: str | os.PathLike, mode: str = "a", **kw):
+    """A log file opened for appending (``mode`` "a", "ab" or "ab+"; ``kw`` for ``open``), never through a
+    symbolic link."""
+    return os.fdopen(open_no_link(path, (os.O_RDWR if "+" in mode else os.O_WRONLY) | os.O_APPEND), mode, **kw)
 
 
 def write_text(dest: str | os.PathLike, text: str, durable: bool = False) -> None:

@@ -24,11 +24,14 @@ DB_PORT="${SIREN_SLURM_DB_PORT:-3310}"
   echo "error: SIREN_SLURM_TIMEOUT and SIREN_SLURM_DB_PORT must be whole numbers" >&2; exit 2; }
 # This script runs as root and kills the pids its state folder lists: a folder another user made first (the
 # default is under /tmp) could make it kill any process or run their configs. Only one of our own is used.
-if [[ -e "$STATE_DIR" && ( ! -O "$STATE_DIR" || -L "$STATE_DIR" ) ]]; then
-  echo "error: $STATE_DIR is not a folder of this user's (owner $(stat -c %U "$STATE_DIR")); remove it or set" \
-       "SIREN_SLURM_DIR to a folder of your own" >&2
-  exit 2
-fi
+own_state_dir() {
+  if [[ -e "$STATE_DIR" && ( ! -O "$STATE_DIR" || -L "$STATE_DIR" ) ]]; then
+    echo "error: $STATE_DIR is not a folder of this user's (owner $(stat -c %U "$STATE_DIR")); remove it or set" \
+         "SIREN_SLURM_DIR to a folder of your own" >&2
+    exit 2
+  fi
+}
+own_state_dir
 CLUSTER=siren
 ACCOUNT=siren
 PARTITION=debug
@@ -248,6 +251,8 @@ resume_drained_node() {
 cmd_start() {
     local d down=0
     [[ $EUID -eq 0 ]] || die "must run as root (SlurmUser=root, and it installs packages)"
+    mkdir -p "$STATE_DIR"
+    own_state_dir  # again: another user could have made it since the check above (mkdir -p takes theirs)
     mkdir -p "$ETC" "$LOG" "$RUN" "$DB_DIR" "$STATE_DIR/ctld" "$STATE_DIR/spool"
     for d in "${DAEMONS[@]}"; do is_up "$d" || down=1; done
     if ((!down)); then

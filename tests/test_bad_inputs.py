@@ -1372,6 +1372,7 @@ def test_an_output_folder_with_a_newline_or_through_a_dangling_link_is_named_whe
 def test_locks_and_logs_are_not_written_through_a_link(tmp_path):
     """A link put in a shared output folder in place of a lock or a log: the lock truncated the file it named,
     the logs appended to it. Now each is an error naming the link (a training log replaces it)."""
+    from siren.data.cache import HashLedger
     from siren.errors import ConfigError
     from siren.io import open_append
     from siren.lock import hold
@@ -1386,6 +1387,11 @@ def test_locks_and_logs_are_not_written_through_a_link(tmp_path):
     (tmp_path / "controllers.log").symlink_to(victim)  # the local executor's and the warm server's logs
     with pytest.raises(ConfigError, match="controllers.log is a symbolic link"):
         open_append(tmp_path / "controllers.log", "ab")
+    ledger = tmp_path / "splits" / "train.shards"  # prepare's and the filter's ledger of source hashes
+    ledger.mkdir(parents=True)
+    (ledger / "sources-0-of-1.jsonl").symlink_to(victim)
+    with pytest.raises(ConfigError, match="sources-0-of-1.jsonl is a symbolic link"):
+        HashLedger(ledger, 0, 1, set())
     (tmp_path / "expert_0").mkdir()  # a training log is rewritten (atomically) when opened: the link is replaced
     (tmp_path / "expert_0" / "log.jsonl").symlink_to(victim)
     RunLog(tmp_path / "expert_0", 0).write({"step": 1, "loss": 1.0})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -60,6 +61,12 @@ def test_profile_value_of_wrong_type_is_named(tmp_path):
     # a grid job is one process: more tasks deadlocked on the job's lock, another folder lost its outputs
     ("additional_parameters:\n  ntasks-per-node: 8\n", "may not set ntasks-per-node"),
     ("additional_parameters:\n  chdir: /scratch\n", "may not set chdir"),
+    # sbatch reads an abbreviation as the option it begins: --arr on a job that is not an array, --dep on one
+    # without a dependency took effect
+    ("additional_parameters:\n  arr: 0-7\n", "arr \\(sbatch reads it as --array\\)"),
+    ("additional_parameters:\n  dep: afterany:1\n  outp: /tmp/x\n",
+     "dep \\(sbatch reads it as --dependency\\), outp \\(sbatch reads it as --output\\): .*spell each option out"),
+    ("additional_parameters:\n  part: gpu\n", "part \\(sbatch reads it as --partition\\)"),
     # written into the sbatch script: a line break became a shell line, null/false reached sbatch as None/False
     ("additional_parameters:\n  constraint: \"a100\\necho injected\"\n", "each must be an sbatch option name"),
     ("additional_parameters:\n  \"key\\necho x\": 1\n", "each must be an sbatch option name"),
@@ -248,3 +255,16 @@ def test_interrupted_resumable_job_is_requeued_and_resumes(slurm_cluster, tmp_pa
     assert 3 <= starts[1] < total, starts  # resumed from its checkpoint, not from 0
     assert "this job is preempted" in job.paths.stderr.read_text()
     wait_for(lambda: _sacct_states(job.job_id) == ["COMPLETED"], f"sacct to show job {job.job_id} COMPLETED")
+
+
+def test_local_cluster_script_refuses_a_state_folder_not_its_own(tmp_path):
+    """slurm/local_cluster.sh runs as root and kills the pids its state folder lists: a folder put in its place (a
+    link here; another user's folder alike) is refused before anything is read, written or started."""
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "state").symlink_to(tmp_path / "theirs")
+    script = Path(__file__).resolve().parents[1] / "slurm" / "local_cluster.sh"
+    for command in ("status", "start"):
+        done = subprocess.run(["bash", str(script), command], capture_output=True, text=True,
+                              env={**os.environ, "SIREN_SLURM_DIR": str(tmp_path / "state")})
+        assert done.returncode == 2 and "is not a folder of this user's" in done.stderr, done.stderr
+    assert list((tmp_path / "theirs").iterdir()) == []

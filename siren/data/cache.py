@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from siren.errors import DataError
-from siren.io import sha256, version
+from siren.io import open_append, sha256, version
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,12 @@ class HashLedger:
                         continue
         folder.mkdir(parents=True, exist_ok=True)
         own = folder / f"sources-{shard}-of-{num_shards}.jsonl"
-        with open(own, "ab+") as f:
+        with open_append(own, "ab+") as f:  # a link planted in a shared output folder is refused, not followed
             if f.seek(0, os.SEEK_END):
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":  # a line a kill cut short: the next one starts on a line of its own
                     f.write(b"\n")
-        self.file = open(own, "a", encoding="utf-8", buffering=1)
+        self.file = open_append(own, encoding="utf-8", buffering=1)
 
     def get(self, path: str | Path, st: os.stat_result) -> str | None:
         """The sha256 recorded for the file at ``path`` as ``st`` says it is now, if any."""
