@@ -10,6 +10,7 @@ from ablations import steps
 from ablations.grid import Grid
 from ablations.ledger import LIVE, Job, JobState
 from ablations.plan import Cell, RunConfig, data_dir, stage1_dir
+from ablations.scales import stage_default
 from ablations.tables import Outcome
 from siren import io
 from siren.errors import DataError
@@ -134,6 +135,10 @@ def caption(run: RunConfig, cells: list[Cell], rows: Mapping[str, Outcome]) -> s
     other = sorted({o.weights for o in rows.values() if o.weights and o.weights != mode})
     words = [f"scale={run.scale}", WEIGHTS_WORDS[mode]]
     words += [f"evaluated with: {' | '.join(other)}"] * bool(other)
+    # a title may name the paper's reward (Figure 5: ImageBind); the demo scale aligns with the CLAP checkpoint
+    rewards = sorted({c.cfg.get("rl.reward.name", stage_default("rl.reward.name"))
+                      for c in cells if "rl.method" in c.cfg})
+    words += [f"stage-2 reward: {', '.join(rewards)}"] * bool(rewards)
     words += [f"set: {', '.join(f'{k}={v}' for k, v in sorted(run.set.items()))}"] * bool(run.set)
     return "; ".join(words)
 

@@ -296,6 +296,10 @@ def test_the_caption_says_overrides_and_evaluations_labelled_otherwise(tmp_path)
     assert caption(seeded, cells_of(load_grid("table6"), seeded), other) == (
         "scale=demo; demo weights (trained on the embedded set); evaluated with: mixed: fd_kl_is=demo, generation "
         "codec=random; set: train.seed=1")
+    # Figure 5's title is the paper's ("Rewards (ImageBind Cosine) ..."): a table of stage-2 rows says its reward
+    for scale, reward in (("demo", "clap"), ("paper", "imagebind")):
+        run = parse(["grid=figure5", f"out={tmp_path}", f"scale={scale}"])
+        assert caption(run, cells_of(load_grid("figure5"), run), {}).endswith(f"; stage-2 reward: {reward}")
 
 
 def test_tables_rank_within_each_source_and_say_itg_and_weights():

@@ -287,6 +287,15 @@ def test_isolated_presets_match_table2_rows():
         assert abs(sum(p.heads for p in rows) - 12.6e6) / 12.6e6 < 0.01
 
 
+def test_params_table_keeps_ten_digit_counts_apart(capsys):
+    """At dim 2048 a count has 13 characters with its commas: the 13-wide columns ran them together."""
+    params.main(["scale=single-3.3b"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()).split()
+    (p,) = params.model_params(load_config(ModelConfig, ["scale=single-3.3b"], presets()))
+    assert row[2:] == [f"{n:,}" for n in (p.embedding, p.frozen, p.main, p.decoder, p.heads, p.other, p.total)]
+    assert p.total >= 10**9
+
+
 def test_params_command_prints_table(capsys):
     params.main(["scale=isolated-1.6b"])
     out = capsys.readouterr().out

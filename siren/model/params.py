@@ -101,12 +101,12 @@ def table(cfg: ModelConfig, args: list[str] = ()) -> str:
     lines = [f"distribution={cfg.distribution} conditioning={cfg.conditioning} dim={cfg.dim} "
              f"main_layers={cfg.main_layers} decoder_layers={cfg.decoder_layers} attn_heads={cfg.attn_heads} "
              f"mlp={cfg.mlp}({cfg.mlp_hidden_size}) decoder_start={cfg.decoder_start} block_order={cfg.block_order}",
-             f"{'expert':<8}{'layers':<8}" + "".join(f"{c:>13}" for c in ("embed", "frozen", "main", "decoder",
+             f"{'expert':<8}{'layers':<8}" + "".join(f"{c:>15}" for c in ("embed", "frozen", "main", "decoder",
                                                                             "heads", "other", "total"))]
     for k, p in enumerate(rows):
         layers = cfg.expert_layers(k)
         lines.append(f"{k:<8}{f'{layers.start}-{layers.stop - 1}':<8}" + "".join(
-            f"{n:>13,}" for n in (p.embedding, p.frozen, p.main, p.decoder, p.heads, p.other, p.total)))
+            f"{n:>15,}" for n in (p.embedding, p.frozen, p.main, p.decoder, p.heads, p.other, p.total)))
     total = sum(p.total for p in rows)
     lines.append(f"model total: {total:,} ({total / 1e6:,.1f}M; trainable {sum(p.trainable for p in rows):,})")
     name = unmodified_preset(cfg, list(args))
