@@ -116,6 +116,9 @@ class CodecRecipe:
         if self.init and self.init_stage == 3 and not self.decay_steps:
             raise ConfigError("init_stage=3 keeps every stage the file has and decay_steps=0 skips stage 4: "
                               "nothing would train; give decay_steps > 0")
+        if self.init and not Path(self.init).is_file():  # before the demo clips are made (hashed first: a traceback)
+            raise ConfigError(f"init={self.init}: no such file (give a DAC file built by this recipe, or leave init "
+                              f"empty)")
         check_device(self.device)
         check_folder(Path(self.out).parent, "out")  # before the stages: a bad out= failed after all four
         if Path(self.out).is_dir():
@@ -331,8 +334,6 @@ def load_init(path: Path, stage: int):
     records about it: its sha256, the stages kept, the recipe that built it and where its own came from)."""
     from siren.codec import load_dac
 
-    if not path.is_file():
-        raise ConfigError(f"init={path}: no such file (give a DAC file built by this recipe, or leave init empty)")
     model, _ = load_dac(path)
     theirs = {"encoder_dim": model.encoder_dim, "encoder_rates": list(model.encoder_rates),
               "latent_dim": model.latent_dim}
