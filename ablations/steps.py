@@ -54,8 +54,8 @@ def continuous_config(cfg: Mapping[str, Any]):
 
 
 # data.demo_train / data.demo_test: clips per class of the embedded demo set (data.source=demo)
-DATA_KEYS = ("data.source", "data.train", "data.test", "data.prompts", "data.subset", "data.demo_train",
-             "data.demo_test")
+MANIFEST_KEYS = ("data.train", "data.test", "data.prompts", "data.subset")  # data.source=manifest's
+DATA_KEYS = ("data.source", *MANIFEST_KEYS, "data.demo_train", "data.demo_test")
 
 
 # Keys each step sets itself: a cell's rl.out= or eval.ref= came after them and won, so results went outside the
@@ -101,6 +101,13 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
             raise ConfigError(f"weights must be pretrained, demo or random, got {cfg['weights']!r}")
         if cfg["data.source"] not in ("demo", "manifest"):
             raise ConfigError(f"data.source must be demo or manifest, got {cfg['data.source']!r}")
+        # manifests given to the demo source: ignored by every step (it evaluates on the embedded test split), yet
+        # part of the cells' ids, so everything was prepared and trained again for a table of the demo set
+        unread = [k for k in MANIFEST_KEYS if k in cfg] if cfg["data.source"] == "demo" else []
+        if unread:
+            raise ConfigError(f"{', '.join(unread)}: data.source=demo does not read "
+                              f"{'it' if len(unread) == 1 else 'them'}; leave {'it' if len(unread) == 1 else 'them'}"
+                              f" out, or set.data.source=manifest (or scale=paper) to read your manifests")
         if cfg["data.source"] == "demo":  # the clip counts go to prepare: its schema checks them
             load_config(PrepareConfig, [f"{k}={cfg['data.' + k]}" for k in ("demo_train", "demo_test")])
         stage1 = stage1_parse(stage1_args(cfg))

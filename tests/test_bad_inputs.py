@@ -933,7 +933,12 @@ def test_a_grid_refuses_set_keys_its_steps_set_themselves(tmp_path, arg):
     ("set.data.source=frob", "data.source must be demo or manifest"),
     # 15 test clips: IS splits of one clip score exactly 1, refused by the eval jobs after training
     ("set.data.demo_test=1", r"gives 15 test clips: IS with eval.is_splits=10 needs 2 a split; set "
-                             r"set.eval.is_splits=K \(K <= 7\)")])
+                             r"set.eval.is_splits=K \(K <= 7\)"),
+    # the demo source evaluates on the embedded test split whatever set.data.test says: the table was the demo
+    # set's, after every cell was prepared and trained again (the key is part of their ids)
+    ("set.data.test=/my/test.csv", r"data.test: data.source=demo does not read it; leave it out, or "
+                                   r"set.data.source=manifest"),
+    ("set.data.subset=/my/ids.txt", "data.subset: data.source=demo does not read it")])
 def test_a_grid_refuses_bad_data_keys_before_submitting(tmp_path, arg, words):
     # these were accepted, then failed inside the prepare job (data.source=frob: "scale=paper needs your manifests")
     from ablations.grid import load_grid
