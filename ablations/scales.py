@@ -114,6 +114,8 @@ def resolve(cell: Mapping[str, Any], scale: str, overrides: Mapping[str, Any] = 
         value = typed(given[k], like)
         if value == like and type(value) is type(like):  # set.model.dim=64 on a d=64 preset: that cell, not another
             del out[k]
+        elif isinstance(value, bool):  # yes / True / 1: one cell, hashed as "true" / "false" have always been
+            out[k] = "true" if value else "false"
     return dict(sorted(out.items()))
 
 
@@ -141,6 +143,15 @@ def stage_default(key: str) -> Any:
     return default_of(schema, rest) if schema else MISSING
 
 
+def as_bool(value: str) -> bool | str:
+    """A command-line boolean as the stages' schemas (OmegaConf) read it: true/yes/on/y, false/no/off/n, any case,
+    or a whole number (0 is false); another string stays as written, for the schema to name."""
+    v = value.strip().lower()
+    if v in ("true", "yes", "on", "y", "false", "no", "off", "n"):
+        return v in ("true", "yes", "on", "y")
+    return int(v) != 0 if v.lstrip("+-").isdigit() else value
+
+
 def typed(value: Any, like: Any) -> Any:
     """A ``set.`` override (a command-line string) as the value it stands for, of the type of the value
     it replaces: the cell's identity is a hash of these values, so ``set.train.steps=300`` (the default)
@@ -149,7 +160,7 @@ def typed(value: Any, like: Any) -> Any:
     if not isinstance(value, str) or isinstance(like, str):
         return value
     if isinstance(like, bool):
-        return {"true": True, "false": False}.get(value.strip().lower(), value)
+        return as_bool(value)
     # like is None: a key the scale and the cell leave to the stage's default
     for parse in (type(like),) if isinstance(like, (int, float)) else (int, float):
         try:

@@ -1021,6 +1021,12 @@ def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
     assert ids("set.model.dim=64", "set.model.head_bias=false") == default != ids("set.model.head_bias=true")
     assert ids("set.model.arch=legacy", "set.model.head_bias=false") == \
         ids("set.model.head_bias=false", "set.model.arch=legacy") != ids("set.model.arch=legacy")
+    # a boolean in the spellings the stages read alike (OmegaConf's) is one cell: five spellings trained five models
+    on = ids("set.model.head_bias=true")
+    assert all(ids(f"set.model.head_bias={v}") == on for v in ("True", "yes", "1", "on"))
+    assert all(ids(f"set.model.head_bias={v}") == default for v in ("False", "no", "0", "off"))
+    off = ids("set.eval.cache=false")
+    assert off != default and all(ids(f"set.eval.cache={v}") == off for v in ("no", "0", "OFF"))
     # ... but a key the grid sets itself is refused at any value (at its stage default it was dropped in silence)
     from ablations.plan import parse
 
