@@ -150,6 +150,10 @@ def test_presets(scored, clips, clap, monkeypatch, tmp_path):
         assert report["counts"]["rl_prompts"] == active and report["counts"]["train"] == 0
     with pytest.raises(ConfigError, match="Valid select presets"):
         filt.parse(["select=siren-9b"])
+    # preset= alone (a key --help lists) selected at tau 0.4 and report.json named the 3.1B collection (0.35)
+    with pytest.raises(ConfigError, match=r"preset=siren-3.1b: preset is recorded by select=NAME .*; give "
+                                          r"select=siren-3.1b"):
+        filt.parse(["preset=siren-3.1b"])
 
 
 def test_second_run_computes_nothing_and_reads_no_audio_file(scored, clips, clap, monkeypatch, capsys):

@@ -70,7 +70,7 @@ class FilterConfig:
     step: str = "all"  # all: score every shard (or `shard`), then select; select: merge the shards and select only
     batch_size: int = 16  # clips per CLAP audio call
     device: str = "auto"  # auto: cuda when available, else cpu
-    preset: str = ""  # set by select=siren-1.6b | siren-3.1b (recorded in report.json)
+    preset: str = ""  # set by select=siren-1.6b | siren-3.1b only (recorded in report.json)
     tau: float = 0.4  # keep pairs with CLAP score >= tau
     min_snr_db: float = 6.0  # keep clips with activity SNR > this (paper: 6 dB)
     rl_top: int = 1000  # the highest-scoring kept pairs become the stage-2 prompts (rl_prompts.csv)
@@ -296,6 +296,10 @@ def build_clap(cfg: FilterConfig):
 
 def parse(argv: Sequence[str]) -> FilterConfig:
     args = list(argv)
+    given = [a for a in args if a.split("=", 1)[0] == "preset"]
+    if given:  # the name goes with the preset's values: preset=siren-3.1b alone labelled a selection at tau 0.4
+        raise ConfigError(f"{given[0]}: preset is recorded by select=NAME ({', '.join(PRESETS['select'])}), which "
+                          f"also sets that preset's tau, rl_top and train_n; give select={given[0].split('=', 1)[1]}")
     defaults = []
     if "manifest=demo" in args:
         from siren.data.demo import AUDIO
