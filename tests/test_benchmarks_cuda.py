@@ -53,13 +53,17 @@ def test_the_eval_section_times_all_three_metric_networks_and_the_clap_text(tmp_
     assert all("error" not in v for v in r.values()) and r["vggish"]["clips_per_s"] > 0
 
 
-def test_a_bad_value_is_one_error_before_any_section(capsys):
-    # scale=nope was a traceback inside the train section (exit 1), eval_weights=bogus a header and "skipped" rows
+def test_a_bad_value_is_one_error_before_any_section(capsys, tmp_path):
+    # scale=nope was a traceback inside the train section (exit 1), eval_weights=bogus a header and "skipped" rows,
+    # out=FOLDER an IsADirectoryError after the first section's compute
     import pytest
 
     from siren.errors import ConfigError
 
-    for bad, words in (("scale=nope", "nope"), ("eval_weights=bogus", "eval_weights must be random, demo")):
+    (tmp_path / "file").write_text("")
+    for bad, words in (("scale=nope", "nope"), ("eval_weights=bogus", "eval_weights must be random, demo"),
+                       (f"out={tmp_path}", "is a folder; give the path of the JSON file"),
+                       (f"out={tmp_path / 'file' / 'b.json'}", "file.* is a file, not a folder")):
         with pytest.raises(ConfigError, match=words):
             bench.main(overridden(TINY, [bad]))
     assert "benchmarks.cuda" not in capsys.readouterr().out
