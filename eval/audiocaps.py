@@ -97,6 +97,8 @@ class EvalConfig:
         if self.is_seed >= 2**32:
             raise ConfigError(f"is_seed must be < 2**32 (numpy RandomState, as audioldm_eval), got {self.is_seed}")
         check_device(self.device)
+        if self.weights not in WEIGHTS_MODES:  # now: backbones() checked it after out= and its lock were made
+            raise ConfigError(f"weights must be pretrained, demo or random, got {self.weights!r}")
         if self.gen_dir and not self.ckpt:
             given = [k for k in GENERATION_KEYS if getattr(self, k) != getattr(EvalConfig, k, None)
                      and not (k == "sample" and self.sample == SampleConfig())]
@@ -154,8 +156,6 @@ def backbones(cfg: EvalConfig) -> dict[str, Backbone]:
 
     With weights=pretrained this checks the weight files first, so a missing one fails at once.
     """
-    if cfg.weights not in WEIGHTS_MODES:
-        raise ConfigError(f"weights must be pretrained, demo or random, got {cfg.weights!r}")
     which, device = metric_list(cfg), _device(cfg.device)
     roles = {"fd_kl_is": ({"fd", "kl", "isc"}, PannsCnn14, dict(channel=cfg.channel, resampler=cfg.resampler)),
              "fad": ({"fad"}, VGGish, dict(channel=cfg.fad_channel, resampler=cfg.fad_resampler,

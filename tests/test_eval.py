@@ -784,6 +784,17 @@ def test_the_eval_benchmark_labels_demo_weights_as_demo(capsys):
     assert "eval.bench" not in capsys.readouterr().out
 
 
+def test_a_bad_weights_mode_is_named_before_out_is_made(tmp_path, capsys):
+    # it was checked when the backbones were listed: out= and its eval.lock were made first (with ckpt= and no
+    # out=, inside the run: RUN/eval/eval.lock)
+    from eval.audiocaps import main
+
+    write_set(tmp_path / "gen", ["a", "b"], seed=1)
+    assert main([f"gen_dir={tmp_path / 'gen'}", "ref=demo", "weights=foo", f"out={tmp_path / 'e1'}"]) == 2
+    assert "weights must be pretrained, demo or random, got 'foo'" in capsys.readouterr().err
+    assert not (tmp_path / "e1").exists()
+
+
 def test_a_clip_named_in_another_unicode_form_is_said_to_be_one(tmp_path):
     # 'café' missing and 'café' extra looked identical on screen: one name is NFC, the other NFD (a Mac's)
     from eval.reference import match_generated
