@@ -43,6 +43,7 @@ class OrthogonalityConfig:
     out: str = ""  # default outputs/analysis/orthogonality
 
     def __post_init__(self):
+        prepared.check_features(self.features)
         check_numbers(self, positive=("max_frames",), nonneg=("max_clips",))
 
 

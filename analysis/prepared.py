@@ -197,14 +197,19 @@ def frame_features(codec: Codec, codes: list[torch.Tensor], space: str = "projec
     return np.concatenate(_features(codec, codes, space, lambda f: f[next(local)]))
 
 
+def check_features(space: str) -> None:
+    """A probe's ``features=``: named when its config is read, before the demo set is prepared (45 s)."""
+    if space not in FEATURE_SPACES:
+        raise ConfigError(f"features must be one of {', '.join(FEATURE_SPACES)}, got '{space}'")
+
+
 def _features(codec: Codec, codes: list[torch.Tensor], space: str, per_clip: Callable[[np.ndarray], np.ndarray],
               max_frames: int = 2048) -> list[np.ndarray]:
     """``per_clip`` of each clip's [T, 12, D]: ``projected`` = f-hat^j of Eq. 1 (1024-d), ``codebook`` = Z^j[q] (8-d).
 
     Clips go through ``codec.layer_features`` in zero-padded chunks of <= ``max_frames`` frames
     (features are per frame, so padding never leaks into a clip's own frames)."""
-    if space not in FEATURE_SPACES:
-        raise ConfigError(f"features must be one of {', '.join(FEATURE_SPACES)}, got '{space}'")
+    check_features(space)
     out, start = [], 0
     while start < len(codes):
         T, end = codes[start].shape[-1], start + 1

@@ -40,6 +40,7 @@ class SemanticProbeConfig:
     out: str = ""
 
     def __post_init__(self):
+        prepared.check_features(self.features)
         check_numbers(self, positive=("hidden", "max_iter", "tsne_perplexity"), nonneg=("max_clips",))
 
 

@@ -256,6 +256,15 @@ def test_semantic_probe_refuses_a_panel_past_layer_12_before_probing(tmp_path):
                    ["panels=", "data=/nonexistent", f"out={tmp_path}"])
 
 
+@pytest.mark.parametrize("probe", [semantic_probe, orthogonality])
+def test_a_feature_space_typo_is_named_before_the_data_is_read(probe, tmp_path):
+    # it was named after the demo set was prepared (45 s on a fresh cache)
+    name = probe.__name__.rpartition(".")[2]
+    schema = semantic_probe.SemanticProbeConfig if probe is semantic_probe else orthogonality.OrthogonalityConfig
+    with pytest.raises(ConfigError, match="features must be one of projected, codebook, got 'foo'"):
+        probe_main(name, schema, probe.run, ["features=foo", "data=/nonexistent", f"out={tmp_path}"])
+
+
 @pytest.mark.parametrize("splits", ["", "train,train"])
 def test_orthogonality_refuses_no_split_or_one_given_twice(splits, tmp_path):
     """splits= was a StopIteration traceback; train,train pooled every clip twice (and could pair a clip with its
