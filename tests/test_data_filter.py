@@ -510,3 +510,12 @@ def test_select_refuses_shards_scored_from_another_manifest_and_names_a_damaged_
     shard.write_text(shard.read_text()[:200])
     with pytest.raises(DataError, match=r"shard-0-of-1\.json: not readable JSON .*score shard 0 again"):
         cli(clap, monkeypatch, f"manifest={manifest}", f"out={out}", "step=select", "tau=-1", "rl_top=2")
+
+
+def test_segment_names_its_own_duration_key():
+    # "audio.duration_s must be ..." named prepare's key, which segment refuses as unknown
+    from siren.config import load_config
+    from siren.data.segment import SegmentConfig
+
+    with pytest.raises(ConfigError, match=r"^duration_s must be at least one codec frame \(0.02 s\)"):
+        load_config(SegmentConfig, ["duration_s=0"])

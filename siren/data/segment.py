@@ -39,6 +39,12 @@ class SegmentConfig:
     out: str = ""  # audio/<name>.wav per segment + segments.csv (+ skipped.csv: unusable files, silent segments)
     duration_s: float = 10.0  # appendix A: 10 s segments
 
+    def __post_init__(self):  # AudioConfig's check, named by this command's own key (audio.duration_s is prepare's)
+        try:
+            AudioConfig("segment", self.duration_s).validate()
+        except DataError as e:
+            raise ConfigError(str(e).replace("audio.duration_s", "duration_s")) from None
+
 
 SILENT = "silent segment (left out)"
 
