@@ -141,7 +141,8 @@ def parse(args: list[str]) -> Stage1Config:
                           f"but family={cfg.family}: give family={'continuous' if scale in cont else 'discrete'}, or "
                           f"one of {', '.join(names)}")
     other = "model." if cfg.family == "continuous" else "continuous."
-    stray = [a.split("=", 1)[0] for a in args if a.startswith(other)]
+    # arch= (a discrete-model preset) set model.* keys the continuous model never reads
+    stray = [a.split("=", 1)[0] for a in args if a.startswith(other) or (other == "model." and a.startswith("arch="))]
     if stray:
         raise ConfigError(f"{', '.join(stray)}: keys of the other family's model, which family={cfg.family} does not "
                           f"build; use {'continuous.' if other == 'model.' else 'model.'}* keys")

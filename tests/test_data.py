@@ -759,6 +759,16 @@ def test_an_item_shorter_than_a_codec_frame_is_refused_before_the_models_load(tm
                       f"audio.duration_s={seconds}"])
 
 
+def test_demo_prepare_refuses_a_split_name(tmp_path, monkeypatch):
+    # manifest=demo split=mytrain wrote train.json and test.json, exit 0
+    from siren import frontends
+
+    monkeypatch.setattr(frontends, "build_codec", lambda *a: pytest.fail("a model was built"))
+    with pytest.raises(DataError, match="split=mytrain: manifest=demo prepares the splits train and test"):
+        prepare_main(["manifest=demo", "split=mytrain", f"out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli(tmp_path, capsys):
     m = tiny_set(tmp_path / "src", n=2)
     args = [f"manifest={m}", f"out={tmp_path / 'out'}", "codec.weights=random", "text.weights=random",

@@ -287,6 +287,14 @@ def test_isolated_presets_match_table2_rows():
         assert abs(sum(p.heads for p in rows) - 12.6e6) / 12.6e6 < 0.01
 
 
+def test_params_command_refuses_two_families_and_names_the_continuous_one():
+    # family= twice took the last in silence; scale=cont-base alone said "unknown scale" with no hint
+    with pytest.raises(ConfigError, match="'family' given twice, as 'discrete' and as 'continuous'"):
+        params.main(["family=discrete", "family=continuous", "scale=cont-base"])
+    with pytest.raises(ConfigError, match="scale=cont-base is a preset of the continuous family .*family=continuous"):
+        params.main(["scale=cont-base"])
+
+
 def test_params_table_keeps_ten_digit_counts_apart(capsys):
     """At dim 2048 a count has 13 characters with its commas: the 13-wide columns ran them together."""
     params.main(["scale=single-3.3b"])

@@ -57,6 +57,8 @@ def test_cli_composes_model_and_train_config(tmp_path):
         parse(["family=continuous", "scale=cont-tiny", "model.dim=32"])
     with pytest.raises(ConfigError, match="continuous.layers: keys of the other family's model"):
         parse(["scale=tiny", "continuous.layers=2"])
+    with pytest.raises(ConfigError, match="arch: keys of the other family's model"):  # accepted, never read
+        parse(["family=continuous", "scale=cont-tiny", "arch=legacy"])
 
 
 # ---------------------------------------------------------------------------- optimiser

@@ -295,6 +295,8 @@ class PrepareConfig:
         if self.text_dtype not in TEXT_DTYPES or self.on_error not in ON_ERROR:
             raise DataError(f"text_dtype must be one of {list(TEXT_DTYPES)} and on_error one of {list(ON_ERROR)}; "
                             f"got {self.text_dtype!r}, {self.on_error!r}")
+        if self.manifest == "demo" and self.split:  # it wrote train.json and test.json without a word
+            raise DataError(f"split={self.split}: manifest=demo prepares the splits train and test; leave split out")
         check_device(self.device)
         self.audio.validate()  # before the models load (minutes at paper scale)
 

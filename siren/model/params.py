@@ -130,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     for f in families:
         if f not in FAMILIES:
             raise ConfigError(f"family={f}: discrete (Siren, the default) or continuous (paper/003)")
+    if len(set(families)) > 1:  # the last one was taken without a word; every other key refuses this
+        raise ConfigError(f"'family' given twice, as {families[0]!r} and as {families[-1]!r}: give it once")
     args = [a for a in args if not a.startswith("family=")]
+    scale = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("scale=")), "")
+    if scale.startswith("cont-") and families[-1:] != ["continuous"]:
+        raise ConfigError(f"scale={scale} is a preset of the continuous family (paper/003): add family=continuous")
     if families and families[-1] == "continuous":  # paper/003's continuous-token LM: its own config and table
         from siren.model.continuous.params import main as continuous_main
 
@@ -140,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    cli_run(main, ModelConfig, __doc__)
+    cli_run(main, ModelConfig, __doc__, presets=presets())
