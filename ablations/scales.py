@@ -12,6 +12,7 @@ metric's: its tables mark that column "reward = metric").
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import MISSING
 from typing import Any, Mapping
 
@@ -149,7 +150,7 @@ def as_bool(value: str) -> bool | str:
     v = value.strip().lower()
     if v in ("true", "yes", "on", "y", "false", "no", "off", "n"):
         return v in ("true", "yes", "on", "y")
-    return int(v) != 0 if v.lstrip("+-").isdigit() else value
+    return int(v) != 0 if re.fullmatch(r"[+-]?[0-9]+", v) else value
 
 
 def typed(value: Any, like: Any) -> Any:

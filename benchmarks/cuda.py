@@ -47,7 +47,7 @@ from siren.assets import WEIGHTS_MODES
 from siren.codec import FRAME_RATE
 from siren.config import ConfigError, check_numbers, load_config
 from siren.errors import SirenError
-from siren.io import check_folder, write_json
+from siren.io import write_json
 from siren.runtime import resolve_device
 from siren.train import TrainConfig
 
@@ -87,7 +87,9 @@ class CudaBenchConfig:
         if self.eval_weights not in WEIGHTS_MODES:
             raise ConfigError(f"eval_weights must be random, demo or pretrained, got {self.eval_weights!r}")
         if self.out:  # written after the first section: a folder there was a traceback after its compute
-            check_folder(Path(self.out).parent, "out")
+            there = next(p for p in Path(self.out).resolve().parents if p.exists())
+            if not there.is_dir():
+                raise ConfigError(f"out={self.out}: {there} is a file, not a folder; give out=FOLDER/FILE.json")
             if Path(self.out).is_dir():
                 raise ConfigError(f"out={self.out} is a folder; give the path of the JSON file to write")
 

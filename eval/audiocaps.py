@@ -345,6 +345,9 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
         computed = results["card"]["metrics"]["computed"]
         # a record before 2026-12-08 has no reward_model: read from its run, where that is still there
         reward = gen_card["reward_model"] if "reward_model" in gen_card else reward_model(run_dir)
+        if "reward_model" not in gen_card and not Path(run_dir).is_dir():
+            log.warning("%s: its generation.json (before 2026-12-08) does not say which reward model %s was aligned "
+                        "with, and that run is not there: no metric is marked 'reward = metric'", cfg.gen_dir, run_dir)
         notes = {m: cards.REWARD_NOTE for m in reward_equals_metric(reward, models, computed)}
         n = cfg.candidates if cfg.ckpt else gen_card.get("candidates", 1)
         # reject sampling scores with the CLAP metric's model (ckpt=), or with the recorded scorer

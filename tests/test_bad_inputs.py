@@ -1025,6 +1025,8 @@ def test_a_set_override_equal_to_the_default_is_the_same_cell(tmp_path):
     on = ids("set.model.head_bias=true")
     assert all(ids(f"set.model.head_bias={v}") == on for v in ("True", "yes", "1", "on"))
     assert all(ids(f"set.model.head_bias={v}") == default for v in ("False", "no", "0", "off"))
+    with pytest.raises(ConfigError, match=r"bad value for 'model.head_bias': '\+-1'"):  # a typo: named, not a traceback
+        ids("set.model.head_bias=+-1")
     off = ids("set.eval.cache=false")
     assert off != default and all(ids(f"set.eval.cache={v}") == off for v in ("no", "0", "OFF"))
     # ... but a key the grid sets itself is refused at any value (at its stage default it was dropped in silence)

@@ -63,7 +63,8 @@ def test_a_bad_value_is_one_error_before_any_section(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     for bad, words in (("scale=nope", "nope"), ("eval_weights=bogus", "eval_weights must be random, demo"),
                        (f"out={tmp_path}", "is a folder; give the path of the JSON file"),
-                       (f"out={tmp_path / 'file' / 'b.json'}", "file.* is a file, not a folder")):
+                       (f"out={tmp_path / 'file' / 'b.json'}", r"out=.*file/b.json: .*file is a file, not a folder; "
+                                                                 r"give out=FOLDER/FILE.json$")):
         with pytest.raises(ConfigError, match=words):
             bench.main(overridden(TINY, [bad]))
     assert "benchmarks.cuda" not in capsys.readouterr().out

@@ -29,7 +29,7 @@ from siren.data.manifest import read_manifest
 from siren.data.prepare import main as prepare_main
 from siren.data.prepare import prepare
 from siren.errors import ManifestError
-from siren.io import version
+from siren.io import open_append, version
 from siren.text import TextConfig, TextEncoder
 from tests.fixtures_data import Counting, tiny_set, write_manifest, write_wav
 from tests.fixtures_model import demo_codec
@@ -551,11 +551,11 @@ def test_a_file_rewritten_as_prepare_reads_it_is_read_again_and_a_full_disk_is_n
         def close(self):
             self.f.close()
 
-    def full(path, mode="r", *args, **kwargs):
-        f = open(path, mode, *args, **kwargs)
+    def full(path, mode="a", **kwargs):
+        f = open_append(path, mode, **kwargs)
         return Full(f) if str(path).endswith(".jsonl") and mode == "a" else f
 
-    monkeypatch.setattr(layout, "open", full, raising=False)  # where the ledger is opened
+    monkeypatch.setattr(layout, "open_append", full)  # where the ledger is opened
     write_wav(tmp_path / "src/a1.wav", 0.25 * x)  # to hash again
     with pytest.raises(OSError, match="No space left on device"):
         run(m, out, codec, text_encoder, on_error="skip")

@@ -120,7 +120,7 @@ def test_imagebind_huge_random_weights_score_rollouts(upstream_data):
 
 # ---------------------------------------------------------------- reward = metric
 
-def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
+def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path, caplog):
     """Stage 2 with the CLAP reward, then eval of that run: the CLAP column says "reward = metric" on the card,
     in the printed row and in the ablation table (md, tex, csv); an ImageBind-aligned run would not be marked."""
     from ablations.grid import load_grid
@@ -167,8 +167,10 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path):
     record_path = tmp_path / "eval" / "gen" / "generation.json"
     old_record = {k: v for k, v in json.loads(record_path.read_text()).items() if k != "reward_model"}
     record_path.write_text(json.dumps(old_record))
-    assert evaluate(load_config(EvalConfig, [*gen_args, f"out={tmp_path / 'old_gone'}"]))["card"][
-        "reward_equals_metric"] == []  # the run is gone: nothing says what it was aligned with
+    with caplog.at_level("WARNING"):
+        assert evaluate(load_config(EvalConfig, [*gen_args, f"out={tmp_path / 'old_gone'}"]))["card"][
+            "reward_equals_metric"] == []  # the run is gone: nothing says what it was aligned with, and a warning
+    assert "does not say which reward model" in caplog.text
     (tmp_path / "moved").rename(out)
     assert evaluate(load_config(EvalConfig, [*gen_args, f"out={tmp_path / 'old_there'}"]))["card"][
         "reward_equals_metric"] == ["clap"]
