@@ -262,8 +262,8 @@ def run(cfg: GradientAnglesConfig) -> list:
     written = [write_csv(folder / "angles.csv", [dict(**r, **prov) for r in rows]),
                write_csv(folder / "baseline.csv", [dict(**r, **prov) for r in base],
                          columns=["batch_a", "batch_b", "head_a", "head_b", "angle_deg", *prov]),
-               write_csv(folder / "matrix.csv", [dict(head_a=i + 1, head_b=j + 1, mean_angle_deg=float(mean[i, j]))
-                                                 for i in range(H) for j in range(H)])]
+               write_csv(folder / "matrix.csv", [dict(head_a=i + 1, head_b=j + 1, mean_angle_deg=float(mean[i, j]),
+                                                      **prov) for i in range(H) for j in range(H)])]
     written += style.save_figure(plot_distribution(angles, note, base_angles), folder, "fig2b_gradient_angles")
     written += style.save_figure(plot_matrix(mean, note), folder, "matrix")
     q = np.quantile(angles, [0.25, 0.5, 0.75])

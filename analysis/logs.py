@@ -69,11 +69,11 @@ def weights_note(run_dir: str | Path) -> str:
     modes = weights_modes(run_dir)
     if modes is None:
         return f"weights unknown ({Path(run_dir).name} has no config.json)"
-    by_mode: dict[str, list[str]] = {}
-    for what, mode in modes.items():
-        by_mode.setdefault(mode, []).append(what)
+    by_mode: dict[tuple[str, bool], list[str]] = {}
+    for what, mode in modes.items():  # the demo text encoder has words of its own (untrained): never grouped
+        by_mode.setdefault((mode, what == "text" and mode == "demo"), []).append(what)
     notes = [weights_phrase(", ".join(w[:-1]) + " and " + w[-1] if len(w) > 1 else w[0], mode)
-             for mode, w in by_mode.items()]
+             for (mode, _), w in by_mode.items()]
     return "; ".join(n for n in notes if n)
 
 
@@ -130,9 +130,10 @@ def provenance(run_dir: str | Path) -> dict[str, str]:
 
 def weights_phrase(what: str, mode: str) -> str:
     """A figure note's words for one model's weights: "pretrained codec weights", "codec: demo weights (trained on
-    the embedded set)", "RANDOM codec weights", "codec: weights from /x.pth"; ``mode`` is a weights mode or label.
-    Pretrained is said too: a figure is copied alone into a paper."""
+    the embedded set)" (the text encoder's: demo_weights.TEXT_LABEL), "RANDOM codec weights", "codec: weights from
+    /x.pth"; ``mode`` is a weights mode or label. Pretrained is said too: a figure is copied alone into a paper."""
     from siren.codec import DEMO_LABEL, weights_arg
+    from siren.demo_weights import mode_words
 
     if mode == "pretrained":
         return f"pretrained {what} weights"
@@ -140,6 +141,6 @@ def weights_phrase(what: str, mode: str) -> str:
         return f"{what}: weights not recorded by the run"
     if mode == "random":
         return f"RANDOM {what} weights"
-    if mode in ("demo", DEMO_LABEL):
-        return f"{what}: {DEMO_LABEL}"
+    if mode in ("demo", DEMO_LABEL):  # the text encoder's demo states are untrained: its own words (TEXT_LABEL)
+        return f"{what}: {mode_words('demo', what)}"
     return f"{what}: weights from {weights_arg(mode)}"  # a file given by path (the mode) or its label

@@ -146,12 +146,13 @@ def draw_curves(runs: list[str | Path], labels: list[str], results: list[str | P
         if path and not pair:
             log.warning("%s has no '%s'/'%s' metric; adjust fd_key= / clap_key=", path, fd_key, clap_key)
         curves.append(dict(label=label, steps=steps, reward=reward, pair=pair))
-        rows += [dict(label=label, step=int(s), reward=float(v), smoothed=float(e))
+        weights = provenance(r)["weights"] if Path(r).is_dir() else "unknown (a log file)"  # the reward model's too
+        rows += [dict(label=label, step=int(s), reward=float(v), smoothed=float(e), weights=weights)
                  for s, v, e in zip(steps, reward, style.ema(reward, smooth, steps))]
         summary.append(dict(label=label, run=str(r), steps=int(steps[-1]), final_reward=float(reward[-1]),
                             mean_last_10pct=float(reward[-max(1, len(reward) // 10):].mean()),
                             FD=fd, CLAP=clap, results=str(path or ""),
-                            weights=provenance(r)["weights"] if Path(r).is_dir() else "unknown (a log file)",
+                            weights=weights,
                             metrics_weights=results_weights(res) if res else ""))
         log.info("%s: %d steps, last reward %+.4f%s", label, len(steps), reward[-1],
                  f", (FD, CLAP) = {pair}" if pair else ", no (FD, CLAP)" if path else ", no results.json")

@@ -222,11 +222,14 @@ def run(cfg: RvqDepthConfig) -> list:
     rows = [dict(r=r, **{m: float(np.mean([p[m] for p in per_clip if p["r"] == r]))
                          for m in LOWER_IS_BETTER}, **prov) for r in depths]
     top = {m: float(np.mean([p[m] for p in ceiling])) for m in LOWER_IS_BETTER}
-    written = [write_csv(folder / "reconstruction.csv", rows), write_csv(folder / "per_clip.csv", per_clip),
+    made = dict(codec=codec.id, weights=codec.weights_label)  # every CSV says what made its numbers
+    written = [write_csv(folder / "reconstruction.csv", rows),
+               write_csv(folder / "per_clip.csv", [dict(**p, **made) for p in per_clip]),
                write_csv(folder / "ceiling.csv", [dict(decoded_from="unquantized latent (no RVQ)", **top, **prov)])]
     change = depth_change(per_clip, min(depths), max(depths)) if len(depths) > 1 else []
-    written.append(write_csv(folder / "depth_change.csv", change,
-                             columns=["metric", "r_from", "r_to", "mean_change", "se", "clips_better", "n_clips"]))
+    written.append(write_csv(folder / "depth_change.csv", [dict(**c, **made) for c in change],
+                             columns=["metric", "r_from", "r_to", "mean_change", "se", "clips_better", "n_clips",
+                                      *made]))
     written.append(write_csv(folder / "generation.csv",
                              [dict(r=r, metric=cfg.gen_metric, value=v, weights=w) for r, v, w in sorted(gen)],
                              columns=["r", "metric", "value", "weights"]))

@@ -149,7 +149,7 @@ def run(cfg: SemanticProbeConfig) -> list:
     written = [write_csv(folder / "accuracy.csv", [dict(layer=j, top1=acc[j], **prov) for j in layers])]
     ids = test.ids
     written.append(write_csv(folder / "tsne.csv", [
-        dict(layer=j, id=i, label=lab, x=float(p[0]), y=float(p[1]))
+        dict(layer=j, id=i, label=lab, x=float(p[0]), y=float(p[1]), codec=codec.id, weights=codec.weights_label)
         for j in layers for i, lab, p in zip(ids, y[te], points[j])]))
     written += style.save_figure(plot_tsne(points, acc, list(y[te]), panels, note, ncols=len(panels)), folder,
                                  "fig2c_tsne")

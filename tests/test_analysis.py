@@ -336,16 +336,18 @@ def test_weights_note_says_demo_weights_once_per_model(tmp_path):
     """A run's figure note names each non-pretrained model once, in the probes' phrasing (the codec
     records its demo label as "weights", the text encoder the bare mode)."""
     from siren.codec import DEMO_LABEL, Codec, CodecConfig
+    from siren.demo_weights import TEXT_LABEL
     from siren.frontends import codec_entry, text_entry
 
     text = {"id": "t", "weights": "demo", "config": {"weights": "demo", "seed": 0, "max_length": 77}}
     cfg = {"codec": codec_entry(Codec(CodecConfig(weights="demo"))), "text": text_entry(text)}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert weights_note(tmp_path) == f"codec and text: {DEMO_LABEL}"
+    # the demo text encoder's states are untrained: its own words, never "trained on the embedded set"
+    assert weights_note(tmp_path) == f"codec: {DEMO_LABEL}; text: {TEXT_LABEL}"
     # a stage-2 run names its reward model too, pretrained or not (Figure 5's y-axis is that model's score)
     reward = {"name": "clap", "weights": "demo", "seed": 0}
     (tmp_path / "alignment.json").write_text(json.dumps({"config": {"reward": reward}}))
-    assert weights_note(tmp_path) == f"codec, text and reward (clap): {DEMO_LABEL}"
+    assert weights_note(tmp_path) == f"codec and reward (clap): {DEMO_LABEL}; text: {TEXT_LABEL}"
     cfg["text"]["config"]["weights"] = cfg["text"]["weights"] = "random"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert weights_note(tmp_path) == f"codec and reward (clap): {DEMO_LABEL}; RANDOM text weights"
@@ -528,7 +530,8 @@ def test_semantic_probe_command(demo, tmp_path, figure_texts, capsys):
     assert acc["layer"].tolist() == list(range(1, 13)) and acc["top1"].between(0, 1).all()
     assert set(acc["n_classes"]) == {15} and set(acc["n_test"]) == {15}
     assert "RANDOM codec weights" in figure_texts["fig9_tsne"] and "layer 12:" in figure_texts["fig9_tsne"]
-    assert len(pd.read_csv(out / "tsne.csv")) == 12 * 15
+    tsne_rows = pd.read_csv(out / "tsne.csv")  # with the codec's weights, as accuracy.csv (it had none)
+    assert len(tsne_rows) == 12 * 15 and set(tsne_rows["weights"]) == set(acc["weights"]) == {"random"}
     printed = capsys.readouterr().out
     assert "tested on 15, 15 classes (chance 6.7%); codec dac16k-random-seed0, RANDOM weights" in printed
 
@@ -564,6 +567,8 @@ def test_rvq_depth_command(demo, tmp_path, figure_texts, capsys):
     assert change.loc["mel_l1", "mean_change"] == pytest.approx((per[12] - per[1]).mean())
     assert "r=1 -> r=12: mel_l1" in printed
     assert (pd.read_csv(out / "per_clip.csv")["rms_ratio"] > 0).all()
+    # every CSV says what made its numbers (per_clip.csv and depth_change.csv said nothing)
+    assert set(pd.read_csv(out / "per_clip.csv")["weights"]) == set(change["weights"]) == {"random"}
     # generation quality read from an evaluation with RANDOM metric networks: the curve says so
     (tmp_path / "gen12").mkdir()
     (tmp_path / "gen12" / "results.json").write_text(json.dumps({"metrics": {"fd": 900.0},
@@ -655,6 +660,8 @@ def test_gradient_angles_command(demo, tmp_path, figure_texts):
     assert len(base) == 2 * 132 and (base["batch_a"] != base["batch_b"]).all()
     assert (base["head_a"] != base["head_b"]).all()
     assert "two batches (baseline, scaled)" in figure_texts["fig2b_gradient_angles"]
+    # every CSV says what made its numbers (matrix.csv said nothing)
+    assert set(pd.read_csv(out / "matrix.csv")["codec_weights"]) == set(angles["codec_weights"])
 
 
 def test_gradient_angles_on_a_trained_single_transformer(demo, run_6_2, tmp_path):
@@ -897,6 +904,7 @@ def test_reward_curves_command(tmp_path, figure_texts):
     assert summary["final_reward"].tolist() == pytest.approx([0.2, 0.1, 0.0])
     assert summary["FD"].isna().tolist() == [False, True, True]
     assert set(summary["weights"]) == {"unknown (no config.json)"}  # said, not left blank as if pretrained
+    assert set(pd.read_csv(out / "rewards.csv")["weights"]) == {"unknown (no config.json)"}  # the curve's own rows
     with pytest.raises(ConfigError, match="3 runs but 2 labels"):
         probe_main("reward_curves", reward_curves.RewardCurvesConfig, reward_curves.run,
                    [f"runs=[{','.join(runs)}]", "labels=[a,b]"])
