@@ -302,10 +302,16 @@ def evaluate(cfg: EvalConfig) -> dict:
 def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
                  matched: tuple[dict[str, Path], int] | None) -> dict:
     # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
-    # them in results.json, read as its own
-    models = backbones(cfg)  # missing weights are named before an earlier results.json is set aside
-    if (out / "results.json").is_file():
-        os.replace(out / "results.json", out / "results.previous.json")
+    # them in results.json, read as its own. Set aside once this one starts: missing weights, or clips in gen/ made
+    # otherwise (generate_set's check), are refused with the folder as it was
+    models = backbones(cfg)
+
+    def set_aside() -> None:
+        if (out / "results.json").is_file():
+            os.replace(out / "results.json", out / "results.previous.json")
+
+    if not cfg.ckpt:
+        set_aside()
     gen_card, gen_dir = {}, cfg.gen_dir
     if cfg.ckpt:
         from eval.generate import CannotGenerate, generate_set
@@ -315,9 +321,11 @@ def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
             gen_card = generate_set(cfg.ckpt, [it.id for it in items], [it.caption for it in items], gen_dir,
                                     seconds=cfg.seconds, batch_size=cfg.gen_batch_size, seed=cfg.gen_seed,
                                     sample=cfg.sample, candidates=cfg.candidates,
-                                    clap=models["clap"].net if "clap" in models else None, device=_device(cfg.device))
+                                    clap=models["clap"].net if "clap" in models else None, device=_device(cfg.device),
+                                    started=set_aside)
             gen_card["sample_source"] = SAMPLING_SOURCE
         except CannotGenerate as e:
+            set_aside()
             results = {"status": "itg", "reason": str(e), "metrics": {}, "config": to_dict(cfg)}
             write_json(out / "results.json", results, durable=True)
             return results

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,11 @@ def made_with(run_dir: str | Path) -> dict[str, str]:
 
 def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_dir: str | Path, *, seconds: float,
                  batch_size: int, seed: int, sample: SampleConfig, candidates: int = 1, clap=None,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", started: Callable[[], None] | None = None) -> dict:
     """Write <out_dir>/<id>.wav for every id; returns the generation card (what, how, how long).
     ``clap``: a built siren.clap.Clap that scores the candidates (``candidates > 1``) and serves as the
-    text encoder's CLAP when it has the run's text weights."""
+    text encoder's CLAP when it has the run's text weights. ``started``: called once the clips already there are
+    found to be this call's own (check_record), before anything is written."""
     out_dir = Path(out_dir)
     paths = [child_path(out_dir, id_, ".wav") for id_ in ids]  # before anything is built or written
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ def generate_set(run_dir: str | Path, ids: list[str], captions: list[str], out_d
         key = [rows[0], len(rows), sha256("\n".join(ids[j] for j in rows))[:16]]
         batch_of.update({ids[i]: key for i in rows})
     record = check_record(out_dir, run_dir, settings, dict(zip(ids, captions)),
-                          {i: p for i, p in zip(ids, paths) if p.is_file()}, batch_of)
+                          {i: p for i, p in zip(ids, paths) if p.is_file()}, batch_of, started)
     # what made them, for a later gen_dir= evaluation of this folder (its card says so; the reward model marks
     # "reward = metric" even once the run is moved or deleted)
     record.update(frontends_weights=made_with(run_dir), reward_model=reward_model(run_dir), code_version=code_version())
@@ -229,13 +231,15 @@ LATER_KEYS = ("device", "scorer")  # recorded since 2026-12-06: a record without
 
 
 def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: dict[str, str],
-                 existing: dict[str, Path], batch_of: dict[str, list] | None = None) -> dict:
+                 existing: dict[str, Path], batch_of: dict[str, list] | None = None,
+                 started: Callable[[], None] | None = None) -> dict:
     """Refuse to resume into ``out_dir`` when clips there were made otherwise (module docstring) or are not the
     bytes written (replaced or edited since: each clip's sha256 is recorded); then record how this call makes
     them (before any clip is written), and return that record. ``existing``: the clips there, by id; the record's
     "collapsed": how many of each one's candidates collapsed, as recorded when it was written. ``batch_of``: each
     id's batch now (its first position in the set, its size, a digest of its ids): a clip made in another batch
-    (a ``subset=`` run, or a manifest reordered or extended since) was drawn with another seed or companions."""
+    (a ``subset=`` run, or a manifest reordered or extended since) was drawn with another seed or companions.
+    ``started``: called once the check has passed, before the record is written."""
     path = out_dir / RECORD
     fix = f"delete {out_dir} (or the clips in it) to generate again, or choose another out="
     record = read_json(path, fix) if path.is_file() and existing else None
@@ -274,6 +278,8 @@ def check_record(out_dir: Path, run_dir: str | Path, settings: dict, captions: d
     record = {"run_dir": str(Path(run_dir).resolve()), "settings": settings,
               "captions": {**old.get("captions", {}), **captions}, "collapsed": still(old.get("collapsed", {})),
               "sha256": still(kept), "batch_of": {**still(old.get("batch_of", {})), **(batch_of or {})}}
+    if started:  # the clips there are this call's own: from here on it writes
+        started()
     write_json(path, record)
     return record
 

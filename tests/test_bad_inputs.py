@@ -1153,6 +1153,33 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
     assert generate(runs[1])["generated_now"] == 2 and sf.info(gen / "a.wav").frames == 5 * HOP
 
 
+def test_an_evaluation_refused_for_its_clips_leaves_the_folders_results(tmp_path):
+    """`ckpt=R out=O` then the same with gen_seed=1: refused (O/gen holds seed 0's clips), but O/results.json, still
+    the result of those clips, had been moved to results.previous.json first (a second refusal lost it)."""
+    from eval.audiocaps import EvalConfig, evaluate
+    from siren.config import to_dict
+    from siren.data.demo import demo_set
+    from siren.text import TextConfig, TextEncoder
+    from tests.fixtures_rl import make_stage1_run
+
+    codec, text = demo_codec(), TextEncoder(TextConfig(weights="random"))
+    run = make_stage1_run(tmp_path / "run", "12-1", tables=codec.code_tables(), codec_id=codec.id, text_id=text.id,
+                          frontends={"codec": to_dict(codec.cfg), "text": to_dict(text.cfg)})
+    test = demo_set(tmp_path / "demo", n_train=1, n_test=1).test
+    ref = test.parent / "two.csv"  # beside it: its audio paths are relative to the manifest's folder
+    ref.write_text("".join(test.read_text().splitlines(keepends=True)[:3]))
+    args = dict(ckpt=str(run), ref=str(ref), out=str(tmp_path / "o"), weights="random", metrics="kl", seconds=0.1,
+                cache=False)
+    evaluate(EvalConfig(**args))
+    first = (tmp_path / "o" / "results.json").read_text()
+    with pytest.raises(ConfigError, match="holds clips generated otherwise .*seed=0 there, 1 now"):
+        evaluate(EvalConfig(**args, gen_seed=1))
+    assert (tmp_path / "o" / "results.json").read_text() == first
+    assert not (tmp_path / "o" / "results.previous.json").exists()
+    evaluate(EvalConfig(**args))  # run again: the earlier result is set aside once this one starts
+    assert (tmp_path / "o" / "results.previous.json").read_text() == first
+
+
 def test_a_generation_keeps_only_clips_of_the_same_batch_and_survives_a_kill_while_writing(tmp_path):
     """A clip's draws depend on its batch (the seed of its first position, the companions sharing the generator):
     clips of a subset= run were kept by a later whole-set run into the same folder. And a job killed after a
