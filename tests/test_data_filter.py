@@ -442,7 +442,7 @@ def test_filtered_crops_of_a_padded_item_end_in_its_real_audio(caplog):
 
 # ---------------------------------------------------------------- segments as files (appendix A, first step)
 
-def test_segments_are_the_recording_cut_in_place(tmp_path):
+def test_segments_are_the_recording_cut_in_place(tmp_path, caplog):
     from siren.data.segment import segment
 
     rng = np.random.default_rng(0)
@@ -469,6 +469,13 @@ def test_segments_are_the_recording_cut_in_place(tmp_path):
     assert written == 3 and [(s["id"], s["reason"]) for s in skipped][0] == ("rec1#1", "silent segment (left out)")
     assert [s["id"] for s in skipped][1:] == ["quiet"]
     assert segment(m, tmp_path / "seg", duration_s=1.0, progress=False)[1] == 0  # a re-run writes nothing
+    # another duration_s into the same folder: the first run's files stay in audio/ beside the new ones, said
+    with caplog.at_level(logging.WARNING):
+        segment(m, tmp_path / "seg", duration_s=0.5, progress=False)
+    # (the 1 s run's rec1#2: at 0.5 s segment 2 is silent, left out; files of ids in both are rewritten)
+    assert "1 file(s) in " in caplog.text and "not in this run's segments.csv (an earlier run's, e.g. rec1_2-" \
+        in caplog.text
+    segment(m, tmp_path / "seg", duration_s=1.0, progress=False)  # back: the 0.5 s ones are the stale ones now
     assert [it.row.id for it in filt.read_items(dest)] == ["rec1#0", "rec1#2", "brief"]  # a manifest the filter reads
     # a row id that is another row's segment id: the second overwrote the first's file, in silence
     first = (dest.parent / rows[0]["audio"]).read_bytes()

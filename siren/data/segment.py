@@ -15,6 +15,7 @@ Files already written with the same content are left alone, so a re-run writes n
 from __future__ import annotations
 
 import io
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from siren.data.filter_select import write_csv
 from siren.data.manifest import read_manifest
 from siren.errors import AudioError, ConfigError, DataError
 from siren.io import atomic_path, check_folder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +97,13 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
         write_csv(out / "skipped.csv", skipped, ["id", "audio", "reason"])
     else:  # a rerun's folder is this run's: a former run's list would name files since mended
         (out / "skipped.csv").unlink(missing_ok=True)
+    # an earlier run's segments (another duration_s, a row since removed) are kept, but said: audio/ is what a
+    # user lists to caption, and segments.csv is the set
+    listed = {Path(r["audio"]).name for r in rows}
+    stale = sorted(p.name for p in (out / "audio").glob("*.wav") if p.name not in listed)
+    if stale:
+        log.warning("%d file(s) in %s are not in this run's segments.csv (an earlier run's, e.g. %s): caption the "
+                    "files segments.csv lists, or delete the others", len(stale), out / "audio", stale[0])
     return out / "segments.csv", n_new, skipped
 
 
