@@ -66,6 +66,8 @@ def check_resumable(last: ckpt.Checkpoint, cfg: Stage1Config, data: Stage1Data, 
               if train.get(k) == v != getattr(cfg.train, k) == getattr(TrainConfig, k)]
     ckpt.check_config({"train": train}, {"train": to_dict(cfg.train)}, where,
                       ignore=tuple(f"train.{key}" for key in RESUMABLE_CHANGES),
-                      fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + "."
+                      fix="Only bookkeeping keys may change on resume: " + ", ".join(RESUMABLE_CHANGES) + ". Set the "
+                          "others back, or train into another run_dir= (train.steps sets the learning-rate schedule, "
+                          "so a run cannot be extended)."
                           + (f" {' '.join(former)} was the default until 2026-12-07: if this run used it, resume "
                              f"with {' '.join(former)}." if former else ""))

@@ -142,6 +142,10 @@ def test_resume_with_other_model_config_names_keys(trained, tmp_path):
     assert "model.dim=32" in msg and "model.dim=64" in msg and "model.main_layers=1" in msg
     with pytest.raises(CheckpointError, match=r"train.lr=0.003.*train.lr=0.001"):
         train(tiny_config(run, "model.distribution=6-2", "train.lr=1e-3"), synthetic_data(), handle_signals=False)
+    # more steps on a finished run: the way forward is named (it said which keys may change, not what to do)
+    with pytest.raises(CheckpointError, match=r"train.steps=8.*train into another run_dir= \(train.steps sets the "
+                                              r"learning-rate schedule, so a run cannot be extended\)"):
+        train(tiny_config(run, "model.distribution=6-2", "train.steps=12"), synthetic_data(), handle_signals=False)
     # bookkeeping keys may change on resume
     result = train(tiny_config(run, "model.distribution=6-2", "train.log_every=5"), synthetic_data(),
                    handle_signals=False)
