@@ -63,8 +63,9 @@ def metrics_phrase(label: str) -> str:
 
 
 def weights_note(run_dir: str | Path) -> str:
-    """A figure's note on the weights a run was made with (run_dir/config.json): "codec and text: demo weights
-    (trained on the embedded set)", "RANDOM codec weights", ... naming each mode once; "weights unknown (...)"
+    """A figure's note on the weights a run was made with (run_dir/config.json): "codec: demo weights (trained on
+    the embedded set); text: demo weights (the demo CLAP's RoBERTa ...: untrained text states)", "RANDOM codec and
+    text weights", ... naming each mode once (the demo text encoder apart); "weights unknown (...)"
     when the run does not say. A stage-2 run (alignment.json) adds its reward model: what Figure 5 draws."""
     modes = weights_modes(run_dir)
     if modes is None:
