@@ -302,8 +302,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 def _evaluate_in(out: Path, cfg: EvalConfig, items: list, ref_card: dict,
                  matched: tuple[dict[str, Path], int] | None) -> dict:
     # an earlier evaluation's results are kept beside, not left as this one's: a run that fails here must not leave
-    # them in results.json, read as its own. Set aside once this one starts: missing weights, or clips in gen/ made
-    # otherwise (generate_set's check), are refused with the folder as it was
+    # them in results.json, read as its own. Set aside once this one starts: a metric network's missing weights, or
+    # clips in gen/ made otherwise (generate_set's check), are refused with the folder as it was
     models = backbones(cfg)
 
     def set_aside() -> None:
