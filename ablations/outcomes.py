@@ -136,8 +136,9 @@ def caption(run: RunConfig, cells: list[Cell], rows: Mapping[str, Outcome]) -> s
     words = [f"scale={run.scale}", WEIGHTS_WORDS[mode]]
     words += [f"evaluated with: {' | '.join(other)}"] * bool(other)
     # a title may name the paper's reward (Figure 5: ImageBind); the demo scale aligns with the CLAP checkpoint
-    rewards = sorted({c.cfg.get("rl.reward.name", stage_default("rl.reward.name"))
-                      for c in cells if "rl.method" in c.cfg})
+    aligned = [c.cfg for c in cells if "rl.method" in c.cfg]
+    default = stage_default("rl.reward.name") if aligned else None  # built from the schema: once, and only if read
+    rewards = sorted({cfg.get("rl.reward.name", default) for cfg in aligned})
     words += [f"stage-2 reward: {', '.join(rewards)}"] * bool(rewards)
     words += [f"set: {', '.join(f'{k}={v}' for k, v in sorted(run.set.items()))}"] * bool(run.set)
     return "; ".join(words)

@@ -105,9 +105,9 @@ def validate(cfg: Mapping[str, Any], where: str) -> None:
         # part of the cells' ids, so everything was prepared and trained again for a table of the demo set
         unread = [k for k in MANIFEST_KEYS if k in cfg] if cfg["data.source"] == "demo" else []
         if unread:
-            raise ConfigError(f"{', '.join(unread)}: data.source=demo does not read "
-                              f"{'it' if len(unread) == 1 else 'them'}; leave {'it' if len(unread) == 1 else 'them'}"
-                              f" out, or set.data.source=manifest (or scale=paper) to read your manifests")
+            it = "it" if len(unread) == 1 else "them"
+            raise ConfigError(f"{', '.join(unread)}: data.source=demo does not read {it}; leave {it} out, or "
+                              f"set.data.source=manifest (or scale=paper) to read your manifests")
         if cfg["data.source"] == "demo":  # the clip counts go to prepare: its schema checks them
             load_config(PrepareConfig, [f"{k}={cfg['data.' + k]}" for k in ("demo_train", "demo_test")])
         stage1 = stage1_parse(stage1_args(cfg))

@@ -137,6 +137,15 @@ def load_audio(path: str | Path, data: bytes | None = None, warn: bool = True) -
     return wav
 
 
+def silent_segments(wav: torch.Tensor, index: list[int], cfg: AudioConfig) -> list[int]:
+    """The chunks of ``wav`` that ``standardize`` left out as silent, given the chunk index it returned; [] for an
+    item it did not split."""
+    if index[0] < 0:
+        return []
+    kept = set(index)
+    return [k for k in range(wav.shape[-1] // cfg.n_samples) if k not in kept]
+
+
 def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio", warn: bool = True
                 ) -> tuple[torch.Tensor, list[int], list[int]]:
     """[N] 16 kHz -> (items [S, n], real (unpadded) samples per item, chunk index per item) under
@@ -153,7 +162,7 @@ def standardize(wav: torch.Tensor, cfg: AudioConfig, where: str | Path = "audio"
             raise AudioError(f"{where}: every {cfg.duration_s:g} s segment is silent")
         if warn and len(keep) < len(chunks):
             log.warning("%s: %d silent %g s segment(s) left out: %s", where, len(chunks) - len(keep), cfg.duration_s,
-                        ", ".join(f"#{k}" for k in range(len(chunks)) if k not in keep))
+                        ", ".join(f"#{k}" for k in silent_segments(wav, keep, cfg)))
         return chunks[keep], [d] * len(keep), keep
     if wav[:d].abs().max() < SILENCE_PEAK:
         raise AudioError(f"{where}: the first {cfg.duration_s:g} s are silent (policy '{cfg.policy}' keeps only those)")

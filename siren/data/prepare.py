@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from siren.assets import FILE_LABEL
 from siren.codec import FRAME_RATE, CodecConfig
 from siren.config import check_numbers, load_config
-from siren.data.audio import AudioConfig, AudioError, load_audio, standardize
+from siren.data.audio import AudioConfig, AudioError, load_audio, silent_segments, standardize
 from siren.data.cache import HashLedger, cache_path, cached, codes_key, crops_key, open_entry, shard_path, text_key
 from siren.data.demo import N_TEST, N_TRAIN
 from siren.data.encode import TEXT_DTYPES, bar, encode_codes, encode_text, score_crop_tables
@@ -153,9 +153,8 @@ def prepare_shard(rows: Sequence[Row], out: str | Path, split: str, *, codec, te
                     continue
                 try:
                     wav = load_audio(row.audio, data)
-                    index = standardize(wav, audio, row.audio, warn=False)[2]
-                    if index[0] >= 0 and len(index) < (n := wav.shape[-1] // audio.n_samples):
-                        silent[row.audio] = [k for k in range(n) if k not in index]
+                    if left_out := silent_segments(wav, standardize(wav, audio, row.audio, warn=False)[2], audio):
+                        silent[row.audio] = left_out
                     todo[key] = row
                 except AudioError as e:
                     bad[i] = f"{e} (id {row.id})"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from siren.codec import SAMPLE_RATE
 from siren.config import load_config
-from siren.data.audio import AudioConfig, load_audio, standardize
+from siren.data.audio import AudioConfig, load_audio, silent_segments, standardize
 from siren.data.cache import sha256
 from siren.data.filter_select import write_csv
 from siren.data.manifest import read_manifest
@@ -70,9 +70,9 @@ def segment(manifest: str | Path, out: str | Path, duration_s: float = 10.0, pro
         except AudioError as e:
             skipped.append({"id": r.id, "audio": str(r.audio), "reason": str(e)})
             continue
-        if index[0] >= 0:  # split: its silent chunks are left out, and listed
-            skipped += [{"id": f"{r.id}#{k}", "audio": str(r.audio), "reason": SILENT}
-                        for k in range(wav.shape[-1] // audio.n_samples) if k not in index]
+        # split: its silent chunks are left out, and listed
+        skipped += [{"id": f"{r.id}#{k}", "audio": str(r.audio), "reason": SILENT}
+                    for k in silent_segments(wav, index, audio)]
         for x, n, k in zip(chunks, real, index):
             seg_id = r.id if k < 0 else f"{r.id}#{k}"
             what = f"row {r.id}" if k < 0 else f"segment {k} of row {r.id}"
