@@ -135,7 +135,7 @@ def model_preset(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def stage_default(key: str) -> Any:
     """The value the stage reading ``key`` gives it when a cell leaves it out (train.*: siren.train, rl.*: stage 2,
     eval.*: the evaluation), or MISSING (another key, or one these schemas do not have)."""
-    from eval.audiocaps import EvalConfig
+    from eval.config import EvalConfig
     from siren.rl.config import AlignConfig
     from siren.train_config import TrainConfig
 

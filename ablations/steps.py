@@ -66,7 +66,7 @@ STEP_KEYS = {"rl.": ("run_dir", "out", "prompts", "codec.weights", "text.weights
 
 def metrics_of(cfg: Mapping[str, Any]) -> list[str]:
     """The metrics a cell's evaluation computes (its ``eval.metrics``, or the evaluation's default)."""
-    from eval.audiocaps import EvalConfig, metric_list
+    from eval.config import EvalConfig, metric_list
     from siren.config import load_config
 
     return metric_list(load_config(EvalConfig, _keys(cfg, "eval.")))
@@ -83,9 +83,9 @@ def refuse_step_keys(keys) -> None:
 def validate(cfg: Mapping[str, Any], where: str) -> None:
     """Every key of a cell parsed by the schema of the stage that takes it (unknown keys, bad types
     and out-of-range values are errors now, not inside a job); nothing is built."""
-    from eval.audiocaps import EvalConfig, max_is_splits, metric_list
+    from eval.config import EvalConfig, max_is_splits, metric_list
     from siren.config import load_config
-    from siren.data.prepare import PrepareConfig
+    from siren.data.prepare_config import PrepareConfig
     from siren.rl.config import parse as align_parse
     from siren.rl.rollout import trainable_experts
     from siren.train import parse as stage1_parse
@@ -234,7 +234,8 @@ def calibration_step(cfg: Mapping[str, Any], kind: str, ref: str, out: str, subs
     uniformly random codes of the generation length decoded by the same codec (a floor)."""
     import torch
 
-    from eval.audiocaps import GENERATION_KEYS, evaluate_run
+    from eval.audiocaps import evaluate_run
+    from eval.config import GENERATION_KEYS
     from eval.generate import RECORD, write_clip
     from eval.reference import select
     from siren.codec import CODEBOOK_SIZE, FRAME_RATE, N_LAYERS, CodecConfig

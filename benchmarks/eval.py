@@ -21,10 +21,11 @@ import soundfile as sf
 import torch
 
 from eval.audio import load_clips
-from eval.audiocaps import EvalConfig, evaluate, max_is_splits, metric_list
+from eval.audiocaps import evaluate
 from eval.backbones import PannsCnn14
 from eval.cache import embed_clips
 from eval.card import banner
+from eval.config import EvalConfig, max_is_splits, metric_list
 from siren import cli
 from siren.assets import WEIGHTS_MODES
 from siren.config import ConfigError, check_numbers, load_config

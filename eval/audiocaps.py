@@ -15,125 +15,39 @@ the same clips again costs only reading them.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from eval import card as cards
 from eval import metrics as M
-from eval.audio import CHANNELS, CROPS, BadAudioError, Clip, load_clips
-from eval.backbones import RESAMPLERS, Backbone, ClapAudio, PannsCnn14, VGGish
+from eval.audio import CROPS, BadAudioError, Clip, load_clips
+from eval.backbones import Backbone, ClapAudio, PannsCnn14, VGGish
 from eval.cache import EmbeddingCache, embed_clips, embed_texts
+from eval.config import GENERATION_KEYS, METRICS, EvalConfig, max_is_splits, metric_list
 from eval.reference import match_generated, select, set_hash
-from siren.assets import WEIGHTS_MODES
-from siren.config import check_numbers, load_config, to_dict
+from siren.config import load_config, to_dict
 from siren.data.manifest import read_manifest
 from siren.errors import ConfigError, MissingWeightsError, SirenError
 from siren.io import check_folder, sha256_file, write_json
 from siren.lock import hold
 from siren.run_dir import read_run_config, reward_model
-from siren.runtime import check_device, resolve_device
-from siren.sample import SampleConfig
+from siren.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
-METRICS = ("fad", "fd", "isc", "kl", "clap")
 # Where the sampling defaults (siren.sample.SampleConfig) come from; on the card of every ckpt= run.
 SAMPLING_SOURCE = ("the paper states no temperature, top-k or top-p; the defaults (temperature 1, top-k and top-p "
                    "off) sample the model's full distribution. AudioGen and MusicGen sample with top-k 250 "
                    "(sample.top_k=250 to compare)")
-# the keys of generating (ckpt=); a gen_dir= evaluation generates nothing, so one given there would be recorded as
-# if applied (candidates=4 on clips no one reject-sampled)
-GENERATION_KEYS = ("seconds", "gen_batch_size", "gen_seed", "candidates", "sample")
 ROLE_OF = {"fd": "fd_kl_is", "kl": "fd_kl_is", "isc": "fd_kl_is", "fad": "fad", "clap": "clap"}  # backbone per metric
-
-
-@dataclass
-class EvalConfig:
-    ckpt: str = ""  # a run directory (siren.load): generate for every reference caption, then evaluate
-    gen_dir: str = ""  # folder of generated <id>.wav
-    ref: str = ""  # reference manifest, CSV or JSONL with columns id,audio,caption; "demo": the demo test split
-    out: str = ""  # results folder; default: <ckpt>/eval, or <gen_dir>_eval beside gen_dir
-    name: str = ""  # system name in the printed row; default: the ckpt's or gen_dir's folder name
-    # pretrained | demo (trained on the embedded set, siren.demo_assets) | random (seeded smoke-test backbones);
-    # anything but pretrained is flagged in every card and table
-    weights: str = "pretrained"
-    seed: int = 0  # seed of the random backbone weights
-    metrics: str = "fad,fd,isc,kl,clap"  # which of fad, fd, isc, kl, clap to compute
-    caption_index: int = 0  # which caption of each id (AudioCaps has 5 rows per clip), for the CLAP score
-    subset: str = ""  # optional file of reference ids (one per line) to evaluate on
-    # Audio protocol; defaults are each metric's reference code (audioldm_eval 0.0.3 for FD/KL/IS,
-    # its FAD and frechet_audio_distance 0.3.4 for FAD, laion_clap 1.1.7 for CLAP).
-    crop: str = "whole"  # whole | 10s: the whole file (as all three), or its first 10 s
-    channel: str = "first"  # first | mean: multi-channel files for FD/KL/IS (audioldm_eval: channel 0)
-    resampler: str = "torchaudio"  # torchaudio | resampy | librosa, for FD/KL/IS
-    fad_channel: str = "mean"  # both FAD peers average the channels
-    fad_resampler: str = "resampy"
-    vggish_short: str = "skip"  # skip | pad | error: clips under 0.975 s (no VGGish example); skip = audioldm_eval
-    clap_channel: str = "mean"  # laion_clap reads files with librosa.load (mean of channels, soxr_hq)
-    clap_resampler: str = "librosa"
-    batch_size: int = 8
-    cache_dir: str = ""  # embedding cache; default $SIREN_CACHE/embeddings
-    cache: bool = True
-    is_splits: int = M.IS_SPLITS
-    is_seed: int = M.IS_SEED
-    kl_eps: float = M.KL_EPS  # audioldm_eval's epsilon inside log(p_gen + eps); 0 = exact KL
-    device: str = "cpu"  # cpu | cuda | auto
-    # generation (ckpt= only); Table 1 times a batch of 16 clips of 10 s
-    seconds: float = 10.0
-    gen_batch_size: int = 16
-    gen_seed: int = 0
-    candidates: int = 1  # > 1: CLAP-score reject sampling, the best of N per caption (paper, after GenAU)
-    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-
-    def __post_init__(self):
-        check_numbers(self, positive=("batch_size", "gen_batch_size", "candidates", "is_splits", "seconds"),
-                      nonneg=("caption_index", "kl_eps", "seed", "gen_seed", "is_seed"))
-        if self.is_seed >= 2**32:
-            raise ConfigError(f"is_seed must be < 2**32 (numpy RandomState, as audioldm_eval), got {self.is_seed}")
-        check_device(self.device)
-        if self.weights not in WEIGHTS_MODES:  # now: backbones() checked it after out= and its lock were made
-            raise ConfigError(f"weights must be pretrained, demo or random, got {self.weights!r}")
-        if self.gen_dir and not self.ckpt:
-            given = [k for k in GENERATION_KEYS if getattr(self, k) != getattr(EvalConfig, k, None)
-                     and not (k == "sample" and self.sample == SampleConfig())]
-            if given:
-                raise ConfigError(f"{', '.join(given)}: key(s) of generating (ckpt=); gen_dir={self.gen_dir} is "
-                                  f"evaluated as found: leave them out")
-        metrics = metric_list(self)  # an unknown metric is named now (a grid: before any job), not after generating
-        if self.candidates > 1 and "clap" not in metrics:  # the CLAP metric's model scores the candidates
-            raise ConfigError(f"candidates={self.candidates} (CLAP reject sampling) needs the CLAP model: add clap "
-                              f"to metrics={self.metrics}")
-        for key, allowed in [("crop", tuple(CROPS)), ("channel", CHANNELS), ("fad_channel", CHANNELS),
-                             ("clap_channel", CHANNELS), ("resampler", tuple(RESAMPLERS)),
-                             ("fad_resampler", tuple(RESAMPLERS)), ("clap_resampler", tuple(RESAMPLERS)),
-                             ("vggish_short", VGGish.SHORT)]:
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
-
 
 
 class EvalError(SirenError):
     """An evaluation that cannot be computed as asked (too few clips, unpaired sets)."""
-
-
-def max_is_splits(n_clips: int) -> int:
-    """The most IS splits of ``n_clips``: 2 clips a split (a split of one clip scores exactly 1 whatever the audio)."""
-    return n_clips // 2
-
-
-def metric_list(cfg: EvalConfig) -> list[str]:
-    want = [m.strip().lower() for m in cfg.metrics.split(",") if m.strip()]
-    bad = [m for m in want if m not in METRICS]
-    if bad or not want:
-        raise ConfigError(f"metrics={cfg.metrics!r}: {f'unknown {bad}' if bad else 'no metric'}; choose from "
-                          f"{', '.join(METRICS)}")
-    return [m for m in METRICS if m in want]
 
 
 def _device(name: str) -> str:

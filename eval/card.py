@@ -50,7 +50,7 @@ def weights_label(backbone_cards: dict[str, dict], generated: dict | None = None
 
 
 def metric_descriptions(cfg, computed: list[str], clap_checkpoint: str) -> dict:
-    """How each metric of an evaluation with ``cfg`` (eval.audiocaps.EvalConfig) is computed: the card's "metrics"."""
+    """How each metric of an evaluation with ``cfg`` (eval.config.EvalConfig) is computed: the card's "metrics"."""
     return {
         "computed": computed,
         "fd": {"backbone": "fd_kl_is", "feature": "embedding (2048-d, one per clip)",

@@ -889,7 +889,7 @@ def test_bad_eval_values_fail_when_parsed(tmp_path, arg, words):
     is_seed=-1 not at all (numpy's ValueError traceback after the embeddings); both are refused when parsed."""
     from ablations.grid import load_grid
     from ablations.plan import cells_of, parse
-    from eval.audiocaps import EvalConfig
+    from eval.config import EvalConfig
     from siren.config import load_config
     from siren.errors import ConfigError
 
@@ -1156,7 +1156,8 @@ def test_generation_into_a_folder_of_other_clips_is_refused(tmp_path):
 def test_an_evaluation_refused_for_its_clips_leaves_the_folders_results(tmp_path):
     """`ckpt=R out=O` then the same with gen_seed=1: refused (O/gen holds seed 0's clips), but O/results.json, still
     the result of those clips, had been moved to results.previous.json first (a second refusal lost it)."""
-    from eval.audiocaps import EvalConfig, evaluate
+    from eval.audiocaps import evaluate
+    from eval.config import EvalConfig
     from siren.config import to_dict
     from siren.data.demo import demo_set
     from siren.text import TextConfig, TextEncoder

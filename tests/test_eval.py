@@ -12,8 +12,9 @@ import torch
 
 from eval import card as cards
 from eval.audio import BadAudioError, make_clip
-from eval.audiocaps import EvalConfig, EvalError, evaluate, main
+from eval.audiocaps import EvalError, evaluate, main
 from eval.backbones import PannsCnn14, VGGish
+from eval.config import EvalConfig
 from siren.config import ConfigError, load_config
 from siren.errors import ManifestError
 from siren.io import sha256_file

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from eval.audio import load_clips
-from eval.audiocaps import EvalConfig, evaluate_sets
+from eval.audiocaps import evaluate_sets
 from eval.backbones import PANNS_16K, panns_models
+from eval.config import EvalConfig
 from siren import clap as C
 from tests.fixtures_eval import synth
 from tests.helpers import import_audioldm_eval

@@ -127,7 +127,8 @@ def test_clap_reward_run_is_marked_reward_equals_metric(tmp_path, caplog):
     from ablations.outcomes import from_results
     from ablations.tables import build_frame, to_latex, to_markdown
     from eval import card as cards
-    from eval.audiocaps import EvalConfig, backbones, evaluate, reward_equals_metric
+    from eval.audiocaps import backbones, evaluate, reward_equals_metric
+    from eval.config import EvalConfig
     from siren.config import load_config, to_dict
     from siren.data.demo import demo_set
     from siren.rl import alignment
