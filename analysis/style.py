@@ -6,6 +6,7 @@ atomically. Importing this module selects matplotlib's Agg backend (no display o
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -67,13 +68,21 @@ def class_colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+NOTE_SIZE = 5  # pt
+
+
 def note(fig, text: str) -> None:
-    """A provenance line under the figure, e.g. 'random codec weights' (say what made the numbers)."""
+    """A provenance line under the figure, e.g. 'random codec weights' (say what made the numbers), wrapped at
+    the figure's width: one long line widened the saved image (``savefig.bbox: tight``) and squeezed the plot."""
     if text:
+        width_pt, height_pt = 72 * fig.get_figwidth(), 72 * fig.get_figheight()
+        lines = math.ceil(len(text) * 0.6 * NOTE_SIZE / (0.95 * width_pt))  # ~0.6 em a character, word breaks
         engine = fig.get_layout_engine()
         if isinstance(engine, ConstrainedLayoutEngine):  # keep the x label clear of the note
-            engine.set(rect=(0, 0.035, 1, 0.965))
-        fig.text(0.005, 0.002, text, ha="left", va="bottom", fontsize=5, color="0.35", style="italic")
+            bottom = min(0.3, lines * 1.25 * NOTE_SIZE / height_pt)  # (left, bottom, width, height)
+            engine.set(rect=(0, bottom, 1, 1 - bottom))
+        fig.text(0.005, 0.002, text, ha="left", va="bottom", fontsize=NOTE_SIZE, color="0.35", style="italic",
+                 wrap=True)
 
 
 def ema(values: np.ndarray, weight: float, steps: np.ndarray | None = None) -> np.ndarray:

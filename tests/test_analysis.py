@@ -222,6 +222,25 @@ def test_ema_and_as_list():
     assert as_list("[a, b/c ,d]") == ["a", "b/c", "d"] and as_list("x,y") == ["x", "y"] and as_list("") == []
 
 
+@pytest.mark.parametrize("width", [style.COLUMN, style.TWO_COLUMN])
+def test_a_long_figure_note_wraps_instead_of_widening_the_image(tmp_path, width):
+    """The note is drawn under the plot; one long line (the demo text encoder's label) widened the saved image
+    (savefig.bbox tight) to twice the figure, the plot squeezed into its left half. Wrapped, the image keeps the
+    figure's width and the note stays below the x label."""
+    long_note = "codec: demo weights (trained on the embedded set); text: demo weights " * 4
+    fig, ax = style.figure(width)
+    ax.plot([0, 1], [0, 1])
+    ax.set_xlabel("step")
+    style.note(fig, long_note)
+    fig.canvas.draw()
+    note_box = fig.texts[0].get_window_extent()
+    label_box = ax.xaxis.label.get_window_extent()
+    png = style.save_figure(fig, tmp_path, "f")[1]
+    image_width = plt.imread(png).shape[1]
+    assert image_width <= 1.02 * width * style.DPI, (image_width, width * style.DPI)
+    assert note_box.y1 <= label_box.y0 and note_box.height > 2 * style.NOTE_SIZE  # below the label, several lines
+
+
 @pytest.mark.parametrize("probe, key", [(rvq_depth, "depths"), (rvq_depth, "gen_r"), (semantic_probe, "panels"),
                                         (convergence, "panels"), (continuous_recon, "dims")])
 def test_a_list_of_numbers_with_a_word_in_it_is_refused_by_its_key(probe, key, tmp_path):
