@@ -82,11 +82,14 @@ def main(probe: str, schema: type[T], run: Callable[[T], list[Path]], argv: Sequ
     raises a ``SirenError`` naming the key or file and the fix (``command`` turns it into one line)."""
     cfg = load_config(schema, cli.start(argv))
     check_folder(out_dir(getattr(cfg, "out", ""), probe), "out")  # before the probe computes
+    # the commit the probe runs from, read before it writes: its own outputs under a tracked folder (the README's
+    # out=docs/demo/<probe>) made every such run "-dirty"
+    version = code_version()
     written = run(cfg)
     folder = written[0].parent if written else out_dir(getattr(cfg, "out", ""), probe)
     remove_stale(folder, probe, written)
     written = [*written, folder / "config.json"]  # the probe's settings and commit: listed with its outputs
-    write_json(written[-1], {"probe": probe, **to_dict(cfg), "code_version": code_version(),
+    write_json(written[-1], {"probe": probe, **to_dict(cfg), "code_version": version,
                              "files": [p.name for p in written if p.parent == folder]})
     print(f"analysis.{probe}: wrote {len(written)} file{'s' * (len(written) != 1)} to {folder}/")
     for p in written:

@@ -796,6 +796,28 @@ def test_a_probe_removes_only_what_its_own_previous_run_listed(tmp_path):
     assert not (folder / "index.html").exists() and (tmp_path / "outside.txt").read_text() == "mine"
 
 
+def test_a_probe_records_the_commit_it_started_from_not_its_own_outputs(tmp_path, monkeypatch):
+    """code_version was read after the probe wrote: run as the README shows (out=docs/demo/<probe>, tracked files),
+    every config.json said "-dirty" because of the probe's own outputs. Here "dirty" is a CSV in out=."""
+    import dataclasses
+
+    from analysis import cli as probe_cli
+
+    @dataclasses.dataclass
+    class Cfg:
+        out: str = ""
+
+    def run(cfg: Cfg) -> list[Path]:
+        (Path(cfg.out) / "x.csv").write_text("a\n1\n")
+        return [Path(cfg.out) / "x.csv"]
+
+    out = tmp_path / "probe"
+    out.mkdir()
+    monkeypatch.setattr(probe_cli, "code_version", lambda: "git abc-dirty" if (out / "x.csv").exists() else "git abc")
+    probe_main("fake", Cfg, run, [f"out={out}"])
+    assert json.loads((out / "config.json").read_text())["code_version"] == "git abc"
+
+
 def test_task_vectors_refuses_unfinished_missing_or_stage2_experts(run_6_2, tmp_path):
     """App. D.3's task vectors are of one run's finished experts from their shared initialisation: an unfinished
     expert was mixed in, missing ones skipped (and the rest numbered by position in pairs.csv), and a stage-2
