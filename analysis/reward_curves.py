@@ -70,7 +70,7 @@ def find_results(run: str | Path, given: str = "") -> Path | None:
     return next((c for c in (p / "results.json", p / "eval" / "results.json") if p.is_dir() and c.is_file()), None)
 
 
-LABEL_GAP_PT = 6.5  # end labels are 5 pt text
+LABEL_GAP_PT = 7.5  # end labels are 5 pt text (a box ~6 pt high); 6.5 left the parentheses touching
 
 
 def _spread(ys: list[float], gap: float) -> list[float]:
