@@ -105,15 +105,20 @@ def plot(curves: list[dict], smooth: float, note: str = ""):
         if c["pair"]:
             ends.append((c["pair"], (c["steps"][-1], y[-1]), color))
     ax.axhline(0.0, color="0.6", lw=0.5, ls=":")
-    # runs that end close together (same prompts each step) would print their (FD, CLAP) over each other
-    for (text, xy, color), dy in zip(ends, _spread([ax.transData.transform(xy)[1] * 72 / fig.dpi
-                                                    for _, xy, _ in ends], LABEL_GAP_PT)):
-        ax.annotate(text, xy, xytext=(3, dy), textcoords="offset points", fontsize=5, color=color, va="center")
+    labels = [ax.annotate(text, xy, xytext=(3, 0), textcoords="offset points", fontsize=5, color=color, va="center")
+              for text, xy, color in ends]
     ax.set_xlabel("RL step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 0.5 ticks on a 4-step run
     ax.set_ylabel(f"Reward (mean cosine, EMA {smooth:g})" if smooth else "Reward (mean cosine)")
     ax.legend()
     style.note(fig, note)
+    # runs that end close together (same prompts each step) would print their (FD, CLAP) over each other: stack
+    # them by where the ends are once laid out (the layout shrinks the axes; before it, ends looked further apart)
+    for _ in range(2):  # moving a label can move the layout a little: measure once more
+        fig.draw_without_rendering()
+        ys = [ax.transData.transform(xy)[1] * 72 / fig.dpi for _, xy, _ in ends]
+        for label, dy in zip(labels, _spread(ys, LABEL_GAP_PT)):
+            label.xyann = (3, dy)
     return fig
 
 

@@ -997,6 +997,22 @@ def test_reward_curves_end_labels_do_not_overprint():
     assert far.xyann == (3, 0)
 
 
+def test_reward_curves_end_labels_are_stacked_where_the_layout_puts_the_ends():
+    """The labels were stacked by where the curves ended before the layout, which then shrank the axes (under a
+    three-line note): on the demo's Figure 5 two labels 7 pt apart before it printed over each other after it.
+    These are that figure's rewards and note."""
+    raw = [[0.2727, 0.5917, -0.0889, 0.3327], [0.2727, 0.5956, -0.1593, 0.3120], [0.2727, 0.5414, -0.0669, 0.3640]]
+    curves = [{"label": f"run {i}", "steps": np.arange(1, 5), "reward": np.array(r), "pair": f"(13{i}0.00, 29.00)"}
+              for i, r in enumerate(raw)]
+    note = ("scale=demo; demo weights (trained on the embedded set); stage-2 reward: clap; codec and reward (clap): "
+            "demo weights (trained on the embedded set); text: demo weights (the demo CLAP's RoBERTa at its seeded "
+            "random init: untrained text states)")
+    fig = reward_curves.plot(curves, smooth=0.9, note=note)
+    fig.canvas.draw()
+    boxes = sorted((t.get_window_extent() for t in fig.axes[0].texts), key=lambda b: b.y0)
+    assert all((hi.y0 - lo.y1) * 72 / fig.dpi >= 1 for lo, hi in zip(boxes, boxes[1:]))
+
+
 def test_continuous_recon_command_on_the_demo_codec(tmp_path):
     """The probe behind the README's continuous-token reconstruction line: PCA of the demo codec's latent
     against its RVQ, one row per candidate, labelled with the weights; bad sizes are refused by key."""
